@@ -1,0 +1,542 @@
+//! The `NixOSNode` API (`nixroll.io/v1alpha1`): what the user asks for (`spec`), what the
+//! controller decided (`status` minus `status.agent`) and what the host really runs
+//! (`status.agent`). One writer per field: see DESIGN.md §3 and `crate::names`.
+
+mod crd;
+
+pub use crd::{crd, crd_yaml};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired NixOS system of one Kubernetes Node. The object is cluster-scoped and named exactly
+/// like its Node.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "nixroll.io",
+    version = "v1alpha1",
+    kind = "NixOSNode",
+    plural = "nixosnodes",
+    shortname = "nxn",
+    status = "NixOSNodeStatus",
+    printcolumn = r#"{"name":"Wanted","type":"string","jsonPath":".status.wanted","description":"spec.revision, shortened"}"#,
+    printcolumn = r#"{"name":"Running","type":"string","jsonPath":".status.running","description":"revision the node is proven to run, shortened"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Reboot","type":"string","jsonPath":".status.agent.staged.rebootRequired","priority":1,"description":"whether the staged system needs a reboot"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NixOSNodeSpec {
+    /// Flake reference without a revision: `git+https://…`, `git+ssh://…`, `git+file://…`,
+    /// `github:owner/repo`, `path:/…`.
+    #[x_kube(validation = Rule::new("self.matches('^(git\\\\+(https|ssh|http|file)://[^?#]+|github:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|gitlab:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|path:/[^?#]*)$')").message("flake must be a flake reference without revision or fragment, e.g. git+https://git.example.org/infra.git or github:owner/repo; put the commit in spec.revision and the host in spec.configuration"))]
+    #[schemars(length(min = 1, max = 1024))]
+    pub flake: String,
+
+    /// Full 40-hex git commit to run.
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{40}$')").message("revision must be a full 40-character lowercase hex git commit (git rev-parse HEAD), not a branch, tag or short hash"))]
+    #[schemars(length(min = 40, max = 40))]
+    pub revision: String,
+
+    /// Attribute under `nixosConfigurations`; defaults to the object (node) name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9_][A-Za-z0-9_.-]*$')").message("configuration must be a plain attribute name under nixosConfigurations"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub configuration: Option<String>,
+
+    /// Weekly windows in which disruptive steps may start. None means any time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+
+    /// When to reboot after switching.
+    #[serde(default)]
+    pub reboot: RebootPolicy,
+
+    /// How to drain the node before activating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainPolicy>,
+
+    /// Stop any new disruptive step on this node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+impl NixOSNodeSpec {
+    /// The `nixosConfigurations` attribute to build for the node `node_name`.
+    pub fn configuration_for<'a>(&'a self, node_name: &'a str) -> &'a str {
+        self.configuration.as_deref().unwrap_or(node_name)
+    }
+}
+
+/// A weekly maintenance window. `end` earlier than `start` means the window crosses midnight
+/// and ends on the following day.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.start != self.end").message("a maintenance window needs start != end; omit maintenanceWindows to allow any time"))]
+pub struct MaintenanceWindow {
+    /// Days on which the window opens (in `timeZone`). Empty means every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    pub days: Vec<Weekday>,
+    /// Local opening time `HH:MM` (24 h).
+    #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]$')").message("start must be HH:MM in 24-hour time, e.g. 02:00"))]
+    #[schemars(length(max = 5))]
+    pub start: String,
+    /// Local closing time `HH:MM` (24 h); earlier than `start` means the next day.
+    #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]$')").message("end must be HH:MM in 24-hour time, e.g. 05:30"))]
+    #[schemars(length(max = 5))]
+    pub end: String,
+    /// IANA time zone, e.g. `Europe/Berlin`. Defaults to `UTC`.
+    #[serde(default = "default_time_zone")]
+    #[x_kube(validation = Rule::new("self.matches('^(UTC|[A-Za-z_]+(/[A-Za-z0-9_+-]+){1,2})$')").message("timeZone must be an IANA zone name such as Europe/Berlin or UTC"))]
+    #[schemars(length(max = 64))]
+    pub time_zone: String,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_string()
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+impl Weekday {
+    pub fn to_jiff(self) -> jiff::civil::Weekday {
+        use jiff::civil::Weekday as W;
+        match self {
+            Weekday::Mon => W::Monday,
+            Weekday::Tue => W::Tuesday,
+            Weekday::Wed => W::Wednesday,
+            Weekday::Thu => W::Thursday,
+            Weekday::Fri => W::Friday,
+            Weekday::Sat => W::Saturday,
+            Weekday::Sun => W::Sunday,
+        }
+    }
+}
+
+/// When to reboot after switching to the new generation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum RebootPolicy {
+    /// Reboot when the staged system differs from the booted one in kernel, initrd, modules,
+    /// kernel parameters, systemd, firmware or init interface; otherwise `switch` live.
+    #[default]
+    IfNeeded,
+    /// Always `switch-to-configuration boot` and reboot.
+    Always,
+    /// Always `switch` live; if a reboot is needed, report it and wait for a human.
+    Never,
+}
+
+/// What to do when the drain timeout expires.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum DrainTimeoutAction {
+    /// Uncordon (if nixroll cordoned), free the slot, back off and try again later.
+    #[default]
+    Abort,
+    /// Delete the remaining pods without the Eviction API (ignores PodDisruptionBudgets).
+    Force,
+}
+
+/// How the node is drained before a disruptive activation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainPolicy {
+    /// How long evictions may take, as a duration such as `10m` or `1h30m`. Default `15m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("timeout must be a duration such as 90s, 15m or 1h30m"))]
+    #[schemars(length(max = 32))]
+    pub timeout: Option<String>,
+    /// What to do when `timeout` expires. Default `Abort`.
+    #[serde(default)]
+    pub on_timeout: DrainTimeoutAction,
+    /// Grace period given to evicted pods; default: each pod's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub grace_period_seconds: Option<i64>,
+    /// Evict pods that use emptyDir volumes (their data is lost). Default false: such pods
+    /// block the drain.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete_empty_dir_data: bool,
+    /// Delete pods that no controller manages (they are not recreated). Default false: such
+    /// pods block the drain.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delete_unmanaged_pods: bool,
+}
+
+/// Rollout phase of one node (DESIGN.md §5). Names are fixed; more may be added.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
+)]
+pub enum Phase {
+    /// Runs `spec.revision`; nothing to do.
+    #[default]
+    UpToDate,
+    /// The agent is realising the target closure.
+    Staging,
+    /// Staged; waiting for a slot, a window, or a resume.
+    Waiting,
+    /// Cordoned, evicting pods.
+    Draining,
+    /// Profile set, `switch-to-configuration` running.
+    Activating,
+    /// Reboot requested; waiting for a new boot id.
+    Rebooting,
+    /// Node back; checking booted system, Ready, health gates.
+    Verifying,
+    /// Failed; the reason is in the conditions; holds the rollout.
+    Degraded,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 8] = [
+        Phase::UpToDate,
+        Phase::Staging,
+        Phase::Waiting,
+        Phase::Draining,
+        Phase::Activating,
+        Phase::Rebooting,
+        Phase::Verifying,
+        Phase::Degraded,
+    ];
+
+    /// Whether the node is in a disruptive phase (holds a slot).
+    pub fn is_disruptive(self) -> bool {
+        matches!(self, Phase::Draining | Phase::Activating | Phase::Rebooting | Phase::Verifying)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::UpToDate => "UpToDate",
+            Phase::Staging => "Staging",
+            Phase::Waiting => "Waiting",
+            Phase::Draining => "Draining",
+            Phase::Activating => "Activating",
+            Phase::Rebooting => "Rebooting",
+            Phase::Verifying => "Verifying",
+            Phase::Degraded => "Degraded",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Status. Everything but `agent` is written by `nixroll-controller`; `agent` by
+/// `nixroll-agent`. All optional fields are omitted when empty so that neither writer clears
+/// the other's fields under server-side apply.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NixOSNodeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// One line for humans: what is happening and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `metadata.generation` of the spec this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `spec.revision`, shortened (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<String>,
+    /// The revision the node is proven to run, shortened (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
+    /// Full revision the node is proven to run (booted, or switched live with `reboot: Never`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Store path of the system that revision built to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// The target the controller admitted for staging (and later activation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
+    /// The disruption slot this node holds. Persisted so a restarted controller never
+    /// over-admits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<Slot>,
+    /// The activation the controller granted to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<ActivationGrant>,
+    /// A target that failed on this node; not retried until the spec changes or the user sets
+    /// the `nixroll.io/retry` annotation to a new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<FailedTarget>,
+    /// The last value of the `nixroll.io/retry` annotation the controller acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_token: Option<String>,
+    /// Drain attempts that ended in `Abort` for the current target, and when the next may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Applied revisions, newest first (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+    /// When `phase` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// What the host really runs; written only by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStatus>,
+}
+
+/// What the controller admitted for this node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    pub revision: String,
+    /// The full installable, `<flake>?rev=<revision>#nixosConfigurations.<cfg>.config.system.build.toplevel`.
+    pub installable: String,
+    /// Store path, once the agent staged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+}
+
+/// A disruption slot held by this node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Slot {
+    pub granted_at: Time,
+    /// Whether the Node was unschedulable before nixroll touched it (then it stays so).
+    pub was_unschedulable: bool,
+    /// Whether nixroll set `spec.unschedulable` (only then does it uncordon).
+    #[serde(default)]
+    pub cordoned_by_nixroll: bool,
+    /// When draining started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_started_at: Option<Time>,
+    /// Whether the drain fell back to deleting pods (`onTimeout: Force`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
+}
+
+/// What the agent should do on the host.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum ActivationAction {
+    /// Set the profile, `switch-to-configuration switch`, no reboot.
+    Switch,
+    /// Set the profile, `switch-to-configuration boot`, then reboot.
+    Boot,
+    /// Set the profile back to the previous generation, `boot`, then reboot.
+    Rollback,
+}
+
+/// The controller's grant to activate. The agent acts on each `id` at most once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivationGrant {
+    /// Unique per grant; the agent records the id it executed.
+    pub id: String,
+    pub action: ActivationAction,
+    /// The staged store path to activate (for `Rollback`: the path being rolled back from).
+    pub system: String,
+    pub granted_at: Time,
+    /// The boot id the node had when the grant was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id_before: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedTarget {
+    pub revision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Condition reason (`StageFailed`, `DrainTimeout`, `ActivationFailed`, `BootedWrongSystem`, …).
+    pub reason: String,
+    pub message: String,
+    pub at: Time,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    pub attempts: u32,
+    pub not_before: Time,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    pub revision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// `Succeeded`, `Failed` or `RolledBack`.
+    pub result: String,
+    pub started_at: Time,
+    pub finished_at: Time,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebooted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The host's real state, reported by the agent. Written only by `nixroll-agent`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// `/proc/sys/kernel/random/boot_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// `readlink -f /run/booted-system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_system: Option<String>,
+    /// `readlink -f /run/current-system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_system: Option<String>,
+    /// Generation number the system profile points at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_generation: Option<i64>,
+    /// `nixos-version` of the current system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixos_version: Option<String>,
+    /// `configurationRevision` of the current system, when the flake sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration_revision: Option<String>,
+    /// The staged (realised, GC-rooted, not activated) target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedSystem>,
+    /// Outcome of the last activation grant the agent executed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<ActivationReport>,
+    /// The last host error (trimmed; never contains secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<HostError>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedSystem {
+    pub revision: String,
+    pub installable: String,
+    pub system: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closure_bytes: Option<u64>,
+    pub reboot_required: bool,
+    /// Why a reboot is needed: `kernel`, `initrd`, `kernel-modules`, `kernel-params`,
+    /// `systemd`, `firmware`, `init-interface-version`, `reboot-triggers`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reboot_reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_at: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum ActivationState {
+    /// `switch-to-configuration` is running.
+    Running,
+    /// Activated live (`Switch`), nothing more to do.
+    Switched,
+    /// `boot` done and reboot issued; waiting for a new boot id.
+    RebootRequested,
+    /// Booted after the reboot.
+    Rebooted,
+    /// `switch` exited 100: the new system needs a reboot to activate.
+    NeedsReboot,
+    /// Activation failed; see `message`.
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivationReport {
+    /// The grant id this report answers.
+    pub id: String,
+    pub action: ActivationAction,
+    pub state: ActivationState,
+    pub system: String,
+    /// Boot id recorded before the reboot was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub updated_at: Time,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum HostOperation {
+    Stage,
+    Activate,
+    Report,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostError {
+    pub operation: HostOperation,
+    /// The revision the failed operation was about, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    pub message: String,
+    pub at: Time,
+}
+
+/// `<flake>?rev=<revision>#nixosConfigurations.<configuration>.config.system.build.toplevel`,
+/// using `/<rev>` for `github:`/`gitlab:` references (their syntax has no `?rev=`).
+pub fn installable(flake: &str, revision: &str, configuration: &str) -> String {
+    let attr = format!("nixosConfigurations.\"{configuration}\".config.system.build.toplevel");
+    let attr = if configuration.contains('.') {
+        attr
+    } else {
+        attr.replace('"', "")
+    };
+    if flake.starts_with("github:") || flake.starts_with("gitlab:") {
+        format!("{}/{revision}#{attr}", flake.trim_end_matches('/'))
+    } else {
+        format!("{flake}?rev={revision}#{attr}")
+    }
+}
+
+/// The first 8 characters of a revision, for tables.
+pub fn short_revision(revision: &str) -> String {
+    revision.chars().take(8).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installable_uses_query_for_git_and_path_for_github() {
+        assert_eq!(
+            installable("git+https://example.org/infra.git", "ab", "node-1"),
+            "git+https://example.org/infra.git?rev=ab#nixosConfigurations.node-1.config.system.build.toplevel"
+        );
+        assert_eq!(
+            installable("github:me/infra", "ab", "n1"),
+            "github:me/infra/ab#nixosConfigurations.n1.config.system.build.toplevel"
+        );
+        assert_eq!(
+            installable("path:/x", "ab", "a.b"),
+            "path:/x?rev=ab#nixosConfigurations.\"a.b\".config.system.build.toplevel"
+        );
+    }
+
+    #[test]
+    fn empty_status_serialises_to_empty_object() {
+        let s = serde_json::to_value(NixOSNodeStatus::default()).unwrap();
+        assert_eq!(s, serde_json::json!({}));
+        let a = serde_json::to_value(AgentStatus::default()).unwrap();
+        assert_eq!(a, serde_json::json!({}));
+    }
+}

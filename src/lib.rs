@@ -1,0 +1,6 @@
+//! nixroll: roll NixOS flake revisions across k3s nodes. See README.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod names;
+pub mod rollout;

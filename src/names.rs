@@ -1,0 +1,27 @@
+//! Every fixed string of the nixroll contract (DESIGN.md §2) in one place.
+
+/// API group of the NixOSNode kind.
+pub const GROUP: &str = "nixroll.io";
+/// API version of the NixOSNode kind.
+pub const VERSION: &str = "v1alpha1";
+/// Field manager of the controller's server-side applies.
+pub const CONTROLLER_MANAGER: &str = "nixroll-controller";
+/// Field manager of the agent's server-side applies.
+pub const AGENT_MANAGER: &str = "nixroll-agent";
+/// Namespace nixroll's own deployment runs in.
+pub const NAMESPACE: &str = "nixroll-system";
+/// Name of the leader-election Lease in [`NAMESPACE`].
+pub const LEADER_LEASE: &str = "nixroll-controller";
+/// A ConfigMap of this name in [`NAMESPACE`] pauses every new disruptive step cluster-wide:
+/// `kubectl -n nixroll-system create configmap nixroll-pause`; delete it to resume.
+pub const PAUSE_CONFIGMAP: &str = "nixroll-pause";
+/// Annotation on a NixOSNode: set it to a new value to retry a failed target.
+pub const RETRY_ANNOTATION: &str = "nixroll.io/retry";
+/// Label a Node carries when it is a k3s server (control plane).
+pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+/// Label k3s sets on server nodes in older releases.
+pub const MASTER_LABEL: &str = "node-role.kubernetes.io/master";
+/// Where the agent keeps its state on the host.
+pub const STATE_DIR: &str = "/var/lib/nixroll";
+/// The system profile.
+pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";

@@ -1,0 +1,185 @@
+//! PURE rollout logic: no kube client, no tokio, no clock. Everything the decision needs —
+//! the NixOSNode, what was observed of its Node, the policy and `now` — is passed in; the
+//! result says what to write and which single effect to perform next.
+//!
+//! * [`decide`]: the next step of one node (DESIGN.md §5).
+//! * [`admit`]: the admission gate over all nodes (budget, control plane, windows, pause,
+//!   failure threshold).
+//! * [`window`]: weekly maintenance windows in IANA time zones.
+//!
+//! CONTRACT between this module and `crate::controller`: the names and shapes below. Fields and
+//! variants may be added; existing ones keep their meaning.
+
+pub mod window;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::api::{NixOSNodeSpec, NixOSNodeStatus};
+
+/// Cluster-wide budget of unavailable nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxUnavailable {
+    Count(u32),
+    /// Percentage of all managed nodes, rounded down, at least 1.
+    Percent(u32),
+}
+
+impl Default for MaxUnavailable {
+    fn default() -> Self {
+        MaxUnavailable::Count(1)
+    }
+}
+
+/// Timeouts of each phase. Draining uses the node's `spec.drain.timeout` when set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhaseTimeouts {
+    pub staging: SignedDuration,
+    pub draining: SignedDuration,
+    pub activating: SignedDuration,
+    pub rebooting: SignedDuration,
+    pub verifying: SignedDuration,
+}
+
+impl Default for PhaseTimeouts {
+    fn default() -> Self {
+        PhaseTimeouts {
+            staging: SignedDuration::from_mins(60),
+            draining: SignedDuration::from_mins(15),
+            activating: SignedDuration::from_mins(15),
+            rebooting: SignedDuration::from_mins(15),
+            verifying: SignedDuration::from_mins(10),
+        }
+    }
+}
+
+/// Controller-wide policy (flags of `nixroll controller`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub max_unavailable: MaxUnavailable,
+    /// Admissions halt while at least this many nodes are Degraded.
+    pub failure_threshold: u32,
+    pub timeouts: PhaseTimeouts,
+    /// First wait after a drain `Abort`; doubles per attempt.
+    pub drain_backoff: SignedDuration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_unavailable: MaxUnavailable::default(),
+            failure_threshold: 1,
+            timeouts: PhaseTimeouts::default(),
+            drain_backoff: SignedDuration::from_mins(5),
+        }
+    }
+}
+
+/// What the controller observed of the Kubernetes Node named like the NixOSNode.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeObservation {
+    pub exists: bool,
+    /// `Ready` condition is `True`.
+    pub ready: bool,
+    /// `spec.unschedulable`.
+    pub unschedulable: bool,
+    /// k3s server (control-plane label).
+    pub control_plane: bool,
+    /// `status.nodeInfo.bootID`.
+    pub boot_id: Option<String>,
+}
+
+/// Result of the last drain pass over the node's pods (only while Draining).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// Pods that still have to leave (DaemonSet and mirror pods excluded).
+    pub remaining: usize,
+    /// Evictions refused with 429 (a PodDisruptionBudget allows no disruption now).
+    pub blocked_by_pdb: usize,
+    /// Pods the policy does not allow to evict (unmanaged / emptyDir), with a reason.
+    pub refused: Vec<String>,
+}
+
+/// One node as the decision sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView<'a> {
+    pub name: &'a str,
+    /// `metadata.generation`.
+    pub generation: i64,
+    /// Value of the `nixroll.io/retry` annotation, if set.
+    pub retry_token: Option<&'a str>,
+    pub spec: &'a NixOSNodeSpec,
+    pub status: &'a NixOSNodeStatus,
+    pub node: &'a NodeObservation,
+}
+
+/// A side effect on Kubernetes the controller performs for a decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Set `spec.unschedulable = true` on the Node.
+    Cordon,
+    /// Set `spec.unschedulable = false` on the Node.
+    Uncordon,
+    /// Run one eviction pass over the node's pods (Eviction API).
+    Evict,
+    /// Delete the remaining pods directly (`onTimeout: Force`).
+    ForceDelete,
+}
+
+/// An Event a person would want to see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// PascalCase reason (`Cordoned`, `DrainTimeout`, …).
+    pub reason: String,
+    pub message: String,
+    pub warning: bool,
+}
+
+/// The outcome of [`decide`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The complete controller-owned status to apply (`agent` is always `None`).
+    pub status: NixOSNodeStatus,
+    /// Effects to perform *after* `status` was persisted (intent is written first, so a
+    /// controller restart can finish or undo them).
+    pub actions: Vec<Action>,
+    pub notes: Vec<Note>,
+    /// When to look again even if nothing changes (timeouts, window opening, backoff).
+    pub requeue_after: Option<SignedDuration>,
+}
+
+/// Decide the next step of one node. `admitted` says whether the admission gate granted this
+/// node a disruption slot now; `drain` is the result of the last eviction pass, if any.
+pub fn decide(
+    view: &NodeView<'_>,
+    admitted: bool,
+    drain: Option<&DrainProgress>,
+    policy: &Policy,
+    now: Timestamp,
+) -> Decision {
+    let _ = (admitted, drain, policy, now);
+    Decision {
+        status: view.status.clone(),
+        actions: Vec::new(),
+        notes: Vec::new(),
+        requeue_after: None,
+    }
+}
+
+/// Cluster-wide inputs of the admission gate besides the nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterState {
+    /// The `nixroll-pause` ConfigMap exists.
+    pub paused: bool,
+}
+
+/// The admission gate: which nodes in `Waiting` may take a disruption slot now. Nodes already
+/// holding a slot keep it and are not listed. Never returns more than the budget allows.
+pub fn admit(
+    nodes: &[NodeView<'_>],
+    cluster: &ClusterState,
+    policy: &Policy,
+    now: Timestamp,
+) -> Vec<String> {
+    let _ = (nodes, cluster, policy, now);
+    Vec::new()
+}
