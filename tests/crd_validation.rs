@@ -1,0 +1,130 @@
+//! The CRD's admission rules (`x-kubernetes-validations`, CEL) evaluated with kube's CEL engine
+//! (`kube-cel`, a dev-dependency only) against good and bad manifests: bad input must be
+//! rejected with a message that says what to fix.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use kube_cel::Validator;
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    let crd = nixroll::api::crd();
+    let v = &crd.spec.versions[0];
+    serde_json::to_value(v.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap()
+}
+
+fn example() -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nixosnode.yaml")).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+fn errors(obj: &Value) -> Vec<String> {
+    match Validator::new().validate(&schema(), obj, None) {
+        Ok(()) => Vec::new(),
+        Err(errs) => errs
+            .into_vec()
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field_path, e.message))
+            .collect(),
+    }
+}
+
+fn with(path: &[&str], value: Value) -> Value {
+    let mut obj = example();
+    let mut cur = &mut obj;
+    for p in &path[..path.len() - 1] {
+        cur = match p.parse::<usize>() {
+            Ok(i) => &mut cur[i],
+            Err(_) => &mut cur[*p],
+        };
+    }
+    cur[path[path.len() - 1]] = value;
+    obj
+}
+
+#[test]
+fn the_example_manifest_is_valid() {
+    assert_eq!(errors(&example()), Vec::<String>::new());
+    // And it deserialises into the typed API.
+    let _: nixroll::api::NixOSNode = serde_json::from_value(example()).unwrap();
+}
+
+#[test]
+fn bad_fields_are_rejected_with_a_message_that_says_what_to_fix() {
+    let cases: Vec<(Value, &str)> = vec![
+        (with(&["spec", "revision"], json!("main")), "40-character"),
+        (with(&["spec", "revision"], json!("0123456")), "40-character"),
+        (
+            with(
+                &["spec", "revision"],
+                json!("0123456789ABCDEF0123456789ABCDEF01234567"),
+            ),
+            "lowercase hex",
+        ),
+        (
+            with(&["spec", "flake"], json!("git+https://example.org/x.git?rev=abc")),
+            "without revision",
+        ),
+        (
+            with(&["spec", "flake"], json!("https://example.org/x.git")),
+            "flake reference",
+        ),
+        (
+            with(&["spec", "flake"], json!("github:me/infra#host")),
+            "without revision or fragment",
+        ),
+        (with(&["spec", "configuration"], json!("a b")), "attribute name"),
+        (
+            with(&["spec", "maintenanceWindows", "0", "start"], json!("25:00")),
+            "HH:MM",
+        ),
+        (
+            with(&["spec", "maintenanceWindows", "0", "end"], json!("5am")),
+            "HH:MM",
+        ),
+        (
+            with(&["spec", "maintenanceWindows", "0", "end"], json!("22:00")),
+            "start != end",
+        ),
+        (
+            with(&["spec", "maintenanceWindows", "0", "timeZone"], json!("CEST+2")),
+            "IANA",
+        ),
+        (
+            with(&["spec", "drain", "timeout"], json!("ten minutes")),
+            "duration",
+        ),
+    ];
+    for (obj, want) in cases {
+        let errs = errors(&obj);
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "expected an error containing {want:?} for {}, got {errs:?}",
+            obj["spec"]
+        );
+    }
+}
+
+#[test]
+fn good_variants_are_accepted() {
+    for flake in [
+        "github:owner/repo",
+        "git+ssh://git@example.org/infra.git",
+        "git+file:///srv/infra",
+        "path:/tmp/flake",
+    ] {
+        let errs = errors(&with(&["spec", "flake"], json!(flake)));
+        assert!(errs.is_empty(), "{flake}: {errs:?}");
+    }
+    for tz in [
+        "UTC",
+        "Europe/Berlin",
+        "America/Argentina/Buenos_Aires",
+        "Etc/GMT+2",
+    ] {
+        let errs = errors(&with(&["spec", "maintenanceWindows", "0", "timeZone"], json!(tz)));
+        assert!(errs.is_empty(), "{tz}: {errs:?}");
+    }
+    let errs = errors(&with(&["spec", "drain", "timeout"], json!("1h30m")));
+    assert!(errs.is_empty(), "{errs:?}");
+}
