@@ -3,5 +3,6 @@
 
 pub mod api;
 pub mod names;
+pub mod report;
 pub mod rollout;
 pub mod sim;
