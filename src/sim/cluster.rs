@@ -351,10 +351,10 @@ impl SimCluster {
         let this = self.clone();
         tokio::spawn(async move {
             // The ReplicaSet controller replaces a terminating pod at once.
-            if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "ReplicaSet") {
-                if let Err(e) = this.replace(&pod, &owner.name, &owner.uid).await {
-                    tracing::warn!(pod = %key, error = %e, "simulated ReplicaSet could not replace a pod");
-                }
+            if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "ReplicaSet")
+                && let Err(e) = this.replace(&pod, &owner.name, &owner.uid).await
+            {
+                tracing::warn!(pod = %key, error = %e, "simulated ReplicaSet could not replace a pod");
             }
             tokio::time::sleep(this.timing.pod_termination).await;
             let ns = pod.namespace().unwrap_or_default();
@@ -416,10 +416,10 @@ impl SimCluster {
         let list = call("list pods", self.t(), pods.list(&ListParams::default())).await?;
         let mut load: HashMap<&str, usize> = candidates.iter().map(|c| (c.as_str(), 0)).collect();
         for p in &list.items {
-            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) {
-                if let Some(c) = load.get_mut(n) {
-                    *c += 1;
-                }
+            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                && let Some(c) = load.get_mut(n)
+            {
+                *c += 1;
             }
         }
         Ok(candidates

@@ -71,10 +71,11 @@ impl Progress {
             return None;
         }
         let was_disruptive = entry.phase.is_disruptive();
-        if was_disruptive && !phase.is_disruptive() {
-            if let Some(at) = entry.disrupted_at.take() {
-                entry.disrupted_for += now.saturating_duration_since(at);
-            }
+        if was_disruptive
+            && !phase.is_disruptive()
+            && let Some(at) = entry.disrupted_at.take()
+        {
+            entry.disrupted_for += now.saturating_duration_since(at);
         }
         if !was_disruptive && phase.is_disruptive() {
             entry.disrupted_at = Some(now);
