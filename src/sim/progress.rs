@@ -173,7 +173,7 @@ impl Renderer {
         }
         let lines = progress.table(now);
         for l in &lines {
-            write!(out, "\x1b[2K{l}\n")?;
+            writeln!(out, "\x1b[2K{l}")?;
         }
         self.drawn = lines.len();
         out.flush()
