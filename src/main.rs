@@ -33,23 +33,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|e| format!("{s:?} must not be negative: {e}"))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn durations_parse_in_kubernetes_style() {
-        assert_eq!(
-            super::parse_duration("90s"),
-            Ok(std::time::Duration::from_secs(90))
-        );
-        assert_eq!(
-            super::parse_duration("1h30m"),
-            Ok(std::time::Duration::from_secs(5400))
-        );
-        assert!(super::parse_duration("-5s").is_err());
-        assert!(super::parse_duration("soon").is_err());
-    }
-}
-
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -104,5 +87,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_parse_in_kubernetes_style() {
+        assert_eq!(
+            super::parse_duration("90s"),
+            Ok(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            super::parse_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert!(super::parse_duration("-5s").is_err());
+        assert!(super::parse_duration("soon").is_err());
     }
 }
