@@ -434,12 +434,14 @@ impl Ctx<'_, '_> {
         }
         let since = self.since();
         let target_rev = self.st.target.as_ref().map(|t| t.revision.clone());
-        if let Some(err) = self.agent.and_then(|a| a.last_error.as_ref()) {
-            if err.operation == HostOperation::Stage && err.revision == target_rev && err.at.0 >= since {
-                let m = err.message.clone();
-                self.fail(reason::STAGE_FAILED, format!("staging failed: {m}"));
-                return false;
-            }
+        if let Some(err) = self.agent.and_then(|a| a.last_error.as_ref())
+            && err.operation == HostOperation::Stage
+            && err.revision == target_rev
+            && err.at.0 >= since
+        {
+            let m = err.message.clone();
+            self.fail(reason::STAGE_FAILED, format!("staging failed: {m}"));
+            return false;
         }
         let deadline = add(since, self.policy.timeouts.staging);
         if self.now >= deadline {
@@ -467,17 +469,17 @@ impl Ctx<'_, '_> {
         } else {
             ""
         };
-        if let Some(b) = self.st.backoff.clone() {
-            if b.not_before.0 > self.now {
-                self.reason = reason::DRAIN_BACKOFF.into();
-                self.st.message = Some(format!(
-                    "drain aborted {} time(s); next attempt not before {}",
-                    b.attempts,
-                    fmt_time(b.not_before.0)
-                ));
-                self.wake_at(b.not_before.0);
-                return false;
-            }
+        if let Some(b) = self.st.backoff.clone()
+            && b.not_before.0 > self.now
+        {
+            self.reason = reason::DRAIN_BACKOFF.into();
+            self.st.message = Some(format!(
+                "drain aborted {} time(s); next attempt not before {}",
+                b.attempts,
+                fmt_time(b.not_before.0)
+            ));
+            self.wake_at(b.not_before.0);
+            return false;
         }
         if let Some(e) = self.invalid_spec.clone() {
             self.reason = reason::INVALID_SPEC.into();

@@ -169,10 +169,11 @@ impl Window {
             let Ok(d) = today.checked_sub(back.days()) else {
                 continue;
             };
-            if let Some((s, e)) = self.occurrence(d)? {
-                if s <= now && now < e {
-                    return Ok(true);
-                }
+            if let Some((s, e)) = self.occurrence(d)?
+                && s <= now
+                && now < e
+            {
+                return Ok(true);
             }
         }
         Ok(false)
