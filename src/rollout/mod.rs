@@ -14,6 +14,9 @@ mod admit;
 mod decide;
 pub mod window;
 
+#[cfg(test)]
+mod tests;
+
 pub use admit::{budget, is_candidate, is_degraded, is_unavailable};
 pub use decide::{
     DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, ParseDurationError, UNCORDON_RECHECK,
