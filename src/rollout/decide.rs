@@ -355,6 +355,12 @@ impl Ctx<'_, '_> {
         let Some(slot) = self.st.slot.clone() else {
             return;
         };
+        if self.actions.contains(&Action::Cordon) {
+            // Found schedulable in this very pass: do not cordon what is done.
+            self.actions.retain(|a| *a != Action::Cordon);
+            self.st.slot = None;
+            return;
+        }
         if slot.cordoned_by_nixroll && self.view.node.unschedulable {
             if self.view.node.ready {
                 self.actions.push(Action::Uncordon);
@@ -613,6 +619,9 @@ impl Ctx<'_, '_> {
                         }
                         if !cordoned {
                             self.actions.push(Action::Cordon);
+                            if let Some(s) = self.st.slot.as_mut() {
+                                s.cordoned_by_nixroll = true;
+                            }
                         }
                         self.actions.push(Action::ForceDelete);
                         self.reason = reason::DRAIN_FORCED.into();
@@ -625,7 +634,12 @@ impl Ctx<'_, '_> {
             }
         }
         if !cordoned {
+            // Schedulable again (someone uncordoned it mid-drain): nixroll cordons it now, so
+            // nixroll owns this cordon.
             self.actions.push(Action::Cordon);
+            if let Some(s) = self.st.slot.as_mut() {
+                s.cordoned_by_nixroll = true;
+            }
         }
         if slot.forced {
             self.actions.push(Action::ForceDelete);
@@ -755,7 +769,19 @@ impl Ctx<'_, '_> {
         }
     }
 
+    /// A node in a disruptive phase found schedulable (someone uncordoned it) is cordoned
+    /// again; nixroll then owns that cordon.
+    fn keep_cordoned(&mut self) {
+        if !self.view.node.unschedulable && !self.actions.contains(&Action::Cordon) {
+            self.actions.push(Action::Cordon);
+            if let Some(s) = self.st.slot.as_mut() {
+                s.cordoned_by_nixroll = true;
+            }
+        }
+    }
+
     fn activating(&mut self) -> bool {
+        self.keep_cordoned();
         let Some(g) = self.st.activation.clone() else {
             self.grant(None);
             return false;
@@ -830,6 +856,7 @@ impl Ctx<'_, '_> {
     }
 
     fn rebooting(&mut self) -> bool {
+        self.keep_cordoned();
         let Some(g) = self.st.activation.clone() else {
             self.enter(Phase::Verifying, reason::VERIFYING, "verifying".into());
             return true;
@@ -859,6 +886,7 @@ impl Ctx<'_, '_> {
     }
 
     fn verifying(&mut self) -> bool {
+        self.keep_cordoned();
         let Some(target_sys) = self.target_system() else {
             self.fail(reason::VERIFY_TIMEOUT, "no target system to verify".into());
             return false;
