@@ -126,6 +126,8 @@ struct Sim {
     quiet_after: Timestamp,
     // Controller memory (lost on restart).
     drain_mem: HashMap<usize, DrainProgress>,
+    #[allow(clippy::type_complexity)]
+    seen: Vec<Option<(i64, Option<String>, NodeObservation, Option<AgentStatus>)>>,
     wake: Vec<Option<Timestamp>>,
     log: Option<String>,
     restarts: u32,
@@ -317,6 +319,7 @@ impl Sim {
             paused: false,
             quiet_after: add(now, 2 * 86_400),
             drain_mem: HashMap::new(),
+            seen: vec![None; n],
             log: verbose.then(String::new),
             restarts: 0,
             rng,
@@ -770,6 +773,7 @@ impl Sim {
     fn controller(&mut self) -> Result<(), String> {
         if self.p(2) {
             self.drain_mem.clear();
+            self.seen = vec![None; self.nodes.len()];
             self.wake = vec![Some(self.now); self.nodes.len()];
             self.restarts += 1;
             self.logf(|| "controller restart".into());
@@ -839,10 +843,21 @@ impl Sim {
         }
 
         for i in 0..n {
-            let due = self.wake[i].is_none_or(|t| t <= self.now) || admitted.contains(&self.nodes[i].name);
-            // Watch-driven: changes of the object or Node also trigger a reconcile; the
-            // simulation simply reconciles every node every step and honours requeues too.
-            let _ = due;
+            // Watch-driven: reconcile when the object (spec, annotation, agent status) or the
+            // Node changed, when admitted, or when a requeue is due.
+            let seen = (
+                self.nodes[i].generation,
+                self.nodes[i].retry.clone(),
+                obs[i].clone(),
+                self.nodes[i].status.agent.clone(),
+            );
+            let due = self.wake[i].is_none_or(|t| t <= self.now)
+                || admitted.contains(&self.nodes[i].name)
+                || self.seen[i].as_ref() != Some(&seen);
+            if !due {
+                continue;
+            }
+            self.seen[i] = Some(seen);
             for _ in 0..4 {
                 if self.nodes[i].status.phase != Some(Phase::Draining) {
                     self.drain_mem.remove(&i);
@@ -854,38 +869,41 @@ impl Sim {
                     decide(&v, is_admitted, self.drain_mem.get(&i), &self.policy, self.now)
                 };
                 check!(self, d.status.agent.is_none(), "decide wrote status.agent");
-                let before = self.nodes[i].status.clone();
-                self.transition_checks(i, &before, &d, is_admitted, degraded)?;
-                let changed = {
-                    let mut b = before.clone();
-                    b.agent = None;
-                    b != d.status
-                };
+                self.transition_checks(i, &d, is_admitted, degraded)?;
+                let Decision {
+                    status,
+                    actions,
+                    requeue_after,
+                    ..
+                } = d;
                 let agent = self.nodes[i].status.agent.take();
-                self.nodes[i].status = d.status.clone();
+                let changed = self.nodes[i].status != status;
+                let mut before = std::mem::replace(&mut self.nodes[i].status, status);
+                before.agent = None;
                 self.nodes[i].status.agent = agent;
                 if self.nodes[i].status.slot.is_none() && before.slot.is_some() {
                     self.nodes[i].host.activated_in_slot = false;
                 }
-                if before.phase != d.status.phase {
+                if before.phase != self.nodes[i].status.phase {
                     let (name, ph, msg) = (
                         self.nodes[i].name.clone(),
-                        d.status.phase,
-                        d.status.message.clone().unwrap_or_default(),
+                        self.nodes[i].status.phase,
+                        self.nodes[i].status.message.clone().unwrap_or_default(),
                     );
                     self.logf(|| format!("{name} -> {ph:?}: {msg}"));
                 }
                 if self.p(1) {
                     // Crash after the status write, before the effects.
                     self.drain_mem.clear();
+                    self.seen = vec![None; n];
                     self.restarts += 1;
                     self.logf(|| "controller crash before actions".into());
                     return Ok(());
                 }
-                for a in &d.actions {
-                    self.act(i, a, &d)?;
+                for a in &actions {
+                    self.act(i, a)?;
                 }
-                self.wake[i] = d.requeue_after.map(|r| self.now.checked_add(r).unwrap());
+                self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
                 if !changed {
                     break;
                 }
@@ -894,7 +912,7 @@ impl Sim {
         Ok(())
     }
 
-    fn act(&mut self, i: usize, a: &Action, d: &Decision) -> Result<(), String> {
+    fn act(&mut self, i: usize, a: &Action) -> Result<(), String> {
         let name = self.nodes[i].name.clone();
         self.logf(|| format!("{name} action {a:?}"));
         match a {
@@ -913,7 +931,7 @@ impl Sim {
                     n.cordoned_by
                 );
                 if n.host.activated_in_slot {
-                    let st = &d.status;
+                    let st = &n.status;
                     let o = self.obs(i);
                     let reboot_required = st
                         .conditions
@@ -950,12 +968,12 @@ impl Sim {
     fn transition_checks(
         &self,
         i: usize,
-        before: &NixOSNodeStatus,
         d: &Decision,
         admitted: bool,
         degraded: usize,
     ) -> Result<(), String> {
         let n = &self.nodes[i];
+        let before = &n.status;
         let was = before.phase.unwrap_or_default();
         let now_ph = d.status.phase.unwrap_or_default();
         if !was.is_disruptive() && now_ph == Phase::Draining {
@@ -1102,7 +1120,7 @@ impl Sim {
         consider(self.quiet_after);
         let base = next.max(add(self.now, 1));
         // Jitter, and sometimes a short step to interleave events differently.
-        if self.rng.u32(0..100) < 20 {
+        if self.rng.u32(0..100) < 10 {
             add(self.now, self.rng.i64(1..15)).min(base)
         } else {
             add(base, self.rng.i64(0..3))

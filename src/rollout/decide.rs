@@ -87,6 +87,11 @@ pub fn drain_timeout(
     }
 }
 
+/// A slot granted for the current drain (not one kept from an earlier failed attempt).
+fn is_fresh(slot: &Slot) -> bool {
+    slot.drain_started_at.as_ref() == Some(&slot.granted_at)
+}
+
 fn add(t: Timestamp, d: SignedDuration) -> Timestamp {
     t.saturating_add(d).unwrap_or(t)
 }
@@ -466,6 +471,18 @@ impl Ctx<'_, '_> {
     }
 
     fn waiting(&mut self, admitted: bool) -> bool {
+        // After a drain Abort: finish giving the slot back.
+        if let Some(slot) = self.st.slot.clone()
+            && self.st.backoff.is_some()
+            && is_fresh(&slot)
+        {
+            if slot.cordoned_by_nixroll && self.view.node.unschedulable {
+                self.actions.push(Action::Uncordon);
+                self.wake_in(UNCORDON_RECHECK);
+                return false;
+            }
+            self.st.slot = None;
+        }
         if !self.target_is_wanted() || self.target_system().is_none() {
             self.start_staging();
             return true;
@@ -667,10 +684,18 @@ impl Ctx<'_, '_> {
     }
 
     fn abort_drain(&mut self, slot: &Slot, p: &DrainProgress, timeout: SignedDuration) {
-        if slot.cordoned_by_nixroll {
+        // A slot granted for this very drain is given back: uncordon (only what nixroll
+        // cordoned) and drop the slot once the uncordon is observed. A slot kept from an
+        // earlier failed attempt (a retried node that stayed cordoned) stays, and so does its
+        // cordon.
+        let fresh = is_fresh(slot);
+        let uncordon = fresh && slot.cordoned_by_nixroll && self.view.node.unschedulable;
+        if uncordon {
             self.actions.push(Action::Uncordon);
+            self.wake_in(UNCORDON_RECHECK);
+        } else if fresh {
+            self.st.slot = None;
         }
-        self.st.slot = None;
         let attempts = self.st.backoff.as_ref().map_or(0, |b| b.attempts) + 1;
         let doublings = (attempts - 1).min(MAX_BACKOFF_DOUBLINGS);
         let factor = 1i32 << doublings;
@@ -688,10 +713,12 @@ impl Ctx<'_, '_> {
             "drain did not finish within {timeout} ({} pod(s) left, {} blocked by PodDisruptionBudgets); {}released the slot, next attempt not before {}",
             p.remaining,
             p.blocked_by_pdb,
-            if slot.cordoned_by_nixroll {
+            if uncordon {
                 "uncordoned, "
-            } else {
+            } else if fresh {
                 ""
+            } else {
+                "kept the cordon of the earlier failure, "
             },
             fmt_time(not_before)
         );

@@ -449,9 +449,15 @@ fn drain_timeout_abort_uncordons_and_backs_off_exponentially() {
     let d = n.step(false, Some(&p), at(15 * 60));
     assert_eq!(n.phase(), Phase::Waiting);
     assert_eq!(d.actions, vec![Action::Uncordon]);
-    assert!(n.status.slot.is_none());
+    assert!(
+        n.status.slot.is_some(),
+        "slot kept until the uncordon is observed"
+    );
     let b = n.status.backoff.clone().unwrap();
     assert_eq!(b.attempts, 1);
+    let d2 = n.step(false, None, at(15 * 60 + 1));
+    assert!(d2.actions.is_empty());
+    assert!(n.status.slot.is_none());
     assert_eq!(b.not_before, Time(at(15 * 60 + 300)));
     assert!(
         d.notes
@@ -462,6 +468,7 @@ fn drain_timeout_abort_uncordons_and_backs_off_exponentially() {
     let d = n.step(true, None, at(15 * 60 + 10));
     assert_eq!(n.phase(), Phase::Waiting);
     assert_eq!(d.requeue_after, Some(secs(290)));
+    assert!(d.actions.is_empty());
     // After it, the next attempt; a second abort doubles.
     n.step(true, None, at(1300));
     assert_eq!(n.phase(), Phase::Draining);
@@ -469,6 +476,28 @@ fn drain_timeout_abort_uncordons_and_backs_off_exponentially() {
     let b = n.status.backoff.clone().unwrap();
     assert_eq!(b.attempts, 2);
     assert_eq!(b.not_before, Time(at(2200 + 600)));
+}
+
+#[test]
+fn drain_abort_uncordon_is_repeated_after_a_lost_action() {
+    let mut n = mk_waiting("n1", false);
+    n.step(true, None, at(0));
+    let p = DrainProgress {
+        remaining: 2,
+        ..Default::default()
+    };
+    let d = decide(&n.view(), false, Some(&p), &Policy::default(), at(900));
+    assert_eq!(d.actions, vec![Action::Uncordon]);
+    // Crash: status written, uncordon never performed.
+    let agent = n.status.agent.take();
+    n.status = d.status;
+    n.status.agent = agent;
+    assert!(n.node.unschedulable);
+    let d = n.step(false, None, at(1000));
+    assert_eq!(d.actions, vec![Action::Uncordon]);
+    n.step(false, None, at(1001));
+    assert!(n.status.slot.is_none());
+    assert!(!n.node.unschedulable);
 }
 
 #[test]
