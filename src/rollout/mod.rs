@@ -10,7 +10,58 @@
 //! CONTRACT between this module and `crate::controller`: the names and shapes below. Fields and
 //! variants may be added; existing ones keep their meaning.
 
+mod admit;
+mod decide;
 pub mod window;
+
+#[cfg(test)]
+mod tests;
+
+pub use admit::{budget, is_candidate, is_degraded, is_unavailable};
+pub use decide::{
+    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, ParseDurationError, UNCORDON_RECHECK,
+    condition, drain_timeout, parse_duration,
+};
+
+/// PascalCase reasons used in conditions, `status.failed.reason` and Events.
+pub mod reason {
+    pub const STAGING: &str = "Staging";
+    pub const STAGED: &str = "Staged";
+    pub const WAITING_FOR_SLOT: &str = "WaitingForSlot";
+    pub const WAITING_FOR_WINDOW: &str = "WaitingForWindow";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const DRAIN_BACKOFF: &str = "DrainBackoff";
+    pub const ADMITTED: &str = "Admitted";
+    pub const DRAINING: &str = "Draining";
+    pub const DRAIN_TIMEOUT: &str = "DrainTimeout";
+    pub const DRAIN_FORCED: &str = "DrainForced";
+    pub const ACTIVATION_GRANTED: &str = "ActivationGranted";
+    pub const ACTIVATING: &str = "Activating";
+    pub const REBOOT_NEEDED: &str = "RebootNeeded";
+    pub const REBOOTING: &str = "Rebooting";
+    pub const VERIFYING: &str = "Verifying";
+    pub const UPDATED: &str = "Updated";
+    pub const UNCORDONED: &str = "Uncordoned";
+    pub const REVISION_RUNNING: &str = "RevisionRunning";
+    pub const NEW_REVISION: &str = "NewRevision";
+    pub const IDLE: &str = "Idle";
+    pub const HALTED: &str = "Halted";
+    pub const AS_EXPECTED: &str = "AsExpected";
+    pub const RETRY: &str = "Retry";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const NODE_MISSING: &str = "NodeMissing";
+    pub const REBOOT_REQUIRED: &str = "RebootRequired";
+    pub const REBOOT_POLICY_NEVER: &str = "RebootPolicyNever";
+    pub const NOT_REQUIRED: &str = "NotRequired";
+    // Failures (Degraded reasons, also `status.failed.reason`).
+    pub const STAGE_FAILED: &str = "StageFailed";
+    pub const STAGING_TIMEOUT: &str = "StagingTimeout";
+    pub const ACTIVATION_FAILED: &str = "ActivationFailed";
+    pub const ACTIVATION_TIMEOUT: &str = "ActivationTimeout";
+    pub const REBOOT_TIMEOUT: &str = "RebootTimeout";
+    pub const VERIFY_TIMEOUT: &str = "VerifyTimeout";
+    pub const BOOTED_WRONG_SYSTEM: &str = "BootedWrongSystem";
+}
 
 use jiff::{SignedDuration, Timestamp};
 
@@ -156,13 +207,7 @@ pub fn decide(
     policy: &Policy,
     now: Timestamp,
 ) -> Decision {
-    let _ = (admitted, drain, policy, now);
-    Decision {
-        status: view.status.clone(),
-        actions: Vec::new(),
-        notes: Vec::new(),
-        requeue_after: None,
-    }
+    decide::decide(view, admitted, drain, policy, now)
 }
 
 /// Cluster-wide inputs of the admission gate besides the nodes.
@@ -175,6 +220,5 @@ pub struct ClusterState {
 /// The admission gate: which nodes in `Waiting` may take a disruption slot now. Nodes already
 /// holding a slot keep it and are not listed. Never returns more than the budget allows.
 pub fn admit(nodes: &[NodeView<'_>], cluster: &ClusterState, policy: &Policy, now: Timestamp) -> Vec<String> {
-    let _ = (nodes, cluster, policy, now);
-    Vec::new()
+    admit::admit(nodes, cluster, policy, now)
 }

@@ -1,0 +1,117 @@
+//! The admission gate behind [`super::admit`]: one pure decision over all nodes.
+//!
+//! Order of admission (deterministic): first nodes that already hold their slot (a retried
+//! node that stayed cordoned), then workers, then control-plane nodes; by name within each
+//! group. Workers go first so that a bad revision shows up on a node the cluster can lose
+//! before it reaches a k3s server.
+
+use jiff::Timestamp;
+
+use super::{ClusterState, MaxUnavailable, NodeView, Policy, window};
+use crate::api::Phase;
+
+/// The budget of unavailable nodes for `total` managed nodes.
+pub fn budget(max: MaxUnavailable, total: usize) -> usize {
+    match max {
+        MaxUnavailable::Count(n) => n as usize,
+        MaxUnavailable::Percent(p) => (total.saturating_mul(p as usize) / 100).max(1),
+    }
+}
+
+/// Whether a node counts against the budget: it holds a slot or is in a disruptive phase, its
+/// Node is cordoned (by anyone) or not Ready, or it is Degraded. A NixOSNode whose Node does
+/// not exist is not part of the cluster's capacity and does not count unless it holds a slot.
+pub fn is_unavailable(v: &NodeView<'_>) -> bool {
+    let phase = v.status.phase.unwrap_or_default();
+    v.status.slot.is_some()
+        || phase.is_disruptive()
+        || phase == Phase::Degraded
+        || (v.node.exists && (v.node.unschedulable || !v.node.ready))
+}
+
+/// Whether this node is Degraded (counts towards the failure threshold).
+pub fn is_degraded(v: &NodeView<'_>) -> bool {
+    v.status.phase == Some(Phase::Degraded)
+}
+
+/// Whether a Waiting node could start its disruptive step now, budget aside.
+pub fn is_candidate(v: &NodeView<'_>, now: Timestamp) -> bool {
+    let st = v.status;
+    st.phase == Some(Phase::Waiting)
+        && !v.spec.suspend
+        && v.node.exists
+        && v.node.ready
+        && st.failed.is_none()
+        && st
+            .target
+            .as_ref()
+            .is_some_and(|t| t.system.is_some() && t.revision == v.spec.revision)
+        && st.backoff.as_ref().is_none_or(|b| b.not_before.0 <= now)
+        && window::is_open(&v.spec.maintenance_windows, now).unwrap_or(false)
+}
+
+pub(super) fn admit(
+    nodes: &[NodeView<'_>],
+    cluster: &ClusterState,
+    policy: &Policy,
+    now: Timestamp,
+) -> Vec<String> {
+    if cluster.paused {
+        return Vec::new();
+    }
+    let degraded = nodes.iter().filter(|v| is_degraded(v)).count();
+    if degraded >= policy.failure_threshold as usize {
+        return Vec::new();
+    }
+    let budget = budget(policy.max_unavailable, nodes.len());
+    let unavailable = nodes.iter().filter(|v| is_unavailable(v)).count();
+    let mut room = budget.saturating_sub(unavailable);
+    // Control-plane nodes that are unavailable, by index.
+    let cp_unavailable: Vec<usize> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.node.control_plane && is_unavailable(v))
+        .map(|(i, _)| i)
+        .collect();
+
+    let mut cands: Vec<usize> = (0..nodes.len())
+        .filter(|&i| is_candidate(&nodes[i], now))
+        .collect();
+    cands.sort_by(|&a, &b| {
+        let ka = (
+            nodes[a].status.slot.is_none(),
+            nodes[a].node.control_plane,
+            nodes[a].name,
+        );
+        let kb = (
+            nodes[b].status.slot.is_none(),
+            nodes[b].node.control_plane,
+            nodes[b].name,
+        );
+        ka.cmp(&kb)
+    });
+
+    let mut out = Vec::new();
+    let mut cp_admitted = false;
+    for i in cands {
+        let v = &nodes[i];
+        let holds_slot = v.status.slot.is_some();
+        if v.node.control_plane {
+            let other_cp_busy = cp_unavailable.iter().any(|&j| j != i);
+            if cp_admitted || other_cp_busy {
+                continue;
+            }
+        }
+        if !holds_slot {
+            if room == 0 {
+                continue;
+            }
+            room -= 1;
+        }
+        if v.node.control_plane {
+            cp_admitted = true;
+        }
+        out.push(v.name.to_string());
+    }
+    out
+}

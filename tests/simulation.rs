@@ -1,0 +1,1246 @@
+//! Deterministic simulation of a cluster driven by the real `nixroll::rollout::{decide, admit}`
+//! on a virtual clock. Every step asserts the invariants of DESIGN.md §7 that the rollout core
+//! is responsible for; runs without injected faults must also converge.
+//!
+//! * `cargo test --test simulation` runs 2,000 seeds;
+//! * `NIXROLL_SIM_SEEDS=N` runs N seeds; `NIXROLL_SIM_SEED=S` runs only seed S with its log.
+//!
+//! A failing seed prints `NIXROLL_SIM_SEED=<seed>` and the step log of that seed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nixroll::api::{
+    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy, DrainTimeoutAction,
+    HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, Phase, RebootPolicy,
+    StagedSystem, Weekday,
+};
+use nixroll::rollout::{
+    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, admit,
+    budget, condition, decide, window,
+};
+
+const FLAKE: &str = "git+https://git.example.org/infra.git";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Who {
+    Admin,
+    Nixroll,
+}
+
+#[derive(Clone, Debug)]
+struct StageOp {
+    revision: String,
+    installable: String,
+    done: Timestamp,
+    fail: bool,
+}
+
+#[derive(Clone, Debug)]
+struct ActOp {
+    id: String,
+    action: ActivationAction,
+    system: String,
+    done: Timestamp,
+    fail: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Host {
+    boot_seq: u64,
+    booted: String,
+    current: String,
+    boot_default: String,
+    up: bool,
+    boot_done: Option<Timestamp>,
+    ready_at: Timestamp,
+    fallback_next_boot: bool,
+    /// Grant ids executed (persisted on the host: survives agent restarts).
+    executed: HashSet<String>,
+    reboots_per_grant: HashMap<String, u32>,
+    staging: Option<StageOp>,
+    activation: Option<ActOp>,
+    /// An activation ran since the node's current slot was granted.
+    activated_in_slot: bool,
+}
+
+struct SimNode {
+    name: String,
+    generation: i64,
+    retry: Option<String>,
+    spec: NixOSNodeSpec,
+    status: NixOSNodeStatus,
+    control_plane: bool,
+    unschedulable: bool,
+    cordoned_by: Option<Who>,
+    host: Host,
+    retry_at: Option<Timestamp>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PodState {
+    Running { ready_at: Timestamp },
+    Terminating { until: Timestamp },
+    Pending { schedule_at: Timestamp },
+}
+
+#[derive(Clone, Debug)]
+struct Pod {
+    app: usize,
+    node: Option<usize>,
+    daemonset: bool,
+    state: PodState,
+    slow: bool,
+}
+
+#[derive(Clone, Debug)]
+struct App {
+    min_available: usize,
+}
+
+#[derive(Clone, Debug)]
+struct RevInfo {
+    kernel: u32,
+    init_change: bool,
+}
+
+struct Sim {
+    rng: fastrand::Rng,
+    now: Timestamp,
+    step: usize,
+    policy: Policy,
+    faults: bool,
+    nodes: Vec<SimNode>,
+    pods: Vec<Pod>,
+    apps: Vec<App>,
+    forced_apps: HashSet<usize>,
+    revs: HashMap<String, RevInfo>,
+    rev_count: u32,
+    bumps_left: u32,
+    next_bump: Option<Timestamp>,
+    paused: bool,
+    /// After this instant no new admin cordon, pause or bump happens (convergence phase).
+    quiet_after: Timestamp,
+    // Controller memory (lost on restart).
+    drain_mem: HashMap<usize, DrainProgress>,
+    #[allow(clippy::type_complexity)]
+    seen: Vec<Option<(i64, Option<String>, NodeObservation, Option<AgentStatus>)>>,
+    wake: Vec<Option<Timestamp>>,
+    log: Option<String>,
+    restarts: u32,
+}
+
+macro_rules! check {
+    ($sim:expr, $cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(format!("step {} at {}: invariant violated: {}", $sim.step, $sim.now, format!($($arg)*)));
+        }
+    };
+}
+
+fn rev_string(n: u32) -> String {
+    format!("{:08x}", 0xabc0_0000u32 + n).repeat(5)
+}
+
+fn system_of(rev: &str, node: &str) -> String {
+    format!("/nix/store/{}-nixos-system-{node}", &rev[..12])
+}
+
+fn rev_of_system(sys: &str) -> &str {
+    sys.trim_start_matches("/nix/store/").get(..12).unwrap_or("")
+}
+
+fn add(t: Timestamp, secs: i64) -> Timestamp {
+    t.checked_add(SignedDuration::from_secs(secs)).unwrap()
+}
+
+impl Sim {
+    fn new(seed: u64, verbose: bool) -> Sim {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let faults = rng.u32(0..100) < 45;
+        let n = rng.usize(3..=7);
+        let cps = rng.usize(1..=3.min(n - 1));
+        let max_unavailable = if rng.bool() {
+            MaxUnavailable::Count(rng.u32(1..=3))
+        } else {
+            MaxUnavailable::Percent(rng.u32(10..=60))
+        };
+        let policy = Policy {
+            max_unavailable,
+            failure_threshold: rng.u32(1..=2),
+            drain_backoff: SignedDuration::from_secs(rng.i64(60..=300)),
+            ..Default::default()
+        };
+        // Start somewhere in 2026, including DST transition days.
+        let starts = [
+            "2026-03-28T18:00:00Z",
+            "2026-10-24T20:00:00Z",
+            "2026-03-07T20:00:00Z",
+            "2026-10-31T21:00:00Z",
+            "2026-06-15T09:13:00Z",
+        ];
+        let now: Timestamp = starts[rng.usize(..starts.len())].parse().unwrap();
+        let now = add(now, rng.i64(0..86_400));
+        let windows: Vec<MaintenanceWindow> = if rng.u32(0..100) < 40 {
+            let zones = ["UTC", "Europe/Berlin", "America/New_York"];
+            let (s, e) = [
+                ("01:00", "05:00"),
+                ("22:00", "03:00"),
+                ("02:30", "04:00"),
+                ("01:00", "03:00"),
+            ][rng.usize(..4)];
+            vec![MaintenanceWindow {
+                days: if rng.bool() {
+                    vec![]
+                } else {
+                    vec![Weekday::Sat, Weekday::Sun, Weekday::Wed]
+                },
+                start: s.into(),
+                end: e.into(),
+                time_zone: zones[rng.usize(..3)].into(),
+            }]
+        } else {
+            vec![]
+        };
+        let on_timeout = if rng.u32(0..100) < 30 {
+            DrainTimeoutAction::Force
+        } else {
+            DrainTimeoutAction::Abort
+        };
+        let drain_timeout = ["10m", "15m", "5m", "1h"][rng.usize(..4)];
+        let rev0 = rev_string(0);
+        let mut revs = HashMap::new();
+        revs.insert(
+            rev0.clone(),
+            RevInfo {
+                kernel: 0,
+                init_change: false,
+            },
+        );
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = if i < cps {
+                format!("cp{i}")
+            } else {
+                format!("w{i}")
+            };
+            let reboot = match rng.u32(0..10) {
+                0 => RebootPolicy::Always,
+                1 => RebootPolicy::Never,
+                _ => RebootPolicy::IfNeeded,
+            };
+            let sys = system_of(&rev0, &name);
+            nodes.push(SimNode {
+                generation: 1,
+                retry: None,
+                spec: NixOSNodeSpec {
+                    flake: FLAKE.into(),
+                    revision: rev0.clone(),
+                    configuration: None,
+                    maintenance_windows: windows.clone(),
+                    reboot,
+                    drain: Some(DrainPolicy {
+                        timeout: Some(drain_timeout.into()),
+                        on_timeout,
+                        ..Default::default()
+                    }),
+                    suspend: false,
+                },
+                status: NixOSNodeStatus::default(),
+                control_plane: i < cps,
+                unschedulable: false,
+                cordoned_by: None,
+                host: Host {
+                    boot_seq: 1,
+                    booted: sys.clone(),
+                    current: sys.clone(),
+                    boot_default: sys,
+                    up: true,
+                    boot_done: None,
+                    ready_at: now,
+                    fallback_next_boot: false,
+                    executed: HashSet::new(),
+                    reboots_per_grant: HashMap::new(),
+                    staging: None,
+                    activation: None,
+                    activated_in_slot: false,
+                },
+                retry_at: None,
+                name,
+            });
+        }
+        // Workloads: apps with PDBs (minAvailable = replicas - 1) and DaemonSet pods.
+        let mut apps = Vec::new();
+        let mut pods = Vec::new();
+        for a in 0..rng.usize(1..=4) {
+            let replicas = rng.usize(2..=n.min(4));
+            apps.push(App {
+                min_available: replicas - 1,
+            });
+            for _ in 0..replicas {
+                pods.push(Pod {
+                    app: a,
+                    node: Some(rng.usize(..n)),
+                    daemonset: false,
+                    state: PodState::Running { ready_at: now },
+                    slow: faults && rng.u32(0..100) < 5,
+                });
+            }
+        }
+        let ds_app = apps.len();
+        apps.push(App { min_available: 0 });
+        for i in 0..n {
+            pods.push(Pod {
+                app: ds_app,
+                node: Some(i),
+                daemonset: true,
+                state: PodState::Running { ready_at: now },
+                slow: false,
+            });
+        }
+        let bumps_left = rng.u32(1..=3);
+        Sim {
+            faults,
+            now,
+            step: 0,
+            policy,
+            wake: vec![Some(now); n],
+            nodes,
+            pods,
+            apps,
+            forced_apps: HashSet::new(),
+            revs,
+            rev_count: 0,
+            bumps_left,
+            next_bump: Some(add(now, rng.i64(0..600))),
+            paused: false,
+            quiet_after: add(now, 2 * 86_400),
+            drain_mem: HashMap::new(),
+            seen: vec![None; n],
+            log: verbose.then(String::new),
+            restarts: 0,
+            rng,
+        }
+    }
+
+    fn logf(&mut self, f: impl FnOnce() -> String) {
+        if let Some(l) = self.log.as_mut() {
+            let _ = writeln!(l, "[{} {}] {}", self.step, self.now, f());
+        }
+    }
+
+    fn p(&mut self, percent: u32) -> bool {
+        self.rng.u32(0..100) < percent
+    }
+
+    fn obs(&self, i: usize) -> NodeObservation {
+        let n = &self.nodes[i];
+        NodeObservation {
+            exists: true,
+            ready: n.host.up && self.now >= n.host.ready_at,
+            unschedulable: n.unschedulable,
+            control_plane: n.control_plane,
+            boot_id: Some(format!("boot-{}-{}", n.name, n.host.boot_seq)),
+        }
+    }
+
+    fn pod_ready(&self, p: &Pod) -> bool {
+        match (p.node, p.state) {
+            (Some(i), PodState::Running { ready_at }) => {
+                let h = &self.nodes[i].host;
+                h.up && self.now >= ready_at
+            }
+            _ => false,
+        }
+    }
+
+    fn non_ds_pods_on(&self, i: usize) -> usize {
+        self.pods
+            .iter()
+            .filter(|p| !p.daemonset && p.node == Some(i))
+            .count()
+    }
+
+    // ---- world ---------------------------------------------------------------------------
+
+    fn world(&mut self) -> Result<(), String> {
+        let now = self.now;
+        // Spec bumps (a new commit reviewed and merged).
+        if self.next_bump.is_some_and(|t| t <= now) {
+            self.rev_count += 1;
+            let rev = rev_string(self.rev_count);
+            let kernel = if self.rng.bool() {
+                self.rev_count
+            } else {
+                self.rev_count.saturating_sub(1)
+            };
+            let init_change = self.p(10);
+            self.revs.insert(rev.clone(), RevInfo { kernel, init_change });
+            for n in self.nodes.iter_mut() {
+                n.spec.revision = rev.clone();
+                n.generation += 1;
+            }
+            self.logf(|| format!("spec bump to {}", &rev[..12]));
+            self.bumps_left -= 1;
+            self.next_bump = if self.bumps_left > 0 {
+                Some(add(now, self.rng.i64(60..4 * 3600)))
+            } else {
+                None
+            };
+        }
+        let quiet = now >= self.quiet_after;
+        // Admin cordons / uncordons.
+        if !quiet && self.p(2) {
+            let i = self.rng.usize(..self.nodes.len());
+            if !self.nodes[i].unschedulable {
+                self.nodes[i].unschedulable = true;
+                self.nodes[i].cordoned_by = Some(Who::Admin);
+                let name = self.nodes[i].name.clone();
+                self.logf(|| format!("admin cordons {name}"));
+            }
+        }
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            // Admins uncordon their own cordons, but not while nixroll holds a slot there.
+            if n.cordoned_by == Some(Who::Admin)
+                && n.status.slot.is_none()
+                && (quiet || self.rng.u32(0..100) < 3)
+            {
+                let n = &mut self.nodes[i];
+                n.unschedulable = false;
+                n.cordoned_by = None;
+                let name = n.name.clone();
+                self.logf(|| format!("admin uncordons {name}"));
+            }
+        }
+        // Cluster pause toggles.
+        if !quiet && self.p(1) {
+            self.paused = !self.paused;
+            let p = self.paused;
+            self.logf(|| format!("cluster paused={p}"));
+        } else if quiet && self.paused {
+            self.paused = false;
+        }
+        // Suspend toggles.
+        if !quiet && self.p(1) {
+            let i = self.rng.usize(..self.nodes.len());
+            self.nodes[i].spec.suspend = !self.nodes[i].spec.suspend;
+            self.nodes[i].generation += 1;
+        } else if quiet {
+            for n in self.nodes.iter_mut() {
+                if n.spec.suspend {
+                    n.spec.suspend = false;
+                    n.generation += 1;
+                }
+            }
+        }
+        // Users retry degraded nodes after a while.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].status.phase == Some(Phase::Degraded) {
+                match self.nodes[i].retry_at {
+                    None => self.nodes[i].retry_at = Some(add(now, self.rng.i64(600..7200))),
+                    Some(t) if t <= now => {
+                        let tok = format!("r{}", self.step);
+                        self.nodes[i].retry = Some(tok);
+                        self.nodes[i].retry_at = None;
+                        let name = self.nodes[i].name.clone();
+                        self.logf(|| format!("user retries {name}"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Hosts: staging, activation, boots.
+        for i in 0..self.nodes.len() {
+            self.host_events(i)?;
+        }
+        // Pods.
+        let n_nodes = self.nodes.len();
+        for k in 0..self.pods.len() {
+            match self.pods[k].state {
+                PodState::Terminating { until } if until <= now => {
+                    self.pods[k].node = None;
+                    self.pods[k].state = PodState::Pending {
+                        schedule_at: add(now, self.rng.i64(3..30)),
+                    };
+                }
+                PodState::Pending { schedule_at } if schedule_at <= now => {
+                    let ok: Vec<usize> = (0..n_nodes)
+                        .filter(|&i| {
+                            let o = self.obs(i);
+                            o.ready && !o.unschedulable
+                        })
+                        .collect();
+                    if ok.is_empty() {
+                        self.pods[k].state = PodState::Pending {
+                            schedule_at: add(now, 30),
+                        };
+                    } else {
+                        let i = ok[self.rng.usize(..ok.len())];
+                        self.pods[k].node = Some(i);
+                        self.pods[k].state = PodState::Running {
+                            ready_at: add(now, self.rng.i64(2..20)),
+                        };
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn host_events(&mut self, i: usize) -> Result<(), String> {
+        let now = self.now;
+        // Boot completes.
+        if let Some(t) = self.nodes[i].host.boot_done
+            && t <= now
+        {
+            let fallback = self.nodes[i].host.fallback_next_boot;
+            let h = &mut self.nodes[i].host;
+            h.boot_done = None;
+            h.up = true;
+            h.boot_seq += 1;
+            h.ready_at = add(now, 10);
+            if !fallback {
+                h.booted = h.boot_default.clone();
+            }
+            h.current = h.booted.clone();
+            h.fallback_next_boot = false;
+            let (name, b) = (self.nodes[i].name.clone(), self.nodes[i].host.booted.clone());
+            self.logf(|| format!("{name} booted {b} (fallback={fallback})"));
+        }
+        if !self.nodes[i].host.up {
+            return Ok(());
+        }
+        // Staging completes.
+        if let Some(op) = self.nodes[i].host.staging.clone()
+            && op.done <= now
+        {
+            self.nodes[i].host.staging = None;
+            let name = self.nodes[i].name.clone();
+            let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
+            if op.fail {
+                agent.last_error = Some(HostError {
+                    operation: HostOperation::Stage,
+                    revision: Some(op.revision.clone()),
+                    message: "error: build of '/nix/store/…' failed".into(),
+                    at: Time(now),
+                });
+            } else {
+                let sys = system_of(&op.revision, &name);
+                let booted_kernel = self
+                    .revs
+                    .iter()
+                    .find(|(r, _)| r[..12] == *rev_of_system(&self.nodes[i].host.booted))
+                    .map(|(_, v)| v.kernel);
+                let kernel = self.revs.get(&op.revision).map(|v| v.kernel);
+                let reboot = booted_kernel != kernel;
+                let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
+                agent.staged = Some(StagedSystem {
+                    revision: op.revision.clone(),
+                    installable: op.installable.clone(),
+                    system: sys,
+                    closure_bytes: None,
+                    reboot_required: reboot,
+                    reboot_reasons: if reboot { vec!["kernel".into()] } else { vec![] },
+                    staged_at: Some(Time(now)),
+                });
+            }
+            self.logf(|| format!("{name} staging {} done (fail={})", &op.revision[..12], op.fail));
+        }
+        // Activation completes.
+        if let Some(op) = self.nodes[i].host.activation.clone()
+            && op.done <= now
+        {
+            self.nodes[i].host.activation = None;
+            let name = self.nodes[i].name.clone();
+            let boot_before = format!("boot-{}-{}", name, self.nodes[i].host.boot_seq);
+            let init_change = self
+                .revs
+                .iter()
+                .find(|(r, _)| r[..12] == *rev_of_system(&op.system))
+                .is_some_and(|(_, v)| v.init_change);
+            let fallback = self.faults && self.rng.u32(0..100) < 8;
+            let h = &mut self.nodes[i].host;
+            let state = if op.fail {
+                ActivationState::Failed
+            } else {
+                match op.action {
+                    ActivationAction::Switch => {
+                        h.boot_default = op.system.clone();
+                        if init_change {
+                            ActivationState::NeedsReboot
+                        } else {
+                            h.current = op.system.clone();
+                            ActivationState::Switched
+                        }
+                    }
+                    ActivationAction::Boot | ActivationAction::Rollback => {
+                        h.boot_default = op.system.clone();
+                        let c = h.reboots_per_grant.entry(op.id.clone()).or_insert(0);
+                        *c += 1;
+                        if *c > 1 {
+                            return Err(format!(
+                                "step {}: invariant violated: second reboot for grant {}",
+                                self.step, op.id
+                            ));
+                        }
+                        h.up = false;
+                        h.fallback_next_boot = fallback;
+                        ActivationState::RebootRequested
+                    }
+                }
+            };
+            let down = !self.nodes[i].host.up;
+            if down {
+                let d = self.rng.i64(20..300);
+                self.nodes[i].host.boot_done = Some(add(now, d));
+            }
+            let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
+            agent.activation = Some(ActivationReport {
+                id: op.id.clone(),
+                action: op.action,
+                state,
+                system: op.system.clone(),
+                boot_id_before: Some(boot_before),
+                exit_code: (state == ActivationState::NeedsReboot).then_some(100),
+                message: (state == ActivationState::Failed).then(|| "switch-to-configuration failed".into()),
+                updated_at: Time(now),
+            });
+            self.logf(|| format!("{name} activation {} -> {state:?}", op.id));
+            if down {
+                // Pods still bound to a rebooting node go down: that must never include a
+                // PDB-covered pod (checked globally), nor any undrained pod unless forced.
+                self.check_drained(i, "reboot")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_drained(&self, i: usize, what: &str) -> Result<(), String> {
+        let forced = self.nodes[i].status.slot.as_ref().is_some_and(|s| s.forced);
+        let left = self.non_ds_pods_on(i);
+        check!(
+            self,
+            forced || left == 0,
+            "{what} on {} with {left} undrained pod(s)",
+            self.nodes[i].name
+        );
+        Ok(())
+    }
+
+    /// The agent on node `i`: report the host, start staging / activation when asked.
+    fn agent(&mut self, i: usize) -> Result<(), String> {
+        if !self.nodes[i].host.up {
+            return Ok(());
+        }
+        if self.p(1) {
+            // Agent restart: in-flight staging is lost; activations run as systemd units.
+            self.nodes[i].host.staging = None;
+        }
+        let now = self.now;
+        let name = self.nodes[i].name.clone();
+        let boot = format!("boot-{}-{}", name, self.nodes[i].host.boot_seq);
+        let (booted, current) = (
+            self.nodes[i].host.booted.clone(),
+            self.nodes[i].host.current.clone(),
+        );
+        let ltt = self.nodes[i].status.last_transition_time.as_ref().map(|t| t.0);
+        let target = self.nodes[i].status.target.clone();
+        let grant = self.nodes[i].status.activation.clone();
+        {
+            let agent: &mut AgentStatus = self.nodes[i].status.agent.get_or_insert_with(Default::default);
+            agent.boot_id = Some(boot.clone());
+            agent.booted_system = Some(booted);
+            agent.current_system = Some(current);
+            if let Some(r) = agent.activation.as_mut()
+                && r.state == ActivationState::RebootRequested
+                && r.boot_id_before.as_deref() != Some(boot.as_str())
+            {
+                r.state = ActivationState::Rebooted;
+            }
+        }
+        if let Some(t) = target {
+            let agent = self.nodes[i].status.agent.as_ref().unwrap();
+            let staged = agent
+                .staged
+                .as_ref()
+                .is_some_and(|s| s.revision == t.revision && s.installable == t.installable);
+            let err_blocks = agent.last_error.as_ref().is_some_and(|e| {
+                e.operation == HostOperation::Stage
+                    && e.revision.as_deref() == Some(t.revision.as_str())
+                    && ltt.is_none_or(|l| e.at.0 >= l)
+            });
+            if !staged && !err_blocks && self.nodes[i].host.staging.is_none() {
+                let fail = self.faults && self.rng.u32(0..100) < 8;
+                let d = self.rng.i64(5..400);
+                self.nodes[i].host.staging = Some(StageOp {
+                    revision: t.revision.clone(),
+                    installable: t.installable.clone(),
+                    done: add(now, d),
+                    fail,
+                });
+            }
+        }
+        if let Some(g) = grant
+            && !self.nodes[i].host.executed.contains(&g.id)
+            && self.nodes[i].host.activation.is_none()
+        {
+            self.check_drained(i, "activation")?;
+            let fail = self.faults && self.rng.u32(0..100) < 6;
+            let d = self.rng.i64(3..120);
+            let h = &mut self.nodes[i].host;
+            h.executed.insert(g.id.clone());
+            h.activated_in_slot = true;
+            h.activation = Some(ActOp {
+                id: g.id.clone(),
+                action: g.action,
+                system: g.system.clone(),
+                done: add(now, d),
+                fail,
+            });
+            let agent = self.nodes[i].status.agent.as_mut().unwrap();
+            agent.activation = Some(ActivationReport {
+                id: g.id.clone(),
+                action: g.action,
+                state: ActivationState::Running,
+                system: g.system.clone(),
+                boot_id_before: Some(boot),
+                exit_code: None,
+                message: None,
+                updated_at: Time(now),
+            });
+            self.logf(|| format!("{name} executes grant {} {:?}", g.id, g.action));
+        }
+        Ok(())
+    }
+
+    // ---- controller --------------------------------------------------------------------------
+
+    fn unavailable(&self, i: usize) -> bool {
+        let n = &self.nodes[i];
+        let o = self.obs(i);
+        let ph = n.status.phase.unwrap_or_default();
+        n.status.slot.is_some() || ph.is_disruptive() || ph == Phase::Degraded || o.unschedulable || !o.ready
+    }
+
+    fn evict_pass(&mut self, i: usize, force: bool) -> DrainProgress {
+        let mut blocked = 0;
+        for k in 0..self.pods.len() {
+            let p = &self.pods[k];
+            if p.daemonset || p.node != Some(i) || matches!(p.state, PodState::Terminating { .. }) {
+                continue;
+            }
+            if force {
+                self.forced_apps.insert(p.app);
+                self.pods[k].node = None;
+                self.pods[k].state = PodState::Pending {
+                    schedule_at: add(self.now, 5),
+                };
+                continue;
+            }
+            // Eviction API: refused (429) when the PDB would be violated.
+            let app = p.app;
+            let healthy = self
+                .pods
+                .iter()
+                .filter(|q| q.app == app && self.pod_ready(q))
+                .count();
+            let this_ready = usize::from(self.pod_ready(&self.pods[k]));
+            if healthy - this_ready >= self.apps[app].min_available {
+                let term = if self.pods[k].slow {
+                    self.rng.i64(1800..4000)
+                } else {
+                    self.rng.i64(0..10)
+                };
+                self.pods[k].state = PodState::Terminating {
+                    until: add(self.now, term),
+                };
+            } else {
+                blocked += 1;
+            }
+        }
+        DrainProgress {
+            remaining: self.non_ds_pods_on(i),
+            blocked_by_pdb: blocked,
+            refused: vec![],
+        }
+    }
+
+    fn controller(&mut self) -> Result<(), String> {
+        if self.p(2) {
+            self.drain_mem.clear();
+            self.seen = vec![None; self.nodes.len()];
+            self.wake = vec![Some(self.now); self.nodes.len()];
+            self.restarts += 1;
+            self.logf(|| "controller restart".into());
+        }
+        let n = self.nodes.len();
+        let obs: Vec<NodeObservation> = (0..n).map(|i| self.obs(i)).collect();
+        let cluster = ClusterState { paused: self.paused };
+        let admitted: Vec<String> = {
+            let views: Vec<NodeView<'_>> = (0..n).map(|i| self.view(i, &obs[i])).collect();
+            admit(&views, &cluster, &self.policy, self.now)
+        };
+        // Admission invariants.
+        let degraded = self
+            .nodes
+            .iter()
+            .filter(|x| x.status.phase == Some(Phase::Degraded))
+            .count();
+        let unavailable = (0..n).filter(|&i| self.unavailable(i)).count();
+        let budget = budget(self.policy.max_unavailable, n);
+        let new_admits = admitted
+            .iter()
+            .filter(|a| {
+                self.nodes
+                    .iter()
+                    .any(|x| &x.name == *a && x.status.slot.is_none())
+            })
+            .count();
+        check!(
+            self,
+            !self.paused || admitted.is_empty(),
+            "admitted {admitted:?} while paused"
+        );
+        check!(
+            self,
+            degraded < self.policy.failure_threshold as usize || admitted.is_empty(),
+            "admitted {admitted:?} with {degraded} Degraded node(s)"
+        );
+        check!(
+            self,
+            new_admits == 0 || unavailable + new_admits <= budget,
+            "admitted {admitted:?} with {unavailable} unavailable, budget {budget}"
+        );
+        let cp_admitted: Vec<&String> = admitted.iter().filter(|a| a.starts_with("cp")).collect();
+        check!(
+            self,
+            cp_admitted.len() <= 1,
+            "two control-plane nodes admitted: {cp_admitted:?}"
+        );
+        if let Some(cp) = cp_admitted.first() {
+            let other_busy = (0..n)
+                .any(|i| self.nodes[i].control_plane && &&self.nodes[i].name != cp && self.unavailable(i));
+            check!(
+                self,
+                !other_busy,
+                "admitted {cp} while another control-plane node is unavailable"
+            );
+        }
+        for a in &admitted {
+            let i = self.nodes.iter().position(|x| &x.name == a).unwrap();
+            let ok = window::is_open(&self.nodes[i].spec.maintenance_windows, self.now).unwrap();
+            check!(self, ok, "admitted {a} outside its maintenance window");
+            check!(self, !self.nodes[i].spec.suspend, "admitted suspended {a}");
+        }
+        if !admitted.is_empty() {
+            let a = admitted.clone();
+            self.logf(|| format!("admit {a:?}"));
+        }
+
+        for i in 0..n {
+            // Watch-driven: reconcile when the object (spec, annotation, agent status) or the
+            // Node changed, when admitted, or when a requeue is due.
+            let seen = (
+                self.nodes[i].generation,
+                self.nodes[i].retry.clone(),
+                obs[i].clone(),
+                self.nodes[i].status.agent.clone(),
+            );
+            let due = self.wake[i].is_none_or(|t| t <= self.now)
+                || admitted.contains(&self.nodes[i].name)
+                || self.seen[i].as_ref() != Some(&seen);
+            if !due {
+                continue;
+            }
+            self.seen[i] = Some(seen);
+            for _ in 0..4 {
+                if self.nodes[i].status.phase != Some(Phase::Draining) {
+                    self.drain_mem.remove(&i);
+                }
+                let o = self.obs(i);
+                let is_admitted = admitted.contains(&self.nodes[i].name);
+                let d: Decision = {
+                    let v = self.view(i, &o);
+                    decide(&v, is_admitted, self.drain_mem.get(&i), &self.policy, self.now)
+                };
+                check!(self, d.status.agent.is_none(), "decide wrote status.agent");
+                self.transition_checks(i, &d, is_admitted, degraded)?;
+                let Decision {
+                    status,
+                    actions,
+                    requeue_after,
+                    ..
+                } = d;
+                let agent = self.nodes[i].status.agent.take();
+                let changed = self.nodes[i].status != status;
+                let mut before = std::mem::replace(&mut self.nodes[i].status, status);
+                before.agent = None;
+                self.nodes[i].status.agent = agent;
+                if self.nodes[i].status.slot.is_none() && before.slot.is_some() {
+                    self.nodes[i].host.activated_in_slot = false;
+                }
+                if before.phase != self.nodes[i].status.phase {
+                    let (name, ph, msg) = (
+                        self.nodes[i].name.clone(),
+                        self.nodes[i].status.phase,
+                        self.nodes[i].status.message.clone().unwrap_or_default(),
+                    );
+                    self.logf(|| format!("{name} -> {ph:?}: {msg}"));
+                }
+                if self.p(1) {
+                    // Crash after the status write, before the effects.
+                    self.drain_mem.clear();
+                    self.seen = vec![None; n];
+                    self.restarts += 1;
+                    self.logf(|| "controller crash before actions".into());
+                    return Ok(());
+                }
+                for a in &actions {
+                    self.act(i, a)?;
+                }
+                self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
+                if !changed {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, i: usize, a: &Action) -> Result<(), String> {
+        let name = self.nodes[i].name.clone();
+        self.logf(|| format!("{name} action {a:?}"));
+        match a {
+            Action::Cordon => {
+                if !self.nodes[i].unschedulable {
+                    self.nodes[i].unschedulable = true;
+                    self.nodes[i].cordoned_by = Some(Who::Nixroll);
+                }
+            }
+            Action::Uncordon => {
+                let n = &self.nodes[i];
+                check!(
+                    self,
+                    !n.unschedulable || n.cordoned_by == Some(Who::Nixroll),
+                    "uncordoned {name}, cordoned by {:?}",
+                    n.cordoned_by
+                );
+                if n.host.activated_in_slot {
+                    let st = &n.status;
+                    let o = self.obs(i);
+                    let reboot_required = st
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == condition::REBOOT_REQUIRED && c.status == "True");
+                    // Switch: the running (current) system; after a reboot current == booted.
+                    let runs = st.system.as_deref() == Some(n.host.current.as_str());
+                    check!(
+                        self,
+                        o.ready && (runs || reboot_required) && st.phase == Some(Phase::UpToDate),
+                        "uncordoned {name} before it runs the target and is Ready (ready={}, current={}, booted={}, status.system={:?})",
+                        o.ready,
+                        n.host.current,
+                        n.host.booted,
+                        st.system
+                    );
+                }
+                let n = &mut self.nodes[i];
+                n.unschedulable = false;
+                n.cordoned_by = None;
+            }
+            Action::Evict => {
+                let p = self.evict_pass(i, false);
+                self.drain_mem.insert(i, p);
+            }
+            Action::ForceDelete => {
+                let p = self.evict_pass(i, true);
+                self.drain_mem.insert(i, p);
+            }
+        }
+        Ok(())
+    }
+
+    fn transition_checks(
+        &self,
+        i: usize,
+        d: &Decision,
+        admitted: bool,
+        degraded: usize,
+    ) -> Result<(), String> {
+        let n = &self.nodes[i];
+        let before = &n.status;
+        let was = before.phase.unwrap_or_default();
+        let now_ph = d.status.phase.unwrap_or_default();
+        if !was.is_disruptive() && now_ph == Phase::Draining {
+            let open = window::is_open(&n.spec.maintenance_windows, self.now).unwrap();
+            check!(self, open, "{} started draining outside its window", n.name);
+            check!(self, admitted, "{} started draining without admission", n.name);
+            check!(self, !self.paused, "{} started draining while paused", n.name);
+            check!(
+                self,
+                !n.spec.suspend,
+                "{} started draining while suspended",
+                n.name
+            );
+            check!(
+                self,
+                degraded < self.policy.failure_threshold as usize,
+                "{} started draining with {degraded} Degraded node(s)",
+                n.name
+            );
+        }
+        if let (Some(a), Some(b)) = (before.activation.as_ref(), d.status.activation.as_ref()) {
+            // A grant id, once issued, never changes meaning.
+            if a.id == b.id {
+                check!(self, a == b, "grant {} rewritten", a.id);
+            }
+        }
+        Ok(())
+    }
+
+    fn view<'a>(&'a self, i: usize, obs: &'a NodeObservation) -> NodeView<'a> {
+        let n = &self.nodes[i];
+        NodeView {
+            name: &n.name,
+            generation: n.generation,
+            retry_token: n.retry.as_deref(),
+            spec: &n.spec,
+            status: &n.status,
+            node: obs,
+        }
+    }
+
+    // ---- global ------------------------------------------------------------------------------
+
+    fn global_checks(&self) -> Result<(), String> {
+        let n = self.nodes.len();
+        let budget = budget(self.policy.max_unavailable, n);
+        let slots = self.nodes.iter().filter(|x| x.status.slot.is_some()).count();
+        check!(self, slots <= budget, "{slots} slots held, budget {budget}");
+        let cp_slots = self
+            .nodes
+            .iter()
+            .filter(|x| {
+                x.control_plane
+                    && (x.status.slot.is_some() || x.status.phase.unwrap_or_default().is_disruptive())
+            })
+            .count();
+        check!(
+            self,
+            cp_slots <= 1,
+            "{cp_slots} control-plane nodes disrupted at once"
+        );
+        for x in &self.nodes {
+            let ph = x.status.phase.unwrap_or_default();
+            check!(
+                self,
+                !ph.is_disruptive() || x.status.slot.is_some(),
+                "{} is {ph} without a slot",
+                x.name
+            );
+        }
+        // PodDisruptionBudgets.
+        for (a, app) in self.apps.iter().enumerate() {
+            if self.forced_apps.contains(&a) {
+                continue;
+            }
+            let healthy = self
+                .pods
+                .iter()
+                .filter(|q| q.app == a && self.pod_ready(q))
+                .count();
+            check!(
+                self,
+                healthy >= app.min_available,
+                "PDB of app {a} violated: {healthy} < {}",
+                app.min_available
+            );
+        }
+        Ok(())
+    }
+
+    fn converged(&self) -> bool {
+        self.next_bump.is_none()
+            && self.nodes.iter().all(|x| {
+                let st = &x.status;
+                let sys = st.system.as_deref();
+                st.phase == Some(Phase::UpToDate)
+                    && st.revision.as_deref() == Some(x.spec.revision.as_str())
+                    && st.slot.is_none()
+                    && x.unschedulable == (x.cordoned_by == Some(Who::Admin))
+                    && x.host.up
+                    && (sys == Some(x.host.current.as_str())
+                        || st
+                            .conditions
+                            .iter()
+                            .any(|c| c.type_ == condition::REBOOT_REQUIRED && c.status == "True"))
+            })
+    }
+
+    fn next_time(&mut self) -> Timestamp {
+        let mut next = add(self.now, 3600);
+        let mut consider = |t: Timestamp| {
+            if t > self.now && t < next {
+                next = t;
+            }
+        };
+        for w in self.wake.iter().flatten() {
+            consider(*w);
+        }
+        for x in &self.nodes {
+            let h = &x.host;
+            for t in [
+                h.boot_done,
+                h.staging.as_ref().map(|s| s.done),
+                h.activation.as_ref().map(|a| a.done),
+                Some(h.ready_at),
+                x.retry_at,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                consider(t);
+            }
+        }
+        for p in &self.pods {
+            match p.state {
+                PodState::Running { ready_at } => consider(ready_at),
+                PodState::Terminating { until } => consider(until),
+                PodState::Pending { schedule_at } => consider(schedule_at),
+            }
+        }
+        if let Some(t) = self.next_bump {
+            consider(t);
+        }
+        consider(self.quiet_after);
+        let base = next.max(add(self.now, 1));
+        // Jitter, and sometimes a short step to interleave events differently.
+        if self.rng.u32(0..100) < 10 {
+            add(self.now, self.rng.i64(1..15)).min(base)
+        } else {
+            add(base, self.rng.i64(0..3))
+        }
+    }
+
+    fn run(&mut self, max_steps: usize) -> Result<bool, String> {
+        while self.step < max_steps {
+            self.world()?;
+            for i in 0..self.nodes.len() {
+                self.agent(i)?;
+            }
+            self.controller()?;
+            self.global_checks()?;
+            if self.now >= self.quiet_after && self.converged() {
+                return Ok(true);
+            }
+            self.now = self.next_time();
+            self.step += 1;
+        }
+        Ok(false)
+    }
+}
+
+const MAX_STEPS: usize = 6000;
+
+fn run_seed(seed: u64, verbose: bool) -> Result<(bool, bool, usize), (String, Option<String>)> {
+    let mut sim = Sim::new(seed, verbose);
+    match sim.run(MAX_STEPS) {
+        Ok(conv) => {
+            if !sim.faults && !conv {
+                let states: Vec<String> = sim
+                    .nodes
+                    .iter()
+                    .map(|x| {
+                        format!(
+                            "{}: {:?} {:?} unsched={} by={:?}",
+                            x.name, x.status.phase, x.status.message, x.unschedulable, x.cordoned_by
+                        )
+                    })
+                    .collect();
+                return Err((
+                    format!("no faults injected but did not converge within {MAX_STEPS} steps: {states:#?}"),
+                    sim.log,
+                ));
+            }
+            Ok((sim.faults, conv, sim.step))
+        }
+        Err(e) => Err((e, sim.log)),
+    }
+}
+
+fn fail_with(seed: u64, e: String) -> ! {
+    // Re-run deterministically with the log on.
+    let log = match run_seed(seed, true) {
+        Err((_, Some(log))) => log,
+        _ => String::from("(log unavailable)"),
+    };
+    let tail: Vec<&str> = log.lines().collect();
+    let from = tail.len().saturating_sub(400);
+    panic!(
+        "simulation failed: {e}\nreproduce with: NIXROLL_SIM_SEED={seed} cargo test --test simulation -- --nocapture\nlast steps:\n{}",
+        tail[from..].join("\n")
+    );
+}
+
+#[test]
+fn simulated_rollouts_keep_invariants_and_converge() {
+    if let Ok(s) = std::env::var("NIXROLL_SIM_SEED") {
+        let seed: u64 = s.parse().unwrap();
+        match run_seed(seed, true) {
+            Ok((faults, conv, steps)) => {
+                let mut sim = Sim::new(seed, true);
+                let _ = sim.run(MAX_STEPS);
+                println!("{}", sim.log.unwrap_or_default());
+                println!("NIXROLL_SIM_SEED={seed}: ok (faults={faults}, converged={conv}, steps={steps})");
+            }
+            Err((e, _)) => fail_with(seed, e),
+        }
+        return;
+    }
+    let seeds: u64 = std::env::var("NIXROLL_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u64;
+    let results: Vec<(u64, Result<(bool, bool, usize), String>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut seed = t;
+                    while seed < seeds {
+                        out.push((seed, run_seed(seed, false).map_err(|(e, _)| e)));
+                        seed += threads;
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut stats: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut steps = 0;
+    for (seed, r) in results {
+        match r {
+            Ok((faults, conv, s)) => {
+                steps += s;
+                *stats.entry(if faults { "faulty" } else { "clean" }).or_default() += 1;
+                if conv {
+                    *stats.entry("converged").or_default() += 1;
+                }
+            }
+            Err(e) => fail_with(seed, e),
+        }
+    }
+    println!("{seeds} seeds: {stats:?}, {steps} steps");
+    assert_eq!(
+        stats.get("clean").copied().unwrap_or(0) + stats.get("faulty").copied().unwrap_or(0),
+        seeds as usize
+    );
+    assert!(stats.get("converged").copied().unwrap_or(0) >= stats.get("clean").copied().unwrap_or(0));
+}
