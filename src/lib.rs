@@ -4,3 +4,4 @@
 pub mod api;
 pub mod names;
 pub mod rollout;
+pub mod sim;
