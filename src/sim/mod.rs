@@ -1,5 +1,9 @@
-//! Simulation and test infrastructure: the embedded API server, simulated hosts and
-//! kubelets, and `nixroll demo`.
+//! Simulation and test infrastructure: the embedded Kubernetes API server (which the real
+//! `kube` client and `kubectl` talk to over HTTP), simulated kubelets and NixOS hosts, test
+//! flakes, and `nixroll demo`.
 
+pub mod apiserver;
 pub mod cluster;
+pub mod flake;
+pub mod host;
 pub mod progress;

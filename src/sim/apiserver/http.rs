@@ -1,0 +1,533 @@
+//! The HTTP face: path routing (`/api/v1/...`, `/apis/{group}/{version}/...`), content types,
+//! `Status` error bodies, watch streaming (newline-delimited JSON over chunked encoding) and
+//! Table output for kubectl.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::Response;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::Counters;
+use super::discovery;
+use super::error::StoreError;
+use super::resources::{Gvr, ResourceInfo};
+use super::store::{
+    DeleteOptions, Deleted, ListOptions, Patch, Store, Subresource, WatchOptions, WriteOptions,
+};
+use super::table;
+use super::watch::{Watch, WatchEvent};
+
+/// Shared state of the HTTP handlers.
+pub struct Srv {
+    pub(crate) store: Store,
+    pub(crate) counters: Counters,
+    pub(crate) address: String,
+}
+
+fn json_response(code: u16, v: &Value) -> Response {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error_response(e: &StoreError) -> Response {
+    json_response(e.code(), &e.to_status())
+}
+
+/// A parsed resource path.
+struct Target {
+    info: Arc<ResourceInfo>,
+    ns: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn not_found(path: &str) -> StoreError {
+    StoreError::UnknownResource {
+        path: path.to_owned(),
+    }
+}
+
+/// Route `/api/v1/...` or `/apis/g/v/...` to a resource target.
+fn parse_target(
+    store: &Store,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    path: &str,
+) -> Result<Target, StoreError> {
+    let find = |plural: &str| store.resource(&Gvr::new(group, version, plural));
+    // Namespaced: namespaces/{ns}/{plural}[/{name}[/{sub}]]
+    if rest.len() >= 3 && rest[0] == "namespaces" {
+        if let Ok(info) = find(rest[2]) {
+            if info.namespaced {
+                return Ok(Target {
+                    info,
+                    ns: Some(rest[1].to_owned()),
+                    name: rest.get(3).map(|s| (*s).to_owned()),
+                    sub: rest.get(4).map(|s| (*s).to_owned()),
+                });
+            }
+        }
+    }
+    let Some(plural) = rest.first() else {
+        return Err(not_found(path));
+    };
+    let info = find(plural).map_err(|_| not_found(path))?;
+    if rest.len() > 3 {
+        return Err(not_found(path));
+    }
+    Ok(Target {
+        info,
+        ns: None,
+        name: rest.get(1).map(|s| (*s).to_owned()),
+        sub: rest.get(2).map(|s| (*s).to_owned()),
+    })
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, StoreError> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    match serde_json::from_slice(body) {
+        Ok(v) => Ok(v),
+        Err(je) => {
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if ct.contains("yaml") {
+                serde_yaml::from_slice(body).map_err(|e| StoreError::BadRequest {
+                    message: format!("error decoding YAML: {e}"),
+                })
+            } else {
+                Err(StoreError::BadRequest {
+                    message: format!("error decoding JSON body: {je}"),
+                })
+            }
+        }
+    }
+}
+
+fn bool_param(q: &HashMap<String, String>, k: &str) -> bool {
+    q.get(k).is_some_and(|v| v == "true" || v == "1")
+}
+
+/// The single handler behind every path.
+pub async fn handle(
+    State(srv): State<Arc<Srv>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_owned();
+    match route(&srv, &method, &path, &headers, &q, &body) {
+        Ok(Routed::Response(r)) => r,
+        Ok(Routed::Watch(w, target, table_mode)) => watch_response(&srv, w, target, table_mode, &q),
+        Err(e) => error_response(&e),
+    }
+}
+
+enum Routed {
+    Response(Response),
+    Watch(Watch, Arc<ResourceInfo>, bool),
+}
+
+fn ok(v: &Value) -> Result<Routed, StoreError> {
+    Ok(Routed::Response(json_response(200, v)))
+}
+
+fn route(
+    srv: &Srv,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<Routed, StoreError> {
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let resources = srv.store.resources();
+    match segs.as_slice() {
+        ["version"] => return ok(&discovery::version()),
+        ["healthz"] | ["readyz"] | ["livez"] => {
+            return Ok(Routed::Response(Response::new(Body::from("ok"))));
+        }
+        ["api"] => return ok(&discovery::core_versions(&srv.address)),
+        ["apis"] => return ok(&discovery::group_list(&resources)),
+        ["api", v] => {
+            return discovery::resource_list(&resources, "", v)
+                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+        }
+        ["apis", g] => {
+            return discovery::group(&resources, g).map_or_else(|| Err(not_found(path)), |d| ok(&d));
+        }
+        ["apis", g, v] => {
+            return discovery::resource_list(&resources, g, v)
+                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+        }
+        ["openapi", "v3"] => {
+            return ok(&discovery::openapi_v3_root(&resources, resources.len() as u64));
+        }
+        ["openapi", "v3", "api", v] => {
+            return discovery::openapi_v3_gv(&resources, "", v)
+                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+        }
+        ["openapi", "v3", "apis", g, v] => {
+            return discovery::openapi_v3_gv(&resources, g, v)
+                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+        }
+        _ => {}
+    }
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(not_found(path)),
+    };
+    let t = parse_target(&srv.store, group, version, rest, path)?;
+    resource_request(srv, method, t, headers, q, body)
+}
+
+fn resource_request(
+    srv: &Srv,
+    method: &Method,
+    t: Target,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    body: &[u8],
+) -> Result<Routed, StoreError> {
+    let store = &srv.store;
+    let info = t.info.clone();
+    let gvr = &info.gvr;
+    let ns = t.ns.as_deref();
+    let resource = match &t.sub {
+        Some(s) => format!("{}/{s}", gvr.group_resource()),
+        None => gvr.group_resource(),
+    };
+    let sub = match t.sub.as_deref() {
+        None => Subresource::Main,
+        Some("status") if info.status_subresource => Subresource::Status,
+        Some("eviction") if gvr.plural == "pods" && gvr.group.is_empty() => Subresource::Main,
+        Some(_) => return Err(not_found(&format!("{resource}"))),
+    };
+    let wopts = WriteOptions {
+        field_manager: q.get("fieldManager").cloned().or_else(|| {
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|ua| ua.split('/').next())
+                .map(str::to_owned)
+        }),
+        force: bool_param(q, "force"),
+    };
+    let list_opts = ListOptions {
+        label_selector: q.get("labelSelector").cloned(),
+        field_selector: q.get("fieldSelector").cloned(),
+    };
+    let table_mode = wants_table(headers);
+    match (method, &t.name) {
+        (&Method::GET, None) => {
+            if bool_param(q, "watch") {
+                srv.counters.bump("watch", &resource);
+                let w = store.watch(
+                    gvr,
+                    ns,
+                    &WatchOptions {
+                        list: list_opts,
+                        resource_version: q.get("resourceVersion").cloned(),
+                        send_initial_events: bool_param(q, "sendInitialEvents"),
+                    },
+                )?;
+                return Ok(Routed::Watch(w, info, table_mode));
+            }
+            srv.counters.bump("list", &resource);
+            let list = store.list(gvr, ns, &list_opts)?;
+            if table_mode {
+                return ok(&table::table(
+                    &info,
+                    &list.items,
+                    true,
+                    Some(list.resource_version),
+                ));
+            }
+            let items: Vec<&Value> = list.items.iter().map(|i| i.as_ref()).collect();
+            ok(&json!({
+                "kind": format!("{}List", info.kind),
+                "apiVersion": gvr.api_version(),
+                "metadata": {"resourceVersion": list.resource_version.to_string()},
+                "items": items,
+            }))
+        }
+        (&Method::GET, Some(name)) => {
+            srv.counters.bump("get", &resource);
+            let obj = store.get(gvr, ns, name)?;
+            if table_mode {
+                return ok(&table::table(&info, &[Arc::new(obj)], true, None));
+            }
+            ok(&obj)
+        }
+        (&Method::POST, None) => {
+            srv.counters.bump("create", &resource);
+            let obj = parse_body(headers, body)?;
+            let created = store.create(gvr, ns, obj, &wopts)?;
+            Ok(Routed::Response(json_response(201, &created)))
+        }
+        (&Method::POST, Some(name)) if t.sub.as_deref() == Some("eviction") => {
+            srv.counters.bump("evict", &gvr.group_resource());
+            let ev = parse_body(headers, body)?;
+            store.evict(ns.unwrap_or(""), name, &ev)?;
+            Ok(Routed::Response(json_response(
+                201,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            )))
+        }
+        (&Method::PUT, Some(name)) => {
+            srv.counters.bump("update", &resource);
+            let obj = parse_body(headers, body)?;
+            if obj["metadata"]["name"].as_str().is_some_and(|n| n != name) {
+                return Err(StoreError::BadRequest {
+                    message: "the name of the object does not match the name on the URL".into(),
+                });
+            }
+            let mut obj = obj;
+            obj["metadata"]["name"] = json!(name);
+            ok(&store.update(gvr, ns, obj, sub, &wopts)?)
+        }
+        (&Method::PATCH, Some(name)) => {
+            srv.counters.bump("patch", &resource);
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let p = parse_body(headers, body)?;
+            let patch = if ct.starts_with("application/apply-patch") {
+                Patch::Apply(p)
+            } else if ct.starts_with("application/json-patch+json") {
+                Patch::Json(p)
+            } else if ct.starts_with("application/merge-patch+json") {
+                Patch::Merge(p)
+            } else if ct.starts_with("application/strategic-merge-patch+json") {
+                Patch::Strategic(p)
+            } else {
+                return Err(StoreError::UnsupportedMediaType {
+                    message: format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"
+                    ),
+                });
+            };
+            ok(&store.patch(gvr, ns, name, &patch, sub, &wopts)?)
+        }
+        (&Method::DELETE, Some(name)) => {
+            srv.counters.bump("delete", &resource);
+            let b = parse_body(headers, body)?;
+            let grace = q
+                .get("gracePeriodSeconds")
+                .and_then(|g| g.parse().ok())
+                .or(b["gracePeriodSeconds"].as_i64());
+            let dopts = DeleteOptions {
+                grace_period_seconds: grace,
+                uid: b["preconditions"]["uid"].as_str().map(str::to_owned),
+                resource_version: b["preconditions"]["resourceVersion"].as_str().map(str::to_owned),
+            };
+            match store.delete(gvr, ns, name, &dopts)? {
+                Deleted::Pending(o) => ok(&o),
+                Deleted::Gone(o) => {
+                    if info.custom || gvr.plural == "pods" {
+                        ok(&o)
+                    } else {
+                        ok(&json!({
+                            "kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Success",
+                            "details": {"name": name, "group": gvr.group, "kind": gvr.plural,
+                                        "uid": o["metadata"]["uid"]},
+                        }))
+                    }
+                }
+            }
+        }
+        _ => Err(StoreError::MethodNotAllowed {
+            message: format!("the server does not allow this method on the requested resource ({method})"),
+        }),
+    }
+}
+
+struct Streaming {
+    watch: Watch,
+    store: Store,
+    info: Arc<ResourceInfo>,
+    table: bool,
+    headers_sent: bool,
+    bookmarks: bool,
+    interval: Duration,
+    next_bookmark: Instant,
+    deadline: Instant,
+    max_rv: u64,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl Streaming {
+    fn encode(&mut self, ev: &WatchEvent) -> Option<Bytes> {
+        let object = match ev {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+                if self.table {
+                    let t = table::table(&self.info, std::slice::from_ref(o), !self.headers_sent, None);
+                    self.headers_sent = true;
+                    let mut t = t;
+                    t["metadata"]["resourceVersion"] = o["metadata"]["resourceVersion"].clone();
+                    t
+                } else {
+                    (**o).clone()
+                }
+            }
+            WatchEvent::Bookmark {
+                resource_version,
+                initial_end,
+            } => {
+                if !self.bookmarks && !*initial_end {
+                    return None;
+                }
+                let mut meta = json!({"resourceVersion": resource_version.to_string()});
+                if *initial_end {
+                    meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+                }
+                json!({"kind": self.info.kind, "apiVersion": self.info.gvr.api_version(), "metadata": meta})
+            }
+            WatchEvent::Error(s) => s.clone(),
+        };
+        let rv = ev.resource_version();
+        self.max_rv = self.max_rv.max(rv);
+        let mut line = serde_json::to_vec(&json!({"type": ev.type_name(), "object": object})).ok()?;
+        line.push(b'\n');
+        Some(Bytes::from(line))
+    }
+
+    fn bookmark(&mut self) -> Option<Bytes> {
+        // Everything up to `current` is already in this watch's channel (commits dispatch under
+        // the store lock), so drain it first; then the bookmark is truthful.
+        let current = self.store.resource_version();
+        while let Some(ev) = self.watch.try_next() {
+            let is_err = matches!(ev, WatchEvent::Error(_));
+            if let Some(b) = self.encode(&ev) {
+                self.pending.push_back(b);
+            }
+            if is_err {
+                self.done = true;
+                return None;
+            }
+        }
+        let rv = current.max(self.max_rv);
+        self.encode(&WatchEvent::Bookmark {
+            resource_version: rv,
+            initial_end: false,
+        })
+    }
+}
+
+fn watch_response(
+    srv: &Srv,
+    watch: Watch,
+    info: Arc<ResourceInfo>,
+    table_mode: bool,
+    q: &HashMap<String, String>,
+) -> Response {
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let interval = srv.store.options().bookmark_interval;
+    let now = Instant::now();
+    let state = Streaming {
+        watch,
+        store: srv.store.clone(),
+        info,
+        table: table_mode,
+        headers_sent: false,
+        bookmarks: bool_param(q, "allowWatchBookmarks") && !table_mode,
+        interval,
+        next_bookmark: now + interval,
+        deadline: now + Duration::from_secs(timeout),
+        max_rv: 0,
+        pending: VecDeque::new(),
+        done: false,
+    };
+    let stream = futures::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(b) = s.pending.pop_front() {
+                return Some((Ok::<Bytes, Infallible>(b), s));
+            }
+            if s.done {
+                return None;
+            }
+            if let Some(ev) = s.watch.try_next() {
+                if matches!(ev, WatchEvent::Error(_)) {
+                    s.done = true;
+                }
+                if let Some(b) = s.encode(&ev) {
+                    return Some((Ok(b), s));
+                }
+                continue;
+            }
+            let bookmark_at = s.next_bookmark;
+            let deadline = s.deadline;
+            tokio::select! {
+                ev = s.watch.next() => match ev {
+                    Some(ev) => {
+                        if matches!(ev, WatchEvent::Error(_)) {
+                            s.done = true;
+                        }
+                        if let Some(b) = s.encode(&ev) {
+                            return Some((Ok(b), s));
+                        }
+                    }
+                    None => return None,
+                },
+                _ = tokio::time::sleep_until(bookmark_at), if s.bookmarks => {
+                    s.next_bookmark = Instant::now() + s.interval;
+                    if let Some(b) = s.bookmark() {
+                        s.pending.push_back(b);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    s.done = true;
+                    if s.bookmarks {
+                        if let Some(b) = s.bookmark() {
+                            s.pending.push_back(b);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}

@@ -1,0 +1,197 @@
+//! An embedded, in-memory Kubernetes API server for tests and `nixroll demo`.
+//!
+//! The unchanged `kube` client and `kubectl` talk to it over HTTP through a kubeconfig. It is
+//! faithful to kube-apiserver on what nixroll relies on: one global resourceVersion, 409 on
+//! stale updates, server-side apply with field ownership (`managedFields`), status subresources,
+//! `generation`, watches (resume, 410 Gone, bookmarks, streaming lists, selector semantics),
+//! graceful pod deletion and finalizers, the Eviction subresource with PodDisruptionBudgets,
+//! discovery and Table output for kubectl, and CRDs served from their CRD objects.
+//!
+//! Map: [`store`] (objects, write semantics, eviction), [`watch`] (watchers, history),
+//! [`fields`] (server-side apply field sets, merge/strategic patches), [`selector`],
+//! [`pdb`] (disruption arithmetic), [`resources`] (what is served), [`convert`] (version
+//! views), [`http`] (routes), [`discovery`], [`table`].
+
+pub mod convert;
+pub mod discovery;
+pub mod error;
+pub mod fields;
+pub mod http;
+pub mod pdb;
+pub mod resources;
+pub mod selector;
+pub mod store;
+pub mod table;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+pub use error::{ApiServerError, Cause, StoreError};
+pub use resources::Gvr;
+pub use store::{
+    DeleteOptions, Deleted, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource, WatchOptions,
+    WriteOptions,
+};
+pub use watch::{Watch, WatchEvent};
+
+/// Name of the kubeconfig context (and cluster and user) [`ApiServer::kubeconfig_yaml`] writes.
+pub const KUBECONFIG_CONTEXT: &str = "nixroll-demo";
+
+/// Per (verb, resource) request counters of the HTTP API.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestCounts {
+    /// (verb, resource) → count. Verbs: get, list, watch, create, update, patch, delete,
+    /// evict. Resources as group-resource, with `/status` for the subresource: `pods`,
+    /// `nixosnodes.nixroll.io/status`.
+    pub counts: BTreeMap<(String, String), u64>,
+}
+
+impl RequestCounts {
+    /// Requests of one verb on one resource.
+    pub fn get(&self, verb: &str, resource: &str) -> u64 {
+        self.counts
+            .get(&(verb.to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests of one verb on all resources.
+    pub fn verb(&self, verb: &str) -> u64 {
+        self.counts
+            .iter()
+            .filter(|((v, _), _)| v == verb)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct Counters(Arc<Mutex<BTreeMap<(String, String), u64>>>);
+
+impl Counters {
+    pub(crate) fn bump(&self, verb: &str, resource: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((verb.to_owned(), resource.to_owned())).or_insert(0) += 1;
+    }
+
+    fn snapshot(&self) -> RequestCounts {
+        RequestCounts {
+            counts: self.0.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+/// A running embedded API server. Dropping it (or [`ApiServer::shutdown`]) stops it.
+pub struct ApiServer {
+    addr: SocketAddr,
+    store: Store,
+    counters: Counters,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Start on `addr` (port 0 picks a free port) with default options.
+    pub async fn start(addr: SocketAddr) -> Result<ApiServer, ApiServerError> {
+        ApiServer::start_with(addr, StoreOptions::default()).await
+    }
+
+    /// Start with explicit store options (history length, watch buffer, bookmark interval).
+    pub async fn start_with(addr: SocketAddr, opts: StoreOptions) -> Result<ApiServer, ApiServerError> {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ApiServerError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| ApiServerError::Bind { addr, source })?;
+        let store = Store::new(opts);
+        let counters = Counters::default();
+        let srv = Arc::new(http::Srv {
+            store: store.clone(),
+            counters: counters.clone(),
+            address: local.to_string(),
+        });
+        let app = axum::Router::new().fallback(http::handle).with_state(srv);
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "embedded API server stopped");
+            }
+        });
+        tracing::debug!(%local, "embedded API server listening");
+        Ok(ApiServer {
+            addr: local,
+            store,
+            counters,
+            task: Some(task),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for this server: context, cluster and user `nixroll-demo`, no auth.
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",
+            c = KUBECONFIG_CONTEXT,
+            url = self.url()
+        )
+    }
+
+    /// Write [`ApiServer::kubeconfig_yaml`] to a file.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml())
+    }
+
+    /// A `kube::Client` built from the kubeconfig (the real HTTP path).
+    pub async fn client(&self) -> Result<kube::Client, ApiServerError> {
+        let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())
+            .map_err(|source| ApiServerError::Kubeconfig { source })?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|source| ApiServerError::Kubeconfig { source })?;
+        kube::Client::try_from(config).map_err(|source| ApiServerError::Client { source })
+    }
+
+    /// The in-process store (same semantics as the HTTP API, no HTTP).
+    pub fn store(&self) -> Store {
+        self.store.clone()
+    }
+
+    /// Request counters of the HTTP API so far.
+    pub fn request_counts(&self) -> RequestCounts {
+        self.counters.snapshot()
+    }
+
+    /// Stop serving: the listener closes and every open watch ends.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        self.store.drop_watches();
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

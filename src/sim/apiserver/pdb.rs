@@ -1,0 +1,121 @@
+//! PodDisruptionBudget arithmetic, as the disruption controller computes it.
+//!
+//! Simplification: `expectedPods` is the number of pods the selector matches (the real
+//! controller uses the replicas of the pods' controllers for percentages and `maxUnavailable`;
+//! with no workload controllers in the simulation these coincide when every replica exists).
+
+use serde_json::{Value, json};
+
+use super::selector::LabelSelector;
+
+/// Whether a pod counts as healthy: Ready condition True and not terminating.
+pub fn pod_healthy(pod: &Value) -> bool {
+    pod["metadata"]["deletionTimestamp"].is_null()
+        && pod["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+/// Whether a PDB selects a pod (same namespace, selector matches; nil selector matches none).
+pub fn selects(pdb: &Value, pod: &Value) -> bool {
+    pdb["metadata"]["namespace"] == pod["metadata"]["namespace"]
+        && LabelSelector::from_object(&pdb["spec"]["selector"]).matches(pod)
+}
+
+/// An int-or-string value scaled against `total` (percentages round up, as the controller does).
+fn scaled(v: &Value, total: i64) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => {
+            let pct: i64 = s.strip_suffix('%')?.trim().parse().ok()?;
+            Some((pct * total + 99) / 100)
+        }
+        _ => None,
+    }
+}
+
+/// The status a PDB should have given the pods of its namespace.
+pub fn compute_status<'a>(pdb: &Value, pods: impl Iterator<Item = &'a Value>) -> Value {
+    let mut expected = 0i64;
+    let mut healthy = 0i64;
+    for pod in pods.filter(|p| selects(pdb, p)) {
+        let phase = pod["status"]["phase"].as_str().unwrap_or("");
+        if phase == "Succeeded" || phase == "Failed" {
+            continue;
+        }
+        expected += 1;
+        if pod_healthy(pod) {
+            healthy += 1;
+        }
+    }
+    let spec = &pdb["spec"];
+    let desired = if let Some(min) = spec.get("minAvailable").filter(|v| !v.is_null()) {
+        scaled(min, expected).unwrap_or(0)
+    } else if let Some(max) = spec.get("maxUnavailable").filter(|v| !v.is_null()) {
+        (expected - scaled(max, expected).unwrap_or(0)).max(0)
+    } else {
+        // Neither set: the API defaults minAvailable to 1.
+        1
+    };
+    let allowed = if expected <= 0 {
+        0
+    } else {
+        (healthy - desired).max(0)
+    };
+    let prev_cond = pdb["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "DisruptionAllowed"))
+        .cloned();
+    let (cstatus, reason, message) = if allowed > 0 {
+        ("True", "SufficientPods", "")
+    } else {
+        ("False", "InsufficientPods", "")
+    };
+    let transition = prev_cond
+        .as_ref()
+        .filter(|c| c["status"] == cstatus)
+        .map(|c| c["lastTransitionTime"].clone())
+        .unwrap_or_else(|| json!(super::store::now_string()));
+    json!({
+        "observedGeneration": pdb["metadata"]["generation"].as_i64().unwrap_or(1),
+        "disruptionsAllowed": allowed,
+        "currentHealthy": healthy,
+        "desiredHealthy": desired,
+        "expectedPods": expected,
+        "conditions": [{
+            "type": "DisruptionAllowed",
+            "status": cstatus,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": pdb["metadata"]["generation"].as_i64().unwrap_or(1),
+            "lastTransitionTime": transition,
+        }],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ready: bool) -> Value {
+        json!({"metadata": {"name": name, "namespace": "d", "labels": {"app": "w"}},
+               "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}})
+    }
+
+    #[test]
+    fn min_available_and_max_unavailable() {
+        let pods = [pod("a", true), pod("b", true), pod("c", false)];
+        let min = json!({"metadata": {"namespace": "d", "generation": 1},
+                          "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "w"}}}});
+        let s = compute_status(&min, pods.iter());
+        assert_eq!(s["disruptionsAllowed"], 0);
+        assert_eq!(s["currentHealthy"], 2);
+        assert_eq!(s["expectedPods"], 3);
+        let max = json!({"metadata": {"namespace": "d", "generation": 1},
+                          "spec": {"maxUnavailable": "34%", "selector": {"matchLabels": {"app": "w"}}}});
+        let s = compute_status(&max, pods.iter());
+        // 34% of 3 rounds up to 2 unavailable → desired 1 → 1 disruption allowed.
+        assert_eq!(s["desiredHealthy"], 1);
+        assert_eq!(s["disruptionsAllowed"], 1);
+    }
+}

@@ -1,0 +1,1613 @@
+//! The object store: one global resourceVersion counter (as etcd), collections of JSON objects,
+//! bounded change history for watch resumption, and every write path of the API (create,
+//! update, patch, server-side apply, delete, eviction) with the real server's semantics.
+//! [`Store`] is also the in-process API of simulated kubelets (no HTTP, same semantics).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::convert::{unview, view};
+use super::error::{Cause, StoreError};
+use super::fields::{
+    self, Ctx, FieldSet, ManagedEntry, diff_fields, fields_of, merge_apply, path_string, read_managed,
+    remove_at, value_at, write_managed,
+};
+use super::pdb;
+use super::resources::{self, Gvr, ResourceInfo};
+use super::selector::{FieldSelector, LabelSelector};
+use super::watch::{HistEntry, History, Watch, WatchEvent, WatchGuard, WatcherEntry, Watchers};
+
+/// Tunables of the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Changes kept per collection for watch resumption; older resourceVersions get 410.
+    pub history_per_collection: usize,
+    /// Events buffered per watcher before it is closed with 410.
+    pub watch_channel_capacity: usize,
+    /// Events (core/v1 and events.k8s.io/v1 share storage) kept; the oldest are deleted.
+    pub event_limit: usize,
+    /// Interval of BOOKMARK events on watches that allow them.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            history_per_collection: 10_000,
+            watch_channel_capacity: 4_096,
+            event_limit: 10_000,
+            bookmark_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Which endpoint a write goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subresource {
+    /// The object itself (ignores `.status` when the kind has a status subresource).
+    Main,
+    /// `/status` (changes only `.status`).
+    Status,
+}
+
+impl Subresource {
+    fn name(self) -> &'static str {
+        match self {
+            Subresource::Main => "",
+            Subresource::Status => "status",
+        }
+    }
+}
+
+/// A patch body by content type.
+#[derive(Clone, Debug)]
+pub enum Patch {
+    /// `application/merge-patch+json` (RFC 7386).
+    Merge(Value),
+    /// `application/json-patch+json` (RFC 6902).
+    Json(Value),
+    /// `application/strategic-merge-patch+json` (approximated, see `fields::strategic_merge`).
+    Strategic(Value),
+    /// `application/apply-patch+yaml`: server-side apply.
+    Apply(Value),
+}
+
+/// Options of a write.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    /// `fieldManager` (required for apply; defaults to `unknown` otherwise).
+    pub field_manager: Option<String>,
+    /// `force` (apply only): take ownership of conflicting fields.
+    pub force: bool,
+}
+
+impl WriteOptions {
+    /// Options with a field manager.
+    pub fn manager(name: &str) -> WriteOptions {
+        WriteOptions {
+            field_manager: Some(name.to_owned()),
+            force: false,
+        }
+    }
+}
+
+/// Options of a delete (`DeleteOptions`).
+#[derive(Clone, Debug, Default)]
+pub struct DeleteOptions {
+    /// Grace period; for pods defaults to `spec.terminationGracePeriodSeconds` (30).
+    pub grace_period_seconds: Option<i64>,
+    /// Precondition: the object's uid.
+    pub uid: Option<String>,
+    /// Precondition: the object's resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+/// Outcome of a delete.
+#[derive(Clone, Debug)]
+pub enum Deleted {
+    /// The object is gone (its last state).
+    Gone(Value),
+    /// The object lingers with `deletionTimestamp` (grace period or finalizers).
+    Pending(Value),
+}
+
+/// Selectors of a list or watch.
+#[derive(Clone, Debug, Default)]
+pub struct ListOptions {
+    /// Label selector (query-string syntax).
+    pub label_selector: Option<String>,
+    /// Field selector (query-string syntax).
+    pub field_selector: Option<String>,
+}
+
+/// Options of a watch.
+#[derive(Clone, Debug, Default)]
+pub struct WatchOptions {
+    /// Selectors.
+    pub list: ListOptions,
+    /// Start after this resourceVersion; `None`/`"0"`: send the current objects first.
+    pub resource_version: Option<String>,
+    /// `sendInitialEvents=true`: current objects, then a BOOKMARK marking their end.
+    pub send_initial_events: bool,
+}
+
+/// A list result.
+#[derive(Clone, Debug)]
+pub struct ObjectList {
+    /// The collection's resourceVersion (the global counter) at the time of the list.
+    pub resource_version: u64,
+    /// The objects, sorted by namespace and name.
+    pub items: Vec<Arc<Value>>,
+}
+
+type Key = (String, String);
+
+struct Collection {
+    objects: BTreeMap<Key, Arc<Value>>,
+    history: History,
+    watchers: Watchers,
+    order: VecDeque<Key>,
+}
+
+struct State {
+    rv: u64,
+    resources: Vec<Arc<ResourceInfo>>,
+    colls: HashMap<String, Collection>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    opts: StoreOptions,
+    next_watch: AtomicU64,
+}
+
+/// Handle on the store (cheap to clone).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Now, as Kubernetes writes `metav1.Time` (RFC 3339, seconds).
+pub fn now_string() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn time_plus(secs: i64) -> String {
+    let now = jiff::Timestamp::now();
+    let later = now
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .unwrap_or(now);
+    later.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn new_uid() -> String {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        ((b >> 48) & 0x3fff) | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn random_suffix() -> String {
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| char::from(CHARS[fastrand::usize(..CHARS.len())]))
+        .collect()
+}
+
+fn meta_str<'v>(obj: &'v Value, field: &str) -> &'v str {
+    obj["metadata"][field].as_str().unwrap_or("")
+}
+
+/// The object without metadata and status (what `generation` tracks).
+fn spec_part(obj: &Value) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    v
+}
+
+fn conflict_modified(info: &ResourceInfo, name: &str) -> StoreError {
+    StoreError::Conflict {
+        resource: info.gvr.group_resource(),
+        name: name.to_owned(),
+        message: format!(
+            "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+            info.gvr.group_resource(),
+            name
+        ),
+        causes: Vec::new(),
+    }
+}
+
+fn not_found(info: &ResourceInfo, name: &str) -> StoreError {
+    StoreError::NotFound {
+        resource: info.gvr.group_resource(),
+        name: name.to_owned(),
+    }
+}
+
+enum Managed {
+    Update(String),
+    Set(Vec<ManagedEntry>),
+}
+
+fn lock(inner: &Inner) -> MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave a half-written object behind (every write is
+    // computed before it is committed), so a poisoned lock is safe to reuse.
+    inner.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    /// An empty store with the built-in kinds and the namespaces a fresh cluster has.
+    pub fn new(opts: StoreOptions) -> Store {
+        let mut colls = HashMap::new();
+        let resources = resources::builtins();
+        for r in &resources {
+            colls.entry(r.storage_key.clone()).or_insert_with(|| Collection {
+                objects: BTreeMap::new(),
+                history: History::new(opts.history_per_collection, 0),
+                watchers: Watchers::default(),
+                order: VecDeque::new(),
+            });
+        }
+        let store = Store {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State {
+                    rv: 1,
+                    resources,
+                    colls,
+                }),
+                opts,
+                next_watch: AtomicU64::new(1),
+            }),
+        };
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let _ = store.create(
+                &Gvr::new("", "v1", "namespaces"),
+                None,
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+                &WriteOptions::manager("kube-apiserver"),
+            );
+        }
+        store
+    }
+
+    /// The store's options.
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    /// The current (latest) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.inner).rv
+    }
+
+    /// Every served resource (built-ins and those of established CRDs).
+    pub fn resources(&self) -> Vec<Arc<ResourceInfo>> {
+        lock(&self.inner).resources.clone()
+    }
+
+    /// The served resource at `gvr`.
+    pub fn resource(&self, gvr: &Gvr) -> Result<Arc<ResourceInfo>, StoreError> {
+        lock(&self.inner).find(gvr)
+    }
+
+    /// Get one object.
+    pub fn get(&self, gvr: &Gvr, ns: Option<&str>, name: &str) -> Result<Value, StoreError> {
+        let st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        let key = st.key(&info, ns, name);
+        st.coll(&info)?
+            .objects
+            .get(&key)
+            .map(|o| (*view(&info, o)).clone())
+            .ok_or_else(|| not_found(&info, name))
+    }
+
+    /// List objects (all namespaces when `ns` is None).
+    pub fn list(&self, gvr: &Gvr, ns: Option<&str>, opts: &ListOptions) -> Result<ObjectList, StoreError> {
+        let labels = LabelSelector::parse(opts.label_selector.as_deref().unwrap_or(""))?;
+        let fields = FieldSelector::parse(opts.field_selector.as_deref().unwrap_or(""))?;
+        let st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        let coll = st.coll(&info)?;
+        let items = coll
+            .objects
+            .iter()
+            .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons))
+            .map(|(_, o)| view(&info, o))
+            .filter(|o| labels.matches(o) && fields.matches(o))
+            .collect();
+        Ok(ObjectList {
+            resource_version: st.rv,
+            items,
+        })
+    }
+
+    /// Create an object (POST).
+    pub fn create(
+        &self,
+        gvr: &Gvr,
+        ns: Option<&str>,
+        obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, StoreError> {
+        let mut st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager))
+    }
+
+    /// Replace an object (PUT), on the main endpoint or `/status`.
+    pub fn update(
+        &self,
+        gvr: &Gvr,
+        ns: Option<&str>,
+        obj: Value,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> Result<Value, StoreError> {
+        let mut st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        st.update(&self.inner.opts, &info, ns, obj, sub, &manager)
+    }
+
+    /// Patch an object (PATCH), including server-side apply.
+    pub fn patch(
+        &self,
+        gvr: &Gvr,
+        ns: Option<&str>,
+        name: &str,
+        patch: &Patch,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> Result<Value, StoreError> {
+        let mut st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        st.patch(&self.inner.opts, &info, ns, name, patch, sub, opts)
+    }
+
+    /// Delete an object (DELETE). Pods with a grace period and objects with finalizers linger
+    /// with `deletionTimestamp`.
+    pub fn delete(
+        &self,
+        gvr: &Gvr,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Deleted, StoreError> {
+        let mut st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        st.delete(&self.inner.opts, &info, ns, name, opts)
+    }
+
+    /// The kubelet's last word on a terminating pod: remove it now (a delete with grace period
+    /// 0; finalizers still hold it until they are removed).
+    pub fn finish_pod_deletion(&self, ns: &str, name: &str) -> Result<Deleted, StoreError> {
+        self.delete(
+            &Gvr::new("", "v1", "pods"),
+            Some(ns),
+            name,
+            &DeleteOptions {
+                grace_period_seconds: Some(0),
+                ..DeleteOptions::default()
+            },
+        )
+    }
+
+    /// `POST .../pods/{name}/eviction`: evict unless a PodDisruptionBudget forbids it (429).
+    pub fn evict(&self, ns: &str, name: &str, eviction: &Value) -> Result<(), StoreError> {
+        let mut st = lock(&self.inner);
+        st.evict(&self.inner.opts, ns, name, eviction)
+    }
+
+    /// Start a watch. Events are delivered in resourceVersion order; see [`Watch::next`].
+    pub fn watch(&self, gvr: &Gvr, ns: Option<&str>, opts: &WatchOptions) -> Result<Watch, StoreError> {
+        let labels = LabelSelector::parse(opts.list.label_selector.as_deref().unwrap_or(""))?;
+        let fields = FieldSelector::parse(opts.list.field_selector.as_deref().unwrap_or(""))?;
+        let id = self.inner.next_watch.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(self.inner.opts.watch_channel_capacity.max(1));
+        let overflow = Arc::new(AtomicBool::new(false));
+        let mut st = lock(&self.inner);
+        let info = st.find(gvr)?;
+        let entry = WatcherEntry::new(
+            id,
+            info.clone(),
+            ns.map(str::to_owned),
+            labels,
+            fields,
+            tx,
+            overflow.clone(),
+        );
+        let rv_param = opts.resource_version.as_deref().unwrap_or("");
+        let current = st.rv;
+        let coll = st.coll_mut(&info)?;
+        let mut initial = VecDeque::new();
+        let mut register = true;
+        if opts.send_initial_events || rv_param.is_empty() || rv_param == "0" {
+            for o in coll.objects.values() {
+                let v = view(&info, o);
+                if entry.matches(&v) {
+                    initial.push_back(WatchEvent::Added(v));
+                }
+            }
+            if opts.send_initial_events {
+                initial.push_back(WatchEvent::Bookmark {
+                    resource_version: current,
+                    initial_end: true,
+                });
+            }
+        } else {
+            let from: u64 = rv_param.parse().map_err(|_| StoreError::BadRequest {
+                message: format!("invalid resource version: {rv_param:?}"),
+            })?;
+            if from < coll.history.compacted_rv {
+                initial.push_back(WatchEvent::Error(super::watch::gone_status(&format!(
+                    "too old resource version: {from} ({})",
+                    coll.history.compacted_rv
+                ))));
+                register = false;
+            } else {
+                for h in coll.history.entries.iter().filter(|h| h.rv > from) {
+                    let o = h.old.as_ref().map(|o| view(&info, o));
+                    let n = h.new.as_ref().map(|n| view(&info, n));
+                    if let Some(ev) = entry.event_for(o.as_ref(), n.as_ref(), h.rv) {
+                        initial.push_back(ev);
+                    }
+                }
+            }
+        }
+        let ended = !register;
+        if register {
+            coll.watchers.add(Arc::new(entry));
+        }
+        drop(st);
+        Ok(Watch {
+            initial,
+            rx,
+            overflow,
+            ended,
+            guard: WatchGuard {
+                id,
+                storage_key: info.storage_key.clone(),
+                store: self.clone(),
+            },
+        })
+    }
+
+    pub(crate) fn unregister_watcher(&self, storage_key: &str, id: u64) {
+        let mut st = lock(&self.inner);
+        if let Some(c) = st.colls.get_mut(storage_key) {
+            c.watchers.remove(id);
+        }
+    }
+
+    /// Number of open watches (all collections).
+    pub fn watcher_count(&self) -> usize {
+        lock(&self.inner).colls.values().map(|c| c.watchers.len()).sum()
+    }
+
+    /// Fault injection, as an etcd compaction: forget all history, so that a watch resuming
+    /// from any earlier resourceVersion gets 410 Gone and must relist.
+    pub fn compact(&self) {
+        let mut st = lock(&self.inner);
+        let rv = st.rv;
+        for c in st.colls.values_mut() {
+            c.history.compact(rv);
+        }
+    }
+
+    /// Fault injection, as an API server restart: end every open watch (clients re-watch).
+    pub fn drop_watches(&self) {
+        let mut st = lock(&self.inner);
+        for c in st.colls.values_mut() {
+            c.watchers.clear();
+        }
+    }
+
+    // ---- typed conveniences -------------------------------------------------------------
+
+    /// [`Store::get`] for a typed resource.
+    pub fn get_as<K>(&self, ns: Option<&str>, name: &str) -> Result<K, StoreError>
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        from_value(self.get(&Gvr::of::<K>(), ns, name)?)
+    }
+
+    /// [`Store::list`] for a typed resource.
+    pub fn list_as<K>(&self, ns: Option<&str>, opts: &ListOptions) -> Result<Vec<K>, StoreError>
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        self.list(&Gvr::of::<K>(), ns, opts)?
+            .items
+            .into_iter()
+            .map(|o| from_value((*o).clone()))
+            .collect()
+    }
+
+    /// [`Store::create`] for a typed resource (namespace taken from the object).
+    pub fn create_as<K>(&self, obj: &K, opts: &WriteOptions) -> Result<K, StoreError>
+    where
+        K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+    {
+        let v = to_value::<K>(obj)?;
+        let ns = obj.meta().namespace.clone();
+        from_value(self.create(&Gvr::of::<K>(), ns.as_deref(), v, opts)?)
+    }
+
+    /// [`Store::update`] for a typed resource.
+    pub fn update_as<K>(&self, obj: &K, sub: Subresource, opts: &WriteOptions) -> Result<K, StoreError>
+    where
+        K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
+    {
+        let v = to_value::<K>(obj)?;
+        let ns = obj.meta().namespace.clone();
+        from_value(self.update(&Gvr::of::<K>(), ns.as_deref(), v, sub, opts)?)
+    }
+
+    /// [`Store::patch`] for a typed resource.
+    pub fn patch_as<K>(
+        &self,
+        ns: Option<&str>,
+        name: &str,
+        patch: &Patch,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> Result<K, StoreError>
+    where
+        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
+    {
+        from_value(self.patch(&Gvr::of::<K>(), ns, name, patch, sub, opts)?)
+    }
+}
+
+fn from_value<K: DeserializeOwned>(v: Value) -> Result<K, StoreError> {
+    serde_json::from_value(v).map_err(|e| StoreError::Internal {
+        message: format!("decoding stored object failed: {e}"),
+    })
+}
+
+fn to_value<K: kube::Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<Value, StoreError> {
+    let mut v = serde_json::to_value(obj).map_err(|e| StoreError::BadRequest {
+        message: format!("encoding object failed: {e}"),
+    })?;
+    if v.get("apiVersion").is_none_or(Value::is_null) {
+        v["apiVersion"] = json!(K::api_version(&()));
+    }
+    if v.get("kind").is_none_or(Value::is_null) {
+        v["kind"] = json!(K::kind(&()));
+    }
+    Ok(v)
+}
+
+impl State {
+    fn find(&self, gvr: &Gvr) -> Result<Arc<ResourceInfo>, StoreError> {
+        self.resources
+            .iter()
+            .find(|r| r.gvr == *gvr)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownResource {
+                path: format!("{}/{}", gvr.api_version(), gvr.plural),
+            })
+    }
+
+    fn key(&self, info: &ResourceInfo, ns: Option<&str>, name: &str) -> Key {
+        let ns = if info.namespaced {
+            ns.unwrap_or("").to_owned()
+        } else {
+            String::new()
+        };
+        (ns, name.to_owned())
+    }
+
+    fn coll(&self, info: &ResourceInfo) -> Result<&Collection, StoreError> {
+        self.colls
+            .get(&info.storage_key)
+            .ok_or_else(|| StoreError::UnknownResource {
+                path: info.storage_key.clone(),
+            })
+    }
+
+    fn coll_mut(&mut self, info: &ResourceInfo) -> Result<&mut Collection, StoreError> {
+        self.colls
+            .get_mut(&info.storage_key)
+            .ok_or_else(|| StoreError::UnknownResource {
+                path: info.storage_key.clone(),
+            })
+    }
+
+    fn stored(&self, info: &ResourceInfo, key: &Key) -> Option<Arc<Value>> {
+        self.colls
+            .get(&info.storage_key)
+            .and_then(|c| c.objects.get(key))
+            .cloned()
+    }
+
+    /// Commit a change: bump the resourceVersion, store or remove, record history, notify
+    /// watchers, then run the side effects of the change (PDB status, CRD registration, event
+    /// expiry).
+    fn commit(
+        &mut self,
+        opts: &super::store::StoreOptions,
+        info: &ResourceInfo,
+        key: &Key,
+        new: Option<Value>,
+    ) -> Result<Arc<Value>, StoreError> {
+        self.rv += 1;
+        let rv = self.rv;
+        let coll = self
+            .colls
+            .get_mut(&info.storage_key)
+            .ok_or_else(|| StoreError::UnknownResource {
+                path: info.storage_key.clone(),
+            })?;
+        let old = coll.objects.get(key).cloned();
+        let (old_h, new_h, result) = match new {
+            Some(mut n) => {
+                n["metadata"]["resourceVersion"] = json!(rv.to_string());
+                let n = Arc::new(n);
+                if old.is_none() {
+                    coll.order.push_back(key.clone());
+                }
+                coll.objects.insert(key.clone(), n.clone());
+                (old, Some(n.clone()), n)
+            }
+            None => {
+                coll.objects.remove(key);
+                let mut last = old.as_deref().cloned().unwrap_or(Value::Null);
+                last["metadata"]["resourceVersion"] = json!(rv.to_string());
+                let last = Arc::new(last);
+                (Some(last.clone()), None, last)
+            }
+        };
+        coll.watchers
+            .dispatch(old_h.as_ref(), new_h.as_ref(), rv, &|i, o| view(i, o));
+        coll.history.push(HistEntry {
+            rv,
+            old: old_h.clone(),
+            new: new_h.clone(),
+        });
+        self.after_commit(opts, info, key, old_h.as_deref(), new_h.as_deref())?;
+        Ok(result)
+    }
+
+    fn after_commit(
+        &mut self,
+        opts: &StoreOptions,
+        info: &ResourceInfo,
+        key: &Key,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) -> Result<(), StoreError> {
+        match (info.gvr.group.as_str(), info.gvr.plural.as_str()) {
+            ("", "pods") => self.refresh_pdbs(opts, &key.0)?,
+            ("policy", "poddisruptionbudgets") => {
+                let spec_changed = old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
+                if spec_changed && new.is_some() {
+                    self.refresh_pdbs(opts, &key.0)?;
+                }
+            }
+            ("apiextensions.k8s.io", "customresourcedefinitions") => {
+                self.sync_crd(old, new);
+            }
+            ("", "namespaces") if new.is_none() => {
+                self.purge_namespace(opts, &key.1)?;
+            }
+            (_, "events") if new.is_some() && old.is_none() => {
+                self.expire_events(opts, info)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn sync_crd(&mut self, old: Option<&Value>, new: Option<&Value>) {
+        if let Some(o) = old {
+            let gone: Vec<Gvr> = resources::from_crd(o).iter().map(|r| r.gvr.clone()).collect();
+            self.resources.retain(|r| !gone.contains(&r.gvr));
+        }
+        if let Some(n) = new {
+            if n["metadata"]["deletionTimestamp"].is_null() {
+                for r in resources::from_crd(n) {
+                    self.colls
+                        .entry(r.storage_key.clone())
+                        .or_insert_with(|| Collection {
+                            objects: BTreeMap::new(),
+                            history: History::new(10_000, self.rv),
+                            watchers: Watchers::default(),
+                            order: VecDeque::new(),
+                        });
+                    self.resources.push(r);
+                }
+                return;
+            }
+        }
+        // The CRD is gone (or going): its objects go with it.
+        if let Some(o) = old.or(new) {
+            if let Some(r) = resources::from_crd(o).first() {
+                if new.is_none() {
+                    self.colls.remove(&r.storage_key);
+                }
+            }
+        }
+    }
+
+    fn purge_namespace(&mut self, opts: &StoreOptions, ns: &str) -> Result<(), StoreError> {
+        let infos: Vec<Arc<ResourceInfo>> = self.resources.iter().filter(|r| r.namespaced).cloned().collect();
+        let mut seen = Vec::new();
+        for info in infos {
+            if seen.contains(&info.storage_key) {
+                continue;
+            }
+            seen.push(info.storage_key.clone());
+            let keys: Vec<Key> = self
+                .coll(&info)?
+                .objects
+                .keys()
+                .filter(|k| k.0 == ns)
+                .cloned()
+                .collect();
+            for k in keys {
+                self.commit(opts, &info, &k, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn expire_events(&mut self, opts: &StoreOptions, info: &ResourceInfo) -> Result<(), StoreError> {
+        loop {
+            let coll = self.coll_mut(info)?;
+            if coll.objects.len() <= opts.event_limit {
+                return Ok(());
+            }
+            let Some(k) = coll.order.pop_front() else {
+                return Ok(());
+            };
+            if coll.objects.contains_key(&k) {
+                self.commit(opts, info, &k, None)?;
+            }
+        }
+    }
+
+    /// Recompute the status of every PDB in a namespace (the disruption controller, run
+    /// synchronously on every pod or PDB change).
+    fn refresh_pdbs(&mut self, opts: &StoreOptions, ns: &str) -> Result<(), StoreError> {
+        let pdb_info = self.find(&Gvr::new("policy", "v1", "poddisruptionbudgets"))?;
+        let pods_info = self.find(&Gvr::new("", "v1", "pods"))?;
+        let pdbs: Vec<(Key, Arc<Value>)> = self
+            .coll(&pdb_info)?
+            .objects
+            .range((ns.to_owned(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, p) in pdbs {
+            let status = {
+                let pods = self
+                    .coll(&pods_info)?
+                    .objects
+                    .range((ns.to_owned(), String::new())..)
+                    .take_while(|(k, _)| k.0 == ns)
+                    .map(|(_, v)| v.as_ref());
+                pdb::compute_status(&p, pods)
+            };
+            if p["status"] != status {
+                let mut n = (*p).clone();
+                n["status"] = status;
+                self.commit(opts, &pdb_info, &k, Some(n))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_namespace(&self, info: &ResourceInfo, ns: &str) -> Result<(), StoreError> {
+        if !info.namespaced {
+            return Ok(());
+        }
+        let exists = self
+            .colls
+            .get("namespaces")
+            .is_some_and(|c| c.objects.contains_key(&(String::new(), ns.to_owned())));
+        if exists {
+            Ok(())
+        } else {
+            Err(StoreError::NotFound {
+                resource: "namespaces".into(),
+                name: ns.to_owned(),
+            })
+        }
+    }
+
+    fn create(
+        &mut self,
+        opts: &StoreOptions,
+        info: &Arc<ResourceInfo>,
+        ns: Option<&str>,
+        obj: Value,
+        managed: Managed,
+    ) -> Result<Value, StoreError> {
+        let mut obj = self.prepare_identity(info, ns, obj)?;
+        if !meta_str(&obj, "resourceVersion").is_empty() {
+            return Err(StoreError::BadRequest {
+                message: "resourceVersion should not be set on objects to be created".into(),
+            });
+        }
+        if meta_str(&obj, "name").is_empty() {
+            let prefix = meta_str(&obj, "generateName").to_owned();
+            if prefix.is_empty() {
+                return Err(StoreError::Invalid {
+                    resource: info.gvr.group_resource(),
+                    name: String::new(),
+                    message: format!(
+                        "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
+                        info.kind
+                    ),
+                });
+            }
+            obj["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
+        }
+        let name = meta_str(&obj, "name").to_owned();
+        let nsv = meta_str(&obj, "namespace").to_owned();
+        self.check_namespace(info, &nsv)?;
+        let key = self.key(info, Some(&nsv), &name);
+        if self.stored(info, &key).is_some() {
+            return Err(StoreError::AlreadyExists {
+                resource: info.gvr.group_resource(),
+                name,
+            });
+        }
+        self.validate(info, &obj)?;
+        let meta = &mut obj["metadata"];
+        meta["uid"] = json!(new_uid());
+        meta["creationTimestamp"] = json!(now_string());
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("deletionTimestamp");
+            m.remove("deletionGracePeriodSeconds");
+            m.remove("managedFields");
+            m.remove("generation");
+        }
+        if info.generation {
+            obj["metadata"]["generation"] = json!(1);
+        }
+        self.defaults_on_create(info, &mut obj);
+        let stored = unview(info, obj);
+        let finished = finalize(info, None, stored, Subresource::Main, managed)?;
+        let Some(finished) = finished else {
+            return Err(StoreError::Internal {
+                message: "create produced no object".into(),
+            });
+        };
+        let out = self.commit(opts, info, &key, Some(finished))?;
+        Ok((*view(info, &out)).clone())
+    }
+
+    /// Check apiVersion/kind, set them, and settle the namespace.
+    fn prepare_identity(
+        &self,
+        info: &ResourceInfo,
+        ns: Option<&str>,
+        mut obj: Value,
+    ) -> Result<Value, StoreError> {
+        if !obj.is_object() {
+            return Err(StoreError::BadRequest {
+                message: "the body of the request was not a JSON object".into(),
+            });
+        }
+        let av = info.gvr.api_version();
+        if let Some(a) = obj["apiVersion"].as_str() {
+            if a != av {
+                return Err(StoreError::BadRequest {
+                    message: format!(
+                        "the API version in the data ({a}) does not match the expected API version ({av})"
+                    ),
+                });
+            }
+        }
+        if let Some(k) = obj["kind"].as_str() {
+            if k != info.kind {
+                return Err(StoreError::BadRequest {
+                    message: format!(
+                        "the kind in the data ({k}) does not match the expected kind ({})",
+                        info.kind
+                    ),
+                });
+            }
+        }
+        obj["apiVersion"] = json!(av);
+        obj["kind"] = json!(info.kind);
+        if !obj["metadata"].is_object() {
+            obj["metadata"] = json!({});
+        }
+        if info.namespaced {
+            let path_ns = ns.unwrap_or("");
+            let body_ns = meta_str(&obj, "namespace").to_owned();
+            if !body_ns.is_empty() && !path_ns.is_empty() && body_ns != path_ns {
+                return Err(StoreError::BadRequest {
+                    message: "the namespace of the provided object does not match the namespace sent on the request".into(),
+                });
+            }
+            let ns = if path_ns.is_empty() {
+                body_ns
+            } else {
+                path_ns.to_owned()
+            };
+            if ns.is_empty() {
+                return Err(StoreError::BadRequest {
+                    message: "the server could not find the requested resource: a namespace is required"
+                        .into(),
+                });
+            }
+            obj["metadata"]["namespace"] = json!(ns);
+        } else if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        Ok(obj)
+    }
+
+    fn validate(&self, info: &ResourceInfo, obj: &Value) -> Result<(), StoreError> {
+        if info.gvr.plural == "customresourcedefinitions" {
+            let spec = &obj["spec"];
+            let want = format!(
+                "{}.{}",
+                spec["names"]["plural"].as_str().unwrap_or(""),
+                spec["group"].as_str().unwrap_or("")
+            );
+            if meta_str(obj, "name") != want {
+                return Err(StoreError::Invalid {
+                    resource: info.gvr.group_resource(),
+                    name: meta_str(obj, "name").to_owned(),
+                    message: format!(
+                        "CustomResourceDefinition.apiextensions.k8s.io \"{}\" is invalid: metadata.name: Invalid value: must be spec.names.plural+\".\"+spec.group ({want})",
+                        meta_str(obj, "name")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn defaults_on_create(&self, info: &ResourceInfo, obj: &mut Value) {
+        match (info.gvr.group.as_str(), info.gvr.plural.as_str()) {
+            ("", "pods") => {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+                if obj["spec"]["terminationGracePeriodSeconds"].is_null() {
+                    obj["spec"]["terminationGracePeriodSeconds"] = json!(30);
+                }
+            }
+            ("", "namespaces") => {
+                obj["status"] = json!({"phase": "Active"});
+            }
+            ("apiextensions.k8s.io", "customresourcedefinitions") => {
+                let now = now_string();
+                obj["status"] = json!({
+                    "acceptedNames": obj["spec"]["names"].clone(),
+                    "storedVersions": obj["spec"]["versions"].as_array().map(|vs| vs.iter()
+                        .filter(|v| v["storage"].as_bool() == Some(true))
+                        .map(|v| v["name"].clone()).collect::<Vec<_>>()).unwrap_or_default(),
+                    "conditions": [
+                        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                         "message": "no conflicts found", "lastTransitionTime": now},
+                        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                         "message": "the initial names have been accepted", "lastTransitionTime": now},
+                    ],
+                });
+            }
+            _ if info.reset_status_on_create => {
+                if let Some(m) = obj.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn update(
+        &mut self,
+        opts: &StoreOptions,
+        info: &Arc<ResourceInfo>,
+        ns: Option<&str>,
+        obj: Value,
+        sub: Subresource,
+        manager: &str,
+    ) -> Result<Value, StoreError> {
+        let obj = self.prepare_identity(info, ns, obj)?;
+        let name = meta_str(&obj, "name").to_owned();
+        let key = self.key(info, Some(meta_str(&obj, "namespace")), &name);
+        let Some(old_stored) = self.stored(info, &key) else {
+            if info.gvr.plural == "events" && sub == Subresource::Main {
+                let mut obj = obj;
+                if let Some(m) = obj["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                return self.create(opts, info, ns, obj, Managed::Update(manager.to_owned()));
+            }
+            return Err(not_found(info, &name));
+        };
+        let old = view(info, &old_stored);
+        let body_rv = meta_str(&obj, "resourceVersion");
+        if body_rv.is_empty() {
+            if !info.allow_unconditional_update {
+                return Err(StoreError::Invalid {
+                    resource: info.gvr.group_resource(),
+                    name: name.clone(),
+                    message: format!(
+                        "{}.{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+                        info.kind, info.gvr.group
+                    ),
+                });
+            }
+        } else if body_rv != meta_str(&old, "resourceVersion") {
+            return Err(conflict_modified(info, &name));
+        }
+        let body_uid = meta_str(&obj, "uid");
+        if !body_uid.is_empty() && body_uid != meta_str(&old, "uid") {
+            return Err(StoreError::Conflict {
+                resource: info.gvr.group_resource(),
+                name: name.clone(),
+                message: format!(
+                    "Precondition failed: UID in precondition: {body_uid}, UID in object meta: {}",
+                    meta_str(&old, "uid")
+                ),
+                causes: Vec::new(),
+            });
+        }
+        let new = merge_for_subresource(info, &old, obj, sub);
+        self.write(
+            opts,
+            info,
+            &key,
+            &old,
+            new,
+            sub,
+            Managed::Update(manager.to_owned()),
+        )
+    }
+
+    /// Common tail of update/patch/apply: server-owned metadata, generation, managed fields,
+    /// no-op detection, deletion when the last finalizer went away.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        opts: &StoreOptions,
+        info: &Arc<ResourceInfo>,
+        key: &Key,
+        old: &Value,
+        mut new: Value,
+        sub: Subresource,
+        managed: Managed,
+    ) -> Result<Value, StoreError> {
+        for f in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "managedFields",
+            "name",
+            "namespace",
+            "resourceVersion",
+        ] {
+            match old["metadata"].get(f) {
+                Some(v) => new["metadata"][f] = v.clone(),
+                None => {
+                    if let Some(m) = new["metadata"].as_object_mut() {
+                        m.remove(f);
+                    }
+                }
+            }
+        }
+        new["apiVersion"] = old["apiVersion"].clone();
+        new["kind"] = old["kind"].clone();
+        if info.generation && spec_part(old) != spec_part(&new) {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            new["metadata"]["generation"] = json!(g);
+        }
+        let Some(new) = finalize(info, Some(old), new, sub, managed)? else {
+            return Ok(old.clone());
+        };
+        if new == *old {
+            return Ok(old.clone());
+        }
+        let gone = !new["metadata"]["deletionTimestamp"].is_null()
+            && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
+            && new["metadata"]["deletionGracePeriodSeconds"]
+                .as_i64()
+                .unwrap_or(0)
+                == 0;
+        let stored = unview(info, new);
+        let out = self.commit(opts, info, key, if gone { None } else { Some(stored) })?;
+        Ok((*view(info, &out)).clone())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn patch(
+        &mut self,
+        opts: &StoreOptions,
+        info: &Arc<ResourceInfo>,
+        ns: Option<&str>,
+        name: &str,
+        patch: &Patch,
+        sub: Subresource,
+        wopts: &WriteOptions,
+    ) -> Result<Value, StoreError> {
+        if let Patch::Apply(cfg) = patch {
+            return self.apply(opts, info, ns, name, cfg, sub, wopts);
+        }
+        let manager = wopts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        let key = self.key(info, ns, name);
+        let Some(old_stored) = self.stored(info, &key) else {
+            return Err(not_found(info, name));
+        };
+        let old = view(info, &old_stored);
+        let mut patched = (*old).clone();
+        match patch {
+            Patch::Merge(p) => fields::merge_patch(&mut patched, p),
+            Patch::Strategic(p) => {
+                fields::strategic_merge(&mut patched, p, Ctx::top(info.schema.as_ref()), true)
+            }
+            Patch::Json(p) => {
+                let ops: json_patch::Patch =
+                    serde_json::from_value(p.clone()).map_err(|e| StoreError::BadRequest {
+                        message: format!("invalid JSON patch: {e}"),
+                    })?;
+                json_patch::patch(&mut patched, &ops).map_err(|e| StoreError::Invalid {
+                    resource: info.gvr.group_resource(),
+                    name: name.to_owned(),
+                    message: format!("the JSON patch could not be applied: {e}"),
+                })?;
+            }
+            Patch::Apply(_) => {}
+        }
+        let prv = meta_str(&patched, "resourceVersion");
+        if !prv.is_empty() && prv != meta_str(&old, "resourceVersion") {
+            return Err(conflict_modified(info, name));
+        }
+        if meta_str(&patched, "name") != name {
+            return Err(StoreError::BadRequest {
+                message: "the name of the object in the patch does not match the name in the URL".into(),
+            });
+        }
+        let new = merge_for_subresource(info, &old, patched, sub);
+        self.write(opts, info, &key, &old, new, sub, Managed::Update(manager))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        opts: &StoreOptions,
+        info: &Arc<ResourceInfo>,
+        ns: Option<&str>,
+        name: &str,
+        cfg: &Value,
+        sub: Subresource,
+        wopts: &WriteOptions,
+    ) -> Result<Value, StoreError> {
+        let Some(manager) = wopts.field_manager.clone().filter(|m| !m.is_empty()) else {
+            return Err(StoreError::BadRequest {
+                message: "PATCH, application/apply-patch+yaml requests require fieldManager to be set".into(),
+            });
+        };
+        if cfg["apiVersion"].as_str() != Some(info.gvr.api_version().as_str())
+            || cfg["kind"].as_str() != Some(info.kind.as_str())
+        {
+            return Err(StoreError::BadRequest {
+                message: format!(
+                    "apply configuration must set apiVersion {} and kind {}",
+                    info.gvr.api_version(),
+                    info.kind
+                ),
+            });
+        }
+        let cfg_name = cfg["metadata"]["name"].as_str().unwrap_or(name);
+        if cfg_name != name {
+            return Err(StoreError::BadRequest {
+                message:
+                    "the name of the object in the apply configuration does not match the name in the URL"
+                        .into(),
+            });
+        }
+        let mut cfg = self.prepare_identity(info, ns, cfg.clone())?;
+        cfg["metadata"]["name"] = json!(name);
+        // The endpoint decides which part of the configuration counts.
+        match sub {
+            Subresource::Main if info.status_subresource => {
+                if let Some(m) = cfg.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+            Subresource::Status => {
+                let status = cfg["status"].clone();
+                let meta = json!({"name": name, "namespace": cfg["metadata"]["namespace"]});
+                cfg = json!({"apiVersion": cfg["apiVersion"], "kind": cfg["kind"], "metadata": meta});
+                if !status.is_null() {
+                    cfg["status"] = status;
+                }
+            }
+            Subresource::Main => {}
+        }
+        let key = self.key(info, Some(meta_str(&cfg, "namespace")), name);
+        let old = self.stored(info, &key).map(|o| view(info, &o));
+        if old.is_none() && sub == Subresource::Status {
+            return Err(not_found(info, name));
+        }
+        let crv = meta_str(&cfg, "resourceVersion");
+        if !crv.is_empty() && old.as_ref().is_none_or(|o| meta_str(o, "resourceVersion") != crv) {
+            return Err(conflict_modified(info, name));
+        }
+        if let Some(m) = cfg["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        let ctx = Ctx::top(info.schema.as_ref());
+        let live: Value = match &old {
+            Some(o) => (**o).clone(),
+            None => {
+                json!({"apiVersion": cfg["apiVersion"], "kind": cfg["kind"], "metadata": cfg["metadata"].clone()})
+            }
+        };
+        let new_set = fields_of(&cfg, ctx);
+        let mut entries = read_managed(&live);
+        let mut merged = live.clone();
+        merge_apply(&mut merged, &cfg, ctx, true);
+
+        // Conflicts: fields another manager owns whose value this apply would change.
+        let mut conflicts: Vec<(usize, Vec<String>)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.manager == manager {
+                continue;
+            }
+            for p in e.fields.intersection(&new_set) {
+                if value_at(&merged, p) != value_at(&live, p) {
+                    conflicts.push((i, p.clone()));
+                }
+            }
+        }
+        if !conflicts.is_empty() {
+            if !wopts.force {
+                let causes: Vec<Cause> = conflicts
+                    .iter()
+                    .map(|(i, p)| {
+                        let e = &entries[*i];
+                        let using = if e.operation == "Update" {
+                            format!(" using {}", e.api_version)
+                        } else {
+                            String::new()
+                        };
+                        Cause {
+                            reason: "FieldManagerConflict".into(),
+                            message: format!("conflict with \"{}\"{using}", e.manager),
+                            field: path_string(p),
+                        }
+                    })
+                    .collect();
+                let n = causes.len();
+                let lines: Vec<String> = causes
+                    .iter()
+                    .map(|c| format!("{}: {}", c.message, c.field))
+                    .collect();
+                return Err(StoreError::Conflict {
+                    resource: info.gvr.group_resource(),
+                    name: name.to_owned(),
+                    message: format!(
+                        "Apply failed with {n} conflict{}: {}",
+                        if n == 1 { "" } else { "s" },
+                        lines.join("\n")
+                    ),
+                    causes,
+                });
+            }
+            for (i, p) in &conflicts {
+                entries[*i].fields.remove(p);
+            }
+        }
+
+        // Fields this manager applied before but no longer does, and nobody else owns, go.
+        let mine = entries
+            .iter()
+            .position(|e| e.manager == manager && e.operation == "Apply" && e.subresource == sub.name());
+        if let Some(mi) = mine {
+            let dropped: Vec<Vec<String>> = entries[mi].fields.difference(&new_set).cloned().collect();
+            for p in dropped {
+                let owned_elsewhere = entries
+                    .iter()
+                    .enumerate()
+                    .any(|(j, e)| j != mi && e.fields.iter().any(|q| q.starts_with(&p)));
+                if !owned_elsewhere {
+                    remove_at(&mut merged, &p);
+                }
+            }
+        }
+        let now = now_string();
+        let entry = ManagedEntry {
+            manager: manager.clone(),
+            operation: "Apply".into(),
+            api_version: info.gvr.api_version(),
+            time: now,
+            subresource: sub.name().to_owned(),
+            fields: new_set,
+        };
+        match mine {
+            Some(mi) => {
+                if entries[mi].fields == entry.fields {
+                    entries[mi].api_version = entry.api_version;
+                } else {
+                    entries[mi] = entry;
+                }
+            }
+            None => entries.push(entry),
+        }
+        match old {
+            None => {
+                write_managed(&mut merged, &entries);
+                self.create(opts, info, ns, merged, Managed::Set(entries))
+            }
+            Some(old) => {
+                let new = merge_for_subresource(info, &old, merged, sub);
+                self.write(opts, info, &key, &old, new, sub, Managed::Set(entries))
+            }
+        }
+    }
+
+    fn delete(
+        &mut self,
+        opts: &StoreOptions,
+        info: &Arc<ResourceInfo>,
+        ns: Option<&str>,
+        name: &str,
+        dopts: &DeleteOptions,
+    ) -> Result<Deleted, StoreError> {
+        let key = self.key(info, ns, name);
+        let Some(stored) = self.stored(info, &key) else {
+            return Err(not_found(info, name));
+        };
+        let old = view(info, &stored);
+        if let Some(uid) = dopts.uid.as_deref().filter(|u| !u.is_empty()) {
+            if uid != meta_str(&old, "uid") {
+                return Err(StoreError::Conflict {
+                    resource: info.gvr.group_resource(),
+                    name: name.to_owned(),
+                    message: format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta_str(&old, "uid")
+                    ),
+                    causes: Vec::new(),
+                });
+            }
+        }
+        if let Some(rv) = dopts.resource_version.as_deref().filter(|r| !r.is_empty()) {
+            if rv != meta_str(&old, "resourceVersion") {
+                return Err(StoreError::Conflict {
+                    resource: info.gvr.group_resource(),
+                    name: name.to_owned(),
+                    message: format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        meta_str(&old, "resourceVersion")
+                    ),
+                    causes: Vec::new(),
+                });
+            }
+        }
+        let is_pod = info.gvr.group.is_empty() && info.gvr.plural == "pods";
+        let mut grace = 0i64;
+        if is_pod {
+            let existing = old["metadata"]["deletionGracePeriodSeconds"].as_i64();
+            grace = dopts
+                .grace_period_seconds
+                .or(existing)
+                .or(old["spec"]["terminationGracePeriodSeconds"].as_i64())
+                .unwrap_or(30)
+                .max(0);
+            let phase = old["status"]["phase"].as_str().unwrap_or("");
+            let unscheduled = old["spec"]["nodeName"].as_str().unwrap_or("").is_empty();
+            if unscheduled || phase == "Succeeded" || phase == "Failed" {
+                grace = 0;
+            }
+            if let Some(e) = existing {
+                grace = grace.min(e);
+            }
+        }
+        let has_finalizers = old["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if grace == 0 && !has_finalizers {
+            let last = self.commit(opts, info, &key, None)?;
+            return Ok(Deleted::Gone((*view(info, &last)).clone()));
+        }
+        let mut new = (*old).clone();
+        let terminating = !old["metadata"]["deletionTimestamp"].is_null();
+        let existing_grace = old["metadata"]["deletionGracePeriodSeconds"].as_i64();
+        if terminating && existing_grace == Some(grace) {
+            return Ok(Deleted::Pending((*old).clone()));
+        }
+        new["metadata"]["deletionTimestamp"] = json!(time_plus(grace));
+        new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        let out = self.commit(opts, info, &key, Some(unview(info, new)))?;
+        Ok(Deleted::Pending((*view(info, &out)).clone()))
+    }
+
+    fn evict(
+        &mut self,
+        opts: &StoreOptions,
+        ns: &str,
+        name: &str,
+        eviction: &Value,
+    ) -> Result<(), StoreError> {
+        let pods = self.find(&Gvr::new("", "v1", "pods"))?;
+        let key = (ns.to_owned(), name.to_owned());
+        let Some(pod) = self.stored(&pods, &key) else {
+            return Err(not_found(&pods, name));
+        };
+        let dopts = &eviction["deleteOptions"];
+        let del = DeleteOptions {
+            grace_period_seconds: dopts["gracePeriodSeconds"].as_i64(),
+            uid: dopts["preconditions"]["uid"].as_str().map(str::to_owned),
+            resource_version: dopts["preconditions"]["resourceVersion"]
+                .as_str()
+                .map(str::to_owned),
+        };
+        let phase = pod["status"]["phase"].as_str().unwrap_or("");
+        let ignore_pdb = matches!(phase, "Succeeded" | "Failed" | "Pending")
+            || !pod["metadata"]["deletionTimestamp"].is_null();
+        if !ignore_pdb {
+            let pdb_info = self.find(&Gvr::new("policy", "v1", "poddisruptionbudgets"))?;
+            let matching: Vec<(Key, Arc<Value>)> = self
+                .coll(&pdb_info)?
+                .objects
+                .iter()
+                .filter(|(k, p)| k.0 == ns && pdb::selects(p, &pod))
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect();
+            if matching.len() > 1 {
+                return Err(StoreError::Internal {
+                    message: "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.".into(),
+                });
+            }
+            if let Some((pkey, p)) = matching.into_iter().next() {
+                let st = &p["status"];
+                let allowed = st["disruptionsAllowed"].as_i64().unwrap_or(0);
+                let healthy = st["currentHealthy"].as_i64().unwrap_or(0);
+                let desired = st["desiredHealthy"].as_i64().unwrap_or(0);
+                let pdb_name = meta_str(&p, "name").to_owned();
+                let unhealthy_ok = !pdb::pod_healthy(&pod) && healthy >= desired;
+                if allowed < 0 {
+                    return Err(StoreError::Forbidden {
+                        message: "pdb disruptions allowed is negative".into(),
+                    });
+                }
+                if allowed == 0 && !unhealthy_ok {
+                    return Err(StoreError::TooManyRequests {
+                        message: "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+                        causes: vec![Cause {
+                            reason: "DisruptionBudget".into(),
+                            message: format!(
+                                "The disruption budget {pdb_name} needs {desired} healthy pods and has {healthy} currently"
+                            ),
+                            field: String::new(),
+                        }],
+                    });
+                }
+                if !unhealthy_ok {
+                    // Record the disruption before deleting, as the eviction REST handler does.
+                    let mut n = (*p).clone();
+                    n["status"]["disruptionsAllowed"] = json!(allowed - 1);
+                    n["status"]["disruptedPods"][name] = json!(now_string());
+                    self.commit(opts, &pdb_info, &pkey, Some(n))?;
+                }
+            }
+        }
+        self.delete(opts, &pods, Some(ns), name, &del)?;
+        Ok(())
+    }
+}
+
+/// The object a write on `sub` produces from `old` and the client's `new`.
+fn merge_for_subresource(info: &ResourceInfo, old: &Value, mut new: Value, sub: Subresource) -> Value {
+    match sub {
+        Subresource::Main if info.status_subresource => {
+            match old.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(m) = new.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            new
+        }
+        Subresource::Main => new,
+        Subresource::Status => {
+            let mut out = old.clone();
+            match new.get("status") {
+                Some(s) if !s.is_null() => out["status"] = s.clone(),
+                _ => {
+                    if let Some(m) = out.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Update `metadata.managedFields` of `new`. Returns None when nothing changed at all.
+fn finalize(
+    info: &ResourceInfo,
+    old: Option<&Value>,
+    mut new: Value,
+    sub: Subresource,
+    managed: Managed,
+) -> Result<Option<Value>, StoreError> {
+    let ctx = Ctx::top(info.schema.as_ref());
+    let old_entries = old.map(read_managed).unwrap_or_default();
+    let mut entries = match managed {
+        Managed::Set(e) => e,
+        Managed::Update(manager) => {
+            let (changed, removed): (FieldSet, FieldSet) = match old {
+                Some(o) => diff_fields(o, &new, ctx),
+                None => (fields_of(&new, ctx), FieldSet::new()),
+            };
+            let mut entries = old_entries.clone();
+            for e in &mut entries {
+                e.fields
+                    .retain(|p| !removed.iter().any(|r| p.starts_with(r)) && !changed.contains(p));
+            }
+            if !changed.is_empty() {
+                let pos = entries.iter().position(|e| {
+                    e.manager == manager && e.operation == "Update" && e.subresource == sub.name()
+                });
+                let idx = match pos {
+                    Some(i) => i,
+                    None => {
+                        entries.push(ManagedEntry {
+                            manager: manager.clone(),
+                            operation: "Update".into(),
+                            api_version: info.gvr.api_version(),
+                            time: String::new(),
+                            subresource: sub.name().to_owned(),
+                            fields: FieldSet::new(),
+                        });
+                        entries.len() - 1
+                    }
+                };
+                entries[idx].fields.extend(changed);
+            }
+            entries
+        }
+    };
+    // Keep the time of entries whose fields did not change (so no-op writes stay no-ops).
+    let now = now_string();
+    for e in &mut entries {
+        let prev = old_entries
+            .iter()
+            .find(|o| o.manager == e.manager && o.operation == e.operation && o.subresource == e.subresource);
+        match prev {
+            Some(p) if p.fields == e.fields => e.time = p.time.clone(),
+            _ => e.time = now.clone(),
+        }
+    }
+    write_managed(&mut new, &entries);
+    if old.is_some_and(|o| *o == new) {
+        return Ok(None);
+    }
+    Ok(Some(new))
+}
