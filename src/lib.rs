@@ -1,6 +1,9 @@
 //! nixroll: roll NixOS flake revisions across k3s nodes. See README.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod names;
+pub mod nix;
 pub mod rollout;
+pub mod sim;
