@@ -61,6 +61,11 @@ impl SimHost {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io(&p))?;
         }
+        // The private store's configuration: no build users (parallel stores would kill each
+        // other's builders: they share the nixbld uids), no sandbox (nothing to isolate in a test
+        // system; works in containers without user namespaces), no binary cache.
+        let conf = root.join("etc/nix/nix.conf");
+        std::fs::write(&conf, "sandbox = false\nbuild-users-group =\nsubstituters =\n").map_err(io(&conf))?;
         let host = SimHost {
             root,
             reboots: AtomicUsize::new(0),
