@@ -61,6 +61,7 @@ impl Fixture {
         let options = HostOptions {
             activation_timeout: Duration::from_secs(30),
             result_poll: Duration::from_millis(10),
+            ..Default::default()
         };
         NodeAgent::new(self.host.clone(), self.nix.clone(), options)
     }

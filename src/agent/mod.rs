@@ -94,48 +94,42 @@ pub async fn run(
         }
     };
 
-    let work = work(patch_api, config, rx);
+    // Reports flow through a watch channel to one writer: only the newest matters.
+    let (report_tx, report_rx) = tokio::sync::watch::channel::<Option<AgentStatus>>(None);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let work = work(config.clone(), rx, report_tx, seen.clone());
+    let write = write(patch_api, config, report_rx, seen);
 
     tokio::select! {
         _ = shutdown => Ok(()),
         _ = watch => Ok(()),
+        _ = write => Ok(()),
         r = work => r,
     }
 }
 
-/// Reconcile the newest object each time it changes; write `status.agent` when it differs
-/// from what was last written (or, at start, from what the server holds).
+/// What the server holds in `status.agent` when the agent starts (so an unchanged report is
+/// not rewritten after a restart); `None` until the first object arrives.
+type Seen = Arc<std::sync::Mutex<Option<Option<AgentStatus>>>>;
+
+/// Reconcile the newest object each time it changes and publish the facts.
 async fn work(
-    api: Api<NixOSNode>,
     config: AgentConfig,
     mut rx: tokio::sync::watch::Receiver<Option<NixOSNode>>,
+    report: tokio::sync::watch::Sender<Option<AgentStatus>>,
+    seen: Seen,
 ) -> Result<(), AgentError> {
-    let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone());
-    let mut written: Option<AgentStatus> = None;
-    let mut first = true;
-    let mut retry_in: Option<Duration> = None;
-    loop {
-        match retry_in {
-            // A failed write is retried with backoff even if no event arrives.
-            Some(d) => {
-                tokio::select! {
-                    r = rx.changed() => if r.is_err() { return Ok(()) },
-                    _ = tokio::time::sleep(d) => {}
-                }
-            }
-            None => {
-                if rx.changed().await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
+    let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
+        .with_progress(report.clone());
+    while rx.changed().await.is_ok() {
         let Some(obj) = rx.borrow_and_update().clone() else {
             continue;
         };
         let status = obj.status.clone().unwrap_or_default();
-        if first {
-            written = status.agent.clone();
-            first = false;
+        if let Ok(mut s) = seen.lock()
+            && s.is_none()
+        {
+            *s = Some(status.agent.clone());
         }
         let facts = agent
             .reconcile(status.target.as_ref(), status.activation.as_ref())
@@ -144,6 +138,49 @@ async fn work(
                 node: config.node.clone(),
                 source,
             })?;
+        report.send_if_modified(|r| {
+            let changed = r.as_ref() != Some(&facts);
+            *r = Some(facts);
+            changed
+        });
+    }
+    Ok(())
+}
+
+/// Write each new report (server-side apply, bounded); retry failed writes with backoff.
+async fn write(
+    api: Api<NixOSNode>,
+    config: AgentConfig,
+    mut rx: tokio::sync::watch::Receiver<Option<AgentStatus>>,
+    seen: Seen,
+) {
+    let mut written: Option<AgentStatus> = None;
+    let mut seeded = false;
+    let mut retry_in: Option<Duration> = None;
+    loop {
+        match retry_in {
+            Some(d) => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+            None => {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !seeded
+            && let Ok(s) = seen.lock()
+            && let Some(server) = s.as_ref()
+        {
+            written = server.clone();
+            seeded = true;
+        }
+        let Some(facts) = rx.borrow_and_update().clone() else {
+            continue;
+        };
         if written.as_ref() == Some(&facts) {
             retry_in = None;
             continue;

@@ -58,6 +58,8 @@ pub struct HostOptions {
     pub activation_timeout: Duration,
     /// How often to look for that file while waiting.
     pub result_poll: Duration,
+    /// Pause between publishing `RebootRequested` and rebooting (only with a progress channel).
+    pub report_grace: Duration,
 }
 
 impl Default for HostOptions {
@@ -65,6 +67,7 @@ impl Default for HostOptions {
         HostOptions {
             activation_timeout: Duration::from_secs(15 * 60),
             result_poll: Duration::from_millis(250),
+            report_grace: Duration::from_secs(2),
         }
     }
 }
@@ -89,6 +92,8 @@ pub struct NodeAgent {
     /// (revision, installable) whose staging failed in this process: not retried until the
     /// target changes or the agent restarts.
     failed_stage: Option<(String, String)>,
+    /// Where to publish the facts before long or final steps (switch running, reboot).
+    progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
 }
 
 impl NodeAgent {
@@ -99,6 +104,25 @@ impl NodeAgent {
             options,
             crash_at: None,
             failed_stage: None,
+            progress: None,
+        }
+    }
+
+    /// Publish intermediate reports (`Running` while `switch-to-configuration` runs,
+    /// `RebootRequested` before rebooting) to `tx`.
+    pub fn with_progress(mut self, tx: tokio::sync::watch::Sender<Option<AgentStatus>>) -> Self {
+        self.progress = Some(tx);
+        self
+    }
+
+    fn publish(&self, st: &HostState) {
+        if let Some(tx) = &self.progress {
+            let facts = self.observe_with(st);
+            tx.send_if_modified(|r| {
+                let changed = r.as_ref() != Some(&facts);
+                *r = Some(facts);
+                changed
+            });
         }
     }
 
@@ -306,16 +330,19 @@ impl NodeAgent {
                     }
                 }
                 Step::ProfileSet => self.update(st, |r| r.step = Step::Switching)?,
-                Step::Switching => match self.switch(&rec).await {
-                    Ok(code) => {
-                        self.crash(CrashPoint::AfterSwitch)?;
-                        self.update(st, |r| {
-                            r.exit_code = Some(code);
-                            r.step = Step::Switched;
-                        })?;
+                Step::Switching => {
+                    self.publish(st);
+                    match self.switch(&rec).await {
+                        Ok(code) => {
+                            self.crash(CrashPoint::AfterSwitch)?;
+                            self.update(st, |r| {
+                                r.exit_code = Some(code);
+                                r.step = Step::Switched;
+                            })?;
+                        }
+                        Err(message) => self.finish(st, ActivationState::Failed, message)?,
                     }
-                    Err(message) => self.finish(st, ActivationState::Failed, message)?,
-                },
+                }
                 Step::Switched => {
                     let code = rec.exit_code.unwrap_or(-1);
                     let verb = switch_verb(rec.action);
@@ -335,6 +362,11 @@ impl NodeAgent {
                                 r.step = Step::RebootIssued;
                             })?;
                             self.crash(CrashPoint::BeforeReboot)?;
+                            self.publish(st);
+                            // Give the writer a moment to report RebootRequested first.
+                            if self.progress.is_some() {
+                                tokio::time::sleep(self.options.report_grace).await;
+                            }
                             tracing::info!(id = %rec.id, "rebooting");
                             if let Err(e) = self.host.reboot().await {
                                 self.finish(st, ActivationState::Failed, e.to_string())?;

@@ -21,6 +21,11 @@ use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, run_child}
 
 const NSENTER: &[&str] = &["nsenter", "-t", "1", "-m", "-u", "-i", "-n", "-p", "--"];
 
+/// `PATH` for commands inside the host's namespaces: NixOS's system path first (`nix`,
+/// `nix-env`, `systemd-run` live there), then the FHS directories where the container's own
+/// `nsenter` is found and where non-NixOS hosts keep their tools.
+const HOST_PATH: &str = "/run/current-system/sw/bin:/nix/var/nix/profiles/default/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 #[derive(Clone, Debug)]
 pub struct RealHost {
     fs_root: PathBuf,
@@ -45,6 +50,7 @@ impl RealHost {
 
     fn nsenter(&self, program: &OsString, args: &[OsString]) -> tokio::process::Command {
         let mut c = tokio::process::Command::new(NSENTER[0]);
+        c.env("PATH", HOST_PATH);
         c.args(&NSENTER[1..]);
         c.arg(program);
         c.args(args);
@@ -80,6 +86,7 @@ impl Host for RealHost {
                 "--service-type=exec".into(),
                 "--no-block".into(),
                 "--quiet".into(),
+                format!("--setenv=PATH={HOST_PATH}").into(),
             ];
             args.extend(job.argv.iter().cloned());
             let display = format!("systemd-run --unit=nixroll-activate-{} …", job.name);
