@@ -1,8 +1,12 @@
 //! nixroll: roll NixOS flake revisions across k3s nodes. See README.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
+pub mod controller;
+pub mod drain;
 pub mod names;
+pub mod nix;
 pub mod report;
 pub mod rollout;
 pub mod sim;

@@ -18,12 +18,109 @@ struct Cli {
 enum Command {
     /// Print the NixOSNode CustomResourceDefinition (the same as crds/).
     Crd,
+    /// Run the controller (kubeconfig or in-cluster config).
+    Controller(ControllerArgs),
+    /// Run the node agent: stage and activate what the controller grants on this node.
+    Agent(AgentArgs),
     /// Show a table of NixOSNodes: node, revision wanted/running, phase, window, last change.
     Status {
         /// How long to wait for the API server.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Nodes that may be disrupted at once: a count (`2`) or a percentage of managed nodes (`10%`).
+    #[arg(long, default_value = "1", value_parser = parse_max_unavailable)]
+    max_unavailable: nixroll::rollout::MaxUnavailable,
+    /// Admissions halt while at least this many nodes are Degraded.
+    #[arg(long, default_value_t = 1)]
+    failure_threshold: u32,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Take part in leader election over a Lease (one active replica).
+    #[arg(long, overrides_with = "no_leader_election", default_value_t = true)]
+    leader_election: bool,
+    /// Act as leader at once (a single replica).
+    #[arg(long, overrides_with = "leader_election")]
+    no_leader_election: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, default_value = nixroll::names::NAMESPACE)]
+    lease_namespace: String,
+    /// Phase timeouts, e.g. `60m`, `15m`.
+    #[arg(long, default_value = "60m", value_parser = parse_signed_duration)]
+    staging_timeout: jiff::SignedDuration,
+    #[arg(long, default_value = "15m", value_parser = parse_signed_duration)]
+    draining_timeout: jiff::SignedDuration,
+    #[arg(long, default_value = "15m", value_parser = parse_signed_duration)]
+    activating_timeout: jiff::SignedDuration,
+    #[arg(long, default_value = "15m", value_parser = parse_signed_duration)]
+    rebooting_timeout: jiff::SignedDuration,
+    #[arg(long, default_value = "10m", value_parser = parse_signed_duration)]
+    verifying_timeout: jiff::SignedDuration,
+    /// Output logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct AgentArgs {
+    /// Name of this Node (and of its NixOSNode).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Treat DIR as the host's root and run host commands directly (tests, demo). Nix then
+    /// uses a private store inside DIR (DIR/nix/store, DIR/nix/var/nix).
+    #[arg(long, value_name = "DIR")]
+    host_root: Option<std::path::PathBuf>,
+    /// With --host-root: the command that "reboots" (split on whitespace, no shell).
+    #[arg(long, value_name = "CMD", requires = "host_root")]
+    reboot_command: Option<String>,
+    /// Where the host's `/` is mounted in the agent's container (real hosts).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/host",
+        conflicts_with = "host_root"
+    )]
+    host_fs: std::path::PathBuf,
+    /// Never use binary caches (air-gapped hosts, tests).
+    #[arg(long)]
+    offline: bool,
+}
+
+fn parse_max_unavailable(s: &str) -> Result<nixroll::rollout::MaxUnavailable, String> {
+    use nixroll::rollout::MaxUnavailable;
+    let (digits, percent) = match s.strip_suffix('%') {
+        Some(d) => (d, true),
+        None => (s, false),
+    };
+    let n: u32 = digits
+        .parse()
+        .map_err(|_| format!("expected N or N% (e.g. 1 or 10%), got {s:?}"))?;
+    if n == 0 {
+        return Err("must be at least 1".to_string());
+    }
+    if percent {
+        if n > 100 {
+            return Err("a percentage must be at most 100%".to_string());
+        }
+        Ok(MaxUnavailable::Percent(n))
+    } else {
+        Ok(MaxUnavailable::Count(n))
+    }
+}
+
+fn parse_signed_duration(s: &str) -> Result<jiff::SignedDuration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("expected a duration such as 90s, 15m or 1h30m: {e}"))?;
+    if d.is_negative() || d.is_zero() {
+        return Err("must be positive".to_string());
+    }
+    Ok(d)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -72,8 +169,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{yaml}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Controller(args) => {
+            run_controller(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            run_agent(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { timeout } => {
-            init_tracing();
+            init_tracing(false);
             runtime()?.block_on(async {
                 let client = kube::Client::try_default()
                     .await

@@ -1,0 +1,128 @@
+//! The real NixOS host, seen from the privileged agent pod of the DaemonSet.
+//!
+//! * Files: the host's `/` is mounted read-write at `fs_root` (default `/host`), so host path
+//!   `/run/booted-system` is read at `/host/run/booted-system`; symlinks are resolved by
+//!   [`super::resolve`] against that mount, never against the container's own `/`.
+//! * Commands: `nsenter -t 1 -m -u -i -n -p -- PROGRAM ARGS…` (the pod runs with `hostPID`),
+//!   i.e. in PID 1's mount, UTS, IPC, network and PID namespaces, with the host's own `nix`,
+//!   `nix-env` and `systemd-run` — nothing from the container image touches the host.
+//! * Activation: `systemd-run --unit=nixroll-activate-<id> --collect --service-type=exec`
+//!   inside those namespaces, so `switch-to-configuration` is a child of the host's systemd
+//!   and survives the agent pod, the container runtime or k3s being restarted by the switch.
+//! * Reboot: `systemctl reboot` inside those namespaces.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, run_child};
+
+const NSENTER: &[&str] = &["nsenter", "-t", "1", "-m", "-u", "-i", "-n", "-p", "--"];
+
+/// `PATH` for commands inside the host's namespaces: NixOS's system path first (`nix`,
+/// `nix-env`, `systemd-run` live there), then the FHS directories where the container's own
+/// `nsenter` is found and where non-NixOS hosts keep their tools.
+const HOST_PATH: &str = "/run/current-system/sw/bin:/nix/var/nix/profiles/default/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Clone, Debug)]
+pub struct RealHost {
+    fs_root: PathBuf,
+}
+
+impl Default for RealHost {
+    fn default() -> Self {
+        RealHost {
+            fs_root: PathBuf::from("/host"),
+        }
+    }
+}
+
+impl RealHost {
+    /// `fs_root`: where the host's `/` is mounted in the agent's container (`/` when the agent
+    /// runs directly on the host).
+    pub fn new(fs_root: impl Into<PathBuf>) -> Self {
+        RealHost {
+            fs_root: fs_root.into(),
+        }
+    }
+
+    fn nsenter(&self, program: &OsString, args: &[OsString]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(NSENTER[0]);
+        c.env("PATH", HOST_PATH);
+        c.args(&NSENTER[1..]);
+        c.arg(program);
+        c.args(args);
+        c
+    }
+}
+
+impl Host for RealHost {
+    fn fs_path(&self, host_path: &Path) -> PathBuf {
+        if self.fs_root == Path::new("/") || host_path.starts_with(&self.fs_root) {
+            return host_path.to_path_buf();
+        }
+        let rel = host_path.strip_prefix("/").unwrap_or(host_path);
+        self.fs_root.join(rel)
+    }
+
+    fn cmd_path(&self, host_path: &Path) -> PathBuf {
+        host_path.to_path_buf()
+    }
+
+    fn run(&self, cmd: HostCommand) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        Box::pin(async move {
+            let display = cmd.display();
+            run_child(self.nsenter(&cmd.program, &cmd.args), display, cmd.timeout).await
+        })
+    }
+
+    fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            let mut args: Vec<OsString> = vec![
+                format!("--unit=nixroll-activate-{}", job.name).into(),
+                "--collect".into(),
+                "--service-type=exec".into(),
+                "--no-block".into(),
+                "--quiet".into(),
+                format!("--setenv=PATH={HOST_PATH}").into(),
+            ];
+            args.extend(job.argv.iter().cloned());
+            let display = format!("systemd-run --unit=nixroll-activate-{} …", job.name);
+            let out = run_child(
+                self.nsenter(&OsString::from("systemd-run"), &args),
+                display.clone(),
+                Duration::from_secs(60),
+            )
+            .await?;
+            // "Unit … already exists": a previous agent launched it; the result file decides.
+            if out.success() || out.stderr.contains("already exists") {
+                Ok(())
+            } else {
+                Err(HostError::Spawn {
+                    command: display,
+                    source: std::io::Error::other(out.stderr.trim().to_string()),
+                })
+            }
+        })
+    }
+
+    fn reboot(&self) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            let out = run_child(
+                self.nsenter(&OsString::from("systemctl"), &["reboot".into()]),
+                "systemctl reboot".into(),
+                Duration::from_secs(60),
+            )
+            .await?;
+            if out.success() {
+                Ok(())
+            } else {
+                Err(HostError::Reboot {
+                    message: out.stderr.trim().to_string(),
+                })
+            }
+        })
+    }
+}

@@ -1,0 +1,190 @@
+//! `--host-root DIR`: a directory stands in for the host's `/`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, run_child};
+
+/// Environment variable every command of a [`HostRoot`] gets: the root directory. The test
+/// systems' `switch-to-configuration` (crate::sim::flake) writes its effects under it.
+pub const HOST_ROOT_ENV: &str = "NIXROLL_HOST_ROOT";
+
+/// What "reboot" means for a [`HostRoot`].
+#[derive(Clone, Default)]
+pub enum RebootHook {
+    /// Rebooting fails (the agent reports the error).
+    #[default]
+    None,
+    /// Run this argv (from `--reboot-command`, split on whitespace, no shell).
+    Command(Vec<String>),
+    /// Call this in-process (the demo's simulated bootloader).
+    Callback(Arc<dyn Fn() + Send + Sync>),
+}
+
+impl fmt::Debug for RebootHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RebootHook::None => f.write_str("None"),
+            RebootHook::Command(argv) => f.debug_tuple("Command").field(argv).finish(),
+            RebootHook::Callback(_) => f.write_str("Callback(..)"),
+        }
+    }
+}
+
+impl RebootHook {
+    /// Parse `--reboot-command`: split on whitespace (no shell, no quoting).
+    pub fn command_line(line: &str) -> RebootHook {
+        let argv: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        if argv.is_empty() {
+            RebootHook::None
+        } else {
+            RebootHook::Command(argv)
+        }
+    }
+}
+
+/// Host backend rooted at a directory: host path `/x` is `DIR/x`; commands run directly as
+/// children of the agent with `NIXROLL_HOST_ROOT=DIR` plus the configured environment.
+#[derive(Clone, Debug)]
+pub struct HostRoot {
+    dir: PathBuf,
+    reboot: RebootHook,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl HostRoot {
+    pub fn new(dir: impl Into<PathBuf>, reboot: RebootHook) -> Self {
+        HostRoot {
+            dir: dir.into(),
+            reboot,
+            env: Vec::new(),
+        }
+    }
+
+    /// Add an environment variable for every command (e.g. `NIX_STORE_DIR` of a private
+    /// store). Per backend, not process-global, so tests can run in parallel.
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Point every Nix command at a private store inside the root: `DIR/nix/store`, state in
+    /// `DIR/nix/var/nix` (so the system profile `/nix/var/nix/profiles/system` is a real
+    /// profile of that store), logs and `HOME` inside DIR too.
+    pub fn with_private_nix_store(self) -> Self {
+        let d = self.dir.clone();
+        self.with_env("NIX_STORE_DIR", d.join("nix/store"))
+            .with_env("NIX_STATE_DIR", d.join("nix/var/nix"))
+            .with_env("NIX_LOG_DIR", d.join("nix/var/log/nix"))
+            .with_env("NIX_CONF_DIR", d.join("etc/nix"))
+            .with_env("HOME", d.join("root"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn command(&self, program: &OsString, args: &[OsString]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(program);
+        c.args(args);
+        c.env(HOST_ROOT_ENV, &self.dir);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+}
+
+impl Host for HostRoot {
+    fn fs_path(&self, host_path: &Path) -> PathBuf {
+        if host_path.starts_with(&self.dir) {
+            return host_path.to_path_buf();
+        }
+        let rel = host_path.strip_prefix("/").unwrap_or(host_path);
+        self.dir.join(rel)
+    }
+
+    fn cmd_path(&self, host_path: &Path) -> PathBuf {
+        self.fs_path(host_path)
+    }
+
+    fn run(&self, cmd: HostCommand) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        Box::pin(async move {
+            let display = cmd.display();
+            let command = self.command(&cmd.program, &cmd.args);
+            run_child(command, display, cmd.timeout).await
+        })
+    }
+
+    fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            let Some((program, args)) = job.argv.split_first() else {
+                return Err(HostError::Spawn {
+                    command: job.name,
+                    source: std::io::Error::other("empty argv"),
+                });
+            };
+            let mut c = self.command(program, args);
+            // Own process group: killing the agent (or its group) does not kill the job.
+            c.process_group(0)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(false);
+            let mut child = c.spawn().map_err(|source| HostError::Spawn {
+                command: job.name.clone(),
+                source,
+            })?;
+            // Reap it in the background; the outcome travels through the result file.
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            Ok(())
+        })
+    }
+
+    fn reboot(&self) -> BoxFuture<'_, Result<(), HostError>> {
+        Box::pin(async move {
+            match &self.reboot {
+                RebootHook::None => Err(HostError::Reboot {
+                    message: "no reboot command configured (--reboot-command)".into(),
+                }),
+                RebootHook::Callback(f) => {
+                    f();
+                    Ok(())
+                }
+                RebootHook::Command(argv) => {
+                    let Some((program, args)) = argv.split_first() else {
+                        return Err(HostError::Reboot {
+                            message: "empty reboot command".into(),
+                        });
+                    };
+                    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+                    let out = run_child(
+                        self.command(&OsString::from(program), &args),
+                        argv.join(" "),
+                        Duration::from_secs(60),
+                    )
+                    .await?;
+                    if out.success() {
+                        Ok(())
+                    } else {
+                        Err(HostError::Reboot {
+                            message: format!(
+                                "`{}` exited with {:?}: {}",
+                                argv.join(" "),
+                                out.code,
+                                out.stderr.trim()
+                            ),
+                        })
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,716 @@
+//! The agent's host logic, independent of Kubernetes: given what the controller wants
+//! (`status.target`, `status.activation`), stage and activate on the [`Host`] with [`Nix`],
+//! persist progress in [`state`](super::state), and compute the facts to report
+//! ([`AgentStatus`]). The Kubernetes loop in `super` only feeds it and writes its output.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::host::{DetachedJob, Host, resolve};
+use super::state::{
+    self, ACTIVATION_DIR, ActivationRecord, GCROOTS_DIR, HostState, STATE_FILE, StagedRecord, StateError,
+    Step,
+};
+use crate::api::{
+    ActivationAction, ActivationGrant, ActivationReport, ActivationState, AgentStatus,
+    HostError as ReportedError, HostOperation, StagedSystem, Target,
+};
+use crate::names::SYSTEM_PROFILE;
+use crate::nix::Nix;
+
+/// Components of a NixOS toplevel whose change needs a reboot (compared with the booted
+/// system). `reboot-triggers` is only compared when both systems have it.
+pub const REBOOT_COMPONENTS: [&str; 7] = [
+    "kernel",
+    "initrd",
+    "kernel-modules",
+    "kernel-params",
+    "systemd",
+    "firmware",
+    "init-interface-version",
+];
+
+/// Test hook: stop ("crash") at this point of an activation, as if the agent died there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Record written, profile not yet set.
+    BeforeProfileSet,
+    /// Profile set and recorded, `switch-to-configuration` not yet launched.
+    AfterProfileSet,
+    /// `switch-to-configuration` finished, its exit status not yet recorded.
+    AfterSwitch,
+    /// `RebootIssued` recorded, reboot not yet requested.
+    BeforeReboot,
+    /// Reboot requested, nothing reported yet.
+    AfterReboot,
+}
+
+/// Tunables of the host logic.
+#[derive(Clone, Debug)]
+pub struct HostOptions {
+    /// How long to wait for `switch-to-configuration`'s result file.
+    pub activation_timeout: Duration,
+    /// How often to look for that file while waiting.
+    pub result_poll: Duration,
+    /// Pause between publishing `RebootRequested` and rebooting (only with a progress channel).
+    pub report_grace: Duration,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            activation_timeout: Duration::from_secs(15 * 60),
+            result_poll: Duration::from_millis(250),
+            report_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Only with a [`CrashPoint`] set (tests).
+    #[error("simulated crash at {0:?}")]
+    Crashed(CrashPoint),
+}
+
+/// Host logic of one node. Holds no state that matters across restarts (that lives in the
+/// state file); a new `NodeAgent` over the same host continues where the last one stopped.
+#[derive(Debug)]
+pub struct NodeAgent {
+    host: Arc<dyn Host>,
+    nix: Arc<dyn Nix>,
+    options: HostOptions,
+    crash_at: Option<CrashPoint>,
+    /// (revision, installable) whose staging failed in this process: not retried until the
+    /// target changes or the agent restarts.
+    failed_stage: Option<(String, String)>,
+    /// Where to publish the facts before long or final steps (switch running, reboot).
+    progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
+}
+
+impl NodeAgent {
+    pub fn new(host: Arc<dyn Host>, nix: Arc<dyn Nix>, options: HostOptions) -> Self {
+        NodeAgent {
+            host,
+            nix,
+            options,
+            crash_at: None,
+            failed_stage: None,
+            progress: None,
+        }
+    }
+
+    /// Publish intermediate reports (`Running` while `switch-to-configuration` runs,
+    /// `RebootRequested` before rebooting) to `tx`.
+    pub fn with_progress(mut self, tx: tokio::sync::watch::Sender<Option<AgentStatus>>) -> Self {
+        self.progress = Some(tx);
+        self
+    }
+
+    fn publish(&self, st: &HostState) {
+        if let Some(tx) = &self.progress {
+            let facts = self.observe_with(st);
+            tx.send_if_modified(|r| {
+                let changed = r.as_ref() != Some(&facts);
+                *r = Some(facts);
+                changed
+            });
+        }
+    }
+
+    /// Test hook: fail with [`NodeError::Crashed`] when the activation reaches `point`.
+    pub fn crash_at(mut self, point: CrashPoint) -> Self {
+        self.crash_at = Some(point);
+        self
+    }
+
+    pub fn host(&self) -> &Arc<dyn Host> {
+        &self.host
+    }
+
+    fn crash(&self, point: CrashPoint) -> Result<(), NodeError> {
+        if self.crash_at == Some(point) {
+            return Err(NodeError::Crashed(point));
+        }
+        Ok(())
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.host.fs_path(Path::new(STATE_FILE))
+    }
+
+    fn load(&self) -> Result<HostState, NodeError> {
+        Ok(state::load(&self.state_path())?)
+    }
+
+    fn save(&self, s: &HostState) -> Result<(), NodeError> {
+        Ok(state::save(&self.state_path(), s)?)
+    }
+
+    /// One pass: finish or start the activation the controller granted, stage the target,
+    /// then return the facts to report.
+    pub async fn reconcile(
+        &mut self,
+        target: Option<&Target>,
+        grant: Option<&ActivationGrant>,
+    ) -> Result<AgentStatus, NodeError> {
+        let mut st = self.load()?;
+        // An unfinished activation (agent restarted mid-way) is resumed, never restarted.
+        if st.activation.as_ref().is_some_and(|r| r.step != Step::Finished) {
+            self.drive_activation(&mut st).await?;
+        }
+        if let Some(g) = grant {
+            let known = st.activation.as_ref().is_some_and(|r| r.id == g.id);
+            if !known {
+                self.start_activation(&mut st, g)?;
+                self.drive_activation(&mut st).await?;
+            }
+        }
+        if let Some(t) = target
+            && self.needs_staging(&st, t)
+        {
+            self.stage(&mut st, t).await?;
+        }
+        self.refresh_reboot_reasons(&mut st)?;
+        Ok(self.observe_with(&st))
+    }
+
+    /// The facts to report, without acting.
+    pub fn observe(&self) -> Result<AgentStatus, NodeError> {
+        let st = self.load()?;
+        Ok(self.observe_with(&st))
+    }
+
+    // ---------------------------------------------------------------- staging
+
+    fn needs_staging(&self, st: &HostState, t: &Target) -> bool {
+        if self.failed_stage.as_ref() == Some(&(t.revision.clone(), t.installable.clone())) {
+            return false;
+        }
+        match &st.staged {
+            Some(r) if r.staged.revision == t.revision && r.staged.installable == t.installable => {
+                // Still pinned? (someone may have deleted the root or collected the path)
+                let root = self.host.fs_path(&r.gc_root);
+                !(root.exists() && resolve(self.host.as_ref(), &r.gc_root).is_some())
+            }
+            _ => true,
+        }
+    }
+
+    async fn stage(&mut self, st: &mut HostState, t: &Target) -> Result<(), NodeError> {
+        let gc_root = Path::new(GCROOTS_DIR).join(format!("system-{}", sanitize(&t.revision)));
+        tracing::info!(revision = %t.revision, installable = %t.installable, "staging");
+        match self.nix.realise(&t.installable, &gc_root).await {
+            Ok(system) => {
+                let closure_bytes = match self.nix.closure_bytes(&system).await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "closure size unknown");
+                        None
+                    }
+                };
+                let booted = self.booted_system();
+                let reasons = reboot_reasons(self.host.as_ref(), booted.as_deref(), &system);
+                self.remove_stale_roots(&gc_root);
+                tracing::info!(%system, ?reasons, "staged");
+                st.staged = Some(StagedRecord {
+                    staged: StagedSystem {
+                        revision: t.revision.clone(),
+                        installable: t.installable.clone(),
+                        system,
+                        closure_bytes,
+                        reboot_required: !reasons.is_empty(),
+                        reboot_reasons: reasons,
+                        staged_at: Some(Time(now())),
+                    },
+                    gc_root,
+                    compared_with: booted,
+                });
+                if st
+                    .last_error
+                    .as_ref()
+                    .is_some_and(|e| e.operation == HostOperation::Stage)
+                {
+                    st.last_error = None;
+                }
+                self.failed_stage = None;
+            }
+            Err(e) => {
+                tracing::warn!(revision = %t.revision, error = %e, "staging failed");
+                st.last_error = Some(ReportedError {
+                    operation: HostOperation::Stage,
+                    revision: Some(t.revision.clone()),
+                    message: e.report(),
+                    at: Time(now()),
+                });
+                self.failed_stage = Some((t.revision.clone(), t.installable.clone()));
+            }
+        }
+        self.save(st)
+    }
+
+    /// Remove every root in the gcroots directory except `keep` (superseded targets).
+    fn remove_stale_roots(&self, keep: &Path) {
+        let dir = self.host.fs_path(Path::new(GCROOTS_DIR));
+        let keep_name = keep.file_name();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if Some(e.file_name().as_os_str()) != keep_name
+                && let Err(err) = std::fs::remove_file(e.path())
+            {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove stale GC root");
+            }
+        }
+    }
+
+    /// Recompute the reboot reasons when the booted system changed since staging.
+    fn refresh_reboot_reasons(&self, st: &mut HostState) -> Result<(), NodeError> {
+        let booted = self.booted_system();
+        let Some(rec) = st.staged.as_mut() else {
+            return Ok(());
+        };
+        if rec.compared_with == booted {
+            return Ok(());
+        }
+        let reasons = reboot_reasons(self.host.as_ref(), booted.as_deref(), &rec.staged.system);
+        rec.staged.reboot_required = !reasons.is_empty();
+        rec.staged.reboot_reasons = reasons;
+        rec.compared_with = booted;
+        self.save(st)
+    }
+
+    // ------------------------------------------------------------- activation
+
+    fn start_activation(&self, st: &mut HostState, g: &ActivationGrant) -> Result<(), NodeError> {
+        tracing::info!(id = %g.id, action = ?g.action, system = %g.system, "activation granted");
+        st.activation = Some(ActivationRecord {
+            id: g.id.clone(),
+            action: g.action,
+            system: g.system.clone(),
+            step: Step::SettingProfile,
+            generation_before: self.profile_generation(),
+            activated: None,
+            boot_id_before: None,
+            exit_code: None,
+            outcome: None,
+            message: None,
+            updated_at: now(),
+        });
+        self.save(st)
+    }
+
+    /// Run the recorded activation from its persisted step to the end (or to the reboot).
+    async fn drive_activation(&self, st: &mut HostState) -> Result<(), NodeError> {
+        loop {
+            let Some(rec) = st.activation.clone() else {
+                return Ok(());
+            };
+            match rec.step {
+                Step::SettingProfile => {
+                    self.crash(CrashPoint::BeforeProfileSet)?;
+                    match self.set_profile(&rec).await {
+                        Ok(activated) => {
+                            self.update(st, |r| {
+                                r.activated = Some(activated);
+                                r.step = Step::ProfileSet;
+                            })?;
+                            self.crash(CrashPoint::AfterProfileSet)?;
+                        }
+                        Err(message) => self.finish(st, ActivationState::Failed, message)?,
+                    }
+                }
+                Step::ProfileSet => self.update(st, |r| r.step = Step::Switching)?,
+                Step::Switching => {
+                    self.publish(st);
+                    match self.switch(&rec).await {
+                        Ok(code) => {
+                            self.crash(CrashPoint::AfterSwitch)?;
+                            self.update(st, |r| {
+                                r.exit_code = Some(code);
+                                r.step = Step::Switched;
+                            })?;
+                        }
+                        Err(message) => self.finish(st, ActivationState::Failed, message)?,
+                    }
+                }
+                Step::Switched => {
+                    let code = rec.exit_code.unwrap_or(-1);
+                    let verb = switch_verb(rec.action);
+                    match (rec.action, code) {
+                        (ActivationAction::Switch, 0) => {
+                            self.finish(st, ActivationState::Switched, String::new())?
+                        }
+                        (ActivationAction::Switch, 100) => self.finish(
+                            st,
+                            ActivationState::NeedsReboot,
+                            "switch-to-configuration switch exited 100: the new system needs a reboot".into(),
+                        )?,
+                        (_, 0) => {
+                            let boot_id = self.boot_id();
+                            self.update(st, |r| {
+                                r.boot_id_before = boot_id;
+                                r.step = Step::RebootIssued;
+                            })?;
+                            self.crash(CrashPoint::BeforeReboot)?;
+                            self.publish(st);
+                            // Give the writer a moment to report RebootRequested first.
+                            if self.progress.is_some() {
+                                tokio::time::sleep(self.options.report_grace).await;
+                            }
+                            tracing::info!(id = %rec.id, "rebooting");
+                            if let Err(e) = self.host.reboot().await {
+                                self.finish(st, ActivationState::Failed, e.to_string())?;
+                                return Ok(());
+                            }
+                            self.crash(CrashPoint::AfterReboot)?;
+                            return Ok(());
+                        }
+                        (_, code) => self.finish(
+                            st,
+                            ActivationState::Failed,
+                            format!(
+                                "switch-to-configuration {verb} exited {code}{}",
+                                self.switch_log_tail(&rec)
+                            ),
+                        )?,
+                    }
+                }
+                Step::RebootIssued => {
+                    // Never reboot again from here. A new boot id means it happened.
+                    if self.boot_id().is_some() && self.boot_id() != rec.boot_id_before {
+                        self.finish(st, ActivationState::Rebooted, String::new())?;
+                    }
+                    return Ok(());
+                }
+                Step::Finished => return Ok(()),
+            }
+        }
+    }
+
+    fn update(&self, st: &mut HostState, f: impl FnOnce(&mut ActivationRecord)) -> Result<(), NodeError> {
+        if let Some(r) = st.activation.as_mut() {
+            f(r);
+            r.updated_at = now();
+        }
+        self.save(st)
+    }
+
+    fn finish(&self, st: &mut HostState, outcome: ActivationState, message: String) -> Result<(), NodeError> {
+        let id = st.activation.as_ref().map(|r| r.id.clone());
+        tracing::info!(id = ?id, ?outcome, %message, "activation finished");
+        if outcome == ActivationState::Failed {
+            st.last_error = Some(ReportedError {
+                operation: HostOperation::Activate,
+                revision: st
+                    .staged
+                    .as_ref()
+                    .filter(|s| {
+                        st.activation
+                            .as_ref()
+                            .is_some_and(|a| a.system == s.staged.system)
+                    })
+                    .map(|s| s.staged.revision.clone()),
+                message: message.clone(),
+                at: Time(now()),
+            });
+        } else if st
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.operation == HostOperation::Activate)
+        {
+            st.last_error = None;
+        }
+        self.update(st, |r| {
+            r.step = Step::Finished;
+            r.outcome = Some(outcome);
+            r.message = (!message.is_empty()).then_some(message);
+        })
+    }
+
+    /// Set (or roll back) the profile; idempotent across restarts. Returns the system to run
+    /// `switch-to-configuration` from.
+    async fn set_profile(&self, rec: &ActivationRecord) -> Result<String, String> {
+        let profile = Path::new(SYSTEM_PROFILE);
+        match rec.action {
+            ActivationAction::Switch | ActivationAction::Boot => {
+                if resolve(self.host.as_ref(), Path::new(&rec.system)).is_none() {
+                    return Err(format!("system {} is not in the store (not staged?)", rec.system));
+                }
+                if self.profile_system().as_deref() != Some(rec.system.as_str()) {
+                    self.nix
+                        .set_profile(profile, &rec.system)
+                        .await
+                        .map_err(|e| e.report())?;
+                }
+                Ok(rec.system.clone())
+            }
+            ActivationAction::Rollback => {
+                // Roll back only if no earlier attempt of this grant already did.
+                if rec.generation_before.is_some() && self.profile_generation() == rec.generation_before {
+                    self.nix.rollback_profile(profile).await.map_err(|e| e.report())?;
+                }
+                self.profile_system()
+                    .ok_or_else(|| "the system profile resolves to nothing".to_string())
+            }
+        }
+    }
+
+    /// Launch `switch-to-configuration` detached (at most once per grant, guarded by a lock
+    /// directory the wrapper creates) and wait for its result file.
+    async fn switch(&self, rec: &ActivationRecord) -> Result<i32, String> {
+        let name = sanitize(&rec.id);
+        let dir = Path::new(ACTIVATION_DIR);
+        let result = self.host.fs_path(&dir.join(format!("{name}.result")));
+        if let Some(code) = read_result(&result) {
+            return Ok(code);
+        }
+        let system = rec.activated.clone().unwrap_or_else(|| rec.system.clone());
+        let started = self.host.fs_path(&dir.join(format!("{name}.started")));
+        if !started.exists() {
+            let _ = std::fs::create_dir_all(self.host.fs_path(dir));
+            let script = Path::new(&system).join("bin/switch-to-configuration");
+            let argv: Vec<OsString> = vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                ACTIVATION_WRAPPER.into(),
+                "nixroll-activate".into(),
+                self.host.cmd_path(dir).into(),
+                name.clone().into(),
+                self.host.cmd_path(&script).into(),
+                switch_verb(rec.action).into(),
+            ];
+            tracing::info!(id = %rec.id, %system, verb = switch_verb(rec.action), "launching switch-to-configuration");
+            self.host
+                .spawn_detached(DetachedJob {
+                    name: name.clone(),
+                    argv,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
+        loop {
+            if let Some(code) = read_result(&result) {
+                return Ok(code);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "switch-to-configuration gave no result within {:?}",
+                    self.options.activation_timeout
+                ));
+            }
+            tokio::time::sleep(self.options.result_poll).await;
+        }
+    }
+
+    fn switch_log_tail(&self, rec: &ActivationRecord) -> String {
+        let log = self
+            .host
+            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", sanitize(&rec.id))));
+        let text = read_bounded(&log, 64 * 1024).unwrap_or_default();
+        let t = crate::nix::trim_nix_error(&text);
+        if t.is_empty() {
+            String::new()
+        } else {
+            format!(": {t}")
+        }
+    }
+
+    // ------------------------------------------------------------------ facts
+
+    fn read_trimmed(&self, host_path: &Path) -> Option<String> {
+        let local = self.host.fs_path(host_path);
+        let s = read_bounded(&local, 4096)?;
+        let s = s.trim();
+        (!s.is_empty()).then(|| s.to_string())
+    }
+
+    pub fn boot_id(&self) -> Option<String> {
+        self.read_trimmed(Path::new("/proc/sys/kernel/random/boot_id"))
+    }
+
+    pub fn booted_system(&self) -> Option<String> {
+        resolve(self.host.as_ref(), Path::new("/run/booted-system")).map(|p| p.to_string_lossy().into_owned())
+    }
+
+    pub fn current_system(&self) -> Option<String> {
+        resolve(self.host.as_ref(), Path::new("/run/current-system"))
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    fn profile_system(&self) -> Option<String> {
+        resolve(self.host.as_ref(), Path::new(SYSTEM_PROFILE)).map(|p| p.to_string_lossy().into_owned())
+    }
+
+    /// `system` → `system-N-link` → N.
+    pub fn profile_generation(&self) -> Option<i64> {
+        let link = std::fs::read_link(self.host.fs_path(Path::new(SYSTEM_PROFILE))).ok()?;
+        let name = link.file_name()?.to_str()?;
+        name.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()
+    }
+
+    fn observe_with(&self, st: &HostState) -> AgentStatus {
+        let boot_id = self.boot_id();
+        let current = self.current_system();
+        let (nixos_version, configuration_revision) = match &current {
+            Some(c) => (
+                self.read_trimmed(&Path::new(c).join("nixos-version")),
+                self.read_trimmed(&Path::new(c).join("configuration-revision")),
+            ),
+            None => (None, None),
+        };
+        AgentStatus {
+            booted_system: self.booted_system(),
+            current_system: current,
+            profile_generation: self.profile_generation(),
+            nixos_version,
+            configuration_revision,
+            staged: st.staged.as_ref().map(|r| r.staged.clone()),
+            activation: st
+                .activation
+                .as_ref()
+                .map(|r| activation_report(r, boot_id.as_deref())),
+            last_error: st.last_error.clone(),
+            boot_id,
+        }
+    }
+}
+
+/// The report of a recorded activation, given the current boot id.
+pub fn activation_report(r: &ActivationRecord, boot_id: Option<&str>) -> ActivationReport {
+    let state = match r.step {
+        Step::Finished => r.outcome.unwrap_or(ActivationState::Failed),
+        Step::RebootIssued => {
+            if boot_id.is_some() && boot_id != r.boot_id_before.as_deref() {
+                ActivationState::Rebooted
+            } else {
+                ActivationState::RebootRequested
+            }
+        }
+        _ => ActivationState::Running,
+    };
+    ActivationReport {
+        id: r.id.clone(),
+        action: r.action,
+        state,
+        system: r.system.clone(),
+        boot_id_before: r.boot_id_before.clone(),
+        exit_code: r.exit_code,
+        message: r.message.clone(),
+        updated_at: Time(r.updated_at),
+    }
+}
+
+/// Runs as `sh -c WRAPPER nixroll-activate DIR NAME SCRIPT VERB`: takes the lock directory
+/// `DIR/NAME.started` (a second launch exits at once), runs `SCRIPT VERB` with its output in
+/// `DIR/NAME.log`, then publishes the exit status atomically as `DIR/NAME.result`.
+pub const ACTIVATION_WRAPPER: &str = r#"d="$1"; n="$2"; shift 2
+mkdir "$d/$n.started" 2>/dev/null || exit 0
+"$@" >"$d/$n.log" 2>&1
+echo "$?" >"$d/$n.result.tmp"
+sync "$d/$n.result.tmp" 2>/dev/null
+mv "$d/$n.result.tmp" "$d/$n.result"
+"#;
+
+fn switch_verb(action: ActivationAction) -> &'static str {
+    match action {
+        ActivationAction::Switch => "switch",
+        ActivationAction::Boot | ActivationAction::Rollback => "boot",
+    }
+}
+
+fn read_result(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn read_bounded(path: &Path, max: u64) -> Option<String> {
+    let f = std::fs::File::open(path).ok()?;
+    let mut s = String::new();
+    f.take(max).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// `[A-Za-z0-9_-]`, at most 64 characters (file and systemd unit names).
+pub fn sanitize(s: &str) -> String {
+    let t: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if t.is_empty() { "_".into() } else { t }
+}
+
+/// Why booting `new` would differ from the running kernel/initrd/…: the names of
+/// [`REBOOT_COMPONENTS`] that differ between `booted` and `new`, plus `reboot-triggers` when
+/// both have it. Unknown booted system ⇒ every component present in `new` counts.
+pub fn reboot_reasons(host: &dyn Host, booted: Option<&str>, new: &str) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for name in REBOOT_COMPONENTS {
+        let b = booted.map(|b| component(host, b, name));
+        let n = component(host, new, name);
+        let same = match b {
+            None => n.is_none(),
+            Some(b) => same_component(host, b.as_deref(), n.as_deref()),
+        };
+        if !same {
+            reasons.push(name.to_string());
+        }
+    }
+    if let Some(b) = booted {
+        let (b, n) = (
+            component(host, b, "reboot-triggers"),
+            component(host, new, "reboot-triggers"),
+        );
+        if b.is_some() && n.is_some() && !same_component(host, b.as_deref(), n.as_deref()) {
+            reasons.push("reboot-triggers".to_string());
+        }
+    }
+    reasons
+}
+
+fn component(host: &dyn Host, system: &str, name: &str) -> Option<PathBuf> {
+    resolve(host, &Path::new(system).join(name))
+}
+
+/// Same resolved store path, or regular files with equal contents (files inside a toplevel
+/// such as `kernel-params` differ in path whenever anything changed).
+fn same_component(host: &dyn Host, a: Option<&Path>, b: Option<&Path>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) if a == b => true,
+        (Some(a), Some(b)) => {
+            let (la, lb) = (host.fs_path(a), host.fs_path(b));
+            match (std::fs::metadata(&la), std::fs::metadata(&lb)) {
+                (Ok(ma), Ok(mb)) if ma.is_file() && mb.is_file() && ma.len() == mb.len() => {
+                    // Bounded: kernels are ~10-20 MiB; anything larger counts as different.
+                    ma.len() <= 256 * 1024 * 1024
+                        && matches!((std::fs::read(&la), std::fs::read(&lb)), (Ok(x), Ok(y)) if x == y)
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Now, truncated to whole seconds: Kubernetes `Time` has second precision, so reported
+/// timestamps compare equal after a round trip through the API server.
+fn now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+}

@@ -1,0 +1,181 @@
+//! What the agent remembers, persisted on the HOST (`/var/lib/nixroll/state.json`) so that a
+//! restarted agent — a new pod, a new binary — continues where the last one stopped. Written
+//! atomically (temp file, fsync, rename, fsync of the directory) before every step that has an
+//! effect on the host.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ActivationAction, ActivationState, HostError as ReportedError, StagedSystem};
+
+/// Host path of the state file.
+pub const STATE_FILE: &str = "/var/lib/nixroll/state.json";
+/// Host directory of the GC roots of staged systems.
+pub const GCROOTS_DIR: &str = "/var/lib/nixroll/gcroots";
+/// Host directory of activation result files.
+pub const ACTIVATION_DIR: &str = "/var/lib/nixroll/activation";
+
+/// Everything persisted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<ActivationRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<ReportedError>,
+}
+
+/// The staged system and what its reboot reasons were computed against.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedRecord {
+    pub staged: StagedSystem,
+    /// Host path of the GC root pinning it.
+    pub gc_root: PathBuf,
+    /// `/run/booted-system` when the reasons were computed (recomputed when it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compared_with: Option<String>,
+}
+
+/// Progress of one activation grant. `step` is written BEFORE the step it names is performed,
+/// so after a crash the agent knows which effect may or may not have happened.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// About to set (or roll back) the system profile; may have happened.
+    SettingProfile,
+    /// The profile points at the system to activate.
+    ProfileSet,
+    /// `switch-to-configuration` launched (or about to be); its result file decides.
+    Switching,
+    /// `switch-to-configuration` finished; `exitCode` holds its status.
+    Switched,
+    /// About to reboot (or rebooted); `bootIdBefore` is the boot id before. Never reboots
+    /// again from this step.
+    RebootIssued,
+    /// Done; `outcome` says how.
+    Finished,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivationRecord {
+    pub id: String,
+    pub action: ActivationAction,
+    /// `status.activation.system` of the grant.
+    pub system: String,
+    pub step: Step,
+    /// Profile generation before the grant was started (makes `--rollback` idempotent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_before: Option<i64>,
+    /// The system `switch-to-configuration` runs from (for Rollback: the previous generation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ActivationState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read agent state {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent state {path} is corrupt: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write agent state {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Read the state; a missing file is the empty state.
+pub fn load(path: &Path) -> Result<HostState, StateError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HostState::default()),
+        Err(source) => Err(StateError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Write the state atomically and durably.
+pub fn save(path: &Path, state: &HostState) -> Result<(), StateError> {
+    let err = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| err(std::io::Error::other(e)))?;
+    write_atomic(path, &bytes).map_err(err)
+}
+
+/// temp file in the same directory + fsync + rename + fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("path has no parent directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn round_trips_and_missing_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("var/lib/nixroll/state.json");
+        assert_eq!(load(&p).unwrap(), HostState::default());
+        let s = HostState {
+            activation: Some(ActivationRecord {
+                id: "g1".into(),
+                action: ActivationAction::Boot,
+                system: "/nix/store/x".into(),
+                step: Step::RebootIssued,
+                generation_before: Some(3),
+                activated: None,
+                boot_id_before: Some("b1".into()),
+                exit_code: Some(0),
+                outcome: None,
+                message: None,
+                updated_at: Timestamp::UNIX_EPOCH,
+            }),
+            ..Default::default()
+        };
+        save(&p, &s).unwrap();
+        assert_eq!(load(&p).unwrap(), s);
+        // no temp files left behind
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+}

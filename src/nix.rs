@@ -1,0 +1,312 @@
+//! Invoking Nix on the host and parsing what it prints.
+//!
+//! The agent needs four Nix operations, behind the [`Nix`] trait so that the demo can plug in
+//! a simulated store: realise an installable and pin it with a GC root, measure a closure,
+//! set the system profile, roll the profile back. [`NixCli`] is the real implementation; it
+//! runs the host's own `nix`/`nix-env` through a [`Host`] (inside PID 1's namespaces on a
+//! real machine). It targets Nix ≥ 2.8: `nix build --json` (no `--print-out-paths`).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::agent::host::{CommandOutput, Host, HostCommand, HostError};
+
+/// Failures of Nix operations. `message` is Nix's own error text, trimmed by
+/// [`trim_nix_error`] (the last meaningful lines, bounded, credentials in URLs masked).
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("{operation} failed: {message}")]
+    CommandFailed {
+        operation: &'static str,
+        message: String,
+    },
+    #[error("{operation}: cannot run nix: {source}")]
+    Host {
+        operation: &'static str,
+        #[source]
+        source: HostError,
+    },
+    #[error("{operation}: unexpected output from nix: {detail}")]
+    Parse { operation: &'static str, detail: String },
+}
+
+impl NixError {
+    /// The text to report in `status.agent.lastError.message`.
+    pub fn report(&self) -> String {
+        match self {
+            NixError::CommandFailed { message, .. } => message.clone(),
+            other => trim_nix_error(&other.to_string()),
+        }
+    }
+}
+
+/// The Nix operations the agent uses. Store paths are strings as Nix prints them (host view).
+pub trait Nix: Send + Sync + std::fmt::Debug {
+    /// Realise `installable` (build or substitute) and pin the result with an indirect GC root
+    /// at the host path `gc_root` (a symlink Nix registers in its `gcroots/auto`). Returns the
+    /// output store path. Never touches any profile.
+    fn realise<'a>(
+        &'a self,
+        installable: &'a str,
+        gc_root: &'a Path,
+    ) -> BoxFuture<'a, Result<String, NixError>>;
+    /// Total size of the closure of `path` in bytes (`nix path-info -S`).
+    fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>>;
+    /// Make `system` the newest generation of `profile` (`nix-env -p PROFILE --set PATH`;
+    /// no new generation when the profile already points at it).
+    fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>>;
+    /// Switch `profile` to its previous generation (`nix-env -p PROFILE --rollback`).
+    fn rollback_profile<'a>(&'a self, profile: &'a Path) -> BoxFuture<'a, Result<(), NixError>>;
+}
+
+/// The real Nix command line, run through a [`Host`].
+#[derive(Clone, Debug)]
+pub struct NixCli {
+    host: Arc<dyn Host>,
+    extra_args: Vec<String>,
+    build_timeout: Duration,
+    quick_timeout: Duration,
+}
+
+impl NixCli {
+    /// `extra_args` go to every `nix` call after the experimental-features flag (tests pass
+    /// `--option substituters ''` to stay offline).
+    pub fn new(host: Arc<dyn Host>) -> Self {
+        NixCli {
+            host,
+            extra_args: Vec::new(),
+            build_timeout: Duration::from_secs(3600),
+            quick_timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn with_extra_args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Offline: no substituters (tests and air-gapped hosts).
+    pub fn offline(self) -> Self {
+        self.with_extra_args(["--option", "substituters", ""])
+    }
+
+    pub fn with_build_timeout(mut self, timeout: Duration) -> Self {
+        self.build_timeout = timeout;
+        self
+    }
+
+    fn nix(&self, timeout: Duration) -> HostCommand {
+        HostCommand::new("nix", timeout)
+            .args(["--extra-experimental-features", "nix-command flakes"])
+            .args(self.extra_args.iter().map(OsString::from))
+    }
+
+    async fn checked(&self, operation: &'static str, cmd: HostCommand) -> Result<CommandOutput, NixError> {
+        let out = self
+            .host
+            .run(cmd)
+            .await
+            .map_err(|source| NixError::Host { operation, source })?;
+        if out.success() {
+            Ok(out)
+        } else {
+            let mut message = trim_nix_error(&out.stderr);
+            if message.is_empty() {
+                message = format!("exited with {:?} and printed nothing", out.code);
+            }
+            Err(NixError::CommandFailed { operation, message })
+        }
+    }
+}
+
+impl Nix for NixCli {
+    fn realise<'a>(
+        &'a self,
+        installable: &'a str,
+        gc_root: &'a Path,
+    ) -> BoxFuture<'a, Result<String, NixError>> {
+        Box::pin(async move {
+            const OP: &str = "nix build";
+            if let Some(parent) = self.host.fs_path(gc_root).parent() {
+                let _ = tokio::fs::create_dir_all(parent).await;
+            }
+            let cmd = self
+                .nix(self.build_timeout)
+                .args(["build", "--json", "--no-write-lock-file", "--out-link"])
+                .arg(self.host.cmd_path(gc_root))
+                .arg(installable);
+            let out = self.checked(OP, cmd).await?;
+            parse_build_json(&out.stdout).ok_or_else(|| NixError::Parse {
+                operation: OP,
+                detail: bounded(&out.stdout, 300),
+            })
+        })
+    }
+
+    fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>> {
+        Box::pin(async move {
+            const OP: &str = "nix path-info";
+            let cmd = self
+                .nix(self.quick_timeout)
+                .args(["path-info", "-S", "--json", path]);
+            let out = self.checked(OP, cmd).await?;
+            parse_closure_size(&out.stdout).ok_or_else(|| NixError::Parse {
+                operation: OP,
+                detail: bounded(&out.stdout, 300),
+            })
+        })
+    }
+
+    fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            let cmd = HostCommand::new("nix-env", self.quick_timeout)
+                .arg("-p")
+                .arg(self.host.cmd_path(profile))
+                .args(["--set", system]);
+            self.checked("nix-env --set", cmd).await.map(|_| ())
+        })
+    }
+
+    fn rollback_profile<'a>(&'a self, profile: &'a Path) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            let cmd = HostCommand::new("nix-env", self.quick_timeout)
+                .arg("-p")
+                .arg(self.host.cmd_path(profile))
+                .arg("--rollback");
+            self.checked("nix-env --rollback", cmd).await.map(|_| ())
+        })
+    }
+}
+
+/// `nix build --json` → the `out` path of the first result.
+pub fn parse_build_json(stdout: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
+    v.get(0)?.get("outputs")?.get("out")?.as_str().map(str::to_string)
+}
+
+/// `nix path-info -S --json PATH` → `closureSize` (Nix 2.8 prints a list of objects; newer
+/// releases an object keyed by path: both are accepted).
+pub fn parse_closure_size(stdout: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
+    let first = match &v {
+        serde_json::Value::Array(a) => a.first()?,
+        serde_json::Value::Object(o) => o.values().next()?,
+        _ => return None,
+    };
+    first.get("closureSize")?.as_u64()
+}
+
+/// Maximum length of a reported Nix error.
+pub const ERROR_MAX_CHARS: usize = 1000;
+
+/// The meaningful tail of Nix's stderr: drops progress and hint lines (`building …`,
+/// `warning: …`, `(use '--show-trace' …)`, `For full logs …`), keeps the last 8 lines, at
+/// most [`ERROR_MAX_CHARS`] characters (the end is kept), and masks `user:password@` in URLs.
+pub fn trim_nix_error(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| {
+            let t = l.trim_start();
+            !t.is_empty()
+                && !t.starts_with("warning:")
+                && !t.starts_with("building '")
+                && !t.starts_with("(use '--show-trace'")
+                && !t.starts_with("For full logs, run")
+                && !t.starts_with("copying path")
+                && !t.starts_with("these ")
+        })
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(8)..];
+    let text = tail.iter().map(|l| l.trim()).collect::<Vec<_>>().join("\n");
+    bounded_tail(&mask_credentials(&text), ERROR_MAX_CHARS)
+}
+
+fn bounded(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+fn bounded_tail(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().skip(n - max + 1).collect();
+        t.insert(0, '…');
+        t
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://***@host`.
+fn mask_credentials(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == '/' || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        if let Some(at) = authority.rfind('@') {
+            out.push_str("***");
+            out.push_str(&authority[at..]);
+        } else {
+            out.push_str(authority);
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_build_json_of_nix_2_8() {
+        let s = r#"[{"drvPath":"/nix/store/a.drv","outputs":{"out":"/nix/store/b-nixos-system"}}]"#;
+        assert_eq!(parse_build_json(s).as_deref(), Some("/nix/store/b-nixos-system"));
+        assert_eq!(parse_build_json("[]"), None);
+        assert_eq!(parse_build_json("garbage"), None);
+    }
+
+    #[test]
+    fn parses_closure_size_old_and_new_format() {
+        let old = r#"[{"path":"/nix/store/x","narSize":2208,"closureSize":4208}]"#;
+        let new = r#"{"/nix/store/x":{"narSize":2208,"closureSize":4208}}"#;
+        assert_eq!(parse_closure_size(old), Some(4208));
+        assert_eq!(parse_closure_size(new), Some(4208));
+    }
+
+    #[test]
+    fn trims_hints_and_keeps_the_error() {
+        let stderr = "warning: Git tree '/x' is dirty\nbuilding '/nix/store/a.drv'...\nerror: Cannot find Git revision 'abc' in ref 'master' of repository '/r'!\n(use '--show-trace' to show detailed location information)\n";
+        assert_eq!(
+            trim_nix_error(stderr),
+            "error: Cannot find Git revision 'abc' in ref 'master' of repository '/r'!"
+        );
+        let long = "error: ".to_string() + &"x".repeat(5000);
+        let t = trim_nix_error(&long);
+        assert_eq!(t.chars().count(), ERROR_MAX_CHARS);
+        assert!(t.starts_with('…'));
+    }
+
+    #[test]
+    fn masks_credentials_in_urls() {
+        assert_eq!(
+            trim_nix_error("error: cannot fetch git+https://bot:s3cr3t@git.example.org/infra.git"),
+            "error: cannot fetch git+https://***@git.example.org/infra.git"
+        );
+        assert_eq!(
+            mask_credentials("see https://example.org/a"),
+            "see https://example.org/a"
+        );
+    }
+}

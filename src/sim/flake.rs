@@ -1,0 +1,363 @@
+//! Test flakes: git repositories whose `nixosConfigurations.<host>.config.system.build.toplevel`
+//! is a tiny stand-in for a NixOS system, built by Nix in ~0.1 s with no host binary and no
+//! inputs (see docs/agent.md and test-substrate.md).
+//!
+//! The toplevel is a `builtin:buildenv` over one `builtins.path` per top-level entry of the
+//! repo's `system/` directory (`bin/switch-to-configuration`, `kernel`, `initrd`,
+//! `kernel-modules/`, `kernel-params`, `systemd/`, `init-interface-version`, `nixos-version`,
+//! `etc/`). Like in NixOS, an unchanged component keeps its store path, so "only a service
+//! changed" leaves `kernel` pointing at the very same path.
+//!
+//! The generated `switch-to-configuration` models NixOS's against the host root in
+//! `$NIXROLL_HOST_ROOT` (set by `HostRoot`): `boot` and `switch` point `boot/default-system`
+//! at the new system (the bootloader entry); `switch` then exits 100 when the
+//! `init-interface-version` differs from the running system's, else points
+//! `run/current-system` at it. Every call is appended to `var/lib/sim/switch-log`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What the next commit's system looks like. Each field is a file of the system.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SystemSpec {
+    pub kernel: String,
+    pub initrd: String,
+    /// Content of `kernel-modules/modules.dep`.
+    pub kernel_modules: String,
+    pub kernel_params: String,
+    /// Content of `systemd/version`.
+    pub systemd: String,
+    pub init_interface_version: String,
+    pub nixos_version: String,
+    /// Content of `etc/service.conf`: changing it needs no reboot.
+    pub service: String,
+    /// Written as `configuration-revision` when set.
+    pub configuration_revision: Option<String>,
+    /// `switch-to-configuration switch` exits with this code (before doing anything).
+    pub switch_exit: Option<i32>,
+    /// `switch-to-configuration boot` exits with this code (before doing anything).
+    pub boot_exit: Option<i32>,
+    /// The derivation fails to build (a buildenv file collision on `kernel`).
+    pub broken_build: bool,
+    /// Evaluation throws this message.
+    pub eval_error: Option<String>,
+}
+
+impl Default for SystemSpec {
+    fn default() -> Self {
+        SystemSpec {
+            kernel: "linux-6.6.1".into(),
+            initrd: "initrd-1".into(),
+            kernel_modules: "modules-6.6.1".into(),
+            kernel_params: "loglevel=4".into(),
+            systemd: "systemd-255".into(),
+            init_interface_version: "systemd".into(),
+            nixos_version: "24.05.1".into(),
+            service: "service-1".into(),
+            configuration_revision: None,
+            switch_exit: None,
+            boot_exit: None,
+            broken_build: false,
+            eval_error: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlakeError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("git {args} failed: {message}")]
+    Git { args: String, message: String },
+}
+
+/// A test flake in a git repository.
+#[derive(Debug)]
+pub struct TestFlake {
+    dir: PathBuf,
+    hosts: Vec<String>,
+    spec: SystemSpec,
+    head: String,
+}
+
+impl TestFlake {
+    /// Create the repository in `dir` (created if missing) with `hosts` as
+    /// `nixosConfigurations` and a first commit of [`SystemSpec::default`].
+    pub fn create(dir: impl Into<PathBuf>, hosts: &[&str]) -> Result<TestFlake, FlakeError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| FlakeError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        git(&dir, &["init", "-q"])?;
+        let mut flake = TestFlake {
+            dir,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            spec: SystemSpec::default(),
+            head: String::new(),
+        };
+        flake.commit("initial system", |_| {})?;
+        Ok(flake)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `git+file:///…` (no revision).
+    pub fn url(&self) -> String {
+        format!("git+file://{}", self.dir.display())
+    }
+
+    /// The installable of `host` at `rev` (as the controller builds it).
+    pub fn installable(&self, rev: &str, host: &str) -> String {
+        crate::api::installable(&self.url(), rev, host)
+    }
+
+    /// The last commit.
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    pub fn spec(&self) -> &SystemSpec {
+        &self.spec
+    }
+
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+
+    /// Change the system (for every host), commit, return the commit hash.
+    pub fn commit(
+        &mut self,
+        message: &str,
+        change: impl FnOnce(&mut SystemSpec),
+    ) -> Result<String, FlakeError> {
+        let mut spec = self.spec.clone();
+        change(&mut spec);
+        self.write(&spec)?;
+        git(&self.dir, &["add", "-A"])?;
+        git(
+            &self.dir,
+            &[
+                "-c",
+                "user.name=nixroll-test",
+                "-c",
+                "user.email=test@nixroll.invalid",
+                "-c",
+                "commit.gpgsign=false",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                message,
+            ],
+        )?;
+        self.spec = spec;
+        self.head = git(&self.dir, &["rev-parse", "HEAD"])?.trim().to_string();
+        Ok(self.head.clone())
+    }
+
+    /// A new kernel (reboot needed: `kernel`, `kernel-modules`).
+    pub fn commit_kernel_change(&mut self) -> Result<String, FlakeError> {
+        self.commit("new kernel", |s| {
+            s.kernel.push('+');
+            s.kernel_modules.push('+');
+        })
+    }
+
+    /// Only a service's configuration changes (no reboot needed).
+    pub fn commit_service_change(&mut self) -> Result<String, FlakeError> {
+        self.commit("service change", |s| s.service.push('+'))
+    }
+
+    /// The system fails to build.
+    pub fn commit_broken_build(&mut self) -> Result<String, FlakeError> {
+        self.commit("broken build", |s| s.broken_build = true)
+    }
+
+    /// Evaluation fails with `message`.
+    pub fn commit_eval_error(&mut self, message: &str) -> Result<String, FlakeError> {
+        self.commit("eval error", |s| s.eval_error = Some(message.to_string()))
+    }
+
+    /// `host` no longer has a configuration.
+    pub fn commit_without_host(&mut self, host: &str) -> Result<String, FlakeError> {
+        self.hosts.retain(|h| h != host);
+        self.commit("drop host", |_| {})
+    }
+
+    fn write(&self, spec: &SystemSpec) -> Result<(), FlakeError> {
+        let sys = self.dir.join("system");
+        let _ = std::fs::remove_dir_all(&sys);
+        let _ = std::fs::remove_dir_all(self.dir.join("conflict"));
+        let _ = std::fs::remove_file(self.dir.join("eval-error"));
+        let mut files: Vec<(PathBuf, String)> = vec![
+            (self.dir.join("flake.nix"), flake_nix()),
+            (
+                self.dir.join("hosts.json"),
+                serde_json::to_string(&self.hosts).unwrap_or_else(|_| "[]".into()),
+            ),
+            (sys.join("bin/switch-to-configuration"), switch_script(spec)),
+            (sys.join("kernel"), spec.kernel.clone()),
+            (sys.join("initrd"), spec.initrd.clone()),
+            (
+                sys.join("kernel-modules/modules.dep"),
+                spec.kernel_modules.clone(),
+            ),
+            (sys.join("kernel-params"), spec.kernel_params.clone()),
+            (sys.join("systemd/version"), spec.systemd.clone()),
+            (
+                sys.join("init-interface-version"),
+                spec.init_interface_version.clone(),
+            ),
+            (sys.join("nixos-version"), spec.nixos_version.clone()),
+            (sys.join("etc/service.conf"), spec.service.clone()),
+        ];
+        if let Some(r) = &spec.configuration_revision {
+            files.push((sys.join("configuration-revision"), r.clone()));
+        }
+        if spec.broken_build {
+            files.push((self.dir.join("conflict/kernel"), "conflicting kernel".into()));
+        }
+        if let Some(m) = &spec.eval_error {
+            files.push((self.dir.join("eval-error"), m.clone()));
+        }
+        for (path, content) in files {
+            write_file(&path, &content)?;
+        }
+        let script = sys.join("bin/switch-to-configuration");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(|source| {
+            FlakeError::Write {
+                path: script.clone(),
+                source,
+            }
+        })
+    }
+}
+
+fn write_file(path: &Path, content: &str) -> Result<(), FlakeError> {
+    let err = |source| FlakeError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    std::fs::write(path, format!("{content}\n")).map_err(err)
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String, FlakeError> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .map_err(|e| FlakeError::Git {
+            args: args.join(" "),
+            message: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(FlakeError::Git {
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The Nix system string of this machine (`x86_64-linux`, `aarch64-linux`).
+pub fn nix_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
+
+fn flake_nix() -> String {
+    FLAKE_TEMPLATE.replace("@SYSTEM@", &nix_system())
+}
+
+const FLAKE_TEMPLATE: &str = r#"# A stand-in for a NixOS flake, generated by nixroll's test suite (crate::sim::flake).
+{
+  outputs = { self }:
+    let
+      sys = ./system;
+      base = toString sys;
+      names = builtins.attrNames (builtins.readDir sys);
+      # One store path per top-level entry: unchanged components keep their path.
+      part = n: builtins.path {
+        path = sys;
+        name = "nixos-part-${n}";
+        filter = p: t:
+          let q = base + "/" + n;
+          in p == q || builtins.substring 0 (builtins.stringLength q + 1) p == q + "/";
+      };
+      conflict =
+        if builtins.pathExists ./conflict
+        then [ "true" "5" "1" (builtins.path { path = ./conflict; name = "conflict"; }) ]
+        else [ ];
+      toplevel = host:
+        if builtins.pathExists ./eval-error
+        then throw (builtins.readFile ./eval-error)
+        else derivation {
+          name = "nixos-system-${host}";
+          system = "@SYSTEM@";
+          builder = "builtin:buildenv";
+          derivations = builtins.concatMap (n: [ "true" "5" "1" (part n) ]) names ++ conflict;
+          manifest = builtins.toFile "manifest.nix" "[ ]";
+        };
+      hosts = builtins.fromJSON (builtins.readFile ./hosts.json);
+    in {
+      nixosConfigurations = builtins.listToAttrs (map (h: {
+        name = h;
+        value = { config.system.build.toplevel = toplevel h; };
+      }) hosts);
+    };
+}
+"#;
+
+fn switch_script(spec: &SystemSpec) -> String {
+    let mut forced = String::new();
+    if let Some(code) = spec.switch_exit {
+        forced.push_str(&format!(
+            "if [ \"$action\" = switch ]; then echo \"sim: switch-to-configuration switch fails with {code}\" >&2; exit {code}; fi\n"
+        ));
+    }
+    if let Some(code) = spec.boot_exit {
+        forced.push_str(&format!(
+            "if [ \"$action\" = boot ]; then echo \"sim: switch-to-configuration boot fails with {code}\" >&2; exit {code}; fi\n"
+        ));
+    }
+    SWITCH_TEMPLATE.replace("@FORCED@\n", &forced)
+}
+
+const SWITCH_TEMPLATE: &str = r#"#!/bin/sh
+# switch-to-configuration of a nixroll test system; models NixOS's (crate::sim::flake).
+action="$1"
+top=$(dirname "$(dirname "$0")")
+root="${NIXROLL_HOST_ROOT:?NIXROLL_HOST_ROOT is not set}"
+mkdir -p "$root/var/lib/sim" "$root/boot" "$root/run"
+echo "$action $top" >>"$root/var/lib/sim/switch-log"
+case "$action" in
+switch|boot|test|dry-activate) ;;
+*) echo "usage: switch-to-configuration switch|boot|test|dry-activate" >&2; exit 1 ;;
+esac
+@FORCED@
+if [ "$action" = switch ] || [ "$action" = boot ]; then
+  ln -sfn "$top" "$root/boot/default-system"
+fi
+[ "$action" = boot ] && exit 0
+if [ "$action" = switch ] && [ -e "$root/run/current-system/init-interface-version" ] &&
+  [ "$(cat "$top/init-interface-version")" != "$(cat "$root/run/current-system/init-interface-version")" ]; then
+  echo "Warning: the new NixOS configuration has an 'init' that is incompatible with the current configuration. The new configuration won't take effect until you reboot the system." >&2
+  exit 100
+fi
+if [ "$action" = switch ] || [ "$action" = test ]; then
+  ln -sfn "$top" "$root/run/current-system"
+fi
+exit 0
+"#;

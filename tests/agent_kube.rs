@@ -1,0 +1,299 @@
+//! The agent's Kubernetes loop against a minimal fake API server (list + watch of NixOSNodes,
+//! status PATCH), with real Nix underneath: it reacts to `status.target` and
+//! `status.activation`, writes only `status.agent` by server-side apply as `nixroll-agent`,
+//! and makes no request at all while idle.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use nixroll::agent::AgentConfig;
+use nixroll::agent::host::Host;
+use nixroll::agent::node::HostOptions;
+use nixroll::nix::{Nix, NixCli};
+use nixroll::sim::flake::TestFlake;
+use nixroll::sim::host::SimHost;
+use serde_json::{Value, json};
+
+const NODE: &str = "node-1";
+const COLLECTION: &str = "/apis/nixroll.io/v1alpha1/nixosnodes";
+
+#[derive(Clone, Debug)]
+struct Request {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+struct Inner {
+    obj: Value,
+    rv: u64,
+    requests: Vec<Request>,
+}
+
+#[derive(Clone)]
+struct FakeApi {
+    inner: Arc<Mutex<Inner>>,
+    events: tokio::sync::broadcast::Sender<Value>,
+}
+
+impl FakeApi {
+    fn new(obj: Value) -> FakeApi {
+        let (events, _) = tokio::sync::broadcast::channel(64);
+        let api = FakeApi {
+            inner: Arc::new(Mutex::new(Inner {
+                obj,
+                rv: 0,
+                requests: Vec::new(),
+            })),
+            events,
+        };
+        api.update(|_| {});
+        api
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Value)) {
+        let obj = {
+            let mut inner = self.inner.lock().unwrap();
+            f(&mut inner.obj);
+            inner.rv += 1;
+            let rv = inner.rv.to_string();
+            inner.obj["metadata"]["resourceVersion"] = json!(rv);
+            inner.obj.clone()
+        };
+        let _ = self.events.send(obj);
+    }
+
+    fn obj(&self) -> Value {
+        self.inner.lock().unwrap().obj.clone()
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.inner.lock().unwrap().requests.clone()
+    }
+
+    async fn handle(self, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+        let path = uri.path().to_string();
+        let query = uri.query().unwrap_or_default().to_string();
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body_json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        self.inner.lock().unwrap().requests.push(Request {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            content_type,
+            body: body_json.clone(),
+        });
+        let selector_ok = query.contains(&format!("fieldSelector=metadata.name%3D{NODE}"));
+        if method == Method::GET && path == COLLECTION && query.contains("watch=true") {
+            assert!(selector_ok, "watch without the node's field selector: {query}");
+            let rx = self.events.subscribe();
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(obj) => {
+                            let line = format!("{}\n", json!({"type": "MODIFIED", "object": obj}));
+                            return Some((Ok::<_, std::io::Error>(Bytes::from(line)), rx));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
+                    }
+                }
+            });
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(Body::from_stream(stream))
+                .unwrap();
+        }
+        if method == Method::GET && path == COLLECTION {
+            assert!(selector_ok, "list without the node's field selector: {query}");
+            let inner = self.inner.lock().unwrap();
+            let list = json!({
+                "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNodeList",
+                "metadata": {"resourceVersion": inner.rv.to_string()},
+                "items": [inner.obj.clone()],
+            });
+            return axum::Json(list).into_response();
+        }
+        if method == Method::PATCH && path == format!("{COLLECTION}/{NODE}/status") {
+            // Server-side apply by the agent, who owns all of status.agent.
+            let agent = body_json["status"]["agent"].clone();
+            self.update(|o| o["status"]["agent"] = agent);
+            return axum::Json(self.obj()).into_response();
+        }
+        (StatusCode::NOT_FOUND, axum::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": path}))).into_response()
+    }
+}
+
+fn nix_available() -> bool {
+    std::process::Command::new("nix")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+async fn wait_for(api: &FakeApi, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let obj = api.obj();
+        if pred(&obj) {
+            return obj;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {obj:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn has_null(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.iter().any(has_null),
+        Value::Object(o) => o.values().any(has_null),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_loop_stages_activates_reports_and_idles() {
+    if !nix_available() {
+        eprintln!("SKIPPED: `nix` is not installed; this test needs real Nix");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &[NODE]).unwrap();
+    let sim = SimHost::create(tmp.path().join("host")).unwrap();
+    let host: Arc<dyn Host> = Arc::new(sim.host_root());
+    let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+    let rev0 = flake.head().to_string();
+
+    let obj = json!({
+        "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+        "metadata": {"name": NODE, "uid": "u-1", "generation": 1},
+        "spec": {"flake": flake.url(), "revision": rev0},
+        "status": {"phase": "Staging", "target": {"revision": rev0, "installable": flake.installable(&rev0, NODE)}},
+    });
+    let api = FakeApi::new(obj);
+    let app = {
+        let api = api.clone();
+        axum::Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+            let api = api.clone();
+            async move { api.handle(m, u, h, b).await }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let mut agent_config = AgentConfig::new(NODE, host.clone(), nix.clone());
+    agent_config.options = HostOptions {
+        activation_timeout: Duration::from_secs(30),
+        result_poll: Duration::from_millis(10),
+        report_grace: Duration::from_millis(100),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(nixroll::agent::run(client, agent_config, async {
+        let _ = stop_rx.await;
+    }));
+
+    // 1. Stages the target and reports it.
+    let obj = wait_for(&api, "staged rev0", |o| {
+        o["status"]["agent"]["staged"]["revision"] == json!(rev0)
+    })
+    .await;
+    let sys0 = obj["status"]["agent"]["staged"]["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sim.install(&sys0).unwrap();
+
+    // 2. A new target (service change) → staged, no reboot needed; facts of the booted host.
+    let rev1 = flake.commit_service_change().unwrap();
+    let inst1 = flake.installable(&rev1, NODE);
+    api.update(|o| o["status"]["target"] = json!({"revision": rev1, "installable": inst1}));
+    let obj = wait_for(&api, "staged rev1", |o| {
+        o["status"]["agent"]["staged"]["revision"] == json!(rev1)
+    })
+    .await;
+    let agent_status = &obj["status"]["agent"];
+    assert_eq!(agent_status["staged"]["rebootRequired"], json!(false));
+    assert_eq!(agent_status["bootedSystem"], json!(sys0));
+    assert_eq!(agent_status["bootId"], json!(sim.boot_id()));
+    assert_eq!(agent_status["profileGeneration"], json!(1));
+    let sys1 = agent_status["staged"]["system"].as_str().unwrap().to_string();
+
+    // 3. The controller grants a Switch → Switched, current system is the new one.
+    api.update(|o| {
+        o["status"]["phase"] = json!("Activating");
+        o["status"]["activation"] =
+            json!({"id": "grant-1", "action": "Switch", "system": sys1, "grantedAt": "2026-01-01T00:00:00Z"});
+    });
+    let obj = wait_for(&api, "switched", |o| {
+        o["status"]["agent"]["activation"]["state"] == json!("Switched")
+    })
+    .await;
+    assert_eq!(obj["status"]["agent"]["currentSystem"], json!(sys1));
+    assert_eq!(obj["status"]["agent"]["profileGeneration"], json!(2));
+    assert_eq!(sim.switch_log().len(), 1);
+
+    // 4. Idle: no request at all for 3 s (the watch stays open), even when the controller
+    //    writes its own fields (one event → the agent re-checks, finds nothing new).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = api.requests().len();
+    api.update(|o| o["status"]["phase"] = json!("Verifying"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle: Vec<_> = api.requests()[before..].to_vec();
+    assert!(idle.is_empty(), "requests while idle: {idle:#?}");
+
+    // Every write: status subresource, server-side apply as nixroll-agent, only status.agent,
+    // no nulls; the spec and the controller's fields were never touched.
+    let reqs = api.requests();
+    for r in &reqs {
+        eprintln!("{} {}?{}", r.method, r.path, r.query);
+    }
+    let patches: Vec<_> = reqs.iter().filter(|r| r.method != Method::GET).collect();
+    assert!(
+        patches.len() >= 3 && patches.len() <= 8,
+        "{} writes",
+        patches.len()
+    );
+    for p in &patches {
+        assert_eq!(p.method, Method::PATCH);
+        assert_eq!(p.path, format!("{COLLECTION}/{NODE}/status"));
+        assert!(
+            p.content_type.starts_with("application/apply-patch"),
+            "{}",
+            p.content_type
+        );
+        assert!(p.query.contains("fieldManager=nixroll-agent"), "{}", p.query);
+        assert!(p.query.contains("force=true"), "{}", p.query);
+        let keys: Vec<_> = p.body.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, vec!["apiVersion", "kind", "status"]);
+        let status_keys: Vec<_> = p.body["status"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(status_keys, vec!["agent"]);
+        assert!(!has_null(&p.body), "null in {:#}", p.body);
+    }
+    let obj = api.obj();
+    assert_eq!(obj["spec"]["revision"], json!(rev0));
+    assert_eq!(obj["status"]["phase"], json!("Verifying"));
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -1,0 +1,532 @@
+//! The agent's host logic against REAL Nix (a private store per test inside a simulated host
+//! root) and real test flakes in git repositories. Skips only when `nix` is not installed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nixroll::agent::host::Host;
+use nixroll::agent::node::{CrashPoint, HostOptions, NodeAgent, NodeError};
+use nixroll::api::{ActivationAction, ActivationGrant, ActivationState, AgentStatus, HostOperation, Target};
+use nixroll::nix::{Nix, NixCli};
+use nixroll::sim::flake::TestFlake;
+use nixroll::sim::host::{BootFault, SimHost};
+
+const NODE: &str = "node-1";
+
+fn nix_available() -> bool {
+    std::process::Command::new("nix")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+macro_rules! require_nix {
+    () => {
+        if !nix_available() {
+            eprintln!("SKIPPED: `nix` is not installed; these tests need real Nix (apt-get install nix-bin)");
+            return;
+        }
+    };
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    flake: TestFlake,
+    sim: Arc<SimHost>,
+    host: Arc<dyn Host>,
+    nix: Arc<dyn Nix>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let flake = TestFlake::create(tmp.path().join("flake"), &[NODE]).unwrap();
+        let sim = SimHost::create(tmp.path().join("host")).unwrap();
+        let host: Arc<dyn Host> = Arc::new(sim.host_root());
+        let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+        Fixture {
+            _tmp: tmp,
+            flake,
+            sim,
+            host,
+            nix,
+        }
+    }
+
+    fn agent(&self) -> NodeAgent {
+        let options = HostOptions {
+            activation_timeout: Duration::from_secs(30),
+            result_poll: Duration::from_millis(10),
+            ..Default::default()
+        };
+        NodeAgent::new(self.host.clone(), self.nix.clone(), options)
+    }
+
+    fn target(&self, rev: &str) -> Target {
+        Target {
+            revision: rev.to_string(),
+            installable: self.flake.installable(rev, NODE),
+            system: None,
+        }
+    }
+
+    /// Stage the flake's first commit and install it as the running system; returns its path.
+    async fn installed(&self) -> String {
+        let rev0 = self.flake.head().to_string();
+        let st = self
+            .agent()
+            .reconcile(Some(&self.target(&rev0)), None)
+            .await
+            .unwrap();
+        let system = match st.staged {
+            Some(s) => s.system,
+            None => panic!("initial system not staged: {:?}", st.last_error),
+        };
+        self.sim.install(&system).unwrap();
+        system
+    }
+
+    fn root(&self) -> &Path {
+        self.sim.root()
+    }
+}
+
+fn grant(id: &str, action: ActivationAction, system: &str) -> ActivationGrant {
+    ActivationGrant {
+        id: id.to_string(),
+        action,
+        system: system.to_string(),
+        granted_at: Time(Timestamp::UNIX_EPOCH),
+        boot_id_before: None,
+    }
+}
+
+fn state_of(st: &AgentStatus) -> ActivationState {
+    st.activation.as_ref().expect("activation reported").state
+}
+
+#[tokio::test]
+async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let boot_id = f.sim.boot_id();
+    let rev1 = f.flake.commit_kernel_change().unwrap();
+
+    let mut agent = f.agent();
+    let st = agent.reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+
+    let staged = st.staged.clone().expect("staged");
+    assert_eq!(staged.revision, rev1);
+    assert_eq!(staged.installable, f.target(&rev1).installable);
+    assert_ne!(staged.system, sys0);
+    assert!(
+        staged
+            .system
+            .starts_with(&f.root().join("nix/store").display().to_string())
+    );
+    assert!(
+        Path::new(&staged.system)
+            .join("bin/switch-to-configuration")
+            .exists()
+    );
+    assert!(staged.closure_bytes.unwrap() > 0);
+    assert!(staged.reboot_required);
+    assert_eq!(staged.reboot_reasons, vec!["kernel", "kernel-modules"]);
+    assert!(st.last_error.is_none());
+
+    // Pinned by a GC root owned by nixroll, registered with Nix as an indirect root.
+    let root = f.root().join(format!("var/lib/nixroll/gcroots/system-{rev1}"));
+    assert_eq!(std::fs::read_link(&root).unwrap(), Path::new(&staged.system));
+    let registered: Vec<_> = std::fs::read_dir(f.root().join("nix/var/nix/gcroots/auto"))
+        .unwrap()
+        .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(registered.contains(&root), "{registered:?} lacks {root:?}");
+
+    // Nothing the next boot or the running system depends on changed.
+    assert_eq!(f.sim.profile_system().as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.profile_generation, Some(1));
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.current_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.boot_id.as_deref(), Some(boot_id.as_str()));
+    assert_eq!(st.nixos_version.as_deref(), Some("24.05.1"));
+    assert!(f.sim.switch_log().is_empty());
+
+    // Same target again: nothing rebuilt, same answer. A superseding target drops the old root.
+    let again = agent.reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+    assert_eq!(again.staged, st.staged);
+    let rev2 = f.flake.commit_service_change().unwrap();
+    let st2 = agent.reconcile(Some(&f.target(&rev2)), None).await.unwrap();
+    assert_eq!(st2.staged.unwrap().revision, rev2);
+    assert!(!root.exists(), "stale root of the superseded target was kept");
+    assert!(
+        f.root()
+            .join(format!("var/lib/nixroll/gcroots/system-{rev2}"))
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn a_service_only_change_needs_no_reboot() {
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f.flake.commit_service_change().unwrap();
+    let st = f.agent().reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+    let staged = st.staged.unwrap();
+    assert_eq!(staged.revision, rev1);
+    assert!(!staged.reboot_required, "reasons: {:?}", staged.reboot_reasons);
+    assert!(staged.reboot_reasons.is_empty());
+}
+
+#[tokio::test]
+async fn staging_failures_are_reported_and_leave_the_host_untouched() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let rev0 = f.flake.head().to_string();
+    let mut agent = f.agent();
+
+    let wrong = "0123456789abcdef0123456789abcdef01234567";
+    let broken = f.flake.commit_broken_build().unwrap();
+    let eval = f
+        .flake
+        .commit_eval_error("nixroll-test: this configuration is broken")
+        .unwrap();
+    let missing = f.flake.commit_without_host(NODE).unwrap();
+    let cases = [
+        (wrong, "Cannot find Git revision"),
+        (broken.as_str(), "have the same priority"),
+        (eval.as_str(), "nixroll-test: this configuration is broken"),
+        (missing.as_str(), "does not provide attribute"),
+    ];
+    for (rev, expected) in cases {
+        let st = agent.reconcile(Some(&f.target(rev)), None).await.unwrap();
+        let err = st.last_error.expect("lastError reported");
+        assert_eq!(err.operation, HostOperation::Stage);
+        assert_eq!(err.revision.as_deref(), Some(rev));
+        assert!(err.message.contains(expected), "{rev}: {:?}", err.message);
+        assert!(err.message.len() <= 1000 * 4);
+        assert!(!err.message.contains("--show-trace"), "{:?}", err.message);
+        // still the old staged system; the host is as it was
+        assert_eq!(st.staged.unwrap().revision, rev0);
+        assert_eq!(f.sim.profile_system().as_deref(), Some(sys0.as_str()));
+        assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+        assert_eq!(f.sim.current_system().as_deref(), Some(sys0.as_str()));
+        assert!(
+            !f.root()
+                .join(format!("var/lib/nixroll/gcroots/system-{rev}"))
+                .exists()
+        );
+    }
+    // A good target afterwards clears the error.
+    let mut f2 = f;
+    let good = f2.flake.commit("fixed", |s| s.broken_build = false).unwrap();
+    // (the host was dropped from hosts.json by the last case: the commit keeps it dropped)
+    let st = agent.reconcile(Some(&f2.target(&good)), None).await.unwrap();
+    assert!(st.last_error.is_some(), "host still missing, still an error");
+}
+
+#[tokio::test]
+async fn switch_activates_live_once() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let boot_id = f.sim.boot_id();
+    let rev1 = f.flake.commit_service_change().unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+
+    let g = grant("g-1", ActivationAction::Switch, &sys1);
+    let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Switched);
+    assert_eq!(st.activation.as_ref().unwrap().id, "g-1");
+    assert_eq!(st.activation.as_ref().unwrap().exit_code, Some(0));
+    assert_eq!(st.profile_generation, Some(2));
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys1.as_str()));
+    assert_eq!(f.sim.reboot_count(), 0);
+    assert_eq!(f.sim.boot_id(), boot_id);
+    assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
+
+    // The same grant again (and a restarted agent): nothing is repeated.
+    agent.reconcile(Some(&t), Some(&g)).await.unwrap();
+    let st = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Switched);
+    assert_eq!(f.sim.switch_log().len(), 1);
+    assert_eq!(st.profile_generation, Some(2));
+}
+
+#[tokio::test]
+async fn boot_sets_the_default_and_reboots_once() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let boot_id = f.sim.boot_id();
+    let rev1 = f.flake.commit_kernel_change().unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+
+    let g = grant("g-boot", ActivationAction::Boot, &sys1);
+    let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
+    assert_eq!(f.sim.reboot_count(), 1);
+    assert_eq!(f.sim.switch_log(), vec![format!("boot {sys1}")]);
+    assert_eq!(state_of(&st), ActivationState::Rebooted);
+    let report = st.activation.clone().unwrap();
+    assert_eq!(report.boot_id_before.as_deref(), Some(boot_id.as_str()));
+    assert_ne!(st.boot_id.as_deref(), Some(boot_id.as_str()));
+    assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.profile_generation, Some(2));
+    // booted the staged system: nothing left that needs a reboot
+    assert!(!st.staged.as_ref().unwrap().reboot_required);
+
+    let st = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Rebooted);
+    assert_eq!(f.sim.reboot_count(), 1);
+
+    // Rollback: back to generation 1, boot it, reboot.
+    let g2 = grant("g-rollback", ActivationAction::Rollback, &sys1);
+    let st = agent.reconcile(Some(&t), Some(&g2)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Rebooted);
+    assert_eq!(st.profile_generation, Some(1));
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(f.sim.reboot_count(), 2);
+    assert_eq!(f.sim.switch_log().last().unwrap(), &format!("boot {sys0}"));
+}
+
+#[tokio::test]
+async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let rev1 = f
+        .flake
+        .commit("new init", |s| s.init_interface_version = "systemd-2".into())
+        .unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let staged = agent.reconcile(Some(&t), None).await.unwrap().staged.unwrap();
+    assert_eq!(staged.reboot_reasons, vec!["init-interface-version"]);
+    let st = agent
+        .reconcile(
+            Some(&t),
+            Some(&grant("g1", ActivationAction::Switch, &staged.system)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(state_of(&st), ActivationState::NeedsReboot);
+    assert_eq!(st.activation.as_ref().unwrap().exit_code, Some(100));
+    assert_eq!(st.current_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(f.sim.boot_default().as_deref(), Some(staged.system.as_str()));
+    assert_eq!(f.sim.reboot_count(), 0);
+
+    let rev2 = f
+        .flake
+        .commit("switch fails", |s| s.switch_exit = Some(3))
+        .unwrap();
+    let t2 = f.target(&rev2);
+    let sys2 = agent
+        .reconcile(Some(&t2), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    let st = agent
+        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
+        .await
+        .unwrap();
+    assert_eq!(state_of(&st), ActivationState::Failed);
+    let err = st.last_error.unwrap();
+    assert_eq!(err.operation, HostOperation::Activate);
+    assert_eq!(err.revision.as_deref(), Some(rev2.as_str()));
+    assert!(err.message.contains("exited 3"), "{}", err.message);
+    assert!(
+        err.message.contains("sim: switch-to-configuration switch fails"),
+        "{}",
+        err.message
+    );
+
+    // A grant for a path that is not in the store fails before touching the profile.
+    let gen_before = st.profile_generation;
+    let st = agent
+        .reconcile(
+            Some(&t2),
+            Some(&grant(
+                "g3",
+                ActivationAction::Switch,
+                "/nix/store/00000000000000000000000000000000-missing",
+            )),
+        )
+        .await
+        .unwrap();
+    assert_eq!(state_of(&st), ActivationState::Failed);
+    assert_eq!(st.profile_generation, gen_before);
+}
+
+#[tokio::test]
+async fn fallback_boot_is_visible_in_the_report() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let rev1 = f.flake.commit_kernel_change().unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    f.sim.set_fault(Some(BootFault::FallbackToPrevious));
+    let st = agent
+        .reconcile(Some(&t), Some(&grant("g", ActivationAction::Boot, &sys1)))
+        .await
+        .unwrap();
+    // Rebooted (new boot id), but into the old system: the controller sees booted != staged.
+    assert_eq!(state_of(&st), ActivationState::Rebooted);
+    assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    assert!(st.staged.unwrap().reboot_required);
+}
+
+/// Kill the agent logic at every step of a Boot activation; a new agent over the same host
+/// finishes the job, reports correctly and never reboots or switches a second time.
+#[tokio::test]
+async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
+    require_nix!();
+    for point in [
+        CrashPoint::BeforeProfileSet,
+        CrashPoint::AfterProfileSet,
+        CrashPoint::AfterSwitch,
+        CrashPoint::BeforeReboot,
+        CrashPoint::AfterReboot,
+    ] {
+        let mut f = Fixture::new();
+        let sys0 = f.installed().await;
+        let boot_id = f.sim.boot_id();
+        let rev1 = f.flake.commit_kernel_change().unwrap();
+        let t = f.target(&rev1);
+        let sys1 = f
+            .agent()
+            .reconcile(Some(&t), None)
+            .await
+            .unwrap()
+            .staged
+            .unwrap()
+            .system;
+        let g = grant("g-crash", ActivationAction::Boot, &sys1);
+
+        let crashed = f.agent().crash_at(point).reconcile(Some(&t), Some(&g)).await;
+        assert!(
+            matches!(crashed, Err(NodeError::Crashed(p)) if p == point),
+            "{point:?}: {crashed:?}"
+        );
+        // The restarted agent, twice (a second restart must not change anything either).
+        let st = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
+        let st2 = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
+        assert_eq!(st, st2, "{point:?}: a second restart changed the report");
+
+        let boots = f
+            .sim
+            .switch_log()
+            .iter()
+            .filter(|l| l.starts_with("boot "))
+            .count();
+        assert_eq!(
+            boots, 1,
+            "{point:?}: switch-to-configuration boot ran {boots} times"
+        );
+        assert_eq!(st.profile_generation, Some(2), "{point:?}");
+        assert_eq!(f.sim.boot_default().as_deref(), Some(sys1.as_str()), "{point:?}");
+        let report = st.activation.unwrap();
+        assert_eq!(
+            report.boot_id_before.as_deref(),
+            Some(boot_id.as_str()),
+            "{point:?}"
+        );
+        if point == CrashPoint::BeforeReboot {
+            // Recorded "reboot issued" but died before asking: never reboot from that record;
+            // report and let the controller's timeout decide.
+            assert_eq!(f.sim.reboot_count(), 0, "{point:?}");
+            assert_eq!(report.state, ActivationState::RebootRequested);
+            assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+        } else {
+            assert_eq!(f.sim.reboot_count(), 1, "{point:?}");
+            assert_eq!(report.state, ActivationState::Rebooted, "{point:?}");
+            assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()), "{point:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn restarted_rollback_rolls_back_only_once() {
+    require_nix!();
+    let mut f = Fixture::new();
+    let sys0 = f.installed().await;
+    let rev1 = f.flake.commit_service_change().unwrap();
+    let t = f.target(&rev1);
+    let mut agent = f.agent();
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    agent
+        .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
+        .await
+        .unwrap();
+    let rev2 = f.flake.commit_service_change().unwrap();
+    let t2 = f.target(&rev2);
+    let sys2 = agent
+        .reconcile(Some(&t2), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    let st = agent
+        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
+        .await
+        .unwrap();
+    assert_eq!(st.profile_generation, Some(3));
+
+    let g = grant("g-rb", ActivationAction::Rollback, &sys2);
+    let crashed = f
+        .agent()
+        .crash_at(CrashPoint::AfterProfileSet)
+        .reconcile(Some(&t2), Some(&g))
+        .await;
+    assert!(matches!(crashed, Err(NodeError::Crashed(_))));
+    let st = f.agent().reconcile(Some(&t2), Some(&g)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Rebooted);
+    assert_eq!(st.profile_generation, Some(2), "rolled back more than once");
+    assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()));
+    assert_ne!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(f.sim.reboot_count(), 1);
+}
