@@ -2,5 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod controller;
+pub mod drain;
 pub mod names;
 pub mod rollout;
