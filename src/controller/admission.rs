@@ -154,8 +154,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        let n = persisted.lock().unwrap().len();
-        n
+        persisted.lock().unwrap().len()
     }
 
     /// Two concurrent reconciles of two Waiting nodes, budget 1, and a store that has not seen
