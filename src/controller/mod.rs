@@ -197,6 +197,49 @@ pub struct Context {
     leading: Arc<AtomicBool>,
 }
 
+/// The watch caches a [`Context`] reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub nixosnodes: Store<NixOSNode>,
+    pub nodes: Store<Node>,
+    pub pause: Store<ConfigMap>,
+}
+
+impl Context {
+    /// A context over `stores`; the receiver yields the Waiting nodes to reconcile after a slot
+    /// was released (the controller feeds it to `reconcile_on`).
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        let (wake, wake_rx) = mpsc::unbounded_channel();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_MANAGER.to_string(),
+                instance: Some(config.identity.clone()),
+            },
+        );
+        let ctx = Context {
+            client,
+            config,
+            nixosnodes: stores.nixosnodes,
+            nodes: stores.nodes,
+            pause: stores.pause,
+            admission: Mutex::new(PendingWrites::default()),
+            drains: std::sync::Mutex::new(HashMap::new()),
+            recorder,
+            metrics,
+            wake,
+            leading,
+        };
+        (Arc::new(ctx), wake_rx)
+    }
+}
+
 fn to_std(d: jiff::SignedDuration) -> Duration {
     Duration::try_from(d).unwrap_or(Duration::ZERO)
 }
@@ -478,9 +521,33 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         None
     };
     let view = view_of(&obj, &status, &observation);
-    let mut decision: Decision = decide(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    let decision: Decision = decide(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    execute_with_gate(ctx, &obj, &status, decision, gate).await
+}
+
+/// Perform a decision for `obj` whose current controller-owned status is `current`: persist
+/// `decision.status` (when it changed), then the actions in order, then the notes as Events.
+/// Exactly what the decision says, nothing more. Public for request-level tests.
+pub async fn execute(
+    ctx: &Context,
+    obj: &NixOSNode,
+    current: &NixOSNodeStatus,
+    decision: Decision,
+) -> Result<Requeue, ControllerError> {
+    execute_with_gate(ctx, obj, current, decision, None).await
+}
+
+async fn execute_with_gate(
+    ctx: &Context,
+    obj: &NixOSNode,
+    current: &NixOSNodeStatus,
+    mut decision: Decision,
+    gate: Option<tokio::sync::MutexGuard<'_, PendingWrites>>,
+) -> Result<Requeue, ControllerError> {
+    let name = obj.name_any();
+    let now = Timestamp::now();
     decision.status.agent = None;
-    let before = controller_part(&status);
+    let before = controller_part(current);
 
     // Persist intent first (under the admission gate when this is a grant).
     if before != decision.status {
@@ -726,31 +793,15 @@ async fn lead(
     .touched_objects()
     .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
 
-    let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-    let wake_stream =
-        futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
-
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: CONTROLLER_MANAGER.to_string(),
-            instance: Some(config.identity.clone()),
-        },
-    );
     let concurrency = config.concurrency;
-    let ctx = Arc::new(Context {
-        client,
-        config,
+    let stores = Stores {
         nixosnodes: nxn_reader.clone(),
         nodes: node_reader.clone(),
         pause: pause_reader.clone(),
-        admission: Mutex::new(PendingWrites::default()),
-        drains: std::sync::Mutex::new(HashMap::new()),
-        recorder,
-        metrics,
-        wake: wake_tx,
-        leading,
-    });
+    };
+    let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
+    let wake_stream =
+        futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     let synced = {
         let health = health.clone();
