@@ -195,6 +195,22 @@ pub struct Context {
     /// Reconcile these (Waiting) nodes: a slot was released.
     wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
     leading: Arc<AtomicBool>,
+    rollout: RolloutFns,
+}
+
+/// The pure rollout functions the controller calls: [`crate::rollout::decide`] and
+/// [`crate::rollout::admit`] unless a test substitutes its own.
+#[derive(Clone, Copy)]
+pub struct RolloutFns {
+    pub decide:
+        for<'a, 'b> fn(&'a NodeView<'b>, bool, Option<&'a DrainProgress>, &'a Policy, Timestamp) -> Decision,
+    pub admit: for<'a, 'b> fn(&'a [NodeView<'b>], &'a ClusterState, &'a Policy, Timestamp) -> Vec<String>,
+}
+
+impl Default for RolloutFns {
+    fn default() -> Self {
+        RolloutFns { decide, admit }
+    }
 }
 
 /// The watch caches a [`Context`] reads.
@@ -206,6 +222,18 @@ pub struct Stores {
 }
 
 impl Context {
+    /// The same context calling `rollout` instead of the real decision functions (tests).
+    pub fn with_rollout(
+        client: Client,
+        config: ControllerConfig,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+        rollout: RolloutFns,
+    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        Self::build(client, config, stores, metrics, leading, rollout)
+    }
+
     /// A context over `stores`; the receiver yields the Waiting nodes to reconcile after a slot
     /// was released (the controller feeds it to `reconcile_on`).
     pub fn new(
@@ -214,6 +242,17 @@ impl Context {
         stores: Stores,
         metrics: Arc<Metrics>,
         leading: Arc<AtomicBool>,
+    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        Self::build(client, config, stores, metrics, leading, RolloutFns::default())
+    }
+
+    fn build(
+        client: Client,
+        config: ControllerConfig,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+        rollout: RolloutFns,
     ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
         let (wake, wake_rx) = mpsc::unbounded_channel();
         let recorder = Recorder::new(
@@ -235,6 +274,7 @@ impl Context {
             metrics,
             wake,
             leading,
+            rollout,
         };
         (Arc::new(ctx), wake_rx)
     }
@@ -330,7 +370,7 @@ impl Context {
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),
         };
-        admit(&views, &cluster, &self.config.policy, now)
+        (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
             .iter()
             .any(|n| n == me)
     }
@@ -521,7 +561,8 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         None
     };
     let view = view_of(&obj, &status, &observation);
-    let decision: Decision = decide(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    let decision: Decision =
+        (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
     execute_with_gate(ctx, &obj, &status, decision, gate).await
 }
 
