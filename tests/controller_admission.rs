@@ -159,3 +159,93 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
         assert_eq!(granted.len(), 1, "round {round}: slots granted to {granted:?}");
     }
 }
+
+fn with_status(name: &str, status: NixOSNodeStatus) -> NixOSNode {
+    let mut n = waiting(name);
+    n.status = Some(status);
+    n
+}
+
+/// Releasing a slot sends the Waiting nodes (and only those) to the work queue at once, and the
+/// finished phase's duration is recorded.
+#[tokio::test]
+async fn releasing_a_slot_wakes_the_waiting_nodes() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let since = Timestamp::now() - jiff::SignedDuration::from_secs(90);
+    let draining = NixOSNodeStatus {
+        phase: Some(Phase::Draining),
+        last_transition_time: Some(Time(since)),
+        slot: Some(Slot {
+            granted_at: Time(since),
+            was_unschedulable: false,
+            cordoned_by_nixroll: false,
+            drain_started_at: None,
+            forced: false,
+        }),
+        ..NixOSNodeStatus::default()
+    };
+    let (nxn, mut w) = reflector::store::<NixOSNode>();
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitApply(with_status("a", draining.clone())));
+    w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
+    w.apply_watcher_event(&watcher::Event::InitApply(with_status(
+        "c",
+        NixOSNodeStatus {
+            phase: Some(Phase::UpToDate),
+            ..NixOSNodeStatus::default()
+        },
+    )));
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    let (nodes, mut wn) = reflector::store();
+    wn.apply_watcher_event(&watcher::Event::InitDone);
+    let (pause, mut wp) = reflector::store();
+    wp.apply_watcher_event(&watcher::Event::InitDone);
+    let metrics = Arc::new(Metrics::new());
+    let (ctx, mut wake) = Context::new(
+        client,
+        ControllerConfig::new("test"),
+        Stores {
+            nixosnodes: nxn,
+            nodes,
+            pause,
+        },
+        metrics.clone(),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let done = NixOSNodeStatus {
+        phase: Some(Phase::UpToDate),
+        last_transition_time: Some(Time(Timestamp::now())),
+        ..NixOSNodeStatus::default()
+    };
+    let decision = Decision {
+        status: done,
+        actions: Vec::new(),
+        notes: Vec::new(),
+        requeue_after: None,
+    };
+    let obj = with_status("a", draining.clone());
+    let task =
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &draining, decision).await });
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(
+                serde_json::to_vec(&serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}}))
+                .unwrap(),
+            ))
+            .unwrap(),
+    );
+    task.await.unwrap().unwrap();
+    let woken = wake.recv().await.unwrap();
+    assert_eq!(woken.name, "b");
+    assert!(wake.try_recv().is_err(), "only Waiting nodes are woken");
+    let text = metrics.encode().unwrap();
+    assert!(
+        text.contains("nixroll_phase_duration_seconds_count{phase=\"Draining\"} 1"),
+        "{text}"
+    );
+}
