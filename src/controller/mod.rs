@@ -350,6 +350,9 @@ impl Context {
         let objs = self.nixosnodes.state();
         let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
         pending.retain_present(&present);
+        if let Ok(mut drains) = self.drains.lock() {
+            drains.retain(|n, _| present.contains(n.as_str()));
+        }
         let empty = NixOSNodeStatus::default();
         let rows: Vec<(&NixOSNode, Cow<'_, NixOSNodeStatus>, NodeObservation)> = objs
             .iter()
