@@ -130,13 +130,106 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|e| format!("{s:?} must not be negative: {e}"))
 }
 
-fn init_tracing() {
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use nixroll::controller::{ControllerConfig, LeaderElectionConfig, default_identity};
+    init_tracing(args.log_json);
+    let identity = default_identity();
+    let mut config = ControllerConfig::new(&identity);
+    config.policy.max_unavailable = args.max_unavailable;
+    config.policy.failure_threshold = args.failure_threshold;
+    config.policy.timeouts = nixroll::rollout::PhaseTimeouts {
+        staging: args.staging_timeout,
+        draining: args.draining_timeout,
+        activating: args.activating_timeout,
+        rebooting: args.rebooting_timeout,
+        verifying: args.verifying_timeout,
+    };
+    config.metrics_addr = Some(args.metrics_addr);
+    if args.leader_election && !args.no_leader_election {
+        config.leader_election = Some(LeaderElectionConfig::new(
+            &args.lease_namespace,
+            nixroll::names::LEADER_LEASE,
+            &identity,
+        ));
+    }
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (kubeconfig or in-cluster config)")?;
+        nixroll::controller::run(client, config, shutdown_signal())
+            .await
+            .context("controller")
+    })
+}
+
+fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use nixroll::agent::host::{Host, HostRoot, RealHost, RebootHook};
+    use nixroll::nix::{Nix, NixCli};
+
+    init_tracing(false);
+    let host: Arc<dyn Host> = match &args.host_root {
+        Some(dir) => {
+            let reboot = args
+                .reboot_command
+                .as_deref()
+                .map(RebootHook::command_line)
+                .unwrap_or_default();
+            Arc::new(HostRoot::new(dir, reboot).with_private_nix_store())
+        }
+        None => Arc::new(RealHost::new(&args.host_fs)),
+    };
+    let mut nix = NixCli::new(host.clone());
+    if args.offline {
+        nix = nix.offline();
+    }
+    let nix: Arc<dyn Nix> = Arc::new(nix);
+    let config = nixroll::agent::AgentConfig::new(args.node, host, nix);
+    let runtime = runtime()?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default().await?;
+        nixroll::agent::run(client, config, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

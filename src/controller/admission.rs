@@ -1,0 +1,174 @@
+//! The single admission decision point's memory of its own writes.
+//!
+//! The reflector store lags behind the API: right after the controller persisted "node A holds
+//! a slot", the store may still show A without one. Admitting from the store alone would then
+//! hand out A's slot a second time. [`PendingWrites`] remembers the controller-owned status this
+//! process last persisted for each node, and [`PendingWrites::effective`] answers with it until
+//! the store shows the same phase and slot. It lives inside the admission mutex, so grant →
+//! persist → record is one critical section.
+//!
+//! After a restart the map is empty and the store (waited on until it is synced) is the truth:
+//! slots are persisted in `status.slot`, so nothing is over-admitted.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::api::{NixOSNodeStatus, Phase};
+
+/// What admission needs to agree on between the store and our last write.
+fn key(s: &NixOSNodeStatus) -> (Option<Phase>, bool) {
+    (s.phase, s.slot.is_some())
+}
+
+/// Statuses this process persisted that the store may not show yet.
+#[derive(Debug, Default)]
+pub struct PendingWrites {
+    by_node: HashMap<String, NixOSNodeStatus>,
+}
+
+impl PendingWrites {
+    /// Remember that `status` (controller-owned part) was persisted for `node`.
+    pub fn record(&mut self, node: &str, status: &NixOSNodeStatus) {
+        let mut s = status.clone();
+        s.agent = None;
+        self.by_node.insert(node.to_string(), s);
+    }
+
+    /// The status admission must use for `node`: our last write while the store has not caught
+    /// up with its phase and slot, else the stored one (and the entry is dropped).
+    pub fn effective(&mut self, node: &str, stored: &NixOSNodeStatus) -> Option<NixOSNodeStatus> {
+        let pending = self.by_node.get(node)?;
+        if key(pending) == key(stored) {
+            self.by_node.remove(node);
+            return None;
+        }
+        let mut s = pending.clone();
+        s.agent.clone_from(&stored.agent);
+        Some(s)
+    }
+
+    /// Forget nodes that no longer exist.
+    pub fn retain_present(&mut self, present: &HashSet<&str>) {
+        self.by_node.retain(|n, _| present.contains(n.as_str()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_node.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_node.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use tokio::sync::Mutex;
+
+    use super::*;
+    use crate::api::Slot;
+
+    fn waiting() -> NixOSNodeStatus {
+        NixOSNodeStatus {
+            phase: Some(Phase::Waiting),
+            ..NixOSNodeStatus::default()
+        }
+    }
+
+    fn draining() -> NixOSNodeStatus {
+        NixOSNodeStatus {
+            phase: Some(Phase::Draining),
+            slot: Some(Slot {
+                granted_at: Time(jiff::Timestamp::UNIX_EPOCH),
+                was_unschedulable: false,
+                cordoned_by_nixroll: false,
+                drain_started_at: None,
+                forced: false,
+            }),
+            ..NixOSNodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn pending_write_wins_until_the_store_catches_up() {
+        let mut p = PendingWrites::default();
+        p.record("a", &draining());
+        // Store still shows Waiting: our grant is what counts.
+        assert_eq!(p.effective("a", &waiting()).unwrap().phase, Some(Phase::Draining));
+        assert_eq!(p.len(), 1);
+        // Store caught up: entry dropped, store is the truth again.
+        assert!(p.effective("a", &draining()).is_none());
+        assert!(p.is_empty());
+        // Release recorded while the store still shows the slot: the release counts.
+        p.record("a", &waiting());
+        assert!(p.effective("a", &draining()).unwrap().slot.is_none());
+        let present: HashSet<&str> = HashSet::new();
+        p.retain_present(&present);
+        assert!(p.is_empty());
+    }
+
+    /// A toy admission gate with budget 1: `me` may take a slot when it is Waiting and no
+    /// node holds one (the real gate is `crate::rollout::admit`).
+    fn toy_admit(statuses: &[(&str, NixOSNodeStatus)], me: &str) -> bool {
+        let busy = statuses.iter().filter(|(_, s)| s.slot.is_some()).count();
+        busy < 1
+            && statuses
+                .iter()
+                .any(|(n, s)| *n == me && s.phase == Some(Phase::Waiting))
+    }
+
+    /// Both reconciles run concurrently against a store that never sees a grant; returns how
+    /// many slots were granted.
+    async fn race(use_pending: bool) -> usize {
+        let store: Arc<Vec<(&'static str, NixOSNodeStatus)>> =
+            Arc::new(vec![("a", waiting()), ("b", waiting())]);
+        let gate = Arc::new(Mutex::new(PendingWrites::default()));
+        let persisted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut tasks = Vec::new();
+        for me in ["a", "b"] {
+            let (store, gate, persisted) = (store.clone(), gate.clone(), persisted.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut pending = gate.lock().await;
+                let effective: Vec<(&str, NixOSNodeStatus)> = store
+                    .iter()
+                    .map(|(n, s)| {
+                        let e = if use_pending {
+                            pending.effective(n, s)
+                        } else {
+                            None
+                        };
+                        (*n, e.unwrap_or_else(|| s.clone()))
+                    })
+                    .collect();
+                if toy_admit(&effective, me) {
+                    // The status write happens under the lock (simulated API latency).
+                    tokio::task::yield_now().await;
+                    persisted.lock().unwrap().push(me.to_string());
+                    pending.record(me, &draining());
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        persisted.lock().unwrap().len()
+    }
+
+    /// Two concurrent reconciles of two Waiting nodes, budget 1, and a store that has not seen
+    /// the first grant: exactly one node gets the slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reconciles_never_both_get_the_slot_with_a_stale_store() {
+        for _ in 0..100 {
+            assert_eq!(race(true).await, 1, "budget 1 over-admitted");
+        }
+    }
+
+    /// Without the pending writes the same race over-admits: the test above can fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_pending_writes_a_stale_store_over_admits() {
+        assert_eq!(race(false).await, 2);
+    }
+}

@@ -1,0 +1,252 @@
+//! Prometheus metrics and the health endpoints. Label values are bounded: phase names and the
+//! fixed error categories, never error text or node names.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::api::Phase;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabel {
+    pub category: &'static str,
+}
+
+/// All metrics of the controller, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    pub nodes: Family<PhaseLabel, Gauge>,
+    pub phase_duration: Family<PhaseLabel, Histogram>,
+    pub failures: Family<CategoryLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Family<CategoryLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nixroll");
+        let nodes = Family::<PhaseLabel, Gauge>::default();
+        let phase_duration = Family::<PhaseLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 16))
+        });
+        let failures = Family::<CategoryLabel, Counter>::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let reconcile_errors = Family::<CategoryLabel, Counter>::default();
+        registry.register("nodes", "NixOSNodes per rollout phase", nodes.clone());
+        registry.register(
+            "phase_duration_seconds",
+            "Time spent in each finished phase",
+            phase_duration.clone(),
+        );
+        registry.register(
+            "failures",
+            "Rollout failures by reason category",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by category",
+            reconcile_errors.clone(),
+        );
+        Metrics {
+            registry,
+            nodes,
+            phase_duration,
+            failures,
+            reconcile_duration,
+            reconcile_errors,
+        }
+    }
+
+    /// Set the per-phase node gauge from a full count.
+    pub fn set_phase_counts(&self, counts: &[(Phase, i64)]) {
+        for (phase, n) in counts {
+            self.nodes
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .set(*n);
+        }
+    }
+
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Process health as `/healthz` and `/readyz` report it.
+#[derive(Default)]
+pub struct Health {
+    /// This replica is leading and its stores are synced.
+    pub synced: AtomicBool,
+    /// This replica is a healthy standby (waiting for the Lease).
+    pub standby: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) || self.standby.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+async fn metrics_handler(
+    State(s): State<ServerState>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    let ct = [(
+        "content-type",
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+    )];
+    match s.metrics.encode() {
+        Ok(body) => (StatusCode::OK, ct, body),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, ct, String::new()),
+    }
+}
+
+async fn readyz(State(s): State<ServerState>) -> StatusCode {
+    if s.health.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// The router serving `/metrics`, `/healthz`, `/readyz`.
+pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { StatusCode::OK }))
+        .route("/readyz", get(readyz))
+        .with_state(ServerState { metrics, health })
+}
+
+/// Bind `addr` (bind errors are returned at once) and serve until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = router(metrics, health);
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok((local, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_metric_names() {
+        let m = Metrics::new();
+        m.set_phase_counts(&[(Phase::Draining, 2)]);
+        m.failures
+            .get_or_create(&CategoryLabel {
+                category: "DrainTimeout",
+            })
+            .inc();
+        m.reconcile_duration.observe(0.01);
+        m.phase_duration
+            .get_or_create(&PhaseLabel { phase: "Draining" })
+            .observe(3.0);
+        let text = m.encode().unwrap();
+        assert!(text.contains("nixroll_nodes{phase=\"Draining\"} 2"), "{text}");
+        assert!(
+            text.contains("nixroll_failures_total{category=\"DrainTimeout\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nixroll_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nixroll_phase_duration_seconds_count{phase=\"Draining\"} 1"),
+            "{text}"
+        );
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).await.unwrap();
+        let code = out[9..12].parse().unwrap();
+        (code, out)
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr, server) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics.clone(),
+            health.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503, "not synced, not standby");
+        health.standby.store(true, Ordering::SeqCst);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        health.standby.store(false, Ordering::SeqCst);
+        health.synced.store(true, Ordering::SeqCst);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        metrics.set_phase_counts(&[(Phase::Waiting, 3)]);
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("nixroll_nodes{phase=\"Waiting\"} 3"), "{body}");
+        tx.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -1,0 +1,1009 @@
+//! The controller's Kubernetes side: observe → decide → act → write status.
+//!
+//! * **observe**: reflector stores (trimmed, see [`observe`]) of NixOSNodes, Nodes and the pause
+//!   ConfigMap; pods are listed per node only while it drains ([`crate::drain`]).
+//! * **decide**: [`crate::rollout::admit`] (under one async mutex, the single admission point,
+//!   over the store united with this process's own not-yet-visible writes, see [`admission`])
+//!   and [`crate::rollout::decide`].
+//! * **write status**: server-side apply of the controller-owned status (never `agent`) under
+//!   `nixroll-controller`, *before* acting, so a restart can finish or undo the step.
+//! * **act**: cordon / uncordon / one eviction pass / force delete, Events, requeue.
+//!
+//! One replica leads (a Lease, see [`leader`]); standbys write nothing. [`run`] is usable
+//! in-process: no global state, everything in [`ControllerConfig`], clean shutdown.
+
+pub mod admission;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{Action as Requeue, Config as ControllerRuntimeConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, watcher};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::{Mutex, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::api::{NixOSNode, NixOSNodeStatus, Phase};
+use crate::drain::{self, DrainError};
+use crate::names::{CONTROLLER_MANAGER, NAMESPACE, PAUSE_CONFIGMAP};
+use crate::rollout::{
+    Action, ClusterState, Decision, DrainProgress, NodeObservation, NodeView, Policy, admit, decide,
+};
+
+pub use admission::PendingWrites;
+pub use leader::{LeaderElectionConfig, LeaderElector, LeaseOutcome};
+pub use metrics::{Health, Metrics};
+
+/// Everything `nixroll controller` is configured with.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Budget, failure threshold, phase timeouts, drain backoff.
+    pub policy: Policy,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz`; `None`: no server (tests).
+    pub metrics_addr: Option<SocketAddr>,
+    /// `None`: act as leader at once (single replica, tests).
+    pub leader_election: Option<LeaderElectionConfig>,
+    /// Namespace of the pause ConfigMap (`nixroll-system`).
+    pub pause_namespace: String,
+    /// Reporting instance of Events and Lease holder identity.
+    pub identity: String,
+    /// Bound of every single API request.
+    pub api_timeout: Duration,
+    /// How long a reconcile waits for the stores' first sync before failing (transient).
+    pub sync_timeout: Duration,
+    /// Parallel reconciles (0: unbounded).
+    pub concurrency: u16,
+    /// First and longest wait between two eviction passes of a draining node.
+    pub drain_pass_backoff: (Duration, Duration),
+}
+
+impl ControllerConfig {
+    pub fn new(identity: &str) -> Self {
+        ControllerConfig {
+            policy: Policy::default(),
+            metrics_addr: None,
+            leader_election: None,
+            pause_namespace: NAMESPACE.to_string(),
+            identity: identity.to_string(),
+            api_timeout: Duration::from_secs(10),
+            sync_timeout: Duration::from_secs(60),
+            concurrency: 16,
+            drain_pass_backoff: (Duration::from_secs(2), Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `POD_NAME` (or `HOSTNAME`, or `nixroll`) plus a random suffix: unique per process.
+pub fn default_identity() -> String {
+    let base = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "nixroll".to_string());
+    let suffix: String = (0..6).map(|_| fastrand::alphanumeric()).collect();
+    format!("{base}-{}", suffix.to_lowercase())
+}
+
+/// Errors of the controller layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("writing the status of {node}: {source}")]
+    WriteStatus {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cordoning node {node}: {source}")]
+    Cordon {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("uncordoning node {node}: {source}")]
+    Uncordon {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("draining node {node}: {source}")]
+    Drain {
+        node: String,
+        #[source]
+        source: DrainError,
+    },
+    #[error("{operation} on {node} timed out after {timeout:?}")]
+    Timeout {
+        operation: &'static str,
+        node: String,
+        timeout: Duration,
+    },
+    #[error("the watch caches did not sync within {0:?}")]
+    StoresNotReady(Duration),
+    #[error("leader election: {0}")]
+    Lease(#[from] leader::LeaderError),
+    #[error("serving metrics on {addr}: {source}")]
+    MetricsServer {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ControllerError {
+    /// Fixed category: Event reason and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            ControllerError::WriteStatus { .. } => "StatusWriteFailed",
+            ControllerError::Cordon { .. } => "CordonFailed",
+            ControllerError::Uncordon { .. } => "UncordonFailed",
+            ControllerError::Drain { source, .. } => source.category(),
+            ControllerError::Timeout { .. } => "ApiTimeout",
+            ControllerError::StoresNotReady(_) => "CacheNotSynced",
+            ControllerError::Lease(e) => e.category(),
+            ControllerError::MetricsServer { .. } => "MetricsServerFailed",
+        }
+    }
+
+    /// Transient errors (API 5xx, 429, 409, timeouts, transport) get a short backoff.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ControllerError::WriteStatus { source, .. }
+            | ControllerError::Cordon { source, .. }
+            | ControllerError::Uncordon { source, .. } => drain::is_transient_kube(source),
+            ControllerError::Drain { source, .. } => source.is_transient(),
+            ControllerError::Timeout { .. } | ControllerError::StoresNotReady(_) => true,
+            ControllerError::Lease(_) => true,
+            ControllerError::MetricsServer { .. } => false,
+        }
+    }
+}
+
+/// In-memory drain bookkeeping of one node (only while Draining).
+#[derive(Clone, Debug)]
+struct DrainState {
+    progress: DrainProgress,
+    /// Passes in a row that ended with pods left.
+    attempts: u32,
+    not_before: Instant,
+}
+
+/// Everything a reconcile needs; one per leadership term.
+pub struct Context {
+    client: Client,
+    config: ControllerConfig,
+    nixosnodes: Store<NixOSNode>,
+    nodes: Store<Node>,
+    pause: Store<ConfigMap>,
+    /// The single admission point: held while admitting, deciding and persisting a grant.
+    admission: Mutex<PendingWrites>,
+    drains: std::sync::Mutex<HashMap<String, DrainState>>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    /// Reconcile these (Waiting) nodes: a slot was released.
+    wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
+    leading: Arc<AtomicBool>,
+    rollout: RolloutFns,
+}
+
+/// The pure rollout functions the controller calls: [`crate::rollout::decide`] and
+/// [`crate::rollout::admit`] unless a test substitutes its own.
+#[derive(Clone, Copy)]
+pub struct RolloutFns {
+    pub decide:
+        for<'a, 'b> fn(&'a NodeView<'b>, bool, Option<&'a DrainProgress>, &'a Policy, Timestamp) -> Decision,
+    pub admit: for<'a, 'b> fn(&'a [NodeView<'b>], &'a ClusterState, &'a Policy, Timestamp) -> Vec<String>,
+}
+
+impl Default for RolloutFns {
+    fn default() -> Self {
+        RolloutFns { decide, admit }
+    }
+}
+
+/// The watch caches a [`Context`] reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub nixosnodes: Store<NixOSNode>,
+    pub nodes: Store<Node>,
+    pub pause: Store<ConfigMap>,
+}
+
+impl Context {
+    /// The same context calling `rollout` instead of the real decision functions (tests).
+    pub fn with_rollout(
+        client: Client,
+        config: ControllerConfig,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+        rollout: RolloutFns,
+    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        Self::build(client, config, stores, metrics, leading, rollout)
+    }
+
+    /// A context over `stores`; the receiver yields the Waiting nodes to reconcile after a slot
+    /// was released (the controller feeds it to `reconcile_on`).
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        Self::build(client, config, stores, metrics, leading, RolloutFns::default())
+    }
+
+    fn build(
+        client: Client,
+        config: ControllerConfig,
+        stores: Stores,
+        metrics: Arc<Metrics>,
+        leading: Arc<AtomicBool>,
+        rollout: RolloutFns,
+    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        let (wake, wake_rx) = mpsc::unbounded_channel();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_MANAGER.to_string(),
+                instance: Some(config.identity.clone()),
+            },
+        );
+        let ctx = Context {
+            client,
+            config,
+            nixosnodes: stores.nixosnodes,
+            nodes: stores.nodes,
+            pause: stores.pause,
+            admission: Mutex::new(PendingWrites::default()),
+            drains: std::sync::Mutex::new(HashMap::new()),
+            recorder,
+            metrics,
+            wake,
+            leading,
+            rollout,
+        };
+        (Arc::new(ctx), wake_rx)
+    }
+}
+
+fn to_std(d: jiff::SignedDuration) -> Duration {
+    Duration::try_from(d).unwrap_or(Duration::ZERO)
+}
+
+fn min_requeue(a: Option<Duration>, b: Duration) -> Option<Duration> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+fn controller_part(status: &NixOSNodeStatus) -> NixOSNodeStatus {
+    let mut s = status.clone();
+    s.agent = None;
+    s
+}
+
+/// Condition reasons as bounded metric labels.
+fn failure_category(reason: &str) -> &'static str {
+    match reason {
+        "StageFailed" => "StageFailed",
+        "StageTimeout" => "StageTimeout",
+        "DrainTimeout" => "DrainTimeout",
+        "DrainFailed" => "DrainFailed",
+        "ActivationFailed" => "ActivationFailed",
+        "ActivationTimeout" => "ActivationTimeout",
+        "RebootTimeout" => "RebootTimeout",
+        "BootedWrongSystem" => "BootedWrongSystem",
+        "VerifyTimeout" => "VerifyTimeout",
+        "NodeNotReady" => "NodeNotReady",
+        "RebootRequired" => "RebootRequired",
+        _ => "Other",
+    }
+}
+
+impl Context {
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        node: &str,
+        fut: impl Future<Output = T>,
+    ) -> Result<T, ControllerError> {
+        tokio::time::timeout(self.config.api_timeout, fut)
+            .await
+            .map_err(|_| ControllerError::Timeout {
+                operation,
+                node: node.to_string(),
+                timeout: self.config.api_timeout,
+            })
+    }
+
+    async fn wait_synced(&self) -> Result<(), ControllerError> {
+        let t = self.config.sync_timeout;
+        let all = async {
+            let _ = self.nixosnodes.wait_until_ready().await;
+            let _ = self.nodes.wait_until_ready().await;
+            let _ = self.pause.wait_until_ready().await;
+        };
+        tokio::time::timeout(t, all)
+            .await
+            .map_err(|_| ControllerError::StoresNotReady(t))
+    }
+
+    fn observe(&self, name: &str) -> NodeObservation {
+        observe::observe_node(self.nodes.get(&ObjectRef::new(name)).as_deref())
+    }
+
+    /// Run the admission gate over every NixOSNode in the store, each with its effective status
+    /// (the store united with our own pending writes). Caller holds the admission mutex.
+    fn admitted(&self, pending: &mut PendingWrites, me: &str, now: Timestamp) -> bool {
+        let objs = self.nixosnodes.state();
+        let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
+        pending.retain_present(&present);
+        if let Ok(mut drains) = self.drains.lock() {
+            drains.retain(|n, _| present.contains(n.as_str()));
+        }
+        let empty = NixOSNodeStatus::default();
+        let rows: Vec<(&NixOSNode, Cow<'_, NixOSNodeStatus>, NodeObservation)> = objs
+            .iter()
+            .map(|o| {
+                let name = o.metadata.name.as_deref().unwrap_or_default();
+                let stored = o.status.as_ref().unwrap_or(&empty);
+                let status = match pending.effective(name, stored) {
+                    Some(s) => Cow::Owned(s),
+                    None => Cow::Borrowed(stored),
+                };
+                (o.as_ref(), status, self.observe(name))
+            })
+            .collect();
+        let views: Vec<NodeView<'_>> = rows
+            .iter()
+            .map(|(o, status, node)| view_of(o, status, node))
+            .collect();
+        let cluster = ClusterState {
+            paused: !self.pause.is_empty(),
+        };
+        (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
+            .iter()
+            .any(|n| n == me)
+    }
+
+    fn drain_progress(&self, name: &str) -> Option<DrainProgress> {
+        let drains = self.drains.lock().ok()?;
+        drains.get(name).map(|d| d.progress.clone())
+    }
+
+    /// Time left before the next eviction pass may run, if any.
+    fn drain_wait(&self, name: &str) -> Option<Duration> {
+        let drains = self.drains.lock().ok()?;
+        let d = drains.get(name)?;
+        let left = d.not_before.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Record a pass; returns when to look again.
+    fn record_drain(&self, name: &str, progress: DrainProgress) -> Duration {
+        let (first, max) = self.config.drain_pass_backoff;
+        let Ok(mut drains) = self.drains.lock() else {
+            return first;
+        };
+        let prev = drains.get(name).map_or(0, |d| d.attempts);
+        let done = progress.remaining == 0;
+        let attempts = if done { 0 } else { prev.saturating_add(1) };
+        let wait = if done {
+            Duration::ZERO
+        } else {
+            first
+                .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+                .min(max)
+        };
+        drains.insert(
+            name.to_string(),
+            DrainState {
+                progress,
+                attempts,
+                not_before: Instant::now() + wait,
+            },
+        );
+        wait
+    }
+
+    fn clear_drain(&self, name: &str) {
+        if let Ok(mut drains) = self.drains.lock() {
+            drains.remove(name);
+        }
+    }
+
+    async fn write_status(&self, name: &str, status: &NixOSNodeStatus) -> Result<(), ControllerError> {
+        let api: Api<NixOSNode> = Api::all(self.client.clone());
+        let body = serde_json::json!({
+            "apiVersion": NixOSNode::api_version(&()),
+            "kind": NixOSNode::kind(&()),
+            "status": status,
+        });
+        let pp = PatchParams::apply(CONTROLLER_MANAGER).force();
+        self.timed(
+            "status write",
+            name,
+            api.patch_status(name, &pp, &Patch::Apply(&body)),
+        )
+        .await?
+        .map_err(|source| ControllerError::WriteStatus {
+            node: name.to_string(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        reference: &ObjectReference,
+        action: &str,
+        reason: &str,
+        note: String,
+        warning: bool,
+    ) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        match tokio::time::timeout(self.config.api_timeout, self.recorder.publish(&ev, reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(reason, error = %e, "event not recorded"),
+            Err(_) => debug!(reason, "event not recorded: timeout"),
+        }
+    }
+
+    fn node_ref(&self, name: &str) -> ObjectReference {
+        let uid = self
+            .nodes
+            .get(&ObjectRef::new(name))
+            .and_then(|n| n.metadata.uid.clone());
+        ObjectReference {
+            api_version: Some("v1".to_string()),
+            kind: Some("Node".to_string()),
+            name: Some(name.to_string()),
+            uid,
+            ..ObjectReference::default()
+        }
+    }
+
+    /// Send the Waiting nodes (other than `except`) to the work queue.
+    fn wake_waiting(&self, except: &str) {
+        for o in self.nixosnodes.state() {
+            let waiting = o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Waiting);
+            let name = o.name_any();
+            if waiting && name != except {
+                let _ = self.wake.send(ObjectRef::new(&name));
+            }
+        }
+    }
+
+    fn update_phase_gauge(&self) {
+        let mut counts: HashMap<Phase, i64> = Phase::ALL.iter().map(|p| (*p, 0)).collect();
+        for o in self.nixosnodes.state() {
+            if let Some(p) = o.status.as_ref().and_then(|s| s.phase) {
+                *counts.entry(p).or_default() += 1;
+            }
+        }
+        let counts: Vec<(Phase, i64)> = counts.into_iter().collect();
+        self.metrics.set_phase_counts(&counts);
+    }
+}
+
+fn view_of<'a>(o: &'a NixOSNode, status: &'a NixOSNodeStatus, node: &'a NodeObservation) -> NodeView<'a> {
+    NodeView {
+        name: o.metadata.name.as_deref().unwrap_or_default(),
+        generation: o.metadata.generation.unwrap_or_default(),
+        retry_token: o
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::names::RETRY_ANNOTATION))
+            .map(String::as_str),
+        spec: &o.spec,
+        status,
+        node,
+    }
+}
+
+/// One reconcile of one NixOSNode.
+pub async fn reconcile(obj: Arc<NixOSNode>, ctx: Arc<Context>) -> Result<Requeue, ControllerError> {
+    let started = Instant::now();
+    let result = reconcile_node(obj, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    ctx.update_phase_gauge();
+    result
+}
+
+async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, ControllerError> {
+    let name = obj.name_any();
+    ctx.wait_synced().await?;
+    if !ctx.leading.load(Ordering::SeqCst) {
+        return Ok(Requeue::await_change());
+    }
+    let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
+    let now = Timestamp::now();
+    let observation = ctx.observe(&name);
+    let stored = obj.status.clone().unwrap_or_default();
+
+    // Our own last write is the truth while the store lags behind it.
+    let mut gate = ctx.admission.lock().await;
+    let status = gate.effective(&name, &stored).unwrap_or(stored);
+    let admitted =
+        status.slot.is_none() && status.phase == Some(Phase::Waiting) && ctx.admitted(&mut gate, &name, now);
+    let gate = if admitted {
+        Some(gate)
+    } else {
+        drop(gate);
+        None
+    };
+
+    let drain_progress = if status.phase == Some(Phase::Draining) {
+        ctx.drain_progress(&name)
+    } else {
+        None
+    };
+    let view = view_of(&obj, &status, &observation);
+    let decision: Decision =
+        (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    execute_with_gate(ctx, &obj, &status, decision, gate).await
+}
+
+/// Perform a decision for `obj` whose current controller-owned status is `current`: persist
+/// `decision.status` (when it changed), then the actions in order, then the notes as Events.
+/// Exactly what the decision says, nothing more. Public for request-level tests.
+pub async fn execute(
+    ctx: &Context,
+    obj: &NixOSNode,
+    current: &NixOSNodeStatus,
+    decision: Decision,
+) -> Result<Requeue, ControllerError> {
+    execute_with_gate(ctx, obj, current, decision, None).await
+}
+
+async fn execute_with_gate(
+    ctx: &Context,
+    obj: &NixOSNode,
+    current: &NixOSNodeStatus,
+    mut decision: Decision,
+    gate: Option<tokio::sync::MutexGuard<'_, PendingWrites>>,
+) -> Result<Requeue, ControllerError> {
+    let name = obj.name_any();
+    let now = Timestamp::now();
+    decision.status.agent = None;
+    let before = controller_part(current);
+
+    // Persist intent first (under the admission gate when this is a grant).
+    if before != decision.status {
+        if !ctx.leading.load(Ordering::SeqCst) {
+            return Ok(Requeue::await_change());
+        }
+        match gate {
+            Some(mut gate) => {
+                ctx.write_status(&name, &decision.status).await?;
+                gate.record(&name, &decision.status);
+            }
+            None => {
+                ctx.write_status(&name, &decision.status).await?;
+                ctx.admission.lock().await.record(&name, &decision.status);
+            }
+        }
+        info!(node = %name, from = ?before.phase, phase = ?decision.status.phase, "status written");
+        observe_transition(ctx, &before, &decision.status, now);
+        let held = before.slot.is_some() || before.phase.is_some_and(Phase::is_disruptive);
+        let holds = decision.status.slot.is_some() || decision.status.phase.is_some_and(Phase::is_disruptive);
+        let left_degraded =
+            before.phase == Some(Phase::Degraded) && decision.status.phase != Some(Phase::Degraded);
+        if (held && !holds) || left_degraded {
+            ctx.wake_waiting(&name);
+        }
+    } else {
+        drop(gate);
+    }
+
+    let mut requeue = decision.requeue_after.map(to_std);
+    let policy = obj.spec.drain.clone().unwrap_or_default();
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    for action in &decision.actions {
+        if !ctx.leading.load(Ordering::SeqCst) {
+            return Ok(Requeue::await_change());
+        }
+        match action {
+            Action::Cordon => {
+                ctx.timed("cordon", &name, nodes.cordon(&name))
+                    .await?
+                    .map_err(|source| ControllerError::Cordon {
+                        node: name.clone(),
+                        source,
+                    })?;
+                info!(node = %name, action = "Cordon", "node cordoned");
+                ctx.publish(
+                    &ctx.node_ref(&name),
+                    "Cordon",
+                    "Cordoned",
+                    format!("nixroll cordoned {name} for a NixOS rollout"),
+                    false,
+                )
+                .await;
+            }
+            Action::Uncordon => {
+                ctx.timed("uncordon", &name, nodes.uncordon(&name))
+                    .await?
+                    .map_err(|source| ControllerError::Uncordon {
+                        node: name.clone(),
+                        source,
+                    })?;
+                info!(node = %name, action = "Uncordon", "node uncordoned");
+                ctx.publish(
+                    &ctx.node_ref(&name),
+                    "Uncordon",
+                    "Uncordoned",
+                    format!("nixroll uncordoned {name}"),
+                    false,
+                )
+                .await;
+            }
+            Action::Evict | Action::ForceDelete => {
+                if let Some(wait) = ctx.drain_wait(&name) {
+                    requeue = min_requeue(requeue, wait);
+                    continue;
+                }
+                let force = *action == Action::ForceDelete;
+                let pass = if force {
+                    drain::force_delete_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
+                } else {
+                    drain::evict_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
+                };
+                let progress = pass.map_err(|source| ControllerError::Drain {
+                    node: name.clone(),
+                    source,
+                })?;
+                debug!(node = %name, action = ?action, remaining = progress.remaining, blocked_by_pdb = progress.blocked_by_pdb, refused = progress.refused.len(), "drain pass");
+                let (reason, warning) =
+                    match (force, progress.blocked_by_pdb > 0, progress.refused.is_empty()) {
+                        (true, _, _) => ("ForceDeleting", true),
+                        (false, true, _) => ("EvictionBlocked", true),
+                        (false, false, false) => ("DrainRefused", true),
+                        (false, false, true) => ("Draining", false),
+                    };
+                let note = format!(
+                    "{} pods left, {} blocked by a PodDisruptionBudget{}",
+                    progress.remaining,
+                    progress.blocked_by_pdb,
+                    progress
+                        .refused
+                        .first()
+                        .map(|r| format!("; refused {r}"))
+                        .unwrap_or_default()
+                );
+                ctx.publish(&ctx.node_ref(&name), "Drain", reason, note, warning)
+                    .await;
+                let wait = ctx.record_drain(&name, progress);
+                requeue = min_requeue(requeue, wait);
+            }
+        }
+    }
+    if decision.status.phase != Some(Phase::Draining) {
+        ctx.clear_drain(&name);
+    }
+
+    let reference = obj.object_ref(&());
+    for n in &decision.notes {
+        ctx.publish(&reference, "Reconcile", &n.reason, n.message.clone(), n.warning)
+            .await;
+    }
+    Ok(match requeue {
+        Some(d) => Requeue::requeue(d),
+        None => Requeue::await_change(),
+    })
+}
+
+fn observe_transition(ctx: &Context, before: &NixOSNodeStatus, after: &NixOSNodeStatus, now: Timestamp) {
+    if before.phase == after.phase {
+        return;
+    }
+    if let (Some(phase), Some(since)) = (before.phase, before.last_transition_time.as_ref()) {
+        let secs = now.duration_since(since.0).as_secs_f64().max(0.0);
+        ctx.metrics
+            .phase_duration
+            .get_or_create(&metrics::PhaseLabel {
+                phase: phase.as_str(),
+            })
+            .observe(secs);
+    }
+    if after.phase == Some(Phase::Degraded) {
+        let reason = after
+            .failed
+            .as_ref()
+            .map_or("Other", |f| failure_category(&f.reason));
+        ctx.metrics
+            .failures
+            .get_or_create(&metrics::CategoryLabel { category: reason })
+            .inc();
+    }
+}
+
+/// Requeue policy after an error: short for transient errors, long for permanent ones.
+pub fn error_policy(obj: Arc<NixOSNode>, err: &ControllerError, ctx: Arc<Context>) -> Requeue {
+    let category = err.category();
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&metrics::CategoryLabel { category })
+        .inc();
+    warn!(node = %obj.name_any(), category, transient = err.is_transient(), error = %err, "reconcile failed");
+    let jitter = Duration::from_millis(fastrand::u64(0..1000));
+    if err.is_transient() {
+        Requeue::requeue(Duration::from_secs(5) + jitter)
+    } else {
+        Requeue::requeue(Duration::from_secs(60) + jitter)
+    }
+}
+
+type StopSignal = Shared<BoxFuture<'static, ()>>;
+
+fn stop_signal(rx: &watch::Receiver<bool>) -> StopSignal {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+    .boxed()
+    .shared()
+}
+
+/// Only forward Node events that change what the rollout observes (heartbeats do not).
+fn node_triggers(
+    stream: impl futures::Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<Node, watcher::Error>> + Send + 'static {
+    let mut seen: HashMap<String, NodeObservation> = HashMap::new();
+    stream.flat_map(move |ev| {
+        let out: Vec<Result<Node, watcher::Error>> = match ev {
+            Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                let obs = observe::observe_node(Some(&n));
+                let name = n.name_any();
+                if seen.get(&name) == Some(&obs) {
+                    Vec::new()
+                } else {
+                    seen.insert(name, obs);
+                    vec![Ok(n)]
+                }
+            }
+            Ok(watcher::Event::Delete(n)) => {
+                seen.remove(&n.name_any());
+                vec![Ok(n)]
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => Vec::new(),
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(out)
+    })
+}
+
+/// Lead: run the kube-runtime Controller until `stop` (graceful) or until dropped (forceful).
+async fn lead(
+    client: Client,
+    config: ControllerConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    leading: Arc<AtomicBool>,
+    stop: StopSignal,
+) {
+    let (nxn_reader, nxn_writer) = reflector::store::<NixOSNode>();
+    let nxn_stream = watcher(Api::<NixOSNode>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(observe::trim_nixosnode)
+        .reflect(nxn_writer)
+        .applied_objects();
+
+    let (node_reader, node_writer) = reflector::store::<Node>();
+    let node_stream = node_triggers(
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(observe::trim_node)
+            .reflect(node_writer),
+    );
+
+    let (pause_reader, pause_writer) = reflector::store::<ConfigMap>();
+    let pause_stream = watcher(
+        Api::<ConfigMap>::namespaced(client.clone(), &config.pause_namespace),
+        watcher::Config::default().fields(&format!("metadata.name={PAUSE_CONFIGMAP}")),
+    )
+    .default_backoff()
+    .modify(|cm: &mut ConfigMap| {
+        cm.metadata.managed_fields = None;
+        cm.data = None;
+        cm.binary_data = None;
+    })
+    .reflect(pause_writer)
+    .touched_objects()
+    .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
+
+    let concurrency = config.concurrency;
+    let stores = Stores {
+        nixosnodes: nxn_reader.clone(),
+        nodes: node_reader.clone(),
+        pause: pause_reader.clone(),
+    };
+    let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
+    let wake_stream =
+        futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+
+    let synced = {
+        let health = health.clone();
+        async move {
+            let ok = nxn_reader.wait_until_ready().await.is_ok()
+                && node_reader.wait_until_ready().await.is_ok()
+                && pause_reader.wait_until_ready().await.is_ok();
+            if ok {
+                info!("watch caches synced");
+                health.synced.store(true, Ordering::SeqCst);
+            }
+        }
+    };
+
+    let controller = Controller::for_stream(nxn_stream, ctx.nixosnodes.clone())
+        .watches_stream(node_stream, |n: Node| {
+            Some(ObjectRef::<NixOSNode>::new(&n.name_any()))
+        })
+        .reconcile_all_on(pause_stream)
+        .reconcile_on(wake_stream)
+        .with_config(ControllerRuntimeConfig::default().concurrency(concurrency))
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| {
+            if let Err(e) = res {
+                debug!(error = %e, "controller stream");
+            }
+            std::future::ready(())
+        });
+    futures::future::join(controller, synced).await;
+    health.synced.store(false, Ordering::SeqCst);
+}
+
+/// Keep renewing; return when leadership is lost (held by another, or no renewal succeeded
+/// within the renew deadline).
+async fn keep_lease(elector: &mut LeaderElector) {
+    let cfg = elector.config().clone();
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(cfg.renew_period).await;
+        let left = cfg.renew_deadline.saturating_sub(last_ok.elapsed());
+        match tokio::time::timeout(left.max(Duration::from_millis(1)), elector.try_acquire_or_renew()).await {
+            Ok(Ok(LeaseOutcome::Renewed | LeaseOutcome::Acquired)) => last_ok = Instant::now(),
+            Ok(Ok(LeaseOutcome::HeldByOther { holder, .. })) => {
+                warn!(holder, "lease taken by another replica");
+                return;
+            }
+            Ok(Ok(LeaseOutcome::LostRace)) => debug!("lease renewal conflicted; retrying"),
+            Ok(Err(e)) => warn!(category = e.category(), error = %e, "lease renewal failed"),
+            Err(_) => debug!("lease renewal timed out"),
+        }
+        if last_ok.elapsed() >= cfg.renew_deadline {
+            warn!("no lease renewal within the deadline");
+            return;
+        }
+    }
+}
+
+/// Wait until this replica holds the Lease. `Ok(false)`: stopped first.
+async fn acquire(elector: &mut LeaderElector, stop: StopSignal) -> bool {
+    let retry = elector.config().renew_period;
+    loop {
+        let step = tokio::select! {
+            _ = stop.clone() => return false,
+            r = elector.try_acquire_or_renew() => r,
+        };
+        let wait = match step {
+            Ok(LeaseOutcome::Acquired | LeaseOutcome::Renewed) => return true,
+            Ok(LeaseOutcome::HeldByOther { holder, retry_in }) => {
+                debug!(holder, ?retry_in, "standing by");
+                retry_in
+            }
+            Ok(LeaseOutcome::LostRace) => Duration::from_millis(fastrand::u64(100..500)),
+            Err(e) => {
+                warn!(category = e.category(), error = %e, "lease acquisition failed");
+                retry
+            }
+        };
+        tokio::select! {
+            _ = stop.clone() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Run the controller until `shutdown` resolves: serve metrics, take part in leader election
+/// (when configured) and reconcile while leading. Returns after a clean shutdown (in-flight
+/// reconciles finished, Lease released).
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ControllerError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let main = run_until_stopped(client, config, stop_rx);
+    tokio::pin!(main);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        r = &mut main => return r,
+        _ = &mut shutdown => {
+            info!("shutting down");
+            let _ = stop_tx.send(true);
+        }
+    }
+    main.await
+}
+
+async fn run_until_stopped(
+    client: Client,
+    config: ControllerConfig,
+    stop_rx: watch::Receiver<bool>,
+) -> Result<(), ControllerError> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    if let Some(addr) = config.metrics_addr {
+        let (local, _server) = metrics::serve(addr, metrics.clone(), health.clone(), stop_signal(&stop_rx))
+            .await
+            .map_err(|source| ControllerError::MetricsServer { addr, source })?;
+        info!(%local, "serving metrics");
+    }
+    let leading = Arc::new(AtomicBool::new(false));
+    let Some(le) = config.leader_election.clone() else {
+        leading.store(true, Ordering::SeqCst);
+        lead(client, config, metrics, health, leading, stop_signal(&stop_rx)).await;
+        return Ok(());
+    };
+    let mut elector = LeaderElector::new(client.clone(), le, config.api_timeout);
+    loop {
+        health.standby.store(true, Ordering::SeqCst);
+        if !acquire(&mut elector, stop_signal(&stop_rx)).await {
+            return Ok(());
+        }
+        health.standby.store(false, Ordering::SeqCst);
+        leading.store(true, Ordering::SeqCst);
+        info!(identity = %config.identity, "leading");
+        let controller = lead(
+            client.clone(),
+            config.clone(),
+            metrics.clone(),
+            health.clone(),
+            leading.clone(),
+            stop_signal(&stop_rx),
+        );
+        let lost = tokio::select! {
+            _ = controller => false,
+            _ = keep_lease(&mut elector) => true,
+        };
+        leading.store(false, Ordering::SeqCst);
+        health.synced.store(false, Ordering::SeqCst);
+        if !lost {
+            if let Err(e) = elector.release().await {
+                warn!(category = e.category(), error = %e, "could not release the lease");
+            }
+            return Ok(());
+        }
+        warn!("lost leadership; stopped reconciling, standing by");
+        if *stop_rx.borrow() {
+            return Ok(());
+        }
+    }
+}

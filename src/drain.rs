@@ -1,0 +1,384 @@
+//! Eviction-based drain of one node.
+//!
+//! One call is one *pass* over the node's pods: list them (`spec.nodeName=NODE`, never a
+//! cluster-wide pod watch), skip DaemonSet and mirror pods, count pods that are already
+//! terminating as remaining until they are gone, refuse pods the node's [`DrainPolicy`] does not
+//! allow to remove (unmanaged pods, emptyDir data), and ask the Eviction API to evict the rest.
+//! A `429 Too Many Requests` means a PodDisruptionBudget allows no disruption now: the pod is
+//! counted in [`DrainProgress::blocked_by_pdb`] and tried again on the next pass (the caller
+//! spaces passes with a backoff). Every request is bounded by `timeout`.
+//!
+//! [`force_delete_pass`] is the explicit `onTimeout: Force` policy: it deletes the remaining pods
+//! directly, which ignores PodDisruptionBudgets.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::policy::v1::Eviction;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta};
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::{Client, ResourceExt};
+use tracing::{debug, info};
+
+use crate::api::DrainPolicy;
+use crate::rollout::DrainProgress;
+
+/// Annotation the kubelet puts on mirror pods of static pods (they cannot be evicted).
+pub const MIRROR_POD_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Errors of a drain pass. Per-pod transient failures do not fail the pass (the pod counts as
+/// remaining); these end the pass.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("listing the pods of node {node}: {source}")]
+    ListPods {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("evicting pod {pod}: {source}")]
+    Evict {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting pod {pod}: {source}")]
+    Delete {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("building the eviction request for pod {pod}: {message}")]
+    BuildRequest { pod: String, message: String },
+    #[error("{operation} timed out after {timeout:?}")]
+    Timeout { operation: String, timeout: Duration },
+}
+
+impl DrainError {
+    /// Fixed category, used as Event reason and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            DrainError::ListPods { .. } => "DrainListPodsFailed",
+            DrainError::Evict { .. } => "DrainEvictFailed",
+            DrainError::Delete { .. } => "DrainDeleteFailed",
+            DrainError::BuildRequest { .. } => "DrainRequestInvalid",
+            DrainError::Timeout { .. } => "DrainTimeout",
+        }
+    }
+
+    /// Whether retrying soon may succeed (timeouts, 5xx, 429, 409, transport errors).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DrainError::ListPods { source, .. }
+            | DrainError::Evict { source, .. }
+            | DrainError::Delete { source, .. } => is_transient_kube(source),
+            DrainError::BuildRequest { .. } => false,
+            DrainError::Timeout { .. } => true,
+        }
+    }
+}
+
+/// Whether a kube error is worth a quick retry.
+pub fn is_transient_kube(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409 || s.code == 408,
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+async fn timed<T, E>(
+    operation: impl FnOnce() -> String,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, DrainError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| DrainError::Timeout {
+            operation: operation(),
+            timeout,
+        })
+}
+
+/// How a pod is treated by a drain pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodDisposition {
+    /// DaemonSet-owned or mirror pod: stays, does not count.
+    Skip,
+    /// Already terminating: counts as remaining until it is gone.
+    Terminating,
+    /// The policy does not allow removing it; the reason is reported.
+    Refuse(String),
+    /// Evict it.
+    Evict,
+}
+
+/// Classify one pod under `policy`.
+pub fn classify(pod: &Pod, policy: &DrainPolicy) -> PodDisposition {
+    if pod.annotations().contains_key(MIRROR_POD_ANNOTATION) {
+        return PodDisposition::Skip;
+    }
+    let controller = pod.owner_references().iter().find(|o| o.controller == Some(true));
+    if controller.is_some_and(|o| o.kind == "DaemonSet") {
+        return PodDisposition::Skip;
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return PodDisposition::Terminating;
+    }
+    // Finished pods hold nothing; evicting them is harmless and lets the node drain.
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    if finished {
+        return PodDisposition::Evict;
+    }
+    let id = pod_id(pod);
+    if controller.is_none() && !policy.delete_unmanaged_pods {
+        return PodDisposition::Refuse(format!(
+            "{id}: not managed by a controller (set drain.deleteUnmanagedPods to allow)"
+        ));
+    }
+    let empty_dir = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|vs| vs.iter().any(|v| v.empty_dir.is_some()));
+    if empty_dir && !policy.delete_empty_dir_data {
+        return PodDisposition::Refuse(format!(
+            "{id}: uses emptyDir data (set drain.deleteEmptyDirData to allow)"
+        ));
+    }
+    PodDisposition::Evict
+}
+
+fn pod_id(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+async fn list_node_pods(client: &Client, node: &str, timeout: Duration) -> Result<Vec<Pod>, DrainError> {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let list = timed(
+        || format!("listing the pods of node {node}"),
+        timeout,
+        pods.list(&lp),
+    )
+    .await?
+    .map_err(|source| DrainError::ListPods {
+        node: node.to_string(),
+        source,
+    })?;
+    Ok(list.items)
+}
+
+/// POST `/api/v1/namespaces/NS/pods/NAME/eviction` with a `policy/v1` Eviction body.
+///
+/// Written out rather than `Api<Pod>::evict` because kube 5 serialises the delete options of
+/// the body as `delete_options`, which the API server ignores (its field is `deleteOptions`),
+/// so the grace period of the drain policy would be lost.
+async fn evict(
+    client: &Client,
+    pod: &Pod,
+    grace_period_seconds: Option<i64>,
+    timeout: Duration,
+) -> Result<Result<(), kube::Error>, DrainError> {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let body = Eviction {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            ..ObjectMeta::default()
+        },
+        delete_options: grace_period_seconds.map(|g| DeleteOptions {
+            grace_period_seconds: Some(g),
+            ..DeleteOptions::default()
+        }),
+    };
+    let build_error = |message: String| DrainError::BuildRequest {
+        pod: format!("{ns}/{name}"),
+        message,
+    };
+    let bytes = serde_json::to_vec(&body).map_err(|e| build_error(e.to_string()))?;
+    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{name}/eviction"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(bytes)
+        .map_err(|e| build_error(e.to_string()))?;
+    let res = timed(
+        || format!("evicting pod {ns}/{name}"),
+        timeout,
+        client.request::<serde_json::Value>(req),
+    )
+    .await?;
+    Ok(res.map(|_| ()))
+}
+
+/// One eviction pass over the pods of `node`. Never waits for pods to go: the result says how
+/// many are left; call again later (watch-free, bounded by the caller's backoff).
+pub async fn evict_pass(
+    client: &Client,
+    node: &str,
+    policy: &DrainPolicy,
+    timeout: Duration,
+) -> Result<DrainProgress, DrainError> {
+    let pods = list_node_pods(client, node, timeout).await?;
+    let mut progress = DrainProgress::default();
+    for pod in &pods {
+        match classify(pod, policy) {
+            PodDisposition::Skip => {}
+            PodDisposition::Terminating => progress.remaining += 1,
+            PodDisposition::Refuse(reason) => {
+                progress.remaining += 1;
+                progress.refused.push(reason);
+            }
+            PodDisposition::Evict => match evict(client, pod, policy.grace_period_seconds, timeout).await {
+                Ok(Ok(())) => {
+                    info!(node, pod = %pod_id(pod), "evicted");
+                    progress.remaining += 1;
+                }
+                Ok(Err(e)) if api_code(&e) == Some(404) => {}
+                Ok(Err(e)) if api_code(&e) == Some(429) => {
+                    debug!(node, pod = %pod_id(pod), "eviction blocked by a PodDisruptionBudget");
+                    progress.remaining += 1;
+                    progress.blocked_by_pdb += 1;
+                }
+                Ok(Err(e)) if is_transient_kube(&e) => {
+                    debug!(node, pod = %pod_id(pod), error = %e, "eviction failed; retried next pass");
+                    progress.remaining += 1;
+                }
+                Ok(Err(source)) => {
+                    return Err(DrainError::Evict {
+                        pod: pod_id(pod),
+                        source,
+                    });
+                }
+                Err(timeout_err) => {
+                    debug!(node, pod = %pod_id(pod), error = %timeout_err, "eviction timed out; retried next pass");
+                    progress.remaining += 1;
+                }
+            },
+        }
+    }
+    Ok(progress)
+}
+
+/// `onTimeout: Force`: delete the node's remaining pods directly (no Eviction API, so
+/// PodDisruptionBudgets are not consulted). Pods the policy refuses stay refused.
+pub async fn force_delete_pass(
+    client: &Client,
+    node: &str,
+    policy: &DrainPolicy,
+    timeout: Duration,
+) -> Result<DrainProgress, DrainError> {
+    let pods = list_node_pods(client, node, timeout).await?;
+    let mut progress = DrainProgress::default();
+    let dp = DeleteParams {
+        grace_period_seconds: policy.grace_period_seconds.and_then(|g| u32::try_from(g).ok()),
+        ..DeleteParams::default()
+    };
+    for pod in &pods {
+        match classify(pod, policy) {
+            PodDisposition::Skip => {}
+            PodDisposition::Terminating => progress.remaining += 1,
+            PodDisposition::Refuse(reason) => {
+                progress.remaining += 1;
+                progress.refused.push(reason);
+            }
+            PodDisposition::Evict => {
+                let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+                let name = pod.name_any();
+                match timed(
+                    || format!("deleting pod {}", pod_id(pod)),
+                    timeout,
+                    api.delete(&name, &dp),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {
+                        info!(node, pod = %pod_id(pod), "force-deleted");
+                        progress.remaining += 1;
+                    }
+                    Ok(Err(e)) if api_code(&e) == Some(404) => {}
+                    Ok(Err(e)) if is_transient_kube(&e) => progress.remaining += 1,
+                    Ok(Err(source)) => {
+                        return Err(DrainError::Delete {
+                            pod: pod_id(pod),
+                            source,
+                        });
+                    }
+                    Err(_) => progress.remaining += 1,
+                }
+            }
+        }
+    }
+    Ok(progress)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn classify_skips_daemonset_and_mirror_and_refuses_per_policy() {
+        let strict = DrainPolicy::default();
+        let ds = pod(serde_json::json!({"metadata": {"name": "ds", "namespace": "a",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "x", "uid": "1", "controller": true}]}}));
+        assert_eq!(classify(&ds, &strict), PodDisposition::Skip);
+        let mirror = pod(
+            serde_json::json!({"metadata": {"name": "m", "namespace": "kube-system",
+            "annotations": {MIRROR_POD_ANNOTATION: "abc"}}}),
+        );
+        assert_eq!(classify(&mirror, &strict), PodDisposition::Skip);
+        let bare = pod(serde_json::json!({"metadata": {"name": "bare", "namespace": "a"}}));
+        assert!(matches!(classify(&bare, &strict), PodDisposition::Refuse(r) if r.starts_with("a/bare")));
+        let lenient = DrainPolicy {
+            delete_unmanaged_pods: true,
+            delete_empty_dir_data: true,
+            ..DrainPolicy::default()
+        };
+        assert_eq!(classify(&bare, &lenient), PodDisposition::Evict);
+        let rs = serde_json::json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x", "uid": "1", "controller": true}]);
+        let scratch = pod(
+            serde_json::json!({"metadata": {"name": "s", "namespace": "a", "ownerReferences": rs},
+            "spec": {"containers": [], "volumes": [{"name": "tmp", "emptyDir": {}}]}}),
+        );
+        assert!(matches!(classify(&scratch, &strict), PodDisposition::Refuse(r) if r.contains("emptyDir")));
+        assert_eq!(classify(&scratch, &lenient), PodDisposition::Evict);
+        let going = pod(
+            serde_json::json!({"metadata": {"name": "g", "namespace": "a", "ownerReferences": rs,
+            "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+        );
+        assert_eq!(classify(&going, &strict), PodDisposition::Terminating);
+    }
+
+    #[test]
+    fn error_categories_and_transience() {
+        let e = DrainError::Timeout {
+            operation: "x".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(e.is_transient());
+        assert_eq!(e.category(), "DrainTimeout");
+        let status = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        let e = DrainError::Evict {
+            pod: "a/b".into(),
+            source: kube::Error::Api(Box::new(status)),
+        };
+        assert!(!e.is_transient());
+        assert_eq!(e.category(), "DrainEvictFailed");
+    }
+}

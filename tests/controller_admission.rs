@@ -1,0 +1,251 @@
+//! The single admission point through the real `reconcile`: concurrent reconciles of Waiting
+//! nodes with a budget of 1 and a watch cache that never shows the first grant must not hand
+//! out a second slot. The rollout functions are replaced by a tiny fake (the real ones live in
+//! `crate::rollout` and are tested there); the mock API answers status writes slowly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::{reflector, watcher};
+use nixroll::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
+use nixroll::controller::{Context, ControllerConfig, Metrics, RolloutFns, Stores};
+use nixroll::rollout::{ClusterState, Decision, DrainProgress, NodeView, Policy};
+
+/// Budget 1, first come first served: every Waiting node may go while no node holds a slot or
+/// is in a disruptive phase.
+fn fake_admit(nodes: &[NodeView<'_>], _: &ClusterState, _: &Policy, _: Timestamp) -> Vec<String> {
+    let busy = nodes
+        .iter()
+        .filter(|v| v.status.slot.is_some() || v.status.phase.is_some_and(Phase::is_disruptive))
+        .count();
+    if busy >= 1 {
+        return Vec::new();
+    }
+    nodes
+        .iter()
+        .filter(|v| v.status.phase == Some(Phase::Waiting))
+        .map(|v| v.name.to_string())
+        .collect()
+}
+
+/// Admitted → Draining with a slot; otherwise keep the status.
+fn fake_decide(
+    view: &NodeView<'_>,
+    admitted: bool,
+    _: Option<&DrainProgress>,
+    _: &Policy,
+    now: Timestamp,
+) -> Decision {
+    let mut status = view.status.clone();
+    status.agent = None;
+    if admitted {
+        status.phase = Some(Phase::Draining);
+        status.slot = Some(Slot {
+            granted_at: Time(now),
+            was_unschedulable: false,
+            cordoned_by_nixroll: false,
+            drain_started_at: None,
+            forced: false,
+        });
+    }
+    Decision {
+        status,
+        actions: Vec::new(),
+        notes: Vec::new(),
+        requeue_after: None,
+    }
+}
+
+fn waiting(name: &str) -> NixOSNode {
+    let mut n = NixOSNode::new(
+        name,
+        NixOSNodeSpec {
+            flake: "github:me/infra".into(),
+            revision: "b".repeat(40),
+            configuration: None,
+            maintenance_windows: Vec::new(),
+            reboot: Default::default(),
+            drain: None,
+            suspend: false,
+        },
+    );
+    n.status = Some(NixOSNodeStatus {
+        phase: Some(Phase::Waiting),
+        ..NixOSNodeStatus::default()
+    });
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
+    for round in 0..20 {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        // The cache shows both nodes Waiting and is never updated (maximally stale).
+        let (nxn, mut w) = reflector::store::<NixOSNode>();
+        w.apply_watcher_event(&watcher::Event::Init);
+        w.apply_watcher_event(&watcher::Event::InitApply(waiting("a")));
+        w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
+        w.apply_watcher_event(&watcher::Event::InitDone);
+        let (nodes, mut wn) = reflector::store();
+        wn.apply_watcher_event(&watcher::Event::InitDone);
+        let (pause, mut wp) = reflector::store();
+        wp.apply_watcher_event(&watcher::Event::InitDone);
+        let stores = Stores {
+            nixosnodes: nxn.clone(),
+            nodes,
+            pause,
+        };
+        let (ctx, _wake) = Context::with_rollout(
+            client,
+            ControllerConfig::new("test"),
+            stores,
+            Arc::new(Metrics::new()),
+            Arc::new(AtomicBool::new(true)),
+            RolloutFns {
+                decide: fake_decide,
+                admit: fake_admit,
+            },
+        );
+
+        // The API: answer each status write after a delay, remember which node got a slot.
+        let granted = Arc::new(Mutex::new(Vec::<String>::new()));
+        let g = granted.clone();
+        let api = tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                assert_eq!(req.method(), "PATCH", "only status writes expected");
+                let path = req.uri().path().to_string();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
+                if body["status"].get("slot").is_some() {
+                    let node = path.trim_end_matches("/status").rsplit('/').next().unwrap();
+                    g.lock().unwrap().push(node.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let mut obj = body.clone();
+                obj["metadata"] = serde_json::json!({"name": "x", "resourceVersion": "5"});
+                obj["spec"] = serde_json::json!({"flake": "github:me/infra", "revision": "b".repeat(40)});
+                send.send_response(
+                    Response::builder()
+                        .status(200)
+                        .body(Body::from(serde_json::to_vec(&obj).unwrap()))
+                        .unwrap(),
+                );
+            }
+        });
+
+        let mut tasks = Vec::new();
+        // Two reconciles per node, all at once.
+        for name in ["a", "b", "a", "b"] {
+            let ctx = ctx.clone();
+            let obj = Arc::new(waiting(name));
+            tasks.push(tokio::spawn(async move {
+                nixroll::controller::reconcile(obj, ctx).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(ctx);
+        api.abort();
+        let granted = granted.lock().unwrap().clone();
+        assert_eq!(granted.len(), 1, "round {round}: slots granted to {granted:?}");
+    }
+}
+
+fn with_status(name: &str, status: NixOSNodeStatus) -> NixOSNode {
+    let mut n = waiting(name);
+    n.status = Some(status);
+    n
+}
+
+/// Releasing a slot sends the Waiting nodes (and only those) to the work queue at once, and the
+/// finished phase's duration is recorded.
+#[tokio::test]
+async fn releasing_a_slot_wakes_the_waiting_nodes() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let since = Timestamp::now() - jiff::SignedDuration::from_secs(90);
+    let draining = NixOSNodeStatus {
+        phase: Some(Phase::Draining),
+        last_transition_time: Some(Time(since)),
+        slot: Some(Slot {
+            granted_at: Time(since),
+            was_unschedulable: false,
+            cordoned_by_nixroll: false,
+            drain_started_at: None,
+            forced: false,
+        }),
+        ..NixOSNodeStatus::default()
+    };
+    let (nxn, mut w) = reflector::store::<NixOSNode>();
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitApply(with_status("a", draining.clone())));
+    w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
+    w.apply_watcher_event(&watcher::Event::InitApply(with_status(
+        "c",
+        NixOSNodeStatus {
+            phase: Some(Phase::UpToDate),
+            ..NixOSNodeStatus::default()
+        },
+    )));
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    let (nodes, mut wn) = reflector::store();
+    wn.apply_watcher_event(&watcher::Event::InitDone);
+    let (pause, mut wp) = reflector::store();
+    wp.apply_watcher_event(&watcher::Event::InitDone);
+    let metrics = Arc::new(Metrics::new());
+    let (ctx, mut wake) = Context::new(
+        client,
+        ControllerConfig::new("test"),
+        Stores {
+            nixosnodes: nxn,
+            nodes,
+            pause,
+        },
+        metrics.clone(),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let done = NixOSNodeStatus {
+        phase: Some(Phase::UpToDate),
+        last_transition_time: Some(Time(Timestamp::now())),
+        ..NixOSNodeStatus::default()
+    };
+    let decision = Decision {
+        status: done,
+        actions: Vec::new(),
+        notes: Vec::new(),
+        requeue_after: None,
+    };
+    let obj = with_status("a", draining.clone());
+    let task =
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &draining, decision).await });
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(
+                serde_json::to_vec(&serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}}))
+                .unwrap(),
+            ))
+            .unwrap(),
+    );
+    task.await.unwrap().unwrap();
+    let woken = wake.recv().await.unwrap();
+    assert_eq!(woken.name, "b");
+    assert!(wake.try_recv().is_err(), "only Waiting nodes are woken");
+    let text = metrics.encode().unwrap();
+    assert!(
+        text.contains("nixroll_phase_duration_seconds_count{phase=\"Draining\"} 1"),
+        "{text}"
+    );
+}

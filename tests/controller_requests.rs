@@ -1,0 +1,697 @@
+//! Request-level tests of the controller's Kubernetes side against a mock API
+//! (`tower_test::mock::pair`): every expected request is asserted in order (method, path, query,
+//! content type, body), and no unexpected request is made.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use nixroll::api::{AgentStatus, DrainPolicy, NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
+use nixroll::controller::{
+    Context, ControllerConfig, LeaderElectionConfig, LeaderElector, LeaseOutcome, Metrics, Stores,
+};
+use nixroll::drain;
+use nixroll::rollout::{Action, Decision, Note};
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Responder = tower_test::mock::SendResponse<Response<Body>>;
+
+fn mock() -> (Client, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "default"), handle)
+}
+
+/// One request as the verifier saw it.
+struct Seen {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    content_type: String,
+    body: Value,
+    respond: Responder,
+}
+
+impl Seen {
+    /// Answer with the request body (what the API server does for creates).
+    fn echo(self, code: u16) {
+        let body = self.body.clone();
+        self.reply(code, body);
+    }
+
+    fn reply(self, code: u16, body: Value) {
+        let resp = Response::builder()
+            .status(StatusCode::from_u16(code).unwrap())
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        self.respond.send_response(resp);
+    }
+}
+
+async fn next(handle: &mut Handle) -> Seen {
+    let (req, respond) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("expected a request, none came")
+        .expect("client dropped");
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| url_pairs(q).into_iter().collect::<BTreeMap<String, String>>())
+        .unwrap_or_default();
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    Seen {
+        method,
+        path,
+        query,
+        content_type,
+        body,
+        respond,
+    }
+}
+
+fn url_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else if b[i] == b'+' {
+            out.push(b' ');
+            i += 1;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Assert that no request arrives within a short while.
+async fn expect_silence(handle: &mut Handle) {
+    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    {
+        panic!("unexpected request {} {}", req.method(), req.uri());
+    }
+}
+
+fn contains_null(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.iter().any(contains_null),
+        Value::Object(o) => o.values().any(contains_null),
+        _ => false,
+    }
+}
+
+fn contains_key(v: &Value, key: &str) -> bool {
+    match v {
+        Value::Array(a) => a.iter().any(|x| contains_key(x, key)),
+        Value::Object(o) => o.contains_key(key) || o.values().any(|x| contains_key(x, key)),
+        _ => false,
+    }
+}
+
+fn nixosnode(name: &str, drain: Option<DrainPolicy>) -> NixOSNode {
+    let mut n = NixOSNode::new(
+        name,
+        NixOSNodeSpec {
+            flake: "github:me/infra".into(),
+            revision: "a".repeat(40),
+            configuration: None,
+            maintenance_windows: Vec::new(),
+            reboot: Default::default(),
+            drain,
+            suspend: false,
+        },
+    );
+    n.metadata.uid = Some("uid-1".into());
+    n.metadata.generation = Some(3);
+    n
+}
+
+fn ready_stores() -> Stores {
+    let (nxn, mut w1) = reflector::store::<NixOSNode>();
+    let (nodes, mut w2) = reflector::store();
+    let (pause, mut w3) = reflector::store();
+    w1.apply_watcher_event(&watcher::Event::InitDone);
+    w2.apply_watcher_event(&watcher::Event::InitDone);
+    w3.apply_watcher_event(&watcher::Event::InitDone);
+    Stores {
+        nixosnodes: nxn,
+        nodes,
+        pause,
+    }
+}
+
+fn context(client: Client) -> Arc<Context> {
+    let mut config = ControllerConfig::new("test-replica");
+    config.api_timeout = Duration::from_secs(2);
+    config.drain_pass_backoff = (Duration::from_secs(30), Duration::from_secs(60));
+    let (ctx, _wake) = Context::new(
+        client,
+        config,
+        ready_stores(),
+        Arc::new(Metrics::new()),
+        Arc::new(AtomicBool::new(true)),
+    );
+    ctx
+}
+
+fn waiting_status() -> NixOSNodeStatus {
+    NixOSNodeStatus {
+        phase: Some(Phase::Waiting),
+        wanted: Some("aaaaaaaa".into()),
+        agent: Some(AgentStatus {
+            boot_id: Some("boot-1".into()),
+            ..AgentStatus::default()
+        }),
+        ..NixOSNodeStatus::default()
+    }
+}
+
+fn draining_status(cordoned_by_nixroll: bool) -> NixOSNodeStatus {
+    NixOSNodeStatus {
+        phase: Some(Phase::Draining),
+        wanted: Some("aaaaaaaa".into()),
+        slot: Some(Slot {
+            granted_at: Time("2026-11-26T06:00:00Z".parse().unwrap()),
+            was_unschedulable: false,
+            cordoned_by_nixroll,
+            drain_started_at: None,
+            forced: false,
+        }),
+        // What a stub decision might carry over; the executor must never send it.
+        agent: Some(AgentStatus {
+            boot_id: Some("boot-1".into()),
+            ..AgentStatus::default()
+        }),
+        ..NixOSNodeStatus::default()
+    }
+}
+
+fn assert_status_apply(seen: &Seen, node: &str) {
+    assert_eq!(seen.method, "PATCH");
+    assert_eq!(
+        seen.path,
+        format!("/apis/nixroll.io/v1alpha1/nixosnodes/{node}/status")
+    );
+    assert_eq!(
+        seen.query.get("fieldManager").map(String::as_str),
+        Some("nixroll-controller")
+    );
+    assert_eq!(seen.query.get("force").map(String::as_str), Some("true"));
+    assert_eq!(seen.content_type, "application/apply-patch+yaml");
+    assert_eq!(seen.body["apiVersion"], "nixroll.io/v1alpha1");
+    assert_eq!(seen.body["kind"], "NixOSNode");
+    assert!(!contains_null(&seen.body), "null in apply body: {}", seen.body);
+    assert!(
+        !contains_key(&seen.body, "agent"),
+        "agent in apply body: {}",
+        seen.body
+    );
+}
+
+fn object_reply(node: &str, status: &Value) -> Value {
+    json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+        "metadata": {"name": node, "resourceVersion": "2"},
+        "spec": {"flake": "github:me/infra", "revision": "a".repeat(40)},
+        "status": status})
+}
+
+fn node_reply(node: &str, unschedulable: bool) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}, "spec": {"unschedulable": unschedulable}})
+}
+
+fn assert_event(seen: &Seen, regarding_kind: &str, reason: &str) {
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path, "/apis/events.k8s.io/v1/namespaces/default/events");
+    assert_eq!(seen.body["regarding"]["kind"], regarding_kind);
+    assert_eq!(seen.body["reason"], reason);
+    assert_eq!(seen.body["reportingController"], "nixroll-controller");
+}
+
+#[tokio::test]
+async fn grant_persists_status_first_then_cordons_then_records_events() {
+    let (client, mut handle) = mock();
+    let ctx = context(client);
+    let obj = nixosnode("n1", None);
+    let decision = Decision {
+        status: draining_status(true),
+        actions: vec![Action::Cordon],
+        notes: vec![Note {
+            reason: "SlotGranted".into(),
+            message: "admitted".into(),
+            warning: false,
+        }],
+        requeue_after: None,
+    };
+    let current = waiting_status();
+    let task =
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
+
+    let s = next(&mut handle).await;
+    assert_status_apply(&s, "n1");
+    assert_eq!(s.body["status"]["phase"], "Draining");
+    assert_eq!(s.body["status"]["slot"]["cordonedByNixroll"], true);
+    let status = s.body["status"].clone();
+    s.reply(200, object_reply("n1", &status));
+
+    let s = next(&mut handle).await;
+    assert_eq!(s.method, "PATCH");
+    assert_eq!(s.path, "/api/v1/nodes/n1");
+    // kube (like kubectl) cordons with a strategic merge patch; on a scalar it is a merge patch.
+    assert_eq!(s.content_type, "application/strategic-merge-patch+json");
+    assert_eq!(s.body, json!({"spec": {"unschedulable": true}}));
+    s.reply(200, node_reply("n1", true));
+
+    let s = next(&mut handle).await;
+    assert_event(&s, "Node", "Cordoned");
+    s.echo(201);
+    let s = next(&mut handle).await;
+    assert_event(&s, "NixOSNode", "SlotGranted");
+    assert_eq!(s.body["regarding"]["name"], "n1");
+    s.echo(201);
+
+    let requeue = task.await.unwrap().unwrap();
+    assert_eq!(requeue, kube::runtime::controller::Action::await_change());
+    expect_silence(&mut handle).await;
+}
+
+#[tokio::test]
+async fn uncordon_happens_only_when_the_decision_says_so() {
+    let (client, mut handle) = mock();
+    let ctx = context(client);
+    let obj = nixosnode("n1", None);
+
+    // A status change without an Uncordon action: the status write and nothing else.
+    let current = draining_status(false);
+    let mut next_status = draining_status(false);
+    next_status.phase = Some(Phase::UpToDate);
+    next_status.slot = None;
+    let decision = Decision {
+        status: next_status.clone(),
+        actions: vec![],
+        notes: vec![],
+        requeue_after: None,
+    };
+    let c2 = ctx.clone();
+    let o2 = obj.clone();
+    let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &current, decision).await });
+    let s = next(&mut handle).await;
+    assert_status_apply(&s, "n1");
+    assert_eq!(s.body["status"]["phase"], "UpToDate");
+    assert!(
+        s.body["status"].get("slot").is_none(),
+        "released slot must be omitted"
+    );
+    let status = s.body["status"].clone();
+    s.reply(200, object_reply("n1", &status));
+    task.await.unwrap().unwrap();
+    expect_silence(&mut handle).await;
+
+    // The decision says Uncordon: exactly one merge patch setting unschedulable=false.
+    let current = draining_status(true);
+    let decision = Decision {
+        status: next_status,
+        actions: vec![Action::Uncordon],
+        notes: vec![],
+        requeue_after: None,
+    };
+    let task =
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
+    let s = next(&mut handle).await;
+    assert_status_apply(&s, "n1");
+    let status = s.body["status"].clone();
+    s.reply(200, object_reply("n1", &status));
+    let s = next(&mut handle).await;
+    assert_eq!(
+        (s.method.as_str(), s.path.as_str()),
+        ("PATCH", "/api/v1/nodes/n1")
+    );
+    assert_eq!(s.content_type, "application/strategic-merge-patch+json");
+    assert_eq!(s.body, json!({"spec": {"unschedulable": false}}));
+    s.reply(200, node_reply("n1", false));
+    let s = next(&mut handle).await;
+    assert_event(&s, "Node", "Uncordoned");
+    s.echo(201);
+    task.await.unwrap().unwrap();
+    expect_silence(&mut handle).await;
+}
+
+#[tokio::test]
+async fn unchanged_status_and_no_actions_send_nothing() {
+    let (client, mut handle) = mock();
+    let ctx = context(client);
+    let obj = nixosnode("n1", None);
+    let current = draining_status(true);
+    // The decision repeats the current status (the agent part differs and is ignored).
+    let mut same = current.clone();
+    same.agent = None;
+    let decision = Decision {
+        status: same,
+        actions: vec![],
+        notes: vec![],
+        requeue_after: Some(jiff::SignedDuration::from_secs(30)),
+    };
+    let requeue = nixroll::controller::execute(&ctx, &obj, &current, decision)
+        .await
+        .unwrap();
+    assert_eq!(
+        requeue,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+    );
+    expect_silence(&mut handle).await;
+}
+
+fn pod(name: &str, owner_kind: Option<&str>, extra: Value) -> Value {
+    let mut meta = json!({"name": name, "namespace": "apps", "uid": format!("uid-{name}")});
+    if let Some(kind) = owner_kind {
+        meta["ownerReferences"] =
+            json!([{"apiVersion": "apps/v1", "kind": kind, "name": "owner", "uid": "o", "controller": true}]);
+    }
+    if let Some(m) = extra.get("metadata").and_then(Value::as_object) {
+        for (k, v) in m {
+            meta[k] = v.clone();
+        }
+    }
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+        "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]}})
+}
+
+fn pod_list(pods: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"}, "items": pods})
+}
+
+fn assert_pod_list(s: &Seen) {
+    assert_eq!(s.method, "GET");
+    assert_eq!(s.path, "/api/v1/pods");
+    assert_eq!(
+        s.query.get("fieldSelector").map(String::as_str),
+        Some("spec.nodeName=n1")
+    );
+}
+
+fn status_failure(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "message": reason, "reason": reason, "code": code})
+}
+
+#[tokio::test]
+async fn eviction_skips_daemonset_and_mirror_pods_and_retries_after_429() {
+    let (client, mut handle) = mock();
+    let policy = DrainPolicy {
+        grace_period_seconds: Some(45),
+        ..DrainPolicy::default()
+    };
+    let pods = || {
+        pod_list(vec![
+            pod("agent", Some("DaemonSet"), json!({})),
+            pod(
+                "kube-proxy",
+                None,
+                json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "x"}}}),
+            ),
+            pod("web-1", Some("ReplicaSet"), json!({})),
+            pod(
+                "web-0",
+                Some("ReplicaSet"),
+                json!({"metadata": {"deletionTimestamp": "2026-11-26T06:00:00Z"}}),
+            ),
+            pod("bare", None, json!({})),
+        ])
+    };
+
+    // Pass 1: the PDB refuses (429).
+    let c = client.clone();
+    let p = policy.clone();
+    let pass = tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(200, pods());
+    let s = next(&mut handle).await;
+    assert_eq!(s.method, "POST");
+    assert_eq!(s.path, "/api/v1/namespaces/apps/pods/web-1/eviction");
+    assert_eq!(s.content_type, "application/json");
+    assert_eq!(s.body["apiVersion"], "policy/v1");
+    assert_eq!(s.body["kind"], "Eviction");
+    assert_eq!(s.body["metadata"]["name"], "web-1");
+    assert_eq!(s.body["deleteOptions"]["gracePeriodSeconds"], 45);
+    s.reply(429, status_failure(429, "TooManyRequests"));
+    let progress = pass.await.unwrap().unwrap();
+    assert_eq!(progress.blocked_by_pdb, 1);
+    // web-1 (blocked), web-0 (terminating), bare (refused); agent and kube-proxy skipped.
+    assert_eq!(progress.remaining, 3);
+    assert_eq!(progress.refused.len(), 1);
+    assert!(progress.refused[0].starts_with("apps/bare"));
+    expect_silence(&mut handle).await;
+
+    // Pass 2: the eviction is accepted.
+    let c = client.clone();
+    let p = policy.clone();
+    let pass = tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(200, pods());
+    let s = next(&mut handle).await;
+    assert_eq!(s.path, "/api/v1/namespaces/apps/pods/web-1/eviction");
+    s.reply(
+        201,
+        json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201}),
+    );
+    let progress = pass.await.unwrap().unwrap();
+    assert_eq!(progress.blocked_by_pdb, 0);
+    assert_eq!(progress.remaining, 3);
+
+    // Pass 3: only DaemonSet and mirror pods are left; a pod already gone (404) does not count.
+    let c = client.clone();
+    let p = DrainPolicy {
+        delete_unmanaged_pods: true,
+        ..policy.clone()
+    };
+    let pass = tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(
+        200,
+        pod_list(vec![
+            pod("agent", Some("DaemonSet"), json!({})),
+            pod("bare", None, json!({})),
+        ]),
+    );
+    let s = next(&mut handle).await;
+    assert_eq!(s.path, "/api/v1/namespaces/apps/pods/bare/eviction");
+    s.reply(404, status_failure(404, "NotFound"));
+    let progress = pass.await.unwrap().unwrap();
+    assert_eq!(progress, nixroll::rollout::DrainProgress::default());
+    expect_silence(&mut handle).await;
+}
+
+#[tokio::test]
+async fn evict_action_backs_off_between_passes() {
+    let (client, mut handle) = mock();
+    let ctx = context(client);
+    let obj = nixosnode("n1", None);
+    let current = draining_status(true);
+    let mut status = current.clone();
+    status.agent = None;
+    let decision = Decision {
+        status,
+        actions: vec![Action::Evict],
+        notes: vec![],
+        requeue_after: Some(jiff::SignedDuration::from_mins(10)),
+    };
+    let (c2, o2, cur2, d2) = (ctx.clone(), obj.clone(), current.clone(), decision.clone());
+    let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &cur2, d2).await });
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(200, pod_list(vec![pod("web-1", Some("ReplicaSet"), json!({}))]));
+    let s = next(&mut handle).await;
+    assert_eq!(s.path, "/api/v1/namespaces/apps/pods/web-1/eviction");
+    s.reply(429, status_failure(429, "TooManyRequests"));
+    let s = next(&mut handle).await;
+    assert_event(&s, "Node", "EvictionBlocked");
+    s.echo(201);
+    let requeue = task.await.unwrap().unwrap();
+    // Next pass after the drain backoff (30 s here), sooner than the decision's 10 min.
+    assert_eq!(
+        requeue,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+    );
+
+    // Reconciled again right away (e.g. a Node event): no new pass inside the backoff.
+    let requeue = nixroll::controller::execute(&ctx, &obj, &current, decision)
+        .await
+        .unwrap();
+    expect_silence(&mut handle).await;
+    assert_ne!(requeue, kube::runtime::controller::Action::await_change());
+}
+
+#[tokio::test]
+async fn force_delete_deletes_remaining_pods_with_the_grace_period() {
+    let (client, mut handle) = mock();
+    let policy = DrainPolicy {
+        grace_period_seconds: Some(5),
+        ..DrainPolicy::default()
+    };
+    let c = client.clone();
+    let pass =
+        tokio::spawn(
+            async move { drain::force_delete_pass(&c, "n1", &policy, Duration::from_secs(2)).await },
+        );
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(
+        200,
+        pod_list(vec![
+            pod("agent", Some("DaemonSet"), json!({})),
+            pod("web-1", Some("ReplicaSet"), json!({})),
+        ]),
+    );
+    let s = next(&mut handle).await;
+    assert_eq!(s.method, "DELETE");
+    assert_eq!(s.path, "/api/v1/namespaces/apps/pods/web-1");
+    assert_eq!(s.body["gracePeriodSeconds"], 5);
+    s.reply(200, pod("web-1", Some("ReplicaSet"), json!({})));
+    let progress = pass.await.unwrap().unwrap();
+    assert_eq!(progress.remaining, 1);
+    expect_silence(&mut handle).await;
+}
+
+// ---------------------------------------------------------------- leader election
+
+const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases/nixroll-controller";
+
+fn elector(client: Client) -> LeaderElector {
+    let cfg = LeaderElectionConfig::new("nixroll-system", "nixroll-controller", "me-abc");
+    LeaderElector::new(client, cfg, Duration::from_secs(2))
+}
+
+fn lease(holder: &str, renew: jiff::Timestamp, rv: &str) -> Value {
+    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "nixroll-controller", "namespace": "nixroll-system", "resourceVersion": rv},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+            "acquireTime": renew.to_string(), "renewTime": renew.to_string(), "leaseTransitions": 2}})
+}
+
+#[tokio::test]
+async fn lease_is_acquired_when_free() {
+    let (client, mut handle) = mock();
+    let mut e = elector(client);
+    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    let s = next(&mut handle).await;
+    assert_eq!((s.method.as_str(), s.path.as_str()), ("GET", LEASE_PATH));
+    s.reply(404, status_failure(404, "NotFound"));
+    let s = next(&mut handle).await;
+    assert_eq!(s.method, "POST");
+    assert_eq!(
+        s.path,
+        "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases"
+    );
+    assert_eq!(s.body["spec"]["holderIdentity"], "me-abc");
+    assert_eq!(s.body["spec"]["leaseDurationSeconds"], 15);
+    let body = s.body.clone();
+    s.reply(201, body);
+    assert_eq!(step.await.unwrap().unwrap(), LeaseOutcome::Acquired);
+}
+
+#[tokio::test]
+async fn lease_held_and_unexpired_is_not_taken() {
+    let (client, mut handle) = mock();
+    let mut e = elector(client);
+    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    let s = next(&mut handle).await;
+    assert_eq!(s.path, LEASE_PATH);
+    s.reply(200, lease("other-xyz", jiff::Timestamp::now(), "7"));
+    match step.await.unwrap().unwrap() {
+        LeaseOutcome::HeldByOther { holder, retry_in } => {
+            assert_eq!(holder, "other-xyz");
+            assert!(retry_in <= Duration::from_secs(5));
+        }
+        other => panic!("took a held lease: {other:?}"),
+    }
+    expect_silence(&mut handle).await;
+}
+
+#[tokio::test]
+async fn expired_lease_is_taken_over_with_its_resource_version() {
+    let (client, mut handle) = mock();
+    let mut e = elector(client);
+    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    let s = next(&mut handle).await;
+    let old = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
+    s.reply(200, lease("other-xyz", old, "7"));
+    let s = next(&mut handle).await;
+    assert_eq!((s.method.as_str(), s.path.as_str()), ("PUT", LEASE_PATH));
+    assert_eq!(s.body["metadata"]["resourceVersion"], "7");
+    assert_eq!(s.body["spec"]["holderIdentity"], "me-abc");
+    assert_eq!(s.body["spec"]["leaseTransitions"], 3);
+    let body = s.body.clone();
+    s.reply(200, body);
+    assert_eq!(step.await.unwrap().unwrap(), LeaseOutcome::Acquired);
+}
+
+#[tokio::test]
+async fn conflict_on_takeover_is_a_lost_race() {
+    let (client, mut handle) = mock();
+    let mut e = elector(client);
+    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    let s = next(&mut handle).await;
+    let old = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
+    s.reply(200, lease("other-xyz", old, "7"));
+    let s = next(&mut handle).await;
+    assert_eq!(s.method, "PUT");
+    s.reply(409, status_failure(409, "Conflict"));
+    assert_eq!(step.await.unwrap().unwrap(), LeaseOutcome::LostRace);
+}
+
+#[tokio::test]
+async fn holder_renews_its_own_lease() {
+    let (client, mut handle) = mock();
+    let mut e = elector(client);
+    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    let s = next(&mut handle).await;
+    let earlier = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(5);
+    s.reply(200, lease("me-abc", earlier, "9"));
+    let s = next(&mut handle).await;
+    assert_eq!(s.method, "PUT");
+    assert_eq!(s.body["metadata"]["resourceVersion"], "9");
+    assert_eq!(s.body["spec"]["leaseTransitions"], 2);
+    let renewed: jiff::Timestamp = s.body["spec"]["renewTime"].as_str().unwrap().parse().unwrap();
+    assert!(renewed > earlier);
+    let body = s.body.clone();
+    s.reply(200, body);
+    assert_eq!(step.await.unwrap().unwrap(), LeaseOutcome::Renewed);
+}

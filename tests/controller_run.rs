@@ -1,0 +1,256 @@
+//! `controller::run` against a small fake API (mock transport): a standby replica only reads the
+//! Lease; a leader lists NixOSNodes, Nodes and the pause ConfigMap (never pods), and a clean
+//! shutdown releases the Lease.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use nixroll::controller::{ControllerConfig, LeaderElectionConfig};
+use serde_json::{Value, json};
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases/nixroll-controller";
+
+#[derive(Default)]
+struct FakeApi {
+    lease: Option<Value>,
+    rv: u64,
+    /// "METHOD path?query" of every request.
+    log: Vec<String>,
+    /// Another replica holds the Lease and keeps renewing it.
+    other_holds: bool,
+}
+
+fn respond(code: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason, "message": reason, "code": code})
+}
+
+/// Serve requests until the client goes away. Watches are held open (never answered).
+fn serve(
+    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    api: Arc<Mutex<FakeApi>>,
+    keep_other_holder_fresh: bool,
+) -> tokio::task::JoinHandle<()> {
+    api.lock().unwrap().other_holds = keep_other_holder_fresh;
+    tokio::spawn(async move {
+        let mut open_watches = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            let mut api = api.lock().unwrap();
+            api.log.push(format!("{method} {path}?{query}"));
+            if query.contains("watch=true") {
+                open_watches.push(send);
+                continue;
+            }
+            let resp = match (method.as_str(), path.as_str()) {
+                ("GET", LEASE) => {
+                    if api.other_holds {
+                        api.rv += 1;
+                        let now = jiff::Timestamp::now().to_string();
+                        api.lease = Some(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                            "metadata": {"name": "nixroll-controller", "namespace": "nixroll-system", "resourceVersion": api.rv.to_string()},
+                            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": now, "acquireTime": now}}));
+                    }
+                    match &api.lease {
+                        Some(l) => respond(200, l),
+                        None => respond(404, &status(404, "NotFound")),
+                    }
+                }
+                ("POST", LEASES) => {
+                    if api.lease.is_some() {
+                        respond(409, &status(409, "AlreadyExists"))
+                    } else {
+                        api.rv += 1;
+                        let mut l = body.clone();
+                        l["metadata"]["resourceVersion"] = json!(api.rv.to_string());
+                        api.lease = Some(l.clone());
+                        respond(201, &l)
+                    }
+                }
+                ("PUT", LEASE) => {
+                    let current_rv = api
+                        .lease
+                        .as_ref()
+                        .and_then(|l| l["metadata"]["resourceVersion"].as_str().map(String::from));
+                    if body["metadata"]["resourceVersion"].as_str().map(String::from) != current_rv {
+                        respond(409, &status(409, "Conflict"))
+                    } else {
+                        api.rv += 1;
+                        let mut l = body.clone();
+                        l["metadata"]["resourceVersion"] = json!(api.rv.to_string());
+                        api.lease = Some(l.clone());
+                        respond(200, &l)
+                    }
+                }
+                ("GET", _) => {
+                    let kind = if path.ends_with("/nodes") {
+                        "NodeList"
+                    } else if path.ends_with("/configmaps") {
+                        "ConfigMapList"
+                    } else {
+                        "NixOSNodeList"
+                    };
+                    respond(
+                        200,
+                        &json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": []}),
+                    )
+                }
+                _ => respond(405, &status(405, "MethodNotAllowed")),
+            };
+            send.send_response(resp);
+        }
+    })
+}
+
+fn config(identity: &str) -> ControllerConfig {
+    let mut c = ControllerConfig::new(identity);
+    let mut le = LeaderElectionConfig::new("nixroll-system", "nixroll-controller", identity);
+    le.renew_period = Duration::from_millis(50);
+    c.leader_election = Some(le);
+    c.api_timeout = Duration::from_secs(2);
+    c
+}
+
+#[tokio::test]
+async fn standby_only_reads_the_lease_and_stops_cleanly() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = Arc::new(Mutex::new(FakeApi::default()));
+    let server = serve(handle, api.clone(), true);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(nixroll::controller::run(
+        Client::new(svc, "default"),
+        config("standby-1"),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run did not stop")
+        .unwrap()
+        .unwrap();
+    server.abort();
+    let log = api.lock().unwrap().log.clone();
+    assert!(log.len() >= 3, "a standby re-checks the lease: {log:?}");
+    for line in &log {
+        assert!(line.starts_with(&format!("GET {LEASE}?")), "standby made {line}");
+    }
+}
+
+#[tokio::test]
+async fn leader_watches_nodes_and_pause_but_never_pods_and_releases_on_shutdown() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = Arc::new(Mutex::new(FakeApi::default()));
+    let server = serve(handle, api.clone(), false);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(nixroll::controller::run(
+        Client::new(svc, "default"),
+        config("leader-1"),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    {
+        let api = api.lock().unwrap();
+        let holder = api.lease.as_ref().unwrap()["spec"]["holderIdentity"].clone();
+        assert_eq!(holder, "leader-1");
+    }
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run did not stop")
+        .unwrap()
+        .unwrap();
+    server.abort();
+    let api = api.lock().unwrap();
+    let log = &api.log;
+    let has = |prefix: &str| log.iter().any(|l| l.starts_with(prefix));
+    assert!(has(&format!("POST {LEASES}?")), "{log:?}");
+    assert!(has("GET /apis/nixroll.io/v1alpha1/nixosnodes?"), "{log:?}");
+    assert!(has("GET /api/v1/nodes?"), "{log:?}");
+    assert!(
+        log.iter().any(
+            |l| l.starts_with("GET /api/v1/namespaces/nixroll-system/configmaps?")
+                && l.contains("fieldSelector=metadata.name%3Dnixroll-pause")
+        ),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("/pods")),
+        "pods must not be watched: {log:?}"
+    );
+    // Renewed while leading, then released: holder cleared.
+    assert!(
+        log.iter()
+            .filter(|l| l.starts_with(&format!("PUT {LEASE}")))
+            .count()
+            >= 2,
+        "{log:?}"
+    );
+    let spec = &api.lease.as_ref().unwrap()["spec"];
+    assert!(
+        spec.get("holderIdentity").is_none_or(Value::is_null),
+        "lease not released: {spec}"
+    );
+}
+
+#[tokio::test]
+async fn leader_that_loses_the_lease_stops_writing_and_stands_by() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let api = Arc::new(Mutex::new(FakeApi::default()));
+    let server = serve(handle, api.clone(), false);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(nixroll::controller::run(
+        Client::new(svc, "default"),
+        config("leader-2"),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Someone else takes the Lease over (e.g. we were partitioned past its expiry).
+    api.lock().unwrap().other_holds = true;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = api.lock().unwrap().log.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run did not stop")
+        .unwrap()
+        .unwrap();
+    server.abort();
+    let api = api.lock().unwrap();
+    let later = &api.log[seen..];
+    assert!(!later.is_empty(), "the standby keeps checking the lease");
+    for line in later {
+        assert!(
+            line.starts_with(&format!("GET {LEASE}?")),
+            "after losing the lease: {line}"
+        );
+    }
+    assert_eq!(api.lease.as_ref().unwrap()["spec"]["holderIdentity"], "other");
+}
