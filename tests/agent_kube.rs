@@ -95,7 +95,10 @@ impl FakeApi {
         });
         let selector_ok = query.contains(&format!("fieldSelector=metadata.name%3D{NODE}"));
         if method == Method::GET && path == COLLECTION && query.contains("watch=true") {
-            assert!(selector_ok, "watch without the node's field selector: {query}");
+            assert!(
+                selector_ok,
+                "watch without the node's field selector: {query}"
+            );
             let rx = self.events.subscribe();
             let stream = futures::stream::unfold(rx, |mut rx| async move {
                 loop {
@@ -115,7 +118,10 @@ impl FakeApi {
                 .unwrap();
         }
         if method == Method::GET && path == COLLECTION {
-            assert!(selector_ok, "list without the node's field selector: {query}");
+            assert!(
+                selector_ok,
+                "list without the node's field selector: {query}"
+            );
             let inner = self.inner.lock().unwrap();
             let list = json!({
                 "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNodeList",
@@ -233,7 +239,10 @@ async fn agent_loop_stages_activates_reports_and_idles() {
     assert_eq!(agent_status["bootedSystem"], json!(sys0));
     assert_eq!(agent_status["bootId"], json!(sim.boot_id()));
     assert_eq!(agent_status["profileGeneration"], json!(1));
-    let sys1 = agent_status["staged"]["system"].as_str().unwrap().to_string();
+    let sys1 = agent_status["staged"]["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // 3. The controller grants a Switch → Switched, current system is the new one.
     api.update(|o| {
@@ -278,11 +287,20 @@ async fn agent_loop_stages_activates_reports_and_idles() {
             "{}",
             p.content_type
         );
-        assert!(p.query.contains("fieldManager=nixroll-agent"), "{}", p.query);
+        assert!(
+            p.query.contains("fieldManager=nixroll-agent"),
+            "{}",
+            p.query
+        );
         assert!(p.query.contains("force=true"), "{}", p.query);
         let keys: Vec<_> = p.body.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, vec!["apiVersion", "kind", "status"]);
-        let status_keys: Vec<_> = p.body["status"].as_object().unwrap().keys().cloned().collect();
+        let status_keys: Vec<_> = p.body["status"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         assert_eq!(status_keys, vec!["agent"]);
         assert!(!has_null(&p.body), "null in {:#}", p.body);
     }

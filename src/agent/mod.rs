@@ -119,8 +119,12 @@ async fn work(
     report: tokio::sync::watch::Sender<Option<AgentStatus>>,
     seen: Seen,
 ) -> Result<(), AgentError> {
-    let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
-        .with_progress(report.clone());
+    let mut agent = NodeAgent::new(
+        config.host.clone(),
+        config.nix.clone(),
+        config.options.clone(),
+    )
+    .with_progress(report.clone());
     while rx.changed().await.is_ok() {
         let Some(obj) = rx.borrow_and_update().clone() else {
             continue;
@@ -192,7 +196,9 @@ async fn write(
                 retry_in = None;
             }
             Err(e) => {
-                let next = retry_in.map_or(Duration::from_secs(1), |d| (d * 2).min(Duration::from_secs(60)));
+                let next = retry_in.map_or(Duration::from_secs(1), |d| {
+                    (d * 2).min(Duration::from_secs(60))
+                });
                 tracing::warn!(node = %config.node, error = %e, retry_in = ?next, "cannot write status.agent");
                 retry_in = Some(next);
             }

@@ -222,7 +222,10 @@ impl TestFlake {
             files.push((sys.join("configuration-revision"), r.clone()));
         }
         if spec.broken_build {
-            files.push((self.dir.join("conflict/kernel"), "conflicting kernel".into()));
+            files.push((
+                self.dir.join("conflict/kernel"),
+                "conflicting kernel".into(),
+            ));
         }
         if let Some(m) = &spec.eval_error {
             files.push((self.dir.join("eval-error"), m.clone()));
@@ -232,12 +235,12 @@ impl TestFlake {
         }
         let script = sys.join("bin/switch-to-configuration");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(|source| {
-            FlakeError::Write {
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(
+            |source| FlakeError::Write {
                 path: script.clone(),
                 source,
-            }
-        })
+            },
+        )
     }
 }
 

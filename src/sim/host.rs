@@ -65,7 +65,11 @@ impl SimHost {
         // other's builders: they share the nixbld uids), no sandbox (nothing to isolate in a test
         // system; works in containers without user namespaces), no binary cache.
         let conf = root.join("etc/nix/nix.conf");
-        std::fs::write(&conf, "sandbox = false\nbuild-users-group =\nsubstituters =\n").map_err(io(&conf))?;
+        std::fs::write(
+            &conf,
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )
+        .map_err(io(&conf))?;
         let host = SimHost {
             root,
             reboots: AtomicUsize::new(0),
@@ -109,7 +113,10 @@ impl SimHost {
     /// booted and current system become what was booted.
     pub fn reboot(&self) -> Result<(), SimHostError> {
         self.reboots.fetch_add(1, Ordering::SeqCst);
-        let fault = *self.fault.lock().map_err(|_| SimHostError::Boot("lock".into()))?;
+        let fault = *self
+            .fault
+            .lock()
+            .map_err(|_| SimHostError::Boot("lock".into()))?;
         let booted = match fault {
             None => std::fs::read_link(self.root.join("boot/default-system"))
                 .map_err(io(&self.root.join("boot/default-system")))?,

@@ -153,9 +153,8 @@ impl StoreError {
             "code": self.code(),
         });
         let (resource, name, causes): (&str, &str, &[Cause]) = match self {
-            StoreError::NotFound { resource, name } | StoreError::AlreadyExists { resource, name } => {
-                (resource, name, &[])
-            }
+            StoreError::NotFound { resource, name }
+            | StoreError::AlreadyExists { resource, name } => (resource, name, &[]),
             StoreError::Conflict {
                 resource,
                 name,

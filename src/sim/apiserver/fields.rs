@@ -82,7 +82,11 @@ impl<'a> Ctx<'a> {
                 Some("map") => ListKind::Map(
                     s["x-kubernetes-list-map-keys"]
                         .as_array()
-                        .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|k| k.as_str().map(str::to_owned))
+                                .collect()
+                        })
                         .unwrap_or_default(),
                 ),
                 Some("set") => ListKind::Set,
@@ -233,7 +237,11 @@ pub fn merge_apply(live: &mut Value, cfg: &Value, ctx: Ctx<'_>, top: bool) {
 }
 
 fn merge_value(lv: &mut Value, cv: &Value, k: &str, cctx: Ctx<'_>) {
-    match (lv.is_object() && cv.is_object(), lv.as_array_mut(), cv.as_array()) {
+    match (
+        lv.is_object() && cv.is_object(),
+        lv.as_array_mut(),
+        cv.as_array(),
+    ) {
         (true, _, _) => merge_apply(lv, cv, cctx, false),
         (_, Some(la), Some(ca)) => match cctx.list_kind(k) {
             ListKind::Map(keys) => {
@@ -368,9 +376,15 @@ fn diff_walk(
                             let key = item_key(item, &keys);
                             prefix.push(key.clone());
                             match oa.iter().find(|i| item_key(i, &keys) == key) {
-                                Some(oi) => {
-                                    diff_walk(oi, item, cctx.items(), prefix, changed, removed, false)
-                                }
+                                Some(oi) => diff_walk(
+                                    oi,
+                                    item,
+                                    cctx.items(),
+                                    prefix,
+                                    changed,
+                                    removed,
+                                    false,
+                                ),
                                 None => {
                                     changed.insert(prefix.clone());
                                     walk_fields(item, cctx.items(), prefix, changed, false);
@@ -604,7 +618,10 @@ pub fn strategic_merge(target: &mut Value, patch: &Value, ctx: Ctx<'_>, top: boo
             continue;
         }
         if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
-            if let (Some(arr), Some(del)) = (tm.get_mut(field).and_then(Value::as_array_mut), v.as_array()) {
+            if let (Some(arr), Some(del)) = (
+                tm.get_mut(field).and_then(Value::as_array_mut),
+                v.as_array(),
+            ) {
                 arr.retain(|x| !del.contains(x));
             }
             continue;
@@ -626,7 +643,9 @@ pub fn strategic_merge(target: &mut Value, patch: &Value, ctx: Ctx<'_>, top: boo
                                 ta.remove(p);
                             }
                             (true, None) => {}
-                            (false, Some(p)) => strategic_merge(&mut ta[p], item, cctx.items(), false),
+                            (false, Some(p)) => {
+                                strategic_merge(&mut ta[p], item, cctx.items(), false)
+                            }
                             (false, None) => ta.push(item.clone()),
                         }
                     }

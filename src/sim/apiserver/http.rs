@@ -184,14 +184,18 @@ fn route(
                 .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["apis", g] => {
-            return discovery::group(&resources, g).map_or_else(|| Err(not_found(path)), |d| ok(&d));
+            return discovery::group(&resources, g)
+                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["apis", g, v] => {
             return discovery::resource_list(&resources, g, v)
                 .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["openapi", "v3"] => {
-            return ok(&discovery::openapi_v3_root(&resources, resources.len() as u64));
+            return ok(&discovery::openapi_v3_root(
+                &resources,
+                resources.len() as u64,
+            ));
         }
         ["openapi", "v3", "api", v] => {
             return discovery::openapi_v3_gv(&resources, "", v)
@@ -352,7 +356,9 @@ fn resource_request(
             let dopts = DeleteOptions {
                 grace_period_seconds: grace,
                 uid: b["preconditions"]["uid"].as_str().map(str::to_owned),
-                resource_version: b["preconditions"]["resourceVersion"].as_str().map(str::to_owned),
+                resource_version: b["preconditions"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_owned),
             };
             match store.delete(gvr, ns, name, &dopts)? {
                 Deleted::Pending(o) => ok(&o),
@@ -371,7 +377,9 @@ fn resource_request(
             }
         }
         _ => Err(StoreError::MethodNotAllowed {
-            message: format!("the server does not allow this method on the requested resource ({method})"),
+            message: format!(
+                "the server does not allow this method on the requested resource ({method})"
+            ),
         }),
     }
 }
@@ -396,7 +404,12 @@ impl Streaming {
         let object = match ev {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
                 if self.table {
-                    let t = table::table(&self.info, std::slice::from_ref(o), !self.headers_sent, None);
+                    let t = table::table(
+                        &self.info,
+                        std::slice::from_ref(o),
+                        !self.headers_sent,
+                        None,
+                    );
                     self.headers_sent = true;
                     let mut t = t;
                     t["metadata"]["resourceVersion"] = o["metadata"]["resourceVersion"].clone();
@@ -422,7 +435,8 @@ impl Streaming {
         };
         let rv = ev.resource_version();
         self.max_rv = self.max_rv.max(rv);
-        let mut line = serde_json::to_vec(&json!({"type": ev.type_name(), "object": object})).ok()?;
+        let mut line =
+            serde_json::to_vec(&json!({"type": ev.type_name(), "object": object})).ok()?;
         line.push(b'\n');
         Some(Bytes::from(line))
     }

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex};
 pub use error::{ApiServerError, Cause, StoreError};
 pub use resources::Gvr;
 pub use store::{
-    DeleteOptions, Deleted, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource, WatchOptions,
-    WriteOptions,
+    DeleteOptions, Deleted, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource,
+    WatchOptions, WriteOptions,
 };
 pub use watch::{Watch, WatchEvent};
 
@@ -104,7 +104,10 @@ impl ApiServer {
     }
 
     /// Start with explicit store options (history length, watch buffer, bookmark interval).
-    pub async fn start_with(addr: SocketAddr, opts: StoreOptions) -> Result<ApiServer, ApiServerError> {
+    pub async fn start_with(
+        addr: SocketAddr,
+        opts: StoreOptions,
+    ) -> Result<ApiServer, ApiServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ApiServerError::Bind { addr, source })?;
@@ -161,9 +164,10 @@ impl ApiServer {
     pub async fn client(&self) -> Result<kube::Client, ApiServerError> {
         let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())
             .map_err(|source| ApiServerError::Kubeconfig { source })?;
-        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-            .await
-            .map_err(|source| ApiServerError::Kubeconfig { source })?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| ApiServerError::Kubeconfig { source })?;
         kube::Client::try_from(config).map_err(|source| ApiServerError::Client { source })
     }
 

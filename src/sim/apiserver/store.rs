@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use super::convert::{unview, view};
 use super::error::{Cause, StoreError};
 use super::fields::{
-    self, Ctx, FieldSet, ManagedEntry, diff_fields, fields_of, merge_apply, path_string, read_managed,
-    remove_at, value_at, write_managed,
+    self, Ctx, FieldSet, ManagedEntry, diff_fields, fields_of, merge_apply, path_string,
+    read_managed, remove_at, value_at, write_managed,
 };
 use super::pdb;
 use super::resources::{self, Gvr, ResourceInfo};
@@ -176,7 +176,9 @@ pub struct Store {
 
 /// Now, as Kubernetes writes `metav1.Time` (RFC 3339, seconds).
 pub fn now_string() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 fn time_plus(secs: i64) -> String {
@@ -260,12 +262,14 @@ impl Store {
         let mut colls = HashMap::new();
         let resources = resources::builtins();
         for r in &resources {
-            colls.entry(r.storage_key.clone()).or_insert_with(|| Collection {
-                objects: BTreeMap::new(),
-                history: History::new(opts.history_per_collection, 0),
-                watchers: Watchers::default(),
-                order: VecDeque::new(),
-            });
+            colls
+                .entry(r.storage_key.clone())
+                .or_insert_with(|| Collection {
+                    objects: BTreeMap::new(),
+                    history: History::new(opts.history_per_collection, 0),
+                    watchers: Watchers::default(),
+                    order: VecDeque::new(),
+                });
         }
         let store = Store {
             inner: Arc::new(Inner {
@@ -322,7 +326,12 @@ impl Store {
     }
 
     /// List objects (all namespaces when `ns` is None).
-    pub fn list(&self, gvr: &Gvr, ns: Option<&str>, opts: &ListOptions) -> Result<ObjectList, StoreError> {
+    pub fn list(
+        &self,
+        gvr: &Gvr,
+        ns: Option<&str>,
+        opts: &ListOptions,
+    ) -> Result<ObjectList, StoreError> {
         let labels = LabelSelector::parse(opts.label_selector.as_deref().unwrap_or(""))?;
         let fields = FieldSelector::parse(opts.field_selector.as_deref().unwrap_or(""))?;
         let st = lock(&self.inner);
@@ -351,7 +360,10 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
-        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        let manager = opts
+            .field_manager
+            .clone()
+            .unwrap_or_else(|| "unknown".into());
         st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager))
     }
 
@@ -366,7 +378,10 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
-        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        let manager = opts
+            .field_manager
+            .clone()
+            .unwrap_or_else(|| "unknown".into());
         st.update(&self.inner.opts, &info, ns, obj, sub, &manager)
     }
 
@@ -420,7 +435,12 @@ impl Store {
     }
 
     /// Start a watch. Events are delivered in resourceVersion order; see [`Watch::next`].
-    pub fn watch(&self, gvr: &Gvr, ns: Option<&str>, opts: &WatchOptions) -> Result<Watch, StoreError> {
+    pub fn watch(
+        &self,
+        gvr: &Gvr,
+        ns: Option<&str>,
+        opts: &WatchOptions,
+    ) -> Result<Watch, StoreError> {
         let labels = LabelSelector::parse(opts.list.label_selector.as_deref().unwrap_or(""))?;
         let fields = FieldSelector::parse(opts.list.field_selector.as_deref().unwrap_or(""))?;
         let id = self.inner.next_watch.fetch_add(1, Ordering::SeqCst);
@@ -502,7 +522,11 @@ impl Store {
 
     /// Number of open watches (all collections).
     pub fn watcher_count(&self) -> usize {
-        lock(&self.inner).colls.values().map(|c| c.watchers.len()).sum()
+        lock(&self.inner)
+            .colls
+            .values()
+            .map(|c| c.watchers.len())
+            .sum()
     }
 
     /// Fault injection, as an etcd compaction: forget all history, so that a watch resuming
@@ -556,7 +580,12 @@ impl Store {
     }
 
     /// [`Store::update`] for a typed resource.
-    pub fn update_as<K>(&self, obj: &K, sub: Subresource, opts: &WriteOptions) -> Result<K, StoreError>
+    pub fn update_as<K>(
+        &self,
+        obj: &K,
+        sub: Subresource,
+        opts: &WriteOptions,
+    ) -> Result<K, StoreError>
     where
         K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
     {
@@ -655,12 +684,12 @@ impl State {
     ) -> Result<Arc<Value>, StoreError> {
         self.rv += 1;
         let rv = self.rv;
-        let coll = self
-            .colls
-            .get_mut(&info.storage_key)
-            .ok_or_else(|| StoreError::UnknownResource {
-                path: info.storage_key.clone(),
-            })?;
+        let coll =
+            self.colls
+                .get_mut(&info.storage_key)
+                .ok_or_else(|| StoreError::UnknownResource {
+                    path: info.storage_key.clone(),
+                })?;
         let old = coll.objects.get(key).cloned();
         let (old_h, new_h, result) = match new {
             Some(mut n) => {
@@ -702,7 +731,8 @@ impl State {
         match (info.gvr.group.as_str(), info.gvr.plural.as_str()) {
             ("", "pods") => self.refresh_pdbs(opts, &key.0)?,
             ("policy", "poddisruptionbudgets") => {
-                let spec_changed = old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
+                let spec_changed =
+                    old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
                 if spec_changed && new.is_some() {
                     self.refresh_pdbs(opts, &key.0)?;
                 }
@@ -723,7 +753,10 @@ impl State {
 
     fn sync_crd(&mut self, old: Option<&Value>, new: Option<&Value>) {
         if let Some(o) = old {
-            let gone: Vec<Gvr> = resources::from_crd(o).iter().map(|r| r.gvr.clone()).collect();
+            let gone: Vec<Gvr> = resources::from_crd(o)
+                .iter()
+                .map(|r| r.gvr.clone())
+                .collect();
             self.resources.retain(|r| !gone.contains(&r.gvr));
         }
         if let Some(n) = new {
@@ -753,7 +786,12 @@ impl State {
     }
 
     fn purge_namespace(&mut self, opts: &StoreOptions, ns: &str) -> Result<(), StoreError> {
-        let infos: Vec<Arc<ResourceInfo>> = self.resources.iter().filter(|r| r.namespaced).cloned().collect();
+        let infos: Vec<Arc<ResourceInfo>> = self
+            .resources
+            .iter()
+            .filter(|r| r.namespaced)
+            .cloned()
+            .collect();
         let mut seen = Vec::new();
         for info in infos {
             if seen.contains(&info.storage_key) {
@@ -774,7 +812,11 @@ impl State {
         Ok(())
     }
 
-    fn expire_events(&mut self, opts: &StoreOptions, info: &ResourceInfo) -> Result<(), StoreError> {
+    fn expire_events(
+        &mut self,
+        opts: &StoreOptions,
+        info: &ResourceInfo,
+    ) -> Result<(), StoreError> {
         loop {
             let coll = self.coll_mut(info)?;
             if coll.objects.len() <= opts.event_limit {
@@ -953,8 +995,9 @@ impl State {
             };
             if ns.is_empty() {
                 return Err(StoreError::BadRequest {
-                    message: "the server could not find the requested resource: a namespace is required"
-                        .into(),
+                    message:
+                        "the server could not find the requested resource: a namespace is required"
+                            .into(),
                 });
             }
             obj["metadata"]["namespace"] = json!(ns);
@@ -1129,7 +1172,9 @@ impl State {
             return Ok(old.clone());
         }
         let gone = !new["metadata"]["deletionTimestamp"].is_null()
-            && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
             && new["metadata"]["deletionGracePeriodSeconds"]
                 .as_i64()
                 .unwrap_or(0)
@@ -1153,7 +1198,10 @@ impl State {
         if let Patch::Apply(cfg) = patch {
             return self.apply(opts, info, ns, name, cfg, sub, wopts);
         }
-        let manager = wopts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        let manager = wopts
+            .field_manager
+            .clone()
+            .unwrap_or_else(|| "unknown".into());
         let key = self.key(info, ns, name);
         let Some(old_stored) = self.stored(info, &key) else {
             return Err(not_found(info, name));
@@ -1184,7 +1232,8 @@ impl State {
         }
         if meta_str(&patched, "name") != name {
             return Err(StoreError::BadRequest {
-                message: "the name of the object in the patch does not match the name in the URL".into(),
+                message: "the name of the object in the patch does not match the name in the URL"
+                    .into(),
             });
         }
         let new = merge_for_subresource(info, &old, patched, sub);
@@ -1204,7 +1253,9 @@ impl State {
     ) -> Result<Value, StoreError> {
         let Some(manager) = wopts.field_manager.clone().filter(|m| !m.is_empty()) else {
             return Err(StoreError::BadRequest {
-                message: "PATCH, application/apply-patch+yaml requests require fieldManager to be set".into(),
+                message:
+                    "PATCH, application/apply-patch+yaml requests require fieldManager to be set"
+                        .into(),
             });
         };
         if cfg["apiVersion"].as_str() != Some(info.gvr.api_version().as_str())
@@ -1238,7 +1289,8 @@ impl State {
             Subresource::Status => {
                 let status = cfg["status"].clone();
                 let meta = json!({"name": name, "namespace": cfg["metadata"]["namespace"]});
-                cfg = json!({"apiVersion": cfg["apiVersion"], "kind": cfg["kind"], "metadata": meta});
+                cfg =
+                    json!({"apiVersion": cfg["apiVersion"], "kind": cfg["kind"], "metadata": meta});
                 if !status.is_null() {
                     cfg["status"] = status;
                 }
@@ -1251,7 +1303,11 @@ impl State {
             return Err(not_found(info, name));
         }
         let crv = meta_str(&cfg, "resourceVersion");
-        if !crv.is_empty() && old.as_ref().is_none_or(|o| meta_str(o, "resourceVersion") != crv) {
+        if !crv.is_empty()
+            && old
+                .as_ref()
+                .is_none_or(|o| meta_str(o, "resourceVersion") != crv)
+        {
             return Err(conflict_modified(info, name));
         }
         if let Some(m) = cfg["metadata"].as_object_mut() {
@@ -1321,11 +1377,12 @@ impl State {
         }
 
         // Fields this manager applied before but no longer does, and nobody else owns, go.
-        let mine = entries
-            .iter()
-            .position(|e| e.manager == manager && e.operation == "Apply" && e.subresource == sub.name());
+        let mine = entries.iter().position(|e| {
+            e.manager == manager && e.operation == "Apply" && e.subresource == sub.name()
+        });
         if let Some(mi) = mine {
-            let dropped: Vec<Vec<String>> = entries[mi].fields.difference(&new_set).cloned().collect();
+            let dropped: Vec<Vec<String>> =
+                entries[mi].fields.difference(&new_set).cloned().collect();
             for p in dropped {
                 let owned_elsewhere = entries
                     .iter()
@@ -1495,7 +1552,9 @@ impl State {
                 }
                 if allowed == 0 && !unhealthy_ok {
                     return Err(StoreError::TooManyRequests {
-                        message: "Cannot evict pod as it would violate the pod's disruption budget.".into(),
+                        message:
+                            "Cannot evict pod as it would violate the pod's disruption budget."
+                                .into(),
                         causes: vec![Cause {
                             reason: "DisruptionBudget".into(),
                             message: format!(
@@ -1520,7 +1579,12 @@ impl State {
 }
 
 /// The object a write on `sub` produces from `old` and the client's `new`.
-fn merge_for_subresource(info: &ResourceInfo, old: &Value, mut new: Value, sub: Subresource) -> Value {
+fn merge_for_subresource(
+    info: &ResourceInfo,
+    old: &Value,
+    mut new: Value,
+    sub: Subresource,
+) -> Value {
     match sub {
         Subresource::Main if info.status_subresource => {
             match old.get("status") {
@@ -1597,9 +1661,9 @@ fn finalize(
     // Keep the time of entries whose fields did not change (so no-op writes stay no-ops).
     let now = now_string();
     for e in &mut entries {
-        let prev = old_entries
-            .iter()
-            .find(|o| o.manager == e.manager && o.operation == e.operation && o.subresource == e.subresource);
+        let prev = old_entries.iter().find(|o| {
+            o.manager == e.manager && o.operation == e.operation && o.subresource == e.subresource
+        });
         match prev {
             Some(p) if p.fields == e.fields => e.time = p.time.clone(),
             _ => e.time = now.clone(),

@@ -56,7 +56,9 @@ impl WatchEvent {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0)
             }
-            WatchEvent::Bookmark { resource_version, .. } => *resource_version,
+            WatchEvent::Bookmark {
+                resource_version, ..
+            } => *resource_version,
             WatchEvent::Error(_) => 0,
         }
     }
