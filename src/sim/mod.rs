@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod flake;
 pub mod host;
 pub mod progress;
+pub mod store;
