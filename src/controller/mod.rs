@@ -359,7 +359,13 @@ impl Context {
             .map(|o| {
                 let name = o.metadata.name.as_deref().unwrap_or_default();
                 let stored = o.status.as_ref().unwrap_or(&empty);
-                let status = match pending.effective(name, stored) {
+                // A node asking again may replace its own uncertain grant (it is one slot).
+                let effective = if name == me {
+                    pending.effective(name, stored)
+                } else {
+                    pending.effective_for_admission(name, stored, Instant::now())
+                };
+                let status = match effective {
                     Some(s) => Cow::Owned(s),
                     None => Cow::Borrowed(stored),
                 };
@@ -599,10 +605,16 @@ async fn execute_with_gate(
             return Ok(Requeue::await_change());
         }
         match gate {
-            Some(mut gate) => {
-                ctx.write_status(&name, &decision.status).await?;
-                gate.record(&name, &decision.status);
-            }
+            Some(mut gate) => match ctx.write_status(&name, &decision.status).await {
+                Ok(()) => gate.record(&name, &decision.status),
+                Err(e) => {
+                    // The grant may have landed (e.g. a timeout after sending): keep counting it
+                    // until the watch shows it or the uncertainty window passes.
+                    let until = Instant::now() + ctx.config.api_timeout.saturating_mul(6);
+                    gate.record_uncertain(&name, &decision.status, until);
+                    return Err(e);
+                }
+            },
             None => {
                 ctx.write_status(&name, &decision.status).await?;
                 ctx.admission.lock().await.record(&name, &decision.status);
