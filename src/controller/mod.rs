@@ -1019,3 +1019,74 @@ async fn run_until_stopped(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::api::NixOSNodeSpec;
+
+    /// Cost of one admission decision over 1,000 nodes (view building; the real `admit` adds its
+    /// own). Printed, and bounded loosely so a quadratic slip fails.
+    #[tokio::test]
+    async fn admission_over_1000_nodes_is_cheap() {
+        let (svc, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let client = Client::new(svc, "default");
+        let (nxn, mut w) = reflector::store::<NixOSNode>();
+        let (nodes, mut wn) = reflector::store::<Node>();
+        let (pause, mut wp) = reflector::store::<ConfigMap>();
+        w.apply_watcher_event(&watcher::Event::Init);
+        wn.apply_watcher_event(&watcher::Event::Init);
+        for i in 0..1000 {
+            let name = format!("node-{i:04}");
+            let mut o = NixOSNode::new(
+                &name,
+                NixOSNodeSpec {
+                    flake: "github:me/infra".into(),
+                    revision: "c".repeat(40),
+                    configuration: None,
+                    maintenance_windows: Vec::new(),
+                    reboot: Default::default(),
+                    drain: None,
+                    suspend: false,
+                },
+            );
+            o.status = Some(NixOSNodeStatus {
+                phase: Some(Phase::Waiting),
+                ..NixOSNodeStatus::default()
+            });
+            w.apply_watcher_event(&watcher::Event::InitApply(o));
+            let mut n: Node = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+            }))
+            .unwrap();
+            observe::trim_node(&mut n);
+            wn.apply_watcher_event(&watcher::Event::InitApply(n));
+        }
+        w.apply_watcher_event(&watcher::Event::InitDone);
+        wn.apply_watcher_event(&watcher::Event::InitDone);
+        wp.apply_watcher_event(&watcher::Event::InitDone);
+        let (ctx, _rx) = Context::new(
+            client,
+            ControllerConfig::new("t"),
+            Stores {
+                nixosnodes: nxn,
+                nodes,
+                pause,
+            },
+            Arc::new(Metrics::new()),
+            Arc::new(AtomicBool::new(true)),
+        );
+        let started = Instant::now();
+        let rounds = 200;
+        for _ in 0..rounds {
+            let mut gate = ctx.admission.lock().await;
+            let _ = ctx.admitted(&mut gate, "node-0001", Timestamp::now());
+        }
+        let per = started.elapsed() / rounds;
+        eprintln!("admission over 1000 nodes: {per:?} per decision (debug build)");
+        assert!(per < Duration::from_millis(50), "{per:?}");
+    }
+}
