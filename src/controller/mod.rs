@@ -68,6 +68,8 @@ pub struct ControllerConfig {
     pub sync_timeout: Duration,
     /// Parallel reconciles (0: unbounded).
     pub concurrency: u16,
+    /// The decision functions; the real ones unless a test substitutes fakes.
+    pub rollout: RolloutFns,
     /// First and longest wait between two eviction passes of a draining node.
     pub drain_pass_backoff: (Duration, Duration),
 }
@@ -83,6 +85,7 @@ impl ControllerConfig {
             api_timeout: Duration::from_secs(10),
             sync_timeout: Duration::from_secs(60),
             concurrency: 16,
+            rollout: RolloutFns::default(),
             drain_pass_backoff: (Duration::from_secs(2), Duration::from_secs(30)),
         }
     }
@@ -200,7 +203,7 @@ pub struct Context {
 
 /// The pure rollout functions the controller calls: [`crate::rollout::decide`] and
 /// [`crate::rollout::admit`] unless a test substitutes its own.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct RolloutFns {
     pub decide:
         for<'a, 'b> fn(&'a NodeView<'b>, bool, Option<&'a DrainProgress>, &'a Policy, Timestamp) -> Decision,
@@ -231,7 +234,9 @@ impl Context {
         leading: Arc<AtomicBool>,
         rollout: RolloutFns,
     ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
-        Self::build(client, config, stores, metrics, leading, rollout)
+        let mut config = config;
+        config.rollout = rollout;
+        Self::new(client, config, stores, metrics, leading)
     }
 
     /// A context over `stores`; the receiver yields the Waiting nodes to reconcile after a slot
@@ -243,17 +248,7 @@ impl Context {
         metrics: Arc<Metrics>,
         leading: Arc<AtomicBool>,
     ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
-        Self::build(client, config, stores, metrics, leading, RolloutFns::default())
-    }
-
-    fn build(
-        client: Client,
-        config: ControllerConfig,
-        stores: Stores,
-        metrics: Arc<Metrics>,
-        leading: Arc<AtomicBool>,
-        rollout: RolloutFns,
-    ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
+        let rollout = config.rollout;
         let (wake, wake_rx) = mpsc::unbounded_channel();
         let recorder = Recorder::new(
             client.clone(),
