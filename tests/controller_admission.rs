@@ -263,3 +263,77 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
         "{text}"
     );
 }
+
+/// A grant whose write failed may still have landed: until the watch shows it (or a window
+/// passes) no other node is admitted, while the node itself does not assume the slot.
+#[tokio::test]
+async fn failed_grant_write_still_blocks_other_admissions() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (nxn, mut w) = reflector::store::<NixOSNode>();
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitApply(waiting("a")));
+    w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    let (nodes, mut wn) = reflector::store();
+    wn.apply_watcher_event(&watcher::Event::InitDone);
+    let (pause, mut wp) = reflector::store();
+    wp.apply_watcher_event(&watcher::Event::InitDone);
+    let (ctx, _wake) = Context::with_rollout(
+        client,
+        ControllerConfig::new("test"),
+        Stores {
+            nixosnodes: nxn,
+            nodes,
+            pause,
+        },
+        Arc::new(Metrics::new()),
+        Arc::new(AtomicBool::new(true)),
+        RolloutFns {
+            decide: fake_decide,
+            admit: fake_admit,
+        },
+    );
+    let c = ctx.clone();
+    let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
+    send.send_response(
+        Response::builder()
+            .status(504)
+            .body(Body::from(
+                serde_json::to_vec(&serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "reason": "Timeout", "message": "etcd timeout", "code": 504}))
+                .unwrap(),
+            ))
+            .unwrap(),
+    );
+    let err = task.await.unwrap().unwrap_err();
+    assert!(err.is_transient(), "{err}");
+
+    // b asks: nothing is written, the uncertain grant of a still counts.
+    nixroll::controller::reconcile(Arc::new(waiting("b")), ctx.clone())
+        .await
+        .unwrap();
+    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    {
+        panic!("b was admitted: {} {}", req.method(), req.uri());
+    }
+
+    // a asks again: its own uncertain grant does not block it; the grant is written again.
+    let c = ctx.clone();
+    let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(
+                serde_json::to_vec(&serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}}))
+                .unwrap(),
+            ))
+            .unwrap(),
+    );
+    task.await.unwrap().unwrap();
+}

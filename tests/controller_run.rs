@@ -267,3 +267,205 @@ async fn leader_that_loses_the_lease_stops_writing_and_stands_by() {
         "other"
     );
 }
+
+// ------------------------------------------------ the whole loop, with fake decision functions
+
+use nixroll::api::{Phase, Slot};
+use nixroll::controller::RolloutFns;
+use nixroll::rollout::{Action, ClusterState, Decision, DrainProgress, NodeView, Note, Policy};
+
+fn fake_admit(nodes: &[NodeView<'_>], _: &ClusterState, _: &Policy, _: jiff::Timestamp) -> Vec<String> {
+    let busy = nodes.iter().any(|v| v.status.slot.is_some());
+    if busy {
+        return Vec::new();
+    }
+    nodes
+        .iter()
+        .filter(|v| v.status.phase == Some(Phase::Waiting) && v.node.ready)
+        .take(1)
+        .map(|v| v.name.to_string())
+        .collect()
+}
+
+fn fake_decide(
+    view: &NodeView<'_>,
+    admitted: bool,
+    _: Option<&DrainProgress>,
+    _: &Policy,
+    now: jiff::Timestamp,
+) -> Decision {
+    let mut status = view.status.clone();
+    status.agent = None;
+    if !admitted {
+        return Decision {
+            status,
+            actions: vec![],
+            notes: vec![],
+            requeue_after: None,
+        };
+    }
+    status.phase = Some(Phase::Draining);
+    status.slot = Some(Slot {
+        granted_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+        was_unschedulable: view.node.unschedulable,
+        cordoned_by_nixroll: !view.node.unschedulable,
+        drain_started_at: None,
+        forced: false,
+    });
+    Decision {
+        status,
+        actions: vec![Action::Cordon],
+        notes: vec![Note {
+            reason: "Admitted".into(),
+            message: "slot granted".into(),
+            warning: false,
+        }],
+        requeue_after: None,
+    }
+}
+
+#[tokio::test]
+async fn leader_loop_observes_admits_writes_status_then_cordons() {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let log = Arc::new(Mutex::new(Vec::<(String, String, String, Value)>::new()));
+    let l = log.clone();
+    let server = tokio::spawn(async move {
+        let mut open_watches = Vec::new();
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let ct = req
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            if query.contains("watch=true") {
+                open_watches.push(send);
+                continue;
+            }
+            l.lock()
+                .unwrap()
+                .push((method.clone(), path.clone(), ct, body.clone()));
+            let resp = match (method.as_str(), path.as_str()) {
+                ("GET", "/apis/nixroll.io/v1alpha1/nixosnodes") => respond(
+                    200,
+                    &json!({
+                    "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNodeList", "metadata": {"resourceVersion": "5"},
+                    "items": [{"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+                        "metadata": {"name": "n1", "uid": "u1", "resourceVersion": "4", "generation": 1,
+                            "managedFields": [{"manager": "flux"}], "annotations": {"kustomize.toolkit.fluxcd.io/checksum": "x"}},
+                        "spec": {"flake": "github:me/infra", "revision": "d".repeat(40)},
+                        "status": {"phase": "Waiting", "agent": {"bootId": "b1"}}}]}),
+                ),
+                ("GET", "/api/v1/nodes") => respond(
+                    200,
+                    &json!({
+                    "apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "5"},
+                    "items": [{"metadata": {"name": "n1", "uid": "nu1"},
+                        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                            "nodeInfo": {"bootID": "b1", "architecture": "", "containerRuntimeVersion": "", "kernelVersion": "",
+                                "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "", "operatingSystem": "", "osImage": "", "systemUUID": ""}}}]}),
+                ),
+                ("GET", _) => respond(
+                    200,
+                    &json!({"apiVersion": "v1", "kind": "ConfigMapList", "metadata": {"resourceVersion": "5"}, "items": []}),
+                ),
+                ("PATCH", "/apis/nixroll.io/v1alpha1/nixosnodes/n1/status") => {
+                    let mut obj = body.clone();
+                    obj["metadata"] = json!({"name": "n1", "resourceVersion": "6"});
+                    obj["spec"] = json!({"flake": "github:me/infra", "revision": "d".repeat(40)});
+                    respond(200, &obj)
+                }
+                ("PATCH", "/api/v1/nodes/n1") => respond(
+                    200,
+                    &json!({"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": "n1"}, "spec": {"unschedulable": true}}),
+                ),
+                ("POST", _) => respond(201, &body),
+                _ => respond(405, &status(405, "MethodNotAllowed")),
+            };
+            send.send_response(resp);
+        }
+    });
+    let mut config = ControllerConfig::new("solo");
+    config.rollout = RolloutFns {
+        decide: fake_decide,
+        admit: fake_admit,
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(nixroll::controller::run(
+        Client::new(svc, "default"),
+        config,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    // Wait for the cordon (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(m, p, _, _)| m == "PATCH" && p == "/api/v1/nodes/n1")
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cordon: {:?}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run did not stop")
+        .unwrap()
+        .unwrap();
+    server.abort();
+
+    let log = log.lock().unwrap();
+    let writes: Vec<&(String, String, String, Value)> =
+        log.iter().filter(|(m, _, _, _)| m != "GET").collect();
+    let status_at = writes
+        .iter()
+        .position(|(m, p, _, _)| m == "PATCH" && p.ends_with("/nixosnodes/n1/status"))
+        .expect("status write");
+    let cordon_at = writes
+        .iter()
+        .position(|(m, p, _, _)| m == "PATCH" && p == "/api/v1/nodes/n1")
+        .unwrap();
+    assert!(
+        status_at < cordon_at,
+        "intent must be persisted before the cordon: {writes:?}"
+    );
+    let (_, _, ct, body) = writes[status_at];
+    assert_eq!(ct, "application/apply-patch+yaml");
+    assert_eq!(body["status"]["phase"], "Draining");
+    assert_eq!(body["status"]["slot"]["cordonedByNixroll"], true);
+    assert!(body["status"].get("agent").is_none());
+    assert_eq!(
+        writes
+            .iter()
+            .filter(|(m, p, _, _)| m == "PATCH" && p.ends_with("/status"))
+            .count(),
+        1,
+        "one grant: {writes:?}"
+    );
+    assert!(
+        writes
+            .iter()
+            .any(|(m, p, _, b)| m == "POST" && p.ends_with("/events") && b["reason"] == "Admitted")
+    );
+    assert!(!log.iter().any(|(_, p, _, _)| p.contains("/pods")));
+}

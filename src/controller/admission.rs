@@ -7,10 +7,15 @@
 //! the store shows the same phase and slot. It lives inside the admission mutex, so grant →
 //! persist → record is one critical section.
 //!
+//! A grant whose write *failed* may still have landed (a timeout after the request was sent).
+//! Such a grant is kept as *uncertain*: admission counts it until the store shows it or until a
+//! deadline passes, but the node's own next reconcile does not take it for granted.
+//!
 //! After a restart the map is empty and the store (waited on until it is synced) is the truth:
 //! slots are persisted in `status.slot`, so nothing is over-admitted.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 use crate::api::{NixOSNodeStatus, Phase};
 
@@ -23,6 +28,8 @@ fn key(s: &NixOSNodeStatus) -> (Option<Phase>, bool) {
 #[derive(Debug, Default)]
 pub struct PendingWrites {
     by_node: HashMap<String, NixOSNodeStatus>,
+    /// Grants whose write failed ambiguously, counted by admission until the deadline.
+    uncertain: HashMap<String, (NixOSNodeStatus, Instant)>,
 }
 
 impl PendingWrites {
@@ -30,7 +37,37 @@ impl PendingWrites {
     pub fn record(&mut self, node: &str, status: &NixOSNodeStatus) {
         let mut s = status.clone();
         s.agent = None;
+        self.uncertain.remove(node);
         self.by_node.insert(node.to_string(), s);
+    }
+
+    /// Remember a grant whose write failed but may have landed; admission counts it until
+    /// `until` or until the store shows it.
+    pub fn record_uncertain(&mut self, node: &str, status: &NixOSNodeStatus, until: Instant) {
+        let mut s = status.clone();
+        s.agent = None;
+        self.uncertain.insert(node.to_string(), (s, until));
+    }
+
+    /// The status admission uses for `node`: [`Self::effective`], else an uncertain grant that
+    /// has neither expired nor shown up in the store.
+    pub fn effective_for_admission(
+        &mut self,
+        node: &str,
+        stored: &NixOSNodeStatus,
+        now: Instant,
+    ) -> Option<NixOSNodeStatus> {
+        if let Some(s) = self.effective(node, stored) {
+            return Some(s);
+        }
+        let (pending, until) = self.uncertain.get(node)?;
+        if now >= *until || key(pending) == key(stored) {
+            self.uncertain.remove(node);
+            return None;
+        }
+        let mut s = pending.clone();
+        s.agent.clone_from(&stored.agent);
+        Some(s)
     }
 
     /// The status admission must use for `node`: our last write while the store has not caught
@@ -49,14 +86,15 @@ impl PendingWrites {
     /// Forget nodes that no longer exist.
     pub fn retain_present(&mut self, present: &HashSet<&str>) {
         self.by_node.retain(|n, _| present.contains(n.as_str()));
+        self.uncertain.retain(|n, _| present.contains(n.as_str()));
     }
 
     pub fn len(&self) -> usize {
-        self.by_node.len()
+        self.by_node.len() + self.uncertain.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_node.is_empty()
+        self.by_node.is_empty() && self.uncertain.is_empty()
     }
 }
 
@@ -110,6 +148,30 @@ mod tests {
         assert!(p.effective("a", &draining()).unwrap().slot.is_none());
         let present: HashSet<&str> = HashSet::new();
         p.retain_present(&present);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn uncertain_grant_counts_for_admission_only_until_seen_or_expired() {
+        let mut p = PendingWrites::default();
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(60);
+        p.record_uncertain("a", &draining(), later);
+        // The node's own view does not assume the grant landed.
+        assert!(p.effective("a", &waiting()).is_none());
+        // Admission counts it.
+        assert!(
+            p.effective_for_admission("a", &waiting(), now)
+                .unwrap()
+                .slot
+                .is_some()
+        );
+        // Expired: forgotten.
+        assert!(p.effective_for_admission("a", &waiting(), later).is_none());
+        assert!(p.is_empty());
+        // Seen in the store: forgotten.
+        p.record_uncertain("a", &draining(), later);
+        assert!(p.effective_for_admission("a", &draining(), now).is_none());
         assert!(p.is_empty());
     }
 
