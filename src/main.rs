@@ -22,6 +22,9 @@ enum Command {
     Controller(ControllerArgs),
     /// Run the node agent: stage and activate what the controller grants on this node.
     Agent(AgentArgs),
+    /// The embedded default: an in-memory Kubernetes API, simulated NixOS hosts, the real
+    /// controller and agents; rolls a new revision across the cluster and shows it live.
+    Demo(DemoArgs),
     /// Show a table of NixOSNodes: node, revision wanted/running, phase, window, last change.
     Status {
         /// How long to wait for the API server.
@@ -89,6 +92,64 @@ struct AgentArgs {
     /// Never use binary caches (air-gapped hosts, tests).
     #[arg(long)]
     offline: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=2000))]
+    nodes: u16,
+    /// Of which k3s servers (control plane).
+    #[arg(long, default_value_t = 1)]
+    control_planes: u16,
+    /// Nodes that may be disrupted at once: `N` or `N%`.
+    #[arg(long, default_value = "1", value_parser = parse_max_unavailable)]
+    max_unavailable: nixroll::rollout::MaxUnavailable,
+    /// Print one JSON object per phase change (time, node, phase, revision) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the cluster up after convergence until Ctrl-C (for kubectl).
+    #[arg(long)]
+    hold: bool,
+    /// Nix for the simulated hosts: real if installed (auto), real, or simulated.
+    #[arg(long, value_enum, default_value = "auto")]
+    nix: DemoNix,
+    /// Give up when the rollout has not converged after this long.
+    #[arg(long, default_value = "3m", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DemoNix {
+    Auto,
+    Real,
+    Simulated,
+}
+
+fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    use nixroll::sim::world::NixMode;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut opts = nixroll::sim::demo::DemoOptions::default();
+    opts.world.nodes = usize::from(args.nodes);
+    opts.world.control_planes = usize::from(args.control_planes);
+    opts.world.nix = match args.nix {
+        DemoNix::Auto => NixMode::Auto,
+        DemoNix::Real => NixMode::Real,
+        DemoNix::Simulated => NixMode::Simulated,
+    };
+    opts.max_unavailable = args.max_unavailable;
+    opts.json = args.json;
+    opts.hold = args.hold;
+    opts.timeout = args.timeout;
+    runtime()?.block_on(async {
+        nixroll::sim::demo::run(opts, shutdown_signal()).await?;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn parse_max_unavailable(s: &str) -> Result<nixroll::rollout::MaxUnavailable, String> {
@@ -270,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_agent(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Demo(args) => run_demo(args),
         Command::Status { timeout } => {
             init_tracing(false);
             runtime()?.block_on(async {

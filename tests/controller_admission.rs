@@ -295,9 +295,15 @@ async fn failed_grant_write_still_blocks_other_admissions() {
         },
     );
     let c = ctx.clone();
-    let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
+    let task =
+        tokio::spawn(
+            async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await },
+        );
     let (req, send) = handle.next_request().await.unwrap();
-    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
+    assert_eq!(
+        req.uri().path(),
+        "/apis/nixroll.io/v1alpha1/nixosnodes/a/status"
+    );
     send.send_response(
         Response::builder()
             .status(504)
@@ -315,16 +321,23 @@ async fn failed_grant_write_still_blocks_other_admissions() {
     nixroll::controller::reconcile(Arc::new(waiting("b")), ctx.clone())
         .await
         .unwrap();
-    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    if let Ok(Some((req, _))) =
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
     {
         panic!("b was admitted: {} {}", req.method(), req.uri());
     }
 
     // a asks again: its own uncertain grant does not block it; the grant is written again.
     let c = ctx.clone();
-    let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
+    let task =
+        tokio::spawn(
+            async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await },
+        );
     let (req, send) = handle.next_request().await.unwrap();
-    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
+    assert_eq!(
+        req.uri().path(),
+        "/apis/nixroll.io/v1alpha1/nixosnodes/a/status"
+    );
     send.send_response(
         Response::builder()
             .status(200)

@@ -274,7 +274,12 @@ use nixroll::api::{Phase, Slot};
 use nixroll::controller::RolloutFns;
 use nixroll::rollout::{Action, ClusterState, Decision, DrainProgress, NodeView, Note, Policy};
 
-fn fake_admit(nodes: &[NodeView<'_>], _: &ClusterState, _: &Policy, _: jiff::Timestamp) -> Vec<String> {
+fn fake_admit(
+    nodes: &[NodeView<'_>],
+    _: &ClusterState,
+    _: &Policy,
+    _: jiff::Timestamp,
+) -> Vec<String> {
     let busy = nodes.iter().any(|v| v.status.slot.is_some());
     if busy {
         return Vec::new();

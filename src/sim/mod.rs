@@ -4,7 +4,9 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod demo;
 pub mod flake;
 pub mod host;
 pub mod progress;
 pub mod store;
+pub mod world;

@@ -20,18 +20,19 @@ use crate::agent::host::Host;
 use crate::nix::{Nix, NixError};
 use crate::sim::flake::{SystemSpec, system_files, write_file};
 
-/// Revision → system, shared by all simulated hosts of a demo.
+/// Revision → (configurations it defines, system), shared by all simulated hosts of a demo.
 #[derive(Clone, Debug, Default)]
-pub struct Revisions(Arc<Mutex<BTreeMap<String, SystemSpec>>>);
+pub struct Revisions(Arc<Mutex<BTreeMap<String, (Vec<String>, SystemSpec)>>>);
 
 impl Revisions {
-    pub fn insert(&self, revision: &str, spec: SystemSpec) {
+    /// Register `revision`: its `nixosConfigurations` are `hosts`, each building `spec`.
+    pub fn insert(&self, revision: &str, hosts: &[String], spec: SystemSpec) {
         if let Ok(mut m) = self.0.lock() {
-            m.insert(revision.to_string(), spec);
+            m.insert(revision.to_string(), (hosts.to_vec(), spec));
         }
     }
 
-    fn get(&self, revision: &str) -> Option<SystemSpec> {
+    fn get(&self, revision: &str) -> Option<(Vec<String>, SystemSpec)> {
         self.0.lock().ok().and_then(|m| m.get(revision).cloned())
     }
 }
@@ -67,12 +68,20 @@ impl SimNix {
                 format!("error: cannot parse installable '{installable}'"),
             )
         })?;
-        let spec = self.revisions.get(&rev).ok_or_else(|| {
+        let (hosts, spec) = self.revisions.get(&rev).ok_or_else(|| {
             Self::fail(
                 OP,
                 format!("error: Cannot find Git revision '{rev}' in the flake"),
             )
         })?;
+        if !hosts.contains(&host) {
+            return Err(Self::fail(
+                OP,
+                format!(
+                    "error: flake does not provide attribute 'nixosConfigurations.{host}.config.system.build.toplevel'"
+                ),
+            ));
+        }
         if let Some(m) = &spec.eval_error {
             return Err(Self::fail(OP, format!("error: {m}")));
         }
@@ -267,9 +276,11 @@ mod tests {
         let revs = Revisions::default();
         let a = "a".repeat(40);
         let b = "b".repeat(40);
-        revs.insert(&a, SystemSpec::default());
+        let hosts = vec!["n1".to_string()];
+        revs.insert(&a, &hosts, SystemSpec::default());
         revs.insert(
             &b,
+            &hosts,
             SystemSpec {
                 kernel: "linux-7".into(),
                 ..SystemSpec::default()
@@ -311,6 +322,16 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.report().contains("Cannot find Git revision"), "{err}");
+        let err = nix
+            .realise(&crate::api::installable("path:/f", &a, "n2"), root)
+            .await
+            .unwrap_err();
+        assert!(err.report().contains("does not provide attribute"), "{err}");
+        let err = nix
+            .realise(&crate::api::installable("path:/f", &a, "n2"), root)
+            .await
+            .unwrap_err();
+        assert!(err.report().contains("does not provide attribute"), "{err}");
         assert!(nix.closure_bytes(&pb).await.unwrap() > 0);
 
         let profile = Path::new("/nix/var/nix/profiles/system");

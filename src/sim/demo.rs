@@ -1,0 +1,236 @@
+//! `nixroll demo`: the embedded default. Starts a simulated cluster ([`World`]), the real
+//! controller and one real agent per node, creates the NixOSNodes on the first revision,
+//! commits a new revision with a new kernel (every node must reboot), bumps `spec.revision`
+//! as Flux would, and follows the rollout live until every node runs it.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::api::NixOSNode;
+use crate::controller::ControllerConfig;
+use crate::rollout::MaxUnavailable;
+use crate::sim::progress::{Progress, Renderer};
+use crate::sim::world::{NixMode, World, WorldError, WorldOptions};
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub world: WorldOptions,
+    pub max_unavailable: MaxUnavailable,
+    /// One JSON object per phase change instead of the table.
+    pub json: bool,
+    /// Keep everything running after convergence until Ctrl-C.
+    pub hold: bool,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            world: WorldOptions::default(),
+            max_unavailable: MaxUnavailable::Count(1),
+            json: false,
+            hold: false,
+            timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    World(#[from] WorldError),
+    #[error(
+        "the rollout did not converge within {0:?}; see the table above (kubectl describe nixosnode NAME tells why)"
+    )]
+    NotConverged(Duration),
+    #[error("watching NixOSNodes failed: {0}")]
+    Watch(String),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// What the demo measured.
+#[derive(Clone, Debug)]
+pub struct DemoSummary {
+    pub nodes: usize,
+    pub total: Duration,
+    /// Per node: time in disruptive phases.
+    pub disruption: Vec<(String, Duration)>,
+    /// Per node: disruption minus the simulated reboot and pod-termination time.
+    pub overhead: Vec<(String, Duration)>,
+    pub nix: NixMode,
+}
+
+/// Run the demo; `shutdown` ends `--hold`.
+pub async fn run(
+    opts: DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<DemoSummary, DemoError> {
+    let mut err = std::io::stderr();
+    let mut out = std::io::stdout();
+    let tty = !opts.json && out.is_terminal();
+    let started = Instant::now();
+    let mut world = World::start(opts.world.clone()).await?;
+    let kubeconfig = world.kubeconfig.display().to_string();
+    writeln!(
+        err,
+        "nixroll demo: {} simulated NixOS nodes ({} control plane), {} Nix, embedded API at {}",
+        opts.world.nodes,
+        opts.world.control_planes.min(opts.world.nodes),
+        match world.nix_mode {
+            NixMode::Real => "real",
+            _ => "simulated (no nix on this machine)",
+        },
+        world.api.url()
+    )?;
+    writeln!(
+        err,
+        "  watch:    kubectl --kubeconfig {kubeconfig} get nixosnodes,nodes -w"
+    )?;
+    writeln!(
+        err,
+        "  inspect:  kubectl --kubeconfig {kubeconfig} describe nixosnode node-1"
+    )?;
+
+    // The NixOSNodes on the revision the hosts run; then the controller adopts them.
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await?;
+    let mut config = ControllerConfig::new("nixroll-demo-controller");
+    config.policy.max_unavailable = opts.max_unavailable;
+    config.drain_pass_backoff = (Duration::from_millis(200), Duration::from_secs(2));
+    let controller = world.start_controller(config).await?;
+
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(stream);
+    let mut progress = Progress::default();
+    let mut renderer = Renderer::new(opts.json, tty);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let deadline = tokio::time::sleep(opts.timeout);
+    tokio::pin!(deadline);
+
+    let n = opts.world.nodes;
+    let mut target: Option<String> = None;
+    let mut rollout_started = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                controller.stop().await;
+                return Err(DemoError::NotConverged(opts.timeout));
+            }
+            _ = tick.tick() => renderer.redraw(&mut out, &progress, Instant::now())?,
+            next = stream.try_next() => {
+                let obj = match next {
+                    Ok(Some(o)) => o,
+                    Ok(None) => return Err(DemoError::Watch("the watch ended".into())),
+                    Err(e) => {
+                        // The watcher re-lists and resumes by itself.
+                        tracing::warn!(error = %e, "NixOSNode watch interrupted; resuming");
+                        continue;
+                    }
+                };
+                if let Some(change) = progress.observe(&obj, Instant::now()) {
+                    renderer.change(&mut out, &change)?;
+                    renderer.redraw(&mut out, &progress, Instant::now())?;
+                }
+            }
+        }
+        match &target {
+            None if progress.converged(&first, n) => {
+                // Everyone adopted; now "merge the pull request": a new kernel.
+                let next = world.commit("linux: bump kernel", |s| {
+                    s.kernel.push_str("-1");
+                    s.kernel_modules.push_str("-1");
+                })?;
+                if !opts.json {
+                    writeln!(
+                        err,
+                        "\nnixroll demo: all nodes run {}; rolling out {} (new kernel: every node reboots)\n",
+                        crate::api::short_revision(&first),
+                        crate::api::short_revision(&next)
+                    )?;
+                }
+                world.apply_all(&world.spec(&next)).await?;
+                for p in progress.nodes.values_mut() {
+                    p.disrupted_for = Duration::ZERO;
+                }
+                rollout_started = Instant::now();
+                target = Some(next);
+            }
+            Some(t) if progress.converged(t, n) => break,
+            _ => {}
+        }
+    }
+    let total = rollout_started.elapsed();
+    renderer.redraw(&mut out, &progress, Instant::now())?;
+
+    let t = &opts.world.timing;
+    let simulated = t.reboot + t.pod_termination;
+    let summary = DemoSummary {
+        nodes: n,
+        total,
+        disruption: progress
+            .nodes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.disrupted_for))
+            .collect(),
+        overhead: progress
+            .nodes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.disrupted_for.saturating_sub(simulated)))
+            .collect(),
+        nix: world.nix_mode,
+    };
+    if !opts.json {
+        print_summary(&mut err, &summary, simulated, started.elapsed())?;
+    }
+    if opts.hold {
+        writeln!(
+            err,
+            "nixroll demo: holding (Ctrl-C to stop); kubectl --kubeconfig {kubeconfig} get nixosnodes,nodes"
+        )?;
+        shutdown.await;
+    }
+    controller.stop().await;
+    Ok(summary)
+}
+
+fn print_summary(
+    out: &mut impl Write,
+    s: &DemoSummary,
+    simulated: Duration,
+    wall: Duration,
+) -> std::io::Result<()> {
+    let secs = |d: Duration| d.as_secs_f64();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "nixroll demo: {} nodes rolled out in {:.1}s ({:.1}s including set-up)",
+        s.nodes,
+        secs(s.total),
+        secs(wall)
+    )?;
+    writeln!(
+        out,
+        "  per node: disruption (cordon → uncordon) and orchestration overhead (disruption − {:.2}s simulated reboot and pod termination)",
+        secs(simulated)
+    )?;
+    for ((node, d), (_, o)) in s.disruption.iter().zip(s.overhead.iter()) {
+        writeln!(
+            out,
+            "  {node:<10} disruption {:>5.2}s   overhead {:>5.2}s",
+            secs(*d),
+            secs(*o)
+        )?;
+    }
+    let mean =
+        s.overhead.iter().map(|(_, o)| secs(*o)).sum::<f64>() / s.overhead.len().max(1) as f64;
+    writeln!(out, "  mean overhead per node: {mean:.2}s")
+}

@@ -1,0 +1,496 @@
+//! A whole simulated cluster on one machine: the embedded API server, N simulated NixOS hosts
+//! each with a REAL agent (`crate::agent::run` over a `--host-root` backend), simulated
+//! kubelets and workloads with PodDisruptionBudgets, and any number of REAL controller
+//! replicas (`crate::controller::run`). `nixroll demo` and the end-to-end tests build on it.
+//!
+//! A host "reboot" (the agent calls its reboot hook) kills that node's agent like a real
+//! reboot kills the agent pod, turns the Node NotReady, runs the simulated bootloader
+//! ([`SimHost::reboot`]), reports the new boot id with Ready, and starts a fresh agent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::agent::host::{Host, HostRoot, RebootHook};
+use crate::api::{NixOSNode, NixOSNodeSpec};
+use crate::controller::ControllerConfig;
+use crate::nix::{Nix, NixCli};
+use crate::sim::apiserver::ApiServer;
+use crate::sim::cluster::{App, SimCluster, Timing};
+use crate::sim::flake::{FlakeError, SystemSpec, TestFlake};
+use crate::sim::host::{SimHost, SimHostError};
+use crate::sim::store::{Revisions, SimNix};
+
+/// Field manager used for spec writes that stand in for Flux applying git.
+pub const GITOPS_MANAGER: &str = "flux";
+
+/// Which Nix the simulated hosts use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NixMode {
+    /// Real Nix when `nix` runs on this machine, else simulated.
+    Auto,
+    /// Real Nix (`nix build` of a test flake in a git repository, private stores).
+    Real,
+    /// The built-in simulated store (`crate::sim::store`).
+    Simulated,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorldOptions {
+    pub nodes: usize,
+    /// The first `control_planes` nodes are k3s servers.
+    pub control_planes: usize,
+    pub nix: NixMode,
+    pub timing: Timing,
+    /// Workload pods per node (ReplicaSet `web`, PDB allows one disruption).
+    pub pods_per_node: usize,
+}
+
+impl Default for WorldOptions {
+    fn default() -> Self {
+        WorldOptions {
+            nodes: 5,
+            control_planes: 1,
+            nix: NixMode::Auto,
+            timing: Timing::default(),
+            pods_per_node: 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorldError {
+    #[error("embedded API server: {0}")]
+    ApiServer(#[from] crate::sim::apiserver::ApiServerError),
+    #[error("simulated host: {0}")]
+    Host(#[from] SimHostError),
+    #[error("test flake: {0}")]
+    Flake(#[from] FlakeError),
+    #[error("simulated cluster: {0}")]
+    Cluster(#[from] crate::sim::cluster::SimError),
+    #[error("{operation}: {source}")]
+    Api {
+        operation: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{operation} timed out")]
+    Timeout { operation: String },
+    #[error("building the initial system of {node}: {message}")]
+    InitialSystem { node: String, message: String },
+    #[error("working directory: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Nix was requested but `nix --version` does not run on this machine")]
+    NoNix,
+}
+
+async fn call<T>(
+    operation: impl Into<String>,
+    fut: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, WorldError> {
+    let operation = operation.into();
+    match tokio::time::timeout(Duration::from_secs(30), fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(WorldError::Api { operation, source }),
+        Err(_) => Err(WorldError::Timeout { operation }),
+    }
+}
+
+/// Where revisions come from.
+enum Source {
+    Real(TestFlake),
+    Simulated {
+        revisions: Revisions,
+        hosts: Vec<String>,
+        spec: SystemSpec,
+        head: String,
+        seq: u64,
+    },
+}
+
+/// One simulated machine.
+pub struct SimNode {
+    pub name: String,
+    pub control_plane: bool,
+    pub host: Arc<SimHost>,
+    /// Stops the current agent (as a crash would) and starts a new one.
+    restart: mpsc::UnboundedSender<()>,
+    supervisor: JoinHandle<()>,
+}
+
+impl SimNode {
+    /// Kill this node's agent at once (it is started again right away).
+    pub fn restart_agent(&self) {
+        let _ = self.restart.send(());
+    }
+}
+
+/// A running controller replica.
+pub struct ControllerHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ControllerHandle {
+    /// Ask it to shut down gracefully (release the Lease) and wait (bounded).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+    }
+
+    /// Kill it without any cleanup (a crashed pod).
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// The simulated cluster.
+pub struct World {
+    pub api: ApiServer,
+    pub client: Client,
+    pub cluster: SimCluster,
+    pub nodes: Vec<SimNode>,
+    pub nix_mode: NixMode,
+    pub kubeconfig: PathBuf,
+    source: Source,
+    flake_url: String,
+    kubelets: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// Whether `nix --version` runs here.
+pub fn nix_available() -> bool {
+    std::process::Command::new("nix")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl World {
+    /// Start the API server, install the CRD, lay out the hosts (booted on the first
+    /// revision), create Nodes and workloads, and start one agent per node.
+    /// No NixOSNode objects and no controller yet: see [`World::apply_all`] and
+    /// [`World::start_controller`].
+    pub async fn start(opts: WorldOptions) -> Result<World, WorldError> {
+        let dir = tempfile::Builder::new().prefix("nixroll-sim-").tempdir()?;
+        let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        let client = api.client().await?;
+
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        call(
+            "install the NixOSNode CRD",
+            crds.create(&PostParams::default(), &crate::api::crd()),
+        )
+        .await?;
+
+        let nix_mode = match opts.nix {
+            NixMode::Auto if nix_available() => NixMode::Real,
+            NixMode::Auto => NixMode::Simulated,
+            NixMode::Real if !nix_available() => return Err(WorldError::NoNix),
+            m => m,
+        };
+        let names: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
+        let (source, flake_url) = match nix_mode {
+            NixMode::Real => {
+                let hosts: Vec<&str> = names.iter().map(String::as_str).collect();
+                let flake = TestFlake::create(dir.path().join("flake"), &hosts)?;
+                let url = flake.url();
+                (Source::Real(flake), url)
+            }
+            _ => {
+                let revisions = Revisions::default();
+                let head = fake_revision(0);
+                revisions.insert(&head, &names, SystemSpec::default());
+                let url = format!("path:{}", dir.path().join("flake").display());
+                (
+                    Source::Simulated {
+                        revisions,
+                        hosts: names.clone(),
+                        spec: SystemSpec::default(),
+                        head,
+                        seq: 0,
+                    },
+                    url,
+                )
+            }
+        };
+
+        let cluster = SimCluster::new(client.clone(), opts.timing.clone());
+        let kubelets = tokio::spawn(cluster.clone().run(std::future::pending::<()>()));
+        let mut world = World {
+            api,
+            client,
+            cluster,
+            nodes: Vec::new(),
+            nix_mode,
+            kubeconfig,
+            source,
+            flake_url,
+            kubelets,
+            _dir: dir,
+        };
+
+        // Hosts booted on the first revision.
+        let head = world.head().to_string();
+        let mut hosts = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let host = SimHost::create(world._dir.path().join("hosts").join(name))?;
+            let host_root: Arc<dyn Host> = Arc::new(host.host_root());
+            let nix = world.nix_for(host_root.clone(), &host);
+            let installable = crate::api::installable(&world.flake_url, &head, name);
+            let path = nix
+                .realise(
+                    &installable,
+                    Path::new("/var/lib/nixroll/gcroots/installed"),
+                )
+                .await
+                .map_err(|e| WorldError::InitialSystem {
+                    node: name.clone(),
+                    message: e.report(),
+                })?;
+            host.install(&path)?;
+            hosts.push((name.clone(), i < opts.control_planes, host));
+        }
+        let node_specs: Vec<(String, bool, String)> = hosts
+            .iter()
+            .map(|(n, cp, h)| (n.clone(), *cp, h.boot_id()))
+            .collect();
+        world.cluster.create_nodes(&node_specs).await?;
+        let apps = [App {
+            name: "web".into(),
+            replicas: opts.nodes * opts.pods_per_node,
+            min_available: Some((opts.nodes * opts.pods_per_node).saturating_sub(1) as i32),
+        }];
+        world.cluster.create_workloads(&names, &apps).await?;
+        for (name, control_plane, host) in hosts {
+            let node = world.spawn_node(name, control_plane, host);
+            world.nodes.push(node);
+        }
+        Ok(world)
+    }
+
+    fn nix_for(&self, host_root: Arc<dyn Host>, host: &SimHost) -> Arc<dyn Nix> {
+        match &self.source {
+            Source::Real(_) => Arc::new(NixCli::new(host_root).offline()),
+            Source::Simulated { revisions, .. } => Arc::new(SimNix::new(
+                host_root,
+                host.root().join("nix/store"),
+                revisions.clone(),
+            )),
+        }
+    }
+
+    fn spawn_node(&self, name: String, control_plane: bool, host: Arc<SimHost>) -> SimNode {
+        let (restart_tx, mut restart_rx) = mpsc::unbounded_channel::<()>();
+        let (reboot_tx, mut reboot_rx) = mpsc::unbounded_channel::<()>();
+        let host_root: Arc<dyn Host> = Arc::new(
+            HostRoot::new(
+                host.root(),
+                RebootHook::Callback(Arc::new(move || {
+                    let _ = reboot_tx.send(());
+                })),
+            )
+            .with_private_nix_store(),
+        );
+        let nix = self.nix_for(host_root.clone(), &host);
+        let client = self.client.clone();
+        let cluster = self.cluster.clone();
+        let node_name = name.clone();
+        let sim_host = host.clone();
+        let supervisor = tokio::spawn(async move {
+            loop {
+                let mut config = crate::agent::AgentConfig::new(
+                    node_name.clone(),
+                    host_root.clone(),
+                    nix.clone(),
+                );
+                config.options.report_grace = Duration::from_millis(100);
+                config.options.result_poll = Duration::from_millis(50);
+                let agent = crate::agent::run(client.clone(), config, std::future::pending::<()>());
+                tokio::pin!(agent);
+                tokio::select! {
+                    res = &mut agent => {
+                        if let Err(e) = res {
+                            tracing::warn!(node = %node_name, error = %e, "agent stopped; restarting it");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Some(()) = restart_rx.recv() => {
+                        tracing::info!(node = %node_name, "agent killed (simulated crash); restarting it");
+                    }
+                    Some(()) = reboot_rx.recv() => {
+                        // Like `systemctl reboot`: the agent pod dies with the machine.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        drop(agent);
+                        let old = sim_host.boot_id();
+                        let h = sim_host.clone();
+                        let res = cluster
+                            .reboot(&node_name, &old, move || {
+                                if let Err(e) = h.reboot() {
+                                    tracing::warn!(error = %e, "simulated bootloader failed");
+                                }
+                                h.boot_id()
+                            })
+                            .await;
+                        if let Err(e) = res {
+                            tracing::warn!(node = %node_name, error = %e, "simulated reboot could not update the Node");
+                        }
+                    }
+                }
+            }
+        });
+        SimNode {
+            name,
+            control_plane,
+            host,
+            restart: restart_tx,
+            supervisor,
+        }
+    }
+
+    /// The newest revision (what git HEAD would be).
+    pub fn head(&self) -> &str {
+        match &self.source {
+            Source::Real(f) => f.head(),
+            Source::Simulated { head, .. } => head,
+        }
+    }
+
+    /// `git+file:///…` of the test flake (or a `path:` stand-in in simulated mode).
+    pub fn flake_url(&self) -> &str {
+        &self.flake_url
+    }
+
+    /// Commit a change of the system (for every host); returns the new revision.
+    pub fn commit(
+        &mut self,
+        message: &str,
+        change: impl FnOnce(&mut SystemSpec),
+    ) -> Result<String, WorldError> {
+        match &mut self.source {
+            Source::Real(f) => Ok(f.commit(message, change)?),
+            Source::Simulated {
+                revisions,
+                hosts,
+                spec,
+                head,
+                seq,
+            } => {
+                change(spec);
+                *seq += 1;
+                *head = fake_revision(*seq);
+                revisions.insert(head, hosts, spec.clone());
+                Ok(head.clone())
+            }
+        }
+    }
+
+    /// The spec every NixOSNode gets for `revision` (customise before applying).
+    pub fn spec(&self, revision: &str) -> NixOSNodeSpec {
+        NixOSNodeSpec {
+            flake: self.flake_url.clone(),
+            revision: revision.to_string(),
+            configuration: None,
+            maintenance_windows: Vec::new(),
+            reboot: Default::default(),
+            drain: None,
+            suspend: false,
+        }
+    }
+
+    /// Apply (server-side, as the GitOps tool would) a NixOSNode for every node.
+    pub async fn apply_all(&self, spec: &NixOSNodeSpec) -> Result<(), WorldError> {
+        for n in &self.nodes {
+            self.apply(&n.name, spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Apply one NixOSNode's spec with field manager [`GITOPS_MANAGER`].
+    pub async fn apply(&self, node: &str, spec: &NixOSNodeSpec) -> Result<(), WorldError> {
+        let api: Api<NixOSNode> = Api::all(self.client.clone());
+        let obj = serde_json::json!({
+            "apiVersion": "nixroll.io/v1alpha1",
+            "kind": "NixOSNode",
+            "metadata": {"name": node},
+            "spec": spec,
+        });
+        call(
+            format!("apply NixOSNode {node}"),
+            api.patch(
+                node,
+                &PatchParams::apply(GITOPS_MANAGER).force(),
+                &Patch::Apply(&obj),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Start a controller replica with `config` (its own client, as a separate pod would have).
+    pub async fn start_controller(
+        &self,
+        config: ControllerConfig,
+    ) -> Result<ControllerHandle, WorldError> {
+        let client = self.api.client().await?;
+        let (stop, mut rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|v| *v).await;
+            };
+            if let Err(e) = crate::controller::run(client, config, shutdown).await {
+                tracing::error!(error = %e, "controller replica stopped with an error");
+            }
+        });
+        Ok(ControllerHandle { stop, task })
+    }
+
+    /// The NixOSNodes by name.
+    pub async fn nixosnodes(&self) -> Result<BTreeMap<String, NixOSNode>, WorldError> {
+        let api: Api<NixOSNode> = Api::all(self.client.clone());
+        let list = call("list NixOSNodes", api.list(&Default::default())).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| o.metadata.name.clone().map(|n| (n, o)))
+            .collect())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&SimNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kubelets.abort();
+        for n in &self.nodes {
+            n.supervisor.abort();
+        }
+    }
+}
+
+/// A deterministic 40-hex "commit" for simulated mode.
+fn fake_revision(seq: u64) -> String {
+    let mut out = String::new();
+    let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x6e69_786f_6c6c_0000;
+    while out.len() < 40 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push_str(&format!("{x:016x}"));
+    }
+    out.truncate(40);
+    out
+}
