@@ -702,12 +702,12 @@ mod tests {
 
     #[test]
     fn diff_and_remove() {
-        let old = json!({"spec": {"a": 1, "b": 2, "l": [{"type": "X", "v": 1}]}});
-        let new = json!({"spec": {"a": 1, "b": 3, "l": [{"type": "X", "v": 2}], "c": 4}});
+        let old = json!({"spec": {"a": 1, "b": 2, "conditions": [{"type": "X", "v": 1}]}});
+        let new = json!({"spec": {"a": 1, "b": 3, "conditions": [{"type": "X", "v": 2}], "c": 4}});
         let (changed, removed) = diff_fields(&old, &new, Ctx::Builtin);
         assert!(removed.is_empty());
         let strs: Vec<String> = changed.iter().map(|p| path_string(p)).collect();
-        assert_eq!(strs, vec![".spec.b", ".spec.c"]);
+        assert_eq!(strs, vec![".spec.b", ".spec.c", ".spec.conditions[type=\"X\"].v"]);
         let mut v = new.clone();
         remove_at(&mut v, &["f:spec".into(), "f:b".into()]);
         assert_eq!(v["spec"].get("b"), None);

@@ -257,13 +257,23 @@ fn resource_request(
         (&Method::GET, None) => {
             if bool_param(q, "watch") {
                 srv.counters.bump("watch", &resource);
+                let send_initial_events = q.get("sendInitialEvents").map(|v| v == "true" || v == "1");
+                if send_initial_events == Some(true)
+                    && q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan")
+                {
+                    return Err(StoreError::Invalid {
+                        resource: gvr.group_resource(),
+                        name: String::new(),
+                        message: "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan".into(),
+                    });
+                }
                 let w = store.watch(
                     gvr,
                     ns,
                     &WatchOptions {
                         list: list_opts,
                         resource_version: q.get("resourceVersion").cloned(),
-                        send_initial_events: bool_param(q, "sendInitialEvents"),
+                        send_initial_events,
                     },
                 )?;
                 return Ok(Routed::Watch(w, info, table_mode));

@@ -134,8 +134,9 @@ pub struct WatchOptions {
     pub list: ListOptions,
     /// Start after this resourceVersion; `None`/`"0"`: send the current objects first.
     pub resource_version: Option<String>,
-    /// `sendInitialEvents=true`: current objects, then a BOOKMARK marking their end.
-    pub send_initial_events: bool,
+    /// `sendInitialEvents`: `Some(true)`: current objects, then a BOOKMARK marking their end;
+    /// `Some(false)`: no initial events; `None`: initial events only for resourceVersion ""/"0".
+    pub send_initial_events: Option<bool>,
 }
 
 /// A list result.
@@ -462,14 +463,17 @@ impl Store {
         let coll = st.coll_mut(&info)?;
         let mut initial = VecDeque::new();
         let mut register = true;
-        if opts.send_initial_events || rv_param.is_empty() || rv_param == "0" {
+        let unset = rv_param.is_empty() || rv_param == "0";
+        if opts.send_initial_events == Some(false) && unset {
+            // Start at the most recent state, without initial events.
+        } else if opts.send_initial_events.unwrap_or(unset) {
             for o in coll.objects.values() {
                 let v = view(&info, o);
                 if entry.matches(&v) {
                     initial.push_back(WatchEvent::Added(v));
                 }
             }
-            if opts.send_initial_events {
+            if opts.send_initial_events == Some(true) {
                 initial.push_back(WatchEvent::Bookmark {
                     resource_version: current,
                     initial_end: true,

@@ -1,0 +1,858 @@
+//! The embedded API server, driven through the real `kube::Client` over HTTP (and `kubectl`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
+};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use nixroll::api::NixOSNode;
+use nixroll::sim::apiserver::{ApiServer, Gvr, StoreOptions, WatchEvent as StoreEvent, WatchOptions};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn start() -> (ApiServer, Client) {
+    start_with(StoreOptions::default()).await
+}
+
+async fn start_with(opts: StoreOptions) -> (ApiServer, Client) {
+    let srv = ApiServer::start_with("127.0.0.1:0".parse().unwrap(), opts)
+        .await
+        .unwrap();
+    let client = srv.client().await.unwrap();
+    (srv, client)
+}
+
+async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &nixroll::api::crd())
+        .await
+        .unwrap();
+}
+
+fn api_err(e: kube::Error) -> Box<kube::core::Status> {
+    match e {
+        kube::Error::Api(s) => s,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn cm(name: &str, labels: Value) -> ConfigMap {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "data": {"k": "v"}
+    }))
+    .unwrap()
+}
+
+fn nxn(name: &str) -> Value {
+    json!({
+        "apiVersion": "nixroll.io/v1alpha1",
+        "kind": "NixOSNode",
+        "metadata": {"name": name},
+        "spec": {"flake": "github:example/infra", "revision": "0123456789abcdef0123456789abcdef01234567"}
+    })
+}
+
+fn pod(name: &str, node: &str, labels: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap()
+}
+
+async fn set_ready(pods: &Api<Pod>, name: &str, ready: bool) {
+    let st = if ready { "True" } else { "False" };
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": st}]}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn crud_conflicts_and_not_found() {
+    let (_srv, client) = start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let created = cms
+        .create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
+    assert!(created.metadata.uid.is_some());
+    assert!(created.metadata.creation_timestamp.is_some());
+    let rv1: u64 = created.resource_version().unwrap().parse().unwrap();
+
+    // Create of an existing name: 409 AlreadyExists.
+    let e = api_err(
+        cms.create(&PostParams::default(), &cm("a", json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "AlreadyExists"));
+
+    // Update with the current rv works and bumps the global rv.
+    let mut fresh = cms.get("a").await.unwrap();
+    fresh.data = Some([("k".to_owned(), "w".to_owned())].into());
+    let updated = cms.replace("a", &PostParams::default(), &fresh).await.unwrap();
+    let rv2: u64 = updated.resource_version().unwrap().parse().unwrap();
+    assert!(rv2 > rv1);
+
+    // Update with the stale rv: 409 Conflict with a real Status body.
+    let e = api_err(
+        cms.replace("a", &PostParams::default(), &fresh)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(e.message.contains("the object has been modified"), "{}", e.message);
+
+    // Missing: 404 NotFound.
+    let e = api_err(cms.get("missing").await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (404, "NotFound"));
+    assert_eq!(e.message, "configmaps \"missing\" not found");
+
+    // List carries the global resourceVersion.
+    let list = cms.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let list_rv: u64 = list.metadata.resource_version.unwrap().parse().unwrap();
+    assert!(list_rv >= rv2);
+
+    // No-op update: no new resourceVersion (as etcd: nothing written).
+    let same = cms.replace("a", &PostParams::default(), &updated).await.unwrap();
+    assert_eq!(same.resource_version(), updated.resource_version());
+
+    // Namespace must exist.
+    let other: Api<ConfigMap> = Api::namespaced(client.clone(), "nope");
+    let e = api_err(
+        other
+            .create(&PostParams::default(), &cm("x", json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 404);
+}
+
+#[tokio::test]
+async fn merge_json_and_strategic_patches() {
+    let (_srv, client) = start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("p", json!({"a": "1"})))
+        .await
+        .unwrap();
+    let p = cms
+        .patch(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"a": null, "b": "2"}}, "data": {"x": "y"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.labels().get("b").map(String::as_str), Some("2"));
+    assert!(!p.labels().contains_key("a"));
+    assert_eq!(p.data.as_ref().unwrap().len(), 2);
+
+    let jp: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/data/k", "value": "v"},
+        {"op": "replace", "path": "/data/k", "value": "patched"},
+        {"op": "remove", "path": "/data/x"}
+    ]))
+    .unwrap();
+    let p = cms
+        .patch("p", &PatchParams::default(), &Patch::<()>::Json(jp))
+        .await
+        .unwrap();
+    assert_eq!(p.data.as_ref().unwrap().get("k").unwrap(), "patched");
+    assert!(!p.data.as_ref().unwrap().contains_key("x"));
+
+    // A failing JSON patch test op is rejected and changes nothing.
+    let bad: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "test", "path": "/data/k", "value": "nope"}])).unwrap();
+    let e = api_err(
+        cms.patch("p", &PatchParams::default(), &Patch::<()>::Json(bad))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+
+    // Strategic merge keeps other conditions (merge key `type`).
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"},
+                "status": {"conditions": [{"type": "Ready", "status": "False"}, {"type": "DiskPressure", "status": "False"}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let n = nodes
+        .patch_status(
+            "n1",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
+        )
+        .await
+        .unwrap();
+    let conds = n.status.unwrap().conditions.unwrap();
+    assert_eq!(conds.len(), 2);
+    assert!(conds.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+}
+
+#[tokio::test]
+async fn server_side_apply_two_managers() {
+    let (_srv, client) = start().await;
+    install_crd(&client).await;
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    // Apply to a non-existent object creates it.
+    api.patch("n1", &PatchParams::apply("flux"), &Patch::Apply(nxn("n1")))
+        .await
+        .unwrap();
+
+    let agent = PatchParams::apply("nixroll-agent");
+    let controller = PatchParams::apply("nixroll-controller");
+    let status = |s: Value| {
+        json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "n1"}, "status": s})
+    };
+    api.patch_status("n1", &agent, &Patch::Apply(status(json!({"agent": {"bootId": "b1"}}))))
+        .await
+        .unwrap();
+    api.patch_status(
+        "n1",
+        &controller,
+        &Patch::Apply(status(json!({"phase": "Staging", "message": "staging"}))),
+    )
+    .await
+    .unwrap();
+    let o = api.get_status("n1").await.unwrap();
+    let s = o.status.clone().unwrap();
+    assert_eq!(s.agent.as_ref().unwrap().boot_id.as_deref(), Some("b1"));
+    assert_eq!(s.message.as_deref(), Some("staging"));
+
+    // The agent re-applies its part: the controller's fields stay.
+    api.patch_status("n1", &agent, &Patch::Apply(status(json!({"agent": {"bootId": "b2"}}))))
+        .await
+        .unwrap();
+    // The controller stops applying `message`: it is removed; the agent's part stays.
+    let o = api
+        .patch_status("n1", &controller, &Patch::Apply(status(json!({"phase": "Waiting"}))))
+        .await
+        .unwrap();
+    let s = o.status.clone().unwrap();
+    assert_eq!(s.agent.as_ref().unwrap().boot_id.as_deref(), Some("b2"));
+    assert_eq!(s.message, None);
+    assert_eq!(s.phase.map(|p| p.to_string()).as_deref(), Some("Waiting"));
+
+    // managedFields: one entry per manager (flux on the main resource, the others on status).
+    let mf = o.metadata.managed_fields.clone().unwrap();
+    let managers: Vec<(String, Option<String>)> = mf
+        .iter()
+        .map(|m| (m.manager.clone().unwrap(), m.subresource.clone()))
+        .collect();
+    assert!(managers.contains(&("flux".into(), None)), "{managers:?}");
+    assert!(managers.contains(&("nixroll-agent".into(), Some("status".into()))));
+    assert!(managers.contains(&("nixroll-controller".into(), Some("status".into()))));
+    let agent_fields = serde_json::to_value(
+        &mf.iter()
+            .find(|m| m.manager.as_deref() == Some("nixroll-agent"))
+            .unwrap()
+            .fields_v1,
+    )
+    .unwrap();
+    assert_eq!(agent_fields, json!({"f:status": {"f:agent": {"f:bootId": {}}}}));
+
+    // The agent applying the controller's field with another value: 409 conflict, unforced.
+    let e = api_err(
+        api.patch_status(
+            "n1",
+            &agent,
+            &Patch::Apply(status(json!({"agent": {"bootId": "b2"}, "phase": "Degraded"}))),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(e.message.contains("nixroll-controller"), "{}", e.message);
+    assert!(e.message.contains(".status.phase"), "{}", e.message);
+    // The same value is no conflict (shared ownership).
+    api.patch_status(
+        "n1",
+        &agent,
+        &Patch::Apply(status(json!({"agent": {"bootId": "b2"}, "phase": "Waiting"}))),
+    )
+    .await
+    .unwrap();
+    // Force takes ownership.
+    let o = api
+        .patch_status(
+            "n1",
+            &agent.clone().force(),
+            &Patch::Apply(status(json!({"agent": {"bootId": "b2"}, "phase": "Degraded"}))),
+        )
+        .await
+        .unwrap();
+    let mf = o.metadata.managed_fields.unwrap();
+    let owns_phase = |m: &str| {
+        mf.iter()
+            .find(|e| e.manager.as_deref() == Some(m))
+            .map(|e| {
+                serde_json::to_value(&e.fields_v1).unwrap()["f:status"]
+                    .get("f:phase")
+                    .is_some()
+            })
+            .unwrap_or(false)
+    };
+    assert!(owns_phase("nixroll-agent"));
+    assert!(!owns_phase("nixroll-controller"));
+
+    // Apply without fieldManager is refused.
+    let e = api_err(
+        api.patch("n1", &PatchParams::default(), &Patch::Apply(nxn("n1")))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 400);
+}
+
+#[tokio::test]
+async fn status_subresource_isolation_and_generation() {
+    let (_srv, client) = start().await;
+    install_crd(&client).await;
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    let mut obj: Value = nxn("g");
+    obj["status"] = json!({"phase": "Staging"});
+    let created = api
+        .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
+        .await
+        .unwrap();
+    // Status is dropped on create and has generation 1.
+    assert_eq!(created.metadata.generation, Some(1));
+    assert!(created.status.is_none());
+
+    // The status endpoint changes only status, without bumping generation.
+    let o = api
+        .patch_status(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Staging"}, "spec": {"suspend": true}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.metadata.generation, Some(1));
+    assert!(!o.spec.suspend);
+    assert!(o.status.is_some());
+
+    // The main endpoint ignores status, and bumps generation on spec changes.
+    let o = api
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Degraded"}, "spec": {"suspend": true}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.metadata.generation, Some(2));
+    assert!(o.spec.suspend);
+    assert_eq!(
+        o.status.as_ref().unwrap().phase.map(|p| p.to_string()).as_deref(),
+        Some("Staging")
+    );
+    // Metadata-only change: no generation bump.
+    let o = api
+        .patch(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"x": "y"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.metadata.generation, Some(2));
+    // PUT without resourceVersion on a custom resource is invalid.
+    let mut no_rv = o.clone();
+    no_rv.metadata.resource_version = None;
+    let e = api_err(api.replace("g", &PostParams::default(), &no_rv).await.unwrap_err());
+    assert_eq!(e.code, 422);
+}
+
+#[tokio::test]
+async fn label_and_field_selectors() {
+    let (_srv, client) = start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for (n, l) in [("a", json!({"app": "web", "tier": "fe"})), ("b", json!({"app": "db"})), ("c", json!({}))] {
+        cms.create(&PostParams::default(), &cm(n, l)).await.unwrap();
+    }
+    let names = |l: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
+        l.items.iter().map(|c| c.name_any()).collect()
+    };
+    for (sel, want) in [
+        ("app=web", vec!["a"]),
+        ("app==web", vec!["a"]),
+        ("app!=web", vec!["b", "c"]),
+        ("app in (web,db)", vec!["a", "b"]),
+        ("app notin (web)", vec!["b", "c"]),
+        ("tier", vec!["a"]),
+        ("!app", vec!["c"]),
+    ] {
+        let l = cms.list(&ListParams::default().labels(sel)).await.unwrap();
+        assert_eq!(names(l), want, "{sel}");
+    }
+    let l = cms
+        .list(&ListParams::default().fields("metadata.name=b"))
+        .await
+        .unwrap();
+    assert_eq!(names(l), vec!["b"]);
+    let l = cms
+        .list(&ListParams::default().fields("metadata.name!=b,metadata.namespace=default"))
+        .await
+        .unwrap();
+    assert_eq!(names(l), vec!["a", "c"]);
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("p1", "n1", json!({})))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("p2", "n2", json!({})))
+        .await
+        .unwrap();
+    let all: Api<Pod> = Api::all(client.clone());
+    let l = all
+        .list(&ListParams::default().fields("spec.nodeName=n2"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 1);
+    assert_eq!(l.items[0].name_any(), "p2");
+    let l = all
+        .list(&ListParams::default().fields("status.phase=Pending"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 2);
+}
+
+async fn next_event<S>(s: &mut S) -> watcher::Event<ConfigMap>
+where
+    S: futures::Stream<Item = Result<watcher::Event<ConfigMap>, watcher::Error>> + Unpin,
+{
+    loop {
+        match tokio::time::timeout(T, s.next()).await.expect("watch event in time") {
+            Some(Ok(ev)) => return ev,
+            Some(Err(_)) => continue, // the watcher reports errors and recovers by itself
+            None => panic!("watch stream ended"),
+        }
+    }
+}
+
+fn describe(ev: &watcher::Event<ConfigMap>) -> String {
+    match ev {
+        watcher::Event::Init => "Init".into(),
+        watcher::Event::InitApply(o) => format!("InitApply {}", o.name_any()),
+        watcher::Event::InitDone => "InitDone".into(),
+        watcher::Event::Apply(o) => format!("Apply {}", o.name_any()),
+        watcher::Event::Delete(o) => format!("Delete {}", o.name_any()),
+    }
+}
+
+async fn watcher_flow(streaming: bool) {
+    let (srv, client) = start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("a", json!({}))).await.unwrap();
+    let mut cfg = watcher::Config::default().timeout(60);
+    if streaming {
+        cfg = cfg.streaming_lists();
+    }
+    let mut s = watcher(cms.clone(), cfg).boxed();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(describe(&next_event(&mut s).await));
+    }
+    assert_eq!(seen, vec!["Init", "InitApply a", "InitDone"]);
+    cms.create(&PostParams::default(), &cm("b", json!({}))).await.unwrap();
+    assert_eq!(describe(&next_event(&mut s).await), "Apply b");
+    cms.delete("a", &DeleteParams::default()).await.unwrap();
+    assert_eq!(describe(&next_event(&mut s).await), "Delete a");
+
+    // Server restart-like drop of all watches, changes meanwhile, then compaction: the watcher's
+    // resume gets 410 Gone and it relists.
+    srv.store().drop_watches();
+    cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap();
+    cms.delete("b", &DeleteParams::default()).await.unwrap();
+    srv.store().compact();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(describe(&next_event(&mut s).await));
+    }
+    assert_eq!(seen, vec!["Init", "InitApply c", "InitDone"]);
+    cms.create(&PostParams::default(), &cm("d", json!({}))).await.unwrap();
+    assert_eq!(describe(&next_event(&mut s).await), "Apply d");
+    assert!(srv.request_counts().get("watch", "configmaps") >= 2);
+}
+
+#[tokio::test]
+async fn watcher_list_watch_and_resume_after_gone() {
+    watcher_flow(false).await;
+}
+
+#[tokio::test]
+async fn watcher_streaming_list_and_resume_after_gone() {
+    watcher_flow(true).await;
+}
+
+#[tokio::test]
+async fn raw_watch_bookmarks_and_selector_semantics() {
+    let (srv, client) = start_with(StoreOptions {
+        bookmark_interval: Duration::from_millis(200),
+        ..StoreOptions::default()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("a", json!({"app": "web"})))
+        .await
+        .unwrap();
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut w = cms
+        .watch(&WatchParams::default().labels("app=web").timeout(30), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    // A bookmark arrives although nothing changes.
+    let ev = tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap();
+    let WatchEvent::Bookmark(b) = ev else {
+        panic!("expected a bookmark, got {ev:?}");
+    };
+    assert_eq!(b.metadata.resource_version, rv);
+    // Relabel: the object stops matching, the watcher sees DELETED; matching again: ADDED.
+    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})))
+        .await
+        .unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 1 {
+        match tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap() {
+            WatchEvent::Deleted(o) => kinds.push(format!("Deleted {}", o.name_any())),
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "web"}}})))
+        .await
+        .unwrap();
+    while kinds.len() < 2 {
+        match tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap() {
+            WatchEvent::Added(o) => kinds.push(format!("Added {}", o.name_any())),
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(kinds, vec!["Deleted a", "Added a"]);
+
+    // A watch from a compacted resourceVersion gets an ERROR event with 410.
+    srv.store().compact();
+    let mut w = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap() {
+        WatchEvent::Error(e) => assert_eq!(e.code, 410),
+        other => panic!("expected 410, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn slow_watcher_is_closed_with_gone() {
+    let (srv, client) = start_with(StoreOptions {
+        watch_channel_capacity: 4,
+        ..StoreOptions::default()
+    })
+    .await;
+    let store = srv.store();
+    let mut w = store
+        .watch(
+            &Gvr::new("", "v1", "configmaps"),
+            Some("default"),
+            &WatchOptions {
+                resource_version: Some(store.resource_version().to_string()),
+                ..WatchOptions::default()
+            },
+        )
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    for i in 0..10 {
+        cms.create(&PostParams::default(), &cm(&format!("c{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    let mut added = 0;
+    let last = loop {
+        match w.next().await {
+            Some(StoreEvent::Added(_)) => added += 1,
+            Some(other) => break other,
+            None => panic!("ended without error"),
+        }
+    };
+    assert_eq!(added, 4);
+    let StoreEvent::Error(status) = last else {
+        panic!("expected 410, got {last:?}");
+    };
+    assert_eq!(status["code"], 410);
+    assert!(w.next().await.is_none());
+    assert_eq!(store.watcher_count(), 0);
+}
+
+#[tokio::test]
+async fn pod_graceful_deletion_lingers_until_kubelet_removes_it() {
+    let (srv, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("p", "n1", json!({})))
+        .await
+        .unwrap();
+    let r = pods.delete("p", &DeleteParams::default()).await.unwrap();
+    assert!(r.is_left(), "a graceful delete returns the object");
+    let p = pods.get("p").await.unwrap();
+    assert!(p.metadata.deletion_timestamp.is_some());
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
+    // The simulated kubelet finishes it.
+    srv.store().finish_pod_deletion("default", "p").unwrap();
+    assert_eq!(api_err(pods.get("p").await.unwrap_err()).code, 404);
+
+    // gracePeriodSeconds=0 deletes at once.
+    pods.create(&PostParams::default(), &pod("q", "n1", json!({})))
+        .await
+        .unwrap();
+    pods.delete("q", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
+        .await
+        .unwrap();
+    assert_eq!(api_err(pods.get("q").await.unwrap_err()).code, 404);
+
+    // Finalizers hold an object until they are removed.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut c = cm("f", json!({}));
+    c.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&PostParams::default(), &c).await.unwrap();
+    cms.delete("f", &DeleteParams::default()).await.unwrap();
+    let held = cms.get("f").await.unwrap();
+    assert!(held.metadata.deletion_timestamp.is_some());
+    cms.patch("f", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .unwrap();
+    assert_eq!(api_err(cms.get("f").await.unwrap_err()).code, 404);
+}
+
+#[tokio::test]
+async fn eviction_respects_pod_disruption_budgets() {
+    let (_srv, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+    pdbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "web-pdb"},
+            "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}}))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    for n in ["w1", "w2", "w3"] {
+        pods.create(&PostParams::default(), &pod(n, "n1", json!({"app": "web"})))
+            .await
+            .unwrap();
+    }
+    set_ready(&pods, "w1", true).await;
+    set_ready(&pods, "w2", true).await;
+    let st = pdbs.get("web-pdb").await.unwrap().status.unwrap();
+    assert_eq!((st.current_healthy, st.desired_healthy, st.disruptions_allowed, st.expected_pods), (2, 2, 0, 3));
+
+    let e = api_err(pods.evict("w1", &EvictParams::default()).await.unwrap_err());
+    assert_eq!((e.code, e.reason.as_str()), (429, "TooManyRequests"));
+    assert_eq!(e.message, "Cannot evict pod as it would violate the pod's disruption budget.");
+    let cause = &e.details.as_ref().unwrap().causes[0];
+    assert!(cause.message.contains("web-pdb"), "{}", cause.message);
+    assert!(pods.get("w1").await.unwrap().metadata.deletion_timestamp.is_none());
+
+    // A missing pod: 404.
+    assert_eq!(api_err(pods.evict("nope", &EvictParams::default()).await.unwrap_err()).code, 404);
+
+    // Another pod becomes ready: one disruption allowed, the eviction succeeds.
+    set_ready(&pods, "w3", true).await;
+    assert_eq!(pdbs.get("web-pdb").await.unwrap().status.unwrap().disruptions_allowed, 1);
+    pods.evict("w1", &EvictParams::default()).await.unwrap();
+    let evicted = pods.get("w1").await.unwrap();
+    assert!(evicted.metadata.deletion_timestamp.is_some(), "evicted pods terminate gracefully");
+    let st = pdbs.get("web-pdb").await.unwrap().status.unwrap();
+    assert_eq!((st.current_healthy, st.disruptions_allowed), (2, 0));
+    // Budget used up again: the next eviction is refused; an already terminating pod evicts.
+    assert_eq!(api_err(pods.evict("w2", &EvictParams::default()).await.unwrap_err()).code, 429);
+    pods.evict("w1", &EvictParams::default()).await.unwrap();
+}
+
+#[tokio::test]
+async fn cordon_uncordon_and_lease_conflicts() {
+    let (_srv, client) = start().await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap())
+        .await
+        .unwrap();
+    let n = nodes.cordon("n1").await.unwrap();
+    assert_eq!(n.spec.unwrap().unschedulable, Some(true));
+    let n = nodes.uncordon("n1").await.unwrap();
+    assert_eq!(n.spec.unwrap().unschedulable, Some(false));
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    let l: Lease = serde_json::from_value(json!({"metadata": {"name": "leader"},
+        "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}))
+    .unwrap();
+    let created = leases.create(&PostParams::default(), &l).await.unwrap();
+    let mut mine = created.clone();
+    mine.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    leases.replace("leader", &PostParams::default(), &mine).await.unwrap();
+    // A competitor with the old resourceVersion loses.
+    let mut theirs = created;
+    theirs.spec.as_mut().unwrap().holder_identity = Some("c".into());
+    let e = api_err(leases.replace("leader", &PostParams::default(), &theirs).await.unwrap_err());
+    assert_eq!(e.code, 409);
+    assert_eq!(
+        leases.get("leader").await.unwrap().spec.unwrap().holder_identity.as_deref(),
+        Some("b")
+    );
+}
+
+#[tokio::test]
+async fn events_in_both_apis_share_storage() {
+    let (_srv, client) = start().await;
+    let ev: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "default");
+    ev.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "e1"}, "eventTime": "2026-01-01T00:00:00.000000Z",
+            "reason": "Drained", "note": "drained n1", "type": "Normal", "action": "Drain",
+            "reportingController": "nixroll.io/controller", "reportingInstance": "c-1",
+            "regarding": {"kind": "NixOSNode", "name": "n1", "apiVersion": "nixroll.io/v1alpha1"}}))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
+    let l = core
+        .list(&ListParams::default().fields("involvedObject.name=n1,involvedObject.kind=NixOSNode"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 1);
+    assert_eq!(l.items[0].message.as_deref(), Some("drained n1"));
+}
+
+fn kubectl() -> Option<String> {
+    for p in ["/usr/bin/kubectl", "/usr/local/bin/kubectl"] {
+        if std::path::Path::new(p).exists() {
+            return Some(p.into());
+        }
+    }
+    None
+}
+
+fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new(kubectl);
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
+    cmd.env("HOME", kubeconfig.parent().unwrap());
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "kubectl {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_works_against_it() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!("SKIPPED: kubectl not installed");
+        return;
+    };
+    let (srv, client) = start().await;
+    install_crd(&client).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    srv.write_kubeconfig(&kc).unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "node-1",
+                "labels": {"node-role.kubernetes.io/control-plane": "true"}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                           "nodeInfo": {"bootID": "b1", "kubeletVersion": "v1.33.1+k3s1",
+                             "machineID": "m", "systemUUID": "s", "kernelVersion": "6.6", "osImage": "NixOS",
+                             "containerRuntimeVersion": "containerd://2", "kubeProxyVersion": "v1.33.1",
+                             "operatingSystem": "linux", "architecture": "amd64"}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let k = kubectl.clone();
+    let kc2 = kc.clone();
+    let manifest = "apiVersion: nixroll.io/v1alpha1\nkind: NixOSNode\nmetadata:\n  name: node-1\nspec:\n  flake: github:example/infra\n  revision: 0123456789abcdef0123456789abcdef01234567\n";
+    let outputs = tokio::task::spawn_blocking(move || {
+        let apply = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
+        let apply2 = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
+        let get_nodes = run(&k, &kc2, &["get", "nodes"], None);
+        (apply, apply2, get_nodes)
+    })
+    .await
+    .unwrap();
+    assert!(outputs.0.contains("nixosnode.nixroll.io/node-1 created"), "{}", outputs.0);
+    assert!(outputs.1.contains("unchanged"), "{}", outputs.1);
+    assert!(outputs.2.contains("node-1"), "{}", outputs.2);
+    assert!(outputs.2.contains("Ready"), "{}", outputs.2);
+    assert!(outputs.2.contains("control-plane"), "{}", outputs.2);
+    assert!(outputs.2.contains("v1.33.1+k3s1"), "{}", outputs.2);
+
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    api.patch_status(
+        "node-1",
+        &PatchParams::apply("nixroll-controller"),
+        &Patch::Apply(json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+            "metadata": {"name": "node-1"}, "status": {"phase": "Waiting", "wanted": "0123456"}})),
+    )
+    .await
+    .unwrap();
+    let k = kubectl.clone();
+    let (get, yaml, describe) = tokio::task::spawn_blocking(move || {
+        (
+            run(&k, &kc, &["get", "nixosnodes"], None),
+            run(&k, &kc, &["get", "nxn", "node-1", "-o", "yaml"], None),
+            run(&k, &kc, &["describe", "nixosnode", "node-1"], None),
+        )
+    })
+    .await
+    .unwrap();
+    let header = get.lines().next().unwrap();
+    for col in ["NAME", "WANTED", "RUNNING", "PHASE", "AGE"] {
+        assert!(header.contains(col), "{get}");
+    }
+    assert!(get.contains("Waiting") && get.contains("0123456"), "{get}");
+    assert!(yaml.contains("revision: 0123456789abcdef0123456789abcdef01234567"), "{yaml}");
+    assert!(yaml.contains("phase: Waiting"), "{yaml}");
+    assert!(describe.contains("Name:") && describe.contains("node-1"), "{describe}");
+    assert!(describe.contains("Waiting"), "{describe}");
+}
