@@ -904,7 +904,12 @@ impl Sim {
                     self.act(i, a)?;
                 }
                 self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
-                if !changed {
+                // The controller's own writes and Node changes trigger the next reconcile at
+                // once (watch events); only then can the world (an admin) act again.
+                let node_changed = actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Cordon | Action::Uncordon));
+                if !changed && !node_changed {
                     break;
                 }
             }
