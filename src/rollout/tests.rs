@@ -910,8 +910,17 @@ fn spec_change_clears_failure() {
     assert_eq!(n.phase(), Phase::Degraded);
     n.step(false, None, at(3));
     assert_eq!(n.phase(), Phase::Degraded, "not retried without a spec change");
-    n.spec = mk_spec("3333333333333333333333333333333333333333");
+    n.spec.suspend = true;
     n.generation = 3;
+    n.step(false, None, at(3));
+    assert_eq!(
+        n.phase(),
+        Phase::Degraded,
+        "an unrelated spec edit does not retry"
+    );
+    n.spec.suspend = false;
+    n.spec = mk_spec("3333333333333333333333333333333333333333");
+    n.generation = 4;
     n.step(false, None, at(4));
     assert_eq!(n.phase(), Phase::Staging);
     assert!(n.status.failed.is_none());
