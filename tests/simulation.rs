@@ -6,7 +6,12 @@
 //! * `NIXROLL_SIM_SEEDS=N` runs N seeds; `NIXROLL_SIM_SEED=S` runs only seed S with its log.
 //!
 //! A failing seed prints `NIXROLL_SIM_SEED=<seed>` and the step log of that seed.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_range_loop
+)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -107,6 +112,9 @@ struct RevInfo {
     init_change: bool,
 }
 
+/// What the controller last reconciled a node on (its watch cache).
+type Seen = (i64, Option<String>, NodeObservation, Option<AgentStatus>);
+
 struct Sim {
     rng: fastrand::Rng,
     now: Timestamp,
@@ -126,8 +134,7 @@ struct Sim {
     quiet_after: Timestamp,
     // Controller memory (lost on restart).
     drain_mem: HashMap<usize, DrainProgress>,
-    #[allow(clippy::type_complexity)]
-    seen: Vec<Option<(i64, Option<String>, NodeObservation, Option<AgentStatus>)>>,
+    seen: Vec<Option<Seen>>,
     wake: Vec<Option<Timestamp>>,
     log: Option<String>,
     restarts: u32,
@@ -1215,7 +1222,8 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u64;
-    let results: Vec<(u64, Result<(bool, bool, usize), String>)> = std::thread::scope(|sc| {
+    type Outcome = Result<(bool, bool, usize), String>;
+    let results: Vec<(u64, Outcome)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
                 sc.spawn(move || {
