@@ -6,7 +6,12 @@
 //! * `NIXROLL_SIM_SEEDS=N` runs N seeds; `NIXROLL_SIM_SEED=S` runs only seed S with its log.
 //!
 //! A failing seed prints `NIXROLL_SIM_SEED=<seed>` and the step log of that seed.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::needless_range_loop
+)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -14,13 +19,13 @@ use std::fmt::Write as _;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nixroll::api::{
-    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy,
-    DrainTimeoutAction, HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec,
-    NixOSNodeStatus, Phase, RebootPolicy, StagedSystem, Weekday,
+    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy, DrainTimeoutAction,
+    HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, Phase, RebootPolicy,
+    StagedSystem, Weekday,
 };
 use nixroll::rollout::{
-    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView,
-    Policy, admit, budget, condition, decide, window,
+    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, admit,
+    budget, condition, decide, window,
 };
 
 const FLAKE: &str = "git+https://git.example.org/infra.git";
@@ -107,6 +112,9 @@ struct RevInfo {
     init_change: bool,
 }
 
+/// What the controller last reconciled a node on (its watch cache).
+type Seen = (i64, Option<String>, NodeObservation, Option<AgentStatus>);
+
 struct Sim {
     rng: fastrand::Rng,
     now: Timestamp,
@@ -126,8 +134,7 @@ struct Sim {
     quiet_after: Timestamp,
     // Controller memory (lost on restart).
     drain_mem: HashMap<usize, DrainProgress>,
-    #[allow(clippy::type_complexity)]
-    seen: Vec<Option<(i64, Option<String>, NodeObservation, Option<AgentStatus>)>>,
+    seen: Vec<Option<Seen>>,
     wake: Vec<Option<Timestamp>>,
     log: Option<String>,
     restarts: u32,
@@ -150,9 +157,7 @@ fn system_of(rev: &str, node: &str) -> String {
 }
 
 fn rev_of_system(sys: &str) -> &str {
-    sys.trim_start_matches("/nix/store/")
-        .get(..12)
-        .unwrap_or("")
+    sys.trim_start_matches("/nix/store/").get(..12).unwrap_or("")
 }
 
 fn add(t: Timestamp, secs: i64) -> Timestamp {
@@ -380,13 +385,7 @@ impl Sim {
                 self.rev_count.saturating_sub(1)
             };
             let init_change = self.p(10);
-            self.revs.insert(
-                rev.clone(),
-                RevInfo {
-                    kernel,
-                    init_change,
-                },
-            );
+            self.revs.insert(rev.clone(), RevInfo { kernel, init_change });
             for n in self.nodes.iter_mut() {
                 n.spec.revision = rev.clone();
                 n.generation += 1;
@@ -403,7 +402,10 @@ impl Sim {
         // Admin cordons / uncordons.
         if !quiet && self.p(2) {
             let i = self.rng.usize(..self.nodes.len());
-            if !self.nodes[i].unschedulable {
+            // Not on a node where nixroll holds a slot but is not yet seen cordoned (a crash
+            // between writing the slot and cordoning): there the two cordons cannot be told
+            // apart — the documented race (docs/rollout.md).
+            if !self.nodes[i].unschedulable && self.nodes[i].status.slot.is_none() {
                 self.nodes[i].unschedulable = true;
                 self.nodes[i].cordoned_by = Some(Who::Admin);
                 let name = self.nodes[i].name.clone();
@@ -517,10 +519,7 @@ impl Sim {
             }
             h.current = h.booted.clone();
             h.fallback_next_boot = false;
-            let (name, b) = (
-                self.nodes[i].name.clone(),
-                self.nodes[i].host.booted.clone(),
-            );
+            let (name, b) = (self.nodes[i].name.clone(), self.nodes[i].host.booted.clone());
             self.logf(|| format!("{name} booted {b} (fallback={fallback})"));
         }
         if !self.nodes[i].host.up {
@@ -532,10 +531,7 @@ impl Sim {
         {
             self.nodes[i].host.staging = None;
             let name = self.nodes[i].name.clone();
-            let agent = self.nodes[i]
-                .status
-                .agent
-                .get_or_insert_with(Default::default);
+            let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
             if op.fail {
                 agent.last_error = Some(HostError {
                     operation: HostOperation::Stage,
@@ -552,31 +548,18 @@ impl Sim {
                     .map(|(_, v)| v.kernel);
                 let kernel = self.revs.get(&op.revision).map(|v| v.kernel);
                 let reboot = booted_kernel != kernel;
-                let agent = self.nodes[i]
-                    .status
-                    .agent
-                    .get_or_insert_with(Default::default);
+                let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
                 agent.staged = Some(StagedSystem {
                     revision: op.revision.clone(),
                     installable: op.installable.clone(),
                     system: sys,
                     closure_bytes: None,
                     reboot_required: reboot,
-                    reboot_reasons: if reboot {
-                        vec!["kernel".into()]
-                    } else {
-                        vec![]
-                    },
+                    reboot_reasons: if reboot { vec!["kernel".into()] } else { vec![] },
                     staged_at: Some(Time(now)),
                 });
             }
-            self.logf(|| {
-                format!(
-                    "{name} staging {} done (fail={})",
-                    &op.revision[..12],
-                    op.fail
-                )
-            });
+            self.logf(|| format!("{name} staging {} done (fail={})", &op.revision[..12], op.fail));
         }
         // Activation completes.
         if let Some(op) = self.nodes[i].host.activation.clone()
@@ -626,10 +609,7 @@ impl Sim {
                 let d = self.rng.i64(20..300);
                 self.nodes[i].host.boot_done = Some(add(now, d));
             }
-            let agent = self.nodes[i]
-                .status
-                .agent
-                .get_or_insert_with(Default::default);
+            let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
             agent.activation = Some(ActivationReport {
                 id: op.id.clone(),
                 action: op.action,
@@ -637,8 +617,7 @@ impl Sim {
                 system: op.system.clone(),
                 boot_id_before: Some(boot_before),
                 exit_code: (state == ActivationState::NeedsReboot).then_some(100),
-                message: (state == ActivationState::Failed)
-                    .then(|| "switch-to-configuration failed".into()),
+                message: (state == ActivationState::Failed).then(|| "switch-to-configuration failed".into()),
                 updated_at: Time(now),
             });
             self.logf(|| format!("{name} activation {} -> {state:?}", op.id));
@@ -679,18 +658,11 @@ impl Sim {
             self.nodes[i].host.booted.clone(),
             self.nodes[i].host.current.clone(),
         );
-        let ltt = self.nodes[i]
-            .status
-            .last_transition_time
-            .as_ref()
-            .map(|t| t.0);
+        let ltt = self.nodes[i].status.last_transition_time.as_ref().map(|t| t.0);
         let target = self.nodes[i].status.target.clone();
         let grant = self.nodes[i].status.activation.clone();
         {
-            let agent: &mut AgentStatus = self.nodes[i]
-                .status
-                .agent
-                .get_or_insert_with(Default::default);
+            let agent: &mut AgentStatus = self.nodes[i].status.agent.get_or_insert_with(Default::default);
             agent.boot_id = Some(boot.clone());
             agent.booted_system = Some(booted);
             agent.current_system = Some(current);
@@ -762,11 +734,7 @@ impl Sim {
         let n = &self.nodes[i];
         let o = self.obs(i);
         let ph = n.status.phase.unwrap_or_default();
-        n.status.slot.is_some()
-            || ph.is_disruptive()
-            || ph == Phase::Degraded
-            || o.unschedulable
-            || !o.ready
+        n.status.slot.is_some() || ph.is_disruptive() || ph == Phase::Degraded || o.unschedulable || !o.ready
     }
 
     fn evict_pass(&mut self, i: usize, force: bool) -> DrainProgress {
@@ -822,9 +790,7 @@ impl Sim {
         }
         let n = self.nodes.len();
         let obs: Vec<NodeObservation> = (0..n).map(|i| self.obs(i)).collect();
-        let cluster = ClusterState {
-            paused: self.paused,
-        };
+        let cluster = ClusterState { paused: self.paused };
         let admitted: Vec<String> = {
             let views: Vec<NodeView<'_>> = (0..n).map(|i| self.view(i, &obs[i])).collect();
             admit(&views, &cluster, &self.policy, self.now)
@@ -867,9 +833,8 @@ impl Sim {
             "two control-plane nodes admitted: {cp_admitted:?}"
         );
         if let Some(cp) = cp_admitted.first() {
-            let other_busy = (0..n).any(|i| {
-                self.nodes[i].control_plane && &&self.nodes[i].name != cp && self.unavailable(i)
-            });
+            let other_busy = (0..n)
+                .any(|i| self.nodes[i].control_plane && &&self.nodes[i].name != cp && self.unavailable(i));
             check!(
                 self,
                 !other_busy,
@@ -911,13 +876,7 @@ impl Sim {
                 let is_admitted = admitted.contains(&self.nodes[i].name);
                 let d: Decision = {
                     let v = self.view(i, &o);
-                    decide(
-                        &v,
-                        is_admitted,
-                        self.drain_mem.get(&i),
-                        &self.policy,
-                        self.now,
-                    )
+                    decide(&v, is_admitted, self.drain_mem.get(&i), &self.policy, self.now)
                 };
                 check!(self, d.status.agent.is_none(), "decide wrote status.agent");
                 self.transition_checks(i, &d, is_admitted, degraded)?;
@@ -955,7 +914,12 @@ impl Sim {
                     self.act(i, a)?;
                 }
                 self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
-                if !changed {
+                // The controller's own writes and Node changes trigger the next reconcile at
+                // once (watch events); only then can the world (an admin) act again.
+                let node_changed = actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Cordon | Action::Uncordon));
+                if !changed && !node_changed {
                     break;
                 }
             }
@@ -1030,18 +994,8 @@ impl Sim {
         if !was.is_disruptive() && now_ph == Phase::Draining {
             let open = window::is_open(&n.spec.maintenance_windows, self.now).unwrap();
             check!(self, open, "{} started draining outside its window", n.name);
-            check!(
-                self,
-                admitted,
-                "{} started draining without admission",
-                n.name
-            );
-            check!(
-                self,
-                !self.paused,
-                "{} started draining while paused",
-                n.name
-            );
+            check!(self, admitted, "{} started draining without admission", n.name);
+            check!(self, !self.paused, "{} started draining while paused", n.name);
             check!(
                 self,
                 !n.spec.suspend,
@@ -1081,19 +1035,14 @@ impl Sim {
     fn global_checks(&self) -> Result<(), String> {
         let n = self.nodes.len();
         let budget = budget(self.policy.max_unavailable, n);
-        let slots = self
-            .nodes
-            .iter()
-            .filter(|x| x.status.slot.is_some())
-            .count();
+        let slots = self.nodes.iter().filter(|x| x.status.slot.is_some()).count();
         check!(self, slots <= budget, "{slots} slots held, budget {budget}");
         let cp_slots = self
             .nodes
             .iter()
             .filter(|x| {
                 x.control_plane
-                    && (x.status.slot.is_some()
-                        || x.status.phase.unwrap_or_default().is_disruptive())
+                    && (x.status.slot.is_some() || x.status.phase.unwrap_or_default().is_disruptive())
             })
             .count();
         check!(
@@ -1224,18 +1173,12 @@ fn run_seed(seed: u64, verbose: bool) -> Result<(bool, bool, usize), (String, Op
                     .map(|x| {
                         format!(
                             "{}: {:?} {:?} unsched={} by={:?}",
-                            x.name,
-                            x.status.phase,
-                            x.status.message,
-                            x.unschedulable,
-                            x.cordoned_by
+                            x.name, x.status.phase, x.status.message, x.unschedulable, x.cordoned_by
                         )
                     })
                     .collect();
                 return Err((
-                    format!(
-                        "no faults injected but did not converge within {MAX_STEPS} steps: {states:#?}"
-                    ),
+                    format!("no faults injected but did not converge within {MAX_STEPS} steps: {states:#?}"),
                     sim.log,
                 ));
             }
@@ -1268,9 +1211,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
                 let mut sim = Sim::new(seed, true);
                 let _ = sim.run(MAX_STEPS);
                 println!("{}", sim.log.unwrap_or_default());
-                println!(
-                    "NIXROLL_SIM_SEED={seed}: ok (faults={faults}, converged={conv}, steps={steps})"
-                );
+                println!("NIXROLL_SIM_SEED={seed}: ok (faults={faults}, converged={conv}, steps={steps})");
             }
             Err((e, _)) => fail_with(seed, e),
         }
@@ -1280,10 +1221,9 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4) as u64;
-    let results: Vec<(u64, Result<(bool, bool, usize), String>)> = std::thread::scope(|sc| {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u64;
+    type Outcome = Result<(bool, bool, usize), String>;
+    let results: Vec<(u64, Outcome)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
                 sc.spawn(move || {
@@ -1305,9 +1245,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         match r {
             Ok((faults, conv, s)) => {
                 steps += s;
-                *stats
-                    .entry(if faults { "faulty" } else { "clean" })
-                    .or_default() += 1;
+                *stats.entry(if faults { "faulty" } else { "clean" }).or_default() += 1;
                 if conv {
                     *stats.entry("converged").or_default() += 1;
                 }
@@ -1320,7 +1258,5 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         stats.get("clean").copied().unwrap_or(0) + stats.get("faulty").copied().unwrap_or(0),
         seeds as usize
     );
-    assert!(
-        stats.get("converged").copied().unwrap_or(0) >= stats.get("clean").copied().unwrap_or(0)
-    );
+    assert!(stats.get("converged").copied().unwrap_or(0) >= stats.get("clean").copied().unwrap_or(0));
 }

@@ -178,7 +178,13 @@ pub(super) fn decide(
             Some(Phase::Activating) => c.activating(),
             Some(Phase::Rebooting) => c.rebooting(),
             Some(Phase::Verifying) => c.verifying(),
-            Some(Phase::Degraded) => c.degraded(spec_changed || retried),
+            Some(Phase::Degraded) => {
+                // The failed (revision, system) is not retried until the spec asks for a
+                // different target or the user sets a new retry token. Other spec edits
+                // (suspend, windows, drain policy) do not retry.
+                let resumed = retried || (spec_changed && !c.target_is_wanted());
+                c.degraded(resumed)
+            }
         };
         if !again {
             break;
@@ -1025,7 +1031,7 @@ impl Ctx<'_, '_> {
             self.note(
                 reason::RETRY,
                 format!(
-                    "retrying after {what} (spec changed or {} set)",
+                    "retrying after {what} (new target in the spec or a new {} value)",
                     crate::names::RETRY_ANNOTATION
                 ),
                 false,

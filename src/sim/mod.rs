@@ -5,6 +5,7 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod demo;
+pub mod monitor;
 pub mod flake;
 pub mod host;
 pub mod progress;
