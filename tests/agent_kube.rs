@@ -203,6 +203,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
         activation_timeout: Duration::from_secs(30),
         result_poll: Duration::from_millis(10),
         report_grace: Duration::from_millis(100),
+        ..Default::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(nixroll::agent::run(client, agent_config, async {

@@ -234,6 +234,46 @@ async fn staging_failures_are_reported_and_leave_the_host_untouched() {
 }
 
 #[tokio::test]
+async fn a_failed_staging_is_retried_with_backoff() {
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f.flake.commit_service_change().unwrap();
+    let t = f.target(&rev1);
+    let options = HostOptions {
+        result_poll: Duration::from_millis(10),
+        stage_retry: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let mut agent = NodeAgent::new(f.host.clone(), f.nix.clone(), options);
+
+    // The repository is unreachable for a while (a flaky remote).
+    let away = f.flake.dir().with_extension("away");
+    std::fs::rename(f.flake.dir(), &away).unwrap();
+    let st = agent.reconcile(Some(&t), None).await.unwrap();
+    let err = st.last_error.clone().expect("error reported");
+    assert_eq!(err.operation, HostOperation::Stage);
+    let retry = agent.next_retry().expect("a retry is scheduled");
+
+    // Before the retry time: not tried again, same report.
+    assert_eq!(agent.reconcile(Some(&t), None).await.unwrap(), st);
+    // The same failure after the retry time keeps its timestamp (no needless status write).
+    tokio::time::sleep_until(retry).await;
+    let again = agent.reconcile(Some(&t), None).await.unwrap();
+    assert_eq!(again.last_error, st.last_error);
+    let retry2 = agent.next_retry().unwrap();
+    assert!(retry2 - retry >= Duration::from_millis(500), "backoff doubles");
+
+    // The remote is back: the next retry stages and clears the error.
+    std::fs::rename(&away, f.flake.dir()).unwrap();
+    tokio::time::sleep_until(retry2).await;
+    let st = agent.reconcile(Some(&t), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    assert_eq!(st.staged.unwrap().revision, rev1);
+    assert!(agent.next_retry().is_none());
+}
+
+#[tokio::test]
 async fn switch_activates_live_once() {
     require_nix!();
     let mut f = Fixture::new();
@@ -480,6 +520,56 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
             assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()), "{point:?}");
         }
     }
+}
+
+/// The agent dies (its future is dropped, like a killed pod) while `switch-to-configuration`
+/// runs: the detached job finishes anyway and the next agent picks up its result without
+/// running it again.
+#[tokio::test]
+async fn switch_survives_the_agent_dying_mid_run() {
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f
+        .flake
+        .commit("slow switch", |s| {
+            s.service.push('+');
+            s.switch_delay = Some("1".into());
+        })
+        .unwrap();
+    let t = f.target(&rev1);
+    let sys1 = f
+        .agent()
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    let g = grant("g-slow", ActivationAction::Switch, &sys1);
+
+    let mut dying = f.agent();
+    let (t2, g2) = (t.clone(), g.clone());
+    let task = tokio::spawn(async move { dying.reconcile(Some(&t2), Some(&g2)).await });
+    let started = f.root().join("var/lib/nixroll/activation/g-slow.started");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !started.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("switch launched");
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert!(
+        f.sim.current_system().as_deref() != Some(sys1.as_str()),
+        "switch still running"
+    );
+
+    let st = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Switched);
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
 }
 
 #[tokio::test]

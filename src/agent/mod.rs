@@ -121,7 +121,14 @@ async fn work(
 ) -> Result<(), AgentError> {
     let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
         .with_progress(report.clone());
-    while rx.changed().await.is_ok() {
+    loop {
+        // Wait for a change of the object, or for a failed staging's retry time (a local
+        // timer: no request is made unless the facts change).
+        let retry = agent.next_retry();
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return Ok(()) },
+            _ = sleep_until(retry) => {}
+        }
         let Some(obj) = rx.borrow_and_update().clone() else {
             continue;
         };
@@ -144,7 +151,13 @@ async fn work(
             changed
         });
     }
-    Ok(())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Write each new report (server-side apply, bounded); retry failed writes with backoff.

@@ -51,6 +51,14 @@ pub enum CrashPoint {
     AfterReboot,
 }
 
+#[derive(Clone, Debug)]
+struct FailedStage {
+    revision: String,
+    installable: String,
+    attempts: u32,
+    retry_at: tokio::time::Instant,
+}
+
 /// Tunables of the host logic.
 #[derive(Clone, Debug)]
 pub struct HostOptions {
@@ -60,6 +68,10 @@ pub struct HostOptions {
     pub result_poll: Duration,
     /// Pause between publishing `RebootRequested` and rebooting (only with a progress channel).
     pub report_grace: Duration,
+    /// First wait before staging a failed target again; doubles per attempt.
+    pub stage_retry: Duration,
+    /// Longest wait between staging attempts.
+    pub stage_retry_max: Duration,
 }
 
 impl Default for HostOptions {
@@ -68,6 +80,8 @@ impl Default for HostOptions {
             activation_timeout: Duration::from_secs(15 * 60),
             result_poll: Duration::from_millis(250),
             report_grace: Duration::from_secs(2),
+            stage_retry: Duration::from_secs(60),
+            stage_retry_max: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -89,9 +103,9 @@ pub struct NodeAgent {
     nix: Arc<dyn Nix>,
     options: HostOptions,
     crash_at: Option<CrashPoint>,
-    /// (revision, installable) whose staging failed in this process: not retried until the
-    /// target changes or the agent restarts.
-    failed_stage: Option<(String, String)>,
+    /// The target whose staging failed in this process; retried with backoff (a flaky
+    /// network or a retry the user asked for), immediately when the target changes.
+    failed_stage: Option<FailedStage>,
     /// Where to publish the facts before long or final steps (switch running, reboot).
     progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
 }
@@ -183,6 +197,11 @@ impl NodeAgent {
         Ok(self.observe_with(&st))
     }
 
+    /// When a failed staging should be tried again (the loop wakes up then).
+    pub fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.failed_stage.as_ref().map(|f| f.retry_at)
+    }
+
     /// The facts to report, without acting.
     pub fn observe(&self) -> Result<AgentStatus, NodeError> {
         let st = self.load()?;
@@ -192,7 +211,11 @@ impl NodeAgent {
     // ---------------------------------------------------------------- staging
 
     fn needs_staging(&self, st: &HostState, t: &Target) -> bool {
-        if self.failed_stage.as_ref() == Some(&(t.revision.clone(), t.installable.clone())) {
+        if let Some(f) = &self.failed_stage
+            && f.revision == t.revision
+            && f.installable == t.installable
+            && tokio::time::Instant::now() < f.retry_at
+        {
             return false;
         }
         match &st.staged {
@@ -244,14 +267,37 @@ impl NodeAgent {
                 self.failed_stage = None;
             }
             Err(e) => {
-                tracing::warn!(revision = %t.revision, error = %e, "staging failed");
-                st.last_error = Some(ReportedError {
-                    operation: HostOperation::Stage,
-                    revision: Some(t.revision.clone()),
-                    message: e.report(),
-                    at: Time(now()),
+                let attempts = match &self.failed_stage {
+                    Some(f) if f.revision == t.revision && f.installable == t.installable => f.attempts + 1,
+                    _ => 1,
+                };
+                let backoff = self
+                    .options
+                    .stage_retry
+                    .saturating_mul(1 << attempts.min(16).saturating_sub(1))
+                    .min(self.options.stage_retry_max);
+                tracing::warn!(revision = %t.revision, error = %e, attempts, retry_in = ?backoff, "staging failed");
+                let message = e.report();
+                // Same failure again: keep its time, so the report does not change.
+                let same = st.last_error.as_ref().is_some_and(|l| {
+                    l.operation == HostOperation::Stage
+                        && l.revision.as_deref() == Some(t.revision.as_str())
+                        && l.message == message
                 });
-                self.failed_stage = Some((t.revision.clone(), t.installable.clone()));
+                if !same {
+                    st.last_error = Some(ReportedError {
+                        operation: HostOperation::Stage,
+                        revision: Some(t.revision.clone()),
+                        message,
+                        at: Time(now()),
+                    });
+                }
+                self.failed_stage = Some(FailedStage {
+                    revision: t.revision.clone(),
+                    installable: t.installable.clone(),
+                    attempts,
+                    retry_at: tokio::time::Instant::now() + backoff,
+                });
             }
         }
         self.save(st)
