@@ -206,25 +206,12 @@ impl TestFlake {
                 self.dir.join("hosts.json"),
                 serde_json::to_string(&self.hosts).unwrap_or_else(|_| "[]".into()),
             ),
-            (sys.join("bin/switch-to-configuration"), switch_script(spec)),
-            (sys.join("kernel"), spec.kernel.clone()),
-            (sys.join("initrd"), spec.initrd.clone()),
-            (
-                sys.join("kernel-modules/modules.dep"),
-                spec.kernel_modules.clone(),
-            ),
-            (sys.join("kernel-params"), spec.kernel_params.clone()),
-            (sys.join("systemd/version"), spec.systemd.clone()),
-            (
-                sys.join("init-interface-version"),
-                spec.init_interface_version.clone(),
-            ),
-            (sys.join("nixos-version"), spec.nixos_version.clone()),
-            (sys.join("etc/service.conf"), spec.service.clone()),
         ];
-        if let Some(r) = &spec.configuration_revision {
-            files.push((sys.join("configuration-revision"), r.clone()));
-        }
+        files.extend(
+            system_files(spec)
+                .into_iter()
+                .map(|(rel, content)| (sys.join(rel), content)),
+        );
         if spec.broken_build {
             files.push((self.dir.join("conflict/kernel"), "conflicting kernel".into()));
         }
@@ -243,6 +230,26 @@ impl TestFlake {
             }
         })
     }
+}
+
+/// The files of a system built from `spec`, relative to the system's root (the same layout
+/// the flake's toplevel has; `bin/switch-to-configuration` must be executable).
+pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
+    let mut files = vec![
+        ("bin/switch-to-configuration", switch_script(spec)),
+        ("kernel", spec.kernel.clone()),
+        ("initrd", spec.initrd.clone()),
+        ("kernel-modules/modules.dep", spec.kernel_modules.clone()),
+        ("kernel-params", spec.kernel_params.clone()),
+        ("systemd/version", spec.systemd.clone()),
+        ("init-interface-version", spec.init_interface_version.clone()),
+        ("nixos-version", spec.nixos_version.clone()),
+        ("etc/service.conf", spec.service.clone()),
+    ];
+    if let Some(r) = &spec.configuration_revision {
+        files.push(("configuration-revision", r.clone()));
+    }
+    files
 }
 
 fn write_file(path: &Path, content: &str) -> Result<(), FlakeError> {
