@@ -760,3 +760,101 @@ fn same_component(host: &dyn Host, a: Option<&Path>, b: Option<&Path>) -> bool {
 fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::agent::host::{HostRoot, RebootHook};
+
+    fn file(root: &Path, rel: &str, content: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    #[test]
+    fn reboot_reasons_compare_paths_then_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        let host = HostRoot::new(r, RebootHook::None);
+        // shared store paths: kernel and modules identical by path
+        file(r, "store/k1/bzImage", "k1");
+        file(r, "store/m1/lib/x.ko", "m");
+        for sys in ["store/a", "store/b"] {
+            std::fs::create_dir_all(r.join(sys)).unwrap();
+            std::os::unix::fs::symlink("/store/k1/bzImage", r.join(sys).join("kernel")).unwrap();
+            std::os::unix::fs::symlink("/store/m1", r.join(sys).join("kernel-modules")).unwrap();
+        }
+        // files inside each toplevel: equal content = same, different content = reason
+        file(r, "store/a/kernel-params", "quiet");
+        file(r, "store/b/kernel-params", "quiet");
+        file(r, "store/a/init-interface-version", "systemd");
+        file(r, "store/b/init-interface-version", "systemd-2");
+        // initrd only in the new system; reboot-triggers on both sides, different
+        file(r, "store/b/initrd", "i");
+        file(r, "store/a/reboot-triggers", "{\"a\":1}");
+        file(r, "store/b/reboot-triggers", "{\"a\":2}");
+        let a = r.join("store/a").display().to_string();
+        let b = r.join("store/b").display().to_string();
+        assert_eq!(
+            reboot_reasons(&host, Some(&a), &b),
+            vec!["initrd", "init-interface-version", "reboot-triggers"]
+        );
+        assert!(reboot_reasons(&host, Some(&a), &a).is_empty());
+        // reboot-triggers only counts when both have it
+        std::fs::remove_file(r.join("store/a/reboot-triggers")).unwrap();
+        assert_eq!(
+            reboot_reasons(&host, Some(&a), &b),
+            vec!["initrd", "init-interface-version"]
+        );
+        // unknown booted system: every component the new one has
+        assert_eq!(
+            reboot_reasons(&host, None, &b),
+            vec![
+                "kernel",
+                "initrd",
+                "kernel-modules",
+                "kernel-params",
+                "init-interface-version"
+            ]
+        );
+    }
+
+    #[test]
+    fn sanitize_makes_unit_and_file_names() {
+        assert_eq!(sanitize("node-1/7:abc.def"), "node-1_7_abc_def");
+        assert_eq!(sanitize(""), "_");
+        assert_eq!(sanitize(&"x".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn activation_report_states() {
+        let mut r = ActivationRecord {
+            id: "g".into(),
+            action: ActivationAction::Boot,
+            system: "/nix/store/x".into(),
+            step: Step::Switching,
+            generation_before: None,
+            activated: None,
+            boot_id_before: Some("b1".into()),
+            exit_code: None,
+            outcome: None,
+            message: None,
+            updated_at: Timestamp::UNIX_EPOCH,
+        };
+        assert_eq!(activation_report(&r, Some("b1")).state, ActivationState::Running);
+        r.step = Step::RebootIssued;
+        assert_eq!(
+            activation_report(&r, Some("b1")).state,
+            ActivationState::RebootRequested
+        );
+        assert_eq!(activation_report(&r, Some("b2")).state, ActivationState::Rebooted);
+        r.step = Step::Finished;
+        r.outcome = Some(ActivationState::NeedsReboot);
+        assert_eq!(
+            activation_report(&r, Some("b2")).state,
+            ActivationState::NeedsReboot
+        );
+    }
+}

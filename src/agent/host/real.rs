@@ -71,6 +71,20 @@ impl Host for RealHost {
         host_path.to_path_buf()
     }
 
+    fn host_path(&self, local: &Path) -> Option<PathBuf> {
+        if self.fs_root == Path::new("/") {
+            return None;
+        }
+        local
+            .strip_prefix(&self.fs_root)
+            .ok()
+            .map(|rest| Path::new("/").join(rest))
+    }
+
+    fn display_path(&self, host_path: &Path) -> PathBuf {
+        host_path.to_path_buf()
+    }
+
     fn run(&self, cmd: HostCommand) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
         Box::pin(async move {
             let display = cmd.display();
@@ -124,5 +138,21 @@ impl Host for RealHost {
                 })
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_through_the_mount_commands_with_host_paths() {
+        let h = RealHost::default();
+        let p = Path::new("/run/booted-system");
+        assert_eq!(h.fs_path(p), PathBuf::from("/host/run/booted-system"));
+        assert_eq!(h.cmd_path(p), PathBuf::from("/run/booted-system"));
+        assert_eq!(h.fs_path(Path::new("/host/x")), PathBuf::from("/host/x"));
+        let on_host = RealHost::new("/");
+        assert_eq!(on_host.fs_path(p), p.to_path_buf());
     }
 }
