@@ -230,7 +230,11 @@ impl NodeAgent {
 
     async fn stage(&mut self, st: &mut HostState, t: &Target) -> Result<(), NodeError> {
         let gc_root = Path::new(GCROOTS_DIR).join(format!("system-{}", sanitize(&t.revision)));
-        tracing::info!(revision = %t.revision, installable = %t.installable, "staging");
+        tracing::info!(
+            revision = %t.revision,
+            installable = %crate::nix::mask_credentials(&t.installable),
+            "staging"
+        );
         match self.nix.realise(&t.installable, &gc_root).await {
             Ok(system) => {
                 let closure_bytes = match self.nix.closure_bytes(&system).await {
@@ -339,6 +343,15 @@ impl NodeAgent {
 
     fn start_activation(&self, st: &mut HostState, g: &ActivationGrant) -> Result<(), NodeError> {
         tracing::info!(id = %g.id, action = ?g.action, system = %g.system, "activation granted");
+        // Files of earlier grants (lock dirs, logs, results) are no longer needed.
+        let dir = self.host.fs_path(Path::new(ACTIVATION_DIR));
+        let keep = sanitize(&g.id);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.split('.').next() != Some(keep.as_str()) {
+                let _ = std::fs::remove_dir(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
         st.activation = Some(ActivationRecord {
             id: g.id.clone(),
             action: g.action,

@@ -54,14 +54,14 @@ impl HostCommand {
         self
     }
 
-    /// The command line for messages (programs and arguments never carry secrets here).
+    /// The command line for messages and logs, credentials in URLs masked.
     pub fn display(&self) -> String {
         let mut s = self.program.to_string_lossy().into_owned();
         for a in &self.args {
             s.push(' ');
             s.push_str(&a.to_string_lossy());
         }
-        s
+        crate::nix::mask_credentials(&s)
     }
 }
 
