@@ -225,12 +225,17 @@ async fn staging_failures_are_reported_and_leave_the_host_untouched() {
                 .exists()
         );
     }
-    // A good target afterwards clears the error.
-    let mut f2 = f;
-    let good = f2.flake.commit("fixed", |s| s.broken_build = false).unwrap();
-    // (the host was dropped from hosts.json by the last case: the commit keeps it dropped)
-    let st = agent.reconcile(Some(&f2.target(&good)), None).await.unwrap();
-    assert!(st.last_error.is_some(), "host still missing, still an error");
+    // A good target afterwards stages and clears the error.
+    f.flake
+        .commit("fixed", |s| {
+            s.broken_build = false;
+            s.eval_error = None;
+        })
+        .unwrap();
+    let good = f.flake.commit_hosts(&[NODE]).unwrap();
+    let st = agent.reconcile(Some(&f.target(&good)), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    assert_eq!(st.staged.unwrap().revision, good);
 }
 
 #[tokio::test]

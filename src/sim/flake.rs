@@ -195,6 +195,12 @@ impl TestFlake {
         self.commit("drop host", |_| {})
     }
 
+    /// Set the hosts that have a configuration.
+    pub fn commit_hosts(&mut self, hosts: &[&str]) -> Result<String, FlakeError> {
+        self.hosts = hosts.iter().map(|h| h.to_string()).collect();
+        self.commit("set hosts", |_| {})
+    }
+
     fn write(&self, spec: &SystemSpec) -> Result<(), FlakeError> {
         let sys = self.dir.join("system");
         let _ = std::fs::remove_dir_all(&sys);
