@@ -183,7 +183,28 @@ impl NodeAgent {
         }
         if let Some(g) = grant {
             let known = st.activation.as_ref().is_some_and(|r| r.id == g.id);
-            if !known {
+            let boot_id = self.boot_id();
+            let stale = matches!((&g.boot_id_before, &boot_id), (Some(b), Some(c)) if b != c);
+            if !known && stale {
+                // Granted before the last reboot and never recorded here (state lost?): acting
+                // now could repeat a finished activation or reboot. Report, do nothing.
+                let message = format!(
+                    "activation {} was granted before the last reboot (boot id {}, now {}); not executed",
+                    g.id,
+                    g.boot_id_before.as_deref().unwrap_or_default(),
+                    boot_id.as_deref().unwrap_or_default()
+                );
+                if st.last_error.as_ref().map(|e| &e.message) != Some(&message) {
+                    tracing::warn!(id = %g.id, "{message}");
+                    st.last_error = Some(ReportedError {
+                        operation: HostOperation::Activate,
+                        revision: None,
+                        message,
+                        at: Time(now()),
+                    });
+                    self.save(&st)?;
+                }
+            } else if !known {
                 self.start_activation(&mut st, g)?;
                 self.drive_activation(&mut st).await?;
             }
