@@ -284,16 +284,18 @@ async fn switch_activates_live_once() {
     let mut f = Fixture::new();
     let sys0 = f.installed().await;
     let boot_id = f.sim.boot_id();
-    let rev1 = f.flake.commit_service_change().unwrap();
+    let rev1 = f
+        .flake
+        .commit("service change, with configurationRevision", |s| {
+            s.service.push('+');
+            s.nixos_version_revision = Some("0123abcd".into());
+        })
+        .unwrap();
     let mut agent = f.agent();
     let t = f.target(&rev1);
-    let sys1 = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let st = agent.reconcile(Some(&t), None).await.unwrap();
+    assert_eq!(st.configuration_revision, None);
+    let sys1 = st.staged.unwrap().system;
 
     let g = grant("g-1", ActivationAction::Switch, &sys1);
     let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
@@ -307,6 +309,8 @@ async fn switch_activates_live_once() {
     assert_eq!(f.sim.reboot_count(), 0);
     assert_eq!(f.sim.boot_id(), boot_id);
     assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
+    // read from `<current>/sw/bin/nixos-version --json`
+    assert_eq!(st.configuration_revision.as_deref(), Some("0123abcd"));
 
     // The same grant again (and a restarted agent): nothing is repeated.
     agent.reconcile(Some(&t), Some(&g)).await.unwrap();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::host::{DetachedJob, Host, resolve};
+use super::host::{DetachedJob, Host, HostCommand, resolve};
 use super::state::{
     self, ACTIVATION_DIR, ActivationRecord, GCROOTS_DIR, HostState, STATE_FILE, StagedRecord, StateError,
     Step,
@@ -108,6 +108,8 @@ pub struct NodeAgent {
     failed_stage: Option<FailedStage>,
     /// Where to publish the facts before long or final steps (switch running, reboot).
     progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
+    /// `configurationRevision` of a current system: (system, revision), computed once per system.
+    revision_cache: Option<(String, Option<String>)>,
 }
 
 impl NodeAgent {
@@ -119,6 +121,7 @@ impl NodeAgent {
             crash_at: None,
             failed_stage: None,
             progress: None,
+            revision_cache: None,
         }
     }
 
@@ -215,7 +218,38 @@ impl NodeAgent {
             self.stage(&mut st, t).await?;
         }
         self.refresh_reboot_reasons(&mut st)?;
+        self.refresh_configuration_revision().await;
         Ok(self.observe_with(&st))
+    }
+
+    /// `<current>/configuration-revision` if the system has that file, else
+    /// `configurationRevision` of `<current>/sw/bin/nixos-version --json` (NixOS embeds
+    /// `system.configurationRevision` there). Once per current system.
+    async fn refresh_configuration_revision(&mut self) {
+        let Some(current) = self.current_system() else {
+            self.revision_cache = None;
+            return;
+        };
+        if self.revision_cache.as_ref().is_some_and(|(s, _)| *s == current) {
+            return;
+        }
+        let system = Path::new(&current);
+        let mut revision = self.read_trimmed(&system.join("configuration-revision"));
+        let tool = system.join("sw/bin/nixos-version");
+        if revision.is_none() && self.host.fs_path(&tool).exists() {
+            let cmd = HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
+            match self.host.run(cmd).await {
+                Ok(out) if out.success() => {
+                    revision = serde_json::from_str::<serde_json::Value>(&out.stdout)
+                        .ok()
+                        .and_then(|v| v.get("configurationRevision")?.as_str().map(str::to_string))
+                        .filter(|r| !r.is_empty());
+                }
+                Ok(out) => tracing::debug!(code = ?out.code, "nixos-version --json failed"),
+                Err(e) => tracing::debug!(error = %e, "nixos-version --json failed"),
+            }
+        }
+        self.revision_cache = Some((current, revision));
     }
 
     /// When a failed staging should be tried again (the loop wakes up then).
@@ -642,12 +676,13 @@ impl NodeAgent {
     fn observe_with(&self, st: &HostState) -> AgentStatus {
         let boot_id = self.boot_id();
         let current = self.current_system();
-        let (nixos_version, configuration_revision) = match &current {
-            Some(c) => (
-                self.read_trimmed(&Path::new(c).join("nixos-version")),
-                self.read_trimmed(&Path::new(c).join("configuration-revision")),
-            ),
-            None => (None, None),
+        let nixos_version = current
+            .as_ref()
+            .and_then(|c| self.read_trimmed(&Path::new(c).join("nixos-version")));
+        let configuration_revision = match (&current, &self.revision_cache) {
+            (Some(c), Some((s, r))) if c == s => r.clone(),
+            (Some(c), _) => self.read_trimmed(&Path::new(c).join("configuration-revision")),
+            (None, _) => None,
         };
         AgentStatus {
             booted_system: self.booted_system(),

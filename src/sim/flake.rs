@@ -33,6 +33,9 @@ pub struct SystemSpec {
     pub service: String,
     /// Written as `configuration-revision` when set.
     pub configuration_revision: Option<String>,
+    /// When set, `sw/bin/nixos-version --json` prints it as `configurationRevision` (how NixOS
+    /// exposes `system.configurationRevision`).
+    pub nixos_version_revision: Option<String>,
     /// `switch-to-configuration switch` exits with this code (before doing anything).
     pub switch_exit: Option<i32>,
     /// `switch-to-configuration boot` exits with this code (before doing anything).
@@ -58,6 +61,7 @@ impl Default for SystemSpec {
             nixos_version: "24.05.1".into(),
             service: "service-1".into(),
             configuration_revision: None,
+            nixos_version_revision: None,
             switch_exit: None,
             boot_exit: None,
             switch_delay: None,
@@ -227,19 +231,25 @@ impl TestFlake {
         for (path, content) in files {
             write_file(&path, &content)?;
         }
-        let script = sys.join("bin/switch-to-configuration");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(|source| {
-            FlakeError::Write {
-                path: script.clone(),
-                source,
+        for (rel, _) in system_files(spec) {
+            if is_executable(rel) {
+                let path = sys.join(rel);
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                    .map_err(|source| FlakeError::Write { path, source })?;
             }
-        })
+        }
+        Ok(())
     }
 }
 
+/// Whether the system file `rel` (from [`system_files`]) is a program.
+pub fn is_executable(rel: &str) -> bool {
+    rel.starts_with("bin/") || rel.starts_with("sw/bin/")
+}
+
 /// The files of a system built from `spec`, relative to the system's root (the same layout
-/// the flake's toplevel has; `bin/switch-to-configuration` must be executable).
+/// the flake's toplevel has; see [`is_executable`]).
 pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
     let mut files = vec![
         ("bin/switch-to-configuration", switch_script(spec)),
@@ -254,6 +264,13 @@ pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
     ];
     if let Some(r) = &spec.configuration_revision {
         files.push(("configuration-revision", r.clone()));
+    }
+    if let Some(r) = &spec.nixos_version_revision {
+        let json = serde_json::json!({
+            "configurationRevision": r,
+            "nixosVersion": spec.nixos_version,
+        });
+        files.push(("sw/bin/nixos-version", format!("#!/bin/sh\necho '{json}'")));
     }
     files
 }

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 
 use crate::agent::host::{HostRoot, RebootHook};
 use crate::nix::{Nix, NixError};
-use crate::sim::flake::{SystemSpec, system_files};
+use crate::sim::flake::{SystemSpec, is_executable, system_files};
 
 /// What goes wrong at the next reboots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -302,8 +302,7 @@ impl SimNix {
             for (rel, content) in entries {
                 let p = part.join(rel);
                 if !p.exists() {
-                    write_file(&p, content, rel.ends_with("switch-to-configuration"))
-                        .map_err(|e| e.to_string())?;
+                    write_file(&p, content, is_executable(rel)).map_err(|e| e.to_string())?;
                 }
             }
             links.push((top.to_string(), part.join(top)));
