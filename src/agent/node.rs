@@ -487,7 +487,8 @@ impl NodeAgent {
                                 return Ok(());
                             }
                             self.crash(CrashPoint::AfterReboot)?;
-                            return Ok(());
+                            // On a real host the machine is going down; a simulated reboot
+                            // has already happened: RebootIssued below tells them apart.
                         }
                         (_, code) => self.finish(
                             st,
