@@ -260,8 +260,9 @@ fn bounded_tail(s: &str, max: usize) -> String {
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://***@host`.
-fn mask_credentials(s: &str) -> String {
+/// `scheme://user:secret@host` → `scheme://***@host` (for anything logged or reported that
+/// may carry a flake URL).
+pub fn mask_credentials(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find("://") {

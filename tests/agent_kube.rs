@@ -209,6 +209,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
         activation_timeout: Duration::from_secs(30),
         result_poll: Duration::from_millis(10),
         report_grace: Duration::from_millis(100),
+        ..Default::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(nixroll::agent::run(client, agent_config, async {
@@ -314,4 +315,189 @@ async fn agent_loop_stages_activates_reports_and_idles() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+fn kubeconfig(dir: &std::path::Path, addr: std::net::SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Stands in for `systemctl reboot` on a host root: counts, new boot id, boots the default.
+const REBOOT_SCRIPT: &str = r#"r="$NIXROLL_HOST_ROOT"
+n=$(cat "$r/var/lib/sim/reboots" 2>/dev/null || echo 0)
+echo $((n + 1)) >"$r/var/lib/sim/reboots"
+cat /proc/sys/kernel/random/uuid >"$r/proc/sys/kernel/random/boot_id"
+t=$(readlink "$r/boot/default-system")
+ln -sfn "$t" "$r/run/booted-system"
+ln -sfn "$t" "$r/run/current-system"
+"#;
+
+fn spawn_agent(
+    kubeconfig: &std::path::Path,
+    root: &std::path::Path,
+    log: &std::path::Path,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .args(["agent", "--node", NODE, "--offline", "--host-root"])
+        .arg(root)
+        .arg("--reboot-command")
+        .arg(format!("/bin/sh {}", root.join("reboot.sh").display()))
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// (user+system CPU ticks, VmRSS kB) of a process.
+fn usage(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (ticks, rss)
+}
+
+/// The real binary, killed with SIGKILL while `switch-to-configuration boot` runs: the switch
+/// finishes on its own, the restarted agent picks up its result, reboots exactly once and
+/// reports `Rebooted`; then it sits idle without a single request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_agent_binary_resumes_without_repeating() {
+    if !nix_available() {
+        eprintln!("SKIPPED: `nix` is not installed; this test needs real Nix");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &[NODE]).unwrap();
+    let sim = SimHost::create(tmp.path().join("host")).unwrap();
+    let root = sim.root().to_path_buf();
+    std::fs::write(root.join("reboot.sh"), REBOOT_SCRIPT).unwrap();
+    let rev0 = flake.head().to_string();
+    let api = FakeApi::new(json!({
+        "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+        "metadata": {"name": NODE, "uid": "u-1", "generation": 1},
+        "spec": {"flake": flake.url(), "revision": rev0},
+        "status": {"target": {"revision": rev0, "installable": flake.installable(&rev0, NODE)}},
+    }));
+    let app = {
+        let api = api.clone();
+        axum::Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+            let api = api.clone();
+            async move { api.handle(m, u, h, b).await }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let kc = kubeconfig(tmp.path(), addr);
+    let log = tmp.path().join("agent.log");
+
+    let mut agent = spawn_agent(&kc, &root, &log);
+    let obj = wait_for(&api, "staged rev0", |o| {
+        o["status"]["agent"]["staged"]["revision"] == json!(rev0)
+    })
+    .await;
+    let sys0 = obj["status"]["agent"]["staged"]["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sim.install(&sys0).unwrap();
+    let boot_id = sim.boot_id();
+
+    let rev1 = flake
+        .commit("new kernel, slow switch", |s| {
+            s.kernel.push('+');
+            s.switch_delay = Some("2".into());
+        })
+        .unwrap();
+    let inst1 = flake.installable(&rev1, NODE);
+    api.update(|o| o["status"]["target"] = json!({"revision": rev1, "installable": inst1}));
+    let obj = wait_for(&api, "staged rev1", |o| {
+        o["status"]["agent"]["staged"]["revision"] == json!(rev1)
+    })
+    .await;
+    assert_eq!(
+        obj["status"]["agent"]["staged"]["rebootReasons"],
+        json!(["kernel"])
+    );
+    let sys1 = obj["status"]["agent"]["staged"]["system"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    api.update(|o| {
+        o["status"]["activation"] =
+            json!({"id": "boot-1", "action": "Boot", "system": sys1, "grantedAt": "2026-01-01T00:00:00Z"})
+    });
+    let started = root.join("var/lib/nixroll/activation/boot-1.started");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "switch never launched");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_for(&api, "Running reported", |o| {
+        o["status"]["agent"]["activation"]["state"] == json!("Running")
+    })
+    .await;
+    agent.kill().await.unwrap(); // SIGKILL, mid-switch
+    assert!(
+        !root.join("var/lib/nixroll/activation/boot-1.result").exists(),
+        "switch ended before the kill"
+    );
+
+    let mut agent = spawn_agent(&kc, &root, &log);
+    let obj = wait_for(&api, "Rebooted", |o| {
+        o["status"]["agent"]["activation"]["state"] == json!("Rebooted")
+    })
+    .await;
+    let a = &obj["status"]["agent"];
+    assert_eq!(a["bootedSystem"], json!(sys1));
+    assert_eq!(a["activation"]["bootIdBefore"], json!(boot_id));
+    assert_ne!(a["bootId"], json!(boot_id));
+    assert_eq!(a["profileGeneration"], json!(2));
+    assert_eq!(
+        std::fs::read_to_string(root.join("var/lib/sim/reboots"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(sim.switch_log(), vec![format!("boot {sys1}")]);
+
+    // Idle footprint of the real binary.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = agent.id().unwrap();
+    let (t0, _) = usage(pid);
+    let before = api.requests().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (t1, rss) = usage(pid);
+    let idle = api.requests().len() - before;
+    eprintln!(
+        "agent idle: {idle} requests in 5 s, {} CPU ticks (1/100 s) in 5 s, VmRSS {rss} kB",
+        t1 - t0
+    );
+    assert_eq!(idle, 0);
+    assert!(t1 - t0 <= 5, "{} ticks of CPU while idle", t1 - t0);
+    agent.kill().await.unwrap();
 }

@@ -119,13 +119,16 @@ async fn work(
     report: tokio::sync::watch::Sender<Option<AgentStatus>>,
     seen: Seen,
 ) -> Result<(), AgentError> {
-    let mut agent = NodeAgent::new(
-        config.host.clone(),
-        config.nix.clone(),
-        config.options.clone(),
-    )
-    .with_progress(report.clone());
-    while rx.changed().await.is_ok() {
+    let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
+        .with_progress(report.clone());
+    loop {
+        // Wait for a change of the object, or for a failed staging's retry time (a local
+        // timer: no request is made unless the facts change).
+        let retry = agent.next_retry();
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return Ok(()) },
+            _ = sleep_until(retry) => {}
+        }
         let Some(obj) = rx.borrow_and_update().clone() else {
             continue;
         };
@@ -148,7 +151,13 @@ async fn work(
             changed
         });
     }
-    Ok(())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Write each new report (server-side apply, bounded); retry failed writes with backoff.
@@ -196,9 +205,7 @@ async fn write(
                 retry_in = None;
             }
             Err(e) => {
-                let next = retry_in.map_or(Duration::from_secs(1), |d| {
-                    (d * 2).min(Duration::from_secs(60))
-                });
+                let next = retry_in.map_or(Duration::from_secs(1), |d| (d * 2).min(Duration::from_secs(60)));
                 tracing::warn!(node = %config.node, error = %e, retry_in = ?next, "cannot write status.agent");
                 retry_in = Some(next);
             }

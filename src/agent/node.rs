@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::host::{DetachedJob, Host, resolve};
+use super::host::{DetachedJob, Host, HostCommand, resolve};
 use super::state::{
     self, ACTIVATION_DIR, ActivationRecord, GCROOTS_DIR, HostState, STATE_FILE, StagedRecord,
     StateError, Step,
@@ -51,6 +51,14 @@ pub enum CrashPoint {
     AfterReboot,
 }
 
+#[derive(Clone, Debug)]
+struct FailedStage {
+    revision: String,
+    installable: String,
+    attempts: u32,
+    retry_at: tokio::time::Instant,
+}
+
 /// Tunables of the host logic.
 #[derive(Clone, Debug)]
 pub struct HostOptions {
@@ -60,6 +68,10 @@ pub struct HostOptions {
     pub result_poll: Duration,
     /// Pause between publishing `RebootRequested` and rebooting (only with a progress channel).
     pub report_grace: Duration,
+    /// First wait before staging a failed target again; doubles per attempt.
+    pub stage_retry: Duration,
+    /// Longest wait between staging attempts.
+    pub stage_retry_max: Duration,
 }
 
 impl Default for HostOptions {
@@ -68,6 +80,8 @@ impl Default for HostOptions {
             activation_timeout: Duration::from_secs(15 * 60),
             result_poll: Duration::from_millis(250),
             report_grace: Duration::from_secs(2),
+            stage_retry: Duration::from_secs(60),
+            stage_retry_max: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -89,11 +103,13 @@ pub struct NodeAgent {
     nix: Arc<dyn Nix>,
     options: HostOptions,
     crash_at: Option<CrashPoint>,
-    /// (revision, installable) whose staging failed in this process: not retried until the
-    /// target changes or the agent restarts.
-    failed_stage: Option<(String, String)>,
+    /// The target whose staging failed in this process; retried with backoff (a flaky
+    /// network or a retry the user asked for), immediately when the target changes.
+    failed_stage: Option<FailedStage>,
     /// Where to publish the facts before long or final steps (switch running, reboot).
     progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
+    /// `configurationRevision` of a current system: (system, revision), computed once per system.
+    revision_cache: Option<(String, Option<String>)>,
 }
 
 impl NodeAgent {
@@ -105,6 +121,7 @@ impl NodeAgent {
             crash_at: None,
             failed_stage: None,
             progress: None,
+            revision_cache: None,
         }
     }
 
@@ -173,7 +190,28 @@ impl NodeAgent {
         }
         if let Some(g) = grant {
             let known = st.activation.as_ref().is_some_and(|r| r.id == g.id);
-            if !known {
+            let boot_id = self.boot_id();
+            let stale = matches!((&g.boot_id_before, &boot_id), (Some(b), Some(c)) if b != c);
+            if !known && stale {
+                // Granted before the last reboot and never recorded here (state lost?): acting
+                // now could repeat a finished activation or reboot. Report, do nothing.
+                let message = format!(
+                    "activation {} was granted before the last reboot (boot id {}, now {}); not executed",
+                    g.id,
+                    g.boot_id_before.as_deref().unwrap_or_default(),
+                    boot_id.as_deref().unwrap_or_default()
+                );
+                if st.last_error.as_ref().map(|e| &e.message) != Some(&message) {
+                    tracing::warn!(id = %g.id, "{message}");
+                    st.last_error = Some(ReportedError {
+                        operation: HostOperation::Activate,
+                        revision: None,
+                        message,
+                        at: Time(now()),
+                    });
+                    self.save(&st)?;
+                }
+            } else if !known {
                 self.start_activation(&mut st, g)?;
                 self.drive_activation(&mut st).await?;
             }
@@ -184,7 +222,43 @@ impl NodeAgent {
             self.stage(&mut st, t).await?;
         }
         self.refresh_reboot_reasons(&mut st)?;
+        self.refresh_configuration_revision().await;
         Ok(self.observe_with(&st))
+    }
+
+    /// `<current>/configuration-revision` if the system has that file, else
+    /// `configurationRevision` of `<current>/sw/bin/nixos-version --json` (NixOS embeds
+    /// `system.configurationRevision` there). Once per current system.
+    async fn refresh_configuration_revision(&mut self) {
+        let Some(current) = self.current_system() else {
+            self.revision_cache = None;
+            return;
+        };
+        if self.revision_cache.as_ref().is_some_and(|(s, _)| *s == current) {
+            return;
+        }
+        let system = Path::new(&current);
+        let mut revision = self.read_trimmed(&system.join("configuration-revision"));
+        let tool = system.join("sw/bin/nixos-version");
+        if revision.is_none() && self.host.fs_path(&tool).exists() {
+            let cmd = HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
+            match self.host.run(cmd).await {
+                Ok(out) if out.success() => {
+                    revision = serde_json::from_str::<serde_json::Value>(&out.stdout)
+                        .ok()
+                        .and_then(|v| v.get("configurationRevision")?.as_str().map(str::to_string))
+                        .filter(|r| !r.is_empty());
+                }
+                Ok(out) => tracing::debug!(code = ?out.code, "nixos-version --json failed"),
+                Err(e) => tracing::debug!(error = %e, "nixos-version --json failed"),
+            }
+        }
+        self.revision_cache = Some((current, revision));
+    }
+
+    /// When a failed staging should be tried again (the loop wakes up then).
+    pub fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.failed_stage.as_ref().map(|f| f.retry_at)
     }
 
     /// The facts to report, without acting.
@@ -196,7 +270,11 @@ impl NodeAgent {
     // ---------------------------------------------------------------- staging
 
     fn needs_staging(&self, st: &HostState, t: &Target) -> bool {
-        if self.failed_stage.as_ref() == Some(&(t.revision.clone(), t.installable.clone())) {
+        if let Some(f) = &self.failed_stage
+            && f.revision == t.revision
+            && f.installable == t.installable
+            && tokio::time::Instant::now() < f.retry_at
+        {
             return false;
         }
         match &st.staged {
@@ -211,7 +289,11 @@ impl NodeAgent {
 
     async fn stage(&mut self, st: &mut HostState, t: &Target) -> Result<(), NodeError> {
         let gc_root = Path::new(GCROOTS_DIR).join(format!("system-{}", sanitize(&t.revision)));
-        tracing::info!(revision = %t.revision, installable = %t.installable, "staging");
+        tracing::info!(
+            revision = %t.revision,
+            installable = %crate::nix::mask_credentials(&t.installable),
+            "staging"
+        );
         match self.nix.realise(&t.installable, &gc_root).await {
             Ok(system) => {
                 let closure_bytes = match self.nix.closure_bytes(&system).await {
@@ -248,14 +330,37 @@ impl NodeAgent {
                 self.failed_stage = None;
             }
             Err(e) => {
-                tracing::warn!(revision = %t.revision, error = %e, "staging failed");
-                st.last_error = Some(ReportedError {
-                    operation: HostOperation::Stage,
-                    revision: Some(t.revision.clone()),
-                    message: e.report(),
-                    at: Time(now()),
+                let attempts = match &self.failed_stage {
+                    Some(f) if f.revision == t.revision && f.installable == t.installable => f.attempts + 1,
+                    _ => 1,
+                };
+                let backoff = self
+                    .options
+                    .stage_retry
+                    .saturating_mul(1 << attempts.min(16).saturating_sub(1))
+                    .min(self.options.stage_retry_max);
+                tracing::warn!(revision = %t.revision, error = %e, attempts, retry_in = ?backoff, "staging failed");
+                let message = e.report();
+                // Same failure again: keep its time, so the report does not change.
+                let same = st.last_error.as_ref().is_some_and(|l| {
+                    l.operation == HostOperation::Stage
+                        && l.revision.as_deref() == Some(t.revision.as_str())
+                        && l.message == message
                 });
-                self.failed_stage = Some((t.revision.clone(), t.installable.clone()));
+                if !same {
+                    st.last_error = Some(ReportedError {
+                        operation: HostOperation::Stage,
+                        revision: Some(t.revision.clone()),
+                        message,
+                        at: Time(now()),
+                    });
+                }
+                self.failed_stage = Some(FailedStage {
+                    revision: t.revision.clone(),
+                    installable: t.installable.clone(),
+                    attempts,
+                    retry_at: tokio::time::Instant::now() + backoff,
+                });
             }
         }
         self.save(st)
@@ -297,6 +402,15 @@ impl NodeAgent {
 
     fn start_activation(&self, st: &mut HostState, g: &ActivationGrant) -> Result<(), NodeError> {
         tracing::info!(id = %g.id, action = ?g.action, system = %g.system, "activation granted");
+        // Files of earlier grants (lock dirs, logs, results) are no longer needed.
+        let dir = self.host.fs_path(Path::new(ACTIVATION_DIR));
+        let keep = sanitize(&g.id);
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.split('.').next() != Some(keep.as_str()) {
+                let _ = std::fs::remove_dir(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
         st.activation = Some(ActivationRecord {
             id: g.id.clone(),
             action: g.action,
@@ -377,7 +491,8 @@ impl NodeAgent {
                                 return Ok(());
                             }
                             self.crash(CrashPoint::AfterReboot)?;
-                            return Ok(());
+                            // On a real host the machine is going down; a simulated reboot
+                            // has already happened: RebootIssued below tells them apart.
                         }
                         (_, code) => self.finish(
                             st,
@@ -588,12 +703,13 @@ impl NodeAgent {
     fn observe_with(&self, st: &HostState) -> AgentStatus {
         let boot_id = self.boot_id();
         let current = self.current_system();
-        let (nixos_version, configuration_revision) = match &current {
-            Some(c) => (
-                self.read_trimmed(&Path::new(c).join("nixos-version")),
-                self.read_trimmed(&Path::new(c).join("configuration-revision")),
-            ),
-            None => (None, None),
+        let nixos_version = current
+            .as_ref()
+            .and_then(|c| self.read_trimmed(&Path::new(c).join("nixos-version")));
+        let configuration_revision = match (&current, &self.revision_cache) {
+            (Some(c), Some((s, r))) if c == s => r.clone(),
+            (Some(c), _) => self.read_trimmed(&Path::new(c).join("configuration-revision")),
+            (None, _) => None,
         };
         AgentStatus {
             booted_system: self.booted_system(),
@@ -739,4 +855,102 @@ fn same_component(host: &dyn Host, a: Option<&Path>, b: Option<&Path>) -> bool {
 /// timestamps compare equal after a round trip through the API server.
 fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::agent::host::{HostRoot, RebootHook};
+
+    fn file(root: &Path, rel: &str, content: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    #[test]
+    fn reboot_reasons_compare_paths_then_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        let host = HostRoot::new(r, RebootHook::None);
+        // shared store paths: kernel and modules identical by path
+        file(r, "store/k1/bzImage", "k1");
+        file(r, "store/m1/lib/x.ko", "m");
+        for sys in ["store/a", "store/b"] {
+            std::fs::create_dir_all(r.join(sys)).unwrap();
+            std::os::unix::fs::symlink("/store/k1/bzImage", r.join(sys).join("kernel")).unwrap();
+            std::os::unix::fs::symlink("/store/m1", r.join(sys).join("kernel-modules")).unwrap();
+        }
+        // files inside each toplevel: equal content = same, different content = reason
+        file(r, "store/a/kernel-params", "quiet");
+        file(r, "store/b/kernel-params", "quiet");
+        file(r, "store/a/init-interface-version", "systemd");
+        file(r, "store/b/init-interface-version", "systemd-2");
+        // initrd only in the new system; reboot-triggers on both sides, different
+        file(r, "store/b/initrd", "i");
+        file(r, "store/a/reboot-triggers", "{\"a\":1}");
+        file(r, "store/b/reboot-triggers", "{\"a\":2}");
+        let a = r.join("store/a").display().to_string();
+        let b = r.join("store/b").display().to_string();
+        assert_eq!(
+            reboot_reasons(&host, Some(&a), &b),
+            vec!["initrd", "init-interface-version", "reboot-triggers"]
+        );
+        assert!(reboot_reasons(&host, Some(&a), &a).is_empty());
+        // reboot-triggers only counts when both have it
+        std::fs::remove_file(r.join("store/a/reboot-triggers")).unwrap();
+        assert_eq!(
+            reboot_reasons(&host, Some(&a), &b),
+            vec!["initrd", "init-interface-version"]
+        );
+        // unknown booted system: every component the new one has
+        assert_eq!(
+            reboot_reasons(&host, None, &b),
+            vec![
+                "kernel",
+                "initrd",
+                "kernel-modules",
+                "kernel-params",
+                "init-interface-version"
+            ]
+        );
+    }
+
+    #[test]
+    fn sanitize_makes_unit_and_file_names() {
+        assert_eq!(sanitize("node-1/7:abc.def"), "node-1_7_abc_def");
+        assert_eq!(sanitize(""), "_");
+        assert_eq!(sanitize(&"x".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn activation_report_states() {
+        let mut r = ActivationRecord {
+            id: "g".into(),
+            action: ActivationAction::Boot,
+            system: "/nix/store/x".into(),
+            step: Step::Switching,
+            generation_before: None,
+            activated: None,
+            boot_id_before: Some("b1".into()),
+            exit_code: None,
+            outcome: None,
+            message: None,
+            updated_at: Timestamp::UNIX_EPOCH,
+        };
+        assert_eq!(activation_report(&r, Some("b1")).state, ActivationState::Running);
+        r.step = Step::RebootIssued;
+        assert_eq!(
+            activation_report(&r, Some("b1")).state,
+            ActivationState::RebootRequested
+        );
+        assert_eq!(activation_report(&r, Some("b2")).state, ActivationState::Rebooted);
+        r.step = Step::Finished;
+        r.outcome = Some(ActivationState::NeedsReboot);
+        assert_eq!(
+            activation_report(&r, Some("b2")).state,
+            ActivationState::NeedsReboot
+        );
+    }
 }

@@ -33,10 +33,16 @@ pub struct SystemSpec {
     pub service: String,
     /// Written as `configuration-revision` when set.
     pub configuration_revision: Option<String>,
+    /// When set, `sw/bin/nixos-version --json` prints it as `configurationRevision` (how NixOS
+    /// exposes `system.configurationRevision`).
+    pub nixos_version_revision: Option<String>,
     /// `switch-to-configuration switch` exits with this code (before doing anything).
     pub switch_exit: Option<i32>,
     /// `switch-to-configuration boot` exits with this code (before doing anything).
     pub boot_exit: Option<i32>,
+    /// `switch-to-configuration` sleeps this long first (e.g. `"1"` or `"0.5"` seconds), to
+    /// kill the agent while it runs.
+    pub switch_delay: Option<String>,
     /// The derivation fails to build (a buildenv file collision on `kernel`).
     pub broken_build: bool,
     /// Evaluation throws this message.
@@ -55,8 +61,10 @@ impl Default for SystemSpec {
             nixos_version: "24.05.1".into(),
             service: "service-1".into(),
             configuration_revision: None,
+            nixos_version_revision: None,
             switch_exit: None,
             boot_exit: None,
+            switch_delay: None,
             broken_build: false,
             eval_error: None,
         }
@@ -191,6 +199,12 @@ impl TestFlake {
         self.commit("drop host", |_| {})
     }
 
+    /// Set the hosts that have a configuration.
+    pub fn commit_hosts(&mut self, hosts: &[&str]) -> Result<String, FlakeError> {
+        self.hosts = hosts.iter().map(|h| h.to_string()).collect();
+        self.commit("set hosts", |_| {})
+    }
+
     fn write(&self, spec: &SystemSpec) -> Result<(), FlakeError> {
         let sys = self.dir.join("system");
         let _ = std::fs::remove_dir_all(&sys);
@@ -206,13 +220,10 @@ impl TestFlake {
         files.extend(
             system_files(spec)
                 .into_iter()
-                .map(|(rel, c)| (sys.join(rel), c)),
+                .map(|(rel, content)| (sys.join(rel), content)),
         );
         if spec.broken_build {
-            files.push((
-                self.dir.join("conflict/kernel"),
-                "conflicting kernel".into(),
-            ));
+            files.push((self.dir.join("conflict/kernel"), "conflicting kernel".into()));
         }
         if let Some(m) = &spec.eval_error {
             files.push((self.dir.join("eval-error"), m.clone()));
@@ -220,19 +231,25 @@ impl TestFlake {
         for (path, content) in files {
             write_file(&path, &content)?;
         }
-        let script = sys.join("bin/switch-to-configuration");
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(
-            |source| FlakeError::Write {
-                path: script.clone(),
-                source,
-            },
-        )
+        for (rel, _) in system_files(spec) {
+            if is_executable(rel) {
+                let path = sys.join(rel);
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                    .map_err(|source| FlakeError::Write { path, source })?;
+            }
+        }
+        Ok(())
     }
 }
 
-/// The files of the system `spec` describes, relative to the system's top directory
-/// (`bin/switch-to-configuration` must be made executable).
+/// Whether the system file `rel` (from [`system_files`]) is a program.
+pub fn is_executable(rel: &str) -> bool {
+    rel.starts_with("bin/") || rel.starts_with("sw/bin/")
+}
+
+/// The files of a system built from `spec`, relative to the system's root (the same layout
+/// the flake's toplevel has; see [`is_executable`]).
 pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
     let mut files = vec![
         ("bin/switch-to-configuration", switch_script(spec)),
@@ -241,21 +258,24 @@ pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
         ("kernel-modules/modules.dep", spec.kernel_modules.clone()),
         ("kernel-params", spec.kernel_params.clone()),
         ("systemd/version", spec.systemd.clone()),
-        (
-            "init-interface-version",
-            spec.init_interface_version.clone(),
-        ),
+        ("init-interface-version", spec.init_interface_version.clone()),
         ("nixos-version", spec.nixos_version.clone()),
         ("etc/service.conf", spec.service.clone()),
     ];
     if let Some(r) = &spec.configuration_revision {
         files.push(("configuration-revision", r.clone()));
     }
+    if let Some(r) = &spec.nixos_version_revision {
+        let json = serde_json::json!({
+            "configurationRevision": r,
+            "nixosVersion": spec.nixos_version,
+        });
+        files.push(("sw/bin/nixos-version", format!("#!/bin/sh\necho '{json}'")));
+    }
     files
 }
 
-/// Write `content` plus a final newline, creating parent directories.
-pub fn write_file(path: &Path, content: &str) -> Result<(), FlakeError> {
+fn write_file(path: &Path, content: &str) -> Result<(), FlakeError> {
     let err = |source| FlakeError::Write {
         path: path.to_path_buf(),
         source,
@@ -336,6 +356,9 @@ const FLAKE_TEMPLATE: &str = r#"# A stand-in for a NixOS flake, generated by nix
 
 fn switch_script(spec: &SystemSpec) -> String {
     let mut forced = String::new();
+    if let Some(d) = &spec.switch_delay {
+        forced.push_str(&format!("sleep {d}\n"));
+    }
     if let Some(code) = spec.switch_exit {
         forced.push_str(&format!(
             "if [ \"$action\" = switch ]; then echo \"sim: switch-to-configuration switch fails with {code}\" >&2; exit {code}; fi\n"

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
+
 use crate::agent::host::{HostRoot, RebootHook};
+use crate::nix::{Nix, NixError};
+use crate::sim::flake::{SystemSpec, is_executable, system_files};
 
 /// What goes wrong at the next reboots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,4 +226,221 @@ fn symlink_force(target: &Path, link: &Path) -> Result<(), SimHostError> {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp).map_err(io(&tmp))?;
     std::fs::rename(&tmp, link).map_err(io(link))
+}
+
+/// A simulated Nix for agents on a [`SimHost`] without Nix installed (the demo): a catalogue
+/// maps installables to [`SystemSpec`]s (or to an error text); `realise` writes the system
+/// into `ROOT/nix/store` with the same layout a [`crate::sim::flake::TestFlake`] build has
+/// (one content-addressed path per component, so unchanged components keep their path),
+/// profiles get `system-N-link` generations like `nix-env` makes them.
+#[derive(Debug)]
+pub struct SimNix {
+    root: PathBuf,
+    catalogue: Mutex<std::collections::HashMap<String, Result<SystemSpec, String>>>,
+}
+
+impl SimNix {
+    pub fn new(host: &SimHost) -> SimNix {
+        SimNix {
+            root: host.root.clone(),
+            catalogue: Mutex::new(Default::default()),
+        }
+    }
+
+    /// `installable` realises to a system built from `spec`.
+    pub fn publish(&self, installable: &str, spec: SystemSpec) {
+        if let Ok(mut c) = self.catalogue.lock() {
+            c.insert(installable.to_string(), Ok(spec));
+        }
+    }
+
+    /// `installable` fails with this error text.
+    pub fn publish_error(&self, installable: &str, message: &str) {
+        if let Ok(mut c) = self.catalogue.lock() {
+            c.insert(installable.to_string(), Err(message.to_string()));
+        }
+    }
+
+    fn local(&self, host_path: &Path) -> PathBuf {
+        if host_path.starts_with(&self.root) {
+            host_path.to_path_buf()
+        } else {
+            self.root.join(host_path.strip_prefix("/").unwrap_or(host_path))
+        }
+    }
+
+    fn build(&self, installable: &str) -> Result<String, String> {
+        let spec = match self
+            .catalogue
+            .lock()
+            .map_err(|_| "catalogue lock".to_string())?
+            .get(installable)
+        {
+            Some(Ok(spec)) => spec.clone(),
+            Some(Err(message)) => return Err(message.clone()),
+            None => return Err(format!("error: cannot find flake output for '{installable}'")),
+        };
+        if let Some(m) = &spec.eval_error {
+            return Err(format!("error: {m}"));
+        }
+        if spec.broken_build {
+            return Err("error: builder for 'nixos-system.drv' failed with exit code 1".into());
+        }
+        let host = installable
+            .split("nixosConfigurations.")
+            .nth(1)
+            .and_then(|s| s.split(".config.").next())
+            .unwrap_or("host")
+            .trim_matches('"');
+        let store = self.root.join("nix/store");
+        let files = system_files(&spec);
+        // One part per top-level entry, named by the hash of its content.
+        let mut parts: std::collections::BTreeMap<&str, Vec<(&str, String)>> = Default::default();
+        for (rel, content) in &files {
+            let top = rel.split('/').next().unwrap_or(rel);
+            parts.entry(top).or_default().push((rel, format!("{content}\n")));
+        }
+        let mut top_hash = std::collections::hash_map::DefaultHasher::new();
+        let mut links = Vec::new();
+        for (top, entries) in &parts {
+            let h = store_hash(&(top, entries));
+            std::hash::Hash::hash(&h, &mut top_hash);
+            let part = store.join(format!("{h}-nixos-part-{top}"));
+            for (rel, content) in entries {
+                let p = part.join(rel);
+                if !p.exists() {
+                    write_file(&p, content, is_executable(rel)).map_err(|e| e.to_string())?;
+                }
+            }
+            links.push((top.to_string(), part.join(top)));
+        }
+        let h = store_hash(&(std::hash::Hasher::finish(&top_hash), host));
+        let system = store.join(format!("{h}-nixos-system-{host}"));
+        if !system.exists() {
+            std::fs::create_dir_all(&system).map_err(|e| e.to_string())?;
+            for (name, target) in links {
+                std::os::unix::fs::symlink(&target, system.join(name)).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(system.to_string_lossy().into_owned())
+    }
+
+    fn generations(&self, profile: &Path) -> Vec<(i64, PathBuf)> {
+        let (Some(dir), Some(name)) = (profile.parent(), profile.file_name().and_then(|n| n.to_str())) else {
+            return Vec::new();
+        };
+        let prefix = format!("{name}-");
+        let mut gens: Vec<(i64, PathBuf)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let f = e.file_name().to_str()?.to_string();
+                let n = f.strip_prefix(&prefix)?.strip_suffix("-link")?.parse().ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        gens.sort();
+        gens
+    }
+}
+
+fn store_hash(value: &impl std::hash::Hash) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut a);
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    (a.finish(), "nixroll-sim").hash(&mut b);
+    format!("{:016x}{:016x}", a.finish(), b.finish())
+}
+
+fn write_file(path: &Path, content: &str, executable: bool) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, content)?;
+    if executable {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+fn nix_failed(operation: &'static str, message: String) -> NixError {
+    NixError::CommandFailed { operation, message }
+}
+
+impl Nix for SimNix {
+    fn realise<'a>(
+        &'a self,
+        installable: &'a str,
+        gc_root: &'a Path,
+    ) -> BoxFuture<'a, Result<String, NixError>> {
+        Box::pin(async move {
+            let system = self.build(installable).map_err(|m| nix_failed("nix build", m))?;
+            let root = self.local(gc_root);
+            if let Some(parent) = root.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| nix_failed("nix build", e.to_string()))?;
+            }
+            symlink_force(Path::new(&system), &root).map_err(|e| nix_failed("nix build", e.to_string()))?;
+            Ok(system)
+        })
+    }
+
+    fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>> {
+        Box::pin(async move {
+            fn size(p: &Path) -> u64 {
+                match std::fs::metadata(p) {
+                    Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| size(&e.path()))
+                        .sum(),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                }
+            }
+            Ok(size(Path::new(path)))
+        })
+    }
+
+    fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            let profile = self.local(profile);
+            if std::fs::canonicalize(&profile).ok() == std::fs::canonicalize(system).ok() && profile.exists()
+            {
+                return Ok(());
+            }
+            let next = self.generations(&profile).last().map_or(1, |g| g.0 + 1);
+            let name = profile.file_name().and_then(|n| n.to_str()).unwrap_or("system");
+            let link_name = format!("{name}-{next}-link");
+            let dir = profile.parent().unwrap_or(Path::new("/"));
+            let err = |e: SimHostError| nix_failed("nix-env --set", e.to_string());
+            symlink_force(Path::new(system), &dir.join(&link_name)).map_err(err)?;
+            symlink_force(Path::new(&link_name), &profile).map_err(err)
+        })
+    }
+
+    fn rollback_profile<'a>(&'a self, profile: &'a Path) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            let profile = self.local(profile);
+            let current = std::fs::read_link(&profile)
+                .ok()
+                .and_then(|l| {
+                    let f = l.file_name()?.to_str()?.to_string();
+                    f.rsplit_once('-')?.0.rsplit_once('-')?.1.parse::<i64>().ok()
+                })
+                .unwrap_or(0);
+            let Some((_, prev)) = self.generations(&profile).into_iter().rfind(|g| g.0 < current) else {
+                return Err(nix_failed(
+                    "nix-env --rollback",
+                    format!("error: no profile version older than the current ({current}) exists"),
+                ));
+            };
+            let name = prev.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            symlink_force(Path::new(&name), &profile)
+                .map_err(|e| nix_failed("nix-env --rollback", e.to_string()))
+        })
+    }
 }

@@ -54,14 +54,14 @@ impl HostCommand {
         self
     }
 
-    /// The command line for messages (programs and arguments never carry secrets here).
+    /// The command line for messages and logs, credentials in URLs masked.
     pub fn display(&self) -> String {
         let mut s = self.program.to_string_lossy().into_owned();
         for a in &self.args {
             s.push(' ');
             s.push_str(&a.to_string_lossy());
         }
-        s
+        crate::nix::mask_credentials(&s)
     }
 }
 
@@ -118,6 +118,12 @@ pub trait Host: Send + Sync + fmt::Debug {
     fn fs_path(&self, host_path: &Path) -> PathBuf;
     /// How a command run by [`Host::run`] names the host path `host_path`.
     fn cmd_path(&self, host_path: &Path) -> PathBuf;
+    /// The host path of `local` when it is a path of the agent's filesystem inside the mapped
+    /// root (e.g. `DIR/nix/store/x` of a private store → `/nix/store/x`), else `None`.
+    fn host_path(&self, local: &Path) -> Option<PathBuf>;
+    /// How a resolved host path is reported, in the same form Nix prints store paths on this
+    /// backend (a real host: `/nix/store/…`; a host root with a private store: `DIR/nix/store/…`).
+    fn display_path(&self, host_path: &Path) -> PathBuf;
     /// Run a command to completion (bounded by its timeout).
     fn run(&self, cmd: HostCommand) -> BoxFuture<'_, Result<CommandOutput, HostError>>;
     /// Start a job that outlives the agent; returns once it is launched.
@@ -129,12 +135,11 @@ pub trait Host: Send + Sync + fmt::Debug {
 /// `readlink -f` on the host: follows symlinks (absolute targets are host paths) through
 /// [`Host::fs_path`]. Returns the resolved host path, or `None` when it does not exist.
 pub fn resolve(host: &dyn Host, host_path: &Path) -> Option<PathBuf> {
-    if host.fs_path(host_path) == host_path {
-        // Already a path of the agent's own filesystem (e.g. a private store inside the root).
-        return std::fs::canonicalize(host_path).ok();
-    }
+    let start = host
+        .host_path(host_path)
+        .unwrap_or_else(|| host_path.to_path_buf());
     let mut pending: Vec<OsString> = Vec::new();
-    push_components(&mut pending, host_path);
+    push_components(&mut pending, &start);
     let mut resolved = PathBuf::from("/");
     let mut hops = 0u32;
     while let Some(part) = pending.pop() {
@@ -154,14 +159,8 @@ pub fn resolve(host: &dyn Host, host_path: &Path) -> Option<PathBuf> {
                 return None;
             }
             let target = std::fs::read_link(&local).ok()?;
+            let target = host.host_path(&target).unwrap_or(target);
             if target.is_absolute() {
-                if host.fs_path(&target) == target {
-                    let mut rest = target;
-                    while let Some(p) = pending.pop() {
-                        rest.push(p);
-                    }
-                    return std::fs::canonicalize(rest).ok();
-                }
                 resolved = PathBuf::from("/");
             }
             push_components(&mut pending, &target);
@@ -169,7 +168,7 @@ pub fn resolve(host: &dyn Host, host_path: &Path) -> Option<PathBuf> {
             resolved = candidate;
         }
     }
-    Some(resolved)
+    Some(host.display_path(&resolved))
 }
 
 fn push_components(stack: &mut Vec<OsString>, path: &Path) {
@@ -240,8 +239,15 @@ mod tests {
             .unwrap();
         assert_eq!(
             resolve(&host, Path::new("/run/current-system")),
-            Some(PathBuf::from("/store/abc-system"))
+            Some(store.clone())
         );
+        // absolute links into the root (a private store) resolve the same way
+        std::os::unix::fs::symlink(&store, dir.path().join("run/booted-system")).unwrap();
+        assert_eq!(
+            resolve(&host, Path::new("/run/booted-system")),
+            Some(store.clone())
+        );
+        assert_eq!(resolve(&host, &store), Some(store.clone()));
         assert_eq!(resolve(&host, Path::new("/run/missing")), None);
     }
 }

@@ -29,13 +29,12 @@ const HOST_PATH: &str = "/run/current-system/sw/bin:/nix/var/nix/profiles/defaul
 #[derive(Clone, Debug)]
 pub struct RealHost {
     fs_root: PathBuf,
+    nsenter: PathBuf,
 }
 
 impl Default for RealHost {
     fn default() -> Self {
-        RealHost {
-            fs_root: PathBuf::from("/host"),
-        }
+        RealHost::new("/host")
     }
 }
 
@@ -45,11 +44,18 @@ impl RealHost {
     pub fn new(fs_root: impl Into<PathBuf>) -> Self {
         RealHost {
             fs_root: fs_root.into(),
+            nsenter: PathBuf::from(NSENTER[0]),
         }
     }
 
+    /// Use this `nsenter` binary (tests).
+    pub fn with_nsenter(mut self, nsenter: impl Into<PathBuf>) -> Self {
+        self.nsenter = nsenter.into();
+        self
+    }
+
     fn nsenter(&self, program: &OsString, args: &[OsString]) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new(NSENTER[0]);
+        let mut c = tokio::process::Command::new(&self.nsenter);
         c.env("PATH", HOST_PATH);
         c.args(&NSENTER[1..]);
         c.arg(program);
@@ -68,6 +74,20 @@ impl Host for RealHost {
     }
 
     fn cmd_path(&self, host_path: &Path) -> PathBuf {
+        host_path.to_path_buf()
+    }
+
+    fn host_path(&self, local: &Path) -> Option<PathBuf> {
+        if self.fs_root == Path::new("/") {
+            return None;
+        }
+        local
+            .strip_prefix(&self.fs_root)
+            .ok()
+            .map(|rest| Path::new("/").join(rest))
+    }
+
+    fn display_path(&self, host_path: &Path) -> PathBuf {
         host_path.to_path_buf()
     }
 
@@ -124,5 +144,65 @@ impl Host for RealHost {
                 })
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A stand-in `nsenter` that logs its arguments, then runs the command after `--`
+    /// (or pretends `systemd-run`/`systemctl` succeeded).
+    const FAKE_NSENTER: &str = r#"#!/bin/sh
+echo "$@" >>"$(dirname "$0")/calls"
+while [ "$1" != "--" ]; do shift; done
+shift
+case "$1" in systemd-run|systemctl) exit 0 ;; esac
+exec "$@"
+"#;
+
+    #[tokio::test]
+    async fn commands_enter_pid1_namespaces_with_the_host_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("nsenter");
+        std::fs::write(&fake, FAKE_NSENTER).unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host = RealHost::new(dir.path()).with_nsenter(&fake);
+
+        let out = host
+            .run(HostCommand::new("sh", Duration::from_secs(10)).args(["-c", "echo $PATH"]))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout.trim(), HOST_PATH);
+        host.spawn_detached(DetachedJob {
+            name: "g-1".into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), "true".into()],
+        })
+        .await
+        .unwrap();
+        host.reboot().await.unwrap();
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        let calls: Vec<&str> = calls.lines().collect();
+        assert_eq!(calls[0], "-t 1 -m -u -i -n -p -- sh -c echo $PATH");
+        assert_eq!(
+            calls[1],
+            format!(
+                "-t 1 -m -u -i -n -p -- systemd-run --unit=nixroll-activate-g-1 --collect --service-type=exec --no-block --quiet --setenv=PATH={HOST_PATH} /bin/sh -c true"
+            )
+        );
+        assert_eq!(calls[2], "-t 1 -m -u -i -n -p -- systemctl reboot");
+    }
+
+    #[test]
+    fn files_through_the_mount_commands_with_host_paths() {
+        let h = RealHost::default();
+        let p = Path::new("/run/booted-system");
+        assert_eq!(h.fs_path(p), PathBuf::from("/host/run/booted-system"));
+        assert_eq!(h.cmd_path(p), PathBuf::from("/run/booted-system"));
+        assert_eq!(h.fs_path(Path::new("/host/x")), PathBuf::from("/host/x"));
+        let on_host = RealHost::new("/");
+        assert_eq!(on_host.fs_path(p), p.to_path_buf());
     }
 }

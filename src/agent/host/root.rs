@@ -113,6 +113,17 @@ impl Host for HostRoot {
         self.fs_path(host_path)
     }
 
+    fn host_path(&self, local: &Path) -> Option<PathBuf> {
+        local
+            .strip_prefix(&self.dir)
+            .ok()
+            .map(|rest| Path::new("/").join(rest))
+    }
+
+    fn display_path(&self, host_path: &Path) -> PathBuf {
+        self.fs_path(host_path)
+    }
+
     fn run(&self, cmd: HostCommand) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
         Box::pin(async move {
             let display = cmd.display();
