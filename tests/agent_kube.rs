@@ -367,7 +367,12 @@ fn spawn_agent(
 /// (user+system CPU ticks, VmRSS kB) of a process.
 fn usage(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss = status
@@ -454,7 +459,10 @@ async fn killed_agent_binary_resumes_without_repeating() {
     let started = root.join("var/lib/nixroll/activation/boot-1.started");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !started.exists() {
-        assert!(tokio::time::Instant::now() < deadline, "switch never launched");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "switch never launched"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     wait_for(&api, "Running reported", |o| {
@@ -463,7 +471,9 @@ async fn killed_agent_binary_resumes_without_repeating() {
     .await;
     agent.kill().await.unwrap(); // SIGKILL, mid-switch
     assert!(
-        !root.join("var/lib/nixroll/activation/boot-1.result").exists(),
+        !root
+            .join("var/lib/nixroll/activation/boot-1.result")
+            .exists(),
         "switch ended before the kill"
     );
 

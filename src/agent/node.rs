@@ -234,14 +234,19 @@ impl NodeAgent {
             self.revision_cache = None;
             return;
         };
-        if self.revision_cache.as_ref().is_some_and(|(s, _)| *s == current) {
+        if self
+            .revision_cache
+            .as_ref()
+            .is_some_and(|(s, _)| *s == current)
+        {
             return;
         }
         let system = Path::new(&current);
         let mut revision = self.read_trimmed(&system.join("configuration-revision"));
         let tool = system.join("sw/bin/nixos-version");
         if revision.is_none() && self.host.fs_path(&tool).exists() {
-            let cmd = HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
+            let cmd =
+                HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
             match self.host.run(cmd).await {
                 Ok(out) if out.success() => {
                     revision = serde_json::from_str::<serde_json::Value>(&out.stdout)
@@ -331,7 +336,9 @@ impl NodeAgent {
             }
             Err(e) => {
                 let attempts = match &self.failed_stage {
-                    Some(f) if f.revision == t.revision && f.installable == t.installable => f.attempts + 1,
+                    Some(f) if f.revision == t.revision && f.installable == t.installable => {
+                        f.attempts + 1
+                    }
                     _ => 1,
                 };
                 let backoff = self
@@ -939,13 +946,19 @@ mod tests {
             message: None,
             updated_at: Timestamp::UNIX_EPOCH,
         };
-        assert_eq!(activation_report(&r, Some("b1")).state, ActivationState::Running);
+        assert_eq!(
+            activation_report(&r, Some("b1")).state,
+            ActivationState::Running
+        );
         r.step = Step::RebootIssued;
         assert_eq!(
             activation_report(&r, Some("b1")).state,
             ActivationState::RebootRequested
         );
-        assert_eq!(activation_report(&r, Some("b2")).state, ActivationState::Rebooted);
+        assert_eq!(
+            activation_report(&r, Some("b2")).state,
+            ActivationState::Rebooted
+        );
         r.step = Step::Finished;
         r.outcome = Some(ActivationState::NeedsReboot);
         assert_eq!(

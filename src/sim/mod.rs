@@ -5,9 +5,8 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod demo;
-pub mod monitor;
 pub mod flake;
 pub mod host;
+pub mod monitor;
 pub mod progress;
-pub mod store;
 pub mod world;

@@ -63,7 +63,11 @@ impl Monitor {
                     }
                     Either::Node(n) => {
                         let name = n.name_any();
-                        let unsched = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+                        let unsched = n
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.unschedulable)
+                            .unwrap_or(false);
                         let was = {
                             let mut s = lock(&st);
                             if n.labels().contains_key(crate::names::CONTROL_PLANE_LABEL) {
@@ -110,9 +114,17 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 fn check_budget(s: &mut State, budget: usize) {
-    let held: Vec<&String> = s.slots.iter().filter(|(_, h)| **h).map(|(n, _)| n).collect();
+    let held: Vec<&String> = s
+        .slots
+        .iter()
+        .filter(|(_, h)| **h)
+        .map(|(n, _)| n)
+        .collect();
     let n = held.len();
-    let cp = held.iter().filter(|h| s.control_plane.contains(**h)).count();
+    let cp = held
+        .iter()
+        .filter(|h| s.control_plane.contains(**h))
+        .count();
     s.max_slots = s.max_slots.max(n);
     if n > budget {
         let v = format!("{n} nodes hold a disruption slot at once (budget {budget}): {held:?}");
@@ -134,7 +146,9 @@ async fn check_uncordon(
     admin: &BTreeSet<String>,
 ) -> Option<String> {
     if admin.contains(name) {
-        return Some(format!("{name}: uncordoned although an administrator had cordoned it"));
+        return Some(format!(
+            "{name}: uncordoned although an administrator had cordoned it"
+        ));
     }
     let obj = match tokio::time::timeout(Duration::from_secs(10), api.get(name)).await {
         Ok(Ok(o)) => o,
@@ -146,11 +160,21 @@ async fn check_uncordon(
             .agent
             .as_ref()
             .and_then(|a| a.activation.as_ref())
-            .is_some_and(|r| r.system == status.target.as_ref().and_then(|t| t.system.clone()).unwrap_or_default());
+            .is_some_and(|r| {
+                r.system
+                    == status
+                        .target
+                        .as_ref()
+                        .and_then(|t| t.system.clone())
+                        .unwrap_or_default()
+            });
     match status.phase {
         Some(Phase::UpToDate) => {
             if status.revision.as_deref() != Some(obj.spec.revision.as_str()) {
-                Some(format!("{name}: uncordoned as UpToDate but runs {:?}, not {}", status.revision, obj.spec.revision))
+                Some(format!(
+                    "{name}: uncordoned as UpToDate but runs {:?}, not {}",
+                    status.revision, obj.spec.revision
+                ))
             } else if !ready {
                 Some(format!("{name}: uncordoned while not Ready"))
             } else {
@@ -159,6 +183,9 @@ async fn check_uncordon(
         }
         // A drain that was aborted before activation gives the node back unchanged.
         Some(Phase::Waiting) | Some(Phase::Staging) if !activated => None,
-        other => Some(format!("{name}: uncordoned in phase {other:?} (activation {:?})", status.activation)),
+        other => Some(format!(
+            "{name}: uncordoned in phase {other:?} (activation {:?})",
+            status.activation
+        )),
     }
 }

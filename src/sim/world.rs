@@ -25,8 +25,7 @@ use crate::nix::{Nix, NixCli};
 use crate::sim::apiserver::ApiServer;
 use crate::sim::cluster::{App, SimCluster, Timing};
 use crate::sim::flake::{FlakeError, SystemSpec, TestFlake};
-use crate::sim::host::{SimHost, SimHostError};
-use crate::sim::store::{Revisions, SimNix};
+use crate::sim::host::{SimHost, SimHostError, SimNix};
 
 /// Field manager used for spec writes that stand in for Flux applying git.
 pub const GITOPS_MANAGER: &str = "flux";
@@ -106,9 +105,9 @@ async fn call<T>(
 /// Where revisions come from.
 enum Source {
     Real(TestFlake),
+    /// Each host's simulated Nix knows every committed revision of its configuration.
     Simulated {
-        revisions: Revisions,
-        hosts: Vec<String>,
+        nixes: BTreeMap<String, Arc<SimNix>>,
         spec: SystemSpec,
         head: String,
         seq: u64,
@@ -209,16 +208,12 @@ impl World {
                 (Source::Real(flake), url)
             }
             _ => {
-                let revisions = Revisions::default();
-                let head = fake_revision(0);
-                revisions.insert(&head, &names, SystemSpec::default());
                 let url = format!("path:{}", dir.path().join("flake").display());
                 (
                     Source::Simulated {
-                        revisions,
-                        hosts: names.clone(),
+                        nixes: BTreeMap::new(),
                         spec: SystemSpec::default(),
-                        head,
+                        head: fake_revision(0),
                         seq: 0,
                     },
                     url,
@@ -247,7 +242,16 @@ impl World {
         for (i, name) in names.iter().enumerate() {
             let host = SimHost::create(world._dir.path().join("hosts").join(name))?;
             let host_root: Arc<dyn Host> = Arc::new(host.host_root());
-            let nix = world.nix_for(host_root.clone(), &host);
+            let url = world.flake_url.clone();
+            if let Source::Simulated {
+                nixes, spec, head, ..
+            } = &mut world.source
+            {
+                let sim = Arc::new(SimNix::new(&host));
+                sim.publish(&crate::api::installable(&url, head, name), spec.clone());
+                nixes.insert(name.clone(), sim);
+            }
+            let nix = world.nix_for(host_root.clone(), name);
             let installable = crate::api::installable(&world.flake_url, &head, name);
             let path = nix
                 .realise(
@@ -280,15 +284,13 @@ impl World {
         Ok(world)
     }
 
-    fn nix_for(&self, host_root: Arc<dyn Host>, host: &SimHost) -> Arc<dyn Nix> {
-        match &self.source {
-            Source::Real(_) => Arc::new(NixCli::new(host_root).offline()),
-            Source::Simulated { revisions, .. } => Arc::new(SimNix::new(
-                host_root,
-                host.root().join("nix/store"),
-                revisions.clone(),
-            )),
+    fn nix_for(&self, host_root: Arc<dyn Host>, node: &str) -> Arc<dyn Nix> {
+        if let Source::Simulated { nixes, .. } = &self.source
+            && let Some(sim) = nixes.get(node)
+        {
+            return sim.clone();
         }
+        Arc::new(NixCli::new(host_root).offline())
     }
 
     fn spawn_node(&self, name: String, control_plane: bool, host: Arc<SimHost>) -> SimNode {
@@ -303,7 +305,7 @@ impl World {
             )
             .with_private_nix_store(),
         );
-        let nix = self.nix_for(host_root.clone(), &host);
+        let nix = self.nix_for(host_root.clone(), &name);
         let client = self.client.clone();
         let cluster = self.cluster.clone();
         let node_name = name.clone();
@@ -381,8 +383,7 @@ impl World {
         match &mut self.source {
             Source::Real(f) => Ok(f.commit(message, change)?),
             Source::Simulated {
-                revisions,
-                hosts,
+                nixes,
                 spec,
                 head,
                 seq,
@@ -390,7 +391,12 @@ impl World {
                 change(spec);
                 *seq += 1;
                 *head = fake_revision(*seq);
-                revisions.insert(head, hosts, spec.clone());
+                for (node, nix) in nixes.iter() {
+                    nix.publish(
+                        &crate::api::installable(&self.flake_url, head, node),
+                        spec.clone(),
+                    );
+                }
                 Ok(head.clone())
             }
         }

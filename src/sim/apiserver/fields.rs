@@ -326,6 +326,20 @@ pub fn remove_at(v: &mut Value, path: &[String]) {
     }
 }
 
+/// After removing the field at `path`, remove the maps on its path that became empty (they
+/// existed only to hold it), as structured-merge-diff does; top-level fields stay.
+pub fn prune_empty_parents(v: &mut Value, path: &[String]) {
+    for depth in (2..path.len()).rev() {
+        let parent = &path[..depth];
+        let empty =
+            value_at(v, parent).is_some_and(|p| p.as_object().is_some_and(|m| m.is_empty()));
+        if !empty || !parent.iter().all(|el| el.starts_with("f:")) {
+            return;
+        }
+        remove_at(v, parent);
+    }
+}
+
 /// Fields whose value differs between two versions of an object: `changed` holds fields present
 /// in `new` with a new or different value, `removed` fields only present in `old`.
 pub fn diff_fields(old: &Value, new: &Value, ctx: Ctx<'_>) -> (FieldSet, FieldSet) {
@@ -707,7 +721,10 @@ mod tests {
         let (changed, removed) = diff_fields(&old, &new, Ctx::Builtin);
         assert!(removed.is_empty());
         let strs: Vec<String> = changed.iter().map(|p| path_string(p)).collect();
-        assert_eq!(strs, vec![".spec.b", ".spec.c", ".spec.conditions[type=\"X\"].v"]);
+        assert_eq!(
+            strs,
+            vec![".spec.b", ".spec.c", ".spec.conditions[type=\"X\"].v"]
+        );
         let mut v = new.clone();
         remove_at(&mut v, &["f:spec".into(), "f:b".into()]);
         assert_eq!(v["spec"].get("b"), None);

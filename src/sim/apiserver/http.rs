@@ -257,7 +257,8 @@ fn resource_request(
         (&Method::GET, None) => {
             if bool_param(q, "watch") {
                 srv.counters.bump("watch", &resource);
-                let send_initial_events = q.get("sendInitialEvents").map(|v| v == "true" || v == "1");
+                let send_initial_events =
+                    q.get("sendInitialEvents").map(|v| v == "true" || v == "1");
                 if send_initial_events == Some(true)
                     && q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan")
                 {
