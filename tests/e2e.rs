@@ -1,0 +1,497 @@
+//! End to end over the embedded Kubernetes API: the real controller (one or two replicas) and
+//! one real agent per simulated NixOS host, simulated kubelets and workloads with
+//! PodDisruptionBudgets. A [`Monitor`] watches every test for invariant violations (budget,
+//! control plane, uncordon rules). Hosts use real Nix when it is installed (CI installs it),
+//! else the simulated store.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Node};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use nixroll::api::{DrainPolicy, DrainTimeoutAction, MaintenanceWindow, NixOSNode, Phase};
+use nixroll::controller::ControllerConfig;
+use nixroll::rollout::MaxUnavailable;
+use nixroll::sim::cluster::{Timing, WORKLOAD_NAMESPACE};
+use nixroll::sim::host::BootFault;
+use nixroll::sim::monitor::Monitor;
+use nixroll::sim::world::{NixMode, World, WorldOptions};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn fast() -> WorldOptions {
+    WorldOptions {
+        nodes: 5,
+        control_planes: 1,
+        nix: NixMode::Auto,
+        timing: Timing {
+            pod_termination: Duration::from_millis(50),
+            pod_startup: Duration::from_millis(100),
+            reboot: Duration::from_millis(400),
+            request_timeout: Duration::from_secs(10),
+        },
+        pods_per_node: 2,
+    }
+}
+
+fn controller_config(budget: u32) -> ControllerConfig {
+    let mut c = ControllerConfig::new(&format!("test-{}", fastrand::u32(..)));
+    c.policy.max_unavailable = MaxUnavailable::Count(budget);
+    c.policy.drain_backoff = jiff::SignedDuration::from_secs(1);
+    c.drain_pass_backoff = (Duration::from_millis(100), Duration::from_secs(1));
+    c
+}
+
+/// Wait (watch-driven, bounded) until `pred` holds for the NixOSNodes.
+async fn wait_for(
+    world: &World,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
+) -> BTreeMap<String, NixOSNode> {
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let mut seen = BTreeMap::new();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(stream);
+    let res = tokio::time::timeout(limit, async {
+        while let Ok(Some(o)) = stream.try_next().await {
+            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
+            if pred(&seen) {
+                return;
+            }
+        }
+    })
+    .await;
+    if res.is_err() {
+        let table: Vec<String> = seen
+            .values()
+            .map(|o| {
+                let s = o.status.clone().unwrap_or_default();
+                format!("{:?} {:?} {:?}", o.metadata.name, s.phase, s.message)
+            })
+            .collect();
+        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
+    }
+    seen
+}
+
+fn phase(o: &NixOSNode) -> Phase {
+    o.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+}
+
+fn all_on(rev: &str) -> impl Fn(&BTreeMap<String, NixOSNode>) -> bool + '_ {
+    move |m| {
+        m.len() >= 5
+            && m.values().all(|o| {
+                phase(o) == Phase::UpToDate
+                    && o.status.as_ref().and_then(|s| s.revision.as_deref()) == Some(rev)
+            })
+    }
+}
+
+async fn unschedulable(world: &World, node: &str) -> bool {
+    let nodes: Api<Node> = Api::all(world.client.clone());
+    nodes
+        .get(node)
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false)
+}
+
+/// The world with NixOSNodes on the first revision, adopted (UpToDate) by a controller.
+async fn adopted(
+    opts: WorldOptions,
+    budget: u32,
+) -> (World, nixroll::sim::world::ControllerHandle) {
+    let world = World::start(opts).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let c = world
+        .start_controller(controller_config(budget))
+        .await
+        .unwrap();
+    wait_for(&world, "adoption", WAIT, all_on(&first)).await;
+    (world, c)
+}
+
+fn kernel_bump(world: &mut World) -> String {
+    world
+        .commit("new kernel", |s| {
+            s.kernel.push_str("-next");
+            s.kernel_modules.push_str("-next");
+        })
+        .unwrap()
+}
+
+async fn events(world: &World, reason: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::all(world.client.clone());
+    let list = api.list(&ListParams::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let done = wait_for(&world, "rollout", WAIT, all_on(&next)).await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
+        assert!(
+            !unschedulable(&world, &n.name).await,
+            "{} uncordoned",
+            n.name
+        );
+        let s = done[&n.name].status.clone().unwrap();
+        assert_eq!(
+            s.history.first().map(|h| h.result.as_str()),
+            Some("Succeeded")
+        );
+        assert_eq!(
+            n.host.booted_system(),
+            s.system,
+            "{} booted what the status says",
+            n.name
+        );
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_two_disrupts_two_nodes_at_once_but_never_three() {
+    let (mut world, c) = adopted(fast(), 2).await;
+    let monitor = Monitor::start(world.client.clone(), 2, &[]);
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    wait_for(&world, "rollout", WAIT, all_on(&next)).await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 2);
+    c.stop().await;
+}
+
+/// A PDB that allows no disruption: `Abort` gives the node back (uncordoned, Waiting), the
+/// rollout of that node waits; `Force` deletes the pods and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(world.client.clone(), WORKLOAD_NAMESPACE);
+    let block: PodDisruptionBudget = serde_json::from_value(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "block", "namespace": WORKLOAD_NAMESPACE},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "web"}}}
+    }))
+    .unwrap();
+    pdbs.create(&PostParams::default(), &block).await.unwrap();
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = kernel_bump(&mut world);
+    let mut spec = world.spec(&next);
+    spec.drain = Some(DrainPolicy {
+        timeout: Some("2s".into()),
+        on_timeout: DrainTimeoutAction::Abort,
+        ..Default::default()
+    });
+    world.apply_all(&spec).await.unwrap();
+    // The first admitted node times out and is given back.
+    let m = wait_for(&world, "a drain abort", WAIT, |m| {
+        m.values()
+            .any(|o| o.status.as_ref().and_then(|s| s.backoff.as_ref()).is_some())
+    })
+    .await;
+    let (aborted, _) = m
+        .iter()
+        .find(|(_, o)| o.status.as_ref().and_then(|s| s.backoff.as_ref()).is_some())
+        .unwrap();
+    let aborted = aborted.clone();
+    wait_for(&world, "the aborted node back to Waiting", WAIT, |m| {
+        m.get(&aborted).is_some_and(|o| phase(o) == Phase::Waiting)
+    })
+    .await;
+    assert!(
+        !unschedulable(&world, &aborted).await,
+        "Abort uncordons the node"
+    );
+    assert!(
+        !events(&world, "DrainTimeout").await.is_empty(),
+        "a DrainTimeout event"
+    );
+    for n in &world.nodes {
+        assert_eq!(
+            n.host.reboot_count(),
+            0,
+            "nothing was activated while the PDB blocks"
+        );
+    }
+
+    // Force: the same rollout goes through, deleting what the PDB protects, and says so.
+    spec.drain = Some(DrainPolicy {
+        timeout: Some("2s".into()),
+        on_timeout: DrainTimeoutAction::Force,
+        ..Default::default()
+    });
+    world.apply_all(&spec).await.unwrap();
+    wait_for(
+        &world,
+        "forced rollout",
+        Duration::from_secs(150),
+        all_on(&next),
+    )
+    .await;
+    assert!(
+        !events(&world, "DrainForced").await.is_empty(),
+        "a DrainForced event"
+    );
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    // node-3 points at a configuration the flake does not have.
+    let mut bad = world.spec(&next);
+    bad.configuration = Some("no-such-host".into());
+    world.apply("node-3", &bad).await.unwrap();
+    let m = wait_for(&world, "node-3 Degraded", WAIT, |m| {
+        m.get("node-3").is_some_and(|o| phase(o) == Phase::Degraded)
+    })
+    .await;
+    let s = m["node-3"].status.clone().unwrap();
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "StageFailed");
+    // The failure halts admissions (threshold 1): nothing is disrupted anywhere.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 0);
+        assert!(
+            !unschedulable(&world, &n.name).await,
+            "{} not cordoned",
+            n.name
+        );
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_halts_the_rollout() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    // Workers go first (node-2 … node-5); make the first one's bootloader fall back.
+    for n in &world.nodes {
+        n.host.set_fault(Some(BootFault::FallbackToPrevious));
+    }
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let m = wait_for(&world, "a Degraded node", WAIT, |m| {
+        m.values().any(|o| phase(o) == Phase::Degraded)
+    })
+    .await;
+    let (bad, o) = m.iter().find(|(_, o)| phase(o) == Phase::Degraded).unwrap();
+    let s = o.status.clone().unwrap();
+    let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+    assert_eq!(degraded.reason, "BootedWrongSystem", "{degraded:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        unschedulable(&world, bad).await,
+        "the failed node stays cordoned"
+    );
+    let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
+    assert_eq!(total, 1, "no other node was admitted after the failure");
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_restarted_in_every_phase_resumes_without_over_admission() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    c.kill();
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let mut controller = world.start_controller(controller_config(1)).await.unwrap();
+    for p in [
+        Phase::Draining,
+        Phase::Activating,
+        Phase::Rebooting,
+        Phase::Verifying,
+    ] {
+        wait_for(&world, &format!("a node in {p}"), WAIT, |m| {
+            m.values().any(|o| phase(o) == p)
+        })
+        .await;
+        controller.kill();
+        controller = world.start_controller(controller_config(1)).await.unwrap();
+    }
+    wait_for(&world, "rollout", Duration::from_secs(120), all_on(&next)).await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 1, "{} rebooted exactly once", n.name);
+    }
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarted_mid_activation_never_reboots_twice() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let m = wait_for(&world, "an Activating node", WAIT, |m| {
+        m.values().any(|o| phase(o) == Phase::Activating)
+    })
+    .await;
+    let (name, _) = m
+        .iter()
+        .find(|(_, o)| phase(o) == Phase::Activating)
+        .unwrap();
+    world.node(name).unwrap().restart_agent();
+    wait_for(&world, "rollout", WAIT, all_on(&next)).await;
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 1, "{} rebooted exactly once", n.name);
+    }
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cordoned_by_an_admin_is_updated_and_stays_cordoned() {
+    // The cordoned node counts against the budget all along (DESIGN.md §5): with a budget of
+    // 2 the others go one at a time beside it.
+    let (mut world, c) = adopted(fast(), 2).await;
+    let nodes: Api<Node> = Api::all(world.client.clone());
+    nodes.cordon("node-4").await.unwrap();
+    let monitor = Monitor::start(world.client.clone(), 2, &["node-4"]);
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let done = wait_for(&world, "rollout", WAIT, all_on(&next)).await;
+    assert!(unschedulable(&world, "node-4").await, "still cordoned");
+    assert!(!unschedulable(&world, "node-3").await);
+    assert_eq!(
+        done["node-4"].status.as_ref().unwrap().revision.as_deref(),
+        Some(next.as_str())
+    );
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_starts_outside_the_maintenance_window() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let next = kernel_bump(&mut world);
+    let later = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC)
+        + jiff::SignedDuration::from_hours(6);
+    let hhmm = |z: &jiff::Zoned| format!("{:02}:{:02}", z.hour(), z.minute());
+    let mut spec = world.spec(&next);
+    spec.maintenance_windows = vec![MaintenanceWindow {
+        days: vec![],
+        start: hhmm(&later),
+        end: hhmm(&(later.clone() + jiff::SignedDuration::from_mins(30))),
+        time_zone: "UTC".into(),
+    }];
+    world.apply_all(&spec).await.unwrap();
+    let m = wait_for(&world, "all staged and waiting", WAIT, |m| {
+        m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
+    })
+    .await;
+    assert!(
+        m.values().all(|o| o
+            .status
+            .as_ref()
+            .and_then(|s| s.target.as_ref())
+            .and_then(|t| t.system.clone())
+            .is_some()),
+        "staging is not limited by the window"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in &world.nodes {
+        assert!(!unschedulable(&world, &n.name).await);
+        assert_eq!(n.host.reboot_count(), 0);
+    }
+    // Opening the window (here: removing it) lets the rollout run.
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    wait_for(&world, "rollout", WAIT, all_on(&next)).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wide_pause_and_resume() {
+    let (mut world, c) = adopted(fast(), 1).await;
+    let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), nixroll::names::NAMESPACE);
+    let pause: ConfigMap = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": nixroll::names::PAUSE_CONFIGMAP, "namespace": nixroll::names::NAMESPACE}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &pause).await.unwrap();
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    wait_for(&world, "all waiting while paused", WAIT, |m| {
+        m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(world.nodes.iter().all(|n| n.host.reboot_count() == 0));
+    cms.delete(nixroll::names::PAUSE_CONFIGMAP, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(&world, "rollout after resume", WAIT, all_on(&next)).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_between_two_replicas() {
+    let mut world = World::start(fast()).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let elected = |id: &str| {
+        let mut c = controller_config(1);
+        let mut le = nixroll::controller::LeaderElectionConfig::new(
+            nixroll::names::NAMESPACE,
+            nixroll::names::LEADER_LEASE,
+            id,
+        );
+        le.lease_duration = Duration::from_secs(3);
+        le.renew_period = Duration::from_secs(1);
+        c.identity = id.to_string();
+        c.leader_election = Some(le);
+        c
+    };
+    let a = world.start_controller(elected("replica-a")).await.unwrap();
+    wait_for(&world, "adoption", WAIT, all_on(&first)).await;
+    let b = world.start_controller(elected("replica-b")).await.unwrap();
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    wait_for(&world, "a node rebooting", WAIT, |m| {
+        m.values().any(|o| phase(o) == Phase::Rebooting)
+    })
+    .await;
+    a.kill(); // the leader's pod dies without releasing the Lease
+    wait_for(
+        &world,
+        "rollout finished by the standby",
+        Duration::from_secs(150),
+        all_on(&next),
+    )
+    .await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 1);
+    }
+    b.stop().await;
+}
