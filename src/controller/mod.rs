@@ -192,13 +192,26 @@ pub struct Context {
     pause: Store<ConfigMap>,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     admission: Mutex<PendingWrites>,
-    drains: std::sync::Mutex<HashMap<String, DrainState>>,
+    drains: Arc<std::sync::Mutex<HashMap<String, DrainState>>>,
+    /// While a node drains: a watch on its pods (field-selected) that wakes its reconcile as
+    /// soon as a pod is gone, so the drain is event-driven rather than paced by the backoff.
+    pod_watches: std::sync::Mutex<HashMap<String, tokio::task::AbortHandle>>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     /// Reconcile these (Waiting) nodes: a slot was released.
     wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
     leading: Arc<AtomicBool>,
     rollout: RolloutFns,
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        if let Ok(watches) = self.pod_watches.lock() {
+            for w in watches.values() {
+                w.abort();
+            }
+        }
+    }
 }
 
 /// The pure rollout functions the controller calls: [`crate::rollout::decide`] and
@@ -270,7 +283,8 @@ impl Context {
             nodes: stores.nodes,
             pause: stores.pause,
             admission: Mutex::new(PendingWrites::default()),
-            drains: std::sync::Mutex::new(HashMap::new()),
+            drains: Arc::default(),
+            pod_watches: std::sync::Mutex::default(),
             recorder,
             metrics,
             wake,
@@ -432,6 +446,47 @@ impl Context {
         if let Ok(mut drains) = self.drains.lock() {
             drains.remove(name);
         }
+        if let Some(w) = self
+            .pod_watches
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(name))
+        {
+            w.abort();
+        }
+    }
+
+    /// Start (once per drain) the watch on the pods of `name`: every pod that leaves the
+    /// node allows the next eviction pass at once and wakes the node's reconcile.
+    fn watch_pods(&self, name: &str) {
+        let Ok(mut watches) = self.pod_watches.lock() else {
+            return;
+        };
+        if watches.contains_key(name) {
+            return;
+        }
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={name}"));
+        let drains = self.drains.clone();
+        let wake = self.wake.clone();
+        let node = name.to_string();
+        let task = tokio::spawn(async move {
+            let stream = watcher(api, cfg).default_backoff();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Ok(watcher::Event::Delete(_)) = ev {
+                    if let Ok(mut d) = drains.lock()
+                        && let Some(s) = d.get_mut(&node)
+                    {
+                        s.not_before = Instant::now();
+                    }
+                    if wake.send(ObjectRef::new(&node)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        watches.insert(name.to_string(), task.abort_handle());
     }
 
     async fn write_status(
@@ -738,6 +793,9 @@ async fn execute_with_gate(
                 );
                 ctx.publish(&ctx.node_ref(&name), "Drain", reason, note, warning)
                     .await;
+                if progress.remaining > 0 {
+                    ctx.watch_pods(&name);
+                }
                 let wait = ctx.record_drain(&name, progress);
                 requeue = min_requeue(requeue, wait);
             }
