@@ -25,6 +25,9 @@ enum Command {
     /// The embedded default: an in-memory Kubernetes API, simulated NixOS hosts, the real
     /// controller and agents; rolls a new revision across the cluster and shows it live.
     Demo(DemoArgs),
+    /// Scale benchmark: N simulated nodes and P pods on the embedded API, the controller as
+    /// a child process; prints memory, requests per node update, reconcile latency, overhead.
+    Bench(BenchArgs),
     /// Show a table of NixOSNodes: node, revision wanted/running, phase, window, last change.
     Status {
         /// How long to wait for the API server.
@@ -150,6 +153,39 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         nixroll::sim::demo::run(opts, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    #[arg(long, default_value_t = 30_000)]
+    pods: usize,
+    /// The controller's `--max-unavailable`.
+    #[arg(long, default_value = "10")]
+    max_unavailable: String,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let opts = nixroll::sim::bench::BenchOptions {
+        nodes: args.nodes.max(1),
+        pods: args.pods,
+        max_unavailable: args.max_unavailable,
+        ..Default::default()
+    };
+    let report = runtime()?.block_on(nixroll::sim::bench::run(opts))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_max_unavailable(s: &str) -> Result<nixroll::rollout::MaxUnavailable, String> {
@@ -332,6 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => run_demo(args),
+        Command::Bench(args) => run_bench(args),
         Command::Status { timeout } => {
             init_tracing(false);
             runtime()?.block_on(async {

@@ -36,6 +36,7 @@ fn fast() -> WorldOptions {
             request_timeout: Duration::from_secs(10),
         },
         pods_per_node: 2,
+        apps: None,
     }
 }
 

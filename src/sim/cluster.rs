@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -231,7 +231,7 @@ impl SimCluster {
                 Err(e) => return Err(e),
             }
         }
-        let mut created = 0;
+        let mut pods = Vec::new();
         // A DaemonSet (the agent's), one pod per node.
         let ds_api: Api<DaemonSet> = Api::namespaced(self.client.clone(), crate::names::NAMESPACE);
         let ds: DaemonSet = from_json(json!({
@@ -255,8 +255,7 @@ impl SimCluster {
                 "nixroll-agent",
                 ("DaemonSet", "nixroll-agent", &ds_uid),
             );
-            self.create_pod(pod, true).await?;
-            created += 1;
+            pods.push(pod);
         }
         let rs_api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), WORKLOAD_NAMESPACE);
         let pdb_api: Api<PodDisruptionBudget> =
@@ -299,10 +298,16 @@ impl SimCluster {
                     &app.name,
                     ("ReplicaSet", &app.name, &rs_uid),
                 );
-                self.create_pod(pod, true).await?;
-                created += 1;
+                pods.push(pod);
             }
         }
+        let created = pods.len();
+        // Like a cluster's many kubelets: pods come up concurrently.
+        futures::stream::iter(pods)
+            .map(|pod| self.create_pod(pod, true))
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await?;
         Ok(created)
     }
 

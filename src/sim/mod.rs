@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod bench;
 pub mod demo;
 pub mod flake;
 pub mod host;

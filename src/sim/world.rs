@@ -48,8 +48,11 @@ pub struct WorldOptions {
     pub control_planes: usize,
     pub nix: NixMode,
     pub timing: Timing,
-    /// Workload pods per node (ReplicaSet `web`, PDB allows one disruption).
+    /// Workload pods per node (ReplicaSet `web`, PDB allows one disruption); ignored when
+    /// `apps` is set.
     pub pods_per_node: usize,
+    /// The workloads, instead of the one `web` app.
+    pub apps: Option<Vec<App>>,
 }
 
 impl Default for WorldOptions {
@@ -60,6 +63,7 @@ impl Default for WorldOptions {
             nix: NixMode::Auto,
             timing: Timing::default(),
             pods_per_node: 2,
+            apps: None,
         }
     }
 }
@@ -271,11 +275,13 @@ impl World {
             .map(|(n, cp, h)| (n.clone(), *cp, h.boot_id()))
             .collect();
         world.cluster.create_nodes(&node_specs).await?;
-        let apps = [App {
-            name: "web".into(),
-            replicas: opts.nodes * opts.pods_per_node,
-            min_available: Some((opts.nodes * opts.pods_per_node).saturating_sub(1) as i32),
-        }];
+        let apps = opts.apps.clone().unwrap_or_else(|| {
+            vec![App {
+                name: "web".into(),
+                replicas: opts.nodes * opts.pods_per_node,
+                min_available: Some((opts.nodes * opts.pods_per_node).saturating_sub(1) as i32),
+            }]
+        });
         world.cluster.create_workloads(&names, &apps).await?;
         for (name, control_plane, host) in hosts {
             let node = world.spawn_node(name, control_plane, host);

@@ -89,6 +89,62 @@ impl Counters {
     }
 }
 
+fn serve(
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    store: Store,
+    counters: Counters,
+) -> tokio::task::JoinHandle<()> {
+    let srv = Arc::new(http::Srv {
+        store,
+        counters,
+        address: local.to_string(),
+    });
+    let app = axum::Router::new().fallback(http::handle).with_state(srv);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "embedded API server stopped");
+        }
+    })
+}
+
+fn kubeconfig_for(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",
+        c = KUBECONFIG_CONTEXT,
+    )
+}
+
+/// A second port on the same store with its own request counters; dropping it stops it.
+pub struct Listener {
+    addr: SocketAddr,
+    counters: Counters,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Write a kubeconfig pointing at this port.
+    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, kubeconfig_for(&self.url()))
+    }
+
+    /// Requests served on this port so far.
+    pub fn request_counts(&self) -> RequestCounts {
+        self.counters.snapshot()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A running embedded API server. Dropping it (or [`ApiServer::shutdown`]) stops it.
 pub struct ApiServer {
     addr: SocketAddr,
@@ -116,17 +172,7 @@ impl ApiServer {
             .map_err(|source| ApiServerError::Bind { addr, source })?;
         let store = Store::new(opts);
         let counters = Counters::default();
-        let srv = Arc::new(http::Srv {
-            store: store.clone(),
-            counters: counters.clone(),
-            address: local.to_string(),
-        });
-        let app = axum::Router::new().fallback(http::handle).with_state(srv);
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "embedded API server stopped");
-            }
-        });
+        let task = serve(listener, local, store.clone(), counters.clone());
         tracing::debug!(%local, "embedded API server listening");
         Ok(ApiServer {
             addr: local,
@@ -148,11 +194,26 @@ impl ApiServer {
 
     /// A kubeconfig for this server: context, cluster and user `nixroll-demo`, no auth.
     pub fn kubeconfig_yaml(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",
-            c = KUBECONFIG_CONTEXT,
-            url = self.url()
-        )
+        kubeconfig_for(&self.url())
+    }
+
+    /// Serve the same store on another port with its own request counters, so one client's
+    /// requests can be told apart (the controller's in the scale benchmark).
+    pub async fn listener(&self) -> Result<Listener, ApiServerError> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ApiServerError::Bind { addr, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| ApiServerError::Bind { addr, source })?;
+        let counters = Counters::default();
+        let task = serve(listener, local, self.store.clone(), counters.clone());
+        Ok(Listener {
+            addr: local,
+            counters,
+            task,
+        })
     }
 
     /// Write [`ApiServer::kubeconfig_yaml`] to a file.

@@ -1,0 +1,333 @@
+//! `nixroll bench`: the scale benchmark. A simulated cluster of N nodes and P pods on the
+//! embedded API (real agents with the simulated store, simulated kubelets), the REAL
+//! controller binary as a child process (so its memory is its own) talking to its own port of
+//! the same API server (so its requests are counted apart), one rollout of a new kernel.
+//!
+//! Reports: controller resident memory (peak and end), controller API requests per node update
+//! by verb and resource, reconcile latency p50/p99 (from the controller's own
+//! `nixroll_reconcile_duration_seconds` histogram), orchestration overhead per node (time in
+//! disruptive phases minus the simulated reboot and pod termination), total rollout time.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::api::NixOSNode;
+use crate::sim::cluster::{App, Timing};
+use crate::sim::progress::Progress;
+use crate::sim::world::{NixMode, World, WorldError, WorldOptions};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub nodes: usize,
+    pub pods: usize,
+    /// `--max-unavailable` of the controller.
+    pub max_unavailable: String,
+    pub timing: Timing,
+    pub timeout: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            nodes: 1000,
+            pods: 30_000,
+            max_unavailable: "10".into(),
+            timing: Timing {
+                pod_termination: Duration::from_millis(100),
+                pod_startup: Duration::from_millis(200),
+                reboot: Duration::from_millis(1000),
+                request_timeout: Duration::from_secs(30),
+            },
+            timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    World(#[from] WorldError),
+    #[error("starting the controller ({0}): {1}")]
+    Spawn(String, #[source] std::io::Error),
+    #[error("{0} did not finish within {1:?}")]
+    Timeout(&'static str, Duration),
+    #[error("the controller process exited early: {0}")]
+    ControllerExited(String),
+}
+
+/// The numbers.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub nodes: usize,
+    pub pods: usize,
+    pub max_unavailable: String,
+    pub setup_seconds: f64,
+    pub adoption_seconds: f64,
+    pub rollout_seconds: f64,
+    pub controller_rss_peak_mib: f64,
+    pub controller_rss_end_mib: f64,
+    /// Controller requests during the rollout per updated node, by "verb resource".
+    pub requests_per_node: BTreeMap<String, f64>,
+    pub requests_total: u64,
+    pub reconcile_p50_ms: f64,
+    pub reconcile_p99_ms: f64,
+    pub reconciles: u64,
+    pub overhead_p50_s: f64,
+    pub overhead_p99_s: f64,
+    pub overhead_mean_s: f64,
+    pub disruption_mean_s: f64,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// VmRSS and VmHWM of a process, in KiB.
+fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// GET /metrics from the controller (plain HTTP/1.0, bounded).
+fn scrape(port: u16) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Quantile from a Prometheus histogram's cumulative buckets (linear within a bucket).
+pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)> {
+    let prefix = format!("{metric}_bucket{{");
+    let mut buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let n = l.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
+            Some((le, n))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut prev = (0.0, 0u64);
+    for &(le, n) in &buckets {
+        if n as f64 >= rank {
+            if le.is_infinite() {
+                return Some((prev.0, total));
+            }
+            let span = (n - prev.1) as f64;
+            let frac = if span > 0.0 { (rank - prev.1 as f64) / span } else { 1.0 };
+            return Some((prev.0 + (le - prev.0) * frac, total));
+        }
+        prev = (le, n);
+    }
+    Some((prev.0, total))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Run the benchmark; progress goes to stderr.
+pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    let t0 = Instant::now();
+    let per_node = opts.pods / opts.nodes.max(1);
+    // Apps of 30 replicas whose PDBs allow 3 disruptions each.
+    let apps: Vec<App> = (0..opts.pods.div_ceil(30))
+        .map(|i| App {
+            name: format!("svc-{i}"),
+            replicas: 30.min(opts.pods - i * 30),
+            min_available: Some(27.min(opts.pods - i * 30).saturating_sub(3) as i32),
+        })
+        .collect();
+    eprintln!(
+        "nixroll bench: starting {} nodes, {} pods ({per_node} per node) ...",
+        opts.nodes, opts.pods
+    );
+    let mut world = World::start(WorldOptions {
+        nodes: opts.nodes,
+        control_planes: 3.min(opts.nodes),
+        nix: NixMode::Simulated,
+        timing: opts.timing.clone(),
+        pods_per_node: per_node,
+        apps: Some(apps),
+    })
+    .await?;
+    let setup = t0.elapsed();
+    eprintln!("nixroll bench: set up in {:.1}s", setup.as_secs_f64());
+
+    // The controller: the real binary, its own port of the API.
+    let listener = world.api.listener().await.map_err(WorldError::from)?;
+    let kubeconfig = world.kubeconfig.with_file_name("controller-kubeconfig");
+    listener
+        .write_kubeconfig(&kubeconfig)
+        .map_err(|e| BenchError::Spawn("kubeconfig".into(), e))?;
+    let metrics_port = free_port().map_err(|e| BenchError::Spawn("port".into(), e))?;
+    let exe = std::env::current_exe().map_err(|e| BenchError::Spawn("current exe".into(), e))?;
+    let mut child = tokio::process::Command::new(&exe)
+        .args(["controller", "--no-leader-election", "--max-unavailable", &opts.max_unavailable])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| BenchError::Spawn(exe.display().to_string(), e))?;
+    let pid = child.id().unwrap_or(0);
+
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await?;
+    let t_adopt = Instant::now();
+    let mut progress = Progress::default();
+    follow(&world, &mut progress, &first, opts.nodes, opts.timeout, &mut child, pid, &mut 0).await?;
+    let adoption = t_adopt.elapsed();
+    eprintln!("nixroll bench: {} nodes adopted in {:.1}s", opts.nodes, adoption.as_secs_f64());
+
+    let before = listener.request_counts();
+    let metrics_before = scrape(metrics_port).unwrap_or_default();
+    let next = world.commit("new kernel", |s| {
+        s.kernel.push_str("-next");
+        s.kernel_modules.push_str("-next");
+    })?;
+    world.apply_all(&world.spec(&next)).await?;
+    for p in progress.nodes.values_mut() {
+        p.disrupted_for = Duration::ZERO;
+    }
+    let t_roll = Instant::now();
+    let mut peak = 0u64;
+    follow(&world, &mut progress, &next, opts.nodes, opts.timeout, &mut child, pid, &mut peak).await?;
+    let rollout = t_roll.elapsed();
+    let after = listener.request_counts();
+    let metrics = scrape(metrics_port).unwrap_or_default();
+    let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
+    peak = peak.max(hwm);
+    let _ = child.kill().await;
+
+    let mut per_node_requests = BTreeMap::new();
+    for ((verb, res), n) in &after.counts {
+        let was = before.get(verb, res);
+        if *n > was {
+            per_node_requests.insert(format!("{verb} {res}"), (*n - was) as f64 / opts.nodes as f64);
+        }
+    }
+    let hist = "nixroll_reconcile_duration_seconds";
+    let (p50, n_after) = histogram_quantile(&metrics, hist, 0.5).unwrap_or((0.0, 0));
+    let (p99, _) = histogram_quantile(&metrics, hist, 0.99).unwrap_or((0.0, 0));
+    let n_before = histogram_quantile(&metrics_before, hist, 0.5).map_or(0, |x| x.1);
+    let simulated = opts.timing.reboot + opts.timing.pod_termination;
+    let mut overheads: Vec<f64> = progress
+        .nodes
+        .values()
+        .map(|p| p.disrupted_for.saturating_sub(simulated).as_secs_f64())
+        .collect();
+    overheads.sort_by(f64::total_cmp);
+    let disruption_mean = progress.nodes.values().map(|p| p.disrupted_for.as_secs_f64()).sum::<f64>()
+        / opts.nodes.max(1) as f64;
+    Ok(BenchReport {
+        nodes: opts.nodes,
+        pods: opts.pods,
+        max_unavailable: opts.max_unavailable.clone(),
+        setup_seconds: setup.as_secs_f64(),
+        adoption_seconds: adoption.as_secs_f64(),
+        rollout_seconds: rollout.as_secs_f64(),
+        controller_rss_peak_mib: peak as f64 / 1024.0,
+        controller_rss_end_mib: rss_end as f64 / 1024.0,
+        requests_total: after.total() - before.total(),
+        requests_per_node: per_node_requests,
+        reconcile_p50_ms: p50 * 1000.0,
+        reconcile_p99_ms: p99 * 1000.0,
+        reconciles: n_after.saturating_sub(n_before),
+        overhead_p50_s: percentile(&overheads, 0.5),
+        overhead_p99_s: percentile(&overheads, 0.99),
+        overhead_mean_s: overheads.iter().sum::<f64>() / overheads.len().max(1) as f64,
+        disruption_mean_s: disruption_mean,
+    })
+}
+
+/// Watch NixOSNodes until all run `rev`, sampling the controller's memory once a second.
+#[allow(clippy::too_many_arguments)]
+async fn follow(
+    world: &World,
+    progress: &mut Progress,
+    rev: &str,
+    n: usize,
+    limit: Duration,
+    child: &mut tokio::process::Child,
+    pid: u32,
+    peak: &mut u64,
+) -> Result<(), BenchError> {
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let stream = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+    futures::pin_mut!(stream);
+    let mut sample = tokio::time::interval(Duration::from_secs(1));
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    let mut last_report = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err(BenchError::Timeout("the rollout", limit)),
+            status = child.wait() => {
+                return Err(BenchError::ControllerExited(format!("{status:?}")));
+            }
+            _ = sample.tick() => {
+                if let Some((rss, _)) = rss_kib(pid) {
+                    *peak = (*peak).max(rss);
+                }
+                if last_report.elapsed() >= Duration::from_secs(10) {
+                    last_report = Instant::now();
+                    let done = progress.nodes.values().filter(|p| p.revision.as_deref() == Some(rev) && p.phase == crate::api::Phase::UpToDate).count();
+                    eprintln!("nixroll bench: {done}/{n} nodes on {}", crate::api::short_revision(rev));
+                }
+            }
+            next = stream.try_next() => {
+                if let Ok(Some(o)) = next {
+                    progress.observe(&o, Instant::now());
+                    if progress.converged(rev, n) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let text = "x_bucket{le=\"0.01\"} 50\nx_bucket{le=\"0.1\"} 90\nx_bucket{le=\"1.0\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
+        let (p50, n) = histogram_quantile(text, "x", 0.5).unwrap();
+        assert_eq!(n, 100);
+        assert!((p50 - 0.01).abs() < 1e-9, "{p50}");
+        let (p95, _) = histogram_quantile(text, "x", 0.95).unwrap();
+        assert!((p95 - 0.55).abs() < 1e-9, "{p95}");
+        assert!(histogram_quantile("", "x", 0.5).is_none());
+    }
+}
