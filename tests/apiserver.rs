@@ -9,8 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent,
-    WatchParams,
+    Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
@@ -76,7 +75,9 @@ async fn set_ready(pods: &Api<Pod>, name: &str, ready: bool) {
     pods.patch_status(
         name,
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": st}]}})),
+        &Patch::Merge(
+            json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": st}]}}),
+        ),
     )
     .await
     .unwrap();
@@ -116,7 +117,11 @@ async fn crud_conflicts_and_not_found() {
             .unwrap_err(),
     );
     assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
-    assert!(e.message.contains("the object has been modified"), "{}", e.message);
+    assert!(
+        e.message.contains("the object has been modified"),
+        "{}",
+        e.message
+    );
 
     // Missing: 404 NotFound.
     let e = api_err(cms.get("missing").await.unwrap_err());
@@ -222,12 +227,14 @@ async fn server_side_apply_two_managers() {
 
     let agent = PatchParams::apply("nixroll-agent");
     let controller = PatchParams::apply("nixroll-controller");
-    let status = |s: Value| {
-        json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "n1"}, "status": s})
-    };
-    api.patch_status("n1", &agent, &Patch::Apply(status(json!({"agent": {"bootId": "b1"}}))))
-        .await
-        .unwrap();
+    let status = |s: Value| json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "n1"}, "status": s});
+    api.patch_status(
+        "n1",
+        &agent,
+        &Patch::Apply(status(json!({"agent": {"bootId": "b1"}}))),
+    )
+    .await
+    .unwrap();
     api.patch_status(
         "n1",
         &controller,
@@ -241,12 +248,20 @@ async fn server_side_apply_two_managers() {
     assert_eq!(s.message.as_deref(), Some("staging"));
 
     // The agent re-applies its part: the controller's fields stay.
-    api.patch_status("n1", &agent, &Patch::Apply(status(json!({"agent": {"bootId": "b2"}}))))
-        .await
-        .unwrap();
+    api.patch_status(
+        "n1",
+        &agent,
+        &Patch::Apply(status(json!({"agent": {"bootId": "b2"}}))),
+    )
+    .await
+    .unwrap();
     // The controller stops applying `message`: it is removed; the agent's part stays.
     let o = api
-        .patch_status("n1", &controller, &Patch::Apply(status(json!({"phase": "Waiting"}))))
+        .patch_status(
+            "n1",
+            &controller,
+            &Patch::Apply(status(json!({"phase": "Waiting"}))),
+        )
         .await
         .unwrap();
     let s = o.status.clone().unwrap();
@@ -381,7 +396,11 @@ async fn status_subresource_isolation_and_generation() {
     // PUT without resourceVersion on a custom resource is invalid.
     let mut no_rv = o.clone();
     no_rv.metadata.resource_version = None;
-    let e = api_err(api.replace("g", &PostParams::default(), &no_rv).await.unwrap_err());
+    let e = api_err(
+        api.replace("g", &PostParams::default(), &no_rv)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(e.code, 422);
 }
 
@@ -389,7 +408,11 @@ async fn status_subresource_isolation_and_generation() {
 async fn label_and_field_selectors() {
     let (_srv, client) = start().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    for (n, l) in [("a", json!({"app": "web", "tier": "fe"})), ("b", json!({"app": "db"})), ("c", json!({}))] {
+    for (n, l) in [
+        ("a", json!({"app": "web", "tier": "fe"})),
+        ("b", json!({"app": "db"})),
+        ("c", json!({})),
+    ] {
         cms.create(&PostParams::default(), &cm(n, l)).await.unwrap();
     }
     let names = |l: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
@@ -444,7 +467,10 @@ where
     S: futures::Stream<Item = Result<watcher::Event<ConfigMap>, watcher::Error>> + Unpin,
 {
     loop {
-        match tokio::time::timeout(T, s.next()).await.expect("watch event in time") {
+        match tokio::time::timeout(T, s.next())
+            .await
+            .expect("watch event in time")
+        {
             Some(Ok(ev)) => return ev,
             Some(Err(_)) => continue, // the watcher reports errors and recovers by itself
             None => panic!("watch stream ended"),
@@ -465,7 +491,9 @@ fn describe(ev: &watcher::Event<ConfigMap>) -> String {
 async fn watcher_flow(streaming: bool) {
     let (srv, client) = start().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    cms.create(&PostParams::default(), &cm("a", json!({}))).await.unwrap();
+    cms.create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
     let mut cfg = watcher::Config::default().timeout(60);
     if streaming {
         cfg = cfg.streaming_lists();
@@ -476,7 +504,9 @@ async fn watcher_flow(streaming: bool) {
         seen.push(describe(&next_event(&mut s).await));
     }
     assert_eq!(seen, vec!["Init", "InitApply a", "InitDone"]);
-    cms.create(&PostParams::default(), &cm("b", json!({}))).await.unwrap();
+    cms.create(&PostParams::default(), &cm("b", json!({})))
+        .await
+        .unwrap();
     assert_eq!(describe(&next_event(&mut s).await), "Apply b");
     cms.delete("a", &DeleteParams::default()).await.unwrap();
     assert_eq!(describe(&next_event(&mut s).await), "Delete a");
@@ -484,7 +514,9 @@ async fn watcher_flow(streaming: bool) {
     // Server restart-like drop of all watches, changes meanwhile, then compaction: the watcher's
     // resume gets 410 Gone and it relists.
     srv.store().drop_watches();
-    cms.create(&PostParams::default(), &cm("c", json!({}))).await.unwrap();
+    cms.create(&PostParams::default(), &cm("c", json!({})))
+        .await
+        .unwrap();
     cms.delete("b", &DeleteParams::default()).await.unwrap();
     srv.store().compact();
     let mut seen = Vec::new();
@@ -492,7 +524,9 @@ async fn watcher_flow(streaming: bool) {
         seen.push(describe(&next_event(&mut s).await));
     }
     assert_eq!(seen, vec!["Init", "InitApply c", "InitDone"]);
-    cms.create(&PostParams::default(), &cm("d", json!({}))).await.unwrap();
+    cms.create(&PostParams::default(), &cm("d", json!({})))
+        .await
+        .unwrap();
     assert_eq!(describe(&next_event(&mut s).await), "Apply d");
     assert!(srv.request_counts().get("watch", "configmaps") >= 2);
 }
@@ -531,28 +565,50 @@ async fn raw_watch_bookmarks_and_selector_semantics() {
         .unwrap()
         .boxed();
     // A bookmark arrives although nothing changes.
-    let ev = tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap();
+    let ev = tokio::time::timeout(T, w.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let WatchEvent::Bookmark(b) = ev else {
         panic!("expected a bookmark, got {ev:?}");
     };
     assert_eq!(b.metadata.resource_version, rv);
     // Relabel: the object stops matching, the watcher sees DELETED; matching again: ADDED.
-    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "db"}}})),
+    )
+    .await
+    .unwrap();
     let mut kinds = Vec::new();
-    while kinds.len() < 1 {
-        match tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap() {
+    while kinds.is_empty() {
+        match tokio::time::timeout(T, w.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             WatchEvent::Deleted(o) => kinds.push(format!("Deleted {}", o.name_any())),
             WatchEvent::Bookmark(_) => {}
             other => panic!("unexpected {other:?}"),
         }
     }
-    cms.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"app": "web"}}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "web"}}})),
+    )
+    .await
+    .unwrap();
     while kinds.len() < 2 {
-        match tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap() {
+        match tokio::time::timeout(T, w.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
             WatchEvent::Added(o) => kinds.push(format!("Added {}", o.name_any())),
             WatchEvent::Bookmark(_) => {}
             other => panic!("unexpected {other:?}"),
@@ -562,12 +618,13 @@ async fn raw_watch_bookmarks_and_selector_semantics() {
 
     // A watch from a compacted resourceVersion gets an ERROR event with 410.
     srv.store().compact();
-    let mut w = cms
-        .watch(&WatchParams::default(), &rv)
+    let mut w = cms.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
+    match tokio::time::timeout(T, w.try_next())
         .await
         .unwrap()
-        .boxed();
-    match tokio::time::timeout(T, w.try_next()).await.unwrap().unwrap().unwrap() {
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Error(e) => assert_eq!(e.code, 410),
         other => panic!("expected 410, got {other:?}"),
     }
@@ -634,9 +691,15 @@ async fn pod_graceful_deletion_lingers_until_kubelet_removes_it() {
     pods.create(&PostParams::default(), &pod("q", "n1", json!({})))
         .await
         .unwrap();
-    pods.delete("q", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
-        .await
-        .unwrap();
+    pods.delete(
+        "q",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..DeleteParams::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(api_err(pods.get("q").await.unwrap_err()).code, 404);
 
     // Finalizers hold an object until they are removed.
@@ -647,15 +710,23 @@ async fn pod_graceful_deletion_lingers_until_kubelet_removes_it() {
     cms.delete("f", &DeleteParams::default()).await.unwrap();
     let held = cms.get("f").await.unwrap();
     assert!(held.metadata.deletion_timestamp.is_some());
-    cms.patch("f", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
-        .await
-        .unwrap();
+    cms.patch(
+        "f",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     assert_eq!(api_err(cms.get("f").await.unwrap_err()).code, 404);
 }
 
 #[tokio::test]
 async fn eviction_respects_pod_disruption_budgets() {
-    let (_srv, client) = start().await;
+    let (srv, _) = start().await;
+    // kube's default client retries 429 internally for minutes; a drain handles 429 itself.
+    let mut config = srv.config().await.unwrap();
+    config.default_retry = false;
+    let client = Client::try_from(config).unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
     pdbs.create(
@@ -674,28 +745,63 @@ async fn eviction_respects_pod_disruption_budgets() {
     set_ready(&pods, "w1", true).await;
     set_ready(&pods, "w2", true).await;
     let st = pdbs.get("web-pdb").await.unwrap().status.unwrap();
-    assert_eq!((st.current_healthy, st.desired_healthy, st.disruptions_allowed, st.expected_pods), (2, 2, 0, 3));
+    assert_eq!(
+        (
+            st.current_healthy,
+            st.desired_healthy,
+            st.disruptions_allowed,
+            st.expected_pods
+        ),
+        (2, 2, 0, 3)
+    );
 
     let e = api_err(pods.evict("w1", &EvictParams::default()).await.unwrap_err());
     assert_eq!((e.code, e.reason.as_str()), (429, "TooManyRequests"));
-    assert_eq!(e.message, "Cannot evict pod as it would violate the pod's disruption budget.");
+    assert_eq!(
+        e.message,
+        "Cannot evict pod as it would violate the pod's disruption budget."
+    );
     let cause = &e.details.as_ref().unwrap().causes[0];
     assert!(cause.message.contains("web-pdb"), "{}", cause.message);
-    assert!(pods.get("w1").await.unwrap().metadata.deletion_timestamp.is_none());
+    assert!(
+        pods.get("w1")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_none()
+    );
 
     // A missing pod: 404.
-    assert_eq!(api_err(pods.evict("nope", &EvictParams::default()).await.unwrap_err()).code, 404);
+    assert_eq!(
+        api_err(pods.evict("nope", &EvictParams::default()).await.unwrap_err()).code,
+        404
+    );
 
     // Another pod becomes ready: one disruption allowed, the eviction succeeds.
     set_ready(&pods, "w3", true).await;
-    assert_eq!(pdbs.get("web-pdb").await.unwrap().status.unwrap().disruptions_allowed, 1);
+    assert_eq!(
+        pdbs.get("web-pdb")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .disruptions_allowed,
+        1
+    );
     pods.evict("w1", &EvictParams::default()).await.unwrap();
     let evicted = pods.get("w1").await.unwrap();
-    assert!(evicted.metadata.deletion_timestamp.is_some(), "evicted pods terminate gracefully");
+    assert!(
+        evicted.metadata.deletion_timestamp.is_some(),
+        "evicted pods terminate gracefully"
+    );
     let st = pdbs.get("web-pdb").await.unwrap().status.unwrap();
     assert_eq!((st.current_healthy, st.disruptions_allowed), (2, 0));
     // Budget used up again: the next eviction is refused; an already terminating pod evicts.
-    assert_eq!(api_err(pods.evict("w2", &EvictParams::default()).await.unwrap_err()).code, 429);
+    assert_eq!(
+        api_err(pods.evict("w2", &EvictParams::default()).await.unwrap_err()).code,
+        429
+    );
     pods.evict("w1", &EvictParams::default()).await.unwrap();
 }
 
@@ -704,7 +810,10 @@ async fn cordon_uncordon_and_lease_conflicts() {
     let (_srv, client) = start().await;
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+        )
         .await
         .unwrap();
     let n = nodes.cordon("n1").await.unwrap();
@@ -719,14 +828,29 @@ async fn cordon_uncordon_and_lease_conflicts() {
     let created = leases.create(&PostParams::default(), &l).await.unwrap();
     let mut mine = created.clone();
     mine.spec.as_mut().unwrap().holder_identity = Some("b".into());
-    leases.replace("leader", &PostParams::default(), &mine).await.unwrap();
+    leases
+        .replace("leader", &PostParams::default(), &mine)
+        .await
+        .unwrap();
     // A competitor with the old resourceVersion loses.
     let mut theirs = created;
     theirs.spec.as_mut().unwrap().holder_identity = Some("c".into());
-    let e = api_err(leases.replace("leader", &PostParams::default(), &theirs).await.unwrap_err());
+    let e = api_err(
+        leases
+            .replace("leader", &PostParams::default(), &theirs)
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(e.code, 409);
     assert_eq!(
-        leases.get("leader").await.unwrap().spec.unwrap().holder_identity.as_deref(),
+        leases
+            .get("leader")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
         Some("b")
     );
 }
@@ -737,10 +861,12 @@ async fn events_in_both_apis_share_storage() {
     let ev: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "default");
     ev.create(
         &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": "e1"}, "eventTime": "2026-01-01T00:00:00.000000Z",
+        &serde_json::from_value(
+            json!({"metadata": {"name": "e1"}, "eventTime": "2026-01-01T00:00:00.000000Z",
             "reason": "Drained", "note": "drained n1", "type": "Normal", "action": "Drain",
             "reportingController": "nixroll.io/controller", "reportingInstance": "c-1",
-            "regarding": {"kind": "NixOSNode", "name": "n1", "apiVersion": "nixroll.io/v1alpha1"}}))
+            "regarding": {"kind": "NixOSNode", "name": "n1", "apiVersion": "nixroll.io/v1alpha1"}}),
+        )
         .unwrap(),
     )
     .await
@@ -779,7 +905,10 @@ fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "kubectl {args:?} failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed:\n{stdout}\n{stderr}"
+    );
     stdout
 }
 
@@ -820,7 +949,11 @@ async fn kubectl_works_against_it() {
     })
     .await
     .unwrap();
-    assert!(outputs.0.contains("nixosnode.nixroll.io/node-1 created"), "{}", outputs.0);
+    assert!(
+        outputs.0.contains("nixosnode.nixroll.io/node-1 created"),
+        "{}",
+        outputs.0
+    );
     assert!(outputs.1.contains("unchanged"), "{}", outputs.1);
     assert!(outputs.2.contains("node-1"), "{}", outputs.2);
     assert!(outputs.2.contains("Ready"), "{}", outputs.2);
@@ -851,8 +984,14 @@ async fn kubectl_works_against_it() {
         assert!(header.contains(col), "{get}");
     }
     assert!(get.contains("Waiting") && get.contains("0123456"), "{get}");
-    assert!(yaml.contains("revision: 0123456789abcdef0123456789abcdef01234567"), "{yaml}");
+    assert!(
+        yaml.contains("revision: 0123456789abcdef0123456789abcdef01234567"),
+        "{yaml}"
+    );
     assert!(yaml.contains("phase: Waiting"), "{yaml}");
-    assert!(describe.contains("Name:") && describe.contains("node-1"), "{describe}");
+    assert!(
+        describe.contains("Name:") && describe.contains("node-1"),
+        "{describe}"
+    );
     assert!(describe.contains("Waiting"), "{describe}");
 }

@@ -311,10 +311,10 @@ pub fn remove_at(v: &mut Value, path: &[String]) {
         if let Some(m) = cur.as_object_mut() {
             m.remove(f);
         }
-    } else if let Some(p) = step(cur, last).cloned() {
-        if let Some(arr) = cur.as_array_mut() {
-            arr.retain(|i| *i != p);
-        }
+    } else if let Some(p) = step(cur, last).cloned()
+        && let Some(arr) = cur.as_array_mut()
+    {
+        arr.retain(|i| *i != p);
     }
 }
 
@@ -446,10 +446,8 @@ pub fn from_fields_v1(v: &Value) -> FieldSet {
         let Some(m) = v.as_object() else {
             return;
         };
-        if m.is_empty() || m.contains_key(".") {
-            if !prefix.is_empty() {
-                out.insert(prefix.clone());
-            }
+        if (m.is_empty() || m.contains_key(".")) && !prefix.is_empty() {
+            out.insert(prefix.clone());
         }
         for (k, c) in m {
             if k == "." {

@@ -70,17 +70,17 @@ fn parse_target(
 ) -> Result<Target, StoreError> {
     let find = |plural: &str| store.resource(&Gvr::new(group, version, plural));
     // Namespaced: namespaces/{ns}/{plural}[/{name}[/{sub}]]
-    if rest.len() >= 3 && rest[0] == "namespaces" {
-        if let Ok(info) = find(rest[2]) {
-            if info.namespaced {
-                return Ok(Target {
-                    info,
-                    ns: Some(rest[1].to_owned()),
-                    name: rest.get(3).map(|s| (*s).to_owned()),
-                    sub: rest.get(4).map(|s| (*s).to_owned()),
-                });
-            }
-        }
+    if rest.len() >= 3
+        && rest[0] == "namespaces"
+        && let Ok(info) = find(rest[2])
+        && info.namespaced
+    {
+        return Ok(Target {
+            info,
+            ns: Some(rest[1].to_owned()),
+            name: rest.get(3).map(|s| (*s).to_owned()),
+            sub: rest.get(4).map(|s| (*s).to_owned()),
+        });
     }
     let Some(plural) = rest.first() else {
         return Err(not_found(path));
@@ -232,7 +232,7 @@ fn resource_request(
         None => Subresource::Main,
         Some("status") if info.status_subresource => Subresource::Status,
         Some("eviction") if gvr.plural == "pods" && gvr.group.is_empty() => Subresource::Main,
-        Some(_) => return Err(not_found(&format!("{resource}"))),
+        Some(_) => return Err(not_found(&resource.to_string())),
     };
     let wopts = WriteOptions {
         field_manager: q.get("fieldManager").cloned().or_else(|| {
@@ -525,11 +525,10 @@ fn watch_response(
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     s.done = true;
-                    if s.bookmarks {
-                        if let Some(b) = s.bookmark() {
+                    if s.bookmarks
+                        && let Some(b) = s.bookmark() {
                             s.pending.push_back(b);
                         }
-                    }
                 }
             }
         }

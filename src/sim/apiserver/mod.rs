@@ -157,13 +157,23 @@ impl ApiServer {
         std::fs::write(path, self.kubeconfig_yaml())
     }
 
-    /// A `kube::Client` built from the kubeconfig (the real HTTP path).
-    pub async fn client(&self) -> Result<kube::Client, ApiServerError> {
+    /// The `kube::Config` the kubeconfig yields (to adjust before building a client).
+    ///
+    /// Note: kube 5's default config retries 429/503/504 responses inside the client (up to 15
+    /// times, exponential backoff from 5 ms), so an `evict` refused by a PodDisruptionBudget
+    /// only returns its 429 after minutes. Callers that handle 429 themselves (a drain with its
+    /// own backoff and timeout) want `default_retry = false`.
+    pub async fn config(&self) -> Result<kube::Config, ApiServerError> {
         let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())
             .map_err(|source| ApiServerError::Kubeconfig { source })?;
-        let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
             .await
-            .map_err(|source| ApiServerError::Kubeconfig { source })?;
+            .map_err(|source| ApiServerError::Kubeconfig { source })
+    }
+
+    /// A `kube::Client` built from the kubeconfig with kube's defaults (the real HTTP path).
+    pub async fn client(&self) -> Result<kube::Client, ApiServerError> {
+        let config = self.config().await?;
         kube::Client::try_from(config).map_err(|source| ApiServerError::Client { source })
     }
 

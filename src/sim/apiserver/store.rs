@@ -730,29 +730,28 @@ impl State {
             let gone: Vec<Gvr> = resources::from_crd(o).iter().map(|r| r.gvr.clone()).collect();
             self.resources.retain(|r| !gone.contains(&r.gvr));
         }
-        if let Some(n) = new {
-            if n["metadata"]["deletionTimestamp"].is_null() {
-                for r in resources::from_crd(n) {
-                    self.colls
-                        .entry(r.storage_key.clone())
-                        .or_insert_with(|| Collection {
-                            objects: BTreeMap::new(),
-                            history: History::new(10_000, self.rv),
-                            watchers: Watchers::default(),
-                            order: VecDeque::new(),
-                        });
-                    self.resources.push(r);
-                }
-                return;
+        if let Some(n) = new
+            && n["metadata"]["deletionTimestamp"].is_null()
+        {
+            for r in resources::from_crd(n) {
+                self.colls
+                    .entry(r.storage_key.clone())
+                    .or_insert_with(|| Collection {
+                        objects: BTreeMap::new(),
+                        history: History::new(10_000, self.rv),
+                        watchers: Watchers::default(),
+                        order: VecDeque::new(),
+                    });
+                self.resources.push(r);
             }
+            return;
         }
         // The CRD is gone (or going): its objects go with it.
-        if let Some(o) = old.or(new) {
-            if let Some(r) = resources::from_crd(o).first() {
-                if new.is_none() {
-                    self.colls.remove(&r.storage_key);
-                }
-            }
+        if let Some(o) = old.or(new)
+            && let Some(r) = resources::from_crd(o).first()
+            && new.is_none()
+        {
+            self.colls.remove(&r.storage_key);
         }
     }
 
@@ -918,24 +917,24 @@ impl State {
             });
         }
         let av = info.gvr.api_version();
-        if let Some(a) = obj["apiVersion"].as_str() {
-            if a != av {
-                return Err(StoreError::BadRequest {
-                    message: format!(
-                        "the API version in the data ({a}) does not match the expected API version ({av})"
-                    ),
-                });
-            }
+        if let Some(a) = obj["apiVersion"].as_str()
+            && a != av
+        {
+            return Err(StoreError::BadRequest {
+                message: format!(
+                    "the API version in the data ({a}) does not match the expected API version ({av})"
+                ),
+            });
         }
-        if let Some(k) = obj["kind"].as_str() {
-            if k != info.kind {
-                return Err(StoreError::BadRequest {
-                    message: format!(
-                        "the kind in the data ({k}) does not match the expected kind ({})",
-                        info.kind
-                    ),
-                });
-            }
+        if let Some(k) = obj["kind"].as_str()
+            && k != info.kind
+        {
+            return Err(StoreError::BadRequest {
+                message: format!(
+                    "the kind in the data ({k}) does not match the expected kind ({})",
+                    info.kind
+                ),
+            });
         }
         obj["apiVersion"] = json!(av);
         obj["kind"] = json!(info.kind);
@@ -1384,31 +1383,31 @@ impl State {
             return Err(not_found(info, name));
         };
         let old = view(info, &stored);
-        if let Some(uid) = dopts.uid.as_deref().filter(|u| !u.is_empty()) {
-            if uid != meta_str(&old, "uid") {
-                return Err(StoreError::Conflict {
-                    resource: info.gvr.group_resource(),
-                    name: name.to_owned(),
-                    message: format!(
-                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                        meta_str(&old, "uid")
-                    ),
-                    causes: Vec::new(),
-                });
-            }
+        if let Some(uid) = dopts.uid.as_deref().filter(|u| !u.is_empty())
+            && uid != meta_str(&old, "uid")
+        {
+            return Err(StoreError::Conflict {
+                resource: info.gvr.group_resource(),
+                name: name.to_owned(),
+                message: format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid")
+                ),
+                causes: Vec::new(),
+            });
         }
-        if let Some(rv) = dopts.resource_version.as_deref().filter(|r| !r.is_empty()) {
-            if rv != meta_str(&old, "resourceVersion") {
-                return Err(StoreError::Conflict {
-                    resource: info.gvr.group_resource(),
-                    name: name.to_owned(),
-                    message: format!(
-                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                        meta_str(&old, "resourceVersion")
-                    ),
-                    causes: Vec::new(),
-                });
-            }
+        if let Some(rv) = dopts.resource_version.as_deref().filter(|r| !r.is_empty())
+            && rv != meta_str(&old, "resourceVersion")
+        {
+            return Err(StoreError::Conflict {
+                resource: info.gvr.group_resource(),
+                name: name.to_owned(),
+                message: format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&old, "resourceVersion")
+                ),
+                causes: Vec::new(),
+            });
         }
         let is_pod = info.gvr.group.is_empty() && info.gvr.plural == "pods";
         let mut grace = 0i64;
