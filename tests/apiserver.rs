@@ -890,6 +890,17 @@ fn kubectl() -> Option<String> {
 }
 
 fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
+    let (ok, out) = run_status(kubectl, kubeconfig, args, stdin);
+    assert!(ok, "kubectl {args:?} failed:\n{out}");
+    out
+}
+
+fn run_status(
+    kubectl: &str,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String) {
     use std::io::Write;
     let mut cmd = std::process::Command::new(kubectl);
     cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
@@ -905,11 +916,11 @@ fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed:\n{stdout}\n{stderr}"
-    );
-    stdout
+    if out.status.success() {
+        (true, stdout)
+    } else {
+        (false, format!("{stdout}\n{stderr}"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -994,4 +1005,71 @@ async fn kubectl_works_against_it() {
         "{describe}"
     );
     assert!(describe.contains("Waiting"), "{describe}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_typed_clients_send_protobuf_and_drain_uses_evictions() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!("SKIPPED: kubectl not installed");
+        return;
+    };
+    let (srv, client) = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    srv.write_kubeconfig(&kc).unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for n in ["w1", "w2"] {
+        pods.create(&PostParams::default(), &pod(n, "n1", json!({"app": "web"})))
+            .await
+            .unwrap();
+        set_ready(&pods, n, true).await;
+    }
+    let k = kubectl.clone();
+    let kc2 = kc.clone();
+    let (drain_ok, drain_out) = tokio::task::spawn_blocking(move || {
+        // The pause switch of DESIGN.md: typed kubectl commands send protobuf bodies.
+        run(&k, &kc2, &["create", "namespace", "nixroll-system"], None);
+        run(
+            &k,
+            &kc2,
+            &["-n", "nixroll-system", "create", "configmap", "nixroll-pause"],
+            None,
+        );
+        run(
+            &k,
+            &kc2,
+            &["create", "pdb", "web", "--selector=app=web", "--min-available=1"],
+            None,
+        );
+        run_status(&k, &kc2, &["drain", "n1", "--force", "--timeout=4s"], None)
+    })
+    .await
+    .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "nixroll-system");
+    assert!(cms.get("nixroll-pause").await.is_ok());
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+    let pdb = pdbs.get("web").await.unwrap();
+    assert_eq!(pdb.status.unwrap().expected_pods, 2);
+    // One pod evicted (terminating, the kubelet never finishes it here), the other refused.
+    assert!(!drain_ok, "{drain_out}");
+    assert!(drain_out.contains("disruption budget"), "{drain_out}");
+    let terminating = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    assert_eq!(terminating, 1);
+    assert!(nodes.get("n1").await.unwrap().spec.unwrap().unschedulable == Some(true));
+    assert!(srv.request_counts().get("evict", "pods") >= 2);
 }

@@ -108,6 +108,9 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, StoreError> {
     if body.is_empty() {
         return Ok(Value::Null);
     }
+    if body.starts_with(b"k8s\0") {
+        return super::protobuf::decode(body);
+    }
     match serde_json::from_slice(body) {
         Ok(v) => Ok(v),
         Err(je) => {

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fields;
 pub mod http;
 pub mod pdb;
+pub mod protobuf;
 pub mod resources;
 pub mod selector;
 pub mod store;
