@@ -704,11 +704,11 @@ impl State {
         new: Option<&Value>,
     ) -> Result<(), StoreError> {
         match (info.gvr.group.as_str(), info.gvr.plural.as_str()) {
-            ("", "pods") => self.refresh_pdbs(opts, &key.0)?,
+            ("", "pods") => self.refresh_pdbs(opts, &key.0, Some((old, new)))?,
             ("policy", "poddisruptionbudgets") => {
                 let spec_changed = old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
                 if spec_changed && new.is_some() {
-                    self.refresh_pdbs(opts, &key.0)?;
+                    self.refresh_pdbs(opts, &key.0, None)?;
                 }
             }
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
@@ -794,7 +794,13 @@ impl State {
 
     /// Recompute the status of every PDB in a namespace (the disruption controller, run
     /// synchronously on every pod or PDB change).
-    fn refresh_pdbs(&mut self, opts: &StoreOptions, ns: &str) -> Result<(), StoreError> {
+    /// `pod`: the changed pod (old, new); only PDBs selecting it are recomputed.
+    fn refresh_pdbs(
+        &mut self,
+        opts: &StoreOptions,
+        ns: &str,
+        pod: Option<(Option<&Value>, Option<&Value>)>,
+    ) -> Result<(), StoreError> {
         let pdb_info = self.find(&Gvr::new("policy", "v1", "poddisruptionbudgets"))?;
         let pods_info = self.find(&Gvr::new("", "v1", "pods"))?;
         let pdbs: Vec<(Key, Arc<Value>)> = self
@@ -802,6 +808,11 @@ impl State {
             .objects
             .range((ns.to_owned(), String::new())..)
             .take_while(|(k, _)| k.0 == ns)
+            .filter(|(_, p)| {
+                pod.is_none_or(|(o, n)| {
+                    o.is_some_and(|o| pdb::selects(p, o)) || n.is_some_and(|n| pdb::selects(p, n))
+                })
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (k, p) in pdbs {
