@@ -956,6 +956,13 @@ async fn kubectl_works_against_it() {
         let apply = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
         let apply2 = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
         let get_nodes = run(&k, &kc2, &["get", "nodes"], None);
+        let bad = manifest.replace("0123456789abcdef0123456789abcdef01234567", "main");
+        let (bad_ok, bad_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&bad));
+        assert!(!bad_ok, "{bad_out}");
+        assert!(
+            bad_out.contains("spec.revision: Invalid value: \"main\": revision must be a full 40-character"),
+            "{bad_out}"
+        );
         (apply, apply2, get_nodes)
     })
     .await
@@ -1000,6 +1007,10 @@ async fn kubectl_works_against_it() {
         "{yaml}"
     );
     assert!(yaml.contains("phase: Waiting"), "{yaml}");
+    assert!(
+        yaml.contains("reboot: IfNeeded"),
+        "schema default applied: {yaml}"
+    );
     assert!(
         describe.contains("Name:") && describe.contains("node-1"),
         "{describe}"
@@ -1274,4 +1285,41 @@ async fn scale_small() {
 #[ignore]
 async fn scale_full() {
     scale(1000, 30).await;
+}
+
+#[tokio::test]
+async fn custom_resources_are_defaulted_and_validated_from_the_crd_schema() {
+    let (_srv, client) = start().await;
+    install_crd(&client).await;
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    let dynamic: Api<kube::api::DynamicObject> =
+        Api::all_with(client.clone(), &kube::api::ApiResource::erase::<NixOSNode>(&()));
+    let mut bad = nxn("v");
+    bad["spec"]["flake"] = json!("github:o/r?rev=abc");
+    bad["spec"]["reboot"] = json!("Sometimes");
+    let e = api_err(
+        dynamic
+            .create(&PostParams::default(), &serde_json::from_value(bad).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.starts_with("NixOSNode.nixroll.io \"v\" is invalid: ["),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("spec.flake"), "{}", e.message);
+    assert!(
+        e.message
+            .contains("spec.reboot: Unsupported value: \"Sometimes\""),
+        "{}",
+        e.message
+    );
+    let ok = api
+        .patch("v", &PatchParams::apply("flux"), &Patch::Apply(nxn("v")))
+        .await
+        .unwrap();
+    let raw = serde_json::to_value(&ok).unwrap();
+    assert_eq!(raw["spec"]["reboot"], "IfNeeded");
 }

@@ -264,6 +264,7 @@ fn resource_request(
                         resource: gvr.group_resource(),
                         name: String::new(),
                         message: "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan".into(),
+                        causes: Vec::new(),
                     });
                 }
                 let w = store.watch(

@@ -20,6 +20,7 @@ pub mod http;
 pub mod pdb;
 pub mod protobuf;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 pub mod store;
 pub mod table;

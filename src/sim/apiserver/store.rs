@@ -876,6 +876,7 @@ impl State {
                         "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
                         info.kind
                     ),
+                    causes: Vec::new(),
                 });
             }
             obj["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
@@ -904,6 +905,7 @@ impl State {
             obj["metadata"]["generation"] = json!(1);
         }
         self.defaults_on_create(info, &mut obj);
+        admit(info, &mut obj)?;
         let stored = unview(info, obj);
         let finished = finalize(info, None, stored, Subresource::Main, managed)?;
         let Some(finished) = finished else {
@@ -994,6 +996,7 @@ impl State {
                         "CustomResourceDefinition.apiextensions.k8s.io \"{}\" is invalid: metadata.name: Invalid value: must be spec.names.plural+\".\"+spec.group ({want})",
                         meta_str(obj, "name")
                     ),
+                    causes: Vec::new(),
                 });
             }
         }
@@ -1068,6 +1071,7 @@ impl State {
                         "{}.{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
                         info.kind, info.gvr.group
                     ),
+                    causes: Vec::new(),
                 });
             }
         } else if body_rv != meta_str(&old, "resourceVersion") {
@@ -1136,6 +1140,7 @@ impl State {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             new["metadata"]["generation"] = json!(g);
         }
+        admit(info, &mut new)?;
         let Some(new) = finalize(info, Some(old), new, sub, managed)? else {
             return Ok(old.clone());
         };
@@ -1188,6 +1193,7 @@ impl State {
                     resource: info.gvr.group_resource(),
                     name: name.to_owned(),
                     message: format!("the JSON patch could not be applied: {e}"),
+                    causes: Vec::new(),
                 })?;
             }
             Patch::Apply(_) => {}
@@ -1531,6 +1537,58 @@ impl State {
         self.delete(opts, &pods, Some(ns), name, &del)?;
         Ok(())
     }
+}
+
+/// Custom resources: schema defaults, then schema validation (422 Invalid).
+fn admit(info: &ResourceInfo, obj: &mut Value) -> Result<(), StoreError> {
+    let Some(schema) = info.schema.as_ref() else {
+        return Ok(());
+    };
+    super::schema::apply_defaults(obj, schema);
+    let mut errs = Vec::new();
+    for part in ["spec", "status"] {
+        if let Some(v) = obj.get(part) {
+            super::schema::validate(v, &schema["properties"][part], part, &mut errs);
+        }
+    }
+    if errs.is_empty() {
+        return Ok(());
+    }
+    let name = meta_str(obj, "name").to_owned();
+    let list: Vec<String> = errs
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect();
+    let joined = if list.len() == 1 {
+        list.join("")
+    } else {
+        format!("[{}]", list.join(", "))
+    };
+    let causes = errs
+        .iter()
+        .map(|e| Cause {
+            reason: if e.message.starts_with("Required") {
+                "FieldValueRequired"
+            } else if e.message.starts_with("Unsupported") {
+                "FieldValueNotSupported"
+            } else if e.message.starts_with("Too long") {
+                "FieldValueTooLong"
+            } else if e.message.starts_with("Too many") {
+                "FieldValueTooMany"
+            } else {
+                "FieldValueInvalid"
+            }
+            .into(),
+            message: e.message.clone(),
+            field: e.field.clone(),
+        })
+        .collect();
+    Err(StoreError::Invalid {
+        resource: format!("{}.{}", info.kind, info.gvr.group),
+        message: format!("{}.{} \"{name}\" is invalid: {joined}", info.kind, info.gvr.group),
+        name,
+        causes,
+    })
 }
 
 /// The object a write on `sub` produces from `old` and the client's `new`.
