@@ -12,11 +12,10 @@ pub fn apply_defaults(v: &mut Value, schema: &Value) {
         Value::Object(m) => {
             if let Some(props) = schema["properties"].as_object() {
                 for (k, s) in props {
-                    if !m.contains_key(k) {
-                        if let Some(d) = s.get("default") {
+                    if !m.contains_key(k)
+                        && let Some(d) = s.get("default") {
                             m.insert(k.clone(), d.clone());
                         }
-                    }
                     if let Some(child) = m.get_mut(k) {
                         apply_defaults(child, s);
                     }
@@ -122,8 +121,8 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
         }
         return;
     }
-    if let Some(t) = schema["type"].as_str() {
-        if !type_ok(v, t) {
+    if let Some(t) = schema["type"].as_str()
+        && !type_ok(v, t) {
             let actual = match v {
                 Value::Object(_) => "object",
                 Value::Array(_) => "array",
@@ -137,9 +136,8 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
             ));
             return;
         }
-    }
-    if let Some(en) = schema["enum"].as_array() {
-        if !en.contains(v) {
+    if let Some(en) = schema["enum"].as_array()
+        && !en.contains(v) {
             let allowed: Vec<String> = en.iter().map(show).collect();
             fail(format!(
                 "Unsupported value: {}: supported values: {}",
@@ -147,7 +145,6 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
                 allowed.join(", ")
             ));
         }
-    }
     if let Some(s) = v.as_str() {
         let n = s.chars().count() as u64;
         if let Some(max) = schema["maxLength"].as_u64().filter(|m| n > *m) {
@@ -159,16 +156,14 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
                 show(v)
             ));
         }
-        if let Some(p) = schema["pattern"].as_str() {
-            if let Ok(re) = regex::Regex::new(p) {
-                if !re.is_match(s) {
+        if let Some(p) = schema["pattern"].as_str()
+            && let Ok(re) = regex::Regex::new(p)
+                && !re.is_match(s) {
                     fail(format!(
                         "Invalid value: {}: {path} in body should match '{p}'",
                         show(v)
                     ));
                 }
-            }
-        }
     }
     if let Some(x) = v.as_f64() {
         if let Some(max) = schema["maximum"].as_f64().filter(|m| x > *m) {
@@ -198,14 +193,13 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
     }
     if let Some(m) = v.as_object() {
         for r in schema["required"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            if let Some(k) = r.as_str() {
-                if !m.contains_key(k) {
+            if let Some(k) = r.as_str()
+                && !m.contains_key(k) {
                     errs.push(FieldError {
                         field: join(path, k),
                         message: "Required value".into(),
                     });
                 }
-            }
         }
         if let Some(props) = schema["properties"].as_object() {
             for (k, child) in m {
