@@ -1323,3 +1323,65 @@ async fn custom_resources_are_defaulted_and_validated_from_the_crd_schema() {
     let raw = serde_json::to_value(&ok).unwrap();
     assert_eq!(raw["spec"]["reboot"], "IfNeeded");
 }
+
+#[tokio::test]
+async fn restart_keeps_state_and_watchers_recover() {
+    let (srv, client) = start().await;
+    let addr = srv.addr();
+    let store = srv.store();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
+    let mut s = watcher(cms.clone(), watcher::Config::default()).boxed();
+    for _ in 0..3 {
+        next_event(&mut s).await;
+    }
+    srv.shutdown().await;
+    // Down: requests fail (connection refused), not hang.
+    let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    config.default_retry = false;
+    let down: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+    assert!(tokio::time::timeout(T, down.get("a")).await.unwrap().is_err());
+    // Changed behind its back, then back on the same port with the same store.
+    store
+        .create(
+            &Gvr::new("", "v1", "configmaps"),
+            Some("default"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}),
+            &Default::default(),
+        )
+        .unwrap();
+    let _srv2 = ApiServer::start_on(addr, store).await.unwrap();
+    assert_eq!(describe(&next_event(&mut s).await), "Apply b");
+    assert!(cms.get("a").await.is_ok());
+}
+
+#[tokio::test]
+async fn events_are_bounded() {
+    let (_srv, client) = start_with(StoreOptions {
+        event_limit: 3,
+        ..StoreOptions::default()
+    })
+    .await;
+    let ev: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    for i in 0..5 {
+        ev.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": format!("e{i}")},
+                "involvedObject": {"kind": "Node", "name": "n1"}, "reason": "R", "message": "m"}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let names: Vec<String> = ev
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|e| e.name_any())
+        .collect();
+    assert_eq!(names, vec!["e2", "e3", "e4"]);
+}

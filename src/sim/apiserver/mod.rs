@@ -97,6 +97,7 @@ pub struct ApiServer {
     store: Store,
     counters: Counters,
     task: Option<tokio::task::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl ApiServer {
@@ -107,13 +108,18 @@ impl ApiServer {
 
     /// Start with explicit store options (history length, watch buffer, bookmark interval).
     pub async fn start_with(addr: SocketAddr, opts: StoreOptions) -> Result<ApiServer, ApiServerError> {
+        ApiServer::start_on(addr, Store::new(opts)).await
+    }
+
+    /// Serve an existing store (e.g. to restart the server on the same port after
+    /// [`ApiServer::shutdown`], as an API server restart: state kept, watches dropped).
+    pub async fn start_on(addr: SocketAddr, store: Store) -> Result<ApiServer, ApiServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ApiServerError::Bind { addr, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| ApiServerError::Bind { addr, source })?;
-        let store = Store::new(opts);
         let counters = Counters::default();
         let srv = Arc::new(http::Srv {
             store: store.clone(),
@@ -121,8 +127,12 @@ impl ApiServer {
             address: local.to_string(),
         });
         let app = axum::Router::new().fallback(http::handle).with_state(srv);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            });
+            if let Err(e) = serve.await {
                 tracing::error!(error = %e, "embedded API server stopped");
             }
         });
@@ -132,6 +142,7 @@ impl ApiServer {
             store,
             counters,
             task: Some(task),
+            stop: Some(stop_tx),
         })
     }
 
@@ -189,14 +200,24 @@ impl ApiServer {
         self.counters.snapshot()
     }
 
-    /// Stop serving: the listener closes and every open watch ends.
-    pub fn shutdown(mut self) {
+    /// Stop serving and wait (at most 5 s) until the port is free: the listener closes, open
+    /// watches end, idle connections close. The store stays usable ([`ApiServer::start_on`]).
+    pub async fn shutdown(mut self) {
         self.stop();
+        if let Some(t) = self.task.take() {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
     }
 
     fn stop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
         }
         self.store.drop_watches();
     }

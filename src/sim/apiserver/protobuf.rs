@@ -258,9 +258,10 @@ pub fn decode(body: &[u8]) -> Result<Value, StoreError> {
     for (n, f) in fields(raw)? {
         let Field::Bytes(x) = f else {
             if let (4 | 5, Field::Varint(v)) = (n, &f)
-                && (kind == "ConfigMap" && n == 4 || kind == "Secret" && n == 5) {
-                    obj["immutable"] = json!(*v != 0);
-                }
+                && (kind == "ConfigMap" && n == 4 || kind == "Secret" && n == 5)
+            {
+                obj["immutable"] = json!(*v != 0);
+            }
             continue;
         };
         match (kind.as_str(), n) {

@@ -13,9 +13,10 @@ pub fn apply_defaults(v: &mut Value, schema: &Value) {
             if let Some(props) = schema["properties"].as_object() {
                 for (k, s) in props {
                     if !m.contains_key(k)
-                        && let Some(d) = s.get("default") {
-                            m.insert(k.clone(), d.clone());
-                        }
+                        && let Some(d) = s.get("default")
+                    {
+                        m.insert(k.clone(), d.clone());
+                    }
                     if let Some(child) = m.get_mut(k) {
                         apply_defaults(child, s);
                     }
@@ -122,29 +123,31 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
         return;
     }
     if let Some(t) = schema["type"].as_str()
-        && !type_ok(v, t) {
-            let actual = match v {
-                Value::Object(_) => "object",
-                Value::Array(_) => "array",
-                Value::String(_) => "string",
-                Value::Number(_) => "number",
-                Value::Bool(_) => "boolean",
-                Value::Null => "null",
-            };
-            fail(format!(
-                "Invalid value: \"{actual}\": {path} in body must be of type {t}: \"{actual}\""
-            ));
-            return;
-        }
+        && !type_ok(v, t)
+    {
+        let actual = match v {
+            Value::Object(_) => "object",
+            Value::Array(_) => "array",
+            Value::String(_) => "string",
+            Value::Number(_) => "number",
+            Value::Bool(_) => "boolean",
+            Value::Null => "null",
+        };
+        fail(format!(
+            "Invalid value: \"{actual}\": {path} in body must be of type {t}: \"{actual}\""
+        ));
+        return;
+    }
     if let Some(en) = schema["enum"].as_array()
-        && !en.contains(v) {
-            let allowed: Vec<String> = en.iter().map(show).collect();
-            fail(format!(
-                "Unsupported value: {}: supported values: {}",
-                show(v),
-                allowed.join(", ")
-            ));
-        }
+        && !en.contains(v)
+    {
+        let allowed: Vec<String> = en.iter().map(show).collect();
+        fail(format!(
+            "Unsupported value: {}: supported values: {}",
+            show(v),
+            allowed.join(", ")
+        ));
+    }
     if let Some(s) = v.as_str() {
         let n = s.chars().count() as u64;
         if let Some(max) = schema["maxLength"].as_u64().filter(|m| n > *m) {
@@ -158,12 +161,13 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
         }
         if let Some(p) = schema["pattern"].as_str()
             && let Ok(re) = regex::Regex::new(p)
-                && !re.is_match(s) {
-                    fail(format!(
-                        "Invalid value: {}: {path} in body should match '{p}'",
-                        show(v)
-                    ));
-                }
+            && !re.is_match(s)
+        {
+            fail(format!(
+                "Invalid value: {}: {path} in body should match '{p}'",
+                show(v)
+            ));
+        }
     }
     if let Some(x) = v.as_f64() {
         if let Some(max) = schema["maximum"].as_f64().filter(|m| x > *m) {
@@ -194,12 +198,13 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
     if let Some(m) = v.as_object() {
         for r in schema["required"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
             if let Some(k) = r.as_str()
-                && !m.contains_key(k) {
-                    errs.push(FieldError {
-                        field: join(path, k),
-                        message: "Required value".into(),
-                    });
-                }
+                && !m.contains_key(k)
+            {
+                errs.push(FieldError {
+                    field: join(path, k),
+                    message: "Required value".into(),
+                });
+            }
         }
         if let Some(props) = schema["properties"].as_object() {
             for (k, child) in m {
