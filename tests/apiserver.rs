@@ -1385,3 +1385,30 @@ async fn events_are_bounded() {
         .collect();
     assert_eq!(names, vec!["e2", "e3", "e4"]);
 }
+
+#[tokio::test]
+async fn metadata_only_get_list_and_watch() {
+    let (_srv, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("m", "n1", json!({"app": "x"})))
+        .await
+        .unwrap();
+    let meta = pods.get_metadata("m").await.unwrap();
+    assert_eq!(meta.metadata.labels.unwrap().get("app").unwrap(), "x");
+    let list = pods.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let mut s = kube::runtime::metadata_watcher(pods.clone(), watcher::Config::default()).boxed();
+    let mut names = Vec::new();
+    while names.len() < 2 {
+        match tokio::time::timeout(T, s.next()).await.unwrap().unwrap().unwrap() {
+            watcher::Event::InitApply(o) | watcher::Event::Apply(o) => names.push(o.name_any()),
+            watcher::Event::InitDone => {
+                pods.create(&PostParams::default(), &pod("n", "n1", json!({})))
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(names, vec!["m", "n"]);
+}

@@ -97,11 +97,35 @@ fn parse_target(
     })
 }
 
-fn wants_table(headers: &HeaderMap) -> bool {
-    headers
+/// What the client asked to receive (`Accept`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// The objects.
+    Full,
+    /// `as=Table` (kubectl).
+    Table,
+    /// `as=PartialObjectMetadata[List]` (kube's metadata watchers).
+    Meta,
+}
+
+fn shape(headers: &HeaderMap) -> Shape {
+    let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("as=Table"))
+        .unwrap_or("");
+    // The first acceptable form wins, as the client lists its preference first.
+    let first = accept.split(',').next().unwrap_or("");
+    if first.contains("as=Table") {
+        Shape::Table
+    } else if first.contains("as=PartialObjectMetadata") {
+        Shape::Meta
+    } else {
+        Shape::Full
+    }
+}
+
+fn partial(o: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]})
 }
 
 fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, StoreError> {
@@ -147,14 +171,14 @@ pub async fn handle(
     let path = uri.path().to_owned();
     match route(&srv, &method, &path, &headers, &q, &body) {
         Ok(Routed::Response(r)) => r,
-        Ok(Routed::Watch(w, target, table_mode)) => watch_response(&srv, w, target, table_mode, &q),
+        Ok(Routed::Watch(w, target, shape)) => watch_response(&srv, w, target, shape, &q),
         Err(e) => error_response(&e),
     }
 }
 
 enum Routed {
     Response(Response),
-    Watch(Watch, Arc<ResourceInfo>, bool),
+    Watch(Watch, Arc<ResourceInfo>, Shape),
 }
 
 fn ok(v: &Value) -> Result<Routed, StoreError> {
@@ -251,7 +275,8 @@ fn resource_request(
         label_selector: q.get("labelSelector").cloned(),
         field_selector: q.get("fieldSelector").cloned(),
     };
-    let table_mode = wants_table(headers);
+    let shape = shape(headers);
+    let table_mode = shape == Shape::Table;
     match (method, &t.name) {
         (&Method::GET, None) => {
             if bool_param(q, "watch") {
@@ -276,7 +301,7 @@ fn resource_request(
                         send_initial_events,
                     },
                 )?;
-                return Ok(Routed::Watch(w, info, table_mode));
+                return Ok(Routed::Watch(w, info, shape));
             }
             srv.counters.bump("list", &resource);
             let list = store.list(gvr, ns, &list_opts)?;
@@ -287,6 +312,15 @@ fn resource_request(
                     true,
                     Some(list.resource_version),
                 ));
+            }
+            if shape == Shape::Meta {
+                let items: Vec<Value> = list.items.iter().map(|i| partial(i)).collect();
+                return ok(&json!({
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": {"resourceVersion": list.resource_version.to_string()},
+                    "items": items,
+                }));
             }
             let items: Vec<&Value> = list.items.iter().map(|i| i.as_ref()).collect();
             ok(&json!({
@@ -301,6 +335,9 @@ fn resource_request(
             let obj = store.get(gvr, ns, name)?;
             if table_mode {
                 return ok(&table::table(&info, &[Arc::new(obj)], true, None));
+            }
+            if shape == Shape::Meta {
+                return ok(&partial(&obj));
             }
             ok(&obj)
         }
@@ -395,6 +432,7 @@ struct Streaming {
     store: Store,
     info: Arc<ResourceInfo>,
     table: bool,
+    meta: bool,
     headers_sent: bool,
     bookmarks: bool,
     interval: Duration,
@@ -415,6 +453,8 @@ impl Streaming {
                     let mut t = t;
                     t["metadata"]["resourceVersion"] = o["metadata"]["resourceVersion"].clone();
                     t
+                } else if self.meta {
+                    partial(o)
                 } else {
                     (**o).clone()
                 }
@@ -467,7 +507,7 @@ fn watch_response(
     srv: &Srv,
     watch: Watch,
     info: Arc<ResourceInfo>,
-    table_mode: bool,
+    shape: Shape,
     q: &HashMap<String, String>,
 ) -> Response {
     let timeout = q
@@ -480,9 +520,10 @@ fn watch_response(
         watch,
         store: srv.store.clone(),
         info,
-        table: table_mode,
+        table: shape == Shape::Table,
+        meta: shape == Shape::Meta,
         headers_sent: false,
-        bookmarks: bool_param(q, "allowWatchBookmarks") && !table_mode,
+        bookmarks: bool_param(q, "allowWatchBookmarks") && shape != Shape::Table,
         interval,
         next_bookmark: now + interval,
         deadline: now + Duration::from_secs(timeout),
