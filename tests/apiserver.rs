@@ -1397,7 +1397,8 @@ async fn metadata_only_get_list_and_watch() {
     assert_eq!(meta.metadata.labels.unwrap().get("app").unwrap(), "x");
     let list = pods.list_metadata(&ListParams::default()).await.unwrap();
     assert_eq!(list.items.len(), 1);
-    let mut s = kube::runtime::metadata_watcher(pods.clone(), watcher::Config::default()).boxed();
+    let meta_api: Api<kube::core::PartialObjectMeta<Pod>> = Api::namespaced(client.clone(), "default");
+    let mut s = watcher(meta_api, watcher::Config::default()).boxed();
     let mut names = Vec::new();
     while names.len() < 2 {
         match tokio::time::timeout(T, s.next()).await.unwrap().unwrap().unwrap() {
