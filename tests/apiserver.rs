@@ -959,6 +959,10 @@ async fn kubectl_works_against_it() {
         let bad = manifest.replace("0123456789abcdef0123456789abcdef01234567", "main");
         let (bad_ok, bad_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&bad));
         assert!(!bad_ok, "{bad_out}");
+        let typo = manifest.replace("spec:\n", "spec:\n  bogus: 1\n");
+        let (typo_ok, typo_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&typo));
+        assert!(!typo_ok, "{typo_out}");
+        assert!(typo_out.contains("unknown field \"spec.bogus\""), "{typo_out}");
         assert!(
             bad_out.contains("spec.revision: Invalid value: \"main\": revision must be a full 40-character"),
             "{bad_out}"
@@ -1322,6 +1326,15 @@ async fn custom_resources_are_defaulted_and_validated_from_the_crd_schema() {
         .unwrap();
     let raw = serde_json::to_value(&ok).unwrap();
     assert_eq!(raw["spec"]["reboot"], "IfNeeded");
+    // Unknown fields are pruned (kubectl's fieldValidation=Strict makes them an error, below).
+    let mut extra = nxn("w");
+    extra["spec"]["bogus"] = json!(1);
+    extra["status"] = json!({"phase": "Waiting", "agent": {"nope": true}});
+    let created = dynamic
+        .create(&PostParams::default(), &serde_json::from_value(extra).unwrap())
+        .await
+        .unwrap();
+    assert!(created.data["spec"].get("bogus").is_none(), "{:?}", created.data);
 }
 
 #[tokio::test]

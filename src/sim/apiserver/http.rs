@@ -270,7 +270,13 @@ fn resource_request(
                 .map(str::to_owned)
         }),
         force: bool_param(q, "force"),
+        strict: q.get("fieldValidation").map(String::as_str) == Some("Strict"),
     };
+    if q.get("dryRun").is_some_and(|d| !d.is_empty()) {
+        return Err(StoreError::BadRequest {
+            message: "dryRun is not supported by the embedded API server".into(),
+        });
+    }
     let list_opts = ListOptions {
         label_selector: q.get("labelSelector").cloned(),
         field_selector: q.get("fieldSelector").cloned(),

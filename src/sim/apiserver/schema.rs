@@ -6,6 +6,40 @@
 
 use serde_json::Value;
 
+/// Drop fields the schema does not declare (structural pruning), recording their paths.
+pub fn prune(v: &mut Value, schema: &Value, path: &str, pruned: &mut Vec<String>) {
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
+    match v {
+        Value::Object(m) => {
+            if let Some(props) = schema["properties"].as_object() {
+                if !preserve {
+                    let unknown: Vec<String> =
+                        m.keys().filter(|k| !props.contains_key(*k)).cloned().collect();
+                    for k in unknown {
+                        m.remove(&k);
+                        pruned.push(join(path, &k));
+                    }
+                }
+                for (k, child) in m.iter_mut() {
+                    if let Some(s) = props.get(k) {
+                        prune(child, s, &join(path, k), pruned);
+                    }
+                }
+            } else if schema["additionalProperties"].is_object() {
+                for (k, child) in m.iter_mut() {
+                    prune(child, &schema["additionalProperties"], &join(path, k), pruned);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                prune(item, &schema["items"], &format!("{path}[{i}]"), pruned);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Fill in schema defaults where a field is absent (recursively, into present values).
 pub fn apply_defaults(v: &mut Value, schema: &Value) {
     match v {

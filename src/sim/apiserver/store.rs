@@ -86,6 +86,9 @@ pub struct WriteOptions {
     pub field_manager: Option<String>,
     /// `force` (apply only): take ownership of conflicting fields.
     pub force: bool,
+    /// `fieldValidation=Strict`: unknown fields of custom resources are an error (otherwise
+    /// they are pruned silently, as with `Warn`/`Ignore`).
+    pub strict: bool,
 }
 
 impl WriteOptions {
@@ -93,7 +96,7 @@ impl WriteOptions {
     pub fn manager(name: &str) -> WriteOptions {
         WriteOptions {
             field_manager: Some(name.to_owned()),
-            force: false,
+            ..WriteOptions::default()
         }
     }
 }
@@ -159,6 +162,8 @@ struct Collection {
 
 struct State {
     rv: u64,
+    /// `fieldValidation=Strict` of the write in progress (the lock is held for the whole write).
+    strict: bool,
     resources: Vec<Arc<ResourceInfo>>,
     colls: HashMap<String, Collection>,
 }
@@ -272,6 +277,7 @@ impl Store {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     rv: 1,
+                    strict: false,
                     resources,
                     colls,
                 }),
@@ -353,6 +359,7 @@ impl Store {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
         let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        st.strict = opts.strict;
         st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager))
     }
 
@@ -368,6 +375,7 @@ impl Store {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
         let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        st.strict = opts.strict;
         st.update(&self.inner.opts, &info, ns, obj, sub, &manager)
     }
 
@@ -383,6 +391,7 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
+        st.strict = opts.strict;
         st.patch(&self.inner.opts, &info, ns, name, patch, sub, opts)
     }
 
@@ -905,7 +914,7 @@ impl State {
             obj["metadata"]["generation"] = json!(1);
         }
         self.defaults_on_create(info, &mut obj);
-        admit(info, &mut obj)?;
+        admit(info, &mut obj, self.strict)?;
         let stored = unview(info, obj);
         let finished = finalize(info, None, stored, Subresource::Main, managed)?;
         let Some(finished) = finished else {
@@ -1140,7 +1149,7 @@ impl State {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             new["metadata"]["generation"] = json!(g);
         }
-        admit(info, &mut new)?;
+        admit(info, &mut new, self.strict)?;
         let Some(new) = finalize(info, Some(old), new, sub, managed)? else {
             return Ok(old.clone());
         };
@@ -1540,10 +1549,37 @@ impl State {
 }
 
 /// Custom resources: schema defaults, then schema validation (422 Invalid).
-fn admit(info: &ResourceInfo, obj: &mut Value) -> Result<(), StoreError> {
+fn admit(info: &ResourceInfo, obj: &mut Value, strict: bool) -> Result<(), StoreError> {
     let Some(schema) = info.schema.as_ref() else {
         return Ok(());
     };
+    let mut pruned = Vec::new();
+    if let Some(m) = obj.as_object_mut() {
+        for (k, v) in m.iter_mut() {
+            if k != "metadata" && k != "apiVersion" && k != "kind" {
+                super::schema::prune(v, &schema["properties"][k.as_str()], k, &mut pruned);
+            }
+        }
+        let props = schema["properties"].as_object();
+        let unknown: Vec<String> = m
+            .keys()
+            .filter(|k| {
+                !matches!(k.as_str(), "metadata" | "apiVersion" | "kind")
+                    && props.is_some_and(|p| !p.contains_key(*k))
+            })
+            .cloned()
+            .collect();
+        for k in unknown {
+            m.remove(&k);
+            pruned.push(k);
+        }
+    }
+    if strict && !pruned.is_empty() {
+        let list: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+        return Err(StoreError::BadRequest {
+            message: format!("strict decoding error: {}", list.join(", ")),
+        });
+    }
     super::schema::apply_defaults(obj, schema);
     let mut errs = Vec::new();
     for part in ["spec", "status"] {
