@@ -1426,3 +1426,40 @@ async fn metadata_only_get_list_and_watch() {
     }
     assert_eq!(names, vec!["m", "n"]);
 }
+
+#[tokio::test]
+async fn kube_event_recorder_creates_then_patches_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (_srv, client) = start().await;
+    install_crd(&client).await;
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    let o = api
+        .patch("n1", &PatchParams::apply("flux"), &Patch::Apply(nxn("n1")))
+        .await
+        .unwrap();
+    let rec = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "nixroll-controller".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Cordoned".into(),
+        note: Some("cordoned n1".into()),
+        action: "Cordon".into(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(&o, &());
+    rec.publish(&ev, &reference).await.unwrap();
+    rec.publish(&ev, &reference).await.unwrap();
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
+    let l = core
+        .list(&ListParams::default().fields("involvedObject.name=n1"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 1, "the second publish patches the first event");
+    assert_eq!(l.items[0].reason.as_deref(), Some("Cordoned"));
+    assert_eq!(l.items[0].series.as_ref().and_then(|s| s.count), Some(2));
+}
