@@ -1463,3 +1463,19 @@ async fn kube_event_recorder_creates_then_patches_series() {
     assert_eq!(l.items[0].reason.as_deref(), Some("Cordoned"));
     assert_eq!(l.items[0].series.as_ref().and_then(|s| s.count), Some(2));
 }
+
+#[tokio::test]
+async fn secret_string_data_is_folded_into_data() {
+    let (_srv, client) = start().await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), "default");
+    let s = secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"token": "hello"}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(s.string_data.is_none());
+    assert_eq!(s.data.unwrap().get("token").unwrap().0, b"hello".to_vec());
+}

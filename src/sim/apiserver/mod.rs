@@ -7,6 +7,28 @@
 //! graceful pod deletion and finalizers, the Eviction subresource with PodDisruptionBudgets,
 //! discovery and Table output for kubectl, and CRDs served from their CRD objects.
 //!
+//! Where it deliberately differs from kube-apiserver (all harmless for nixroll, see the tests):
+//! - strategic-merge patch is a merge patch plus a table of merge keys (`conditions` by `type`,
+//!   `containers` by `name`, ...); server-side apply uses the same table for built-in kinds and
+//!   the CRD schema (`x-kubernetes-list-type`/`-map-keys`) for custom resources;
+//! - CRD admission: structural pruning, defaults, OpenAPI checks and only the CEL rules
+//!   `self.matches('re')`, `self.a == self.b`, `self.a != self.b` (others are not evaluated);
+//! - `limit` is ignored (all items, no `continue`: allowed by the API), lists always serve the
+//!   latest state (`resourceVersionMatch` is not needed), `dryRun` is refused (400);
+//! - no controllers besides a synchronous disruption controller (PDB status); `expectedPods`
+//!   counts the pods the selector matches; deleting a namespace deletes its objects at once;
+//! - protobuf request bodies (kubectl's typed clients) are read for ConfigMap, Secret,
+//!   Namespace, PodDisruptionBudget, Eviction and DeleteOptions; answers are always JSON;
+//! - no aggregated discovery (kubectl falls back) and no `/openapi/v2`; `/openapi/v3` lists
+//!   PATCH operations with `fieldValidation`, so `kubectl apply` validates on the server and
+//!   needs no `--validate=false`.
+//!
+//! Client-side facts worth knowing (the real server behaves the same): kube 5's default client
+//! retries 429 responses internally (up to 15 times with exponential backoff), so an eviction
+//! refused by a PDB surfaces only after minutes unless `Config::default_retry` is false; and
+//! `Api::evict` sends its delete options as `delete_options`, which the server ignores, so
+//! `EvictParams`' grace period does not apply (the pod's own grace period does).
+//!
 //! Map: [`store`] (objects, write semantics, eviction), [`watch`] (watchers, history),
 //! [`fields`] (server-side apply field sets, merge/strategic patches), [`selector`],
 //! [`pdb`] (disruption arithmetic), [`resources`] (what is served), [`convert`] (version

@@ -61,7 +61,8 @@ fn string(b: &[u8]) -> Value {
     Value::String(String::from_utf8_lossy(b).into_owned())
 }
 
-fn base64(b: &[u8]) -> String {
+/// Standard base64 (with padding), as JSON carries `[]byte`.
+pub fn base64(b: &[u8]) -> String {
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for chunk in b.chunks(3) {

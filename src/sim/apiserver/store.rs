@@ -1548,8 +1548,25 @@ impl State {
     }
 }
 
+/// Secrets: `stringData` is write-only; the server merges it into `data` (base64).
+fn fold_string_data(info: &ResourceInfo, obj: &mut Value) {
+    if !(info.gvr.group.is_empty() && info.gvr.plural == "secrets") {
+        return;
+    }
+    let Some(sd) = obj.as_object_mut().and_then(|m| m.remove("stringData")) else {
+        return;
+    };
+    if let Some(sd) = sd.as_object() {
+        for (k, v) in sd {
+            let text = v.as_str().unwrap_or("");
+            obj["data"][k] = json!(super::protobuf::base64(text.as_bytes()));
+        }
+    }
+}
+
 /// Custom resources: schema defaults, then schema validation (422 Invalid).
 fn admit(info: &ResourceInfo, obj: &mut Value, strict: bool) -> Result<(), StoreError> {
+    fold_string_data(info, obj);
     let Some(schema) = info.schema.as_ref() else {
         return Ok(());
     };
