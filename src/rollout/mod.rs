@@ -174,7 +174,12 @@ pub struct ClusterState {
 
 /// The admission gate: which nodes in `Waiting` may take a disruption slot now. Nodes already
 /// holding a slot keep it and are not listed. Never returns more than the budget allows.
-pub fn admit(nodes: &[NodeView<'_>], cluster: &ClusterState, policy: &Policy, now: Timestamp) -> Vec<String> {
+pub fn admit(
+    nodes: &[NodeView<'_>],
+    cluster: &ClusterState,
+    policy: &Policy,
+    now: Timestamp,
+) -> Vec<String> {
     let _ = (nodes, cluster, policy, now);
     Vec::new()
 }
