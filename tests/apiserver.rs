@@ -123,6 +123,19 @@ async fn crud_conflicts_and_not_found() {
         e.message
     );
 
+    // Invalid names: 422.
+    let e = api_err(
+        cms.create(&PostParams::default(), &cm("Not_Valid", json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.contains("metadata.name: Invalid value"),
+        "{}",
+        e.message
+    );
+
     // Missing: 404 NotFound.
     let e = api_err(cms.get("missing").await.unwrap_err());
     assert_eq!((e.code, e.reason.as_str()), (404, "NotFound"));

@@ -990,6 +990,24 @@ impl State {
     }
 
     fn validate(&self, info: &ResourceInfo, obj: &Value) -> Result<(), StoreError> {
+        let name = meta_str(obj, "name");
+        if let Some(problem) = name_problem(name, info.gvr.plural == "namespaces") {
+            return Err(StoreError::Invalid {
+                resource: format!("{}.{}", info.kind, info.gvr.group)
+                    .trim_end_matches('.')
+                    .to_owned(),
+                name: name.to_owned(),
+                message: format!(
+                    "{} \"{name}\" is invalid: metadata.name: Invalid value: \"{name}\": {problem}",
+                    info.kind
+                ),
+                causes: vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!("Invalid value: \"{name}\": {problem}"),
+                    field: "metadata.name".into(),
+                }],
+            });
+        }
         if info.gvr.plural == "customresourcedefinitions" {
             let spec = &obj["spec"];
             let want = format!(
@@ -1545,6 +1563,33 @@ impl State {
         }
         self.delete(opts, &pods, Some(ns), name, &del)?;
         Ok(())
+    }
+}
+
+/// Why a name is not a valid RFC 1123 subdomain (or, for namespaces, label); None when valid.
+fn name_problem(name: &str, label: bool) -> Option<String> {
+    let max = if label { 63 } else { 253 };
+    if name.len() > max {
+        return Some(format!("must be no more than {max} characters"));
+    }
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    let ok = if label {
+        part_ok(name)
+    } else {
+        name.split('.').all(part_ok)
+    };
+    if ok {
+        None
+    } else if label {
+        Some("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')".into())
+    } else {
+        Some("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')".into())
     }
 }
 
