@@ -443,6 +443,14 @@ async fn label_and_field_selectors() {
         let l = cms.list(&ListParams::default().labels(sel)).await.unwrap();
         assert_eq!(names(l), want, "{sel}");
     }
+    // deletecollection honours the selector.
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("app=nothing"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cms.list(&ListParams::default()).await.unwrap().items.len(), 3);
     let l = cms
         .list(&ListParams::default().fields("metadata.name=b"))
         .await
@@ -453,6 +461,14 @@ async fn label_and_field_selectors() {
         .await
         .unwrap();
     assert_eq!(names(l), vec!["a", "c"]);
+
+    cms.delete_collection(&DeleteParams::default(), &ListParams::default().labels("app=db"))
+        .await
+        .unwrap();
+    assert_eq!(
+        names(cms.list(&ListParams::default()).await.unwrap()),
+        vec!["a", "c"]
+    );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.create(&PostParams::default(), &pod("p1", "n1", json!({})))

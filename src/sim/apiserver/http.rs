@@ -399,6 +399,35 @@ fn resource_request(
             };
             ok(&store.patch(gvr, ns, name, &patch, sub, &wopts)?)
         }
+        (&Method::DELETE, None) => {
+            srv.counters.bump("deletecollection", &resource);
+            let b = parse_body(headers, body)?;
+            let grace = q
+                .get("gracePeriodSeconds")
+                .and_then(|g| g.parse().ok())
+                .or(b["gracePeriodSeconds"].as_i64());
+            let list = store.list(gvr, ns, &list_opts)?;
+            let mut items = Vec::new();
+            for o in &list.items {
+                let name = o["metadata"]["name"].as_str().unwrap_or("");
+                let ons = o["metadata"]["namespace"].as_str();
+                let dopts = DeleteOptions {
+                    grace_period_seconds: grace,
+                    ..DeleteOptions::default()
+                };
+                match store.delete(gvr, ons, name, &dopts) {
+                    Ok(Deleted::Gone(v) | Deleted::Pending(v)) => items.push(v),
+                    Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            ok(&json!({
+                "kind": format!("{}List", info.kind),
+                "apiVersion": gvr.api_version(),
+                "metadata": {"resourceVersion": store.resource_version().to_string()},
+                "items": items,
+            }))
+        }
         (&Method::DELETE, Some(name)) => {
             srv.counters.bump("delete", &resource);
             let b = parse_body(headers, body)?;
