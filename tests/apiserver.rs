@@ -1508,3 +1508,44 @@ async fn secret_string_data_is_folded_into_data() {
     assert!(s.string_data.is_none());
     assert_eq!(s.data.unwrap().get("token").unwrap().0, b"hello".to_vec());
 }
+
+#[tokio::test]
+async fn typed_in_process_store_api_matches_http() {
+    use nixroll::sim::apiserver::{ListOptions, Patch as SPatch, Subresource, WriteOptions};
+    let (srv, client) = start().await;
+    let store = srv.store();
+    let w = WriteOptions::manager("kubelet");
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
+    let created = store.create_as(&node, &w).unwrap();
+    assert!(created.metadata.uid.is_some());
+    let mut n = store.get_as::<Node>(None, "n1").unwrap();
+    n.status = Some(serde_json::from_value(json!({"nodeInfo": {"bootID": "b1", "machineID": "", "systemUUID": "",
+        "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "", "kubeProxyVersion": "",
+        "operatingSystem": "linux", "architecture": "amd64"}})).unwrap());
+    store.update_as(&n, Subresource::Status, &w).unwrap();
+    // Stale update through the store: 409 as over HTTP.
+    let e = store.update_as(&n, Subresource::Status, &w).unwrap_err();
+    assert_eq!(e.code(), 409);
+    let patched: Node = store
+        .patch_as(
+            None,
+            "n1",
+            &SPatch::Merge(json!({"spec": {"unschedulable": true}})),
+            Subresource::Main,
+            &w,
+        )
+        .unwrap();
+    assert_eq!(patched.spec.unwrap().unschedulable, Some(true));
+    // Seen over HTTP too.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let over_http = nodes.get("n1").await.unwrap();
+    assert_eq!(over_http.status.unwrap().node_info.unwrap().boot_id, "b1");
+    assert_eq!(
+        store
+            .list_as::<Node>(None, &ListOptions::default())
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(srv.request_counts().get("get", "nodes"), 1);
+}

@@ -68,7 +68,7 @@ pub const KUBECONFIG_CONTEXT: &str = "nixroll-demo";
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RequestCounts {
     /// (verb, resource) → count. Verbs: get, list, watch, create, update, patch, delete,
-    /// evict. Resources as group-resource, with `/status` for the subresource: `pods`,
+    /// deletecollection, evict (counted on `pods`). Resources as group-resource, with `/status` for the subresource: `pods`,
     /// `nixosnodes.nixroll.io/status`.
     pub counts: BTreeMap<(String, String), u64>,
 }
