@@ -147,6 +147,39 @@ async fn crud_conflicts_and_not_found() {
     let list_rv: u64 = list.metadata.resource_version.unwrap().parse().unwrap();
     assert!(list_rv >= rv2);
 
+    // Pagination: pages cut from one snapshot, continue token, all items once.
+    for n in ["b", "c", "d"] {
+        cms.create(&PostParams::default(), &cm(n, json!({})))
+            .await
+            .unwrap();
+    }
+    let first = cms.list(&ListParams::default().limit(3)).await.unwrap();
+    assert_eq!(first.items.len(), 3);
+    let token = first.metadata.continue_.clone().unwrap();
+    cms.create(&PostParams::default(), &cm("e", json!({})))
+        .await
+        .unwrap();
+    let second = cms
+        .list(&ListParams::default().limit(3).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.items.len(),
+        1,
+        "the snapshot does not see the later object"
+    );
+    assert_eq!(second.metadata.continue_, None);
+    assert_eq!(second.metadata.resource_version, first.metadata.resource_version);
+    let e = api_err(
+        cms.list(&ListParams::default().limit(3).continue_token("bogus/3"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 410);
+    for n in ["b", "c", "d", "e"] {
+        cms.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+
     // No-op update: no new resourceVersion (as etcd: nothing written).
     let same = cms.replace("a", &PostParams::default(), &updated).await.unwrap();
     assert_eq!(same.resource_version(), updated.resource_version());

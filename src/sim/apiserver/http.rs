@@ -29,6 +29,87 @@ pub struct Srv {
     pub(crate) store: Store,
     pub(crate) counters: Counters,
     pub(crate) address: String,
+    pub(crate) pages: std::sync::Mutex<VecDeque<Snapshot>>,
+}
+
+/// A list result being served page by page (`limit`/`continue`).
+pub(crate) struct Snapshot {
+    token: String,
+    resource_version: u64,
+    items: Arc<Vec<Arc<Value>>>,
+}
+
+/// Snapshots kept for `continue` tokens; older ones answer 410 Expired.
+const MAX_SNAPSHOTS: usize = 64;
+
+struct Page {
+    items: Vec<Arc<Value>>,
+    resource_version: u64,
+    cont: Option<String>,
+    remaining: usize,
+}
+
+/// Consistent pagination: the first page snapshots the matching objects (cheap: shared
+/// pointers) and later pages are cut from that snapshot, as etcd serves them at the list's
+/// resourceVersion.
+fn page(
+    srv: &Srv,
+    q: &HashMap<String, String>,
+    fetch: impl FnOnce() -> Result<super::store::ObjectList, StoreError>,
+) -> Result<Page, StoreError> {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
+    let cont = q.get("continue").filter(|c| !c.is_empty());
+    let mut pages = srv.pages.lock().unwrap_or_else(|p| p.into_inner());
+    let (token, items, rv, start) = match cont {
+        Some(c) => {
+            let (token, offset) = c.split_once('/').unwrap_or((c.as_str(), "0"));
+            let snap = pages.iter().find(|s| s.token == token).ok_or_else(|| StoreError::Gone {
+                message: "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.".into(),
+            })?;
+            let start = offset.parse::<usize>().unwrap_or(0);
+            (token.to_owned(), snap.items.clone(), snap.resource_version, start)
+        }
+        None => {
+            drop(pages);
+            let list = fetch()?;
+            pages = srv.pages.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                format!("{:016x}", fastrand::u64(..)),
+                Arc::new(list.items),
+                list.resource_version,
+                0,
+            )
+        }
+    };
+    let start = start.min(items.len());
+    let end = limit.map_or(items.len(), |l| (start + l).min(items.len()));
+    let page_items = items[start..end].to_vec();
+    let remaining = items.len() - end;
+    let next = if remaining > 0 {
+        if !pages.iter().any(|s| s.token == token) {
+            pages.push_back(Snapshot {
+                token: token.clone(),
+                resource_version: rv,
+                items: items.clone(),
+            });
+            while pages.len() > MAX_SNAPSHOTS {
+                pages.pop_front();
+            }
+        }
+        Some(format!("{token}/{end}"))
+    } else {
+        pages.retain(|s| s.token != token);
+        None
+    };
+    Ok(Page {
+        items: page_items,
+        resource_version: rv,
+        cont: next,
+        remaining,
+    })
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -310,21 +391,23 @@ fn resource_request(
                 return Ok(Routed::Watch(w, info, shape));
             }
             srv.counters.bump("list", &resource);
-            let list = store.list(gvr, ns, &list_opts)?;
+            let list = page(srv, q, || store.list(gvr, ns, &list_opts))?;
+            let mut list_meta = json!({"resourceVersion": list.resource_version.to_string()});
+            if let Some(c) = &list.cont {
+                list_meta["continue"] = json!(c);
+                list_meta["remainingItemCount"] = json!(list.remaining);
+            }
             if table_mode {
-                return ok(&table::table(
-                    &info,
-                    &list.items,
-                    true,
-                    Some(list.resource_version),
-                ));
+                let mut t = table::table(&info, &list.items, true, None);
+                t["metadata"] = list_meta;
+                return ok(&t);
             }
             if shape == Shape::Meta {
                 let items: Vec<Value> = list.items.iter().map(|i| partial(i)).collect();
                 return ok(&json!({
                     "kind": "PartialObjectMetadataList",
                     "apiVersion": "meta.k8s.io/v1",
-                    "metadata": {"resourceVersion": list.resource_version.to_string()},
+                    "metadata": list_meta,
                     "items": items,
                 }));
             }
@@ -332,7 +415,7 @@ fn resource_request(
             ok(&json!({
                 "kind": format!("{}List", info.kind),
                 "apiVersion": gvr.api_version(),
-                "metadata": {"resourceVersion": list.resource_version.to_string()},
+                "metadata": list_meta,
                 "items": items,
             }))
         }

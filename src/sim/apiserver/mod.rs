@@ -13,8 +13,8 @@
 //!   the CRD schema (`x-kubernetes-list-type`/`-map-keys`) for custom resources;
 //! - CRD admission: structural pruning, defaults, OpenAPI checks and only the CEL rules
 //!   `self.matches('re')`, `self.a == self.b`, `self.a != self.b` (others are not evaluated);
-//! - `limit` is ignored (all items, no `continue`: allowed by the API), lists always serve the
-//!   latest state (`resourceVersionMatch` is not needed), `dryRun` is refused (400);
+//! - lists serve the latest state (paged with `limit`/`continue` from a snapshot taken by the
+//!   first page; `resourceVersionMatch=Exact` is not honoured), `dryRun` is refused (400);
 //! - no controllers besides a synchronous disruption controller (PDB status); `expectedPods`
 //!   counts the pods the selector matches; deleting a namespace deletes its objects at once;
 //! - protobuf request bodies (kubectl's typed clients) are read for ConfigMap, Secret,
@@ -147,6 +147,7 @@ impl ApiServer {
             store: store.clone(),
             counters: counters.clone(),
             address: local.to_string(),
+            pages: std::sync::Mutex::new(std::collections::VecDeque::new()),
         });
         let app = axum::Router::new().fallback(http::handle).with_state(srv);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
