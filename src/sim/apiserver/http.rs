@@ -574,7 +574,12 @@ impl Streaming {
                 } else if self.meta {
                     partial(o)
                 } else {
-                    (**o).clone()
+                    // The common case: serialize the shared object without copying it.
+                    self.max_rv = self.max_rv.max(ev.resource_version());
+                    let mut line = format!("{{\"type\":\"{}\",\"object\":", ev.type_name()).into_bytes();
+                    serde_json::to_writer(&mut line, &**o).ok()?;
+                    line.extend_from_slice(b"}\n");
+                    return Some(Bytes::from(line));
                 }
             }
             WatchEvent::Bookmark {

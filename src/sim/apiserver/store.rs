@@ -217,16 +217,15 @@ fn meta_str<'v>(obj: &'v Value, field: &str) -> &'v str {
     obj["metadata"][field].as_str().unwrap_or("")
 }
 
-/// The object without metadata and status (what `generation` tracks).
-fn spec_part(obj: &Value) -> Value {
-    let mut v = obj.clone();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("metadata");
-        m.remove("status");
-        m.remove("apiVersion");
-        m.remove("kind");
-    }
-    v
+/// Whether two versions differ outside metadata and status (what `generation` tracks).
+fn spec_changed(old: &Value, new: &Value) -> bool {
+    let skip = |k: &String| matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind");
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return old != new;
+    };
+    let ok: Vec<_> = o.iter().filter(|(k, _)| !skip(k)).collect();
+    let nk: Vec<_> = n.iter().filter(|(k, _)| !skip(k)).collect();
+    ok != nk
 }
 
 fn conflict_modified(info: &ResourceInfo, name: &str) -> StoreError {
@@ -1163,7 +1162,7 @@ impl State {
         }
         new["apiVersion"] = old["apiVersion"].clone();
         new["kind"] = old["kind"].clone();
-        if info.generation && spec_part(old) != spec_part(&new) {
+        if info.generation && spec_changed(old, &new) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             new["metadata"]["generation"] = json!(g);
         }
