@@ -158,6 +158,43 @@ struct Collection {
     history: History,
     watchers: Watchers,
     order: VecDeque<Key>,
+    /// `spec.nodeName` → keys (as the real watch cache indexes pods by node).
+    by_node: HashMap<String, std::collections::BTreeSet<Key>>,
+}
+
+impl Collection {
+    fn new(history: History) -> Collection {
+        Collection {
+            objects: BTreeMap::new(),
+            history,
+            watchers: Watchers::default(),
+            order: VecDeque::new(),
+            by_node: HashMap::new(),
+        }
+    }
+
+    fn index(&mut self, key: &Key, old: Option<&Value>, new: Option<&Value>) {
+        let node = |o: Option<&Value>| {
+            o.and_then(|o| o["spec"]["nodeName"].as_str())
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+        };
+        let (o, n) = (node(old), node(new));
+        if o == n {
+            return;
+        }
+        if let Some(o) = o {
+            if let Some(set) = self.by_node.get_mut(&o) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_node.remove(&o);
+                }
+            }
+        }
+        if let Some(n) = n {
+            self.by_node.entry(n).or_default().insert(key.clone());
+        }
+    }
 }
 
 struct State {
@@ -265,12 +302,9 @@ impl Store {
         let mut colls = HashMap::new();
         let resources = resources::builtins();
         for r in &resources {
-            colls.entry(r.storage_key.clone()).or_insert_with(|| Collection {
-                objects: BTreeMap::new(),
-                history: History::new(opts.history_per_collection, 0),
-                watchers: Watchers::default(),
-                order: VecDeque::new(),
-            });
+            colls
+                .entry(r.storage_key.clone())
+                .or_insert_with(|| Collection::new(History::new(opts.history_per_collection, 0)));
         }
         let store = Store {
             inner: Arc::new(Inner {
@@ -334,13 +368,29 @@ impl Store {
         let st = lock(&self.inner);
         let info = st.find(gvr)?;
         let coll = st.coll(&info)?;
-        let items = coll
-            .objects
-            .iter()
-            .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons))
-            .map(|(_, o)| view(&info, o))
-            .filter(|o| labels.matches(o) && fields.matches(o))
-            .collect();
+        let keep = |o: &Arc<Value>| labels.matches(o) && fields.matches(o);
+        let in_ns = |k: &Key| ns.is_none_or(|n| n == k.0);
+        let items = match fields.equality_on("spec.nodeName").filter(|n| !n.is_empty()) {
+            Some(node) => coll
+                .by_node
+                .get(node)
+                .map(|keys| {
+                    keys.iter()
+                        .filter(|k| in_ns(k))
+                        .filter_map(|k| coll.objects.get(k))
+                        .map(|o| view(&info, o))
+                        .filter(keep)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => coll
+                .objects
+                .iter()
+                .filter(|(k, _)| in_ns(k))
+                .map(|(_, o)| view(&info, o))
+                .filter(keep)
+                .collect(),
+        };
         Ok(ObjectList {
             resource_version: st.rv,
             items,
@@ -674,6 +724,7 @@ impl State {
                 path: info.storage_key.clone(),
             })?;
         let old = coll.objects.get(key).cloned();
+        coll.index(key, old.as_deref(), new.as_ref());
         let (old_h, new_h, result) = match new {
             Some(mut n) => {
                 n["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -744,12 +795,7 @@ impl State {
             for r in resources::from_crd(n) {
                 self.colls
                     .entry(r.storage_key.clone())
-                    .or_insert_with(|| Collection {
-                        objects: BTreeMap::new(),
-                        history: History::new(10_000, self.rv),
-                        watchers: Watchers::default(),
-                        order: VecDeque::new(),
-                    });
+                    .or_insert_with(|| Collection::new(History::new(10_000, self.rv)));
                 self.resources.push(r);
             }
             return;
