@@ -183,12 +183,12 @@ impl Collection {
         if o == n {
             return;
         }
-        if let Some(o) = o {
-            if let Some(set) = self.by_node.get_mut(&o) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.by_node.remove(&o);
-                }
+        if let Some(o) = o
+            && let Some(set) = self.by_node.get_mut(&o)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_node.remove(&o);
             }
         }
         if let Some(n) = n {
