@@ -8,8 +8,8 @@ use std::time::Instant;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nixroll::api::{
-    AgentStatus, HistoryEntry, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, Phase,
-    RebootPolicy, Slot, StagedSystem, Target, Weekday, installable,
+    AgentStatus, HistoryEntry, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, Phase, RebootPolicy, Slot,
+    StagedSystem, Target, Weekday, installable,
 };
 use nixroll::rollout::{
     ClusterState, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, admit, decide,
@@ -224,10 +224,7 @@ fn main() {
         admitted = out.len();
         black_box(out);
     }
-    report(
-        &format!("admit (1,000 nodes, {admitted} admitted)"),
-        per_admit,
-    );
+    report(&format!("admit (1,000 nodes, {admitted} admitted)"), per_admit);
 
     // A full reconcile sweep: admit once + decide for every node.
     let mut sweep = Vec::new();
@@ -235,13 +232,7 @@ fn main() {
         let s = Instant::now();
         let adm = admit(&vs, &ClusterState::default(), &policy, now);
         for v in &vs {
-            black_box(decide(
-                v,
-                adm.iter().any(|a| a == v.name),
-                None,
-                &policy,
-                now,
-            ));
+            black_box(decide(v, adm.iter().any(|a| a == v.name), None, &policy, now));
         }
         sweep.push(s.elapsed().as_nanos());
     }

@@ -51,10 +51,7 @@ pub enum DrainError {
     #[error("building the eviction request for pod {pod}: {message}")]
     BuildRequest { pod: String, message: String },
     #[error("{operation} timed out after {timeout:?}")]
-    Timeout {
-        operation: String,
-        timeout: Duration,
-    },
+    Timeout { operation: String, timeout: Duration },
 }
 
 impl DrainError {
@@ -128,10 +125,7 @@ pub fn classify(pod: &Pod, policy: &DrainPolicy) -> PodDisposition {
     if pod.annotations().contains_key(MIRROR_POD_ANNOTATION) {
         return PodDisposition::Skip;
     }
-    let controller = pod
-        .owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true));
+    let controller = pod.owner_references().iter().find(|o| o.controller == Some(true));
     if controller.is_some_and(|o| o.kind == "DaemonSet") {
         return PodDisposition::Skip;
     }
@@ -170,11 +164,7 @@ fn pod_id(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
-async fn list_node_pods(
-    client: &Client,
-    node: &str,
-    timeout: Duration,
-) -> Result<Vec<Pod>, DrainError> {
+async fn list_node_pods(client: &Client, node: &str, timeout: Duration) -> Result<Vec<Pod>, DrainError> {
     let pods: Api<Pod> = Api::all(client.clone());
     let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
     let list = timed(
@@ -250,34 +240,32 @@ pub async fn evict_pass(
                 progress.remaining += 1;
                 progress.refused.push(reason);
             }
-            PodDisposition::Evict => {
-                match evict(client, pod, policy.grace_period_seconds, timeout).await {
-                    Ok(Ok(())) => {
-                        info!(node, pod = %pod_id(pod), "evicted");
-                        progress.remaining += 1;
-                    }
-                    Ok(Err(e)) if api_code(&e) == Some(404) => {}
-                    Ok(Err(e)) if api_code(&e) == Some(429) => {
-                        debug!(node, pod = %pod_id(pod), "eviction blocked by a PodDisruptionBudget");
-                        progress.remaining += 1;
-                        progress.blocked_by_pdb += 1;
-                    }
-                    Ok(Err(e)) if is_transient_kube(&e) => {
-                        debug!(node, pod = %pod_id(pod), error = %e, "eviction failed; retried next pass");
-                        progress.remaining += 1;
-                    }
-                    Ok(Err(source)) => {
-                        return Err(DrainError::Evict {
-                            pod: pod_id(pod),
-                            source,
-                        });
-                    }
-                    Err(timeout_err) => {
-                        debug!(node, pod = %pod_id(pod), error = %timeout_err, "eviction timed out; retried next pass");
-                        progress.remaining += 1;
-                    }
+            PodDisposition::Evict => match evict(client, pod, policy.grace_period_seconds, timeout).await {
+                Ok(Ok(())) => {
+                    info!(node, pod = %pod_id(pod), "evicted");
+                    progress.remaining += 1;
                 }
-            }
+                Ok(Err(e)) if api_code(&e) == Some(404) => {}
+                Ok(Err(e)) if api_code(&e) == Some(429) => {
+                    debug!(node, pod = %pod_id(pod), "eviction blocked by a PodDisruptionBudget");
+                    progress.remaining += 1;
+                    progress.blocked_by_pdb += 1;
+                }
+                Ok(Err(e)) if is_transient_kube(&e) => {
+                    debug!(node, pod = %pod_id(pod), error = %e, "eviction failed; retried next pass");
+                    progress.remaining += 1;
+                }
+                Ok(Err(source)) => {
+                    return Err(DrainError::Evict {
+                        pod: pod_id(pod),
+                        source,
+                    });
+                }
+                Err(timeout_err) => {
+                    debug!(node, pod = %pod_id(pod), error = %timeout_err, "eviction timed out; retried next pass");
+                    progress.remaining += 1;
+                }
+            },
         }
     }
     Ok(progress)
@@ -294,9 +282,7 @@ pub async fn force_delete_pass(
     let pods = list_node_pods(client, node, timeout).await?;
     let mut progress = DrainProgress::default();
     let dp = DeleteParams {
-        grace_period_seconds: policy
-            .grace_period_seconds
-            .and_then(|g| u32::try_from(g).ok()),
+        grace_period_seconds: policy.grace_period_seconds.and_then(|g| u32::try_from(g).ok()),
         ..DeleteParams::default()
     };
     for pod in &pods {
@@ -308,8 +294,7 @@ pub async fn force_delete_pass(
                 progress.refused.push(reason);
             }
             PodDisposition::Evict => {
-                let api: Api<Pod> =
-                    Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+                let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
                 let name = pod.name_any();
                 match timed(
                     || format!("deleting pod {}", pod_id(pod)),
@@ -350,10 +335,8 @@ mod tests {
     #[test]
     fn classify_skips_daemonset_and_mirror_and_refuses_per_policy() {
         let strict = DrainPolicy::default();
-        let ds = pod(
-            serde_json::json!({"metadata": {"name": "ds", "namespace": "a",
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "x", "uid": "1", "controller": true}]}}),
-        );
+        let ds = pod(serde_json::json!({"metadata": {"name": "ds", "namespace": "a",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "x", "uid": "1", "controller": true}]}}));
         assert_eq!(classify(&ds, &strict), PodDisposition::Skip);
         let mirror = pod(
             serde_json::json!({"metadata": {"name": "m", "namespace": "kube-system",
@@ -361,9 +344,7 @@ mod tests {
         );
         assert_eq!(classify(&mirror, &strict), PodDisposition::Skip);
         let bare = pod(serde_json::json!({"metadata": {"name": "bare", "namespace": "a"}}));
-        assert!(
-            matches!(classify(&bare, &strict), PodDisposition::Refuse(r) if r.starts_with("a/bare"))
-        );
+        assert!(matches!(classify(&bare, &strict), PodDisposition::Refuse(r) if r.starts_with("a/bare")));
         let lenient = DrainPolicy {
             delete_unmanaged_pods: true,
             delete_empty_dir_data: true,
@@ -375,9 +356,7 @@ mod tests {
             serde_json::json!({"metadata": {"name": "s", "namespace": "a", "ownerReferences": rs},
             "spec": {"containers": [], "volumes": [{"name": "tmp", "emptyDir": {}}]}}),
         );
-        assert!(
-            matches!(classify(&scratch, &strict), PodDisposition::Refuse(r) if r.contains("emptyDir"))
-        );
+        assert!(matches!(classify(&scratch, &strict), PodDisposition::Refuse(r) if r.contains("emptyDir")));
         assert_eq!(classify(&scratch, &lenient), PodDisposition::Evict);
         let going = pod(
             serde_json::json!({"metadata": {"name": "g", "namespace": "a", "ownerReferences": rs,

@@ -172,7 +172,10 @@ struct BenchArgs {
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let opts = nixroll::sim::bench::BenchOptions {
         nodes: args.nodes.max(1),
         pods: args.pods,
@@ -288,9 +291,13 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
     runtime.block_on(async {
-        let client = kube::Client::try_default()
+        let mut kube_config = kube::Config::infer()
             .await
             .context("connecting to Kubernetes (kubeconfig or in-cluster config)")?;
+        // The drain handles 429 (PodDisruptionBudget) itself, with its own backoff and timeout;
+        // kube's built-in retry would hold each refused eviction for minutes.
+        kube_config.default_retry = false;
+        let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
         nixroll::controller::run(client, config, shutdown_signal())
             .await
             .context("controller")

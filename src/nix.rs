@@ -31,10 +31,7 @@ pub enum NixError {
         source: HostError,
     },
     #[error("{operation}: unexpected output from nix: {detail}")]
-    Parse {
-        operation: &'static str,
-        detail: String,
-    },
+    Parse { operation: &'static str, detail: String },
 }
 
 impl NixError {
@@ -61,11 +58,7 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
     fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>>;
     /// Make `system` the newest generation of `profile` (`nix-env -p PROFILE --set PATH`;
     /// no new generation when the profile already points at it).
-    fn set_profile<'a>(
-        &'a self,
-        profile: &'a Path,
-        system: &'a str,
-    ) -> BoxFuture<'a, Result<(), NixError>>;
+    fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>>;
     /// Switch `profile` to its previous generation (`nix-env -p PROFILE --rollback`).
     fn rollback_profile<'a>(&'a self, profile: &'a Path) -> BoxFuture<'a, Result<(), NixError>>;
 }
@@ -112,11 +105,7 @@ impl NixCli {
             .args(self.extra_args.iter().map(OsString::from))
     }
 
-    async fn checked(
-        &self,
-        operation: &'static str,
-        cmd: HostCommand,
-    ) -> Result<CommandOutput, NixError> {
+    async fn checked(&self, operation: &'static str, cmd: HostCommand) -> Result<CommandOutput, NixError> {
         let out = self
             .host
             .run(cmd)
@@ -172,11 +161,7 @@ impl Nix for NixCli {
         })
     }
 
-    fn set_profile<'a>(
-        &'a self,
-        profile: &'a Path,
-        system: &'a str,
-    ) -> BoxFuture<'a, Result<(), NixError>> {
+    fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>> {
         Box::pin(async move {
             let cmd = HostCommand::new("nix-env", self.quick_timeout)
                 .arg("-p")
@@ -200,11 +185,7 @@ impl Nix for NixCli {
 /// `nix build --json` → the `out` path of the first result.
 pub fn parse_build_json(stdout: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
-    v.get(0)?
-        .get("outputs")?
-        .get("out")?
-        .as_str()
-        .map(str::to_string)
+    v.get(0)?.get("outputs")?.get("out")?.as_str().map(str::to_string)
 }
 
 /// `nix path-info -S --json PATH` → `closureSize` (Nix 2.8 prints a list of objects; newer
@@ -292,10 +273,7 @@ mod tests {
     #[test]
     fn parses_build_json_of_nix_2_8() {
         let s = r#"[{"drvPath":"/nix/store/a.drv","outputs":{"out":"/nix/store/b-nixos-system"}}]"#;
-        assert_eq!(
-            parse_build_json(s).as_deref(),
-            Some("/nix/store/b-nixos-system")
-        );
+        assert_eq!(parse_build_json(s).as_deref(), Some("/nix/store/b-nixos-system"));
         assert_eq!(parse_build_json("[]"), None);
         assert_eq!(parse_build_json("garbage"), None);
     }

@@ -59,10 +59,7 @@ pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> Str
             .as_deref()
             .map(short_revision)
             .unwrap_or_else(|| "-".into());
-        let phase = status
-            .phase
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "-".into());
+        let phase = status.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let last = status
             .last_transition_time
             .map(|t| format!("{} ago", human(now.duration_since(t.0))))

@@ -95,10 +95,7 @@ impl FakeApi {
         });
         let selector_ok = query.contains(&format!("fieldSelector=metadata.name%3D{NODE}"));
         if method == Method::GET && path == COLLECTION && query.contains("watch=true") {
-            assert!(
-                selector_ok,
-                "watch without the node's field selector: {query}"
-            );
+            assert!(selector_ok, "watch without the node's field selector: {query}");
             let rx = self.events.subscribe();
             let stream = futures::stream::unfold(rx, |mut rx| async move {
                 loop {
@@ -118,10 +115,7 @@ impl FakeApi {
                 .unwrap();
         }
         if method == Method::GET && path == COLLECTION {
-            assert!(
-                selector_ok,
-                "list without the node's field selector: {query}"
-            );
+            assert!(selector_ok, "list without the node's field selector: {query}");
             let inner = self.inner.lock().unwrap();
             let list = json!({
                 "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNodeList",
@@ -240,10 +234,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
     assert_eq!(agent_status["bootedSystem"], json!(sys0));
     assert_eq!(agent_status["bootId"], json!(sim.boot_id()));
     assert_eq!(agent_status["profileGeneration"], json!(1));
-    let sys1 = agent_status["staged"]["system"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sys1 = agent_status["staged"]["system"].as_str().unwrap().to_string();
 
     // 3. The controller grants a Switch → Switched, current system is the new one.
     api.update(|o| {
@@ -288,20 +279,11 @@ async fn agent_loop_stages_activates_reports_and_idles() {
             "{}",
             p.content_type
         );
-        assert!(
-            p.query.contains("fieldManager=nixroll-agent"),
-            "{}",
-            p.query
-        );
+        assert!(p.query.contains("fieldManager=nixroll-agent"), "{}", p.query);
         assert!(p.query.contains("force=true"), "{}", p.query);
         let keys: Vec<_> = p.body.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, vec!["apiVersion", "kind", "status"]);
-        let status_keys: Vec<_> = p.body["status"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
+        let status_keys: Vec<_> = p.body["status"].as_object().unwrap().keys().cloned().collect();
         assert_eq!(status_keys, vec!["agent"]);
         assert!(!has_null(&p.body), "null in {:#}", p.body);
     }
@@ -367,12 +349,7 @@ fn spawn_agent(
 /// (user+system CPU ticks, VmRSS kB) of a process.
 fn usage(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
     let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss = status
@@ -459,10 +436,7 @@ async fn killed_agent_binary_resumes_without_repeating() {
     let started = root.join("var/lib/nixroll/activation/boot-1.started");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !started.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "switch never launched"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "switch never launched");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     wait_for(&api, "Running reported", |o| {
@@ -471,9 +445,7 @@ async fn killed_agent_binary_resumes_without_repeating() {
     .await;
     agent.kill().await.unwrap(); // SIGKILL, mid-switch
     assert!(
-        !root
-            .join("var/lib/nixroll/activation/boot-1.result")
-            .exists(),
+        !root.join("var/lib/nixroll/activation/boot-1.result").exists(),
         "switch ended before the kill"
     );
 

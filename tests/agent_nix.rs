@@ -10,9 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nixroll::agent::host::Host;
 use nixroll::agent::node::{CrashPoint, HostOptions, NodeAgent, NodeError};
-use nixroll::api::{
-    ActivationAction, ActivationGrant, ActivationState, AgentStatus, HostOperation, Target,
-};
+use nixroll::api::{ActivationAction, ActivationGrant, ActivationState, AgentStatus, HostOperation, Target};
 use nixroll::nix::{Nix, NixCli};
 use nixroll::sim::flake::TestFlake;
 use nixroll::sim::host::{BootFault, SimHost};
@@ -142,13 +140,8 @@ async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
     assert!(st.last_error.is_none());
 
     // Pinned by a GC root owned by nixroll, registered with Nix as an indirect root.
-    let root = f
-        .root()
-        .join(format!("var/lib/nixroll/gcroots/system-{rev1}"));
-    assert_eq!(
-        std::fs::read_link(&root).unwrap(),
-        Path::new(&staged.system)
-    );
+    let root = f.root().join(format!("var/lib/nixroll/gcroots/system-{rev1}"));
+    assert_eq!(std::fs::read_link(&root).unwrap(), Path::new(&staged.system));
     let registered: Vec<_> = std::fs::read_dir(f.root().join("nix/var/nix/gcroots/auto"))
         .unwrap()
         .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
@@ -171,10 +164,7 @@ async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
     let rev2 = f.flake.commit_service_change().unwrap();
     let st2 = agent.reconcile(Some(&f.target(&rev2)), None).await.unwrap();
     assert_eq!(st2.staged.unwrap().revision, rev2);
-    assert!(
-        !root.exists(),
-        "stale root of the superseded target was kept"
-    );
+    assert!(!root.exists(), "stale root of the superseded target was kept");
     assert!(
         f.root()
             .join(format!("var/lib/nixroll/gcroots/system-{rev2}"))
@@ -188,18 +178,10 @@ async fn a_service_only_change_needs_no_reboot() {
     let mut f = Fixture::new();
     f.installed().await;
     let rev1 = f.flake.commit_service_change().unwrap();
-    let st = f
-        .agent()
-        .reconcile(Some(&f.target(&rev1)), None)
-        .await
-        .unwrap();
+    let st = f.agent().reconcile(Some(&f.target(&rev1)), None).await.unwrap();
     let staged = st.staged.unwrap();
     assert_eq!(staged.revision, rev1);
-    assert!(
-        !staged.reboot_required,
-        "reasons: {:?}",
-        staged.reboot_reasons
-    );
+    assert!(!staged.reboot_required, "reasons: {:?}", staged.reboot_reasons);
     assert!(staged.reboot_reasons.is_empty());
 }
 
@@ -285,10 +267,7 @@ async fn a_failed_staging_is_retried_with_backoff() {
     let again = agent.reconcile(Some(&t), None).await.unwrap();
     assert_eq!(again.last_error, st.last_error);
     let retry2 = agent.next_retry().unwrap();
-    assert!(
-        retry2 - retry >= Duration::from_millis(500),
-        "backoff doubles"
-    );
+    assert!(retry2 - retry >= Duration::from_millis(500), "backoff doubles");
 
     // The remote is back: the next retry stages and clears the error.
     std::fs::rename(&away, f.flake.dir()).unwrap();
@@ -394,18 +373,11 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
     let sys0 = f.installed().await;
     let rev1 = f
         .flake
-        .commit("new init", |s| {
-            s.init_interface_version = "systemd-2".into()
-        })
+        .commit("new init", |s| s.init_interface_version = "systemd-2".into())
         .unwrap();
     let mut agent = f.agent();
     let t = f.target(&rev1);
-    let staged = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap();
+    let staged = agent.reconcile(Some(&t), None).await.unwrap().staged.unwrap();
     assert_eq!(staged.reboot_reasons, vec!["init-interface-version"]);
     let st = agent
         .reconcile(
@@ -417,10 +389,7 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
     assert_eq!(state_of(&st), ActivationState::NeedsReboot);
     assert_eq!(st.activation.as_ref().unwrap().exit_code, Some(100));
     assert_eq!(st.current_system.as_deref(), Some(sys0.as_str()));
-    assert_eq!(
-        f.sim.boot_default().as_deref(),
-        Some(staged.system.as_str())
-    );
+    assert_eq!(f.sim.boot_default().as_deref(), Some(staged.system.as_str()));
     assert_eq!(f.sim.reboot_count(), 0);
 
     let rev2 = f
@@ -436,10 +405,7 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
         .unwrap()
         .system;
     let st = agent
-        .reconcile(
-            Some(&t2),
-            Some(&grant("g2", ActivationAction::Switch, &sys2)),
-        )
+        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
         .await
         .unwrap();
     assert_eq!(state_of(&st), ActivationState::Failed);
@@ -448,8 +414,7 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
     assert_eq!(err.revision.as_deref(), Some(rev2.as_str()));
     assert!(err.message.contains("exited 3"), "{}", err.message);
     assert!(
-        err.message
-            .contains("sim: switch-to-configuration switch fails"),
+        err.message.contains("sim: switch-to-configuration switch fails"),
         "{}",
         err.message
     );
@@ -524,11 +489,7 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
             .system;
         let g = grant("g-crash", ActivationAction::Boot, &sys1);
 
-        let crashed = f
-            .agent()
-            .crash_at(point)
-            .reconcile(Some(&t), Some(&g))
-            .await;
+        let crashed = f.agent().crash_at(point).reconcile(Some(&t), Some(&g)).await;
         assert!(
             matches!(crashed, Err(NodeError::Crashed(p)) if p == point),
             "{point:?}: {crashed:?}"
@@ -549,11 +510,7 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
             "{point:?}: switch-to-configuration boot ran {boots} times"
         );
         assert_eq!(st.profile_generation, Some(2), "{point:?}");
-        assert_eq!(
-            f.sim.boot_default().as_deref(),
-            Some(sys1.as_str()),
-            "{point:?}"
-        );
+        assert_eq!(f.sim.boot_default().as_deref(), Some(sys1.as_str()), "{point:?}");
         let report = st.activation.unwrap();
         assert_eq!(
             report.boot_id_before.as_deref(),
@@ -569,11 +526,7 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
         } else {
             assert_eq!(f.sim.reboot_count(), 1, "{point:?}");
             assert_eq!(report.state, ActivationState::Rebooted, "{point:?}");
-            assert_eq!(
-                st.booted_system.as_deref(),
-                Some(sys1.as_str()),
-                "{point:?}"
-            );
+            assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()), "{point:?}");
         }
     }
 }
@@ -644,10 +597,7 @@ async fn restarted_rollback_rolls_back_only_once() {
         .unwrap()
         .system;
     agent
-        .reconcile(
-            Some(&t),
-            Some(&grant("g1", ActivationAction::Switch, &sys1)),
-        )
+        .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
         .await
         .unwrap();
     let rev2 = f.flake.commit_service_change().unwrap();
@@ -660,10 +610,7 @@ async fn restarted_rollback_rolls_back_only_once() {
         .unwrap()
         .system;
     let st = agent
-        .reconcile(
-            Some(&t2),
-            Some(&grant("g2", ActivationAction::Switch, &sys2)),
-        )
+        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
         .await
         .unwrap();
     assert_eq!(st.profile_generation, Some(3));

@@ -45,12 +45,7 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
     };
     let agent = || NodeAgent::new(host.clone(), nix.clone(), options.clone());
 
-    let (r0, r1, r2, bad) = (
-        "a".repeat(40),
-        "b".repeat(40),
-        "c".repeat(40),
-        "d".repeat(40),
-    );
+    let (r0, r1, r2, bad) = ("a".repeat(40), "b".repeat(40), "c".repeat(40), "d".repeat(40));
     let base = SystemSpec::default();
     simnix.publish(&target(&r0).installable, base.clone());
     simnix.publish(
@@ -120,14 +115,8 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
             .await
             .is_err()
     );
-    let st = agent()
-        .reconcile(Some(&target(&r1)), Some(&g))
-        .await
-        .unwrap();
-    assert_eq!(
-        st.activation.unwrap().state,
-        ActivationState::RebootRequested
-    );
+    let st = agent().reconcile(Some(&target(&r1)), Some(&g)).await.unwrap();
+    assert_eq!(st.activation.unwrap().state, ActivationState::RebootRequested);
     assert_eq!(sim.reboot_count(), 0);
     assert_eq!(sim.boot_default().as_deref(), Some(staged.system.as_str()));
 

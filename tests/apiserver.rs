@@ -9,15 +9,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent,
-    WatchParams,
+    Api, DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use nixroll::api::NixOSNode;
-use nixroll::sim::apiserver::{
-    ApiServer, Gvr, StoreOptions, WatchEvent as StoreEvent, WatchOptions,
-};
+use nixroll::sim::apiserver::{ApiServer, Gvr, StoreOptions, WatchEvent as StoreEvent, WatchOptions};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
@@ -78,7 +75,9 @@ async fn set_ready(pods: &Api<Pod>, name: &str, ready: bool) {
     pods.patch_status(
         name,
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": st}]}})),
+        &Patch::Merge(
+            json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": st}]}}),
+        ),
     )
     .await
     .unwrap();
@@ -107,10 +106,7 @@ async fn crud_conflicts_and_not_found() {
     // Update with the current rv works and bumps the global rv.
     let mut fresh = cms.get("a").await.unwrap();
     fresh.data = Some([("k".to_owned(), "w".to_owned())].into());
-    let updated = cms
-        .replace("a", &PostParams::default(), &fresh)
-        .await
-        .unwrap();
+    let updated = cms.replace("a", &PostParams::default(), &fresh).await.unwrap();
     let rv2: u64 = updated.resource_version().unwrap().parse().unwrap();
     assert!(rv2 > rv1);
 
@@ -127,6 +123,19 @@ async fn crud_conflicts_and_not_found() {
         e.message
     );
 
+    // Invalid names: 422.
+    let e = api_err(
+        cms.create(&PostParams::default(), &cm("Not_Valid", json!({})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.contains("metadata.name: Invalid value"),
+        "{}",
+        e.message
+    );
+
     // Missing: 404 NotFound.
     let e = api_err(cms.get("missing").await.unwrap_err());
     assert_eq!((e.code, e.reason.as_str()), (404, "NotFound"));
@@ -138,11 +147,41 @@ async fn crud_conflicts_and_not_found() {
     let list_rv: u64 = list.metadata.resource_version.unwrap().parse().unwrap();
     assert!(list_rv >= rv2);
 
-    // No-op update: no new resourceVersion (as etcd: nothing written).
-    let same = cms
-        .replace("a", &PostParams::default(), &updated)
+    // Pagination: pages cut from one snapshot, continue token, all items once.
+    for n in ["b", "c", "d"] {
+        cms.create(&PostParams::default(), &cm(n, json!({})))
+            .await
+            .unwrap();
+    }
+    let first = cms.list(&ListParams::default().limit(3)).await.unwrap();
+    assert_eq!(first.items.len(), 3);
+    let token = first.metadata.continue_.clone().unwrap();
+    cms.create(&PostParams::default(), &cm("e", json!({})))
         .await
         .unwrap();
+    let second = cms
+        .list(&ListParams::default().limit(3).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.items.len(),
+        1,
+        "the snapshot does not see the later object"
+    );
+    assert_eq!(second.metadata.continue_, None);
+    assert_eq!(second.metadata.resource_version, first.metadata.resource_version);
+    let e = api_err(
+        cms.list(&ListParams::default().limit(3).continue_token("bogus/3"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 410);
+    for n in ["b", "c", "d", "e"] {
+        cms.delete(n, &DeleteParams::default()).await.unwrap();
+    }
+
+    // No-op update: no new resourceVersion (as etcd: nothing written).
+    let same = cms.replace("a", &PostParams::default(), &updated).await.unwrap();
     assert_eq!(same.resource_version(), updated.resource_version());
 
     // Namespace must exist.
@@ -167,9 +206,7 @@ async fn merge_json_and_strategic_patches() {
         .patch(
             "p",
             &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"labels": {"a": null, "b": "2"}}, "data": {"x": "y"}}),
-            ),
+            &Patch::Merge(json!({"metadata": {"labels": {"a": null, "b": "2"}}, "data": {"x": "y"}})),
         )
         .await
         .unwrap();
@@ -192,8 +229,7 @@ async fn merge_json_and_strategic_patches() {
 
     // A failing JSON patch test op is rejected and changes nothing.
     let bad: json_patch::Patch =
-        serde_json::from_value(json!([{"op": "test", "path": "/data/k", "value": "nope"}]))
-            .unwrap();
+        serde_json::from_value(json!([{"op": "test", "path": "/data/k", "value": "nope"}])).unwrap();
     let e = api_err(
         cms.patch("p", &PatchParams::default(), &Patch::<()>::Json(bad))
             .await
@@ -216,19 +252,13 @@ async fn merge_json_and_strategic_patches() {
         .patch_status(
             "n1",
             &PatchParams::default(),
-            &Patch::Strategic(
-                json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
-            ),
+            &Patch::Strategic(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
         )
         .await
         .unwrap();
     let conds = n.status.unwrap().conditions.unwrap();
     assert_eq!(conds.len(), 2);
-    assert!(
-        conds
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    );
+    assert!(conds.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
 }
 
 #[tokio::test]
@@ -301,19 +331,14 @@ async fn server_side_apply_two_managers() {
             .fields_v1,
     )
     .unwrap();
-    assert_eq!(
-        agent_fields,
-        json!({"f:status": {"f:agent": {"f:bootId": {}}}})
-    );
+    assert_eq!(agent_fields, json!({"f:status": {"f:agent": {"f:bootId": {}}}}));
 
     // The agent applying the controller's field with another value: 409 conflict, unforced.
     let e = api_err(
         api.patch_status(
             "n1",
             &agent,
-            &Patch::Apply(status(
-                json!({"agent": {"bootId": "b2"}, "phase": "Degraded"}),
-            )),
+            &Patch::Apply(status(json!({"agent": {"bootId": "b2"}, "phase": "Degraded"}))),
         )
         .await
         .unwrap_err(),
@@ -325,9 +350,7 @@ async fn server_side_apply_two_managers() {
     api.patch_status(
         "n1",
         &agent,
-        &Patch::Apply(status(
-            json!({"agent": {"bootId": "b2"}, "phase": "Waiting"}),
-        )),
+        &Patch::Apply(status(json!({"agent": {"bootId": "b2"}, "phase": "Waiting"}))),
     )
     .await
     .unwrap();
@@ -336,9 +359,7 @@ async fn server_side_apply_two_managers() {
         .patch_status(
             "n1",
             &agent.clone().force(),
-            &Patch::Apply(status(
-                json!({"agent": {"bootId": "b2"}, "phase": "Degraded"}),
-            )),
+            &Patch::Apply(status(json!({"agent": {"bootId": "b2"}, "phase": "Degraded"}))),
         )
         .await
         .unwrap();
@@ -373,10 +394,7 @@ async fn status_subresource_isolation_and_generation() {
     let mut obj: Value = nxn("g");
     obj["status"] = json!({"phase": "Staging"});
     let created = api
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(obj).unwrap(),
-        )
+        .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
         .await
         .unwrap();
     // Status is dropped on create and has generation 1.
@@ -408,12 +426,7 @@ async fn status_subresource_isolation_and_generation() {
     assert_eq!(o.metadata.generation, Some(2));
     assert!(o.spec.suspend);
     assert_eq!(
-        o.status
-            .as_ref()
-            .unwrap()
-            .phase
-            .map(|p| p.to_string())
-            .as_deref(),
+        o.status.as_ref().unwrap().phase.map(|p| p.to_string()).as_deref(),
         Some("Staging")
     );
     // Metadata-only change: no generation bump.
@@ -463,6 +476,14 @@ async fn label_and_field_selectors() {
         let l = cms.list(&ListParams::default().labels(sel)).await.unwrap();
         assert_eq!(names(l), want, "{sel}");
     }
+    // deletecollection honours the selector.
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("app=nothing"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cms.list(&ListParams::default()).await.unwrap().items.len(), 3);
     let l = cms
         .list(&ListParams::default().fields("metadata.name=b"))
         .await
@@ -473,6 +494,14 @@ async fn label_and_field_selectors() {
         .await
         .unwrap();
     assert_eq!(names(l), vec!["a", "c"]);
+
+    cms.delete_collection(&DeleteParams::default(), &ListParams::default().labels("app=db"))
+        .await
+        .unwrap();
+    assert_eq!(
+        names(cms.list(&ListParams::default()).await.unwrap()),
+        vec!["a", "c"]
+    );
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.create(&PostParams::default(), &pod("p1", "n1", json!({})))
@@ -616,7 +645,7 @@ async fn raw_watch_bookmarks_and_selector_semantics() {
     .await
     .unwrap();
     let mut kinds = Vec::new();
-    while kinds.len() < 1 {
+    while kinds.is_empty() {
         match tokio::time::timeout(T, w.try_next())
             .await
             .unwrap()
@@ -651,11 +680,7 @@ async fn raw_watch_bookmarks_and_selector_semantics() {
 
     // A watch from a compacted resourceVersion gets an ERROR event with 410.
     srv.store().compact();
-    let mut w = cms
-        .watch(&WatchParams::default(), &rv)
-        .await
-        .unwrap()
-        .boxed();
+    let mut w = cms.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
     match tokio::time::timeout(T, w.try_next())
         .await
         .unwrap()
@@ -759,7 +784,11 @@ async fn pod_graceful_deletion_lingers_until_kubelet_removes_it() {
 
 #[tokio::test]
 async fn eviction_respects_pod_disruption_budgets() {
-    let (_srv, client) = start().await;
+    let (srv, _) = start().await;
+    // kube's default client retries 429 internally for minutes; a drain handles 429 itself.
+    let mut config = srv.config().await.unwrap();
+    config.default_retry = false;
+    let client = Client::try_from(config).unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
     pdbs.create(
@@ -807,12 +836,7 @@ async fn eviction_respects_pod_disruption_budgets() {
 
     // A missing pod: 404.
     assert_eq!(
-        api_err(
-            pods.evict("nope", &EvictParams::default())
-                .await
-                .unwrap_err()
-        )
-        .code,
+        api_err(pods.evict("nope", &EvictParams::default()).await.unwrap_err()).code,
         404
     );
 
@@ -928,6 +952,17 @@ fn kubectl() -> Option<String> {
 }
 
 fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
+    let (ok, out) = run_status(kubectl, kubeconfig, args, stdin);
+    assert!(ok, "kubectl {args:?} failed:\n{out}");
+    out
+}
+
+fn run_status(
+    kubectl: &str,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String) {
     use std::io::Write;
     let mut cmd = std::process::Command::new(kubectl);
     cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
@@ -943,11 +978,11 @@ fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed:\n{stdout}\n{stderr}"
-    );
-    stdout
+    if out.status.success() {
+        (true, stdout)
+    } else {
+        (false, format!("{stdout}\n{stderr}"))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -983,6 +1018,17 @@ async fn kubectl_works_against_it() {
         let apply = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
         let apply2 = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
         let get_nodes = run(&k, &kc2, &["get", "nodes"], None);
+        let bad = manifest.replace("0123456789abcdef0123456789abcdef01234567", "main");
+        let (bad_ok, bad_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&bad));
+        assert!(!bad_ok, "{bad_out}");
+        let typo = manifest.replace("spec:\n", "spec:\n  bogus: 1\n");
+        let (typo_ok, typo_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&typo));
+        assert!(!typo_ok, "{typo_out}");
+        assert!(typo_out.contains("unknown field \"spec.bogus\""), "{typo_out}");
+        assert!(
+            bad_out.contains("spec.revision: Invalid value: \"main\": revision must be a full 40-character"),
+            "{bad_out}"
+        );
         (apply, apply2, get_nodes)
     })
     .await
@@ -1002,10 +1048,8 @@ async fn kubectl_works_against_it() {
     api.patch_status(
         "node-1",
         &PatchParams::apply("nixroll-controller"),
-        &Patch::Apply(
-            json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
-            "metadata": {"name": "node-1"}, "status": {"phase": "Waiting", "wanted": "0123456"}}),
-        ),
+        &Patch::Apply(json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+            "metadata": {"name": "node-1"}, "status": {"phase": "Waiting", "wanted": "0123456"}})),
     )
     .await
     .unwrap();
@@ -1030,8 +1074,511 @@ async fn kubectl_works_against_it() {
     );
     assert!(yaml.contains("phase: Waiting"), "{yaml}");
     assert!(
+        yaml.contains("reboot: IfNeeded"),
+        "schema default applied: {yaml}"
+    );
+    assert!(
         describe.contains("Name:") && describe.contains("node-1"),
         "{describe}"
     );
     assert!(describe.contains("Waiting"), "{describe}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_typed_clients_send_protobuf_and_drain_uses_evictions() {
+    let Some(kubectl) = kubectl() else {
+        eprintln!("SKIPPED: kubectl not installed");
+        return;
+    };
+    let (srv, client) = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    srv.write_kubeconfig(&kc).unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for n in ["w1", "w2"] {
+        pods.create(&PostParams::default(), &pod(n, "n1", json!({"app": "web"})))
+            .await
+            .unwrap();
+        set_ready(&pods, n, true).await;
+    }
+    let k = kubectl.clone();
+    let kc2 = kc.clone();
+    let (drain_ok, drain_out) = tokio::task::spawn_blocking(move || {
+        // The pause switch of DESIGN.md: typed kubectl commands send protobuf bodies.
+        run(&k, &kc2, &["create", "namespace", "nixroll-system"], None);
+        run(
+            &k,
+            &kc2,
+            &["-n", "nixroll-system", "create", "configmap", "nixroll-pause"],
+            None,
+        );
+        run(
+            &k,
+            &kc2,
+            &["create", "pdb", "web", "--selector=app=web", "--min-available=1"],
+            None,
+        );
+        run_status(&k, &kc2, &["drain", "n1", "--force", "--timeout=4s"], None)
+    })
+    .await
+    .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "nixroll-system");
+    assert!(cms.get("nixroll-pause").await.is_ok());
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+    let pdb = pdbs.get("web").await.unwrap();
+    assert_eq!(pdb.status.unwrap().expected_pods, 2);
+    // One pod evicted (terminating, the kubelet never finishes it here), the other refused.
+    assert!(!drain_ok, "{drain_out}");
+    assert!(drain_out.contains("disruption budget"), "{drain_out}");
+    let terminating = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    assert_eq!(terminating, 1);
+    assert!(nodes.get("n1").await.unwrap().spec.unwrap().unschedulable == Some(true));
+    assert!(srv.request_counts().get("evict", "pods") >= 2);
+}
+
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// 1,000 nodes, 30 pods each, one controller watching everything and 1,000 agents each
+/// watching its own Node (field-selected), all over HTTP. Sizes scale with NIXROLL_SCALE_NODES.
+async fn scale(nodes_n: usize, pods_per_node: usize) {
+    use nixroll::sim::apiserver::{Patch as SPatch, Subresource, WriteOptions};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+    let (srv, client) = start().await;
+    let store = srv.store();
+    let nodes_gvr = Gvr::new("", "v1", "nodes");
+    let pods_gvr = Gvr::new("", "v1", "pods");
+    let w = WriteOptions::manager("sim");
+    let t = Instant::now();
+    for i in 0..nodes_n {
+        store
+            .create(&nodes_gvr, None, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{i}")},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}], "nodeInfo": {"bootID": "b0"}}}), &w)
+            .unwrap();
+        for j in 0..pods_per_node {
+            store
+                .create(
+                    &pods_gvr,
+                    Some("default"),
+                    json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("p-{i}-{j}"), "labels": {"app": format!("a{j}")}},
+                    "spec": {"nodeName": format!("node-{i}"), "containers": [{"name": "c", "image": "x"}]}}),
+                    &w,
+                )
+                .unwrap();
+        }
+    }
+    eprintln!(
+        "created {nodes_n} nodes + {} pods in-process: {:?}, RSS {} MiB",
+        nodes_n * pods_per_node,
+        t.elapsed(),
+        rss_mib()
+    );
+
+    // 1,000 field-selected agent watches over HTTP.
+    let rv = store.resource_version().to_string();
+    let agent_events = Arc::new(AtomicUsize::new(0));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut streams = Vec::new();
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    for i in 0..nodes_n {
+        let name = format!("node-{i}");
+        let s = nodes_api
+            .watch(
+                &WatchParams::default()
+                    .fields(&format!("metadata.name={name}"))
+                    .timeout(290),
+                &rv,
+            )
+            .await
+            .unwrap();
+        let (ev, wr) = (agent_events.clone(), wrong.clone());
+        streams.push(tokio::spawn(async move {
+            let mut s = s.boxed();
+            while let Ok(Some(e)) = s.try_next().await {
+                if let WatchEvent::Modified(n) = e {
+                    if n.name_any() == name {
+                        ev.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        wr.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    eprintln!("opened {nodes_n} agent watches: {:?}", t.elapsed());
+    // The controller: watchers on all nodes and all pods.
+    let pod_events = Arc::new(AtomicUsize::new(0));
+    let pe = pod_events.clone();
+    let t = Instant::now();
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let (init_tx, init_rx) = tokio::sync::oneshot::channel();
+    let ctrl = tokio::spawn(async move {
+        let mut init_tx = Some(init_tx);
+        let mut s = watcher(pods_api, watcher::Config::default()).boxed();
+        while let Some(Ok(e)) = s.next().await {
+            match e {
+                watcher::Event::InitDone => {
+                    if let Some(tx) = init_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                watcher::Event::Apply(_) => {
+                    pe.fetch_add(1, Ordering::SeqCst);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(120), init_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "controller pod watcher initial list of {} pods: {:?}, RSS {} MiB",
+        nodes_n * pods_per_node,
+        t.elapsed(),
+        rss_mib()
+    );
+
+    // Every node heartbeats once; each agent must see exactly its own node.
+    let t = Instant::now();
+    for i in 0..nodes_n {
+        store
+            .patch(
+                &nodes_gvr,
+                None,
+                &format!("node-{i}"),
+                &SPatch::Merge(json!({"status": {"nodeInfo": {"bootID": "b1"}}})),
+                Subresource::Status,
+                &w,
+            )
+            .unwrap();
+    }
+    let write = t.elapsed();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while agent_events.load(Ordering::SeqCst) < nodes_n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "{nodes_n} node status writes: {write:?}; all agents notified after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(wrong.load(Ordering::SeqCst), 0);
+
+    // Every pod's status changes once; the controller sees them all.
+    let t = Instant::now();
+    for i in 0..nodes_n {
+        for j in 0..pods_per_node {
+            store
+                .patch(
+                    &pods_gvr,
+                    Some("default"),
+                    &format!("p-{i}-{j}"),
+                    &SPatch::Merge(json!({"status": {"phase": "Running"}})),
+                    Subresource::Status,
+                    &w,
+                )
+                .unwrap();
+        }
+    }
+    let write = t.elapsed();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while pod_events.load(Ordering::SeqCst) < nodes_n * pods_per_node {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "{} pod status writes: {write:?}; controller saw all after {:?}, RSS {} MiB",
+        nodes_n * pods_per_node,
+        t.elapsed(),
+        rss_mib()
+    );
+
+    // Pods of one node, as a drain lists them.
+    let t = Instant::now();
+    let l = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields("spec.nodeName=node-7"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), pods_per_node);
+    eprintln!("field-selected pod list over HTTP: {:?}", t.elapsed());
+    assert_eq!(agent_events.load(Ordering::SeqCst), nodes_n);
+    ctrl.abort();
+    for s in streams {
+        s.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_small() {
+    scale(50, 30).await;
+}
+
+/// Full size: `cargo test --release --test apiserver scale_full -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn scale_full() {
+    scale(1000, 30).await;
+}
+
+#[tokio::test]
+async fn custom_resources_are_defaulted_and_validated_from_the_crd_schema() {
+    let (_srv, client) = start().await;
+    install_crd(&client).await;
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    let dynamic: Api<kube::api::DynamicObject> =
+        Api::all_with(client.clone(), &kube::api::ApiResource::erase::<NixOSNode>(&()));
+    let mut bad = nxn("v");
+    bad["spec"]["flake"] = json!("github:o/r?rev=abc");
+    bad["spec"]["reboot"] = json!("Sometimes");
+    let e = api_err(
+        dynamic
+            .create(&PostParams::default(), &serde_json::from_value(bad).unwrap())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(
+        e.message.starts_with("NixOSNode.nixroll.io \"v\" is invalid: ["),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("spec.flake"), "{}", e.message);
+    assert!(
+        e.message
+            .contains("spec.reboot: Unsupported value: \"Sometimes\""),
+        "{}",
+        e.message
+    );
+    let ok = api
+        .patch("v", &PatchParams::apply("flux"), &Patch::Apply(nxn("v")))
+        .await
+        .unwrap();
+    let raw = serde_json::to_value(&ok).unwrap();
+    assert_eq!(raw["spec"]["reboot"], "IfNeeded");
+    // Unknown fields are pruned (kubectl's fieldValidation=Strict makes them an error, below).
+    let mut extra = nxn("w");
+    extra["spec"]["bogus"] = json!(1);
+    extra["status"] = json!({"phase": "Waiting", "agent": {"nope": true}});
+    let created = dynamic
+        .create(&PostParams::default(), &serde_json::from_value(extra).unwrap())
+        .await
+        .unwrap();
+    assert!(created.data["spec"].get("bogus").is_none(), "{:?}", created.data);
+}
+
+#[tokio::test]
+async fn restart_keeps_state_and_watchers_recover() {
+    let (srv, client) = start().await;
+    let addr = srv.addr();
+    let store = srv.store();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("a", json!({})))
+        .await
+        .unwrap();
+    let mut s = watcher(cms.clone(), watcher::Config::default()).boxed();
+    for _ in 0..3 {
+        next_event(&mut s).await;
+    }
+    srv.shutdown().await;
+    // Down: requests fail (connection refused), not hang.
+    let mut config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    config.default_retry = false;
+    let down: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+    assert!(tokio::time::timeout(T, down.get("a")).await.unwrap().is_err());
+    // Changed behind its back, then back on the same port with the same store.
+    store
+        .create(
+            &Gvr::new("", "v1", "configmaps"),
+            Some("default"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}}),
+            &Default::default(),
+        )
+        .unwrap();
+    let _srv2 = ApiServer::start_on(addr, store).await.unwrap();
+    assert_eq!(describe(&next_event(&mut s).await), "Apply b");
+    assert!(cms.get("a").await.is_ok());
+}
+
+#[tokio::test]
+async fn events_are_bounded() {
+    let (_srv, client) = start_with(StoreOptions {
+        event_limit: 3,
+        ..StoreOptions::default()
+    })
+    .await;
+    let ev: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
+    for i in 0..5 {
+        ev.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": format!("e{i}")},
+                "involvedObject": {"kind": "Node", "name": "n1"}, "reason": "R", "message": "m"}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let names: Vec<String> = ev
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|e| e.name_any())
+        .collect();
+    assert_eq!(names, vec!["e2", "e3", "e4"]);
+}
+
+#[tokio::test]
+async fn metadata_only_get_list_and_watch() {
+    let (_srv, client) = start().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(&PostParams::default(), &pod("m", "n1", json!({"app": "x"})))
+        .await
+        .unwrap();
+    let meta = pods.get_metadata("m").await.unwrap();
+    assert_eq!(meta.metadata.labels.unwrap().get("app").unwrap(), "x");
+    let list = pods.list_metadata(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let meta_api: Api<kube::core::PartialObjectMeta<Pod>> = Api::namespaced(client.clone(), "default");
+    let mut s = watcher(meta_api, watcher::Config::default()).boxed();
+    let mut names = Vec::new();
+    while names.len() < 2 {
+        match tokio::time::timeout(T, s.next()).await.unwrap().unwrap().unwrap() {
+            watcher::Event::InitApply(o) | watcher::Event::Apply(o) => names.push(o.name_any()),
+            watcher::Event::InitDone => {
+                pods.create(&PostParams::default(), &pod("n", "n1", json!({})))
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(names, vec!["m", "n"]);
+}
+
+#[tokio::test]
+async fn kube_event_recorder_creates_then_patches_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (_srv, client) = start().await;
+    install_crd(&client).await;
+    let api: Api<NixOSNode> = Api::all(client.clone());
+    let o = api
+        .patch("n1", &PatchParams::apply("flux"), &Patch::Apply(nxn("n1")))
+        .await
+        .unwrap();
+    let rec = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "nixroll-controller".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Cordoned".into(),
+        note: Some("cordoned n1".into()),
+        action: "Cordon".into(),
+        secondary: None,
+    };
+    let reference = kube::Resource::object_ref(&o, &());
+    rec.publish(&ev, &reference).await.unwrap();
+    rec.publish(&ev, &reference).await.unwrap();
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
+    let l = core
+        .list(&ListParams::default().fields("involvedObject.name=n1"))
+        .await
+        .unwrap();
+    assert_eq!(l.items.len(), 1, "the second publish patches the first event");
+    assert_eq!(l.items[0].reason.as_deref(), Some("Cordoned"));
+    assert_eq!(l.items[0].series.as_ref().and_then(|s| s.count), Some(2));
+}
+
+#[tokio::test]
+async fn secret_string_data_is_folded_into_data() {
+    let (_srv, client) = start().await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), "default");
+    let s = secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"token": "hello"}}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(s.string_data.is_none());
+    assert_eq!(s.data.unwrap().get("token").unwrap().0, b"hello".to_vec());
+}
+
+#[tokio::test]
+async fn typed_in_process_store_api_matches_http() {
+    use nixroll::sim::apiserver::{ListOptions, Patch as SPatch, Subresource, WriteOptions};
+    let (srv, client) = start().await;
+    let store = srv.store();
+    let w = WriteOptions::manager("kubelet");
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
+    let created = store.create_as(&node, &w).unwrap();
+    assert!(created.metadata.uid.is_some());
+    let mut n = store.get_as::<Node>(None, "n1").unwrap();
+    n.status = Some(serde_json::from_value(json!({"nodeInfo": {"bootID": "b1", "machineID": "", "systemUUID": "",
+        "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "", "kubeletVersion": "", "kubeProxyVersion": "",
+        "operatingSystem": "linux", "architecture": "amd64"}})).unwrap());
+    store.update_as(&n, Subresource::Status, &w).unwrap();
+    // Stale update through the store: 409 as over HTTP.
+    let e = store.update_as(&n, Subresource::Status, &w).unwrap_err();
+    assert_eq!(e.code(), 409);
+    let patched: Node = store
+        .patch_as(
+            None,
+            "n1",
+            &SPatch::Merge(json!({"spec": {"unschedulable": true}})),
+            Subresource::Main,
+            &w,
+        )
+        .unwrap();
+    assert_eq!(patched.spec.unwrap().unschedulable, Some(true));
+    // Seen over HTTP too.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let over_http = nodes.get("n1").await.unwrap();
+    assert_eq!(over_http.status.unwrap().node_info.unwrap().boot_id, "b1");
+    assert_eq!(
+        store
+            .list_as::<Node>(None, &ListOptions::default())
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(srv.request_counts().get("get", "nodes"), 1);
 }

@@ -123,8 +123,7 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
                 assert_eq!(req.method(), "PATCH", "only status writes expected");
                 let path = req.uri().path().to_string();
                 let body: serde_json::Value =
-                    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap())
-                        .unwrap();
+                    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap();
                 if body["status"].get("slot").is_some() {
                     let node = path.trim_end_matches("/status").rsplit('/').next().unwrap();
                     g.lock().unwrap().push(node.to_string());
@@ -132,8 +131,7 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let mut obj = body.clone();
                 obj["metadata"] = serde_json::json!({"name": "x", "resourceVersion": "5"});
-                obj["spec"] =
-                    serde_json::json!({"flake": "github:me/infra", "revision": "b".repeat(40)});
+                obj["spec"] = serde_json::json!({"flake": "github:me/infra", "revision": "b".repeat(40)});
                 send.send_response(
                     Response::builder()
                         .status(200)
@@ -158,11 +156,7 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
         drop(ctx);
         api.abort();
         let granted = granted.lock().unwrap().clone();
-        assert_eq!(
-            granted.len(),
-            1,
-            "round {round}: slots granted to {granted:?}"
-        );
+        assert_eq!(granted.len(), 1, "round {round}: slots granted to {granted:?}");
     }
 }
 
@@ -193,10 +187,7 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
     };
     let (nxn, mut w) = reflector::store::<NixOSNode>();
     w.apply_watcher_event(&watcher::Event::Init);
-    w.apply_watcher_event(&watcher::Event::InitApply(with_status(
-        "a",
-        draining.clone(),
-    )));
+    w.apply_watcher_event(&watcher::Event::InitApply(with_status("a", draining.clone())));
     w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
     w.apply_watcher_event(&watcher::Event::InitApply(with_status(
         "c",
@@ -235,14 +226,9 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
     };
     let obj = with_status("a", draining.clone());
     let task =
-        tokio::spawn(
-            async move { nixroll::controller::execute(&ctx, &obj, &draining, decision).await },
-        );
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &draining, decision).await });
     let (req, send) = handle.next_request().await.unwrap();
-    assert_eq!(
-        req.uri().path(),
-        "/apis/nixroll.io/v1alpha1/nixosnodes/a/status"
-    );
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
     send.send_response(
         Response::builder()
             .status(200)
@@ -295,15 +281,9 @@ async fn failed_grant_write_still_blocks_other_admissions() {
         },
     );
     let c = ctx.clone();
-    let task =
-        tokio::spawn(
-            async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await },
-        );
+    let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
     let (req, send) = handle.next_request().await.unwrap();
-    assert_eq!(
-        req.uri().path(),
-        "/apis/nixroll.io/v1alpha1/nixosnodes/a/status"
-    );
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
     send.send_response(
         Response::builder()
             .status(504)
@@ -321,23 +301,16 @@ async fn failed_grant_write_still_blocks_other_admissions() {
     nixroll::controller::reconcile(Arc::new(waiting("b")), ctx.clone())
         .await
         .unwrap();
-    if let Ok(Some((req, _))) =
-        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
     {
         panic!("b was admitted: {} {}", req.method(), req.uri());
     }
 
     // a asks again: its own uncertain grant does not block it; the grant is written again.
     let c = ctx.clone();
-    let task =
-        tokio::spawn(
-            async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await },
-        );
+    let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
     let (req, send) = handle.next_request().await.unwrap();
-    assert_eq!(
-        req.uri().path(),
-        "/apis/nixroll.io/v1alpha1/nixosnodes/a/status"
-    );
+    assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
     send.send_response(
         Response::builder()
             .status(200)

@@ -14,9 +14,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
-use nixroll::api::{
-    AgentStatus, DrainPolicy, NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot,
-};
+use nixroll::api::{AgentStatus, DrainPolicy, NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
 use nixroll::controller::{
     Context, ControllerConfig, LeaderElectionConfig, LeaderElector, LeaseOutcome, Metrics, Stores,
 };
@@ -69,11 +67,7 @@ async fn next(handle: &mut Handle) -> Seen {
     let query = req
         .uri()
         .query()
-        .map(|q| {
-            url_pairs(q)
-                .into_iter()
-                .collect::<BTreeMap<String, String>>()
-        })
+        .map(|q| url_pairs(q).into_iter().collect::<BTreeMap<String, String>>())
         .unwrap_or_default();
     let content_type = req
         .headers()
@@ -128,8 +122,7 @@ fn decode(s: &str) -> String {
 
 /// Assert that no request arrives within a short while.
 async fn expect_silence(handle: &mut Handle) {
-    if let Ok(Some((req, _))) =
-        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
     {
         panic!("unexpected request {} {}", req.method(), req.uri());
     }
@@ -244,11 +237,7 @@ fn assert_status_apply(seen: &Seen, node: &str) {
     assert_eq!(seen.content_type, "application/apply-patch+yaml");
     assert_eq!(seen.body["apiVersion"], "nixroll.io/v1alpha1");
     assert_eq!(seen.body["kind"], "NixOSNode");
-    assert!(
-        !contains_null(&seen.body),
-        "null in apply body: {}",
-        seen.body
-    );
+    assert!(!contains_null(&seen.body), "null in apply body: {}", seen.body);
     assert!(
         !contains_key(&seen.body, "agent"),
         "agent in apply body: {}",
@@ -269,10 +258,7 @@ fn node_reply(node: &str, unschedulable: bool) -> Value {
 
 fn assert_event(seen: &Seen, regarding_kind: &str, reason: &str) {
     assert_eq!(seen.method, "POST");
-    assert_eq!(
-        seen.path,
-        "/apis/events.k8s.io/v1/namespaces/default/events"
-    );
+    assert_eq!(seen.path, "/apis/events.k8s.io/v1/namespaces/default/events");
     assert_eq!(seen.body["regarding"]["kind"], regarding_kind);
     assert_eq!(seen.body["reason"], reason);
     assert_eq!(seen.body["reportingController"], "nixroll-controller");
@@ -295,9 +281,7 @@ async fn grant_persists_status_first_then_cordons_then_records_events() {
     };
     let current = waiting_status();
     let task =
-        tokio::spawn(
-            async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await },
-        );
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
 
     let s = next(&mut handle).await;
     assert_status_apply(&s, "n1");
@@ -346,10 +330,7 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
     };
     let c2 = ctx.clone();
     let o2 = obj.clone();
-    let task =
-        tokio::spawn(
-            async move { nixroll::controller::execute(&c2, &o2, &current, decision).await },
-        );
+    let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &current, decision).await });
     let s = next(&mut handle).await;
     assert_status_apply(&s, "n1");
     assert_eq!(s.body["status"]["phase"], "UpToDate");
@@ -371,9 +352,7 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
         requeue_after: None,
     };
     let task =
-        tokio::spawn(
-            async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await },
-        );
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
     let s = next(&mut handle).await;
     assert_status_apply(&s, "n1");
     let status = s.body["status"].clone();
@@ -421,7 +400,8 @@ async fn unchanged_status_and_no_actions_send_nothing() {
 fn pod(name: &str, owner_kind: Option<&str>, extra: Value) -> Value {
     let mut meta = json!({"name": name, "namespace": "apps", "uid": format!("uid-{name}")});
     if let Some(kind) = owner_kind {
-        meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind, "name": "owner", "uid": "o", "controller": true}]);
+        meta["ownerReferences"] =
+            json!([{"apiVersion": "apps/v1", "kind": kind, "name": "owner", "uid": "o", "controller": true}]);
     }
     if let Some(m) = extra.get("metadata").and_then(Value::as_object) {
         for (k, v) in m {
@@ -477,8 +457,7 @@ async fn eviction_skips_daemonset_and_mirror_pods_and_retries_after_429() {
     // Pass 1: the PDB refuses (429).
     let c = client.clone();
     let p = policy.clone();
-    let pass =
-        tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
+    let pass = tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
     let s = next(&mut handle).await;
     assert_pod_list(&s);
     s.reply(200, pods());
@@ -502,8 +481,7 @@ async fn eviction_skips_daemonset_and_mirror_pods_and_retries_after_429() {
     // Pass 2: the eviction is accepted.
     let c = client.clone();
     let p = policy.clone();
-    let pass =
-        tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
+    let pass = tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
     let s = next(&mut handle).await;
     assert_pod_list(&s);
     s.reply(200, pods());
@@ -523,8 +501,7 @@ async fn eviction_skips_daemonset_and_mirror_pods_and_retries_after_429() {
         delete_unmanaged_pods: true,
         ..policy.clone()
     };
-    let pass =
-        tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
+    let pass = tokio::spawn(async move { drain::evict_pass(&c, "n1", &p, Duration::from_secs(2)).await });
     let s = next(&mut handle).await;
     assert_pod_list(&s);
     s.reply(
@@ -560,10 +537,7 @@ async fn evict_action_backs_off_between_passes() {
     let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &cur2, d2).await });
     let s = next(&mut handle).await;
     assert_pod_list(&s);
-    s.reply(
-        200,
-        pod_list(vec![pod("web-1", Some("ReplicaSet"), json!({}))]),
-    );
+    s.reply(200, pod_list(vec![pod("web-1", Some("ReplicaSet"), json!({}))]));
     let s = next(&mut handle).await;
     assert_eq!(s.path, "/api/v1/namespaces/apps/pods/web-1/eviction");
     s.reply(429, status_failure(429, "TooManyRequests"));
@@ -593,9 +567,10 @@ async fn force_delete_deletes_remaining_pods_with_the_grace_period() {
         ..DrainPolicy::default()
     };
     let c = client.clone();
-    let pass = tokio::spawn(async move {
-        drain::force_delete_pass(&c, "n1", &policy, Duration::from_secs(2)).await
-    });
+    let pass =
+        tokio::spawn(
+            async move { drain::force_delete_pass(&c, "n1", &policy, Duration::from_secs(2)).await },
+        );
     let s = next(&mut handle).await;
     assert_pod_list(&s);
     s.reply(
@@ -617,8 +592,7 @@ async fn force_delete_deletes_remaining_pods_with_the_grace_period() {
 
 // ---------------------------------------------------------------- leader election
 
-const LEASE_PATH: &str =
-    "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases/nixroll-controller";
+const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases/nixroll-controller";
 
 fn elector(client: Client) -> LeaderElector {
     let cfg = LeaderElectionConfig::new("nixroll-system", "nixroll-controller", "me-abc");
@@ -715,11 +689,7 @@ async fn holder_renews_its_own_lease() {
     assert_eq!(s.method, "PUT");
     assert_eq!(s.body["metadata"]["resourceVersion"], "9");
     assert_eq!(s.body["spec"]["leaseTransitions"], 2);
-    let renewed: jiff::Timestamp = s.body["spec"]["renewTime"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let renewed: jiff::Timestamp = s.body["spec"]["renewTime"].as_str().unwrap().parse().unwrap();
     assert!(renewed > earlier);
     let body = s.body.clone();
     s.reply(200, body);

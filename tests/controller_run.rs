@@ -13,8 +13,7 @@ use nixroll::controller::{ControllerConfig, LeaderElectionConfig};
 use serde_json::{Value, json};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases";
-const LEASE: &str =
-    "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases/nixroll-controller";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/nixroll-system/leases/nixroll-controller";
 
 #[derive(Default)]
 struct FakeApi {
@@ -68,11 +67,9 @@ fn serve(
                     if api.other_holds {
                         api.rv += 1;
                         let now = jiff::Timestamp::now().to_string();
-                        api.lease = Some(
-                            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        api.lease = Some(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                             "metadata": {"name": "nixroll-controller", "namespace": "nixroll-system", "resourceVersion": api.rv.to_string()},
-                            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": now, "acquireTime": now}}),
-                        );
+                            "spec": {"holderIdentity": "other", "leaseDurationSeconds": 15, "renewTime": now, "acquireTime": now}}));
                     }
                     match &api.lease {
                         Some(l) => respond(200, l),
@@ -95,11 +92,7 @@ fn serve(
                         .lease
                         .as_ref()
                         .and_then(|l| l["metadata"]["resourceVersion"].as_str().map(String::from));
-                    if body["metadata"]["resourceVersion"]
-                        .as_str()
-                        .map(String::from)
-                        != current_rv
-                    {
+                    if body["metadata"]["resourceVersion"].as_str().map(String::from) != current_rv {
                         respond(409, &status(409, "Conflict"))
                     } else {
                         api.rv += 1;
@@ -162,10 +155,7 @@ async fn standby_only_reads_the_lease_and_stops_cleanly() {
     let log = api.lock().unwrap().log.clone();
     assert!(log.len() >= 3, "a standby re-checks the lease: {log:?}");
     for line in &log {
-        assert!(
-            line.starts_with(&format!("GET {LEASE}?")),
-            "standby made {line}"
-        );
+        assert!(line.starts_with(&format!("GET {LEASE}?")), "standby made {line}");
     }
 }
 
@@ -262,10 +252,7 @@ async fn leader_that_loses_the_lease_stops_writing_and_stands_by() {
             "after losing the lease: {line}"
         );
     }
-    assert_eq!(
-        api.lease.as_ref().unwrap()["spec"]["holderIdentity"],
-        "other"
-    );
+    assert_eq!(api.lease.as_ref().unwrap()["spec"]["holderIdentity"], "other");
 }
 
 // ------------------------------------------------ the whole loop, with fake decision functions
@@ -274,12 +261,7 @@ use nixroll::api::{Phase, Slot};
 use nixroll::controller::RolloutFns;
 use nixroll::rollout::{Action, ClusterState, Decision, DrainProgress, NodeView, Note, Policy};
 
-fn fake_admit(
-    nodes: &[NodeView<'_>],
-    _: &ClusterState,
-    _: &Policy,
-    _: jiff::Timestamp,
-) -> Vec<String> {
+fn fake_admit(nodes: &[NodeView<'_>], _: &ClusterState, _: &Policy, _: jiff::Timestamp) -> Vec<String> {
     let busy = nodes.iter().any(|v| v.status.slot.is_some());
     if busy {
         return Vec::new();

@@ -9,23 +9,12 @@ use serde_json::{Value, json};
 fn schema() -> Value {
     let crd = nixroll::api::crd();
     let v = &crd.spec.versions[0];
-    serde_json::to_value(
-        v.schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap()
+    serde_json::to_value(v.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap()
 }
 
 fn example() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/nixosnode.yaml"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nixosnode.yaml")).unwrap();
     serde_yaml::from_str(&text).unwrap()
 }
 
@@ -64,10 +53,7 @@ fn the_example_manifest_is_valid() {
 fn bad_fields_are_rejected_with_a_message_that_says_what_to_fix() {
     let cases: Vec<(Value, &str)> = vec![
         (with(&["spec", "revision"], json!("main")), "40-character"),
-        (
-            with(&["spec", "revision"], json!("0123456")),
-            "40-character",
-        ),
+        (with(&["spec", "revision"], json!("0123456")), "40-character"),
         (
             with(
                 &["spec", "revision"],
@@ -76,10 +62,7 @@ fn bad_fields_are_rejected_with_a_message_that_says_what_to_fix() {
             "lowercase hex",
         ),
         (
-            with(
-                &["spec", "flake"],
-                json!("git+https://example.org/x.git?rev=abc"),
-            ),
+            with(&["spec", "flake"], json!("git+https://example.org/x.git?rev=abc")),
             "without revision",
         ),
         (
@@ -90,15 +73,9 @@ fn bad_fields_are_rejected_with_a_message_that_says_what_to_fix() {
             with(&["spec", "flake"], json!("github:me/infra#host")),
             "without revision or fragment",
         ),
+        (with(&["spec", "configuration"], json!("a b")), "attribute name"),
         (
-            with(&["spec", "configuration"], json!("a b")),
-            "attribute name",
-        ),
-        (
-            with(
-                &["spec", "maintenanceWindows", "0", "start"],
-                json!("25:00"),
-            ),
+            with(&["spec", "maintenanceWindows", "0", "start"], json!("25:00")),
             "HH:MM",
         ),
         (
@@ -110,10 +87,7 @@ fn bad_fields_are_rejected_with_a_message_that_says_what_to_fix() {
             "start != end",
         ),
         (
-            with(
-                &["spec", "maintenanceWindows", "0", "timeZone"],
-                json!("CEST+2"),
-            ),
+            with(&["spec", "maintenanceWindows", "0", "timeZone"], json!("CEST+2")),
             "IANA",
         ),
         (
@@ -148,10 +122,7 @@ fn good_variants_are_accepted() {
         "America/Argentina/Buenos_Aires",
         "Etc/GMT+2",
     ] {
-        let errs = errors(&with(
-            &["spec", "maintenanceWindows", "0", "timeZone"],
-            json!(tz),
-        ));
+        let errs = errors(&with(&["spec", "maintenanceWindows", "0", "timeZone"], json!(tz)));
         assert!(errs.is_empty(), "{tz}: {errs:?}");
     }
     let errs = errors(&with(&["spec", "drain", "timeout"], json!("1h30m")));

@@ -109,17 +109,11 @@ async fn unschedulable(world: &World, node: &str) -> bool {
 }
 
 /// The world with NixOSNodes on the first revision, adopted (UpToDate) by a controller.
-async fn adopted(
-    opts: WorldOptions,
-    budget: u32,
-) -> (World, nixroll::sim::world::ControllerHandle) {
+async fn adopted(opts: WorldOptions, budget: u32) -> (World, nixroll::sim::world::ControllerHandle) {
     let world = World::start(opts).await.unwrap();
     let first = world.head().to_string();
     world.apply_all(&world.spec(&first)).await.unwrap();
-    let c = world
-        .start_controller(controller_config(budget))
-        .await
-        .unwrap();
+    let c = world.start_controller(controller_config(budget)).await.unwrap();
     wait_for(&world, "adoption", WAIT, all_on(&first)).await;
     (world, c)
 }
@@ -153,16 +147,9 @@ async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
     assert_eq!(monitor.max_concurrent(), 1);
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
-        assert!(
-            !unschedulable(&world, &n.name).await,
-            "{} uncordoned",
-            n.name
-        );
+        assert!(!unschedulable(&world, &n.name).await, "{} uncordoned", n.name);
         let s = done[&n.name].status.clone().unwrap();
-        assert_eq!(
-            s.history.first().map(|h| h.result.as_str()),
-            Some("Succeeded")
-        );
+        assert_eq!(s.history.first().map(|h| h.result.as_str()), Some("Succeeded"));
         assert_eq!(
             n.host.booted_system(),
             s.system,
@@ -222,10 +209,7 @@ async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
         m.get(&aborted).is_some_and(|o| phase(o) == Phase::Waiting)
     })
     .await;
-    assert!(
-        !unschedulable(&world, &aborted).await,
-        "Abort uncordons the node"
-    );
+    assert!(!unschedulable(&world, &aborted).await, "Abort uncordons the node");
     assert!(
         !events(&world, "DrainTimeout").await.is_empty(),
         "a DrainTimeout event"
@@ -245,13 +229,7 @@ async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
         ..Default::default()
     });
     world.apply_all(&spec).await.unwrap();
-    wait_for(
-        &world,
-        "forced rollout",
-        Duration::from_secs(150),
-        all_on(&next),
-    )
-    .await;
+    wait_for(&world, "forced rollout", Duration::from_secs(150), all_on(&next)).await;
     assert!(
         !events(&world, "DrainForced").await.is_empty(),
         "a DrainForced event"
@@ -281,11 +259,7 @@ async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 0);
-        assert!(
-            !unschedulable(&world, &n.name).await,
-            "{} not cordoned",
-            n.name
-        );
+        assert!(!unschedulable(&world, &n.name).await, "{} not cordoned", n.name);
     }
     c.stop().await;
 }
@@ -309,10 +283,7 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(degraded.reason, "BootedWrongSystem", "{degraded:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        unschedulable(&world, bad).await,
-        "the failed node stays cordoned"
-    );
+    assert!(unschedulable(&world, bad).await, "the failed node stays cordoned");
     let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
     assert_eq!(total, 1, "no other node was admitted after the failure");
     assert_eq!(monitor.violations(), Vec::<String>::new());
@@ -357,10 +328,7 @@ async fn agent_restarted_mid_activation_never_reboots_twice() {
         m.values().any(|o| phase(o) == Phase::Activating)
     })
     .await;
-    let (name, _) = m
-        .iter()
-        .find(|(_, o)| phase(o) == Phase::Activating)
-        .unwrap();
+    let (name, _) = m.iter().find(|(_, o)| phase(o) == Phase::Activating).unwrap();
     world.node(name).unwrap().restart_agent();
     wait_for(&world, "rollout", WAIT, all_on(&next)).await;
     for n in &world.nodes {
@@ -394,8 +362,8 @@ async fn a_node_cordoned_by_an_admin_is_updated_and_stays_cordoned() {
 async fn nothing_starts_outside_the_maintenance_window() {
     let (mut world, c) = adopted(fast(), 1).await;
     let next = kernel_bump(&mut world);
-    let later = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC)
-        + jiff::SignedDuration::from_hours(6);
+    let later =
+        jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC) + jiff::SignedDuration::from_hours(6);
     let hhmm = |z: &jiff::Zoned| format!("{:02}:{:02}", z.hour(), z.minute());
     let mut spec = world.spec(&next);
     spec.maintenance_windows = vec![MaintenanceWindow {

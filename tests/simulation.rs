@@ -19,13 +19,13 @@ use std::fmt::Write as _;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nixroll::api::{
-    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy,
-    DrainTimeoutAction, HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec,
-    NixOSNodeStatus, Phase, RebootPolicy, StagedSystem, Weekday,
+    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy, DrainTimeoutAction,
+    HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, Phase, RebootPolicy,
+    StagedSystem, Weekday,
 };
 use nixroll::rollout::{
-    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView,
-    Policy, admit, budget, condition, decide, window,
+    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, admit,
+    budget, condition, decide, window,
 };
 
 const FLAKE: &str = "git+https://git.example.org/infra.git";
@@ -157,9 +157,7 @@ fn system_of(rev: &str, node: &str) -> String {
 }
 
 fn rev_of_system(sys: &str) -> &str {
-    sys.trim_start_matches("/nix/store/")
-        .get(..12)
-        .unwrap_or("")
+    sys.trim_start_matches("/nix/store/").get(..12).unwrap_or("")
 }
 
 fn add(t: Timestamp, secs: i64) -> Timestamp {
@@ -387,13 +385,7 @@ impl Sim {
                 self.rev_count.saturating_sub(1)
             };
             let init_change = self.p(10);
-            self.revs.insert(
-                rev.clone(),
-                RevInfo {
-                    kernel,
-                    init_change,
-                },
-            );
+            self.revs.insert(rev.clone(), RevInfo { kernel, init_change });
             for n in self.nodes.iter_mut() {
                 n.spec.revision = rev.clone();
                 n.generation += 1;
@@ -527,10 +519,7 @@ impl Sim {
             }
             h.current = h.booted.clone();
             h.fallback_next_boot = false;
-            let (name, b) = (
-                self.nodes[i].name.clone(),
-                self.nodes[i].host.booted.clone(),
-            );
+            let (name, b) = (self.nodes[i].name.clone(), self.nodes[i].host.booted.clone());
             self.logf(|| format!("{name} booted {b} (fallback={fallback})"));
         }
         if !self.nodes[i].host.up {
@@ -542,10 +531,7 @@ impl Sim {
         {
             self.nodes[i].host.staging = None;
             let name = self.nodes[i].name.clone();
-            let agent = self.nodes[i]
-                .status
-                .agent
-                .get_or_insert_with(Default::default);
+            let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
             if op.fail {
                 agent.last_error = Some(HostError {
                     operation: HostOperation::Stage,
@@ -562,31 +548,18 @@ impl Sim {
                     .map(|(_, v)| v.kernel);
                 let kernel = self.revs.get(&op.revision).map(|v| v.kernel);
                 let reboot = booted_kernel != kernel;
-                let agent = self.nodes[i]
-                    .status
-                    .agent
-                    .get_or_insert_with(Default::default);
+                let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
                 agent.staged = Some(StagedSystem {
                     revision: op.revision.clone(),
                     installable: op.installable.clone(),
                     system: sys,
                     closure_bytes: None,
                     reboot_required: reboot,
-                    reboot_reasons: if reboot {
-                        vec!["kernel".into()]
-                    } else {
-                        vec![]
-                    },
+                    reboot_reasons: if reboot { vec!["kernel".into()] } else { vec![] },
                     staged_at: Some(Time(now)),
                 });
             }
-            self.logf(|| {
-                format!(
-                    "{name} staging {} done (fail={})",
-                    &op.revision[..12],
-                    op.fail
-                )
-            });
+            self.logf(|| format!("{name} staging {} done (fail={})", &op.revision[..12], op.fail));
         }
         // Activation completes.
         if let Some(op) = self.nodes[i].host.activation.clone()
@@ -636,10 +609,7 @@ impl Sim {
                 let d = self.rng.i64(20..300);
                 self.nodes[i].host.boot_done = Some(add(now, d));
             }
-            let agent = self.nodes[i]
-                .status
-                .agent
-                .get_or_insert_with(Default::default);
+            let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
             agent.activation = Some(ActivationReport {
                 id: op.id.clone(),
                 action: op.action,
@@ -647,8 +617,7 @@ impl Sim {
                 system: op.system.clone(),
                 boot_id_before: Some(boot_before),
                 exit_code: (state == ActivationState::NeedsReboot).then_some(100),
-                message: (state == ActivationState::Failed)
-                    .then(|| "switch-to-configuration failed".into()),
+                message: (state == ActivationState::Failed).then(|| "switch-to-configuration failed".into()),
                 updated_at: Time(now),
             });
             self.logf(|| format!("{name} activation {} -> {state:?}", op.id));
@@ -689,18 +658,11 @@ impl Sim {
             self.nodes[i].host.booted.clone(),
             self.nodes[i].host.current.clone(),
         );
-        let ltt = self.nodes[i]
-            .status
-            .last_transition_time
-            .as_ref()
-            .map(|t| t.0);
+        let ltt = self.nodes[i].status.last_transition_time.as_ref().map(|t| t.0);
         let target = self.nodes[i].status.target.clone();
         let grant = self.nodes[i].status.activation.clone();
         {
-            let agent: &mut AgentStatus = self.nodes[i]
-                .status
-                .agent
-                .get_or_insert_with(Default::default);
+            let agent: &mut AgentStatus = self.nodes[i].status.agent.get_or_insert_with(Default::default);
             agent.boot_id = Some(boot.clone());
             agent.booted_system = Some(booted);
             agent.current_system = Some(current);
@@ -772,11 +734,7 @@ impl Sim {
         let n = &self.nodes[i];
         let o = self.obs(i);
         let ph = n.status.phase.unwrap_or_default();
-        n.status.slot.is_some()
-            || ph.is_disruptive()
-            || ph == Phase::Degraded
-            || o.unschedulable
-            || !o.ready
+        n.status.slot.is_some() || ph.is_disruptive() || ph == Phase::Degraded || o.unschedulable || !o.ready
     }
 
     fn evict_pass(&mut self, i: usize, force: bool) -> DrainProgress {
@@ -832,9 +790,7 @@ impl Sim {
         }
         let n = self.nodes.len();
         let obs: Vec<NodeObservation> = (0..n).map(|i| self.obs(i)).collect();
-        let cluster = ClusterState {
-            paused: self.paused,
-        };
+        let cluster = ClusterState { paused: self.paused };
         let admitted: Vec<String> = {
             let views: Vec<NodeView<'_>> = (0..n).map(|i| self.view(i, &obs[i])).collect();
             admit(&views, &cluster, &self.policy, self.now)
@@ -877,9 +833,8 @@ impl Sim {
             "two control-plane nodes admitted: {cp_admitted:?}"
         );
         if let Some(cp) = cp_admitted.first() {
-            let other_busy = (0..n).any(|i| {
-                self.nodes[i].control_plane && &&self.nodes[i].name != cp && self.unavailable(i)
-            });
+            let other_busy = (0..n)
+                .any(|i| self.nodes[i].control_plane && &&self.nodes[i].name != cp && self.unavailable(i));
             check!(
                 self,
                 !other_busy,
@@ -921,13 +876,7 @@ impl Sim {
                 let is_admitted = admitted.contains(&self.nodes[i].name);
                 let d: Decision = {
                     let v = self.view(i, &o);
-                    decide(
-                        &v,
-                        is_admitted,
-                        self.drain_mem.get(&i),
-                        &self.policy,
-                        self.now,
-                    )
+                    decide(&v, is_admitted, self.drain_mem.get(&i), &self.policy, self.now)
                 };
                 check!(self, d.status.agent.is_none(), "decide wrote status.agent");
                 self.transition_checks(i, &d, is_admitted, degraded)?;
@@ -1045,18 +994,8 @@ impl Sim {
         if !was.is_disruptive() && now_ph == Phase::Draining {
             let open = window::is_open(&n.spec.maintenance_windows, self.now).unwrap();
             check!(self, open, "{} started draining outside its window", n.name);
-            check!(
-                self,
-                admitted,
-                "{} started draining without admission",
-                n.name
-            );
-            check!(
-                self,
-                !self.paused,
-                "{} started draining while paused",
-                n.name
-            );
+            check!(self, admitted, "{} started draining without admission", n.name);
+            check!(self, !self.paused, "{} started draining while paused", n.name);
             check!(
                 self,
                 !n.spec.suspend,
@@ -1096,19 +1035,14 @@ impl Sim {
     fn global_checks(&self) -> Result<(), String> {
         let n = self.nodes.len();
         let budget = budget(self.policy.max_unavailable, n);
-        let slots = self
-            .nodes
-            .iter()
-            .filter(|x| x.status.slot.is_some())
-            .count();
+        let slots = self.nodes.iter().filter(|x| x.status.slot.is_some()).count();
         check!(self, slots <= budget, "{slots} slots held, budget {budget}");
         let cp_slots = self
             .nodes
             .iter()
             .filter(|x| {
                 x.control_plane
-                    && (x.status.slot.is_some()
-                        || x.status.phase.unwrap_or_default().is_disruptive())
+                    && (x.status.slot.is_some() || x.status.phase.unwrap_or_default().is_disruptive())
             })
             .count();
         check!(
@@ -1239,18 +1173,12 @@ fn run_seed(seed: u64, verbose: bool) -> Result<(bool, bool, usize), (String, Op
                     .map(|x| {
                         format!(
                             "{}: {:?} {:?} unsched={} by={:?}",
-                            x.name,
-                            x.status.phase,
-                            x.status.message,
-                            x.unschedulable,
-                            x.cordoned_by
+                            x.name, x.status.phase, x.status.message, x.unschedulable, x.cordoned_by
                         )
                     })
                     .collect();
                 return Err((
-                    format!(
-                        "no faults injected but did not converge within {MAX_STEPS} steps: {states:#?}"
-                    ),
+                    format!("no faults injected but did not converge within {MAX_STEPS} steps: {states:#?}"),
                     sim.log,
                 ));
             }
@@ -1283,9 +1211,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
                 let mut sim = Sim::new(seed, true);
                 let _ = sim.run(MAX_STEPS);
                 println!("{}", sim.log.unwrap_or_default());
-                println!(
-                    "NIXROLL_SIM_SEED={seed}: ok (faults={faults}, converged={conv}, steps={steps})"
-                );
+                println!("NIXROLL_SIM_SEED={seed}: ok (faults={faults}, converged={conv}, steps={steps})");
             }
             Err((e, _)) => fail_with(seed, e),
         }
@@ -1295,9 +1221,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(4) as u64;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u64;
     type Outcome = Result<(bool, bool, usize), String>;
     let results: Vec<(u64, Outcome)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..threads)
@@ -1321,9 +1245,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         match r {
             Ok((faults, conv, s)) => {
                 steps += s;
-                *stats
-                    .entry(if faults { "faulty" } else { "clean" })
-                    .or_default() += 1;
+                *stats.entry(if faults { "faulty" } else { "clean" }).or_default() += 1;
                 if conv {
                     *stats.entry("converged").or_default() += 1;
                 }
@@ -1336,7 +1258,5 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         stats.get("clean").copied().unwrap_or(0) + stats.get("faulty").copied().unwrap_or(0),
         seeds as usize
     );
-    assert!(
-        stats.get("converged").copied().unwrap_or(0) >= stats.get("clean").copied().unwrap_or(0)
-    );
+    assert!(stats.get("converged").copied().unwrap_or(0) >= stats.get("clean").copied().unwrap_or(0));
 }

@@ -119,12 +119,8 @@ async fn work(
     report: tokio::sync::watch::Sender<Option<AgentStatus>>,
     seen: Seen,
 ) -> Result<(), AgentError> {
-    let mut agent = NodeAgent::new(
-        config.host.clone(),
-        config.nix.clone(),
-        config.options.clone(),
-    )
-    .with_progress(report.clone());
+    let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
+        .with_progress(report.clone());
     loop {
         // Wait for a change of the object, or for a failed staging's retry time (a local
         // timer: no request is made unless the facts change).
@@ -209,9 +205,7 @@ async fn write(
                 retry_in = None;
             }
             Err(e) => {
-                let next = retry_in.map_or(Duration::from_secs(1), |d| {
-                    (d * 2).min(Duration::from_secs(60))
-                });
+                let next = retry_in.map_or(Duration::from_secs(1), |d| (d * 2).min(Duration::from_secs(60)));
                 tracing::warn!(node = %config.node, error = %e, retry_in = ?next, "cannot write status.agent");
                 retry_in = Some(next);
             }

@@ -14,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::host::{DetachedJob, Host, HostCommand, resolve};
 use super::state::{
-    self, ACTIVATION_DIR, ActivationRecord, GCROOTS_DIR, HostState, STATE_FILE, StagedRecord,
-    StateError, Step,
+    self, ACTIVATION_DIR, ActivationRecord, GCROOTS_DIR, HostState, STATE_FILE, StagedRecord, StateError,
+    Step,
 };
 use crate::api::{
     ActivationAction, ActivationGrant, ActivationReport, ActivationState, AgentStatus,
@@ -181,11 +181,7 @@ impl NodeAgent {
     ) -> Result<AgentStatus, NodeError> {
         let mut st = self.load()?;
         // An unfinished activation (agent restarted mid-way) is resumed, never restarted.
-        if st
-            .activation
-            .as_ref()
-            .is_some_and(|r| r.step != Step::Finished)
-        {
+        if st.activation.as_ref().is_some_and(|r| r.step != Step::Finished) {
             self.drive_activation(&mut st).await?;
         }
         if let Some(g) = grant {
@@ -234,19 +230,14 @@ impl NodeAgent {
             self.revision_cache = None;
             return;
         };
-        if self
-            .revision_cache
-            .as_ref()
-            .is_some_and(|(s, _)| *s == current)
-        {
+        if self.revision_cache.as_ref().is_some_and(|(s, _)| *s == current) {
             return;
         }
         let system = Path::new(&current);
         let mut revision = self.read_trimmed(&system.join("configuration-revision"));
         let tool = system.join("sw/bin/nixos-version");
         if revision.is_none() && self.host.fs_path(&tool).exists() {
-            let cmd =
-                HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
+            let cmd = HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
             match self.host.run(cmd).await {
                 Ok(out) if out.success() => {
                     revision = serde_json::from_str::<serde_json::Value>(&out.stdout)
@@ -336,9 +327,7 @@ impl NodeAgent {
             }
             Err(e) => {
                 let attempts = match &self.failed_stage {
-                    Some(f) if f.revision == t.revision && f.installable == t.installable => {
-                        f.attempts + 1
-                    }
+                    Some(f) if f.revision == t.revision && f.installable == t.installable => f.attempts + 1,
                     _ => 1,
                 };
                 let backoff = self
@@ -523,11 +512,7 @@ impl NodeAgent {
         }
     }
 
-    fn update(
-        &self,
-        st: &mut HostState,
-        f: impl FnOnce(&mut ActivationRecord),
-    ) -> Result<(), NodeError> {
+    fn update(&self, st: &mut HostState, f: impl FnOnce(&mut ActivationRecord)) -> Result<(), NodeError> {
         if let Some(r) = st.activation.as_mut() {
             f(r);
             r.updated_at = now();
@@ -535,12 +520,7 @@ impl NodeAgent {
         self.save(st)
     }
 
-    fn finish(
-        &self,
-        st: &mut HostState,
-        outcome: ActivationState,
-        message: String,
-    ) -> Result<(), NodeError> {
+    fn finish(&self, st: &mut HostState, outcome: ActivationState, message: String) -> Result<(), NodeError> {
         let id = st.activation.as_ref().map(|r| r.id.clone());
         tracing::info!(id = ?id, ?outcome, %message, "activation finished");
         if outcome == ActivationState::Failed {
@@ -579,10 +559,7 @@ impl NodeAgent {
         match rec.action {
             ActivationAction::Switch | ActivationAction::Boot => {
                 if resolve(self.host.as_ref(), Path::new(&rec.system)).is_none() {
-                    return Err(format!(
-                        "system {} is not in the store (not staged?)",
-                        rec.system
-                    ));
+                    return Err(format!("system {} is not in the store (not staged?)", rec.system));
                 }
                 if self.profile_system().as_deref() != Some(rec.system.as_str()) {
                     self.nix
@@ -594,13 +571,8 @@ impl NodeAgent {
             }
             ActivationAction::Rollback => {
                 // Roll back only if no earlier attempt of this grant already did.
-                if rec.generation_before.is_some()
-                    && self.profile_generation() == rec.generation_before
-                {
-                    self.nix
-                        .rollback_profile(profile)
-                        .await
-                        .map_err(|e| e.report())?;
+                if rec.generation_before.is_some() && self.profile_generation() == rec.generation_before {
+                    self.nix.rollback_profile(profile).await.map_err(|e| e.report())?;
                 }
                 self.profile_system()
                     .ok_or_else(|| "the system profile resolves to nothing".to_string())
@@ -683,8 +655,7 @@ impl NodeAgent {
     }
 
     pub fn booted_system(&self) -> Option<String> {
-        resolve(self.host.as_ref(), Path::new("/run/booted-system"))
-            .map(|p| p.to_string_lossy().into_owned())
+        resolve(self.host.as_ref(), Path::new("/run/booted-system")).map(|p| p.to_string_lossy().into_owned())
     }
 
     pub fn current_system(&self) -> Option<String> {
@@ -693,18 +664,14 @@ impl NodeAgent {
     }
 
     fn profile_system(&self) -> Option<String> {
-        resolve(self.host.as_ref(), Path::new(SYSTEM_PROFILE))
-            .map(|p| p.to_string_lossy().into_owned())
+        resolve(self.host.as_ref(), Path::new(SYSTEM_PROFILE)).map(|p| p.to_string_lossy().into_owned())
     }
 
     /// `system` → `system-N-link` → N.
     pub fn profile_generation(&self) -> Option<i64> {
         let link = std::fs::read_link(self.host.fs_path(Path::new(SYSTEM_PROFILE))).ok()?;
         let name = link.file_name()?.to_str()?;
-        name.strip_prefix("system-")?
-            .strip_suffix("-link")?
-            .parse()
-            .ok()
+        name.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()
     }
 
     fn observe_with(&self, st: &HostState) -> AgentStatus {
@@ -946,19 +913,13 @@ mod tests {
             message: None,
             updated_at: Timestamp::UNIX_EPOCH,
         };
-        assert_eq!(
-            activation_report(&r, Some("b1")).state,
-            ActivationState::Running
-        );
+        assert_eq!(activation_report(&r, Some("b1")).state, ActivationState::Running);
         r.step = Step::RebootIssued;
         assert_eq!(
             activation_report(&r, Some("b1")).state,
             ActivationState::RebootRequested
         );
-        assert_eq!(
-            activation_report(&r, Some("b2")).state,
-            ActivationState::Rebooted
-        );
+        assert_eq!(activation_report(&r, Some("b2")).state, ActivationState::Rebooted);
         r.step = Step::Finished;
         r.outcome = Some(ActivationState::NeedsReboot);
         assert_eq!(

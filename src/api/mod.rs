@@ -129,9 +129,7 @@ impl Weekday {
 }
 
 /// When to reboot after switching to the new generation.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 pub enum RebootPolicy {
     /// Reboot when the staged system differs from the booted one in kernel, initrd, modules,
     /// kernel parameters, systemd, firmware or init interface; otherwise `switch` live.
@@ -144,9 +142,7 @@ pub enum RebootPolicy {
 }
 
 /// What to do when the drain timeout expires.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 pub enum DrainTimeoutAction {
     /// Uncordon (if nixroll cordoned), free the slot, back off and try again later.
     #[default]

@@ -135,10 +135,7 @@ mod tests {
         let mut p = PendingWrites::default();
         p.record("a", &draining());
         // Store still shows Waiting: our grant is what counts.
-        assert_eq!(
-            p.effective("a", &waiting()).unwrap().phase,
-            Some(Phase::Draining)
-        );
+        assert_eq!(p.effective("a", &waiting()).unwrap().phase, Some(Phase::Draining));
         assert_eq!(p.len(), 1);
         // Store caught up: entry dropped, store is the truth again.
         assert!(p.effective("a", &draining()).is_none());

@@ -246,10 +246,7 @@ impl LeaderElector {
         let Some(mut lease) = current else {
             return Ok(());
         };
-        let ours = lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.holder_identity.as_deref())
+        let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
             == Some(self.config.identity.as_str());
         if !ours {
             return Ok(());

@@ -165,10 +165,7 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let app = router(metrics, health);
     let handle = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::warn!(error = %e, "metrics server stopped");
         }
     });
@@ -194,10 +191,7 @@ mod tests {
             .get_or_create(&PhaseLabel { phase: "Draining" })
             .observe(3.0);
         let text = m.encode().unwrap();
-        assert!(
-            text.contains("nixroll_nodes{phase=\"Draining\"} 2"),
-            "{text}"
-        );
+        assert!(text.contains("nixroll_nodes{phase=\"Draining\"} 2"), "{text}");
         assert!(
             text.contains("nixroll_failures_total{category=\"DrainTimeout\"} 1"),
             "{text}"
@@ -248,10 +242,7 @@ mod tests {
         metrics.set_phase_counts(&[(Phase::Waiting, 3)]);
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
-        assert!(
-            body.contains("nixroll_nodes{phase=\"Waiting\"} 3"),
-            "{body}"
-        );
+        assert!(body.contains("nixroll_nodes{phase=\"Waiting\"} 3"), "{body}");
         tx.send(()).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), server)
             .await

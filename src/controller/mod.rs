@@ -218,15 +218,9 @@ impl Drop for Context {
 /// [`crate::rollout::admit`] unless a test substitutes its own.
 #[derive(Clone, Copy, Debug)]
 pub struct RolloutFns {
-    pub decide: for<'a, 'b> fn(
-        &'a NodeView<'b>,
-        bool,
-        Option<&'a DrainProgress>,
-        &'a Policy,
-        Timestamp,
-    ) -> Decision,
-    pub admit:
-        for<'a, 'b> fn(&'a [NodeView<'b>], &'a ClusterState, &'a Policy, Timestamp) -> Vec<String>,
+    pub decide:
+        for<'a, 'b> fn(&'a NodeView<'b>, bool, Option<&'a DrainProgress>, &'a Policy, Timestamp) -> Decision,
+    pub admit: for<'a, 'b> fn(&'a [NodeView<'b>], &'a ClusterState, &'a Policy, Timestamp) -> Vec<String>,
 }
 
 impl Default for RolloutFns {
@@ -363,10 +357,7 @@ impl Context {
     /// (the store united with our own pending writes). Caller holds the admission mutex.
     fn admitted(&self, pending: &mut PendingWrites, me: &str, now: Timestamp) -> bool {
         let objs = self.nixosnodes.state();
-        let present: HashSet<&str> = objs
-            .iter()
-            .filter_map(|o| o.metadata.name.as_deref())
-            .collect();
+        let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
         pending.retain_present(&present);
         if let Ok(mut drains) = self.drains.lock() {
             drains.retain(|n, _| present.contains(n.as_str()));
@@ -446,12 +437,7 @@ impl Context {
         if let Ok(mut drains) = self.drains.lock() {
             drains.remove(name);
         }
-        if let Some(w) = self
-            .pod_watches
-            .lock()
-            .ok()
-            .and_then(|mut w| w.remove(name))
-        {
+        if let Some(w) = self.pod_watches.lock().ok().and_then(|mut w| w.remove(name)) {
             w.abort();
         }
     }
@@ -489,11 +475,7 @@ impl Context {
         watches.insert(name.to_string(), task.abort_handle());
     }
 
-    async fn write_status(
-        &self,
-        name: &str,
-        status: &NixOSNodeStatus,
-    ) -> Result<(), ControllerError> {
+    async fn write_status(&self, name: &str, status: &NixOSNodeStatus) -> Result<(), ControllerError> {
         let api: Api<NixOSNode> = Api::all(self.client.clone());
         let body = serde_json::json!({
             "apiVersion": NixOSNode::api_version(&()),
@@ -533,12 +515,7 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
-        match tokio::time::timeout(
-            self.config.api_timeout,
-            self.recorder.publish(&ev, reference),
-        )
-        .await
-        {
+        match tokio::time::timeout(self.config.api_timeout, self.recorder.publish(&ev, reference)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(reason, error = %e, "event not recorded"),
             Err(_) => debug!(reason, "event not recorded: timeout"),
@@ -582,11 +559,7 @@ impl Context {
     }
 }
 
-fn view_of<'a>(
-    o: &'a NixOSNode,
-    status: &'a NixOSNodeStatus,
-    node: &'a NodeObservation,
-) -> NodeView<'a> {
+fn view_of<'a>(o: &'a NixOSNode, status: &'a NixOSNodeStatus, node: &'a NodeObservation) -> NodeView<'a> {
     NodeView {
         name: o.metadata.name.as_deref().unwrap_or_default(),
         generation: o.metadata.generation.unwrap_or_default(),
@@ -627,9 +600,8 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     // Our own last write is the truth while the store lags behind it.
     let mut gate = ctx.admission.lock().await;
     let status = gate.effective(&name, &stored).unwrap_or(stored);
-    let admitted = status.slot.is_none()
-        && status.phase == Some(Phase::Waiting)
-        && ctx.admitted(&mut gate, &name, now);
+    let admitted =
+        status.slot.is_none() && status.phase == Some(Phase::Waiting) && ctx.admitted(&mut gate, &name, now);
     let gate = if admitted {
         Some(gate)
     } else {
@@ -643,13 +615,8 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         None
     };
     let view = view_of(&obj, &status, &observation);
-    let decision: Decision = (ctx.rollout.decide)(
-        &view,
-        admitted,
-        drain_progress.as_ref(),
-        &ctx.config.policy,
-        now,
-    );
+    let decision: Decision =
+        (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
     execute_with_gate(ctx, &obj, &status, decision, gate).await
 }
 
@@ -701,8 +668,7 @@ async fn execute_with_gate(
         info!(node = %name, from = ?before.phase, phase = ?decision.status.phase, "status written");
         observe_transition(ctx, &before, &decision.status, now);
         let held = before.slot.is_some() || before.phase.is_some_and(Phase::is_disruptive);
-        let holds = decision.status.slot.is_some()
-            || decision.status.phase.is_some_and(Phase::is_disruptive);
+        let holds = decision.status.slot.is_some() || decision.status.phase.is_some_and(Phase::is_disruptive);
         let left_degraded =
             before.phase == Some(Phase::Degraded) && decision.status.phase != Some(Phase::Degraded);
         if (held && !holds) || left_degraded {
@@ -761,8 +727,7 @@ async fn execute_with_gate(
                 }
                 let force = *action == Action::ForceDelete;
                 let pass = if force {
-                    drain::force_delete_pass(&ctx.client, &name, &policy, ctx.config.api_timeout)
-                        .await
+                    drain::force_delete_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
                 } else {
                     drain::evict_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
                 };
@@ -771,16 +736,13 @@ async fn execute_with_gate(
                     source,
                 })?;
                 debug!(node = %name, action = ?action, remaining = progress.remaining, blocked_by_pdb = progress.blocked_by_pdb, refused = progress.refused.len(), "drain pass");
-                let (reason, warning) = match (
-                    force,
-                    progress.blocked_by_pdb > 0,
-                    progress.refused.is_empty(),
-                ) {
-                    (true, _, _) => ("ForceDeleting", true),
-                    (false, true, _) => ("EvictionBlocked", true),
-                    (false, false, false) => ("DrainRefused", true),
-                    (false, false, true) => ("Draining", false),
-                };
+                let (reason, warning) =
+                    match (force, progress.blocked_by_pdb > 0, progress.refused.is_empty()) {
+                        (true, _, _) => ("ForceDeleting", true),
+                        (false, true, _) => ("EvictionBlocked", true),
+                        (false, false, false) => ("DrainRefused", true),
+                        (false, false, true) => ("Draining", false),
+                    };
                 let note = format!(
                     "{} pods left, {} blocked by a PodDisruptionBudget{}",
                     progress.remaining,
@@ -807,14 +769,8 @@ async fn execute_with_gate(
 
     let reference = obj.object_ref(&());
     for n in &decision.notes {
-        ctx.publish(
-            &reference,
-            "Reconcile",
-            &n.reason,
-            n.message.clone(),
-            n.warning,
-        )
-        .await;
+        ctx.publish(&reference, "Reconcile", &n.reason, n.message.clone(), n.warning)
+            .await;
     }
     Ok(match requeue {
         Some(d) => Requeue::requeue(d),
@@ -822,12 +778,7 @@ async fn execute_with_gate(
     })
 }
 
-fn observe_transition(
-    ctx: &Context,
-    before: &NixOSNodeStatus,
-    after: &NixOSNodeStatus,
-    now: Timestamp,
-) {
+fn observe_transition(ctx: &Context, before: &NixOSNodeStatus, after: &NixOSNodeStatus, now: Timestamp) {
     if before.phase == after.phase {
         return;
     }
@@ -917,14 +868,11 @@ async fn lead(
     stop: StopSignal,
 ) {
     let (nxn_reader, nxn_writer) = reflector::store::<NixOSNode>();
-    let nxn_stream = watcher(
-        Api::<NixOSNode>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(observe::trim_nixosnode)
-    .reflect(nxn_writer)
-    .applied_objects();
+    let nxn_stream = watcher(Api::<NixOSNode>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(observe::trim_nixosnode)
+        .reflect(nxn_writer)
+        .applied_objects();
 
     let (node_reader, node_writer) = reflector::store::<Node>();
     let node_stream = node_triggers(
@@ -957,10 +905,7 @@ async fn lead(
     };
     let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
     let wake_stream =
-        futures::stream::unfold(
-            wake_rx,
-            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
-        );
+        futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
     let synced = {
         let health = health.clone();
@@ -1002,12 +947,7 @@ async fn keep_lease(elector: &mut LeaderElector) {
     loop {
         tokio::time::sleep(cfg.renew_period).await;
         let left = cfg.renew_deadline.saturating_sub(last_ok.elapsed());
-        match tokio::time::timeout(
-            left.max(Duration::from_millis(1)),
-            elector.try_acquire_or_renew(),
-        )
-        .await
-        {
+        match tokio::time::timeout(left.max(Duration::from_millis(1)), elector.try_acquire_or_renew()).await {
             Ok(Ok(LeaseOutcome::Renewed | LeaseOutcome::Acquired)) => last_ok = Instant::now(),
             Ok(Ok(LeaseOutcome::HeldByOther { holder, .. })) => {
                 warn!(holder, "lease taken by another replica");
@@ -1081,24 +1021,15 @@ async fn run_until_stopped(
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     if let Some(addr) = config.metrics_addr {
-        let (local, _server) =
-            metrics::serve(addr, metrics.clone(), health.clone(), stop_signal(&stop_rx))
-                .await
-                .map_err(|source| ControllerError::MetricsServer { addr, source })?;
+        let (local, _server) = metrics::serve(addr, metrics.clone(), health.clone(), stop_signal(&stop_rx))
+            .await
+            .map_err(|source| ControllerError::MetricsServer { addr, source })?;
         info!(%local, "serving metrics");
     }
     let leading = Arc::new(AtomicBool::new(false));
     let Some(le) = config.leader_election.clone() else {
         leading.store(true, Ordering::SeqCst);
-        lead(
-            client,
-            config,
-            metrics,
-            health,
-            leading,
-            stop_signal(&stop_rx),
-        )
-        .await;
+        lead(client, config, metrics, health, leading, stop_signal(&stop_rx)).await;
         return Ok(());
     };
     let mut elector = LeaderElector::new(client.clone(), le, config.api_timeout);
@@ -1147,10 +1078,8 @@ mod tests {
     /// own). Printed, and bounded loosely so a quadratic slip fails.
     #[tokio::test]
     async fn admission_over_1000_nodes_is_cheap() {
-        let (svc, _handle) = tower_test::mock::pair::<
-            http::Request<kube::client::Body>,
-            http::Response<kube::client::Body>,
-        >();
+        let (svc, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
         let client = Client::new(svc, "default");
         let (nxn, mut w) = reflector::store::<NixOSNode>();
         let (nodes, mut wn) = reflector::store::<Node>();

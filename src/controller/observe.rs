@@ -87,11 +87,7 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
     NodeObservation {
         exists: true,
         ready,
-        unschedulable: node
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false),
+        unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
         control_plane,
         boot_id,
     }

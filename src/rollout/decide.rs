@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use super::{Action, Decision, DrainProgress, NodeView, Note, Policy, reason, window};
 use crate::api::{
     ActivationAction, ActivationGrant, ActivationReport, ActivationState, AgentStatus, Backoff,
-    DrainTimeoutAction, FailedTarget, HistoryEntry, HostOperation, NixOSNodeStatus, Phase,
-    RebootPolicy, Slot, Target, installable, short_revision,
+    DrainTimeoutAction, FailedTarget, HistoryEntry, HostOperation, NixOSNodeStatus, Phase, RebootPolicy,
+    Slot, Target, installable, short_revision,
 };
 
 /// How many history entries are kept (newest first).
@@ -389,11 +389,7 @@ impl Ctx<'_, '_> {
             if self.st.slot.is_some() {
                 // Finish the uncordon before anything else.
                 if self.st.phase.is_none() {
-                    self.enter(
-                        Phase::UpToDate,
-                        reason::REVISION_RUNNING,
-                        "uncordoning".into(),
-                    );
+                    self.enter(Phase::UpToDate, reason::REVISION_RUNNING, "uncordoning".into());
                 }
                 return false;
             }
@@ -436,10 +432,7 @@ impl Ctx<'_, '_> {
                     );
                     return true;
                 }
-                self.succeed(
-                    false,
-                    "already running the staged system; nothing disrupted",
-                );
+                self.succeed(false, "already running the staged system; nothing disrupted");
                 return true;
             }
             let msg = format!(
@@ -612,8 +605,7 @@ impl Ctx<'_, '_> {
             .as_ref()
             .map(|t| t.0)
             .unwrap_or_else(|| self.since());
-        let timeout =
-            drain_timeout(self.view.spec, self.policy).unwrap_or(self.policy.timeouts.draining);
+        let timeout = drain_timeout(self.view.spec, self.policy).unwrap_or(self.policy.timeouts.draining);
         let on_timeout = self
             .view
             .spec
@@ -656,10 +648,8 @@ impl Ctx<'_, '_> {
                         }
                         self.actions.push(Action::ForceDelete);
                         self.reason = reason::DRAIN_FORCED.into();
-                        self.st.message = Some(format!(
-                            "drain timed out; force-deleting {} pod(s)",
-                            p.remaining
-                        ));
+                        self.st.message =
+                            Some(format!("drain timed out; force-deleting {} pod(s)", p.remaining));
                         self.wake_in(DRAIN_PASS_INTERVAL);
                         return false;
                     }
@@ -684,10 +674,7 @@ impl Ctx<'_, '_> {
             Some(p) => {
                 let mut m = format!("draining: {} pod(s) left", p.remaining);
                 if p.blocked_by_pdb > 0 {
-                    m.push_str(&format!(
-                        ", {} blocked by PodDisruptionBudgets",
-                        p.blocked_by_pdb
-                    ));
+                    m.push_str(&format!(", {} blocked by PodDisruptionBudgets", p.blocked_by_pdb));
                 }
                 if !p.refused.is_empty() {
                     m.push_str(&format!(", not evictable: {}", p.refused.join("; ")));
@@ -752,10 +739,7 @@ impl Ctx<'_, '_> {
             .target_system()
             .or_else(|| self.staged().map(|s| s.system.clone()))
         else {
-            self.fail(
-                reason::STAGING_TIMEOUT,
-                "no staged system to activate".into(),
-            );
+            self.fail(reason::STAGING_TIMEOUT, "no staged system to activate".into());
             return;
         };
         let reboot_required = self.staged().is_none_or(|s| s.reboot_required);
@@ -797,8 +781,7 @@ impl Ctx<'_, '_> {
     fn boot_changed(&self, g: &ActivationGrant) -> bool {
         match g.boot_id_before.as_deref() {
             Some(b) => {
-                self.view.node.boot_id.as_deref().is_some_and(|x| x != b)
-                    || self.agent_booted_again(g)
+                self.view.node.boot_id.as_deref().is_some_and(|x| x != b) || self.agent_booted_again(g)
             }
             None => self
                 .report()
@@ -839,11 +822,7 @@ impl Ctx<'_, '_> {
         let state = self.report().map(|r| (r.state, r.message.clone()));
         match state {
             Some((ActivationState::Switched, _)) => {
-                self.enter(
-                    Phase::Verifying,
-                    reason::VERIFYING,
-                    "switched; verifying".into(),
-                );
+                self.enter(Phase::Verifying, reason::VERIFYING, "switched; verifying".into());
                 true
             }
             Some((ActivationState::RebootRequested, _)) => {
@@ -855,17 +834,11 @@ impl Ctx<'_, '_> {
                 true
             }
             Some((ActivationState::Rebooted, _)) => {
-                self.enter(
-                    Phase::Verifying,
-                    reason::VERIFYING,
-                    "rebooted; verifying".into(),
-                );
+                self.enter(Phase::Verifying, reason::VERIFYING, "rebooted; verifying".into());
                 true
             }
             Some((ActivationState::NeedsReboot, _)) => {
-                if self.view.spec.reboot == RebootPolicy::Never
-                    || g.action != ActivationAction::Switch
-                {
+                if self.view.spec.reboot == RebootPolicy::Never || g.action != ActivationAction::Switch {
                     if g.action != ActivationAction::Switch {
                         self.fail(
                             reason::ACTIVATION_FAILED,
@@ -883,10 +856,7 @@ impl Ctx<'_, '_> {
                 }
                 self.note(
                     reason::REBOOT_NEEDED,
-                    format!(
-                        "activation {} exited 100: the new system needs a reboot",
-                        g.id
-                    ),
+                    format!("activation {} exited 100: the new system needs a reboot", g.id),
                     false,
                 );
                 self.grant(Some(ActivationAction::Boot));
@@ -925,11 +895,7 @@ impl Ctx<'_, '_> {
             return true;
         };
         if self.boot_changed(&g) {
-            self.enter(
-                Phase::Verifying,
-                reason::VERIFYING,
-                "rebooted; verifying".into(),
-            );
+            self.enter(Phase::Verifying, reason::VERIFYING, "rebooted; verifying".into());
             return true;
         }
         if let Some(r) = self.report().filter(|r| r.state == ActivationState::Failed) {
@@ -959,9 +925,7 @@ impl Ctx<'_, '_> {
             return false;
         };
         let g = self.st.activation.clone();
-        let expect_reboot = g
-            .as_ref()
-            .is_some_and(|g| g.action != ActivationAction::Switch);
+        let expect_reboot = g.as_ref().is_some_and(|g| g.action != ActivationAction::Switch);
         let agent = self.agent;
         let booted = agent.and_then(|a| a.booted_system.clone());
         let current = agent.and_then(|a| a.current_system.clone());
@@ -1085,8 +1049,7 @@ impl Ctx<'_, '_> {
         } else {
             reason::IDLE.to_string()
         };
-        let (p, pr) = if self.reason == reason::INVALID_SPEC || self.reason == reason::NODE_MISSING
-        {
+        let (p, pr) = if self.reason == reason::INVALID_SPEC || self.reason == reason::NODE_MISSING {
             (false, self.reason.clone())
         } else {
             (progressing, pr)

@@ -19,8 +19,8 @@ mod tests;
 
 pub use admit::{budget, is_candidate, is_degraded, is_unavailable};
 pub use decide::{
-    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, ParseDurationError,
-    UNCORDON_RECHECK, condition, drain_timeout, parse_duration,
+    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, ParseDurationError, UNCORDON_RECHECK,
+    condition, drain_timeout, parse_duration,
 };
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.
@@ -219,11 +219,6 @@ pub struct ClusterState {
 
 /// The admission gate: which nodes in `Waiting` may take a disruption slot now. Nodes already
 /// holding a slot keep it and are not listed. Never returns more than the budget allows.
-pub fn admit(
-    nodes: &[NodeView<'_>],
-    cluster: &ClusterState,
-    policy: &Policy,
-    now: Timestamp,
-) -> Vec<String> {
+pub fn admit(nodes: &[NodeView<'_>], cluster: &ClusterState, policy: &Policy, now: Timestamp) -> Vec<String> {
     admit::admit(nodes, cluster, policy, now)
 }

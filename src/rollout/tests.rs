@@ -6,9 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
 use crate::api::{
-    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy,
-    DrainTimeoutAction, HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, Phase,
-    RebootPolicy, StagedSystem, Weekday,
+    ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy, DrainTimeoutAction,
+    HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, Phase, RebootPolicy, StagedSystem, Weekday,
 };
 
 const REV1: &str = "1111111111111111111111111111111111111111";
@@ -65,21 +64,12 @@ fn mk_staged(rev: &str, name: &str, sys: &str, reboot: bool) -> StagedSystem {
         system: sys.into(),
         closure_bytes: None,
         reboot_required: reboot,
-        reboot_reasons: if reboot {
-            vec!["kernel".into()]
-        } else {
-            vec![]
-        },
+        reboot_reasons: if reboot { vec!["kernel".into()] } else { vec![] },
         staged_at: None,
     }
 }
 
-fn mk_report(
-    id: &str,
-    action: ActivationAction,
-    state: ActivationState,
-    sys: &str,
-) -> ActivationReport {
+fn mk_report(id: &str, action: ActivationAction, state: ActivationState, sys: &str) -> ActivationReport {
     ActivationReport {
         id: id.into(),
         action,
@@ -119,10 +109,7 @@ impl N {
     /// Run `decide` and apply its status (keeping the agent's part), like the controller.
     fn step(&mut self, admitted: bool, drain: Option<&DrainProgress>, now: Timestamp) -> Decision {
         let d = decide(&self.view(), admitted, drain, &Policy::default(), now);
-        assert!(
-            d.status.agent.is_none(),
-            "decide must never write status.agent"
-        );
+        assert!(d.status.agent.is_none(), "decide must never write status.agent");
         let agent = self.status.agent.take();
         self.status = d.status.clone();
         self.status.agent = agent;
@@ -139,11 +126,7 @@ impl N {
         self.status.phase.unwrap()
     }
     fn cond(&self, t: &str) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-        self.status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == t)
-            .unwrap()
+        self.status.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 }
 
@@ -276,10 +259,7 @@ fn stage_failure_degrades_without_disruption() {
 #[test]
 fn staged_goes_to_waiting_with_system() {
     let n = mk_waiting("n1", true);
-    assert_eq!(
-        n.status.target.as_ref().unwrap().system.as_deref(),
-        Some(SYS2)
-    );
+    assert_eq!(n.status.target.as_ref().unwrap().system.as_deref(), Some(SYS2));
     assert!(n.status.slot.is_none());
 }
 
@@ -306,10 +286,7 @@ fn staging_timeout_degrades() {
     assert_eq!(d.requeue_after, Some(secs(1)));
     n.step(false, None, at(3600));
     assert_eq!(n.phase(), Phase::Degraded);
-    assert_eq!(
-        n.status.failed.as_ref().unwrap().reason,
-        reason::STAGING_TIMEOUT
-    );
+    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::STAGING_TIMEOUT);
 }
 
 #[test]
@@ -333,10 +310,7 @@ fn waiting_not_admitted_stays() {
     let d = n.step(false, None, at(20));
     assert_eq!(n.phase(), Phase::Waiting);
     assert!(d.actions.is_empty());
-    assert_eq!(
-        n.cond(condition::PROGRESSING).reason,
-        reason::WAITING_FOR_SLOT
-    );
+    assert_eq!(n.cond(condition::PROGRESSING).reason, reason::WAITING_FOR_SLOT);
 }
 
 #[test]
@@ -406,10 +380,7 @@ fn closed_window_blocks_start_and_requeues_at_opening() {
     assert_eq!(n.phase(), Phase::Waiting);
     assert!(d.actions.is_empty());
     assert_eq!(d.requeue_after, Some(SignedDuration::from_hours(12)));
-    assert_eq!(
-        n.cond(condition::PROGRESSING).reason,
-        reason::WAITING_FOR_WINDOW
-    );
+    assert_eq!(n.cond(condition::PROGRESSING).reason, reason::WAITING_FOR_WINDOW);
     n.step(true, None, at(12 * 3600));
     assert_eq!(n.phase(), Phase::Draining);
 }
@@ -576,10 +547,7 @@ fn durations_parse() {
     assert_eq!(parse_duration("90s").unwrap(), secs(90));
     assert_eq!(parse_duration("15m").unwrap(), secs(900));
     assert_eq!(parse_duration("1h30m").unwrap(), secs(5400));
-    assert_eq!(
-        parse_duration("500ms").unwrap(),
-        SignedDuration::from_millis(500)
-    );
+    assert_eq!(parse_duration("500ms").unwrap(), SignedDuration::from_millis(500));
     for bad in ["", "m", "10", "1d", "1h 30m", "-5m"] {
         assert!(parse_duration(bad).is_err(), "{bad}");
     }
@@ -714,10 +682,7 @@ fn bootloader_fallback_is_booted_wrong_system_and_stays_cordoned() {
         n.status.failed.as_ref().unwrap().reason,
         reason::BOOTED_WRONG_SYSTEM
     );
-    assert_eq!(
-        n.status.failed.as_ref().unwrap().system.as_deref(),
-        Some(SYS2)
-    );
+    assert_eq!(n.status.failed.as_ref().unwrap().system.as_deref(), Some(SYS2));
     let d = n.step(false, None, at(600));
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
@@ -737,10 +702,7 @@ fn activation_failure_degrades_and_keeps_cordon() {
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
     assert!(n.node.unschedulable);
-    assert_eq!(
-        n.cond(condition::DEGRADED).reason,
-        reason::ACTIVATION_FAILED
-    );
+    assert_eq!(n.cond(condition::DEGRADED).reason, reason::ACTIVATION_FAILED);
 }
 
 #[test]
@@ -777,10 +739,7 @@ fn activation_reboot_and_verify_timeouts() {
     ));
     n.step(false, None, at(40));
     n.step(false, None, at(40 + 900));
-    assert_eq!(
-        n.status.failed.as_ref().unwrap().reason,
-        reason::REBOOT_TIMEOUT
-    );
+    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::REBOOT_TIMEOUT);
 
     let mut n = mk_activating("n1", false);
     let id = grant_id(&n);
@@ -796,10 +755,7 @@ fn activation_reboot_and_verify_timeouts() {
     assert_eq!(d.requeue_after, Some(secs(1)));
     n.step(false, None, at(40 + 600));
     assert_eq!(n.phase(), Phase::Degraded);
-    assert_eq!(
-        n.status.failed.as_ref().unwrap().reason,
-        reason::VERIFY_TIMEOUT
-    );
+    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::VERIFY_TIMEOUT);
     assert!(n.node.unschedulable);
 }
 
@@ -953,11 +909,7 @@ fn spec_change_clears_failure() {
     n.step(false, None, at(2));
     assert_eq!(n.phase(), Phase::Degraded);
     n.step(false, None, at(3));
-    assert_eq!(
-        n.phase(),
-        Phase::Degraded,
-        "not retried without a spec change"
-    );
+    assert_eq!(n.phase(), Phase::Degraded, "not retried without a spec change");
     n.spec.suspend = true;
     n.generation = 3;
     n.step(false, None, at(3));
@@ -1028,13 +980,7 @@ fn missing_node_does_nothing_disruptive() {
     let d = n.step(true, None, at(20));
     assert_eq!(n.phase(), Phase::Waiting);
     assert!(d.actions.is_empty());
-    assert!(
-        n.status
-            .message
-            .as_ref()
-            .unwrap()
-            .contains("does not exist")
-    );
+    assert!(n.status.message.as_ref().unwrap().contains("does not exist"));
 }
 
 // ---- admit -----------------------------------------------------------------------------------
@@ -1057,20 +1003,13 @@ fn pol(max: MaxUnavailable) -> Policy {
 
 #[test]
 fn admit_respects_count_budget_and_order() {
-    let ns: Vec<N> = ["c", "a", "b"]
-        .iter()
-        .map(|x| mk_waiting(x, false))
-        .collect();
+    let ns: Vec<N> = ["c", "a", "b"].iter().map(|x| mk_waiting(x, false)).collect();
     assert_eq!(
         admit_all(&ns, &ClusterState::default(), &Policy::default()),
         vec!["a"]
     );
     assert_eq!(
-        admit_all(
-            &ns,
-            &ClusterState::default(),
-            &pol(MaxUnavailable::Count(2))
-        ),
+        admit_all(&ns, &ClusterState::default(), &pol(MaxUnavailable::Count(2))),
         vec!["a", "b"]
     );
 }
@@ -1080,25 +1019,16 @@ fn admit_percent_rounds_down_min_one() {
     assert_eq!(budget(MaxUnavailable::Percent(10), 5), 1);
     assert_eq!(budget(MaxUnavailable::Percent(50), 5), 2);
     assert_eq!(budget(MaxUnavailable::Percent(25), 1000), 250);
-    let ns: Vec<N> = (0..10)
-        .map(|i| mk_waiting(&format!("n{i}"), false))
-        .collect();
+    let ns: Vec<N> = (0..10).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     assert_eq!(
-        admit_all(
-            &ns,
-            &ClusterState::default(),
-            &pol(MaxUnavailable::Percent(20))
-        )
-        .len(),
+        admit_all(&ns, &ClusterState::default(), &pol(MaxUnavailable::Percent(20))).len(),
         2
     );
 }
 
 #[test]
 fn admin_cordoned_and_not_ready_nodes_count_against_budget() {
-    let mut ns: Vec<N> = (0..4)
-        .map(|i| mk_waiting(&format!("n{i}"), false))
-        .collect();
+    let mut ns: Vec<N> = (0..4).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     ns[3].status = NixOSNodeStatus::default();
     ns[3].node.unschedulable = true; // admin cordon on an idle node
     let p = pol(MaxUnavailable::Count(2));
@@ -1109,17 +1039,11 @@ fn admin_cordoned_and_not_ready_nodes_count_against_budget() {
 
 #[test]
 fn disruptive_and_slot_holding_nodes_count() {
-    let mut ns: Vec<N> = (0..3)
-        .map(|i| mk_waiting(&format!("n{i}"), false))
-        .collect();
+    let mut ns: Vec<N> = (0..3).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     ns[0].step(true, None, at(20));
     assert!(admit_all(&ns, &ClusterState::default(), &Policy::default()).is_empty());
     assert_eq!(
-        admit_all(
-            &ns,
-            &ClusterState::default(),
-            &pol(MaxUnavailable::Count(2))
-        ),
+        admit_all(&ns, &ClusterState::default(), &pol(MaxUnavailable::Count(2))),
         vec!["n1"]
     );
 }
@@ -1133,28 +1057,20 @@ fn control_plane_one_at_a_time_and_not_while_another_is_unready() {
     ns[1].node.control_plane = true;
     ns[2].node.control_plane = true;
     let p = pol(MaxUnavailable::Count(3));
-    assert_eq!(
-        admit_all(&ns, &ClusterState::default(), &p),
-        vec!["w1", "cp1"]
-    );
+    assert_eq!(admit_all(&ns, &ClusterState::default(), &p), vec!["w1", "cp1"]);
     ns[2].node.ready = false;
     assert_eq!(admit_all(&ns, &ClusterState::default(), &p), vec!["w1"]);
     ns[2].node.ready = true;
     ns[2].node.unschedulable = true;
     // cp2 is cordoned by an admin: cp1 must wait; cp2 itself may go (no *other* cp is busy).
-    assert_eq!(
-        admit_all(&ns, &ClusterState::default(), &p),
-        vec!["w1", "cp2"]
-    );
+    assert_eq!(admit_all(&ns, &ClusterState::default(), &p), vec!["w1", "cp2"]);
     ns[1].node.ready = false;
     assert_eq!(admit_all(&ns, &ClusterState::default(), &p), vec!["w1"]);
 }
 
 #[test]
 fn pause_suspend_window_backoff_exclude() {
-    let mut ns: Vec<N> = (0..4)
-        .map(|i| mk_waiting(&format!("n{i}"), false))
-        .collect();
+    let mut ns: Vec<N> = (0..4).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     let p = pol(MaxUnavailable::Count(4));
     assert!(admit_all(&ns, &ClusterState { paused: true }, &p).is_empty());
     ns[0].spec.suspend = true;
@@ -1173,9 +1089,7 @@ fn pause_suspend_window_backoff_exclude() {
 
 #[test]
 fn failure_threshold_halts_admission() {
-    let mut ns: Vec<N> = (0..3)
-        .map(|i| mk_waiting(&format!("n{i}"), false))
-        .collect();
+    let mut ns: Vec<N> = (0..3).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     ns[0].status.phase = Some(Phase::Degraded);
     let p = pol(MaxUnavailable::Count(3));
     assert!(admit_all(&ns, &ClusterState::default(), &p).is_empty());
@@ -1183,10 +1097,7 @@ fn failure_threshold_halts_admission() {
         failure_threshold: 2,
         ..p
     };
-    assert_eq!(
-        admit_all(&ns, &ClusterState::default(), &p2),
-        vec!["n1", "n2"]
-    );
+    assert_eq!(admit_all(&ns, &ClusterState::default(), &p2), vec!["n1", "n2"]);
 }
 
 #[test]

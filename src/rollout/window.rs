@@ -26,9 +26,7 @@ pub enum WindowError {
     ParseTime { field: &'static str, value: String },
     #[error("maintenance window time zone {zone:?} is not a known IANA time zone")]
     LookupZone { zone: String },
-    #[error(
-        "maintenance window has start == end ({value}); omit maintenanceWindows to allow any time"
-    )]
+    #[error("maintenance window has start == end ({value}); omit maintenanceWindows to allow any time")]
     EmptyWindow { value: String },
     #[error("maintenance window in {zone:?} could not be placed on {date}: {message}")]
     ResolveInstant {
@@ -182,10 +180,7 @@ impl Window {
     }
 
     /// The occurrence containing `now`, or else the next one to open: `(start, end)`.
-    pub fn current_or_next(
-        &self,
-        now: Timestamp,
-    ) -> Result<Option<(Timestamp, Timestamp)>, WindowError> {
+    pub fn current_or_next(&self, now: Timestamp) -> Result<Option<(Timestamp, Timestamp)>, WindowError> {
         let today = self.local_date(now);
         let mut best: Option<(Timestamp, Timestamp)> = None;
         for off in -1i64..=8 {
@@ -225,10 +220,7 @@ pub fn is_open(windows: &[MaintenanceWindow], now: Timestamp) -> Result<bool, Wi
 
 /// When the next window opens: `Some(now)` when one is open now (or there are no windows),
 /// `None` when no window will ever open (cannot happen for valid windows).
-pub fn next_opening(
-    windows: &[MaintenanceWindow],
-    now: Timestamp,
-) -> Result<Option<Timestamp>, WindowError> {
+pub fn next_opening(windows: &[MaintenanceWindow], now: Timestamp) -> Result<Option<Timestamp>, WindowError> {
     if windows.is_empty() {
         return Ok(Some(now));
     }
@@ -250,12 +242,7 @@ mod tests {
     use super::*;
     use crate::api::Weekday;
 
-    pub(crate) fn mk_window(
-        days: &[Weekday],
-        start: &str,
-        end: &str,
-        tz: &str,
-    ) -> MaintenanceWindow {
+    pub(crate) fn mk_window(days: &[Weekday], start: &str, end: &str, tz: &str) -> MaintenanceWindow {
         MaintenanceWindow {
             days: days.to_vec(),
             start: start.into(),

@@ -104,7 +104,8 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 fn scrape(port: u16) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     Some(out)
@@ -118,7 +119,11 @@ pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)
         .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             let n = l.rsplit(' ').next()?.parse::<f64>().ok()? as u64;
             Some((le, n))
         })
@@ -136,7 +141,11 @@ pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)
                 return Some((prev.0, total));
             }
             let span = (n - prev.1) as f64;
-            let frac = if span > 0.0 { (rank - prev.1 as f64) / span } else { 1.0 };
+            let frac = if span > 0.0 {
+                (rank - prev.1 as f64) / span
+            } else {
+                1.0
+            };
             return Some((prev.0 + (le - prev.0) * frac, total));
         }
         prev = (le, n);
@@ -181,7 +190,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     eprintln!("nixroll bench: set up in {:.1}s", setup.as_secs_f64());
 
     // The controller: the real binary, its own port of the API.
-    let listener = world.api.listener().await.map_err(WorldError::from)?;
+    let listener = crate::sim::apiserver::ApiServer::start_on(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        world.api.store(),
+    )
+    .await
+    .map_err(WorldError::from)?;
     let kubeconfig = world.kubeconfig.with_file_name("controller-kubeconfig");
     listener
         .write_kubeconfig(&kubeconfig)
@@ -189,7 +203,12 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let metrics_port = free_port().map_err(|e| BenchError::Spawn("port".into(), e))?;
     let exe = std::env::current_exe().map_err(|e| BenchError::Spawn("current exe".into(), e))?;
     let mut child = tokio::process::Command::new(&exe)
-        .args(["controller", "--no-leader-election", "--max-unavailable", &opts.max_unavailable])
+        .args([
+            "controller",
+            "--no-leader-election",
+            "--max-unavailable",
+            &opts.max_unavailable,
+        ])
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .env("KUBECONFIG", &kubeconfig)
@@ -204,9 +223,23 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     world.apply_all(&world.spec(&first)).await?;
     let t_adopt = Instant::now();
     let mut progress = Progress::default();
-    follow(&world, &mut progress, &first, opts.nodes, opts.timeout, &mut child, pid, &mut 0).await?;
+    follow(
+        &world,
+        &mut progress,
+        &first,
+        opts.nodes,
+        opts.timeout,
+        &mut child,
+        pid,
+        &mut 0,
+    )
+    .await?;
     let adoption = t_adopt.elapsed();
-    eprintln!("nixroll bench: {} nodes adopted in {:.1}s", opts.nodes, adoption.as_secs_f64());
+    eprintln!(
+        "nixroll bench: {} nodes adopted in {:.1}s",
+        opts.nodes,
+        adoption.as_secs_f64()
+    );
 
     let before = listener.request_counts();
     let metrics_before = scrape(metrics_port).unwrap_or_default();
@@ -220,7 +253,17 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     }
     let t_roll = Instant::now();
     let mut peak = 0u64;
-    follow(&world, &mut progress, &next, opts.nodes, opts.timeout, &mut child, pid, &mut peak).await?;
+    follow(
+        &world,
+        &mut progress,
+        &next,
+        opts.nodes,
+        opts.timeout,
+        &mut child,
+        pid,
+        &mut peak,
+    )
+    .await?;
     let rollout = t_roll.elapsed();
     let after = listener.request_counts();
     let metrics = scrape(metrics_port).unwrap_or_default();
@@ -246,7 +289,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         .map(|p| p.disrupted_for.saturating_sub(simulated).as_secs_f64())
         .collect();
     overheads.sort_by(f64::total_cmp);
-    let disruption_mean = progress.nodes.values().map(|p| p.disrupted_for.as_secs_f64()).sum::<f64>()
+    let disruption_mean = progress
+        .nodes
+        .values()
+        .map(|p| p.disrupted_for.as_secs_f64())
+        .sum::<f64>()
         / opts.nodes.max(1) as f64;
     Ok(BenchReport {
         nodes: opts.nodes,
@@ -282,7 +329,9 @@ async fn follow(
     peak: &mut u64,
 ) -> Result<(), BenchError> {
     let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let stream = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
     futures::pin_mut!(stream);
     let mut sample = tokio::time::interval(Duration::from_secs(1));
     let deadline = tokio::time::sleep(limit);

@@ -117,10 +117,7 @@ impl SimCluster {
                 ("kubernetes.io/os".to_string(), "linux".to_string()),
             ]);
             if *control_plane {
-                labels.insert(
-                    crate::names::CONTROL_PLANE_LABEL.to_string(),
-                    "true".to_string(),
-                );
+                labels.insert(crate::names::CONTROL_PLANE_LABEL.to_string(), "true".to_string());
                 labels.insert(crate::names::MASTER_LABEL.to_string(), "true".to_string());
             }
             let node: Node = serde_json::from_value(json!({
@@ -144,12 +141,7 @@ impl SimCluster {
     }
 
     /// Report the Node's Ready condition and boot id (the kubelet's status update).
-    pub async fn set_node_status(
-        &self,
-        name: &str,
-        ready: bool,
-        boot_id: &str,
-    ) -> Result<(), SimError> {
+    pub async fn set_node_status(&self, name: &str, ready: bool, boot_id: &str) -> Result<(), SimError> {
         let api: Api<Node> = Api::all(self.client.clone());
         let now = jiff::Timestamp::now()
             .round(jiff::Unit::Second)
@@ -182,12 +174,7 @@ impl SimCluster {
 
     /// Simulate a reboot of `node`: NotReady, wait, run `boot` (which must return the new boot
     /// id, e.g. by rebooting the simulated host), Ready again with that boot id.
-    pub async fn reboot<F>(
-        &self,
-        node: &str,
-        old_boot_id: &str,
-        boot: F,
-    ) -> Result<String, SimError>
+    pub async fn reboot<F>(&self, node: &str, old_boot_id: &str, boot: F) -> Result<String, SimError>
     where
         F: FnOnce() -> String,
     {
@@ -202,20 +189,15 @@ impl SimCluster {
 
     /// Create the workload namespace, one DaemonSet pod per node (skipped by drains), and the
     /// apps spread round-robin over the nodes.
-    pub async fn create_workloads(
-        &self,
-        nodes: &[String],
-        apps: &[App],
-    ) -> Result<usize, SimError> {
+    pub async fn create_workloads(&self, nodes: &[String], apps: &[App]) -> Result<usize, SimError> {
         let ns_api: Api<Namespace> = Api::all(self.client.clone());
         for ns in [WORKLOAD_NAMESPACE, crate::names::NAMESPACE] {
-            let obj: Namespace = serde_json::from_value(
-                json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name": ns}}),
-            )
-            .map_err(|e| SimError::Api {
-                operation: "build namespace".into(),
-                source: kube::Error::SerdeError(e),
-            })?;
+            let obj: Namespace =
+                serde_json::from_value(json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name": ns}}))
+                    .map_err(|e| SimError::Api {
+                        operation: "build namespace".into(),
+                        source: kube::Error::SerdeError(e),
+                    })?;
             match call(
                 format!("create namespace {ns}"),
                 self.t(),
@@ -258,8 +240,7 @@ impl SimCluster {
             pods.push(pod);
         }
         let rs_api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), WORKLOAD_NAMESPACE);
-        let pdb_api: Api<PodDisruptionBudget> =
-            Api::namespaced(self.client.clone(), WORKLOAD_NAMESPACE);
+        let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(self.client.clone(), WORKLOAD_NAMESPACE);
         let mut i = 0usize;
         for app in apps {
             let rs: ReplicaSet = from_json(json!({
@@ -375,10 +356,7 @@ impl SimCluster {
         let this = self.clone();
         tokio::spawn(async move {
             // The ReplicaSet controller replaces a terminating pod at once.
-            if let Some(owner) = pod
-                .owner_references()
-                .iter()
-                .find(|o| o.kind == "ReplicaSet")
+            if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "ReplicaSet")
                 && let Err(e) = this.replace(&pod, &owner.name, &owner.uid).await
             {
                 tracing::warn!(pod = %key, error = %e, "simulated ReplicaSet could not replace a pod");
@@ -432,12 +410,7 @@ impl SimCluster {
             .items
             .iter()
             .filter(|n| n.name_any() != avoid && !rebooting.contains(&n.name_any()))
-            .filter(|n| {
-                !n.spec
-                    .as_ref()
-                    .and_then(|s| s.unschedulable)
-                    .unwrap_or(false)
-            })
+            .filter(|n| !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false))
             .filter(|n| node_ready(n))
             .map(|n| n.name_any())
             .collect();
@@ -485,13 +458,7 @@ fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, 
     })
 }
 
-fn pod_json(
-    ns: &str,
-    name: &str,
-    node: &str,
-    app: &str,
-    owner: (&str, &str, &str),
-) -> serde_json::Value {
+fn pod_json(ns: &str, name: &str, node: &str, app: &str, owner: (&str, &str, &str)) -> serde_json::Value {
     let (kind, owner_name, uid) = owner;
     let api_version = "apps/v1";
     json!({

@@ -230,7 +230,6 @@ fn print_summary(
             secs(*o)
         )?;
     }
-    let mean =
-        s.overhead.iter().map(|(_, o)| secs(*o)).sum::<f64>() / s.overhead.len().max(1) as f64;
+    let mean = s.overhead.iter().map(|(_, o)| secs(*o)).sum::<f64>() / s.overhead.len().max(1) as f64;
     writeln!(out, "  mean overhead per node: {mean:.2}s")
 }

@@ -223,10 +223,7 @@ impl TestFlake {
                 .map(|(rel, content)| (sys.join(rel), content)),
         );
         if spec.broken_build {
-            files.push((
-                self.dir.join("conflict/kernel"),
-                "conflicting kernel".into(),
-            ));
+            files.push((self.dir.join("conflict/kernel"), "conflicting kernel".into()));
         }
         if let Some(m) = &spec.eval_error {
             files.push((self.dir.join("eval-error"), m.clone()));
@@ -261,10 +258,7 @@ pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
         ("kernel-modules/modules.dep", spec.kernel_modules.clone()),
         ("kernel-params", spec.kernel_params.clone()),
         ("systemd/version", spec.systemd.clone()),
-        (
-            "init-interface-version",
-            spec.init_interface_version.clone(),
-        ),
+        ("init-interface-version", spec.init_interface_version.clone()),
         ("nixos-version", spec.nixos_version.clone()),
         ("etc/service.conf", spec.service.clone()),
     ];

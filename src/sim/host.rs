@@ -69,11 +69,7 @@ impl SimHost {
         // other's builders: they share the nixbld uids), no sandbox (nothing to isolate in a test
         // system; works in containers without user namespaces), no binary cache.
         let conf = root.join("etc/nix/nix.conf");
-        std::fs::write(
-            &conf,
-            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
-        )
-        .map_err(io(&conf))?;
+        std::fs::write(&conf, "sandbox = false\nbuild-users-group =\nsubstituters =\n").map_err(io(&conf))?;
         let host = SimHost {
             root,
             reboots: AtomicUsize::new(0),
@@ -117,10 +113,7 @@ impl SimHost {
     /// booted and current system become what was booted.
     pub fn reboot(&self) -> Result<(), SimHostError> {
         self.reboots.fetch_add(1, Ordering::SeqCst);
-        let fault = *self
-            .fault
-            .lock()
-            .map_err(|_| SimHostError::Boot("lock".into()))?;
+        let fault = *self.fault.lock().map_err(|_| SimHostError::Boot("lock".into()))?;
         let booted = match fault {
             None => std::fs::read_link(self.root.join("boot/default-system"))
                 .map_err(io(&self.root.join("boot/default-system")))?,
@@ -265,8 +258,7 @@ impl SimNix {
         if host_path.starts_with(&self.root) {
             host_path.to_path_buf()
         } else {
-            self.root
-                .join(host_path.strip_prefix("/").unwrap_or(host_path))
+            self.root.join(host_path.strip_prefix("/").unwrap_or(host_path))
         }
     }
 
@@ -280,9 +272,7 @@ impl SimNix {
             Some(Ok(spec)) => spec.clone(),
             Some(Err(message)) => return Err(message.clone()),
             None => {
-                return Err(format!(
-                    "error: cannot find flake output for '{installable}'"
-                ));
+                return Err(format!("error: cannot find flake output for '{installable}'"));
             }
         };
         if let Some(m) = &spec.eval_error {
@@ -303,10 +293,7 @@ impl SimNix {
         let mut parts: std::collections::BTreeMap<&str, Vec<(&str, String)>> = Default::default();
         for (rel, content) in &files {
             let top = rel.split('/').next().unwrap_or(rel);
-            parts
-                .entry(top)
-                .or_default()
-                .push((rel, format!("{content}\n")));
+            parts.entry(top).or_default().push((rel, format!("{content}\n")));
         }
         let mut top_hash = std::collections::hash_map::DefaultHasher::new();
         let mut links = Vec::new();
@@ -327,18 +314,14 @@ impl SimNix {
         if !system.exists() {
             std::fs::create_dir_all(&system).map_err(|e| e.to_string())?;
             for (name, target) in links {
-                std::os::unix::fs::symlink(&target, system.join(name))
-                    .map_err(|e| e.to_string())?;
+                std::os::unix::fs::symlink(&target, system.join(name)).map_err(|e| e.to_string())?;
             }
         }
         Ok(system.to_string_lossy().into_owned())
     }
 
     fn generations(&self, profile: &Path) -> Vec<(i64, PathBuf)> {
-        let (Some(dir), Some(name)) = (
-            profile.parent(),
-            profile.file_name().and_then(|n| n.to_str()),
-        ) else {
+        let (Some(dir), Some(name)) = (profile.parent(), profile.file_name().and_then(|n| n.to_str())) else {
             return Vec::new();
         };
         let prefix = format!("{name}-");
@@ -348,11 +331,7 @@ impl SimNix {
             .flatten()
             .filter_map(|e| {
                 let f = e.file_name().to_str()?.to_string();
-                let n = f
-                    .strip_prefix(&prefix)?
-                    .strip_suffix("-link")?
-                    .parse()
-                    .ok()?;
+                let n = f.strip_prefix(&prefix)?.strip_suffix("-link")?.parse().ok()?;
                 Some((n, e.path()))
             })
             .collect();
@@ -393,16 +372,12 @@ impl Nix for SimNix {
         gc_root: &'a Path,
     ) -> BoxFuture<'a, Result<String, NixError>> {
         Box::pin(async move {
-            let system = self
-                .build(installable)
-                .map_err(|m| nix_failed("nix build", m))?;
+            let system = self.build(installable).map_err(|m| nix_failed("nix build", m))?;
             let root = self.local(gc_root);
             if let Some(parent) = root.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| nix_failed("nix build", e.to_string()))?;
+                std::fs::create_dir_all(parent).map_err(|e| nix_failed("nix build", e.to_string()))?;
             }
-            symlink_force(Path::new(&system), &root)
-                .map_err(|e| nix_failed("nix build", e.to_string()))?;
+            symlink_force(Path::new(&system), &root).map_err(|e| nix_failed("nix build", e.to_string()))?;
             Ok(system)
         })
     }
@@ -425,23 +400,15 @@ impl Nix for SimNix {
         })
     }
 
-    fn set_profile<'a>(
-        &'a self,
-        profile: &'a Path,
-        system: &'a str,
-    ) -> BoxFuture<'a, Result<(), NixError>> {
+    fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>> {
         Box::pin(async move {
             let profile = self.local(profile);
-            if std::fs::canonicalize(&profile).ok() == std::fs::canonicalize(system).ok()
-                && profile.exists()
+            if std::fs::canonicalize(&profile).ok() == std::fs::canonicalize(system).ok() && profile.exists()
             {
                 return Ok(());
             }
             let next = self.generations(&profile).last().map_or(1, |g| g.0 + 1);
-            let name = profile
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("system");
+            let name = profile.file_name().and_then(|n| n.to_str()).unwrap_or("system");
             let link_name = format!("{name}-{next}-link");
             let dir = profile.parent().unwrap_or(Path::new("/"));
             let err = |e: SimHostError| nix_failed("nix-env --set", e.to_string());
@@ -457,28 +424,16 @@ impl Nix for SimNix {
                 .ok()
                 .and_then(|l| {
                     let f = l.file_name()?.to_str()?.to_string();
-                    f.rsplit_once('-')?
-                        .0
-                        .rsplit_once('-')?
-                        .1
-                        .parse::<i64>()
-                        .ok()
+                    f.rsplit_once('-')?.0.rsplit_once('-')?.1.parse::<i64>().ok()
                 })
                 .unwrap_or(0);
-            let Some((_, prev)) = self
-                .generations(&profile)
-                .into_iter()
-                .rfind(|g| g.0 < current)
-            else {
+            let Some((_, prev)) = self.generations(&profile).into_iter().rfind(|g| g.0 < current) else {
                 return Err(nix_failed(
                     "nix-env --rollback",
                     format!("error: no profile version older than the current ({current}) exists"),
                 ));
             };
-            let name = prev
-                .file_name()
-                .map(|n| n.to_os_string())
-                .unwrap_or_default();
+            let name = prev.file_name().map(|n| n.to_os_string()).unwrap_or_default();
             symlink_force(Path::new(&name), &profile)
                 .map_err(|e| nix_failed("nix-env --rollback", e.to_string()))
         })

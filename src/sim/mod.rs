@@ -3,8 +3,8 @@
 //! flakes, and `nixroll demo`.
 
 pub mod apiserver;
-pub mod cluster;
 pub mod bench;
+pub mod cluster;
 pub mod demo;
 pub mod flake;
 pub mod host;

@@ -63,11 +63,7 @@ impl Monitor {
                     }
                     Either::Node(n) => {
                         let name = n.name_any();
-                        let unsched = n
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.unschedulable)
-                            .unwrap_or(false);
+                        let unsched = n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
                         let was = {
                             let mut s = lock(&st);
                             if n.labels().contains_key(crate::names::CONTROL_PLANE_LABEL) {
@@ -114,17 +110,9 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 fn check_budget(s: &mut State, budget: usize) {
-    let held: Vec<&String> = s
-        .slots
-        .iter()
-        .filter(|(_, h)| **h)
-        .map(|(n, _)| n)
-        .collect();
+    let held: Vec<&String> = s.slots.iter().filter(|(_, h)| **h).map(|(n, _)| n).collect();
     let n = held.len();
-    let cp = held
-        .iter()
-        .filter(|h| s.control_plane.contains(**h))
-        .count();
+    let cp = held.iter().filter(|h| s.control_plane.contains(**h)).count();
     s.max_slots = s.max_slots.max(n);
     if n > budget {
         let v = format!("{n} nodes hold a disruption slot at once (budget {budget}): {held:?}");

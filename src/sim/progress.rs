@@ -55,18 +55,15 @@ impl Progress {
             .as_ref()
             .and_then(|a| a.activation.as_ref())
             .is_some_and(|a| a.state == crate::api::ActivationState::Rebooted);
-        let entry = self
-            .nodes
-            .entry(name.clone())
-            .or_insert_with(|| NodeProgress {
-                phase,
-                revision: revision.clone(),
-                message: status.message.clone(),
-                since: now,
-                disrupted_at: None,
-                disrupted_for: Duration::ZERO,
-                rebooted: false,
-            });
+        let entry = self.nodes.entry(name.clone()).or_insert_with(|| NodeProgress {
+            phase,
+            revision: revision.clone(),
+            message: status.message.clone(),
+            since: now,
+            disrupted_at: None,
+            disrupted_for: Duration::ZERO,
+            rebooted: false,
+        });
         let is_new = entry.since == now && entry.phase == phase;
         entry.message = status.message.clone();
         entry.rebooted |= rebooted;
@@ -142,11 +139,7 @@ pub struct Renderer {
 
 impl Renderer {
     pub fn new(json: bool, tty: bool) -> Self {
-        Renderer {
-            json,
-            tty,
-            drawn: 0,
-        }
+        Renderer { json, tty, drawn: 0 }
     }
 
     pub fn change(&mut self, out: &mut impl Write, change: &PhaseChange) -> std::io::Result<()> {
@@ -171,12 +164,7 @@ impl Renderer {
     }
 
     /// Redraw the table (terminal mode only).
-    pub fn redraw(
-        &mut self,
-        out: &mut impl Write,
-        progress: &Progress,
-        now: Instant,
-    ) -> std::io::Result<()> {
+    pub fn redraw(&mut self, out: &mut impl Write, progress: &Progress, now: Instant) -> std::io::Result<()> {
         if self.json || !self.tty {
             return Ok(());
         }
@@ -225,25 +213,13 @@ mod tests {
         let t0 = Instant::now();
         let a = "a".repeat(40);
         let b = "b".repeat(40);
+        assert!(p.observe(&obj("n1", Phase::UpToDate, Some(&a)), t0).is_some());
         assert!(
-            p.observe(&obj("n1", Phase::UpToDate, Some(&a)), t0)
-                .is_some()
+            p.observe(&obj("n1", Phase::UpToDate, Some(&a)), t0 + Duration::from_secs(1))
+                .is_none()
         );
-        assert!(
-            p.observe(
-                &obj("n1", Phase::UpToDate, Some(&a)),
-                t0 + Duration::from_secs(1)
-            )
-            .is_none()
-        );
-        p.observe(
-            &obj("n1", Phase::Waiting, Some(&a)),
-            t0 + Duration::from_secs(2),
-        );
-        p.observe(
-            &obj("n1", Phase::Draining, Some(&a)),
-            t0 + Duration::from_secs(3),
-        );
+        p.observe(&obj("n1", Phase::Waiting, Some(&a)), t0 + Duration::from_secs(2));
+        p.observe(&obj("n1", Phase::Draining, Some(&a)), t0 + Duration::from_secs(3));
         p.observe(
             &obj("n1", Phase::Rebooting, Some(&a)),
             t0 + Duration::from_secs(5),
@@ -262,12 +238,6 @@ mod tests {
         assert_eq!(line["node"], "n1");
         assert_eq!(line["phase"], "UpToDate");
         assert_eq!(line["revision"], b);
-        assert!(
-            line["time"]
-                .as_str()
-                .unwrap()
-                .parse::<jiff::Timestamp>()
-                .is_ok()
-        );
+        assert!(line["time"].as_str().unwrap().parse::<jiff::Timestamp>().is_ok());
     }
 }

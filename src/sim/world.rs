@@ -258,10 +258,7 @@ impl World {
             let nix = world.nix_for(host_root.clone(), name);
             let installable = crate::api::installable(&world.flake_url, &head, name);
             let path = nix
-                .realise(
-                    &installable,
-                    Path::new("/var/lib/nixroll/gcroots/installed"),
-                )
+                .realise(&installable, Path::new("/var/lib/nixroll/gcroots/installed"))
                 .await
                 .map_err(|e| WorldError::InitialSystem {
                     node: name.clone(),
@@ -318,11 +315,8 @@ impl World {
         let sim_host = host.clone();
         let supervisor = tokio::spawn(async move {
             loop {
-                let mut config = crate::agent::AgentConfig::new(
-                    node_name.clone(),
-                    host_root.clone(),
-                    nix.clone(),
-                );
+                let mut config =
+                    crate::agent::AgentConfig::new(node_name.clone(), host_root.clone(), nix.clone());
                 config.options.report_grace = Duration::from_millis(100);
                 config.options.result_poll = Duration::from_millis(50);
                 let agent = crate::agent::run(client.clone(), config, std::future::pending::<()>());
@@ -451,11 +445,12 @@ impl World {
     }
 
     /// Start a controller replica with `config` (its own client, as a separate pod would have).
-    pub async fn start_controller(
-        &self,
-        config: ControllerConfig,
-    ) -> Result<ControllerHandle, WorldError> {
-        let client = self.api.client().await?;
+    pub async fn start_controller(&self, config: ControllerConfig) -> Result<ControllerHandle, WorldError> {
+        let mut config_k = self.api.config().await?;
+        config_k.default_retry = false; // as `nixroll controller` does: the drain handles 429
+        let client = Client::try_from(config_k).map_err(|source| {
+            WorldError::ApiServer(crate::sim::apiserver::ApiServerError::Client { source })
+        })?;
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let shutdown = async move {

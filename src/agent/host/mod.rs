@@ -229,14 +229,9 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("run")).unwrap();
         std::fs::create_dir_all(dir.path().join("profiles")).unwrap();
         // /profiles/system -> system-2-link (relative) -> /store/abc-system (absolute, host view)
-        std::os::unix::fs::symlink(
-            "/store/abc-system",
-            dir.path().join("profiles/system-2-link"),
-        )
-        .unwrap();
+        std::os::unix::fs::symlink("/store/abc-system", dir.path().join("profiles/system-2-link")).unwrap();
         std::os::unix::fs::symlink("system-2-link", dir.path().join("profiles/system")).unwrap();
-        std::os::unix::fs::symlink("../profiles/system", dir.path().join("run/current-system"))
-            .unwrap();
+        std::os::unix::fs::symlink("../profiles/system", dir.path().join("run/current-system")).unwrap();
         assert_eq!(
             resolve(&host, Path::new("/run/current-system")),
             Some(store.clone())

@@ -39,10 +39,7 @@ fn rename(obj: &Value, to_events: bool, api_version: &str) -> Value {
             out.insert(renamed.unwrap_or(k).to_owned(), v.clone());
         }
     }
-    out.insert(
-        "apiVersion".to_owned(),
-        Value::String(api_version.to_owned()),
-    );
+    out.insert("apiVersion".to_owned(), Value::String(api_version.to_owned()));
     out.insert("kind".to_owned(), Value::String("Event".to_owned()));
     Value::Object(out)
 }

@@ -126,9 +126,7 @@ pub fn resource_list(resources: &[Arc<ResourceInfo>], group: &str, version: &str
     } else {
         format!("{group}/{version}")
     };
-    Some(
-        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}),
-    )
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
 }
 
 fn gv_path(group: &str, version: &str) -> String {

@@ -54,12 +54,14 @@ pub enum StoreError {
     /// 422: the object is invalid.
     #[error("{message}")]
     Invalid {
-        /// Group-resource.
+        /// Group-resource (or `Kind.group` for field errors, as the real server reports them).
         resource: String,
         /// Object name.
         name: String,
         /// Message.
         message: String,
+        /// Field errors.
+        causes: Vec<Cause>,
     },
     /// 400: malformed request.
     #[error("{message}")]
@@ -153,15 +155,21 @@ impl StoreError {
             "code": self.code(),
         });
         let (resource, name, causes): (&str, &str, &[Cause]) = match self {
-            StoreError::NotFound { resource, name }
-            | StoreError::AlreadyExists { resource, name } => (resource, name, &[]),
+            StoreError::NotFound { resource, name } | StoreError::AlreadyExists { resource, name } => {
+                (resource, name, &[])
+            }
             StoreError::Conflict {
                 resource,
                 name,
                 causes,
                 ..
             } => (resource, name, causes),
-            StoreError::Invalid { resource, name, .. } => (resource, name, &[]),
+            StoreError::Invalid {
+                resource,
+                name,
+                causes,
+                ..
+            } => (resource, name, causes),
             StoreError::TooManyRequests { causes, .. } => ("", "", causes),
             _ => return status,
         };

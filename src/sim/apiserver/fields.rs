@@ -82,11 +82,7 @@ impl<'a> Ctx<'a> {
                 Some("map") => ListKind::Map(
                     s["x-kubernetes-list-map-keys"]
                         .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|k| k.as_str().map(str::to_owned))
-                                .collect()
-                        })
+                        .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
                         .unwrap_or_default(),
                 ),
                 Some("set") => ListKind::Set,
@@ -237,11 +233,7 @@ pub fn merge_apply(live: &mut Value, cfg: &Value, ctx: Ctx<'_>, top: bool) {
 }
 
 fn merge_value(lv: &mut Value, cv: &Value, k: &str, cctx: Ctx<'_>) {
-    match (
-        lv.is_object() && cv.is_object(),
-        lv.as_array_mut(),
-        cv.as_array(),
-    ) {
+    match (lv.is_object() && cv.is_object(), lv.as_array_mut(), cv.as_array()) {
         (true, _, _) => merge_apply(lv, cv, cctx, false),
         (_, Some(la), Some(ca)) => match cctx.list_kind(k) {
             ListKind::Map(keys) => {
@@ -319,10 +311,10 @@ pub fn remove_at(v: &mut Value, path: &[String]) {
         if let Some(m) = cur.as_object_mut() {
             m.remove(f);
         }
-    } else if let Some(p) = step(cur, last).cloned() {
-        if let Some(arr) = cur.as_array_mut() {
-            arr.retain(|i| *i != p);
-        }
+    } else if let Some(p) = step(cur, last).cloned()
+        && let Some(arr) = cur.as_array_mut()
+    {
+        arr.retain(|i| *i != p);
     }
 }
 
@@ -331,8 +323,7 @@ pub fn remove_at(v: &mut Value, path: &[String]) {
 pub fn prune_empty_parents(v: &mut Value, path: &[String]) {
     for depth in (2..path.len()).rev() {
         let parent = &path[..depth];
-        let empty =
-            value_at(v, parent).is_some_and(|p| p.as_object().is_some_and(|m| m.is_empty()));
+        let empty = value_at(v, parent).is_some_and(|p| p.as_object().is_some_and(|m| m.is_empty()));
         if !empty || !parent.iter().all(|el| el.starts_with("f:")) {
             return;
         }
@@ -390,15 +381,9 @@ fn diff_walk(
                             let key = item_key(item, &keys);
                             prefix.push(key.clone());
                             match oa.iter().find(|i| item_key(i, &keys) == key) {
-                                Some(oi) => diff_walk(
-                                    oi,
-                                    item,
-                                    cctx.items(),
-                                    prefix,
-                                    changed,
-                                    removed,
-                                    false,
-                                ),
+                                Some(oi) => {
+                                    diff_walk(oi, item, cctx.items(), prefix, changed, removed, false)
+                                }
                                 None => {
                                     changed.insert(prefix.clone());
                                     walk_fields(item, cctx.items(), prefix, changed, false);
@@ -474,10 +459,8 @@ pub fn from_fields_v1(v: &Value) -> FieldSet {
         let Some(m) = v.as_object() else {
             return;
         };
-        if m.is_empty() || m.contains_key(".") {
-            if !prefix.is_empty() {
-                out.insert(prefix.clone());
-            }
+        if (m.is_empty() || m.contains_key(".")) && !prefix.is_empty() {
+            out.insert(prefix.clone());
         }
         for (k, c) in m {
             if k == "." {
@@ -632,10 +615,7 @@ pub fn strategic_merge(target: &mut Value, patch: &Value, ctx: Ctx<'_>, top: boo
             continue;
         }
         if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
-            if let (Some(arr), Some(del)) = (
-                tm.get_mut(field).and_then(Value::as_array_mut),
-                v.as_array(),
-            ) {
+            if let (Some(arr), Some(del)) = (tm.get_mut(field).and_then(Value::as_array_mut), v.as_array()) {
                 arr.retain(|x| !del.contains(x));
             }
             continue;
@@ -657,9 +637,7 @@ pub fn strategic_merge(target: &mut Value, patch: &Value, ctx: Ctx<'_>, top: boo
                                 ta.remove(p);
                             }
                             (true, None) => {}
-                            (false, Some(p)) => {
-                                strategic_merge(&mut ta[p], item, cctx.items(), false)
-                            }
+                            (false, Some(p)) => strategic_merge(&mut ta[p], item, cctx.items(), false),
                             (false, None) => ta.push(item.clone()),
                         }
                     }
@@ -721,10 +699,7 @@ mod tests {
         let (changed, removed) = diff_fields(&old, &new, Ctx::Builtin);
         assert!(removed.is_empty());
         let strs: Vec<String> = changed.iter().map(|p| path_string(p)).collect();
-        assert_eq!(
-            strs,
-            vec![".spec.b", ".spec.c", ".spec.conditions[type=\"X\"].v"]
-        );
+        assert_eq!(strs, vec![".spec.b", ".spec.c", ".spec.conditions[type=\"X\"].v"]);
         let mut v = new.clone();
         remove_at(&mut v, &["f:spec".into(), "f:b".into()]);
         assert_eq!(v["spec"].get("b"), None);

@@ -29,6 +29,87 @@ pub struct Srv {
     pub(crate) store: Store,
     pub(crate) counters: Counters,
     pub(crate) address: String,
+    pub(crate) pages: std::sync::Mutex<VecDeque<Snapshot>>,
+}
+
+/// A list result being served page by page (`limit`/`continue`).
+pub(crate) struct Snapshot {
+    token: String,
+    resource_version: u64,
+    items: Arc<Vec<Arc<Value>>>,
+}
+
+/// Snapshots kept for `continue` tokens; older ones answer 410 Expired.
+const MAX_SNAPSHOTS: usize = 64;
+
+struct Page {
+    items: Vec<Arc<Value>>,
+    resource_version: u64,
+    cont: Option<String>,
+    remaining: usize,
+}
+
+/// Consistent pagination: the first page snapshots the matching objects (cheap: shared
+/// pointers) and later pages are cut from that snapshot, as etcd serves them at the list's
+/// resourceVersion.
+fn page(
+    srv: &Srv,
+    q: &HashMap<String, String>,
+    fetch: impl FnOnce() -> Result<super::store::ObjectList, StoreError>,
+) -> Result<Page, StoreError> {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
+    let cont = q.get("continue").filter(|c| !c.is_empty());
+    let mut pages = srv.pages.lock().unwrap_or_else(|p| p.into_inner());
+    let (token, items, rv, start) = match cont {
+        Some(c) => {
+            let (token, offset) = c.split_once('/').unwrap_or((c.as_str(), "0"));
+            let snap = pages.iter().find(|s| s.token == token).ok_or_else(|| StoreError::Gone {
+                message: "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.".into(),
+            })?;
+            let start = offset.parse::<usize>().unwrap_or(0);
+            (token.to_owned(), snap.items.clone(), snap.resource_version, start)
+        }
+        None => {
+            drop(pages);
+            let list = fetch()?;
+            pages = srv.pages.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                format!("{:016x}", fastrand::u64(..)),
+                Arc::new(list.items),
+                list.resource_version,
+                0,
+            )
+        }
+    };
+    let start = start.min(items.len());
+    let end = limit.map_or(items.len(), |l| (start + l).min(items.len()));
+    let page_items = items[start..end].to_vec();
+    let remaining = items.len() - end;
+    let next = if remaining > 0 {
+        if !pages.iter().any(|s| s.token == token) {
+            pages.push_back(Snapshot {
+                token: token.clone(),
+                resource_version: rv,
+                items: items.clone(),
+            });
+            while pages.len() > MAX_SNAPSHOTS {
+                pages.pop_front();
+            }
+        }
+        Some(format!("{token}/{end}"))
+    } else {
+        pages.retain(|s| s.token != token);
+        None
+    };
+    Ok(Page {
+        items: page_items,
+        resource_version: rv,
+        cont: next,
+        remaining,
+    })
 }
 
 fn json_response(code: u16, v: &Value) -> Response {
@@ -70,17 +151,17 @@ fn parse_target(
 ) -> Result<Target, StoreError> {
     let find = |plural: &str| store.resource(&Gvr::new(group, version, plural));
     // Namespaced: namespaces/{ns}/{plural}[/{name}[/{sub}]]
-    if rest.len() >= 3 && rest[0] == "namespaces" {
-        if let Ok(info) = find(rest[2]) {
-            if info.namespaced {
-                return Ok(Target {
-                    info,
-                    ns: Some(rest[1].to_owned()),
-                    name: rest.get(3).map(|s| (*s).to_owned()),
-                    sub: rest.get(4).map(|s| (*s).to_owned()),
-                });
-            }
-        }
+    if rest.len() >= 3
+        && rest[0] == "namespaces"
+        && let Ok(info) = find(rest[2])
+        && info.namespaced
+    {
+        return Ok(Target {
+            info,
+            ns: Some(rest[1].to_owned()),
+            name: rest.get(3).map(|s| (*s).to_owned()),
+            sub: rest.get(4).map(|s| (*s).to_owned()),
+        });
     }
     let Some(plural) = rest.first() else {
         return Err(not_found(path));
@@ -97,16 +178,43 @@ fn parse_target(
     })
 }
 
-fn wants_table(headers: &HeaderMap) -> bool {
-    headers
+/// What the client asked to receive (`Accept`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// The objects.
+    Full,
+    /// `as=Table` (kubectl).
+    Table,
+    /// `as=PartialObjectMetadata[List]` (kube's metadata watchers).
+    Meta,
+}
+
+fn shape(headers: &HeaderMap) -> Shape {
+    let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("as=Table"))
+        .unwrap_or("");
+    // The first acceptable form wins, as the client lists its preference first.
+    let first = accept.split(',').next().unwrap_or("");
+    if first.contains("as=Table") {
+        Shape::Table
+    } else if first.contains("as=PartialObjectMetadata") {
+        Shape::Meta
+    } else {
+        Shape::Full
+    }
+}
+
+fn partial(o: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": o["metadata"]})
 }
 
 fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, StoreError> {
     if body.is_empty() {
         return Ok(Value::Null);
+    }
+    if body.starts_with(b"k8s\0") {
+        return super::protobuf::decode(body);
     }
     match serde_json::from_slice(body) {
         Ok(v) => Ok(v),
@@ -144,14 +252,14 @@ pub async fn handle(
     let path = uri.path().to_owned();
     match route(&srv, &method, &path, &headers, &q, &body) {
         Ok(Routed::Response(r)) => r,
-        Ok(Routed::Watch(w, target, table_mode)) => watch_response(&srv, w, target, table_mode, &q),
+        Ok(Routed::Watch(w, target, shape)) => watch_response(&srv, w, target, shape, &q),
         Err(e) => error_response(&e),
     }
 }
 
 enum Routed {
     Response(Response),
-    Watch(Watch, Arc<ResourceInfo>, bool),
+    Watch(Watch, Arc<ResourceInfo>, Shape),
 }
 
 fn ok(v: &Value) -> Result<Routed, StoreError> {
@@ -184,18 +292,14 @@ fn route(
                 .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["apis", g] => {
-            return discovery::group(&resources, g)
-                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+            return discovery::group(&resources, g).map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["apis", g, v] => {
             return discovery::resource_list(&resources, g, v)
                 .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["openapi", "v3"] => {
-            return ok(&discovery::openapi_v3_root(
-                &resources,
-                resources.len() as u64,
-            ));
+            return ok(&discovery::openapi_v3_root(&resources, resources.len() as u64));
         }
         ["openapi", "v3", "api", v] => {
             return discovery::openapi_v3_gv(&resources, "", v)
@@ -236,7 +340,7 @@ fn resource_request(
         None => Subresource::Main,
         Some("status") if info.status_subresource => Subresource::Status,
         Some("eviction") if gvr.plural == "pods" && gvr.group.is_empty() => Subresource::Main,
-        Some(_) => return Err(not_found(&format!("{resource}"))),
+        Some(_) => return Err(not_found(&resource.to_string())),
     };
     let wopts = WriteOptions {
         field_manager: q.get("fieldManager").cloned().or_else(|| {
@@ -247,18 +351,24 @@ fn resource_request(
                 .map(str::to_owned)
         }),
         force: bool_param(q, "force"),
+        strict: q.get("fieldValidation").map(String::as_str) == Some("Strict"),
     };
+    if q.get("dryRun").is_some_and(|d| !d.is_empty()) {
+        return Err(StoreError::BadRequest {
+            message: "dryRun is not supported by the embedded API server".into(),
+        });
+    }
     let list_opts = ListOptions {
         label_selector: q.get("labelSelector").cloned(),
         field_selector: q.get("fieldSelector").cloned(),
     };
-    let table_mode = wants_table(headers);
+    let shape = shape(headers);
+    let table_mode = shape == Shape::Table;
     match (method, &t.name) {
         (&Method::GET, None) => {
             if bool_param(q, "watch") {
                 srv.counters.bump("watch", &resource);
-                let send_initial_events =
-                    q.get("sendInitialEvents").map(|v| v == "true" || v == "1");
+                let send_initial_events = q.get("sendInitialEvents").map(|v| v == "true" || v == "1");
                 if send_initial_events == Some(true)
                     && q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan")
                 {
@@ -266,6 +376,7 @@ fn resource_request(
                         resource: gvr.group_resource(),
                         name: String::new(),
                         message: "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan".into(),
+                        causes: Vec::new(),
                     });
                 }
                 let w = store.watch(
@@ -277,23 +388,34 @@ fn resource_request(
                         send_initial_events,
                     },
                 )?;
-                return Ok(Routed::Watch(w, info, table_mode));
+                return Ok(Routed::Watch(w, info, shape));
             }
             srv.counters.bump("list", &resource);
-            let list = store.list(gvr, ns, &list_opts)?;
+            let list = page(srv, q, || store.list(gvr, ns, &list_opts))?;
+            let mut list_meta = json!({"resourceVersion": list.resource_version.to_string()});
+            if let Some(c) = &list.cont {
+                list_meta["continue"] = json!(c);
+                list_meta["remainingItemCount"] = json!(list.remaining);
+            }
             if table_mode {
-                return ok(&table::table(
-                    &info,
-                    &list.items,
-                    true,
-                    Some(list.resource_version),
-                ));
+                let mut t = table::table(&info, &list.items, true, None);
+                t["metadata"] = list_meta;
+                return ok(&t);
+            }
+            if shape == Shape::Meta {
+                let items: Vec<Value> = list.items.iter().map(|i| partial(i)).collect();
+                return ok(&json!({
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": list_meta,
+                    "items": items,
+                }));
             }
             let items: Vec<&Value> = list.items.iter().map(|i| i.as_ref()).collect();
             ok(&json!({
                 "kind": format!("{}List", info.kind),
                 "apiVersion": gvr.api_version(),
-                "metadata": {"resourceVersion": list.resource_version.to_string()},
+                "metadata": list_meta,
                 "items": items,
             }))
         }
@@ -302,6 +424,9 @@ fn resource_request(
             let obj = store.get(gvr, ns, name)?;
             if table_mode {
                 return ok(&table::table(&info, &[Arc::new(obj)], true, None));
+            }
+            if shape == Shape::Meta {
+                return ok(&partial(&obj));
             }
             ok(&obj)
         }
@@ -357,6 +482,35 @@ fn resource_request(
             };
             ok(&store.patch(gvr, ns, name, &patch, sub, &wopts)?)
         }
+        (&Method::DELETE, None) => {
+            srv.counters.bump("deletecollection", &resource);
+            let b = parse_body(headers, body)?;
+            let grace = q
+                .get("gracePeriodSeconds")
+                .and_then(|g| g.parse().ok())
+                .or(b["gracePeriodSeconds"].as_i64());
+            let list = store.list(gvr, ns, &list_opts)?;
+            let mut items = Vec::new();
+            for o in &list.items {
+                let name = o["metadata"]["name"].as_str().unwrap_or("");
+                let ons = o["metadata"]["namespace"].as_str();
+                let dopts = DeleteOptions {
+                    grace_period_seconds: grace,
+                    ..DeleteOptions::default()
+                };
+                match store.delete(gvr, ons, name, &dopts) {
+                    Ok(Deleted::Gone(v) | Deleted::Pending(v)) => items.push(v),
+                    Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            ok(&json!({
+                "kind": format!("{}List", info.kind),
+                "apiVersion": gvr.api_version(),
+                "metadata": {"resourceVersion": store.resource_version().to_string()},
+                "items": items,
+            }))
+        }
         (&Method::DELETE, Some(name)) => {
             srv.counters.bump("delete", &resource);
             let b = parse_body(headers, body)?;
@@ -367,9 +521,7 @@ fn resource_request(
             let dopts = DeleteOptions {
                 grace_period_seconds: grace,
                 uid: b["preconditions"]["uid"].as_str().map(str::to_owned),
-                resource_version: b["preconditions"]["resourceVersion"]
-                    .as_str()
-                    .map(str::to_owned),
+                resource_version: b["preconditions"]["resourceVersion"].as_str().map(str::to_owned),
             };
             match store.delete(gvr, ns, name, &dopts)? {
                 Deleted::Pending(o) => ok(&o),
@@ -388,9 +540,7 @@ fn resource_request(
             }
         }
         _ => Err(StoreError::MethodNotAllowed {
-            message: format!(
-                "the server does not allow this method on the requested resource ({method})"
-            ),
+            message: format!("the server does not allow this method on the requested resource ({method})"),
         }),
     }
 }
@@ -400,6 +550,7 @@ struct Streaming {
     store: Store,
     info: Arc<ResourceInfo>,
     table: bool,
+    meta: bool,
     headers_sent: bool,
     bookmarks: bool,
     interval: Duration,
@@ -415,18 +566,20 @@ impl Streaming {
         let object = match ev {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
                 if self.table {
-                    let t = table::table(
-                        &self.info,
-                        std::slice::from_ref(o),
-                        !self.headers_sent,
-                        None,
-                    );
+                    let t = table::table(&self.info, std::slice::from_ref(o), !self.headers_sent, None);
                     self.headers_sent = true;
                     let mut t = t;
                     t["metadata"]["resourceVersion"] = o["metadata"]["resourceVersion"].clone();
                     t
+                } else if self.meta {
+                    partial(o)
                 } else {
-                    (**o).clone()
+                    // The common case: serialize the shared object without copying it.
+                    self.max_rv = self.max_rv.max(ev.resource_version());
+                    let mut line = format!("{{\"type\":\"{}\",\"object\":", ev.type_name()).into_bytes();
+                    serde_json::to_writer(&mut line, &**o).ok()?;
+                    line.extend_from_slice(b"}\n");
+                    return Some(Bytes::from(line));
                 }
             }
             WatchEvent::Bookmark {
@@ -446,8 +599,7 @@ impl Streaming {
         };
         let rv = ev.resource_version();
         self.max_rv = self.max_rv.max(rv);
-        let mut line =
-            serde_json::to_vec(&json!({"type": ev.type_name(), "object": object})).ok()?;
+        let mut line = serde_json::to_vec(&json!({"type": ev.type_name(), "object": object})).ok()?;
         line.push(b'\n');
         Some(Bytes::from(line))
     }
@@ -478,7 +630,7 @@ fn watch_response(
     srv: &Srv,
     watch: Watch,
     info: Arc<ResourceInfo>,
-    table_mode: bool,
+    shape: Shape,
     q: &HashMap<String, String>,
 ) -> Response {
     let timeout = q
@@ -491,9 +643,10 @@ fn watch_response(
         watch,
         store: srv.store.clone(),
         info,
-        table: table_mode,
+        table: shape == Shape::Table,
+        meta: shape == Shape::Meta,
         headers_sent: false,
-        bookmarks: bool_param(q, "allowWatchBookmarks") && !table_mode,
+        bookmarks: bool_param(q, "allowWatchBookmarks") && shape != Shape::Table,
         interval,
         next_bookmark: now + interval,
         deadline: now + Duration::from_secs(timeout),
@@ -540,11 +693,10 @@ fn watch_response(
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     s.done = true;
-                    if s.bookmarks {
-                        if let Some(b) = s.bookmark() {
+                    if s.bookmarks
+                        && let Some(b) = s.bookmark() {
                             s.pending.push_back(b);
                         }
-                    }
                 }
             }
         }

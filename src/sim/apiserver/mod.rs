@@ -7,6 +7,28 @@
 //! graceful pod deletion and finalizers, the Eviction subresource with PodDisruptionBudgets,
 //! discovery and Table output for kubectl, and CRDs served from their CRD objects.
 //!
+//! Where it deliberately differs from kube-apiserver (all harmless for nixroll, see the tests):
+//! - strategic-merge patch is a merge patch plus a table of merge keys (`conditions` by `type`,
+//!   `containers` by `name`, ...); server-side apply uses the same table for built-in kinds and
+//!   the CRD schema (`x-kubernetes-list-type`/`-map-keys`) for custom resources;
+//! - CRD admission: structural pruning, defaults, OpenAPI checks and only the CEL rules
+//!   `self.matches('re')`, `self.a == self.b`, `self.a != self.b` (others are not evaluated);
+//! - lists serve the latest state (paged with `limit`/`continue` from a snapshot taken by the
+//!   first page; `resourceVersionMatch=Exact` is not honoured), `dryRun` is refused (400);
+//! - no controllers besides a synchronous disruption controller (PDB status); `expectedPods`
+//!   counts the pods the selector matches; deleting a namespace deletes its objects at once;
+//! - protobuf request bodies (kubectl's typed clients) are read for ConfigMap, Secret,
+//!   Namespace, PodDisruptionBudget, Eviction and DeleteOptions; answers are always JSON;
+//! - no aggregated discovery (kubectl falls back) and no `/openapi/v2`; `/openapi/v3` lists
+//!   PATCH operations with `fieldValidation`, so `kubectl apply` validates on the server and
+//!   needs no `--validate=false`.
+//!
+//! Client-side facts worth knowing (the real server behaves the same): kube 5's default client
+//! retries 429 responses internally (up to 15 times with exponential backoff), so an eviction
+//! refused by a PDB surfaces only after minutes unless `Config::default_retry` is false; and
+//! `Api::evict` sends its delete options as `delete_options`, which the server ignores, so
+//! `EvictParams`' grace period does not apply (the pod's own grace period does).
+//!
 //! Map: [`store`] (objects, write semantics, eviction), [`watch`] (watchers, history),
 //! [`fields`] (server-side apply field sets, merge/strategic patches), [`selector`],
 //! [`pdb`] (disruption arithmetic), [`resources`] (what is served), [`convert`] (version
@@ -18,7 +40,9 @@ pub mod error;
 pub mod fields;
 pub mod http;
 pub mod pdb;
+pub mod protobuf;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 pub mod store;
 pub mod table;
@@ -32,8 +56,8 @@ use std::sync::{Arc, Mutex};
 pub use error::{ApiServerError, Cause, StoreError};
 pub use resources::Gvr;
 pub use store::{
-    DeleteOptions, Deleted, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource,
-    WatchOptions, WriteOptions,
+    DeleteOptions, Deleted, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource, WatchOptions,
+    WriteOptions,
 };
 pub use watch::{Watch, WatchEvent};
 
@@ -44,7 +68,7 @@ pub const KUBECONFIG_CONTEXT: &str = "nixroll-demo";
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RequestCounts {
     /// (verb, resource) → count. Verbs: get, list, watch, create, update, patch, delete,
-    /// evict. Resources as group-resource, with `/status` for the subresource: `pods`,
+    /// deletecollection, evict (counted on `pods`). Resources as group-resource, with `/status` for the subresource: `pods`,
     /// `nixosnodes.nixroll.io/status`.
     pub counts: BTreeMap<(String, String), u64>,
 }
@@ -89,68 +113,13 @@ impl Counters {
     }
 }
 
-fn serve(
-    listener: tokio::net::TcpListener,
-    local: SocketAddr,
-    store: Store,
-    counters: Counters,
-) -> tokio::task::JoinHandle<()> {
-    let srv = Arc::new(http::Srv {
-        store,
-        counters,
-        address: local.to_string(),
-    });
-    let app = axum::Router::new().fallback(http::handle).with_state(srv);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "embedded API server stopped");
-        }
-    })
-}
-
-fn kubeconfig_for(url: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",
-        c = KUBECONFIG_CONTEXT,
-    )
-}
-
-/// A second port on the same store with its own request counters; dropping it stops it.
-pub struct Listener {
-    addr: SocketAddr,
-    counters: Counters,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Listener {
-    /// `http://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Write a kubeconfig pointing at this port.
-    pub fn write_kubeconfig(&self, path: &Path) -> std::io::Result<()> {
-        std::fs::write(path, kubeconfig_for(&self.url()))
-    }
-
-    /// Requests served on this port so far.
-    pub fn request_counts(&self) -> RequestCounts {
-        self.counters.snapshot()
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// A running embedded API server. Dropping it (or [`ApiServer::shutdown`]) stops it.
 pub struct ApiServer {
     addr: SocketAddr,
     store: Store,
     counters: Counters,
     task: Option<tokio::task::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl ApiServer {
@@ -160,25 +129,43 @@ impl ApiServer {
     }
 
     /// Start with explicit store options (history length, watch buffer, bookmark interval).
-    pub async fn start_with(
-        addr: SocketAddr,
-        opts: StoreOptions,
-    ) -> Result<ApiServer, ApiServerError> {
+    pub async fn start_with(addr: SocketAddr, opts: StoreOptions) -> Result<ApiServer, ApiServerError> {
+        ApiServer::start_on(addr, Store::new(opts)).await
+    }
+
+    /// Serve an existing store (e.g. to restart the server on the same port after
+    /// [`ApiServer::shutdown`], as an API server restart: state kept, watches dropped).
+    pub async fn start_on(addr: SocketAddr, store: Store) -> Result<ApiServer, ApiServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ApiServerError::Bind { addr, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| ApiServerError::Bind { addr, source })?;
-        let store = Store::new(opts);
         let counters = Counters::default();
-        let task = serve(listener, local, store.clone(), counters.clone());
+        let srv = Arc::new(http::Srv {
+            store: store.clone(),
+            counters: counters.clone(),
+            address: local.to_string(),
+            pages: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        });
+        let app = axum::Router::new().fallback(http::handle).with_state(srv);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "embedded API server stopped");
+            }
+        });
         tracing::debug!(%local, "embedded API server listening");
         Ok(ApiServer {
             addr: local,
             store,
             counters,
             task: Some(task),
+            stop: Some(stop_tx),
         })
     }
 
@@ -194,26 +181,11 @@ impl ApiServer {
 
     /// A kubeconfig for this server: context, cluster and user `nixroll-demo`, no auth.
     pub fn kubeconfig_yaml(&self) -> String {
-        kubeconfig_for(&self.url())
-    }
-
-    /// Serve the same store on another port with its own request counters, so one client's
-    /// requests can be told apart (the controller's in the scale benchmark).
-    pub async fn listener(&self) -> Result<Listener, ApiServerError> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ApiServerError::Bind { addr, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| ApiServerError::Bind { addr, source })?;
-        let counters = Counters::default();
-        let task = serve(listener, local, self.store.clone(), counters.clone());
-        Ok(Listener {
-            addr: local,
-            counters,
-            task,
-        })
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",
+            c = KUBECONFIG_CONTEXT,
+            url = self.url()
+        )
     }
 
     /// Write [`ApiServer::kubeconfig_yaml`] to a file.
@@ -221,14 +193,23 @@ impl ApiServer {
         std::fs::write(path, self.kubeconfig_yaml())
     }
 
-    /// A `kube::Client` built from the kubeconfig (the real HTTP path).
-    pub async fn client(&self) -> Result<kube::Client, ApiServerError> {
+    /// The `kube::Config` the kubeconfig yields (to adjust before building a client).
+    ///
+    /// Note: kube 5's default config retries 429/503/504 responses inside the client (up to 15
+    /// times, exponential backoff from 5 ms), so an `evict` refused by a PodDisruptionBudget
+    /// only returns its 429 after minutes. Callers that handle 429 themselves (a drain with its
+    /// own backoff and timeout) want `default_retry = false`.
+    pub async fn config(&self) -> Result<kube::Config, ApiServerError> {
         let kc = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml())
             .map_err(|source| ApiServerError::Kubeconfig { source })?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|source| ApiServerError::Kubeconfig { source })?;
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|source| ApiServerError::Kubeconfig { source })
+    }
+
+    /// A `kube::Client` built from the kubeconfig with kube's defaults (the real HTTP path).
+    pub async fn client(&self) -> Result<kube::Client, ApiServerError> {
+        let config = self.config().await?;
         kube::Client::try_from(config).map_err(|source| ApiServerError::Client { source })
     }
 
@@ -242,14 +223,24 @@ impl ApiServer {
         self.counters.snapshot()
     }
 
-    /// Stop serving: the listener closes and every open watch ends.
-    pub fn shutdown(mut self) {
+    /// Stop serving and wait (at most 5 s) until the port is free: the listener closes, open
+    /// watches end, idle connections close. The store stays usable ([`ApiServer::start_on`]).
+    pub async fn shutdown(mut self) {
         self.stop();
+        if let Some(t) = self.task.take() {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
     }
 
     fn stop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
         }
         self.store.drop_watches();
     }

@@ -11,10 +11,9 @@ use super::selector::LabelSelector;
 /// Whether a pod counts as healthy: Ready condition True and not terminating.
 pub fn pod_healthy(pod: &Value) -> bool {
     pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
+        && pod["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
 /// Whether a PDB selects a pod (same namespace, selector matches; nil selector matches none).

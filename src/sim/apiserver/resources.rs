@@ -290,12 +290,11 @@ pub fn builtins() -> Vec<Arc<ResourceInfo>> {
             } else {
                 gvr.group_resource()
             };
-            let extra: Vec<(&'static str, &'static str, &'static [&'static str])> =
-                if b.plural == "pods" {
-                    vec![("eviction", "Eviction", &["create"])]
-                } else {
-                    Vec::new()
-                };
+            let extra: Vec<(&'static str, &'static str, &'static [&'static str])> = if b.plural == "pods" {
+                vec![("eviction", "Eviction", &["create"])]
+            } else {
+                Vec::new()
+            };
             let categories = match b.plural {
                 "pods" | "daemonsets" | "replicasets" | "deployments" => vec!["all".to_owned()],
                 _ => Vec::new(),
@@ -337,22 +336,14 @@ pub fn from_crd(crd: &Value) -> Vec<Arc<ResourceInfo>> {
         .unwrap_or_else(|| kind.to_lowercase());
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(str::to_owned))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
             .unwrap_or_default()
     };
     let short_names = strings(&names["shortNames"]);
     let categories = strings(&names["categories"]);
     let namespaced = spec["scope"].as_str() != Some("Cluster");
     let mut out = Vec::new();
-    for v in spec["versions"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-    {
+    for v in spec["versions"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         if v["served"].as_bool() == Some(false) {
             continue;
         }

@@ -41,10 +41,7 @@ fn split_top(s: &str) -> Vec<&str> {
         }
     }
     out.push(&s[start..]);
-    out.into_iter()
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect()
+    out.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect()
 }
 
 fn parse_set(s: &str) -> Option<Vec<String>> {
@@ -116,11 +113,7 @@ impl LabelSelector {
             let key = e["key"].as_str().unwrap_or("").to_owned();
             let values: Vec<String> = e["values"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
                 .unwrap_or_default();
             reqs.push(match e["operator"].as_str() {
                 Some("In") => LabelReq::In(key, values),
@@ -249,17 +242,14 @@ mod tests {
             ("missing notin (x)", true),
             ("app in (db)", false),
         ] {
-            assert_eq!(
-                LabelSelector::parse(sel).unwrap().matches(&o),
-                want,
-                "{sel}"
-            );
+            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
         }
     }
 
     #[test]
     fn field_selector_matches_nested_fields() {
-        let o = json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
+        let o =
+            json!({"metadata": {"name": "p"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
         let s = FieldSelector::parse("spec.nodeName=n1,status.phase!=Failed").unwrap();
         assert!(s.matches(&o));
         assert!(!FieldSelector::parse("metadata.name=q").unwrap().matches(&o));

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use super::convert::{unview, view};
 use super::error::{Cause, StoreError};
 use super::fields::{
-    self, Ctx, FieldSet, ManagedEntry, diff_fields, fields_of, merge_apply, path_string,
-    read_managed, remove_at, value_at, write_managed,
+    self, Ctx, FieldSet, ManagedEntry, diff_fields, fields_of, merge_apply, path_string, read_managed,
+    remove_at, value_at, write_managed,
 };
 use super::pdb;
 use super::resources::{self, Gvr, ResourceInfo};
@@ -86,6 +86,9 @@ pub struct WriteOptions {
     pub field_manager: Option<String>,
     /// `force` (apply only): take ownership of conflicting fields.
     pub force: bool,
+    /// `fieldValidation=Strict`: unknown fields of custom resources are an error (otherwise
+    /// they are pruned silently, as with `Warn`/`Ignore`).
+    pub strict: bool,
 }
 
 impl WriteOptions {
@@ -93,7 +96,7 @@ impl WriteOptions {
     pub fn manager(name: &str) -> WriteOptions {
         WriteOptions {
             field_manager: Some(name.to_owned()),
-            force: false,
+            ..WriteOptions::default()
         }
     }
 }
@@ -155,10 +158,49 @@ struct Collection {
     history: History,
     watchers: Watchers,
     order: VecDeque<Key>,
+    /// `spec.nodeName` → keys (as the real watch cache indexes pods by node).
+    by_node: HashMap<String, std::collections::BTreeSet<Key>>,
+}
+
+impl Collection {
+    fn new(history: History) -> Collection {
+        Collection {
+            objects: BTreeMap::new(),
+            history,
+            watchers: Watchers::default(),
+            order: VecDeque::new(),
+            by_node: HashMap::new(),
+        }
+    }
+
+    fn index(&mut self, key: &Key, old: Option<&Value>, new: Option<&Value>) {
+        let node = |o: Option<&Value>| {
+            o.and_then(|o| o["spec"]["nodeName"].as_str())
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+        };
+        let (o, n) = (node(old), node(new));
+        if o == n {
+            return;
+        }
+        if let Some(o) = o
+            && let Some(set) = self.by_node.get_mut(&o)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_node.remove(&o);
+            }
+        }
+        if let Some(n) = n {
+            self.by_node.entry(n).or_default().insert(key.clone());
+        }
+    }
 }
 
 struct State {
     rv: u64,
+    /// `fieldValidation=Strict` of the write in progress (the lock is held for the whole write).
+    strict: bool,
     resources: Vec<Arc<ResourceInfo>>,
     colls: HashMap<String, Collection>,
 }
@@ -177,9 +219,7 @@ pub struct Store {
 
 /// Now, as Kubernetes writes `metav1.Time` (RFC 3339, seconds).
 pub fn now_string() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 fn time_plus(secs: i64) -> String {
@@ -214,16 +254,15 @@ fn meta_str<'v>(obj: &'v Value, field: &str) -> &'v str {
     obj["metadata"][field].as_str().unwrap_or("")
 }
 
-/// The object without metadata and status (what `generation` tracks).
-fn spec_part(obj: &Value) -> Value {
-    let mut v = obj.clone();
-    if let Some(m) = v.as_object_mut() {
-        m.remove("metadata");
-        m.remove("status");
-        m.remove("apiVersion");
-        m.remove("kind");
-    }
-    v
+/// Whether two versions differ outside metadata and status (what `generation` tracks).
+fn spec_changed(old: &Value, new: &Value) -> bool {
+    let skip = |k: &String| matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind");
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return old != new;
+    };
+    let ok: Vec<_> = o.iter().filter(|(k, _)| !skip(k)).collect();
+    let nk: Vec<_> = n.iter().filter(|(k, _)| !skip(k)).collect();
+    ok != nk
 }
 
 fn conflict_modified(info: &ResourceInfo, name: &str) -> StoreError {
@@ -265,17 +304,13 @@ impl Store {
         for r in &resources {
             colls
                 .entry(r.storage_key.clone())
-                .or_insert_with(|| Collection {
-                    objects: BTreeMap::new(),
-                    history: History::new(opts.history_per_collection, 0),
-                    watchers: Watchers::default(),
-                    order: VecDeque::new(),
-                });
+                .or_insert_with(|| Collection::new(History::new(opts.history_per_collection, 0)));
         }
         let store = Store {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     rv: 1,
+                    strict: false,
                     resources,
                     colls,
                 }),
@@ -327,24 +362,35 @@ impl Store {
     }
 
     /// List objects (all namespaces when `ns` is None).
-    pub fn list(
-        &self,
-        gvr: &Gvr,
-        ns: Option<&str>,
-        opts: &ListOptions,
-    ) -> Result<ObjectList, StoreError> {
+    pub fn list(&self, gvr: &Gvr, ns: Option<&str>, opts: &ListOptions) -> Result<ObjectList, StoreError> {
         let labels = LabelSelector::parse(opts.label_selector.as_deref().unwrap_or(""))?;
         let fields = FieldSelector::parse(opts.field_selector.as_deref().unwrap_or(""))?;
         let st = lock(&self.inner);
         let info = st.find(gvr)?;
         let coll = st.coll(&info)?;
-        let items = coll
-            .objects
-            .iter()
-            .filter(|((ons, _), _)| ns.is_none_or(|n| n == ons))
-            .map(|(_, o)| view(&info, o))
-            .filter(|o| labels.matches(o) && fields.matches(o))
-            .collect();
+        let keep = |o: &Arc<Value>| labels.matches(o) && fields.matches(o);
+        let in_ns = |k: &Key| ns.is_none_or(|n| n == k.0);
+        let items = match fields.equality_on("spec.nodeName").filter(|n| !n.is_empty()) {
+            Some(node) => coll
+                .by_node
+                .get(node)
+                .map(|keys| {
+                    keys.iter()
+                        .filter(|k| in_ns(k))
+                        .filter_map(|k| coll.objects.get(k))
+                        .map(|o| view(&info, o))
+                        .filter(keep)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => coll
+                .objects
+                .iter()
+                .filter(|(k, _)| in_ns(k))
+                .map(|(_, o)| view(&info, o))
+                .filter(keep)
+                .collect(),
+        };
         Ok(ObjectList {
             resource_version: st.rv,
             items,
@@ -361,10 +407,8 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
-        let manager = opts
-            .field_manager
-            .clone()
-            .unwrap_or_else(|| "unknown".into());
+        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        st.strict = opts.strict;
         st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager))
     }
 
@@ -379,10 +423,8 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
-        let manager = opts
-            .field_manager
-            .clone()
-            .unwrap_or_else(|| "unknown".into());
+        let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
+        st.strict = opts.strict;
         st.update(&self.inner.opts, &info, ns, obj, sub, &manager)
     }
 
@@ -398,6 +440,7 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
+        st.strict = opts.strict;
         st.patch(&self.inner.opts, &info, ns, name, patch, sub, opts)
     }
 
@@ -436,12 +479,7 @@ impl Store {
     }
 
     /// Start a watch. Events are delivered in resourceVersion order; see [`Watch::next`].
-    pub fn watch(
-        &self,
-        gvr: &Gvr,
-        ns: Option<&str>,
-        opts: &WatchOptions,
-    ) -> Result<Watch, StoreError> {
+    pub fn watch(&self, gvr: &Gvr, ns: Option<&str>, opts: &WatchOptions) -> Result<Watch, StoreError> {
         let labels = LabelSelector::parse(opts.list.label_selector.as_deref().unwrap_or(""))?;
         let fields = FieldSelector::parse(opts.list.field_selector.as_deref().unwrap_or(""))?;
         let id = self.inner.next_watch.fetch_add(1, Ordering::SeqCst);
@@ -526,11 +564,7 @@ impl Store {
 
     /// Number of open watches (all collections).
     pub fn watcher_count(&self) -> usize {
-        lock(&self.inner)
-            .colls
-            .values()
-            .map(|c| c.watchers.len())
-            .sum()
+        lock(&self.inner).colls.values().map(|c| c.watchers.len()).sum()
     }
 
     /// Fault injection, as an etcd compaction: forget all history, so that a watch resuming
@@ -584,12 +618,7 @@ impl Store {
     }
 
     /// [`Store::update`] for a typed resource.
-    pub fn update_as<K>(
-        &self,
-        obj: &K,
-        sub: Subresource,
-        opts: &WriteOptions,
-    ) -> Result<K, StoreError>
+    pub fn update_as<K>(&self, obj: &K, sub: Subresource, opts: &WriteOptions) -> Result<K, StoreError>
     where
         K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
     {
@@ -688,13 +717,14 @@ impl State {
     ) -> Result<Arc<Value>, StoreError> {
         self.rv += 1;
         let rv = self.rv;
-        let coll =
-            self.colls
-                .get_mut(&info.storage_key)
-                .ok_or_else(|| StoreError::UnknownResource {
-                    path: info.storage_key.clone(),
-                })?;
+        let coll = self
+            .colls
+            .get_mut(&info.storage_key)
+            .ok_or_else(|| StoreError::UnknownResource {
+                path: info.storage_key.clone(),
+            })?;
         let old = coll.objects.get(key).cloned();
+        coll.index(key, old.as_deref(), new.as_ref());
         let (old_h, new_h, result) = match new {
             Some(mut n) => {
                 n["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -733,12 +763,11 @@ impl State {
         new: Option<&Value>,
     ) -> Result<(), StoreError> {
         match (info.gvr.group.as_str(), info.gvr.plural.as_str()) {
-            ("", "pods") => self.refresh_pdbs(opts, &key.0)?,
+            ("", "pods") => self.refresh_pdbs(opts, &key.0, Some((old, new)))?,
             ("policy", "poddisruptionbudgets") => {
-                let spec_changed =
-                    old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
+                let spec_changed = old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
                 if spec_changed && new.is_some() {
-                    self.refresh_pdbs(opts, &key.0)?;
+                    self.refresh_pdbs(opts, &key.0, None)?;
                 }
             }
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
@@ -757,45 +786,31 @@ impl State {
 
     fn sync_crd(&mut self, old: Option<&Value>, new: Option<&Value>) {
         if let Some(o) = old {
-            let gone: Vec<Gvr> = resources::from_crd(o)
-                .iter()
-                .map(|r| r.gvr.clone())
-                .collect();
+            let gone: Vec<Gvr> = resources::from_crd(o).iter().map(|r| r.gvr.clone()).collect();
             self.resources.retain(|r| !gone.contains(&r.gvr));
         }
-        if let Some(n) = new {
-            if n["metadata"]["deletionTimestamp"].is_null() {
-                for r in resources::from_crd(n) {
-                    self.colls
-                        .entry(r.storage_key.clone())
-                        .or_insert_with(|| Collection {
-                            objects: BTreeMap::new(),
-                            history: History::new(10_000, self.rv),
-                            watchers: Watchers::default(),
-                            order: VecDeque::new(),
-                        });
-                    self.resources.push(r);
-                }
-                return;
+        if let Some(n) = new
+            && n["metadata"]["deletionTimestamp"].is_null()
+        {
+            for r in resources::from_crd(n) {
+                self.colls
+                    .entry(r.storage_key.clone())
+                    .or_insert_with(|| Collection::new(History::new(10_000, self.rv)));
+                self.resources.push(r);
             }
+            return;
         }
         // The CRD is gone (or going): its objects go with it.
-        if let Some(o) = old.or(new) {
-            if let Some(r) = resources::from_crd(o).first() {
-                if new.is_none() {
-                    self.colls.remove(&r.storage_key);
-                }
-            }
+        if let Some(o) = old.or(new)
+            && let Some(r) = resources::from_crd(o).first()
+            && new.is_none()
+        {
+            self.colls.remove(&r.storage_key);
         }
     }
 
     fn purge_namespace(&mut self, opts: &StoreOptions, ns: &str) -> Result<(), StoreError> {
-        let infos: Vec<Arc<ResourceInfo>> = self
-            .resources
-            .iter()
-            .filter(|r| r.namespaced)
-            .cloned()
-            .collect();
+        let infos: Vec<Arc<ResourceInfo>> = self.resources.iter().filter(|r| r.namespaced).cloned().collect();
         let mut seen = Vec::new();
         for info in infos {
             if seen.contains(&info.storage_key) {
@@ -816,11 +831,7 @@ impl State {
         Ok(())
     }
 
-    fn expire_events(
-        &mut self,
-        opts: &StoreOptions,
-        info: &ResourceInfo,
-    ) -> Result<(), StoreError> {
+    fn expire_events(&mut self, opts: &StoreOptions, info: &ResourceInfo) -> Result<(), StoreError> {
         loop {
             let coll = self.coll_mut(info)?;
             if coll.objects.len() <= opts.event_limit {
@@ -837,7 +848,13 @@ impl State {
 
     /// Recompute the status of every PDB in a namespace (the disruption controller, run
     /// synchronously on every pod or PDB change).
-    fn refresh_pdbs(&mut self, opts: &StoreOptions, ns: &str) -> Result<(), StoreError> {
+    /// `pod`: the changed pod (old, new); only PDBs selecting it are recomputed.
+    fn refresh_pdbs(
+        &mut self,
+        opts: &StoreOptions,
+        ns: &str,
+        pod: Option<(Option<&Value>, Option<&Value>)>,
+    ) -> Result<(), StoreError> {
         let pdb_info = self.find(&Gvr::new("policy", "v1", "poddisruptionbudgets"))?;
         let pods_info = self.find(&Gvr::new("", "v1", "pods"))?;
         let pdbs: Vec<(Key, Arc<Value>)> = self
@@ -845,6 +862,11 @@ impl State {
             .objects
             .range((ns.to_owned(), String::new())..)
             .take_while(|(k, _)| k.0 == ns)
+            .filter(|(_, p)| {
+                pod.is_none_or(|(o, n)| {
+                    o.is_some_and(|o| pdb::selects(p, o)) || n.is_some_and(|n| pdb::selects(p, n))
+                })
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (k, p) in pdbs {
@@ -908,6 +930,7 @@ impl State {
                         "{} \"\" is invalid: metadata.name: Required value: name or generateName is required",
                         info.kind
                     ),
+                    causes: Vec::new(),
                 });
             }
             obj["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
@@ -936,6 +959,7 @@ impl State {
             obj["metadata"]["generation"] = json!(1);
         }
         self.defaults_on_create(info, &mut obj);
+        admit(info, &mut obj, self.strict)?;
         let stored = unview(info, obj);
         let finished = finalize(info, None, stored, Subresource::Main, managed)?;
         let Some(finished) = finished else {
@@ -960,24 +984,24 @@ impl State {
             });
         }
         let av = info.gvr.api_version();
-        if let Some(a) = obj["apiVersion"].as_str() {
-            if a != av {
-                return Err(StoreError::BadRequest {
-                    message: format!(
-                        "the API version in the data ({a}) does not match the expected API version ({av})"
-                    ),
-                });
-            }
+        if let Some(a) = obj["apiVersion"].as_str()
+            && a != av
+        {
+            return Err(StoreError::BadRequest {
+                message: format!(
+                    "the API version in the data ({a}) does not match the expected API version ({av})"
+                ),
+            });
         }
-        if let Some(k) = obj["kind"].as_str() {
-            if k != info.kind {
-                return Err(StoreError::BadRequest {
-                    message: format!(
-                        "the kind in the data ({k}) does not match the expected kind ({})",
-                        info.kind
-                    ),
-                });
-            }
+        if let Some(k) = obj["kind"].as_str()
+            && k != info.kind
+        {
+            return Err(StoreError::BadRequest {
+                message: format!(
+                    "the kind in the data ({k}) does not match the expected kind ({})",
+                    info.kind
+                ),
+            });
         }
         obj["apiVersion"] = json!(av);
         obj["kind"] = json!(info.kind);
@@ -999,9 +1023,8 @@ impl State {
             };
             if ns.is_empty() {
                 return Err(StoreError::BadRequest {
-                    message:
-                        "the server could not find the requested resource: a namespace is required"
-                            .into(),
+                    message: "the server could not find the requested resource: a namespace is required"
+                        .into(),
                 });
             }
             obj["metadata"]["namespace"] = json!(ns);
@@ -1012,6 +1035,24 @@ impl State {
     }
 
     fn validate(&self, info: &ResourceInfo, obj: &Value) -> Result<(), StoreError> {
+        let name = meta_str(obj, "name");
+        if let Some(problem) = name_problem(name, info.gvr.plural == "namespaces") {
+            return Err(StoreError::Invalid {
+                resource: format!("{}.{}", info.kind, info.gvr.group)
+                    .trim_end_matches('.')
+                    .to_owned(),
+                name: name.to_owned(),
+                message: format!(
+                    "{} \"{name}\" is invalid: metadata.name: Invalid value: \"{name}\": {problem}",
+                    info.kind
+                ),
+                causes: vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: format!("Invalid value: \"{name}\": {problem}"),
+                    field: "metadata.name".into(),
+                }],
+            });
+        }
         if info.gvr.plural == "customresourcedefinitions" {
             let spec = &obj["spec"];
             let want = format!(
@@ -1027,6 +1068,7 @@ impl State {
                         "CustomResourceDefinition.apiextensions.k8s.io \"{}\" is invalid: metadata.name: Invalid value: must be spec.names.plural+\".\"+spec.group ({want})",
                         meta_str(obj, "name")
                     ),
+                    causes: Vec::new(),
                 });
             }
         }
@@ -1101,6 +1143,7 @@ impl State {
                         "{}.{} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
                         info.kind, info.gvr.group
                     ),
+                    causes: Vec::new(),
                 });
             }
         } else if body_rv != meta_str(&old, "resourceVersion") {
@@ -1165,10 +1208,11 @@ impl State {
         }
         new["apiVersion"] = old["apiVersion"].clone();
         new["kind"] = old["kind"].clone();
-        if info.generation && spec_part(old) != spec_part(&new) {
+        if info.generation && spec_changed(old, &new) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             new["metadata"]["generation"] = json!(g);
         }
+        admit(info, &mut new, self.strict)?;
         let Some(new) = finalize(info, Some(old), new, sub, managed)? else {
             return Ok(old.clone());
         };
@@ -1176,9 +1220,7 @@ impl State {
             return Ok(old.clone());
         }
         let gone = !new["metadata"]["deletionTimestamp"].is_null()
-            && new["metadata"]["finalizers"]
-                .as_array()
-                .is_none_or(Vec::is_empty)
+            && new["metadata"]["finalizers"].as_array().is_none_or(Vec::is_empty)
             && new["metadata"]["deletionGracePeriodSeconds"]
                 .as_i64()
                 .unwrap_or(0)
@@ -1202,10 +1244,7 @@ impl State {
         if let Patch::Apply(cfg) = patch {
             return self.apply(opts, info, ns, name, cfg, sub, wopts);
         }
-        let manager = wopts
-            .field_manager
-            .clone()
-            .unwrap_or_else(|| "unknown".into());
+        let manager = wopts.field_manager.clone().unwrap_or_else(|| "unknown".into());
         let key = self.key(info, ns, name);
         let Some(old_stored) = self.stored(info, &key) else {
             return Err(not_found(info, name));
@@ -1226,6 +1265,7 @@ impl State {
                     resource: info.gvr.group_resource(),
                     name: name.to_owned(),
                     message: format!("the JSON patch could not be applied: {e}"),
+                    causes: Vec::new(),
                 })?;
             }
             Patch::Apply(_) => {}
@@ -1236,8 +1276,7 @@ impl State {
         }
         if meta_str(&patched, "name") != name {
             return Err(StoreError::BadRequest {
-                message: "the name of the object in the patch does not match the name in the URL"
-                    .into(),
+                message: "the name of the object in the patch does not match the name in the URL".into(),
             });
         }
         let new = merge_for_subresource(info, &old, patched, sub);
@@ -1257,9 +1296,7 @@ impl State {
     ) -> Result<Value, StoreError> {
         let Some(manager) = wopts.field_manager.clone().filter(|m| !m.is_empty()) else {
             return Err(StoreError::BadRequest {
-                message:
-                    "PATCH, application/apply-patch+yaml requests require fieldManager to be set"
-                        .into(),
+                message: "PATCH, application/apply-patch+yaml requests require fieldManager to be set".into(),
             });
         };
         if cfg["apiVersion"].as_str() != Some(info.gvr.api_version().as_str())
@@ -1293,8 +1330,7 @@ impl State {
             Subresource::Status => {
                 let status = cfg["status"].clone();
                 let meta = json!({"name": name, "namespace": cfg["metadata"]["namespace"]});
-                cfg =
-                    json!({"apiVersion": cfg["apiVersion"], "kind": cfg["kind"], "metadata": meta});
+                cfg = json!({"apiVersion": cfg["apiVersion"], "kind": cfg["kind"], "metadata": meta});
                 if !status.is_null() {
                     cfg["status"] = status;
                 }
@@ -1307,11 +1343,7 @@ impl State {
             return Err(not_found(info, name));
         }
         let crv = meta_str(&cfg, "resourceVersion");
-        if !crv.is_empty()
-            && old
-                .as_ref()
-                .is_none_or(|o| meta_str(o, "resourceVersion") != crv)
-        {
+        if !crv.is_empty() && old.as_ref().is_none_or(|o| meta_str(o, "resourceVersion") != crv) {
             return Err(conflict_modified(info, name));
         }
         if let Some(m) = cfg["metadata"].as_object_mut() {
@@ -1381,12 +1413,11 @@ impl State {
         }
 
         // Fields this manager applied before but no longer does, and nobody else owns, go.
-        let mine = entries.iter().position(|e| {
-            e.manager == manager && e.operation == "Apply" && e.subresource == sub.name()
-        });
+        let mine = entries
+            .iter()
+            .position(|e| e.manager == manager && e.operation == "Apply" && e.subresource == sub.name());
         if let Some(mi) = mine {
-            let dropped: Vec<Vec<String>> =
-                entries[mi].fields.difference(&new_set).cloned().collect();
+            let dropped: Vec<Vec<String>> = entries[mi].fields.difference(&new_set).cloned().collect();
             for p in dropped {
                 let owned_elsewhere = entries
                     .iter()
@@ -1442,31 +1473,31 @@ impl State {
             return Err(not_found(info, name));
         };
         let old = view(info, &stored);
-        if let Some(uid) = dopts.uid.as_deref().filter(|u| !u.is_empty()) {
-            if uid != meta_str(&old, "uid") {
-                return Err(StoreError::Conflict {
-                    resource: info.gvr.group_resource(),
-                    name: name.to_owned(),
-                    message: format!(
-                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                        meta_str(&old, "uid")
-                    ),
-                    causes: Vec::new(),
-                });
-            }
+        if let Some(uid) = dopts.uid.as_deref().filter(|u| !u.is_empty())
+            && uid != meta_str(&old, "uid")
+        {
+            return Err(StoreError::Conflict {
+                resource: info.gvr.group_resource(),
+                name: name.to_owned(),
+                message: format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid")
+                ),
+                causes: Vec::new(),
+            });
         }
-        if let Some(rv) = dopts.resource_version.as_deref().filter(|r| !r.is_empty()) {
-            if rv != meta_str(&old, "resourceVersion") {
-                return Err(StoreError::Conflict {
-                    resource: info.gvr.group_resource(),
-                    name: name.to_owned(),
-                    message: format!(
-                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                        meta_str(&old, "resourceVersion")
-                    ),
-                    causes: Vec::new(),
-                });
-            }
+        if let Some(rv) = dopts.resource_version.as_deref().filter(|r| !r.is_empty())
+            && rv != meta_str(&old, "resourceVersion")
+        {
+            return Err(StoreError::Conflict {
+                resource: info.gvr.group_resource(),
+                name: name.to_owned(),
+                message: format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&old, "resourceVersion")
+                ),
+                causes: Vec::new(),
+            });
         }
         let is_pod = info.gvr.group.is_empty() && info.gvr.plural == "pods";
         let mut grace = 0i64;
@@ -1557,9 +1588,7 @@ impl State {
                 }
                 if allowed == 0 && !unhealthy_ok {
                     return Err(StoreError::TooManyRequests {
-                        message:
-                            "Cannot evict pod as it would violate the pod's disruption budget."
-                                .into(),
+                        message: "Cannot evict pod as it would violate the pod's disruption budget.".into(),
                         causes: vec![Cause {
                             reason: "DisruptionBudget".into(),
                             message: format!(
@@ -1583,13 +1612,131 @@ impl State {
     }
 }
 
+/// Why a name is not a valid RFC 1123 subdomain (or, for namespaces, label); None when valid.
+fn name_problem(name: &str, label: bool) -> Option<String> {
+    let max = if label { 63 } else { 253 };
+    if name.len() > max {
+        return Some(format!("must be no more than {max} characters"));
+    }
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    let ok = if label {
+        part_ok(name)
+    } else {
+        name.split('.').all(part_ok)
+    };
+    if ok {
+        None
+    } else if label {
+        Some("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')".into())
+    } else {
+        Some("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')".into())
+    }
+}
+
+/// Secrets: `stringData` is write-only; the server merges it into `data` (base64).
+fn fold_string_data(info: &ResourceInfo, obj: &mut Value) {
+    if !(info.gvr.group.is_empty() && info.gvr.plural == "secrets") {
+        return;
+    }
+    let Some(sd) = obj.as_object_mut().and_then(|m| m.remove("stringData")) else {
+        return;
+    };
+    if let Some(sd) = sd.as_object() {
+        for (k, v) in sd {
+            let text = v.as_str().unwrap_or("");
+            obj["data"][k] = json!(super::protobuf::base64(text.as_bytes()));
+        }
+    }
+}
+
+/// Custom resources: schema defaults, then schema validation (422 Invalid).
+fn admit(info: &ResourceInfo, obj: &mut Value, strict: bool) -> Result<(), StoreError> {
+    fold_string_data(info, obj);
+    let Some(schema) = info.schema.as_ref() else {
+        return Ok(());
+    };
+    let mut pruned = Vec::new();
+    if let Some(m) = obj.as_object_mut() {
+        for (k, v) in m.iter_mut() {
+            if k != "metadata" && k != "apiVersion" && k != "kind" {
+                super::schema::prune(v, &schema["properties"][k.as_str()], k, &mut pruned);
+            }
+        }
+        let props = schema["properties"].as_object();
+        let unknown: Vec<String> = m
+            .keys()
+            .filter(|k| {
+                !matches!(k.as_str(), "metadata" | "apiVersion" | "kind")
+                    && props.is_some_and(|p| !p.contains_key(*k))
+            })
+            .cloned()
+            .collect();
+        for k in unknown {
+            m.remove(&k);
+            pruned.push(k);
+        }
+    }
+    if strict && !pruned.is_empty() {
+        let list: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+        return Err(StoreError::BadRequest {
+            message: format!("strict decoding error: {}", list.join(", ")),
+        });
+    }
+    super::schema::apply_defaults(obj, schema);
+    let mut errs = Vec::new();
+    for part in ["spec", "status"] {
+        if let Some(v) = obj.get(part) {
+            super::schema::validate(v, &schema["properties"][part], part, &mut errs);
+        }
+    }
+    if errs.is_empty() {
+        return Ok(());
+    }
+    let name = meta_str(obj, "name").to_owned();
+    let list: Vec<String> = errs
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect();
+    let joined = if list.len() == 1 {
+        list.join("")
+    } else {
+        format!("[{}]", list.join(", "))
+    };
+    let causes = errs
+        .iter()
+        .map(|e| Cause {
+            reason: if e.message.starts_with("Required") {
+                "FieldValueRequired"
+            } else if e.message.starts_with("Unsupported") {
+                "FieldValueNotSupported"
+            } else if e.message.starts_with("Too long") {
+                "FieldValueTooLong"
+            } else if e.message.starts_with("Too many") {
+                "FieldValueTooMany"
+            } else {
+                "FieldValueInvalid"
+            }
+            .into(),
+            message: e.message.clone(),
+            field: e.field.clone(),
+        })
+        .collect();
+    Err(StoreError::Invalid {
+        resource: format!("{}.{}", info.kind, info.gvr.group),
+        message: format!("{}.{} \"{name}\" is invalid: {joined}", info.kind, info.gvr.group),
+        name,
+        causes,
+    })
+}
+
 /// The object a write on `sub` produces from `old` and the client's `new`.
-fn merge_for_subresource(
-    info: &ResourceInfo,
-    old: &Value,
-    mut new: Value,
-    sub: Subresource,
-) -> Value {
+fn merge_for_subresource(info: &ResourceInfo, old: &Value, mut new: Value, sub: Subresource) -> Value {
     match sub {
         Subresource::Main if info.status_subresource => {
             match old.get("status") {
@@ -1666,9 +1813,9 @@ fn finalize(
     // Keep the time of entries whose fields did not change (so no-op writes stay no-ops).
     let now = now_string();
     for e in &mut entries {
-        let prev = old_entries.iter().find(|o| {
-            o.manager == e.manager && o.operation == e.operation && o.subresource == e.subresource
-        });
+        let prev = old_entries
+            .iter()
+            .find(|o| o.manager == e.manager && o.operation == e.operation && o.subresource == e.subresource);
         match prev {
             Some(p) if p.fields == e.fields => e.time = p.time.clone(),
             _ => e.time = now.clone(),

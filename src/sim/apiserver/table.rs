@@ -178,9 +178,7 @@ fn pod_cells(o: &Value) -> Vec<Value> {
     let statuses = o["status"]["containerStatuses"].as_array();
     let ready = statuses.map_or(0, |s| s.iter().filter(|c| c["ready"] == true).count());
     let restarts: i64 = statuses.map_or(0, |s| {
-        s.iter()
-            .map(|c| c["restartCount"].as_i64().unwrap_or(0))
-            .sum()
+        s.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).sum()
     });
     let mut status = o["status"]["reason"]
         .as_str()
@@ -228,13 +226,7 @@ pub fn columns(info: &ResourceInfo) -> Vec<Value> {
             ),
             col("Internal-IP", "string", "", 1, "List of internal IPs."),
             col("External-IP", "string", "", 1, "List of external IPs."),
-            col(
-                "OS-Image",
-                "string",
-                "",
-                1,
-                "OS Image reported by the node.",
-            ),
+            col("OS-Image", "string", "", 1, "OS Image reported by the node."),
             col(
                 "Kernel-Version",
                 "string",
@@ -341,17 +333,13 @@ mod tests {
 
     #[test]
     fn json_paths_and_durations() {
-        let o =
-            json!({"status": {"phase": "Up", "conditions": [{"type": "Ready", "status": "True"}]}});
+        let o = json!({"status": {"phase": "Up", "conditions": [{"type": "Ready", "status": "True"}]}});
         assert_eq!(json_path(&o, ".status.phase"), Some(&json!("Up")));
         assert_eq!(
             json_path(&o, ".status.conditions[?(@.type==\"Ready\")].status"),
             Some(&json!("True"))
         );
-        assert_eq!(
-            json_path(&o, ".status.conditions[0].type"),
-            Some(&json!("Ready"))
-        );
+        assert_eq!(json_path(&o, ".status.conditions[0].type"), Some(&json!("Ready")));
         assert_eq!(human_duration(59), "59s");
         assert_eq!(human_duration(300), "5m");
         assert_eq!(human_duration(3 * 3600 + 60), "3h1m");

@@ -56,9 +56,7 @@ impl WatchEvent {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0)
             }
-            WatchEvent::Bookmark {
-                resource_version, ..
-            } => *resource_version,
+            WatchEvent::Bookmark { resource_version, .. } => *resource_version,
             WatchEvent::Error(_) => 0,
         }
     }
@@ -106,10 +104,10 @@ impl WatcherEntry {
 
     /// Whether an object (in this watcher's view) passes namespace and selectors.
     pub(crate) fn matches(&self, obj: &Value) -> bool {
-        if let Some(ns) = &self.namespace {
-            if obj["metadata"]["namespace"].as_str() != Some(ns.as_str()) {
-                return false;
-            }
+        if let Some(ns) = &self.namespace
+            && obj["metadata"]["namespace"].as_str() != Some(ns.as_str())
+        {
+            return false;
         }
         self.labels.matches(obj) && self.fields.matches(obj)
     }
