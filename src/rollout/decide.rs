@@ -87,6 +87,23 @@ pub fn drain_timeout(
     }
 }
 
+/// Longest `status.message` / failure message kept.
+pub const MESSAGE_LIMIT: usize = 512;
+
+/// One human line: whitespace runs (newlines from host errors) collapsed, bounded length.
+fn one_line(s: &str) -> String {
+    let mut out = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if out.len() > MESSAGE_LIMIT {
+        let mut cut = MESSAGE_LIMIT;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
 /// A slot granted for the current drain (not one kept from an earlier failed attempt).
 fn is_fresh(slot: &Slot) -> bool {
     slot.drain_started_at.as_ref() == Some(&slot.granted_at)
@@ -243,7 +260,7 @@ impl Ctx<'_, '_> {
         }
         self.st.phase = Some(phase);
         self.reason = reason.to_string();
-        self.st.message = Some(message);
+        self.st.message = Some(one_line(&message));
     }
 
     fn push_history(&mut self, entry: HistoryEntry) {
@@ -298,6 +315,7 @@ impl Ctx<'_, '_> {
             .as_ref()
             .map(|s| s.granted_at.0)
             .unwrap_or_else(|| self.since());
+        let message = one_line(&message);
         self.st.failed = Some(FailedTarget {
             revision: revision.clone(),
             system: system.clone(),
