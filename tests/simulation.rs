@@ -170,7 +170,7 @@ impl Sim {
     fn new(seed: u64, verbose: bool) -> Sim {
         let mut rng = fastrand::Rng::with_seed(seed);
         let faults = rng.u32(0..100) < 45;
-        let n = rng.usize(3..=7);
+        let n = rng.usize(3..=6);
         let cps = rng.usize(1..=3.min(n - 1));
         let max_unavailable = if rng.bool() {
             MaxUnavailable::Count(rng.u32(1..=3))
@@ -1153,7 +1153,7 @@ impl Sim {
         consider(self.quiet_after);
         let base = next.max(add(self.now, 1));
         // Jitter, and sometimes a short step to interleave events differently.
-        if self.rng.u32(0..100) < 10 {
+        if self.rng.u32(0..100) < 5 {
             add(self.now, self.rng.i64(1..15)).min(base)
         } else {
             add(base, self.rng.i64(0..3))

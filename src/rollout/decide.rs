@@ -92,6 +92,10 @@ pub const MESSAGE_LIMIT: usize = 512;
 
 /// One human line: whitespace runs (newlines from host errors) collapsed, bounded length.
 fn one_line(s: &str) -> String {
+    let b = s.as_bytes();
+    if b.len() <= MESSAGE_LIMIT && !b.contains(&b'\n') && !b.contains(&b'\r') && !b.contains(&b'\t') {
+        return s.to_string();
+    }
     let mut out = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if out.len() > MESSAGE_LIMIT {
         let mut cut = MESSAGE_LIMIT;
@@ -129,6 +133,8 @@ struct Ctx<'v, 'a> {
     /// Reason of the Progressing / Degraded condition for the current phase.
     reason: String,
     invalid_spec: Option<String>,
+    /// The parsed maintenance windows (empty = always open).
+    windows: Vec<window::Window>,
 }
 
 pub(super) fn decide(
@@ -163,10 +169,17 @@ pub(super) fn decide(
         requeue: None,
         reason: String::new(),
         invalid_spec: None,
+        windows: Vec::new(),
     };
-    if let Err(e) = window::parse_all(&view.spec.maintenance_windows) {
-        c.invalid_spec = Some(e.to_string());
-    } else if let Err(e) = drain_timeout(view.spec, policy) {
+    if !view.spec.maintenance_windows.is_empty() {
+        match window::parse_all(&view.spec.maintenance_windows) {
+            Ok(w) => c.windows = w,
+            Err(e) => c.invalid_spec = Some(e.to_string()),
+        }
+    }
+    if c.invalid_spec.is_none()
+        && let Err(e) = drain_timeout(view.spec, policy)
+    {
         c.invalid_spec = Some(e.to_string());
     }
 
@@ -538,12 +551,13 @@ impl Ctx<'_, '_> {
             self.st.message = Some(format!("staged{holds}; spec.suspend is set"));
             return false;
         }
-        let windows = &self.view.spec.maintenance_windows;
-        match window::is_open(windows, self.now) {
+        match window::is_open_parsed(&self.windows, self.now) {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 self.reason = reason::WAITING_FOR_WINDOW.into();
-                let next = window::next_opening(windows, self.now).ok().flatten();
+                let next = window::next_opening_parsed(&self.windows, self.now)
+                    .ok()
+                    .flatten();
                 self.st.message = Some(match next {
                     Some(t) => format!(
                         "staged{holds}; waiting for the maintenance window opening {}",
