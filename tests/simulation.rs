@@ -310,7 +310,7 @@ impl Sim {
                 slow: false,
             });
         }
-        let bumps_left = rng.u32(1..=3);
+        let bumps_left = rng.u32(1..=2);
         Sim {
             faults,
             now,
@@ -326,7 +326,7 @@ impl Sim {
             bumps_left,
             next_bump: Some(add(now, rng.i64(0..600))),
             paused: false,
-            quiet_after: add(now, 2 * 86_400),
+            quiet_after: add(now, 86_400),
             drain_mem: HashMap::new(),
             seen: vec![None; n],
             log: verbose.then(String::new),

@@ -7,7 +7,7 @@ use super::{Action, Decision, DrainProgress, NodeView, Note, Policy, reason, win
 use crate::api::{
     ActivationAction, ActivationGrant, ActivationReport, ActivationState, AgentStatus, Backoff,
     DrainTimeoutAction, FailedTarget, HistoryEntry, HostOperation, NixOSNodeStatus, Phase, RebootPolicy,
-    Slot, Target, installable, short_revision,
+    Slot, Target, installable,
 };
 
 /// How many history entries are kept (newest first).
@@ -87,6 +87,14 @@ pub fn drain_timeout(
     }
 }
 
+/// `crate::api::short_revision`, without a char iterator for the (always ASCII) hex case.
+fn short_rev(revision: &str) -> String {
+    match revision.get(..8) {
+        Some(s) if revision.is_ascii() => s.to_string(),
+        _ => crate::api::short_revision(revision),
+    }
+}
+
 /// Longest `status.message` / failure message kept.
 pub const MESSAGE_LIMIT: usize = 512;
 
@@ -155,8 +163,8 @@ pub(super) fn decide(
         st.retry_token = Some(t.to_string());
     }
     st.observed_generation = Some(view.generation);
-    st.wanted = Some(short_revision(&view.spec.revision));
-    st.running = st.revision.as_deref().map(short_revision);
+    st.wanted = Some(short_rev(&view.spec.revision));
+    st.running = st.revision.as_deref().map(short_rev);
 
     let mut c = Ctx {
         view,
@@ -225,7 +233,7 @@ pub(super) fn decide(
 
 impl Ctx<'_, '_> {
     fn rev8(&self) -> String {
-        short_revision(&self.view.spec.revision)
+        short_rev(&self.view.spec.revision)
     }
 
     fn wanted_installable(&self) -> String {
@@ -367,7 +375,7 @@ impl Ctx<'_, '_> {
             .map(|s| s.granted_at.0)
             .unwrap_or_else(|| self.since());
         self.st.revision = Some(target.revision.clone());
-        self.st.running = Some(short_revision(&target.revision));
+        self.st.running = Some(short_rev(&target.revision));
         self.st.system = target.system.clone();
         self.st.activation = None;
         self.st.backoff = None;
@@ -383,7 +391,7 @@ impl Ctx<'_, '_> {
         });
         let msg = format!(
             "running {} ({})",
-            short_revision(&target.revision),
+            short_rev(&target.revision),
             target.system.as_deref().unwrap_or("?")
         );
         self.note(reason::UPDATED, format!("{how}; {msg}"), false);
@@ -785,7 +793,7 @@ impl Ctx<'_, '_> {
             .st
             .target
             .as_ref()
-            .map(|t| short_revision(&t.revision))
+            .map(|t| short_rev(&t.revision))
             .unwrap_or_else(|| self.rev8());
         let mut id = format!("{rev}-{}", self.now.as_millisecond());
         if self.st.activation.as_ref().is_some_and(|g| g.id == id) {
