@@ -89,7 +89,7 @@ fn fixture(now: Timestamp) -> Fixture {
             revision: Some(if phase == Phase::UpToDate { NEW } else { OLD }.into()),
             system: Some(old_sys.clone()),
             target: (phase != Phase::UpToDate).then(|| target.clone()),
-            slot: (phase == Phase::Draining).then(|| Slot {
+            slot: (phase == Phase::Draining).then_some(Slot {
                 granted_at: Time(now),
                 was_unschedulable: false,
                 cordoned_by_nixroll: true,

@@ -138,6 +138,8 @@ struct Sim {
     wake: Vec<Option<Timestamp>>,
     log: Option<String>,
     restarts: u32,
+    /// How often each Event reason (and restart kind) happened: proves the paths are exercised.
+    events: BTreeMap<String, usize>,
 }
 
 macro_rules! check {
@@ -168,7 +170,7 @@ impl Sim {
     fn new(seed: u64, verbose: bool) -> Sim {
         let mut rng = fastrand::Rng::with_seed(seed);
         let faults = rng.u32(0..100) < 45;
-        let n = rng.usize(3..=7);
+        let n = rng.usize(3..=6);
         let cps = rng.usize(1..=3.min(n - 1));
         let max_unavailable = if rng.bool() {
             MaxUnavailable::Count(rng.u32(1..=3))
@@ -308,7 +310,7 @@ impl Sim {
                 slow: false,
             });
         }
-        let bumps_left = rng.u32(1..=3);
+        let bumps_left = rng.u32(1..=2);
         Sim {
             faults,
             now,
@@ -324,11 +326,12 @@ impl Sim {
             bumps_left,
             next_bump: Some(add(now, rng.i64(0..600))),
             paused: false,
-            quiet_after: add(now, 2 * 86_400),
+            quiet_after: add(now, 86_400),
             drain_mem: HashMap::new(),
             seen: vec![None; n],
             log: verbose.then(String::new),
             restarts: 0,
+            events: BTreeMap::new(),
             rng,
         }
     }
@@ -341,6 +344,11 @@ impl Sim {
 
     fn p(&mut self, percent: u32) -> bool {
         self.rng.u32(0..100) < percent
+    }
+
+    fn node_ready(&self, i: usize) -> bool {
+        let h = &self.nodes[i].host;
+        h.up && self.now >= h.ready_at
     }
 
     fn obs(&self, i: usize) -> NodeObservation {
@@ -479,10 +487,7 @@ impl Sim {
                 }
                 PodState::Pending { schedule_at } if schedule_at <= now => {
                     let ok: Vec<usize> = (0..n_nodes)
-                        .filter(|&i| {
-                            let o = self.obs(i);
-                            o.ready && !o.unschedulable
-                        })
+                        .filter(|&i| self.node_ready(i) && !self.nodes[i].unschedulable)
                         .collect();
                     if ok.is_empty() {
                         self.pods[k].state = PodState::Pending {
@@ -732,9 +737,12 @@ impl Sim {
 
     fn unavailable(&self, i: usize) -> bool {
         let n = &self.nodes[i];
-        let o = self.obs(i);
         let ph = n.status.phase.unwrap_or_default();
-        n.status.slot.is_some() || ph.is_disruptive() || ph == Phase::Degraded || o.unschedulable || !o.ready
+        n.status.slot.is_some()
+            || ph.is_disruptive()
+            || ph == Phase::Degraded
+            || n.unschedulable
+            || !self.node_ready(i)
     }
 
     fn evict_pass(&mut self, i: usize, force: bool) -> DrainProgress {
@@ -781,11 +789,12 @@ impl Sim {
     }
 
     fn controller(&mut self) -> Result<(), String> {
-        if self.p(2) {
+        if self.rng.u32(0..1000) < 5 {
             self.drain_mem.clear();
             self.seen = vec![None; self.nodes.len()];
             self.wake = vec![Some(self.now); self.nodes.len()];
             self.restarts += 1;
+            *self.events.entry("(controller restart)".into()).or_default() += 1;
             self.logf(|| "controller restart".into());
         }
         let n = self.nodes.len();
@@ -855,19 +864,22 @@ impl Sim {
         for i in 0..n {
             // Watch-driven: reconcile when the object (spec, annotation, agent status) or the
             // Node changed, when admitted, or when a requeue is due.
-            let seen = (
-                self.nodes[i].generation,
-                self.nodes[i].retry.clone(),
-                obs[i].clone(),
-                self.nodes[i].status.agent.clone(),
-            );
+            let x = &self.nodes[i];
+            let unchanged = self.seen[i].as_ref().is_some_and(|(g, r, o, a)| {
+                *g == x.generation && *r == x.retry && *o == obs[i] && *a == x.status.agent
+            });
             let due = self.wake[i].is_none_or(|t| t <= self.now)
                 || admitted.contains(&self.nodes[i].name)
-                || self.seen[i].as_ref() != Some(&seen);
+                || !unchanged;
             if !due {
                 continue;
             }
-            self.seen[i] = Some(seen);
+            self.seen[i] = Some((
+                x.generation,
+                x.retry.clone(),
+                obs[i].clone(),
+                x.status.agent.clone(),
+            ));
             for _ in 0..4 {
                 if self.nodes[i].status.phase != Some(Phase::Draining) {
                     self.drain_mem.remove(&i);
@@ -884,8 +896,11 @@ impl Sim {
                     status,
                     actions,
                     requeue_after,
-                    ..
+                    notes,
                 } = d;
+                for note in &notes {
+                    *self.events.entry(note.reason.clone()).or_default() += 1;
+                }
                 let agent = self.nodes[i].status.agent.take();
                 let changed = self.nodes[i].status != status;
                 let mut before = std::mem::replace(&mut self.nodes[i].status, status);
@@ -902,11 +917,14 @@ impl Sim {
                     );
                     self.logf(|| format!("{name} -> {ph:?}: {msg}"));
                 }
-                if self.p(1) {
+                if self.rng.u32(0..1000) < 5 {
                     // Crash after the status write, before the effects.
                     self.drain_mem.clear();
                     self.seen = vec![None; n];
+                    // The replacement controller starts within seconds and relists everything.
+                    self.wake = vec![Some(add(self.now, 10)); n];
                     self.restarts += 1;
+                    *self.events.entry("(crash before actions)".into()).or_default() += 1;
                     self.logf(|| "controller crash before actions".into());
                     return Ok(());
                 }
@@ -1135,7 +1153,7 @@ impl Sim {
         consider(self.quiet_after);
         let base = next.max(add(self.now, 1));
         // Jitter, and sometimes a short step to interleave events differently.
-        if self.rng.u32(0..100) < 10 {
+        if self.rng.u32(0..100) < 5 {
             add(self.now, self.rng.i64(1..15)).min(base)
         } else {
             add(base, self.rng.i64(0..3))
@@ -1149,6 +1167,10 @@ impl Sim {
                 self.agent(i)?;
             }
             self.controller()?;
+            // Agents watch their NixOSNode: they react to the controller's writes at once.
+            for i in 0..self.nodes.len() {
+                self.agent(i)?;
+            }
             self.global_checks()?;
             if self.now >= self.quiet_after && self.converged() {
                 return Ok(true);
@@ -1162,7 +1184,9 @@ impl Sim {
 
 const MAX_STEPS: usize = 6000;
 
-fn run_seed(seed: u64, verbose: bool) -> Result<(bool, bool, usize), (String, Option<String>)> {
+type SeedResult = (bool, bool, usize, BTreeMap<String, usize>);
+
+fn run_seed(seed: u64, verbose: bool) -> Result<SeedResult, (String, Option<String>)> {
     let mut sim = Sim::new(seed, verbose);
     match sim.run(MAX_STEPS) {
         Ok(conv) => {
@@ -1182,7 +1206,26 @@ fn run_seed(seed: u64, verbose: bool) -> Result<(bool, bool, usize), (String, Op
                     sim.log,
                 ));
             }
-            Ok((sim.faults, conv, sim.step))
+            if !sim.faults {
+                let failures: Vec<(&String, &usize)> = sim
+                    .events
+                    .iter()
+                    .filter(|(k, _)| {
+                        // A DrainTimeout can happen without faults: a PDB with nowhere to
+                        // reschedule (other nodes cordoned) legitimately blocks a drain.
+                        k.ends_with("Failed")
+                            || (k.ends_with("Timeout") && k.as_str() != "DrainTimeout")
+                            || k.as_str() == "BootedWrongSystem"
+                    })
+                    .collect();
+                if !failures.is_empty() {
+                    return Err((
+                        format!("no faults injected but failures happened: {failures:?}"),
+                        sim.log,
+                    ));
+                }
+            }
+            Ok((sim.faults, conv, sim.step, sim.events))
         }
         Err(e) => Err((e, sim.log)),
     }
@@ -1207,7 +1250,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
     if let Ok(s) = std::env::var("NIXROLL_SIM_SEED") {
         let seed: u64 = s.parse().unwrap();
         match run_seed(seed, true) {
-            Ok((faults, conv, steps)) => {
+            Ok((faults, conv, steps, _)) => {
                 let mut sim = Sim::new(seed, true);
                 let _ = sim.run(MAX_STEPS);
                 println!("{}", sim.log.unwrap_or_default());
@@ -1222,7 +1265,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u64;
-    type Outcome = Result<(bool, bool, usize), String>;
+    type Outcome = Result<SeedResult, String>;
     let results: Vec<(u64, Outcome)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
@@ -1241,10 +1284,14 @@ fn simulated_rollouts_keep_invariants_and_converge() {
     });
     let mut stats: BTreeMap<&str, usize> = BTreeMap::new();
     let mut steps = 0;
+    let mut events: BTreeMap<String, usize> = BTreeMap::new();
     for (seed, r) in results {
         match r {
-            Ok((faults, conv, s)) => {
+            Ok((faults, conv, s, ev)) => {
                 steps += s;
+                for (k, v) in ev {
+                    *events.entry(k).or_default() += v;
+                }
                 *stats.entry(if faults { "faulty" } else { "clean" }).or_default() += 1;
                 if conv {
                     *stats.entry("converged").or_default() += 1;
@@ -1254,6 +1301,32 @@ fn simulated_rollouts_keep_invariants_and_converge() {
         }
     }
     println!("{seeds} seeds: {stats:?}, {steps} steps");
+    println!("events: {events:?}");
+    if seeds >= 1000 {
+        // The paths the invariants are about must actually be exercised.
+        for reason in [
+            "Admitted",
+            "ActivationGranted",
+            "Updated",
+            "Uncordoned",
+            "Staged",
+            "DrainTimeout",
+            "DrainForced",
+            "StageFailed",
+            "ActivationFailed",
+            "BootedWrongSystem",
+            "RebootNeeded",
+            "RebootRequired",
+            "Retry",
+            "(controller restart)",
+            "(crash before actions)",
+        ] {
+            assert!(
+                events.get(reason).copied().unwrap_or(0) > 0,
+                "no {reason} in {seeds} seeds: {events:?}"
+            );
+        }
+    }
     assert_eq!(
         stats.get("clean").copied().unwrap_or(0) + stats.get("faulty").copied().unwrap_or(0),
         seeds as usize

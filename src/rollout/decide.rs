@@ -7,7 +7,7 @@ use super::{Action, Decision, DrainProgress, NodeView, Note, Policy, reason, win
 use crate::api::{
     ActivationAction, ActivationGrant, ActivationReport, ActivationState, AgentStatus, Backoff,
     DrainTimeoutAction, FailedTarget, HistoryEntry, HostOperation, NixOSNodeStatus, Phase, RebootPolicy,
-    Slot, Target, installable, short_revision,
+    Slot, Target, installable,
 };
 
 /// How many history entries are kept (newest first).
@@ -87,6 +87,35 @@ pub fn drain_timeout(
     }
 }
 
+/// `crate::api::short_revision`, without a char iterator for the (always ASCII) hex case.
+fn short_rev(revision: &str) -> String {
+    match revision.get(..8) {
+        Some(s) if revision.is_ascii() => s.to_string(),
+        _ => crate::api::short_revision(revision),
+    }
+}
+
+/// Longest `status.message` / failure message kept.
+pub const MESSAGE_LIMIT: usize = 512;
+
+/// One human line: whitespace runs (newlines from host errors) collapsed, bounded length.
+fn one_line(s: &str) -> String {
+    let b = s.as_bytes();
+    if b.len() <= MESSAGE_LIMIT && !b.contains(&b'\n') && !b.contains(&b'\r') && !b.contains(&b'\t') {
+        return s.to_string();
+    }
+    let mut out = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if out.len() > MESSAGE_LIMIT {
+        let mut cut = MESSAGE_LIMIT;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
 /// A slot granted for the current drain (not one kept from an earlier failed attempt).
 fn is_fresh(slot: &Slot) -> bool {
     slot.drain_started_at.as_ref() == Some(&slot.granted_at)
@@ -112,6 +141,8 @@ struct Ctx<'v, 'a> {
     /// Reason of the Progressing / Degraded condition for the current phase.
     reason: String,
     invalid_spec: Option<String>,
+    /// The parsed maintenance windows (empty = always open).
+    windows: Vec<window::Window>,
 }
 
 pub(super) fn decide(
@@ -132,8 +163,8 @@ pub(super) fn decide(
         st.retry_token = Some(t.to_string());
     }
     st.observed_generation = Some(view.generation);
-    st.wanted = Some(short_revision(&view.spec.revision));
-    st.running = st.revision.as_deref().map(short_revision);
+    st.wanted = Some(short_rev(&view.spec.revision));
+    st.running = st.revision.as_deref().map(short_rev);
 
     let mut c = Ctx {
         view,
@@ -146,10 +177,17 @@ pub(super) fn decide(
         requeue: None,
         reason: String::new(),
         invalid_spec: None,
+        windows: Vec::new(),
     };
-    if let Err(e) = window::parse_all(&view.spec.maintenance_windows) {
-        c.invalid_spec = Some(e.to_string());
-    } else if let Err(e) = drain_timeout(view.spec, policy) {
+    if !view.spec.maintenance_windows.is_empty() {
+        match window::parse_all(&view.spec.maintenance_windows) {
+            Ok(w) => c.windows = w,
+            Err(e) => c.invalid_spec = Some(e.to_string()),
+        }
+    }
+    if c.invalid_spec.is_none()
+        && let Err(e) = drain_timeout(view.spec, policy)
+    {
         c.invalid_spec = Some(e.to_string());
     }
 
@@ -195,7 +233,7 @@ pub(super) fn decide(
 
 impl Ctx<'_, '_> {
     fn rev8(&self) -> String {
-        short_revision(&self.view.spec.revision)
+        short_rev(&self.view.spec.revision)
     }
 
     fn wanted_installable(&self) -> String {
@@ -243,7 +281,7 @@ impl Ctx<'_, '_> {
         }
         self.st.phase = Some(phase);
         self.reason = reason.to_string();
-        self.st.message = Some(message);
+        self.st.message = Some(one_line(&message));
     }
 
     fn push_history(&mut self, entry: HistoryEntry) {
@@ -298,6 +336,7 @@ impl Ctx<'_, '_> {
             .as_ref()
             .map(|s| s.granted_at.0)
             .unwrap_or_else(|| self.since());
+        let message = one_line(&message);
         self.st.failed = Some(FailedTarget {
             revision: revision.clone(),
             system: system.clone(),
@@ -336,7 +375,7 @@ impl Ctx<'_, '_> {
             .map(|s| s.granted_at.0)
             .unwrap_or_else(|| self.since());
         self.st.revision = Some(target.revision.clone());
-        self.st.running = Some(short_revision(&target.revision));
+        self.st.running = Some(short_rev(&target.revision));
         self.st.system = target.system.clone();
         self.st.activation = None;
         self.st.backoff = None;
@@ -352,7 +391,7 @@ impl Ctx<'_, '_> {
         });
         let msg = format!(
             "running {} ({})",
-            short_revision(&target.revision),
+            short_rev(&target.revision),
             target.system.as_deref().unwrap_or("?")
         );
         self.note(reason::UPDATED, format!("{how}; {msg}"), false);
@@ -520,12 +559,13 @@ impl Ctx<'_, '_> {
             self.st.message = Some(format!("staged{holds}; spec.suspend is set"));
             return false;
         }
-        let windows = &self.view.spec.maintenance_windows;
-        match window::is_open(windows, self.now) {
+        match window::is_open_parsed(&self.windows, self.now) {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 self.reason = reason::WAITING_FOR_WINDOW.into();
-                let next = window::next_opening(windows, self.now).ok().flatten();
+                let next = window::next_opening_parsed(&self.windows, self.now)
+                    .ok()
+                    .flatten();
                 self.st.message = Some(match next {
                     Some(t) => format!(
                         "staged{holds}; waiting for the maintenance window opening {}",
@@ -753,7 +793,7 @@ impl Ctx<'_, '_> {
             .st
             .target
             .as_ref()
-            .map(|t| short_revision(&t.revision))
+            .map(|t| short_rev(&t.revision))
             .unwrap_or_else(|| self.rev8());
         let mut id = format!("{rev}-{}", self.now.as_millisecond());
         if self.st.activation.as_ref().is_some_and(|g| g.id == id) {

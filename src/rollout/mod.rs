@@ -19,8 +19,8 @@ mod tests;
 
 pub use admit::{budget, is_candidate, is_degraded, is_unavailable};
 pub use decide::{
-    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, ParseDurationError, UNCORDON_RECHECK,
-    condition, drain_timeout, parse_duration,
+    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, ParseDurationError,
+    UNCORDON_RECHECK, condition, drain_timeout, parse_duration,
 };
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.

@@ -232,7 +232,7 @@ fn stage_failure_degrades_without_disruption() {
     n.agent().last_error = Some(HostError {
         operation: HostOperation::Stage,
         revision: Some(REV2.into()),
-        message: "attribute missing".into(),
+        message: "error: attribute missing\n  at flake.nix:3".into(),
         at: Time(at(5)),
     });
     let d = n.step(false, None, at(6));
@@ -246,6 +246,11 @@ fn stage_failure_degrades_without_disruption() {
     assert_eq!(n.cond(condition::DEGRADED).status, "True");
     assert_eq!(n.cond(condition::DEGRADED).reason, reason::STAGE_FAILED);
     assert_eq!(n.status.history[0].result, "Failed");
+    let m = n.status.message.as_deref().unwrap();
+    assert!(
+        !m.contains('\n') && m.contains("attribute missing at flake.nix:3"),
+        "{m}"
+    );
     assert!(
         d.notes
             .iter()

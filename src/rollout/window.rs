@@ -210,7 +210,15 @@ pub fn parse_all(windows: &[MaintenanceWindow]) -> Result<Vec<Window>, WindowErr
 
 /// Whether a disruptive step may start at `now`. No windows = always open.
 pub fn is_open(windows: &[MaintenanceWindow], now: Timestamp) -> Result<bool, WindowError> {
-    for w in parse_all(windows)? {
+    if windows.is_empty() {
+        return Ok(true);
+    }
+    is_open_parsed(&parse_all(windows)?, now)
+}
+
+/// [`is_open`] on already parsed windows.
+pub fn is_open_parsed(windows: &[Window], now: Timestamp) -> Result<bool, WindowError> {
+    for w in windows {
         if w.contains(now)? {
             return Ok(true);
         }
@@ -224,8 +232,16 @@ pub fn next_opening(windows: &[MaintenanceWindow], now: Timestamp) -> Result<Opt
     if windows.is_empty() {
         return Ok(Some(now));
     }
+    next_opening_parsed(&parse_all(windows)?, now)
+}
+
+/// [`next_opening`] on already parsed windows.
+pub fn next_opening_parsed(windows: &[Window], now: Timestamp) -> Result<Option<Timestamp>, WindowError> {
+    if windows.is_empty() {
+        return Ok(Some(now));
+    }
     let mut best: Option<Timestamp> = None;
-    for w in parse_all(windows)? {
+    for w in windows {
         if let Some((s, _)) = w.current_or_next(now)? {
             let s = s.max(now);
             if best.is_none_or(|b| s < b) {
