@@ -4,7 +4,8 @@
 #[test]
 fn committed_crd_matches_generated() {
     let generated = nixroll::api::crd_yaml().unwrap();
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/nixosnodes.yaml")).unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/nixosnodes.yaml")).unwrap();
     assert!(
         generated == committed,
         "crds/nixosnodes.yaml is stale: run `cargo run -- crd > crds/nixosnodes.yaml` and commit"
@@ -20,7 +21,12 @@ fn crd_has_names_scope_and_status_subresource() {
     let v = &crd.spec.versions[0];
     assert_eq!(v.name, "v1alpha1");
     assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
-    let cols: Vec<_> = v.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+    let cols: Vec<_> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
     for want in ["Wanted", "Running", "Phase", "Age"] {
         assert!(cols.contains(&want), "missing printer column {want}: {cols:?}");
     }

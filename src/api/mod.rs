@@ -6,8 +6,8 @@ mod crd;
 
 pub use crd::{crd, crd_yaml};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
@@ -179,7 +179,18 @@ pub struct DrainPolicy {
 
 /// Rollout phase of one node (DESIGN.md §5). Names are fixed; more may be added.
 #[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    schemars::JsonSchema,
 )]
 pub enum Phase {
     /// Runs `spec.revision`; nothing to do.
@@ -215,7 +226,10 @@ impl Phase {
 
     /// Whether the node is in a disruptive phase (holds a slot).
     pub fn is_disruptive(self) -> bool {
-        matches!(self, Phase::Draining | Phase::Activating | Phase::Rebooting | Phase::Verifying)
+        matches!(
+            self,
+            Phase::Draining | Phase::Activating | Phase::Rebooting | Phase::Verifying
+        )
     }
 
     pub fn as_str(self) -> &'static str {

@@ -1,5 +1,8 @@
 //! The admission gate behind [`super::admit`]: one pure decision over all nodes.
 //!
+//! Nothing is admitted while any node is still Staging (a build failure anywhere stops the
+//! rollout before it disrupts a node).
+//!
 //! Order of admission (deterministic): first nodes that already hold their slot (a retried
 //! node that stayed cordoned), then workers, then control-plane nodes; by name within each
 //! group. Workers go first so that a bad revision shows up on a node the cluster can lose
@@ -61,6 +64,11 @@ pub(super) fn admit(
     }
     let degraded = nodes.iter().filter(|v| is_degraded(v)).count();
     if degraded >= policy.failure_threshold as usize {
+        return Vec::new();
+    }
+    // Disruption starts only once every node has finished staging: a revision that fails to
+    // build or evaluate anywhere is caught before any node is drained.
+    if nodes.iter().any(|v| v.status.phase == Some(Phase::Staging)) {
         return Vec::new();
     }
     let budget = budget(policy.max_unavailable, nodes.len());

@@ -1117,3 +1117,19 @@ fn slot_holder_is_readmitted_without_extra_budget() {
         vec!["n1"]
     );
 }
+
+#[test]
+fn nothing_is_admitted_while_any_node_is_still_staging() {
+    let mut ns: Vec<N> = ["a", "b"].iter().map(|x| mk_waiting(x, false)).collect();
+    ns.push(mk_node("c"));
+    ns[2].status.phase = Some(Phase::Staging);
+    assert_eq!(
+        admit_all(&ns, &ClusterState::default(), &Policy::default()),
+        Vec::<String>::new()
+    );
+    ns[2].status.phase = Some(Phase::Waiting);
+    assert_eq!(
+        admit_all(&ns, &ClusterState::default(), &Policy::default()),
+        vec!["a"]
+    );
+}
