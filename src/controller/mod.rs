@@ -196,6 +196,9 @@ pub struct Context {
     /// While a node drains: a watch on its pods (field-selected) that wakes its reconcile as
     /// soon as a pod is gone, so the drain is event-driven rather than paced by the backoff.
     pod_watches: std::sync::Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// A watch on PodDisruptionBudgets: when one allows disruptions again, drains that were
+    /// refused with 429 retry at once instead of after their backoff.
+    pdb_watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     /// Reconcile these (Waiting) nodes: a slot was released.
@@ -206,6 +209,9 @@ pub struct Context {
 
 impl Drop for Context {
     fn drop(&mut self) {
+        if let Some(w) = self.pdb_watch.lock().ok().and_then(|mut w| w.take()) {
+            w.abort();
+        }
         if let Ok(watches) = self.pod_watches.lock() {
             for w in watches.values() {
                 w.abort();
@@ -279,6 +285,7 @@ impl Context {
             admission: Mutex::new(PendingWrites::default()),
             drains: Arc::default(),
             pod_watches: std::sync::Mutex::default(),
+            pdb_watch: std::sync::Mutex::default(),
             recorder,
             metrics,
             wake,
@@ -440,6 +447,50 @@ impl Context {
         if let Some(w) = self.pod_watches.lock().ok().and_then(|mut w| w.remove(name)) {
             w.abort();
         }
+    }
+
+    /// Start the PodDisruptionBudget watch (once per leadership term). PDBs are few and small;
+    /// no cache is kept, each event is looked at and dropped.
+    pub fn watch_disruption_budgets(&self) {
+        let Ok(mut slot) = self.pdb_watch.lock() else {
+            return;
+        };
+        if slot.is_some() {
+            return;
+        }
+        let api: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::all(self.client.clone());
+        let drains = self.drains.clone();
+        let wake = self.wake.clone();
+        let task = tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
+            futures::pin_mut!(stream);
+            while let Some(ev) = stream.next().await {
+                let Ok(pdb) = ev else { continue };
+                let allows = pdb.status.as_ref().is_some_and(|st| st.disruptions_allowed > 0);
+                if !allows {
+                    continue;
+                }
+                let blocked: Vec<String> = match drains.lock() {
+                    Ok(mut d) => d
+                        .iter_mut()
+                        .filter(|(_, s)| s.progress.blocked_by_pdb > 0)
+                        .map(|(n, s)| {
+                            s.not_before = Instant::now();
+                            n.clone()
+                        })
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                for n in blocked {
+                    if wake.send(ObjectRef::new(&n)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        *slot = Some(task.abort_handle());
     }
 
     /// Start (once per drain) the watch on the pods of `name`: every pod that leaves the
@@ -904,6 +955,7 @@ async fn lead(
         pause: pause_reader.clone(),
     };
     let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
+    ctx.watch_disruption_budgets();
     let wake_stream =
         futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 

@@ -187,7 +187,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     })
     .await?;
     let setup = t0.elapsed();
-    eprintln!("nixroll bench: set up in {:.1}s", setup.as_secs_f64());
+    eprintln!(
+        "nixroll bench: set up in {:.1}s; kubectl --kubeconfig {} get nixosnodes",
+        setup.as_secs_f64(),
+        world.kubeconfig.display()
+    );
 
     // The controller: the real binary, its own port of the API.
     let listener = crate::sim::apiserver::ApiServer::start_on(
@@ -212,7 +216,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("NIXROLL_BENCH_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null())
         .spawn()
