@@ -120,6 +120,23 @@ fn decode(s: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// The next request that is not from the draining node's pod watch (its paged list or its
+/// watch: `limit` / `watch` in the query); those are kept unanswered in `watch`.
+async fn next_besides_pod_watch(handle: &mut Handle, watch: &mut Vec<Seen>) -> Seen {
+    loop {
+        let s = next(handle).await;
+        if s.path == "/api/v1/pods" && (s.query.contains_key("limit") || s.query.contains_key("watch")) {
+            assert_eq!(
+                s.query.get("fieldSelector").map(String::as_str),
+                Some("spec.nodeName=n1")
+            );
+            watch.push(s);
+            continue;
+        }
+        return s;
+    }
+}
+
 /// Assert that no request arrives within a short while.
 async fn expect_silence(handle: &mut Handle) {
     if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
@@ -541,7 +558,9 @@ async fn evict_action_backs_off_between_passes() {
     let s = next(&mut handle).await;
     assert_eq!(s.path, "/api/v1/namespaces/apps/pods/web-1/eviction");
     s.reply(429, status_failure(429, "TooManyRequests"));
-    let s = next(&mut handle).await;
+    // Pods are left: the controller starts watching this node's pods (and only these).
+    let mut pod_watch = Vec::new();
+    let s = next_besides_pod_watch(&mut handle, &mut pod_watch).await;
     assert_event(&s, "Node", "EvictionBlocked");
     s.echo(201);
     let requeue = task.await.unwrap().unwrap();
@@ -555,6 +574,17 @@ async fn evict_action_backs_off_between_passes() {
     let requeue = nixroll::controller::execute(&ctx, &obj, &current, decision)
         .await
         .unwrap();
+    if pod_watch.is_empty() {
+        // The watch's list may come only now.
+        let s = next(&mut handle).await;
+        assert!(
+            s.query.contains_key("limit"),
+            "the pod watch's list, got {} {:?}",
+            s.path,
+            s.query
+        );
+        pod_watch.push(s);
+    }
     expect_silence(&mut handle).await;
     assert_ne!(requeue, kube::runtime::controller::Action::await_change());
 }

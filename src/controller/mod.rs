@@ -720,9 +720,11 @@ async fn execute_with_gate(
         observe_transition(ctx, &before, &decision.status, now);
         let held = before.slot.is_some() || before.phase.is_some_and(Phase::is_disruptive);
         let holds = decision.status.slot.is_some() || decision.status.phase.is_some_and(Phase::is_disruptive);
-        let left_degraded =
-            before.phase == Some(Phase::Degraded) && decision.status.phase != Some(Phase::Degraded);
-        if (held && !holds) || left_degraded {
+        let left = |p: Phase| before.phase == Some(p) && decision.status.phase != Some(p);
+        // Admission waits for every node to finish staging and for Degraded nodes to recover:
+        // when one does, the Waiting nodes get another look.
+        let unblocks_others = left(Phase::Degraded) || left(Phase::Staging);
+        if (held && !holds) || unblocks_others {
             ctx.wake_waiting(&name);
         }
     } else {
