@@ -961,6 +961,10 @@ async fn lead(
     let wake_stream =
         futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
+    // Triggers that arrive while the caches are still filling (the initial list) find nothing
+    // in the store and are dropped by kube-runtime; so once the caches are synced, every
+    // NixOSNode is reconciled once.
+    let (resync_tx, resync_rx) = tokio::sync::oneshot::channel::<()>();
     let synced = {
         let health = health.clone();
         async move {
@@ -970,9 +974,12 @@ async fn lead(
             if ok {
                 info!("watch caches synced");
                 health.synced.store(true, Ordering::SeqCst);
+                let _ = resync_tx.send(());
             }
         }
     };
+    let resync_stream = futures::stream::once(resync_rx).filter_map(|r| std::future::ready(r.ok()));
+    let pause_stream = futures::stream::select(pause_stream, resync_stream);
 
     let controller = Controller::for_stream(nxn_stream, ctx.nixosnodes.clone())
         .watches_stream(node_stream, |n: Node| {
