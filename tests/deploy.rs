@@ -15,7 +15,11 @@ fn kustomize_renders_crd_controller_agent_and_rbac() {
             return;
         }
     };
-    assert!(out.status.success(), "kubectl kustomize failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
@@ -27,7 +31,10 @@ fn kustomize_renders_crd_controller_agent_and_rbac() {
     };
     let crd = find("CustomResourceDefinition", "nixosnodes.nixroll.io");
     let generated: serde_json::Value = serde_yaml::from_str(&nixroll::api::crd_yaml().unwrap()).unwrap();
-    assert!(numbers_as_f64(crd) == numbers_as_f64(&generated), "the CRD in deploy/ is not the generated one");
+    assert!(
+        numbers_as_f64(crd) == numbers_as_f64(&generated),
+        "the CRD in deploy/ is not the generated one"
+    );
     find("Namespace", "nixroll-system");
     let ctl = find("Deployment", "nixroll-controller");
     assert_eq!(ctl["metadata"]["namespace"], "nixroll-system");
@@ -35,11 +42,19 @@ fn kustomize_renders_crd_controller_agent_and_rbac() {
     assert_eq!(ds["spec"]["template"]["spec"]["hostPID"], true);
     let role = find("ClusterRole", "nixroll-controller");
     let rules = serde_json::to_string(&role["rules"]).unwrap();
-    for needed in ["pods/eviction", "nixosnodes/status", "poddisruptionbudgets", "nodes"] {
+    for needed in [
+        "pods/eviction",
+        "nixosnodes/status",
+        "poddisruptionbudgets",
+        "nodes",
+    ] {
         assert!(rules.contains(needed), "controller RBAC lacks {needed}");
     }
     let agent = serde_json::to_string(&find("ClusterRole", "nixroll-agent")["rules"]).unwrap();
-    assert!(!agent.contains("\"nodes\"") && !agent.contains("pods"), "the agent needs no node or pod access");
+    assert!(
+        !agent.contains("\"nodes\"") && !agent.contains("pods"),
+        "the agent needs no node or pod access"
+    );
 }
 
 /// kustomize re-renders `86400.0` as `86400`; compare numbers by value.

@@ -511,7 +511,9 @@ impl Context {
             let stream = watcher(api, cfg).default_backoff();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
-                if let Ok(watcher::Event::Delete(_)) = ev {
+                // A pod that left between the last pass and the watch's start shows up as a
+                // smaller initial list: look again once the list is in, and on every delete.
+                if let Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) = ev {
                     if let Ok(mut d) = drains.lock()
                         && let Some(s) = d.get_mut(&node)
                     {
