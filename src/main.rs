@@ -167,6 +167,9 @@ struct BenchArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Stop once the NixOSNodes are adopted (no rollout, no drains).
+    #[arg(long)]
+    adopt_only: bool,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -180,6 +183,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         nodes: args.nodes.max(1),
         pods: args.pods,
         max_unavailable: args.max_unavailable,
+        adopt_only: args.adopt_only,
         ..Default::default()
     };
     let report = runtime()?.block_on(nixroll::sim::bench::run(opts))?;

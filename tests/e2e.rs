@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Node};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use nixroll::api::{DrainPolicy, DrainTimeoutAction, MaintenanceWindow, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
@@ -127,13 +127,46 @@ fn kernel_bump(world: &mut World) -> String {
         .unwrap()
 }
 
-async fn events(world: &World, reason: &str) -> Vec<Event> {
+/// Wait (watch-driven, bounded) for an Event with `reason` (Events are published after the
+/// status write they describe).
+async fn wait_event(world: &World, reason: &str) -> Event {
     let api: Api<Event> = Api::all(world.client.clone());
-    let list = api.list(&ListParams::default()).await.unwrap();
-    list.items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect()
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(stream);
+    let found = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(e)) = stream.try_next().await {
+            if e.reason.as_deref() == Some(reason) {
+                return Some(e);
+            }
+        }
+        None
+    })
+    .await;
+    found
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no {reason} event"))
+}
+
+/// Wait (watch-driven, bounded) until the Node's `spec.unschedulable` is `want` (nixroll
+/// cordons and uncordons right after writing the status that says so).
+async fn wait_unschedulable(world: &World, node: &str, want: bool) {
+    let api: Api<Node> = Api::all(world.client.clone());
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let stream = watcher(api, cfg).default_backoff().applied_objects();
+    futures::pin_mut!(stream);
+    let ok = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(n)) = stream.try_next().await {
+            if n.spec.and_then(|s| s.unschedulable).unwrap_or(false) == want {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(ok.unwrap_or(false), "{node}: unschedulable never became {want}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,7 +180,7 @@ async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
     assert_eq!(monitor.max_concurrent(), 1);
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
-        assert!(!unschedulable(&world, &n.name).await, "{} uncordoned", n.name);
+        wait_unschedulable(&world, &n.name, false).await;
         let s = done[&n.name].status.clone().unwrap();
         assert_eq!(s.history.first().map(|h| h.result.as_str()), Some("Succeeded"));
         assert_eq!(
@@ -209,11 +242,8 @@ async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
         m.get(&aborted).is_some_and(|o| phase(o) == Phase::Waiting)
     })
     .await;
-    assert!(!unschedulable(&world, &aborted).await, "Abort uncordons the node");
-    assert!(
-        !events(&world, "DrainTimeout").await.is_empty(),
-        "a DrainTimeout event"
-    );
+    wait_unschedulable(&world, &aborted, false).await; // Abort uncordons the node
+    wait_event(&world, "DrainTimeout").await;
     for n in &world.nodes {
         assert_eq!(
             n.host.reboot_count(),
@@ -230,10 +260,7 @@ async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
     });
     world.apply_all(&spec).await.unwrap();
     wait_for(&world, "forced rollout", Duration::from_secs(150), all_on(&next)).await;
-    assert!(
-        !events(&world, "DrainForced").await.is_empty(),
-        "a DrainForced event"
-    );
+    wait_event(&world, "DrainForced").await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;
 }
@@ -349,7 +376,7 @@ async fn a_node_cordoned_by_an_admin_is_updated_and_stays_cordoned() {
     world.apply_all(&world.spec(&next)).await.unwrap();
     let done = wait_for(&world, "rollout", WAIT, all_on(&next)).await;
     assert!(unschedulable(&world, "node-4").await, "still cordoned");
-    assert!(!unschedulable(&world, "node-3").await);
+    wait_unschedulable(&world, "node-3", false).await;
     assert_eq!(
         done["node-4"].status.as_ref().unwrap().revision.as_deref(),
         Some(next.as_str())

@@ -29,6 +29,9 @@ pub struct BenchOptions {
     pub max_unavailable: String,
     pub timing: Timing,
     pub timeout: Duration,
+    /// Stop after the NixOSNodes are adopted (no rollout): measures the controller at full
+    /// cluster size without the drain churn.
+    pub adopt_only: bool,
 }
 
 impl Default for BenchOptions {
@@ -44,6 +47,7 @@ impl Default for BenchOptions {
                 request_timeout: Duration::from_secs(30),
             },
             timeout: Duration::from_secs(1800),
+            adopt_only: false,
         }
     }
 }
@@ -248,6 +252,38 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         adoption.as_secs_f64()
     );
 
+    if opts.adopt_only {
+        let counts = listener.request_counts();
+        let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
+        let metrics = scrape(metrics_port).unwrap_or_default();
+        let hist = "nixroll_reconcile_duration_seconds";
+        let (p50, n) = histogram_quantile(&metrics, hist, 0.5).unwrap_or((0.0, 0));
+        let (p99, _) = histogram_quantile(&metrics, hist, 0.99).unwrap_or((0.0, 0));
+        let _ = child.kill().await;
+        return Ok(BenchReport {
+            nodes: opts.nodes,
+            pods: opts.pods,
+            max_unavailable: opts.max_unavailable.clone(),
+            setup_seconds: setup.as_secs_f64(),
+            adoption_seconds: adoption.as_secs_f64(),
+            rollout_seconds: 0.0,
+            controller_rss_peak_mib: hwm as f64 / 1024.0,
+            controller_rss_end_mib: rss_end as f64 / 1024.0,
+            requests_per_node: counts
+                .counts
+                .iter()
+                .map(|((v, r), c)| (format!("{v} {r}"), *c as f64 / opts.nodes as f64))
+                .collect(),
+            requests_total: counts.total(),
+            reconcile_p50_ms: p50 * 1000.0,
+            reconcile_p99_ms: p99 * 1000.0,
+            reconciles: n,
+            overhead_p50_s: 0.0,
+            overhead_p99_s: 0.0,
+            overhead_mean_s: 0.0,
+            disruption_mean_s: 0.0,
+        });
+    }
     let before = listener.request_counts();
     let metrics_before = scrape(metrics_port).unwrap_or_default();
     let next = world.commit("new kernel", |s| {
