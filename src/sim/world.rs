@@ -319,8 +319,11 @@ impl World {
                     crate::agent::AgentConfig::new(node_name.clone(), host_root.clone(), nix.clone());
                 config.options.report_grace = Duration::from_millis(100);
                 config.options.result_poll = Duration::from_millis(50);
-                let agent = crate::agent::run(client.clone(), config, std::future::pending::<()>());
-                tokio::pin!(agent);
+                let mut agent = Box::pin(crate::agent::run(
+                    client.clone(),
+                    config,
+                    std::future::pending::<()>(),
+                ));
                 tokio::select! {
                     res = &mut agent => {
                         if let Err(e) = res {
