@@ -73,11 +73,11 @@ fn fixture(now: Timestamp) -> Fixture {
                 message: Some("rebooted into the new system".into()),
             })
             .collect();
-        // 60 % Waiting (the admission candidates), 30 % UpToDate, 10 % Staging; a few draining.
+        // 60 % Waiting (the admission candidates), 40 % UpToDate; a few draining. (No node is
+        // Staging: admission waits until staging is over, which would make `admit` trivial.)
         let phase = match i % 10 {
             0..=5 => Phase::Waiting,
-            6..=8 => Phase::UpToDate,
-            _ => Phase::Staging,
+            _ => Phase::UpToDate,
         };
         let phase = if i < 3 { Phase::Draining } else { phase };
         let status = NixOSNodeStatus {
