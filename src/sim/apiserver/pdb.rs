@@ -38,7 +38,10 @@ fn scaled(v: &Value, total: i64) -> Option<i64> {
 pub fn compute_status<'a>(pdb: &Value, pods: impl Iterator<Item = &'a Value>) -> Value {
     let mut expected = 0i64;
     let mut healthy = 0i64;
-    for pod in pods.filter(|p| selects(pdb, p)) {
+    // Parse the selector once, not once per pod (a namespace may hold tens of thousands).
+    let selector = LabelSelector::from_object(&pdb["spec"]["selector"]);
+    let ns = &pdb["metadata"]["namespace"];
+    for pod in pods.filter(|p| &p["metadata"]["namespace"] == ns && selector.matches(p)) {
         let phase = pod["status"]["phase"].as_str().unwrap_or("");
         if phase == "Succeeded" || phase == "Failed" {
             continue;
