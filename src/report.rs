@@ -30,13 +30,22 @@ pub async fn fetch(client: Client, limit: Duration) -> Result<Vec<NixOSNode>, Re
     Ok(list.items)
 }
 
-/// The WINDOW column: `any time` without windows, else how many windows are configured.
-/// (Whether one is open now is computed by `crate::rollout::window` once merged.)
-pub fn window_text(node: &NixOSNode, _now: Timestamp) -> String {
-    match node.spec.maintenance_windows.len() {
-        0 => "any time".into(),
-        1 => "1 window".into(),
-        n => format!("{n} windows"),
+/// The WINDOW column: `any time` without windows, `open` inside one, else when the next
+/// one opens (or what is wrong with them).
+pub fn window_text(node: &NixOSNode, now: Timestamp) -> String {
+    use crate::rollout::window;
+    let windows = &node.spec.maintenance_windows;
+    if windows.is_empty() {
+        return "any time".into();
+    }
+    match window::is_open(windows, now) {
+        Ok(true) => "open".into(),
+        Ok(false) => match window::next_opening(windows, now) {
+            Ok(Some(t)) => format!("opens in {}", human(t.duration_since(now))),
+            Ok(None) => "closed".into(),
+            Err(e) => format!("invalid: {e}"),
+        },
+        Err(e) => format!("invalid: {e}"),
     }
 }
 
@@ -157,5 +166,33 @@ mod tests {
             "{t}"
         );
         assert!(lines[2].contains("open"));
+    }
+
+    #[test]
+    fn window_column_says_open_or_when_it_opens() {
+        let mut n = NixOSNode::new(
+            "n",
+            NixOSNodeSpec {
+                flake: "path:/f".into(),
+                revision: "b".repeat(40),
+                configuration: None,
+                maintenance_windows: vec![],
+                reboot: Default::default(),
+                drain: None,
+                suspend: false,
+            },
+        );
+        let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        assert_eq!(window_text(&n, now), "any time");
+        n.spec.maintenance_windows = vec![crate::api::MaintenanceWindow {
+            days: vec![],
+            start: "09:00".into(),
+            end: "11:00".into(),
+            time_zone: "UTC".into(),
+        }];
+        assert_eq!(window_text(&n, now), "open");
+        n.spec.maintenance_windows[0].start = "12:30".into();
+        n.spec.maintenance_windows[0].end = "13:00".into();
+        assert_eq!(window_text(&n, now), "opens in 2h30m");
     }
 }

@@ -157,6 +157,14 @@ pub fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<(f64, u64)
     Some((prev.0, total))
 }
 
+/// p50 and p99 (seconds) and count of the controller's reconcile-duration histogram.
+fn reconcile_latency(metrics: &str) -> (f64, f64, u64) {
+    let hist = "nixroll_reconcile_duration_seconds";
+    let (p50, n) = histogram_quantile(metrics, hist, 0.5).unwrap_or((0.0, 0));
+    let (p99, _) = histogram_quantile(metrics, hist, 0.99).unwrap_or((0.0, 0));
+    (p50, p99, n)
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -256,9 +264,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         let counts = listener.request_counts();
         let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
         let metrics = scrape(metrics_port).unwrap_or_default();
-        let hist = "nixroll_reconcile_duration_seconds";
-        let (p50, n) = histogram_quantile(&metrics, hist, 0.5).unwrap_or((0.0, 0));
-        let (p99, _) = histogram_quantile(&metrics, hist, 0.99).unwrap_or((0.0, 0));
+        let (p50, p99, n) = reconcile_latency(&metrics);
         let _ = child.kill().await;
         return Ok(BenchReport {
             nodes: opts.nodes,
@@ -321,10 +327,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             per_node_requests.insert(format!("{verb} {res}"), (*n - was) as f64 / opts.nodes as f64);
         }
     }
-    let hist = "nixroll_reconcile_duration_seconds";
-    let (p50, n_after) = histogram_quantile(&metrics, hist, 0.5).unwrap_or((0.0, 0));
-    let (p99, _) = histogram_quantile(&metrics, hist, 0.99).unwrap_or((0.0, 0));
-    let n_before = histogram_quantile(&metrics_before, hist, 0.5).map_or(0, |x| x.1);
+    let (p50, p99, n_after) = reconcile_latency(&metrics);
+    let (_, _, n_before) = reconcile_latency(&metrics_before);
     let simulated = opts.timing.reboot + opts.timing.pod_termination;
     let mut overheads: Vec<f64> = progress
         .nodes

@@ -432,14 +432,6 @@ impl SimCluster {
             .min_by_key(|c| (load.get(c.as_str()).copied().unwrap_or(0), (*c).clone()))
             .cloned())
     }
-
-    /// Pods currently bound to `node` (for checks in tests).
-    pub async fn pods_on(&self, node: &str) -> Result<Vec<Pod>, SimError> {
-        let pods: Api<Pod> = Api::all(self.client.clone());
-        let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
-        let list = call(format!("list pods on {node}"), self.t(), pods.list(&lp)).await?;
-        Ok(list.items)
-    }
 }
 
 /// `Ready` condition is `True`.

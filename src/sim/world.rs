@@ -165,7 +165,7 @@ pub struct World {
     source: Source,
     flake_url: String,
     kubelets: JoinHandle<()>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// Whether `nix --version` runs here.
@@ -237,14 +237,14 @@ impl World {
             source,
             flake_url,
             kubelets,
-            _dir: dir,
+            dir,
         };
 
         // Hosts booted on the first revision.
         let head = world.head().to_string();
         let mut hosts = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let host = SimHost::create(world._dir.path().join("hosts").join(name))?;
+            let host = SimHost::create(world.dir.path().join("hosts").join(name))?;
             let host_root: Arc<dyn Host> = Arc::new(host.host_root());
             let url = world.flake_url.clone();
             if let Source::Simulated {
