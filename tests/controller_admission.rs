@@ -15,7 +15,7 @@ use kube::Client;
 use kube::client::Body;
 use kube::runtime::{reflector, watcher};
 use nixroll::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
-use nixroll::controller::{Context, ControllerConfig, Metrics, RolloutFns, Stores};
+use nixroll::controller::{Context, ControllerConfig, Metrics, RolloutFns, Stores, Synced};
 use nixroll::rollout::{ClusterState, Decision, DrainProgress, NodeView, Policy};
 
 /// Budget 1, first come first served: every Waiting node may go while no node holds a slot or
@@ -102,6 +102,7 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
             nixosnodes: nxn.clone(),
             nodes,
             pause,
+            synced: Synced::ready(),
         };
         let (ctx, _wake) = Context::with_rollout(
             client,
@@ -209,6 +210,7 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
             nixosnodes: nxn,
             nodes,
             pause,
+            synced: Synced::ready(),
         },
         metrics.clone(),
         Arc::new(AtomicBool::new(true)),
@@ -272,6 +274,7 @@ async fn failed_grant_write_still_blocks_other_admissions() {
             nixosnodes: nxn,
             nodes,
             pause,
+            synced: Synced::ready(),
         },
         Arc::new(Metrics::new()),
         Arc::new(AtomicBool::new(true)),

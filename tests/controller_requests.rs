@@ -16,7 +16,7 @@ use kube::runtime::reflector;
 use kube::runtime::watcher;
 use nixroll::api::{AgentStatus, DrainPolicy, NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
 use nixroll::controller::{
-    Context, ControllerConfig, LeaderElectionConfig, LeaderElector, LeaseOutcome, Metrics, Stores,
+    Context, ControllerConfig, LeaderElectionConfig, LeaderElector, LeaseOutcome, Metrics, Stores, Synced,
 };
 use nixroll::drain;
 use nixroll::rollout::{Action, Decision, Note};
@@ -191,6 +191,7 @@ fn ready_stores() -> Stores {
         nixosnodes: nxn,
         nodes,
         pause,
+        synced: Synced::ready(),
     }
 }
 

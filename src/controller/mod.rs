@@ -21,7 +21,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, Shared};
@@ -181,6 +181,9 @@ struct DrainState {
     /// Passes in a row that ended with pods left.
     attempts: u32,
     not_before: Instant,
+    /// Wake-ups from the pod and PDB watches so far. A pass compares it before and after: a
+    /// wake-up that lands while the pass runs must not be lost to the pass's own backoff.
+    wakes: u64,
 }
 
 /// Everything a reconcile needs; one per leadership term.
@@ -190,6 +193,7 @@ pub struct Context {
     nixosnodes: Store<NixOSNode>,
     nodes: Store<Node>,
     pause: Store<ConfigMap>,
+    synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     admission: Mutex<PendingWrites>,
     drains: Arc<std::sync::Mutex<HashMap<String, DrainState>>>,
@@ -241,6 +245,57 @@ pub struct Stores {
     pub nixosnodes: Store<NixOSNode>,
     pub nodes: Store<Node>,
     pub pause: Store<ConfigMap>,
+    /// Becomes true once all three caches hold their first full list.
+    pub synced: Synced,
+}
+
+/// Whether the watch caches are filled, as a `tokio::sync::watch` flag that any number of
+/// tasks can wait on.
+///
+/// Hand-written instead of `Store::wait_until_ready`: kube-runtime 5 keeps the store's
+/// readiness in a oneshot receiver that remembers only the last waker, so when several
+/// reconciles wait at once all but one are never woken — at 100 nodes a reconcile that
+/// started during the initial list sat out the whole sync timeout (60 s).
+#[derive(Clone, Debug)]
+pub struct Synced(watch::Receiver<bool>);
+
+impl Synced {
+    /// A flag and the handle that raises it.
+    pub fn new() -> (SyncedSetter, Synced) {
+        let (tx, rx) = watch::channel(false);
+        (SyncedSetter(Arc::new(tx)), Synced(rx))
+    }
+
+    /// Already synced (stores filled by hand, e.g. in tests).
+    pub fn ready() -> Synced {
+        Synced(watch::channel(true).1)
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Wait until synced; false when the setter went away first.
+    pub async fn wait(&self) -> bool {
+        if self.is_synced() {
+            return true;
+        }
+        let mut rx = self.0.clone();
+        rx.wait_for(|s| *s).await.is_ok()
+    }
+}
+
+/// Raises [`Synced`] once each of the three watches has delivered its first `InitDone`.
+#[derive(Clone)]
+pub struct SyncedSetter(Arc<watch::Sender<bool>>);
+
+impl SyncedSetter {
+    /// Count one watch as listed; `watches` are needed in all.
+    fn listed(&self, seen: &AtomicU8, watches: u8) {
+        if seen.fetch_add(1, Ordering::SeqCst) + 1 == watches {
+            self.0.send_replace(true);
+        }
+    }
 }
 
 impl Context {
@@ -282,6 +337,7 @@ impl Context {
             nixosnodes: stores.nixosnodes,
             nodes: stores.nodes,
             pause: stores.pause,
+            synced: stores.synced,
             admission: Mutex::new(PendingWrites::default()),
             drains: Arc::default(),
             pod_watches: std::sync::Mutex::default(),
@@ -346,14 +402,10 @@ impl Context {
 
     async fn wait_synced(&self) -> Result<(), ControllerError> {
         let t = self.config.sync_timeout;
-        let all = async {
-            let _ = self.nixosnodes.wait_until_ready().await;
-            let _ = self.nodes.wait_until_ready().await;
-            let _ = self.pause.wait_until_ready().await;
-        };
-        tokio::time::timeout(t, all)
-            .await
-            .map_err(|_| ControllerError::StoresNotReady(t))
+        match tokio::time::timeout(t, self.synced.wait()).await {
+            Ok(true) => Ok(()),
+            _ => Err(ControllerError::StoresNotReady(t)),
+        }
     }
 
     fn observe(&self, name: &str) -> NodeObservation {
@@ -413,16 +465,26 @@ impl Context {
         (!left.is_zero()).then_some(left)
     }
 
-    /// Record a pass; returns when to look again.
-    fn record_drain(&self, name: &str, progress: DrainProgress) -> Duration {
+    /// The wake-up count of a drain (taken before a pass).
+    fn drain_wakes(&self, name: &str) -> u64 {
+        self.drains
+            .lock()
+            .ok()
+            .and_then(|d| d.get(name).map(|d| d.wakes))
+            .unwrap_or(0)
+    }
+
+    /// Record a pass that started at wake-up count `wakes_before`; returns when to look again
+    /// (at once when a watch woke the drain while the pass ran).
+    fn record_drain(&self, name: &str, progress: DrainProgress, wakes_before: u64) -> Duration {
         let (first, max) = self.config.drain_pass_backoff;
         let Ok(mut drains) = self.drains.lock() else {
             return first;
         };
-        let prev = drains.get(name).map_or(0, |d| d.attempts);
+        let (prev, wakes) = drains.get(name).map_or((0, 0), |d| (d.attempts, d.wakes));
         let done = progress.remaining == 0;
         let attempts = if done { 0 } else { prev.saturating_add(1) };
-        let wait = if done {
+        let wait = if done || wakes != wakes_before {
             Duration::ZERO
         } else {
             first
@@ -435,6 +497,7 @@ impl Context {
                 progress,
                 attempts,
                 not_before: Instant::now() + wait,
+                wakes,
             },
         );
         wait
@@ -478,6 +541,7 @@ impl Context {
                         .filter(|(_, s)| s.progress.blocked_by_pdb > 0)
                         .map(|(n, s)| {
                             s.not_before = Instant::now();
+                            s.wakes += 1;
                             n.clone()
                         })
                         .collect(),
@@ -510,14 +574,39 @@ impl Context {
         let task = tokio::spawn(async move {
             let stream = watcher(api, cfg).default_backoff();
             futures::pin_mut!(stream);
+            // Pods known on the node; one that appears later (scheduled there before the
+            // cordon took effect) needs a pass of its own.
+            let mut known: HashSet<(String, String)> = HashSet::new();
+            let key = |p: &k8s_openapi::api::core::v1::Pod| (p.namespace().unwrap_or_default(), p.name_any());
             while let Some(ev) = stream.next().await {
                 // A pod that left between the last pass and the watch's start shows up as a
-                // smaller initial list: look again once the list is in, and on every delete.
-                if let Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) = ev {
+                // smaller initial list: look again once the list is in, on every delete and on
+                // every newly arrived pod.
+                let look = match &ev {
+                    Ok(watcher::Event::Delete(p)) => {
+                        known.remove(&key(p));
+                        true
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        known.insert(key(p));
+                        false
+                    }
+                    Ok(watcher::Event::Apply(p)) => {
+                        known.insert(key(p)) && p.metadata.deletion_timestamp.is_none()
+                    }
+                    Ok(watcher::Event::InitDone) => true,
+                    Ok(watcher::Event::Init) => {
+                        known.clear();
+                        false
+                    }
+                    Err(_) => false,
+                };
+                if look {
                     if let Ok(mut d) = drains.lock()
                         && let Some(s) = d.get_mut(&node)
                     {
                         s.not_before = Instant::now();
+                        s.wakes += 1;
                     }
                     if wake.send(ObjectRef::new(&node)).is_err() {
                         return;
@@ -781,6 +870,7 @@ async fn execute_with_gate(
                     continue;
                 }
                 let force = *action == Action::ForceDelete;
+                let wakes_before = ctx.drain_wakes(&name);
                 let pass = if force {
                     drain::force_delete_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
                 } else {
@@ -810,10 +900,12 @@ async fn execute_with_gate(
                 );
                 ctx.publish(&ctx.node_ref(&name), "Drain", reason, note, warning)
                     .await;
-                if progress.remaining > 0 {
+                let remaining = progress.remaining;
+                let wait = ctx.record_drain(&name, progress, wakes_before);
+                if remaining > 0 {
+                    // After recording, so the watch's first wake-up finds the drain's state.
                     ctx.watch_pods(&name);
                 }
-                let wait = ctx.record_drain(&name, progress);
                 requeue = min_requeue(requeue, wait);
             }
         }
@@ -885,6 +977,21 @@ fn stop_signal(rx: &watch::Receiver<bool>) -> StopSignal {
     .shared()
 }
 
+/// An `inspect` callback counting a watch as listed at its first `InitDone`.
+fn counts_listing<K>(
+    set: SyncedSetter,
+    listed: Arc<AtomicU8>,
+    watches: u8,
+) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+    let mut done = false;
+    move |ev| {
+        if !done && matches!(ev, Ok(watcher::Event::InitDone)) {
+            done = true;
+            set.listed(&listed, watches);
+        }
+    }
+}
+
 /// Only forward Node events that change what the rollout observes (heartbeats do not).
 fn node_triggers(
     stream: impl futures::Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send + 'static,
@@ -922,11 +1029,16 @@ async fn lead(
     leading: Arc<AtomicBool>,
     stop: StopSignal,
 ) {
+    // Readiness comes from the watch streams themselves: each counts once when its first
+    // list is in the store (the `InitDone` after `reflect`).
+    let (set_synced, synced) = Synced::new();
+    let listed = Arc::new(AtomicU8::new(0));
     let (nxn_reader, nxn_writer) = reflector::store::<NixOSNode>();
     let nxn_stream = watcher(Api::<NixOSNode>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(observe::trim_nixosnode)
         .reflect(nxn_writer)
+        .inspect(counts_listing(set_synced.clone(), listed.clone(), 3))
         .applied_objects();
 
     let (node_reader, node_writer) = reflector::store::<Node>();
@@ -934,7 +1046,8 @@ async fn lead(
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .modify(observe::trim_node)
-            .reflect(node_writer),
+            .reflect(node_writer)
+            .inspect(counts_listing(set_synced.clone(), listed.clone(), 3)),
     );
 
     let (pause_reader, pause_writer) = reflector::store::<ConfigMap>();
@@ -949,14 +1062,16 @@ async fn lead(
         cm.binary_data = None;
     })
     .reflect(pause_writer)
+    .inspect(counts_listing(set_synced.clone(), listed.clone(), 3))
     .touched_objects()
     .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
 
     let concurrency = config.concurrency;
     let stores = Stores {
-        nixosnodes: nxn_reader.clone(),
-        nodes: node_reader.clone(),
-        pause: pause_reader.clone(),
+        nixosnodes: nxn_reader,
+        nodes: node_reader,
+        pause: pause_reader,
+        synced: synced.clone(),
     };
     let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
     ctx.watch_disruption_budgets();
@@ -970,10 +1085,7 @@ async fn lead(
     let synced = {
         let health = health.clone();
         async move {
-            let ok = nxn_reader.wait_until_ready().await.is_ok()
-                && node_reader.wait_until_ready().await.is_ok()
-                && pause_reader.wait_until_ready().await.is_ok();
-            if ok {
+            if synced.wait().await {
                 info!("watch caches synced");
                 health.synced.store(true, Ordering::SeqCst);
                 let _ = resync_tx.send(());
@@ -1186,6 +1298,7 @@ mod tests {
                 nixosnodes: nxn,
                 nodes,
                 pause,
+                synced: Synced::ready(),
             },
             Arc::new(Metrics::new()),
             Arc::new(AtomicBool::new(true)),

@@ -16,7 +16,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -90,6 +90,60 @@ pub struct SimCluster {
     /// Pods whose termination / replacement is already in hand.
     handled: Arc<Mutex<HashSet<String>>>,
     seq: Arc<std::sync::atomic::AtomicU64>,
+    /// The scheduler's view of nodes and pods, fed by the watches in [`SimCluster::run`] (like
+    /// the real scheduler's informer cache), so placing a pod costs no API request.
+    sched: Arc<std::sync::Mutex<SchedCache>>,
+}
+
+/// Which nodes can take pods and how many pods each runs.
+#[derive(Default)]
+struct SchedCache {
+    /// Node name → schedulable (not cordoned) and Ready.
+    nodes: BTreeMap<String, bool>,
+    /// "namespace/name" → node, for the pods not yet fully deleted.
+    pods: HashMap<String, String>,
+    /// Node → number of pods on it.
+    load: HashMap<String, usize>,
+}
+
+impl SchedCache {
+    fn place(&mut self, pod: &str, node: Option<&str>) {
+        if let Some(old) = self.pods.remove(pod)
+            && let Some(n) = self.load.get_mut(&old)
+        {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(node) = node.filter(|n| !n.is_empty()) {
+            self.pods.insert(pod.to_owned(), node.to_owned());
+            *self.load.entry(node.to_owned()).or_default() += 1;
+        }
+    }
+
+    fn clear_pods(&mut self) {
+        self.pods.clear();
+        self.load.clear();
+    }
+
+    /// The least loaded usable node other than `avoid` and the `rebooting` ones (ties broken by
+    /// name); the pod is counted there at once (the scheduler's "assume").
+    fn pick(&mut self, pod: &str, avoid: &str, rebooting: &HashSet<String>) -> Option<String> {
+        let node = self
+            .nodes
+            .iter()
+            .filter(|(n, usable)| **usable && n.as_str() != avoid && !rebooting.contains(n.as_str()))
+            .min_by_key(|(n, _)| (self.load.get(n.as_str()).copied().unwrap_or(0), n.as_str()))
+            .map(|(n, _)| n.clone())?;
+        self.place(pod, Some(&node));
+        Some(node)
+    }
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+fn pod_node(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
 }
 
 impl SimCluster {
@@ -100,6 +154,7 @@ impl SimCluster {
             rebooting: Arc::default(),
             handled: Arc::default(),
             seq: Arc::default(),
+            sched: Arc::default(),
         }
     }
 
@@ -323,24 +378,68 @@ impl SimCluster {
         Ok(())
     }
 
-    /// Run the kubelets' pod handling until the watch ends or `shutdown` resolves.
+    /// Run the kubelets' pod handling and the scheduler's caches until the watches end or
+    /// `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let pods: Api<Pod> = Api::all(self.client.clone());
-        let stream = watcher(pods, watcher::Config::default())
-            .default_backoff()
-            .applied_objects();
-        futures::pin_mut!(stream);
+        let pods =
+            watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
+        let nodes =
+            watcher(Api::<Node>::all(self.client.clone()), watcher::Config::default()).default_backoff();
+        futures::pin_mut!(pods, nodes);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                next = stream.try_next() => match next {
-                    Ok(Some(pod)) => self.on_pod(pod).await,
+                next = pods.try_next() => match next {
+                    Ok(Some(ev)) => self.on_pod_event(ev).await,
                     Ok(None) => return,
                     Err(e) => {
                         tracing::debug!(error = %e, "simulated kubelet: pod watch error (the watcher retries)");
                     }
-                }
+                },
+                next = nodes.try_next() => match next {
+                    Ok(Some(ev)) => self.on_node_event(ev),
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "simulated scheduler: node watch error (the watcher retries)");
+                    }
+                },
+            }
+        }
+    }
+
+    fn sched(&self) -> std::sync::MutexGuard<'_, SchedCache> {
+        // A poisoned lock only means another task panicked while holding it; the cache is
+        // still usable (it is rebuilt on the next relist).
+        self.sched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn on_node_event(&self, ev: watcher::Event<Node>) {
+        let usable =
+            |n: &Node| node_ready(n) && !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+        let mut sched = self.sched();
+        match ev {
+            watcher::Event::Init => sched.nodes.clear(),
+            watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
+                sched.nodes.insert(n.name_any(), usable(&n));
+            }
+            watcher::Event::Delete(n) => {
+                sched.nodes.remove(&n.name_any());
+            }
+            watcher::Event::InitDone => {}
+        }
+    }
+
+    async fn on_pod_event(&self, ev: watcher::Event<Pod>) {
+        match ev {
+            watcher::Event::Init => self.sched().clear_pods(),
+            watcher::Event::InitDone => {}
+            watcher::Event::Delete(pod) => self.sched().place(&pod_key(&pod), None),
+            watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                self.sched().place(&pod_key(&pod), pod_node(&pod));
+                self.on_pod(pod).await;
             }
         }
     }
@@ -387,50 +486,24 @@ impl SimCluster {
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
-        let Some(node) = self.pick_node(&old_node).await? else {
+        let ns = old.namespace().unwrap_or_default();
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{rs_name}-r{n}");
+        let Some(node) = self.pick_node(&format!("{ns}/{name}"), &old_node).await else {
             tracing::debug!(pod = %old.name_any(), "simulated scheduler: no schedulable node; pod stays pending");
             return Ok(());
         };
-        let ns = old.namespace().unwrap_or_default();
         let app = old.labels().get("app").cloned().unwrap_or_default();
-        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("{rs_name}-r{n}");
         let pod = pod_json(&ns, &name, &node, &app, ("ReplicaSet", rs_name, rs_uid));
         self.create_pod(pod, false).await?;
         tokio::time::sleep(self.timing.pod_startup).await;
         self.set_pod_ready(&ns, &name, true).await
     }
 
-    /// The least loaded schedulable, Ready node other than `avoid`.
-    async fn pick_node(&self, avoid: &str) -> Result<Option<String>, SimError> {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let list = call("list nodes", self.t(), nodes.list(&ListParams::default())).await?;
+    /// The least loaded schedulable, Ready node other than `avoid`, from the watch-fed cache.
+    async fn pick_node(&self, pod: &str, avoid: &str) -> Option<String> {
         let rebooting = self.rebooting.lock().await.clone();
-        let candidates: Vec<String> = list
-            .items
-            .iter()
-            .filter(|n| n.name_any() != avoid && !rebooting.contains(&n.name_any()))
-            .filter(|n| !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false))
-            .filter(|n| node_ready(n))
-            .map(|n| n.name_any())
-            .collect();
-        if candidates.is_empty() {
-            return Ok(None);
-        }
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), WORKLOAD_NAMESPACE);
-        let list = call("list pods", self.t(), pods.list(&ListParams::default())).await?;
-        let mut load: HashMap<&str, usize> = candidates.iter().map(|c| (c.as_str(), 0)).collect();
-        for p in &list.items {
-            if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                && let Some(c) = load.get_mut(n)
-            {
-                *c += 1;
-            }
-        }
-        Ok(candidates
-            .iter()
-            .min_by_key(|c| (load.get(c.as_str()).copied().unwrap_or(0), (*c).clone()))
-            .cloned())
+        self.sched().pick(pod, avoid, &rebooting)
     }
 }
 

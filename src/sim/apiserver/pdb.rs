@@ -4,9 +4,93 @@
 //! controller uses the replicas of the pods' controllers for percentages and `maxUnavailable`;
 //! with no workload controllers in the simulation these coincide when every replica exists).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde_json::{Value, json};
 
 use super::selector::LabelSelector;
+
+/// (namespace, name).
+type Key = (String, String);
+
+/// Which pods each PodDisruptionBudget selects, kept up to date on every write, so that a pod
+/// change costs a selector match per PDB of its namespace plus a recount of the PDBs that
+/// select it — not a scan of the namespace (the disruption controller's informer index does
+/// the same job in a real cluster).
+#[derive(Default)]
+pub struct PdbIndex {
+    entries: BTreeMap<Key, Entry>,
+}
+
+struct Entry {
+    selector: LabelSelector,
+    /// Names of the selected pods (same namespace).
+    members: BTreeSet<String>,
+}
+
+impl PdbIndex {
+    /// A PDB was created or its selector may have changed: re-select among `pods` (the pods of
+    /// its namespace).
+    pub fn set<'a>(&mut self, key: &Key, pdb: &Value, pods: impl Iterator<Item = &'a Value>) {
+        let selector = LabelSelector::from_object(&pdb["spec"]["selector"]);
+        let members = pods
+            .filter(|p| selector.matches(p))
+            .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        self.entries.insert(key.clone(), Entry { selector, members });
+    }
+
+    pub fn remove(&mut self, key: &Key) {
+        self.entries.remove(key);
+    }
+
+    /// A pod of namespace `ns` changed (`old`/`new`: its versions, `None` for absent): update
+    /// the memberships and return the PDBs whose status may have changed.
+    pub fn pod_changed(
+        &mut self,
+        ns: &str,
+        name: &str,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) -> Vec<Key> {
+        let mut touched = Vec::new();
+        for (k, e) in self
+            .entries
+            .range_mut((ns.to_owned(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+        {
+            let was = old.is_some_and(|o| e.selector.matches(o));
+            let is = new.is_some_and(|n| e.selector.matches(n));
+            if is {
+                e.members.insert(name.to_owned());
+            } else if was {
+                e.members.remove(name);
+            }
+            if was || is {
+                touched.push(k.clone());
+            }
+        }
+        touched
+    }
+
+    /// The names of the pods a PDB selects.
+    pub fn members(&self, key: &Key) -> impl Iterator<Item = &str> {
+        self.entries
+            .get(key)
+            .into_iter()
+            .flat_map(|e| e.members.iter().map(String::as_str))
+    }
+
+    /// The PDBs of `ns` that select `pod`.
+    pub fn selecting(&self, ns: &str, pod: &Value) -> Vec<Key> {
+        self.entries
+            .range((ns.to_owned(), String::new())..)
+            .take_while(|(k, _)| k.0 == ns)
+            .filter(|(_, e)| e.selector.matches(pod))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
 
 /// Whether a pod counts as healthy: Ready condition True and not terminating.
 pub fn pod_healthy(pod: &Value) -> bool {
@@ -14,12 +98,6 @@ pub fn pod_healthy(pod: &Value) -> bool {
         && pod["status"]["conditions"]
             .as_array()
             .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
-/// Whether a PDB selects a pod (same namespace, selector matches; nil selector matches none).
-pub fn selects(pdb: &Value, pod: &Value) -> bool {
-    pdb["metadata"]["namespace"] == pod["metadata"]["namespace"]
-        && LabelSelector::from_object(&pdb["spec"]["selector"]).matches(pod)
 }
 
 /// An int-or-string value scaled against `total` (percentages round up, as the controller does).

@@ -203,6 +203,8 @@ struct State {
     strict: bool,
     resources: Vec<Arc<ResourceInfo>>,
     colls: HashMap<String, Collection>,
+    /// Which pods each PDB selects (kept by `after_commit`).
+    pdbs: pdb::PdbIndex,
 }
 
 struct Inner {
@@ -313,6 +315,7 @@ impl Store {
                     strict: false,
                     resources,
                     colls,
+                    pdbs: pdb::PdbIndex::default(),
                 }),
                 opts,
                 next_watch: AtomicU64::new(1),
@@ -763,13 +766,29 @@ impl State {
         new: Option<&Value>,
     ) -> Result<(), StoreError> {
         match (info.gvr.group.as_str(), info.gvr.plural.as_str()) {
-            ("", "pods") => self.refresh_pdbs(opts, &key.0, Some((old, new)))?,
-            ("policy", "poddisruptionbudgets") => {
-                let spec_changed = old.map(|o| &o["spec"]) != new.map(|n| &n["spec"]) || old.is_none();
-                if spec_changed && new.is_some() {
-                    self.refresh_pdbs(opts, &key.0, None)?;
-                }
+            ("", "pods") => {
+                let touched = self.pdbs.pod_changed(&key.0, &key.1, old, new);
+                self.refresh_pdbs(opts, touched)?;
             }
+            ("policy", "poddisruptionbudgets") => match new {
+                None => self.pdbs.remove(key),
+                Some(new) => {
+                    let spec_changed = old.map(|o| &o["spec"]) != Some(&new["spec"]);
+                    if spec_changed {
+                        let pods_info = self.find(&Gvr::new("", "v1", "pods"))?;
+                        // Disjoint borrows of two fields: the pods and the index.
+                        let pods = self
+                            .colls
+                            .get(&pods_info.storage_key)
+                            .into_iter()
+                            .flat_map(|c| c.objects.range((key.0.clone(), String::new())..))
+                            .take_while(|(k, _)| k.0 == key.0)
+                            .map(|(_, v)| v.as_ref());
+                        self.pdbs.set(key, new, pods);
+                        self.refresh_pdbs(opts, vec![key.clone()])?;
+                    }
+                }
+            },
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
                 self.sync_crd(old, new);
             }
@@ -846,38 +865,26 @@ impl State {
         }
     }
 
-    /// Recompute the status of every PDB in a namespace (the disruption controller, run
-    /// synchronously on every pod or PDB change).
-    /// `pod`: the changed pod (old, new); only PDBs selecting it are recomputed.
-    fn refresh_pdbs(
-        &mut self,
-        opts: &StoreOptions,
-        ns: &str,
-        pod: Option<(Option<&Value>, Option<&Value>)>,
-    ) -> Result<(), StoreError> {
+    /// Recompute the status of the given PDBs from the pods they select (the disruption
+    /// controller, run synchronously on every pod or PDB change).
+    fn refresh_pdbs(&mut self, opts: &StoreOptions, pdbs: Vec<Key>) -> Result<(), StoreError> {
+        if pdbs.is_empty() {
+            return Ok(());
+        }
         let pdb_info = self.find(&Gvr::new("policy", "v1", "poddisruptionbudgets"))?;
         let pods_info = self.find(&Gvr::new("", "v1", "pods"))?;
-        let pdbs: Vec<(Key, Arc<Value>)> = self
-            .coll(&pdb_info)?
-            .objects
-            .range((ns.to_owned(), String::new())..)
-            .take_while(|(k, _)| k.0 == ns)
-            .filter(|(_, p)| {
-                pod.is_none_or(|(o, n)| {
-                    o.is_some_and(|o| pdb::selects(p, o)) || n.is_some_and(|n| pdb::selects(p, n))
-                })
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (k, p) in pdbs {
+        for k in pdbs {
+            let Some(p) = self.stored(&pdb_info, &k) else {
+                continue;
+            };
             let status = {
-                let pods = self
-                    .coll(&pods_info)?
-                    .objects
-                    .range((ns.to_owned(), String::new())..)
-                    .take_while(|(k, _)| k.0 == ns)
-                    .map(|(_, v)| v.as_ref());
-                pdb::compute_status(&p, pods)
+                let pods = self.coll(&pods_info)?;
+                let members = self
+                    .pdbs
+                    .members(&k)
+                    .filter_map(|name| pods.objects.get(&(k.0.clone(), name.to_owned())))
+                    .map(|v| v.as_ref());
+                pdb::compute_status(&p, members)
             };
             if p["status"] != status {
                 let mut n = (*p).clone();
@@ -1563,11 +1570,10 @@ impl State {
         if !ignore_pdb {
             let pdb_info = self.find(&Gvr::new("policy", "v1", "poddisruptionbudgets"))?;
             let matching: Vec<(Key, Arc<Value>)> = self
-                .coll(&pdb_info)?
-                .objects
-                .iter()
-                .filter(|(k, p)| k.0 == ns && pdb::selects(p, &pod))
-                .map(|(k, p)| (k.clone(), p.clone()))
+                .pdbs
+                .selecting(ns, &pod)
+                .into_iter()
+                .filter_map(|k| self.stored(&pdb_info, &k).map(|p| (k, p)))
                 .collect();
             if matching.len() > 1 {
                 return Err(StoreError::Internal {
