@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::{reflector, watcher};
-use nixroll::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
+use nixroll::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot, Target};
 use nixroll::controller::{Context, ControllerConfig, Metrics, RolloutFns, Stores, Synced};
 use nixroll::rollout::{ClusterState, Decision, DrainProgress, NodeView, Policy};
 
@@ -167,10 +167,31 @@ fn with_status(name: &str, status: NixOSNodeStatus) -> NixOSNode {
     n
 }
 
-/// Releasing a slot sends the Waiting nodes (and only those) to the work queue at once, and the
-/// finished phase's duration is recorded.
+/// A Waiting node that has staged its target and whose Node is Ready: a candidate.
+fn staged(name: &str) -> NixOSNode {
+    let mut n = waiting(name);
+    if let Some(st) = n.status.as_mut() {
+        st.target = Some(Target {
+            revision: "b".repeat(40),
+            installable: "github:me/infra#x".into(),
+            system: Some(format!("/nix/store/{name}-system")),
+        });
+    }
+    n
+}
+
+fn ready_node(name: &str) -> k8s_openapi::api::core::v1::Node {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }))
+    .unwrap()
+}
+
+/// Releasing a slot sends the nodes the gate would now admit — and only those, not every
+/// Waiting node — to the work queue at once, and the finished phase's duration is recorded.
 #[tokio::test]
-async fn releasing_a_slot_wakes_the_waiting_nodes() {
+async fn releasing_a_slot_wakes_the_next_admissible_node() {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let since = Timestamp::now() - jiff::SignedDuration::from_secs(90);
@@ -189,7 +210,7 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
     let (nxn, mut w) = reflector::store::<NixOSNode>();
     w.apply_watcher_event(&watcher::Event::Init);
     w.apply_watcher_event(&watcher::Event::InitApply(with_status("a", draining.clone())));
-    w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
+    w.apply_watcher_event(&watcher::Event::InitApply(staged("b")));
     w.apply_watcher_event(&watcher::Event::InitApply(with_status(
         "c",
         NixOSNodeStatus {
@@ -197,8 +218,14 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
             ..NixOSNodeStatus::default()
         },
     )));
+    w.apply_watcher_event(&watcher::Event::InitApply(staged("d")));
+    w.apply_watcher_event(&watcher::Event::InitApply(waiting("e")));
     w.apply_watcher_event(&watcher::Event::InitDone);
     let (nodes, mut wn) = reflector::store();
+    wn.apply_watcher_event(&watcher::Event::Init);
+    for n in ["a", "b", "c", "d", "e"] {
+        wn.apply_watcher_event(&watcher::Event::InitApply(ready_node(n)));
+    }
     wn.apply_watcher_event(&watcher::Event::InitDone);
     let (pause, mut wp) = reflector::store();
     wp.apply_watcher_event(&watcher::Event::InitDone);
@@ -243,8 +270,11 @@ async fn releasing_a_slot_wakes_the_waiting_nodes() {
     );
     task.await.unwrap().unwrap();
     let woken = wake.recv().await.unwrap();
-    assert_eq!(woken.name, "b");
-    assert!(wake.try_recv().is_err(), "only Waiting nodes are woken");
+    assert_eq!(woken.name, "b", "the first admissible node by name");
+    assert!(
+        wake.try_recv().is_err(),
+        "budget 1: d waits for the next release; e has not staged, c is not Waiting"
+    );
     let text = metrics.encode().unwrap();
     assert!(
         text.contains("nixroll_phase_duration_seconds_count{phase=\"Draining\"} 1"),

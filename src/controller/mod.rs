@@ -415,6 +415,12 @@ impl Context {
     /// Run the admission gate over every NixOSNode in the store, each with its effective status
     /// (the store united with our own pending writes). Caller holds the admission mutex.
     fn admitted(&self, pending: &mut PendingWrites, me: &str, now: Timestamp) -> bool {
+        self.admissible(pending, Some(me), now).iter().any(|n| n == me)
+    }
+
+    /// The nodes the gate admits now. `me`: the node asking, which may replace its own
+    /// uncertain grant (it is one slot).
+    fn admissible(&self, pending: &mut PendingWrites, me: Option<&str>, now: Timestamp) -> Vec<String> {
         let objs = self.nixosnodes.state();
         let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
         pending.retain_present(&present);
@@ -428,7 +434,7 @@ impl Context {
                 let name = o.metadata.name.as_deref().unwrap_or_default();
                 let stored = o.status.as_ref().unwrap_or(&empty);
                 // A node asking again may replace its own uncertain grant (it is one slot).
-                let effective = if name == me {
+                let effective = if Some(name) == me {
                     pending.effective(name, stored)
                 } else {
                     pending.effective_for_admission(name, stored, Instant::now())
@@ -448,8 +454,6 @@ impl Context {
             paused: !self.pause.is_empty(),
         };
         (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
-            .iter()
-            .any(|n| n == me)
     }
 
     fn drain_progress(&self, name: &str) -> Option<DrainProgress> {
@@ -678,14 +682,17 @@ impl Context {
         }
     }
 
-    /// Send the Waiting nodes (other than `except`) to the work queue.
-    fn wake_waiting(&self, except: &str) {
-        for o in self.nixosnodes.state() {
-            let waiting = o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Waiting);
-            let name = o.name_any();
-            if waiting && name != except {
-                let _ = self.wake.send(ObjectRef::new(&name));
-            }
+    /// A slot was released or a blocker went away: send the nodes the gate would admit now
+    /// (other than `except`) to the work queue. Only those, not every Waiting node: with 1,000
+    /// nodes waiting, waking them all on each release made a rollout O(nodes²) reconciles. A
+    /// woken node runs the gate again itself, under the admission lock, before it takes a slot.
+    async fn wake_admissible(&self, except: &str) {
+        let admissible = {
+            let mut gate = self.admission.lock().await;
+            self.admissible(&mut gate, None, Timestamp::now())
+        };
+        for name in admissible.iter().filter(|n| n.as_str() != except) {
+            let _ = self.wake.send(ObjectRef::new(name));
         }
     }
 
@@ -816,7 +823,7 @@ async fn execute_with_gate(
         // when one does, the Waiting nodes get another look.
         let unblocks_others = left(Phase::Degraded) || left(Phase::Staging);
         if (held && !holds) || unblocks_others {
-            ctx.wake_waiting(&name);
+            ctx.wake_admissible(&name).await;
         }
     } else {
         drop(gate);
