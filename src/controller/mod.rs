@@ -13,6 +13,7 @@
 //! in-process: no global state, everything in [`ControllerConfig`], clean shutdown.
 
 pub mod admission;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -31,7 +32,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerRuntimeConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -44,6 +44,7 @@ use crate::names::{CONTROLLER_MANAGER, NAMESPACE, PAUSE_CONFIGMAP};
 use crate::rollout::{
     Action, ClusterState, Decision, DrainProgress, NodeObservation, NodeView, Policy, admit, decide,
 };
+use events::EventWriter;
 
 pub use admission::PendingWrites;
 pub use leader::{LeaderElectionConfig, LeaderElector, LeaseOutcome};
@@ -203,7 +204,7 @@ pub struct Context {
     /// A watch on PodDisruptionBudgets: when one allows disruptions again, drains that were
     /// refused with 429 retry at once instead of after their backoff.
     pdb_watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
-    recorder: Recorder,
+    recorder: EventWriter,
     metrics: Arc<Metrics>,
     /// Reconcile these (Waiting) nodes: a slot was released.
     wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
@@ -324,13 +325,7 @@ impl Context {
     ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
         let rollout = config.rollout;
         let (wake, wake_rx) = mpsc::unbounded_channel();
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: CONTROLLER_MANAGER.to_string(),
-                instance: Some(config.identity.clone()),
-            },
-        );
+        let recorder = EventWriter::new(client.clone(), CONTROLLER_MANAGER, &config.identity);
         let ctx = Context {
             client,
             config,
@@ -650,16 +645,11 @@ impl Context {
         note: String,
         warning: bool,
     ) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_string(),
-            note: Some(note),
-            action: action.to_string(),
-            secondary: None,
+        let ev = events::Note {
+            reason,
+            action,
+            note,
+            warning,
         };
         match tokio::time::timeout(self.config.api_timeout, self.recorder.publish(&ev, reference)).await {
             Ok(Ok(())) => {}

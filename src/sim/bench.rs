@@ -218,7 +218,20 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         .map_err(|e| BenchError::Spawn("kubeconfig".into(), e))?;
     let metrics_port = free_port().map_err(|e| BenchError::Spawn("port".into(), e))?;
     let exe = std::env::current_exe().map_err(|e| BenchError::Spawn("current exe".into(), e))?;
-    let mut child = tokio::process::Command::new(&exe)
+    // NIXROLL_BENCH_CONTROLLER_WRAP (e.g. "heaptrack -o /tmp/controller"): run the controller
+    // under a profiler. Its memory is then the profiler's process, so only for profiling.
+    let wrap: Vec<String> = std::env::var("NIXROLL_BENCH_CONTROLLER_WRAP")
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut command = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => tokio::process::Command::new(&exe),
+    };
+    let mut child = command
         .args([
             "controller",
             "--no-leader-election",

@@ -394,7 +394,7 @@ impl SimCluster {
                     Ok(Some(ev)) => self.on_pod_event(ev).await,
                     Ok(None) => return,
                     Err(e) => {
-                        tracing::debug!(error = %e, "simulated kubelet: pod watch error (the watcher retries)");
+                        tracing::warn!(error = %e, "simulated kubelet: pod watch error (the watcher retries)");
                     }
                 },
                 next = nodes.try_next() => match next {
@@ -467,14 +467,26 @@ impl SimCluster {
                 grace_period_seconds: Some(0),
                 ..DeleteParams::default()
             };
-            if let Err(e) = call(
-                format!("finish pod {key}"),
-                this.t(),
-                api.delete(&pod.name_any(), &dp),
-            )
-            .await
-            {
-                tracing::debug!(pod = %key, error = %e, "simulated kubelet: final delete failed");
+            // Like the kubelet, keep trying until the pod is gone (bounded: a pod left behind
+            // would hold its node's drain until the drain timeout).
+            for attempt in 1..=10u32 {
+                match call(
+                    format!("finish pod {key}"),
+                    this.t(),
+                    api.delete(&pod.name_any(), &dp),
+                )
+                .await
+                {
+                    Ok(_) => break,
+                    Err(SimError::Api {
+                        source: kube::Error::Api(s),
+                        ..
+                    }) if s.code == 404 => break,
+                    Err(e) => {
+                        tracing::warn!(pod = %key, attempt, error = %e, "simulated kubelet: final delete failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                    }
+                }
             }
             this.handled.lock().await.remove(&key);
         });
