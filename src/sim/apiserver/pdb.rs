@@ -199,4 +199,30 @@ mod tests {
         assert_eq!(s["desiredHealthy"], 1);
         assert_eq!(s["disruptionsAllowed"], 1);
     }
+
+    #[test]
+    fn index_follows_label_changes_and_deletes() {
+        let pdb = json!({"metadata": {"namespace": "d", "name": "p"},
+                          "spec": {"selector": {"matchLabels": {"app": "w"}}}});
+        let key = ("d".to_string(), "p".to_string());
+        let (a, b) = (pod("a", true), pod("b", true));
+        let mut idx = PdbIndex::default();
+        idx.set(&key, &pdb, [&a].into_iter());
+        assert_eq!(idx.members(&key).collect::<Vec<_>>(), ["a"]);
+        // A new matching pod joins; the PDB is reported as touched.
+        assert_eq!(idx.pod_changed("d", "b", None, Some(&b)), vec![key.clone()]);
+        // Relabelled away: it leaves, and the PDB is touched once more.
+        let mut b2 = b.clone();
+        b2["metadata"]["labels"]["app"] = json!("other");
+        assert_eq!(idx.pod_changed("d", "b", Some(&b), Some(&b2)), vec![key.clone()]);
+        assert_eq!(idx.members(&key).collect::<Vec<_>>(), ["a"]);
+        // Changes of unselected pods and of other namespaces touch nothing.
+        assert!(idx.pod_changed("d", "b", Some(&b2), None).is_empty());
+        assert!(idx.pod_changed("e", "a", None, Some(&a)).is_empty());
+        idx.pod_changed("d", "a", Some(&a), None);
+        assert_eq!(idx.members(&key).count(), 0);
+        assert!(idx.selecting("d", &a).contains(&key));
+        idx.remove(&key);
+        assert!(idx.selecting("d", &a).is_empty());
+    }
 }
