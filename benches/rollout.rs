@@ -122,6 +122,7 @@ fn fixture(now: Timestamp) -> Fixture {
             exists: true,
             ready: true,
             unschedulable: phase == Phase::Draining,
+            cordon_mark: phase == Phase::Draining,
             control_plane: i < 3,
             boot_id: Some("b1".into()),
         });

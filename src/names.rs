@@ -17,6 +17,9 @@ pub const LEADER_LEASE: &str = "nixroll-controller";
 pub const PAUSE_CONFIGMAP: &str = "nixroll-pause";
 /// Annotation on a NixOSNode: set it to a new value to retry a failed target.
 pub const RETRY_ANNOTATION: &str = "nixroll.io/retry";
+/// Annotation on a Node: nixroll's cordon mark, written in the same patch as its cordon and
+/// removed in the same patch as its uncordon, so nixroll never lifts a cordon it did not make.
+pub const CORDON_ANNOTATION: &str = "nixroll.io/cordoned";
 /// Label a Node carries when it is a k3s server (control plane).
 pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
 /// Label k3s sets on server nodes in older releases.

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use kube::client::Body;
@@ -311,9 +312,13 @@ async fn grant_persists_status_first_then_cordons_then_records_events() {
     let s = next(&mut handle).await;
     assert_eq!(s.method, "PATCH");
     assert_eq!(s.path, "/api/v1/nodes/n1");
-    // kube (like kubectl) cordons with a strategic merge patch; on a scalar it is a merge patch.
-    assert_eq!(s.content_type, "application/strategic-merge-patch+json");
-    assert_eq!(s.body, json!({"spec": {"unschedulable": true}}));
+    // The cordon and nixroll's mark in one merge patch (no Node in the cache here, so no
+    // resourceVersion precondition).
+    assert_eq!(s.content_type, "application/merge-patch+json");
+    assert_eq!(
+        s.body,
+        json!({"metadata": {"annotations": {"nixroll.io/cordoned": "true"}}, "spec": {"unschedulable": true}})
+    );
     s.reply(200, node_reply("n1", true));
 
     let s = next(&mut handle).await;
@@ -361,7 +366,8 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
     task.await.unwrap().unwrap();
     expect_silence(&mut handle).await;
 
-    // The decision says Uncordon: exactly one merge patch setting unschedulable=false.
+    // The decision says Uncordon: exactly one merge patch setting unschedulable=false and
+    // removing the mark.
     let current = draining_status(true);
     let decision = Decision {
         status: next_status,
@@ -380,8 +386,11 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
         (s.method.as_str(), s.path.as_str()),
         ("PATCH", "/api/v1/nodes/n1")
     );
-    assert_eq!(s.content_type, "application/strategic-merge-patch+json");
-    assert_eq!(s.body, json!({"spec": {"unschedulable": false}}));
+    assert_eq!(s.content_type, "application/merge-patch+json");
+    assert_eq!(
+        s.body,
+        json!({"metadata": {"annotations": {"nixroll.io/cordoned": null}}, "spec": {"unschedulable": false}})
+    );
     s.reply(200, node_reply("n1", false));
     let s = next(&mut handle).await;
     assert_event(&s, "Node", "Uncordoned");
@@ -725,4 +734,60 @@ async fn holder_renews_its_own_lease() {
     let body = s.body.clone();
     s.reply(200, body);
     assert_eq!(step.await.unwrap().unwrap(), LeaseOutcome::Renewed);
+}
+
+/// Cordon and uncordon are conditional on the Node the decision saw: the patch carries that
+/// resourceVersion, and a 409 (the Node changed since, e.g. an admin cordoned it) is not an
+/// error: nothing else is done on the node and the decision is taken again shortly.
+#[tokio::test]
+async fn cordon_is_conditional_on_the_node_the_decision_saw() {
+    let (client, mut handle) = mock();
+    let mut stores = ready_stores();
+    let (nodes, mut w) = reflector::store::<Node>();
+    w.apply_watcher_event(&watcher::Event::Init);
+    let mut node: Node = serde_json::from_value(node_reply("n1", false)).unwrap();
+    node.metadata.resource_version = Some("41".into());
+    w.apply_watcher_event(&watcher::Event::InitApply(node));
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    stores.nodes = nodes;
+    let (ctx, _wake) = Context::new(
+        client,
+        ControllerConfig::new("test-replica"),
+        stores,
+        Arc::new(Metrics::new()),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let obj = nixosnode("n1", None);
+    let decision = Decision {
+        status: draining_status(true),
+        actions: vec![Action::Cordon, Action::Evict],
+        notes: vec![],
+        requeue_after: None,
+    };
+    let current = waiting_status();
+    let task =
+        tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
+    let s = next(&mut handle).await;
+    assert_status_apply(&s, "n1");
+    let status = s.body["status"].clone();
+    s.reply(200, object_reply("n1", &status));
+    let s = next(&mut handle).await;
+    assert_eq!(
+        (s.method.as_str(), s.path.as_str()),
+        ("PATCH", "/api/v1/nodes/n1")
+    );
+    assert_eq!(s.body["metadata"]["resourceVersion"], "41");
+    assert_eq!(s.body["metadata"]["annotations"]["nixroll.io/cordoned"], "true");
+    s.reply(
+        409,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+               "message": "Operation cannot be fulfilled on nodes \"n1\": the object has been modified"}),
+    );
+    let requeue = task.await.unwrap().expect("a changed Node is not an error");
+    assert_eq!(
+        requeue,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(1))
+    );
+    // No eviction on a node that is not cordoned, no Cordoned event.
+    expect_silence(&mut handle).await;
 }

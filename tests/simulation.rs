@@ -357,6 +357,7 @@ impl Sim {
             exists: true,
             ready: n.host.up && self.now >= n.host.ready_at,
             unschedulable: n.unschedulable,
+            cordon_mark: n.cordoned_by == Some(Who::Nixroll),
             control_plane: n.control_plane,
             boot_id: Some(format!("boot-{}-{}", n.name, n.host.boot_seq)),
         }
@@ -410,10 +411,10 @@ impl Sim {
         // Admin cordons / uncordons.
         if !quiet && self.p(2) {
             let i = self.rng.usize(..self.nodes.len());
-            // Not on a node where nixroll holds a slot but is not yet seen cordoned (a crash
-            // between writing the slot and cordoning): there the two cordons cannot be told
-            // apart — the documented race (docs/rollout.md).
-            if !self.nodes[i].unschedulable && self.nodes[i].status.slot.is_none() {
+            // Also on a node where nixroll holds a slot but has not cordoned yet (a crash
+            // between writing the slot and cordoning): the Node's cordon mark tells the two
+            // cordons apart, so nixroll must leave this one in place.
+            if !self.nodes[i].unschedulable {
                 self.nodes[i].unschedulable = true;
                 self.nodes[i].cordoned_by = Some(Who::Admin);
                 let name = self.nodes[i].name.clone();
@@ -926,6 +927,22 @@ impl Sim {
                     self.restarts += 1;
                     *self.events.entry("(crash before actions)".into()).or_default() += 1;
                     self.logf(|| "controller crash before actions".into());
+                    // The adversary: an admin cordons the node nixroll meant to cordon, in the
+                    // gap before the replacement controller acts. The cordon is the admin's.
+                    if actions.contains(&Action::Cordon)
+                        && !self.nodes[i].unschedulable
+                        && self.now < self.quiet_after
+                        && self.rng.bool()
+                    {
+                        self.nodes[i].unschedulable = true;
+                        self.nodes[i].cordoned_by = Some(Who::Admin);
+                        *self
+                            .events
+                            .entry("(admin cordon in the crash gap)".into())
+                            .or_default() += 1;
+                        let name = self.nodes[i].name.clone();
+                        self.logf(|| format!("admin cordons {name} in the crash gap"));
+                    }
                     return Ok(());
                 }
                 for a in &actions {
@@ -1320,6 +1337,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "Retry",
             "(controller restart)",
             "(crash before actions)",
+            "(admin cordon in the crash gap)",
         ] {
             assert!(
                 events.get(reason).copied().unwrap_or(0) > 0,

@@ -403,6 +403,13 @@ impl Context {
         }
     }
 
+    /// The observation of a Node and the resourceVersion it was made from (one snapshot).
+    fn observe_versioned(&self, name: &str) -> (NodeObservation, Option<String>) {
+        let node = self.nodes.get(&ObjectRef::new(name));
+        let rv = node.as_ref().and_then(|n| n.metadata.resource_version.clone());
+        (observe::observe_node(node.as_deref()), rv)
+    }
+
     fn observe(&self, name: &str) -> NodeObservation {
         observe::observe_node(self.nodes.get(&ObjectRef::new(name)).as_deref())
     }
@@ -658,6 +665,13 @@ impl Context {
         }
     }
 
+    /// The resourceVersion of the Node as the cache shows it (what decisions were made on).
+    fn node_version(&self, name: &str) -> Option<String> {
+        self.nodes
+            .get(&ObjectRef::new(name))
+            .and_then(|n| n.metadata.resource_version.clone())
+    }
+
     fn node_ref(&self, name: &str) -> ObjectReference {
         let uid = self
             .nodes
@@ -733,7 +747,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     }
     let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
     let now = Timestamp::now();
-    let observation = ctx.observe(&name);
+    let (observation, node_version) = ctx.observe_versioned(&name);
     let stored = obj.status.clone().unwrap_or_default();
 
     // Our own last write is the truth while the store lags behind it.
@@ -756,7 +770,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     let view = view_of(&obj, &status, &observation);
     let decision: Decision =
         (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
-    execute_with_gate(ctx, &obj, &status, decision, gate).await
+    execute_with_gate(ctx, &obj, &status, decision, gate, node_version).await
 }
 
 /// Perform a decision for `obj` whose current controller-owned status is `current`: persist
@@ -768,7 +782,8 @@ pub async fn execute(
     current: &NixOSNodeStatus,
     decision: Decision,
 ) -> Result<Requeue, ControllerError> {
-    execute_with_gate(ctx, obj, current, decision, None).await
+    let node_version = ctx.node_version(&obj.name_any());
+    execute_with_gate(ctx, obj, current, decision, None, node_version).await
 }
 
 async fn execute_with_gate(
@@ -777,6 +792,8 @@ async fn execute_with_gate(
     current: &NixOSNodeStatus,
     mut decision: Decision,
     gate: Option<tokio::sync::MutexGuard<'_, PendingWrites>>,
+    // The Node's resourceVersion the decision saw: cordon and uncordon are conditional on it.
+    node_version: Option<String>,
 ) -> Result<Requeue, ControllerError> {
     let name = obj.name_any();
     let now = Timestamp::now();
@@ -828,12 +845,25 @@ async fn execute_with_gate(
         }
         match action {
             Action::Cordon => {
-                ctx.timed("cordon", &name, nodes.cordon(&name))
-                    .await?
-                    .map_err(|source| ControllerError::Cordon {
-                        node: name.clone(),
-                        source,
-                    })?;
+                let result = ctx
+                    .timed(
+                        "cordon",
+                        &name,
+                        set_cordon(&nodes, &name, true, node_version.clone()),
+                    )
+                    .await?;
+                if node_changed(&result) {
+                    // Decided on an older Node: look again once the cache has the new one
+                    // (its watch event usually triggers that sooner). No later action runs
+                    // on a node that is not cordoned.
+                    debug!(node = %name, "cordon skipped: the Node changed since the decision");
+                    requeue = min_requeue(requeue, NODE_CHANGED_RECHECK);
+                    break;
+                }
+                result.map_err(|source| ControllerError::Cordon {
+                    node: name.clone(),
+                    source,
+                })?;
                 info!(node = %name, action = "Cordon", "node cordoned");
                 ctx.publish(
                     &ctx.node_ref(&name),
@@ -845,12 +875,23 @@ async fn execute_with_gate(
                 .await;
             }
             Action::Uncordon => {
-                ctx.timed("uncordon", &name, nodes.uncordon(&name))
-                    .await?
-                    .map_err(|source| ControllerError::Uncordon {
-                        node: name.clone(),
-                        source,
-                    })?;
+                let result = ctx
+                    .timed(
+                        "uncordon",
+                        &name,
+                        set_cordon(&nodes, &name, false, node_version.clone()),
+                    )
+                    .await?;
+                if node_changed(&result) {
+                    // Usually our own earlier uncordon, not yet in the cache.
+                    debug!(node = %name, "uncordon skipped: the Node changed since the decision");
+                    requeue = min_requeue(requeue, NODE_CHANGED_RECHECK);
+                    break;
+                }
+                result.map_err(|source| ControllerError::Uncordon {
+                    node: name.clone(),
+                    source,
+                })?;
                 info!(node = %name, action = "Uncordon", "node uncordoned");
                 ctx.publish(
                     &ctx.node_ref(&name),
@@ -972,6 +1013,42 @@ fn stop_signal(rx: &watch::Receiver<bool>) -> StopSignal {
     }
     .boxed()
     .shared()
+}
+
+/// When a conditional cordon or uncordon met a newer Node: decide again this soon at the latest.
+const NODE_CHANGED_RECHECK: Duration = Duration::from_secs(1);
+
+/// A 409: the Node's resourceVersion is not the one the decision saw.
+fn node_changed<T>(result: &Result<T, kube::Error>) -> bool {
+    matches!(result, Err(kube::Error::Api(s)) if s.code == 409)
+}
+
+/// Cordon (with nixroll's mark) or uncordon (removing it) in one merge patch, so the mark and
+/// the cordon can never disagree because of a crash between two writes. `seen`: the Node's
+/// resourceVersion the decision was made on; the patch is refused (409, retried) if the Node
+/// changed since, so an admin's cordon that the cache has not shown yet is never marked as
+/// nixroll's, nor lifted.
+async fn set_cordon(
+    nodes: &Api<Node>,
+    name: &str,
+    cordon: bool,
+    seen: Option<String>,
+) -> Result<Node, kube::Error> {
+    let mark = if cordon {
+        serde_json::json!("true")
+    } else {
+        serde_json::Value::Null
+    };
+    let mut patch = serde_json::json!({
+        "metadata": {"annotations": {crate::names::CORDON_ANNOTATION: mark}},
+        "spec": {"unschedulable": cordon},
+    });
+    if let Some(rv) = seen {
+        patch["metadata"]["resourceVersion"] = serde_json::json!(rv);
+    }
+    nodes
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
 }
 
 /// An `inspect` callback counting a watch as listed at its first `InitDone`.

@@ -7,16 +7,23 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Node
 use kube::ResourceExt;
 
 use crate::api::NixOSNode;
-use crate::names::{CONTROL_PLANE_LABEL, MASTER_LABEL, RETRY_ANNOTATION};
+use crate::names::{CONTROL_PLANE_LABEL, CORDON_ANNOTATION, MASTER_LABEL, RETRY_ANNOTATION};
 use crate::rollout::NodeObservation;
 
 /// Keep only what [`observe_node`] reads: name, uid, resourceVersion, the control-plane labels,
 /// `spec.unschedulable`, the `Ready` condition (status only) and `nodeInfo.bootID`. Drops
-/// managedFields, images, addresses, capacity, taints, annotations, heartbeat times.
+/// managedFields, images, addresses, capacity, taints, annotations (but nixroll's cordon mark),
+/// heartbeat times.
 pub fn trim_node(node: &mut Node) {
     let m = &mut node.metadata;
     m.managed_fields = None;
-    m.annotations = None;
+    if let Some(annotations) = m.annotations.take() {
+        let kept: BTreeMap<String, String> = annotations
+            .into_iter()
+            .filter(|(k, _)| k == CORDON_ANNOTATION)
+            .collect();
+        m.annotations = (!kept.is_empty()).then_some(kept);
+    }
     m.owner_references = None;
     m.finalizers = None;
     if let Some(labels) = m.labels.take() {
@@ -88,6 +95,7 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
         exists: true,
         ready,
         unschedulable: node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false),
+        cordon_mark: node.annotations().contains_key(CORDON_ANNOTATION),
         control_plane,
         boot_id,
     }
@@ -101,7 +109,7 @@ mod tests {
     fn big_node() -> Node {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "n1", "labels": {"node-role.kubernetes.io/control-plane": "true", "kubernetes.io/hostname": "n1"},
-                "annotations": {"k3s.io/node-args": "[...]"},
+                "annotations": {"k3s.io/node-args": "[...]", "nixroll.io/cordoned": "true"},
                 "managedFields": [{"manager": "k3s", "operation": "Update"}]},
             "spec": {"unschedulable": true, "podCIDR": "10.42.0.0/24", "taints": [{"key": "k", "effect": "NoSchedule"}]},
             "status": {
@@ -129,6 +137,7 @@ mod tests {
                 exists: true,
                 ready: true,
                 unschedulable: true,
+                cordon_mark: true,
                 control_plane: true,
                 boot_id: Some("b-1".into()),
             }

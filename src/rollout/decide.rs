@@ -411,7 +411,7 @@ impl Ctx<'_, '_> {
             self.st.slot = None;
             return;
         }
-        if slot.cordoned_by_nixroll && self.view.node.unschedulable {
+        if slot.cordoned_by_nixroll && self.view.node.unschedulable && self.view.node.cordon_mark {
             if self.view.node.ready {
                 self.actions.push(Action::Uncordon);
                 self.note(reason::UNCORDONED, "uncordoning the node".into(), false);
@@ -521,7 +521,7 @@ impl Ctx<'_, '_> {
             && self.st.backoff.is_some()
             && is_fresh(&slot)
         {
-            if slot.cordoned_by_nixroll && self.view.node.unschedulable {
+            if slot.cordoned_by_nixroll && self.view.node.unschedulable && self.view.node.cordon_mark {
                 self.actions.push(Action::Uncordon);
                 self.wake_in(UNCORDON_RECHECK);
                 return false;
@@ -735,7 +735,8 @@ impl Ctx<'_, '_> {
         // earlier failed attempt (a retried node that stayed cordoned) stays, and so does its
         // cordon.
         let fresh = is_fresh(slot);
-        let uncordon = fresh && slot.cordoned_by_nixroll && self.view.node.unschedulable;
+        let uncordon =
+            fresh && slot.cordoned_by_nixroll && self.view.node.unschedulable && self.view.node.cordon_mark;
         if uncordon {
             self.actions.push(Action::Uncordon);
             self.wake_in(UNCORDON_RECHECK);

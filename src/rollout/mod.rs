@@ -133,6 +133,10 @@ pub struct NodeObservation {
     pub ready: bool,
     /// `spec.unschedulable`.
     pub unschedulable: bool,
+    /// The Node carries nixroll's cordon mark (`nixroll.io/cordoned`), which nixroll sets in
+    /// the same write as its cordon and removes in the same write as its uncordon. A cordon
+    /// without the mark is someone else's, whatever `status.slot` says.
+    pub cordon_mark: bool,
     /// k3s server (control-plane label).
     pub control_plane: bool,
     /// `status.nodeInfo.bootID`.

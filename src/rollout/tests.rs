@@ -43,6 +43,7 @@ fn mk_obs() -> NodeObservation {
         exists: true,
         ready: true,
         unschedulable: false,
+        cordon_mark: false,
         control_plane: false,
         boot_id: Some("boot-1".into()),
     }
@@ -115,8 +116,14 @@ impl N {
         self.status.agent = agent;
         for a in &d.actions {
             match a {
-                Action::Cordon => self.node.unschedulable = true,
-                Action::Uncordon => self.node.unschedulable = false,
+                Action::Cordon => {
+                    self.node.unschedulable = true;
+                    self.node.cordon_mark = true;
+                }
+                Action::Uncordon => {
+                    self.node.unschedulable = false;
+                    self.node.cordon_mark = false;
+                }
                 _ => {}
             }
         }
@@ -1132,4 +1139,58 @@ fn nothing_is_admitted_while_any_node_is_still_staging() {
         admit_all(&ns, &ClusterState::default(), &Policy::default()),
         vec!["a"]
     );
+}
+
+/// The controller wrote the slot (nixroll will cordon) and crashed before cordoning; an admin
+/// cordoned the node in that gap. The cordon carries no nixroll mark, so nixroll drains and
+/// updates the node but leaves the admin's cordon in place.
+#[test]
+fn an_admin_cordon_made_before_nixroll_cordoned_is_left_in_place() {
+    let mut n = mk_waiting("n1", false);
+    let d = decide(&n.view(), true, None, &Policy::default(), at(20));
+    assert!(d.actions.contains(&Action::Cordon));
+    // Crash: status written, cordon never performed. The admin cordons (no mark).
+    let agent = n.status.agent.take();
+    n.status = d.status;
+    n.status.agent = agent;
+    assert!(n.status.slot.as_ref().unwrap().cordoned_by_nixroll);
+    n.node.unschedulable = true;
+    let d = n.step(false, Some(&drained()), at(30));
+    assert!(!d.actions.contains(&Action::Cordon), "already cordoned");
+    let id = grant_id(&n);
+    n.agent().activation = Some(mk_report(
+        &id,
+        ActivationAction::Switch,
+        ActivationState::Switched,
+        SYS2,
+    ));
+    n.agent().current_system = Some(SYS2.into());
+    for t in 40..45 {
+        let d = n.step(false, None, at(t));
+        assert!(!d.actions.contains(&Action::Uncordon), "{:?}", d);
+    }
+    assert_eq!(n.phase(), Phase::UpToDate);
+    assert!(n.status.slot.is_none(), "slot released without an uncordon");
+    assert!(n.node.unschedulable, "the admin's cordon stays");
+}
+
+/// nixroll uncordoned (mark removed with it); before the slot is dropped an admin cordons the
+/// node. Without a mark that cordon is not nixroll's: the slot is dropped, the cordon stays.
+#[test]
+fn an_admin_cordon_right_after_nixroll_uncordoned_is_not_lifted() {
+    let mut n = mk_waiting("n1", false);
+    n.step(true, None, at(0));
+    let p = DrainProgress {
+        remaining: 2,
+        ..Default::default()
+    };
+    let d = n.step(false, Some(&p), at(900));
+    assert_eq!(d.actions, vec![Action::Uncordon]);
+    assert!(n.status.slot.is_some());
+    // The admin cordons before nixroll's next pass.
+    n.node.unschedulable = true;
+    let d = n.step(false, None, at(901));
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert!(n.status.slot.is_none());
+    assert!(n.node.unschedulable);
 }
