@@ -452,14 +452,19 @@ impl SimCluster {
         if !self.handled.lock().await.insert(key.clone()) {
             return;
         }
+        // The ReplicaSet controller replaces a terminating pod at once, while the kubelet
+        // terminates the old one: the two run side by side, as in a cluster.
+        if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "ReplicaSet") {
+            let (this, pod, key) = (self.clone(), pod.clone(), key.clone());
+            let (rs, uid) = (owner.name.clone(), owner.uid.clone());
+            tokio::spawn(async move {
+                if let Err(e) = this.replace(&pod, &rs, &uid).await {
+                    tracing::warn!(pod = %key, error = %e, "simulated ReplicaSet could not replace a pod");
+                }
+            });
+        }
         let this = self.clone();
         tokio::spawn(async move {
-            // The ReplicaSet controller replaces a terminating pod at once.
-            if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "ReplicaSet")
-                && let Err(e) = this.replace(&pod, &owner.name, &owner.uid).await
-            {
-                tracing::warn!(pod = %key, error = %e, "simulated ReplicaSet could not replace a pod");
-            }
             tokio::time::sleep(this.timing.pod_termination).await;
             let ns = pod.namespace().unwrap_or_default();
             let api: Api<Pod> = Api::namespaced(this.client.clone(), &ns);
