@@ -264,6 +264,19 @@ fn assert_status_apply(seen: &Seen, node: &str) {
     );
 }
 
+/// Expect the status apply of `node`, answer it as the API would, and return the next request,
+/// which must be a PATCH of the Node.
+async fn status_then_node_patch(handle: &mut Handle, node: &str) -> Seen {
+    let s = next(handle).await;
+    assert_status_apply(&s, node);
+    let status = s.body["status"].clone();
+    s.reply(200, object_reply(node, &status));
+    let s = next(handle).await;
+    let path = format!("/api/v1/nodes/{node}");
+    assert_eq!((s.method.as_str(), s.path.as_str()), ("PATCH", path.as_str()));
+    s
+}
+
 fn object_reply(node: &str, status: &Value) -> Value {
     json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
         "metadata": {"name": node, "resourceVersion": "2"},
@@ -377,15 +390,7 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
     };
     let task =
         tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
-    let s = next(&mut handle).await;
-    assert_status_apply(&s, "n1");
-    let status = s.body["status"].clone();
-    s.reply(200, object_reply("n1", &status));
-    let s = next(&mut handle).await;
-    assert_eq!(
-        (s.method.as_str(), s.path.as_str()),
-        ("PATCH", "/api/v1/nodes/n1")
-    );
+    let s = status_then_node_patch(&mut handle, "n1").await;
     assert_eq!(s.content_type, "application/merge-patch+json");
     assert_eq!(
         s.body,
@@ -767,15 +772,7 @@ async fn cordon_is_conditional_on_the_node_the_decision_saw() {
     let current = waiting_status();
     let task =
         tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
-    let s = next(&mut handle).await;
-    assert_status_apply(&s, "n1");
-    let status = s.body["status"].clone();
-    s.reply(200, object_reply("n1", &status));
-    let s = next(&mut handle).await;
-    assert_eq!(
-        (s.method.as_str(), s.path.as_str()),
-        ("PATCH", "/api/v1/nodes/n1")
-    );
+    let s = status_then_node_patch(&mut handle, "n1").await;
     assert_eq!(s.body["metadata"]["resourceVersion"], "41");
     assert_eq!(s.body["metadata"]["annotations"]["nixroll.io/cordoned"], "true");
     s.reply(

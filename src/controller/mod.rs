@@ -844,63 +844,15 @@ async fn execute_with_gate(
             return Ok(Requeue::await_change());
         }
         match action {
-            Action::Cordon => {
-                let result = ctx
-                    .timed(
-                        "cordon",
-                        &name,
-                        set_cordon(&nodes, &name, true, node_version.clone()),
-                    )
-                    .await?;
-                if node_changed(&result) {
-                    // Decided on an older Node: look again once the cache has the new one
-                    // (its watch event usually triggers that sooner). No later action runs
-                    // on a node that is not cordoned.
-                    debug!(node = %name, "cordon skipped: the Node changed since the decision");
+            Action::Cordon | Action::Uncordon => {
+                let cordon = *action == Action::Cordon;
+                if !set_cordon_and_tell(ctx, &nodes, &name, cordon, node_version.clone()).await? {
+                    // Decided on an older Node (for an uncordon usually our own earlier one,
+                    // not yet in the cache): look again once the cache has the new one (its
+                    // watch event usually triggers that sooner). No later action runs.
                     requeue = min_requeue(requeue, NODE_CHANGED_RECHECK);
                     break;
                 }
-                result.map_err(|source| ControllerError::Cordon {
-                    node: name.clone(),
-                    source,
-                })?;
-                info!(node = %name, action = "Cordon", "node cordoned");
-                ctx.publish(
-                    &ctx.node_ref(&name),
-                    "Cordon",
-                    "Cordoned",
-                    format!("nixroll cordoned {name} for a NixOS rollout"),
-                    false,
-                )
-                .await;
-            }
-            Action::Uncordon => {
-                let result = ctx
-                    .timed(
-                        "uncordon",
-                        &name,
-                        set_cordon(&nodes, &name, false, node_version.clone()),
-                    )
-                    .await?;
-                if node_changed(&result) {
-                    // Usually our own earlier uncordon, not yet in the cache.
-                    debug!(node = %name, "uncordon skipped: the Node changed since the decision");
-                    requeue = min_requeue(requeue, NODE_CHANGED_RECHECK);
-                    break;
-                }
-                result.map_err(|source| ControllerError::Uncordon {
-                    node: name.clone(),
-                    source,
-                })?;
-                info!(node = %name, action = "Uncordon", "node uncordoned");
-                ctx.publish(
-                    &ctx.node_ref(&name),
-                    "Uncordon",
-                    "Uncordoned",
-                    format!("nixroll uncordoned {name}"),
-                    false,
-                )
-                .await;
             }
             Action::Evict | Action::ForceDelete => {
                 if let Some(wait) = ctx.drain_wait(&name) {
@@ -1018,9 +970,49 @@ fn stop_signal(rx: &watch::Receiver<bool>) -> StopSignal {
 /// When a conditional cordon or uncordon met a newer Node: decide again this soon at the latest.
 const NODE_CHANGED_RECHECK: Duration = Duration::from_secs(1);
 
-/// A 409: the Node's resourceVersion is not the one the decision saw.
-fn node_changed<T>(result: &Result<T, kube::Error>) -> bool {
-    matches!(result, Err(kube::Error::Api(s)) if s.code == 409)
+/// Cordon or uncordon `name` (see [`set_cordon`]), log it and record an Event on the Node.
+/// `Ok(false)`: skipped, the Node changed since the decision (409).
+async fn set_cordon_and_tell(
+    ctx: &Context,
+    nodes: &Api<Node>,
+    name: &str,
+    cordon: bool,
+    seen: Option<String>,
+) -> Result<bool, ControllerError> {
+    let (op, what, reason, note) = if cordon {
+        (
+            "cordon",
+            "Cordon",
+            "Cordoned",
+            format!("nixroll cordoned {name} for a NixOS rollout"),
+        )
+    } else {
+        (
+            "uncordon",
+            "Uncordon",
+            "Uncordoned",
+            format!("nixroll uncordoned {name}"),
+        )
+    };
+    let result = ctx.timed(op, name, set_cordon(nodes, name, cordon, seen)).await?;
+    match result {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(node = %name, action = what, "skipped: the Node changed since the decision");
+            return Ok(false);
+        }
+        Err(source) => {
+            let node = name.to_string();
+            return Err(if cordon {
+                ControllerError::Cordon { node, source }
+            } else {
+                ControllerError::Uncordon { node, source }
+            });
+        }
+    }
+    info!(node = %name, action = what, "node {op}ed");
+    ctx.publish(&ctx.node_ref(name), what, reason, note, false).await;
+    Ok(true)
 }
 
 /// Cordon (with nixroll's mark) or uncordon (removing it) in one merge patch, so the mark and

@@ -132,6 +132,17 @@ impl N {
     fn phase(&self) -> Phase {
         self.status.phase.unwrap()
     }
+    /// The agent reports the current grant switched live to SYS2 and runs it.
+    fn report_switched(&mut self) {
+        let id = grant_id(self);
+        self.agent().activation = Some(mk_report(
+            &id,
+            ActivationAction::Switch,
+            ActivationState::Switched,
+            SYS2,
+        ));
+        self.agent().current_system = Some(SYS2.into());
+    }
     fn cond(&self, t: &str) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         self.status.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
@@ -347,14 +358,7 @@ fn already_cordoned_node_is_not_cordoned_nor_uncordoned_by_nixroll() {
     let s = n.status.slot.as_ref().unwrap();
     assert!(s.was_unschedulable && !s.cordoned_by_nixroll);
     n.step(false, Some(&drained()), at(30));
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
-    n.agent().current_system = Some(SYS2.into());
+    n.report_switched();
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::UpToDate);
     assert!(!d.actions.contains(&Action::Uncordon));
@@ -620,14 +624,7 @@ fn switch_path_verifies_then_uncordons_then_frees_slot() {
 #[test]
 fn uncordon_is_repeated_after_a_lost_action() {
     let mut n = mk_activating("n1", false);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
-    n.agent().current_system = Some(SYS2.into());
+    n.report_switched();
     let d = decide(&n.view(), false, None, &Policy::default(), at(40));
     // The controller crashed after writing status, before uncordoning.
     let agent = n.status.agent.take();
@@ -849,14 +846,7 @@ fn never_with_live_switch_and_kernel_change_sets_reboot_required() {
     n.spec.reboot = RebootPolicy::Never;
     n.step(true, None, at(20));
     n.step(false, Some(&drained()), at(30));
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
-    n.agent().current_system = Some(SYS2.into());
+    n.report_switched();
     n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::UpToDate);
     assert_eq!(n.cond(condition::REBOOT_REQUIRED).status, "True");
@@ -1157,14 +1147,7 @@ fn an_admin_cordon_made_before_nixroll_cordoned_is_left_in_place() {
     n.node.unschedulable = true;
     let d = n.step(false, Some(&drained()), at(30));
     assert!(!d.actions.contains(&Action::Cordon), "already cordoned");
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
-    n.agent().current_system = Some(SYS2.into());
+    n.report_switched();
     for t in 40..45 {
         let d = n.step(false, None, at(t));
         assert!(!d.actions.contains(&Action::Uncordon), "{:?}", d);
