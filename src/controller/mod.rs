@@ -1379,4 +1379,82 @@ mod tests {
         eprintln!("admission over 1000 nodes: {per:?} per decision (debug build)");
         assert!(per < Duration::from_millis(50), "{per:?}");
     }
+
+    fn empty_context() -> Arc<Context> {
+        let (svc, _handle) =
+            tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+        let (nixosnodes, _) = reflector::store::<NixOSNode>();
+        let (nodes, _) = reflector::store::<Node>();
+        let (pause, _) = reflector::store::<ConfigMap>();
+        let stores = Stores {
+            nixosnodes,
+            nodes,
+            pause,
+            synced: Synced::ready(),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let leading = Arc::new(AtomicBool::new(true));
+        Context::new(
+            Client::new(svc, "default"),
+            ControllerConfig::new("t"),
+            stores,
+            metrics,
+            leading,
+        )
+        .0
+    }
+
+    /// Every task waiting for the caches is woken (kube-runtime's `wait_until_ready` wakes only
+    /// the last one to poll), and readiness needs the first list of all three watches.
+    #[tokio::test]
+    async fn synced_wakes_every_waiter_once_all_watches_listed() {
+        let (set, synced) = Synced::new();
+        let listed = Arc::new(AtomicU8::new(0));
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let s = synced.clone();
+                tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(5), s.wait()).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let mut nxn = counts_listing::<NixOSNode>(set.clone(), listed.clone(), 3);
+        let mut nodes = counts_listing::<Node>(set.clone(), listed.clone(), 3);
+        let mut pause = counts_listing::<ConfigMap>(set.clone(), listed.clone(), 3);
+        nxn(&Ok(watcher::Event::InitDone));
+        nxn(&Ok(watcher::Event::InitDone)); // a relist does not count twice
+        nodes(&Ok(watcher::Event::Init));
+        nodes(&Ok(watcher::Event::InitDone));
+        assert!(!synced.is_synced(), "the pause watch has not listed yet");
+        pause(&Ok(watcher::Event::InitDone));
+        assert!(synced.is_synced());
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), Ok(true), "a waiter was not woken");
+        }
+    }
+
+    /// A wake-up (pod gone, PDB allows again) that lands while an eviction pass runs makes the
+    /// next pass run at once instead of after the pass's backoff.
+    #[tokio::test]
+    async fn a_drain_wake_during_a_pass_is_not_lost() {
+        let ctx = empty_context();
+        let left = DrainProgress {
+            remaining: 3,
+            ..DrainProgress::default()
+        };
+        // Passes with pods left back off.
+        let before = ctx.drain_wakes("n");
+        assert!(ctx.record_drain("n", left.clone(), before) > Duration::ZERO);
+        assert!(ctx.drain_wait("n").is_some());
+        // The next pass starts; while it runs, the pod watch wakes the drain.
+        let before = ctx.drain_wakes("n");
+        if let Some(d) = ctx.drains.lock().unwrap().get_mut("n") {
+            d.not_before = Instant::now();
+            d.wakes += 1;
+        }
+        assert_eq!(ctx.record_drain("n", left.clone(), before), Duration::ZERO);
+        assert!(ctx.drain_wait("n").is_none(), "look again at once");
+        // A pass without a wake-up backs off again.
+        let before = ctx.drain_wakes("n");
+        assert!(ctx.record_drain("n", left, before) > Duration::ZERO);
+    }
 }
