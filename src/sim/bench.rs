@@ -78,6 +78,8 @@ pub struct BenchReport {
     /// Controller requests during the rollout per updated node, by "verb resource".
     pub requests_per_node: BTreeMap<String, f64>,
     pub requests_total: u64,
+    /// All agents' requests during the rollout per updated node, by "verb resource".
+    pub agent_requests_per_node: BTreeMap<String, f64>,
     pub reconcile_p50_ms: f64,
     pub reconcile_p99_ms: f64,
     pub reconciles: u64,
@@ -163,6 +165,22 @@ fn reconcile_latency(metrics: &str) -> (f64, f64, u64) {
     let (p50, n) = histogram_quantile(metrics, hist, 0.5).unwrap_or((0.0, 0));
     let (p99, _) = histogram_quantile(metrics, hist, 0.99).unwrap_or((0.0, 0));
     (p50, p99, n)
+}
+
+/// Requests between two snapshots, per node, by "verb resource".
+fn requests_per_node(
+    before: &crate::sim::apiserver::RequestCounts,
+    after: &crate::sim::apiserver::RequestCounts,
+    nodes: usize,
+) -> BTreeMap<String, f64> {
+    after
+        .counts
+        .iter()
+        .filter_map(|((verb, res), n)| {
+            let was = before.get(verb, res);
+            (*n > was).then(|| (format!("{verb} {res}"), (*n - was) as f64 / nodes.max(1) as f64))
+        })
+        .collect()
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -294,6 +312,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
                 .map(|((v, r), c)| (format!("{v} {r}"), *c as f64 / opts.nodes as f64))
                 .collect(),
             requests_total: counts.total(),
+            agent_requests_per_node: BTreeMap::new(),
             reconcile_p50_ms: p50 * 1000.0,
             reconcile_p99_ms: p99 * 1000.0,
             reconciles: n,
@@ -304,6 +323,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         });
     }
     let before = listener.request_counts();
+    let agents_before = world.agents_api.request_counts();
     let metrics_before = scrape(metrics_port).unwrap_or_default();
     let next = world.commit("new kernel", |s| {
         s.kernel.push_str("-next");
@@ -328,18 +348,14 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     .await?;
     let rollout = t_roll.elapsed();
     let after = listener.request_counts();
+    let agents_after = world.agents_api.request_counts();
     let metrics = scrape(metrics_port).unwrap_or_default();
     let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
     peak = peak.max(hwm);
     let _ = child.kill().await;
 
-    let mut per_node_requests = BTreeMap::new();
-    for ((verb, res), n) in &after.counts {
-        let was = before.get(verb, res);
-        if *n > was {
-            per_node_requests.insert(format!("{verb} {res}"), (*n - was) as f64 / opts.nodes as f64);
-        }
-    }
+    let per_node_requests = requests_per_node(&before, &after, opts.nodes);
+    let agent_requests_per_node = requests_per_node(&agents_before, &agents_after, opts.nodes);
     let (p50, p99, n_after) = reconcile_latency(&metrics);
     let (_, _, n_before) = reconcile_latency(&metrics_before);
     let simulated = opts.timing.reboot + opts.timing.pod_termination;
@@ -366,6 +382,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         controller_rss_end_mib: rss_end as f64 / 1024.0,
         requests_total: after.total() - before.total(),
         requests_per_node: per_node_requests,
+        agent_requests_per_node,
         reconcile_p50_ms: p50 * 1000.0,
         reconcile_p99_ms: p99 * 1000.0,
         reconciles: n_after.saturating_sub(n_before),

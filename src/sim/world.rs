@@ -157,6 +157,10 @@ impl ControllerHandle {
 /// The simulated cluster.
 pub struct World {
     pub api: ApiServer,
+    /// A second port of the same API server that only the agents use, so that their requests
+    /// are counted apart ([`ApiServer::request_counts`]).
+    pub agents_api: ApiServer,
+    agents_client: Client,
     pub client: Client,
     pub cluster: SimCluster,
     pub nodes: Vec<SimNode>,
@@ -189,6 +193,9 @@ impl World {
         let kubeconfig = dir.path().join("kubeconfig");
         api.write_kubeconfig(&kubeconfig)?;
         let client = api.client().await?;
+        let agents_api =
+            ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store()).await?;
+        let agents_client = agents_api.client().await?;
 
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         call(
@@ -229,6 +236,8 @@ impl World {
         let kubelets = tokio::spawn(cluster.clone().run(std::future::pending::<()>()));
         let mut world = World {
             api,
+            agents_api,
+            agents_client,
             client,
             cluster,
             nodes: Vec::new(),
@@ -309,7 +318,7 @@ impl World {
             .with_private_nix_store(),
         );
         let nix = self.nix_for(host_root.clone(), &name);
-        let client = self.client.clone();
+        let client = self.agents_client.clone();
         let cluster = self.cluster.clone();
         let node_name = name.clone();
         let sim_host = host.clone();
