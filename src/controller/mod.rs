@@ -185,6 +185,10 @@ struct DrainState {
     /// Wake-ups from the pod and PDB watches so far. A pass compares it before and after: a
     /// wake-up that lands while the pass runs must not be lost to the pass's own backoff.
     wakes: u64,
+    /// PodDisruptionBudgets that allowed disruptions again, seen while this node drains. A pass
+    /// refused by a PDB (429) that overlaps one looks again at once: the PDB watch only wakes
+    /// drains already recorded as blocked, which this pass was not yet.
+    pdb_wakes: u64,
 }
 
 /// Everything a reconcile needs; one per leadership term.
@@ -471,26 +475,29 @@ impl Context {
         (!left.is_zero()).then_some(left)
     }
 
-    /// The wake-up count of a drain (taken before a pass).
-    fn drain_wakes(&self, name: &str) -> u64 {
+    /// The wake-up counts (any, PDB) of a drain, taken before a pass.
+    fn drain_wakes(&self, name: &str) -> (u64, u64) {
         self.drains
             .lock()
             .ok()
-            .and_then(|d| d.get(name).map(|d| d.wakes))
-            .unwrap_or(0)
+            .and_then(|d| d.get(name).map(|d| (d.wakes, d.pdb_wakes)))
+            .unwrap_or((0, 0))
     }
 
     /// Record a pass that started at wake-up count `wakes_before`; returns when to look again
     /// (at once when a watch woke the drain while the pass ran).
-    fn record_drain(&self, name: &str, progress: DrainProgress, wakes_before: u64) -> Duration {
+    fn record_drain(&self, name: &str, progress: DrainProgress, wakes_before: (u64, u64)) -> Duration {
         let (first, max) = self.config.drain_pass_backoff;
         let Ok(mut drains) = self.drains.lock() else {
             return first;
         };
-        let (prev, wakes) = drains.get(name).map_or((0, 0), |d| (d.attempts, d.wakes));
+        let (prev, wakes, pdb_wakes) = drains
+            .get(name)
+            .map_or((0, 0, 0), |d| (d.attempts, d.wakes, d.pdb_wakes));
         let done = progress.remaining == 0;
         let attempts = if done { 0 } else { prev.saturating_add(1) };
-        let wait = if done || wakes != wakes_before {
+        let woken = wakes != wakes_before.0 || (progress.blocked_by_pdb > 0 && pdb_wakes != wakes_before.1);
+        let wait = if done || woken {
             Duration::ZERO
         } else {
             first
@@ -504,6 +511,7 @@ impl Context {
                 attempts,
                 not_before: Instant::now() + wait,
                 wakes,
+                pdb_wakes,
             },
         );
         wait
@@ -544,7 +552,10 @@ impl Context {
                 let blocked: Vec<String> = match drains.lock() {
                     Ok(mut d) => d
                         .iter_mut()
-                        .filter(|(_, s)| s.progress.blocked_by_pdb > 0)
+                        .filter_map(|(n, s)| {
+                            s.pdb_wakes += 1;
+                            (s.progress.blocked_by_pdb > 0).then_some((n, s))
+                        })
                         .map(|(n, s)| {
                             s.not_before = Instant::now();
                             s.wakes += 1;
@@ -1455,6 +1466,21 @@ mod tests {
         assert!(ctx.drain_wait("n").is_none(), "look again at once");
         // A pass without a wake-up backs off again.
         let before = ctx.drain_wakes("n");
-        assert!(ctx.record_drain("n", left, before) > Duration::ZERO);
+        assert!(ctx.record_drain("n", left.clone(), before) > Duration::ZERO);
+        // A PDB that allows disruptions again during a pass: only a pass refused by a PDB
+        // looks again at once.
+        let blocked = DrainProgress {
+            remaining: 3,
+            blocked_by_pdb: 1,
+            ..DrainProgress::default()
+        };
+        for (progress, at_once) in [(left, false), (blocked, true)] {
+            let before = ctx.drain_wakes("n");
+            if let Some(d) = ctx.drains.lock().unwrap().get_mut("n") {
+                d.pdb_wakes += 1;
+            }
+            let wait = ctx.record_drain("n", progress, before);
+            assert_eq!(wait == Duration::ZERO, at_once, "{wait:?}");
+        }
     }
 }
