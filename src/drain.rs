@@ -13,6 +13,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::Eviction;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta};
@@ -222,6 +223,9 @@ async fn evict(
     Ok(res.map(|_| ()))
 }
 
+/// Eviction requests one pass keeps in flight at once.
+const EVICTIONS_IN_FLIGHT: usize = 8;
+
 /// One eviction pass over the pods of `node`. Never waits for pods to go: the result says how
 /// many are left; call again later (watch-free, bounded by the caller's backoff).
 pub async fn evict_pass(
@@ -232,6 +236,7 @@ pub async fn evict_pass(
 ) -> Result<DrainProgress, DrainError> {
     let pods = list_node_pods(client, node, timeout).await?;
     let mut progress = DrainProgress::default();
+    let mut evictable = Vec::new();
     for pod in &pods {
         match classify(pod, policy) {
             PodDisposition::Skip => {}
@@ -240,32 +245,50 @@ pub async fn evict_pass(
                 progress.remaining += 1;
                 progress.refused.push(reason);
             }
-            PodDisposition::Evict => match evict(client, pod, policy.grace_period_seconds, timeout).await {
-                Ok(Ok(())) => {
-                    info!(node, pod = %pod_id(pod), "evicted");
-                    progress.remaining += 1;
-                }
-                Ok(Err(e)) if api_code(&e) == Some(404) => {}
-                Ok(Err(e)) if api_code(&e) == Some(429) => {
-                    debug!(node, pod = %pod_id(pod), "eviction blocked by a PodDisruptionBudget");
-                    progress.remaining += 1;
-                    progress.blocked_by_pdb += 1;
-                }
-                Ok(Err(e)) if is_transient_kube(&e) => {
-                    debug!(node, pod = %pod_id(pod), error = %e, "eviction failed; retried next pass");
-                    progress.remaining += 1;
-                }
-                Ok(Err(source)) => {
-                    return Err(DrainError::Evict {
-                        pod: pod_id(pod),
-                        source,
-                    });
-                }
-                Err(timeout_err) => {
-                    debug!(node, pod = %pod_id(pod), error = %timeout_err, "eviction timed out; retried next pass");
-                    progress.remaining += 1;
-                }
-            },
+            PodDisposition::Evict => evictable.push(pod),
+        }
+    }
+    // Several evictions in flight at once, as `kubectl drain` does; results in pod order.
+    // Owned items: the stream lives inside the controller's Send future, where borrowed
+    // closures trip the compiler's higher-ranked lifetime inference.
+    let (client, grace) = (client.clone(), policy.grace_period_seconds);
+    let results = futures::stream::iter(evictable.into_iter().cloned())
+        .map(move |pod| {
+            let client = client.clone();
+            async move {
+                let result = evict(&client, &pod, grace, timeout).await;
+                (pod, result)
+            }
+        })
+        .buffered(EVICTIONS_IN_FLIGHT);
+    futures::pin_mut!(results);
+    while let Some((pod, result)) = results.next().await {
+        let pod = &pod;
+        match result {
+            Ok(Ok(())) => {
+                info!(node, pod = %pod_id(pod), "evicted");
+                progress.remaining += 1;
+            }
+            Ok(Err(e)) if api_code(&e) == Some(404) => {}
+            Ok(Err(e)) if api_code(&e) == Some(429) => {
+                debug!(node, pod = %pod_id(pod), "eviction blocked by a PodDisruptionBudget");
+                progress.remaining += 1;
+                progress.blocked_by_pdb += 1;
+            }
+            Ok(Err(e)) if is_transient_kube(&e) => {
+                debug!(node, pod = %pod_id(pod), error = %e, "eviction failed; retried next pass");
+                progress.remaining += 1;
+            }
+            Ok(Err(source)) => {
+                return Err(DrainError::Evict {
+                    pod: pod_id(pod),
+                    source,
+                });
+            }
+            Err(timeout_err) => {
+                debug!(node, pod = %pod_id(pod), error = %timeout_err, "eviction timed out; retried next pass");
+                progress.remaining += 1;
+            }
         }
     }
     Ok(progress)

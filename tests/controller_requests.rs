@@ -788,3 +788,43 @@ async fn cordon_is_conditional_on_the_node_the_decision_saw() {
     // No eviction on a node that is not cordoned, no Cordoned event.
     expect_silence(&mut handle).await;
 }
+
+/// Evictions of one pass are in flight together (as with `kubectl drain`): all three requests
+/// arrive before any is answered, and the answers are tallied per pod.
+#[tokio::test]
+async fn one_pass_sends_its_evictions_concurrently() {
+    let (client, mut handle) = mock();
+    let pass = tokio::spawn(async move {
+        drain::evict_pass(&client, "n1", &DrainPolicy::default(), Duration::from_secs(2)).await
+    });
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(
+        200,
+        pod_list(
+            ["a", "b", "c"]
+                .iter()
+                .map(|n| pod(n, Some("ReplicaSet"), json!({})))
+                .collect(),
+        ),
+    );
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        let s = next(&mut handle).await;
+        assert!(s.path.ends_with("/eviction"), "{}", s.path);
+        pending.push(s);
+    }
+    for s in pending {
+        if s.path.contains("/b/") {
+            s.reply(429, status_failure(429, "TooManyRequests"));
+        } else {
+            s.reply(
+                201,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201}),
+            );
+        }
+    }
+    let progress = pass.await.unwrap().unwrap();
+    assert_eq!((progress.remaining, progress.blocked_by_pdb), (3, 1));
+    expect_silence(&mut handle).await;
+}
