@@ -72,7 +72,7 @@ impl EventWriter {
         }
     }
 
-    /// Series currently remembered (for tests and the benchmark's curiosity).
+    /// Series currently remembered.
     pub fn cached(&self) -> usize {
         self.cache.lock().map(|c| c.len()).unwrap_or(0)
     }

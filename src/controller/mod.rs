@@ -265,10 +265,15 @@ pub struct Stores {
 pub struct Synced(watch::Receiver<bool>);
 
 impl Synced {
-    /// A flag and the handle that raises it.
-    pub fn new() -> (SyncedSetter, Synced) {
+    /// A flag and the handle that raises it once `watches` watches have listed.
+    pub fn new(watches: u8) -> (SyncedSetter, Synced) {
         let (tx, rx) = watch::channel(false);
-        (SyncedSetter(Arc::new(tx)), Synced(rx))
+        let setter = SyncedSetter(Arc::new(SetterInner {
+            tx,
+            listed: AtomicU8::new(0),
+            watches,
+        }));
+        (setter, Synced(rx))
     }
 
     /// Already synced (stores filled by hand, e.g. in tests).
@@ -290,15 +295,22 @@ impl Synced {
     }
 }
 
-/// Raises [`Synced`] once each of the three watches has delivered its first `InitDone`.
+/// Raises [`Synced`] once each watch has delivered its first `InitDone`.
 #[derive(Clone)]
-pub struct SyncedSetter(Arc<watch::Sender<bool>>);
+pub struct SyncedSetter(Arc<SetterInner>);
+
+struct SetterInner {
+    tx: watch::Sender<bool>,
+    listed: AtomicU8,
+    watches: u8,
+}
 
 impl SyncedSetter {
-    /// Count one watch as listed; `watches` are needed in all.
-    fn listed(&self, seen: &AtomicU8, watches: u8) {
-        if seen.fetch_add(1, Ordering::SeqCst) + 1 == watches {
-            self.0.send_replace(true);
+    /// Count one watch as listed.
+    fn listed(&self) {
+        let s = &self.0;
+        if s.listed.fetch_add(1, Ordering::SeqCst) + 1 == s.watches {
+            s.tx.send_replace(true);
         }
     }
 }
@@ -1055,16 +1067,12 @@ async fn set_cordon(
 }
 
 /// An `inspect` callback counting a watch as listed at its first `InitDone`.
-fn counts_listing<K>(
-    set: SyncedSetter,
-    listed: Arc<AtomicU8>,
-    watches: u8,
-) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+fn counts_listing<K>(set: SyncedSetter) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
     let mut done = false;
     move |ev| {
         if !done && matches!(ev, Ok(watcher::Event::InitDone)) {
             done = true;
-            set.listed(&listed, watches);
+            set.listed();
         }
     }
 }
@@ -1108,14 +1116,13 @@ async fn lead(
 ) {
     // Readiness comes from the watch streams themselves: each counts once when its first
     // list is in the store (the `InitDone` after `reflect`).
-    let (set_synced, synced) = Synced::new();
-    let listed = Arc::new(AtomicU8::new(0));
+    let (set_synced, synced) = Synced::new(3);
     let (nxn_reader, nxn_writer) = reflector::store::<NixOSNode>();
     let nxn_stream = watcher(Api::<NixOSNode>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .modify(observe::trim_nixosnode)
         .reflect(nxn_writer)
-        .inspect(counts_listing(set_synced.clone(), listed.clone(), 3))
+        .inspect(counts_listing(set_synced.clone()))
         .applied_objects();
 
     let (node_reader, node_writer) = reflector::store::<Node>();
@@ -1124,7 +1131,7 @@ async fn lead(
             .default_backoff()
             .modify(observe::trim_node)
             .reflect(node_writer)
-            .inspect(counts_listing(set_synced.clone(), listed.clone(), 3)),
+            .inspect(counts_listing(set_synced.clone())),
     );
 
     let (pause_reader, pause_writer) = reflector::store::<ConfigMap>();
@@ -1139,7 +1146,7 @@ async fn lead(
         cm.binary_data = None;
     })
     .reflect(pause_writer)
-    .inspect(counts_listing(set_synced.clone(), listed.clone(), 3))
+    .inspect(counts_listing(set_synced.clone()))
     .touched_objects()
     .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
 
@@ -1419,8 +1426,7 @@ mod tests {
     /// the last one to poll), and readiness needs the first list of all three watches.
     #[tokio::test]
     async fn synced_wakes_every_waiter_once_all_watches_listed() {
-        let (set, synced) = Synced::new();
-        let listed = Arc::new(AtomicU8::new(0));
+        let (set, synced) = Synced::new(3);
         let waiters: Vec<_> = (0..8)
             .map(|_| {
                 let s = synced.clone();
@@ -1428,9 +1434,9 @@ mod tests {
             })
             .collect();
         tokio::task::yield_now().await;
-        let mut nxn = counts_listing::<NixOSNode>(set.clone(), listed.clone(), 3);
-        let mut nodes = counts_listing::<Node>(set.clone(), listed.clone(), 3);
-        let mut pause = counts_listing::<ConfigMap>(set.clone(), listed.clone(), 3);
+        let mut nxn = counts_listing::<NixOSNode>(set.clone());
+        let mut nodes = counts_listing::<Node>(set.clone());
+        let mut pause = counts_listing::<ConfigMap>(set.clone());
         nxn(&Ok(watcher::Event::InitDone));
         nxn(&Ok(watcher::Event::InitDone)); // a relist does not count twice
         nodes(&Ok(watcher::Event::Init));

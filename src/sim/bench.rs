@@ -306,11 +306,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             rollout_seconds: 0.0,
             controller_rss_peak_mib: hwm as f64 / 1024.0,
             controller_rss_end_mib: rss_end as f64 / 1024.0,
-            requests_per_node: counts
-                .counts
-                .iter()
-                .map(|((v, r), c)| (format!("{v} {r}"), *c as f64 / opts.nodes as f64))
-                .collect(),
+            requests_per_node: requests_per_node(&Default::default(), &counts, opts.nodes),
             requests_total: counts.total(),
             agent_requests_per_node: BTreeMap::new(),
             reconcile_p50_ms: p50 * 1000.0,

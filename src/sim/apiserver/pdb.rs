@@ -112,14 +112,11 @@ fn scaled(v: &Value, total: i64) -> Option<i64> {
     }
 }
 
-/// The status a PDB should have given the pods of its namespace.
-pub fn compute_status<'a>(pdb: &Value, pods: impl Iterator<Item = &'a Value>) -> Value {
+/// The status a PDB should have given the pods it selects (see [`PdbIndex::members`]).
+pub fn compute_status<'a>(pdb: &Value, selected: impl Iterator<Item = &'a Value>) -> Value {
     let mut expected = 0i64;
     let mut healthy = 0i64;
-    // Parse the selector once, not once per pod (a namespace may hold tens of thousands).
-    let selector = LabelSelector::from_object(&pdb["spec"]["selector"]);
-    let ns = &pdb["metadata"]["namespace"];
-    for pod in pods.filter(|p| &p["metadata"]["namespace"] == ns && selector.matches(p)) {
+    for pod in selected {
         let phase = pod["status"]["phase"].as_str().unwrap_or("");
         if phase == "Succeeded" || phase == "Failed" {
             continue;
