@@ -131,27 +131,55 @@ fn config(identity: &str) -> ControllerConfig {
     c
 }
 
+/// One controller replica running against the fake API.
+struct Replica {
+    api: Arc<Mutex<FakeApi>>,
+    server: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<Result<(), nixroll::controller::ControllerError>>,
+}
+
+impl Replica {
+    /// Start it and let it run for `settle`. `other_holds_lease`: another replica keeps the
+    /// Lease fresh, so this one stays standby.
+    async fn start(identity: &str, other_holds_lease: bool, settle: Duration) -> Replica {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = Arc::new(Mutex::new(FakeApi::default()));
+        let server = serve(handle, api.clone(), other_holds_lease);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(nixroll::controller::run(
+            Client::new(svc, "default"),
+            config(identity),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        tokio::time::sleep(settle).await;
+        Replica {
+            api,
+            server,
+            stop,
+            run,
+        }
+    }
+
+    /// Ask it to stop; it must, within 5 s and without error.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.run)
+            .await
+            .expect("run did not stop")
+            .unwrap()
+            .unwrap();
+        self.server.abort();
+    }
+}
+
 #[tokio::test]
 async fn standby_only_reads_the_lease_and_stops_cleanly() {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let api = Arc::new(Mutex::new(FakeApi::default()));
-    let server = serve(handle, api.clone(), true);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(nixroll::controller::run(
-        Client::new(svc, "default"),
-        config("standby-1"),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("run did not stop")
-        .unwrap()
-        .unwrap();
-    server.abort();
+    let replica = Replica::start("standby-1", true, Duration::from_millis(400)).await;
+    let api = replica.api.clone();
+    replica.stop().await;
     let log = api.lock().unwrap().log.clone();
     assert!(log.len() >= 3, "a standby re-checks the lease: {log:?}");
     for line in &log {
@@ -161,30 +189,14 @@ async fn standby_only_reads_the_lease_and_stops_cleanly() {
 
 #[tokio::test]
 async fn leader_watches_nodes_and_pause_but_never_pods_and_releases_on_shutdown() {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let api = Arc::new(Mutex::new(FakeApi::default()));
-    let server = serve(handle, api.clone(), false);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(nixroll::controller::run(
-        Client::new(svc, "default"),
-        config("leader-1"),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let replica = Replica::start("leader-1", false, Duration::from_millis(400)).await;
+    let api = replica.api.clone();
     {
         let api = api.lock().unwrap();
         let holder = api.lease.as_ref().unwrap()["spec"]["holderIdentity"].clone();
         assert_eq!(holder, "leader-1");
     }
-    tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("run did not stop")
-        .unwrap()
-        .unwrap();
-    server.abort();
+    replica.stop().await;
     let api = api.lock().unwrap();
     let log = &api.log;
     let has = |prefix: &str| log.iter().any(|l| l.starts_with(prefix));
@@ -219,30 +231,14 @@ async fn leader_watches_nodes_and_pause_but_never_pods_and_releases_on_shutdown(
 
 #[tokio::test]
 async fn leader_that_loses_the_lease_stops_writing_and_stands_by() {
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let api = Arc::new(Mutex::new(FakeApi::default()));
-    let server = serve(handle, api.clone(), false);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(nixroll::controller::run(
-        Client::new(svc, "default"),
-        config("leader-2"),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let replica = Replica::start("leader-2", false, Duration::from_millis(300)).await;
+    let api = replica.api.clone();
     // Someone else takes the Lease over (e.g. we were partitioned past its expiry).
     api.lock().unwrap().other_holds = true;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let seen = api.lock().unwrap().log.len();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("run did not stop")
-        .unwrap()
-        .unwrap();
-    server.abort();
+    replica.stop().await;
     let api = api.lock().unwrap();
     let later = &api.log[seen..];
     assert!(!later.is_empty(), "the standby keeps checking the lease");
