@@ -89,21 +89,7 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(svc, "default");
         // The cache shows both nodes Waiting and is never updated (maximally stale).
-        let (nxn, mut w) = reflector::store::<NixOSNode>();
-        w.apply_watcher_event(&watcher::Event::Init);
-        w.apply_watcher_event(&watcher::Event::InitApply(waiting("a")));
-        w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
-        w.apply_watcher_event(&watcher::Event::InitDone);
-        let (nodes, mut wn) = reflector::store();
-        wn.apply_watcher_event(&watcher::Event::InitDone);
-        let (pause, mut wp) = reflector::store();
-        wp.apply_watcher_event(&watcher::Event::InitDone);
-        let stores = Stores {
-            nixosnodes: nxn.clone(),
-            nodes,
-            pause,
-            synced: Synced::ready(),
-        };
+        let stores = stores(vec![waiting("a"), waiting("b")], Vec::new());
         let (ctx, _wake) = Context::with_rollout(
             client,
             ControllerConfig::new("test"),
@@ -161,6 +147,30 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
     }
 }
 
+/// Synced caches holding `objects` and `nodes` (no pause ConfigMap); never updated after.
+fn stores(objects: Vec<NixOSNode>, nodes: Vec<k8s_openapi::api::core::v1::Node>) -> Stores {
+    let (nixosnodes, mut w) = reflector::store::<NixOSNode>();
+    w.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        w.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    w.apply_watcher_event(&watcher::Event::InitDone);
+    let (node_store, mut wn) = reflector::store();
+    wn.apply_watcher_event(&watcher::Event::Init);
+    for n in nodes {
+        wn.apply_watcher_event(&watcher::Event::InitApply(n));
+    }
+    wn.apply_watcher_event(&watcher::Event::InitDone);
+    let (pause, mut wp) = reflector::store();
+    wp.apply_watcher_event(&watcher::Event::InitDone);
+    Stores {
+        nixosnodes,
+        nodes: node_store,
+        pause,
+        synced: Synced::ready(),
+    }
+}
+
 fn with_status(name: &str, status: NixOSNodeStatus) -> NixOSNode {
     let mut n = waiting(name);
     n.status = Some(status);
@@ -207,38 +217,23 @@ async fn releasing_a_slot_wakes_the_next_admissible_node() {
         }),
         ..NixOSNodeStatus::default()
     };
-    let (nxn, mut w) = reflector::store::<NixOSNode>();
-    w.apply_watcher_event(&watcher::Event::Init);
-    w.apply_watcher_event(&watcher::Event::InitApply(with_status("a", draining.clone())));
-    w.apply_watcher_event(&watcher::Event::InitApply(staged("b")));
-    w.apply_watcher_event(&watcher::Event::InitApply(with_status(
-        "c",
-        NixOSNodeStatus {
-            phase: Some(Phase::UpToDate),
-            ..NixOSNodeStatus::default()
-        },
-    )));
-    w.apply_watcher_event(&watcher::Event::InitApply(staged("d")));
-    w.apply_watcher_event(&watcher::Event::InitApply(waiting("e")));
-    w.apply_watcher_event(&watcher::Event::InitDone);
-    let (nodes, mut wn) = reflector::store();
-    wn.apply_watcher_event(&watcher::Event::Init);
-    for n in ["a", "b", "c", "d", "e"] {
-        wn.apply_watcher_event(&watcher::Event::InitApply(ready_node(n)));
-    }
-    wn.apply_watcher_event(&watcher::Event::InitDone);
-    let (pause, mut wp) = reflector::store();
-    wp.apply_watcher_event(&watcher::Event::InitDone);
+    let up_to_date = NixOSNodeStatus {
+        phase: Some(Phase::UpToDate),
+        ..NixOSNodeStatus::default()
+    };
+    let objects = vec![
+        with_status("a", draining.clone()),
+        staged("b"),
+        with_status("c", up_to_date),
+        staged("d"),
+        waiting("e"),
+    ];
+    let nodes = ["a", "b", "c", "d", "e"].map(ready_node).to_vec();
     let metrics = Arc::new(Metrics::new());
     let (ctx, mut wake) = Context::new(
         client,
         ControllerConfig::new("test"),
-        Stores {
-            nixosnodes: nxn,
-            nodes,
-            pause,
-            synced: Synced::ready(),
-        },
+        stores(objects, nodes),
         metrics.clone(),
         Arc::new(AtomicBool::new(true)),
     );
@@ -288,24 +283,10 @@ async fn releasing_a_slot_wakes_the_next_admissible_node() {
 async fn failed_grant_write_still_blocks_other_admissions() {
     let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
-    let (nxn, mut w) = reflector::store::<NixOSNode>();
-    w.apply_watcher_event(&watcher::Event::Init);
-    w.apply_watcher_event(&watcher::Event::InitApply(waiting("a")));
-    w.apply_watcher_event(&watcher::Event::InitApply(waiting("b")));
-    w.apply_watcher_event(&watcher::Event::InitDone);
-    let (nodes, mut wn) = reflector::store();
-    wn.apply_watcher_event(&watcher::Event::InitDone);
-    let (pause, mut wp) = reflector::store();
-    wp.apply_watcher_event(&watcher::Event::InitDone);
     let (ctx, _wake) = Context::with_rollout(
         client,
         ControllerConfig::new("test"),
-        Stores {
-            nixosnodes: nxn,
-            nodes,
-            pause,
-            synced: Synced::ready(),
-        },
+        stores(vec![waiting("a"), waiting("b")], Vec::new()),
         Arc::new(Metrics::new()),
         Arc::new(AtomicBool::new(true)),
         RolloutFns {
