@@ -110,10 +110,18 @@ async fn unschedulable(world: &World, node: &str) -> bool {
 
 /// The world with NixOSNodes on the first revision, adopted (UpToDate) by a controller.
 async fn adopted(opts: WorldOptions, budget: u32) -> (World, nixroll::sim::world::ControllerHandle) {
+    adopted_with(opts, controller_config(budget)).await
+}
+
+/// [`adopted`] with a controller configured by the test.
+async fn adopted_with(
+    opts: WorldOptions,
+    config: ControllerConfig,
+) -> (World, nixroll::sim::world::ControllerHandle) {
     let world = World::start(opts).await.unwrap();
     let first = world.head().to_string();
     world.apply_all(&world.spec(&first)).await.unwrap();
-    let c = world.start_controller(controller_config(budget)).await.unwrap();
+    let c = world.start_controller(config).await.unwrap();
     wait_for(&world, "adoption", WAIT, all_on(&first)).await;
     (world, c)
 }
@@ -314,6 +322,92 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
     assert_eq!(total, 1, "no other node was admitted after the failure");
     assert_eq!(monitor.violations(), Vec::<String>::new());
+    c.stop().await;
+}
+
+/// Annotate `node` with a new `nixroll.io/retry` value, as `kubectl annotate … --overwrite`.
+async fn retry(world: &World, node: &str) {
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let token = format!("{}", fastrand::u64(..));
+    let patch = json!({"metadata": {"annotations": {"nixroll.io/retry": token}}});
+    api.patch(
+        node,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+}
+
+/// The way out of `Degraded` that a user takes after a bootloader fallback: fix the cause, ask
+/// for a retry. The node keeps its slot and its cordon while it stages again, is re-admitted
+/// (it holds its slot), reboots into the new system and the rollout finishes. The sweep is off
+/// (one hour), so this is the targeted path alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_node_that_holds_its_slot_is_readmitted_and_the_rollout_finishes() {
+    let mut config = controller_config(1);
+    config.admission_sweep = Duration::from_secs(3600);
+    let (mut world, c) = adopted_with(fast(), config).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    for n in &world.nodes {
+        n.host.set_fault(Some(BootFault::FallbackToPrevious));
+    }
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let m = wait_for(&world, "a Degraded node", WAIT, |m| {
+        m.values().any(|o| phase(o) == Phase::Degraded)
+    })
+    .await;
+    let bad = m
+        .iter()
+        .find(|(_, o)| phase(o) == Phase::Degraded)
+        .unwrap()
+        .0
+        .clone();
+    assert!(
+        m[&bad].status.as_ref().unwrap().slot.is_some(),
+        "Degraded keeps the slot"
+    );
+    for n in &world.nodes {
+        n.host.set_fault(None);
+    }
+    retry(&world, &bad).await;
+    let done = wait_for(&world, "the rollout after the retry", WAIT, all_on(&next)).await;
+    let s = done[&bad].status.clone().unwrap();
+    assert_eq!(s.history.first().map(|h| h.result.as_str()), Some("Succeeded"));
+    assert!(s.slot.is_none() || s.phase == Some(Phase::UpToDate));
+    wait_unschedulable(&world, &bad, false).await;
+    let node = world.node(&bad).unwrap();
+    assert_eq!(
+        node.host.reboot_count(),
+        2,
+        "{bad}: the fallback boot and the retried one"
+    );
+    for n in world.nodes.iter().filter(|n| n.name != bad) {
+        assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
+    }
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
+    c.stop().await;
+}
+
+/// Every targeted wake-up is lost (fault injection): the admission sweep alone carries the
+/// rollout to the end, one node at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_whose_wake_ups_are_all_lost_still_finishes_through_the_sweep() {
+    let mut config = controller_config(1);
+    config.admission_sweep = Duration::from_millis(500);
+    config.lose_wakeups = true;
+    let (mut world, c) = adopted_with(fast(), config).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = kernel_bump(&mut world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    wait_for(&world, "the rollout with lost wake-ups", WAIT, all_on(&next)).await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
+    }
     c.stop().await;
 }
 

@@ -73,6 +73,13 @@ pub struct ControllerConfig {
     pub rollout: RolloutFns,
     /// First and longest wait between two eviction passes of a draining node.
     pub drain_pass_backoff: (Duration, Duration),
+    /// The safety net behind targeted wake-ups: this often, the admission gate runs over the
+    /// cache and every Waiting node it admits is reconciled, so a lost wake-up delays a
+    /// rollout by at most this long. Costs no API request unless a node is admitted.
+    pub admission_sweep: Duration,
+    /// Fault injection (tests, simulation): drop every targeted wake-up, as if each one was
+    /// lost, so that only the sweep admits Waiting nodes.
+    pub lose_wakeups: bool,
 }
 
 impl ControllerConfig {
@@ -88,6 +95,8 @@ impl ControllerConfig {
             concurrency: 16,
             rollout: RolloutFns::default(),
             drain_pass_backoff: (Duration::from_secs(2), Duration::from_secs(30)),
+            admission_sweep: Duration::from_secs(5),
+            lose_wakeups: false,
         }
     }
 }
@@ -718,9 +727,32 @@ impl Context {
             let mut gate = self.admission.lock().await;
             self.admissible(&mut gate, None, Timestamp::now())
         };
+        if self.config.lose_wakeups {
+            debug!(
+                lost = admissible.len(),
+                "fault injection: dropping targeted wake-ups"
+            );
+            return;
+        }
         for name in admissible.iter().filter(|n| n.as_str() != except) {
             let _ = self.wake.send(ObjectRef::new(name));
         }
+    }
+
+    /// The Waiting nodes the gate admits now, for the periodic sweep (nothing while standing
+    /// by or before the caches are synced).
+    async fn sweep(&self) -> Vec<ObjectRef<NixOSNode>> {
+        if !self.leading.load(Ordering::SeqCst) || !self.synced.is_synced() {
+            return Vec::new();
+        }
+        let admissible = {
+            let mut gate = self.admission.lock().await;
+            self.admissible(&mut gate, None, Timestamp::now())
+        };
+        if !admissible.is_empty() {
+            debug!(nodes = ?admissible, "admission sweep");
+        }
+        admissible.iter().map(|n| ObjectRef::new(n)).collect()
     }
 
     fn update_phase_gauge(&self) {
@@ -776,8 +808,9 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     // Our own last write is the truth while the store lags behind it.
     let mut gate = ctx.admission.lock().await;
     let status = gate.effective(&name, &stored).unwrap_or(stored);
-    let admitted =
-        status.slot.is_none() && status.phase == Some(Phase::Waiting) && ctx.admitted(&mut gate, &name, now);
+    // A Waiting node the gate returns is admitted, also when it already holds its slot (a
+    // retried node that stayed cordoned: docs/rollout.md, "Re-admission").
+    let admitted = status.phase == Some(Phase::Waiting) && ctx.admitted(&mut gate, &name, now);
     let gate = if admitted {
         Some(gate)
     } else {
@@ -1179,12 +1212,26 @@ async fn lead(
     let resync_stream = futures::stream::once(resync_rx).filter_map(|r| std::future::ready(r.ok()));
     let pause_stream = futures::stream::select(pause_stream, resync_stream);
 
+    // The safety net: however a wake-up got lost, an admissible node waits one sweep at most.
+    let sweep_stream = {
+        let ctx = ctx.clone();
+        let mut every = tokio::time::interval(ctx.config.admission_sweep.max(Duration::from_millis(100)));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        futures::stream::unfold((every, ctx), |(mut every, ctx)| async move {
+            every.tick().await;
+            let refs = ctx.sweep().await;
+            Some((futures::stream::iter(refs), (every, ctx)))
+        })
+        .flatten()
+    };
+
     let controller = Controller::for_stream(nxn_stream, ctx.nixosnodes.clone())
         .watches_stream(node_stream, |n: Node| {
             Some(ObjectRef::<NixOSNode>::new(&n.name_any()))
         })
         .reconcile_all_on(pause_stream)
         .reconcile_on(wake_stream)
+        .reconcile_on(sweep_stream)
         .with_config(ControllerRuntimeConfig::default().concurrency(concurrency))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
