@@ -202,7 +202,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
     agent_config.options = HostOptions {
         activation_timeout: Duration::from_secs(30),
         result_poll: Duration::from_millis(10),
-        report_grace: Duration::from_millis(100),
+        report_timeout: Duration::from_secs(10),
         ..Default::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -629,3 +629,75 @@ async fn restarted_rollback_rolls_back_only_once() {
     assert_ne!(st.booted_system.as_deref(), Some(sys0.as_str()));
     assert_eq!(f.sim.reboot_count(), 1);
 }
+
+/// Before rebooting, the agent waits until the writer acknowledges that `RebootRequested` is
+/// stored in the API, and no longer: no fixed pause on the critical path. Without an
+/// acknowledgement it goes on after `report_timeout` (an API outage must not hold the grant).
+#[tokio::test]
+async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    for acknowledge in [true, false] {
+        let rev = f.flake.commit_kernel_change().unwrap();
+        let t = f.target(&rev);
+        let (tx, mut reports) = tokio::sync::watch::channel::<Option<AgentStatus>>(None);
+        let (acked_tx, acked_rx) = tokio::sync::watch::channel::<Option<AgentStatus>>(None);
+        let options = HostOptions {
+            activation_timeout: Duration::from_secs(30),
+            result_poll: Duration::from_millis(10),
+            report_timeout: if acknowledge {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(300)
+            },
+            ..Default::default()
+        };
+        let mut agent = NodeAgent::new(f.host.clone(), f.nix.clone(), options).with_progress(tx, acked_rx);
+        let sys1 = agent
+            .reconcile(Some(&t), None)
+            .await
+            .unwrap()
+            .staged
+            .unwrap()
+            .system;
+        let sim = f.sim.clone();
+        let reboots_before = sim.reboot_count();
+        // The writer: acknowledges RebootRequested (after checking that no reboot happened yet).
+        let writer = tokio::spawn(async move {
+            let seen = reports
+                .wait_for(|r| {
+                    r.as_ref()
+                        .and_then(|r| r.activation.as_ref())
+                        .is_some_and(|a| a.state == ActivationState::RebootRequested)
+                })
+                .await
+                .unwrap()
+                .clone();
+            assert_eq!(
+                sim.reboot_count(),
+                reboots_before,
+                "rebooted before the report was stored"
+            );
+            if acknowledge {
+                acked_tx.send_replace(seen);
+            }
+            acked_tx
+        });
+        let g = grant(&format!("g-{acknowledge}"), ActivationAction::Boot, &sys1);
+        let started = std::time::Instant::now();
+        let st = tokio::time::timeout(Duration::from_secs(60), agent.reconcile(Some(&t), Some(&g)))
+            .await
+            .expect("the reboot did not wait for the acknowledgement only")
+            .unwrap();
+        let _keep = writer.await.unwrap();
+        assert_eq!(f.sim.reboot_count(), reboots_before + 1);
+        assert_eq!(state_of(&st), ActivationState::Rebooted);
+        if !acknowledge {
+            assert!(
+                started.elapsed() >= Duration::from_millis(300),
+                "waited for the bound"
+            );
+        }
+    }
+}

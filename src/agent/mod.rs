@@ -96,9 +96,11 @@ pub async fn run(
 
     // Reports flow through a watch channel to one writer: only the newest matters.
     let (report_tx, report_rx) = tokio::sync::watch::channel::<Option<AgentStatus>>(None);
+    // What the writer has stored: the host logic waits for it before rebooting.
+    let (acked_tx, acked_rx) = tokio::sync::watch::channel::<Option<AgentStatus>>(None);
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let work = work(config.clone(), rx, report_tx, seen.clone());
-    let write = write(patch_api, config, report_rx, seen);
+    let work = work(config.clone(), rx, report_tx, acked_rx, seen.clone());
+    let write = write(patch_api, config, report_rx, acked_tx, seen);
 
     tokio::select! {
         _ = shutdown => Ok(()),
@@ -117,10 +119,11 @@ async fn work(
     config: AgentConfig,
     mut rx: tokio::sync::watch::Receiver<Option<NixOSNode>>,
     report: tokio::sync::watch::Sender<Option<AgentStatus>>,
+    acked: tokio::sync::watch::Receiver<Option<AgentStatus>>,
     seen: Seen,
 ) -> Result<(), AgentError> {
     let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
-        .with_progress(report.clone());
+        .with_progress(report.clone(), acked);
     loop {
         // Wait for a change of the object, or for a failed staging's retry time (a local
         // timer: no request is made unless the facts change).
@@ -165,6 +168,7 @@ async fn write(
     api: Api<NixOSNode>,
     config: AgentConfig,
     mut rx: tokio::sync::watch::Receiver<Option<AgentStatus>>,
+    acked: tokio::sync::watch::Sender<Option<AgentStatus>>,
     seen: Seen,
 ) {
     let mut written: Option<AgentStatus> = None;
@@ -195,13 +199,15 @@ async fn write(
             continue;
         };
         if written.as_ref() == Some(&facts) {
+            acked.send_replace(Some(facts));
             retry_in = None;
             continue;
         }
         match apply_status(&api, &config.node, &facts, config.api_timeout).await {
             Ok(()) => {
                 tracing::debug!(node = %config.node, "reported status.agent");
-                written = Some(facts);
+                written = Some(facts.clone());
+                acked.send_replace(Some(facts));
                 retry_in = None;
             }
             Err(e) => {

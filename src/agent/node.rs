@@ -66,8 +66,11 @@ pub struct HostOptions {
     pub activation_timeout: Duration,
     /// How often to look for that file while waiting.
     pub result_poll: Duration,
-    /// Pause between publishing `RebootRequested` and rebooting (only with a progress channel).
-    pub report_grace: Duration,
+    /// Longest wait, before rebooting, for the writer to acknowledge that `RebootRequested`
+    /// is stored in the API (only with a progress channel). The reboot waits for the
+    /// acknowledgement, not for this long; the bound only keeps an API outage from holding
+    /// the grant forever (the new boot id proves the reboot anyway).
+    pub report_timeout: Duration,
     /// First wait before staging a failed target again; doubles per attempt.
     pub stage_retry: Duration,
     /// Longest wait between staging attempts.
@@ -79,7 +82,7 @@ impl Default for HostOptions {
         HostOptions {
             activation_timeout: Duration::from_secs(15 * 60),
             result_poll: Duration::from_millis(250),
-            report_grace: Duration::from_secs(2),
+            report_timeout: Duration::from_secs(10),
             stage_retry: Duration::from_secs(60),
             stage_retry_max: Duration::from_secs(30 * 60),
         }
@@ -108,6 +111,8 @@ pub struct NodeAgent {
     failed_stage: Option<FailedStage>,
     /// Where to publish the facts before long or final steps (switch running, reboot).
     progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
+    /// What the writer has stored in the API (the last acknowledged report).
+    acked: Option<tokio::sync::watch::Receiver<Option<AgentStatus>>>,
     /// `configurationRevision` of a current system: (system, revision), computed once per system.
     revision_cache: Option<(String, Option<String>)>,
 }
@@ -121,15 +126,46 @@ impl NodeAgent {
             crash_at: None,
             failed_stage: None,
             progress: None,
+            acked: None,
             revision_cache: None,
         }
     }
 
     /// Publish intermediate reports (`Running` while `switch-to-configuration` runs,
     /// `RebootRequested` before rebooting) to `tx`.
-    pub fn with_progress(mut self, tx: tokio::sync::watch::Sender<Option<AgentStatus>>) -> Self {
+    /// `acked` carries what the writer has stored: before rebooting, the agent waits until the
+    /// `RebootRequested` report is there (bounded by `report_timeout`).
+    pub fn with_progress(
+        mut self,
+        tx: tokio::sync::watch::Sender<Option<AgentStatus>>,
+        acked: tokio::sync::watch::Receiver<Option<AgentStatus>>,
+    ) -> Self {
         self.progress = Some(tx);
+        self.acked = Some(acked);
         self
+    }
+
+    /// Wait until the writer acknowledges that the facts of `st` are stored (no-op without a
+    /// progress channel). Bounded: an API outage must not hold a granted step forever.
+    async fn published_and_stored(&self, st: &HostState) {
+        self.publish(st);
+        let Some(mut acked) = self.acked.clone() else {
+            return;
+        };
+        let facts = self.observe_with(st);
+        let stored = tokio::time::timeout(
+            self.options.report_timeout,
+            acked.wait_for(|a| a.as_ref() == Some(&facts)),
+        )
+        .await;
+        match stored {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => tracing::debug!("the report writer is gone; going on"),
+            Err(_) => tracing::warn!(
+                timeout = ?self.options.report_timeout,
+                "the report was not acknowledged in time; going on (the new boot id proves the reboot)"
+            ),
+        }
     }
 
     fn publish(&self, st: &HostState) {
@@ -476,11 +512,8 @@ impl NodeAgent {
                                 r.step = Step::RebootIssued;
                             })?;
                             self.crash(CrashPoint::BeforeReboot)?;
-                            self.publish(st);
-                            // Give the writer a moment to report RebootRequested first.
-                            if self.progress.is_some() {
-                                tokio::time::sleep(self.options.report_grace).await;
-                            }
+                            // RebootRequested is in the API before the machine goes down.
+                            self.published_and_stored(st).await;
                             tracing::info!(id = %rec.id, "rebooting");
                             if let Err(e) = self.host.reboot().await {
                                 self.finish(st, ActivationState::Failed, e.to_string())?;
