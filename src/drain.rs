@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::policy::v1::Eviction;
+use k8s_openapi::api::policy::v1::{Eviction, PodDisruptionBudget};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, ObjectMeta};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, ResourceExt};
@@ -223,22 +223,42 @@ async fn evict(
     Ok(res.map(|_| ()))
 }
 
-/// Eviction requests one pass keeps in flight at once.
-const EVICTIONS_IN_FLIGHT: usize = 8;
+/// Eviction groups one pass keeps in flight at once (a group: the pods one
+/// PodDisruptionBudget covers, or a single pod no budget covers).
+const GROUPS_IN_FLIGHT: usize = 32;
 
-/// One eviction pass over the pods of `node`. Never waits for pods to go: the result says how
-/// many are left; call again later (watch-free, bounded by the caller's backoff).
+/// One eviction pass over the pods of `node`, knowing no PodDisruptionBudget: every pod is
+/// its own group (all in flight together). See [`evict_pass_with`].
 pub async fn evict_pass(
     client: &Client,
     node: &str,
     policy: &DrainPolicy,
     timeout: Duration,
 ) -> Result<DrainProgress, DrainError> {
+    evict_pass_with(client, node, policy, &[], timeout).await
+}
+
+/// One eviction pass over the pods of `node`. Never waits for pods to go: the result says how
+/// many are left; call again later (bounded by the caller's backoff or a watch).
+///
+/// Pods that no budget in `budgets` covers are evicted all at once. Pods one budget covers
+/// are evicted one after another, and the rest of that group is skipped after the first 429:
+/// kube-apiserver updates the budget's status on every eviction, and two evictions that race
+/// for one budget conflict, the loser retrying inside the server after about 500 ms
+/// (`EvictionsRetry`). One after another, each eviction takes one round trip. Groups of
+/// different budgets run concurrently.
+pub async fn evict_pass_with(
+    client: &Client,
+    node: &str,
+    policy: &DrainPolicy,
+    budgets: &[std::sync::Arc<PodDisruptionBudget>],
+    timeout: Duration,
+) -> Result<DrainProgress, DrainError> {
     let pods = list_node_pods(client, node, timeout).await?;
     let mut progress = DrainProgress::default();
     let mut evictable = Vec::new();
-    for pod in &pods {
-        match classify(pod, policy) {
+    for pod in pods {
+        match classify(&pod, policy) {
             PodDisposition::Skip => {}
             PodDisposition::Terminating => progress.remaining += 1,
             PodDisposition::Refuse(reason) => {
@@ -248,50 +268,120 @@ pub async fn evict_pass(
             PodDisposition::Evict => evictable.push(pod),
         }
     }
-    // Several evictions in flight at once, as `kubectl drain` does; results in pod order.
+    let groups = group_by_budget(evictable, budgets);
     // Owned items: the stream lives inside the controller's Send future, where borrowed
     // closures trip the compiler's higher-ranked lifetime inference.
     let (client, grace) = (client.clone(), policy.grace_period_seconds);
-    let results = futures::stream::iter(evictable.into_iter().cloned())
-        .map(move |pod| {
+    let results = futures::stream::iter(groups)
+        .map(move |group| {
             let client = client.clone();
             async move {
-                let result = evict(&client, &pod, grace, timeout).await;
-                (pod, result)
+                let mut out = Vec::with_capacity(group.len());
+                let mut blocked = false;
+                for pod in group {
+                    if blocked {
+                        out.push((pod, Outcome::Blocked { asked: false }));
+                        continue;
+                    }
+                    let outcome = match evict(&client, &pod, grace, timeout).await {
+                        Ok(Ok(())) => Outcome::Evicted,
+                        Ok(Err(e)) if api_code(&e) == Some(404) => Outcome::Gone,
+                        Ok(Err(e)) if api_code(&e) == Some(429) => Outcome::Blocked { asked: true },
+                        Ok(Err(e)) if is_transient_kube(&e) => Outcome::Retry(e.to_string()),
+                        Ok(Err(e)) => Outcome::Failed(e),
+                        Err(e) => Outcome::Retry(e.to_string()),
+                    };
+                    blocked = matches!(outcome, Outcome::Blocked { .. });
+                    out.push((pod, outcome));
+                }
+                out
             }
         })
-        .buffered(EVICTIONS_IN_FLIGHT);
+        .buffer_unordered(GROUPS_IN_FLIGHT);
     futures::pin_mut!(results);
-    while let Some((pod, result)) = results.next().await {
-        let pod = &pod;
-        match result {
-            Ok(Ok(())) => {
-                info!(node, pod = %pod_id(pod), "evicted");
-                progress.remaining += 1;
-            }
-            Ok(Err(e)) if api_code(&e) == Some(404) => {}
-            Ok(Err(e)) if api_code(&e) == Some(429) => {
-                debug!(node, pod = %pod_id(pod), "eviction blocked by a PodDisruptionBudget");
-                progress.remaining += 1;
-                progress.blocked_by_pdb += 1;
-            }
-            Ok(Err(e)) if is_transient_kube(&e) => {
-                debug!(node, pod = %pod_id(pod), error = %e, "eviction failed; retried next pass");
-                progress.remaining += 1;
-            }
-            Ok(Err(source)) => {
-                return Err(DrainError::Evict {
-                    pod: pod_id(pod),
-                    source,
-                });
-            }
-            Err(timeout_err) => {
-                debug!(node, pod = %pod_id(pod), error = %timeout_err, "eviction timed out; retried next pass");
-                progress.remaining += 1;
+    let mut failed = None;
+    while let Some(group) = results.next().await {
+        for (pod, outcome) in group {
+            match outcome {
+                Outcome::Evicted => {
+                    info!(node, pod = %pod_id(&pod), "evicted");
+                    progress.remaining += 1;
+                }
+                Outcome::Gone => {}
+                Outcome::Blocked { asked } => {
+                    debug!(node, pod = %pod_id(&pod), asked, "eviction blocked by a PodDisruptionBudget");
+                    progress.remaining += 1;
+                    progress.blocked_by_pdb += 1;
+                }
+                Outcome::Retry(error) => {
+                    debug!(node, pod = %pod_id(&pod), %error, "eviction failed; retried next pass");
+                    progress.remaining += 1;
+                }
+                Outcome::Failed(source) => {
+                    progress.remaining += 1;
+                    failed.get_or_insert(DrainError::Evict {
+                        pod: pod_id(&pod),
+                        source,
+                    });
+                }
             }
         }
     }
-    Ok(progress)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(progress),
+    }
+}
+
+/// What became of one eviction.
+enum Outcome {
+    Evicted,
+    /// 404: the pod is gone already.
+    Gone,
+    /// 429 (`asked`), or skipped after a 429 of its group.
+    Blocked {
+        asked: bool,
+    },
+    /// Transient failure or timeout: the next pass tries again.
+    Retry(String),
+    Failed(kube::Error),
+}
+
+/// Split `pods` into eviction groups: the pods each budget covers (in pod order), and every
+/// other pod on its own. A pod that several budgets cover goes with the first by name (the
+/// API server refuses to evict it anyway, and says so).
+fn group_by_budget(pods: Vec<Pod>, budgets: &[std::sync::Arc<PodDisruptionBudget>]) -> Vec<Vec<Pod>> {
+    let mut selectors: Vec<(&str, &str, kube::core::Selector)> = budgets
+        .iter()
+        .filter_map(|b| {
+            let ns = b.metadata.namespace.as_deref()?;
+            let name = b.metadata.name.as_deref()?;
+            let selector = b.spec.as_ref()?.selector.clone()?;
+            Some((ns, name, kube::core::Selector::try_from(selector).ok()?))
+        })
+        .collect();
+    selectors.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut groups: Vec<Vec<Pod>> = Vec::new();
+    let mut by_budget: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();
+    for pod in pods {
+        let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let empty = std::collections::BTreeMap::new();
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+        let budget = selectors
+            .iter()
+            .find(|(bns, _, sel)| *bns == ns && kube::core::SelectorExt::matches(sel, labels))
+            .map(|(bns, bname, _)| (*bns, *bname));
+        match budget.and_then(|k| by_budget.get(&k).copied().map(|i| (k, i))) {
+            Some((_, i)) => groups[i].push(pod),
+            None => {
+                if let Some(k) = budget {
+                    by_budget.insert(k, groups.len());
+                }
+                groups.push(vec![pod]);
+            }
+        }
+    }
+    groups
 }
 
 /// `onTimeout: Force`: delete the node's remaining pods directly (no Eviction API, so

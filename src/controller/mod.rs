@@ -29,6 +29,7 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action as Requeue, Config as ControllerRuntimeConfig, Controller};
@@ -217,6 +218,10 @@ pub struct Context {
     /// A watch on PodDisruptionBudgets: when one allows disruptions again, drains that were
     /// refused with 429 retry at once instead of after their backoff.
     pdb_watch: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+    /// The PodDisruptionBudgets (selector and namespace kept), filled by that watch: a drain
+    /// pass evicts the pods one budget covers one after another.
+    budgets: Store<PodDisruptionBudget>,
+    budgets_writer: std::sync::Mutex<Option<reflector::store::Writer<PodDisruptionBudget>>>,
     recorder: EventWriter,
     metrics: Arc<Metrics>,
     /// Reconcile these (Waiting) nodes: a slot was released.
@@ -350,6 +355,7 @@ impl Context {
     ) -> (Arc<Context>, mpsc::UnboundedReceiver<ObjectRef<NixOSNode>>) {
         let rollout = config.rollout;
         let (wake, wake_rx) = mpsc::unbounded_channel();
+        let (budgets, budgets_writer) = reflector::store::<PodDisruptionBudget>();
         let recorder = EventWriter::new(client.clone(), CONTROLLER_MANAGER, &config.identity);
         let ctx = Context {
             client,
@@ -362,6 +368,8 @@ impl Context {
             drains: Arc::default(),
             pod_watches: std::sync::Mutex::default(),
             pdb_watch: std::sync::Mutex::default(),
+            budgets,
+            budgets_writer: std::sync::Mutex::new(Some(budgets_writer)),
             recorder,
             metrics,
             wake,
@@ -556,12 +564,17 @@ impl Context {
         if slot.is_some() {
             return;
         }
-        let api: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = Api::all(self.client.clone());
+        let Some(writer) = self.budgets_writer.lock().ok().and_then(|mut w| w.take()) else {
+            return;
+        };
+        let api: Api<PodDisruptionBudget> = Api::all(self.client.clone());
         let drains = self.drains.clone();
         let wake = self.wake.clone();
         let task = tokio::spawn(async move {
             let stream = watcher(api, watcher::Config::default())
                 .default_backoff()
+                .modify(observe::trim_budget)
+                .reflect(writer)
                 .applied_objects();
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
@@ -920,7 +933,9 @@ async fn execute_with_gate(
                 let pass = if force {
                     drain::force_delete_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
                 } else {
-                    drain::evict_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
+                    let budgets = ctx.budgets.state();
+                    drain::evict_pass_with(&ctx.client, &name, &policy, &budgets, ctx.config.api_timeout)
+                        .await
                 };
                 let progress = pass.map_err(|source| ControllerError::Drain {
                     node: name.clone(),

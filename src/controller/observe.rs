@@ -157,3 +157,16 @@ mod tests {
         assert_eq!(observe_node(None), NodeObservation::default());
     }
 }
+
+/// Keep of a PodDisruptionBudget what the drain and its wake-ups use: namespace, name,
+/// selector and `status.disruptionsAllowed`.
+pub fn trim_budget(b: &mut k8s_openapi::api::policy::v1::PodDisruptionBudget) {
+    b.metadata.managed_fields = None;
+    b.metadata.annotations = None;
+    b.metadata.labels = None;
+    b.metadata.owner_references = None;
+    if let Some(st) = b.status.as_mut() {
+        st.conditions = None;
+        st.disrupted_pods = None;
+    }
+}
