@@ -191,6 +191,12 @@ async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
         wait_unschedulable(&world, &n.name, false).await;
         let s = done[&n.name].status.clone().unwrap();
         assert_eq!(s.history.first().map(|h| h.result.as_str()), Some("Succeeded"));
+        // The MESSAGE column names the revision and the system's hash and name, not a path.
+        let msg = s.message.clone().unwrap_or_default();
+        let system = s.system.clone().unwrap();
+        assert!(msg.contains(&next[..8]), "{msg}");
+        assert!(msg.contains(&nixroll::api::short_system(&system)), "{msg}");
+        assert!(!msg.contains('/'), "{msg}");
         assert_eq!(
             n.host.booted_system(),
             s.system,

@@ -526,9 +526,33 @@ pub fn short_revision(revision: &str) -> String {
     revision.chars().take(8).collect()
 }
 
+/// A store path as people tell systems apart: the first 8 characters of its hash and its name
+/// (`/nix/store/3k2j…-nixos-system-node-1-25.05` → `3k2jf0a1-nixos-system-node-1-25.05`),
+/// without the store directory, which says nothing and eats a table's width.
+pub fn short_system(path: &str) -> String {
+    let base = path.trim_end_matches('/').rsplit('/').next().unwrap_or(path);
+    match base.split_once('-') {
+        Some((hash, name)) if hash.len() == 32 => format!("{}-{name}", &hash[..8]),
+        _ => base.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_system_keeps_hash_prefix_and_name() {
+        assert_eq!(
+            short_system("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-node-1-25.05"),
+            "01234567-nixos-system-node-1-25.05"
+        );
+        assert_eq!(
+            short_system("/tmp/x/hosts/node-1/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-n1/"),
+            "01234567-nixos-system-n1"
+        );
+        assert_eq!(short_system("/nix/store/short-name"), "short-name");
+    }
 
     #[test]
     fn installable_uses_query_for_git_and_path_for_github() {

@@ -392,7 +392,10 @@ impl Ctx<'_, '_> {
         let msg = format!(
             "running {} ({})",
             short_rev(&target.revision),
-            target.system.as_deref().unwrap_or("?")
+            target
+                .system
+                .as_deref()
+                .map_or_else(|| "?".into(), crate::api::short_system)
         );
         self.note(reason::UPDATED, format!("{how}; {msg}"), false);
         self.enter(Phase::UpToDate, reason::REVISION_RUNNING, msg);
@@ -443,7 +446,10 @@ impl Ctx<'_, '_> {
         let msg = format!(
             "running {} ({})",
             self.rev8(),
-            self.st.system.as_deref().unwrap_or("?")
+            self.st
+                .system
+                .as_deref()
+                .map_or_else(|| "?".into(), crate::api::short_system)
         );
         self.enter(Phase::UpToDate, reason::REVISION_RUNNING, msg);
         false
@@ -477,7 +483,7 @@ impl Ctx<'_, '_> {
             let msg = format!(
                 "staged {} ({}{})",
                 self.rev8(),
-                staged.system,
+                crate::api::short_system(&staged.system),
                 if staged.reboot_required {
                     format!("; reboot needed: {}", staged.reboot_reasons.join(", "))
                 } else {
@@ -813,7 +819,10 @@ impl Ctx<'_, '_> {
             granted_at: Time(self.now),
             boot_id_before,
         });
-        let msg = format!("activation {id} granted: {action:?} {system}");
+        let msg = format!(
+            "activation {id} granted: {action:?} {}",
+            crate::api::short_system(&system)
+        );
         self.note(reason::ACTIVATION_GRANTED, msg.clone(), false);
         self.enter(Phase::Activating, reason::ACTIVATING, msg);
         self.wake_in(self.policy.timeouts.activating);

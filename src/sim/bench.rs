@@ -19,6 +19,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use crate::api::NixOSNode;
 use crate::sim::cluster::{App, Timing};
 use crate::sim::progress::Progress;
+use crate::sim::steps::StepClock;
+use crate::sim::steps::StepStats;
 use crate::sim::world::{NixMode, World, WorldError, WorldOptions};
 
 #[derive(Clone, Debug)]
@@ -87,6 +89,8 @@ pub struct BenchReport {
     pub overhead_p99_s: f64,
     pub overhead_mean_s: f64,
     pub disruption_mean_s: f64,
+    /// Where the disruption time went: mean and p99 per step (see [`crate::sim::steps`]).
+    pub steps: BTreeMap<&'static str, StepStats>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -316,6 +320,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             overhead_p99_s: 0.0,
             overhead_mean_s: 0.0,
             disruption_mean_s: 0.0,
+            steps: BTreeMap::new(),
         });
     }
     let before = listener.request_counts();
@@ -325,6 +330,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         s.kernel.push_str("-next");
         s.kernel_modules.push_str("-next");
     })?;
+    let clock = StepClock::start(&world.api.store());
     world.apply_all(&world.spec(&next)).await?;
     for p in progress.nodes.values_mut() {
         p.disrupted_for = Duration::ZERO;
@@ -386,6 +392,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         overhead_p99_s: percentile(&overheads, 0.99),
         overhead_mean_s: overheads.iter().sum::<f64>() / overheads.len().max(1) as f64,
         disruption_mean_s: disruption_mean,
+        steps: clock.stats(),
     })
 }
 

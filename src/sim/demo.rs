@@ -14,6 +14,7 @@ use crate::api::NixOSNode;
 use crate::controller::ControllerConfig;
 use crate::rollout::MaxUnavailable;
 use crate::sim::progress::{Progress, Renderer};
+use crate::sim::steps::{StepClock, StepStats};
 use crate::sim::world::{NixMode, World, WorldError, WorldOptions};
 
 #[derive(Clone, Debug)]
@@ -63,6 +64,8 @@ pub struct DemoSummary {
     pub disruption: Vec<(String, Duration)>,
     /// Per node: disruption minus the simulated reboot and pod-termination time.
     pub overhead: Vec<(String, Duration)>,
+    /// Where the disruption time went, per step (mean and p99 over the nodes).
+    pub steps: std::collections::BTreeMap<&'static str, StepStats>,
     pub nix: NixMode,
 }
 
@@ -104,6 +107,7 @@ pub async fn run(
     config.policy.max_unavailable = opts.max_unavailable;
     config.drain_pass_backoff = (Duration::from_millis(200), Duration::from_secs(2));
     let controller = world.start_controller(config).await?;
+    let clock = StepClock::start(&world.api.store());
 
     let api: Api<NixOSNode> = Api::all(world.client.clone());
     let stream = watcher(api, watcher::Config::default())
@@ -150,6 +154,7 @@ pub async fn run(
                     s.kernel_modules.push_str("-1");
                 })?;
                 if !opts.json {
+                    renderer.clear(&mut out)?;
                     writeln!(
                         err,
                         "\nnixroll demo: all nodes run {}; rolling out {} (new kernel: every node reboots)\n",
@@ -158,6 +163,7 @@ pub async fn run(
                     )?;
                 }
                 world.apply_all(&world.spec(&next)).await?;
+                clock.reset();
                 for p in progress.nodes.values_mut() {
                     p.disrupted_for = Duration::ZERO;
                 }
@@ -186,11 +192,11 @@ pub async fn run(
             .iter()
             .map(|(k, v)| (k.clone(), v.disrupted_for.saturating_sub(simulated)))
             .collect(),
+        steps: clock.stats(),
         nix: world.nix_mode,
     };
-    if !opts.json {
-        print_summary(&mut err, &summary, simulated, started.elapsed())?;
-    }
+    // On stderr, so that `--json`'s standard output stays one phase change per line.
+    print_summary(&mut err, &summary, simulated, started.elapsed())?;
     if opts.hold {
         writeln!(
             err,
@@ -231,5 +237,13 @@ fn print_summary(
         )?;
     }
     let mean = s.overhead.iter().map(|(_, o)| secs(*o)).sum::<f64>() / s.overhead.len().max(1) as f64;
-    writeln!(out, "  mean overhead per node: {mean:.2}s")
+    writeln!(out, "  mean overhead per node: {mean:.2}s")?;
+    writeln!(
+        out,
+        "  where the disruption time went (cordon → uncordon, per step):"
+    )?;
+    for line in crate::sim::steps::render(&s.steps) {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }

@@ -10,4 +10,5 @@ pub mod flake;
 pub mod host;
 pub mod monitor;
 pub mod progress;
+pub mod steps;
 pub mod world;

@@ -163,6 +163,18 @@ impl Renderer {
         out.flush()
     }
 
+    /// Take the table off the screen (terminal mode only), so that a message can be printed
+    /// where it stood and the next redraw starts a whole table below it. Without this, a
+    /// redraw after a message moved up over the message and left the top of the old table.
+    pub fn clear(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.json || !self.tty || self.drawn == 0 {
+            return Ok(());
+        }
+        write!(out, "\x1b[{}A\x1b[J", self.drawn)?;
+        self.drawn = 0;
+        out.flush()
+    }
+
     /// Redraw the table (terminal mode only).
     pub fn redraw(&mut self, out: &mut impl Write, progress: &Progress, now: Instant) -> std::io::Result<()> {
         if self.json || !self.tty {
@@ -239,5 +251,71 @@ mod tests {
         assert_eq!(line["phase"], "UpToDate");
         assert_eq!(line["revision"], b);
         assert!(line["time"].as_str().unwrap().parse::<jiff::Timestamp>().is_ok());
+    }
+
+    /// What a terminal shows after `bytes` (only the sequences the renderer writes).
+    fn screen(bytes: &[u8]) -> Vec<String> {
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let mut lines: Vec<String> = vec![String::new()];
+        let mut row = 0usize;
+        let mut rest = text.as_str();
+        while let Some(c) = rest.chars().next() {
+            if let Some(esc) = rest.strip_prefix("\x1b[") {
+                let end = esc.find(|c: char| c.is_ascii_alphabetic()).unwrap();
+                let (arg, cmd) = (&esc[..end], &esc[end..end + 1]);
+                match cmd {
+                    "A" => row = row.saturating_sub(arg.parse::<usize>().unwrap()),
+                    "K" => lines[row].clear(),
+                    "J" => {
+                        lines.truncate(row + 1);
+                        lines[row].clear();
+                    }
+                    other => panic!("unexpected sequence {other}"),
+                }
+                rest = &esc[end + 1..];
+                continue;
+            }
+            if c == '\n' {
+                row += 1;
+                if lines.len() <= row {
+                    lines.push(String::new());
+                }
+            } else {
+                lines[row].push(c);
+            }
+            rest = &rest[c.len_utf8()..];
+        }
+        lines.into_iter().filter(|l| !l.is_empty()).collect()
+    }
+
+    #[test]
+    fn a_message_between_frames_leaves_no_partial_table_behind() {
+        let t0 = Instant::now();
+        let a = "a".repeat(40);
+        let mut p = Progress::default();
+        let mut r = Renderer::new(false, true);
+        let mut out = Vec::new();
+        p.observe(&obj("n1", Phase::UpToDate, Some(&a)), t0);
+        p.observe(&obj("n2", Phase::UpToDate, Some(&a)), t0);
+        r.redraw(&mut out, &p, t0).unwrap();
+        for n in ["n3", "n4", "n5"] {
+            p.observe(&obj(n, Phase::UpToDate, Some(&a)), t0);
+        }
+        r.redraw(&mut out, &p, t0).unwrap();
+        r.clear(&mut out).unwrap();
+        out.extend_from_slice(b"\nnixroll demo: all nodes run aaaaaaaa; rolling out\n\n");
+        p.observe(&obj("n1", Phase::Draining, Some(&a)), t0);
+        r.redraw(&mut out, &p, t0).unwrap();
+        r.redraw(&mut out, &p, t0).unwrap();
+        let shown = screen(&out);
+        let headers = shown.iter().filter(|l| l.starts_with("NODE")).count();
+        assert_eq!(headers, 1, "one table on screen:\n{}", shown.join("\n"));
+        assert_eq!(
+            shown.len(),
+            1 + 1 + 5,
+            "message, header, five nodes:\n{}",
+            shown.join("\n")
+        );
+        assert!(shown[0].starts_with("nixroll demo: all nodes run"), "{shown:?}");
     }
 }
