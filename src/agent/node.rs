@@ -647,6 +647,9 @@ impl NodeAgent {
                 .map_err(|e| e.to_string())?;
         }
         let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
+        // A local file check: first every 10 ms, doubling up to `result_poll`, so that a quick
+        // switch is seen at once and a long one costs a few checks a second.
+        let mut pause = Duration::from_millis(10).min(self.options.result_poll);
         loop {
             if let Some(code) = read_result(&result) {
                 return Ok(code);
@@ -657,7 +660,8 @@ impl NodeAgent {
                     self.options.activation_timeout
                 ));
             }
-            tokio::time::sleep(self.options.result_poll).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(self.options.result_poll);
         }
     }
 

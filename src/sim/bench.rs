@@ -349,6 +349,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     )
     .await?;
     let rollout = t_roll.elapsed();
+    clock.wait_finished(opts.nodes, Duration::from_secs(10)).await;
     let after = listener.request_counts();
     let agents_after = world.agents_api.request_counts();
     let metrics = scrape(metrics_port).unwrap_or_default();

@@ -176,6 +176,8 @@ pub async fn run(
     }
     let total = rollout_started.elapsed();
     renderer.redraw(&mut out, &progress, Instant::now())?;
+    // The last uncordon follows the last UpToDate write: let the clock see it (bounded).
+    clock.wait_finished(n, Duration::from_secs(5)).await;
 
     let t = &opts.world.timing;
     let simulated = t.reboot + t.pod_termination;

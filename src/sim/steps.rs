@@ -97,6 +97,8 @@ struct State {
 /// Follows the store; see the module docs. Stops when dropped.
 pub struct StepClock {
     state: Arc<Mutex<State>>,
+    /// Notified after every event the clock took in.
+    changed: Arc<tokio::sync::Notify>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -112,6 +114,7 @@ impl StepClock {
     /// Start following `store`.
     pub fn start(store: &Store) -> StepClock {
         let state = Arc::new(Mutex::new(State::default()));
+        let changed = Arc::new(tokio::sync::Notify::new());
         let kinds = [
             (Gvr::new("", "v1", "nodes"), Kind::Node),
             (Gvr::new("", "v1", "pods"), Kind::Pod),
@@ -123,11 +126,15 @@ impl StepClock {
         let tasks = kinds
             .into_iter()
             .map(|(gvr, kind)| {
-                let (store, state) = (store.clone(), state.clone());
-                tokio::spawn(follow(store, gvr, kind, state))
+                let (store, state, changed) = (store.clone(), state.clone(), changed.clone());
+                tokio::spawn(follow(store, gvr, kind, state, changed))
             })
             .collect();
-        StepClock { state, tasks }
+        StepClock {
+            state,
+            changed,
+            tasks,
+        }
     }
 
     /// Forget everything finished so far (for example the adoption before a rollout).
@@ -135,6 +142,24 @@ impl StepClock {
         if let Ok(mut s) = self.state.lock() {
             s.done.clear();
         }
+    }
+
+    /// Wait until `n` disruptions finished (their uncordon was seen), at most `limit`.
+    pub async fn wait_finished(&self, n: usize, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                // Registered before the check, so an event in between is not missed.
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let seen = { self.state.lock().map(|s| s.done.len()).unwrap_or(n) };
+                if seen >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
     }
 
     /// The finished disruptions, per node, in order.
@@ -201,7 +226,13 @@ enum Kind {
 
 /// Watch one collection until the task is aborted; a watch closed by the store (fell behind)
 /// is opened again with the current objects.
-async fn follow(store: Store, gvr: Gvr, kind: Kind, state: Arc<Mutex<State>>) {
+async fn follow(
+    store: Store,
+    gvr: Gvr,
+    kind: Kind,
+    state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
     loop {
         let Ok(mut watch) = store.watch(&gvr, None, &WatchOptions::default()) else {
             return;
@@ -213,12 +244,15 @@ async fn follow(store: Store, gvr: Gvr, kind: Kind, state: Arc<Mutex<State>>) {
                 WatchEvent::Deleted(o) => (o, true),
                 WatchEvent::Bookmark { .. } | WatchEvent::Error(_) => continue,
             };
-            let Ok(mut s) = state.lock() else { return };
-            match kind {
-                Kind::Node => on_node(&mut s, obj, deleted, now),
-                Kind::Pod => on_pod(&mut s, obj, deleted, now),
-                Kind::NixOSNode => on_nixosnode(&mut s, obj, now),
+            {
+                let Ok(mut s) = state.lock() else { return };
+                match kind {
+                    Kind::Node => on_node(&mut s, obj, deleted, now),
+                    Kind::Pod => on_pod(&mut s, obj, deleted, now),
+                    Kind::NixOSNode => on_nixosnode(&mut s, obj, now),
+                }
             }
+            changed.notify_waiters();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
