@@ -24,7 +24,7 @@ pub enum BenchError {
     Run(#[from] RunError),
     #[error("{tool} failed: {message}")]
     Tool { tool: String, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -17,13 +17,13 @@ const BLOCK: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]

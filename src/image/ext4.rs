@@ -34,13 +34,13 @@ pub enum Ext4Error {
     Debugfs { request: String, message: String },
     #[error("debugfs printed something unexpected for `stat {path}`: {detail}")]
     Parse { path: String, detail: String },
-    #[error("cannot read or write the image {path}: {source}")]
+    #[error("cannot read or write the image {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot pass a secret to debugfs through a memfd: {0}")]
+    #[error("cannot pass a secret to debugfs through a memfd")]
     Memfd(#[source] std::io::Error),
     #[error(
         "the root filesystem was not cleanly unmounted (its journal needs recovery); \

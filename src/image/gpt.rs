@@ -79,7 +79,7 @@ impl FsKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -221,7 +221,7 @@ impl Ui {
             return;
         }
         self.last.set(Some(now));
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
@@ -445,10 +445,10 @@ pub fn assemble(
     let allocated = copy::allocated(&fin).map_err(|e| out_err(e.to_string()))?;
     std::fs::rename(&fin, &out)
         .map_err(|e| out_err(format!("cannot move the finished image into place: {e}")))?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(parent) {
-            let _ = d.sync_all();
-        }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(parent)
+    {
+        let _ = d.sync_all();
     }
     ui.step(&format!("wrote {}", out.display()));
     Ok(Report {

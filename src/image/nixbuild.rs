@@ -15,8 +15,8 @@ pub enum NixBuildError {
     Name { what: &'static str, value: String },
     #[error(transparent)]
     Run(#[from] RunError),
-    #[error("nix build {installable} failed (exit {code:?}); Nix's messages are above")]
-    Failed { installable: String, code: Option<i32> },
+    #[error("nix build {installable} failed ({status}); Nix's messages are above")]
+    Failed { installable: String, status: String },
     #[error("nix build printed no output path: {0}")]
     Parse(String),
     #[error("{path}: {detail}")]
@@ -74,7 +74,7 @@ pub fn build(installable: &str, offline: bool, timeout: Duration) -> Result<Path
     if !out.success() {
         return Err(NixBuildError::Failed {
             installable: crate::nix::mask_credentials(installable),
-            code: out.status.code(),
+            status: out.status.to_string(),
         });
     }
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -24,7 +24,7 @@ impl Output {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Spawn {
         program: String,
         #[source]
@@ -32,7 +32,7 @@ pub enum RunError {
     },
     #[error("{program} did not finish within {}s and was killed", timeout.as_secs())]
     Timeout { program: String, timeout: Duration },
-    #[error("waiting for {program}: {source}")]
+    #[error("waiting for {program}")]
     Wait {
         program: String,
         #[source]

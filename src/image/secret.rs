@@ -52,7 +52,7 @@ pub enum SecretError {
     Option { arg: String, detail: String },
     #[error("destination {dest:?}: {detail}")]
     Dest { dest: String, detail: String },
-    #[error("secret source {path} for {dest}: {source}")]
+    #[error("secret source {path} for {dest}")]
     Source {
         path: PathBuf,
         dest: String,
@@ -150,7 +150,7 @@ pub fn check_dest(dest: &str) -> Result<(), SecretError> {
         return Err(bad("longer than 1024 bytes"));
     }
     let parts: Vec<&str> = dest[1..].split('/').collect();
-    if parts.iter().any(|p| *p == "..") {
+    if parts.contains(&"..") {
         return Err(bad("must not contain `..`"));
     }
     if parts.iter().any(|p| p.is_empty() || *p == ".") {
