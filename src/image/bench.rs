@@ -125,6 +125,8 @@ pub fn make_disk_image(path: &Path, size_mib: u64, root: RootKind) -> Result<Lay
     tool(
         "mkfs.fat",
         &[
+            "-F",
+            "16",
             "-n",
             "ESP",
             "--offset",

@@ -14,6 +14,7 @@ use rustix::fs::SeekFrom;
 const CHUNK: usize = 1 << 20;
 /// Granularity of zero detection (the usual filesystem block).
 const BLOCK: usize = 4096;
+static ZEROS: [u8; BLOCK] = [0; BLOCK];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -134,7 +135,8 @@ fn write_nonzero(out: &File, buf: &[u8], offset: u64) -> std::io::Result<u64> {
     let mut i = 0;
     while i < buf.len() {
         let end = (i + BLOCK).min(buf.len());
-        let zero = buf[i..end].iter().all(|&b| b == 0);
+        // A slice comparison is a memcmp: fast even in a debug build.
+        let zero = buf[i..end] == ZEROS[..end - i];
         match (zero, run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(s)) => {
