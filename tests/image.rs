@@ -279,8 +279,13 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let (img, off) = image(tmp.path(), "disk.img");
+    // Three blocks of the old secret: the new, shorter file can reuse at most one of them,
+    // so the others stay free with whatever nixroll left in them.
+    let old_content: Vec<u8> = (0..3 * 4096 / 32)
+        .flat_map(|i| format!("old-token-5f1e0c9a7b3d-{i:09}\n").into_bytes())
+        .collect();
     let old = tmp.path().join("old");
-    write(&old, b"old-token-5f1e0c9a7b3d");
+    write(&old, &old_content);
     let new = tmp.path().join("new");
     write(&new, b"new-token-different-length");
     ok(&nixroll(&[
@@ -290,7 +295,10 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
         "--secret",
         &format!("/etc/k3s/token={}", path(&old)),
     ]));
-    assert!(contains(&std::fs::read(&img).unwrap(), b"old-token-5f1e0c9a7b3d"));
+    assert!(contains(
+        &std::fs::read(&img).unwrap(),
+        b"old-token-5f1e0c9a7b3d-000000300"
+    ));
     let stdout = ok(&nixroll(&[
         "image",
         "inject",
