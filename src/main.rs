@@ -170,6 +170,17 @@ fn run_image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     let ui = image::Ui::detect();
+    // On Ctrl-C or SIGTERM, remove the work directory (it may hold a copy with the secrets)
+    // before exiting; destructors do not run when a signal ends the process.
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(shutdown_signal());
+        nixroll::image::remove_work_dirs();
+        eprintln!("nixroll: interrupted; work directory removed");
+        std::process::exit(130);
+    });
     match cmd {
         ImageCommand::Build(args) => {
             let secrets = load(&args.secrets)?;

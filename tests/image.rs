@@ -798,3 +798,87 @@ fn builds_the_flake_image_with_real_nix() {
     assert!(stderr.contains("node2"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// Ctrl-C (SIGTERM to the process group) while Nix builds: the work directory next to the
+/// output goes away, no output appears.
+#[test]
+fn an_interrupted_build_leaves_no_work_directory() {
+    if !require(DISK_TOOLS) || !require(&["nix"]) {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let flake = dir.join("flake");
+    write(
+        &flake.join("flake.nix"),
+        r#"{
+  outputs = { self }: {
+    nixosConfigurations.slow.config.system.build.images.raw-efi = derivation {
+      name = "slow-image";
+      system = "@SYSTEM@";
+      builder = "/bin/sleep";
+      args = [ "10" ];
+    };
+  };
+}
+"#
+        .replace("@SYSTEM@", &nixroll::sim::flake::nix_system())
+        .as_bytes(),
+    );
+    let secret = dir.join("s");
+    write(&secret, b"s3cret");
+    let out_dir = dir.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let store = dir.join("store");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .args(["image", "build", "--offline", "--flake"])
+        .arg(format!("path:{}#slow", flake.display()))
+        .arg("--out")
+        .arg(out_dir.join("slow.img"))
+        .args(["--secret", &format!("/etc/k3s/token={}", path(&secret))])
+        .env("NIX_STORE_DIR", store.join("nix/store"))
+        .env("NIX_STATE_DIR", store.join("nix/var/nix"))
+        .env("NIX_LOG_DIR", store.join("nix/var/log/nix"))
+        .env("NIX_CONF_DIR", store.join("etc/nix"))
+        .env("HOME", store.join("home"))
+        .env("NIX_CONFIG", "sandbox = false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // Wait for the work directory, then for the build to be under way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while leftovers(&out_dir).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no work directory appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The signal to nixroll alone: its handler must clean up (Nix goes on building).
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pid}")])
+        .status();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(
+        !stderr.contains("failed"),
+        "the build was not under way: {stderr}"
+    );
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted; work directory removed"), "{stderr}");
+    assert!(
+        leftovers(&out_dir).is_empty(),
+        "work directory left after the signal: {stderr}"
+    );
+    assert!(!out_dir.join("slow.img").exists());
+}

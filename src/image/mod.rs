@@ -274,6 +274,7 @@ impl WorkDir {
                     parent.display()
                 ))
             })?;
+        live_work_dirs(|dirs| dirs.push(dir.path().to_path_buf()));
         Ok(WorkDir {
             dir,
             out: out.to_path_buf(),
@@ -283,6 +284,33 @@ impl WorkDir {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let me = self.dir.path().to_path_buf();
+        live_work_dirs(|dirs| dirs.retain(|d| *d != me));
+        // The TempDir field removes the directory right after this.
+    }
+}
+
+static LIVE_WORK_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn live_work_dirs(f: impl FnOnce(&mut Vec<PathBuf>)) {
+    let mut guard = LIVE_WORK_DIRS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    f(&mut guard);
+}
+
+/// Remove every work directory still in use (they may hold a copy with secrets). For the
+/// binary's SIGINT/SIGTERM handler, which then exits: destructors do not run on a signal.
+pub fn remove_work_dirs() {
+    live_work_dirs(|dirs| {
+        for d in dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    });
 }
 
 /// Where the image comes from.
@@ -353,7 +381,12 @@ pub fn inject(
             detail: "no such image file".into(),
         });
     }
-    let work = WorkDir::next_to(out.unwrap_or(image))?;
+    // Replacing FILE through a symlink replaces the file it points to, not the link.
+    let target = match out {
+        Some(o) => o.to_path_buf(),
+        None => std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf()),
+    };
+    let work = WorkDir::next_to(&target)?;
     assemble(&work, image, format, root_label, secrets, ui)
 }
 

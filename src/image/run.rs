@@ -24,7 +24,7 @@ impl Output {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot run {program}")]
+    #[error("cannot run {program} (is it installed?)")]
     Spawn {
         program: String,
         #[source]
