@@ -299,10 +299,13 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
         &std::fs::read(&img).unwrap(),
         b"old-token-5f1e0c9a7b3d-000000300"
     ));
+    // The root found by its GPT partition name instead of its label.
     let stdout = ok(&nixroll(&[
         "image",
         "inject",
         path(&img),
+        "--root-label",
+        "primary",
         "--secret",
         &format!("/etc/k3s/token={},mode=0600", path(&new)),
     ]));
