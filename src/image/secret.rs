@@ -302,4 +302,18 @@ mod tests {
             check_dest(good).unwrap();
         }
     }
+
+    #[test]
+    fn duplicate_or_nested_destinations_are_refused_before_any_read() {
+        let spec = |d: &str| parse_spec(&format!("{d}=/nonexistent")).unwrap();
+        let dup = load(vec![spec("/etc/k3s/token"), spec("/etc/k3s/token")]).unwrap_err();
+        assert!(dup.to_string().contains("given twice"), "{dup}");
+        let nested = load(vec![spec("/etc/k3s"), spec("/etc/k3s/token")]).unwrap_err();
+        assert!(nested.to_string().contains("conflicts with /etc/k3s"), "{nested}");
+        let missing = load(vec![spec("/etc/k3s/token")]).unwrap_err();
+        assert!(
+            missing.to_string().contains("secret source /nonexistent"),
+            "{missing}"
+        );
+    }
 }
