@@ -62,6 +62,7 @@ pub fn sparse_copy(
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     let mut pos = 0u64;
+    let mut reported = 0u64;
     while pos < size {
         let (data, hole) = match next_data(&input, pos, size).map_err(read_err)? {
             Some(extent) => extent,
@@ -76,13 +77,16 @@ pub fn sparse_copy(
             }
             written += write_nonzero(&output, &buf[..n], at).map_err(write_err)?;
             at += n as u64;
+            reported = at;
             progress(at, size);
         }
         pos = hole;
     }
     output.set_len(size).map_err(write_err)?;
     output.sync_all().map_err(write_err)?;
-    progress(size, size);
+    if reported < size {
+        progress(size, size);
+    }
     Ok(CopyStats { size, written })
 }
 
