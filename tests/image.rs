@@ -408,6 +408,12 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
     debugfs_w(&img, off, "mkdir /etc/k3s");
     debugfs_w(&img, off, "symlink /etc/k3s/token /nix/store/abc-token");
     debugfs_w(&img, off, "mkdir /srv");
+    // /srv/a and /srv/b: one inode with two names.
+    let shared = dir.join("shared");
+    write(&shared, b"shared content");
+    debugfs_w(&img, off, &format!("write {} /srv/a", shared.display()));
+    debugfs_w(&img, off, "ln /srv/a /srv/b");
+    debugfs_w(&img, off, "set_inode_field /srv/a links_count 2");
     let original = std::fs::read(&img).unwrap();
     let secret = dir.join("s");
     write(&secret, b"s3cret");
@@ -448,6 +454,8 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
         "exists in the image as a directory",
         dir,
     );
+    untouched();
+    failed_with(&inject(&format!("/srv/b={s}")), "a file with 2 hard links", dir);
     untouched();
 
     // No root partition; roots that are not ext4.

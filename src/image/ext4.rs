@@ -65,6 +65,8 @@ pub enum Node {
         uid: u32,
         gid: u32,
         size: u64,
+        /// Hard links to the inode.
+        links: u32,
     },
     Symlink,
     Other(String),
@@ -315,7 +317,15 @@ fn parse_stat(path: &str, text: &str) -> Result<Node, Ext4Error> {
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| bad("no Size"))?;
     Ok(match ty {
-        "regular" => Node::Regular { mode, uid, gid, size },
+        "regular" => Node::Regular {
+            mode,
+            uid,
+            gid,
+            size,
+            links: after("Links:")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("no Links"))?,
+        },
         "directory" => Node::Directory { mode, uid, gid },
         "symlink" => Node::Symlink,
         other => Node::Other(other.to_string()),
@@ -330,14 +340,17 @@ mod tests {
     fn stat_output_is_parsed() {
         let text = "Inode: 14   Type: regular    Mode:  0400   Flags: 0x80000\n\
                     Generation: 0    Version: 0x00000000:00000000\n\
-                    User: 100000   Group:     0   Project:     0   Size: 12\n";
+                    User: 100000   Group:     0   Project:     0   Size: 12\n\
+                    File ACL: 0\n\
+                    Links: 1   Blockcount: 8\n";
         assert_eq!(
             parse_stat("/x", text).unwrap(),
             Node::Regular {
                 mode: 0o400,
                 uid: 100000,
                 gid: 0,
-                size: 12
+                size: 12,
+                links: 1
             }
         );
         let dir = "Inode: 2   Type: directory    Mode:  0755   Flags: 0x80000\nUser:     0   Group:     0   Project:     0   Size: 1024\n";

@@ -540,6 +540,15 @@ fn write_secret(ext: &Ext4Image, s: &Secret) -> Result<(FileReport, Vec<String>)
     let replaced = if missing.is_empty() {
         match ext.stat(dest)? {
             Node::Missing => false,
+            Node::Regular { links, .. } if links > 1 => {
+                return Err(ImageError::NotAFile {
+                    dest: dest.clone(),
+                    what: format!(
+                        "a file with {links} hard links (its blocks, which nixroll wipes before \
+                         replacing it, are shared with another name)"
+                    ),
+                });
+            }
             Node::Regular { .. } => true,
             Node::Symlink => {
                 return Err(ImageError::Symlink {

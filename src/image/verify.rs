@@ -24,6 +24,7 @@ pub fn written(ext: &Ext4Image, secrets: &[Secret], created_dirs: &[String]) -> 
             uid: s.spec.uid,
             gid: s.spec.gid,
             size: s.content.len() as u64,
+            links: 1,
         };
         let got = ext.stat(&s.spec.dest)?;
         if got != want {
@@ -47,7 +48,13 @@ fn describe(n: &Node) -> String {
     match n {
         Node::Missing => "nothing".into(),
         Node::Directory { mode, uid, gid } => format!("a directory {mode:04o} {uid}:{gid}"),
-        Node::Regular { mode, uid, gid, size } => format!("a file {mode:04o} {uid}:{gid} of {size} bytes"),
+        Node::Regular {
+            mode,
+            uid,
+            gid,
+            size,
+            links,
+        } => format!("a file {mode:04o} {uid}:{gid} of {size} bytes with {links} link(s)"),
         Node::Symlink => "a symlink".into(),
         Node::Other(t) => format!("a {t}"),
     }
