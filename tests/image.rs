@@ -893,3 +893,59 @@ fn an_interrupted_build_leaves_no_work_directory() {
     );
     assert!(!out_dir.join("slow.img").exists());
 }
+
+/// No root privileges: an unprivileged user writes root-owned files into their own image.
+#[test]
+fn works_without_root_privileges() {
+    if !require(DISK_TOOLS) || !require(&["runuser"]) {
+        return;
+    }
+    let is_root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (img, off) = image(dir, "disk.img");
+    let secret = dir.join("s");
+    write(&secret, b"unprivileged-secret");
+    let spec = format!("/etc/k3s/token={}", path(&secret));
+    let out = if is_root {
+        // Run as `nobody`, with a copy of the binary it can execute.
+        let bin = dir.join("nixroll");
+        std::fs::copy(env!("CARGO_BIN_EXE_nixroll"), &bin).unwrap();
+        assert!(
+            Command::new("chown")
+                .args(["-R", "nobody", path(dir)])
+                .status()
+                .unwrap()
+                .success()
+        );
+        Command::new("runuser")
+            .args([
+                "-u",
+                "nobody",
+                "--",
+                path(&bin),
+                "image",
+                "inject",
+                path(&img),
+                "--secret",
+                &spec,
+            ])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .output()
+            .unwrap()
+    } else {
+        nixroll(&["image", "inject", path(&img), "--secret", &spec])
+    };
+    ok(&out);
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        std::fs::metadata(&img).unwrap().uid(),
+        0,
+        "the image was not written by an unprivileged user"
+    );
+    assert_eq!(
+        read_back(&ext4(&img, off), "/etc/k3s/token"),
+        (0o400, 0, 0, b"unprivileged-secret".to_vec())
+    );
+    fsck_clean(&img, off);
+}
