@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod drain;
+pub mod image;
 pub mod names;
 pub mod nix;
 pub mod report;

@@ -34,6 +34,207 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Build a bootable disk image from the flake with root-only secret files written into it
+    /// (outside the Nix store), or write such files into an existing image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build `nixosConfigurations.HOST.config.system.build.images.VARIANT`, copy it out of the
+    /// store, write the secrets into its ext4 root, verify, convert if asked.
+    Build(ImageBuildArgs),
+    /// Write secrets into an existing image (re-imaging, rotation), replacing it atomically.
+    Inject(ImageInjectArgs),
+    /// Benchmark: write a secret into a sparse image copied out of a private Nix store.
+    #[command(hide = true)]
+    Bench(ImageBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ImageSecretArgs {
+    /// Write the file SRC to DEST in the image's root filesystem (mode 0400, owner 0:0 unless
+    /// given; owners are numeric). SRC is read once, so `<(command)` works. Repeatable.
+    #[arg(long = "secret", value_name = "DEST=SRC[,mode=0400][,owner=UID:GID]")]
+    secrets: Vec<String>,
+    /// Write every file DIR/REL to /REL (DIR/etc/k3s/token → /etc/k3s/token), mode 0400, root.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<std::path::PathBuf>,
+    /// The root filesystem: the GPT partition name or filesystem label to look for.
+    #[arg(long, value_name = "NAME", default_value = "nixos")]
+    root_label: String,
+    /// Print what was written as JSON (paths, modes, owners, sizes; never contents).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImageBuildArgs {
+    /// The flake and host: REF#HOST (e.g. `.#node1`, `github:me/infra#node1`).
+    #[arg(
+        long,
+        value_name = "REF#HOST",
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
+    flake: Option<String>,
+    /// Use an image that is already built instead: a store path (as `nix build` printed it)
+    /// or an image file.
+    #[arg(long, value_name = "PATH")]
+    image: Option<std::path::PathBuf>,
+    /// The image file to write (replaced atomically; mode 0600).
+    #[arg(long, value_name = "FILE")]
+    out: std::path::PathBuf,
+    /// Which of `config.system.build.images` to build.
+    #[arg(long, default_value = "raw-efi")]
+    variant: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "raw")]
+    format: ImageFormat,
+    /// Never use binary caches.
+    #[arg(long)]
+    offline: bool,
+    /// Give up on `nix build` after this long.
+    #[arg(long, default_value = "2h", value_parser = parse_duration)]
+    build_timeout: Duration,
+    #[command(flatten)]
+    secrets: ImageSecretArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImageInjectArgs {
+    /// The image (raw or qcow2) to write into.
+    file: std::path::PathBuf,
+    /// Write the result here instead of replacing FILE.
+    #[arg(long, value_name = "FILE")]
+    out: Option<std::path::PathBuf>,
+    /// Output format (default: the input's).
+    #[arg(long, value_enum)]
+    format: Option<ImageFormat>,
+    #[command(flatten)]
+    secrets: ImageSecretArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImageBenchArgs {
+    /// Apparent size of the image in MiB.
+    #[arg(long, default_value_t = 4096)]
+    size_mib: u64,
+    /// MiB of file data to put into the root filesystem first.
+    #[arg(long, default_value_t = 256)]
+    data_mib: u64,
+    /// Work here (default: a temporary directory under /var/tmp).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ImageFormat {
+    Raw,
+    Qcow2,
+}
+
+impl From<ImageFormat> for nixroll::image::Format {
+    fn from(f: ImageFormat) -> Self {
+        match f {
+            ImageFormat::Raw => nixroll::image::Format::Raw,
+            ImageFormat::Qcow2 => nixroll::image::Format::Qcow2,
+        }
+    }
+}
+
+fn run_image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+    use nixroll::image;
+    init_tracing(false);
+    let load = |a: &ImageSecretArgs| -> anyhow::Result<Vec<image::secret::Secret>> {
+        let mut specs = a
+            .secrets
+            .iter()
+            .map(|s| image::secret::parse_spec(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(dir) = &a.secrets_dir {
+            specs.extend(image::secret::specs_from_dir(dir)?);
+        }
+        Ok(image::secret::load(specs)?)
+    };
+    let print = |report: &image::Report, json: bool| -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            print!("{}", report.text());
+        }
+        Ok(())
+    };
+    let ui = image::Ui::detect();
+    // On Ctrl-C or SIGTERM, remove the work directory (it may hold a copy with the secrets)
+    // before exiting; destructors do not run when a signal ends the process.
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(shutdown_signal());
+        nixroll::image::remove_work_dirs();
+        eprintln!("nixroll: interrupted; work directory removed");
+        std::process::exit(130);
+    });
+    match cmd {
+        ImageCommand::Build(args) => {
+            let secrets = load(&args.secrets)?;
+            let source = match (&args.flake, &args.image) {
+                (Some(f), _) => {
+                    let (flake, host) = image::nixbuild::split_flake(f)?;
+                    image::Source::Flake {
+                        flake,
+                        host,
+                        variant: args.variant.clone(),
+                        offline: args.offline,
+                        timeout: args.build_timeout,
+                    }
+                }
+                (None, Some(p)) => image::Source::Path(p.clone()),
+                (None, None) => anyhow::bail!("give --flake REF#HOST or --image PATH"),
+            };
+            let report = image::build(
+                &source,
+                &args.out,
+                args.format.into(),
+                &args.secrets.root_label,
+                &secrets,
+                &ui,
+            )?;
+            print(&report, args.secrets.json)?;
+        }
+        ImageCommand::Inject(args) => {
+            let secrets = load(&args.secrets)?;
+            let report = image::inject(
+                &args.file,
+                args.out.as_deref(),
+                args.format.map(Into::into),
+                &args.secrets.root_label,
+                &secrets,
+                &ui,
+            )?;
+            print(&report, args.secrets.json)?;
+        }
+        ImageCommand::Bench(args) => {
+            let opts = image::bench::BenchOptions {
+                size_mib: args.size_mib,
+                data_mib: args.data_mib,
+                dir: args.dir,
+            };
+            let report = image::bench::run(&opts, &ui)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args, Debug)]
@@ -380,6 +581,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
+        Command::Image(cmd) => run_image(cmd),
         Command::Status { timeout } => {
             init_tracing(false);
             runtime()?.block_on(async {
