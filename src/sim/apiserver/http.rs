@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::Counters;
 use super::discovery;
 use super::error::StoreError;
+use super::openapi;
 use super::resources::{Gvr, ResourceInfo};
 use super::store::{
     DeleteOptions, Deleted, ListOptions, Patch, Store, Subresource, WatchOptions, WriteOptions,
@@ -298,16 +299,12 @@ fn route(
             return discovery::resource_list(&resources, g, v)
                 .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
-        ["openapi", "v3"] => {
-            return ok(&discovery::openapi_v3_root(&resources, resources.len() as u64));
-        }
+        ["openapi", "v3"] => return ok(&openapi::v3_root(&resources)),
         ["openapi", "v3", "api", v] => {
-            return discovery::openapi_v3_gv(&resources, "", v)
-                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+            return openapi::v3_gv(&resources, "", v).map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["openapi", "v3", "apis", g, v] => {
-            return discovery::openapi_v3_gv(&resources, g, v)
-                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+            return openapi::v3_gv(&resources, g, v).map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         _ => {}
     }

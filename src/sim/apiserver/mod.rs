@@ -39,6 +39,7 @@ pub mod discovery;
 pub mod error;
 pub mod fields;
 pub mod http;
+pub mod openapi;
 pub mod pdb;
 pub mod protobuf;
 pub mod resources;
