@@ -20,7 +20,8 @@ use super::error::StoreError;
 use super::openapi;
 use super::resources::{Gvr, ResourceInfo};
 use super::store::{
-    DeleteOptions, Deleted, ListOptions, Patch, Store, Subresource, WatchOptions, WriteOptions,
+    DeleteOptions, Deleted, FieldValidation, ListOptions, Patch, Store, Subresource, WatchOptions,
+    Warnings, WriteOptions,
 };
 use super::table;
 use super::watch::{Watch, WatchEvent};
@@ -251,11 +252,30 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    match route(&srv, &method, &path, &headers, &q, &body) {
+    let warnings = Warnings::default();
+    let mut r = match route(&srv, &method, &path, &headers, &q, &body, &warnings) {
         Ok(Routed::Response(r)) => r,
-        Ok(Routed::Watch(w, target, shape)) => watch_response(&srv, w, target, shape, &q),
+        Ok(Routed::Watch(w, target, shape)) => return watch_response(&srv, w, target, shape, &q),
         Err(e) => error_response(&e),
+    };
+    for w in warnings.take() {
+        if let Ok(v) = header::HeaderValue::from_str(&warning_header(&w)) {
+            r.headers_mut().append(header::WARNING, v);
+        }
     }
+    r
+}
+
+/// A `Warning` header value as kube-apiserver writes it: code 299, no agent, quoted text.
+fn warning_header(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(if c.is_control() { ' ' } else { c });
+    }
+    format!("299 - \"{quoted}\"")
 }
 
 enum Routed {
@@ -274,6 +294,7 @@ fn route(
     headers: &HeaderMap,
     q: &HashMap<String, String>,
     body: &[u8],
+    warnings: &Warnings,
 ) -> Result<Routed, StoreError> {
     let segs: Vec<&str> = path
         .trim_matches('/')
@@ -314,7 +335,7 @@ fn route(
         _ => return Err(not_found(path)),
     };
     let t = parse_target(&srv.store, group, version, rest, path)?;
-    resource_request(srv, method, t, headers, q, body)
+    resource_request(srv, method, t, headers, q, body, warnings)
 }
 
 fn resource_request(
@@ -324,6 +345,7 @@ fn resource_request(
     headers: &HeaderMap,
     q: &HashMap<String, String>,
     body: &[u8],
+    warnings: &Warnings,
 ) -> Result<Routed, StoreError> {
     let store = &srv.store;
     let info = t.info.clone();
@@ -348,7 +370,8 @@ fn resource_request(
                 .map(str::to_owned)
         }),
         force: bool_param(q, "force"),
-        strict: q.get("fieldValidation").map(String::as_str) == Some("Strict"),
+        field_validation: FieldValidation::parse(q.get("fieldValidation").map(String::as_str))?,
+        warnings: warnings.clone(),
     };
     if q.get("dryRun").is_some_and(|d| !d.is_empty()) {
         return Err(StoreError::BadRequest {
