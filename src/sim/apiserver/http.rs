@@ -20,8 +20,8 @@ use super::error::StoreError;
 use super::openapi;
 use super::resources::{Gvr, ResourceInfo};
 use super::store::{
-    DeleteOptions, Deleted, FieldValidation, ListOptions, Patch, Store, Subresource, WatchOptions,
-    Warnings, WriteOptions,
+    DeleteOptions, Deleted, FieldValidation, ListOptions, Patch, Store, Subresource, Warnings, WatchOptions,
+    WriteOptions,
 };
 use super::table;
 use super::watch::{Watch, WatchEvent};
@@ -484,6 +484,20 @@ fn resource_request(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned();
+            // Custom resources have no Go types, so no strategic merge (kube-apiserver: 415).
+            let accepted = if info.custom {
+                "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+            } else {
+                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
+            };
+            let unsupported = || StoreError::UnsupportedMediaType {
+                message: format!(
+                    "the body of the request was in an unknown format - accepted media types include: {accepted}"
+                ),
+            };
+            if info.custom && ct.starts_with("application/strategic-merge-patch+json") {
+                return Err(unsupported());
+            }
             let p = parse_body(headers, body)?;
             let patch = if ct.starts_with("application/apply-patch") {
                 Patch::Apply(p)
@@ -494,11 +508,7 @@ fn resource_request(
             } else if ct.starts_with("application/strategic-merge-patch+json") {
                 Patch::Strategic(p)
             } else {
-                return Err(StoreError::UnsupportedMediaType {
-                    message: format!(
-                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"
-                    ),
-                });
+                return Err(unsupported());
             };
             ok(&store.patch(gvr, ns, name, &patch, sub, &wopts)?)
         }

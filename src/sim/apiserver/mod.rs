@@ -57,8 +57,8 @@ use std::sync::{Arc, Mutex};
 pub use error::{ApiServerError, Cause, StoreError};
 pub use resources::Gvr;
 pub use store::{
-    DeleteOptions, Deleted, FieldValidation, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource,
-    Warnings, WatchOptions, WriteOptions,
+    DeleteOptions, Deleted, FieldValidation, ListOptions, ObjectList, Patch, Store, StoreOptions,
+    Subresource, Warnings, WatchOptions, WriteOptions,
 };
 pub use watch::{Watch, WatchEvent};
 
