@@ -1863,6 +1863,7 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
         manifest("name: node-4"),
     );
     let kc = dir.path().join("kubeconfig");
+    let (k2, kc2) = (k.clone(), kc.clone());
     let out = tokio::task::spawn_blocking(move || {
         let patch = [
             "patch",
@@ -1927,6 +1928,18 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
                 ],
                 None,
             ),
+            kubectl_run(
+                &k,
+                &kc,
+                &["patch", "configmap", "c", "-p", r#"{"dat":{"a":"b"}}"#],
+                None,
+            ),
+            kubectl_run(
+                &k,
+                &kc,
+                &["create", "-f", "-"],
+                Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: d\ndat:\n  a: b\n"),
+            ),
         ]
     })
     .await
@@ -1943,6 +1956,8 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
         ssa,
         _cm,
         cm_patch,
+        cm_patch2,
+        cm_strict,
     ] = out;
     let warning = "Warning: unknown field \"spec.maintenanceWindow\"";
     for (name, (ok, stdout, stderr)) in [("merge", &merge), ("json", &json_p)] {
@@ -1994,6 +2009,16 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
         cm_patch.0 && cm_patch.2.contains("Warning: unknown field \"metadata.labls\""),
         "{cm_patch:?}"
     );
+    assert!(
+        cm_patch2.0 && cm_patch2.2.contains("Warning: unknown field \"dat\""),
+        "{cm_patch2:?}"
+    );
+    assert!(
+        cm_strict.2.contains("ConfigMap in version \"v1\" cannot be handled as a ConfigMap: strict decoding error: unknown field \"dat\""),
+        "{cm_strict:?}"
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    assert_eq!(cms.get("c").await.unwrap().metadata.labels, None);
 
     // Nothing of it was stored, and the patches that changed nothing did not bump the generation.
     for name in ["node-2", "node-3", "node-4"] {
@@ -2006,4 +2031,28 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
     }
     let after = api.get("node-2").await.unwrap();
     assert_eq!(after.metadata.generation, before.metadata.generation);
+
+    // What nixroll itself installs passes Strict validation untouched (the CRD is pruned by
+    // the built-in CustomResourceDefinition schema like any other object).
+    let crd_yaml = nixroll::api::crd_yaml().unwrap();
+    let (_, _, crd_strict) = tokio::task::spawn_blocking(move || {
+        (
+            kubectl_run(&k2, &kc2, &["delete", "crd", "nixosnodes.nixroll.io"], None),
+            kubectl_run(&k2, &kc2, &["create", "-f", "-"], Some(&crd_yaml)),
+            kubectl_run(
+                &k2,
+                &kc2,
+                &["get", "crd", "nixosnodes.nixroll.io", "-o", "json"],
+                None,
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        crd_strict.0 && !crd_strict.2.contains("Warning"),
+        "{crd_strict:?}"
+    );
+    let stored: CustomResourceDefinition = serde_json::from_str(&crd_strict.1).unwrap();
+    assert_eq!(stored.spec, nixroll::api::crd().spec);
 }

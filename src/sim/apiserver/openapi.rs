@@ -225,6 +225,22 @@ static BUILTIN: LazyLock<BTreeMap<(String, String), Doc>> = LazyLock::new(|| {
         .collect()
 });
 
+/// The OpenAPI document of a built-in kind's group-version and the name of the kind's schema
+/// in its `components.schemas` (for pruning unknown fields as kube-apiserver's decoder does).
+pub(crate) fn builtin_kind(info: &ResourceInfo) -> Option<(Arc<Value>, String)> {
+    if info.custom {
+        return None;
+    }
+    let d = BUILTIN.get(&(info.gvr.group.clone(), info.gvr.version.clone()))?;
+    let want = json!([gvk(&info.gvr.group, &info.gvr.version, &info.kind)]);
+    let name = d.value["components"]["schemas"]
+        .as_object()?
+        .iter()
+        .find(|(_, s)| s["x-kubernetes-group-version-kind"] == want)
+        .map(|(n, _)| n.clone())?;
+    Some((d.value.clone(), name))
+}
+
 fn gv_doc(resources: &[Arc<ResourceInfo>], group: &str, version: &str) -> Option<Doc> {
     let mine: Vec<&Arc<ResourceInfo>> = resources
         .iter()

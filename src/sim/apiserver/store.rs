@@ -1764,9 +1764,10 @@ const OBJECT_META_FIELDS: &[&str] = &[
 ];
 
 /// Remove the fields the kind does not declare, returning their paths (`spec.x`,
-/// `metadata.y`): unknown `metadata` fields of every kind, and for custom resources every
-/// field outside the CRD's structural schema (`x-kubernetes-preserve-unknown-fields` keeps
-/// them).
+/// `metadata.y`), as kube-apiserver's decoder drops them: custom resources by their CRD's
+/// structural schema (`x-kubernetes-preserve-unknown-fields` keeps them), built-in kinds by
+/// their OpenAPI schema (the one `/openapi/v3` serves), and `metadata` of every kind by
+/// `ObjectMeta`.
 fn prune_unknown(info: &ResourceInfo, obj: &mut Value) -> Vec<String> {
     let mut pruned = Vec::new();
     if let Some(meta) = obj["metadata"].as_object_mut() {
@@ -1780,14 +1781,20 @@ fn prune_unknown(info: &ResourceInfo, obj: &mut Value) -> Vec<String> {
             pruned.push(format!("metadata.{k}"));
         }
     }
-    let Some(schema) = info.schema.as_ref() else {
-        return pruned;
+    let builtin = super::openapi::builtin_kind(info);
+    let (schema, defs) = match (&info.schema, &builtin) {
+        (Some(s), _) => (s, &Value::Null),
+        (None, Some((doc, name))) => (
+            &doc["components"]["schemas"][name.as_str()],
+            &doc["components"]["schemas"],
+        ),
+        (None, None) => return pruned,
     };
     let preserve = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
     if let Some(m) = obj.as_object_mut() {
         for (k, v) in m.iter_mut() {
             if k != "metadata" && k != "apiVersion" && k != "kind" {
-                super::schema::prune(v, &schema["properties"][k.as_str()], k, &mut pruned);
+                super::schema::prune(v, &schema["properties"][k.as_str()], defs, k, &mut pruned);
             }
         }
         let props = schema["properties"].as_object();
