@@ -133,7 +133,7 @@ pub struct WriteOptions {
     pub field_manager: Option<String>,
     /// `force` (apply only): take ownership of conflicting fields.
     pub force: bool,
-    /// `fieldValidation`: unknown fields (of custom resources, and `metadata` of any kind).
+    /// `fieldValidation`: what happens to fields the kind's schema does not declare.
     pub field_validation: FieldValidation,
     /// Receives the write's warnings (`unknown field ...`).
     pub warnings: Warnings,
