@@ -963,22 +963,8 @@ fn run_status(
     args: &[&str],
     stdin: Option<&str>,
 ) -> (bool, String) {
-    use std::io::Write;
-    let mut cmd = std::process::Command::new(kubectl);
-    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
-    cmd.env("HOME", kubeconfig.parent().unwrap());
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    if out.status.success() {
+    let (ok, stdout, stderr) = kubectl_run(kubectl, kubeconfig, args, stdin);
+    if ok {
         (true, stdout)
     } else {
         (false, format!("{stdout}\n{stderr}"))
