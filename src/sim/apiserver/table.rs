@@ -510,4 +510,76 @@ mod tests {
         assert_eq!(human_duration(300), "5m");
         assert_eq!(human_duration(3 * 3600 + 60), "3h1m");
     }
+
+    #[test]
+    fn pod_printer_counts_ready_running_containers_and_shows_container_reasons() {
+        let pod = |statuses: Value, extra: Value| {
+            let mut p = json!({
+                "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+                "spec": {"nodeName": "n1", "containers": [{"name": "a"}, {"name": "b"}]},
+                "status": {"phase": "Running", "containerStatuses": statuses},
+            });
+            if let (Some(m), Some(e)) = (p["metadata"].as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+            pod_cells(&p)
+        };
+        let running = json!({"ready": true, "restartCount": 1, "state": {"running": {"startedAt": "2026-01-01T00:00:01Z"}}});
+        let c = pod(json!([running, running]), json!({}));
+        assert_eq!(
+            (&c[0], &c[1], &c[2]),
+            (&json!("2/2"), &json!("Running"), &json!(2))
+        );
+        // Ready but not running does not count; a waiting reason becomes the status.
+        let waiting =
+            json!({"ready": false, "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff"}}});
+        let c = pod(json!([running, waiting]), json!({}));
+        assert_eq!((&c[0], &c[1]), (&json!("1/2"), &json!("CrashLoopBackOff")));
+        let no_state = json!({"ready": true, "restartCount": 0, "state": {}});
+        assert_eq!(pod(json!([no_state, running]), json!({}))[0], json!("1/2"));
+        let c = pod(
+            json!([running, running]),
+            json!({"deletionTimestamp": "2026-01-01T00:01:00Z"}),
+        );
+        assert_eq!(c[1], json!("Terminating"));
+    }
+
+    #[test]
+    fn event_printer_reads_both_event_apis_forms() {
+        let core = json!({
+            "metadata": {"name": "n.1"},
+            "involvedObject": {"kind": "Node", "name": "n1", "fieldPath": "spec"},
+            "reason": "Cordoned", "type": "Normal", "message": " cordoned n1 ",
+            "source": {"component": "nixroll", "host": "h"},
+            "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:00:00Z",
+        });
+        let c = event_cells(&core);
+        assert_eq!(
+            c.len(),
+            crate::sim::apiserver::resources::builtins()
+                .iter()
+                .find(|r| r.gvr.plural == "events" && r.gvr.group.is_empty())
+                .map_or(0, |r| columns(r).len())
+        );
+        assert_eq!(
+            &c[1..7],
+            &[
+                json!("Normal"),
+                json!("Cordoned"),
+                json!("node/n1"),
+                json!("spec"),
+                json!("nixroll, h"),
+                json!("cordoned n1")
+            ]
+        );
+        assert_eq!((&c[8], &c[9]), (&json!(1), &json!("n.1")));
+        // A series (events.k8s.io) counts its occurrences; no timestamps at all is <unknown>.
+        let series = json!({"metadata": {"name": "s"}, "involvedObject": {"kind": "Pod"},
+            "series": {"count": 7, "lastObservedTime": "2026-01-01T00:00:00.000000Z"}});
+        let c = event_cells(&series);
+        assert_eq!(
+            (&c[3], &c[7], &c[8]),
+            (&json!("pod"), &json!("<unknown>"), &json!(7))
+        );
+    }
 }
