@@ -188,6 +188,8 @@ fn document(mine: &[&Arc<ResourceInfo>], group: &str, version: &str) -> Value {
 struct Doc {
     value: Arc<Value>,
     hash: String,
+    /// Kind → name of its schema in `components.schemas` (built-in documents).
+    kinds: Arc<BTreeMap<String, String>>,
 }
 
 fn doc(value: Value) -> Doc {
@@ -201,6 +203,7 @@ fn doc(value: Value) -> Doc {
     Doc {
         value: Arc::new(value),
         hash: format!("{h:016X}"),
+        kinds: Arc::new(BTreeMap::new()),
     }
 }
 
@@ -219,7 +222,15 @@ static BUILTIN: LazyLock<BTreeMap<(String, String), Doc>> = LazyLock::new(|| {
                 .iter()
                 .filter(|r| r.gvr.group == g && r.gvr.version == v)
                 .collect();
-            let d = doc(document(&mine, &g, &v));
+            let mut d = doc(document(&mine, &g, &v));
+            d.kinds = Arc::new(
+                mine.iter()
+                    .filter_map(|r| {
+                        let mut scratch = generator();
+                        builtin_schema(&mut scratch, &g, &v, &r.kind).map(|n| (r.kind.clone(), n))
+                    })
+                    .collect(),
+            );
             ((g, v), d)
         })
         .collect()
@@ -232,13 +243,8 @@ pub(crate) fn builtin_kind(info: &ResourceInfo) -> Option<(Arc<Value>, String)> 
         return None;
     }
     let d = BUILTIN.get(&(info.gvr.group.clone(), info.gvr.version.clone()))?;
-    let want = json!([gvk(&info.gvr.group, &info.gvr.version, &info.kind)]);
-    let name = d.value["components"]["schemas"]
-        .as_object()?
-        .iter()
-        .find(|(_, s)| s["x-kubernetes-group-version-kind"] == want)
-        .map(|(n, _)| n.clone())?;
-    Some((d.value.clone(), name))
+    let name = d.kinds.get(&info.kind)?;
+    Some((d.value.clone(), name.clone()))
 }
 
 fn gv_doc(resources: &[Arc<ResourceInfo>], group: &str, version: &str) -> Option<Doc> {
