@@ -1848,6 +1848,7 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
         manifest("name: node-3"),
         manifest("name: node-4"),
     );
+    let m2_stale = manifest("name: node-2\n  resourceVersion: \"1\"");
     let kc = dir.path().join("kubeconfig");
     let (k2, kc2) = (k.clone(), kc.clone());
     let out = tokio::task::spawn_blocking(move || {
@@ -1898,6 +1899,8 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
             // Update (PUT): Strict and Warn.
             kubectl_run(&k, &kc, &["replace", "-f", "-"], Some(&m2)),
             kubectl_run(&k, &kc, &["replace", "--validate=warn", "-f", "-"], Some(&m2)),
+            // Decoding comes before the resourceVersion precondition.
+            kubectl_run(&k, &kc, &["replace", "-f", "-"], Some(&m2_stale)),
             // Server-side apply.
             kubectl_run(&k, &kc, &["apply", "--server-side", "-f", "-"], Some(&m2)),
             // Built-in kinds: unknown metadata fields.
@@ -1939,6 +1942,7 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
         create_ignore,
         replace_strict,
         replace_warn,
+        replace_stale,
         ssa,
         _cm,
         cm_patch,
@@ -1985,6 +1989,10 @@ async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver(
     assert!(
         replace_warn.0 && replace_warn.2.contains(warning),
         "{replace_warn:?}"
+    );
+    assert!(
+        !replace_stale.0 && replace_stale.2.contains("strict decoding error"),
+        "{replace_stale:?}"
     );
     assert!(!ssa.0, "{ssa:?}");
     assert!(

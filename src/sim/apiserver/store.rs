@@ -474,8 +474,10 @@ impl Store {
         obj: Value,
         opts: &WriteOptions,
     ) -> Result<Value, StoreError> {
+        let mut obj = obj;
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
+        decode_body(&info, &mut obj, opts, WriteKind::Create)?;
         let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
         st.begin(opts, WriteKind::Create);
         let r = st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager));
@@ -492,8 +494,10 @@ impl Store {
         sub: Subresource,
         opts: &WriteOptions,
     ) -> Result<Value, StoreError> {
+        let mut obj = obj;
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
+        decode_body(&info, &mut obj, opts, WriteKind::Update)?;
         let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
         st.begin(opts, WriteKind::Update);
         let r = st.update(&self.inner.opts, &info, ns, obj, sub, &manager);
@@ -1841,42 +1845,79 @@ fn undeclared_in_apply(info: &ResourceInfo, cfg: &Value, name: &str) -> Result<(
 
 /// Decode as kube-apiserver does (drop unknown fields, warn or refuse per `fieldValidation`),
 /// then for custom resources schema defaults and schema validation (422 Invalid).
+/// Report the unknown fields a decode dropped, per `fieldValidation`: nothing (`Ignore`), a
+/// warning each (`Warn`), or a refusal (`Strict`) in the form kube-apiserver gives it for the
+/// kind of write (`obj` is what the refusal of a patch shows).
+fn report_unknown(
+    info: &ResourceInfo,
+    obj: &Value,
+    pruned: &[String],
+    validation: FieldValidation,
+    kind: WriteKind,
+    warnings: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    if pruned.is_empty() {
+        return Ok(());
+    }
+    let each: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+    match (validation, kind) {
+        (FieldValidation::Ignore, _) => Ok(()),
+        (FieldValidation::Warn, _) => {
+            warnings.extend(each);
+            Ok(())
+        }
+        (FieldValidation::Strict, WriteKind::Create | WriteKind::Update) => Err(StoreError::BadRequest {
+            message: format!(
+                "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
+                each.join(", "),
+                kind = info.kind,
+                version = info.gvr.version,
+            ),
+        }),
+        (FieldValidation::Strict, WriteKind::Patch) => {
+            let detail = format!(
+                "Invalid value: {:?}: strict decoding error: {}",
+                obj.to_string(),
+                each.join(", ")
+            );
+            Err(StoreError::Invalid {
+                resource: String::new(),
+                name: String::new(),
+                message: format!(" \"\" is invalid: patch: {detail}"),
+                causes: vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: detail,
+                    field: "patch".into(),
+                }],
+            })
+        }
+    }
+}
+
+/// Decode a create or update body as kube-apiserver does before anything else: drop unknown
+/// fields and report them (so a `Strict` refusal comes before preconditions, and fields that
+/// the endpoint then ignores, such as `status` on the main endpoint, are reported too).
+fn decode_body(
+    info: &ResourceInfo,
+    obj: &mut Value,
+    opts: &WriteOptions,
+    kind: WriteKind,
+) -> Result<(), StoreError> {
+    let pruned = prune_unknown(info, obj);
+    let mut warnings = Vec::new();
+    report_unknown(info, obj, &pruned, opts.field_validation, kind, &mut warnings)?;
+    opts.warnings.extend(warnings);
+    Ok(())
+}
+
+/// Decode as kube-apiserver does (drop unknown fields; for patches, which are decoded after
+/// they are applied, warn or refuse per `fieldValidation`), then for custom resources schema
+/// defaults and schema validation (422 Invalid).
 fn admit(info: &ResourceInfo, obj: &mut Value, adm: &mut Admission) -> Result<(), StoreError> {
     fold_string_data(info, obj);
     let pruned = prune_unknown(info, obj);
-    if !pruned.is_empty() {
-        let each: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
-        match (adm.validation, adm.kind) {
-            (FieldValidation::Ignore, _) => {}
-            (FieldValidation::Warn, _) => adm.warnings.extend(each),
-            (FieldValidation::Strict, WriteKind::Create | WriteKind::Update) => {
-                return Err(StoreError::BadRequest {
-                    message: format!(
-                        "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
-                        each.join(", "),
-                        kind = info.kind,
-                        version = info.gvr.version,
-                    ),
-                });
-            }
-            (FieldValidation::Strict, WriteKind::Patch) => {
-                let detail = format!(
-                    "Invalid value: {:?}: strict decoding error: {}",
-                    obj.to_string(),
-                    each.join(", ")
-                );
-                return Err(StoreError::Invalid {
-                    resource: String::new(),
-                    name: String::new(),
-                    message: format!(" \"\" is invalid: patch: {detail}"),
-                    causes: vec![Cause {
-                        reason: "FieldValueInvalid".into(),
-                        message: detail,
-                        field: "patch".into(),
-                    }],
-                });
-            }
-        }
+    if adm.kind == WriteKind::Patch {
+        report_unknown(info, obj, &pruned, adm.validation, adm.kind, &mut adm.warnings)?;
     }
     let Some(schema) = info.schema.as_ref() else {
         return Ok(());
