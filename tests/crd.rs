@@ -31,3 +31,94 @@ fn crd_has_names_scope_and_status_subresource() {
         assert!(cols.contains(&want), "missing printer column {want}: {cols:?}");
     }
 }
+
+/// Every `format` in the schema, with the `type` beside it and its path.
+fn formats(v: &serde_json::Value, path: &str, out: &mut Vec<(String, String, String)>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(f) = m.get("format").and_then(|f| f.as_str()) {
+                let t = m.get("type").and_then(|t| t.as_str()).unwrap_or("");
+                out.push((path.to_owned(), t.to_owned(), f.to_owned()));
+            }
+            for (k, child) in m {
+                formats(child, &format!("{path}.{k}"), out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                formats(child, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// kube-apiserver warns `unrecognized format "uint32"` on every apply of a CRD whose schema
+/// carries a format it does not know (Flux repeats it on every reconcile). The known ones: the
+/// list in the apiextensions reference (`JSONSchemaProps.format`), `date-time`, and the OpenAPI
+/// numeric formats for their types.
+#[test]
+fn crd_uses_only_formats_kubernetes_knows() {
+    const STRING: &[&str] = &[
+        "bsonobjectid",
+        "uri",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "cidr",
+        "mac",
+        "uuid",
+        "uuid3",
+        "uuid4",
+        "uuid5",
+        "isbn",
+        "isbn10",
+        "isbn13",
+        "creditcard",
+        "ssn",
+        "hexcolor",
+        "rgbcolor",
+        "byte",
+        "password",
+        "date",
+        "duration",
+        "datetime",
+        "date-time",
+    ];
+    for (name, crd) in [
+        ("generated", serde_json::to_value(nixroll::api::crd()).unwrap()),
+        (
+            "crds/nixosnodes.yaml",
+            serde_yaml::from_str(
+                &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/nixosnodes.yaml"))
+                    .unwrap(),
+            )
+            .unwrap(),
+        ),
+    ] {
+        let mut found = Vec::new();
+        formats(&crd["spec"]["versions"], "spec.versions", &mut found);
+        assert!(!found.is_empty(), "{name}: no formats at all? the walk is broken");
+        let bad: Vec<_> = found
+            .iter()
+            .filter(|(_, t, f)| match t.as_str() {
+                "integer" => !["int32", "int64"].contains(&f.as_str()),
+                "number" => !["float", "double"].contains(&f.as_str()),
+                "string" => !STRING.contains(&f.as_str()),
+                _ => true,
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{name}: formats Kubernetes does not know: {bad:#?}"
+        );
+    }
+    // The counter that drew the warning is still an unsigned integer.
+    let crd = serde_json::to_value(nixroll::api::crd()).unwrap();
+    let attempts = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+        ["backoff"]["properties"]["attempts"];
+    assert_eq!(attempts["type"], "integer", "{attempts}");
+    assert_eq!(attempts["format"], "int64", "{attempts}");
+    assert_eq!(attempts["minimum"], 0.0, "{attempts}");
+}

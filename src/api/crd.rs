@@ -1,14 +1,91 @@
 //! The CustomResourceDefinition, generated from the Rust types. `crds/nixosnodes.yaml` is the
 //! committed copy of [`crd_yaml`]; a test fails when they differ.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 use super::NixOSNode;
 
+/// The string formats kube-apiserver recognises in a CRD schema (the list of the apiextensions
+/// `JSONSchemaProps.format` reference, plus `date-time`); any other format draws a
+/// `Warning: unrecognized format` on every apply.
+const KNOWN_STRING_FORMATS: &[&str] = &[
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+    "date-time",
+];
+
+/// The number formats Kubernetes knows.
+const KNOWN_NUMBER_FORMATS: &[&str] = &["float", "double"];
+
 /// The CRD object.
 pub fn crd() -> CustomResourceDefinition {
-    NixOSNode::crd()
+    let mut crd = NixOSNode::crd();
+    for v in &mut crd.spec.versions {
+        if let Some(s) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            kubernetes_formats(s);
+        }
+    }
+    crd
+}
+
+/// Map the formats schemars derives from Rust types onto the ones Kubernetes knows: unsigned
+/// and narrow integers become `int32` (when every value fits) or `int64` (their `minimum: 0`
+/// stays), `float`/`double` stay, and any other format is dropped (the type alone remains).
+fn kubernetes_formats(s: &mut JSONSchemaProps) {
+    if let Some(f) = s.format.take() {
+        s.format = match s.type_.as_deref() {
+            Some("integer") => match f.as_str() {
+                "int32" | "int64" => Some(f),
+                "int8" | "int16" | "uint8" | "uint16" => Some("int32".to_owned()),
+                _ => Some("int64".to_owned()),
+            },
+            Some("number") => KNOWN_NUMBER_FORMATS.contains(&f.as_str()).then_some(f),
+            Some("string") => KNOWN_STRING_FORMATS.contains(&f.as_str()).then_some(f),
+            _ => None,
+        };
+    }
+    for p in s.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        kubernetes_formats(p);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(p)) = s.additional_properties.as_mut() {
+        kubernetes_formats(p);
+    }
+    match s.items.as_mut() {
+        Some(JSONSchemaPropsOrArray::Schema(p)) => kubernetes_formats(p),
+        Some(JSONSchemaPropsOrArray::Schemas(ps)) => ps.iter_mut().for_each(kubernetes_formats),
+        None => {}
+    }
+    for group in [&mut s.all_of, &mut s.any_of, &mut s.one_of] {
+        group.iter_mut().flatten().for_each(kubernetes_formats);
+    }
+    if let Some(n) = s.not.as_mut() {
+        kubernetes_formats(n);
+    }
 }
 
 /// The CRD as YAML, exactly as committed under `crds/`.

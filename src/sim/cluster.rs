@@ -365,9 +365,21 @@ impl SimCluster {
     async fn set_pod_ready(&self, ns: &str, name: &str, ready: bool) -> Result<(), SimError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let status = if ready { "True" } else { "False" };
+        // As a kubelet reports it: the pod's Ready condition and the state of its container
+        // (kubectl's READY column counts containers that are ready and running).
+        let started = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
         let patch = json!({"status": {
             "phase": "Running",
-            "conditions": [{"type": "Ready", "status": status}],
+            "conditions": [
+                {"type": "Ready", "status": status},
+                {"type": "ContainersReady", "status": status},
+            ],
+            "containerStatuses": [{
+                "name": APP_CONTAINER, "image": APP_CONTAINER, "imageID": "",
+                "containerID": format!("sim://{ns}/{name}"),
+                "ready": ready, "started": true, "restartCount": 0,
+                "state": {"running": {"startedAt": started}},
+            }],
         }});
         call(
             format!("update pod status {ns}/{name}"),
@@ -540,6 +552,9 @@ fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, 
     })
 }
 
+/// The one container of every simulated workload pod.
+const APP_CONTAINER: &str = "app";
+
 fn pod_json(ns: &str, name: &str, node: &str, app: &str, owner: (&str, &str, &str)) -> serde_json::Value {
     let (kind, owner_name, uid) = owner;
     let api_version = "apps/v1";
@@ -552,7 +567,7 @@ fn pod_json(ns: &str, name: &str, node: &str, app: &str, owner: (&str, &str, &st
         "spec": {
             "nodeName": node,
             "terminationGracePeriodSeconds": 30,
-            "containers": [{"name": "app", "image": "app"}],
+            "containers": [{"name": APP_CONTAINER, "image": APP_CONTAINER}],
         },
     })
 }

@@ -1,6 +1,5 @@
-//! Discovery documents (`/api`, `/apis`, `/apis/{group}/{version}`, `/version`) and the minimal
-//! OpenAPI v3 that lets `kubectl apply` validate on the server (`fieldValidation`) instead of
-//! downloading schemas.
+//! Discovery documents (`/api`, `/apis`, `/apis/{group}/{version}`, `/version`); OpenAPI is
+//! in [`super::openapi`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -127,78 +126,4 @@ pub fn resource_list(resources: &[Arc<ResourceInfo>], group: &str, version: &str
         format!("{group}/{version}")
     };
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
-}
-
-fn gv_path(group: &str, version: &str) -> String {
-    if group.is_empty() {
-        format!("api/{version}")
-    } else {
-        format!("apis/{group}/{version}")
-    }
-}
-
-/// `/openapi/v3`: the index of group-version documents.
-pub fn openapi_v3_root(resources: &[Arc<ResourceInfo>], generation: u64) -> Value {
-    let mut paths = serde_json::Map::new();
-    for r in resources {
-        let p = gv_path(&r.gvr.group, &r.gvr.version);
-        paths.insert(
-            p.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={generation:016X}")}),
-        );
-    }
-    json!({"paths": paths})
-}
-
-/// `/openapi/v3/{api/v1|apis/g/v}`: for each kind, PATCH operations that declare the
-/// `fieldValidation` parameter (what kubectl checks before validating on the server). Schemas
-/// are not served (kubectl falls back to merge patches for kinds it does not know).
-pub fn openapi_v3_gv(resources: &[Arc<ResourceInfo>], group: &str, version: &str) -> Option<Value> {
-    let mine: Vec<&Arc<ResourceInfo>> = resources
-        .iter()
-        .filter(|r| r.gvr.group == group && r.gvr.version == version)
-        .collect();
-    if mine.is_empty() {
-        return None;
-    }
-    let mut paths = serde_json::Map::new();
-    let base = format!("/{}", gv_path(group, version));
-    for r in mine {
-        let item = if r.namespaced {
-            format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.gvr.plural)
-        } else {
-            format!("{base}/{}/{{name}}", r.gvr.plural)
-        };
-        let gvk = json!({"group": group, "version": version, "kind": r.kind});
-        let params = json!([
-            {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-            {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-            {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
-        ]);
-        let op = |action: &str| {
-            json!({
-                "operationId": format!("{action}{}", r.kind),
-                "parameters": params,
-                "responses": {"200": {"description": "OK"}},
-                "x-kubernetes-action": action,
-                "x-kubernetes-group-version-kind": gvk,
-            })
-        };
-        paths.insert(
-            item,
-            json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}),
-        );
-        let coll = if r.namespaced {
-            format!("{base}/namespaces/{{namespace}}/{}", r.gvr.plural)
-        } else {
-            format!("{base}/{}", r.gvr.plural)
-        };
-        paths.insert(coll, json!({"post": op("post"), "get": op("list")}));
-    }
-    Some(json!({
-        "openapi": "3.0.0",
-        "info": {"title": "Kubernetes", "version": "v1.33.0"},
-        "paths": paths,
-        "components": {"schemas": {}},
-    }))
 }

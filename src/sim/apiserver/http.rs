@@ -17,9 +17,11 @@ use tokio::time::Instant;
 use super::Counters;
 use super::discovery;
 use super::error::StoreError;
+use super::openapi;
 use super::resources::{Gvr, ResourceInfo};
 use super::store::{
-    DeleteOptions, Deleted, ListOptions, Patch, Store, Subresource, WatchOptions, WriteOptions,
+    DeleteOptions, Deleted, FieldValidation, ListOptions, Patch, Store, Subresource, Warnings, WatchOptions,
+    WriteOptions,
 };
 use super::table;
 use super::watch::{Watch, WatchEvent};
@@ -250,11 +252,30 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    match route(&srv, &method, &path, &headers, &q, &body) {
+    let warnings = Warnings::default();
+    let mut r = match route(&srv, &method, &path, &headers, &q, &body, &warnings) {
         Ok(Routed::Response(r)) => r,
-        Ok(Routed::Watch(w, target, shape)) => watch_response(&srv, w, target, shape, &q),
+        Ok(Routed::Watch(w, target, shape)) => return watch_response(&srv, w, target, shape, &q),
         Err(e) => error_response(&e),
+    };
+    for w in warnings.take() {
+        if let Ok(v) = header::HeaderValue::from_str(&warning_header(&w)) {
+            r.headers_mut().append(header::WARNING, v);
+        }
     }
+    r
+}
+
+/// A `Warning` header value as kube-apiserver writes it: code 299, no agent, quoted text.
+fn warning_header(text: &str) -> String {
+    let mut quoted = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(if c.is_control() { ' ' } else { c });
+    }
+    format!("299 - \"{quoted}\"")
 }
 
 enum Routed {
@@ -273,6 +294,7 @@ fn route(
     headers: &HeaderMap,
     q: &HashMap<String, String>,
     body: &[u8],
+    warnings: &Warnings,
 ) -> Result<Routed, StoreError> {
     let segs: Vec<&str> = path
         .trim_matches('/')
@@ -298,16 +320,12 @@ fn route(
             return discovery::resource_list(&resources, g, v)
                 .map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
-        ["openapi", "v3"] => {
-            return ok(&discovery::openapi_v3_root(&resources, resources.len() as u64));
-        }
+        ["openapi", "v3"] => return ok(&openapi::v3_root(&resources)),
         ["openapi", "v3", "api", v] => {
-            return discovery::openapi_v3_gv(&resources, "", v)
-                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+            return openapi::v3_gv(&resources, "", v).map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         ["openapi", "v3", "apis", g, v] => {
-            return discovery::openapi_v3_gv(&resources, g, v)
-                .map_or_else(|| Err(not_found(path)), |d| ok(&d));
+            return openapi::v3_gv(&resources, g, v).map_or_else(|| Err(not_found(path)), |d| ok(&d));
         }
         _ => {}
     }
@@ -317,7 +335,7 @@ fn route(
         _ => return Err(not_found(path)),
     };
     let t = parse_target(&srv.store, group, version, rest, path)?;
-    resource_request(srv, method, t, headers, q, body)
+    resource_request(srv, method, t, headers, q, body, warnings)
 }
 
 fn resource_request(
@@ -327,6 +345,7 @@ fn resource_request(
     headers: &HeaderMap,
     q: &HashMap<String, String>,
     body: &[u8],
+    warnings: &Warnings,
 ) -> Result<Routed, StoreError> {
     let store = &srv.store;
     let info = t.info.clone();
@@ -351,7 +370,8 @@ fn resource_request(
                 .map(str::to_owned)
         }),
         force: bool_param(q, "force"),
-        strict: q.get("fieldValidation").map(String::as_str) == Some("Strict"),
+        field_validation: FieldValidation::parse(q.get("fieldValidation").map(String::as_str))?,
+        warnings: warnings.clone(),
     };
     if q.get("dryRun").is_some_and(|d| !d.is_empty()) {
         return Err(StoreError::BadRequest {
@@ -464,6 +484,20 @@ fn resource_request(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_owned();
+            // Custom resources have no Go types, so no strategic merge (kube-apiserver: 415).
+            let accepted = if info.custom {
+                "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+            } else {
+                "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
+            };
+            let unsupported = || StoreError::UnsupportedMediaType {
+                message: format!(
+                    "the body of the request was in an unknown format - accepted media types include: {accepted}"
+                ),
+            };
+            if info.custom && ct.starts_with("application/strategic-merge-patch+json") {
+                return Err(unsupported());
+            }
             let p = parse_body(headers, body)?;
             let patch = if ct.starts_with("application/apply-patch") {
                 Patch::Apply(p)
@@ -474,11 +508,7 @@ fn resource_request(
             } else if ct.starts_with("application/strategic-merge-patch+json") {
                 Patch::Strategic(p)
             } else {
-                return Err(StoreError::UnsupportedMediaType {
-                    message: format!(
-                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"
-                    ),
-                });
+                return Err(unsupported());
             };
             ok(&store.patch(gvr, ns, name, &patch, sub, &wopts)?)
         }

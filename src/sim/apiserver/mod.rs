@@ -7,21 +7,12 @@
 //! graceful pod deletion and finalizers, the Eviction subresource with PodDisruptionBudgets,
 //! discovery and Table output for kubectl, and CRDs served from their CRD objects.
 //!
-//! Where it deliberately differs from kube-apiserver (all harmless for nixroll, see the tests):
-//! - strategic-merge patch is a merge patch plus a table of merge keys (`conditions` by `type`,
-//!   `containers` by `name`, ...); server-side apply uses the same table for built-in kinds and
-//!   the CRD schema (`x-kubernetes-list-type`/`-map-keys`) for custom resources;
-//! - CRD admission: structural pruning, defaults, OpenAPI checks and only the CEL rules
-//!   `self.matches('re')`, `self.a == self.b`, `self.a != self.b` (others are not evaluated);
-//! - lists serve the latest state (paged with `limit`/`continue` from a snapshot taken by the
-//!   first page; `resourceVersionMatch=Exact` is not honoured), `dryRun` is refused (400);
-//! - no controllers besides a synchronous disruption controller (PDB status); `expectedPods`
-//!   counts the pods the selector matches; deleting a namespace deletes its objects at once;
-//! - protobuf request bodies (kubectl's typed clients) are read for ConfigMap, Secret,
-//!   Namespace, PodDisruptionBudget, Eviction and DeleteOptions; answers are always JSON;
-//! - no aggregated discovery (kubectl falls back) and no `/openapi/v2`; `/openapi/v3` lists
-//!   PATCH operations with `fieldValidation`, so `kubectl apply` validates on the server and
-//!   needs no `--validate=false`.
+//! What it does like kube-apiserver, and where it still differs, is listed in
+//! `docs/apiserver.md` (a table per area; keep it current when behaviour changes). In short:
+//! strategic-merge patch and server-side apply of built-in kinds use a table of merge keys;
+//! built-in kinds are not validated beyond names; only a few CEL rules are evaluated; lists
+//! serve the latest state; `dryRun` is refused; no controllers besides a synchronous
+//! disruption controller; answers are always JSON; OpenAPI is v3 only.
 //!
 //! Client-side facts worth knowing (the real server behaves the same): kube 5's default client
 //! retries 429 responses internally (up to 15 times with exponential backoff), so an eviction
@@ -32,13 +23,14 @@
 //! Map: [`store`] (objects, write semantics, eviction), [`watch`] (watchers, history),
 //! [`fields`] (server-side apply field sets, merge/strategic patches), [`selector`],
 //! [`pdb`] (disruption arithmetic), [`resources`] (what is served), [`convert`] (version
-//! views), [`http`] (routes), [`discovery`], [`table`].
+//! views), [`http`] (routes), [`discovery`], [`openapi`], [`table`], [`schema`] (CRD admission).
 
 pub mod convert;
 pub mod discovery;
 pub mod error;
 pub mod fields;
 pub mod http;
+pub mod openapi;
 pub mod pdb;
 pub mod protobuf;
 pub mod resources;
@@ -56,8 +48,8 @@ use std::sync::{Arc, Mutex};
 pub use error::{ApiServerError, Cause, StoreError};
 pub use resources::Gvr;
 pub use store::{
-    DeleteOptions, Deleted, ListOptions, ObjectList, Patch, Store, StoreOptions, Subresource, WatchOptions,
-    WriteOptions,
+    DeleteOptions, Deleted, FieldValidation, ListOptions, ObjectList, Patch, Store, StoreOptions,
+    Subresource, Warnings, WatchOptions, WriteOptions,
 };
 pub use watch::{Watch, WatchEvent};
 

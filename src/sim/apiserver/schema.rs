@@ -6,8 +6,29 @@
 
 use serde_json::Value;
 
+/// Follow `$ref` (and a lone `allOf: [{$ref}]`, the shape of a described reference) into
+/// `defs` (`components.schemas`); schemas without references come back unchanged.
+fn resolve<'s>(mut schema: &'s Value, defs: &'s Value) -> &'s Value {
+    for _ in 0..16 {
+        if let Some(r) = schema["$ref"].as_str() {
+            schema = &defs[r.rsplit('/').next().unwrap_or(r)];
+        } else if let Some([one]) = schema["allOf"].as_array().map(Vec::as_slice)
+            && schema["properties"].is_null()
+        {
+            schema = one;
+        } else {
+            break;
+        }
+    }
+    schema
+}
+
 /// Drop fields the schema does not declare (structural pruning), recording their paths.
-pub fn prune(v: &mut Value, schema: &Value, path: &str, pruned: &mut Vec<String>) {
+/// `defs` resolves `$ref`s (the built-in kinds' OpenAPI); `Value::Null` for CRD schemas.
+/// Objects whose schema declares neither `properties` nor `additionalProperties` are kept
+/// whole, as is anything under `x-kubernetes-preserve-unknown-fields`.
+pub fn prune(v: &mut Value, schema: &Value, defs: &Value, path: &str, pruned: &mut Vec<String>) {
+    let schema = resolve(schema, defs);
     let preserve = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
     match v {
         Value::Object(m) => {
@@ -22,18 +43,24 @@ pub fn prune(v: &mut Value, schema: &Value, path: &str, pruned: &mut Vec<String>
                 }
                 for (k, child) in m.iter_mut() {
                     if let Some(s) = props.get(k) {
-                        prune(child, s, &join(path, k), pruned);
+                        prune(child, s, defs, &join(path, k), pruned);
                     }
                 }
             } else if schema["additionalProperties"].is_object() {
                 for (k, child) in m.iter_mut() {
-                    prune(child, &schema["additionalProperties"], &join(path, k), pruned);
+                    prune(
+                        child,
+                        &schema["additionalProperties"],
+                        defs,
+                        &join(path, k),
+                        pruned,
+                    );
                 }
             }
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                prune(item, &schema["items"], &format!("{path}[{i}]"), pruned);
+                prune(item, &schema["items"], defs, &format!("{path}[{i}]"), pruned);
             }
         }
         _ => {}

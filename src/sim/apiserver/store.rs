@@ -79,6 +79,53 @@ pub enum Patch {
     Apply(Value),
 }
 
+/// `fieldValidation`: what a write does with fields the schema does not declare. They are
+/// always dropped (structural pruning); `Warn` (the default, as in kube-apiserver) also answers
+/// with a `Warning` header per field, `Strict` refuses the write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Drop unknown fields silently.
+    Ignore,
+    /// Drop them and warn (`unknown field "spec.x"`).
+    #[default]
+    Warn,
+    /// Refuse the write: 400 for create and update, 422 for patches (as kube-apiserver).
+    Strict,
+}
+
+impl FieldValidation {
+    /// The query parameter's value (absent or empty: `Warn`).
+    pub fn parse(v: Option<&str>) -> Result<FieldValidation, StoreError> {
+        match v.unwrap_or("") {
+            "" | "Warn" => Ok(FieldValidation::Warn),
+            "Ignore" => Ok(FieldValidation::Ignore),
+            "Strict" => Ok(FieldValidation::Strict),
+            other => Err(StoreError::BadRequest {
+                message: format!(
+                    "fieldValidation: Unsupported value: {other:?}: supported values: \"\", \"Ignore\", \"Strict\", \"Warn\""
+                ),
+            }),
+        }
+    }
+}
+
+/// Where the warnings of a write go (the HTTP layer turns them into `Warning` headers).
+#[derive(Clone, Debug, Default)]
+pub struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl Warnings {
+    /// The warnings so far, emptied.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn extend(&self, w: Vec<String>) {
+        if !w.is_empty() {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend(w);
+        }
+    }
+}
+
 /// Options of a write.
 #[derive(Clone, Debug, Default)]
 pub struct WriteOptions {
@@ -86,9 +133,10 @@ pub struct WriteOptions {
     pub field_manager: Option<String>,
     /// `force` (apply only): take ownership of conflicting fields.
     pub force: bool,
-    /// `fieldValidation=Strict`: unknown fields of custom resources are an error (otherwise
-    /// they are pruned silently, as with `Warn`/`Ignore`).
-    pub strict: bool,
+    /// `fieldValidation`: what happens to fields the kind's schema does not declare.
+    pub field_validation: FieldValidation,
+    /// Receives the write's warnings (`unknown field ...`).
+    pub warnings: Warnings,
 }
 
 impl WriteOptions {
@@ -197,10 +245,24 @@ impl Collection {
     }
 }
 
+/// Which kind of write is in progress: the forms of a `Strict` refusal differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteKind {
+    Create,
+    Update,
+    Patch,
+}
+
+/// The write in progress (the lock is held for the whole write).
+struct Admission {
+    validation: FieldValidation,
+    kind: WriteKind,
+    warnings: Vec<String>,
+}
+
 struct State {
     rv: u64,
-    /// `fieldValidation=Strict` of the write in progress (the lock is held for the whole write).
-    strict: bool,
+    admission: Admission,
     resources: Vec<Arc<ResourceInfo>>,
     colls: HashMap<String, Collection>,
     /// Which pods each PDB selects (kept by `after_commit`).
@@ -312,7 +374,11 @@ impl Store {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
                     rv: 1,
-                    strict: false,
+                    admission: Admission {
+                        validation: FieldValidation::Warn,
+                        kind: WriteKind::Create,
+                        warnings: Vec::new(),
+                    },
                     resources,
                     colls,
                     pdbs: pdb::PdbIndex::default(),
@@ -408,11 +474,15 @@ impl Store {
         obj: Value,
         opts: &WriteOptions,
     ) -> Result<Value, StoreError> {
+        let mut obj = obj;
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
+        decode_body(&info, &mut obj, opts, WriteKind::Create)?;
         let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
-        st.strict = opts.strict;
-        st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager))
+        st.begin(opts, WriteKind::Create);
+        let r = st.create(&self.inner.opts, &info, ns, obj, Managed::Update(manager));
+        opts.warnings.extend(std::mem::take(&mut st.admission.warnings));
+        r
     }
 
     /// Replace an object (PUT), on the main endpoint or `/status`.
@@ -424,11 +494,15 @@ impl Store {
         sub: Subresource,
         opts: &WriteOptions,
     ) -> Result<Value, StoreError> {
+        let mut obj = obj;
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
+        decode_body(&info, &mut obj, opts, WriteKind::Update)?;
         let manager = opts.field_manager.clone().unwrap_or_else(|| "unknown".into());
-        st.strict = opts.strict;
-        st.update(&self.inner.opts, &info, ns, obj, sub, &manager)
+        st.begin(opts, WriteKind::Update);
+        let r = st.update(&self.inner.opts, &info, ns, obj, sub, &manager);
+        opts.warnings.extend(std::mem::take(&mut st.admission.warnings));
+        r
     }
 
     /// Patch an object (PATCH), including server-side apply.
@@ -443,8 +517,10 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let mut st = lock(&self.inner);
         let info = st.find(gvr)?;
-        st.strict = opts.strict;
-        st.patch(&self.inner.opts, &info, ns, name, patch, sub, opts)
+        st.begin(opts, WriteKind::Patch);
+        let r = st.patch(&self.inner.opts, &info, ns, name, patch, sub, opts);
+        opts.warnings.extend(std::mem::take(&mut st.admission.warnings));
+        r
     }
 
     /// Delete an object (DELETE). Pods with a grace period and objects with finalizers linger
@@ -666,6 +742,14 @@ fn to_value<K: kube::Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<
 }
 
 impl State {
+    fn begin(&mut self, opts: &WriteOptions, kind: WriteKind) {
+        self.admission = Admission {
+            validation: opts.field_validation,
+            kind,
+            warnings: Vec::new(),
+        };
+    }
+
     fn find(&self, gvr: &Gvr) -> Result<Arc<ResourceInfo>, StoreError> {
         self.resources
             .iter()
@@ -966,7 +1050,7 @@ impl State {
             obj["metadata"]["generation"] = json!(1);
         }
         self.defaults_on_create(info, &mut obj);
-        admit(info, &mut obj, self.strict)?;
+        admit(info, &mut obj, &mut self.admission)?;
         let stored = unview(info, obj);
         let finished = finalize(info, None, stored, Subresource::Main, managed)?;
         let Some(finished) = finished else {
@@ -1215,11 +1299,13 @@ impl State {
         }
         new["apiVersion"] = old["apiVersion"].clone();
         new["kind"] = old["kind"].clone();
+        // Decoding (pruning, defaults) comes first: a write that only adds unknown fields
+        // changes nothing, not even the generation.
+        admit(info, &mut new, &mut self.admission)?;
         if info.generation && spec_changed(old, &new) {
             let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
             new["metadata"]["generation"] = json!(g);
         }
-        admit(info, &mut new, self.strict)?;
         let Some(new) = finalize(info, Some(old), new, sub, managed)? else {
             return Ok(old.clone());
         };
@@ -1345,6 +1431,7 @@ impl State {
             Subresource::Main => {}
         }
         let key = self.key(info, Some(meta_str(&cfg, "namespace")), name);
+        undeclared_in_apply(info, &cfg, name)?;
         let old = self.stored(info, &key).map(|o| view(info, &o));
         if old.is_none() && sub == Subresource::Status {
             return Err(not_found(info, name));
@@ -1661,24 +1748,65 @@ fn fold_string_data(info: &ResourceInfo, obj: &mut Value) {
     }
 }
 
-/// Custom resources: schema defaults, then schema validation (422 Invalid).
-fn admit(info: &ResourceInfo, obj: &mut Value, strict: bool) -> Result<(), StoreError> {
-    fold_string_data(info, obj);
-    let Some(schema) = info.schema.as_ref() else {
-        return Ok(());
-    };
+/// The fields of `metadata` (`ObjectMeta`); others are unknown.
+const OBJECT_META_FIELDS: &[&str] = &[
+    "annotations",
+    "creationTimestamp",
+    "deletionGracePeriodSeconds",
+    "deletionTimestamp",
+    "finalizers",
+    "generateName",
+    "generation",
+    "labels",
+    "managedFields",
+    "name",
+    "namespace",
+    "ownerReferences",
+    "resourceVersion",
+    "selfLink",
+    "uid",
+];
+
+/// Remove the fields the kind does not declare, returning their paths (`spec.x`,
+/// `metadata.y`), as kube-apiserver's decoder drops them: custom resources by their CRD's
+/// structural schema (`x-kubernetes-preserve-unknown-fields` keeps them), built-in kinds by
+/// their OpenAPI schema (the one `/openapi/v3` serves), and `metadata` of every kind by
+/// `ObjectMeta`.
+fn prune_unknown(info: &ResourceInfo, obj: &mut Value) -> Vec<String> {
     let mut pruned = Vec::new();
+    if let Some(meta) = obj["metadata"].as_object_mut() {
+        let unknown: Vec<String> = meta
+            .keys()
+            .filter(|k| !OBJECT_META_FIELDS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            meta.remove(&k);
+            pruned.push(format!("metadata.{k}"));
+        }
+    }
+    let builtin = super::openapi::builtin_kind(info);
+    let (schema, defs) = match (&info.schema, &builtin) {
+        (Some(s), _) => (s, &Value::Null),
+        (None, Some((doc, name))) => (
+            &doc["components"]["schemas"][name.as_str()],
+            &doc["components"]["schemas"],
+        ),
+        (None, None) => return pruned,
+    };
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"].as_bool() == Some(true);
     if let Some(m) = obj.as_object_mut() {
         for (k, v) in m.iter_mut() {
             if k != "metadata" && k != "apiVersion" && k != "kind" {
-                super::schema::prune(v, &schema["properties"][k.as_str()], k, &mut pruned);
+                super::schema::prune(v, &schema["properties"][k.as_str()], defs, k, &mut pruned);
             }
         }
         let props = schema["properties"].as_object();
         let unknown: Vec<String> = m
             .keys()
             .filter(|k| {
-                !matches!(k.as_str(), "metadata" | "apiVersion" | "kind")
+                !preserve
+                    && !matches!(k.as_str(), "metadata" | "apiVersion" | "kind")
                     && props.is_some_and(|p| !p.contains_key(*k))
             })
             .cloned()
@@ -1688,12 +1816,112 @@ fn admit(info: &ResourceInfo, obj: &mut Value, strict: bool) -> Result<(), Store
             pruned.push(k);
         }
     }
-    if strict && !pruned.is_empty() {
-        let list: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
-        return Err(StoreError::BadRequest {
-            message: format!("strict decoding error: {}", list.join(", ")),
-        });
+    pruned
+}
+
+/// Server-side apply of a configuration with fields the schema does not declare fails before
+/// anything else, whatever `fieldValidation` says: kube-apiserver cannot build the typed
+/// object and answers 500 (kubernetes/kubernetes#122480, #139253).
+fn undeclared_in_apply(info: &ResourceInfo, cfg: &Value, name: &str) -> Result<(), StoreError> {
+    let mut copy = cfg.clone();
+    let unknown = prune_unknown(info, &mut copy);
+    if unknown.is_empty() {
+        return Ok(());
     }
+    let ns = meta_str(cfg, "namespace");
+    let errs: Vec<String> = unknown
+        .iter()
+        .map(|p| format!(".{p}: field not declared in schema"))
+        .collect();
+    Err(StoreError::Internal {
+        message: format!(
+            "failed to create typed patch object ({ns}/{name}; {}, Kind={}): {}",
+            info.gvr.api_version(),
+            info.kind,
+            errs.join("\n")
+        ),
+    })
+}
+
+/// Decode as kube-apiserver does (drop unknown fields, warn or refuse per `fieldValidation`),
+/// then for custom resources schema defaults and schema validation (422 Invalid).
+/// Report the unknown fields a decode dropped, per `fieldValidation`: nothing (`Ignore`), a
+/// warning each (`Warn`), or a refusal (`Strict`) in the form kube-apiserver gives it for the
+/// kind of write (`obj` is what the refusal of a patch shows).
+fn report_unknown(
+    info: &ResourceInfo,
+    obj: &Value,
+    pruned: &[String],
+    validation: FieldValidation,
+    kind: WriteKind,
+    warnings: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    if pruned.is_empty() {
+        return Ok(());
+    }
+    let each: Vec<String> = pruned.iter().map(|p| format!("unknown field \"{p}\"")).collect();
+    match (validation, kind) {
+        (FieldValidation::Ignore, _) => Ok(()),
+        (FieldValidation::Warn, _) => {
+            warnings.extend(each);
+            Ok(())
+        }
+        (FieldValidation::Strict, WriteKind::Create | WriteKind::Update) => Err(StoreError::BadRequest {
+            message: format!(
+                "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
+                each.join(", "),
+                kind = info.kind,
+                version = info.gvr.version,
+            ),
+        }),
+        (FieldValidation::Strict, WriteKind::Patch) => {
+            let detail = format!(
+                "Invalid value: {:?}: strict decoding error: {}",
+                obj.to_string(),
+                each.join(", ")
+            );
+            Err(StoreError::Invalid {
+                resource: String::new(),
+                name: String::new(),
+                message: format!(" \"\" is invalid: patch: {detail}"),
+                causes: vec![Cause {
+                    reason: "FieldValueInvalid".into(),
+                    message: detail,
+                    field: "patch".into(),
+                }],
+            })
+        }
+    }
+}
+
+/// Decode a create or update body as kube-apiserver does before anything else: drop unknown
+/// fields and report them (so a `Strict` refusal comes before preconditions, and fields that
+/// the endpoint then ignores, such as `status` on the main endpoint, are reported too).
+fn decode_body(
+    info: &ResourceInfo,
+    obj: &mut Value,
+    opts: &WriteOptions,
+    kind: WriteKind,
+) -> Result<(), StoreError> {
+    let pruned = prune_unknown(info, obj);
+    let mut warnings = Vec::new();
+    report_unknown(info, obj, &pruned, opts.field_validation, kind, &mut warnings)?;
+    opts.warnings.extend(warnings);
+    Ok(())
+}
+
+/// Decode as kube-apiserver does (drop unknown fields; for patches, which are decoded after
+/// they are applied, warn or refuse per `fieldValidation`), then for custom resources schema
+/// defaults and schema validation (422 Invalid).
+fn admit(info: &ResourceInfo, obj: &mut Value, adm: &mut Admission) -> Result<(), StoreError> {
+    fold_string_data(info, obj);
+    let pruned = prune_unknown(info, obj);
+    if adm.kind == WriteKind::Patch {
+        report_unknown(info, obj, &pruned, adm.validation, adm.kind, &mut adm.warnings)?;
+    }
+    let Some(schema) = info.schema.as_ref() else {
+        return Ok(());
+    };
     super::schema::apply_defaults(obj, schema);
     let mut errs = Vec::new();
     for part in ["spec", "status"] {
