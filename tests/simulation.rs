@@ -898,6 +898,7 @@ impl Sim {
                     actions,
                     requeue_after,
                     notes,
+                    rows: _,
                 } = d;
                 for note in &notes {
                     *self.events.entry(note.reason.clone()).or_default() += 1;
