@@ -1190,6 +1190,13 @@ impl Sim {
                 if before.phase == Some(Phase::Waiting) && after == Some(Phase::Draining) {
                     if swept {
                         *self.events.entry("(admitted by the sweep)".into()).or_default() += 1;
+                        if self.wake_loss == 0 {
+                            // No wake-up is lost in this seed: the targeted wake-ups missed it.
+                            *self
+                                .events
+                                .entry("(admitted by the sweep, no wake-up lost)".into())
+                                .or_default() += 1;
+                        }
                     }
                     if woken_after_loss {
                         *self
