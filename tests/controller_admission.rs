@@ -60,6 +60,7 @@ fn fake_decide(
         actions: Vec::new(),
         notes: Vec::new(),
         requeue_after: None,
+        rows: Vec::new(),
     }
 }
 
@@ -247,6 +248,7 @@ async fn releasing_a_slot_wakes_the_next_admissible_node() {
         actions: Vec::new(),
         notes: Vec::new(),
         requeue_after: None,
+        rows: Vec::new(),
     };
     let obj = with_status("a", draining.clone());
     let task =

@@ -311,6 +311,7 @@ async fn grant_persists_status_first_then_cordons_then_records_events() {
             warning: false,
         }],
         requeue_after: None,
+        rows: Vec::new(),
     };
     let current = waiting_status();
     let task =
@@ -364,6 +365,7 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
         actions: vec![],
         notes: vec![],
         requeue_after: None,
+        rows: Vec::new(),
     };
     let c2 = ctx.clone();
     let o2 = obj.clone();
@@ -388,6 +390,7 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
         actions: vec![Action::Uncordon],
         notes: vec![],
         requeue_after: None,
+        rows: Vec::new(),
     };
     let task =
         tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
@@ -419,6 +422,7 @@ async fn unchanged_status_and_no_actions_send_nothing() {
         actions: vec![],
         notes: vec![],
         requeue_after: Some(jiff::SignedDuration::from_secs(30)),
+        rows: Vec::new(),
     };
     let requeue = nixroll::controller::execute(&ctx, &obj, &current, decision)
         .await
@@ -565,6 +569,7 @@ async fn evict_action_backs_off_between_passes() {
         actions: vec![Action::Evict],
         notes: vec![],
         requeue_after: Some(jiff::SignedDuration::from_mins(10)),
+        rows: Vec::new(),
     };
     let (c2, o2, cur2, d2) = (ctx.clone(), obj.clone(), current.clone(), decision.clone());
     let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &cur2, d2).await });
@@ -769,6 +774,7 @@ async fn cordon_is_conditional_on_the_node_the_decision_saw() {
         actions: vec![Action::Cordon, Action::Evict],
         notes: vec![],
         requeue_after: None,
+        rows: Vec::new(),
     };
     let current = waiting_status();
     let task =

@@ -285,6 +285,7 @@ fn fake_decide(
             actions: vec![],
             notes: vec![],
             requeue_after: None,
+            rows: Vec::new(),
         };
     }
     status.phase = Some(Phase::Draining);
@@ -304,6 +305,7 @@ fn fake_decide(
             warning: false,
         }],
         requeue_after: None,
+        rows: Vec::new(),
     }
 }
 

@@ -2,6 +2,13 @@
 //! on a virtual clock. Every step asserts the invariants of DESIGN.md §7 that the rollout core
 //! is responsible for; runs without injected faults must also converge.
 //!
+//! The simulated controller reconciles a node only on its own triggers, like the real one: a
+//! change of its NixOSNode or Node, its requeue, a targeted wake-up (sent when a slot is released
+//! or a node leaves `Staging` or `Degraded`, and lost at random in some seeds), a change of the
+//! pause, a restart, and the safety net: a sweep every [`SWEEP_PERIOD`] that reconciles the
+//! nodes `admit` returns. A node `admit` returns must be admitted within two sweep periods.
+//! The run fails unless every row of the state table in `docs/rollout.md` (`Row`) was taken.
+//!
 //! * `cargo test --test simulation` runs 2,000 seeds;
 //! * `NIXROLL_SIM_SEEDS=N` runs N seeds; `NIXROLL_SIM_SEED=S` runs only seed S with its log.
 //!
@@ -13,7 +20,7 @@
     clippy::needless_range_loop
 )]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 
 use jiff::{SignedDuration, Timestamp};
@@ -24,11 +31,17 @@ use nixroll::api::{
     StagedSystem, Weekday,
 };
 use nixroll::rollout::{
-    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, admit,
-    budget, condition, decide, window,
+    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, Row,
+    admit, budget, condition, decide, is_admitted, window,
 };
 
 const FLAKE: &str = "git+https://git.example.org/infra.git";
+
+/// Period of the controller's safety net: every sweep reconciles the nodes `admit` returns, so a
+/// lost wake-up delays an admission by at most this long.
+const SWEEP_PERIOD: i64 = 10;
+/// A node `admit` returns must have left `Waiting` within this long.
+const ADMISSION_BOUND: i64 = 2 * SWEEP_PERIOD;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Who {
@@ -40,6 +53,8 @@ enum Who {
 struct StageOp {
     revision: String,
     installable: String,
+    /// The configuration attribute the installable builds.
+    config: String,
     done: Timestamp,
     fail: bool,
 }
@@ -67,6 +82,8 @@ struct Host {
     executed: HashSet<String>,
     reboots_per_grant: HashMap<String, u32>,
     staging: Option<StageOp>,
+    /// A hung build: no staging started before this instant finishes earlier (fault).
+    stage_stuck_until: Option<Timestamp>,
     activation: Option<ActOp>,
     /// An activation ran since the node's current slot was granted.
     activated_in_slot: bool,
@@ -83,6 +100,13 @@ struct SimNode {
     cordoned_by: Option<Who>,
     host: Host,
     retry_at: Option<Timestamp>,
+    /// The Node object exists (a machine that joins late has none before).
+    registered: bool,
+    join_at: Option<Timestamp>,
+    /// Left `Degraded` by a retry while holding its slot, after this failure reason; set until
+    /// the node is re-admitted and verified (or fails again).
+    retried_holding_slot: Option<String>,
+    readmitted_after: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,6 +134,10 @@ struct App {
 struct RevInfo {
     kernel: u32,
     init_change: bool,
+    /// The revision before this one, and the configurations this one does not change (their
+    /// system stays that of `prev`, as for a commit that touches other hosts only).
+    prev: Option<String>,
+    unchanged: HashSet<String>,
 }
 
 /// What the controller last reconciled a node on (its watch cache).
@@ -140,6 +168,16 @@ struct Sim {
     restarts: u32,
     /// How often each Event reason (and restart kind) happened: proves the paths are exercised.
     events: BTreeMap<String, usize>,
+    /// How often `decide` took each row of the state table (index: `Row as usize`).
+    rows: Vec<usize>,
+    /// Percentage of targeted wake-ups lost (0 in about half of the seeds).
+    wake_loss: u32,
+    /// Controller memory: the next safety-net sweep, the pause it last saw, wake-ups it lost.
+    next_sweep: Timestamp,
+    paused_seen: bool,
+    lost_wake: Vec<bool>,
+    /// Since when `admit` has returned each node (liveness of admission).
+    admissible_since: Vec<Option<Timestamp>>,
 }
 
 macro_rules! check {
@@ -154,8 +192,19 @@ fn rev_string(n: u32) -> String {
     format!("{:08x}", 0xabc0_0000u32 + n).repeat(5)
 }
 
-fn system_of(rev: &str, node: &str) -> String {
-    format!("/nix/store/{}-nixos-system-{node}", &rev[..12])
+fn system_of(rev: &str, config: &str) -> String {
+    format!("/nix/store/{}-nixos-system-{config}", &rev[..12])
+}
+
+/// The configuration attribute of an installable (`…#nixosConfigurations.NAME.config…`).
+fn config_of(installable: &str) -> String {
+    installable
+        .split("nixosConfigurations.")
+        .nth(1)
+        .and_then(|r| r.split(".config.system").next())
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_string()
 }
 
 fn rev_of_system(sys: &str) -> &str {
@@ -227,6 +276,8 @@ impl Sim {
             RevInfo {
                 kernel: 0,
                 init_change: false,
+                prev: None,
+                unchanged: HashSet::new(),
             },
         );
         let mut nodes = Vec::new();
@@ -274,13 +325,26 @@ impl Sim {
                     executed: HashSet::new(),
                     reboots_per_grant: HashMap::new(),
                     staging: None,
+                    stage_stuck_until: None,
                     activation: None,
                     activated_in_slot: false,
                 },
                 retry_at: None,
+                registered: true,
+                join_at: None,
+                retried_holding_slot: None,
+                readmitted_after: None,
                 name,
             });
         }
+        // Sometimes a worker's NixOSNode exists before its machine joined the cluster.
+        let late = (rng.u32(0..100) < 6).then(|| rng.usize(cps..n));
+        if let Some(j) = late {
+            nodes[j].registered = false;
+            nodes[j].host.up = false;
+            nodes[j].join_at = Some(add(now, rng.i64(30..900)));
+        }
+        let placeable: Vec<usize> = (0..n).filter(|&i| Some(i) != late).collect();
         // Workloads: apps with PDBs (minAvailable = replicas - 1) and DaemonSet pods.
         let mut apps = Vec::new();
         let mut pods = Vec::new();
@@ -292,7 +356,7 @@ impl Sim {
             for _ in 0..replicas {
                 pods.push(Pod {
                     app: a,
-                    node: Some(rng.usize(..n)),
+                    node: Some(placeable[rng.usize(..placeable.len())]),
                     daemonset: false,
                     state: PodState::Running { ready_at: now },
                     slow: faults && rng.u32(0..100) < 5,
@@ -311,6 +375,7 @@ impl Sim {
             });
         }
         let bumps_left = rng.u32(1..=2);
+        let wake_loss = if rng.bool() { 0 } else { rng.u32(30..=100) };
         Sim {
             faults,
             now,
@@ -332,6 +397,12 @@ impl Sim {
             log: verbose.then(String::new),
             restarts: 0,
             events: BTreeMap::new(),
+            rows: vec![0; Row::ALL.len()],
+            wake_loss,
+            next_sweep: add(now, SWEEP_PERIOD),
+            paused_seen: false,
+            lost_wake: vec![false; n],
+            admissible_since: vec![None; n],
             rng,
         }
     }
@@ -353,6 +424,9 @@ impl Sim {
 
     fn obs(&self, i: usize) -> NodeObservation {
         let n = &self.nodes[i];
+        if !n.registered {
+            return NodeObservation::default();
+        }
         NodeObservation {
             exists: true,
             ready: n.host.up && self.now >= n.host.ready_at,
@@ -386,20 +460,7 @@ impl Sim {
         let now = self.now;
         // Spec bumps (a new commit reviewed and merged).
         if self.next_bump.is_some_and(|t| t <= now) {
-            self.rev_count += 1;
-            let rev = rev_string(self.rev_count);
-            let kernel = if self.rng.bool() {
-                self.rev_count
-            } else {
-                self.rev_count.saturating_sub(1)
-            };
-            let init_change = self.p(10);
-            self.revs.insert(rev.clone(), RevInfo { kernel, init_change });
-            for n in self.nodes.iter_mut() {
-                n.spec.revision = rev.clone();
-                n.generation += 1;
-            }
-            self.logf(|| format!("spec bump to {}", &rev[..12]));
+            self.bump("spec bump");
             self.bumps_left -= 1;
             self.next_bump = if self.bumps_left > 0 {
                 Some(add(now, self.rng.i64(60..4 * 3600)))
@@ -408,6 +469,24 @@ impl Sim {
             };
         }
         let quiet = now >= self.quiet_after;
+        // A machine joins the cluster: its Node appears as it boots.
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].join_at.is_some_and(|t| t <= now) {
+                let n = &mut self.nodes[i];
+                n.join_at = None;
+                n.registered = true;
+                n.host.up = true;
+                n.host.boot_seq += 1;
+                n.host.ready_at = add(now, 10);
+                let name = n.name.clone();
+                self.logf(|| format!("{name} joins the cluster"));
+            }
+        }
+        // Someone points a node at another configuration of the flake.
+        if !quiet && self.rng.u32(0..1000) < 2 {
+            let i = self.rng.usize(..self.nodes.len());
+            self.change_configuration(i);
+        }
         // Admin cordons / uncordons.
         if !quiet && self.p(2) {
             let i = self.rng.usize(..self.nodes.len());
@@ -456,17 +535,25 @@ impl Sim {
                 }
             }
         }
-        // Users retry degraded nodes after a while.
+        // Users get degraded nodes going again after a while: mostly with the retry annotation,
+        // sometimes by fixing the node's configuration or by a new commit.
         for i in 0..self.nodes.len() {
             if self.nodes[i].status.phase == Some(Phase::Degraded) {
                 match self.nodes[i].retry_at {
                     None => self.nodes[i].retry_at = Some(add(now, self.rng.i64(600..7200))),
                     Some(t) if t <= now => {
-                        let tok = format!("r{}", self.step);
-                        self.nodes[i].retry = Some(tok);
                         self.nodes[i].retry_at = None;
-                        let name = self.nodes[i].name.clone();
-                        self.logf(|| format!("user retries {name}"));
+                        let how = self.rng.u32(0..100);
+                        if quiet || how < 70 {
+                            let tok = format!("r{}", self.step);
+                            self.nodes[i].retry = Some(tok);
+                            let name = self.nodes[i].name.clone();
+                            self.logf(|| format!("user retries {name}"));
+                        } else if how < 85 {
+                            self.change_configuration(i);
+                        } else {
+                            self.bump("fix-forward commit");
+                        }
                     }
                     _ => {}
                 }
@@ -508,6 +595,73 @@ impl Sim {
         Ok(())
     }
 
+    /// A new revision for every node. For some configurations it changes nothing (their system
+    /// stays the one of the revision before).
+    fn bump(&mut self, why: &str) {
+        let prev = rev_string(self.rev_count);
+        self.rev_count += 1;
+        let rev = rev_string(self.rev_count);
+        let kernel = if self.rng.bool() {
+            self.rev_count
+        } else {
+            self.rev_count.saturating_sub(1)
+        };
+        let init_change = self.p(10);
+        let mut unchanged = HashSet::new();
+        if self.p(25) {
+            for i in 0..self.nodes.len() {
+                if self.p(50) {
+                    let n = &self.nodes[i];
+                    unchanged.insert(n.spec.configuration_for(&n.name).to_string());
+                }
+            }
+        }
+        self.revs.insert(
+            rev.clone(),
+            RevInfo {
+                kernel,
+                init_change,
+                prev: Some(prev),
+                unchanged,
+            },
+        );
+        for n in self.nodes.iter_mut() {
+            n.spec.revision = rev.clone();
+            n.generation += 1;
+        }
+        self.logf(|| format!("{why} to {}", &rev[..12]));
+    }
+
+    fn change_configuration(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let k = n.generation;
+        n.spec.configuration = Some(format!("{}-v{k}", n.name));
+        n.generation += 1;
+        let (name, c) = (n.name.clone(), n.spec.configuration.clone());
+        self.logf(|| format!("{name} now builds configuration {c:?}"));
+    }
+
+    /// The system `config` builds at `rev`.
+    fn system_for(&self, rev: &str, config: &str) -> String {
+        let mut rev = rev;
+        while let Some(info) = self.revs.get(rev)
+            && info.unchanged.contains(config)
+            && let Some(prev) = info.prev.as_deref()
+        {
+            rev = prev;
+        }
+        system_of(rev, config)
+    }
+
+    /// The kernel of a system (the one of the revision it was built from).
+    fn kernel_of(&self, sys: &str) -> Option<u32> {
+        let r = rev_of_system(sys);
+        self.revs
+            .iter()
+            .find(|(k, _)| k[..12] == *r)
+            .map(|(_, v)| v.kernel)
+    }
+
     fn host_events(&mut self, i: usize) -> Result<(), String> {
         let now = self.now;
         // Boot completes.
@@ -520,6 +674,12 @@ impl Sim {
             h.up = true;
             h.boot_seq += 1;
             h.ready_at = add(now, 10);
+            if self.faults && self.rng.u32(0..100) < 3 {
+                // The kubelet takes longer than the verify timeout to become Ready.
+                self.nodes[i].host.ready_at = add(now, self.rng.i64(700..1500));
+                *self.events.entry("(Node Ready late)".into()).or_default() += 1;
+            }
+            let h = &mut self.nodes[i].host;
             if !fallback {
                 h.booted = h.boot_default.clone();
             }
@@ -546,13 +706,9 @@ impl Sim {
                     at: Time(now),
                 });
             } else {
-                let sys = system_of(&op.revision, &name);
-                let booted_kernel = self
-                    .revs
-                    .iter()
-                    .find(|(r, _)| r[..12] == *rev_of_system(&self.nodes[i].host.booted))
-                    .map(|(_, v)| v.kernel);
-                let kernel = self.revs.get(&op.revision).map(|v| v.kernel);
+                let sys = self.system_for(&op.revision, &op.config);
+                let booted_kernel = self.kernel_of(&self.nodes[i].host.booted);
+                let kernel = self.kernel_of(&sys);
                 let reboot = booted_kernel != kernel;
                 let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
                 agent.staged = Some(StagedSystem {
@@ -612,7 +768,13 @@ impl Sim {
             };
             let down = !self.nodes[i].host.up;
             if down {
-                let d = self.rng.i64(20..300);
+                let d = if self.faults && self.rng.u32(0..100) < 3 {
+                    // A boot that takes longer than the reboot timeout.
+                    *self.events.entry("(boot hangs)".into()).or_default() += 1;
+                    self.rng.i64(950..2000)
+                } else {
+                    self.rng.i64(20..300)
+                };
                 self.nodes[i].host.boot_done = Some(add(now, d));
             }
             let agent = self.nodes[i].status.agent.get_or_insert_with(Default::default);
@@ -692,11 +854,22 @@ impl Sim {
             });
             if !staged && !err_blocks && self.nodes[i].host.staging.is_none() {
                 let fail = self.faults && self.rng.u32(0..100) < 8;
-                let d = self.rng.i64(5..400);
+                if self.faults && self.rng.u32(0..1000) < 15 {
+                    // A build that hangs (a stuck substituter): past the staging timeout, and
+                    // restarting the agent does not help.
+                    let until = add(now, self.rng.i64(3700..7200));
+                    self.nodes[i].host.stage_stuck_until = Some(until);
+                    *self.events.entry("(staging hangs)".into()).or_default() += 1;
+                }
+                let mut done = add(now, self.rng.i64(5..400));
+                if let Some(u) = self.nodes[i].host.stage_stuck_until {
+                    done = done.max(u);
+                }
                 self.nodes[i].host.staging = Some(StageOp {
                     revision: t.revision.clone(),
                     installable: t.installable.clone(),
-                    done: add(now, d),
+                    config: config_of(&t.installable),
+                    done,
                     fail,
                 });
             }
@@ -707,7 +880,13 @@ impl Sim {
         {
             self.check_drained(i, "activation")?;
             let fail = self.faults && self.rng.u32(0..100) < 6;
-            let d = self.rng.i64(3..120);
+            let d = if self.faults && self.rng.u32(0..100) < 2 {
+                // Hangs past the activation timeout, then finishes anyway.
+                *self.events.entry("(activation hangs)".into()).or_default() += 1;
+                self.rng.i64(950..2400)
+            } else {
+                self.rng.i64(3..120)
+            };
             let h = &mut self.nodes[i].host;
             h.executed.insert(g.id.clone());
             h.activated_in_slot = true;
@@ -742,8 +921,7 @@ impl Sim {
         n.status.slot.is_some()
             || ph.is_disruptive()
             || ph == Phase::Degraded
-            || n.unschedulable
-            || !self.node_ready(i)
+            || (n.registered && (n.unschedulable || !self.node_ready(i)))
     }
 
     fn evict_pass(&mut self, i: usize, force: bool) -> DrainProgress {
@@ -789,15 +967,10 @@ impl Sim {
         }
     }
 
-    fn controller(&mut self) -> Result<(), String> {
-        if self.rng.u32(0..1000) < 5 {
-            self.drain_mem.clear();
-            self.seen = vec![None; self.nodes.len()];
-            self.wake = vec![Some(self.now); self.nodes.len()];
-            self.restarts += 1;
-            *self.events.entry("(controller restart)".into()).or_default() += 1;
-            self.logf(|| "controller restart".into());
-        }
+    /// The admission gate over the current state, with the admission invariants checked on
+    /// its answer. The controller runs it under its admission lock, so every call sees the
+    /// slots taken before.
+    fn admit_checked(&mut self) -> Result<Vec<String>, String> {
         let n = self.nodes.len();
         let obs: Vec<NodeObservation> = (0..n).map(|i| self.obs(i)).collect();
         let cluster = ClusterState { paused: self.paused };
@@ -805,7 +978,6 @@ impl Sim {
             let views: Vec<NodeView<'_>> = (0..n).map(|i| self.view(i, &obs[i])).collect();
             admit(&views, &cluster, &self.policy, self.now)
         };
-        // Admission invariants.
         let degraded = self
             .nodes
             .iter()
@@ -856,110 +1028,309 @@ impl Sim {
             let ok = window::is_open(&self.nodes[i].spec.maintenance_windows, self.now).unwrap();
             check!(self, ok, "admitted {a} outside its maintenance window");
             check!(self, !self.nodes[i].spec.suspend, "admitted suspended {a}");
+            check!(
+                self,
+                self.nodes[i].status.phase == Some(Phase::Waiting),
+                "admitted {a} in {:?}",
+                self.nodes[i].status.phase
+            );
         }
-        if !admitted.is_empty() {
-            let a = admitted.clone();
-            self.logf(|| format!("admit {a:?}"));
-        }
+        Ok(admitted)
+    }
 
-        for i in 0..n {
-            // Watch-driven: reconcile when the object (spec, annotation, agent status) or the
-            // Node changed, when admitted, or when a requeue is due.
-            let x = &self.nodes[i];
-            let unchanged = self.seen[i].as_ref().is_some_and(|(g, r, o, a)| {
-                *g == x.generation && *r == x.retry && *o == obs[i] && *a == x.status.agent
-            });
-            let due = self.wake[i].is_none_or(|t| t <= self.now)
-                || admitted.contains(&self.nodes[i].name)
-                || !unchanged;
-            if !due {
-                continue;
-            }
-            self.seen[i] = Some((
-                x.generation,
-                x.retry.clone(),
-                obs[i].clone(),
-                x.status.agent.clone(),
-            ));
-            for _ in 0..4 {
-                if self.nodes[i].status.phase != Some(Phase::Draining) {
-                    self.drain_mem.remove(&i);
-                }
-                let o = self.obs(i);
-                let is_admitted = admitted.contains(&self.nodes[i].name);
-                let d: Decision = {
-                    let v = self.view(i, &o);
-                    decide(&v, is_admitted, self.drain_mem.get(&i), &self.policy, self.now)
-                };
-                check!(self, d.status.agent.is_none(), "decide wrote status.agent");
-                self.transition_checks(i, &d, is_admitted, degraded)?;
-                let Decision {
-                    status,
-                    actions,
-                    requeue_after,
-                    notes,
-                } = d;
-                for note in &notes {
-                    *self.events.entry(note.reason.clone()).or_default() += 1;
-                }
-                let agent = self.nodes[i].status.agent.take();
-                let changed = self.nodes[i].status != status;
-                let mut before = std::mem::replace(&mut self.nodes[i].status, status);
-                before.agent = None;
-                self.nodes[i].status.agent = agent;
-                if self.nodes[i].status.slot.is_none() && before.slot.is_some() {
-                    self.nodes[i].host.activated_in_slot = false;
-                }
-                if before.phase != self.nodes[i].status.phase {
-                    let (name, ph, msg) = (
-                        self.nodes[i].name.clone(),
-                        self.nodes[i].status.phase,
-                        self.nodes[i].status.message.clone().unwrap_or_default(),
-                    );
-                    self.logf(|| format!("{name} -> {ph:?}: {msg}"));
-                }
-                if self.rng.u32(0..1000) < 5 {
-                    // Crash after the status write, before the effects.
-                    self.drain_mem.clear();
-                    self.seen = vec![None; n];
-                    // The replacement controller starts within seconds and relists everything.
-                    self.wake = vec![Some(add(self.now, 10)); n];
-                    self.restarts += 1;
-                    *self.events.entry("(crash before actions)".into()).or_default() += 1;
-                    self.logf(|| "controller crash before actions".into());
-                    // The adversary: an admin cordons the node nixroll meant to cordon, in the
-                    // gap before the replacement controller acts. The cordon is the admin's.
-                    if actions.contains(&Action::Cordon)
-                        && !self.nodes[i].unschedulable
-                        && self.now < self.quiet_after
-                        && self.rng.bool()
-                    {
-                        self.nodes[i].unschedulable = true;
-                        self.nodes[i].cordoned_by = Some(Who::Admin);
-                        *self
-                            .events
-                            .entry("(admin cordon in the crash gap)".into())
-                            .or_default() += 1;
-                        let name = self.nodes[i].name.clone();
-                        self.logf(|| format!("admin cordons {name} in the crash gap"));
-                    }
-                    return Ok(());
-                }
-                for a in &actions {
-                    self.act(i, a)?;
-                }
-                self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
-                // The controller's own writes and Node changes trigger the next reconcile at
-                // once (watch events); only then can the world (an admin) act again.
-                let node_changed = actions
-                    .iter()
-                    .any(|a| matches!(a, Action::Cordon | Action::Uncordon));
-                if !changed && !node_changed {
-                    break;
-                }
+    /// Liveness of admission: a node `admit` has returned for longer than [`ADMISSION_BOUND`]
+    /// (at every step in between, since the controller last started) was never admitted: a
+    /// stalled rollout.
+    fn check_admission_liveness(&mut self, admissible: &[String]) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            if admissible.contains(&self.nodes[i].name) {
+                let since = *self.admissible_since[i].get_or_insert(self.now);
+                let waited = self.now.duration_since(since).as_secs();
+                check!(
+                    self,
+                    waited <= ADMISSION_BOUND,
+                    "{} admissible since {since} ({waited} s) but not admitted: {:?}",
+                    self.nodes[i].name,
+                    self.nodes[i].status.message
+                );
+            } else {
+                self.admissible_since[i] = None;
             }
         }
         Ok(())
+    }
+
+    fn controller(&mut self) -> Result<(), String> {
+        let n = self.nodes.len();
+        if self.rng.u32(0..1000) < 5 {
+            self.restart();
+            *self.events.entry("(controller restart)".into()).or_default() += 1;
+            self.logf(|| "controller restart".into());
+        }
+        let admissible = self.admit_checked()?;
+        self.check_admission_liveness(&admissible)?;
+        // The safety net: a periodic sweep reconciles the nodes the gate admits now.
+        let sweep = self.now >= self.next_sweep;
+        if sweep {
+            self.next_sweep = add(self.now, SWEEP_PERIOD);
+        }
+        // The pause ConfigMap's watch reconciles every node.
+        let pause_changed = self.paused != self.paused_seen;
+        self.paused_seen = self.paused;
+        let mut queue = VecDeque::new();
+        let mut swept_only = vec![false; n];
+        for i in 0..n {
+            // Watch-driven: reconcile when the object (spec, annotation, agent status) or the
+            // Node changed, or when a requeue is due. Nothing else wakes a node up.
+            let o = self.obs(i);
+            let x = &self.nodes[i];
+            let unchanged = self.seen[i].as_ref().is_some_and(|(g, r, so, a)| {
+                *g == x.generation && *r == x.retry && *so == o && *a == x.status.agent
+            });
+            let due = self.wake[i].is_some_and(|t| t <= self.now) || !unchanged || pause_changed;
+            let swept = sweep && admissible.contains(&x.name);
+            if due || swept {
+                queue.push_back(i);
+                swept_only[i] = !due;
+            }
+        }
+        // Bounded, in case wake-ups ping-pong between nodes.
+        let mut left = 16 * n;
+        while let Some(i) = queue.pop_front() {
+            if left == 0 {
+                break;
+            }
+            left -= 1;
+            if !self.reconcile(i, std::mem::take(&mut swept_only[i]), &mut queue)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// A controller restart: everything in memory is lost, the watches relist.
+    fn restart(&mut self) {
+        let n = self.nodes.len();
+        self.drain_mem.clear();
+        self.seen = vec![None; n];
+        self.wake = vec![Some(self.now); n];
+        self.next_sweep = add(self.now, SWEEP_PERIOD);
+        self.paused_seen = self.paused;
+        self.lost_wake = vec![false; n];
+        // The bound on admission holds while a controller runs: it starts again from here.
+        self.admissible_since = vec![None; n];
+        self.restarts += 1;
+    }
+
+    /// One reconcile of node `i` (with the passes its own writes and Node changes trigger).
+    /// `swept`: only the sweep asked for it. Returns false when the controller crashed.
+    fn reconcile(&mut self, i: usize, swept: bool, queue: &mut VecDeque<usize>) -> Result<bool, String> {
+        let n = self.nodes.len();
+        let woken_after_loss = std::mem::take(&mut self.lost_wake[i]);
+        let o = self.obs(i);
+        let x = &self.nodes[i];
+        self.seen[i] = Some((x.generation, x.retry.clone(), o, x.status.agent.clone()));
+        for _ in 0..4 {
+            if self.nodes[i].status.phase != Some(Phase::Draining) {
+                self.drain_mem.remove(&i);
+            }
+            let o = self.obs(i);
+            // As the controller must: the node is admitted when it is Waiting and the gate
+            // lists it, whether or not it already holds its slot.
+            let is_admitted = if self.nodes[i].status.phase == Some(Phase::Waiting) {
+                let admissible = self.admit_checked()?;
+                let v = self.view(i, &o);
+                is_admitted(&v, &admissible)
+            } else {
+                false
+            };
+            let degraded = self
+                .nodes
+                .iter()
+                .filter(|x| x.status.phase == Some(Phase::Degraded))
+                .count();
+            let d: Decision = {
+                let v = self.view(i, &o);
+                decide(&v, is_admitted, self.drain_mem.get(&i), &self.policy, self.now)
+            };
+            check!(self, d.status.agent.is_none(), "decide wrote status.agent");
+            check!(
+                self,
+                !d.rows.is_empty(),
+                "decide reported no row of the state table"
+            );
+            self.transition_checks(i, &d, is_admitted, degraded)?;
+            let Decision {
+                status,
+                actions,
+                requeue_after,
+                notes,
+                rows,
+            } = d;
+            for note in &notes {
+                *self.events.entry(note.reason.clone()).or_default() += 1;
+            }
+            self.count_paths(i, &rows, &status);
+            let agent = self.nodes[i].status.agent.take();
+            let changed = self.nodes[i].status != status;
+            let mut before = std::mem::replace(&mut self.nodes[i].status, status);
+            before.agent = None;
+            self.nodes[i].status.agent = agent;
+            if self.nodes[i].status.slot.is_none() && before.slot.is_some() {
+                self.nodes[i].host.activated_in_slot = false;
+            }
+            let after = self.nodes[i].status.phase;
+            if before.phase != after {
+                let (name, msg) = (
+                    self.nodes[i].name.clone(),
+                    self.nodes[i].status.message.clone().unwrap_or_default(),
+                );
+                let r = rows.clone();
+                self.logf(|| format!("{name} -> {after:?}: {msg} (rows {r:?})"));
+                if before.phase == Some(Phase::Waiting) && after == Some(Phase::Draining) {
+                    if swept {
+                        *self.events.entry("(admitted by the sweep)".into()).or_default() += 1;
+                        if self.wake_loss == 0 {
+                            // No wake-up is lost in this seed: the targeted wake-ups missed it.
+                            *self
+                                .events
+                                .entry("(admitted by the sweep, no wake-up lost)".into())
+                                .or_default() += 1;
+                        }
+                    }
+                    if woken_after_loss {
+                        *self
+                            .events
+                            .entry("(admitted after a lost wake-up)".into())
+                            .or_default() += 1;
+                    }
+                }
+            }
+            if self.rng.u32(0..1000) < 5 {
+                // Crash after the status write, before the effects.
+                self.restart();
+                // The replacement controller starts within seconds and relists everything.
+                self.wake = vec![Some(add(self.now, 10)); n];
+                *self.events.entry("(crash before actions)".into()).or_default() += 1;
+                self.logf(|| "controller crash before actions".into());
+                // The adversary: an admin cordons the node nixroll meant to cordon, in the
+                // gap before the replacement controller acts. The cordon is the admin's.
+                if actions.contains(&Action::Cordon)
+                    && !self.nodes[i].unschedulable
+                    && self.now < self.quiet_after
+                    && self.rng.bool()
+                {
+                    self.nodes[i].unschedulable = true;
+                    self.nodes[i].cordoned_by = Some(Who::Admin);
+                    *self
+                        .events
+                        .entry("(admin cordon in the crash gap)".into())
+                        .or_default() += 1;
+                    let name = self.nodes[i].name.clone();
+                    self.logf(|| format!("admin cordons {name} in the crash gap"));
+                }
+                return Ok(false);
+            }
+            if changed {
+                // The controller's targeted wake-ups: a slot was released, or a node left
+                // Staging or Degraded (which halt admission). Some are lost.
+                let st = &self.nodes[i].status;
+                let held = before.slot.is_some() || before.phase.is_some_and(Phase::is_disruptive);
+                let holds = st.slot.is_some() || st.phase.is_some_and(Phase::is_disruptive);
+                let left = |p: Phase| before.phase == Some(p) && st.phase != Some(p);
+                if (held && !holds) || left(Phase::Staging) || left(Phase::Degraded) {
+                    self.wake_admissible(i, queue)?;
+                }
+            }
+            for a in &actions {
+                self.act(i, a)?;
+            }
+            self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
+            // The controller's own writes and Node changes trigger the next reconcile at
+            // once (watch events); only then can the world (an admin) act again.
+            let node_changed = actions
+                .iter()
+                .any(|a| matches!(a, Action::Cordon | Action::Uncordon));
+            if !changed && !node_changed {
+                break;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Send the nodes the gate admits now (other than `me`) to the work queue, losing each
+    /// wake-up with probability `wake_loss` percent.
+    fn wake_admissible(&mut self, me: usize, queue: &mut VecDeque<usize>) -> Result<(), String> {
+        let admissible = self.admit_checked()?;
+        for name in admissible {
+            let j = self.nodes.iter().position(|x| x.name == name).unwrap();
+            if j == me {
+                continue;
+            }
+            if self.rng.u32(0..100) < self.wake_loss {
+                self.lost_wake[j] = true;
+                *self.events.entry("(wake-up lost)".into()).or_default() += 1;
+                self.logf(|| format!("wake-up of {name} lost"));
+            } else if !queue.contains(&j) {
+                queue.push_back(j);
+            }
+        }
+        Ok(())
+    }
+
+    /// Count the rows taken and the ways out of `Degraded`, and follow a node retried while
+    /// holding its slot until it is re-admitted and verified.
+    fn count_paths(&mut self, i: usize, rows: &[Row], next: &NixOSNodeStatus) {
+        for r in rows {
+            self.rows[*r as usize] += 1;
+        }
+        let before = &self.nodes[i].status;
+        let failed = before
+            .failed
+            .as_ref()
+            .map(|f| f.reason.clone())
+            .unwrap_or_default();
+        let holding = before.slot.is_some();
+        let new_revision = before
+            .target
+            .as_ref()
+            .is_some_and(|t| t.revision != self.nodes[i].spec.revision);
+        let mut ev = Vec::new();
+        for r in rows {
+            match r {
+                Row::RetryRequested | Row::NewTarget => {
+                    let how = if *r == Row::RetryRequested {
+                        "retry"
+                    } else if new_revision {
+                        "new revision"
+                    } else {
+                        "new configuration"
+                    };
+                    let slot = if holding { " holding its slot" } else { "" };
+                    ev.push(format!("(out of Degraded: {how} after {failed}{slot})"));
+                    ev.push(format!("(out of Degraded: {how})"));
+                    self.nodes[i].retried_holding_slot = holding.then(|| failed.clone());
+                    self.nodes[i].readmitted_after = None;
+                }
+                Row::Readmitted => {
+                    self.nodes[i].readmitted_after = self.nodes[i].retried_holding_slot.take();
+                }
+                Row::Verified => {
+                    self.nodes[i].retried_holding_slot = None;
+                    if let Some(f) = self.nodes[i].readmitted_after.take() {
+                        ev.push(format!("(re-admitted after {f} and verified)"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if next.phase == Some(Phase::Degraded) {
+            self.nodes[i].retried_holding_slot = None;
+            self.nodes[i].readmitted_after = None;
+        }
+        for e in ev {
+            *self.events.entry(e).or_default() += 1;
+        }
     }
 
     fn act(&mut self, i: usize, a: &Action) -> Result<(), String> {
@@ -1150,6 +1521,7 @@ impl Sim {
                 h.activation.as_ref().map(|a| a.done),
                 Some(h.ready_at),
                 x.retry_at,
+                x.join_at,
             ]
             .into_iter()
             .flatten()
@@ -1166,6 +1538,11 @@ impl Sim {
         }
         if let Some(t) = self.next_bump {
             consider(t);
+        }
+        // The sweep matters only while some node is admissible; skipping the idle ones keeps
+        // the step count down.
+        if self.admissible_since.iter().any(Option::is_some) {
+            consider(self.next_sweep);
         }
         consider(self.quiet_after);
         let base = next.max(add(self.now, 1));
@@ -1201,7 +1578,13 @@ impl Sim {
 
 const MAX_STEPS: usize = 6000;
 
-type SeedResult = (bool, bool, usize, BTreeMap<String, usize>);
+struct SeedResult {
+    faults: bool,
+    converged: bool,
+    steps: usize,
+    events: BTreeMap<String, usize>,
+    rows: Vec<usize>,
+}
 
 fn run_seed(seed: u64, verbose: bool) -> Result<SeedResult, (String, Option<String>)> {
     let mut sim = Sim::new(seed, verbose);
@@ -1242,7 +1625,13 @@ fn run_seed(seed: u64, verbose: bool) -> Result<SeedResult, (String, Option<Stri
                     ));
                 }
             }
-            Ok((sim.faults, conv, sim.step, sim.events))
+            Ok(SeedResult {
+                faults: sim.faults,
+                converged: conv,
+                steps: sim.step,
+                events: sim.events,
+                rows: sim.rows,
+            })
         }
         Err(e) => Err((e, sim.log)),
     }
@@ -1262,16 +1651,36 @@ fn fail_with(seed: u64, e: String) -> ! {
     );
 }
 
+/// One line per row of the state table: how often `decide` took it.
+fn row_report(rows: &[usize]) -> String {
+    let mut out = String::new();
+    for r in Row::ALL {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>8}  {}",
+            r.name(),
+            rows[*r as usize],
+            r.description()
+        );
+    }
+    out
+}
+
 #[test]
 fn simulated_rollouts_keep_invariants_and_converge() {
     if let Ok(s) = std::env::var("NIXROLL_SIM_SEED") {
         let seed: u64 = s.parse().unwrap();
         match run_seed(seed, true) {
-            Ok((faults, conv, steps, _)) => {
+            Ok(r) => {
                 let mut sim = Sim::new(seed, true);
                 let _ = sim.run(MAX_STEPS);
                 println!("{}", sim.log.unwrap_or_default());
-                println!("NIXROLL_SIM_SEED={seed}: ok (faults={faults}, converged={conv}, steps={steps})");
+                println!("rows of the state table taken:\n{}", row_report(&r.rows));
+                println!("events: {:?}", r.events);
+                println!(
+                    "NIXROLL_SIM_SEED={seed}: ok (faults={}, converged={}, steps={})",
+                    r.faults, r.converged, r.steps
+                );
             }
             Err((e, _)) => fail_with(seed, e),
         }
@@ -1302,15 +1711,21 @@ fn simulated_rollouts_keep_invariants_and_converge() {
     let mut stats: BTreeMap<&str, usize> = BTreeMap::new();
     let mut steps = 0;
     let mut events: BTreeMap<String, usize> = BTreeMap::new();
+    let mut rows = vec![0; Row::ALL.len()];
     for (seed, r) in results {
         match r {
-            Ok((faults, conv, s, ev)) => {
-                steps += s;
-                for (k, v) in ev {
+            Ok(r) => {
+                steps += r.steps;
+                for (k, v) in r.events {
                     *events.entry(k).or_default() += v;
                 }
-                *stats.entry(if faults { "faulty" } else { "clean" }).or_default() += 1;
-                if conv {
+                for (total, n) in rows.iter_mut().zip(&r.rows) {
+                    *total += n;
+                }
+                *stats
+                    .entry(if r.faults { "faulty" } else { "clean" })
+                    .or_default() += 1;
+                if r.converged {
                     *stats.entry("converged").or_default() += 1;
                 }
             }
@@ -1319,7 +1734,18 @@ fn simulated_rollouts_keep_invariants_and_converge() {
     }
     println!("{seeds} seeds: {stats:?}, {steps} steps");
     println!("events: {events:?}");
+    println!("rows of the state table taken:\n{}", row_report(&rows));
     if seeds >= 1000 {
+        // A path the simulation never takes is a path nobody has tested.
+        let never: Vec<&str> = Row::ALL
+            .iter()
+            .filter(|r| rows[**r as usize] == 0)
+            .map(|r| r.name())
+            .collect();
+        assert!(
+            never.is_empty(),
+            "rows of the state table never taken in {seeds} seeds: {never:?}"
+        );
         // The paths the invariants are about must actually be exercised.
         for reason in [
             "Admitted",
@@ -1338,6 +1764,19 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "(controller restart)",
             "(crash before actions)",
             "(admin cordon in the crash gap)",
+            // Every way out of Degraded, and the retried node re-admitted to the end.
+            "(out of Degraded: retry after BootedWrongSystem holding its slot)",
+            "(out of Degraded: retry after ActivationFailed holding its slot)",
+            "(out of Degraded: retry after StageFailed)",
+            "(out of Degraded: retry after StagingTimeout)",
+            "(out of Degraded: new revision)",
+            "(out of Degraded: new configuration)",
+            "(re-admitted after BootedWrongSystem and verified)",
+            "(re-admitted after ActivationFailed and verified)",
+            // Lost wake-ups, and the sweep that makes up for them.
+            "(wake-up lost)",
+            "(admitted by the sweep)",
+            "(admitted after a lost wake-up)",
         ] {
             assert!(
                 events.get(reason).copied().unwrap_or(0) > 0,

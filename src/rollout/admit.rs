@@ -123,3 +123,12 @@ pub(super) fn admit(
     }
     out
 }
+
+/// The `admitted` argument of [`super::decide`] for `view`, given what [`super::admit`] returned
+/// over all nodes: the node is `Waiting` and the gate listed it. That includes a node that
+/// already holds its slot (a retried node that stayed cordoned): the gate lists it first and
+/// without using budget, and it must be admitted like any other, or it stays `Waiting` and
+/// cordoned for good.
+pub fn is_admitted(view: &NodeView<'_>, admissible: &[String]) -> bool {
+    view.status.phase == Some(Phase::Waiting) && admissible.iter().any(|n| n == view.name)
+}

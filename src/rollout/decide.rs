@@ -3,7 +3,7 @@
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use super::{Action, Decision, DrainProgress, NodeView, Note, Policy, reason, window};
+use super::{Action, Decision, DrainProgress, NodeView, Note, Policy, Row, reason, window};
 use crate::api::{
     ActivationAction, ActivationGrant, ActivationReport, ActivationState, AgentStatus, Backoff,
     DrainTimeoutAction, FailedTarget, HistoryEntry, HostOperation, NixOSNodeStatus, Phase, RebootPolicy,
@@ -143,6 +143,8 @@ struct Ctx<'v, 'a> {
     invalid_spec: Option<String>,
     /// The parsed maintenance windows (empty = always open).
     windows: Vec<window::Window>,
+    /// The rows of the state table taken, in order.
+    rows: Vec<Row>,
 }
 
 pub(super) fn decide(
@@ -178,6 +180,7 @@ pub(super) fn decide(
         reason: String::new(),
         invalid_spec: None,
         windows: Vec::new(),
+        rows: Vec::new(),
     };
     if !view.spec.maintenance_windows.is_empty() {
         match window::parse_all(&view.spec.maintenance_windows) {
@@ -192,6 +195,7 @@ pub(super) fn decide(
     }
 
     if !view.node.exists {
+        c.took(Row::NodeMissing);
         c.reason = reason::NODE_MISSING.into();
         c.st.message = Some(format!(
             "Node {} does not exist; nothing disruptive happens until it does",
@@ -220,7 +224,13 @@ pub(super) fn decide(
                 // The failed (revision, system) is not retried until the spec asks for a
                 // different target or the user sets a new retry token. Other spec edits
                 // (suspend, windows, drain policy) do not retry.
-                let resumed = retried || (spec_changed && !c.target_is_wanted());
+                let resumed = if retried {
+                    Some(Row::RetryRequested)
+                } else if spec_changed && !c.target_is_wanted() {
+                    Some(Row::NewTarget)
+                } else {
+                    None
+                };
                 c.degraded(resumed)
             }
         };
@@ -265,6 +275,10 @@ impl Ctx<'_, '_> {
 
     fn wake_in(&mut self, d: SignedDuration) {
         self.wake_at(add(self.now, d));
+    }
+
+    fn took(&mut self, row: Row) {
+        self.rows.push(row);
     }
 
     fn note(&mut self, reason: &str, message: String, warning: bool) {
@@ -427,6 +441,7 @@ impl Ctx<'_, '_> {
 
     fn up_to_date(&mut self) -> bool {
         if self.st.slot.is_some() {
+            self.took(Row::UpToDateReleaseSlot);
             self.release_slot();
             if self.st.slot.is_some() {
                 // Finish the uncordon before anything else.
@@ -437,9 +452,11 @@ impl Ctx<'_, '_> {
             }
         }
         if self.st.revision.as_deref() != Some(self.view.spec.revision.as_str()) {
+            self.took(Row::NewRevision);
             self.start_staging();
             return true;
         }
+        self.took(Row::UpToDateIdle);
         self.st.target = None;
         self.st.activation = None;
         self.st.backoff = None;
@@ -457,6 +474,7 @@ impl Ctx<'_, '_> {
 
     fn staging(&mut self) -> bool {
         if !self.target_is_wanted() {
+            self.took(Row::TargetChanged);
             self.start_staging();
         }
         if let Some(staged) = self.staged().cloned() {
@@ -469,6 +487,7 @@ impl Ctx<'_, '_> {
             if booted == Some(staged.system.as_str()) && current == Some(staged.system.as_str()) {
                 if self.st.slot.is_some() {
                     // Retried after a failure while holding the slot: verify, then uncordon.
+                    self.took(Row::AlreadyRunningHoldsSlot);
                     self.st.activation = None;
                     self.enter(
                         Phase::Verifying,
@@ -477,6 +496,7 @@ impl Ctx<'_, '_> {
                     );
                     return true;
                 }
+                self.took(Row::AlreadyRunning);
                 self.succeed(false, "already running the staged system; nothing disrupted");
                 return true;
             }
@@ -490,6 +510,7 @@ impl Ctx<'_, '_> {
                     String::new()
                 }
             );
+            self.took(Row::Staged);
             self.note(reason::STAGED, msg.clone(), false);
             self.enter(Phase::Waiting, reason::WAITING_FOR_SLOT, msg);
             return true;
@@ -502,11 +523,13 @@ impl Ctx<'_, '_> {
             && err.at.0 >= since
         {
             let m = err.message.clone();
+            self.took(Row::StageFailed);
             self.fail(reason::STAGE_FAILED, format!("staging failed: {m}"));
             return false;
         }
         let deadline = add(since, self.policy.timeouts.staging);
         if self.now >= deadline {
+            self.took(Row::StagingTimeout);
             self.fail(
                 reason::STAGING_TIMEOUT,
                 format!(
@@ -517,6 +540,7 @@ impl Ctx<'_, '_> {
             );
             return false;
         }
+        self.took(Row::StagingWait);
         self.wake_at(deadline);
         false
     }
@@ -527,6 +551,7 @@ impl Ctx<'_, '_> {
             && self.st.backoff.is_some()
             && is_fresh(&slot)
         {
+            self.took(Row::WaitingReleaseSlot);
             if slot.cordoned_by_nixroll && self.view.node.unschedulable && self.view.node.cordon_mark {
                 self.actions.push(Action::Uncordon);
                 self.wake_in(UNCORDON_RECHECK);
@@ -535,6 +560,7 @@ impl Ctx<'_, '_> {
             self.st.slot = None;
         }
         if !self.target_is_wanted() || self.target_system().is_none() {
+            self.took(Row::TargetChanged);
             self.start_staging();
             return true;
         }
@@ -546,6 +572,7 @@ impl Ctx<'_, '_> {
         if let Some(b) = self.st.backoff.clone()
             && b.not_before.0 > self.now
         {
+            self.took(Row::WaitingHeld);
             self.reason = reason::DRAIN_BACKOFF.into();
             self.st.message = Some(format!(
                 "drain aborted {} time(s); next attempt not before {}",
@@ -556,11 +583,13 @@ impl Ctx<'_, '_> {
             return false;
         }
         if let Some(e) = self.invalid_spec.clone() {
+            self.took(Row::WaitingHeld);
             self.reason = reason::INVALID_SPEC.into();
             self.st.message = Some(format!("staged, but the spec is invalid: {e}"));
             return false;
         }
         if self.view.spec.suspend {
+            self.took(Row::WaitingHeld);
             self.reason = reason::SUSPENDED.into();
             self.st.message = Some(format!("staged{holds}; spec.suspend is set"));
             return false;
@@ -568,6 +597,7 @@ impl Ctx<'_, '_> {
         match window::is_open_parsed(&self.windows, self.now) {
             Ok(true) => {}
             Ok(false) | Err(_) => {
+                self.took(Row::WaitingHeld);
                 self.reason = reason::WAITING_FOR_WINDOW.into();
                 let next = window::next_opening_parsed(&self.windows, self.now)
                     .ok()
@@ -586,6 +616,7 @@ impl Ctx<'_, '_> {
             }
         }
         if !admitted {
+            self.took(Row::WaitingHeld);
             self.reason = reason::WAITING_FOR_SLOT.into();
             self.st.message = Some(format!("staged {}{holds}; waiting for a slot", self.rev8()));
             return false;
@@ -597,6 +628,11 @@ impl Ctx<'_, '_> {
     fn start_drain(&mut self) {
         let node = self.view.node;
         let cordon_now = !node.unschedulable;
+        self.took(if self.st.slot.is_some() {
+            Row::Readmitted
+        } else {
+            Row::Admitted
+        });
         let slot = match self.st.slot.take() {
             Some(mut s) => {
                 s.cordoned_by_nixroll |= cordon_now;
@@ -663,16 +699,19 @@ impl Ctx<'_, '_> {
         let cordoned = node.unschedulable;
         if let Some(p) = drain {
             if p.remaining == 0 && cordoned {
+                self.took(Row::Drained);
                 self.grant(None);
                 return false;
             }
             if p.remaining > 0 && self.now >= deadline {
                 match on_timeout {
                     DrainTimeoutAction::Abort => {
+                        self.took(Row::DrainAbort);
                         self.abort_drain(&slot, p, timeout);
                         return false;
                     }
                     DrainTimeoutAction::Force => {
+                        self.took(Row::DrainForce);
                         if !slot.forced {
                             self.note(
                                 reason::DRAIN_FORCED,
@@ -702,6 +741,7 @@ impl Ctx<'_, '_> {
                 }
             }
         }
+        self.took(Row::DrainPass);
         if !cordoned {
             // Schedulable again (someone uncordoned it mid-drain): nixroll cordons it now, so
             // nixroll owns this cordon.
@@ -866,16 +906,22 @@ impl Ctx<'_, '_> {
     fn activating(&mut self) -> bool {
         self.keep_cordoned();
         let Some(g) = self.st.activation.clone() else {
+            // Not written by this module: grant as if the drain had just finished.
+            self.took(Row::Drained);
             self.grant(None);
             return false;
         };
         let state = self.report().map(|r| (r.state, r.message.clone()));
         match state {
             Some((ActivationState::Switched, _)) => {
+                self.took(Row::Switched);
                 self.enter(Phase::Verifying, reason::VERIFYING, "switched; verifying".into());
                 true
             }
-            Some((ActivationState::RebootRequested, _)) => {
+            // `Rebooted` before the controller saw `RebootRequested`: through `Rebooting`,
+            // which sees the new boot at once.
+            Some((ActivationState::RebootRequested | ActivationState::Rebooted, _)) => {
+                self.took(Row::RebootRequested);
                 self.enter(
                     Phase::Rebooting,
                     reason::REBOOTING,
@@ -883,19 +929,17 @@ impl Ctx<'_, '_> {
                 );
                 true
             }
-            Some((ActivationState::Rebooted, _)) => {
-                self.enter(Phase::Verifying, reason::VERIFYING, "rebooted; verifying".into());
-                true
-            }
             Some((ActivationState::NeedsReboot, _)) => {
                 if self.view.spec.reboot == RebootPolicy::Never || g.action != ActivationAction::Switch {
                     if g.action != ActivationAction::Switch {
+                        self.took(Row::ActivationFailed);
                         self.fail(
                             reason::ACTIVATION_FAILED,
                             format!("activation {} ({:?}) reported NeedsReboot", g.id, g.action),
                         );
                         return false;
                     }
+                    self.took(Row::NeedsRebootNever);
                     self.enter(
                         Phase::Verifying,
                         reason::VERIFYING,
@@ -904,6 +948,7 @@ impl Ctx<'_, '_> {
                     );
                     return true;
                 }
+                self.took(Row::NeedsReboot);
                 self.note(
                     reason::REBOOT_NEEDED,
                     format!("activation {} exited 100: the new system needs a reboot", g.id),
@@ -913,6 +958,7 @@ impl Ctx<'_, '_> {
                 false
             }
             Some((ActivationState::Failed, m)) => {
+                self.took(Row::ActivationFailed);
                 self.fail(
                     reason::ACTIVATION_FAILED,
                     format!("activation {} failed: {}", g.id, m.unwrap_or_default()),
@@ -922,6 +968,7 @@ impl Ctx<'_, '_> {
             Some((ActivationState::Running, _)) | None => {
                 let deadline = add(g.granted_at.0, self.policy.timeouts.activating);
                 if self.now >= deadline {
+                    self.took(Row::ActivationTimeout);
                     self.fail(
                         reason::ACTIVATION_TIMEOUT,
                         format!(
@@ -931,6 +978,7 @@ impl Ctx<'_, '_> {
                     );
                     return false;
                 }
+                self.took(Row::ActivatingWait);
                 self.reason = reason::ACTIVATING.into();
                 self.wake_at(deadline);
                 false
@@ -941,15 +989,19 @@ impl Ctx<'_, '_> {
     fn rebooting(&mut self) -> bool {
         self.keep_cordoned();
         let Some(g) = self.st.activation.clone() else {
+            // Not written by this module: nothing to compare the boot id with.
+            self.took(Row::Rebooted);
             self.enter(Phase::Verifying, reason::VERIFYING, "verifying".into());
             return true;
         };
         if self.boot_changed(&g) {
+            self.took(Row::Rebooted);
             self.enter(Phase::Verifying, reason::VERIFYING, "rebooted; verifying".into());
             return true;
         }
         if let Some(r) = self.report().filter(|r| r.state == ActivationState::Failed) {
             let m = r.message.clone().unwrap_or_default();
+            self.took(Row::ActivationFailed);
             self.fail(
                 reason::ACTIVATION_FAILED,
                 format!("activation {} failed: {m}", g.id),
@@ -958,12 +1010,14 @@ impl Ctx<'_, '_> {
         }
         let deadline = add(self.since(), self.policy.timeouts.rebooting);
         if self.now >= deadline {
+            self.took(Row::RebootTimeout);
             self.fail(
                 reason::REBOOT_TIMEOUT,
                 format!("no new boot id within {}", self.policy.timeouts.rebooting),
             );
             return false;
         }
+        self.took(Row::RebootingWait);
         self.wake_at(deadline);
         false
     }
@@ -971,6 +1025,8 @@ impl Ctx<'_, '_> {
     fn verifying(&mut self) -> bool {
         self.keep_cordoned();
         let Some(target_sys) = self.target_system() else {
+            // Not written by this module: nothing can ever be verified.
+            self.took(Row::VerifyTimeout);
             self.fail(reason::VERIFY_TIMEOUT, "no target system to verify".into());
             return false;
         };
@@ -986,6 +1042,7 @@ impl Ctx<'_, '_> {
                 waiting_for = "the agent to report from the new boot".into();
             } else if booted.as_deref() != Some(target_sys.as_str()) {
                 let got = booted.unwrap_or_else(|| "nothing".into());
+                self.took(Row::BootedWrongSystem);
                 self.fail(
                     reason::BOOTED_WRONG_SYSTEM,
                     format!("after reboot the node booted {got}, not {target_sys} (bootloader fallback?)"),
@@ -994,6 +1051,7 @@ impl Ctx<'_, '_> {
             } else if !ready {
                 waiting_for = "the Node to become Ready".into();
             } else {
+                self.took(Row::Verified);
                 self.succeed(true, "rebooted into the new system");
                 return false;
             }
@@ -1012,12 +1070,14 @@ impl Ctx<'_, '_> {
                 } else {
                     "switched live"
                 };
+                self.took(Row::Verified);
                 self.succeed(false, how);
                 return false;
             }
         }
         let deadline = add(self.since(), self.policy.timeouts.verifying);
         if self.now >= deadline {
+            self.took(Row::VerifyTimeout);
             self.fail(
                 reason::VERIFY_TIMEOUT,
                 format!(
@@ -1027,14 +1087,16 @@ impl Ctx<'_, '_> {
             );
             return false;
         }
+        self.took(Row::VerifyingWait);
         self.st.message = Some(format!("verifying: waiting for {waiting_for}"));
         self.reason = reason::VERIFYING.into();
         self.wake_at(deadline);
         false
     }
 
-    fn degraded(&mut self, resumed: bool) -> bool {
-        if resumed {
+    fn degraded(&mut self, resumed: Option<Row>) -> bool {
+        if let Some(row) = resumed {
+            self.took(row);
             let what = self
                 .st
                 .failed
@@ -1053,6 +1115,7 @@ impl Ctx<'_, '_> {
             self.start_staging();
             return true;
         }
+        self.took(Row::DegradedHeld);
         self.reason = self
             .st
             .failed
@@ -1168,6 +1231,7 @@ impl Ctx<'_, '_> {
             actions: self.actions,
             notes: self.notes,
             requeue_after: self.requeue,
+            rows: self.rows,
         }
     }
 }

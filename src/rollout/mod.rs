@@ -12,16 +12,18 @@
 
 mod admit;
 mod decide;
+mod rows;
 pub mod window;
 
 #[cfg(test)]
 mod tests;
 
-pub use admit::{budget, is_candidate, is_degraded, is_unavailable};
+pub use admit::{budget, is_admitted, is_candidate, is_degraded, is_unavailable};
 pub use decide::{
     DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, ParseDurationError,
     UNCORDON_RECHECK, condition, drain_timeout, parse_duration,
 };
+pub use rows::Row;
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.
 pub mod reason {
@@ -200,10 +202,15 @@ pub struct Decision {
     pub notes: Vec<Note>,
     /// When to look again even if nothing changes (timeouts, window opening, backoff).
     pub requeue_after: Option<SignedDuration>,
+    /// The rows of the state table in `docs/rollout.md` this decision took, in order (one
+    /// pass can take several: `Staged` then `Admitted`). For tests and tracing; the controller
+    /// needs nothing from it.
+    pub rows: Vec<Row>,
 }
 
 /// Decide the next step of one node. `admitted` says whether the admission gate granted this
-/// node a disruption slot now; `drain` is the result of the last eviction pass, if any.
+/// node a disruption slot now (compute it with [`is_admitted`]); `drain` is the result of the
+/// last eviction pass, if any.
 pub fn decide(
     view: &NodeView<'_>,
     admitted: bool,

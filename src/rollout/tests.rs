@@ -1177,3 +1177,114 @@ fn an_admin_cordon_right_after_nixroll_uncordoned_is_not_lifted() {
     assert!(n.status.slot.is_none());
     assert!(n.node.unschedulable);
 }
+
+// ---- re-admission, rows of the state table ----------------------------------------------------
+
+/// The bug of issue 8: a retried node that holds its slot is listed by `admit`, and must then be
+/// admitted (the controller used to require `status.slot.is_none()`).
+#[test]
+fn a_retried_node_holding_its_slot_is_admitted_and_drains_again() {
+    let mut ns = vec![mk_degraded_fallback(), mk_waiting("n2", false)];
+    ns[0].retry = Some("go".into());
+    let d = ns[0].step(false, None, at(100));
+    assert_eq!(d.rows, vec![Row::RetryRequested, Row::Staged, Row::WaitingHeld]);
+    assert!(ns[0].status.slot.is_some());
+    let admissible = admit_all(&ns, &ClusterState::default(), &Policy::default());
+    assert!(is_admitted(&ns[0].view(), &admissible), "{admissible:?}");
+    assert!(!is_admitted(&ns[1].view(), &admissible), "no budget left for n2");
+    let admitted = is_admitted(&ns[0].view(), &admissible);
+    let d = ns[0].step(admitted, None, at(110));
+    assert_eq!(d.rows, vec![Row::Readmitted]);
+    assert_eq!(ns[0].phase(), Phase::Draining);
+    // Only Waiting nodes are admitted, whatever the list says.
+    let mut up = mk_node("n3");
+    up.spec = mk_spec(REV1);
+    assert!(!is_admitted(&up.view(), &["n3".to_string()]));
+}
+
+#[test]
+fn decide_reports_the_rows_it_took() {
+    let mut n = mk_node("n1");
+    assert_eq!(
+        n.step(false, None, at(0)).rows,
+        vec![Row::NewRevision, Row::StagingWait]
+    );
+    n.agent().staged = Some(mk_staged(REV2, "n1", SYS2, false));
+    // Staged and admitted in one pass.
+    let d = n.step(true, None, at(10));
+    assert_eq!(d.rows, vec![Row::Staged, Row::Admitted]);
+    assert_eq!(n.step(false, None, at(11)).rows, vec![Row::DrainPass]);
+    assert_eq!(n.step(false, Some(&drained()), at(12)).rows, vec![Row::Drained]);
+    assert_eq!(n.step(false, None, at(13)).rows, vec![Row::ActivatingWait]);
+    let id = grant_id(&n);
+    n.agent().activation = Some(mk_report(
+        &id,
+        ActivationAction::Switch,
+        ActivationState::Switched,
+        SYS2,
+    ));
+    n.agent().current_system = Some(SYS2.into());
+    let d = n.step(false, None, at(14));
+    assert_eq!(d.rows, vec![Row::Switched, Row::Verified]);
+    assert_eq!(d.actions, vec![Action::Uncordon]);
+    // The uncordon is observed: the slot goes.
+    let d = n.step(false, None, at(15));
+    assert_eq!(d.rows, vec![Row::UpToDateReleaseSlot, Row::UpToDateIdle]);
+    assert!(n.status.slot.is_none());
+    n.node.exists = false;
+    assert_eq!(n.step(false, None, at(16)).rows, vec![Row::NodeMissing]);
+}
+
+#[test]
+fn row_names_are_unique_and_described() {
+    let mut seen = std::collections::HashSet::new();
+    for r in Row::ALL {
+        assert!(seen.insert(r.name()), "{r} twice");
+        assert!(!r.description().is_empty());
+        assert_eq!(r.to_string(), r.name());
+    }
+}
+
+/// The state table of `docs/rollout.md` lists exactly the rows `decide` can report, in order.
+#[test]
+fn state_table_in_docs_lists_every_row() {
+    let doc = include_str!("../../docs/rollout.md");
+    let section = doc
+        .split("\n## ")
+        .find(|s| s.starts_with("State machine"))
+        .expect("a \"State machine\" section in docs/rollout.md");
+    let mut lines = section.lines().skip_while(|l| !l.starts_with('|'));
+    let header = lines.next().expect("a table");
+    let cells = |l: &str| -> Vec<String> {
+        l.trim()
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    assert_eq!(
+        cells(header)[0],
+        "row",
+        "the first column names the row: {header}"
+    );
+    let ids: Vec<String> = lines
+        .take_while(|l| l.starts_with('|'))
+        .skip(1) // the --- line
+        .map(|l| {
+            let id = cells(l)[0].clone();
+            assert!(
+                id.len() > 2 && id.starts_with('`') && id.ends_with('`'),
+                "row without an identifier: {l}"
+            );
+            id.trim_matches('`').to_string()
+        })
+        .collect();
+    let names: Vec<String> = Row::ALL.iter().map(|r| r.name().to_string()).collect();
+    let missing: Vec<&String> = names.iter().filter(|n| !ids.contains(n)).collect();
+    let unknown: Vec<&String> = ids.iter().filter(|n| !names.contains(n)).collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "rows not in docs/rollout.md: {missing:?}; rows in the docs that Row lacks: {unknown:?}"
+    );
+    assert_eq!(ids, names, "the table lists the rows in the order of Row::ALL");
+}
