@@ -449,10 +449,6 @@ impl Context {
 
     /// Run the admission gate over every NixOSNode in the store, each with its effective status
     /// (the store united with our own pending writes). Caller holds the admission mutex.
-    fn admitted(&self, pending: &mut PendingWrites, me: &str, now: Timestamp) -> bool {
-        self.admissible(pending, Some(me), now).iter().any(|n| n == me)
-    }
-
     /// The nodes the gate admits now. `me`: the node asking, which may replace its own
     /// uncertain grant (it is one slot).
     fn admissible(&self, pending: &mut PendingWrites, me: Option<&str>, now: Timestamp) -> Vec<String> {
@@ -822,8 +818,13 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     let mut gate = ctx.admission.lock().await;
     let status = gate.effective(&name, &stored).unwrap_or(stored);
     // A Waiting node the gate returns is admitted, also when it already holds its slot (a
-    // retried node that stayed cordoned: docs/rollout.md, "Re-admission").
-    let admitted = status.phase == Some(Phase::Waiting) && ctx.admitted(&mut gate, &name, now);
+    // retried node that stayed cordoned: docs/rollout.md, "Re-admission"). The gate runs only
+    // for Waiting nodes.
+    let admitted = status.phase == Some(Phase::Waiting)
+        && crate::rollout::is_admitted(
+            &view_of(&obj, &status, &observation),
+            &ctx.admissible(&mut gate, Some(&name), now),
+        );
     let gate = if admitted {
         Some(gate)
     } else {
@@ -1453,7 +1454,7 @@ mod tests {
         let rounds = 200;
         for _ in 0..rounds {
             let mut gate = ctx.admission.lock().await;
-            let _ = ctx.admitted(&mut gate, "node-0001", Timestamp::now());
+            let _ = ctx.admissible(&mut gate, Some("node-0001"), Timestamp::now());
         }
         let per = started.elapsed() / rounds;
         eprintln!("admission over 1000 nodes: {per:?} per decision (debug build)");
