@@ -347,3 +347,271 @@ fn every_example_nixosnode_passes_the_crd_schema_and_rules() {
     }
     assert!(checked >= 1, "no example NixOSNode found");
 }
+
+/// charts/nixroll rendered without Helm (none can be installed here): every file of
+/// `templates/` goes through `gtmpl`, a Go text/template engine, with the context Helm gives
+/// (`.Values` from values.yaml merged with overrides, `.Chart`, `.Release`) and the two Helm
+/// functions the templates use, `toYaml` and `nindent`, written here after Helm's definitions.
+mod chart {
+    use std::collections::HashMap;
+
+    use gtmpl::{Context, FuncError, Template, Value as G};
+    use serde_json::{Value, json};
+
+    use super::{ROOT, assert_typed, kustomize, numbers_as_f64, yaml_docs};
+
+    fn to_g(v: &Value) -> G {
+        match v {
+            Value::Null => G::Nil,
+            Value::Bool(b) => G::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => G::from(i),
+                None => G::from(n.as_f64().unwrap_or_default()),
+            },
+            Value::String(s) => G::String(s.clone()),
+            Value::Array(a) => G::Array(a.iter().map(to_g).collect()),
+            Value::Object(o) => G::Map(o.iter().map(|(k, v)| (k.clone(), to_g(v))).collect()),
+        }
+    }
+
+    fn from_g(v: &G) -> Result<Value, FuncError> {
+        Ok(match v {
+            G::Nil | G::NoValue => Value::Null,
+            G::Bool(b) => json!(b),
+            G::String(s) => json!(s),
+            G::Number(n) => match n.as_i64() {
+                Some(i) => json!(i),
+                None => json!(n.as_f64()),
+            },
+            G::Array(a) => Value::Array(a.iter().map(from_g).collect::<Result<_, _>>()?),
+            G::Map(m) | G::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| Ok((k.clone(), from_g(v)?)))
+                    .collect::<Result<_, FuncError>>()?,
+            ),
+            G::Function(_) => return Err(FuncError::Generic("toYaml of a function".into())),
+        })
+    }
+
+    /// Helm: `toYaml` marshals to YAML (keys sorted) and trims the trailing newline.
+    fn to_yaml(args: &[G]) -> Result<G, FuncError> {
+        let [v] = args else {
+            return Err(FuncError::ExactlyXArgs("toYaml".into(), 1));
+        };
+        let text = serde_yaml::to_string(&from_g(v)?).map_err(|e| FuncError::Generic(e.to_string()))?;
+        Ok(G::String(text.trim_end_matches('\n').to_string()))
+    }
+
+    /// Helm: `nindent N s` = "\n" + every line of s prefixed with N spaces.
+    fn nindent(args: &[G]) -> Result<G, FuncError> {
+        let [G::Number(n), G::String(s)] = args else {
+            return Err(FuncError::Generic(format!("nindent N STRING, got {args:?}")));
+        };
+        let pad = " ".repeat(n.as_u64().unwrap_or(0) as usize);
+        Ok(G::String(format!(
+            "\n{pad}{}",
+            s.replace('\n', &format!("\n{pad}"))
+        )))
+    }
+
+    fn merge(base: &mut Value, over: &Value) {
+        match (base, over) {
+            (Value::Object(b), Value::Object(o)) => {
+                for (k, v) in o {
+                    merge(b.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+            (b, o) => *b = o.clone(),
+        }
+    }
+
+    /// Render the chart's templates with values.yaml merged with `overrides`.
+    pub fn render(overrides: Value) -> Vec<Value> {
+        let dir = format!("{ROOT}/charts/nixroll");
+        let chart: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(format!("{dir}/Chart.yaml")).unwrap()).unwrap();
+        let mut values: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(format!("{dir}/values.yaml")).unwrap()).unwrap();
+        merge(&mut values, &overrides);
+        let context = json!({
+            "Values": values,
+            "Chart": {"Name": chart["name"], "Version": chart["version"], "AppVersion": chart["appVersion"]},
+            "Release": {"Name": "nixroll", "Namespace": "nixroll-system", "Service": "Helm"},
+        });
+        let mut files: Vec<_> = std::fs::read_dir(format!("{dir}/templates"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let mut docs = Vec::new();
+        for file in files {
+            let name = file.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with('_') || !name.ends_with(".yaml") {
+                continue;
+            }
+            let mut t = Template::default();
+            t.add_func("toYaml", to_yaml);
+            t.add_func("nindent", nindent);
+            t.parse(std::fs::read_to_string(&file).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let out = t
+                .render(&Context::from(to_g(&context)))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                !out.contains("<no value>"),
+                "{name} used a value that is not set:\n{out}"
+            );
+            docs.extend(yaml_docs(&out));
+        }
+        docs
+    }
+
+    fn key(d: &Value) -> String {
+        format!(
+            "{}/{}/{}",
+            d["kind"].as_str().unwrap_or_default(),
+            d["metadata"]["namespace"].as_str().unwrap_or_default(),
+            d["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    }
+
+    fn by_key(docs: &[Value]) -> HashMap<String, Value> {
+        docs.iter().map(|d| (key(d), numbers_as_f64(d))).collect()
+    }
+
+    #[test]
+    fn chart_defaults_render_what_kustomize_renders() {
+        let Some(kustomized) = kustomize(&format!("{ROOT}/deploy")) else {
+            return;
+        };
+        let rendered = render(json!({}));
+        assert_typed(&rendered);
+        let want = by_key(
+            &kustomized
+                .into_iter()
+                .filter(|d| d["kind"] != "CustomResourceDefinition")
+                .collect::<Vec<_>>(),
+        );
+        let got = by_key(&rendered);
+        let mut want_keys: Vec<&String> = want.keys().collect();
+        let mut got_keys: Vec<&String> = got.keys().collect();
+        want_keys.sort();
+        got_keys.sort();
+        assert_eq!(
+            got_keys, want_keys,
+            "the chart and deploy/ render different objects"
+        );
+        for (k, w) in &want {
+            assert_eq!(
+                &got[k],
+                w,
+                "{k} differs between the chart and deploy/:\nchart:  {}\ndeploy: {}",
+                serde_json::to_string(&got[k]).unwrap(),
+                serde_json::to_string(w).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn the_chart_crd_is_nixroll_crd_and_its_version_the_crate_version() {
+        let text = std::fs::read_to_string(format!("{ROOT}/charts/nixroll/crds/nixosnodes.yaml")).unwrap();
+        let crd: Value = serde_yaml::from_str(&text).unwrap();
+        assert!(
+            numbers_as_f64(&crd) == numbers_as_f64(&super::generated_crd()),
+            "charts/nixroll/crds/nixosnodes.yaml is not `nixroll crd` (copy crds/nixosnodes.yaml)"
+        );
+        let chart: Value = serde_yaml::from_str(
+            &std::fs::read_to_string(format!("{ROOT}/charts/nixroll/Chart.yaml")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(chart["version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn chart_values_reach_the_manifests() {
+        let docs = render(json!({
+            "image": {"repository": "registry.example.org/nixroll", "tag": "dev"},
+            "namespace": {"create": false},
+            "controller": {
+                "maxUnavailable": "10%",
+                "failureThreshold": 3,
+                "timeouts": {"draining": "45m"},
+                "resources": {"limits": {"memory": "256Mi"}},
+                "nodeSelector": {"node-role.kubernetes.io/control-plane": "true"},
+                "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+            "agent": {
+                "nodeSelector": {"example.org/nixos": "yes"},
+                "tolerations": [],
+                "extraHostMounts": [{"name": "srv", "hostPath": "/srv/nix", "mountPath": "/srv/nix", "readOnly": true}],
+                "admissionPolicy": {"enabled": false},
+            },
+            "metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "kube-prometheus"}}},
+        }));
+        let find = |kind: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind)
+                .unwrap_or_else(|| panic!("{kind} missing"))
+        };
+        for absent in [
+            "Namespace",
+            "Service",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            assert!(docs.iter().all(|d| d["kind"] != absent), "{absent} should be off");
+        }
+        let ctl = &find("Deployment")["spec"]["template"]["spec"];
+        let c = &ctl["containers"][0];
+        assert_eq!(c["image"], "registry.example.org/nixroll:dev");
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        for a in [
+            "--max-unavailable=10%",
+            "--failure-threshold=3",
+            "--draining-timeout=45m",
+            "--staging-timeout=60m",
+        ] {
+            assert!(args.contains(&a), "{a} missing from {args:?}");
+        }
+        assert_eq!(c["resources"]["limits"]["memory"], "256Mi");
+        assert_eq!(
+            c["resources"]["requests"]["memory"], "64Mi",
+            "values merge like Helm's"
+        );
+        assert_eq!(
+            ctl["nodeSelector"]["node-role.kubernetes.io/control-plane"],
+            "true"
+        );
+        assert_eq!(ctl["tolerations"][0]["operator"], "Exists");
+        let agent = &find("DaemonSet")["spec"]["template"]["spec"];
+        assert_eq!(
+            agent["nodeSelector"],
+            json!({"example.org/nixos": "yes", "kubernetes.io/os": "linux", "nixroll.io/managed": "true"})
+        );
+        assert!(agent.get("tolerations").is_none());
+        assert_eq!(
+            agent["containers"][0]["volumeMounts"][1],
+            json!({"name": "srv", "mountPath": "/srv/nix", "readOnly": true})
+        );
+        assert_eq!(
+            agent["volumes"][1],
+            json!({"name": "srv", "hostPath": {"path": "/srv/nix"}})
+        );
+        let sm = find("ServiceMonitor");
+        assert_eq!(sm["metadata"]["labels"]["release"], "kube-prometheus");
+        assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
+        assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+        let typed: Vec<Value> = docs
+            .iter()
+            .filter(|d| d["kind"] != "ServiceMonitor")
+            .cloned()
+            .collect();
+        assert_typed(&typed);
+    }
+}
