@@ -294,13 +294,32 @@ fn rbac_is_exactly_what_the_code_uses() {
     }
 }
 
-fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+/// The NixOSNodes under `dir`: a folder with a kustomization.yaml is rendered with `kubectl
+/// kustomize` (its files may be partial, completed by replacements), others are read as they are.
+fn example_nodes(dir: &Path, out: &mut Vec<(PathBuf, Value)>) {
+    if dir.join("kustomization.yaml").exists() {
+        let Some(docs) = kustomize(dir.to_str().unwrap()) else {
+            return;
+        };
+        out.extend(
+            docs.into_iter()
+                .filter(|d| d["kind"] == "NixOSNode")
+                .map(|d| (dir.to_path_buf(), d)),
+        );
+        return;
+    }
     for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();
         if p.is_dir() {
-            yaml_files(&p, out);
+            example_nodes(&p, out);
         } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(p);
+            let text = std::fs::read_to_string(&p).unwrap();
+            out.extend(
+                yaml_docs(&text)
+                    .into_iter()
+                    .filter(|d| d["kind"] == "NixOSNode")
+                    .map(|d| (p.clone(), d)),
+            );
         }
     }
 }
@@ -319,33 +338,91 @@ fn every_example_nixosnode_passes_the_crd_schema_and_rules() {
             .unwrap(),
     )
     .unwrap();
-    let mut files = Vec::new();
-    yaml_files(Path::new(&format!("{ROOT}/examples")), &mut files);
-    let mut checked = 0;
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        for doc in yaml_docs(&text) {
-            if doc["kind"] != "NixOSNode" {
-                continue;
-            }
-            if let Err(errs) = kube_cel::Validator::new().validate(&schema, &doc, None) {
-                let errs: Vec<String> = errs
-                    .into_vec()
-                    .into_iter()
-                    .map(|e| format!("{}: {}", e.field_path, e.message))
-                    .collect();
-                panic!(
-                    "{}: {} is invalid: {errs:?}",
-                    file.display(),
-                    doc["metadata"]["name"]
-                );
-            }
-            let _: nixroll::api::NixOSNode = serde_json::from_value(doc)
-                .unwrap_or_else(|e| panic!("{}: does not parse as a NixOSNode: {e}", file.display()));
-            checked += 1;
+    let mut nodes = Vec::new();
+    example_nodes(Path::new(&format!("{ROOT}/examples")), &mut nodes);
+    for (file, doc) in &nodes {
+        if let Err(errs) = kube_cel::Validator::new().validate(&schema, doc, None) {
+            let errs: Vec<String> = errs
+                .into_vec()
+                .into_iter()
+                .map(|e| format!("{}: {}", e.field_path, e.message))
+                .collect();
+            panic!(
+                "{}: {} is invalid: {errs:?}",
+                file.display(),
+                doc["metadata"]["name"]
+            );
+        }
+        let _: nixroll::api::NixOSNode = serde_json::from_value(doc.clone())
+            .unwrap_or_else(|e| panic!("{}: does not parse as a NixOSNode: {e}", file.display()));
+    }
+    assert!(
+        nodes.iter().any(|(f, _)| f.ends_with("examples/nixosnode.yaml")),
+        "examples/nixosnode.yaml not checked"
+    );
+    if std::env::var_os("CI").is_some()
+        || Command::new("kubectl")
+            .arg("version")
+            .arg("--client")
+            .output()
+            .is_ok()
+    {
+        let flux: Vec<&Value> = nodes
+            .iter()
+            .filter(|(f, _)| f.ends_with("examples/flux/nodes"))
+            .map(|(_, d)| d)
+            .collect();
+        let names: Vec<&str> = flux
+            .iter()
+            .map(|d| d["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["agent-1", "agent-2", "server-1"]);
+        // One place decides the revision of all three.
+        let revision: Value = serde_yaml::from_str(
+            &std::fs::read_to_string(format!("{ROOT}/examples/flux/nodes/revision.yaml")).unwrap(),
+        )
+        .unwrap();
+        for d in flux {
+            assert_eq!(d["spec"]["revision"], revision["data"]["revision"]);
+            assert_eq!(d["spec"]["flake"], revision["data"]["flake"]);
         }
     }
-    assert!(checked >= 1, "no example NixOSNode found");
+}
+
+/// The Renovate regex manager of the fleet repository finds the revision line it must bump,
+/// with the named groups Renovate needs (regex syntax shared by Renovate's RE2 and this crate).
+#[test]
+fn renovate_finds_the_revision_to_bump() {
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/examples/flux/renovate.json")).unwrap(),
+    )
+    .unwrap();
+    let manager = &config["customManagers"][0];
+    let text = std::fs::read_to_string(format!("{ROOT}/examples/flux/nodes/revision.yaml")).unwrap();
+    let pattern = manager["managerFilePatterns"][0].as_str().unwrap();
+    let file_re = regex::Regex::new(pattern.trim_matches('/')).unwrap();
+    assert!(file_re.is_match("nodes/revision.yaml"));
+    assert!(!file_re.is_match("nodes/server-1.yaml"));
+    let re = regex::Regex::new(manager["matchStrings"][0].as_str().unwrap()).unwrap();
+    let caps = re.captures(&text).expect("the revision line is found");
+    assert_eq!(&caps["datasource"], "git-refs");
+    assert_eq!(&caps["currentValue"], "main");
+    assert_eq!(&caps["packageName"], "https://git.example.org/homelab/nixos.git");
+    let revision: Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(
+        &caps["currentDigest"],
+        revision["data"]["revision"].as_str().unwrap()
+    );
+    let nixos: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/examples/flux/nixos-repo/renovate.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(nixos["nix"]["enabled"], true);
+    assert_eq!(nixos["lockFileMaintenance"]["enabled"], true);
+    assert_ne!(
+        config["packageRules"][0]["automerge"], true,
+        "a rollout is never automerged"
+    );
 }
 
 /// charts/nixroll rendered without Helm (none can be installed here): every file of
