@@ -448,4 +448,64 @@ mod tests {
         n.spec.maintenance_windows[0].end = "13:00".into();
         assert_eq!(window_text(&n, now), "opens in 2h30m");
     }
+
+    #[test]
+    fn summary_counts_done_disrupted_and_says_paused_and_halted() {
+        let spec = NixOSNodeSpec {
+            flake: "path:/f".into(),
+            revision: "b".repeat(40),
+            configuration: None,
+            maintenance_windows: vec![],
+            reboot: Default::default(),
+            drain: None,
+            suspend: false,
+        };
+        let node = |name: &str, phase: Phase, running: &str| {
+            let mut n = NixOSNode::new(name, spec.clone());
+            n.status = Some(NixOSNodeStatus {
+                phase: Some(phase),
+                revision: Some(running.repeat(40)),
+                ..Default::default()
+            });
+            n
+        };
+        let mut degraded = node("d", Phase::Degraded, "a");
+        if let Some(s) = degraded.status.as_mut() {
+            s.failed = Some(crate::api::FailedTarget {
+                revision: "b".repeat(40),
+                system: None,
+                reason: "BootedWrongSystem".into(),
+                message: "booted /nix/store/old, expected /nix/store/new ".repeat(3),
+                at: Time("2026-11-26T09:00:00Z".parse().unwrap()),
+            });
+        }
+        let nodes = vec![
+            node("a", Phase::UpToDate, "b"),
+            node("b", Phase::UpToDate, "a"),
+            node("c", Phase::Draining, "a"),
+            degraded,
+        ];
+        let s = summary(&nodes, &Pause::Paused);
+        assert!(
+            s.starts_with("rollout: 1/4 done, 1 disrupted, 0 waiting, 0 staging"),
+            "{s}"
+        );
+        assert!(
+            s.contains("paused: yes") && s.contains("halted: yes, 1 Degraded"),
+            "{s}"
+        );
+        let s = summary(&nodes[..3], &Pause::Unknown("forbidden".into()));
+        assert!(
+            s.contains("paused: unknown (forbidden)") && s.contains("halted: no"),
+            "{s}"
+        );
+        let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        let t = live_table(&nodes, &Pause::Running, now, &|_, _| "open".into());
+        let line = t.lines().find(|l| l.starts_with("d ")).unwrap();
+        assert!(
+            line.contains("Degraded") && line.contains("BootedWrongSystem: booted"),
+            "{line}"
+        );
+        assert!(line.ends_with('…') && line.len() < 200, "{line}");
+    }
 }
