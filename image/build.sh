@@ -6,13 +6,15 @@
 #
 # Environment: TARGETARCH (amd64 | arm64, default amd64), NIXROLL_BIN (use this binary instead
 # of building one; it must be static), BUSYBOX (a static busybox instead of Debian's
-# busybox-static of TARGETARCH).
+# busybox-static of TARGETARCH), CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt),
+# CHECK_KUBECONFIG (also run `nixroll status` from the image, on the host network, against the
+# API server this kubeconfig names, e.g. the one `nixroll demo --hold` prints).
 #
 # Steps: (1) nixroll as a static glibc binary (release, `-C target-feature=+crt-static`);
 # (2) busybox-static as nsenter; (3) `buildah build` of image/Containerfile, pushed to an OCI
 # layout OUT/oci (tag = crate version) and an archive OUT/nixroll-<version>-<arch>.oci.tar;
 # (4) checks: skopeo inspect (architecture, user, entrypoint, labels), umoci unpack, then
-# `nixroll --version` and `nsenter --help` run from the image by runc as user 65532 (by chroot
+# `nixroll --version` and `nsenter -F nixroll --version` run from the image by runc as user 65532 (by chroot
 # if runc is missing or cannot run here, and the script says so).
 # Debian packages: buildah skopeo umoci runc busybox-static (or BUSYBOX), a Rust toolchain.
 set -euo pipefail
@@ -52,6 +54,8 @@ if file -L "$bin" | grep -q 'dynamically linked'; then
   echo "$bin is dynamically linked; the image has no libc" >&2; exit 1
 fi
 cp "$bin" "$ctx/dist/linux/$arch/nixroll"
+# Symbols are not needed at run time (28 MB -> about half).
+if command -v strip >/dev/null; then strip "$ctx/dist/linux/$arch/nixroll"; fi
 
 # (2) nsenter = busybox-static.
 if [ -n "${BUSYBOX:-}" ]; then
@@ -63,6 +67,9 @@ else
   cp "$deb/x/bin/busybox" "$ctx/dist/linux/$arch/nsenter"
   rm -rf "$deb"
 fi
+
+# CA bundle (arch-independent).
+cp "${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}" "$ctx/dist/ca-certificates.crt"
 
 # (3) The image, from the Containerfile. Storage stays under OUT (vfs: no overlay mounts).
 store=(--root "$out/storage" --runroot "$out/run" --storage-driver vfs)
@@ -102,7 +109,7 @@ echo "== umoci unpack"
 umoci unpack --image "$out/oci:$version" "$out/bundle" >/dev/null
 files=$(cd "$out/bundle/rootfs" && find . -type f | sort | tr '\n' ' ')
 echo "   files: $files"
-[ "$files" = "./bin/nixroll ./bin/nsenter " ] || { echo "unexpected files in the image" >&2; exit 1; }
+[ "$files" = "./bin/nixroll ./bin/nsenter ./etc/ssl/certs/ca-certificates.crt " ] || { echo "unexpected files in the image" >&2; exit 1; }
 
 echo "== run from the image"
 run_in_image() { # args...: run the image's process with these args; prints its stdout
@@ -125,6 +132,21 @@ PY
 got=$(run_in_image /bin/nixroll --version)
 echo "   /bin/nixroll --version: $got"
 [ "$got" = "nixroll $version" ] || { echo "expected 'nixroll $version'" >&2; exit 1; }
-run_in_image /bin/nsenter --help 2>&1 | grep -q 'Enter mount namespace' || { echo "nsenter does not run" >&2; exit 1; }
-echo "   /bin/nsenter --help: ok"
+# nsenter runs and execs its program (entering namespaces needs the agent's privileges).
+got=$(run_in_image /bin/nsenter -F /bin/nixroll --version)
+echo "   /bin/nsenter -F /bin/nixroll --version: $got"
+[ "$got" = "nixroll $version" ] || { echo "nsenter does not run" >&2; exit 1; }
+if [ -n "${CHECK_KUBECONFIG:-}" ]; then
+  python3 - "$out/bundle/config.json" "$(realpath "$CHECK_KUBECONFIG")" <<'PY'
+import json, sys
+path, kubeconfig = sys.argv[1:]
+c = json.load(open(path))
+c["process"]["env"] = ["PATH=/bin", "KUBECONFIG=/kubeconfig"]
+c["linux"]["namespaces"] = [n for n in c["linux"]["namespaces"] if n["type"] != "network"]
+c["mounts"].append({"destination": "/kubeconfig", "type": "bind", "source": kubeconfig, "options": ["rbind", "ro"]})
+json.dump(c, open(path, "w"))
+PY
+  echo "   /bin/nixroll status against $CHECK_KUBECONFIG:"
+  run_in_image /bin/nixroll status | sed 's/^/     /'
+fi
 echo "== $image: $out/oci (OCI layout), $out/nixroll-$version-$arch.oci.tar"

@@ -4,6 +4,7 @@
   dockerTools,
   nixroll,
   util-linuxMinimal,
+  cacert,
 }:
 dockerTools.buildLayeredImage {
   name = "ghcr.io/nixroll/nixroll";
@@ -11,11 +12,15 @@ dockerTools.buildLayeredImage {
   contents = [
     nixroll
     util-linuxMinimal
+    cacert
   ];
   config = {
     Entrypoint = [ "/bin/nixroll" ];
     User = "65532:65532";
-    Env = [ "PATH=/bin" ];
+    Env = [
+      "PATH=/bin"
+      "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"
+    ];
     Labels = {
       "org.opencontainers.image.title" = "nixroll";
       "org.opencontainers.image.description" = nixroll.meta.description;

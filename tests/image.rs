@@ -29,6 +29,7 @@ fn containerfile_is_minimal_multi_arch_non_root_and_labelled() {
             "COPY of {copy} for TARGETARCH"
         );
     }
+    assert!(instructions.contains(&"COPY dist/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt"));
     assert!(instructions.contains(&"USER 65532:65532"));
     assert!(instructions.contains(&"ENTRYPOINT [\"/bin/nixroll\"]"));
     assert!(text.contains(&format!("ARG VERSION={}", env!("CARGO_PKG_VERSION"))));
@@ -77,5 +78,11 @@ fn image_build_runs_nixroll_from_the_image() {
         )),
         "{log}"
     );
-    assert!(log.contains("/bin/nsenter --help: ok"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "/bin/nsenter -F /bin/nixroll --version: nixroll {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{log}"
+    );
 }
