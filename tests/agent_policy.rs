@@ -258,10 +258,13 @@ fn spec_is_refused_through_the_object_and_through_status() {
     assert!(d.denied_with("may not change spec"), "{d:?}");
 }
 
+/// A change made to the object under test.
+type Edit = Box<dyn Fn(&mut Value)>;
+
 #[test]
 fn metadata_is_refused() {
     let old = stored("node-1");
-    let edits: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    let edits: Vec<(&str, Edit)> = vec![
         (
             "label changed",
             Box::new(|o| o["metadata"]["labels"]["nixroll.io/pool"] = json!("x")),
