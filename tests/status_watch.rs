@@ -188,3 +188,72 @@ async fn status_watch_follows_a_rollout_and_the_pause_switch() {
     );
     assert!(counts.total() <= 6, "{counts:?}");
 }
+
+/// On a terminal the table is redrawn in place (cursor home, clear) and refreshed every second
+/// for the ages — locally: the refreshes send no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use nixroll::api::{NixOSNode, NixOSNodeSpec};
+
+    let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let client = api.client().await.unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &nixroll::api::crd())
+        .await
+        .unwrap();
+    let node = NixOSNode::new(
+        "node-1",
+        NixOSNodeSpec {
+            flake: "path:/f".into(),
+            revision: "c".repeat(40),
+            configuration: None,
+            maintenance_windows: vec![],
+            reboot: Default::default(),
+            drain: None,
+            suspend: false,
+        },
+    );
+    Api::<NixOSNode>::all(client.clone())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+    let port = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store())
+        .await
+        .unwrap();
+    let watcher_client = port.client().await.unwrap();
+    let mut out: Vec<u8> = Vec::new();
+    let opts = nixroll::report::WatchOptions {
+        timeout: Duration::from_secs(10),
+        terminal: true,
+    };
+    nixroll::report::watch(
+        watcher_client,
+        &mut out,
+        opts,
+        tokio::time::sleep(Duration::from_millis(3500)),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let frames: Vec<&str> = text.split("\x1b[H\x1b[2J").filter(|f| !f.is_empty()).collect();
+    assert!(text.starts_with("\x1b[H\x1b[2J"), "{text:?}");
+    assert!(
+        frames.len() >= 3,
+        "one frame at sync, then one per second: {}",
+        frames.len()
+    );
+    for f in &frames {
+        assert!(f.starts_with("rollout: 0/1 done"), "{f}");
+        assert!(f.contains("node-1  cccccccc  -"), "{f}");
+    }
+    let counts = port.request_counts();
+    assert_eq!(
+        counts.total(),
+        counts.verb("list") + counts.verb("watch"),
+        "refreshes are local: {counts:?}"
+    );
+    assert!(counts.total() <= 4, "{counts:?}");
+}
