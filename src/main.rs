@@ -33,6 +33,10 @@ enum Command {
         /// How long to wait for the API server.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Keep the table live: redrawn on every change (watch-driven), with a rollout summary
+        /// (paused? halted? how many done), time in phase, next window and last error.
+        #[arg(long, short = 'w')]
+        watch: bool,
     },
     /// Build a bootable disk image from the flake with root-only secret files written into it
     /// (outside the Nix store), or write such files into an existing image.
@@ -582,12 +586,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
         Command::Image(cmd) => run_image(cmd),
-        Command::Status { timeout } => {
+        Command::Status { timeout, watch } => {
             init_tracing(false);
             runtime()?.block_on(async {
                 let client = kube::Client::try_default()
                     .await
                     .context("no Kubernetes configuration (set KUBECONFIG or run in a cluster)")?;
+                if watch {
+                    use std::io::IsTerminal as _;
+                    let opts = nixroll::report::WatchOptions {
+                        timeout,
+                        terminal: std::io::stdout().is_terminal(),
+                    };
+                    let mut out = std::io::stdout();
+                    nixroll::report::watch(client, &mut out, opts, shutdown_signal()).await?;
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let nodes = nixroll::report::fetch(client, timeout).await?;
                 let now = jiff::Timestamp::now();
                 print!(

@@ -1,5 +1,7 @@
 //! `nixroll status`: one line per NixOSNode — node, wanted and running revision, phase,
-//! maintenance window, last change — read from the API.
+//! maintenance window, last change — read from the API. `nixroll status --watch`: the same,
+//! live, redrawn on every watch event (no polling), with a rollout summary (paused? halted?
+//! how many done) and per node the time in phase, next window and last error.
 
 use std::time::Duration;
 
@@ -15,6 +17,10 @@ pub enum ReportError {
     List(#[source] kube::Error),
     #[error("listing NixOSNodes timed out after {0:?}")]
     Timeout(Duration),
+    #[error("watching NixOSNodes failed: {0} (is the CRD installed? kubectl apply -f crds/)")]
+    Watch(#[source] kube::runtime::watcher::Error),
+    #[error("writing the status table failed: {0}")]
+    Write(#[source] std::io::Error),
 }
 
 /// Describes whether a node's maintenance windows are open at `now` (or when they open).
@@ -103,6 +109,253 @@ pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> Str
         out.push('\n');
     }
     out
+}
+
+/// Whether the cluster-wide pause switch is set, as far as this client can see.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pause {
+    Paused,
+    Running,
+    /// Not known yet, or not readable (for example no RBAC on ConfigMaps in nixroll-system).
+    Unknown(String),
+}
+
+/// The rollout summary line: how many nodes run their wanted revision, how many are being
+/// disrupted, waiting, staging or Degraded, and whether admissions are paused or halted.
+pub fn summary(nodes: &[NixOSNode], pause: &Pause) -> String {
+    use crate::api::Phase;
+    let mut done = 0;
+    let (mut disrupted, mut waiting, mut staging, mut degraded, mut suspended) = (0, 0, 0, 0, 0);
+    for n in nodes {
+        let status = n.status.as_ref();
+        let phase = status.and_then(|s| s.phase);
+        let running_wanted = status.and_then(|s| s.revision.as_deref()) == Some(n.spec.revision.as_str());
+        if n.spec.suspend {
+            suspended += 1;
+        }
+        match phase {
+            Some(Phase::UpToDate) if running_wanted => done += 1,
+            Some(Phase::Draining | Phase::Activating | Phase::Rebooting | Phase::Verifying) => disrupted += 1,
+            Some(Phase::Waiting) => waiting += 1,
+            Some(Phase::Staging) => staging += 1,
+            Some(Phase::Degraded) => degraded += 1,
+            _ => {}
+        }
+    }
+    let pause = match pause {
+        Pause::Paused => {
+            "yes (kubectl -n nixroll-system delete configmap nixroll-pause to resume)".to_string()
+        }
+        Pause::Running => "no".to_string(),
+        Pause::Unknown(why) => format!("unknown ({why})"),
+    };
+    let halted = if degraded > 0 {
+        format!(
+            "yes, {degraded} Degraded (admissions stop at the controller's --failure-threshold, default 1)"
+        )
+    } else {
+        "no".to_string()
+    };
+    let mut line = format!(
+        "rollout: {done}/{} done, {disrupted} disrupted, {waiting} waiting, {staging} staging",
+        nodes.len()
+    );
+    if suspended > 0 {
+        line.push_str(&format!(", {suspended} suspended"));
+    }
+    line.push_str(&format!("\npaused: {pause}\nhalted: {halted}\n"));
+    line
+}
+
+/// The node's last error: the failure that made it Degraded, else the agent's last host error.
+fn last_error(n: &NixOSNode) -> String {
+    let Some(status) = n.status.as_ref() else {
+        return "-".into();
+    };
+    let text = if status.phase == Some(crate::api::Phase::Degraded) {
+        status
+            .failed
+            .as_ref()
+            .map(|f| format!("{}: {}", f.reason, f.message))
+            .or_else(|| status.message.clone())
+    } else {
+        None
+    }
+    .or_else(|| {
+        status
+            .agent
+            .as_ref()
+            .and_then(|a| a.last_error.as_ref())
+            .map(|e| e.message.clone())
+    });
+    match text {
+        Some(t) => {
+            let one_line = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            if one_line.chars().count() > 60 {
+                format!("{}…", one_line.chars().take(59).collect::<String>())
+            } else {
+                one_line
+            }
+        }
+        None => "-".into(),
+    }
+}
+
+/// One frame of `nixroll status --watch`: summary, then per node wanted/running revision,
+/// phase, time in phase, next window and last error.
+pub fn live_table(nodes: &[NixOSNode], pause: &Pause, now: Timestamp, window: WindowText<'_>) -> String {
+    let mut rows: Vec<[String; 7]> = vec![[
+        "NODE".into(),
+        "WANTED".into(),
+        "RUNNING".into(),
+        "PHASE".into(),
+        "IN PHASE".into(),
+        "NEXT WINDOW".into(),
+        "LAST ERROR".into(),
+    ]];
+    let mut sorted: Vec<&NixOSNode> = nodes.iter().collect();
+    sorted.sort_by_key(|n| n.name_any());
+    for n in sorted {
+        let status = n.status.clone().unwrap_or_default();
+        let mut phase = status.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        if n.spec.suspend {
+            phase.push_str(" (suspended)");
+        }
+        rows.push([
+            n.name_any(),
+            short_revision(&n.spec.revision),
+            status
+                .revision
+                .as_deref()
+                .map(short_revision)
+                .unwrap_or_else(|| "-".into()),
+            phase,
+            status
+                .last_transition_time
+                .map(|t| human(now.duration_since(t.0)))
+                .unwrap_or_else(|| "-".into()),
+            window(n, now),
+            last_error(n),
+        ]);
+    }
+    let mut out = summary(nodes, pause);
+    out.push('\n');
+    out.push_str(&columns(&rows));
+    out
+}
+
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths.iter())
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// How `nixroll status --watch` draws.
+pub struct WatchOptions {
+    /// How long to wait for the first complete list of NixOSNodes.
+    pub timeout: Duration,
+    /// A terminal: clear the screen before each frame and refresh the ages every second
+    /// (locally, no request). Otherwise frames are appended, separated by a blank line, and
+    /// drawn only when something changed.
+    pub terminal: bool,
+}
+
+/// `nixroll status --watch`: redraw the live table on every change of a NixOSNode or of the
+/// pause switch, until `stop` completes. Watch-driven: one list + watch of NixOSNodes and one
+/// field-selected list + watch of the pause ConfigMap; nothing is polled.
+pub async fn watch(
+    client: Client,
+    out: &mut (dyn std::io::Write + Send),
+    opts: WatchOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ReportError> {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::watcher::{self, Event};
+    use kube::runtime::{WatchStreamExt, reflector};
+
+    let (reader, writer) = reflector::store::<NixOSNode>();
+    let nodes = reflector(
+        writer,
+        watcher::watcher(Api::<NixOSNode>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff();
+    let pause_cfg =
+        watcher::Config::default().fields(&format!("metadata.name={}", crate::names::PAUSE_CONFIGMAP));
+    let pauses = watcher::watcher(
+        Api::<ConfigMap>::namespaced(client, crate::names::NAMESPACE),
+        pause_cfg,
+    )
+    .default_backoff();
+    futures::pin_mut!(nodes, pauses, stop);
+
+    let mut pause = Pause::Unknown("not read yet".into());
+    let mut listed_pause = false;
+    let mut synced = false;
+    let deadline = tokio::time::sleep(opts.timeout);
+    futures::pin_mut!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let mut dirty = false;
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = &mut deadline, if !synced => return Err(ReportError::Timeout(opts.timeout)),
+            _ = tick.tick(), if opts.terminal && synced => dirty = true,
+            ev = nodes.next() => match ev {
+                Some(Ok(Event::InitDone)) => { synced = true; dirty = true; }
+                Some(Ok(Event::Apply(_) | Event::Delete(_))) => dirty = synced,
+                Some(Ok(Event::Init | Event::InitApply(_))) => {}
+                Some(Err(e)) if !synced => return Err(ReportError::Watch(e)),
+                Some(Err(_)) => {}
+                None => return Ok(()),
+            },
+            ev = pauses.next() => {
+                let before = pause.clone();
+                // A (re)list is Init, InitApply per object, InitDone: the switch is set or
+                // unset only once the list is complete.
+                match ev {
+                    Some(Ok(Event::Init)) => listed_pause = false,
+                    Some(Ok(Event::InitApply(_))) => listed_pause = true,
+                    Some(Ok(Event::InitDone)) => {
+                        pause = if listed_pause { Pause::Paused } else { Pause::Running };
+                    }
+                    Some(Ok(Event::Apply(_))) => pause = Pause::Paused,
+                    Some(Ok(Event::Delete(_))) => pause = Pause::Running,
+                    Some(Err(e)) => pause = Pause::Unknown(format!("cannot watch the pause switch: {e}")),
+                    None => {}
+                }
+                dirty = synced && pause != before;
+            }
+        }
+        if !dirty {
+            continue;
+        }
+        let snapshot: Vec<NixOSNode> = reader.state().iter().map(|n| (**n).clone()).collect();
+        let now = Timestamp::now();
+        let frame = live_table(&snapshot, &pause, now, &window_text);
+        let text = if opts.terminal {
+            format!("\x1b[H\x1b[2J{frame}")
+        } else {
+            format!("{}\n{frame}\n", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        };
+        out.write_all(text.as_bytes()).map_err(ReportError::Write)?;
+        out.flush().map_err(ReportError::Write)?;
+    }
 }
 
 /// `3m12s`-style rendering of a non-negative duration.
@@ -194,5 +447,65 @@ mod tests {
         n.spec.maintenance_windows[0].start = "12:30".into();
         n.spec.maintenance_windows[0].end = "13:00".into();
         assert_eq!(window_text(&n, now), "opens in 2h30m");
+    }
+
+    #[test]
+    fn summary_counts_done_disrupted_and_says_paused_and_halted() {
+        let spec = NixOSNodeSpec {
+            flake: "path:/f".into(),
+            revision: "b".repeat(40),
+            configuration: None,
+            maintenance_windows: vec![],
+            reboot: Default::default(),
+            drain: None,
+            suspend: false,
+        };
+        let node = |name: &str, phase: Phase, running: &str| {
+            let mut n = NixOSNode::new(name, spec.clone());
+            n.status = Some(NixOSNodeStatus {
+                phase: Some(phase),
+                revision: Some(running.repeat(40)),
+                ..Default::default()
+            });
+            n
+        };
+        let mut degraded = node("d", Phase::Degraded, "a");
+        if let Some(s) = degraded.status.as_mut() {
+            s.failed = Some(crate::api::FailedTarget {
+                revision: "b".repeat(40),
+                system: None,
+                reason: "BootedWrongSystem".into(),
+                message: "booted /nix/store/old, expected /nix/store/new ".repeat(3),
+                at: Time("2026-11-26T09:00:00Z".parse().unwrap()),
+            });
+        }
+        let nodes = vec![
+            node("a", Phase::UpToDate, "b"),
+            node("b", Phase::UpToDate, "a"),
+            node("c", Phase::Draining, "a"),
+            degraded,
+        ];
+        let s = summary(&nodes, &Pause::Paused);
+        assert!(
+            s.starts_with("rollout: 1/4 done, 1 disrupted, 0 waiting, 0 staging"),
+            "{s}"
+        );
+        assert!(
+            s.contains("paused: yes") && s.contains("halted: yes, 1 Degraded"),
+            "{s}"
+        );
+        let s = summary(&nodes[..3], &Pause::Unknown("forbidden".into()));
+        assert!(
+            s.contains("paused: unknown (forbidden)") && s.contains("halted: no"),
+            "{s}"
+        );
+        let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        let t = live_table(&nodes, &Pause::Running, now, &|_, _| "open".into());
+        let line = t.lines().find(|l| l.starts_with("d ")).unwrap();
+        assert!(
+            line.contains("Degraded") && line.contains("BootedWrongSystem: booted"),
+            "{line}"
+        );
+        assert!(line.ends_with('…') && line.len() < 200, "{line}");
     }
 }
