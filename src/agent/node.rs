@@ -236,7 +236,9 @@ impl NodeAgent {
         let system = Path::new(&current);
         let mut revision = self.read_trimmed(&system.join("configuration-revision"));
         let tool = system.join("sw/bin/nixos-version");
-        if revision.is_none() && self.host.fs_path(&tool).exists() {
+        // Resolved on the host: `sw` is a symlink into the store, whose absolute target means
+        // nothing in the agent's own filesystem.
+        if revision.is_none() && resolve(self.host.as_ref(), &tool).is_some() {
             let cmd = HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
             match self.host.run(cmd).await {
                 Ok(out) if out.success() => {
@@ -277,7 +279,7 @@ impl NodeAgent {
             Some(r) if r.staged.revision == t.revision && r.staged.installable == t.installable => {
                 // Still pinned? (someone may have deleted the root or collected the path)
                 let root = self.host.fs_path(&r.gc_root);
-                !(root.exists() && resolve(self.host.as_ref(), &r.gc_root).is_some())
+                !(std::fs::symlink_metadata(&root).is_ok() && resolve(self.host.as_ref(), &r.gc_root).is_some())
             }
             _ => true,
         }
@@ -644,7 +646,8 @@ impl NodeAgent {
     // ------------------------------------------------------------------ facts
 
     fn read_trimmed(&self, host_path: &Path) -> Option<String> {
-        let local = self.host.fs_path(host_path);
+        // Symlinks (a store path's files often are) are followed on the host's side.
+        let local = self.host.fs_path(&resolve(self.host.as_ref(), host_path)?);
         let s = read_bounded(&local, 4096)?;
         let s = s.trim();
         (!s.is_empty()).then(|| s.to_string())
