@@ -380,8 +380,12 @@ impl TestHost {
 
     /// Host-side pids of the processes inside the host whose command line contains `needle`.
     pub fn pids_matching(&self, needle: &str) -> Vec<String> {
+        // `[x]yz` matches "xyz" but not this script's own command line.
+        let mut chars = needle.chars();
+        let first = chars.next().unwrap_or(' ');
+        let pattern = format!("[{first}]{}", chars.as_str());
         let out = self.sh(&format!(
-            "for p in /proc/[0-9]*; do tr '\\0' ' ' <$p/cmdline 2>/dev/null | grep -q -- '{needle}' && echo ${{p#/proc/}}; done; true"
+            "for p in /proc/[0-9]*; do tr '\\0' ' ' <$p/cmdline 2>/dev/null | grep -q -- '{pattern}' && echo ${{p#/proc/}}; done; true"
         ));
         String::from_utf8_lossy(&out.stdout)
             .lines()

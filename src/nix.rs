@@ -136,7 +136,7 @@ impl Nix for NixCli {
             }
             let cmd = self
                 .nix(self.build_timeout)
-                .args(["build", "--json", "--no-write-lock-file", "--out-link"])
+                .args(["build", "--json", "--no-update-lock-file", "--out-link"])
                 .arg(self.host.cmd_path(gc_root))
                 .arg(installable);
             let out = self.checked(OP, cmd).await?;

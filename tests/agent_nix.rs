@@ -309,8 +309,17 @@ async fn switch_activates_live_once() {
     assert_eq!(f.sim.reboot_count(), 0);
     assert_eq!(f.sim.boot_id(), boot_id);
     assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
-    // read from `<current>/sw/bin/nixos-version --json`
-    assert_eq!(st.configuration_revision.as_deref(), Some("0123abcd"));
+    // read from `<current>/sw/bin/nixos-version --json`, in the background: the report of the
+    // switch did not wait for it; it comes with a later report.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = agent.observe().unwrap();
+        if st.configuration_revision.as_deref() == Some("0123abcd") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "configurationRevision never came");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     // The same grant again (and a restarted agent): nothing is repeated.
     agent.reconcile(Some(&t), Some(&g)).await.unwrap();

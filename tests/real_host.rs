@@ -17,7 +17,7 @@ use harness::{Agent, Boot, TestHost};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use nixroll::api::{ActivationState, NixOSNode, Phase};
+use nixroll::api::{ActivationAction, ActivationState, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
 use nixroll::sim::apiserver::ApiServer;
 use nixroll::sim::cluster::{SimCluster, Timing};
@@ -201,10 +201,6 @@ impl Bed {
         *self.agent.lock().unwrap() = Some(self.host.start_agent(kubeconfig, &a, POD_ENV));
     }
 
-    fn installable(&self, rev: &str) -> String {
-        nixroll::api::installable(FLAKE_URL, rev, NODE)
-    }
-
     async fn shutdown(self) {
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
@@ -314,5 +310,206 @@ async fn live_switch_then_one_real_reboot() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(bed.host.boot_info().n, boots_before + 1, "exactly one reboot");
     let _ = &mut bed;
+    bed.shutdown().await;
+}
+
+/// The agent SIGKILLed while `switch-to-configuration` runs: the switch (a transient unit of
+/// the host) finishes anyway and the new agent picks its result up. Then a switch that runs
+/// longer than the agent's activation timeout: followed through systemd, not abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_survives_the_agent_and_outlives_the_activation_timeout() {
+    let Some(mut bed) = Bed::start("sigkill", &["--activation-timeout", "2s"], |_| {}).await else {
+        return;
+    };
+    let first = bed.flake.head().to_string();
+    bed.apply(&first).await;
+    bed.up_to_date(&first).await;
+
+    let slow = bed
+        .flake
+        .commit("slow switch", |s| {
+            s.service.push('+');
+            s.switch_delay = Some("4".into());
+        })
+        .unwrap();
+    bed.apply(&slow).await;
+    bed.wait_for("the switch running", WAIT, |o| {
+        agent_status(o).activation.is_some_and(|a| a.state == ActivationState::Running)
+    })
+    .await;
+    assert!(!bed.host.pids_matching("switch-to-configuration switch").is_empty());
+    bed.kill_agent();
+    let kubeconfig = bed._api.kubeconfig_yaml();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bed.restart_agent(&["--activation-timeout", "2s"], &kubeconfig);
+    let done = bed.up_to_date(&slow).await;
+    let a = agent_status(&done).activation.unwrap();
+    assert_eq!(a.state, ActivationState::Switched);
+    assert_eq!(bed.host.sh_ok("grep -c '^switch ' /var/lib/sim/switch-log").trim(), "1", "one switch per grant");
+
+    // 4 s switch, 2 s activation timeout: followed to its end, Switched (not Failed).
+    let slower = bed
+        .flake
+        .commit("slower switch", |s| {
+            s.service.push('+');
+            s.switch_delay = Some("5".into());
+        })
+        .unwrap();
+    bed.apply(&slower).await;
+    let done = bed.up_to_date(&slower).await;
+    let a = agent_status(&done).activation.unwrap();
+    assert_eq!(a.state, ActivationState::Switched, "{a:?}");
+    assert!(bed.host.agent_log().contains("still runs; following it"));
+    bed.shutdown().await;
+}
+
+/// switch-to-configuration's exit codes, each reported as what it is: 100 (a reboot is
+/// needed: the controller turns it into a Boot), 4 (activated, some units failed), 1 (failed).
+/// And a second activator holding NixOS's lock: the agent waits for it, then switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_and_a_second_activator() {
+    let Some(mut bed) = Bed::start("exits", &[], |_| {}).await else {
+        return;
+    };
+    let first = bed.flake.head().to_string();
+    bed.apply(&first).await;
+    bed.up_to_date(&first).await;
+
+    // 4: some units failed; the system is active.
+    let four = bed
+        .flake
+        .commit("a unit fails", |s| {
+            s.service.push('+');
+            s.failed_units = Some("k3s.service".into());
+        })
+        .unwrap();
+    bed.apply(&four).await;
+    let o = bed
+        .wait_for("exit 4 reported", WAIT, |o| {
+            agent_status(o).activation.is_some_and(|a| a.exit_code == Some(4) && a.state != ActivationState::Running)
+        })
+        .await;
+    let a = agent_status(&o).activation.unwrap();
+    assert_eq!(a.state, ActivationState::Switched, "{a:?}");
+    assert!(a.units_failed);
+    assert!(a.message.as_deref().unwrap_or_default().contains("k3s.service"), "{a:?}");
+    let st = agent_status(&o);
+    assert_eq!(st.current_system, Some(a.system.clone()));
+    bed.up_to_date(&four).await;
+
+    // 100: the new init is incompatible: NeedsReboot, then the controller's Boot and one reboot.
+    let boots = bed.host.boot_info().n;
+    let hundred = bed
+        .flake
+        .commit("new init", |s| {
+            s.failed_units = None;
+            s.init_interface_version = "systemd-2".into();
+        })
+        .unwrap();
+    bed.apply(&hundred).await;
+    let o = bed.up_to_date(&hundred).await;
+    assert_eq!(bed.host.boot_info().n, boots + 1);
+    assert_eq!(agent_status(&o).activation.unwrap().state, ActivationState::Rebooted);
+
+    // A second activator holds NixOS's lock: the agent waits (Running, saying why), then
+    // switches when it is gone.
+    bed.host.sh_ok(
+        "mkdir -p /run/nixos && systemd-run --unit=other-activator --collect flock /run/nixos/switch-to-configuration.lock sleep 6",
+    );
+    let svc = bed.flake.commit("service", |s| s.service.push('+')).unwrap();
+    bed.apply(&svc).await;
+    let o = bed
+        .wait_for("waiting for the other activator", WAIT, |o| {
+            agent_status(o)
+                .activation
+                .is_some_and(|a| a.message.as_deref().unwrap_or_default().contains("another activator"))
+        })
+        .await;
+    assert_eq!(agent_status(&o).activation.unwrap().state, ActivationState::Running);
+    let o = bed.up_to_date(&svc).await;
+    assert_eq!(agent_status(&o).activation.unwrap().state, ActivationState::Switched);
+
+    // 1: a failing switch is Failed, and the node Degraded.
+    let one = bed
+        .flake
+        .commit("failing switch", |s| {
+            s.service.push('+');
+            s.switch_exit = Some(1);
+        })
+        .unwrap();
+    bed.apply(&one).await;
+    let o = bed
+        .wait_for("Degraded", WAIT, |o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Degraded))
+        .await;
+    let a = agent_status(&o).activation.unwrap();
+    assert_eq!((a.state, a.exit_code), (ActivationState::Failed, Some(1)));
+    bed.shutdown().await;
+}
+
+/// A hanging optional fact (`nixos-version --json`) delays no report, and its host command,
+/// killed by its timeout, leaves no process behind. A kernel-less change that NixOS would
+/// refuse to switch to (`switch-inhibitors` changed) is staged as needing a reboot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_facts_delay_nothing_and_leave_nothing_behind() {
+    let Some(mut bed) = Bed::start("facts", &[], |s| {
+        s.switch_inhibitors = Some(r#"{"systemd":"/nix/store/aaa-systemd-257"}"#.into());
+    })
+    .await
+    else {
+        return;
+    };
+    let first = bed.flake.head().to_string();
+    bed.apply(&first).await;
+    bed.up_to_date(&first).await;
+
+    let hang = bed
+        .flake
+        .commit("nixos-version hangs", |s| {
+            s.service.push('+');
+            s.nixos_version_revision = Some("hanging".into());
+            s.nixos_version_delay = Some("600".into());
+        })
+        .unwrap();
+    let t = Instant::now();
+    bed.apply(&hang).await;
+    bed.wait_for("Switched", WAIT, |o| {
+        agent_status(o).activation.is_some_and(|a| a.state == ActivationState::Switched)
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(8), "the Switched report waited for nixos-version: {took:?}");
+    bed.up_to_date(&hang).await;
+    // The hanging command runs until its 10 s timeout, then nothing of it is left.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while bed.host.pids_matching("sleep 600").is_empty() {
+        assert!(Instant::now() < deadline, "the slow nixos-version never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !bed.host.pids_matching("sleep 600").is_empty() {
+        assert!(Instant::now() < deadline, "a timed-out host command left processes behind");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(bed.host.sh_ok("systemctl list-units --no-legend --all 'nixroll-cmd-*' | wc -l").trim(), "0");
+
+    // switch-inhibitors changed (a new systemd in newer NixOS): a reboot reason, so the
+    // controller grants Boot rather than a switch NixOS would refuse.
+    let inhibited = bed
+        .flake
+        .commit("new systemd", |s| {
+            s.nixos_version_delay = None;
+            s.systemd = "systemd-257.1".into();
+            s.switch_inhibitors = Some(r#"{"systemd":"/nix/store/bbb-systemd-257.1"}"#.into());
+        })
+        .unwrap();
+    bed.apply(&inhibited).await;
+    let o = bed.up_to_date(&inhibited).await;
+    // (The reasons are recomputed against the new booted system, so they are empty now.)
+    let a = agent_status(&o).activation.unwrap();
+    assert_eq!((a.action, a.state), (ActivationAction::Boot, ActivationState::Rebooted));
+    assert!(
+        bed.host.agent_log().contains("switch-inhibitors"),
+        "staged with the reason switch-inhibitors"
+    );
     bed.shutdown().await;
 }
