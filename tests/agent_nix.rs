@@ -638,3 +638,60 @@ async fn restarted_rollback_rolls_back_only_once() {
     assert_ne!(st.booted_system.as_deref(), Some(sys0.as_str()));
     assert_eq!(f.sim.reboot_count(), 1);
 }
+
+/// Exit code 4 (the system was activated, some units failed) is not a failed activation:
+/// `Switched`, `unitsFailed`, the units named. And a held activation lock (another
+/// activator) is waited for, not raced.
+#[tokio::test]
+async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f
+        .flake
+        .commit("a unit fails", |s| {
+            s.service.push('+');
+            s.failed_units = Some("k3s.service".into());
+        })
+        .unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let sys1 = agent.reconcile(Some(&t), None).await.unwrap().staged.unwrap().system;
+    let st = agent
+        .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
+        .await
+        .unwrap();
+    let a = st.activation.clone().unwrap();
+    assert_eq!((a.state, a.exit_code, a.units_failed), (ActivationState::Switched, Some(4), true));
+    assert!(a.message.unwrap().contains("k3s.service"));
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.last_error, None);
+
+    // Another activator holds NixOS's lock for 1.5 s: the switch starts after it.
+    let rev2 = f
+        .flake
+        .commit("service", |s| {
+            s.failed_units = None;
+            s.service.push('+');
+        })
+        .unwrap();
+    let t2 = f.target(&rev2);
+    let sys2 = agent.reconcile(Some(&t2), None).await.unwrap().staged.unwrap().system;
+    let lock = f.sim.root().join("run/nixos/switch-to-configuration.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let held = std::fs::File::create(&lock).unwrap();
+    held.lock().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let t0 = std::time::Instant::now();
+    let st = agent
+        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
+        .await
+        .unwrap();
+    release.join().unwrap();
+    assert_eq!(state_of(&st), ActivationState::Switched);
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "waited for the other activator");
+    assert_eq!(f.sim.switch_log().iter().filter(|l| l.starts_with("switch ")).count(), 2);
+}

@@ -309,6 +309,16 @@ async fn live_switch_then_one_real_reboot() {
     // One reboot only, also after the agent restarted on the new boot.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(bed.host.boot_info().n, boots_before + 1, "exactly one reboot");
+
+    // An admin repoints /run/current-system by hand (as `nixos-rebuild test` would): reported
+    // promptly (inotify), with no change of the NixOSNode.
+    let t3 = Instant::now();
+    bed.host.sh_ok(&format!("ln -sfn {system} /run/current-system"));
+    bed.wait_for("the hand-made change reported", Duration::from_secs(5), |o| {
+        agent_status(o).current_system.as_deref() == Some(system.as_str())
+    })
+    .await;
+    eprintln!("host change reported in {:?}", t3.elapsed());
     let _ = &mut bed;
     bed.shutdown().await;
 }

@@ -51,6 +51,9 @@ pub const SWITCH_LOCK: &str = "/run/nixos/switch-to-configuration.lock";
 /// How often a running activation's unit is asked about (and other activators while waiting).
 const UNIT_CHECK: Duration = Duration::from_secs(5);
 
+/// How often other activators are looked for while waiting for them to end.
+const ACTIVATOR_POLL: Duration = Duration::from_secs(1);
+
 /// How many times an activation that lost the race for [`SWITCH_LOCK`] is tried again.
 const LOCK_RETRIES: u32 = 3;
 
@@ -798,7 +801,7 @@ impl NodeAgent {
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!("{message} (still running after {:?})", self.options.activation_timeout));
             }
-            tokio::time::sleep(UNIT_CHECK.min(self.options.activation_timeout)).await;
+            tokio::time::sleep(ACTIVATOR_POLL.min(self.options.activation_timeout)).await;
         }
     }
 
@@ -817,7 +820,7 @@ impl NodeAgent {
                     busy.join(", ")
                 ));
             }
-            tokio::time::sleep(UNIT_CHECK.min(self.options.activation_timeout)).await;
+            tokio::time::sleep(ACTIVATOR_POLL.min(self.options.activation_timeout)).await;
         }
     }
 
@@ -1197,6 +1200,90 @@ mod tests {
                 "init-interface-version"
             ]
         );
+    }
+
+    #[test]
+    fn switch_inhibitors_count_and_systemd_alone_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        let host = HostRoot::new(r, RebootHook::None);
+        file(r, "store/cur/switch-inhibitors", r#"{"systemd":"/s/1","dbus":"/d/1"}"#);
+        file(r, "store/new/switch-inhibitors", r#"{"systemd":"/s/2","dbus":"/d/1","x":"1"}"#);
+        file(r, "store/same/switch-inhibitors", r#"{"systemd":"/s/1","other":"y"}"#);
+        for sys in ["cur", "new", "same"] {
+            file(r, &format!("store/{sys}/systemd/version"), sys);
+        }
+        let p = |s: &str| r.join("store").join(s).display().to_string();
+        // compared with the running system (current), not the booted one
+        assert_eq!(
+            reboot_reasons(&host, Some(&p("cur")), Some(&p("cur")), &p("new")),
+            vec!["switch-inhibitors"]
+        );
+        assert!(reboot_reasons(&host, Some(&p("cur")), Some(&p("cur")), &p("same")).is_empty());
+        assert!(reboot_reasons(&host, Some(&p("cur")), None, &p("new")).is_empty());
+        // a new systemd is no reboot reason by default; it is with the option
+        let agent = |systemd_needs_reboot| {
+            NodeAgent::new(
+                Arc::new(host.clone()),
+                Arc::new(NoNix),
+                HostOptions {
+                    systemd_needs_reboot,
+                    ..HostOptions::default()
+                },
+            )
+        };
+        assert!(agent(false).reasons(Some(&p("cur")), None, &p("same")).is_empty());
+        assert_eq!(agent(true).reasons(Some(&p("cur")), None, &p("same")), vec!["systemd"]);
+    }
+
+    /// Nix that must not be called.
+    #[derive(Debug)]
+    struct NoNix;
+    impl Nix for NoNix {
+        fn realise<'a>(&'a self, _: &'a str, _: &'a Path) -> futures::future::BoxFuture<'a, Result<String, crate::nix::NixError>> {
+            unreachable!()
+        }
+        fn closure_bytes<'a>(&'a self, _: &'a str) -> futures::future::BoxFuture<'a, Result<u64, crate::nix::NixError>> {
+            unreachable!()
+        }
+        fn set_profile<'a>(&'a self, _: &'a Path, _: &'a str) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
+            unreachable!("the profile must not be set")
+        }
+        fn rollback_profile<'a>(&'a self, _: &'a Path) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_path_that_is_no_nixos_system_never_reaches_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        file(r, "nix/store/abc-hello/bin/hello", "#!/bin/sh\n");
+        let host = HostRoot::new(r, RebootHook::None);
+        let mut agent = NodeAgent::new(Arc::new(host), Arc::new(NoNix), HostOptions::default());
+        let g = ActivationGrant {
+            id: "g".into(),
+            action: ActivationAction::Switch,
+            system: r.join("nix/store/abc-hello").display().to_string(),
+            granted_at: Time(Timestamp::UNIX_EPOCH),
+            boot_id_before: None,
+        };
+        let st = agent.reconcile(None, Some(&g)).await.unwrap();
+        let a = st.activation.unwrap();
+        assert_eq!(a.state, ActivationState::Failed);
+        assert!(a.message.unwrap().contains("not a switchable NixOS system"));
+    }
+
+    #[test]
+    fn a_held_activation_lock_is_seen_without_taking_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switch-to-configuration.lock");
+        let f = std::fs::File::create(&path).unwrap();
+        assert!(!lock_held(&path));
+        f.lock().unwrap();
+        assert!(lock_held(&path));
+        f.unlock().unwrap();
+        assert!(!lock_held(&path));
     }
 
     #[test]
