@@ -47,7 +47,9 @@ fn missing_prerequisite() -> Option<String> {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
             .unwrap_or(false);
         if !found {
-            return Some(format!("`{tool}` is not installed (apt-get install systemd-container debootstrap)"));
+            return Some(format!(
+                "`{tool}` is not installed (apt-get install systemd-container debootstrap)"
+            ));
         }
     }
     if cgroup_roots().is_empty() {
@@ -110,15 +112,18 @@ fn clean_stale() {
                 .stderr(Stdio::null())
                 .status();
             let dir = PathBuf::from("/var/tmp").join(name.trim_end_matches("-pod"));
-            let _ = Command::new("umount").arg("-l").arg(dir.join("merged")).stderr(Stdio::null()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(dir.join("merged"))
+                .stderr(Stdio::null())
+                .status();
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    out
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 fn check(cmd: &mut Command) -> String {
@@ -168,13 +173,17 @@ impl TestHost {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let root = dir.join("merged");
-        check(Command::new("mount").args(["-t", "overlay", "overlay", "-o"]).arg(format!(
-            "lowerdir={},upperdir={},workdir={}",
-            rootfs.display(),
-            dir.join("upper").display(),
-            dir.join("work").display()
-        ))
-        .arg(&root));
+        check(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o"])
+                .arg(format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    rootfs.display(),
+                    dir.join("upper").display(),
+                    dir.join("work").display()
+                ))
+                .arg(&root),
+        );
         // The NixOS-like pieces (e2e/host/).
         let host = e2e_dir().join("host");
         let put = |src: &str, dst: &str, mode: u32| {
@@ -186,7 +195,11 @@ impl TestHost {
         };
         put("nix.conf", "/etc/nix/nix.conf", 0o644);
         put("nixos-stage2", "/usr/local/lib/nixroll-e2e/nixos-stage2", 0o755);
-        put("nixos-stage2.service", "/etc/systemd/system/nixos-stage2.service", 0o644);
+        put(
+            "nixos-stage2.service",
+            "/etc/systemd/system/nixos-stage2.service",
+            0o644,
+        );
         put("set-environment", "/etc/set-environment", 0o644);
         let units = root.join("etc/systemd/system");
         std::fs::create_dir_all(units.join("sysinit.target.wants")).unwrap();
@@ -197,7 +210,13 @@ impl TestHost {
         for masked in ["console-getty.service", "systemd-networkd-wait-online.service"] {
             let _ = std::os::unix::fs::symlink("/dev/null", units.join(masked));
         }
-        for d in ["nix/var/nix/profiles", "nix/var/nix/gcroots", "var/lib/nixroll", "boot", "var/lib/nixroll-e2e/image"] {
+        for d in [
+            "nix/var/nix/profiles",
+            "nix/var/nix/gcroots",
+            "var/lib/nixroll",
+            "boot",
+            "var/lib/nixroll-e2e/image",
+        ] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         // The agent's image: the binary cargo built, the pod script.
@@ -227,8 +246,14 @@ impl TestHost {
         let stop = Arc::new(AtomicBool::new(false));
         let nspawn_pid = Arc::new(AtomicU32::new(0));
         let supervisor = {
-            let (stop, nspawn_pid, cgroups, root, dir, name) =
-                (stop.clone(), nspawn_pid.clone(), cgroups.clone(), root.clone(), dir.clone(), name.clone());
+            let (stop, nspawn_pid, cgroups, root, dir, name) = (
+                stop.clone(),
+                nspawn_pid.clone(),
+                cgroups.clone(),
+                root.clone(),
+                dir.clone(),
+                name.clone(),
+            );
             std::thread::spawn(move || {
                 let mut n = 0;
                 loop {
@@ -335,7 +360,10 @@ impl TestHost {
             .args(["-t", &pid1.to_string(), "-m", "-u", "-i", "-n", "-p", "--"])
             .args(["sh", "-c", script])
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("HOME", "/root"))
     }
 
@@ -353,7 +381,9 @@ impl TestHost {
     }
 
     pub fn boot_id(&self) -> String {
-        self.sh_ok("cat /proc/sys/kernel/random/boot_id").trim().to_string()
+        self.sh_ok("cat /proc/sys/kernel/random/boot_id")
+            .trim()
+            .to_string()
     }
 
     /// `readlink -f` inside the host.

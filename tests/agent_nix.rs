@@ -317,7 +317,10 @@ async fn switch_activates_live_once() {
         if st.configuration_revision.as_deref() == Some("0123abcd") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "configurationRevision never came");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "configurationRevision never came"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
@@ -656,13 +659,22 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         .unwrap();
     let mut agent = f.agent();
     let t = f.target(&rev1);
-    let sys1 = agent.reconcile(Some(&t), None).await.unwrap().staged.unwrap().system;
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
     let st = agent
         .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
         .await
         .unwrap();
     let a = st.activation.clone().unwrap();
-    assert_eq!((a.state, a.exit_code, a.units_failed), (ActivationState::Switched, Some(4), true));
+    assert_eq!(
+        (a.state, a.exit_code, a.units_failed),
+        (ActivationState::Switched, Some(4), true)
+    );
     assert!(a.message.unwrap().contains("k3s.service"));
     assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
     assert_eq!(st.last_error, None);
@@ -676,7 +688,13 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         })
         .unwrap();
     let t2 = f.target(&rev2);
-    let sys2 = agent.reconcile(Some(&t2), None).await.unwrap().staged.unwrap().system;
+    let sys2 = agent
+        .reconcile(Some(&t2), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
     let lock = f.sim.root().join("run/nixos/switch-to-configuration.lock");
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
     let held = std::fs::File::create(&lock).unwrap();
@@ -692,6 +710,16 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         .unwrap();
     release.join().unwrap();
     assert_eq!(state_of(&st), ActivationState::Switched);
-    assert!(t0.elapsed() >= Duration::from_millis(1400), "waited for the other activator");
-    assert_eq!(f.sim.switch_log().iter().filter(|l| l.starts_with("switch ")).count(), 2);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "waited for the other activator"
+    );
+    assert_eq!(
+        f.sim
+            .switch_log()
+            .iter()
+            .filter(|l| l.starts_with("switch "))
+            .count(),
+        2
+    );
 }

@@ -75,7 +75,9 @@ impl Bed {
             .unwrap();
         let client = api.client().await.unwrap();
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &nixroll::api::crd()).await.unwrap();
+        crds.create(&PostParams::default(), &nixroll::api::crd())
+            .await
+            .unwrap();
         let cluster = SimCluster::new(client.clone(), Timing::default());
         cluster
             .create_nodes(&[(NODE.to_string(), false, host.boot_id())])
@@ -157,7 +159,9 @@ impl Bed {
     /// Wait (watch-driven, bounded) until `pred` holds for the NixOSNode.
     async fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&NixOSNode) -> bool) -> NixOSNode {
         let api: Api<NixOSNode> = Api::all(self.client.clone());
-        let stream = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
         futures::pin_mut!(stream);
         let mut last = None;
         let res = tokio::time::timeout(limit, async {
@@ -253,18 +257,29 @@ async fn live_switch_then_one_real_reboot() {
     let env = bed.host.sh_ok("cat /var/lib/sim/nixos-version-env");
     let vars: BTreeMap<&str, &str> = env.lines().filter_map(|l| l.split_once('=')).collect();
     assert_eq!(vars.get("HOME"), Some(&"/root"), "{env}");
-    assert_eq!(vars.get("http_proxy"), Some(&"http://proxy.host.invalid:3128"), "{env}");
+    assert_eq!(
+        vars.get("http_proxy"),
+        Some(&"http://proxy.host.invalid:3128"),
+        "{env}"
+    );
     assert_eq!(
         vars.get("SSL_CERT_FILE"),
         Some(&"/etc/ssl/certs/ca-certificates.crt"),
         "{env}"
     );
-    assert!(vars.get("PATH").is_some_and(|p| p.starts_with("/run/current-system/sw/bin:")), "{env}");
+    assert!(
+        vars.get("PATH")
+            .is_some_and(|p| p.starts_with("/run/current-system/sw/bin:")),
+        "{env}"
+    );
     assert!(
         !env.contains("NIXROLL_POD_ONLY") && !env.contains("agent") && !env.contains("/image/"),
         "{env}"
     );
-    assert!(!vars.contains_key("KUBECONFIG") && !vars.contains_key("RUST_LOG"), "{env}");
+    assert!(
+        !vars.contains_key("KUBECONFIG") && !vars.contains_key("RUST_LOG"),
+        "{env}"
+    );
 
     // A live switch (a service changed). The build runs in a transient unit of the host's
     // systemd, not in the pod's cgroup (the probe records its builder's cgroup).
@@ -281,11 +296,20 @@ async fn live_switch_then_one_real_reboot() {
     eprintln!("live switch in {:?}", t1.elapsed());
     let st = agent_status(&done);
     let system = st.current_system.clone().unwrap();
-    assert_eq!(st.activation.as_ref().map(|a| a.state), Some(ActivationState::Switched));
-    assert_eq!(st.booted_system, Some(bed.host.readlink("/run/booted-system").unwrap()));
+    assert_eq!(
+        st.activation.as_ref().map(|a| a.state),
+        Some(ActivationState::Switched)
+    );
+    assert_eq!(
+        st.booted_system,
+        Some(bed.host.readlink("/run/booted-system").unwrap())
+    );
     let cgroup = bed.host.sh_ok(&format!("cat {system}/build-probe/build-cgroup"));
     for pod in bed.host.pod_cgroup_names() {
-        assert!(!cgroup.contains(&pod), "the build ran in the pod's cgroup {pod}:\n{cgroup}");
+        assert!(
+            !cgroup.contains(&pod),
+            "the build ran in the pod's cgroup {pod}:\n{cgroup}"
+        );
     }
     assert!(cgroup.contains("system.slice/nixroll-cmd-"), "{cgroup}");
 
@@ -300,11 +324,26 @@ async fn live_switch_then_one_real_reboot() {
     let st = agent_status(&done);
     assert_ne!(st.boot_id.as_deref(), Some(boot_id.as_str()), "new boot id");
     assert_eq!(st.boot_id, Some(bed.host.boot_id()));
-    assert_eq!(st.activation.as_ref().map(|a| a.state), Some(ActivationState::Rebooted));
+    assert_eq!(
+        st.activation.as_ref().map(|a| a.state),
+        Some(ActivationState::Rebooted)
+    );
     assert_eq!(st.booted_system, bed.host.readlink("/run/booted-system"));
     assert_eq!(
         st.booted_system.as_deref(),
-        Some(done.status.as_ref().unwrap().agent.as_ref().unwrap().staged.as_ref().unwrap().system.as_str())
+        Some(
+            done.status
+                .as_ref()
+                .unwrap()
+                .agent
+                .as_ref()
+                .unwrap()
+                .staged
+                .as_ref()
+                .unwrap()
+                .system
+                .as_str()
+        )
     );
     // One reboot only, also after the agent restarted on the new boot.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -344,10 +383,16 @@ async fn a_switch_survives_the_agent_and_outlives_the_activation_timeout() {
         .unwrap();
     bed.apply(&slow).await;
     bed.wait_for("the switch running", WAIT, |o| {
-        agent_status(o).activation.is_some_and(|a| a.state == ActivationState::Running)
+        agent_status(o)
+            .activation
+            .is_some_and(|a| a.state == ActivationState::Running)
     })
     .await;
-    assert!(!bed.host.pids_matching("switch-to-configuration switch").is_empty());
+    assert!(
+        !bed.host
+            .pids_matching("switch-to-configuration switch")
+            .is_empty()
+    );
     bed.kill_agent();
     let kubeconfig = bed._api.kubeconfig_yaml();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -355,7 +400,13 @@ async fn a_switch_survives_the_agent_and_outlives_the_activation_timeout() {
     let done = bed.up_to_date(&slow).await;
     let a = agent_status(&done).activation.unwrap();
     assert_eq!(a.state, ActivationState::Switched);
-    assert_eq!(bed.host.sh_ok("grep -c '^switch ' /var/lib/sim/switch-log").trim(), "1", "one switch per grant");
+    assert_eq!(
+        bed.host
+            .sh_ok("grep -c '^switch ' /var/lib/sim/switch-log")
+            .trim(),
+        "1",
+        "one switch per grant"
+    );
 
     // 4 s switch, 2 s activation timeout: followed to its end, Switched (not Failed).
     let slower = bed
@@ -396,13 +447,18 @@ async fn exit_codes_and_a_second_activator() {
     bed.apply(&four).await;
     let o = bed
         .wait_for("exit 4 reported", WAIT, |o| {
-            agent_status(o).activation.is_some_and(|a| a.exit_code == Some(4) && a.state != ActivationState::Running)
+            agent_status(o)
+                .activation
+                .is_some_and(|a| a.exit_code == Some(4) && a.state != ActivationState::Running)
         })
         .await;
     let a = agent_status(&o).activation.unwrap();
     assert_eq!(a.state, ActivationState::Switched, "{a:?}");
     assert!(a.units_failed);
-    assert!(a.message.as_deref().unwrap_or_default().contains("k3s.service"), "{a:?}");
+    assert!(
+        a.message.as_deref().unwrap_or_default().contains("k3s.service"),
+        "{a:?}"
+    );
     let st = agent_status(&o);
     assert_eq!(st.current_system, Some(a.system.clone()));
     bed.up_to_date(&four).await;
@@ -419,7 +475,10 @@ async fn exit_codes_and_a_second_activator() {
     bed.apply(&hundred).await;
     let o = bed.up_to_date(&hundred).await;
     assert_eq!(bed.host.boot_info().n, boots + 1);
-    assert_eq!(agent_status(&o).activation.unwrap().state, ActivationState::Rebooted);
+    assert_eq!(
+        agent_status(&o).activation.unwrap().state,
+        ActivationState::Rebooted
+    );
 
     // A second activator holds NixOS's lock: the agent waits (Running, saying why), then
     // switches when it is gone.
@@ -430,14 +489,23 @@ async fn exit_codes_and_a_second_activator() {
     bed.apply(&svc).await;
     let o = bed
         .wait_for("waiting for the other activator", WAIT, |o| {
-            agent_status(o)
-                .activation
-                .is_some_and(|a| a.message.as_deref().unwrap_or_default().contains("another activator"))
+            agent_status(o).activation.is_some_and(|a| {
+                a.message
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("another activator")
+            })
         })
         .await;
-    assert_eq!(agent_status(&o).activation.unwrap().state, ActivationState::Running);
+    assert_eq!(
+        agent_status(&o).activation.unwrap().state,
+        ActivationState::Running
+    );
     let o = bed.up_to_date(&svc).await;
-    assert_eq!(agent_status(&o).activation.unwrap().state, ActivationState::Switched);
+    assert_eq!(
+        agent_status(&o).activation.unwrap().state,
+        ActivationState::Switched
+    );
 
     // 1: a failing switch is Failed, and the node Degraded.
     let one = bed
@@ -449,7 +517,9 @@ async fn exit_codes_and_a_second_activator() {
         .unwrap();
     bed.apply(&one).await;
     let o = bed
-        .wait_for("Degraded", WAIT, |o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Degraded))
+        .wait_for("Degraded", WAIT, |o| {
+            o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Degraded)
+        })
         .await;
     let a = agent_status(&o).activation.unwrap();
     assert_eq!((a.state, a.exit_code), (ActivationState::Failed, Some(1)));
@@ -483,11 +553,16 @@ async fn slow_facts_delay_nothing_and_leave_nothing_behind() {
     let t = Instant::now();
     bed.apply(&hang).await;
     bed.wait_for("Switched", WAIT, |o| {
-        agent_status(o).activation.is_some_and(|a| a.state == ActivationState::Switched)
+        agent_status(o)
+            .activation
+            .is_some_and(|a| a.state == ActivationState::Switched)
     })
     .await;
     let took = t.elapsed();
-    assert!(took < Duration::from_secs(8), "the Switched report waited for nixos-version: {took:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "the Switched report waited for nixos-version: {took:?}"
+    );
     bed.up_to_date(&hang).await;
     // The hanging command runs until its 10 s timeout, then nothing of it is left.
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -497,10 +572,18 @@ async fn slow_facts_delay_nothing_and_leave_nothing_behind() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while !bed.host.pids_matching("sleep 600").is_empty() {
-        assert!(Instant::now() < deadline, "a timed-out host command left processes behind");
+        assert!(
+            Instant::now() < deadline,
+            "a timed-out host command left processes behind"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(bed.host.sh_ok("systemctl list-units --no-legend --all 'nixroll-cmd-*' | wc -l").trim(), "0");
+    assert_eq!(
+        bed.host
+            .sh_ok("systemctl list-units --no-legend --all 'nixroll-cmd-*' | wc -l")
+            .trim(),
+        "0"
+    );
 
     // switch-inhibitors changed (a new systemd in newer NixOS): a reboot reason, so the
     // controller grants Boot rather than a switch NixOS would refuse.
@@ -516,7 +599,10 @@ async fn slow_facts_delay_nothing_and_leave_nothing_behind() {
     let o = bed.up_to_date(&inhibited).await;
     // (The reasons are recomputed against the new booted system, so they are empty now.)
     let a = agent_status(&o).activation.unwrap();
-    assert_eq!((a.action, a.state), (ActivationAction::Boot, ActivationState::Rebooted));
+    assert_eq!(
+        (a.action, a.state),
+        (ActivationAction::Boot, ActivationState::Rebooted)
+    );
     assert!(
         bed.host.agent_log().contains("switch-inhibitors"),
         "staged with the reason switch-inhibitors"

@@ -119,6 +119,9 @@ pub enum NodeError {
     Crashed(CrashPoint),
 }
 
+/// `(current system, its configurationRevision)`, shared with the background lookup.
+type RevisionCache = Arc<std::sync::Mutex<Option<(String, Option<String>)>>>;
+
 /// Host logic of one node. Holds no state that matters across restarts (that lives in the
 /// state file); a new `NodeAgent` over the same host continues where the last one stopped.
 #[derive(Debug)]
@@ -134,7 +137,7 @@ pub struct NodeAgent {
     progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
     /// `configurationRevision` of a current system: (system, revision), computed once per
     /// system, in the background (a slow `nixos-version` must not delay any report).
-    revision_cache: Arc<std::sync::Mutex<Option<(String, Option<String>)>>>,
+    revision_cache: RevisionCache,
     /// The current system whose `nixos-version --json` runs in the background.
     revision_pending: Option<String>,
 }
@@ -282,7 +285,11 @@ impl NodeAgent {
             return;
         }
         self.revision_pending = Some(current.clone());
-        let (host, cache, progress) = (self.host.clone(), self.revision_cache.clone(), self.progress.clone());
+        let (host, cache, progress) = (
+            self.host.clone(),
+            self.revision_cache.clone(),
+            self.progress.clone(),
+        );
         tokio::spawn(async move {
             let cmd = HostCommand::new(host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
             let revision = match host.run(cmd).await {
@@ -305,8 +312,9 @@ impl NodeAgent {
             // Publish it into the newest report, if that is still about this system.
             if let Some(tx) = progress {
                 tx.send_if_modified(|r| match r {
-                    Some(r) if r.current_system.as_deref() == Some(current.as_str())
-                        && r.configuration_revision != revision =>
+                    Some(r)
+                        if r.current_system.as_deref() == Some(current.as_str())
+                            && r.configuration_revision != revision =>
                     {
                         r.configuration_revision = revision;
                         true
@@ -342,7 +350,8 @@ impl NodeAgent {
             Some(r) if r.staged.revision == t.revision && r.staged.installable == t.installable => {
                 // Still pinned? (someone may have deleted the root or collected the path)
                 let root = self.host.fs_path(&r.gc_root);
-                !(std::fs::symlink_metadata(&root).is_ok() && resolve(self.host.as_ref(), &r.gc_root).is_some())
+                !(std::fs::symlink_metadata(&root).is_ok()
+                    && resolve(self.host.as_ref(), &r.gc_root).is_some())
             }
             _ => true,
         }
@@ -770,7 +779,9 @@ impl NodeAgent {
                         ));
                     }
                     Ok(JobState::Unknown) => {}
-                    Err(e) => tracing::warn!(id = %rec.id, error = %e, "cannot ask systemd about the activation"),
+                    Err(e) => {
+                        tracing::warn!(id = %rec.id, error = %e, "cannot ask systemd about the activation")
+                    }
                 }
             }
             tokio::time::sleep(self.options.result_poll).await;
@@ -799,7 +810,10 @@ impl NodeAgent {
                 said = Some(message.clone());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!("{message} (still running after {:?})", self.options.activation_timeout));
+                return Err(format!(
+                    "{message} (still running after {:?})",
+                    self.options.activation_timeout
+                ));
             }
             tokio::time::sleep(ACTIVATOR_POLL.min(self.options.activation_timeout)).await;
         }
@@ -859,7 +873,12 @@ impl NodeAgent {
                 t.lines()
                     .rev()
                     .find(|l| l.contains("units failed") || l.contains("failed units"))
-                    .map(|l| format!(": {}", crate::nix::trim_nix_error(l.trim_start_matches("warning: "))))
+                    .map(|l| {
+                        format!(
+                            ": {}",
+                            crate::nix::trim_nix_error(l.trim_start_matches("warning: "))
+                        )
+                    })
             })
             .unwrap_or_default()
     }
@@ -1016,7 +1035,10 @@ fn lock_held(path: &Path) -> bool {
         return false;
     };
     let dev = meta.dev();
-    let (major, minor) = (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff), ((dev >> 12) & 0xffff_ff00) | (dev & 0xff));
+    let (major, minor) = (
+        ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff),
+        ((dev >> 12) & 0xffff_ff00) | (dev & 0xff),
+    );
     let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     locks.lines().any(|l| {
         // "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (blocked waiters start with "->")
@@ -1063,7 +1085,12 @@ pub fn sanitize(s: &str) -> String {
 /// both have it. Unknown booted system ⇒ every component present in `new` counts. Plus
 /// [`SWITCH_INHIBITORS`] when the running system (`current`) and `new` both have
 /// `switch-inhibitors` and they differ: NixOS would refuse to `switch` to it.
-pub fn reboot_reasons(host: &dyn Host, booted: Option<&str>, current: Option<&str>, new: &str) -> Vec<String> {
+pub fn reboot_reasons(
+    host: &dyn Host,
+    booted: Option<&str>,
+    current: Option<&str>,
+    new: &str,
+) -> Vec<String> {
     let mut reasons = Vec::new();
     for name in REBOOT_COMPONENTS {
         let b = booted.map(|b| component(host, b, name));
@@ -1207,9 +1234,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
         let host = HostRoot::new(r, RebootHook::None);
-        file(r, "store/cur/switch-inhibitors", r#"{"systemd":"/s/1","dbus":"/d/1"}"#);
-        file(r, "store/new/switch-inhibitors", r#"{"systemd":"/s/2","dbus":"/d/1","x":"1"}"#);
-        file(r, "store/same/switch-inhibitors", r#"{"systemd":"/s/1","other":"y"}"#);
+        file(
+            r,
+            "store/cur/switch-inhibitors",
+            r#"{"systemd":"/s/1","dbus":"/d/1"}"#,
+        );
+        file(
+            r,
+            "store/new/switch-inhibitors",
+            r#"{"systemd":"/s/2","dbus":"/d/1","x":"1"}"#,
+        );
+        file(
+            r,
+            "store/same/switch-inhibitors",
+            r#"{"systemd":"/s/1","other":"y"}"#,
+        );
         for sys in ["cur", "new", "same"] {
             file(r, &format!("store/{sys}/systemd/version"), sys);
         }
@@ -1233,23 +1272,40 @@ mod tests {
             )
         };
         assert!(agent(false).reasons(Some(&p("cur")), None, &p("same")).is_empty());
-        assert_eq!(agent(true).reasons(Some(&p("cur")), None, &p("same")), vec!["systemd"]);
+        assert_eq!(
+            agent(true).reasons(Some(&p("cur")), None, &p("same")),
+            vec!["systemd"]
+        );
     }
 
     /// Nix that must not be called.
     #[derive(Debug)]
     struct NoNix;
     impl Nix for NoNix {
-        fn realise<'a>(&'a self, _: &'a str, _: &'a Path) -> futures::future::BoxFuture<'a, Result<String, crate::nix::NixError>> {
+        fn realise<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a Path,
+        ) -> futures::future::BoxFuture<'a, Result<String, crate::nix::NixError>> {
             unreachable!()
         }
-        fn closure_bytes<'a>(&'a self, _: &'a str) -> futures::future::BoxFuture<'a, Result<u64, crate::nix::NixError>> {
+        fn closure_bytes<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<u64, crate::nix::NixError>> {
             unreachable!()
         }
-        fn set_profile<'a>(&'a self, _: &'a Path, _: &'a str) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
+        fn set_profile<'a>(
+            &'a self,
+            _: &'a Path,
+            _: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
             unreachable!("the profile must not be set")
         }
-        fn rollback_profile<'a>(&'a self, _: &'a Path) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
+        fn rollback_profile<'a>(
+            &'a self,
+            _: &'a Path,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
             unreachable!()
         }
     }

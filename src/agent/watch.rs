@@ -26,9 +26,9 @@ fn relevant(dir: &str, name: &OsStr) -> bool {
     let name = name.to_string_lossy();
     WATCHED.iter().any(|(d, names)| {
         *d == dir
-            && names
-                .iter()
-                .any(|n| name == *n || (*n == "system" && name.starts_with("system-") && name.ends_with("-link")))
+            && names.iter().any(|n| {
+                name == *n || (*n == "system" && name.starts_with("system-") && name.ends_with("-link"))
+            })
     })
 }
 

@@ -330,10 +330,16 @@ pub fn system_files_for(spec: &SystemSpec, real_host: bool) -> Vec<(&'static str
             .map(|d| format!("sleep {d}\n"))
             .unwrap_or_default();
         // Leaves its environment where tests can see it (what a host command gets).
-        let root = if real_host { "" } else { "${NIXROLL_HOST_ROOT:-/nonexistent}" };
+        let root = if real_host {
+            ""
+        } else {
+            "${NIXROLL_HOST_ROOT:-/nonexistent}"
+        };
         files.push((
             "sw/bin/nixos-version",
-            format!("#!/bin/sh\nenv >\"{root}/var/lib/sim/nixos-version-env\" 2>/dev/null\n{delay}echo '{json}'"),
+            format!(
+                "#!/bin/sh\nenv >\"{root}/var/lib/sim/nixos-version-env\" 2>/dev/null\n{delay}echo '{json}'"
+            ),
         ));
     }
     files

@@ -232,7 +232,10 @@ fn prop<'a>(unit: &'a [(String, String)], key: &str) -> &'a str {
 
 /// Whether systemd's `ActiveState` means the unit's processes may still run.
 fn is_running(active_state: &str) -> bool {
-    matches!(active_state, "active" | "activating" | "deactivating" | "reloading" | "refreshing")
+    matches!(
+        active_state,
+        "active" | "activating" | "deactivating" | "reloading" | "refreshing"
+    )
 }
 
 /// The state of a detached job's unit from `systemctl show`'s properties.
@@ -324,7 +327,9 @@ impl Host for RealHost {
                 .await
                 {
                     Ok(out) if out.success() => {}
-                    Ok(out) => tracing::debug!(%unit, stderr = %out.stderr.trim(), "systemctl kill after a timeout"),
+                    Ok(out) => {
+                        tracing::debug!(%unit, stderr = %out.stderr.trim(), "systemctl kill after a timeout")
+                    }
                     Err(e) => tracing::warn!(%unit, error = %e, "cannot kill a timed-out host command"),
                 }
             }
@@ -386,7 +391,10 @@ impl Host for RealHost {
         Box::pin(async move {
             let unit = format!("nixroll-activate-{name}.service");
             let units = self
-                .show(&[&unit], "LoadState,ActiveState,SubState,Result,ExecMainStatus,Job")
+                .show(
+                    &[&unit],
+                    "LoadState,ActiveState,SubState,Result,ExecMainStatus,Job",
+                )
                 .await?;
             Ok(units
                 .first()
@@ -541,11 +549,15 @@ exec "$@"
         ));
         // queued, not started yet: still ours to wait for
         assert!(matches!(
-            st("LoadState=loaded\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\nJob=42\n"),
+            st(
+                "LoadState=loaded\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\nJob=42\n"
+            ),
             JobState::Running { .. }
         ));
         assert!(matches!(
-            st("LoadState=not-found\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n"),
+            st(
+                "LoadState=not-found\nActiveState=inactive\nSubState=dead\nResult=success\nExecMainStatus=0\n"
+            ),
             JobState::Ended { .. }
         ));
         assert_eq!(
@@ -558,11 +570,15 @@ exec "$@"
 
     #[test]
     fn recognises_both_unit_exists_messages() {
-        assert!(unit_exists_message("Failed to start transient service unit: Unit nixroll-activate-x.service already exists."));
+        assert!(unit_exists_message(
+            "Failed to start transient service unit: Unit nixroll-activate-x.service already exists."
+        ));
         assert!(unit_exists_message(
             "Failed to start transient service unit: Unit nixroll-activate-x.service was already loaded or has a fragment file."
         ));
-        assert!(!unit_exists_message("Failed to connect to bus: No such file or directory"));
+        assert!(!unit_exists_message(
+            "Failed to connect to bus: No such file or directory"
+        ));
     }
 
     #[test]
