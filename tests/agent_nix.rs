@@ -723,3 +723,50 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         2
     );
 }
+
+/// `nix build --no-update-lock-file`: a revision whose `flake.lock` lacks an input is an
+/// error, never inputs resolved at build time (which could differ per node and per time).
+#[tokio::test]
+async fn a_revision_without_a_complete_lock_file_is_not_built() {
+    require_nix!();
+    let f = Fixture::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dep = tmp.path().join("dep");
+    std::fs::create_dir_all(&dep).unwrap();
+    std::fs::write(dep.join("flake.nix"), "{ outputs = { self }: { x = 1; }; }\n").unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            "{{ inputs.dep.url = \"path:{}\"; outputs = {{ self, dep }}: {{ nixosConfigurations.{NODE}.config.system.build.toplevel = derivation {{ name = \"t\"; system = \"{}\"; builder = \"builtin:buildenv\"; derivations = [ ]; manifest = builtins.toFile \"manifest.nix\" \"[ ]\"; }}; }}; }}\n",
+            dep.display(),
+            nixroll::sim::flake::nix_system()
+        ),
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "no lock file"]);
+    let url = format!("git+file://{}", repo.display());
+    let installable = format!("{url}#nixosConfigurations.{NODE}.config.system.build.toplevel");
+    let err = f
+        .nix
+        .realise(&installable, Path::new("/var/lib/nixroll/gcroots/t"))
+        .await
+        .unwrap_err()
+        .report();
+    assert!(err.contains("requires lock file changes"), "{err}");
+    assert!(!repo.join("flake.lock").exists());
+}
