@@ -749,7 +749,14 @@ async fn a_revision_without_a_complete_lock_file_is_not_built() {
         let ok = std::process::Command::new("git")
             .arg("-C")
             .arg(&repo)
-            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "commit.gpgsign=false"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t.invalid",
+                "-c",
+                "commit.gpgsign=false",
+            ])
             .args(args)
             .status()
             .unwrap()
@@ -769,4 +776,64 @@ async fn a_revision_without_a_complete_lock_file_is_not_built() {
         .report();
     assert!(err.contains("requires lock file changes"), "{err}");
     assert!(!repo.join("flake.lock").exists());
+}
+
+/// A switch that lost the race for NixOS's activation lock (another activator started between
+/// the agent's check and its launch: exit 1, "Could not acquire lock") is launched again,
+/// under a new unit name, and succeeds: a lock failure is retryable, not `Failed`.
+#[tokio::test]
+async fn a_lost_lock_race_is_retried() {
+    use nixroll::agent::state::{self, ACTIVATION_DIR, ActivationRecord, STATE_FILE, Step};
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f.flake.commit_service_change().unwrap();
+    let t = f.target(&rev1);
+    let mut agent = f.agent();
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    // The state a lost race leaves: the first launch ended with 1 and the lock message.
+    let root = f.sim.root().to_path_buf();
+    let host_file = |p: &str| root.join(p.trim_start_matches('/'));
+    let dir = host_file(ACTIVATION_DIR);
+    std::fs::create_dir_all(dir.join("g1.started")).unwrap();
+    std::fs::write(dir.join("g1.result"), "1\n").unwrap();
+    std::fs::write(
+        dir.join("g1.log"),
+        "Could not acquire lock on /run/nixos/switch-to-configuration.lock: another switch-to-configuration is running\n",
+    )
+    .unwrap();
+    let mut st = state::load(&host_file(STATE_FILE)).unwrap();
+    st.activation = Some(ActivationRecord {
+        id: "g1".into(),
+        action: ActivationAction::Switch,
+        system: sys1.clone(),
+        step: Step::Switched,
+        generation_before: Some(1),
+        activated: Some(sys1.clone()),
+        boot_id_before: None,
+        exit_code: Some(1),
+        outcome: None,
+        message: None,
+        updated_at: jiff::Timestamp::now(),
+        attempt: 0,
+    });
+    state::save(&host_file(STATE_FILE), &st).unwrap();
+
+    let g = grant("g1", ActivationAction::Switch, &sys1);
+    let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
+    let a = st.activation.unwrap();
+    assert_eq!(
+        (a.state, a.exit_code),
+        (ActivationState::Switched, Some(0)),
+        "{a:?}"
+    );
+    assert!(dir.join("g1-r1.result").exists(), "launched again as g1-r1");
+    assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
 }
