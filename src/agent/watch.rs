@@ -38,7 +38,9 @@ pub fn host_changes(host: &dyn Host) -> Option<tokio::sync::watch::Receiver<()>>
     let inotify = match Inotify::init() {
         Ok(i) => i,
         Err(e) => {
-            tracing::warn!(error = %e, "inotify unavailable: host changes are seen at the next reconcile only");
+            // (Debug: the simulation runs hundreds of agents in one process, past the default
+            // limit of 128 inotify instances per user.)
+            tracing::debug!(error = %e, "inotify unavailable: host changes are seen at the next reconcile only");
             return None;
         }
     };
