@@ -388,11 +388,16 @@ async fn a_switch_survives_the_agent_and_outlives_the_activation_timeout() {
             .is_some_and(|a| a.state == ActivationState::Running)
     })
     .await;
-    assert!(
-        !bed.host
-            .pids_matching("switch-to-configuration switch")
-            .is_empty()
-    );
+    // ("Running" is reported right before the launch: wait for the process itself.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed
+        .host
+        .pids_matching("switch-to-configuration switch")
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the switch never ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     bed.kill_agent();
     let kubeconfig = bed._api.kubeconfig_yaml();
     tokio::time::sleep(Duration::from_secs(1)).await;
