@@ -99,6 +99,10 @@ struct AgentArgs {
     /// followed, never abandoned, while its unit runs), e.g. `15m`.
     #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
     activation_timeout: Duration,
+    /// Count a changed systemd as a reason to reboot (by default it is switched to live:
+    /// switch-to-configuration re-executes PID 1).
+    #[arg(long)]
+    reboot_on_systemd_change: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -337,6 +341,7 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let nix: Arc<dyn Nix> = Arc::new(nix);
     let mut config = nixroll::agent::AgentConfig::new(args.node, host, nix);
     config.options.activation_timeout = args.activation_timeout;
+    config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
     let runtime = runtime()?;
     runtime.block_on(async move {
         let client = kube::Client::try_default().await?;
