@@ -512,6 +512,32 @@ async fn exit_codes_and_a_second_activator() {
         ActivationState::Switched
     );
 
+    // The same with `system.autoUpgrade` running (its unit, not the lock).
+    bed.host.sh_ok(
+        "systemd-run --unit=nixos-upgrade.service --service-type=oneshot --collect sleep 6 >/dev/null 2>&1 &",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bed
+        .host
+        .sh_ok("systemctl is-active nixos-upgrade.service || true")
+        .contains("activ")
+    {
+        assert!(Instant::now() < deadline, "nixos-upgrade.service never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let svc2 = bed.flake.commit("service", |s| s.service.push('+')).unwrap();
+    bed.apply(&svc2).await;
+    bed.wait_for("waiting for nixos-upgrade", WAIT, |o| {
+        agent_status(o).activation.is_some_and(|a| {
+            a.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("nixos-upgrade.service")
+        })
+    })
+    .await;
+    bed.up_to_date(&svc2).await;
+
     // 1: a failing switch is Failed, and the node Degraded.
     let one = bed
         .flake
