@@ -48,7 +48,7 @@ pub const SWITCH_INHIBITORS: &str = "switch-inhibitors";
 /// NixOS's activation lock (`switch-to-configuration` holds it while it runs).
 pub const SWITCH_LOCK: &str = "/run/nixos/switch-to-configuration.lock";
 
-/// How often a running activation's unit is asked about (and other activators while waiting).
+/// How often a running activation's unit is asked about.
 const UNIT_CHECK: Duration = Duration::from_secs(5);
 
 /// How often other activators are looked for while waiting for them to end.
