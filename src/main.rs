@@ -300,6 +300,14 @@ struct AgentArgs {
     /// Never use binary caches (air-gapped hosts, tests).
     #[arg(long)]
     offline: bool,
+    /// How long a switch may run before the agent asks systemd whether it still runs (it is
+    /// followed, never abandoned, while its unit runs), e.g. `15m`.
+    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    activation_timeout: Duration,
+    /// Count a changed systemd as a reason to reboot (by default it is switched to live:
+    /// switch-to-configuration re-executes PID 1).
+    #[arg(long)]
+    reboot_on_systemd_change: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -536,7 +544,9 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         nix = nix.offline();
     }
     let nix: Arc<dyn Nix> = Arc::new(nix);
-    let config = nixroll::agent::AgentConfig::new(args.node, host, nix);
+    let mut config = nixroll::agent::AgentConfig::new(args.node, host, nix);
+    config.options.activation_timeout = args.activation_timeout;
+    config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
     let runtime = runtime()?;
     runtime.block_on(async move {
         let client = kube::Client::try_default().await?;

@@ -118,6 +118,9 @@ impl NixCli {
             if message.is_empty() {
                 message = format!("exited with {:?} and printed nothing", out.code);
             }
+            if let Some(hint) = hint(&out.stderr) {
+                message.push_str(hint);
+            }
             Err(NixError::CommandFailed { operation, message })
         }
     }
@@ -136,7 +139,7 @@ impl Nix for NixCli {
             }
             let cmd = self
                 .nix(self.build_timeout)
-                .args(["build", "--json", "--no-write-lock-file", "--out-link"])
+                .args(["build", "--json", "--no-update-lock-file", "--out-link"])
                 .arg(self.host.cmd_path(gc_root))
                 .arg(installable);
             let out = self.checked(OP, cmd).await?;
@@ -198,6 +201,17 @@ pub fn parse_closure_size(stdout: &str) -> Option<u64> {
         _ => return None,
     };
     first.get("closureSize")?.as_u64()
+}
+
+/// What to do about a failure whose cause is on the host, not in the flake.
+pub fn hint(stderr: &str) -> Option<&'static str> {
+    let git_missing = stderr.lines().any(|l| {
+        (l.contains("'git'") || l.contains("\"git\"") || l.contains("git:"))
+            && (l.contains("No such file or directory") || l.contains("not found"))
+    });
+    git_missing.then_some(
+        "\n(the host has no git on PATH, which Nix needs for git+… flakes: add pkgs.git to environment.systemPackages)",
+    )
 }
 
 /// Maximum length of a reported Nix error.
@@ -297,6 +311,12 @@ mod tests {
         let t = trim_nix_error(&long);
         assert_eq!(t.chars().count(), ERROR_MAX_CHARS);
         assert!(t.starts_with('…'));
+    }
+
+    #[test]
+    fn a_missing_git_gets_a_hint() {
+        assert!(hint("error: executing 'git': No such file or directory").is_some());
+        assert!(hint("error: Cannot find Git revision 'abc'").is_none());
     }
 
     #[test]

@@ -309,8 +309,20 @@ async fn switch_activates_live_once() {
     assert_eq!(f.sim.reboot_count(), 0);
     assert_eq!(f.sim.boot_id(), boot_id);
     assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
-    // read from `<current>/sw/bin/nixos-version --json`
-    assert_eq!(st.configuration_revision.as_deref(), Some("0123abcd"));
+    // read from `<current>/sw/bin/nixos-version --json`, in the background: the report of the
+    // switch did not wait for it; it comes with a later report.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let st = agent.observe().unwrap();
+        if st.configuration_revision.as_deref() == Some("0123abcd") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "configurationRevision never came"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     // The same grant again (and a restarted agent): nothing is repeated.
     agent.reconcile(Some(&t), Some(&g)).await.unwrap();
@@ -700,4 +712,200 @@ async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
             );
         }
     }
+}
+
+/// Exit code 4 (the system was activated, some units failed) is not a failed activation:
+/// `Switched`, `unitsFailed`, the units named. And a held activation lock (another
+/// activator) is waited for, not raced.
+#[tokio::test]
+async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f
+        .flake
+        .commit("a unit fails", |s| {
+            s.service.push('+');
+            s.failed_units = Some("k3s.service".into());
+        })
+        .unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    let st = agent
+        .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
+        .await
+        .unwrap();
+    let a = st.activation.clone().unwrap();
+    assert_eq!(
+        (a.state, a.exit_code, a.units_failed),
+        (ActivationState::Switched, Some(4), true)
+    );
+    assert!(a.message.unwrap().contains("k3s.service"));
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.last_error, None);
+
+    // Another activator holds NixOS's lock for 1.5 s: the switch starts after it.
+    let rev2 = f
+        .flake
+        .commit("service", |s| {
+            s.failed_units = None;
+            s.service.push('+');
+        })
+        .unwrap();
+    let t2 = f.target(&rev2);
+    let sys2 = agent
+        .reconcile(Some(&t2), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    let lock = f.sim.root().join("run/nixos/switch-to-configuration.lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let held = std::fs::File::create(&lock).unwrap();
+    held.lock().unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+    });
+    let t0 = std::time::Instant::now();
+    let st = agent
+        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
+        .await
+        .unwrap();
+    release.join().unwrap();
+    assert_eq!(state_of(&st), ActivationState::Switched);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "waited for the other activator"
+    );
+    assert_eq!(
+        f.sim
+            .switch_log()
+            .iter()
+            .filter(|l| l.starts_with("switch "))
+            .count(),
+        2
+    );
+}
+
+/// `nix build --no-update-lock-file`: a revision whose `flake.lock` lacks an input is an
+/// error, never inputs resolved at build time (which could differ per node and per time).
+#[tokio::test]
+async fn a_revision_without_a_complete_lock_file_is_not_built() {
+    require_nix!();
+    let f = Fixture::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dep = tmp.path().join("dep");
+    std::fs::create_dir_all(&dep).unwrap();
+    std::fs::write(dep.join("flake.nix"), "{ outputs = { self }: { x = 1; }; }\n").unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(
+        repo.join("flake.nix"),
+        format!(
+            "{{ inputs.dep.url = \"path:{}\"; outputs = {{ self, dep }}: {{ nixosConfigurations.{NODE}.config.system.build.toplevel = derivation {{ name = \"t\"; system = \"{}\"; builder = \"builtin:buildenv\"; derivations = [ ]; manifest = builtins.toFile \"manifest.nix\" \"[ ]\"; }}; }}; }}\n",
+            dep.display(),
+            nixroll::sim::flake::nix_system()
+        ),
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t.invalid",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "no lock file"]);
+    let url = format!("git+file://{}", repo.display());
+    let installable = format!("{url}#nixosConfigurations.{NODE}.config.system.build.toplevel");
+    let err = f
+        .nix
+        .realise(&installable, Path::new("/var/lib/nixroll/gcroots/t"))
+        .await
+        .unwrap_err()
+        .report();
+    assert!(err.contains("requires lock file changes"), "{err}");
+    assert!(!repo.join("flake.lock").exists());
+}
+
+/// A switch that lost the race for NixOS's activation lock (another activator started between
+/// the agent's check and its launch: exit 1, "Could not acquire lock") is launched again,
+/// under a new unit name, and succeeds: a lock failure is retryable, not `Failed`.
+#[tokio::test]
+async fn a_lost_lock_race_is_retried() {
+    use nixroll::agent::state::{self, ACTIVATION_DIR, ActivationRecord, STATE_FILE, Step};
+    require_nix!();
+    let mut f = Fixture::new();
+    f.installed().await;
+    let rev1 = f.flake.commit_service_change().unwrap();
+    let t = f.target(&rev1);
+    let mut agent = f.agent();
+    let sys1 = agent
+        .reconcile(Some(&t), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    // The state a lost race leaves: the first launch ended with 1 and the lock message.
+    let root = f.sim.root().to_path_buf();
+    let host_file = |p: &str| root.join(p.trim_start_matches('/'));
+    let dir = host_file(ACTIVATION_DIR);
+    std::fs::create_dir_all(dir.join("g1.started")).unwrap();
+    std::fs::write(dir.join("g1.result"), "1\n").unwrap();
+    std::fs::write(
+        dir.join("g1.log"),
+        "Could not acquire lock on /run/nixos/switch-to-configuration.lock: another switch-to-configuration is running\n",
+    )
+    .unwrap();
+    let mut st = state::load(&host_file(STATE_FILE)).unwrap();
+    st.activation = Some(ActivationRecord {
+        id: "g1".into(),
+        action: ActivationAction::Switch,
+        system: sys1.clone(),
+        step: Step::Switched,
+        generation_before: Some(1),
+        activated: Some(sys1.clone()),
+        boot_id_before: None,
+        exit_code: Some(1),
+        outcome: None,
+        message: None,
+        updated_at: jiff::Timestamp::now(),
+        attempt: 0,
+    });
+    state::save(&host_file(STATE_FILE), &st).unwrap();
+
+    let g = grant("g1", ActivationAction::Switch, &sys1);
+    let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
+    let a = st.activation.unwrap();
+    assert_eq!(
+        (a.state, a.exit_code),
+        (ActivationState::Switched, Some(0)),
+        "{a:?}"
+    );
+    assert!(dir.join("g1-r1.result").exists(), "launched again as g1-r1");
+    assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
 }

@@ -785,6 +785,7 @@ impl Sim {
                 system: op.system.clone(),
                 boot_id_before: Some(boot_before),
                 exit_code: (state == ActivationState::NeedsReboot).then_some(100),
+                units_failed: false,
                 message: (state == ActivationState::Failed).then(|| "switch-to-configuration failed".into()),
                 updated_at: Time(now),
             });
@@ -905,6 +906,7 @@ impl Sim {
                 system: g.system.clone(),
                 boot_id_before: Some(boot),
                 exit_code: None,
+                units_failed: false,
                 message: None,
                 updated_at: Time(now),
             });

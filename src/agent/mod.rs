@@ -9,10 +9,12 @@
 //! * [`host`]: how the agent reaches the machine (real NixOS host or a directory).
 //! * [`state`]: progress persisted on the host, so restarts never repeat a step.
 //! * [`node`]: the host logic (stage, activate, report), without Kubernetes.
+//! * [`watch`]: host changes (system links repointed by someone else) reported promptly.
 
 pub mod host;
 pub mod node;
 pub mod state;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -124,6 +126,7 @@ async fn work(
 ) -> Result<(), AgentError> {
     let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
         .with_progress(report.clone(), acked);
+    let mut host_changed = watch::host_changes(config.host.as_ref());
     loop {
         // Wait for a change of the object, or for a failed staging's retry time (a local
         // timer: no request is made unless the facts change).
@@ -131,6 +134,7 @@ async fn work(
         tokio::select! {
             r = rx.changed() => if r.is_err() { return Ok(()) },
             _ = sleep_until(retry) => {}
+            _ = changed(&mut host_changed) => {}
         }
         let Some(obj) = rx.borrow_and_update().clone() else {
             continue;
@@ -153,6 +157,18 @@ async fn work(
             *r = Some(facts);
             changed
         });
+    }
+}
+
+/// A change seen on the host (or never, without a watcher).
+async fn changed(rx: &mut Option<tokio::sync::watch::Receiver<()>>) {
+    match rx {
+        Some(r) => {
+            if r.changed().await.is_err() {
+                *rx = None;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::host::{DetachedJob, Host, HostCommand, resolve};
+use super::host::{DetachedJob, Host, HostCommand, JobState, resolve};
 use super::state::{
     self, ACTIVATION_DIR, ActivationRecord, GCROOTS_DIR, HostState, STATE_FILE, StagedRecord, StateError,
     Step,
@@ -25,16 +25,37 @@ use crate::names::SYSTEM_PROFILE;
 use crate::nix::Nix;
 
 /// Components of a NixOS toplevel whose change needs a reboot (compared with the booted
-/// system). `reboot-triggers` is only compared when both systems have it.
-pub const REBOOT_COMPONENTS: [&str; 7] = [
+/// system). `reboot-triggers` is only compared when both systems have it. `systemd` is not
+/// among them: `switch-to-configuration` re-executes PID 1 (`systemctl daemon-reexec`) when
+/// systemd changed, and an incompatible one changes `init-interface-version` (exit 100); see
+/// [`HostOptions::systemd_needs_reboot`] and docs/agent.md.
+pub const REBOOT_COMPONENTS: [&str; 6] = [
     "kernel",
     "initrd",
     "kernel-modules",
     "kernel-params",
-    "systemd",
     "firmware",
     "init-interface-version",
 ];
+
+/// Counted as a reboot reason only with [`HostOptions::systemd_needs_reboot`].
+pub const SYSTEMD_COMPONENT: &str = "systemd";
+
+/// The reboot reason given when `switch-inhibitors` of the running and the new system differ:
+/// NixOS refuses `switch` then ("You probably want to run nixos-rebuild boot").
+pub const SWITCH_INHIBITORS: &str = "switch-inhibitors";
+
+/// NixOS's activation lock (`switch-to-configuration` holds it while it runs).
+pub const SWITCH_LOCK: &str = "/run/nixos/switch-to-configuration.lock";
+
+/// How often a running activation's unit is asked about.
+const UNIT_CHECK: Duration = Duration::from_secs(5);
+
+/// How often other activators are looked for while waiting for them to end.
+const ACTIVATOR_POLL: Duration = Duration::from_secs(1);
+
+/// How many times an activation that lost the race for [`SWITCH_LOCK`] is tried again.
+const LOCK_RETRIES: u32 = 3;
 
 /// Test hook: stop ("crash") at this point of an activation, as if the agent died there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +96,8 @@ pub struct HostOptions {
     pub stage_retry: Duration,
     /// Longest wait between staging attempts.
     pub stage_retry_max: Duration,
+    /// Count a changed `systemd` as a reboot reason (off: `switch` re-executes systemd).
+    pub systemd_needs_reboot: bool,
 }
 
 impl Default for HostOptions {
@@ -85,6 +108,7 @@ impl Default for HostOptions {
             report_timeout: Duration::from_secs(10),
             stage_retry: Duration::from_secs(60),
             stage_retry_max: Duration::from_secs(30 * 60),
+            systemd_needs_reboot: false,
         }
     }
 }
@@ -97,6 +121,9 @@ pub enum NodeError {
     #[error("simulated crash at {0:?}")]
     Crashed(CrashPoint),
 }
+
+/// `(current system, its configurationRevision)`, shared with the background lookup.
+type RevisionCache = Arc<std::sync::Mutex<Option<(String, Option<String>)>>>;
 
 /// Host logic of one node. Holds no state that matters across restarts (that lives in the
 /// state file); a new `NodeAgent` over the same host continues where the last one stopped.
@@ -113,8 +140,11 @@ pub struct NodeAgent {
     progress: Option<tokio::sync::watch::Sender<Option<AgentStatus>>>,
     /// What the writer has stored in the API (the last acknowledged report).
     acked: Option<tokio::sync::watch::Receiver<Option<AgentStatus>>>,
-    /// `configurationRevision` of a current system: (system, revision), computed once per system.
-    revision_cache: Option<(String, Option<String>)>,
+    /// `configurationRevision` of a current system: (system, revision), computed once per
+    /// system, in the background (a slow `nixos-version` must not delay any report).
+    revision_cache: RevisionCache,
+    /// The current system whose `nixos-version --json` runs in the background.
+    revision_pending: Option<String>,
 }
 
 impl NodeAgent {
@@ -127,7 +157,8 @@ impl NodeAgent {
             failed_stage: None,
             progress: None,
             acked: None,
-            revision_cache: None,
+            revision_cache: Arc::default(),
+            revision_pending: None,
         }
     }
 
@@ -254,38 +285,80 @@ impl NodeAgent {
             self.stage(&mut st, t).await?;
         }
         self.refresh_reboot_reasons(&mut st)?;
-        self.refresh_configuration_revision().await;
+        self.refresh_configuration_revision();
         Ok(self.observe_with(&st))
     }
 
     /// `<current>/configuration-revision` if the system has that file, else
     /// `configurationRevision` of `<current>/sw/bin/nixos-version --json` (NixOS embeds
-    /// `system.configurationRevision` there). Once per current system.
-    async fn refresh_configuration_revision(&mut self) {
+    /// `system.configurationRevision` there). Once per current system; the command runs in the
+    /// background (10 s timeout) and its answer is published when it comes, so no report waits
+    /// for this optional fact.
+    fn refresh_configuration_revision(&mut self) {
         let Some(current) = self.current_system() else {
-            self.revision_cache = None;
+            if let Ok(mut c) = self.revision_cache.lock() {
+                *c = None;
+            }
             return;
         };
-        if self.revision_cache.as_ref().is_some_and(|(s, _)| *s == current) {
+        let cached = self
+            .revision_cache
+            .lock()
+            .map(|c| c.as_ref().is_some_and(|(s, _)| *s == current))
+            .unwrap_or(false);
+        if cached || self.revision_pending.as_deref() == Some(current.as_str()) {
             return;
         }
         let system = Path::new(&current);
-        let mut revision = self.read_trimmed(&system.join("configuration-revision"));
+        let from_file = self.read_trimmed(&system.join("configuration-revision"));
         let tool = system.join("sw/bin/nixos-version");
-        if revision.is_none() && self.host.fs_path(&tool).exists() {
-            let cmd = HostCommand::new(self.host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
-            match self.host.run(cmd).await {
-                Ok(out) if out.success() => {
-                    revision = serde_json::from_str::<serde_json::Value>(&out.stdout)
-                        .ok()
-                        .and_then(|v| v.get("configurationRevision")?.as_str().map(str::to_string))
-                        .filter(|r| !r.is_empty());
-                }
-                Ok(out) => tracing::debug!(code = ?out.code, "nixos-version --json failed"),
-                Err(e) => tracing::debug!(error = %e, "nixos-version --json failed"),
+        // Resolved on the host: `sw` is a symlink into the store, whose absolute target means
+        // nothing in the agent's own filesystem.
+        if from_file.is_some() || resolve(self.host.as_ref(), &tool).is_none() {
+            if let Ok(mut c) = self.revision_cache.lock() {
+                *c = Some((current, from_file));
             }
+            return;
         }
-        self.revision_cache = Some((current, revision));
+        self.revision_pending = Some(current.clone());
+        let (host, cache, progress) = (
+            self.host.clone(),
+            self.revision_cache.clone(),
+            self.progress.clone(),
+        );
+        tokio::spawn(async move {
+            let cmd = HostCommand::new(host.cmd_path(&tool), Duration::from_secs(10)).arg("--json");
+            let revision = match host.run(cmd).await {
+                Ok(out) if out.success() => serde_json::from_str::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v.get("configurationRevision")?.as_str().map(str::to_string))
+                    .filter(|r| !r.is_empty()),
+                Ok(out) => {
+                    tracing::info!(code = ?out.code, "nixos-version --json failed; configurationRevision unknown");
+                    None
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "nixos-version --json failed; configurationRevision unknown");
+                    None
+                }
+            };
+            if let Ok(mut c) = cache.lock() {
+                *c = Some((current.clone(), revision.clone()));
+            }
+            // Publish it into the newest report, if that is still about this system.
+            if let Some(tx) = progress {
+                tx.send_if_modified(|r| match r {
+                    Some(r)
+                        if r.current_system.as_deref() == Some(current.as_str())
+                            && r.configuration_revision != revision =>
+                    {
+                        r.configuration_revision = revision;
+                        true
+                    }
+                    _ => false,
+                });
+            }
+        });
     }
 
     /// When a failed staging should be tried again (the loop wakes up then).
@@ -313,7 +386,8 @@ impl NodeAgent {
             Some(r) if r.staged.revision == t.revision && r.staged.installable == t.installable => {
                 // Still pinned? (someone may have deleted the root or collected the path)
                 let root = self.host.fs_path(&r.gc_root);
-                !(root.exists() && resolve(self.host.as_ref(), &r.gc_root).is_some())
+                !(std::fs::symlink_metadata(&root).is_ok()
+                    && resolve(self.host.as_ref(), &r.gc_root).is_some())
             }
             _ => true,
         }
@@ -336,7 +410,8 @@ impl NodeAgent {
                     }
                 };
                 let booted = self.booted_system();
-                let reasons = reboot_reasons(self.host.as_ref(), booted.as_deref(), &system);
+                let current = self.current_system();
+                let reasons = self.reasons(booted.as_deref(), current.as_deref(), &system);
                 self.remove_stale_roots(&gc_root);
                 tracing::info!(%system, ?reasons, "staged");
                 st.staged = Some(StagedRecord {
@@ -351,6 +426,7 @@ impl NodeAgent {
                     },
                     gc_root,
                     compared_with: booted,
+                    compared_current: current,
                 });
                 if st
                     .last_error
@@ -414,20 +490,42 @@ impl NodeAgent {
         }
     }
 
-    /// Recompute the reboot reasons when the booted system changed since staging.
+    /// Recompute the reboot reasons when the booted or the running system changed since
+    /// staging.
     fn refresh_reboot_reasons(&self, st: &mut HostState) -> Result<(), NodeError> {
         let booted = self.booted_system();
-        let Some(rec) = st.staged.as_mut() else {
+        let current = self.current_system();
+        let Some(rec) = st.staged.as_ref() else {
             return Ok(());
         };
-        if rec.compared_with == booted {
+        if rec.compared_with == booted && rec.compared_current == current {
             return Ok(());
         }
-        let reasons = reboot_reasons(self.host.as_ref(), booted.as_deref(), &rec.staged.system);
-        rec.staged.reboot_required = !reasons.is_empty();
-        rec.staged.reboot_reasons = reasons;
-        rec.compared_with = booted;
+        let reasons = self.reasons(booted.as_deref(), current.as_deref(), &rec.staged.system);
+        if let Some(rec) = st.staged.as_mut() {
+            rec.staged.reboot_required = !reasons.is_empty();
+            rec.staged.reboot_reasons = reasons;
+            rec.compared_with = booted;
+            rec.compared_current = current;
+        }
         self.save(st)
+    }
+
+    /// [`reboot_reasons`] plus `systemd` when [`HostOptions::systemd_needs_reboot`].
+    fn reasons(&self, booted: Option<&str>, current: Option<&str>, new: &str) -> Vec<String> {
+        let mut reasons = reboot_reasons(self.host.as_ref(), booted, current, new);
+        if self.options.systemd_needs_reboot {
+            let b = booted.map(|b| component(self.host.as_ref(), b, SYSTEMD_COMPONENT));
+            let n = component(self.host.as_ref(), new, SYSTEMD_COMPONENT);
+            let same = match b {
+                None => n.is_none(),
+                Some(b) => same_component(self.host.as_ref(), b.as_deref(), n.as_deref()),
+            };
+            if !same {
+                reasons.push(SYSTEMD_COMPONENT.to_string());
+            }
+        }
+        reasons
     }
 
     // ------------------------------------------------------------- activation
@@ -455,6 +553,7 @@ impl NodeAgent {
             outcome: None,
             message: None,
             updated_at: now(),
+            attempt: 0,
         });
         self.save(st)
     }
@@ -468,6 +567,10 @@ impl NodeAgent {
             match rec.step {
                 Step::SettingProfile => {
                     self.crash(CrashPoint::BeforeProfileSet)?;
+                    if let Err(message) = self.wait_for_other_activators(st).await {
+                        self.finish(st, ActivationState::Failed, message)?;
+                        continue;
+                    }
                     match self.set_profile(&rec).await {
                         Ok(activated) => {
                             self.update(st, |r| {
@@ -497,15 +600,33 @@ impl NodeAgent {
                     let code = rec.exit_code.unwrap_or(-1);
                     let verb = switch_verb(rec.action);
                     match (rec.action, code) {
+                        (_, 1) if rec.attempt < LOCK_RETRIES && self.lost_lock_race(&rec) => {
+                            // Another activator started between our check and our launch:
+                            // wait for it to end, then launch again (under a new unit name).
+                            tracing::warn!(id = %rec.id, attempt = rec.attempt + 1, "switch-to-configuration could not take NixOS's activation lock; trying again");
+                            self.update(st, |r| {
+                                r.attempt += 1;
+                                r.exit_code = None;
+                                r.step = Step::ProfileSet;
+                            })?;
+                        }
                         (ActivationAction::Switch, 0) => {
                             self.finish(st, ActivationState::Switched, String::new())?
                         }
+                        (ActivationAction::Switch, 4) => self.finish(
+                            st,
+                            ActivationState::Switched,
+                            format!(
+                                "switch-to-configuration switch exited 4: the new system is active and the bootloader updated, but some units failed{}",
+                                self.failed_units(&rec)
+                            ),
+                        )?,
                         (ActivationAction::Switch, 100) => self.finish(
                             st,
                             ActivationState::NeedsReboot,
                             "switch-to-configuration switch exited 100: the new system needs a reboot".into(),
                         )?,
-                        (_, 0) => {
+                        (_, 0 | 4) => {
                             let boot_id = self.boot_id();
                             self.update(st, |r| {
                                 r.boot_id_before = boot_id;
@@ -594,6 +715,7 @@ impl NodeAgent {
                 if resolve(self.host.as_ref(), Path::new(&rec.system)).is_none() {
                     return Err(format!("system {} is not in the store (not staged?)", rec.system));
                 }
+                self.check_toplevel(&rec.system)?;
                 if self.profile_system().as_deref() != Some(rec.system.as_str()) {
                     self.nix
                         .set_profile(profile, &rec.system)
@@ -616,7 +738,7 @@ impl NodeAgent {
     /// Launch `switch-to-configuration` detached (at most once per grant, guarded by a lock
     /// directory the wrapper creates) and wait for its result file.
     async fn switch(&self, rec: &ActivationRecord) -> Result<i32, String> {
-        let name = sanitize(&rec.id);
+        let name = job_name(rec);
         let dir = Path::new(ACTIVATION_DIR);
         let result = self.host.fs_path(&dir.join(format!("{name}.result")));
         if let Some(code) = read_result(&result) {
@@ -625,6 +747,7 @@ impl NodeAgent {
         let system = rec.activated.clone().unwrap_or_else(|| rec.system.clone());
         let started = self.host.fs_path(&dir.join(format!("{name}.started")));
         if !started.exists() {
+            self.wait_for_other_activators_quietly().await?;
             let _ = std::fs::create_dir_all(self.host.fs_path(dir));
             let script = Path::new(&system).join("bin/switch-to-configuration");
             let argv: Vec<OsString> = vec![
@@ -646,7 +769,14 @@ impl NodeAgent {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
+        // Follow the job: its result file, and the host's service manager for whether it still
+        // runs. A switch that runs is never abandoned (switch-to-configuration waits for start
+        // jobs, e.g. a k3s server waiting for etcd quorum); no new grant is taken meanwhile.
+        let start = tokio::time::Instant::now();
+        let deadline = start + self.options.activation_timeout;
+        let mut next_check = start + UNIT_CHECK;
+        let mut ended: Option<String> = None;
+        let mut warned = false;
         // A local file check: first every 10 ms, doubling up to `result_poll`, so that a quick
         // switch is seen at once and a long one costs a few checks a second.
         let mut pause = Duration::from_millis(10).min(self.options.result_poll);
@@ -654,21 +784,164 @@ impl NodeAgent {
             if let Some(code) = read_result(&result) {
                 return Ok(code);
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "switch-to-configuration gave no result within {:?}",
-                    self.options.activation_timeout
-                ));
+            let now = tokio::time::Instant::now();
+            if now >= next_check || now >= deadline {
+                next_check = now + UNIT_CHECK;
+                match self.host.job_state(&name).await {
+                    Ok(JobState::Running { state }) => {
+                        ended = None;
+                        if now >= deadline && !warned {
+                            warned = true;
+                            tracing::warn!(id = %rec.id, %state, waited = ?now.duration_since(start), "switch-to-configuration still runs; following it, not abandoning it");
+                        }
+                    }
+                    Ok(JobState::Ended { detail }) => {
+                        // Twice in a row (a start job that is only queued looks alike once).
+                        if let Some(first) = ended.take() {
+                            if let Some(code) = read_result(&result) {
+                                return Ok(code);
+                            }
+                            return Err(format!(
+                                "switch-to-configuration ended without a result ({first}){}",
+                                self.switch_log_tail(rec)
+                            ));
+                        }
+                        ended = Some(detail);
+                    }
+                    Ok(JobState::Unknown) | Err(_) if now >= deadline => {
+                        return Err(format!(
+                            "switch-to-configuration gave no result within {:?}",
+                            self.options.activation_timeout
+                        ));
+                    }
+                    Ok(JobState::Unknown) => {}
+                    Err(e) => {
+                        tracing::warn!(id = %rec.id, error = %e, "cannot ask systemd about the activation")
+                    }
+                }
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(self.options.result_poll);
         }
     }
 
+    /// Wait (bounded by the activation timeout) until no other activator runs: NixOS's
+    /// activation lock is free and no `nixos-upgrade`/`nixos-rebuild` unit is active. While
+    /// waiting, the activation reports `Running` with a message saying what it waits for.
+    async fn wait_for_other_activators(&self, st: &mut HostState) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
+        let mut said = None;
+        loop {
+            let busy = self.other_activators().await;
+            if busy.is_empty() {
+                if said.is_some() {
+                    let _ = self.update(st, |r| r.message = None);
+                }
+                return Ok(());
+            }
+            let message = format!("waiting for another activator to finish: {}", busy.join(", "));
+            if said.as_ref() != Some(&message) {
+                tracing::warn!("{message}");
+                let _ = self.update(st, |r| r.message = Some(message.clone()));
+                self.publish(st);
+                said = Some(message.clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{message} (still running after {:?})",
+                    self.options.activation_timeout
+                ));
+            }
+            tokio::time::sleep(ACTIVATOR_POLL.min(self.options.activation_timeout)).await;
+        }
+    }
+
+    /// [`Self::wait_for_other_activators`] without a record to annotate (right before launch).
+    async fn wait_for_other_activators_quietly(&self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
+        loop {
+            let busy = self.other_activators().await;
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "another activator kept running for {:?}: {}",
+                    self.options.activation_timeout,
+                    busy.join(", ")
+                ));
+            }
+            tokio::time::sleep(ACTIVATOR_POLL.min(self.options.activation_timeout)).await;
+        }
+    }
+
+    /// Who else activates now: a holder of NixOS's activation lock (from `/proc/locks`, which
+    /// does not disturb it) and the host's activator units.
+    async fn other_activators(&self) -> Vec<String> {
+        let mut busy = Vec::new();
+        if lock_held(&self.host.fs_path(Path::new(SWITCH_LOCK))) {
+            busy.push(format!("a process holds {SWITCH_LOCK}"));
+        }
+        match self.host.other_activators().await {
+            Ok(units) => busy.extend(units),
+            Err(e) => tracing::warn!(error = %e, "cannot ask systemd about other activators"),
+        }
+        busy
+    }
+
+    /// Whether the switch failed because another activator held NixOS's activation lock.
+    fn lost_lock_race(&self, rec: &ActivationRecord) -> bool {
+        let log = self
+            .host
+            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", job_name(rec))));
+        read_bounded(&log, 64 * 1024).is_some_and(|t| {
+            t.lines()
+                .any(|l| l.contains("switch-to-configuration.lock") || l.contains("Could not acquire lock"))
+        })
+    }
+
+    /// `: <the line naming the failed units>` from the switch's output, if any.
+    fn failed_units(&self, rec: &ActivationRecord) -> String {
+        let log = self
+            .host
+            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", job_name(rec))));
+        read_bounded(&log, 64 * 1024)
+            .and_then(|t| {
+                t.lines()
+                    .rev()
+                    .find(|l| l.contains("units failed") || l.contains("failed units"))
+                    .map(|l| {
+                        format!(
+                            ": {}",
+                            crate::nix::trim_nix_error(l.trim_start_matches("warning: "))
+                        )
+                    })
+            })
+            .unwrap_or_default()
+    }
+
+    /// A switchable NixOS toplevel has `nixos-version` and an executable
+    /// `bin/switch-to-configuration`: checked before the profile is pointed at it.
+    fn check_toplevel(&self, system: &str) -> Result<(), String> {
+        let sys = Path::new(system);
+        let exe = resolve(self.host.as_ref(), &sys.join("bin/switch-to-configuration")).and_then(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(self.host.fs_path(&p))
+                .ok()
+                .filter(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        });
+        if resolve(self.host.as_ref(), &sys.join("nixos-version")).is_none() || exe.is_none() {
+            return Err(format!(
+                "{system} is not a switchable NixOS system (no nixos-version or no executable bin/switch-to-configuration); the system profile was not changed"
+            ));
+        }
+        Ok(())
+    }
+
     fn switch_log_tail(&self, rec: &ActivationRecord) -> String {
         let log = self
             .host
-            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", sanitize(&rec.id))));
+            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", job_name(rec))));
         let text = read_bounded(&log, 64 * 1024).unwrap_or_default();
         let t = crate::nix::trim_nix_error(&text);
         if t.is_empty() {
@@ -681,7 +954,8 @@ impl NodeAgent {
     // ------------------------------------------------------------------ facts
 
     fn read_trimmed(&self, host_path: &Path) -> Option<String> {
-        let local = self.host.fs_path(host_path);
+        // Symlinks (a store path's files often are) are followed on the host's side.
+        let local = self.host.fs_path(&resolve(self.host.as_ref(), host_path)?);
         let s = read_bounded(&local, 4096)?;
         let s = s.trim();
         (!s.is_empty()).then(|| s.to_string())
@@ -717,8 +991,9 @@ impl NodeAgent {
         let nixos_version = current
             .as_ref()
             .and_then(|c| self.read_trimmed(&Path::new(c).join("nixos-version")));
-        let configuration_revision = match (&current, &self.revision_cache) {
-            (Some(c), Some((s, r))) if c == s => r.clone(),
+        let cache = self.revision_cache.lock().ok().and_then(|c| c.clone());
+        let configuration_revision = match (&current, cache) {
+            (Some(c), Some((s, r))) if *c == s => r,
             (Some(c), _) => self.read_trimmed(&Path::new(c).join("configuration-revision")),
             (None, _) => None,
         };
@@ -759,6 +1034,7 @@ pub fn activation_report(r: &ActivationRecord, boot_id: Option<&str>) -> Activat
         system: r.system.clone(),
         boot_id_before: r.boot_id_before.clone(),
         exit_code: r.exit_code,
+        units_failed: r.exit_code == Some(4) && state != ActivationState::Failed,
         message: r.message.clone(),
         updated_at: Time(r.updated_at),
     }
@@ -774,6 +1050,38 @@ echo "$?" >"$d/$n.result.tmp"
 sync "$d/$n.result.tmp" 2>/dev/null
 mv "$d/$n.result.tmp" "$d/$n.result"
 "#;
+
+/// The detached job's name (unit `nixroll-activate-<name>`, files `<name>.*`): the grant id,
+/// plus `-r<N>` for the N-th launch after losing the activation lock.
+fn job_name(rec: &ActivationRecord) -> String {
+    if rec.attempt == 0 {
+        sanitize(&rec.id)
+    } else {
+        format!("{}-r{}", sanitize(&rec.id), rec.attempt)
+    }
+}
+
+/// Whether some process holds a lock on `path` (per `/proc/locks`, which lists the locks of
+/// the processes in our PID namespace: with `hostPID`, the host's).
+fn lock_held(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let Some(locks) = read_bounded(Path::new("/proc/locks"), 1 << 20) else {
+        return false;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (
+        ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff),
+        ((dev >> 12) & 0xffff_ff00) | (dev & 0xff),
+    );
+    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    locks.lines().any(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (blocked waiters start with "->")
+        !l.contains("->") && l.split_whitespace().any(|f| f == want)
+    })
+}
 
 fn switch_verb(action: ActivationAction) -> &'static str {
     match action {
@@ -811,8 +1119,15 @@ pub fn sanitize(s: &str) -> String {
 
 /// Why booting `new` would differ from the running kernel/initrd/…: the names of
 /// [`REBOOT_COMPONENTS`] that differ between `booted` and `new`, plus `reboot-triggers` when
-/// both have it. Unknown booted system ⇒ every component present in `new` counts.
-pub fn reboot_reasons(host: &dyn Host, booted: Option<&str>, new: &str) -> Vec<String> {
+/// both have it. Unknown booted system ⇒ every component present in `new` counts. Plus
+/// [`SWITCH_INHIBITORS`] when the running system (`current`) and `new` both have
+/// `switch-inhibitors` and they differ: NixOS would refuse to `switch` to it.
+pub fn reboot_reasons(
+    host: &dyn Host,
+    booted: Option<&str>,
+    current: Option<&str>,
+    new: &str,
+) -> Vec<String> {
     let mut reasons = Vec::new();
     for name in REBOOT_COMPONENTS {
         let b = booted.map(|b| component(host, b, name));
@@ -834,7 +1149,30 @@ pub fn reboot_reasons(host: &dyn Host, booted: Option<&str>, new: &str) -> Vec<S
             reasons.push("reboot-triggers".to_string());
         }
     }
+    if let Some(c) = current
+        && let (Some(a), Some(b)) = (
+            component(host, c, SWITCH_INHIBITORS),
+            component(host, new, SWITCH_INHIBITORS),
+        )
+        && a != b
+        && inhibitors_differ(&host.fs_path(&a), &host.fs_path(&b))
+    {
+        reasons.push(SWITCH_INHIBITORS.to_string());
+    }
     reasons
+}
+
+/// NixOS's check: every name present in both JSON objects must map to the same value (files
+/// that are not JSON objects are compared whole). Unreadable counts as different.
+fn inhibitors_differ(a: &Path, b: &Path) -> bool {
+    let (Some(ta), Some(tb)) = (read_bounded(a, 1 << 20), read_bounded(b, 1 << 20)) else {
+        return true;
+    };
+    let parse = |t: &str| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(t).ok();
+    match (parse(&ta), parse(&tb)) {
+        (Some(ma), Some(mb)) => ma.iter().any(|(k, v)| mb.get(k).is_some_and(|w| w != v)),
+        _ => ta.trim() != tb.trim(),
+    }
 }
 
 fn component(host: &dyn Host, system: &str, name: &str) -> Option<PathBuf> {
@@ -905,19 +1243,19 @@ mod tests {
         let a = r.join("store/a").display().to_string();
         let b = r.join("store/b").display().to_string();
         assert_eq!(
-            reboot_reasons(&host, Some(&a), &b),
+            reboot_reasons(&host, Some(&a), None, &b),
             vec!["initrd", "init-interface-version", "reboot-triggers"]
         );
-        assert!(reboot_reasons(&host, Some(&a), &a).is_empty());
+        assert!(reboot_reasons(&host, Some(&a), None, &a).is_empty());
         // reboot-triggers only counts when both have it
         std::fs::remove_file(r.join("store/a/reboot-triggers")).unwrap();
         assert_eq!(
-            reboot_reasons(&host, Some(&a), &b),
+            reboot_reasons(&host, Some(&a), None, &b),
             vec!["initrd", "init-interface-version"]
         );
         // unknown booted system: every component the new one has
         assert_eq!(
-            reboot_reasons(&host, None, &b),
+            reboot_reasons(&host, None, None, &b),
             vec![
                 "kernel",
                 "initrd",
@@ -926,6 +1264,119 @@ mod tests {
                 "init-interface-version"
             ]
         );
+    }
+
+    #[test]
+    fn switch_inhibitors_count_and_systemd_alone_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        let host = HostRoot::new(r, RebootHook::None);
+        file(
+            r,
+            "store/cur/switch-inhibitors",
+            r#"{"systemd":"/s/1","dbus":"/d/1"}"#,
+        );
+        file(
+            r,
+            "store/new/switch-inhibitors",
+            r#"{"systemd":"/s/2","dbus":"/d/1","x":"1"}"#,
+        );
+        file(
+            r,
+            "store/same/switch-inhibitors",
+            r#"{"systemd":"/s/1","other":"y"}"#,
+        );
+        for sys in ["cur", "new", "same"] {
+            file(r, &format!("store/{sys}/systemd/version"), sys);
+        }
+        let p = |s: &str| r.join("store").join(s).display().to_string();
+        // compared with the running system (current), not the booted one
+        assert_eq!(
+            reboot_reasons(&host, Some(&p("cur")), Some(&p("cur")), &p("new")),
+            vec!["switch-inhibitors"]
+        );
+        assert!(reboot_reasons(&host, Some(&p("cur")), Some(&p("cur")), &p("same")).is_empty());
+        assert!(reboot_reasons(&host, Some(&p("cur")), None, &p("new")).is_empty());
+        // a new systemd is no reboot reason by default; it is with the option
+        let agent = |systemd_needs_reboot| {
+            NodeAgent::new(
+                Arc::new(host.clone()),
+                Arc::new(NoNix),
+                HostOptions {
+                    systemd_needs_reboot,
+                    ..HostOptions::default()
+                },
+            )
+        };
+        assert!(agent(false).reasons(Some(&p("cur")), None, &p("same")).is_empty());
+        assert_eq!(
+            agent(true).reasons(Some(&p("cur")), None, &p("same")),
+            vec!["systemd"]
+        );
+    }
+
+    /// Nix that must not be called.
+    #[derive(Debug)]
+    struct NoNix;
+    impl Nix for NoNix {
+        fn realise<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a Path,
+        ) -> futures::future::BoxFuture<'a, Result<String, crate::nix::NixError>> {
+            unreachable!()
+        }
+        fn closure_bytes<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<u64, crate::nix::NixError>> {
+            unreachable!()
+        }
+        fn set_profile<'a>(
+            &'a self,
+            _: &'a Path,
+            _: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
+            unreachable!("the profile must not be set")
+        }
+        fn rollback_profile<'a>(
+            &'a self,
+            _: &'a Path,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::nix::NixError>> {
+            unreachable!()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_path_that_is_no_nixos_system_never_reaches_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        file(r, "nix/store/abc-hello/bin/hello", "#!/bin/sh\n");
+        let host = HostRoot::new(r, RebootHook::None);
+        let mut agent = NodeAgent::new(Arc::new(host), Arc::new(NoNix), HostOptions::default());
+        let g = ActivationGrant {
+            id: "g".into(),
+            action: ActivationAction::Switch,
+            system: r.join("nix/store/abc-hello").display().to_string(),
+            granted_at: Time(Timestamp::UNIX_EPOCH),
+            boot_id_before: None,
+        };
+        let st = agent.reconcile(None, Some(&g)).await.unwrap();
+        let a = st.activation.unwrap();
+        assert_eq!(a.state, ActivationState::Failed);
+        assert!(a.message.unwrap().contains("not a switchable NixOS system"));
+    }
+
+    #[test]
+    fn a_held_activation_lock_is_seen_without_taking_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switch-to-configuration.lock");
+        let f = std::fs::File::create(&path).unwrap();
+        assert!(!lock_held(&path));
+        f.lock().unwrap();
+        assert!(lock_held(&path));
+        f.unlock().unwrap();
+        assert!(!lock_held(&path));
     }
 
     #[test]
@@ -949,6 +1400,7 @@ mod tests {
             outcome: None,
             message: None,
             updated_at: Timestamp::UNIX_EPOCH,
+            attempt: 0,
         };
         assert_eq!(activation_report(&r, Some("b1")).state, ActivationState::Running);
         r.step = Step::RebootIssued;

@@ -40,6 +40,10 @@ pub struct StagedRecord {
     /// `/run/booted-system` when the reasons were computed (recomputed when it changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compared_with: Option<String>,
+    /// `/run/current-system` when the reasons were computed (`switch-inhibitors` are compared
+    /// with the running system; recomputed when it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compared_current: Option<String>,
 }
 
 /// Progress of one activation grant. `step` is written BEFORE the step it names is performed,
@@ -50,7 +54,7 @@ pub enum Step {
     SettingProfile,
     /// The profile points at the system to activate.
     ProfileSet,
-    /// `switch-to-configuration` launched (or about to be); its result file decides.
+    /// `switch-to-configuration` launched (or about to be); its result file and its unit decide.
     Switching,
     /// `switch-to-configuration` finished; `exitCode` holds its status.
     Switched,
@@ -84,6 +88,14 @@ pub struct ActivationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     pub updated_at: Timestamp,
+    /// Launches of `switch-to-configuration` before this one that lost the race for NixOS's
+    /// activation lock to another activator (0: the first launch).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +182,7 @@ mod tests {
                 outcome: None,
                 message: None,
                 updated_at: Timestamp::UNIX_EPOCH,
+                attempt: 0,
             }),
             ..Default::default()
         };

@@ -446,7 +446,8 @@ pub struct StagedSystem {
     pub closure_bytes: Option<u64>,
     pub reboot_required: bool,
     /// Why a reboot is needed: `kernel`, `initrd`, `kernel-modules`, `kernel-params`,
-    /// `systemd`, `firmware`, `init-interface-version`, `reboot-triggers`.
+    /// `firmware`, `init-interface-version`, `reboot-triggers`, `switch-inhibitors` (NixOS
+    /// would refuse a live switch), `systemd` (only when the agent is told to count it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reboot_reasons: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -482,6 +483,10 @@ pub struct ActivationReport {
     pub boot_id_before: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The system was activated (and the bootloader updated), but some units failed to start
+    /// (`switch-to-configuration` exit code 4); `message` names them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub units_failed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     pub updated_at: Time,

@@ -78,6 +78,7 @@ fn mk_report(id: &str, action: ActivationAction, state: ActivationState, sys: &s
         system: sys.into(),
         boot_id_before: None,
         exit_code: None,
+        units_failed: false,
         message: Some("boom".into()),
         updated_at: Time(t0()),
     }

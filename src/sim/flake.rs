@@ -47,6 +47,19 @@ pub struct SystemSpec {
     pub broken_build: bool,
     /// Evaluation throws this message.
     pub eval_error: Option<String>,
+    /// Content of `switch-inhibitors` (NixOS ≥ 25.11: JSON, name → store path). `switch`,
+    /// `test` and `check` refuse (exit 1) when the running system has the file and it differs.
+    pub switch_inhibitors: Option<String>,
+    /// `switch`/`test` activate, then report these units as failed and exit 4 (as NixOS does).
+    pub failed_units: Option<String>,
+    /// `check` (and the pre-switch checks of `switch`/`test`) exit with this code.
+    pub check_exit: Option<i32>,
+    /// Adds `build-probe/` to the system, built by `/bin/sh` (needs a host with `/bin/mkdir`,
+    /// `/bin/cat`, no sandbox): `build-cgroup` (the builder's `/proc/self/cgroup`) and this
+    /// nonce (so every commit builds it anew). Shows where host Nix work runs.
+    pub probe: Option<String>,
+    /// `sw/bin/nixos-version` sleeps this long first (a hanging optional fact).
+    pub nixos_version_delay: Option<String>,
 }
 
 impl Default for SystemSpec {
@@ -67,6 +80,11 @@ impl Default for SystemSpec {
             switch_delay: None,
             broken_build: false,
             eval_error: None,
+            switch_inhibitors: None,
+            failed_units: None,
+            check_exit: None,
+            probe: None,
+            nixos_version_delay: None,
         }
     }
 }
@@ -90,6 +108,7 @@ pub struct TestFlake {
     hosts: Vec<String>,
     spec: SystemSpec,
     head: String,
+    real_host: bool,
 }
 
 impl TestFlake {
@@ -107,6 +126,28 @@ impl TestFlake {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             spec: SystemSpec::default(),
             head: String::new(),
+            real_host: false,
+        };
+        flake.commit("initial system", |_| {})?;
+        Ok(flake)
+    }
+
+    /// Like [`TestFlake::create`], but the systems' `switch-to-configuration` acts on the real
+    /// `/` of the machine it runs on (`/run/current-system`, `/boot/default-system`, the lock
+    /// in `/run/nixos`) instead of `$NIXROLL_HOST_ROOT`: for a real (container) host, e2e/.
+    pub fn create_for_real_host(dir: impl Into<PathBuf>, hosts: &[&str]) -> Result<TestFlake, FlakeError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| FlakeError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        git(&dir, &["init", "-q"])?;
+        let mut flake = TestFlake {
+            dir,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            spec: SystemSpec::default(),
+            head: String::new(),
+            real_host: true,
         };
         flake.commit("initial system", |_| {})?;
         Ok(flake)
@@ -210,6 +251,7 @@ impl TestFlake {
         let _ = std::fs::remove_dir_all(&sys);
         let _ = std::fs::remove_dir_all(self.dir.join("conflict"));
         let _ = std::fs::remove_file(self.dir.join("eval-error"));
+        let _ = std::fs::remove_file(self.dir.join("probe"));
         let mut files: Vec<(PathBuf, String)> = vec![
             (self.dir.join("flake.nix"), flake_nix()),
             (
@@ -218,10 +260,13 @@ impl TestFlake {
             ),
         ];
         files.extend(
-            system_files(spec)
+            system_files_for(spec, self.real_host)
                 .into_iter()
                 .map(|(rel, content)| (sys.join(rel), content)),
         );
+        if let Some(nonce) = &spec.probe {
+            files.push((self.dir.join("probe"), nonce.clone()));
+        }
         if spec.broken_build {
             files.push((self.dir.join("conflict/kernel"), "conflicting kernel".into()));
         }
@@ -251,8 +296,14 @@ pub fn is_executable(rel: &str) -> bool {
 /// The files of a system built from `spec`, relative to the system's root (the same layout
 /// the flake's toplevel has; see [`is_executable`]).
 pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
+    system_files_for(spec, false)
+}
+
+/// [`system_files`] for a host root (`real_host = false`: effects under `$NIXROLL_HOST_ROOT`)
+/// or for a real host (effects on `/`).
+pub fn system_files_for(spec: &SystemSpec, real_host: bool) -> Vec<(&'static str, String)> {
     let mut files = vec![
-        ("bin/switch-to-configuration", switch_script(spec)),
+        ("bin/switch-to-configuration", switch_script(spec, real_host)),
         ("kernel", spec.kernel.clone()),
         ("initrd", spec.initrd.clone()),
         ("kernel-modules/modules.dep", spec.kernel_modules.clone()),
@@ -265,12 +316,31 @@ pub fn system_files(spec: &SystemSpec) -> Vec<(&'static str, String)> {
     if let Some(r) = &spec.configuration_revision {
         files.push(("configuration-revision", r.clone()));
     }
+    if let Some(i) = &spec.switch_inhibitors {
+        files.push(("switch-inhibitors", i.clone()));
+    }
     if let Some(r) = &spec.nixos_version_revision {
         let json = serde_json::json!({
             "configurationRevision": r,
             "nixosVersion": spec.nixos_version,
         });
-        files.push(("sw/bin/nixos-version", format!("#!/bin/sh\necho '{json}'")));
+        let delay = spec
+            .nixos_version_delay
+            .as_ref()
+            .map(|d| format!("sleep {d}\n"))
+            .unwrap_or_default();
+        // Leaves its environment where tests can see it (what a host command gets).
+        let root = if real_host {
+            ""
+        } else {
+            "${NIXROLL_HOST_ROOT:-/nonexistent}"
+        };
+        files.push((
+            "sw/bin/nixos-version",
+            format!(
+                "#!/bin/sh\nenv >\"{root}/var/lib/sim/nixos-version-env\" 2>/dev/null\n{delay}echo '{json}'"
+            ),
+        ));
     }
     files
 }
@@ -334,6 +404,16 @@ const FLAKE_TEMPLATE: &str = r#"# A stand-in for a NixOS flake, generated by nix
         if builtins.pathExists ./conflict
         then [ "true" "5" "1" (builtins.path { path = ./conflict; name = "conflict"; }) ]
         else [ ];
+      probe =
+        if builtins.pathExists ./probe
+        then [ "true" "5" "1" (derivation {
+          name = "build-probe";
+          system = "@SYSTEM@";
+          builder = "/bin/sh";
+          args = [ "-c" "/bin/mkdir -p $out/build-probe && /bin/cat /proc/self/cgroup >$out/build-probe/build-cgroup && echo $nonce >$out/build-probe/nonce" ];
+          nonce = builtins.readFile ./probe;
+        }) ]
+        else [ ];
       toplevel = host:
         if builtins.pathExists ./eval-error
         then throw (builtins.readFile ./eval-error)
@@ -341,7 +421,7 @@ const FLAKE_TEMPLATE: &str = r#"# A stand-in for a NixOS flake, generated by nix
           name = "nixos-system-${host}";
           system = "@SYSTEM@";
           builder = "builtin:buildenv";
-          derivations = builtins.concatMap (n: [ "true" "5" "1" (part n) ]) names ++ conflict;
+          derivations = builtins.concatMap (n: [ "true" "5" "1" (part n) ]) names ++ conflict ++ probe;
           manifest = builtins.toFile "manifest.nix" "[ ]";
         };
       hosts = builtins.fromJSON (builtins.readFile ./hosts.json);
@@ -354,7 +434,7 @@ const FLAKE_TEMPLATE: &str = r#"# A stand-in for a NixOS flake, generated by nix
 }
 "#;
 
-fn switch_script(spec: &SystemSpec) -> String {
+fn switch_script(spec: &SystemSpec, real_host: bool) -> String {
     let mut forced = String::new();
     if let Some(d) = &spec.switch_delay {
         forced.push_str(&format!("sleep {d}\n"));
@@ -369,21 +449,56 @@ fn switch_script(spec: &SystemSpec) -> String {
             "if [ \"$action\" = boot ]; then echo \"sim: switch-to-configuration boot fails with {code}\" >&2; exit {code}; fi\n"
         ));
     }
-    SWITCH_TEMPLATE.replace("@FORCED@\n", &forced)
+    let check = match spec.check_exit {
+        Some(code) => format!("echo \"sim: a pre-switch check failed\" >&2; exit {code}\n"),
+        None => String::new(),
+    };
+    let failed = match &spec.failed_units {
+        Some(units) => format!(
+            "if [ \"$action\" = switch ] || [ \"$action\" = test ]; then echo \"warning: the following units failed: {units}\" >&2; exit 4; fi\n"
+        ),
+        None => String::new(),
+    };
+    let root = if real_host {
+        "\"\""
+    } else {
+        "\"${NIXROLL_HOST_ROOT:?NIXROLL_HOST_ROOT is not set}\""
+    };
+    SWITCH_TEMPLATE
+        .replace("@ROOT@", root)
+        .replace("@FORCED@\n", &forced)
+        .replace("@CHECK@\n", &check)
+        .replace("@FAILED@\n", &failed)
 }
 
 const SWITCH_TEMPLATE: &str = r#"#!/bin/sh
-# switch-to-configuration of a nixroll test system; models NixOS's (crate::sim::flake).
+# switch-to-configuration of a nixroll test system; models NixOS's (crate::sim::flake):
+# one activation at a time (the lock), pre-switch checks (switch-inhibitors), the bootloader
+# entry, exit 100 for an incompatible init, exit 4 for failed units.
 action="$1"
 top=$(dirname "$(dirname "$0")")
-root="${NIXROLL_HOST_ROOT:?NIXROLL_HOST_ROOT is not set}"
-mkdir -p "$root/var/lib/sim" "$root/boot" "$root/run"
-echo "$action $top" >>"$root/var/lib/sim/switch-log"
+root=@ROOT@
 case "$action" in
-switch|boot|test|dry-activate) ;;
-*) echo "usage: switch-to-configuration switch|boot|test|dry-activate" >&2; exit 1 ;;
+switch|boot|test|check|dry-activate) ;;
+*) echo "usage: switch-to-configuration switch|boot|test|check|dry-activate" >&2; exit 1 ;;
 esac
+mkdir -p "$root/var/lib/sim" "$root/boot" "$root/run/nixos"
+echo "$action $top" >>"$root/var/lib/sim/switch-log"
+exec 9>"$root/run/nixos/switch-to-configuration.lock"
+if ! flock -n 9; then
+  echo "Could not acquire lock on /run/nixos/switch-to-configuration.lock: another switch-to-configuration is running" >&2
+  exit 1
+fi
 @FORCED@
+if [ "$action" != boot ] && [ "$action" != dry-activate ] && [ -z "${NIXOS_NO_CHECK:-}" ]; then
+@CHECK@
+  if [ -e "$root/run/current-system/switch-inhibitors" ] && [ -e "$top/switch-inhibitors" ] &&
+    ! cmp -s "$root/run/current-system/switch-inhibitors" "$top/switch-inhibitors"; then
+    echo "There are changes to critical components of the system (switch-inhibitors). You probably want to run 'nixos-rebuild boot' and reboot." >&2
+    exit 1
+  fi
+fi
+[ "$action" = check ] && exit 0
 if [ "$action" = switch ] || [ "$action" = boot ]; then
   ln -sfn "$top" "$root/boot/default-system"
 fi
@@ -396,5 +511,6 @@ fi
 if [ "$action" = switch ] || [ "$action" = test ]; then
   ln -sfn "$top" "$root/run/current-system"
 fi
+@FAILED@
 exit 0
 "#;

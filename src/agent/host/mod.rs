@@ -5,8 +5,9 @@
 //! * [`HostRoot`]: a directory stands in for `/`; commands run as ordinary child processes;
 //!   the reboot is a command or an in-process callback (tests, the demo).
 //! * [`RealHost`]: the real machine seen from a privileged DaemonSet pod; files through the
-//!   host's `/` mounted at `/host`, commands inside PID 1's namespaces (`nsenter`), activation
-//!   as a transient systemd unit, reboot via `systemctl reboot`.
+//!   host's `/` mounted at `/host`, every command as a transient systemd unit of the host
+//!   (outside the pod's cgroup, with a clean environment), activation as a transient unit
+//!   followed through systemd, reboot via `systemctl reboot`.
 
 mod real;
 mod root;
@@ -90,6 +91,17 @@ pub struct DetachedJob {
     pub argv: Vec<OsString>,
 }
 
+/// What the host's service manager says about a detached job ([`Host::job_state`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// The backend cannot tell (no service manager): the caller falls back to its timeout.
+    Unknown,
+    /// The job's unit is still running (`ActiveState` and `SubState` as systemd reports them).
+    Running { state: String },
+    /// The job's unit is gone or ended; `detail` says how (systemd's `Result`, exit status).
+    Ended { detail: String },
+}
+
 /// Failures of the host layer.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -130,6 +142,16 @@ pub trait Host: Send + Sync + fmt::Debug {
     fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>>;
     /// Reboot the machine (on a real host this does not return in practice).
     fn reboot(&self) -> BoxFuture<'_, Result<(), HostError>>;
+    /// Whether the detached job `name` (see [`DetachedJob::name`]) still runs.
+    fn job_state<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<JobState, HostError>> {
+        let _ = name;
+        Box::pin(async { Ok(JobState::Unknown) })
+    }
+    /// Other activators running now (an admin's `nixos-rebuild`, `system.autoUpgrade`): the
+    /// names of their units. Backends without a service manager know none.
+    fn other_activators(&self) -> BoxFuture<'_, Result<Vec<String>, HostError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 /// `readlink -f` on the host: follows symlinks (absolute targets are host paths) through
