@@ -140,6 +140,7 @@ mod tests {
                 reboot: Default::default(),
                 drain: None,
                 suspend: true,
+                secrets: Vec::new(),
             },
         );
         a.status = Some(NixOSNodeStatus {
@@ -180,6 +181,7 @@ mod tests {
                 reboot: Default::default(),
                 drain: None,
                 suspend: false,
+                secrets: Vec::new(),
             },
         );
         let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();

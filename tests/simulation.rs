@@ -257,6 +257,7 @@ impl Sim {
                         ..Default::default()
                     }),
                     suspend: false,
+                    secrets: Vec::new(),
                 },
                 status: NixOSNodeStatus::default(),
                 control_plane: i < cps,

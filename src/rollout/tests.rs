@@ -35,6 +35,7 @@ fn mk_spec(rev: &str) -> NixOSNodeSpec {
         reboot: RebootPolicy::IfNeeded,
         drain: None,
         suspend: false,
+        secrets: Vec::new(),
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 pub use real::RealHost;
-pub use root::{HostRoot, RebootHook};
+pub use root::{HostRoot, RebootHook, SYSTEMCTL_LOG};
 
 /// A command to run on the host. `program` and path arguments are given as the host sees
 /// them (use [`Host::cmd_path`]).
@@ -130,6 +130,15 @@ pub trait Host: Send + Sync + fmt::Debug {
     fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>>;
     /// Reboot the machine (on a real host this does not return in practice).
     fn reboot(&self) -> BoxFuture<'_, Result<(), HostError>>;
+    /// `systemctl try-restart -- UNITS…` (restart the units that are running). The unit names
+    /// are the only arguments; no file content ever reaches a command line.
+    fn restart_units(&self, units: Vec<String>) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        let cmd = HostCommand::new("systemctl", Duration::from_secs(120))
+            .arg("try-restart")
+            .arg("--")
+            .args(units);
+        self.run(cmd)
+    }
 }
 
 /// `readlink -f` on the host: follows symlinks (absolute targets are host paths) through
