@@ -118,6 +118,9 @@ pub enum NodeError {
     /// Only with a [`CrashPoint`] set (tests).
     #[error("simulated crash at {0:?}")]
     Crashed(CrashPoint),
+    /// Only with [`NodeAgent::crash_secret_write`] (tests).
+    #[error("simulated crash while writing a secret file")]
+    SecretWriteCrashed,
 }
 
 /// Host logic of one node. Holds no state that matters across restarts (that lives in the
@@ -318,17 +321,29 @@ impl NodeAgent {
             return Ok(());
         }
         // Intent first: the units restart even if the agent dies right after the rename.
+        let before = st.pending_restarts.clone();
         if !spec.restart_units.is_empty() {
-            restarts.extend(spec.restart_units.iter().cloned());
-            st.pending_restarts = restarts.iter().cloned().collect();
+            let mut intent: BTreeSet<String> = restarts.clone();
+            intent.extend(spec.restart_units.iter().cloned());
+            st.pending_restarts = intent.into_iter().collect();
             self.save(st)?;
         }
-        secrets::write_atomic(&local, bytes, mode, uid, gid, self.secret_crash).map_err(|source| {
-            SecretFileError::Write {
+        if let Err(source) = secrets::write_atomic(&local, bytes, mode, uid, gid, self.secret_crash) {
+            if self.secret_crash.is_some() {
+                // Test hook: the agent "dies" here, leaving the host as a kill would.
+                return Err(NodeError::SecretWriteCrashed.into());
+            }
+            if st.pending_restarts != before {
+                st.pending_restarts = before;
+                self.save(st)?;
+            }
+            return Err(SecretFileError::Write {
                 path: PathBuf::from(&spec.path),
                 source,
             }
-        })?;
+            .into());
+        }
+        restarts.extend(spec.restart_units.iter().cloned());
         tracing::info!(path = %spec.path, secret = %spec.secret_ref, resource_version = %rv, "wrote secret file");
         let rec = SecretFileStatus {
             path: spec.path.clone(),

@@ -1,0 +1,567 @@
+//! Secret files (`spec.secrets`) delivered by a real agent (`nixroll::agent::run` over a
+//! `--host-root` backend) from Secrets in the embedded Kubernetes API: create, rotate (a reader
+//! only ever sees the old or the new content), same-data updates (no write, no restart),
+//! missing Secrets (reported by name, files left alone), removal (only files nixroll wrote),
+//! an agent killed mid-write, and a scan of every log line, Event, status, the host state file
+//! and every process command line for the secret bytes and their hex SHA-256.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use nixroll::agent::AgentConfig;
+use nixroll::agent::host::{Host, HostRoot, RebootHook, SYSTEMCTL_LOG};
+use nixroll::agent::node::{HostOptions, NodeAgent};
+use nixroll::agent::secrets::{Fetched, SecretsView, WriteCrash};
+use nixroll::api::{NixOSNode, SecretFile, SecretKeyRef};
+use nixroll::nix::{Nix, NixCli};
+use nixroll::sim::apiserver::ApiServer;
+use serde_json::{Value, json};
+
+const NODE: &str = "node-1";
+const NS: &str = "nixroll-system";
+
+// ------------------------------------------------------------------ log capture
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every log line of this test binary (all levels, all crates), from a global subscriber.
+fn logs() -> &'static Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let c = Captured::default();
+        let w = c.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::set_global_default(sub).unwrap();
+        c
+    })
+}
+
+// ------------------------------------------------------------------ helpers
+
+struct Env {
+    _api: ApiServer,
+    client: kube::Client,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("host");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:System administrator:/root:/bin/sh\nwpa:x:4242:4343::/var/empty:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwpa:x:4343:\n").unwrap();
+    let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    let client = api.client().await.unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &nixroll::api::crd())
+        .await
+        .unwrap();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    Env {
+        _api: api,
+        client,
+        root,
+        _dir: dir,
+    }
+}
+
+impl Env {
+    fn host(&self) -> Arc<dyn Host> {
+        Arc::new(HostRoot::new(&self.root, RebootHook::None))
+    }
+
+    fn start_agent(&self) -> tokio::task::JoinHandle<()> {
+        let host = self.host();
+        let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+        let config = AgentConfig::new(NODE, host, nix);
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            nixroll::agent::run(client, config, std::future::pending::<()>())
+                .await
+                .unwrap();
+        })
+    }
+
+    async fn put_secret(&self, name: &str, data: &[(&str, &[u8])]) {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
+        let mut s = Secret::default();
+        s.metadata.name = Some(name.into());
+        s.data = Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.to_vec())))
+                .collect(),
+        );
+        api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&s))
+            .await
+            .unwrap();
+    }
+
+    async fn apply_spec(&self, secrets: Value) {
+        let api: Api<NixOSNode> = Api::all(self.client.clone());
+        let obj = json!({
+            "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+            "metadata": {"name": NODE},
+            "spec": {
+                "flake": "path:/nonexistent",
+                "revision": "0123456789abcdef0123456789abcdef01234567",
+                "secrets": secrets,
+            },
+        });
+        api.patch(NODE, &PatchParams::apply("flux").force(), &Patch::Apply(&obj))
+            .await
+            .unwrap();
+    }
+
+    async fn node(&self) -> NixOSNode {
+        let api: Api<NixOSNode> = Api::all(self.client.clone());
+        api.get(NODE).await.unwrap()
+    }
+
+    /// Wait (bounded) until `pred` holds for the NixOSNode's `status.agent` (as JSON).
+    async fn wait_agent(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = serde_json::to_value(self.node().await).unwrap();
+            let agent = o["status"]["agent"].clone();
+            if pred(&agent) {
+                return agent;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {agent:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn file(&self, host_path: &str) -> PathBuf {
+        self.root.join(host_path.trim_start_matches('/'))
+    }
+
+    fn restarts(&self) -> Vec<String> {
+        std::fs::read_to_string(self.file(SYSTEMCTL_LOG))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    async fn wait_file(&self, host_path: &str, want: &[u8]) {
+        let p = self.file(host_path);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::read(&p).ok().as_deref() != Some(want) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{host_path} never got the new content"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn rv_of(agent: &Value, path: &str) -> Option<String> {
+    agent["secrets"]
+        .as_array()?
+        .iter()
+        .find(|s| s["path"] == path)
+        .and_then(|s| s["resourceVersion"].as_str().map(str::to_string))
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The needles a leak check looks for: the value, its base64 (as in the Secret's JSON) and
+/// hex SHA-256.
+fn needles(value: &[u8]) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    vec![
+        value.to_vec(),
+        base64::engine::general_purpose::STANDARD
+            .encode(value)
+            .into_bytes(),
+        sha256_hex(value).into_bytes(),
+    ]
+}
+
+fn is_root() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x");
+    std::fs::write(&p, "").unwrap();
+    std::fs::metadata(&p).unwrap().uid() == 0
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking() {
+    let e = env().await;
+    let token1: &[u8] = b"k3s-token-v1-9f8e7d6c5b4a";
+    // Large enough that a non-atomic writer would be caught mid-write by the reader.
+    let token2: Vec<u8> = (0..512 * 1024)
+        .map(|i| b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[i % 32])
+        .collect();
+    let psk: &[u8] = b"wifi-psk-correct-horse-battery";
+    let psk2: &[u8] = b"wifi-psk-rotated-staple-42";
+    let owner = if is_root() { "wpa:wpa" } else { "root:root" };
+    e.put_secret("k3s", &[("token", token1)]).await;
+    e.put_secret("wifi", &[("psk", psk), ("ssid", b"home")]).await;
+    // A file the image put there, for a Secret that does not exist yet.
+    std::fs::create_dir_all(e.file("/etc/nixroll-image")).unwrap();
+    std::fs::write(e.file("/etc/nixroll-image/vpn.key"), "from-the-image").unwrap();
+    e.apply_spec(json!([
+        {"secretRef": {"name": "k3s", "key": "token"}, "path": "/var/lib/rancher/k3s/token",
+         "restartUnits": ["k3s.service"]},
+        {"secretRef": {"name": "wifi", "key": "psk"}, "path": "/etc/wpa/psk", "mode": "0440", "owner": owner},
+        {"secretRef": {"name": "vpn", "key": "key"}, "path": "/etc/nixroll-image/vpn.key"},
+    ]))
+    .await;
+    let agent_task = e.start_agent();
+
+    // Created: content, mode, owner; status names files and sources, and what is missing.
+    let agent = e
+        .wait_agent("two files written, one missing", |a| {
+            a["secrets"].as_array().is_some_and(|s| s.len() == 2)
+                && a["secretsMissing"].as_array().is_some_and(|m| m.len() == 1)
+        })
+        .await;
+    assert_eq!(
+        std::fs::read(e.file("/var/lib/rancher/k3s/token")).unwrap(),
+        token1
+    );
+    let m = std::fs::metadata(e.file("/var/lib/rancher/k3s/token")).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o400, 0, 0));
+    assert_eq!(std::fs::read(e.file("/etc/wpa/psk")).unwrap(), psk);
+    let m = std::fs::metadata(e.file("/etc/wpa/psk")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o440);
+    if is_root() {
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (4242, 4343),
+            "owner wpa:wpa from the host's /etc/passwd"
+        );
+    }
+    let missing = &agent["secretsMissing"][0];
+    assert_eq!(missing["path"], "/etc/nixroll-image/vpn.key");
+    assert_eq!(missing["reason"], "SecretNotFound");
+    assert!(missing["message"].as_str().unwrap().contains("vpn"), "{missing}");
+    // The image's file stays as it is while its Secret is missing.
+    assert_eq!(
+        std::fs::read(e.file("/etc/nixroll-image/vpn.key")).unwrap(),
+        b"from-the-image"
+    );
+    let s0 = &agent["secrets"][0];
+    assert_eq!(s0["path"], "/etc/wpa/psk");
+    assert_eq!(s0["secretRef"], json!({"name": "wifi", "key": "psk"}));
+    assert!(s0["resourceVersion"].as_str().is_some() && s0["writtenAt"].as_str().is_some());
+    assert_eq!(e.restarts(), vec!["try-restart k3s.service"]);
+
+    // Rotate while a reader loops: it sees the old or the new content, never anything else.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, reads) = (stop.clone(), reads.clone());
+        let p = e.file("/var/lib/rancher/k3s/token");
+        let (old, new) = (token1.to_vec(), token2.clone());
+        std::thread::spawn(move || {
+            let mut bad = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let b = std::fs::read(&p).unwrap();
+                if b != old && b != new {
+                    bad += 1;
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            bad
+        })
+    };
+    e.put_secret("k3s", &[("token", &token2)]).await;
+    e.wait_file("/var/lib/rancher/k3s/token", &token2).await;
+    // ... and back and forth a few times.
+    for v in [token1.to_vec(), token2.clone(), token1.to_vec(), token2.clone()] {
+        e.put_secret("k3s", &[("token", &v)]).await;
+        e.wait_file("/var/lib/rancher/k3s/token", &v).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(reader.join().unwrap(), 0, "a reader saw a partial file");
+    assert!(reads.load(Ordering::Relaxed) > 10, "the reader ran");
+    let dir_entries: Vec<String> = std::fs::read_dir(e.file("/var/lib/rancher/k3s"))
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dir_entries, vec!["token"], "no temporary file left");
+    // One restart per change.
+    let agent = e
+        .wait_agent("restarts recorded", |_| e.restarts().len() == 6)
+        .await;
+    assert_eq!(e.restarts(), vec!["try-restart k3s.service"; 6]);
+    let token_rv = rv_of(&agent, "/var/lib/rancher/k3s/token").unwrap();
+
+    // Same data, new resourceVersion (a label): no write, no restart. Then a change of the
+    // other Secret (no units) proves the agent has seen both updates.
+    let api: Api<Secret> = Api::namespaced(e.client.clone(), NS);
+    let before = std::fs::metadata(e.file("/var/lib/rancher/k3s/token"))
+        .unwrap()
+        .ino();
+    api.patch(
+        "k3s",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+    )
+    .await
+    .unwrap();
+    let wifi_rv = rv_of(&agent, "/etc/wpa/psk").unwrap();
+    e.put_secret("wifi", &[("psk", psk2), ("ssid", b"home")]).await;
+    let agent = e
+        .wait_agent("psk rotated", |a| {
+            rv_of(a, "/etc/wpa/psk").is_some_and(|r| r != wifi_rv)
+        })
+        .await;
+    assert_eq!(std::fs::read(e.file("/etc/wpa/psk")).unwrap(), psk2);
+    assert_eq!(
+        std::fs::metadata(e.file("/var/lib/rancher/k3s/token"))
+            .unwrap()
+            .ino(),
+        before,
+        "same data: the file was not rewritten"
+    );
+    assert_eq!(rv_of(&agent, "/var/lib/rancher/k3s/token"), Some(token_rv));
+    assert_eq!(e.restarts().len(), 6, "same data: no restart");
+
+    // The missing Secret appears: written, no longer missing.
+    let vpn: &[u8] = b"vpn-private-key-0xdeadbeef";
+    e.put_secret("vpn", &[("key", vpn)]).await;
+    e.wait_agent("vpn written", |a| a.get("secretsMissing").is_none())
+        .await;
+    assert_eq!(std::fs::read(e.file("/etc/nixroll-image/vpn.key")).unwrap(), vpn);
+
+    // A key that vanishes: reported, the file stays.
+    e.put_secret("wifi", &[("ssid", b"home")]).await;
+    let agent = e
+        .wait_agent("psk key missing", |a| {
+            a["secretsMissing"].as_array().is_some_and(|m| !m.is_empty())
+        })
+        .await;
+    assert_eq!(agent["secretsMissing"][0]["reason"], "KeyNotFound");
+    assert_eq!(std::fs::read(e.file("/etc/wpa/psk")).unwrap(), psk2);
+
+    // Removed from the list: files nixroll wrote are removed; the list shrinks.
+    std::fs::write(e.file("/etc/wpa/not-ours"), "x").unwrap();
+    e.apply_spec(json!([
+        {"secretRef": {"name": "k3s", "key": "token"}, "path": "/var/lib/rancher/k3s/token",
+         "restartUnits": ["k3s.service"]},
+    ]))
+    .await;
+    e.wait_agent("two files removed", |a| {
+        a["secrets"].as_array().is_some_and(|s| s.len() == 1) && a.get("secretsMissing").is_none()
+    })
+    .await;
+    assert!(!e.file("/etc/wpa/psk").exists());
+    assert!(!e.file("/etc/nixroll-image/vpn.key").exists());
+    assert!(e.file("/etc/wpa/not-ours").exists());
+
+    // A Secret deleted: reported missing, the file stays.
+    api.delete("k3s", &DeleteParams::default()).await.unwrap();
+    let agent = e
+        .wait_agent("k3s missing", |a| {
+            a["secretsMissing"].as_array().is_some_and(|m| !m.is_empty())
+        })
+        .await;
+    assert_eq!(agent["secretsMissing"][0]["reason"], "SecretNotFound");
+    assert!(e.file("/var/lib/rancher/k3s/token").exists());
+
+    // Leak scan: logs, Events, every object's status, the host state file, command lines.
+    let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
+    haystacks.push(("logs".into(), logs().0.lock().unwrap().clone()));
+    let events: Api<Event> = Api::all(e.client.clone());
+    haystacks.push((
+        "events".into(),
+        serde_json::to_vec(&events.list(&Default::default()).await.unwrap()).unwrap(),
+    ));
+    haystacks.push(("nixosnode".into(), serde_json::to_vec(&e.node().await).unwrap()));
+    haystacks.push((
+        "state.json".into(),
+        std::fs::read(e.file("/var/lib/nixroll/state.json")).unwrap(),
+    ));
+    haystacks.push((
+        "systemctl log".into(),
+        std::fs::read(e.file(SYSTEMCTL_LOG)).unwrap(),
+    ));
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(p.path().join("cmdline")) {
+            haystacks.push((format!("{}/cmdline", p.path().display()), c));
+        }
+    }
+    assert!(logs().0.lock().unwrap().len() > 1000, "logs were captured");
+    // Positive controls: the scan finds what is there (the Secret object holds the base64,
+    // the logs hold the paths, this process's command line is readable).
+    let vpn_secret = serde_json::to_vec(&api.get("vpn").await.unwrap()).unwrap();
+    assert!(contains(&vpn_secret, &needles(vpn)[1]));
+    assert!(contains(&haystacks[0].1, b"/etc/nixroll-image/vpn.key"));
+    let own = format!("/proc/{}/cmdline", std::process::id());
+    assert!(
+        haystacks
+            .iter()
+            .any(|(w, h)| *w == own && contains(h, b"secrets"))
+    );
+    for value in [token1, &token2[..64], psk, psk2, vpn] {
+        for needle in needles(value) {
+            for (what, hay) in &haystacks {
+                assert!(
+                    !contains(hay, &needle),
+                    "{what} contains a secret (or its encoding or hash): {}",
+                    String::from_utf8_lossy(&needle[..needle.len().min(16)])
+                );
+            }
+        }
+    }
+    agent_task.abort();
+}
+
+/// An agent killed mid-write (a temporary file with half the new content) and restarted: the
+/// file holds the old content until the new one is complete, and no temporary file remains.
+#[tokio::test]
+async fn an_agent_killed_mid_write_leaves_the_old_or_the_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let host: Arc<dyn Host> = Arc::new(HostRoot::new(dir.path(), RebootHook::None));
+    let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+    let spec = vec![SecretFile {
+        secret_ref: SecretKeyRef {
+            name: "s".into(),
+            key: "k".into(),
+        },
+        path: "/run/keys/token".into(),
+        mode: "0400".into(),
+        owner: "root:root".into(),
+        restart_units: vec!["svc.service".into()],
+    }];
+    let view = |rv: &str, v: &[u8]| -> SecretsView {
+        [(
+            "s".to_string(),
+            Fetched::Found {
+                resource_version: rv.into(),
+                data: [("k".to_string(), v.to_vec())].into(),
+            },
+        )]
+        .into()
+    };
+    let file = dir.path().join("run/keys/token");
+    let keys = dir.path().join("run/keys");
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let mut a = NodeAgent::new(host.clone(), nix.clone(), HostOptions::default());
+    a.sync_secrets(&spec, &view("1", b"old-value")).await.unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"old-value");
+    assert!(!a.secrets_blocked());
+
+    // Killed halfway through writing the new value.
+    let mut a = NodeAgent::new(host.clone(), nix.clone(), HostOptions::default())
+        .crash_secret_write(WriteCrash::MidWrite);
+    assert!(
+        a.sync_secrets(&spec, &view("2", b"new-value-longer"))
+            .await
+            .is_err()
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"old-value", "old file intact");
+    assert_eq!(
+        names(&keys).len(),
+        2,
+        "a temporary file was left: {:?}",
+        names(&keys)
+    );
+    drop(a);
+
+    // Restarted: the temporary file is gone, the new content is complete.
+    let mut a = NodeAgent::new(host.clone(), nix.clone(), HostOptions::default());
+    a.sync_secrets(&spec, &view("2", b"new-value-longer"))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"new-value-longer");
+    assert_eq!(names(&keys), vec!["token"]);
+    let st = a.observe().unwrap();
+    assert!(st.secrets_missing.is_empty());
+    assert_eq!(st.secrets[0].resource_version, "2");
+    // The restart recorded before the crashed write ran with the next successful one, once.
+    let log = std::fs::read_to_string(dir.path().join(SYSTEMCTL_LOG.trim_start_matches('/'))).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        vec!["try-restart svc.service"; 2]
+    );
+
+    // Nothing changed: nothing written, nothing restarted.
+    a.sync_secrets(&spec, &view("3", b"new-value-longer"))
+        .await
+        .unwrap();
+    let log2 = std::fs::read_to_string(dir.path().join(SYSTEMCTL_LOG.trim_start_matches('/'))).unwrap();
+    assert_eq!(log2, log);
+
+    // Too large and unknown owner: clear errors, file untouched.
+    let big = vec![b'x'; 1024 * 1024 + 1];
+    a.sync_secrets(&spec, &view("4", &big)).await.unwrap();
+    let st = a.observe().unwrap();
+    assert_eq!(st.secrets_missing[0].reason, "TooLarge");
+    assert!(
+        st.secrets_missing[0].message.contains("1048577"),
+        "{}",
+        st.secrets_missing[0].message
+    );
+    let mut spec2 = spec.clone();
+    spec2[0].owner = "nosuchuser:root".into();
+    a.sync_secrets(&spec2, &view("5", b"v5")).await.unwrap();
+    let st = a.observe().unwrap();
+    assert_eq!(st.secrets_missing[0].reason, "UnknownOwner");
+    assert!(st.secrets_missing[0].message.contains("nosuchuser"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"new-value-longer");
+}
