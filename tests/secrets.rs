@@ -565,3 +565,142 @@ async fn an_agent_killed_mid_write_leaves_the_old_or_the_new_file() {
     assert!(st.secrets_missing[0].message.contains("nosuchuser"));
     assert_eq!(std::fs::read(&file).unwrap(), b"new-value-longer");
 }
+
+/// The whole system (embedded API, real controller, real agents, simulated hosts): a node
+/// whose Secret is missing is not admitted (condition SecretsMissing names it) while the others
+/// roll out; creating the Secret writes the file and the node follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_blocks_activation_until_it_is_created() {
+    use nixroll::api::Phase;
+    use nixroll::sim::cluster::Timing;
+    use nixroll::sim::world::{NixMode, World, WorldOptions};
+
+    let opts = WorldOptions {
+        nodes: 2,
+        control_planes: 0,
+        nix: NixMode::Simulated,
+        timing: Timing {
+            pod_termination: Duration::from_millis(50),
+            pod_startup: Duration::from_millis(100),
+            reboot: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(10),
+        },
+        pods_per_node: 1,
+        apps: None,
+    };
+    let mut world = World::start(opts).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let mut config = nixroll::controller::ControllerConfig::new(&format!("test-{}", fastrand::u32(..)));
+    config.drain_pass_backoff = (Duration::from_millis(100), Duration::from_secs(1));
+    let controller = world.start_controller(config).await.unwrap();
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let wait = |what: &'static str, pred: Box<dyn Fn(&[NixOSNode]) -> bool + Send>| {
+        let api = api.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let list = api.list(&Default::default()).await.unwrap().items;
+                if pred(&list) {
+                    return list;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out waiting for {what}: {:#?}",
+                    list.iter().map(|o| &o.status).collect::<Vec<_>>()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let on = |rev: String| {
+        move |l: &[NixOSNode]| {
+            l.len() == 2
+                && l.iter().all(|o| {
+                    o.status.as_ref().is_some_and(|s| {
+                        s.phase == Some(Phase::UpToDate) && s.revision.as_deref() == Some(rev.as_str())
+                    })
+                })
+        }
+    };
+    wait("adoption", Box::new(on(first.clone()))).await;
+
+    let next = world
+        .commit("new kernel", |s| {
+            s.kernel.push_str("-next");
+            s.kernel_modules.push_str("-next");
+        })
+        .unwrap();
+    let mut spec2 = world.spec(&next);
+    spec2.secrets = vec![SecretFile {
+        secret_ref: SecretKeyRef {
+            name: "node-2-token".into(),
+            key: "token".into(),
+        },
+        path: "/var/lib/secrets/token".into(),
+        mode: "0400".into(),
+        owner: "root:root".into(),
+        restart_units: vec![],
+    }];
+    world.apply("node-1", &world.spec(&next)).await.unwrap();
+    world.apply("node-2", &spec2).await.unwrap();
+
+    // node-1 rolls out; node-2 stays on the first revision, blocked, and says why.
+    let next_c = next.clone();
+    let first_c = first.clone();
+    wait(
+        "node-1 updated, node-2 blocked by its missing Secret",
+        Box::new(move |l: &[NixOSNode]| {
+            let by = |n: &str| {
+                l.iter()
+                    .find(|o| o.metadata.name.as_deref() == Some(n))
+                    .and_then(|o| o.status.clone())
+            };
+            let (Some(a), Some(b)) = (by("node-1"), by("node-2")) else {
+                return false;
+            };
+            a.phase == Some(Phase::UpToDate)
+                && a.revision.as_deref() == Some(next_c.as_str())
+                && b.phase == Some(Phase::Waiting)
+                && b.revision.as_deref() == Some(first_c.as_str())
+                && b.conditions.iter().any(|c| {
+                    c.type_ == "SecretsMissing"
+                        && c.status == "True"
+                        && c.message.contains("node-2-token")
+                        && c.message.contains("/var/lib/secrets/token")
+                })
+        }),
+    )
+    .await;
+    // A negative check needs a window: the slot has been free since node-1 finished.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n2 = api.get("node-2").await.unwrap().status.unwrap();
+    assert_eq!(n2.phase, Some(Phase::Waiting), "{:?}", n2.message);
+    assert!(n2.activation.is_none() && n2.slot.is_none());
+    let host2 = world.node("node-2").unwrap().host.clone();
+    assert_eq!(host2.reboot_count(), 0, "node-2 was not activated");
+    let file = host2.root().join("var/lib/secrets/token");
+    assert!(!file.exists());
+
+    // The Secret appears: the file is written and node-2 follows.
+    let secrets: Api<Secret> = Api::namespaced(world.client.clone(), NS);
+    let mut s = Secret::default();
+    s.metadata.name = Some("node-2-token".into());
+    s.data = Some([("token".to_string(), k8s_openapi::ByteString(b"tok-2".to_vec()))].into());
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let done = wait("node-2 updated", Box::new(on(next.clone()))).await;
+    assert_eq!(std::fs::read(&file).unwrap(), b"tok-2");
+    assert_eq!(host2.reboot_count(), 1);
+    let st = done
+        .iter()
+        .find(|o| o.metadata.name.as_deref() == Some("node-2"))
+        .and_then(|o| o.status.clone())
+        .unwrap();
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SecretsMissing")
+        .unwrap();
+    assert_eq!(c.status, "False");
+    controller.stop().await;
+}
