@@ -704,3 +704,38 @@ async fn a_missing_secret_blocks_activation_until_it_is_created() {
     assert_eq!(c.status, "False");
     controller.stop().await;
 }
+
+/// Least privilege in the install manifests: the agent may `get` and `watch` Secrets only in
+/// nixroll-system (a namespaced Role, never `list`, nothing cluster-wide); the controller may
+/// not read Secrets at all.
+#[test]
+fn rbac_gives_the_agent_get_and_watch_on_secrets_in_nixroll_system_only() {
+    let read = |f: &str| -> Vec<Value> {
+        let text = std::fs::read_to_string(format!("{}/deploy/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .collect()
+    };
+    let agent = read("agent-rbac.yaml");
+    let grants_secrets = |d: &Value| {
+        d["rules"].as_array().into_iter().flatten().any(|r| {
+            r["resources"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().any(|x| x == "secrets"))
+        })
+    };
+    let roles: Vec<&Value> = agent.iter().filter(|d| grants_secrets(d)).collect();
+    assert_eq!(roles.len(), 1, "one rule set grants the agent Secrets");
+    assert_eq!(roles[0]["kind"], "Role");
+    assert_eq!(roles[0]["metadata"]["namespace"], NS);
+    let verbs = &roles[0]["rules"][0]["verbs"];
+    assert_eq!(verbs, &json!(["get", "watch"]));
+    let binding = agent
+        .iter()
+        .find(|d| d["kind"] == "RoleBinding" && d["roleRef"]["name"] == roles[0]["metadata"]["name"])
+        .unwrap();
+    assert_eq!(binding["subjects"][0]["name"], "nixroll-agent");
+    for d in read("controller-rbac.yaml") {
+        assert!(!grants_secrets(&d), "the controller must not read Secrets: {d}");
+    }
+}

@@ -82,7 +82,7 @@ impl NixOSNodeSpec {
 }
 
 /// Namespace of the Secrets that `spec.secrets` names.
-pub const SECRETS_NAMESPACE: &str = "nixroll-system";
+pub const SECRETS_NAMESPACE: &str = crate::names::NAMESPACE;
 /// Largest secret value the agent writes (bytes).
 pub const SECRET_MAX_BYTES: usize = 1024 * 1024;
 
