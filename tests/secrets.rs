@@ -547,6 +547,25 @@ async fn an_agent_killed_mid_write_leaves_the_old_or_the_new_file() {
     let log2 = std::fs::read_to_string(dir.path().join(SYSTEMCTL_LOG.trim_start_matches('/'))).unwrap();
     assert_eq!(log2, log);
 
+    // A parent directory that is an absolute symlink on the host is followed inside the
+    // host (as NixOS links /etc into the store), not in the agent's own filesystem.
+    std::fs::create_dir_all(dir.path().join("etc/static/ssh")).unwrap();
+    std::os::unix::fs::symlink("/etc/static/ssh", dir.path().join("etc/ssh")).unwrap();
+    let mut linked = spec.clone();
+    linked[0].path = "/etc/ssh/new/host_key".into();
+    linked[0].restart_units.clear();
+    a.sync_secrets(&linked, &view("3", b"new-value-longer"))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("etc/static/ssh/new/host_key")).unwrap(),
+        b"new-value-longer"
+    );
+    assert!(!file.exists(), "the old path left the list and was removed");
+    a.sync_secrets(&spec, &view("3", b"new-value-longer"))
+        .await
+        .unwrap();
+
     // Too large and unknown owner: clear errors, file untouched.
     let big = vec![b'x'; 1024 * 1024 + 1];
     a.sync_secrets(&spec, &view("4", &big)).await.unwrap();

@@ -194,7 +194,7 @@ impl NodeAgent {
                 .map(|s| s.path.as_str())
                 .chain(st.secrets.iter().map(|s| s.path.as_str()))
             {
-                if let Some(d) = self.host.fs_path(Path::new(p)).parent() {
+                if let Some(d) = self.secret_local_path(p).parent() {
                     dirs.insert(d.to_path_buf());
                 }
             }
@@ -232,7 +232,7 @@ impl NodeAgent {
                 kept.push(rec);
                 continue;
             }
-            match std::fs::remove_file(self.host.fs_path(Path::new(&rec.path))) {
+            match std::fs::remove_file(self.secret_local_path(&rec.path)) {
                 Ok(()) => tracing::info!(path = %rec.path, "removed a secret file that left spec.secrets"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -262,6 +262,34 @@ impl NodeAgent {
         }
         self.secrets_missing = missing;
         Ok(())
+    }
+
+    /// Where the agent writes the host file `path`: its deepest existing ancestor resolved
+    /// with the host's symlinks (NixOS links much of `/etc` into the store; seen through a
+    /// mount such as `/host`, an absolute link would otherwise point into the agent's own
+    /// filesystem), then the rest of the path. The last component is never followed: the
+    /// rename replaces a link instead of writing through it.
+    fn secret_local_path(&self, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        let mut rest: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(name) = p.file_name() {
+            rest.push(name);
+        }
+        let mut dir = p.parent();
+        while let Some(d) = dir {
+            if let Some(resolved) = resolve(self.host.as_ref(), d) {
+                let mut local = self.host.fs_path(&resolved);
+                for part in rest.iter().rev() {
+                    local.push(part);
+                }
+                return local;
+            }
+            if let Some(name) = d.file_name() {
+                rest.push(name);
+            }
+            dir = d.parent();
+        }
+        self.host.fs_path(p)
     }
 
     /// Write one secret file if it differs from what the Secret says.
@@ -306,7 +334,7 @@ impl NodeAgent {
         };
         let mode = secrets::parse_mode(&spec.mode)?;
         let (uid, gid) = secrets::resolve_owner(self.host.as_ref(), &spec.owner)?;
-        let local = self.host.fs_path(Path::new(&spec.path));
+        let local = self.secret_local_path(&spec.path);
         let recorded = st.secrets.iter().position(|r| r.path == spec.path);
         if secrets::is_current(&local, bytes, mode, uid, gid) {
             // Same data (whatever the resourceVersion): nothing to do. A changed source
