@@ -758,3 +758,91 @@ fn rbac_gives_the_agent_get_and_watch_on_secrets_in_nixroll_system_only() {
         assert!(!grants_secrets(&d), "the controller must not read Secrets: {d}");
     }
 }
+
+/// The agent's own safety net: a Switch grant that arrives while a secret file is missing is
+/// not executed; once the Secret is there the file is written first, then the grant runs.
+#[tokio::test]
+async fn the_agent_does_not_activate_while_a_secret_file_is_missing() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use nixroll::api::{ActivationAction, ActivationGrant, ActivationState, Target};
+    use nixroll::sim::flake::SystemSpec;
+    use nixroll::sim::host::{SimHost, SimNix};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = SimHost::create(tmp.path().join("host")).unwrap();
+    let simnix = Arc::new(SimNix::new(&sim));
+    let host: Arc<dyn Host> = Arc::new(sim.host_root());
+    let nix: Arc<dyn Nix> = simnix.clone();
+    let options = HostOptions {
+        result_poll: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let target = |rev: &str| Target {
+        revision: rev.into(),
+        installable: nixroll::api::installable("git+https://example.org/infra.git", rev, "n1"),
+        system: None,
+    };
+    let (r0, r1) = ("a".repeat(40), "b".repeat(40));
+    simnix.publish(&target(&r0).installable, SystemSpec::default());
+    simnix.publish(
+        &target(&r1).installable,
+        SystemSpec {
+            service: "svc-2".into(),
+            ..SystemSpec::default()
+        },
+    );
+    let mut a = NodeAgent::new(host.clone(), nix.clone(), options);
+    let sys0 = a
+        .reconcile(Some(&target(&r0)), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+    sim.install(&sys0).unwrap();
+    let sys1 = a
+        .reconcile(Some(&target(&r1)), None)
+        .await
+        .unwrap()
+        .staged
+        .unwrap()
+        .system;
+
+    let spec = vec![SecretFile {
+        secret_ref: SecretKeyRef {
+            name: "s".into(),
+            key: "k".into(),
+        },
+        path: "/run/keys/token".into(),
+        mode: "0400".into(),
+        owner: "root:root".into(),
+        restart_units: vec![],
+    }];
+    let grant = ActivationGrant {
+        id: "g1".into(),
+        action: ActivationAction::Switch,
+        system: sys1.clone(),
+        granted_at: Time(jiff::Timestamp::UNIX_EPOCH),
+        boot_id_before: None,
+    };
+    let missing: SecretsView = [("s".to_string(), Fetched::NotFound)].into();
+    a.sync_secrets(&spec, &missing).await.unwrap();
+    let st = a.reconcile(Some(&target(&r1)), Some(&grant)).await.unwrap();
+    assert!(st.activation.is_none(), "{:?}", st.activation);
+    assert_eq!(st.current_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.secrets_missing[0].reason, "SecretNotFound");
+
+    let present: SecretsView = [(
+        "s".to_string(),
+        Fetched::Found {
+            resource_version: "9".into(),
+            data: [("k".to_string(), b"v".to_vec())].into(),
+        },
+    )]
+    .into();
+    a.sync_secrets(&spec, &present).await.unwrap();
+    let st = a.reconcile(Some(&target(&r1)), Some(&grant)).await.unwrap();
+    assert_eq!(st.activation.unwrap().state, ActivationState::Switched);
+    assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(std::fs::read(sim.root().join("run/keys/token")).unwrap(), b"v");
+}
