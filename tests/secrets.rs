@@ -261,6 +261,30 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
         {"secretRef": {"name": "vpn", "key": "key"}, "path": "/etc/nixroll-image/vpn.key"},
     ]))
     .await;
+    // Every process command line, sampled all through the run (not only at the end).
+    let all_values: Vec<Vec<u8>> = [token1, &token2[..64], psk, psk2, b"vpn-private-key-0xdeadbeef"]
+        .iter()
+        .flat_map(|v| needles(v))
+        .collect();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (sampling, all_values) = (sampling.clone(), all_values.clone());
+        std::thread::spawn(move || {
+            let (mut samples, mut hits) = (0usize, Vec::new());
+            while sampling.load(Ordering::Relaxed) {
+                for p in std::fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(c) = std::fs::read(p.path().join("cmdline"))
+                        && all_values.iter().any(|n| contains(&c, n))
+                    {
+                        hits.push(String::from_utf8_lossy(&c).into_owned());
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (samples, hits)
+        })
+    };
     let agent_task = e.start_agent();
 
     // Created: content, mode, owner; status names files and sources, and what is missing.
@@ -437,6 +461,14 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
             haystacks.push((format!("{}/cmdline", p.path().display()), c));
         }
     }
+    sampling.store(false, Ordering::Relaxed);
+    let (samples, hits) = sampler.join().unwrap();
+    assert!(samples > 5, "command lines were sampled during the run");
+    assert!(
+        hits.is_empty(),
+        "a command line carried a secret: {} hit(s)",
+        hits.len()
+    );
     assert!(logs().0.lock().unwrap().len() > 1000, "logs were captured");
     // Positive controls: the scan finds what is there (the Secret object holds the base64,
     // the logs hold the paths, this process's command line is readable).
