@@ -119,7 +119,8 @@ impl Env {
         })
     }
 
-    async fn put_secret(&self, name: &str, data: &[(&str, &[u8])]) {
+    /// Create or update a Secret; returns its new resourceVersion.
+    async fn put_secret(&self, name: &str, data: &[(&str, &[u8])]) -> String {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), NS);
         let mut s = Secret::default();
         s.metadata.name = Some(name.into());
@@ -130,7 +131,10 @@ impl Env {
         );
         api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&s))
             .await
-            .unwrap();
+            .unwrap()
+            .metadata
+            .resource_version
+            .unwrap()
     }
 
     async fn apply_spec(&self, secrets: Value) {
@@ -249,7 +253,7 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
     let psk: &[u8] = b"wifi-psk-correct-horse-battery";
     let psk2: &[u8] = b"wifi-psk-rotated-staple-42";
     let owner = if is_root() { "wpa:wpa" } else { "root:root" };
-    e.put_secret("k3s", &[("token", token1)]).await;
+    e.put_secret("k3s", &[("token", token1), ("ca", b"ca-v1")]).await;
     e.put_secret("wifi", &[("psk", psk), ("ssid", b"home")]).await;
     // A file the image put there, for a Secret that does not exist yet.
     std::fs::create_dir_all(e.file("/etc/nixroll-image")).unwrap();
@@ -257,6 +261,7 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
     e.apply_spec(json!([
         {"secretRef": {"name": "k3s", "key": "token"}, "path": "/var/lib/rancher/k3s/token",
          "restartUnits": ["k3s.service"]},
+        {"secretRef": {"name": "k3s", "key": "ca"}, "path": "/var/lib/rancher/k3s/ca.crt", "mode": "0444"},
         {"secretRef": {"name": "wifi", "key": "psk"}, "path": "/etc/wpa/psk", "mode": "0440", "owner": owner},
         {"secretRef": {"name": "vpn", "key": "key"}, "path": "/etc/nixroll-image/vpn.key"},
     ]))
@@ -289,8 +294,8 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
 
     // Created: content, mode, owner; status names files and sources, and what is missing.
     let agent = e
-        .wait_agent("two files written, one missing", |a| {
-            a["secrets"].as_array().is_some_and(|s| s.len() == 2)
+        .wait_agent("three files written, one missing", |a| {
+            a["secrets"].as_array().is_some_and(|s| s.len() == 3)
                 && a["secretsMissing"].as_array().is_some_and(|m| m.len() == 1)
         })
         .await;
@@ -344,30 +349,35 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
             bad
         })
     };
-    e.put_secret("k3s", &[("token", &token2)]).await;
+    e.put_secret("k3s", &[("token", &token2), ("ca", b"ca-v1")]).await;
     e.wait_file("/var/lib/rancher/k3s/token", &token2).await;
     // ... and back and forth a few times.
+    let mut last_rv = String::new();
     for v in [token1.to_vec(), token2.clone(), token1.to_vec(), token2.clone()] {
-        e.put_secret("k3s", &[("token", &v)]).await;
+        last_rv = e.put_secret("k3s", &[("token", &v), ("ca", b"ca-v1")]).await;
         e.wait_file("/var/lib/rancher/k3s/token", &v).await;
     }
     stop.store(true, Ordering::Relaxed);
     assert_eq!(reader.join().unwrap(), 0, "a reader saw a partial file");
     assert!(reads.load(Ordering::Relaxed) > 10, "the reader ran");
-    let dir_entries: Vec<String> = std::fs::read_dir(e.file("/var/lib/rancher/k3s"))
+    let mut dir_entries: Vec<String> = std::fs::read_dir(e.file("/var/lib/rancher/k3s"))
         .unwrap()
         .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(dir_entries, vec!["token"], "no temporary file left");
+    dir_entries.sort();
+    assert_eq!(dir_entries, vec!["ca.crt", "token"], "no temporary file left");
     // One restart per change.
     let agent = e
-        .wait_agent("restarts recorded", |_| e.restarts().len() == 6)
+        .wait_agent("last rotation reported", |a| {
+            rv_of(a, "/var/lib/rancher/k3s/token").as_deref() == Some(last_rv.as_str())
+        })
         .await;
     assert_eq!(e.restarts(), vec!["try-restart k3s.service"; 6]);
     let token_rv = rv_of(&agent, "/var/lib/rancher/k3s/token").unwrap();
 
-    // Same data, new resourceVersion (a label): no write, no restart. Then a change of the
-    // other Secret (no units) proves the agent has seen both updates.
+    // Same data, new resourceVersion (a label, then another key of the same Secret): no write
+    // of the token, no restart. The other key's file (no units) changing proves the agent has
+    // processed both updates (one watch delivers them in order).
     let api: Api<Secret> = Api::namespaced(e.client.clone(), NS);
     let before = std::fs::metadata(e.file("/var/lib/rancher/k3s/token"))
         .unwrap()
@@ -379,6 +389,15 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
     )
     .await
     .unwrap();
+    let ca_rv = e.put_secret("k3s", &[("token", &token2), ("ca", b"ca-v2")]).await;
+    e.wait_agent("ca rotated", |a| {
+        rv_of(a, "/var/lib/rancher/k3s/ca.crt").as_deref() == Some(ca_rv.as_str())
+    })
+    .await;
+    assert_eq!(
+        std::fs::read(e.file("/var/lib/rancher/k3s/ca.crt")).unwrap(),
+        b"ca-v2"
+    );
     let wifi_rv = rv_of(&agent, "/etc/wpa/psk").unwrap();
     e.put_secret("wifi", &[("psk", psk2), ("ssid", b"home")]).await;
     let agent = e
@@ -421,11 +440,12 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
          "restartUnits": ["k3s.service"]},
     ]))
     .await;
-    e.wait_agent("two files removed", |a| {
+    e.wait_agent("three files removed", |a| {
         a["secrets"].as_array().is_some_and(|s| s.len() == 1) && a.get("secretsMissing").is_none()
     })
     .await;
     assert!(!e.file("/etc/wpa/psk").exists());
+    assert!(!e.file("/var/lib/rancher/k3s/ca.crt").exists());
     assert!(!e.file("/etc/nixroll-image/vpn.key").exists());
     assert!(e.file("/etc/wpa/not-ours").exists());
 
@@ -646,7 +666,8 @@ async fn a_missing_secret_blocks_activation_until_it_is_created() {
     config.drain_pass_backoff = (Duration::from_millis(100), Duration::from_secs(1));
     let controller = world.start_controller(config).await.unwrap();
     let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let wait = |what: &'static str, pred: Box<dyn Fn(&[NixOSNode]) -> bool + Send>| {
+    type Pred = Box<dyn Fn(&[NixOSNode]) -> bool + Send>;
+    let wait = |what: &'static str, pred: Pred| {
         let api = api.clone();
         async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
