@@ -774,6 +774,24 @@ async fn a_missing_secret_blocks_activation_until_it_is_created() {
         .find(|c| c.type_ == "SecretsMissing")
         .unwrap();
     assert_eq!(c.status, "False");
+    // A warning Event said why; no Event or status carries the value, its base64 or hash.
+    let events: Api<Event> = Api::all(world.client.clone());
+    let events = events.list(&Default::default()).await.unwrap();
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|ev| ev.reason.as_deref() == Some("SecretsMissing")
+                && ev.message.as_deref().is_some_and(|m| m.contains("node-2-token"))),
+        "no SecretsMissing Event"
+    );
+    let hay = [
+        serde_json::to_vec(&events).unwrap(),
+        serde_json::to_vec(&api.list(&Default::default()).await.unwrap()).unwrap(),
+    ];
+    for needle in needles(b"tok-2") {
+        assert!(hay.iter().all(|h| !contains(h, &needle)));
+    }
     controller.stop().await;
 }
 

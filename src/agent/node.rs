@@ -309,6 +309,13 @@ impl NodeAgent {
             Some(Fetched::NotFound) => {
                 return Err(SecretFileError::SecretNotFound { name: name.clone() }.into());
             }
+            Some(Fetched::Unreadable(message)) => {
+                return Err(SecretFileError::Unreadable {
+                    name: name.clone(),
+                    message: message.clone(),
+                }
+                .into());
+            }
             Some(Fetched::Found {
                 resource_version,
                 data,

@@ -31,6 +31,9 @@ pub enum Fetched {
     Pending,
     /// The Secret does not exist.
     NotFound,
+    /// The first read failed (e.g. 403: RBAC); retried with backoff. Never replaces data
+    /// already read (a transient error must not make a written file count as missing).
+    Unreadable(String),
     /// The Secret's data (values decoded).
     Found {
         resource_version: String,
@@ -43,6 +46,7 @@ impl fmt::Debug for Fetched {
         match self {
             Fetched::Pending => f.write_str("Pending"),
             Fetched::NotFound => f.write_str("NotFound"),
+            Fetched::Unreadable(e) => f.debug_tuple("Unreadable").field(e).finish(),
             Fetched::Found {
                 resource_version,
                 data,
@@ -115,6 +119,16 @@ pub async fn watch_secret(
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(secret = %name, error = %e, retry_in = ?backoff, "cannot read Secret");
+                    let message = e.to_string();
+                    view.send_if_modified(|v| match v.get_mut(&name) {
+                        Some(cur @ (Fetched::Pending | Fetched::Unreadable(_))) => {
+                            let new = Fetched::Unreadable(message);
+                            let changed = *cur != new;
+                            *cur = new;
+                            changed
+                        }
+                        _ => false,
+                    });
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                     continue;
@@ -192,6 +206,8 @@ pub enum SecretFileError {
     SecretNotFound { name: String },
     #[error("Secret {name} not read yet")]
     NotRead { name: String },
+    #[error("cannot read Secret {name}: {message}")]
+    Unreadable { name: String, message: String },
     #[error("Secret {name} has no key {key}")]
     KeyNotFound { name: String, key: String },
     #[error("Secret {name} key {key} holds {size} bytes; at most {max} are written")]
@@ -219,6 +235,7 @@ impl SecretFileError {
         match self {
             SecretFileError::SecretNotFound { .. } => "SecretNotFound",
             SecretFileError::NotRead { .. } => "NotRead",
+            SecretFileError::Unreadable { .. } => "ReadFailed",
             SecretFileError::KeyNotFound { .. } => "KeyNotFound",
             SecretFileError::TooLarge { .. } => "TooLarge",
             SecretFileError::UnknownOwner { .. } => "UnknownOwner",

@@ -534,7 +534,8 @@ pub struct SecretFileStatus {
 pub struct MissingSecret {
     pub path: String,
     pub secret_ref: SecretKeyRef,
-    /// `SecretNotFound`, `KeyNotFound`, `TooLarge`, `UnknownOwner`, `ReadFailed`, `WriteFailed`.
+    /// `SecretNotFound`, `KeyNotFound`, `TooLarge`, `UnknownOwner`, `InvalidMode`, `NotRead`,
+    /// `ReadFailed`, `WriteFailed`.
     pub reason: String,
     pub message: String,
 }

@@ -1181,15 +1181,29 @@ impl Ctx<'_, '_> {
         }
         // SecretsMissing: set while the agent reports secret files it cannot write.
         match secrets_missing_message(self.agent) {
-            Some(m) => set_condition(
-                &mut self.st.conditions,
-                condition::SECRETS_MISSING,
-                true,
-                reason::SECRETS_MISSING,
-                &m,
-                now,
-                generation,
-            ),
+            Some(m) => {
+                let had = self
+                    .st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::SECRETS_MISSING && c.status == "True");
+                if !had {
+                    self.notes.push(Note {
+                        reason: reason::SECRETS_MISSING.into(),
+                        message: format!("{m}; nothing is activated until they are written"),
+                        warning: true,
+                    });
+                }
+                set_condition(
+                    &mut self.st.conditions,
+                    condition::SECRETS_MISSING,
+                    true,
+                    reason::SECRETS_MISSING,
+                    &m,
+                    now,
+                    generation,
+                )
+            }
             None if self
                 .st
                 .conditions

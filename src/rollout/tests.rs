@@ -1203,6 +1203,11 @@ fn missing_secrets_block_admission_and_activation_until_present() {
     let d = n.step(true, None, at(20));
     assert_eq!(n.phase(), Phase::Waiting, "{d:?}");
     assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert!(
+        d.notes
+            .iter()
+            .any(|x| x.reason == reason::SECRETS_MISSING && x.warning)
+    );
     let c = n.cond(condition::SECRETS_MISSING);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
@@ -1214,6 +1219,9 @@ fn missing_secrets_block_admission_and_activation_until_present() {
         c.message
     );
     assert!(n.status.message.as_deref().unwrap().contains("k3s-token"));
+    // Still missing: no second Event.
+    let d = n.step(true, None, at(25));
+    assert!(d.notes.iter().all(|x| x.reason != reason::SECRETS_MISSING));
     // The Secret appears: admitted, drained, granted; the condition turns False.
     n.agent().secrets_missing.clear();
     assert_eq!(
