@@ -115,7 +115,7 @@ pub struct SecretFile {
     /// systemd units to `systemctl try-restart` after this file changed (only then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(validation = Rule::new("self.all(u, u.matches('^[A-Za-z0-9_@:][A-Za-z0-9_.@:-]*$'))").message("restartUnits must be systemd unit names such as k3s.service"))]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 256)))]
     pub restart_units: Vec<String>,
 }
 
