@@ -63,6 +63,9 @@ fn logs() -> &'static Captured {
 
 struct Env {
     _api: ApiServer,
+    /// A second port of the same server that only the agent uses (its requests counted apart).
+    agents_api: ApiServer,
+    agents_client: kube::Client,
     client: kube::Client,
     root: PathBuf,
     _dir: tempfile::TempDir,
@@ -83,6 +86,10 @@ async fn env() -> Env {
         .await
         .unwrap();
     let client = api.client().await.unwrap();
+    let agents_api = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store())
+        .await
+        .unwrap();
+    let agents_client = agents_api.client().await.unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.create(&PostParams::default(), &nixroll::api::crd())
         .await
@@ -96,6 +103,8 @@ async fn env() -> Env {
     .unwrap();
     Env {
         _api: api,
+        agents_api,
+        agents_client,
         client,
         root,
         _dir: dir,
@@ -111,7 +120,7 @@ impl Env {
         let host = self.host();
         let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
         let config = AgentConfig::new(NODE, host, nix);
-        let client = self.client.clone();
+        let client = self.agents_client.clone();
         tokio::spawn(async move {
             nixroll::agent::run(client, config, std::future::pending::<()>())
                 .await
@@ -512,6 +521,25 @@ async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking
             }
         }
     }
+    // Least privilege in practice: the agent read Secrets only with get and watch (by name),
+    // never list; and touched nothing but its NixOSNode and Secrets.
+    let counts = e.agents_api.request_counts();
+    let on_secrets: Vec<&(String, String)> = counts.counts.keys().filter(|(_, r)| r == "secrets").collect();
+    assert!(
+        counts.get("get", "secrets") > 0 && counts.get("watch", "secrets") > 0,
+        "{counts:?}"
+    );
+    assert!(
+        on_secrets.iter().all(|(v, _)| v == "get" || v == "watch"),
+        "{on_secrets:?}"
+    );
+    assert!(
+        counts
+            .counts
+            .keys()
+            .all(|(_, r)| r == "secrets" || r.starts_with("nixosnodes.nixroll.io")),
+        "{counts:?}"
+    );
     agent_task.abort();
 }
 
