@@ -62,7 +62,7 @@ fn logs() -> &'static Captured {
 // ------------------------------------------------------------------ helpers
 
 struct Env {
-    _api: ApiServer,
+    api: ApiServer,
     /// A second port of the same server that only the agent uses (its requests counted apart).
     agents_api: ApiServer,
     agents_client: kube::Client,
@@ -102,7 +102,7 @@ async fn env() -> Env {
     .await
     .unwrap();
     Env {
-        _api: api,
+        api,
         agents_api,
         agents_client,
         client,
@@ -944,4 +944,111 @@ async fn the_agent_does_not_activate_while_a_secret_file_is_missing() {
     assert_eq!(st.activation.unwrap().state, ActivationState::Switched);
     assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
     assert_eq!(std::fs::read(sim.root().join("run/keys/token")).unwrap(), b"v");
+}
+
+/// The real binary (`nixroll agent --host-root`) killed with SIGKILL at random moments while
+/// a 1,000,000-byte Secret is rotated: after every kill the file holds the old or the new value
+/// in full; restarted, the agent removes the temporary files and writes the newest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_agent_killed_during_rotations_leaves_old_or_new_and_cleans_up() {
+    let e = env().await;
+    let kubeconfig = e.root.parent().unwrap().join("kubeconfig");
+    e.api.write_kubeconfig(&kubeconfig).unwrap();
+    let log = e.root.parent().unwrap().join("agent.log");
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_nixroll"))
+            .args(["agent", "--node", NODE, "--offline", "--host-root"])
+            .arg(&e.root)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let values: Vec<Vec<u8>> = (0..2u8)
+        .map(|i| {
+            (0..1_000_000usize)
+                .map(|j| b'a' + ((j + i as usize * 7) % 26) as u8)
+                .collect()
+        })
+        .collect();
+    e.put_secret("big", &[("v", &values[0])]).await;
+    e.apply_spec(json!([{"secretRef": {"name": "big", "key": "v"}, "path": "/var/lib/big/value"}]))
+        .await;
+    let dir = e.file("/var/lib/big");
+    let temps = || {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|x| x.file_name().to_string_lossy().starts_with(".nixroll-tmp."))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let mut current = 0usize;
+    let mut killed_mid_write = 0;
+    for round in 0..8 {
+        let mut agent = spawn();
+        e.wait_file("/var/lib/big/value", &values[current]).await;
+        assert_eq!(
+            temps(),
+            0,
+            "round {round}: the restarted agent removed temporary files"
+        );
+        // Check the command line of the live agent too.
+        let pid = agent.id().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        assert!(!contains(&cmdline, &values[current][..32]));
+        let next = 1 - current;
+        e.put_secret("big", &[("v", &values[next])]).await;
+        if round % 2 == 0 {
+            // Kill as soon as the temporary file shows up (mid-write), or after 2 s.
+            let until = std::time::Instant::now() + Duration::from_secs(2);
+            while temps() == 0 && std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        } else {
+            tokio::time::sleep(Duration::from_micros(fastrand::u64(0..20_000))).await;
+        }
+        agent.start_kill().unwrap();
+        agent.wait().await.unwrap();
+        let now = std::fs::read(e.file("/var/lib/big/value")).unwrap();
+        assert!(
+            now == values[current] || now == values[next],
+            "round {round}: a partial file ({} bytes) after SIGKILL",
+            now.len()
+        );
+        if temps() > 0 {
+            killed_mid_write += 1;
+        }
+        current = next;
+    }
+    let mut agent = spawn();
+    e.wait_file("/var/lib/big/value", &values[current]).await;
+    assert_eq!(temps(), 0);
+    agent.start_kill().unwrap();
+    agent.wait().await.unwrap();
+    eprintln!("kills that left a temporary file: {killed_mid_write} of 8");
+    assert!(
+        killed_mid_write > 0,
+        "no kill landed mid-write: the cleanup was not exercised"
+    );
+    let log = std::fs::read(&log).unwrap();
+    assert!(
+        contains(&log, b"wrote secret file"),
+        "the agent logged its writes"
+    );
+    for v in &values {
+        for n in needles(&v[..64]) {
+            assert!(!contains(&log, &n), "the agent's log holds secret bytes");
+        }
+    }
 }
