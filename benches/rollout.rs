@@ -54,6 +54,7 @@ fn fixture(now: Timestamp) -> Fixture {
             reboot: RebootPolicy::IfNeeded,
             drain: None,
             suspend: false,
+            secrets: Vec::new(),
         };
         let new_sys = format!("/nix/store/bbbb-nixos-system-{name}");
         let old_sys = format!("/nix/store/aaaa-nixos-system-{name}");

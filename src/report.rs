@@ -393,6 +393,7 @@ mod tests {
                 reboot: Default::default(),
                 drain: None,
                 suspend: true,
+                secrets: Vec::new(),
             },
         );
         a.status = Some(NixOSNodeStatus {
@@ -433,6 +434,7 @@ mod tests {
                 reboot: Default::default(),
                 drain: None,
                 suspend: false,
+                secrets: Vec::new(),
             },
         );
         let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
@@ -459,6 +461,7 @@ mod tests {
             reboot: Default::default(),
             drain: None,
             suspend: false,
+            secrets: Vec::new(),
         };
         let node = |name: &str, phase: Phase, running: &str| {
             let mut n = NixOSNode::new(name, spec.clone());

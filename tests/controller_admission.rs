@@ -75,6 +75,7 @@ fn waiting(name: &str) -> NixOSNode {
             reboot: Default::default(),
             drain: None,
             suspend: false,
+            secrets: Vec::new(),
         },
     );
     n.status = Some(NixOSNodeStatus {

@@ -175,6 +175,7 @@ fn nixosnode(name: &str, drain: Option<DrainPolicy>) -> NixOSNode {
             reboot: Default::default(),
             drain,
             suspend: false,
+            secrets: Vec::new(),
         },
     );
     n.metadata.uid = Some("uid-1".into());

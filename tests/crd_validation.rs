@@ -128,3 +128,85 @@ fn good_variants_are_accepted() {
     let errs = errors(&with(&["spec", "drain", "timeout"], json!("1h30m")));
     assert!(errs.is_empty(), "{errs:?}");
 }
+
+fn with_secrets(secrets: Value) -> Value {
+    with(&["spec", "secrets"], secrets)
+}
+
+fn secret(path: &str) -> Value {
+    json!({"secretRef": {"name": "k3s-token", "key": "token"}, "path": path})
+}
+
+#[test]
+fn secrets_are_validated_with_clear_messages() {
+    // A good list (defaults filled in by the typed API).
+    let good = with_secrets(json!([
+        secret("/var/lib/rancher/k3s/server/token"),
+        {"secretRef": {"name": "wifi.home", "key": "psk"}, "path": "/etc/wpa/psk", "mode": "0640",
+         "owner": "root:wheel", "restartUnits": ["wpa_supplicant.service", "systemd-networkd"]},
+        {"secretRef": {"name": "git", "key": "netrc"}, "path": "/root/.netrc", "owner": "0:0", "mode": "600"},
+    ]));
+    assert_eq!(errors(&good), Vec::<String>::new());
+    let node: nixroll::api::NixOSNode = serde_json::from_value(good).unwrap();
+    assert_eq!(node.spec.secrets[0].mode, "0400");
+    assert_eq!(node.spec.secrets[0].owner, "root:root");
+
+    let cases: Vec<(Value, &str)> = vec![
+        (with_secrets(json!([secret("relative/path")])), "absolute"),
+        (with_secrets(json!([secret("/etc/../root/x")])), "`..`"),
+        (with_secrets(json!([secret("/etc/./x")])), "`..` or `.`"),
+        (
+            with_secrets(json!([secret("/nix/store/abc-secret")])),
+            "outside /nix",
+        ),
+        (with_secrets(json!([secret("/nix")])), "outside /nix"),
+        (with_secrets(json!([secret("//nix/var/x")])), "outside /nix"),
+        (with_secrets(json!([secret("/etc/secrets/")])), "must name a file"),
+        (
+            with_secrets(json!([secret("/etc/a"), secret("/etc/b"), secret("/etc/a")])),
+            "each path may appear only once",
+        ),
+        (
+            with_secrets(
+                json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "mode": "0644x"}]),
+            ),
+            "octal",
+        ),
+        (
+            with_secrets(json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "mode": "0800"}])),
+            "octal",
+        ),
+        (
+            with_secrets(json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "mode": "4755"}])),
+            "octal",
+        ),
+        (
+            with_secrets(
+                json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "owner": "root"}]),
+            ),
+            "USER:GROUP",
+        ),
+        (
+            with_secrets(
+                json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "restartUnits": ["--now"]}]),
+            ),
+            "unit names",
+        ),
+        (
+            with_secrets(json!([{"secretRef": {"name": "Bad_Name", "key": "k"}, "path": "/etc/x"}])),
+            "secretRef.name",
+        ),
+        (
+            with_secrets(json!([{"secretRef": {"name": "s", "key": "a/b"}, "path": "/etc/x"}])),
+            "secretRef.key",
+        ),
+    ];
+    for (obj, want) in cases {
+        let errs = errors(&obj);
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "expected an error containing {want:?} for {}, got {errs:?}",
+            obj["spec"]["secrets"]
+        );
+    }
+}

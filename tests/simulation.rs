@@ -308,6 +308,7 @@ impl Sim {
                         ..Default::default()
                     }),
                     suspend: false,
+                    secrets: Vec::new(),
                 },
                 status: NixOSNodeStatus::default(),
                 control_plane: i < cps,

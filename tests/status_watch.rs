@@ -214,6 +214,7 @@ async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
             reboot: Default::default(),
             drain: None,
             suspend: false,
+            secrets: Vec::new(),
         },
     );
     Api::<NixOSNode>::all(client.clone())

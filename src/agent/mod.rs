@@ -13,6 +13,7 @@
 
 pub mod host;
 pub mod node;
+pub mod secrets;
 pub mod state;
 pub mod watch;
 
@@ -25,11 +26,14 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use crate::api::{AgentStatus, NixOSNode};
+use crate::api::{AgentStatus, NixOSNode, SECRETS_NAMESPACE};
 use crate::names::{AGENT_MANAGER, GROUP, VERSION};
 use crate::nix::Nix;
 use host::Host;
+use k8s_openapi::api::core::v1::Secret;
 use node::{HostOptions, NodeAgent, NodeError};
+use secrets::{Fetched, SecretsView};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything `run` needs besides the client.
 #[derive(Clone, Debug)]
@@ -73,7 +77,7 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let api: Api<NixOSNode> = Api::all(client);
+    let api: Api<NixOSNode> = Api::all(client.clone());
     let patch_api = api.clone();
     let (tx, rx) = tokio::sync::watch::channel::<Option<NixOSNode>>(None);
     let selector = format!("metadata.name={}", config.node);
@@ -101,7 +105,8 @@ pub async fn run(
     // What the writer has stored: the host logic waits for it before rebooting.
     let (acked_tx, acked_rx) = tokio::sync::watch::channel::<Option<AgentStatus>>(None);
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let work = work(config.clone(), rx, report_tx, acked_rx, seen.clone());
+    let secrets: Api<Secret> = Api::namespaced(client, SECRETS_NAMESPACE);
+    let work = work(config.clone(), rx, secrets, report_tx, acked_rx, seen.clone());
     let write = write(patch_api, config, report_rx, acked_tx, seen);
 
     tokio::select! {
@@ -120,6 +125,7 @@ type Seen = Arc<std::sync::Mutex<Option<Option<AgentStatus>>>>;
 async fn work(
     config: AgentConfig,
     mut rx: tokio::sync::watch::Receiver<Option<NixOSNode>>,
+    secrets_api: Api<Secret>,
     report: tokio::sync::watch::Sender<Option<AgentStatus>>,
     acked: tokio::sync::watch::Receiver<Option<AgentStatus>>,
     seen: Seen,
@@ -127,12 +133,18 @@ async fn work(
     let mut agent = NodeAgent::new(config.host.clone(), config.nix.clone(), config.options.clone())
         .with_progress(report.clone(), acked);
     let mut host_changed = watch::host_changes(config.host.as_ref());
+    // One watch per Secret the NixOSNode names (by name; never a list of all Secrets). The
+    // JoinSet aborts them when the agent stops.
+    let (secrets_tx, mut secrets_rx) = tokio::sync::watch::channel(SecretsView::new());
+    let mut watchers = tokio::task::JoinSet::new();
+    let mut watching: BTreeMap<String, tokio::task::AbortHandle> = BTreeMap::new();
     loop {
-        // Wait for a change of the object, or for a failed staging's retry time (a local
-        // timer: no request is made unless the facts change).
+        // Wait for a change of the object or of a named Secret, or for a failed staging's
+        // retry time (a local timer: no request is made unless the facts change).
         let retry = agent.next_retry();
         tokio::select! {
             r = rx.changed() => if r.is_err() { return Ok(()) },
+            r = secrets_rx.changed() => if r.is_err() { return Ok(()) },
             _ = sleep_until(retry) => {}
             _ = changed(&mut host_changed) => {}
         }
@@ -145,6 +157,63 @@ async fn work(
         {
             *s = Some(status.agent.clone());
         }
+        // Follow the names in spec.secrets: start new watches, stop those no longer named.
+        let names: BTreeSet<String> = obj
+            .spec
+            .secrets
+            .iter()
+            .map(|s| s.secret_ref.name.clone())
+            .collect();
+        watching.retain(|name, handle| {
+            let keep = names.contains(name);
+            if !keep {
+                handle.abort();
+                secrets_tx.send_modify(|v| {
+                    v.remove(name);
+                });
+            }
+            keep
+        });
+        let mut started = false;
+        for name in &names {
+            if !watching.contains_key(name) {
+                secrets_tx.send_modify(|v| {
+                    v.insert(name.clone(), Fetched::Pending);
+                });
+                let handle = watchers.spawn(secrets::watch_secret(
+                    secrets_api.clone(),
+                    name.clone(),
+                    secrets_tx.clone(),
+                    config.api_timeout,
+                ));
+                watching.insert(name.clone(), handle);
+                started = true;
+            }
+        }
+        while watchers.try_join_next().is_some() {}
+        if started {
+            // Files before any activation: wait (bounded) until every named Secret was read.
+            let read = tokio::time::timeout(
+                config.api_timeout,
+                secrets_rx.wait_for(|v| {
+                    names
+                        .iter()
+                        .all(|n| !matches!(v.get(n), None | Some(Fetched::Pending)))
+                }),
+            )
+            .await;
+            if read.is_err() {
+                tracing::warn!(node = %config.node, "some Secrets could not be read in time");
+            }
+        }
+        let fetched = secrets_rx.borrow_and_update().clone();
+        agent
+            .sync_secrets(&obj.spec.secrets, &fetched)
+            .await
+            .map_err(|source| AgentError::HostState {
+                node: config.node.clone(),
+                source,
+            })?;
         let facts = agent
             .reconcile(status.target.as_ref(), status.activation.as_ref())
             .await

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ActivationAction, ActivationState, HostError as ReportedError, StagedSystem};
+use crate::api::{
+    ActivationAction, ActivationState, HostError as ReportedError, SecretFileStatus, StagedSystem,
+};
 
 /// Host path of the state file.
 pub const STATE_FILE: &str = "/var/lib/nixroll/state.json";
@@ -28,6 +30,14 @@ pub struct HostState {
     pub activation: Option<ActivationRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<ReportedError>,
+    /// Secret files nixroll wrote (path, source, resourceVersion, time; never content). Only
+    /// these are removed when they leave `spec.secrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretFileStatus>,
+    /// Units to `systemctl try-restart` because their file changed; recorded before the file
+    /// is replaced, cleared once restarted (an agent killed in between restarts them after).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_restarts: Vec<String>,
 }
 
 /// The staged system and what its reboot reasons were computed against.

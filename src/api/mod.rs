@@ -64,6 +64,14 @@ pub struct NixOSNodeSpec {
     /// Stop any new disruptive step on this node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+
+    /// Files the agent writes on the host from Secrets in `nixroll-system` (never in git, the
+    /// Nix store, logs, status or Events). Written before any activation and again whenever
+    /// the Secret's data changes; a missing Secret or key blocks the next activation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t.path == s.path))").message("secrets: each path may appear only once"))]
+    #[schemars(length(max = 64))]
+    pub secrets: Vec<SecretFile>,
 }
 
 impl NixOSNodeSpec {
@@ -71,6 +79,72 @@ impl NixOSNodeSpec {
     pub fn configuration_for<'a>(&'a self, node_name: &'a str) -> &'a str {
         self.configuration.as_deref().unwrap_or(node_name)
     }
+}
+
+/// Namespace of the Secrets that `spec.secrets` names.
+pub const SECRETS_NAMESPACE: &str = crate::names::NAMESPACE;
+/// Largest secret value the agent writes (bytes).
+pub const SECRET_MAX_BYTES: usize = 1024 * 1024;
+
+/// One file on the host, from one key of one Secret in `nixroll-system`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretFile {
+    /// The Secret (in `nixroll-system`) and the key whose value is the file's content.
+    pub secret_ref: SecretKeyRef,
+    /// Absolute path on the host, outside `/nix`, without `..`.
+    #[x_kube(
+        validation = Rule::new("self.startsWith('/')").message("path must be absolute, e.g. /var/lib/secrets/k3s-token"),
+        validation = Rule::new("!self.matches('(^|/)[.][.]?(/|$)')").message("path must not contain `..` or `.` segments"),
+        validation = Rule::new("!self.matches('^/+nix(/|$)')").message("path must be outside /nix: the Nix store is world-readable"),
+        validation = Rule::new("!self.endsWith('/') && !self.matches('//')").message("path must name a file: no trailing or doubled `/`")
+    )]
+    #[schemars(length(min = 2, max = 1024))]
+    pub path: String,
+    /// File mode as octal digits. Default `0400`.
+    #[serde(default = "default_secret_mode")]
+    #[x_kube(validation = Rule::new("self.matches('^0?[0-7]{3}$')").message("mode must be octal permission digits such as 0400 or 0640"))]
+    #[schemars(length(max = 4))]
+    pub mode: String,
+    /// `USER:GROUP`, names (resolved with the host's /etc/passwd and /etc/group) or numeric
+    /// ids. Default `root:root`.
+    #[serde(default = "default_secret_owner")]
+    #[x_kube(validation = Rule::new("self.matches('^([a-z_][a-z0-9_.-]*[$]?|[0-9]+):([a-z_][a-z0-9_.-]*[$]?|[0-9]+)$')").message("owner must be USER:GROUP with names or numeric ids, e.g. root:root or 0:0"))]
+    #[schemars(length(max = 130))]
+    pub owner: String,
+    /// systemd units to `systemctl try-restart` after this file changed (only then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(u, u.matches('^[A-Za-z0-9_@:][A-Za-z0-9_.@:-]*$'))").message("restartUnits must be systemd unit names such as k3s.service"))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 256)))]
+    pub restart_units: Vec<String>,
+}
+
+/// A key of a Secret in `nixroll-system`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret (in `nixroll-system`).
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("secretRef.name must be a Secret name (lowercase DNS subdomain)"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("secretRef.key must be a Secret data key ([-._a-zA-Z0-9]+)"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+impl std::fmt::Display for SecretKeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.name, self.key)
+    }
+}
+
+fn default_secret_mode() -> String {
+    "0400".to_string()
+}
+
+fn default_secret_owner() -> String {
+    "root:root".to_string()
 }
 
 /// A weekly maintenance window. `end` earlier than `start` means the window crosses midnight
@@ -434,6 +508,36 @@ pub struct AgentStatus {
     /// The last host error (trimmed; never contains secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<HostError>,
+    /// Secret files written on the host (never their content, nor a hash of it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretFileStatus>,
+    /// Secret files of `spec.secrets` that could not be written (Secret or key missing, too
+    /// large, unknown owner). While this is not empty the controller activates nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets_missing: Vec<MissingSecret>,
+}
+
+/// A secret file the agent wrote.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretFileStatus {
+    pub path: String,
+    pub secret_ref: SecretKeyRef,
+    /// `metadata.resourceVersion` of the Secret the content was last written from.
+    pub resource_version: String,
+    pub written_at: Time,
+}
+
+/// A secret file that is not on the host as `spec.secrets` asks, and why (names only).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MissingSecret {
+    pub path: String,
+    pub secret_ref: SecretKeyRef,
+    /// `SecretNotFound`, `KeyNotFound`, `TooLarge`, `UnknownOwner`, `InvalidMode`, `NotRead`,
+    /// `ReadFailed`, `WriteFailed`.
+    pub reason: String,
+    pub message: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]

@@ -1420,6 +1420,7 @@ mod tests {
                     reboot: Default::default(),
                     drain: None,
                     suspend: false,
+                    secrets: Vec::new(),
                 },
             );
             o.status = Some(NixOSNodeStatus {

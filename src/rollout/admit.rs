@@ -45,6 +45,7 @@ pub fn is_candidate(v: &NodeView<'_>, now: Timestamp) -> bool {
         && v.node.exists
         && v.node.ready
         && st.failed.is_none()
+        && st.agent.as_ref().is_none_or(|a| a.secrets_missing.is_empty())
         && st
             .target
             .as_ref()

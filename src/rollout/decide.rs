@@ -25,6 +25,7 @@ pub mod condition {
     pub const PROGRESSING: &str = "Progressing";
     pub const DEGRADED: &str = "Degraded";
     pub const REBOOT_REQUIRED: &str = "RebootRequired";
+    pub const SECRETS_MISSING: &str = "SecretsMissing";
 }
 
 /// A drain timeout that could not be parsed (`spec.drain.timeout`).
@@ -317,6 +318,12 @@ impl Ctx<'_, '_> {
             .filter(|r| r.id == g.id)
     }
 
+    /// What the agent reports missing of `spec.secrets` (names only), if anything: nothing is
+    /// admitted or activated until the files are on the host.
+    fn secrets_missing(&self) -> Option<String> {
+        secrets_missing_message(self.agent)
+    }
+
     fn target_system(&self) -> Option<String> {
         self.st.target.as_ref().and_then(|t| t.system.clone())
     }
@@ -588,6 +595,11 @@ impl Ctx<'_, '_> {
             self.st.message = Some(format!("staged, but the spec is invalid: {e}"));
             return false;
         }
+        if let Some(m) = self.secrets_missing() {
+            self.reason = reason::SECRETS_MISSING.into();
+            self.st.message = Some(one_line(&format!("staged{holds}; {m}")));
+            return false;
+        }
         if self.view.spec.suspend {
             self.took(Row::WaitingHeld);
             self.reason = reason::SUSPENDED.into();
@@ -699,6 +711,11 @@ impl Ctx<'_, '_> {
         let cordoned = node.unschedulable;
         if let Some(p) = drain {
             if p.remaining == 0 && cordoned {
+                if let Some(m) = self.secrets_missing() {
+                    self.reason = reason::SECRETS_MISSING.into();
+                    self.st.message = Some(one_line(&format!("drained; activation waits: {m}")));
+                    return false;
+                }
                 self.took(Row::Drained);
                 self.grant(None);
                 return false;
@@ -1225,6 +1242,49 @@ impl Ctx<'_, '_> {
                 generation,
             );
         }
+        // SecretsMissing: set while the agent reports secret files it cannot write.
+        match secrets_missing_message(self.agent) {
+            Some(m) => {
+                let had = self
+                    .st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::SECRETS_MISSING && c.status == "True");
+                if !had {
+                    self.notes.push(Note {
+                        reason: reason::SECRETS_MISSING.into(),
+                        message: format!("{m}; nothing is activated until they are written"),
+                        warning: true,
+                    });
+                }
+                set_condition(
+                    &mut self.st.conditions,
+                    condition::SECRETS_MISSING,
+                    true,
+                    reason::SECRETS_MISSING,
+                    &m,
+                    now,
+                    generation,
+                )
+            }
+            None if self
+                .st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == condition::SECRETS_MISSING) =>
+            {
+                set_condition(
+                    &mut self.st.conditions,
+                    condition::SECRETS_MISSING,
+                    false,
+                    reason::SECRETS_PRESENT,
+                    "every secret file of spec.secrets is on the host",
+                    now,
+                    generation,
+                )
+            }
+            None => {}
+        }
         self.st.agent = None;
         Decision {
             status: self.st,
@@ -1234,6 +1294,24 @@ impl Ctx<'_, '_> {
             rows: self.rows,
         }
     }
+}
+
+/// `secret files missing on the host: /path (Secret s key k: SecretNotFound), …`.
+pub(super) fn secrets_missing_message(agent: Option<&AgentStatus>) -> Option<String> {
+    let missing = &agent?.secrets_missing;
+    if missing.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|m| {
+            format!(
+                "{} (Secret {} key {}: {})",
+                m.path, m.secret_ref.name, m.secret_ref.key, m.reason
+            )
+        })
+        .collect();
+    Some(format!("secret files missing on the host: {}", list.join(", ")))
 }
 
 fn set_condition(

@@ -55,6 +55,9 @@ pub mod reason {
     pub const REBOOT_REQUIRED: &str = "RebootRequired";
     pub const REBOOT_POLICY_NEVER: &str = "RebootPolicyNever";
     pub const NOT_REQUIRED: &str = "NotRequired";
+    /// `status.agent.secretsMissing` is not empty: nothing is admitted or activated.
+    pub const SECRETS_MISSING: &str = "SecretsMissing";
+    pub const SECRETS_PRESENT: &str = "SecretsPresent";
     // Failures (Degraded reasons, also `status.failed.reason`).
     pub const STAGE_FAILED: &str = "StageFailed";
     pub const STAGING_TIMEOUT: &str = "StagingTimeout";

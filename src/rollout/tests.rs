@@ -35,6 +35,7 @@ fn mk_spec(rev: &str) -> NixOSNodeSpec {
         reboot: RebootPolicy::IfNeeded,
         drain: None,
         suspend: false,
+        secrets: Vec::new(),
     }
 }
 
@@ -1288,4 +1289,78 @@ fn state_table_in_docs_lists_every_row() {
         "rows not in docs/rollout.md: {missing:?}; rows in the docs that Row lacks: {unknown:?}"
     );
     assert_eq!(ids, names, "the table lists the rows in the order of Row::ALL");
+}
+
+// ---- secrets ---------------------------------------------------------------------------------
+
+fn mk_missing(name: &str) -> crate::api::MissingSecret {
+    crate::api::MissingSecret {
+        path: "/var/lib/secrets/token".into(),
+        secret_ref: crate::api::SecretKeyRef {
+            name: name.into(),
+            key: "token".into(),
+        },
+        reason: "SecretNotFound".into(),
+        message: format!("Secret {name} not found in nixroll-system"),
+    }
+}
+
+#[test]
+fn missing_secrets_block_admission_and_activation_until_present() {
+    // Waiting: not a candidate, not started even when admitted; SecretsMissing names it.
+    let mut n = mk_waiting("n1", true);
+    n.agent().secrets_missing = vec![mk_missing("k3s-token")];
+    let p = pol(MaxUnavailable::Count(1));
+    assert!(admit_all(std::slice::from_ref(&n), &ClusterState::default(), &p).is_empty());
+    let d = n.step(true, None, at(20));
+    assert_eq!(n.phase(), Phase::Waiting, "{d:?}");
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert!(
+        d.notes
+            .iter()
+            .any(|x| x.reason == reason::SECRETS_MISSING && x.warning)
+    );
+    let c = n.cond(condition::SECRETS_MISSING);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", reason::SECRETS_MISSING)
+    );
+    assert!(
+        c.message.contains("/var/lib/secrets/token") && c.message.contains("k3s-token"),
+        "{}",
+        c.message
+    );
+    assert!(n.status.message.as_deref().unwrap().contains("k3s-token"));
+    // Still missing: no second Event.
+    let d = n.step(true, None, at(25));
+    assert!(d.notes.iter().all(|x| x.reason != reason::SECRETS_MISSING));
+    // The Secret appears: admitted, drained, granted; the condition turns False.
+    n.agent().secrets_missing.clear();
+    assert_eq!(
+        admit_all(std::slice::from_ref(&n), &ClusterState::default(), &p),
+        vec!["n1"]
+    );
+    n.step(true, None, at(30));
+    assert_eq!(n.phase(), Phase::Draining);
+    assert_eq!(n.cond(condition::SECRETS_MISSING).status, "False");
+    // Missing again after the drain: no grant until it is back.
+    n.agent().secrets_missing = vec![mk_missing("k3s-token")];
+    let d = n.step(false, Some(&drained()), at(40));
+    assert_eq!(n.phase(), Phase::Draining, "{d:?}");
+    assert!(n.status.activation.is_none());
+    n.agent().secrets_missing.clear();
+    n.step(false, Some(&drained()), at(50));
+    assert_eq!(n.phase(), Phase::Activating);
+    assert!(n.status.activation.is_some());
+}
+
+#[test]
+fn no_secrets_condition_unless_secrets_went_missing() {
+    let n = mk_activating("n1", false);
+    assert!(
+        n.status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != condition::SECRETS_MISSING)
+    );
 }

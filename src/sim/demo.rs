@@ -100,9 +100,14 @@ pub async fn run(
         "  inspect:  kubectl --kubeconfig {kubeconfig} describe nixosnode node-1"
     )?;
 
-    // The NixOSNodes on the revision the hosts run; then the controller adopts them.
+    // The NixOSNodes on the revision the hosts run; then the controller adopts them. The
+    // first node also gets a secret file from a Secret, rotated while the rollout runs.
     let first = world.head().to_string();
-    world.apply_all(&world.spec(&first)).await?;
+    let secret_node = world.nodes.first().map(|n| n.name.clone());
+    if let Some(node) = &secret_node {
+        put_demo_secret(&world, node, b"demo-vpn-key-generation-1").await?;
+    }
+    apply_specs(&world, &first, secret_node.as_deref()).await?;
     let mut config = ControllerConfig::new("nixroll-demo-controller");
     config.policy.max_unavailable = opts.max_unavailable;
     config.drain_pass_backoff = (Duration::from_millis(200), Duration::from_secs(2));
@@ -123,6 +128,7 @@ pub async fn run(
     let n = opts.world.nodes;
     let mut target: Option<String> = None;
     let mut rollout_started = Instant::now();
+    let mut secret_rv: Option<String> = None;
     loop {
         tokio::select! {
             _ = &mut deadline => {
@@ -140,6 +146,10 @@ pub async fn run(
                         continue;
                     }
                 };
+                if let Some(line) = secret_rotation_line(&obj, secret_node.as_deref(), &mut secret_rv, target.is_some()) {
+                    renderer.clear(&mut out)?;
+                    writeln!(err, "{line}")?;
+                }
                 if let Some(change) = progress.observe(&obj, Instant::now()) {
                     renderer.change(&mut out, &change)?;
                     renderer.redraw(&mut out, &progress, Instant::now())?;
@@ -162,7 +172,11 @@ pub async fn run(
                         crate::api::short_revision(&next)
                     )?;
                 }
-                world.apply_all(&world.spec(&next)).await?;
+                apply_specs(&world, &next, secret_node.as_deref()).await?;
+                if let Some(node) = &secret_node {
+                    // The password manager rotated the key: only the file changes, live.
+                    put_demo_secret(&world, node, b"demo-vpn-key-generation-2").await?;
+                }
                 clock.reset();
                 for p in progress.nodes.values_mut() {
                     p.disrupted_for = Duration::ZERO;
@@ -208,6 +222,96 @@ pub async fn run(
     }
     controller.stop().await;
     Ok(summary)
+}
+
+/// Host path of the demo's secret file.
+const DEMO_SECRET_PATH: &str = "/etc/wireguard/wg0.key";
+
+fn demo_secret_name(node: &str) -> String {
+    format!("{node}-vpn")
+}
+
+/// Create or update the demo's Secret (server-side apply, as an external secrets operator would).
+async fn put_demo_secret(world: &World, node: &str, value: &[u8]) -> Result<(), WorldError> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    let api: Api<Secret> = Api::namespaced(world.client.clone(), crate::api::SECRETS_NAMESPACE);
+    let name = demo_secret_name(node);
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.clone());
+    s.data = Some([("key".to_string(), k8s_openapi::ByteString(value.to_vec()))].into());
+    let res = tokio::time::timeout(
+        Duration::from_secs(30),
+        api.patch(
+            &name,
+            &PatchParams::apply("external-secrets").force(),
+            &Patch::Apply(&s),
+        ),
+    )
+    .await;
+    match res {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(source)) => Err(WorldError::Api {
+            operation: format!("apply Secret {name}"),
+            source,
+        }),
+        Err(_) => Err(WorldError::Timeout {
+            operation: format!("apply Secret {name}"),
+        }),
+    }
+}
+
+/// Every node's spec for `revision`; `secret_node` also gets the demo's secret file.
+async fn apply_specs(world: &World, revision: &str, secret_node: Option<&str>) -> Result<(), WorldError> {
+    for n in &world.nodes {
+        let mut spec = world.spec(revision);
+        if secret_node == Some(n.name.as_str()) {
+            spec.secrets = vec![crate::api::SecretFile {
+                secret_ref: crate::api::SecretKeyRef {
+                    name: demo_secret_name(&n.name),
+                    key: "key".into(),
+                },
+                path: DEMO_SECRET_PATH.into(),
+                mode: "0400".into(),
+                owner: "root:root".into(),
+                restart_units: vec!["wireguard-wg0.service".into()],
+            }];
+        }
+        world.apply(&n.name, &spec).await?;
+    }
+    Ok(())
+}
+
+/// A status line when the demo node's secret file was rewritten during the rollout (seen as a
+/// new resourceVersion in `status.agent.secrets`; the content is never shown).
+fn secret_rotation_line(
+    obj: &NixOSNode,
+    node: Option<&str>,
+    last: &mut Option<String>,
+    rolling: bool,
+) -> Option<String> {
+    if node.is_none() || obj.metadata.name.as_deref() != node {
+        return None;
+    }
+    let file = obj
+        .status
+        .as_ref()?
+        .agent
+        .as_ref()?
+        .secrets
+        .iter()
+        .find(|s| s.path == DEMO_SECRET_PATH)?;
+    let before = last.replace(file.resource_version.clone());
+    match before {
+        Some(b) if b != file.resource_version && rolling => Some(format!(
+            "nixroll demo: {} secret {} rewritten from Secret {} (resourceVersion {b} → {}) while the rollout runs; wireguard-wg0.service restarted, no reboot for it",
+            node.unwrap_or_default(),
+            file.path,
+            file.secret_ref,
+            file.resource_version
+        )),
+        _ => None,
+    }
 }
 
 fn print_summary(

@@ -424,6 +424,7 @@ impl World {
             reboot: Default::default(),
             drain: None,
             suspend: false,
+            secrets: Vec::new(),
         }
     }
 

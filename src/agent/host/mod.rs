@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 pub use real::RealHost;
-pub use root::{HostRoot, RebootHook};
+pub use root::{HostRoot, RebootHook, SYSTEMCTL_LOG};
 
 /// A command to run on the host. `program` and path arguments are given as the host sees
 /// them (use [`Host::cmd_path`]).
@@ -151,6 +151,15 @@ pub trait Host: Send + Sync + fmt::Debug {
     /// names of their units. Backends without a service manager know none.
     fn other_activators(&self) -> BoxFuture<'_, Result<Vec<String>, HostError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+    /// `systemctl try-restart -- UNITS…` (restart the units that are running). The unit names
+    /// are the only arguments; no file content ever reaches a command line.
+    fn restart_units(&self, units: Vec<String>) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        let cmd = HostCommand::new("systemctl", Duration::from_secs(120))
+            .arg("try-restart")
+            .arg("--")
+            .args(units);
+        self.run(cmd)
     }
 }
 

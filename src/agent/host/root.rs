@@ -14,6 +14,9 @@ use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, run_child}
 /// systems' `switch-to-configuration` (crate::sim::flake) writes its effects under it.
 pub const HOST_ROOT_ENV: &str = "NIXROLL_HOST_ROOT";
 
+/// Host path where a [`HostRoot`] records `systemctl try-restart` calls.
+pub const SYSTEMCTL_LOG: &str = "/var/lib/sim/systemctl-log";
+
 /// What "reboot" means for a [`HostRoot`].
 #[derive(Clone, Default)]
 pub enum RebootHook {
@@ -156,6 +159,30 @@ impl Host for HostRoot {
                 let _ = child.wait().await;
             });
             Ok(())
+        })
+    }
+
+    /// There are no units under a directory: the call is recorded, one line per call
+    /// (`try-restart UNIT…`), in `DIR/var/lib/sim/systemctl-log` ([`SYSTEMCTL_LOG`]).
+    fn restart_units(&self, units: Vec<String>) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        Box::pin(async move {
+            let log = self.fs_path(Path::new(SYSTEMCTL_LOG));
+            let line = format!("try-restart {}\n", units.join(" "));
+            let res = (|| {
+                if let Some(dir) = log.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+                std::io::Write::write_all(&mut f, line.as_bytes())
+            })();
+            res.map_err(|source| HostError::Spawn {
+                command: format!("systemctl try-restart {}", units.join(" ")),
+                source,
+            })?;
+            Ok(CommandOutput {
+                code: Some(0),
+                ..Default::default()
+            })
         })
     }
 
