@@ -101,6 +101,19 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
     }
 }
 
+/// Keep of a PodDisruptionBudget what the drain and its wake-ups use: namespace, name,
+/// selector and `status.disruptionsAllowed`.
+pub fn trim_budget(b: &mut k8s_openapi::api::policy::v1::PodDisruptionBudget) {
+    b.metadata.managed_fields = None;
+    b.metadata.annotations = None;
+    b.metadata.labels = None;
+    b.metadata.owner_references = None;
+    if let Some(st) = b.status.as_mut() {
+        st.conditions = None;
+        st.disrupted_pods = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -155,18 +168,5 @@ mod tests {
             assert!(!s.contains(gone), "{gone} kept in {s}");
         }
         assert_eq!(observe_node(None), NodeObservation::default());
-    }
-}
-
-/// Keep of a PodDisruptionBudget what the drain and its wake-ups use: namespace, name,
-/// selector and `status.disruptionsAllowed`.
-pub fn trim_budget(b: &mut k8s_openapi::api::policy::v1::PodDisruptionBudget) {
-    b.metadata.managed_fields = None;
-    b.metadata.annotations = None;
-    b.metadata.labels = None;
-    b.metadata.owner_references = None;
-    if let Some(st) = b.status.as_mut() {
-        st.conditions = None;
-        st.disrupted_pods = None;
     }
 }

@@ -294,11 +294,10 @@ fn on_node(s: &mut State, o: &Value, deleted: bool, now: Instant) {
                 s.done.push((name, d));
             }
         }
-        Some(d) => {
-            if d.ready.is_none() && d.reboot_requested.is_some() && ready && boot_id != d.boot_id {
-                d.ready = Some(now);
-            }
+        Some(d) if d.ready.is_none() && d.reboot_requested.is_some() && ready && boot_id != d.boot_id => {
+            d.ready = Some(now);
         }
+        Some(_) => {}
     }
 }
 
@@ -335,11 +334,12 @@ fn on_pod(s: &mut State, o: &Value, deleted: bool, now: Instant) {
         return;
     }
     s.pods.entry(node.clone()).or_default().insert(key.clone());
-    if o["metadata"]["deletionTimestamp"].is_string() && s.terminating.insert(key) {
-        if let Some(d) = s.open.get_mut(&node) {
-            d.first_eviction.get_or_insert(now);
-            d.last_eviction = Some(now);
-        }
+    if o["metadata"]["deletionTimestamp"].is_string()
+        && s.terminating.insert(key)
+        && let Some(d) = s.open.get_mut(&node)
+    {
+        d.first_eviction.get_or_insert(now);
+        d.last_eviction = Some(now);
     }
 }
 
