@@ -302,6 +302,13 @@ async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
         assert_eq!(n.host.reboot_count(), 0);
         assert!(!unschedulable(&world, &n.name).await, "{} not cordoned", n.name);
     }
+    // A way out of Degraded: the user fixes the spec (the configuration). The node stages
+    // again, and the halted rollout goes on to the end.
+    world.apply("node-3", &world.spec(&next)).await.unwrap();
+    wait_for(&world, "the rollout after the fixed spec", WAIT, all_on(&next)).await;
+    for n in &world.nodes {
+        assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
+    }
     c.stop().await;
 }
 
@@ -328,6 +335,19 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
     assert_eq!(total, 1, "no other node was admitted after the failure");
     assert_eq!(monitor.violations(), Vec::<String>::new());
+    // Another way out of Degraded: a new revision (the fix-forward commit). The failed node
+    // keeps its slot and cordon, stages the new target, is re-admitted, and all converge.
+    for n in &world.nodes {
+        n.host.set_fault(None);
+    }
+    let fixed = world
+        .commit("bootloader fix", |s| s.service.push_str("-fixed"))
+        .unwrap();
+    world.apply_all(&world.spec(&fixed)).await.unwrap();
+    wait_for(&world, "the fix-forward rollout", WAIT, all_on(&fixed)).await;
+    wait_unschedulable(&world, bad, false).await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
     c.stop().await;
 }
 
