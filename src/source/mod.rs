@@ -8,3 +8,4 @@ pub mod known_hosts;
 pub mod refspec;
 pub mod revision;
 pub mod url;
+pub mod resolve;
