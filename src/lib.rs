@@ -11,3 +11,4 @@ pub mod nix;
 pub mod report;
 pub mod rollout;
 pub mod sim;
+pub mod source;
