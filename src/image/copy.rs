@@ -71,7 +71,7 @@ pub fn sparse_copy(
         let mut at = data;
         while at < hole {
             let want = usize::try_from((hole - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let n = read_full(&input, &mut buf[..want], at).map_err(read_err)?;
+            let n = super::gpt::read_up_to(&input, &mut buf[..want], at).map_err(read_err)?;
             if n == 0 {
                 break; // the file shrank under us; set_len below keeps the size
             }
@@ -116,19 +116,6 @@ fn next_data(file: &File, pos: u64, size: u64) -> std::io::Result<Option<(u64, u
         Err(e) => return Err(e.into()),
     };
     Ok(Some((data, hole)))
-}
-
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// Write the runs of non-zero blocks of `buf` (which starts at `offset`); returns the bytes

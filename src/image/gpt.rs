@@ -312,7 +312,7 @@ fn probe(file: &File, offset: u64) -> std::io::Result<FsKind> {
 }
 
 /// Read as much of `buf` as the file has at `offset` (short at the end of the file).
-fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+pub(crate) fn read_up_to(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

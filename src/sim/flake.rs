@@ -115,28 +115,17 @@ impl TestFlake {
     /// Create the repository in `dir` (created if missing) with `hosts` as
     /// `nixosConfigurations` and a first commit of [`SystemSpec::default`].
     pub fn create(dir: impl Into<PathBuf>, hosts: &[&str]) -> Result<TestFlake, FlakeError> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| FlakeError::Write {
-            path: dir.clone(),
-            source,
-        })?;
-        git(&dir, &["init", "-q"])?;
-        let mut flake = TestFlake {
-            dir,
-            hosts: hosts.iter().map(|h| h.to_string()).collect(),
-            spec: SystemSpec::default(),
-            head: String::new(),
-            real_host: false,
-        };
-        flake.commit("initial system", |_| {})?;
-        Ok(flake)
+        Self::create_with(dir.into(), hosts, false)
     }
 
     /// Like [`TestFlake::create`], but the systems' `switch-to-configuration` acts on the real
     /// `/` of the machine it runs on (`/run/current-system`, `/boot/default-system`, the lock
     /// in `/run/nixos`) instead of `$NIXROLL_HOST_ROOT`: for a real (container) host, e2e/.
     pub fn create_for_real_host(dir: impl Into<PathBuf>, hosts: &[&str]) -> Result<TestFlake, FlakeError> {
-        let dir = dir.into();
+        Self::create_with(dir.into(), hosts, true)
+    }
+
+    fn create_with(dir: PathBuf, hosts: &[&str], real_host: bool) -> Result<TestFlake, FlakeError> {
         std::fs::create_dir_all(&dir).map_err(|source| FlakeError::Write {
             path: dir.clone(),
             source,
@@ -147,7 +136,7 @@ impl TestFlake {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             spec: SystemSpec::default(),
             head: String::new(),
-            real_host: true,
+            real_host,
         };
         flake.commit("initial system", |_| {})?;
         Ok(flake)
