@@ -23,8 +23,7 @@ const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 fn policy() -> ValidatingAdmissionPolicy {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/agent-policy.yaml")).unwrap();
-    let doc = serde_yaml::Deserializer::from_str(&text).next().unwrap();
-    let value: Value = serde::Deserialize::deserialize(doc).unwrap();
+    let value = serde_saphyr::from_multiple::<Value>(&text).unwrap().remove(0);
     serde_json::from_value(value).unwrap()
 }
 
@@ -405,8 +404,7 @@ fn the_binding_denies_and_the_policy_fails_closed() {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/agent-policy.yaml")).unwrap();
     let binding: k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding = {
-        let doc = serde_yaml::Deserializer::from_str(&text).nth(1).unwrap();
-        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        let v = serde_saphyr::from_multiple::<Value>(&text).unwrap().remove(1);
         serde_json::from_value(v).unwrap()
     };
     let bspec = binding.spec.unwrap();

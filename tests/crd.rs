@@ -90,7 +90,7 @@ fn crd_uses_only_formats_kubernetes_knows() {
         ("generated", serde_json::to_value(nixroll::api::crd()).unwrap()),
         (
             "crds/nixosnodes.yaml",
-            serde_yaml::from_str(
+            serde_saphyr::from_str(
                 &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/nixosnodes.yaml"))
                     .unwrap(),
             )

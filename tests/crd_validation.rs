@@ -15,7 +15,7 @@ fn schema() -> Value {
 fn example() -> Value {
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nixosnode.yaml")).unwrap();
-    serde_yaml::from_str(&text).unwrap()
+    serde_saphyr::from_str(&text).unwrap()
 }
 
 fn errors(obj: &Value) -> Vec<String> {

@@ -34,9 +34,10 @@ pub fn kustomize(dir: &str) -> Option<Vec<Value>> {
 }
 
 fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &Value| !v.is_null())
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.is_null())
         .collect()
 }
 
@@ -112,7 +113,7 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
 }
 
 fn generated_crd() -> Value {
-    serde_yaml::from_str(&nixroll::api::crd_yaml().unwrap()).unwrap()
+    serde_saphyr::from_str(&nixroll::api::crd_yaml().unwrap()).unwrap()
 }
 
 #[test]
@@ -378,7 +379,7 @@ fn every_example_nixosnode_passes_the_crd_schema_and_rules() {
             .collect();
         assert_eq!(names, ["agent-1", "agent-2", "server-1"]);
         // One place decides the revision of all three.
-        let revision: Value = serde_yaml::from_str(
+        let revision: Value = serde_saphyr::from_str(
             &std::fs::read_to_string(format!("{ROOT}/examples/flux/nodes/revision.yaml")).unwrap(),
         )
         .unwrap();
@@ -408,7 +409,7 @@ fn renovate_finds_the_revision_to_bump() {
     assert_eq!(&caps["datasource"], "git-refs");
     assert_eq!(&caps["currentValue"], "main");
     assert_eq!(&caps["packageName"], "https://git.example.org/homelab/nixos.git");
-    let revision: Value = serde_yaml::from_str(&text).unwrap();
+    let revision: Value = serde_saphyr::from_str(&text).unwrap();
     assert_eq!(
         &caps["currentDigest"],
         revision["data"]["revision"].as_str().unwrap()
@@ -475,7 +476,7 @@ mod chart {
         let [v] = args else {
             return Err(FuncError::ExactlyXArgs("toYaml".into(), 1));
         };
-        let text = serde_yaml::to_string(&from_g(v)?).map_err(|e| FuncError::Generic(e.to_string()))?;
+        let text = serde_saphyr::to_string(&from_g(v)?).map_err(|e| FuncError::Generic(e.to_string()))?;
         Ok(G::String(text.trim_end_matches('\n').to_string()))
     }
 
@@ -506,9 +507,9 @@ mod chart {
     pub fn render(overrides: Value) -> Vec<Value> {
         let dir = format!("{ROOT}/charts/nixroll");
         let chart: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(format!("{dir}/Chart.yaml")).unwrap()).unwrap();
+            serde_saphyr::from_str(&std::fs::read_to_string(format!("{dir}/Chart.yaml")).unwrap()).unwrap();
         let mut values: Value =
-            serde_yaml::from_str(&std::fs::read_to_string(format!("{dir}/values.yaml")).unwrap()).unwrap();
+            serde_saphyr::from_str(&std::fs::read_to_string(format!("{dir}/values.yaml")).unwrap()).unwrap();
         merge(&mut values, &overrides);
         let context = json!({
             "Values": values,
@@ -592,12 +593,12 @@ mod chart {
     #[test]
     fn the_chart_crd_is_nixroll_crd_and_its_version_the_crate_version() {
         let text = std::fs::read_to_string(format!("{ROOT}/charts/nixroll/crds/nixosnodes.yaml")).unwrap();
-        let crd: Value = serde_yaml::from_str(&text).unwrap();
+        let crd: Value = serde_saphyr::from_str(&text).unwrap();
         assert!(
             numbers_as_f64(&crd) == numbers_as_f64(&super::generated_crd()),
             "charts/nixroll/crds/nixosnodes.yaml is not `nixroll crd` (copy crds/nixosnodes.yaml)"
         );
-        let chart: Value = serde_yaml::from_str(
+        let chart: Value = serde_saphyr::from_str(
             &std::fs::read_to_string(format!("{ROOT}/charts/nixroll/Chart.yaml")).unwrap(),
         )
         .unwrap();

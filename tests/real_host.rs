@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use embedded_apiserver::ApiServer;
 use futures::TryStreamExt;
 use harness::{Agent, Boot, TestHost};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -19,7 +20,6 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use nixroll::api::{ActivationAction, ActivationState, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
-use nixroll::sim::apiserver::ApiServer;
 use nixroll::sim::cluster::{SimCluster, Timing};
 use nixroll::sim::flake::{SystemSpec, TestFlake};
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use embedded_apiserver::ApiServer;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -22,7 +23,6 @@ use nixroll::agent::node::{HostOptions, NodeAgent};
 use nixroll::agent::secrets::{Fetched, SecretsView, WriteCrash};
 use nixroll::api::{NixOSNode, SecretFile, SecretKeyRef};
 use nixroll::nix::{Nix, NixCli};
-use nixroll::sim::apiserver::ApiServer;
 use serde_json::{Value, json};
 
 const NODE: &str = "node-1";
@@ -830,9 +830,7 @@ async fn a_missing_secret_blocks_activation_until_it_is_created() {
 fn rbac_gives_the_agent_get_and_watch_on_secrets_in_nixroll_system_only() {
     let read = |f: &str| -> Vec<Value> {
         let text = std::fs::read_to_string(format!("{}/deploy/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
-        serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap())
-            .collect()
+        serde_saphyr::from_multiple(&text).unwrap()
     };
     let agent = read("agent-rbac.yaml");
     let grants_secrets = |d: &Value| {

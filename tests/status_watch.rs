@@ -10,11 +10,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use embedded_apiserver::ApiServer;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::apiserver::ApiServer;
 use nixroll::sim::cluster::Timing;
 use nixroll::sim::world::{NixMode, World, WorldOptions};
 use tokio::sync::mpsc;

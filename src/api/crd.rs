@@ -89,6 +89,10 @@ fn kubernetes_formats(s: &mut JSONSchemaProps) {
 }
 
 /// The CRD as YAML, exactly as committed under `crds/`.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    serde_yaml::to_string(&crd())
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    // Long one-line strings (CEL rules, messages) stay on one line; multi-line ones are
+    // literal blocks.
+    let mut options = serde_saphyr::SerializerOptions::default();
+    options.folded_wrap_chars = usize::MAX;
+    serde_saphyr::to_string_with_options(&crd(), options)
 }

@@ -173,8 +173,8 @@ fn reconcile_latency(metrics: &str) -> (f64, f64, u64) {
 
 /// Requests between two snapshots, per node, by "verb resource".
 fn requests_per_node(
-    before: &crate::sim::apiserver::RequestCounts,
-    after: &crate::sim::apiserver::RequestCounts,
+    before: &embedded_apiserver::RequestCounts,
+    after: &embedded_apiserver::RequestCounts,
     nodes: usize,
 ) -> BTreeMap<String, f64> {
     after
@@ -228,7 +228,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     );
 
     // The controller: the real binary, its own port of the API.
-    let listener = crate::sim::apiserver::ApiServer::start_on(
+    let listener = embedded_apiserver::ApiServer::start_on(
         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         world.api.store(),
     )

@@ -1,8 +1,15 @@
-//! Simulation and test infrastructure: the embedded Kubernetes API server (which the real
-//! `kube` client and `kubectl` talk to over HTTP), simulated kubelets and NixOS hosts, test
-//! flakes, and `nixroll demo`.
+//! The simulated cluster around nixroll, for `nixroll demo`, `nixroll bench` and the tests.
+//!
+//! The Kubernetes API server itself is the `embedded-apiserver` crate (`crates/`), which knows
+//! nothing of nixroll. What lives here is everything that plays the *rest* of a cluster as
+//! clients of that server, the way they would talk to a real kube-apiserver: the kubelets,
+//! scheduler and ReplicaSet controller ([`cluster`], which also runs the agent's DaemonSet
+//! pods), NixOS hosts and a Nix that builds test flakes ([`host`], [`flake`], implementing the
+//! agent's `Host` and `Nix` traits), and the harness that wires them to the real controller and
+//! agents ([`world`], [`demo`], [`bench`], [`monitor`], [`progress`], [`steps`]). The arrows
+//! point one way: `sim` → nixroll's operator code and → `embedded-apiserver`; the operator never
+//! uses `sim`, and the API server uses neither.
 
-pub mod apiserver;
 pub mod bench;
 pub mod cluster;
 pub mod demo;

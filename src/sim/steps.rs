@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::names::CORDON_ANNOTATION;
-use crate::sim::apiserver::resources::Gvr;
-use crate::sim::apiserver::store::{Store, WatchOptions};
-use crate::sim::apiserver::watch::WatchEvent;
+use embedded_apiserver::resources::Gvr;
+use embedded_apiserver::store::{Store, WatchOptions};
+use embedded_apiserver::watch::WatchEvent;
 
 /// The steps, in order.
 pub const STEPS: [&str; 7] = [

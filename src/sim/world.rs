@@ -22,10 +22,10 @@ use crate::agent::host::{Host, HostRoot, RebootHook};
 use crate::api::{NixOSNode, NixOSNodeSpec};
 use crate::controller::ControllerConfig;
 use crate::nix::{Nix, NixCli};
-use crate::sim::apiserver::ApiServer;
 use crate::sim::cluster::{App, SimCluster, Timing};
 use crate::sim::flake::{FlakeError, SystemSpec, TestFlake};
 use crate::sim::host::{SimHost, SimHostError, SimNix};
+use embedded_apiserver::ApiServer;
 
 /// Field manager used for spec writes that stand in for Flux applying git.
 pub const GITOPS_MANAGER: &str = "flux";
@@ -71,7 +71,7 @@ impl Default for WorldOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum WorldError {
     #[error("embedded API server: {0}")]
-    ApiServer(#[from] crate::sim::apiserver::ApiServerError),
+    ApiServer(#[from] embedded_apiserver::ApiServerError),
     #[error("simulated host: {0}")]
     Host(#[from] SimHostError),
     #[error("test flake: {0}")]
@@ -461,9 +461,8 @@ impl World {
     pub async fn start_controller(&self, config: ControllerConfig) -> Result<ControllerHandle, WorldError> {
         let mut config_k = self.api.config().await?;
         config_k.default_retry = false; // as `nixroll controller` does: the drain handles 429
-        let client = Client::try_from(config_k).map_err(|source| {
-            WorldError::ApiServer(crate::sim::apiserver::ApiServerError::Client { source })
-        })?;
+        let client = Client::try_from(config_k)
+            .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let shutdown = async move {

@@ -67,12 +67,17 @@ pub fn prune(v: &mut Value, schema: &Value, defs: &Value, path: &str, pruned: &m
     }
 }
 
-/// Fill in schema defaults where a field is absent (recursively, into present values).
+/// Fill in schema defaults where a field is absent (recursively, into present values). As in
+/// kube-apiserver, a `null` in a field that is not `nullable: true` is dropped first (and then
+/// defaulted, if the field has a default); a nullable field keeps its `null`.
 pub fn apply_defaults(v: &mut Value, schema: &Value) {
     match v {
         Value::Object(m) => {
             if let Some(props) = schema["properties"].as_object() {
                 for (k, s) in props {
+                    if m.get(k).is_some_and(Value::is_null) && s["nullable"].as_bool() != Some(true) {
+                        m.remove(k);
+                    }
                     if !m.contains_key(k)
                         && let Some(d) = s.get("default")
                     {
@@ -318,23 +323,30 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn nixosnode_schema_defaults_and_rules() {
-        let crd = serde_json::to_value(crate::api::crd()).unwrap_or_default();
+    fn custom_resource_schema_defaults_and_rules() {
+        let crd: Value =
+            serde_saphyr::from_str(include_str!("../tests/fixtures/machine-crd.yaml")).unwrap_or_default();
         let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
-        let mut ok =
-            json!({"spec": {"flake": "github:o/r", "revision": "0123456789abcdef0123456789abcdef01234567"}});
+        let mut ok = json!({"spec": {"image": "registry.example.com/os", "revision": "0123456789abcdef0123456789abcdef01234567"}});
         apply_defaults(&mut ok, schema);
-        assert_eq!(ok["spec"]["reboot"], "IfNeeded");
+        assert_eq!(ok["spec"]["restart"], "IfNeeded");
+        assert_eq!(ok["spec"]["suspend"], false);
+        // A null in a non-nullable field is dropped, then defaulted (kube-apiserver's rule).
+        let mut nulled =
+            json!({"spec": {"image": "registry.example.com/os", "restart": null, "suspend": null}});
+        apply_defaults(&mut nulled, schema);
+        assert_eq!(nulled["spec"]["restart"], "IfNeeded");
+        assert_eq!(nulled["spec"]["suspend"], false);
         let mut errs = Vec::new();
         validate(&ok, schema, "", &mut errs);
         assert!(errs.is_empty(), "{errs:?}");
 
-        let bad = json!({"spec": {"flake": "github:o/r?rev=x", "revision": "main", "reboot": "Sometimes"}});
+        let bad = json!({"spec": {"image": "Registry:tag", "revision": "main", "restart": "Sometimes"}});
         let mut errs = Vec::new();
         validate(&bad, schema, "", &mut errs);
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        assert!(fields.contains(&"spec.flake"), "{errs:?}");
+        assert!(fields.contains(&"spec.image"), "{errs:?}");
         assert!(fields.contains(&"spec.revision"), "{errs:?}");
-        assert!(fields.contains(&"spec.reboot"), "{errs:?}");
+        assert!(fields.contains(&"spec.restart"), "{errs:?}");
     }
 }

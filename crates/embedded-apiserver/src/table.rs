@@ -556,7 +556,7 @@ mod tests {
         let c = event_cells(&core);
         assert_eq!(
             c.len(),
-            crate::sim::apiserver::resources::builtins()
+            crate::resources::builtins()
                 .iter()
                 .find(|r| r.gvr.plural == "events" && r.gvr.group.is_empty())
                 .map_or(0, |r| columns(r).len())

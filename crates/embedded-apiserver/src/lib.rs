@@ -1,14 +1,16 @@
-//! An embedded, in-memory Kubernetes API server for tests and `nixroll demo`.
+//! An embedded, in-memory Kubernetes API server for tests and demos of Kubernetes controllers.
 //!
-//! The unchanged `kube` client and `kubectl` talk to it over HTTP through a kubeconfig. It is
-//! faithful to kube-apiserver on what nixroll relies on: one global resourceVersion, 409 on
+//! The unchanged `kube` client and `kubectl` talk to it over HTTP through a kubeconfig. It knows
+//! no custom resource of its own: CRDs are registered at run time by creating
+//! CustomResourceDefinition objects, as on a real cluster. It is faithful to kube-apiserver on
+//! what a controller relies on: one global resourceVersion, 409 on
 //! stale updates, server-side apply with field ownership (`managedFields`), status subresources,
 //! `generation`, watches (resume, 410 Gone, bookmarks, streaming lists, selector semantics),
 //! graceful pod deletion and finalizers, the Eviction subresource with PodDisruptionBudgets,
 //! discovery and Table output for kubectl, and CRDs served from their CRD objects.
 //!
 //! What it does like kube-apiserver, and where it still differs, is listed in
-//! `docs/apiserver.md` (a table per area; keep it current when behaviour changes). In short:
+//! this crate's `README.md` (a table per area; keep it current when behaviour changes). In short:
 //! strategic-merge patch and server-side apply of built-in kinds use a table of merge keys;
 //! built-in kinds are not validated beyond names; only a few CEL rules are evaluated; lists
 //! serve the latest state; `dryRun` is refused; no controllers besides a synchronous
@@ -30,6 +32,7 @@ pub mod discovery;
 pub mod error;
 pub mod fields;
 pub mod http;
+pub mod kubectl;
 pub mod openapi;
 pub mod pdb;
 pub mod protobuf;
@@ -54,7 +57,7 @@ pub use store::{
 pub use watch::{Watch, WatchEvent};
 
 /// Name of the kubeconfig context (and cluster and user) [`ApiServer::kubeconfig_yaml`] writes.
-pub const KUBECONFIG_CONTEXT: &str = "nixroll-demo";
+pub const KUBECONFIG_CONTEXT: &str = "embedded-apiserver";
 
 /// Per (verb, resource) request counters of the HTTP API.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -171,7 +174,7 @@ impl ApiServer {
         format!("http://{}", self.addr)
     }
 
-    /// A kubeconfig for this server: context, cluster and user `nixroll-demo`, no auth.
+    /// A kubeconfig for this server: context, cluster and user [`KUBECONFIG_CONTEXT`], no auth.
     pub fn kubeconfig_yaml(&self) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: {c}\n  cluster:\n    server: {url}\ncontexts:\n- name: {c}\n  context:\n    cluster: {c}\n    user: {c}\ncurrent-context: {c}\nusers:\n- name: {c}\n  user: {{}}\npreferences: {{}}\n",

@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn decodes_a_configmap() {
-        let meta = [ld(1, b"nixroll-pause"), ld(3, b"nixroll-system")].concat();
+        let meta = [ld(1, b"ops-pause"), ld(3, b"ops-system")].concat();
         let entry = [ld(1, b"k"), ld(2, b"v")].concat();
         let cm = [ld(1, &meta), ld(2, &entry)].concat();
         let tm = [ld(1, b"v1"), ld(2, b"ConfigMap")].concat();
@@ -320,7 +320,7 @@ mod tests {
         assert_eq!(
             v,
             json!({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": "nixroll-pause", "namespace": "nixroll-system"},
+                   "metadata": {"name": "ops-pause", "namespace": "ops-system"},
                    "data": {"k": "v"}})
         );
         assert_eq!(base64(b"hello"), "aGVsbG8=");

@@ -1,4 +1,5 @@
 //! The embedded API server, driven through the real `kube::Client` over HTTP (and `kubectl`).
+//! Custom resources are the `Machine` of `fixtures/machine-crd.yaml`, registered at run time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -13,11 +14,45 @@ use kube::api::{
 };
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use nixroll::api::NixOSNode;
-use nixroll::sim::apiserver::{ApiServer, Gvr, StoreOptions, WatchEvent as StoreEvent, WatchOptions};
+use std::path::Path;
+
+use embedded_apiserver::kubectl::Kubectl;
+use embedded_apiserver::{ApiServer, Gvr, StoreOptions, WatchEvent as StoreEvent, WatchOptions};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
+
+/// The typed view of `fixtures/machine-crd.yaml` (its schema is the fixture's, not derived).
+#[derive(kube::CustomResource, serde::Deserialize, serde::Serialize, Clone, Debug)]
+#[kube(
+    group = "example.com",
+    version = "v1",
+    kind = "Machine",
+    status = "MachineStatus",
+    schema = "disabled"
+)]
+pub struct MachineSpec {
+    pub image: String,
+    pub revision: String,
+    #[serde(default)]
+    pub restart: Option<String>,
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Clone, Debug, Default)]
+pub struct MachineStatus {
+    pub phase: Option<String>,
+    pub message: Option<String>,
+    pub wanted: Option<String>,
+    pub agent: Option<AgentStatus>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub boot_id: Option<String>,
+}
 
 async fn start() -> (ApiServer, Client) {
     start_with(StoreOptions::default()).await
@@ -32,10 +67,19 @@ async fn start_with(opts: StoreOptions) -> (ApiServer, Client) {
 }
 
 async fn install_crd(client: &Client) {
+    let crd: CustomResourceDefinition =
+        serde_saphyr::from_str(include_str!("fixtures/machine-crd.yaml")).unwrap();
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &nixroll::api::crd())
-        .await
-        .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+}
+
+fn machine(name: &str) -> Value {
+    json!({
+        "apiVersion": "example.com/v1",
+        "kind": "Machine",
+        "metadata": {"name": name},
+        "spec": {"image": "registry.example.com/os", "revision": "0123456789abcdef0123456789abcdef01234567"}
+    })
 }
 
 fn api_err(e: kube::Error) -> Box<kube::core::Status> {
@@ -51,15 +95,6 @@ fn cm(name: &str, labels: Value) -> ConfigMap {
         "data": {"k": "v"}
     }))
     .unwrap()
-}
-
-fn nxn(name: &str) -> Value {
-    json!({
-        "apiVersion": "nixroll.io/v1alpha1",
-        "kind": "NixOSNode",
-        "metadata": {"name": name},
-        "spec": {"flake": "github:example/infra", "revision": "0123456789abcdef0123456789abcdef01234567"}
-    })
 }
 
 fn pod(name: &str, node: &str, labels: Value) -> Pod {
@@ -265,15 +300,15 @@ async fn merge_json_and_strategic_patches() {
 async fn server_side_apply_two_managers() {
     let (_srv, client) = start().await;
     install_crd(&client).await;
-    let api: Api<NixOSNode> = Api::all(client.clone());
+    let api: Api<Machine> = Api::all(client.clone());
     // Apply to a non-existent object creates it.
-    api.patch("n1", &PatchParams::apply("flux"), &Patch::Apply(nxn("n1")))
+    api.patch("n1", &PatchParams::apply("flux"), &Patch::Apply(machine("n1")))
         .await
         .unwrap();
 
-    let agent = PatchParams::apply("nixroll-agent");
-    let controller = PatchParams::apply("nixroll-controller");
-    let status = |s: Value| json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "n1"}, "status": s});
+    let agent = PatchParams::apply("node-agent");
+    let controller = PatchParams::apply("rollout-controller");
+    let status = |s: Value| json!({"apiVersion": "example.com/v1", "kind": "Machine", "metadata": {"name": "n1"}, "status": s});
     api.patch_status(
         "n1",
         &agent,
@@ -322,11 +357,11 @@ async fn server_side_apply_two_managers() {
         .map(|m| (m.manager.clone().unwrap(), m.subresource.clone()))
         .collect();
     assert!(managers.contains(&("flux".into(), None)), "{managers:?}");
-    assert!(managers.contains(&("nixroll-agent".into(), Some("status".into()))));
-    assert!(managers.contains(&("nixroll-controller".into(), Some("status".into()))));
+    assert!(managers.contains(&("node-agent".into(), Some("status".into()))));
+    assert!(managers.contains(&("rollout-controller".into(), Some("status".into()))));
     let agent_fields = serde_json::to_value(
         &mf.iter()
-            .find(|m| m.manager.as_deref() == Some("nixroll-agent"))
+            .find(|m| m.manager.as_deref() == Some("node-agent"))
             .unwrap()
             .fields_v1,
     )
@@ -344,7 +379,7 @@ async fn server_side_apply_two_managers() {
         .unwrap_err(),
     );
     assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
-    assert!(e.message.contains("nixroll-controller"), "{}", e.message);
+    assert!(e.message.contains("rollout-controller"), "{}", e.message);
     assert!(e.message.contains(".status.phase"), "{}", e.message);
     // The same value is no conflict (shared ownership).
     api.patch_status(
@@ -374,12 +409,12 @@ async fn server_side_apply_two_managers() {
             })
             .unwrap_or(false)
     };
-    assert!(owns_phase("nixroll-agent"));
-    assert!(!owns_phase("nixroll-controller"));
+    assert!(owns_phase("node-agent"));
+    assert!(!owns_phase("rollout-controller"));
 
     // Apply without fieldManager is refused.
     let e = api_err(
-        api.patch("n1", &PatchParams::default(), &Patch::Apply(nxn("n1")))
+        api.patch("n1", &PatchParams::default(), &Patch::Apply(machine("n1")))
             .await
             .unwrap_err(),
     );
@@ -390,8 +425,8 @@ async fn server_side_apply_two_managers() {
 async fn status_subresource_isolation_and_generation() {
     let (_srv, client) = start().await;
     install_crd(&client).await;
-    let api: Api<NixOSNode> = Api::all(client.clone());
-    let mut obj: Value = nxn("g");
+    let api: Api<Machine> = Api::all(client.clone());
+    let mut obj: Value = machine("g");
     obj["status"] = json!({"phase": "Staging"});
     let created = api
         .create(&PostParams::default(), &serde_json::from_value(obj).unwrap())
@@ -426,7 +461,13 @@ async fn status_subresource_isolation_and_generation() {
     assert_eq!(o.metadata.generation, Some(2));
     assert!(o.spec.suspend);
     assert_eq!(
-        o.status.as_ref().unwrap().phase.map(|p| p.to_string()).as_deref(),
+        o.status
+            .as_ref()
+            .unwrap()
+            .phase
+            .clone()
+            .map(|p| p.to_string())
+            .as_deref(),
         Some("Staging")
     );
     // Metadata-only change: no generation bump.
@@ -926,8 +967,8 @@ async fn events_in_both_apis_share_storage() {
         &serde_json::from_value(
             json!({"metadata": {"name": "e1"}, "eventTime": "2026-01-01T00:00:00.000000Z",
             "reason": "Drained", "note": "drained n1", "type": "Normal", "action": "Drain",
-            "reportingController": "nixroll.io/controller", "reportingInstance": "c-1",
-            "regarding": {"kind": "NixOSNode", "name": "n1", "apiVersion": "nixroll.io/v1alpha1"}}),
+            "reportingController": "example.com/controller", "reportingInstance": "c-1",
+            "regarding": {"kind": "Machine", "name": "n1", "apiVersion": "example.com/v1"}}),
         )
         .unwrap(),
     )
@@ -935,139 +976,11 @@ async fn events_in_both_apis_share_storage() {
     .unwrap();
     let core: Api<k8s_openapi::api::core::v1::Event> = Api::all(client.clone());
     let l = core
-        .list(&ListParams::default().fields("involvedObject.name=n1,involvedObject.kind=NixOSNode"))
+        .list(&ListParams::default().fields("involvedObject.name=n1,involvedObject.kind=Machine"))
         .await
         .unwrap();
     assert_eq!(l.items.len(), 1);
     assert_eq!(l.items[0].message.as_deref(), Some("drained n1"));
-}
-
-fn kubectl() -> Option<String> {
-    for p in ["/usr/bin/kubectl", "/usr/local/bin/kubectl"] {
-        if std::path::Path::new(p).exists() {
-            return Some(p.into());
-        }
-    }
-    None
-}
-
-fn run(kubectl: &str, kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
-    let (ok, out) = run_status(kubectl, kubeconfig, args, stdin);
-    assert!(ok, "kubectl {args:?} failed:\n{out}");
-    out
-}
-
-fn run_status(
-    kubectl: &str,
-    kubeconfig: &std::path::Path,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> (bool, String) {
-    let (ok, stdout, stderr) = kubectl_run(kubectl, kubeconfig, args, stdin);
-    if ok {
-        (true, stdout)
-    } else {
-        (false, format!("{stdout}\n{stderr}"))
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_works_against_it() {
-    let Some(kubectl) = kubectl() else {
-        eprintln!("SKIPPED: kubectl not installed");
-        return;
-    };
-    let (srv, client) = start().await;
-    install_crd(&client).await;
-    let dir = tempfile::tempdir().unwrap();
-    let kc = dir.path().join("kubeconfig");
-    srv.write_kubeconfig(&kc).unwrap();
-    let nodes: Api<Node> = Api::all(client.clone());
-    nodes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "node-1",
-                "labels": {"node-role.kubernetes.io/control-plane": "true"}},
-                "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                           "nodeInfo": {"bootID": "b1", "kubeletVersion": "v1.33.1+k3s1",
-                             "machineID": "m", "systemUUID": "s", "kernelVersion": "6.6", "osImage": "NixOS",
-                             "containerRuntimeVersion": "containerd://2", "kubeProxyVersion": "v1.33.1",
-                             "operatingSystem": "linux", "architecture": "amd64"}}}))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let k = kubectl.clone();
-    let kc2 = kc.clone();
-    let manifest = "apiVersion: nixroll.io/v1alpha1\nkind: NixOSNode\nmetadata:\n  name: node-1\nspec:\n  flake: github:example/infra\n  revision: 0123456789abcdef0123456789abcdef01234567\n";
-    let outputs = tokio::task::spawn_blocking(move || {
-        let apply = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
-        let apply2 = run(&k, &kc2, &["apply", "-f", "-"], Some(manifest));
-        let get_nodes = run(&k, &kc2, &["get", "nodes"], None);
-        let bad = manifest.replace("0123456789abcdef0123456789abcdef01234567", "main");
-        let (bad_ok, bad_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&bad));
-        assert!(!bad_ok, "{bad_out}");
-        let typo = manifest.replace("spec:\n", "spec:\n  bogus: 1\n");
-        let (typo_ok, typo_out) = run_status(&k, &kc2, &["apply", "-f", "-"], Some(&typo));
-        assert!(!typo_ok, "{typo_out}");
-        assert!(typo_out.contains("unknown field \"spec.bogus\""), "{typo_out}");
-        assert!(
-            bad_out.contains("spec.revision: Invalid value: \"main\": revision must be a full 40-character"),
-            "{bad_out}"
-        );
-        (apply, apply2, get_nodes)
-    })
-    .await
-    .unwrap();
-    assert!(
-        outputs.0.contains("nixosnode.nixroll.io/node-1 created"),
-        "{}",
-        outputs.0
-    );
-    assert!(outputs.1.contains("unchanged"), "{}", outputs.1);
-    assert!(outputs.2.contains("node-1"), "{}", outputs.2);
-    assert!(outputs.2.contains("Ready"), "{}", outputs.2);
-    assert!(outputs.2.contains("control-plane"), "{}", outputs.2);
-    assert!(outputs.2.contains("v1.33.1+k3s1"), "{}", outputs.2);
-
-    let api: Api<NixOSNode> = Api::all(client.clone());
-    api.patch_status(
-        "node-1",
-        &PatchParams::apply("nixroll-controller"),
-        &Patch::Apply(json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
-            "metadata": {"name": "node-1"}, "status": {"phase": "Waiting", "wanted": "0123456"}})),
-    )
-    .await
-    .unwrap();
-    let k = kubectl.clone();
-    let (get, yaml, describe) = tokio::task::spawn_blocking(move || {
-        (
-            run(&k, &kc, &["get", "nixosnodes"], None),
-            run(&k, &kc, &["get", "nxn", "node-1", "-o", "yaml"], None),
-            run(&k, &kc, &["describe", "nixosnode", "node-1"], None),
-        )
-    })
-    .await
-    .unwrap();
-    let header = get.lines().next().unwrap();
-    for col in ["NAME", "WANTED", "RUNNING", "PHASE", "AGE"] {
-        assert!(header.contains(col), "{get}");
-    }
-    assert!(get.contains("Waiting") && get.contains("0123456"), "{get}");
-    assert!(
-        yaml.contains("revision: 0123456789abcdef0123456789abcdef01234567"),
-        "{yaml}"
-    );
-    assert!(yaml.contains("phase: Waiting"), "{yaml}");
-    assert!(
-        yaml.contains("reboot: IfNeeded"),
-        "schema default applied: {yaml}"
-    );
-    assert!(
-        describe.contains("Name:") && describe.contains("node-1"),
-        "{describe}"
-    );
-    assert!(describe.contains("Waiting"), "{describe}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1099,11 +1012,11 @@ async fn kubectl_typed_clients_send_protobuf_and_drain_uses_evictions() {
     let kc2 = kc.clone();
     let (drain_ok, drain_out) = tokio::task::spawn_blocking(move || {
         // The pause switch of DESIGN.md: typed kubectl commands send protobuf bodies.
-        run(&k, &kc2, &["create", "namespace", "nixroll-system"], None);
+        run(&k, &kc2, &["create", "namespace", "ops-system"], None);
         run(
             &k,
             &kc2,
-            &["-n", "nixroll-system", "create", "configmap", "nixroll-pause"],
+            &["-n", "ops-system", "create", "configmap", "ops-pause"],
             None,
         );
         run(
@@ -1116,8 +1029,8 @@ async fn kubectl_typed_clients_send_protobuf_and_drain_uses_evictions() {
     })
     .await
     .unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "nixroll-system");
-    assert!(cms.get("nixroll-pause").await.is_ok());
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "ops-system");
+    assert!(cms.get("ops-pause").await.is_ok());
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
     let pdb = pdbs.get("web").await.unwrap();
     assert_eq!(pdb.status.unwrap().expected_pods, 2);
@@ -1151,7 +1064,7 @@ fn rss_mib() -> u64 {
 /// 1,000 nodes, 30 pods each, one controller watching everything and 1,000 agents each
 /// watching its own Node (field-selected), all over HTTP. Sizes scale with NIXROLL_SCALE_NODES.
 async fn scale(nodes_n: usize, pods_per_node: usize) {
-    use nixroll::sim::apiserver::{Patch as SPatch, Subresource, WriteOptions};
+    use embedded_apiserver::{Patch as SPatch, Subresource, WriteOptions};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
@@ -1340,52 +1253,6 @@ async fn scale_full() {
 }
 
 #[tokio::test]
-async fn custom_resources_are_defaulted_and_validated_from_the_crd_schema() {
-    let (_srv, client) = start().await;
-    install_crd(&client).await;
-    let api: Api<NixOSNode> = Api::all(client.clone());
-    let dynamic: Api<kube::api::DynamicObject> =
-        Api::all_with(client.clone(), &kube::api::ApiResource::erase::<NixOSNode>(&()));
-    let mut bad = nxn("v");
-    bad["spec"]["flake"] = json!("github:o/r?rev=abc");
-    bad["spec"]["reboot"] = json!("Sometimes");
-    let e = api_err(
-        dynamic
-            .create(&PostParams::default(), &serde_json::from_value(bad).unwrap())
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
-    assert!(
-        e.message.starts_with("NixOSNode.nixroll.io \"v\" is invalid: ["),
-        "{}",
-        e.message
-    );
-    assert!(e.message.contains("spec.flake"), "{}", e.message);
-    assert!(
-        e.message
-            .contains("spec.reboot: Unsupported value: \"Sometimes\""),
-        "{}",
-        e.message
-    );
-    let ok = api
-        .patch("v", &PatchParams::apply("flux"), &Patch::Apply(nxn("v")))
-        .await
-        .unwrap();
-    let raw = serde_json::to_value(&ok).unwrap();
-    assert_eq!(raw["spec"]["reboot"], "IfNeeded");
-    // Unknown fields are pruned (kubectl's fieldValidation=Strict makes them an error, below).
-    let mut extra = nxn("w");
-    extra["spec"]["bogus"] = json!(1);
-    extra["status"] = json!({"phase": "Waiting", "agent": {"nope": true}});
-    let created = dynamic
-        .create(&PostParams::default(), &serde_json::from_value(extra).unwrap())
-        .await
-        .unwrap();
-    assert!(created.data["spec"].get("bogus").is_none(), "{:?}", created.data);
-}
-
-#[tokio::test]
 async fn restart_keeps_state_and_watchers_recover() {
     let (srv, client) = start().await;
     let addr = srv.addr();
@@ -1480,15 +1347,15 @@ async fn kube_event_recorder_creates_then_patches_series() {
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
     let (_srv, client) = start().await;
     install_crd(&client).await;
-    let api: Api<NixOSNode> = Api::all(client.clone());
+    let api: Api<Machine> = Api::all(client.clone());
     let o = api
-        .patch("n1", &PatchParams::apply("flux"), &Patch::Apply(nxn("n1")))
+        .patch("n1", &PatchParams::apply("flux"), &Patch::Apply(machine("n1")))
         .await
         .unwrap();
     let rec = Recorder::new(
         client.clone(),
         Reporter {
-            controller: "nixroll-controller".into(),
+            controller: "rollout-controller".into(),
             instance: None,
         },
     );
@@ -1530,7 +1397,7 @@ async fn secret_string_data_is_folded_into_data() {
 
 #[tokio::test]
 async fn typed_in_process_store_api_matches_http() {
-    use nixroll::sim::apiserver::{ListOptions, Patch as SPatch, Subresource, WriteOptions};
+    use embedded_apiserver::{ListOptions, Patch as SPatch, Subresource, WriteOptions};
     let (srv, client) = start().await;
     let store = srv.store();
     let w = WriteOptions::manager("kubelet");
@@ -1569,484 +1436,24 @@ async fn typed_in_process_store_api_matches_http() {
     assert_eq!(srv.request_counts().get("get", "nodes"), 1);
 }
 
-/// kubectl for the tests of what a kubectl user sees: absent in CI is a failure, elsewhere a
-/// skip with the reason printed.
-fn kubectl_for(test: &str) -> Option<String> {
-    let k = kubectl();
-    if k.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{test}: kubectl is not installed (CI must have it)"
-        );
-        eprintln!("SKIPPED {test}: kubectl not installed");
-    }
-    k
+fn kubectl() -> Option<String> {
+    Kubectl::find().map(|p| p.display().to_string())
 }
 
-/// kubectl's exit status, stdout and stderr (warnings go to stderr).
-fn kubectl_run(
-    kubectl: &str,
-    kubeconfig: &std::path::Path,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> (bool, String, String) {
-    use std::io::Write;
-    let mut cmd = std::process::Command::new(kubectl);
-    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
-    cmd.env("HOME", kubeconfig.parent().unwrap());
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
+fn run(kubectl: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let (ok, out) = run_status(kubectl, kubeconfig, args, stdin);
+    assert!(ok, "kubectl {args:?} failed:\n{out}");
+    out
+}
+
+fn run_status(kubectl: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let out = Kubectl::new(kubectl, kubeconfig).run(args, stdin).unwrap();
     (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
+        out.ok,
+        if out.ok {
+            out.stdout.clone()
+        } else {
+            out.combined()
+        },
     )
-}
-
-async fn kubectl_setup(test: &str) -> Option<(ApiServer, Client, String, tempfile::TempDir)> {
-    let kubectl = kubectl_for(test)?;
-    let (srv, client) = start().await;
-    install_crd(&client).await;
-    let dir = tempfile::tempdir().unwrap();
-    srv.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
-    Some((srv, client, kubectl, dir))
-}
-
-/// `kubectl explain` reads the served OpenAPI v3: the CRD's schema as
-/// `io.nixroll.v1alpha1.NixOSNode` and the built-in kinds' schemas, each with its
-/// `x-kubernetes-group-version-kind`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_explain_reads_the_served_openapi_schemas() {
-    let Some((_srv, client, k, dir)) =
-        kubectl_setup("kubectl_explain_reads_the_served_openapi_schemas").await
-    else {
-        return;
-    };
-    // The documents themselves, as kube-apiserver shapes them.
-    let root: Value = serde_json::from_str(
-        &client
-            .request_text(http::Request::get("/openapi/v3").body(Vec::new()).unwrap())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let url = root["paths"]["apis/nixroll.io/v1alpha1"]["serverRelativeURL"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(url.contains("?hash="), "{root}");
-    let doc: Value = serde_json::from_str(
-        &client
-            .request_text(http::Request::get(&url).body(Vec::new()).unwrap())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let node = &doc["components"]["schemas"]["io.nixroll.v1alpha1.NixOSNode"];
-    assert_eq!(
-        node["x-kubernetes-group-version-kind"],
-        json!([{"group": "nixroll.io", "kind": "NixOSNode", "version": "v1alpha1"}]),
-        "{node}"
-    );
-    assert_eq!(
-        node["properties"]["metadata"]["allOf"][0]["$ref"],
-        "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-    );
-
-    let kc = dir.path().join("kubeconfig");
-    let out = tokio::task::spawn_blocking(move || {
-        [
-            kubectl_run(&k, &kc, &["explain", "nixosnode.spec"], None),
-            kubectl_run(&k, &kc, &["explain", "nxn.status.backoff.attempts"], None),
-            kubectl_run(&k, &kc, &["explain", "nixosnode.spec.maintenanceWindow"], None),
-            kubectl_run(&k, &kc, &["explain", "pods.spec.containers"], None),
-        ]
-    })
-    .await
-    .unwrap();
-    let [
-        (ok, spec, err),
-        (ok2, attempts, err2),
-        (typo_ok, _, typo_err),
-        (ok4, pods, err4),
-    ] = out;
-    assert!(ok, "{spec}{err}");
-    assert!(spec.contains("GROUP:      nixroll.io"), "{spec}");
-    assert!(spec.contains("KIND:       NixOSNode"), "{spec}");
-    assert!(spec.contains("FIELD: spec <Object>"), "{spec}");
-    assert!(spec.contains("revision\t<string> -required-"), "{spec}");
-    assert!(spec.contains("maintenanceWindows\t<[]Object>"), "{spec}");
-    assert!(spec.contains("enum: IfNeeded, Always, Never"), "{spec}");
-    assert!(ok2, "{attempts}{err2}");
-    assert!(attempts.contains("FIELD: attempts <integer>"), "{attempts}");
-    assert!(!typo_ok);
-    assert!(
-        typo_err.contains("field \"maintenanceWindow\" does not exist"),
-        "{typo_err}"
-    );
-    assert!(ok4, "{pods}{err4}");
-    assert!(pods.contains("KIND:       Pod"), "{pods}");
-    assert!(pods.contains("FIELD: containers <[]Container>"), "{pods}");
-}
-
-/// `kubectl get events` prints kube-apiserver's event columns, and `kubectl get pods` counts
-/// the containers the simulated kubelets report ready and running.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_get_events_and_pods_print_like_kube_apiserver() {
-    let Some((_srv, client, k, dir)) =
-        kubectl_setup("kubectl_get_events_and_pods_print_like_kube_apiserver").await
-    else {
-        return;
-    };
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), "default");
-    events
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "node-1.1"},
-                "involvedObject": {"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "name": "node-1"},
-                "reason": "BootedWrongSystem", "type": "Warning",
-                "message": "booted 0123456 instead of 89abcde",
-                "source": {"component": "nixroll-controller"},
-                "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:00:00Z",
-                "count": 3,
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    // Pods as the simulated kubelets run them.
-    let cluster =
-        nixroll::sim::cluster::SimCluster::new(client.clone(), nixroll::sim::cluster::Timing::default());
-    cluster
-        .create_nodes(&[("n1".to_owned(), false, "b1".to_owned())])
-        .await
-        .unwrap();
-    let apps = [nixroll::sim::cluster::App {
-        name: "web".into(),
-        replicas: 2,
-        min_available: None,
-    }];
-    let created = cluster.create_workloads(&["n1".to_owned()], &apps).await.unwrap();
-    assert!(created >= 2);
-
-    let kc = dir.path().join("kubeconfig");
-    let out = tokio::task::spawn_blocking(move || {
-        [
-            kubectl_run(&k, &kc, &["get", "events"], None),
-            kubectl_run(&k, &kc, &["get", "events", "-o", "wide"], None),
-            kubectl_run(&k, &kc, &["get", "events.v1.events.k8s.io"], None),
-            kubectl_run(&k, &kc, &["get", "pods", "-A"], None),
-        ]
-    })
-    .await
-    .unwrap();
-    let [(ok, ev, e1), (ok2, wide, e2), (ok3, ev_v1, e3), (ok4, pods, e4)] = out;
-    assert!(ok && ok2 && ok3 && ok4, "{e1}{e2}{e3}{e4}");
-    for table in [&ev, &ev_v1] {
-        let cols: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-        assert_eq!(
-            cols,
-            ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
-            "{table}"
-        );
-        let row = table.lines().nth(1).unwrap();
-        for cell in [
-            "Warning",
-            "BootedWrongSystem",
-            "nixosnode/node-1",
-            "booted 0123456 instead of 89abcde",
-        ] {
-            assert!(row.contains(cell), "{table}");
-        }
-    }
-    let header = wide.lines().next().unwrap();
-    for col in ["SUBOBJECT", "SOURCE", "FIRST SEEN", "COUNT", "NAME"] {
-        assert!(header.contains(col), "{wide}");
-    }
-    assert!(
-        wide.contains("nixroll-controller") && wide.contains("node-1.1"),
-        "{wide}"
-    );
-
-    let web: Vec<&str> = pods.lines().filter(|l| l.contains("web-")).collect();
-    assert_eq!(web.len(), 2, "{pods}");
-    for l in web.iter().chain(
-        pods.lines()
-            .filter(|l| l.contains("nixroll-agent"))
-            .collect::<Vec<_>>()
-            .iter(),
-    ) {
-        let cells: Vec<&str> = l.split_whitespace().collect();
-        assert_eq!(&cells[2..4], ["1/1", "Running"], "{pods}");
-    }
-}
-
-/// A misspelled field, as kube-apiserver treats it: dropped from the object, a `Warning`
-/// header per field with the default `fieldValidation` (Warn), a refusal with `Strict` (400 on
-/// create and update, 422 on patches), silence with `Ignore`; server-side apply cannot build
-/// the typed object (500); custom resources take no strategic merge patch (415).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver() {
-    let Some((_srv, client, k, dir)) =
-        kubectl_setup("unknown_fields_are_pruned_with_warnings_or_refused_like_kube_apiserver").await
-    else {
-        return;
-    };
-    let api: Api<NixOSNode> = Api::all(client.clone());
-    let dynamic: Api<kube::api::DynamicObject> =
-        Api::all_with(client.clone(), &kube::api::ApiResource::erase::<NixOSNode>(&()));
-    dynamic
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(nxn("node-2")).unwrap(),
-        )
-        .await
-        .unwrap();
-    let before = api.get("node-2").await.unwrap();
-
-    // Strict patches (what `kubectl apply` sends): 422, the object untouched.
-    let strict = PatchParams {
-        field_validation: Some(kube::api::ValidationDirective::Strict),
-        ..PatchParams::default()
-    };
-    let e = api_err(
-        api.patch(
-            "node-2",
-            &strict,
-            &Patch::Merge(json!({"spec": {"maintenanceWindow": {}}})),
-        )
-        .await
-        .unwrap_err(),
-    );
-    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"), "{e:?}");
-    assert!(
-        e.message
-            .starts_with(" \"\" is invalid: patch: Invalid value: \"{")
-            && e.message
-                .ends_with("strict decoding error: unknown field \"spec.maintenanceWindow\""),
-        "{}",
-        e.message
-    );
-
-    let manifest = |meta: &str| {
-        format!(
-            "apiVersion: nixroll.io/v1alpha1\nkind: NixOSNode\nmetadata:\n  {meta}\nspec:\n  flake: github:example/infra\n  revision: 0123456789abcdef0123456789abcdef01234567\n  maintenanceWindow: {{}}\n"
-        )
-    };
-    // Updates of custom resources name the resourceVersion they replace.
-    let rv = before.metadata.resource_version.clone().unwrap();
-    let (m2, m3, m4) = (
-        manifest(&format!("name: node-2\n  resourceVersion: \"{rv}\"")),
-        manifest("name: node-3"),
-        manifest("name: node-4"),
-    );
-    let m2_stale = manifest("name: node-2\n  resourceVersion: \"1\"");
-    let kc = dir.path().join("kubeconfig");
-    let (k2, kc2) = (k.clone(), kc.clone());
-    let out = tokio::task::spawn_blocking(move || {
-        let patch = [
-            "patch",
-            "nixosnode",
-            "node-2",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"maintenanceWindow":{}}}"#,
-        ];
-        [
-            // The issue's command: Warn by default.
-            kubectl_run(&k, &kc, &patch, None),
-            kubectl_run(
-                &k,
-                &kc,
-                &[
-                    "patch",
-                    "nixosnode",
-                    "node-2",
-                    "--type",
-                    "json",
-                    "-p",
-                    r#"[{"op":"add","path":"/spec/maintenanceWindow","value":{}}]"#,
-                ],
-                None,
-            ),
-            kubectl_run(
-                &k,
-                &kc,
-                &[
-                    "patch",
-                    "nixosnode",
-                    "node-2",
-                    "--type",
-                    "strategic",
-                    "-p",
-                    r#"{"spec":{"maintenanceWindow":{}}}"#,
-                ],
-                None,
-            ),
-            // Create: Strict (kubectl's default), Warn, Ignore.
-            kubectl_run(&k, &kc, &["create", "-f", "-"], Some(&m3)),
-            kubectl_run(&k, &kc, &["create", "--validate=warn", "-f", "-"], Some(&m3)),
-            kubectl_run(&k, &kc, &["create", "--validate=false", "-f", "-"], Some(&m4)),
-            // Update (PUT): Strict and Warn.
-            kubectl_run(&k, &kc, &["replace", "-f", "-"], Some(&m2)),
-            kubectl_run(&k, &kc, &["replace", "--validate=warn", "-f", "-"], Some(&m2)),
-            // Decoding comes before the resourceVersion precondition.
-            kubectl_run(&k, &kc, &["replace", "-f", "-"], Some(&m2_stale)),
-            // Server-side apply.
-            kubectl_run(&k, &kc, &["apply", "--server-side", "-f", "-"], Some(&m2)),
-            // Built-in kinds: unknown metadata fields.
-            kubectl_run(&k, &kc, &["create", "configmap", "c"], None),
-            kubectl_run(
-                &k,
-                &kc,
-                &[
-                    "patch",
-                    "configmap",
-                    "c",
-                    "-p",
-                    r#"{"metadata":{"labls":{"a":"b"}}}"#,
-                ],
-                None,
-            ),
-            kubectl_run(
-                &k,
-                &kc,
-                &["patch", "configmap", "c", "-p", r#"{"dat":{"a":"b"}}"#],
-                None,
-            ),
-            kubectl_run(
-                &k,
-                &kc,
-                &["create", "-f", "-"],
-                Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: d\ndat:\n  a: b\n"),
-            ),
-        ]
-    })
-    .await
-    .unwrap();
-    let [
-        merge,
-        json_p,
-        strategic,
-        create_strict,
-        create_warn,
-        create_ignore,
-        replace_strict,
-        replace_warn,
-        replace_stale,
-        ssa,
-        _cm,
-        cm_patch,
-        cm_patch2,
-        cm_strict,
-    ] = out;
-    let warning = "Warning: unknown field \"spec.maintenanceWindow\"";
-    for (name, (ok, stdout, stderr)) in [("merge", &merge), ("json", &json_p)] {
-        assert!(ok, "{name}: {stdout}{stderr}");
-        assert_eq!(
-            stdout.trim(),
-            "nixosnode.nixroll.io/node-2 patched (no change)",
-            "{name}: {stderr}"
-        );
-        assert!(stderr.contains(warning), "{name}: {stderr}");
-    }
-    assert!(!strategic.0, "{strategic:?}");
-    assert!(
-        strategic
-            .2
-            .contains("application/strategic-merge-patch+json is not supported by nixroll.io/v1alpha1, Kind=NixOSNode: the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"),
-        "{strategic:?}"
-    );
-    assert!(!create_strict.0, "{create_strict:?}");
-    assert!(
-        create_strict.2.contains("Error from server (BadRequest): error when creating \"STDIN\": NixOSNode in version \"v1alpha1\" cannot be handled as a NixOSNode: strict decoding error: unknown field \"spec.maintenanceWindow\""),
-        "{create_strict:?}"
-    );
-    assert!(
-        create_warn.0 && create_warn.2.contains(warning),
-        "{create_warn:?}"
-    );
-    assert!(
-        create_ignore.0 && !create_ignore.2.contains("Warning"),
-        "{create_ignore:?}"
-    );
-    assert!(!replace_strict.0, "{replace_strict:?}");
-    assert!(
-        replace_strict
-            .2
-            .contains("strict decoding error: unknown field \"spec.maintenanceWindow\""),
-        "{replace_strict:?}"
-    );
-    assert!(
-        replace_warn.0 && replace_warn.2.contains(warning),
-        "{replace_warn:?}"
-    );
-    assert!(
-        !replace_stale.0 && replace_stale.2.contains("strict decoding error"),
-        "{replace_stale:?}"
-    );
-    assert!(!ssa.0, "{ssa:?}");
-    assert!(
-        ssa.2.contains("failed to create typed patch object (/node-2; nixroll.io/v1alpha1, Kind=NixOSNode): .spec.maintenanceWindow: field not declared in schema"),
-        "{ssa:?}"
-    );
-    assert!(
-        cm_patch.0 && cm_patch.2.contains("Warning: unknown field \"metadata.labls\""),
-        "{cm_patch:?}"
-    );
-    assert!(
-        cm_patch2.0 && cm_patch2.2.contains("Warning: unknown field \"dat\""),
-        "{cm_patch2:?}"
-    );
-    assert!(
-        cm_strict.2.contains("ConfigMap in version \"v1\" cannot be handled as a ConfigMap: strict decoding error: unknown field \"dat\""),
-        "{cm_strict:?}"
-    );
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    assert_eq!(cms.get("c").await.unwrap().metadata.labels, None);
-
-    // Nothing of it was stored, and the patches that changed nothing did not bump the generation.
-    for name in ["node-2", "node-3", "node-4"] {
-        let raw = dynamic.get(name).await.unwrap();
-        assert!(
-            raw.data["spec"].get("maintenanceWindow").is_none(),
-            "{name}: {:?}",
-            raw.data
-        );
-    }
-    let after = api.get("node-2").await.unwrap();
-    assert_eq!(after.metadata.generation, before.metadata.generation);
-
-    // What nixroll itself installs passes Strict validation untouched (the CRD is pruned by
-    // the built-in CustomResourceDefinition schema like any other object).
-    let crd_yaml = nixroll::api::crd_yaml().unwrap();
-    let (_, _, crd_strict) = tokio::task::spawn_blocking(move || {
-        (
-            kubectl_run(&k2, &kc2, &["delete", "crd", "nixosnodes.nixroll.io"], None),
-            kubectl_run(&k2, &kc2, &["create", "-f", "-"], Some(&crd_yaml)),
-            kubectl_run(
-                &k2,
-                &kc2,
-                &["get", "crd", "nixosnodes.nixroll.io", "-o", "json"],
-                None,
-            ),
-        )
-    })
-    .await
-    .unwrap();
-    assert!(
-        crd_strict.0 && !crd_strict.2.contains("Warning"),
-        "{crd_strict:?}"
-    );
-    let stored: CustomResourceDefinition = serde_json::from_str(&crd_strict.1).unwrap();
-    assert_eq!(stored.spec, nixroll::api::crd().spec);
 }

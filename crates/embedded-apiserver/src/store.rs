@@ -1519,7 +1519,7 @@ impl State {
                     .any(|(j, e)| j != mi && e.fields.iter().any(|q| q.starts_with(&p)));
                 if !owned_elsewhere {
                     remove_at(&mut merged, &p);
-                    crate::sim::apiserver::fields::prune_empty_parents(&mut merged, &p);
+                    crate::fields::prune_empty_parents(&mut merged, &p);
                 }
             }
         }

@@ -226,7 +226,7 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, StoreError> {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if ct.contains("yaml") {
-                serde_yaml::from_slice(body).map_err(|e| StoreError::BadRequest {
+                serde_saphyr::from_slice(body).map_err(|e| StoreError::BadRequest {
                     message: format!("error decoding YAML: {e}"),
                 })
             } else {

@@ -1,7 +1,7 @@
 //! OpenAPI v3 (`/openapi/v3` and one document per group-version), shaped like kube-apiserver's:
 //! `paths` with the operations of every served resource (PATCH declares `fieldValidation`, so
 //! `kubectl apply` validates on the server) and `components.schemas` named as kube-apiserver
-//! names them (`io.k8s.api.core.v1.Pod`, `io.nixroll.v1alpha1.NixOSNode`), each kind carrying
+//! names them (`io.k8s.api.core.v1.Pod`, `com.example.v1.Machine`), each kind carrying
 //! `x-kubernetes-group-version-kind`: what `kubectl explain` looks up.
 //!
 //! Built-in kinds get the schemas k8s-openapi ships (the upstream OpenAPI of the Kubernetes
@@ -71,7 +71,7 @@ fn gvk(group: &str, version: &str, kind: &str) -> Value {
     json!({"group": group, "kind": kind, "version": version})
 }
 
-/// `nixroll.io` → `io.nixroll`: kube-apiserver's component names start with the reversed group.
+/// `example.com` → `com.example`: kube-apiserver's component names start with the reversed group.
 fn reversed_group(group: &str) -> String {
     group.split('.').rev().collect::<Vec<_>>().join(".")
 }
@@ -296,7 +296,8 @@ mod tests {
     #[test]
     fn builtin_and_custom_kinds_carry_their_gvk() {
         let mut all = resources::builtins();
-        let crd = serde_json::to_value(crate::api::crd()).unwrap_or_default();
+        let crd: Value =
+            serde_saphyr::from_str(include_str!("../tests/fixtures/machine-crd.yaml")).unwrap_or_default();
         all.extend(resources::from_crd(&crd));
         let core = v3_gv(&all, "", "v1").unwrap_or_default();
         let pod = &core["components"]["schemas"]["io.k8s.api.core.v1.Pod"];
@@ -310,23 +311,20 @@ mod tests {
         assert_eq!(spec_ref, "#/components/schemas/io.k8s.api.core.v1.PodSpec");
         assert!(core["components"]["schemas"]["io.k8s.api.core.v1.PodSpec"].is_object());
 
-        let nx = v3_gv(&all, "nixroll.io", "v1alpha1").unwrap_or_default();
+        let nx = v3_gv(&all, "example.com", "v1").unwrap_or_default();
         let s = &nx["components"]["schemas"];
-        let node = &s["io.nixroll.v1alpha1.NixOSNode"];
+        let node = &s["com.example.v1.Machine"];
         assert_eq!(
             node["x-kubernetes-group-version-kind"],
-            json!([{"group": "nixroll.io", "kind": "NixOSNode", "version": "v1alpha1"}])
+            json!([{"group": "example.com", "kind": "Machine", "version": "v1"}])
         );
         assert!(node["properties"]["spec"]["properties"]["revision"].is_object());
         assert!(s[OBJECT_META].is_object() && s[LIST_META].is_object());
 
         let root = v3_root(&all);
-        let url = root["paths"]["apis/nixroll.io/v1alpha1"]["serverRelativeURL"]
+        let url = root["paths"]["apis/example.com/v1"]["serverRelativeURL"]
             .as_str()
             .unwrap_or("");
-        assert!(
-            url.starts_with("/openapi/v3/apis/nixroll.io/v1alpha1?hash="),
-            "{root}"
-        );
+        assert!(url.starts_with("/openapi/v3/apis/example.com/v1?hash="), "{root}");
     }
 }
