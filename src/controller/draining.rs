@@ -1,7 +1,8 @@
 //! The controller's drain bookkeeping: per draining node, the last eviction pass's progress,
 //! its backoff and the wake-ups that cut the backoff short ([`DrainState`]); the watch on a
-//! draining node's pods and the PodDisruptionBudget watch that deliver those wake-ups. The
-//! eviction passes themselves are [`crate::drain`].
+//! draining node's pods and the PodDisruptionBudget watch that deliver those wake-ups; one
+//! pass as the reconcile runs it ([`Context::drain_pass`]). The passes themselves are
+//! [`crate::drain`].
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -13,9 +14,12 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher};
+use tracing::debug;
 
-use super::{Context, observe};
-use crate::rollout::DrainProgress;
+use super::{Context, ControllerError, observe};
+use crate::api::DrainPolicy;
+use crate::drain;
+use crate::rollout::{Action, DrainProgress};
 
 /// In-memory drain bookkeeping of one node (only while Draining).
 #[derive(Clone, Debug)]
@@ -34,6 +38,58 @@ pub(super) struct DrainState {
 }
 
 impl Context {
+    /// Run one pass for `action` (`Evict`: evictions, one PodDisruptionBudget's pods after
+    /// another; `ForceDelete`: deletes) over the pods of `name`, unless the drain's backoff has
+    /// not run out; tell it as an Event on the Node and record it. Returns when to look again.
+    pub(super) async fn drain_pass(
+        &self,
+        name: &str,
+        action: &Action,
+        policy: &DrainPolicy,
+    ) -> Result<Duration, ControllerError> {
+        if let Some(wait) = self.drain_wait(name) {
+            return Ok(wait);
+        }
+        let force = *action == Action::ForceDelete;
+        let wakes_before = self.drain_wakes(name);
+        let pass = if force {
+            drain::force_delete_pass(&self.client, name, policy, self.config.api_timeout).await
+        } else {
+            let budgets = self.budgets.state();
+            drain::evict_pass_with(&self.client, name, policy, &budgets, self.config.api_timeout).await
+        };
+        let progress = pass.map_err(|source| ControllerError::Drain {
+            node: name.to_string(),
+            source,
+        })?;
+        debug!(node = %name, action = ?action, remaining = progress.remaining, blocked_by_pdb = progress.blocked_by_pdb, refused = progress.refused.len(), "drain pass");
+        let (reason, warning) = match (force, progress.blocked_by_pdb > 0, progress.refused.is_empty()) {
+            (true, _, _) => ("ForceDeleting", true),
+            (false, true, _) => ("EvictionBlocked", true),
+            (false, false, false) => ("DrainRefused", true),
+            (false, false, true) => ("Draining", false),
+        };
+        let note = format!(
+            "{} pods left, {} blocked by a PodDisruptionBudget{}",
+            progress.remaining,
+            progress.blocked_by_pdb,
+            progress
+                .refused
+                .first()
+                .map(|r| format!("; refused {r}"))
+                .unwrap_or_default()
+        );
+        self.publish(&self.node_ref(name), "Drain", reason, note, warning)
+            .await;
+        let remaining = progress.remaining;
+        let wait = self.record_drain(name, progress, wakes_before);
+        if remaining > 0 {
+            // After recording, so the watch's first wake-up finds the drain's state.
+            self.watch_pods(name);
+        }
+        Ok(wait)
+    }
+
     pub(super) fn drain_progress(&self, name: &str) -> Option<DrainProgress> {
         let drains = self.drains.lock().ok()?;
         drains.get(name).map(|d| d.progress.clone())

@@ -13,13 +13,12 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::cordon::{NODE_CHANGED_RECHECK, set_cordon_and_tell};
 use super::observe::view_of;
 use super::{Context, ControllerError, PendingWrites, metrics};
 use crate::api::{NixOSNode, NixOSNodeStatus, Phase};
-use crate::drain;
 use crate::names::CONTROLLER_MANAGER;
 use crate::rollout::{Action, Decision};
 
@@ -156,49 +155,7 @@ async fn execute_with_gate(
                 }
             }
             Action::Evict | Action::ForceDelete => {
-                if let Some(wait) = ctx.drain_wait(&name) {
-                    requeue = min_requeue(requeue, wait);
-                    continue;
-                }
-                let force = *action == Action::ForceDelete;
-                let wakes_before = ctx.drain_wakes(&name);
-                let pass = if force {
-                    drain::force_delete_pass(&ctx.client, &name, &policy, ctx.config.api_timeout).await
-                } else {
-                    let budgets = ctx.budgets.state();
-                    drain::evict_pass_with(&ctx.client, &name, &policy, &budgets, ctx.config.api_timeout)
-                        .await
-                };
-                let progress = pass.map_err(|source| ControllerError::Drain {
-                    node: name.clone(),
-                    source,
-                })?;
-                debug!(node = %name, action = ?action, remaining = progress.remaining, blocked_by_pdb = progress.blocked_by_pdb, refused = progress.refused.len(), "drain pass");
-                let (reason, warning) =
-                    match (force, progress.blocked_by_pdb > 0, progress.refused.is_empty()) {
-                        (true, _, _) => ("ForceDeleting", true),
-                        (false, true, _) => ("EvictionBlocked", true),
-                        (false, false, false) => ("DrainRefused", true),
-                        (false, false, true) => ("Draining", false),
-                    };
-                let note = format!(
-                    "{} pods left, {} blocked by a PodDisruptionBudget{}",
-                    progress.remaining,
-                    progress.blocked_by_pdb,
-                    progress
-                        .refused
-                        .first()
-                        .map(|r| format!("; refused {r}"))
-                        .unwrap_or_default()
-                );
-                ctx.publish(&ctx.node_ref(&name), "Drain", reason, note, warning)
-                    .await;
-                let remaining = progress.remaining;
-                let wait = ctx.record_drain(&name, progress, wakes_before);
-                if remaining > 0 {
-                    // After recording, so the watch's first wake-up finds the drain's state.
-                    ctx.watch_pods(&name);
-                }
+                let wait = ctx.drain_pass(&name, action, &policy).await?;
                 requeue = min_requeue(requeue, wait);
             }
         }
