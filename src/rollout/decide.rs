@@ -281,6 +281,16 @@ impl Ctx<'_, '_> {
             .unwrap_or(self.now)
     }
 
+    /// When this attempt started, for its history entry: the slot's grant (a disruptive
+    /// attempt), else the current phase's start.
+    fn attempt_started(&self) -> Timestamp {
+        self.st
+            .slot
+            .as_ref()
+            .map(|s| s.granted_at.0)
+            .unwrap_or_else(|| self.since())
+    }
+
     fn wake_at(&mut self, t: Timestamp) {
         let d = t.duration_since(self.now).max(SignedDuration::from_secs(1));
         self.requeue = Some(self.requeue.map_or(d, |r| r.min(d)));

@@ -17,6 +17,14 @@ pub mod condition {
     pub const SECRETS_MISSING: &str = "SecretsMissing";
 }
 
+/// A problem a condition shows while it lasts: the condition's reason and message, and the
+/// warning Event told when the condition turns `True`.
+struct Problem {
+    reason: &'static str,
+    message: String,
+    note: Note,
+}
+
 impl Ctx<'_, '_> {
     pub(super) fn finish(mut self) -> Decision {
         let phase = self.st.phase.unwrap_or_default();
@@ -74,91 +82,44 @@ impl Ctx<'_, '_> {
             && self.st.system.is_some()
             && booted.is_some()
             && booted != self.st.system.as_deref();
-        if pending {
+        let reboot_required = pending.then(|| {
             let m = format!(
                 "reboot: Never; the node must be rebooted by a person to boot {}",
                 self.st.system.as_deref().unwrap_or("?")
             );
-            let had = self
-                .st
-                .conditions
-                .iter()
-                .any(|c| c.type_ == condition::REBOOT_REQUIRED && c.status == "True");
-            if !had {
-                self.notes.push(Note {
+            Problem {
+                reason: reason::REBOOT_POLICY_NEVER,
+                note: Note {
                     reason: reason::REBOOT_REQUIRED.into(),
                     message: m.clone(),
                     warning: true,
-                });
+                },
+                message: m,
             }
-            set_condition(
-                &mut self.st.conditions,
-                condition::REBOOT_REQUIRED,
-                true,
-                reason::REBOOT_POLICY_NEVER,
-                &m,
-                now,
-                generation,
-            );
-        } else if self
-            .st
-            .conditions
-            .iter()
-            .any(|c| c.type_ == condition::REBOOT_REQUIRED)
-        {
-            set_condition(
-                &mut self.st.conditions,
-                condition::REBOOT_REQUIRED,
-                false,
-                reason::NOT_REQUIRED,
-                "the node boots the system it runs",
-                now,
-                generation,
-            );
-        }
+        });
+        self.problem_condition(
+            condition::REBOOT_REQUIRED,
+            reboot_required,
+            (reason::NOT_REQUIRED, "the node boots the system it runs"),
+        );
         // SecretsMissing: set while the agent reports secret files it cannot write.
-        match secrets_missing_message(self.agent) {
-            Some(m) => {
-                let had = self
-                    .st
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == condition::SECRETS_MISSING && c.status == "True");
-                if !had {
-                    self.notes.push(Note {
-                        reason: reason::SECRETS_MISSING.into(),
-                        message: format!("{m}; nothing is activated until they are written"),
-                        warning: true,
-                    });
-                }
-                set_condition(
-                    &mut self.st.conditions,
-                    condition::SECRETS_MISSING,
-                    true,
-                    reason::SECRETS_MISSING,
-                    &m,
-                    now,
-                    generation,
-                )
-            }
-            None if self
-                .st
-                .conditions
-                .iter()
-                .any(|c| c.type_ == condition::SECRETS_MISSING) =>
-            {
-                set_condition(
-                    &mut self.st.conditions,
-                    condition::SECRETS_MISSING,
-                    false,
-                    reason::SECRETS_PRESENT,
-                    "every secret file of spec.secrets is on the host",
-                    now,
-                    generation,
-                )
-            }
-            None => {}
-        }
+        let secrets_missing = secrets_missing_message(self.agent).map(|m| Problem {
+            reason: reason::SECRETS_MISSING,
+            note: Note {
+                reason: reason::SECRETS_MISSING.into(),
+                message: format!("{m}; nothing is activated until they are written"),
+                warning: true,
+            },
+            message: m,
+        });
+        self.problem_condition(
+            condition::SECRETS_MISSING,
+            secrets_missing,
+            (
+                reason::SECRETS_PRESENT,
+                "every secret file of spec.secrets is on the host",
+            ),
+        );
         self.st.agent = None;
         Decision {
             status: self.st,
@@ -166,6 +127,27 @@ impl Ctx<'_, '_> {
             notes: self.notes,
             requeue_after: self.requeue,
             rows: self.rows,
+        }
+    }
+
+    /// Set the condition `type_` of a problem: `True` with the problem's reason and message
+    /// while it lasts (and its warning Event when the condition turns `True`), `False` with
+    /// `cleared` (reason, message) once it is over. A node that never had it does not get it.
+    fn problem_condition(&mut self, type_: &str, problem: Option<Problem>, cleared: (&str, &str)) {
+        let (now, generation) = (self.now, self.view.generation);
+        let conds = &mut self.st.conditions;
+        match problem {
+            Some(p) => {
+                let had = conds.iter().any(|c| c.type_ == type_ && c.status == "True");
+                if !had {
+                    self.notes.push(p.note);
+                }
+                set_condition(conds, type_, true, p.reason, &p.message, now, generation);
+            }
+            None if conds.iter().any(|c| c.type_ == type_) => {
+                set_condition(conds, type_, false, cleared.0, cleared.1, now, generation);
+            }
+            None => {}
         }
     }
 }

@@ -17,12 +17,7 @@ impl Ctx<'_, '_> {
             .map(|t| t.revision.clone())
             .unwrap_or_else(|| self.view.spec.revision.clone());
         let system = self.target_system();
-        let started = self
-            .st
-            .slot
-            .as_ref()
-            .map(|s| s.granted_at.0)
-            .unwrap_or_else(|| self.since());
+        let started = self.attempt_started();
         let message = one_line(&message);
         self.st.failed = Some(FailedTarget {
             revision: revision.clone(),

@@ -86,12 +86,7 @@ impl Ctx<'_, '_> {
         let Some(target) = self.st.target.take() else {
             return;
         };
-        let started = self
-            .st
-            .slot
-            .as_ref()
-            .map(|s| s.granted_at.0)
-            .unwrap_or_else(|| self.since());
+        let started = self.attempt_started();
         self.st.revision = Some(target.revision.clone());
         self.st.running = Some(short_rev(&target.revision));
         self.st.system = target.system.clone();
