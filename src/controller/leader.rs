@@ -136,6 +136,16 @@ impl LeaderElector {
             .map_err(|_| LeaderError::Timeout(self.api_timeout))
     }
 
+    /// The Lease as the API has it now (`None`: absent).
+    async fn get(&self, name: &str) -> Result<Option<Lease>, LeaderError> {
+        self.timed(self.api.get_opt(name))
+            .await?
+            .map_err(|source| LeaderError::GetLease {
+                lease: name.to_string(),
+                source,
+            })
+    }
+
     fn write_result(
         &self,
         r: Result<Lease, kube::Error>,
@@ -155,13 +165,7 @@ impl LeaderElector {
     pub async fn try_acquire_or_renew(&mut self) -> Result<LeaseOutcome, LeaderError> {
         let name = self.config.lease_name.clone();
         let now = Timestamp::now();
-        let current = self
-            .timed(self.api.get_opt(&name))
-            .await?
-            .map_err(|source| LeaderError::GetLease {
-                lease: name.clone(),
-                source,
-            })?;
+        let current = self.get(&name).await?;
         let Some(lease) = current else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -236,13 +240,7 @@ impl LeaderElector {
     /// while we still hold it (guarded by `resourceVersion`).
     pub async fn release(&mut self) -> Result<(), LeaderError> {
         let name = self.config.lease_name.clone();
-        let current = self
-            .timed(self.api.get_opt(&name))
-            .await?
-            .map_err(|source| LeaderError::GetLease {
-                lease: name.clone(),
-                source,
-            })?;
+        let current = self.get(&name).await?;
         let Some(mut lease) = current else {
             return Ok(());
         };

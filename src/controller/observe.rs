@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo};
 use kube::ResourceExt;
 
-use crate::api::NixOSNode;
+use crate::api::{NixOSNode, NixOSNodeStatus};
 use crate::names::{CONTROL_PLANE_LABEL, CORDON_ANNOTATION, MASTER_LABEL, RETRY_ANNOTATION};
-use crate::rollout::NodeObservation;
+use crate::rollout::{NodeObservation, NodeView};
 
 /// Keep only what [`observe_node`] reads: name, uid, resourceVersion, the control-plane labels,
 /// `spec.unschedulable`, the `Ready` condition (status only) and `nodeInfo.bootID`. Drops
@@ -111,6 +111,28 @@ pub fn trim_budget(b: &mut k8s_openapi::api::policy::v1::PodDisruptionBudget) {
     if let Some(st) = b.status.as_mut() {
         st.conditions = None;
         st.disrupted_pods = None;
+    }
+}
+
+/// The decision's view of one NixOSNode: its metadata and spec, the status to decide from (the
+/// store's, or this process's own newer write) and the observation of its Node.
+pub(super) fn view_of<'a>(
+    o: &'a NixOSNode,
+    status: &'a NixOSNodeStatus,
+    node: &'a NodeObservation,
+) -> NodeView<'a> {
+    NodeView {
+        name: o.metadata.name.as_deref().unwrap_or_default(),
+        generation: o.metadata.generation.unwrap_or_default(),
+        retry_token: o
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::names::RETRY_ANNOTATION))
+            .map(String::as_str),
+        spec: &o.spec,
+        status,
+        node,
     }
 }
 

@@ -1,0 +1,276 @@
+//! One reconcile of one NixOSNode: observe (the caches, under the admission mutex when the node
+//! is Waiting) → decide ([`crate::rollout::decide`]) → write the controller-owned status (before
+//! acting, so a restart can finish or undo the step) → act (cordon, uncordon, one eviction pass,
+//! Events) → requeue; and the requeue policy after an error.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use super::cordon::{NODE_CHANGED_RECHECK, set_cordon_and_tell};
+use super::observe::view_of;
+use super::{Context, ControllerError, PendingWrites, metrics};
+use crate::api::{NixOSNode, NixOSNodeStatus, Phase};
+use crate::names::CONTROLLER_MANAGER;
+use crate::rollout::{Action, Decision};
+
+/// One reconcile of one NixOSNode.
+pub async fn reconcile(obj: Arc<NixOSNode>, ctx: Arc<Context>) -> Result<Requeue, ControllerError> {
+    let started = Instant::now();
+    let result = reconcile_node(obj, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    ctx.update_phase_gauge();
+    result
+}
+
+async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, ControllerError> {
+    let name = obj.name_any();
+    ctx.wait_synced().await?;
+    if !ctx.leading.load(Ordering::SeqCst) {
+        return Ok(Requeue::await_change());
+    }
+    let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
+    let now = Timestamp::now();
+    let (observation, node_version) = ctx.observe_versioned(&name);
+    let stored = obj.status.clone().unwrap_or_default();
+
+    // Our own last write is the truth while the store lags behind it.
+    let mut gate = ctx.admission.lock().await;
+    let status = gate.effective(&name, &stored).unwrap_or(stored);
+    // A Waiting node the gate returns is admitted, also when it already holds its slot (a
+    // retried node that stayed cordoned: docs/rollout.md, "Re-admission"). The gate runs only
+    // for Waiting nodes.
+    let admitted = status.phase == Some(Phase::Waiting)
+        && crate::rollout::is_admitted(
+            &view_of(&obj, &status, &observation),
+            &ctx.admissible(&mut gate, Some(&name), now),
+        );
+    let gate = if admitted {
+        Some(gate)
+    } else {
+        drop(gate);
+        None
+    };
+
+    let drain_progress = if status.phase == Some(Phase::Draining) {
+        ctx.drain_progress(&name)
+    } else {
+        None
+    };
+    let view = view_of(&obj, &status, &observation);
+    let decision: Decision =
+        (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    execute_with_gate(ctx, &obj, &status, decision, gate, node_version).await
+}
+
+/// Perform a decision for `obj` whose current controller-owned status is `current`: persist
+/// `decision.status` (when it changed), then the actions in order, then the notes as Events.
+/// Exactly what the decision says, nothing more. Public for request-level tests.
+pub async fn execute(
+    ctx: &Context,
+    obj: &NixOSNode,
+    current: &NixOSNodeStatus,
+    decision: Decision,
+) -> Result<Requeue, ControllerError> {
+    let node_version = ctx.node_version(&obj.name_any());
+    execute_with_gate(ctx, obj, current, decision, None, node_version).await
+}
+
+async fn execute_with_gate(
+    ctx: &Context,
+    obj: &NixOSNode,
+    current: &NixOSNodeStatus,
+    mut decision: Decision,
+    gate: Option<tokio::sync::MutexGuard<'_, PendingWrites>>,
+    // The Node's resourceVersion the decision saw: cordon and uncordon are conditional on it.
+    node_version: Option<String>,
+) -> Result<Requeue, ControllerError> {
+    let name = obj.name_any();
+    let now = Timestamp::now();
+    decision.status.agent = None;
+    let before = controller_part(current);
+
+    // Persist intent first (under the admission gate when this is a grant).
+    if before != decision.status {
+        if !ctx.leading.load(Ordering::SeqCst) {
+            return Ok(Requeue::await_change());
+        }
+        match gate {
+            Some(mut gate) => match ctx.write_status(&name, &decision.status).await {
+                Ok(()) => gate.record(&name, &decision.status),
+                Err(e) => {
+                    // The grant may have landed (e.g. a timeout after sending): keep counting it
+                    // until the watch shows it or the uncertainty window passes.
+                    let until = Instant::now() + ctx.config.api_timeout.saturating_mul(6);
+                    gate.record_uncertain(&name, &decision.status, until);
+                    return Err(e);
+                }
+            },
+            None => {
+                ctx.write_status(&name, &decision.status).await?;
+                ctx.admission.lock().await.record(&name, &decision.status);
+            }
+        }
+        info!(node = %name, from = ?before.phase, phase = ?decision.status.phase, "status written");
+        observe_transition(ctx, &before, &decision.status, now);
+        let held = before.slot.is_some() || before.phase.is_some_and(Phase::is_disruptive);
+        let holds = decision.status.slot.is_some() || decision.status.phase.is_some_and(Phase::is_disruptive);
+        let left = |p: Phase| before.phase == Some(p) && decision.status.phase != Some(p);
+        // Admission waits for every node to finish staging and for Degraded nodes to recover:
+        // when one does, the Waiting nodes get another look.
+        let unblocks_others = left(Phase::Degraded) || left(Phase::Staging);
+        if (held && !holds) || unblocks_others {
+            ctx.wake_admissible(&name).await;
+        }
+    } else {
+        drop(gate);
+    }
+
+    let mut requeue = decision.requeue_after.map(to_std);
+    let policy = obj.spec.drain.clone().unwrap_or_default();
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    for action in &decision.actions {
+        if !ctx.leading.load(Ordering::SeqCst) {
+            return Ok(Requeue::await_change());
+        }
+        match action {
+            Action::Cordon | Action::Uncordon => {
+                let cordon = *action == Action::Cordon;
+                if !set_cordon_and_tell(ctx, &nodes, &name, cordon, node_version.clone()).await? {
+                    // Decided on an older Node (for an uncordon usually our own earlier one,
+                    // not yet in the cache): look again once the cache has the new one (its
+                    // watch event usually triggers that sooner). No later action runs.
+                    requeue = min_requeue(requeue, NODE_CHANGED_RECHECK);
+                    break;
+                }
+            }
+            Action::Evict | Action::ForceDelete => {
+                let wait = ctx.drain_pass(&name, action, &policy).await?;
+                requeue = min_requeue(requeue, wait);
+            }
+        }
+    }
+    if decision.status.phase != Some(Phase::Draining) {
+        ctx.clear_drain(&name);
+    }
+
+    let reference = obj.object_ref(&());
+    for n in &decision.notes {
+        ctx.publish(&reference, "Reconcile", &n.reason, n.message.clone(), n.warning)
+            .await;
+    }
+    Ok(match requeue {
+        Some(d) => Requeue::requeue(d),
+        None => Requeue::await_change(),
+    })
+}
+
+fn observe_transition(ctx: &Context, before: &NixOSNodeStatus, after: &NixOSNodeStatus, now: Timestamp) {
+    if before.phase == after.phase {
+        return;
+    }
+    if let (Some(phase), Some(since)) = (before.phase, before.last_transition_time.as_ref()) {
+        let secs = now.duration_since(since.0).as_secs_f64().max(0.0);
+        ctx.metrics
+            .phase_duration
+            .get_or_create(&metrics::PhaseLabel {
+                phase: phase.as_str(),
+            })
+            .observe(secs);
+    }
+    if after.phase == Some(Phase::Degraded) {
+        let reason = after
+            .failed
+            .as_ref()
+            .map_or("Other", |f| failure_category(&f.reason));
+        ctx.metrics
+            .failures
+            .get_or_create(&metrics::CategoryLabel { category: reason })
+            .inc();
+    }
+}
+
+/// Requeue policy after an error: short for transient errors, long for permanent ones.
+pub fn error_policy(obj: Arc<NixOSNode>, err: &ControllerError, ctx: Arc<Context>) -> Requeue {
+    let category = err.category();
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&metrics::CategoryLabel { category })
+        .inc();
+    warn!(node = %obj.name_any(), category, transient = err.is_transient(), error = %err, "reconcile failed");
+    let jitter = Duration::from_millis(fastrand::u64(0..1000));
+    if err.is_transient() {
+        Requeue::requeue(Duration::from_secs(5) + jitter)
+    } else {
+        Requeue::requeue(Duration::from_secs(60) + jitter)
+    }
+}
+
+fn to_std(d: jiff::SignedDuration) -> Duration {
+    Duration::try_from(d).unwrap_or(Duration::ZERO)
+}
+
+fn min_requeue(a: Option<Duration>, b: Duration) -> Option<Duration> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+fn controller_part(status: &NixOSNodeStatus) -> NixOSNodeStatus {
+    let mut s = status.clone();
+    s.agent = None;
+    s
+}
+
+/// Condition reasons as bounded metric labels.
+fn failure_category(reason: &str) -> &'static str {
+    match reason {
+        "StageFailed" => "StageFailed",
+        "StageTimeout" => "StageTimeout",
+        "DrainTimeout" => "DrainTimeout",
+        "DrainFailed" => "DrainFailed",
+        "ActivationFailed" => "ActivationFailed",
+        "ActivationTimeout" => "ActivationTimeout",
+        "RebootTimeout" => "RebootTimeout",
+        "BootedWrongSystem" => "BootedWrongSystem",
+        "VerifyTimeout" => "VerifyTimeout",
+        "NodeNotReady" => "NodeNotReady",
+        "RebootRequired" => "RebootRequired",
+        _ => "Other",
+    }
+}
+
+impl Context {
+    pub(super) async fn write_status(
+        &self,
+        name: &str,
+        status: &NixOSNodeStatus,
+    ) -> Result<(), ControllerError> {
+        let api: Api<NixOSNode> = Api::all(self.client.clone());
+        let body = serde_json::json!({
+            "apiVersion": NixOSNode::api_version(&()),
+            "kind": NixOSNode::kind(&()),
+            "status": status,
+        });
+        let pp = PatchParams::apply(CONTROLLER_MANAGER).force();
+        self.timed(
+            "status write",
+            name,
+            api.patch_status(name, &pp, &Patch::Apply(&body)),
+        )
+        .await?
+        .map_err(|source| ControllerError::WriteStatus {
+            node: name.to_string(),
+            source,
+        })?;
+        Ok(())
+    }
+}
