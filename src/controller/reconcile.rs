@@ -20,7 +20,7 @@ use super::observe::view_of;
 use super::{Context, ControllerError, PendingWrites, metrics};
 use crate::api::{NixOSNode, NixOSNodeStatus, Phase};
 use crate::names::CONTROLLER_MANAGER;
-use crate::rollout::{Action, Decision};
+use crate::rollout::{Action, Decision, reason};
 
 /// One reconcile of one NixOSNode.
 pub async fn reconcile(obj: Arc<NixOSNode>, ctx: Arc<Context>) -> Result<Requeue, ControllerError> {
@@ -231,21 +231,14 @@ fn controller_part(status: &NixOSNodeStatus) -> NixOSNodeStatus {
 }
 
 /// Condition reasons as bounded metric labels.
-fn failure_category(reason: &str) -> &'static str {
-    match reason {
-        "StageFailed" => "StageFailed",
-        "StageTimeout" => "StageTimeout",
-        "DrainTimeout" => "DrainTimeout",
-        "DrainFailed" => "DrainFailed",
-        "ActivationFailed" => "ActivationFailed",
-        "ActivationTimeout" => "ActivationTimeout",
-        "RebootTimeout" => "RebootTimeout",
-        "BootedWrongSystem" => "BootedWrongSystem",
-        "VerifyTimeout" => "VerifyTimeout",
-        "NodeNotReady" => "NodeNotReady",
-        "RebootRequired" => "RebootRequired",
-        _ => "Other",
-    }
+/// The metric category of a failure reason: the reason itself when it is one of
+/// [`reason::FAILURES`], else `Other` (the label set stays bounded).
+fn failure_category(why: &str) -> &'static str {
+    reason::FAILURES
+        .iter()
+        .find(|r| **r == why)
+        .copied()
+        .unwrap_or("Other")
 }
 
 impl Context {
@@ -272,5 +265,54 @@ impl Context {
             source,
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each Degraded reason counts under its own category. (A staging timeout, written as
+    /// `StagingTimeout`, used to be counted as `Other`.)
+    #[test]
+    fn every_failure_reason_is_its_own_metric_category() {
+        for why in reason::FAILURES {
+            assert_eq!(failure_category(why), why);
+        }
+        assert_eq!(failure_category(reason::STAGING_TIMEOUT), "StagingTimeout");
+        assert_eq!(failure_category("SomethingNew"), "Other");
+    }
+
+    /// Every reason `decide` fails a node with is in [`reason::FAILURES`], so that no failure
+    /// is counted as `Other` by mistake.
+    #[test]
+    fn decide_fails_only_with_listed_reasons() {
+        let sources = [
+            include_str!("../rollout/decide.rs"),
+            include_str!("../rollout/decide/staging.rs"),
+            include_str!("../rollout/decide/draining.rs"),
+            include_str!("../rollout/decide/activation.rs"),
+            include_str!("../rollout/decide/verification.rs"),
+            include_str!("../rollout/decide/failure.rs"),
+            include_str!("../rollout/decide/conditions.rs"),
+        ];
+        let call = regex::Regex::new(r"\.fail\(\s*reason::([A-Z_]+)").unwrap();
+        let mut seen = 0;
+        for text in sources {
+            for c in call.captures_iter(text) {
+                seen += 1;
+                let name = &c[1];
+                let listed = include_str!("../rollout/mod.rs")
+                    .lines()
+                    .find(|l| l.contains(&format!("pub const {name}: &str")))
+                    .and_then(|l| l.split('"').nth(1))
+                    .unwrap_or_else(|| panic!("reason::{name} is not a string constant"));
+                assert!(
+                    reason::FAILURES.contains(&listed),
+                    "reason::{name} ({listed}) is not in reason::FAILURES"
+                );
+            }
+        }
+        assert!(seen >= 8, "found only {seen} fail(reason::…) calls");
     }
 }

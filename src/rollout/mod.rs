@@ -66,6 +66,18 @@ pub mod reason {
     pub const REBOOT_TIMEOUT: &str = "RebootTimeout";
     pub const VERIFY_TIMEOUT: &str = "VerifyTimeout";
     pub const BOOTED_WRONG_SYSTEM: &str = "BootedWrongSystem";
+
+    /// Every reason a node goes Degraded with (`status.failed.reason`): also the bounded
+    /// `category` label set of `nixroll_failures_total`.
+    pub const FAILURES: [&str; 7] = [
+        STAGE_FAILED,
+        STAGING_TIMEOUT,
+        ACTIVATION_FAILED,
+        ACTIVATION_TIMEOUT,
+        REBOOT_TIMEOUT,
+        VERIFY_TIMEOUT,
+        BOOTED_WRONG_SYSTEM,
+    ];
 }
 
 use jiff::{SignedDuration, Timestamp};
