@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use super::node::NodeAgent;
+use super::node::{NodeAgent, send_report};
 use super::secrets::{self, Fetched, SecretsView};
 use super::writer::Seen;
 use super::{AgentConfig, AgentError, watch};
@@ -99,25 +99,19 @@ pub(super) async fn work(
             }
         }
         let fetched = secrets_rx.borrow_and_update().clone();
+        let host_state = |source| AgentError::HostState {
+            node: config.node.clone(),
+            source,
+        };
         agent
             .sync_secrets(&obj.spec.secrets, &fetched)
             .await
-            .map_err(|source| AgentError::HostState {
-                node: config.node.clone(),
-                source,
-            })?;
+            .map_err(host_state)?;
         let facts = agent
             .reconcile(status.target.as_ref(), status.activation.as_ref())
             .await
-            .map_err(|source| AgentError::HostState {
-                node: config.node.clone(),
-                source,
-            })?;
-        report.send_if_modified(|r| {
-            let changed = r.as_ref() != Some(&facts);
-            *r = Some(facts);
-            changed
-        });
+            .map_err(host_state)?;
+        send_report(&report, facts);
     }
 }
 

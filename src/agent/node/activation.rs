@@ -6,6 +6,7 @@ use std::path::Path;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::reboot::rebooted_since;
 use super::{CrashPoint, NodeAgent, NodeError, now, sanitize};
 use crate::agent::host::resolve;
 use crate::agent::state::{ACTIVATION_DIR, ActivationRecord, HostState, Step};
@@ -114,24 +115,7 @@ impl NodeAgent {
                             ActivationState::NeedsReboot,
                             "switch-to-configuration switch exited 100: the new system needs a reboot".into(),
                         )?,
-                        (_, 0 | 4) => {
-                            let boot_id = self.boot_id();
-                            self.update(st, |r| {
-                                r.boot_id_before = boot_id;
-                                r.step = Step::RebootIssued;
-                            })?;
-                            self.crash(CrashPoint::BeforeReboot)?;
-                            // RebootRequested is in the API before the machine goes down.
-                            self.published_and_stored(st).await;
-                            tracing::info!(id = %rec.id, "rebooting");
-                            if let Err(e) = self.host.reboot().await {
-                                self.finish(st, ActivationState::Failed, e.to_string())?;
-                                return Ok(());
-                            }
-                            self.crash(CrashPoint::AfterReboot)?;
-                            // On a real host the machine is going down; a simulated reboot
-                            // has already happened: RebootIssued below tells them apart.
-                        }
+                        (_, 0 | 4) => self.request_reboot(st, &rec).await?,
                         (_, code) => self.finish(
                             st,
                             ActivationState::Failed,
@@ -144,7 +128,7 @@ impl NodeAgent {
                 }
                 Step::RebootIssued => {
                     // Never reboot again from here. A new boot id means it happened.
-                    if self.boot_id().is_some() && self.boot_id() != rec.boot_id_before {
+                    if rebooted_since(rec.boot_id_before.as_deref(), self.boot_id().as_deref()) {
                         self.finish(st, ActivationState::Rebooted, String::new())?;
                     }
                     return Ok(());
@@ -166,7 +150,12 @@ impl NodeAgent {
         self.save(st)
     }
 
-    fn finish(&self, st: &mut HostState, outcome: ActivationState, message: String) -> Result<(), NodeError> {
+    pub(super) fn finish(
+        &self,
+        st: &mut HostState,
+        outcome: ActivationState,
+        message: String,
+    ) -> Result<(), NodeError> {
         let id = st.activation.as_ref().map(|r| r.id.clone());
         tracing::info!(id = ?id, ?outcome, %message, "activation finished");
         if outcome == ActivationState::Failed {
@@ -184,12 +173,8 @@ impl NodeAgent {
                 message: message.clone(),
                 at: Time(now()),
             });
-        } else if st
-            .last_error
-            .as_ref()
-            .is_some_and(|e| e.operation == HostOperation::Activate)
-        {
-            st.last_error = None;
+        } else {
+            st.clear_error_of(HostOperation::Activate);
         }
         self.update(st, |r| {
             r.step = Step::Finished;

@@ -1,6 +1,6 @@
 //! The agent's host logic, independent of Kubernetes: given what the controller wants
 //! (`status.target`, `status.activation`), stage and activate on the [`Host`] with [`Nix`],
-//! persist progress in [`state`](super::state), and compute the facts to report
+//! persist progress in [`state`], and compute the facts to report
 //! ([`AgentStatus`]). The Kubernetes loop in `super` only feeds it and writes its output.
 //!
 //! [`NodeAgent`] is one type whose methods live in one file per concern:
@@ -34,6 +34,7 @@ mod tests;
 
 pub use reboot_reasons::{REBOOT_COMPONENTS, SWITCH_INHIBITORS, SYSTEMD_COMPONENT, reboot_reasons};
 pub use report::activation_report;
+pub(in crate::agent) use report::send_report;
 pub use switch::{ACTIVATION_WRAPPER, SWITCH_LOCK};
 
 use std::io::Read;

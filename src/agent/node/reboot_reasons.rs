@@ -31,16 +31,8 @@ impl NodeAgent {
     /// [`reboot_reasons`] plus `systemd` when [`HostOptions::systemd_needs_reboot`](super::HostOptions::systemd_needs_reboot).
     pub(super) fn reasons(&self, booted: Option<&str>, current: Option<&str>, new: &str) -> Vec<String> {
         let mut reasons = reboot_reasons(self.host.as_ref(), booted, current, new);
-        if self.options.systemd_needs_reboot {
-            let b = booted.map(|b| component(self.host.as_ref(), b, SYSTEMD_COMPONENT));
-            let n = component(self.host.as_ref(), new, SYSTEMD_COMPONENT);
-            let same = match b {
-                None => n.is_none(),
-                Some(b) => same_component(self.host.as_ref(), b.as_deref(), n.as_deref()),
-            };
-            if !same {
-                reasons.push(SYSTEMD_COMPONENT.to_string());
-            }
+        if self.options.systemd_needs_reboot && differs(self.host.as_ref(), booted, new, SYSTEMD_COMPONENT) {
+            reasons.push(SYSTEMD_COMPONENT.to_string());
         }
         reasons
     }
@@ -59,13 +51,7 @@ pub fn reboot_reasons(
 ) -> Vec<String> {
     let mut reasons = Vec::new();
     for name in REBOOT_COMPONENTS {
-        let b = booted.map(|b| component(host, b, name));
-        let n = component(host, new, name);
-        let same = match b {
-            None => n.is_none(),
-            Some(b) => same_component(host, b.as_deref(), n.as_deref()),
-        };
-        if !same {
+        if differs(host, booted, new, name) {
             reasons.push(name.to_string());
         }
     }
@@ -101,6 +87,17 @@ fn inhibitors_differ(a: &Path, b: &Path) -> bool {
     match (parse(&ta), parse(&tb)) {
         (Some(ma), Some(mb)) => ma.iter().any(|(k, v)| mb.get(k).is_some_and(|w| w != v)),
         _ => ta.trim() != tb.trim(),
+    }
+}
+
+/// Whether component `name` of `new` differs from the booted system's; with the booted
+/// system unknown, whether `new` has it.
+fn differs(host: &dyn Host, booted: Option<&str>, new: &str, name: &str) -> bool {
+    let b = booted.map(|b| component(host, b, name));
+    let n = component(host, new, name);
+    match b {
+        None => n.is_some(),
+        Some(b) => !same_component(host, b.as_deref(), n.as_deref()),
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::reboot::rebooted_since;
 use super::{NodeAgent, NodeError};
 use crate::agent::state::{ActivationRecord, HostState, Step};
 use crate::api::{ActivationReport, ActivationState, AgentStatus};
@@ -26,12 +27,7 @@ impl NodeAgent {
 
     pub(super) fn publish(&self, st: &HostState) {
         if let Some(tx) = &self.progress {
-            let facts = self.observe_with(st);
-            tx.send_if_modified(|r| {
-                let changed = r.as_ref() != Some(&facts);
-                *r = Some(facts);
-                changed
-            });
+            send_report(tx, self.observe_with(st));
         }
     }
 
@@ -77,7 +73,7 @@ pub fn activation_report(r: &ActivationRecord, boot_id: Option<&str>) -> Activat
     let state = match r.step {
         Step::Finished => r.outcome.unwrap_or(ActivationState::Failed),
         Step::RebootIssued => {
-            if boot_id.is_some() && boot_id != r.boot_id_before.as_deref() {
+            if rebooted_since(r.boot_id_before.as_deref(), boot_id) {
                 ActivationState::Rebooted
             } else {
                 ActivationState::RebootRequested
@@ -96,4 +92,16 @@ pub fn activation_report(r: &ActivationRecord, boot_id: Option<&str>) -> Activat
         message: r.message.clone(),
         updated_at: Time(r.updated_at),
     }
+}
+
+/// Hand `facts` to the status writer, which is woken only when they changed.
+pub(in crate::agent) fn send_report(
+    tx: &tokio::sync::watch::Sender<Option<AgentStatus>>,
+    facts: AgentStatus,
+) {
+    tx.send_if_modified(|r| {
+        let changed = r.as_ref() != Some(&facts);
+        *r = Some(facts);
+        changed
+    });
 }

@@ -79,13 +79,7 @@ impl NodeAgent {
                     compared_with: booted,
                     compared_current: current,
                 });
-                if st
-                    .last_error
-                    .as_ref()
-                    .is_some_and(|e| e.operation == HostOperation::Stage)
-                {
-                    st.last_error = None;
-                }
+                st.clear_error_of(HostOperation::Stage);
                 self.failed_stage = None;
             }
             Err(e) => {

@@ -3,7 +3,7 @@
 //! result file, and reading its log.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::activation::switch_verb;
@@ -26,12 +26,12 @@ impl NodeAgent {
     pub(super) async fn switch(&self, rec: &ActivationRecord) -> Result<i32, String> {
         let name = job_name(rec);
         let dir = Path::new(ACTIVATION_DIR);
-        let result = self.host.fs_path(&dir.join(format!("{name}.result")));
+        let result = self.job_file(&name, "result");
         if let Some(code) = read_result(&result) {
             return Ok(code);
         }
         let system = rec.activated.clone().unwrap_or_else(|| rec.system.clone());
-        let started = self.host.fs_path(&dir.join(format!("{name}.started")));
+        let started = self.job_file(&name, "started");
         if !started.exists() {
             self.wait_for_other_activators_quietly().await?;
             let _ = std::fs::create_dir_all(self.host.fs_path(dir));
@@ -177,10 +177,7 @@ impl NodeAgent {
 
     /// Whether the switch failed because another activator held NixOS's activation lock.
     pub(super) fn lost_lock_race(&self, rec: &ActivationRecord) -> bool {
-        let log = self
-            .host
-            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", job_name(rec))));
-        read_bounded(&log, 64 * 1024).is_some_and(|t| {
+        self.switch_log(rec).is_some_and(|t| {
             t.lines()
                 .any(|l| l.contains("switch-to-configuration.lock") || l.contains("Could not acquire lock"))
         })
@@ -188,10 +185,7 @@ impl NodeAgent {
 
     /// `: <the line naming the failed units>` from the switch's output, if any.
     pub(super) fn failed_units(&self, rec: &ActivationRecord) -> String {
-        let log = self
-            .host
-            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", job_name(rec))));
-        read_bounded(&log, 64 * 1024)
+        self.switch_log(rec)
             .and_then(|t| {
                 t.lines()
                     .rev()
@@ -206,11 +200,19 @@ impl NodeAgent {
             .unwrap_or_default()
     }
 
+    /// Where the agent finds the job file `<name>.<suffix>` (`started`, `log`, `result`).
+    fn job_file(&self, name: &str, suffix: &str) -> PathBuf {
+        self.host
+            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{name}.{suffix}")))
+    }
+
+    /// The output of the switch of `rec` (its first 64 KiB), if any.
+    fn switch_log(&self, rec: &ActivationRecord) -> Option<String> {
+        read_bounded(&self.job_file(&job_name(rec), "log"), 64 * 1024)
+    }
+
     pub(super) fn switch_log_tail(&self, rec: &ActivationRecord) -> String {
-        let log = self
-            .host
-            .fs_path(&Path::new(ACTIVATION_DIR).join(format!("{}.log", job_name(rec))));
-        let text = read_bounded(&log, 64 * 1024).unwrap_or_default();
+        let text = self.switch_log(rec).unwrap_or_default();
         let t = crate::nix::trim_nix_error(&text);
         if t.is_empty() {
             String::new()
