@@ -10,7 +10,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    ActivationAction, ActivationState, HostError as ReportedError, SecretFileStatus, StagedSystem,
+    ActivationAction, ActivationState, HostError as ReportedError, HostOperation, SecretFileStatus,
+    StagedSystem,
 };
 
 /// Host path of the state file.
@@ -38,6 +39,15 @@ pub struct HostState {
     /// is replaced, cleared once restarted (an agent killed in between restarts them after).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_restarts: Vec<String>,
+}
+
+impl HostState {
+    /// Forget the last error if it was one of `operation` (which has succeeded since).
+    pub fn clear_error_of(&mut self, operation: HostOperation) {
+        if self.last_error.as_ref().is_some_and(|e| e.operation == operation) {
+            self.last_error = None;
+        }
+    }
 }
 
 /// The staged system and what its reboot reasons were computed against.

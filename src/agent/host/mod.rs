@@ -214,6 +214,26 @@ fn push_components(stack: &mut Vec<OsString>, path: &Path) {
     stack.extend(parts.into_iter().rev());
 }
 
+/// How long a reboot command may take to return.
+const REBOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Run a reboot command (bounded by [`REBOOT_TIMEOUT`]); when it fails, [`HostError::Reboot`]
+/// carries the message `failure` makes of its output.
+pub(crate) async fn run_reboot(
+    command: tokio::process::Command,
+    display: String,
+    failure: impl FnOnce(&CommandOutput) -> String,
+) -> Result<(), HostError> {
+    let out = run_child(command, display, REBOOT_TIMEOUT).await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(HostError::Reboot {
+            message: failure(&out),
+        })
+    }
+}
+
 /// Run a prepared `tokio` command with a timeout, capturing its output.
 pub(crate) async fn run_child(
     mut command: tokio::process::Command,

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, JobState, run_child};
+use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, JobState, run_child, run_reboot};
 
 /// `PATH` of host commands: NixOS's system path first (`nix`, `nix-env`, `systemd-run`, and
 /// `git` when the configuration installs it), the default Nix profile, then the FHS
@@ -371,19 +371,12 @@ impl Host for RealHost {
 
     fn reboot(&self) -> BoxFuture<'_, Result<(), HostError>> {
         Box::pin(async move {
-            let out = run_child(
+            run_reboot(
                 self.direct("systemctl", &["reboot".into()], &self.environment()),
                 "systemctl reboot".into(),
-                Duration::from_secs(60),
+                |out| out.stderr.trim().to_string(),
             )
-            .await?;
-            if out.success() {
-                Ok(())
-            } else {
-                Err(HostError::Reboot {
-                    message: out.stderr.trim().to_string(),
-                })
-            }
+            .await
         })
     }
 

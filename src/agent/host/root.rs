@@ -4,11 +4,10 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, run_child};
+use super::{CommandOutput, DetachedJob, Host, HostCommand, HostError, run_child, run_reboot};
 
 /// Environment variable every command of a [`HostRoot`] gets: the root directory. The test
 /// systems' `switch-to-configuration` (crate::sim::flake) writes its effects under it.
@@ -203,24 +202,13 @@ impl Host for HostRoot {
                         });
                     };
                     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-                    let out = run_child(
+                    let line = argv.join(" ");
+                    run_reboot(
                         self.command(&OsString::from(program), &args),
-                        argv.join(" "),
-                        Duration::from_secs(60),
+                        line.clone(),
+                        |out| format!("`{line}` exited with {:?}: {}", out.code, out.stderr.trim()),
                     )
-                    .await?;
-                    if out.success() {
-                        Ok(())
-                    } else {
-                        Err(HostError::Reboot {
-                            message: format!(
-                                "`{}` exited with {:?}: {}",
-                                argv.join(" "),
-                                out.code,
-                                out.stderr.trim()
-                            ),
-                        })
-                    }
+                    .await
                 }
             }
         })

@@ -1,0 +1,158 @@
+//! Staging: building `status.target` (`nix build` to a GC root) without changing what the
+//! next boot runs, recording the staged system, retrying a failed build with backoff, and
+//! keeping its reboot reasons up to date.
+
+use std::path::Path;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::{NodeAgent, NodeError, now, sanitize};
+use crate::agent::host::resolve;
+use crate::agent::state::{GCROOTS_DIR, HostState, StagedRecord};
+use crate::api::{HostError as ReportedError, HostOperation, StagedSystem, Target};
+
+#[derive(Clone, Debug)]
+pub(super) struct FailedStage {
+    revision: String,
+    installable: String,
+    attempts: u32,
+    retry_at: tokio::time::Instant,
+}
+
+impl NodeAgent {
+    /// When a failed staging should be tried again (the loop wakes up then).
+    pub fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.failed_stage.as_ref().map(|f| f.retry_at)
+    }
+
+    pub(super) fn needs_staging(&self, st: &HostState, t: &Target) -> bool {
+        if let Some(f) = &self.failed_stage
+            && f.revision == t.revision
+            && f.installable == t.installable
+            && tokio::time::Instant::now() < f.retry_at
+        {
+            return false;
+        }
+        match &st.staged {
+            Some(r) if r.staged.revision == t.revision && r.staged.installable == t.installable => {
+                // Still pinned? (someone may have deleted the root or collected the path)
+                let root = self.host.fs_path(&r.gc_root);
+                !(std::fs::symlink_metadata(&root).is_ok()
+                    && resolve(self.host.as_ref(), &r.gc_root).is_some())
+            }
+            _ => true,
+        }
+    }
+
+    pub(super) async fn stage(&mut self, st: &mut HostState, t: &Target) -> Result<(), NodeError> {
+        let gc_root = Path::new(GCROOTS_DIR).join(format!("system-{}", sanitize(&t.revision)));
+        tracing::info!(
+            revision = %t.revision,
+            installable = %crate::nix::mask_credentials(&t.installable),
+            "staging"
+        );
+        match self.nix.realise(&t.installable, &gc_root).await {
+            Ok(system) => {
+                let closure_bytes = match self.nix.closure_bytes(&system).await {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "closure size unknown");
+                        None
+                    }
+                };
+                let booted = self.booted_system();
+                let current = self.current_system();
+                let reasons = self.reasons(booted.as_deref(), current.as_deref(), &system);
+                self.remove_stale_roots(&gc_root);
+                tracing::info!(%system, ?reasons, "staged");
+                st.staged = Some(StagedRecord {
+                    staged: StagedSystem {
+                        revision: t.revision.clone(),
+                        installable: t.installable.clone(),
+                        system,
+                        closure_bytes,
+                        reboot_required: !reasons.is_empty(),
+                        reboot_reasons: reasons,
+                        staged_at: Some(Time(now())),
+                    },
+                    gc_root,
+                    compared_with: booted,
+                    compared_current: current,
+                });
+                st.clear_error_of(HostOperation::Stage);
+                self.failed_stage = None;
+            }
+            Err(e) => {
+                let attempts = match &self.failed_stage {
+                    Some(f) if f.revision == t.revision && f.installable == t.installable => f.attempts + 1,
+                    _ => 1,
+                };
+                let backoff = self
+                    .options
+                    .stage_retry
+                    .saturating_mul(1 << attempts.min(16).saturating_sub(1))
+                    .min(self.options.stage_retry_max);
+                tracing::warn!(revision = %t.revision, error = %e, attempts, retry_in = ?backoff, "staging failed");
+                let message = e.report();
+                // Same failure again: keep its time, so the report does not change.
+                let same = st.last_error.as_ref().is_some_and(|l| {
+                    l.operation == HostOperation::Stage
+                        && l.revision.as_deref() == Some(t.revision.as_str())
+                        && l.message == message
+                });
+                if !same {
+                    st.last_error = Some(ReportedError {
+                        operation: HostOperation::Stage,
+                        revision: Some(t.revision.clone()),
+                        message,
+                        at: Time(now()),
+                    });
+                }
+                self.failed_stage = Some(FailedStage {
+                    revision: t.revision.clone(),
+                    installable: t.installable.clone(),
+                    attempts,
+                    retry_at: tokio::time::Instant::now() + backoff,
+                });
+            }
+        }
+        self.save(st)
+    }
+
+    /// Remove every root in the gcroots directory except `keep` (superseded targets).
+    fn remove_stale_roots(&self, keep: &Path) {
+        let dir = self.host.fs_path(Path::new(GCROOTS_DIR));
+        let keep_name = keep.file_name();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if Some(e.file_name().as_os_str()) != keep_name
+                && let Err(err) = std::fs::remove_file(e.path())
+            {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove stale GC root");
+            }
+        }
+    }
+
+    /// Recompute the reboot reasons when the booted or the running system changed since
+    /// staging.
+    pub(super) fn refresh_reboot_reasons(&self, st: &mut HostState) -> Result<(), NodeError> {
+        let booted = self.booted_system();
+        let current = self.current_system();
+        let Some(rec) = st.staged.as_ref() else {
+            return Ok(());
+        };
+        if rec.compared_with == booted && rec.compared_current == current {
+            return Ok(());
+        }
+        let reasons = self.reasons(booted.as_deref(), current.as_deref(), &rec.staged.system);
+        if let Some(rec) = st.staged.as_mut() {
+            rec.staged.reboot_required = !reasons.is_empty();
+            rec.staged.reboot_reasons = reasons;
+            rec.compared_with = booted;
+            rec.compared_current = current;
+        }
+        self.save(st)
+    }
+}
