@@ -73,10 +73,7 @@ pub fn group(resources: &[Arc<ResourceInfo>], group: &str) -> Option<Value> {
 
 /// `/api/v1` or `/apis/{group}/{version}`.
 pub fn resource_list(resources: &[Arc<ResourceInfo>], group: &str, version: &str) -> Option<Value> {
-    let mine: Vec<&Arc<ResourceInfo>> = resources
-        .iter()
-        .filter(|r| r.gvr.group == group && r.gvr.version == version)
-        .collect();
+    let mine = crate::resources::in_group_version(resources, group, version);
     if mine.is_empty() {
         return None;
     }

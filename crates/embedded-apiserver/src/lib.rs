@@ -22,7 +22,10 @@
 //! `Api::evict` sends its delete options as `delete_options`, which the server ignores, so
 //! `EvictParams`' grace period does not apply (the pod's own grace period does).
 //!
-//! Map: [`store`] (objects, write semantics, eviction), [`watch`] (watchers, history),
+//! Map: [`store`] (objects, resourceVersion, get/list/watch; its files: `options` (option and
+//! result types), `writes` (create/update/patch/apply), `admission` (pruning, defaults,
+//! validation), `deletion` (graceful deletion, finalizers, eviction), `effects` (CRD
+//! registration, namespace purge, event bounding, PDB status)), [`watch`] (watchers, history),
 //! [`fields`] (server-side apply field sets, merge/strategic patches), [`selector`],
 //! [`pdb`] (disruption arithmetic), [`resources`] (what is served), [`convert`] (version
 //! views), [`http`] (routes), [`discovery`], [`openapi`], [`table`], [`schema`] (CRD admission).

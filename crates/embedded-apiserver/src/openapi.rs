@@ -248,10 +248,7 @@ pub(crate) fn builtin_kind(info: &ResourceInfo) -> Option<(Arc<Value>, String)> 
 }
 
 fn gv_doc(resources: &[Arc<ResourceInfo>], group: &str, version: &str) -> Option<Doc> {
-    let mine: Vec<&Arc<ResourceInfo>> = resources
-        .iter()
-        .filter(|r| r.gvr.group == group && r.gvr.version == version)
-        .collect();
+    let mine = crate::resources::in_group_version(resources, group, version);
     if mine.is_empty() {
         return None;
     }

@@ -120,6 +120,18 @@ impl ResourceInfo {
     }
 }
 
+/// The resources served under one group and version (`/api/v1`, `/apis/{group}/{version}`).
+pub fn in_group_version<'r>(
+    resources: &'r [Arc<ResourceInfo>],
+    group: &str,
+    version: &str,
+) -> Vec<&'r Arc<ResourceInfo>> {
+    resources
+        .iter()
+        .filter(|r| r.gvr.group == group && r.gvr.version == version)
+        .collect()
+}
+
 struct Builtin {
     group: &'static str,
     version: &'static str,
