@@ -134,15 +134,15 @@ impl N {
     fn phase(&self) -> Phase {
         self.status.phase.unwrap()
     }
+    /// The agent reports `state` of `action` of SYS2 for the current grant; returns its id.
+    fn report(&mut self, action: ActivationAction, state: ActivationState) -> String {
+        let id = grant_id(self);
+        self.agent().activation = Some(mk_report(&id, action, state, SYS2));
+        id
+    }
     /// The agent reports the current grant switched live to SYS2 and runs it.
     fn report_switched(&mut self) {
-        let id = grant_id(self);
-        self.agent().activation = Some(mk_report(
-            &id,
-            ActivationAction::Switch,
-            ActivationState::Switched,
-            SYS2,
-        ));
+        self.report(ActivationAction::Switch, ActivationState::Switched);
         self.agent().current_system = Some(SYS2.into());
     }
     fn cond(&self, t: &str) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
@@ -641,13 +641,7 @@ fn uncordon_is_repeated_after_a_lost_action() {
 #[test]
 fn boot_path_reboots_verifies_boot_id_and_booted_system() {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Rebooting);
     let d = n.step(false, None, at(50));
@@ -674,13 +668,7 @@ fn boot_path_reboots_verifies_boot_id_and_booted_system() {
 #[test]
 fn bootloader_fallback_is_booted_wrong_system_and_stays_cordoned() {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     n.node.boot_id = Some("boot-2".into());
     n.agent().boot_id = Some("boot-2".into()); // booted SYS1 again
@@ -702,13 +690,7 @@ fn bootloader_fallback_is_booted_wrong_system_and_stays_cordoned() {
 #[test]
 fn activation_failure_degrades_and_keeps_cordon() {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::Failed,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::Failed);
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
@@ -741,25 +723,13 @@ fn activation_reboot_and_verify_timeouts() {
     );
 
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     n.step(false, None, at(40 + 900));
     assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::REBOOT_TIMEOUT);
 
     let mut n = mk_activating("n1", false);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
+    n.report(ActivationAction::Switch, ActivationState::Switched);
     n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Verifying);
     let d = n.step(false, None, at(40 + 599));
@@ -794,13 +764,7 @@ fn reboot_policy_selects_action() {
 #[test]
 fn exit_100_with_if_needed_grants_a_new_boot_activation() {
     let mut n = mk_activating("n1", false);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::NeedsReboot,
-        SYS2,
-    ));
+    let id = n.report(ActivationAction::Switch, ActivationState::NeedsReboot);
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Activating);
     let g = n.status.activation.clone().unwrap();
@@ -820,13 +784,7 @@ fn exit_100_with_never_finishes_with_reboot_required() {
     n.spec.reboot = RebootPolicy::Never;
     n.step(true, None, at(20));
     n.step(false, Some(&drained()), at(30));
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::NeedsReboot,
-        SYS2,
-    ));
+    n.report(ActivationAction::Switch, ActivationState::NeedsReboot);
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::UpToDate);
     assert_eq!(d.actions, vec![Action::Uncordon]);
@@ -858,13 +816,7 @@ fn never_with_live_switch_and_kernel_change_sets_reboot_required() {
 
 fn mk_degraded_fallback() -> N {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     n.node.boot_id = Some("boot-2".into());
     n.agent().boot_id = Some("boot-2".into());
@@ -1218,13 +1170,7 @@ fn decide_reports_the_rows_it_took() {
     assert_eq!(n.step(false, None, at(11)).rows, vec![Row::DrainPass]);
     assert_eq!(n.step(false, Some(&drained()), at(12)).rows, vec![Row::Drained]);
     assert_eq!(n.step(false, None, at(13)).rows, vec![Row::ActivatingWait]);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
+    n.report(ActivationAction::Switch, ActivationState::Switched);
     n.agent().current_system = Some(SYS2.into());
     let d = n.step(false, None, at(14));
     assert_eq!(d.rows, vec![Row::Switched, Row::Verified]);
