@@ -49,6 +49,20 @@ fn nixroll(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `nixroll image build --image IMAGE --out OUT MORE…`
+fn image_build(image: &Path, out: &Path, more: &[&str]) -> Output {
+    let mut args = vec!["image", "build", "--image", path(image), "--out", path(out)];
+    args.extend_from_slice(more);
+    nixroll(&args)
+}
+
+/// `nixroll image inject IMAGE MORE…`
+fn image_inject(image: &Path, more: &[&str]) -> Output {
+    let mut args = vec!["image", "inject", path(image)];
+    args.extend_from_slice(more);
+    nixroll(&args)
+}
+
 fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "nixroll failed: {stderr}");
@@ -188,21 +202,19 @@ fn writes_files_with_mode_owner_and_content_and_creates_private_parents() {
         b"machine git.example.org login x password y\n",
     );
     let out = tmp.path().join("out.img");
-    let stdout = ok(&nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&out),
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&token)),
-        "--secret",
-        &format!("/var/lib/app/key={},mode=0440,owner=1000:100000", path(&token)),
-        "--secrets-dir",
-        path(&sdir),
-        "--json",
-    ]));
+    let stdout = ok(&image_build(
+        &img,
+        &out,
+        &[
+            "--secret",
+            &format!("/etc/k3s/token={}", path(&token)),
+            "--secret",
+            &format!("/var/lib/app/key={},mode=0440,owner=1000:100000", path(&token)),
+            "--secrets-dir",
+            path(&sdir),
+            "--json",
+        ],
+    ));
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let files = report["files"].as_array().unwrap();
     assert_eq!(files.len(), 4);
@@ -288,27 +300,24 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
     write(&old, &old_content);
     let new = tmp.path().join("new");
     write(&new, b"new-token-different-length");
-    ok(&nixroll(&[
-        "image",
-        "inject",
-        path(&img),
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&old)),
-    ]));
+    ok(&image_inject(
+        &img,
+        &["--secret", &format!("/etc/k3s/token={}", path(&old))],
+    ));
     assert!(contains(
         &std::fs::read(&img).unwrap(),
         b"old-token-5f1e0c9a7b3d-000000300"
     ));
     // The root found by its GPT partition name instead of its label.
-    let stdout = ok(&nixroll(&[
-        "image",
-        "inject",
-        path(&img),
-        "--root-label",
-        "primary",
-        "--secret",
-        &format!("/etc/k3s/token={},mode=0600", path(&new)),
-    ]));
+    let stdout = ok(&image_inject(
+        &img,
+        &[
+            "--root-label",
+            "primary",
+            "--secret",
+            &format!("/etc/k3s/token={},mode=0600", path(&new)),
+        ],
+    ));
     assert!(stdout.contains("replaced /etc/k3s/token"), "{stdout}");
     let fs = ext4(&img, off);
     assert_eq!(
@@ -332,16 +341,7 @@ fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
     let (img, off) = image(tmp.path(), "disk.img");
     // Without secrets the qcow2 must hold exactly the source image.
     let q0 = tmp.path().join("plain.qcow2");
-    ok(&nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&q0),
-        "--format",
-        "qcow2",
-    ]));
+    ok(&image_build(&img, &q0, &["--format", "qcow2"]));
     let cmp = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "qcow2", path(&img), path(&q0)])
         .output()
@@ -351,30 +351,25 @@ fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
     let secret = tmp.path().join("s");
     write(&secret, b"qcow2-secret");
     let q = tmp.path().join("node.qcow2");
-    let stdout = ok(&nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&q),
-        "--format",
-        "qcow2",
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&secret)),
-    ]));
+    let stdout = ok(&image_build(
+        &img,
+        &q,
+        &[
+            "--format",
+            "qcow2",
+            "--secret",
+            &format!("/etc/k3s/token={}", path(&secret)),
+        ],
+    ));
     assert!(
         stdout.contains("qemu-img compare with the raw image: identical"),
         "{stdout}"
     );
     write(&secret, b"rotated-in-qcow2");
-    ok(&nixroll(&[
-        "image",
-        "inject",
-        path(&q),
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&secret)),
-    ]));
+    ok(&image_inject(
+        &q,
+        &["--secret", &format!("/etc/k3s/token={}", path(&secret))],
+    ));
     let info = Command::new("qemu-img")
         .args(["info", path(&q)])
         .output()
@@ -418,7 +413,7 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
     let secret = dir.join("s");
     write(&secret, b"s3cret");
     let s = path(&secret);
-    let inject = |dest_src: &str| nixroll(&["image", "inject", path(&img), "--secret", dest_src]);
+    let inject = |dest_src: &str| image_inject(&img, &["--secret", dest_src]);
     let untouched = || assert!(std::fs::read(&img).unwrap() == original, "the original changed");
 
     failed_with(
@@ -467,7 +462,7 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
         let p = dir.join(format!("{kind:?}.img"));
         make_disk_image(&p, MIB, kind).unwrap();
         let before = std::fs::read(&p).unwrap();
-        let out = nixroll(&["image", "inject", path(&p), "--secret", &format!("/srv/t={s}")]);
+        let out = image_inject(&p, &["--secret", &format!("/srv/t={s}")]);
         failed_with(&out, needle, dir);
         assert!(std::fs::read(&p).unwrap() == before);
     }
@@ -476,7 +471,7 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
     let text = dir.join("notes.img");
     write(&text, b"just some text\n");
     failed_with(
-        &nixroll(&["image", "inject", path(&text), "--secret", &format!("/srv/t={s}")]),
+        &image_inject(&text, &["--secret", &format!("/srv/t={s}")]),
         "is not a disk image with a GPT",
         dir,
     );
@@ -490,21 +485,14 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
             .unwrap()
             .success()
     );
-    let out = nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&bare),
-        "--out",
-        path(&dir.join("x.img")),
-    ]);
+    let out = image_build(&bare, &dir.join("x.img"), &[]);
     failed_with(&out, "is not a disk image with a GPT", dir);
     assert!(!dir.join("x.img").exists());
 
     // An existing output of `build` is not touched by a failed build either.
     let prev = dir.join("prev.img");
     write(&prev, b"previous image");
-    let out = nixroll(&["image", "build", "--image", path(&text), "--out", path(&prev)]);
+    let out = image_build(&text, &prev, &[]);
     failed_with(&out, "is not a disk image", dir);
     assert_eq!(std::fs::read(&prev).unwrap(), b"previous image");
     untouched();
@@ -564,16 +552,7 @@ fn an_unwritable_output_directory_or_a_full_disk_fails_cleanly() {
     let Some(_ro) = mount_or_skip(&ro, "ro,size=1m") else {
         return;
     };
-    let out = nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&ro.join("out.img")),
-        "--secret",
-        &spec,
-    ]);
+    let out = image_build(&img, &ro.join("out.img"), &["--secret", &spec]);
     failed_with(
         &out,
         &format!("the directory {} is not writable", ro.display()),
@@ -595,7 +574,7 @@ fn an_unwritable_output_directory_or_a_full_disk_fails_cleanly() {
             .success()
     );
     let before = std::fs::read(&inside).unwrap();
-    let out = nixroll(&["image", "inject", path(&inside), "--secret", &spec]);
+    let out = image_inject(&inside, &["--secret", &spec]);
     let stderr = failed_with(&out, "No space left on device", &small);
     assert!(stderr.contains("copying the image"), "{stderr}");
     assert!(std::fs::read(&inside).unwrap() == before, "the original changed");
@@ -934,7 +913,7 @@ fn works_without_root_privileges() {
             .output()
             .unwrap()
     } else {
-        nixroll(&["image", "inject", path(&img), "--secret", &spec])
+        image_inject(&img, &["--secret", &spec])
     };
     ok(&out);
     use std::os::unix::fs::MetadataExt;
