@@ -12,7 +12,7 @@ use nixroll::agent::node::{HostOptions, NodeAgent};
 use nixroll::api::{ActivationAction, ActivationGrant, AgentStatus, Target};
 use nixroll::nix::{Nix, NixCli};
 use nixroll::sim::flake::TestFlake;
-use nixroll::sim::host::SimHost;
+use nixroll::sim::host::{SimHost, SimNix};
 
 /// A host root (`sim`) in a temporary directory, the flake `flake` that configures `node`, and
 /// real Nix (offline) whose store lives in that root.
@@ -75,6 +75,42 @@ impl HostRoot {
 
     pub fn root(&self) -> &Path {
         self.sim.root()
+    }
+}
+
+/// A host root (`sim`) in a temporary directory with the simulated Nix (`simnix`): what the
+/// demo runs, needing no Nix. Systems are published with `simnix.publish`.
+pub struct SimNixHost {
+    pub tmp: tempfile::TempDir,
+    pub sim: Arc<SimHost>,
+    pub simnix: Arc<SimNix>,
+    pub host: Arc<dyn Host>,
+    pub nix: Arc<dyn Nix>,
+}
+
+impl SimNixHost {
+    pub fn new() -> SimNixHost {
+        let tmp = tempfile::tempdir().unwrap();
+        let sim = SimHost::create(tmp.path().join("host")).unwrap();
+        let simnix = Arc::new(SimNix::new(&sim));
+        let host: Arc<dyn Host> = Arc::new(sim.host_root());
+        let nix: Arc<dyn Nix> = simnix.clone();
+        SimNixHost {
+            tmp,
+            sim,
+            simnix,
+            host,
+            nix,
+        }
+    }
+
+    /// The agent's host logic with a result poll of 10 ms.
+    pub fn agent(&self) -> NodeAgent {
+        let options = HostOptions {
+            result_poll: Duration::from_millis(10),
+            ..Default::default()
+        };
+        NodeAgent::new(self.host.clone(), self.nix.clone(), options)
     }
 }
 
