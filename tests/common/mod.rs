@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod objects;
 
 /// Whether `program args…` runs and exits 0.
 pub fn runs(program: &str, args: &[&str]) -> bool {
