@@ -386,14 +386,8 @@ mod tests {
         let mut a = NixOSNode::new(
             "node-b",
             NixOSNodeSpec {
-                flake: "path:/f".into(),
-                revision: "b".repeat(40),
-                configuration: None,
-                maintenance_windows: vec![],
-                reboot: Default::default(),
-                drain: None,
                 suspend: true,
-                secrets: Vec::new(),
+                ..crate::sim::fixtures::spec("path:/f", &"b".repeat(40))
             },
         );
         a.status = Some(NixOSNodeStatus {
@@ -424,19 +418,7 @@ mod tests {
 
     #[test]
     fn window_column_says_open_or_when_it_opens() {
-        let mut n = NixOSNode::new(
-            "n",
-            NixOSNodeSpec {
-                flake: "path:/f".into(),
-                revision: "b".repeat(40),
-                configuration: None,
-                maintenance_windows: vec![],
-                reboot: Default::default(),
-                drain: None,
-                suspend: false,
-                secrets: Vec::new(),
-            },
-        );
+        let mut n = crate::sim::fixtures::nixos_node("n", "path:/f", &"b".repeat(40));
         let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
         assert_eq!(window_text(&n, now), "any time");
         n.spec.maintenance_windows = vec![crate::api::MaintenanceWindow {
@@ -453,16 +435,7 @@ mod tests {
 
     #[test]
     fn summary_counts_done_disrupted_and_says_paused_and_halted() {
-        let spec = NixOSNodeSpec {
-            flake: "path:/f".into(),
-            revision: "b".repeat(40),
-            configuration: None,
-            maintenance_windows: vec![],
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        };
+        let spec = crate::sim::fixtures::spec("path:/f", &"b".repeat(40));
         let node = |name: &str, phase: Phase, running: &str| {
             let mut n = NixOSNode::new(name, spec.clone());
             n.status = Some(NixOSNodeStatus {

@@ -14,9 +14,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::{reflector, watcher};
-use nixroll::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot, Target};
+use nixroll::api::{NixOSNode, NixOSNodeStatus, Phase, Slot, Target};
 use nixroll::controller::{Context, ControllerConfig, Metrics, RolloutFns, Stores, Synced};
 use nixroll::rollout::{ClusterState, Decision, DrainProgress, NodeView, Policy};
+use nixroll::sim::fixtures::{in_phase, nixos_node};
 
 /// Budget 1, first come first served: every Waiting node may go while no node holds a slot or
 /// is in a disruptive phase.
@@ -65,24 +66,10 @@ fn fake_decide(
 }
 
 fn waiting(name: &str) -> NixOSNode {
-    let mut n = NixOSNode::new(
-        name,
-        NixOSNodeSpec {
-            flake: "github:me/infra".into(),
-            revision: "b".repeat(40),
-            configuration: None,
-            maintenance_windows: Vec::new(),
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        },
-    );
-    n.status = Some(NixOSNodeStatus {
-        phase: Some(Phase::Waiting),
-        ..NixOSNodeStatus::default()
-    });
-    n
+    in_phase(
+        nixos_node(name, "github:me/infra", &"b".repeat(40)),
+        Phase::Waiting,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -170,14 +170,8 @@ fn nixosnode(name: &str, drain: Option<DrainPolicy>) -> NixOSNode {
     let mut n = NixOSNode::new(
         name,
         NixOSNodeSpec {
-            flake: "github:me/infra".into(),
-            revision: "a".repeat(40),
-            configuration: None,
-            maintenance_windows: Vec::new(),
-            reboot: Default::default(),
             drain,
-            suspend: false,
-            secrets: Vec::new(),
+            ..nixroll::sim::fixtures::spec("github:me/infra", &"a".repeat(40))
         },
     );
     n.metadata.uid = Some("uid-1".into());

@@ -194,7 +194,7 @@ async fn status_watch_follows_a_rollout_and_the_pause_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use nixroll::api::{NixOSNode, NixOSNodeSpec};
+    use nixroll::api::NixOSNode;
 
     let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -204,19 +204,7 @@ async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
         .create(&PostParams::default(), &nixroll::api::crd())
         .await
         .unwrap();
-    let node = NixOSNode::new(
-        "node-1",
-        NixOSNodeSpec {
-            flake: "path:/f".into(),
-            revision: "c".repeat(40),
-            configuration: None,
-            maintenance_windows: vec![],
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        },
-    );
+    let node = nixroll::sim::fixtures::nixos_node("node-1", "path:/f", &"c".repeat(40));
     Api::<NixOSNode>::all(client.clone())
         .create(&PostParams::default(), &node)
         .await

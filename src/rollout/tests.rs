@@ -27,16 +27,7 @@ fn at(n: i64) -> Timestamp {
 }
 
 fn mk_spec(rev: &str) -> NixOSNodeSpec {
-    NixOSNodeSpec {
-        flake: FLAKE.into(),
-        revision: rev.into(),
-        configuration: None,
-        maintenance_windows: vec![],
-        reboot: RebootPolicy::IfNeeded,
-        drain: None,
-        suspend: false,
-        secrets: Vec::new(),
-    }
+    crate::sim::fixtures::spec(FLAKE, rev)
 }
 
 fn mk_obs() -> NodeObservation {
