@@ -18,7 +18,6 @@ use std::time::Duration;
 use common::objects::secret_file;
 use embedded_apiserver::ApiServer;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use nixroll::agent::AgentConfig;
 use nixroll::agent::host::{Host, HostRoot, RebootHook, SYSTEMCTL_LOG};
@@ -85,18 +84,8 @@ async fn env() -> Env {
     )
     .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nwpa:x:4343:\n").unwrap();
-    let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let client = api.client().await.unwrap();
-    let agents_api = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store())
-        .await
-        .unwrap();
-    let agents_client = agents_api.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &nixroll::api::crd())
-        .await
-        .unwrap();
+    let (api, client) = common::api::start_with_crd().await;
+    let (agents_api, agents_client) = common::api::second_server(&api).await;
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.create(
         &PostParams::default(),

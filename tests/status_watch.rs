@@ -6,6 +6,8 @@
 //! of its own of the same API server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -193,26 +195,15 @@ async fn status_watch_follows_a_rollout_and_the_pause_switch() {
 /// for the ages — locally: the refreshes send no request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use nixroll::api::NixOSNode;
 
-    let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let client = api.client().await.unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &nixroll::api::crd())
-        .await
-        .unwrap();
+    let (api, client) = common::api::start_with_crd().await;
     let node = nixroll::sim::fixtures::nixos_node("node-1", "path:/f", &"c".repeat(40));
     Api::<NixOSNode>::all(client.clone())
         .create(&PostParams::default(), &node)
         .await
         .unwrap();
-    let port = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store())
-        .await
-        .unwrap();
-    let watcher_client = port.client().await.unwrap();
+    let (port, watcher_client) = common::api::second_server(&api).await;
     let mut out: Vec<u8> = Vec::new();
     let opts = nixroll::report::WatchOptions {
         timeout: Duration::from_secs(10),

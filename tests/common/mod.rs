@@ -2,6 +2,7 @@
 //! Each test target takes it with `mod common;` and uses only a part of it.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod host;
 pub mod objects;
 
