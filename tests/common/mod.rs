@@ -43,3 +43,12 @@ pub fn require_nix(test: &str) -> bool {
 pub fn require_kubectl(test: &str) -> bool {
     require(test, "kubectl", runs("kubectl", &["version", "--client"]))
 }
+
+/// An API server's answer: status `code` with the JSON `body`.
+pub fn json_response(code: u16, body: &serde_json::Value) -> http::Response<kube::client::Body> {
+    http::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
