@@ -172,7 +172,7 @@ fn has_null(v: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_loop_stages_activates_reports_and_idles() {
-    if !common::require_nix("agent_loop_stages_activates_reports_and_idles") {
+    if !common::require_nix() {
         return;
     }
     let HostRoot {
@@ -365,7 +365,7 @@ fn usage(pid: u32) -> (u64, u64) {
 /// reports `Rebooted`; then it sits idle without a single request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_binary_resumes_without_repeating() {
-    if !common::require_nix("killed_agent_binary_resumes_without_repeating") {
+    if !common::require_nix() {
         return;
     }
     let HostRoot {

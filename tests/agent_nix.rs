@@ -20,9 +20,7 @@ fn state_of(st: &AgentStatus) -> ActivationState {
 
 #[tokio::test]
 async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
-    let Some((mut f, sys0)) =
-        installed_host("stages_a_pinned_revision_without_touching_profile_or_boot", NODE).await
-    else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let boot_id = f.sim.boot_id();
@@ -85,7 +83,7 @@ async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
 
 #[tokio::test]
 async fn a_service_only_change_needs_no_reboot() {
-    let Some((mut f, _)) = installed_host("a_service_only_change_needs_no_reboot", NODE).await else {
+    let Some((mut f, _)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f.flake.commit_service_change().unwrap();
@@ -98,9 +96,7 @@ async fn a_service_only_change_needs_no_reboot() {
 
 #[tokio::test]
 async fn staging_failures_are_reported_and_leave_the_host_untouched() {
-    let Some((mut f, sys0)) =
-        installed_host("staging_failures_are_reported_and_leave_the_host_untouched", NODE).await
-    else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let rev0 = f.flake.head().to_string();
@@ -153,7 +149,7 @@ async fn staging_failures_are_reported_and_leave_the_host_untouched() {
 
 #[tokio::test]
 async fn a_failed_staging_is_retried_with_backoff() {
-    let Some((mut f, _)) = installed_host("a_failed_staging_is_retried_with_backoff", NODE).await else {
+    let Some((mut f, _)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f.flake.commit_service_change().unwrap();
@@ -193,7 +189,7 @@ async fn a_failed_staging_is_retried_with_backoff() {
 
 #[tokio::test]
 async fn switch_activates_live_once() {
-    let Some((mut f, sys0)) = installed_host("switch_activates_live_once", NODE).await else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let boot_id = f.sim.boot_id();
@@ -247,7 +243,7 @@ async fn switch_activates_live_once() {
 
 #[tokio::test]
 async fn boot_sets_the_default_and_reboots_once() {
-    let Some((mut f, sys0)) = installed_host("boot_sets_the_default_and_reboots_once", NODE).await else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let boot_id = f.sim.boot_id();
@@ -287,12 +283,7 @@ async fn boot_sets_the_default_and_reboots_once() {
 
 #[tokio::test]
 async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
-    let Some((mut f, sys0)) = installed_host(
-        "switch_exit_100_means_needs_reboot_and_failures_are_reported",
-        NODE,
-    )
-    .await
-    else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f
@@ -353,7 +344,7 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
 
 #[tokio::test]
 async fn fallback_boot_is_visible_in_the_report() {
-    let Some((mut f, sys0)) = installed_host("fallback_boot_is_visible_in_the_report", NODE).await else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f.flake.commit_kernel_change().unwrap();
@@ -372,7 +363,7 @@ async fn fallback_boot_is_visible_in_the_report() {
 /// finishes the job, reports correctly and never reboots or switches a second time.
 #[tokio::test]
 async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
-    if !common::require_nix("restarts_at_any_step_never_repeat_a_reboot_or_a_switch") {
+    if !common::require_nix() {
         return;
     }
     for point in [
@@ -437,7 +428,7 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
 /// running it again.
 #[tokio::test]
 async fn switch_survives_the_agent_dying_mid_run() {
-    let Some((mut f, _)) = installed_host("switch_survives_the_agent_dying_mid_run", NODE).await else {
+    let Some((mut f, _)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f
@@ -477,7 +468,7 @@ async fn switch_survives_the_agent_dying_mid_run() {
 
 #[tokio::test]
 async fn restarted_rollback_rolls_back_only_once() {
-    let Some((mut f, sys0)) = installed_host("restarted_rollback_rolls_back_only_once", NODE).await else {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f.flake.commit_service_change().unwrap();
@@ -511,8 +502,7 @@ async fn restarted_rollback_rolls_back_only_once() {
 /// acknowledgement it goes on after `report_timeout` (an API outage must not hold the grant).
 #[tokio::test]
 async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
-    let Some((mut f, _)) = installed_host("the_reboot_waits_for_the_stored_report_and_no_longer", NODE).await
-    else {
+    let Some((mut f, _)) = installed_host(NODE).await else {
         return;
     };
     for acknowledge in [true, false] {
@@ -578,12 +568,7 @@ async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
 /// activator) is waited for, not raced.
 #[tokio::test]
 async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
-    let Some((mut f, _)) = installed_host(
-        "exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for",
-        NODE,
-    )
-    .await
-    else {
+    let Some((mut f, _)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f
@@ -646,7 +631,7 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
 /// error, never inputs resolved at build time (which could differ per node and per time).
 #[tokio::test]
 async fn a_revision_without_a_complete_lock_file_is_not_built() {
-    if !common::require_nix("a_revision_without_a_complete_lock_file_is_not_built") {
+    if !common::require_nix() {
         return;
     }
     let f = HostRoot::new(NODE);
@@ -704,7 +689,7 @@ async fn a_revision_without_a_complete_lock_file_is_not_built() {
 #[tokio::test]
 async fn a_lost_lock_race_is_retried() {
     use nixroll::agent::state::{self, ACTIVATION_DIR, ActivationRecord, STATE_FILE, Step};
-    let Some((mut f, _)) = installed_host("a_lost_lock_race_is_retried", NODE).await else {
+    let Some((mut f, _)) = installed_host(NODE).await else {
         return;
     };
     let rev1 = f.flake.commit_service_change().unwrap();

@@ -146,11 +146,11 @@ pub fn grant(id: &str, action: ActivationAction, system: &str) -> ActivationGran
     }
 }
 
-/// For the test `test` (a name for the skip message): real Nix is required (see
-/// [`super::require_nix`]); a host root for `node` whose flake's first commit is installed as
-/// the running system, and that system's path. `None`: skipped outside CI.
-pub async fn installed_host(test: &str, node: &str) -> Option<(HostRoot, String)> {
-    if !super::require_nix(test) {
+/// Real Nix is required (see [`super::require_nix`]); a host root for `node` whose flake's
+/// first commit is installed as the running system, and that system's path. `None`: skipped
+/// outside CI.
+pub async fn installed_host(node: &str) -> Option<(HostRoot, String)> {
+    if !super::require_nix() {
         return None;
     }
     let host = HostRoot::new(node);

@@ -19,29 +19,26 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-/// `true` when `present`; otherwise fails under CI and, elsewhere, prints why `test` is
-/// skipped and returns `false` (the caller returns).
-pub fn require(test: &str, what: &str, present: bool) -> bool {
+/// The running test's name: libtest runs each test on a thread named after it.
+pub fn current_test() -> String {
+    std::thread::current().name().unwrap_or("this test").to_string()
+}
+
+/// `true` when `present`; otherwise fails under CI and, elsewhere, prints why the running test
+/// is skipped and returns `false` (the caller returns).
+pub fn require(what: &str, present: bool) -> bool {
     if present {
         return true;
     }
+    let test = current_test();
     assert!(!in_ci(), "{test}: {what} is not installed (CI must have it)");
     eprintln!("SKIPPED {test}: {what} is not installed");
     false
 }
 
 /// Real Nix (`nix --version` runs): Debian's nix-bin.
-pub fn require_nix(test: &str) -> bool {
-    require(
-        test,
-        "`nix` (apt-get install nix-bin)",
-        runs("nix", &["--version"]),
-    )
-}
-
-/// kubectl (`kubectl version --client` runs).
-pub fn require_kubectl(test: &str) -> bool {
-    require(test, "kubectl", runs("kubectl", &["version", "--client"]))
+pub fn require_nix() -> bool {
+    require("`nix` (apt-get install nix-bin)", runs("nix", &["--version"]))
 }
 
 /// An API server's answer: status `code` with the JSON `body`.
