@@ -161,6 +161,18 @@ async fn wait_for(api: &FakeApi, what: &str, pred: impl Fn(&Value) -> bool) -> V
     }
 }
 
+/// Wait until the agent reports `rev` staged; returns the staged system's path.
+async fn staged_system(api: &FakeApi, what: &str, rev: &str) -> String {
+    let obj = wait_for(api, what, |o| {
+        o["status"]["agent"]["staged"]["revision"] == json!(rev)
+    })
+    .await;
+    obj["status"]["agent"]["staged"]["system"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn has_null(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -209,14 +221,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
     }));
 
     // 1. Stages the target and reports it.
-    let obj = wait_for(&api, "staged rev0", |o| {
-        o["status"]["agent"]["staged"]["revision"] == json!(rev0)
-    })
-    .await;
-    let sys0 = obj["status"]["agent"]["staged"]["system"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sys0 = staged_system(&api, "staged rev0", &rev0).await;
     sim.install(&sys0).unwrap();
 
     // 2. A new target (service change) → staged, no reboot needed; facts of the booted host.
@@ -385,14 +390,7 @@ async fn killed_agent_binary_resumes_without_repeating() {
     let log = tmp.path().join("agent.log");
 
     let mut agent = spawn_agent(&kc, &root, &log);
-    let obj = wait_for(&api, "staged rev0", |o| {
-        o["status"]["agent"]["staged"]["revision"] == json!(rev0)
-    })
-    .await;
-    let sys0 = obj["status"]["agent"]["staged"]["system"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sys0 = staged_system(&api, "staged rev0", &rev0).await;
     sim.install(&sys0).unwrap();
     let boot_id = sim.boot_id();
 
