@@ -5,6 +5,8 @@
 //! else the simulated store.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -16,28 +18,16 @@ use kube::runtime::{WatchStreamExt, watcher};
 use nixroll::api::{DrainPolicy, DrainTimeoutAction, MaintenanceWindow, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::cluster::{Timing, WORKLOAD_NAMESPACE};
+use nixroll::sim::cluster::WORKLOAD_NAMESPACE;
 use nixroll::sim::host::BootFault;
 use nixroll::sim::monitor::Monitor;
-use nixroll::sim::world::{NixMode, World, WorldOptions};
+use nixroll::sim::world::{World, WorldOptions};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
 
 fn fast() -> WorldOptions {
-    WorldOptions {
-        nodes: 5,
-        control_planes: 1,
-        nix: NixMode::Auto,
-        timing: Timing {
-            pod_termination: Duration::from_millis(50),
-            pod_startup: Duration::from_millis(100),
-            reboot: Duration::from_millis(400),
-            request_timeout: Duration::from_secs(10),
-        },
-        pods_per_node: 2,
-        apps: None,
-    }
+    common::world::fast_world(5, 2)
 }
 
 fn controller_config(budget: u32) -> ControllerConfig {

@@ -17,8 +17,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::cluster::Timing;
-use nixroll::sim::world::{NixMode, World, WorldOptions};
+use nixroll::sim::world::World;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -80,21 +79,7 @@ async fn until(rx: &mut mpsc::UnboundedReceiver<Frame>, what: &str, pred: impl F
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_follows_a_rollout_and_the_pause_switch() {
-    let mut world = World::start(WorldOptions {
-        nodes: 3,
-        control_planes: 1,
-        nix: NixMode::Auto,
-        timing: Timing {
-            pod_termination: Duration::from_millis(50),
-            pod_startup: Duration::from_millis(100),
-            reboot: Duration::from_millis(400),
-            request_timeout: Duration::from_secs(10),
-        },
-        pods_per_node: 1,
-        apps: None,
-    })
-    .await
-    .unwrap();
+    let mut world = World::start(common::world::fast_world(3, 1)).await.unwrap();
     let first = world.head().to_string();
     world.apply_all(&world.spec(&first)).await.unwrap();
     let mut config = ControllerConfig::new("status-watch-test");

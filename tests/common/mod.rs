@@ -5,6 +5,7 @@
 pub mod api;
 pub mod host;
 pub mod objects;
+pub mod world;
 
 /// Whether `program args…` runs and exits 0.
 pub fn runs(program: &str, args: &[&str]) -> bool {
