@@ -103,6 +103,17 @@ fn path(p: &Path) -> &str {
 }
 
 /// A fresh raw-efi-like image; returns its path and the root's byte offset.
+/// The disk tools are required (see [`require`]); a temporary directory with the small disk
+/// image `disk.img` in it, and the offset of its ext4 root. `None`: skipped outside CI.
+fn disk_image() -> Option<(tempfile::TempDir, PathBuf, u64)> {
+    if !require(DISK_TOOLS) {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, off) = image(tmp.path(), "disk.img");
+    Some((tmp, img, off))
+}
+
 fn image(dir: &Path, name: &str) -> (PathBuf, u64) {
     let p = dir.join(name);
     let layout = make_disk_image(&p, MIB, RootKind::Ext4).unwrap();
@@ -184,11 +195,9 @@ fn mode_of(p: &Path) -> u32 {
 
 #[test]
 fn writes_files_with_mode_owner_and_content_and_creates_private_parents() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (img, off) = image(tmp.path(), "disk.img");
+    };
     debugfs_w(&img, off, "mkdir /etc"); // an existing directory keeps its mode
     let token = tmp.path().join("token");
     write(&token, b"K10abc::server:0123456789abcdef\n");
@@ -286,11 +295,9 @@ fn writes_files_with_mode_owner_and_content_and_creates_private_parents() {
 
 #[test]
 fn rotation_replaces_the_file_and_wipes_the_old_content() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (img, off) = image(tmp.path(), "disk.img");
+    };
     // Three blocks of the old secret: the new, shorter file can reuse at most one of them,
     // so the others stay free with whatever nixroll left in them.
     let old_content: Vec<u8> = (0..3 * 4096 / 32)
@@ -334,11 +341,9 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
 
 #[test]
 fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (img, off) = image(tmp.path(), "disk.img");
+    };
     // Without secrets the qcow2 must hold exactly the source image.
     let q0 = tmp.path().join("plain.qcow2");
     ok(&image_build(&img, &q0, &["--format", "qcow2"]));
@@ -391,12 +396,10 @@ fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
 /// Every bad input fails with its own message and leaves the original byte for byte as it was.
 #[test]
 fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let (img, off) = image(dir, "disk.img");
     // /opt is a symlink into the store; /etc/k3s/token itself is a symlink.
     debugfs_w(&img, off, "symlink /opt /nix/store/abc-opt");
     debugfs_w(&img, off, "mkdir /etc");
@@ -534,12 +537,10 @@ fn mount_or_skip(at: &Path, options: &str) -> Option<Mount> {
 
 #[test]
 fn an_unwritable_output_directory_or_a_full_disk_fails_cleanly() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let (img, off) = image(dir, "disk.img");
     // 24 MiB of data in the root, so the copy needs more room than the small disk has.
     nixroll::image::bench::fill(&img, off, 24, dir).unwrap();
     let original = std::fs::read(&img).unwrap();
@@ -601,12 +602,10 @@ fn sha256_hex(data: &[u8]) -> String {
 /// write, not in any file left behind next to the image.
 #[test]
 fn secrets_never_reach_output_logs_or_command_lines() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let (img, off) = image(dir, "disk.img");
     let secret = format!("pw-{:016x}{:016x}", fastrand_u64(), fastrand_u64());
     let hash = sha256_hex(secret.as_bytes());
     let sdir = dir.join("secrets");
