@@ -76,6 +76,16 @@ fn mk_report(id: &str, action: ActivationAction, state: ActivationState, sys: &s
     }
 }
 
+/// The agent's error staging REV2: `message`, at `at(secs)`.
+fn mk_stage_error(message: &str, secs: i64) -> HostError {
+    HostError {
+        operation: HostOperation::Stage,
+        revision: Some(REV2.into()),
+        message: message.into(),
+        at: Time(at(secs)),
+    }
+}
+
 /// One simulated NixOSNode with its Node.
 struct N {
     name: String,
@@ -232,20 +242,10 @@ fn stage_failure_degrades_without_disruption() {
     let mut n = mk_node("n1");
     n.step(false, None, at(0));
     // A stale error from before staging began is ignored.
-    n.agent().last_error = Some(HostError {
-        operation: HostOperation::Stage,
-        revision: Some(REV2.into()),
-        message: "old".into(),
-        at: Time(at(-5)),
-    });
+    n.agent().last_error = Some(mk_stage_error("old", -5));
     n.step(false, None, at(1));
     assert_eq!(n.phase(), Phase::Staging);
-    n.agent().last_error = Some(HostError {
-        operation: HostOperation::Stage,
-        revision: Some(REV2.into()),
-        message: "error: attribute missing\n  at flake.nix:3".into(),
-        at: Time(at(5)),
-    });
+    n.agent().last_error = Some(mk_stage_error("error: attribute missing\n  at flake.nix:3", 5));
     let d = n.step(false, None, at(6));
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
@@ -847,12 +847,7 @@ fn same_retry_token_does_not_retry_again() {
 fn spec_change_clears_failure() {
     let mut n = mk_node("n1");
     n.step(false, None, at(0));
-    n.agent().last_error = Some(HostError {
-        operation: HostOperation::Stage,
-        revision: Some(REV2.into()),
-        message: "x".into(),
-        at: Time(at(1)),
-    });
+    n.agent().last_error = Some(mk_stage_error("x", 1));
     n.step(false, None, at(2));
     assert_eq!(n.phase(), Phase::Degraded);
     n.step(false, None, at(3));
