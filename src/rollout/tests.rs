@@ -186,6 +186,15 @@ fn drained() -> DrainProgress {
     DrainProgress::default()
 }
 
+/// A drain pass that left `remaining` pods, `blocked_by_pdb` of them held by a budget.
+fn pods_left(remaining: usize, blocked_by_pdb: usize) -> DrainProgress {
+    DrainProgress {
+        remaining,
+        blocked_by_pdb,
+        refused: vec![],
+    }
+}
+
 fn mk_activating(name: &str, reboot: bool) -> N {
     let mut n = mk_waiting(name, reboot);
     n.step(true, None, at(20));
@@ -416,11 +425,7 @@ fn invalid_window_is_invalid_spec_and_nothing_disruptive() {
 fn draining_evicts_until_empty_then_grants() {
     let mut n = mk_waiting("n1", true);
     n.step(true, None, at(20));
-    let p = DrainProgress {
-        remaining: 3,
-        blocked_by_pdb: 1,
-        refused: vec![],
-    };
+    let p = pods_left(3, 1);
     let d = n.step(false, Some(&p), at(25));
     assert_eq!(n.phase(), Phase::Draining);
     assert_eq!(d.actions, vec![Action::Evict]);
@@ -450,11 +455,7 @@ fn drained_but_not_cordoned_cordons_first() {
 fn drain_timeout_abort_uncordons_and_backs_off_exponentially() {
     let mut n = mk_waiting("n1", false);
     n.step(true, None, at(0));
-    let p = DrainProgress {
-        remaining: 2,
-        blocked_by_pdb: 2,
-        refused: vec![],
-    };
+    let p = pods_left(2, 2);
     let d = n.step(false, Some(&p), at(15 * 60));
     assert_eq!(n.phase(), Phase::Waiting);
     assert_eq!(d.actions, vec![Action::Uncordon]);
