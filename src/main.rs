@@ -344,12 +344,7 @@ enum DemoNix {
 
 fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     use nixroll::sim::world::NixMode;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_quiet_tracing();
     let mut opts = nixroll::sim::demo::DemoOptions::default();
     opts.world.nodes = usize::from(args.nodes);
     opts.world.control_planes = usize::from(args.control_planes);
@@ -386,12 +381,7 @@ struct BenchArgs {
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_quiet_tracing();
     let opts = nixroll::sim::bench::BenchOptions {
         nodes: args.nodes.max(1),
         pods: args.pods,
@@ -445,6 +435,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|e| format!("{s:?} is not a duration like 10s, 5m or 1h30m: {e}"))?;
     Duration::try_from(d).map_err(|e| format!("{s:?} must not be negative: {e}"))
+}
+
+/// Logs of the simulation's commands (`demo`, `bench`): errors only unless `RUST_LOG` says
+/// more, to stderr, so that stdout holds only the report.
+fn init_quiet_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn init_tracing(json: bool) {

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
-use crate::api::{NixOSNode, short_revision};
+use crate::api::{NixOSNode, NixOSNodeStatus, short_revision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -57,58 +57,49 @@ pub fn window_text(node: &NixOSNode, now: Timestamp) -> String {
 
 /// Render the table (sorted by node name).
 pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> String {
-    let mut rows: Vec<[String; 6]> = vec![[
-        "NODE".into(),
-        "WANTED".into(),
-        "RUNNING".into(),
-        "PHASE".into(),
-        "WINDOW".into(),
-        "LAST CHANGE".into(),
-    ]];
-    let mut sorted: Vec<&NixOSNode> = nodes.iter().collect();
-    sorted.sort_by_key(|n| n.name_any());
-    for n in sorted {
+    let mut rows = vec![["NODE", "WANTED", "RUNNING", "PHASE", "WINDOW", "LAST CHANGE"].map(String::from)];
+    for n in by_name(nodes) {
         let status = n.status.clone().unwrap_or_default();
-        let running = status
-            .revision
-            .as_deref()
-            .map(short_revision)
-            .unwrap_or_else(|| "-".into());
-        let phase = status.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let last = status
             .last_transition_time
+            .as_ref()
             .map(|t| format!("{} ago", human(now.duration_since(t.0))))
             .unwrap_or_else(|| "-".into());
-        let mut phase_col = phase;
-        if n.spec.suspend {
-            phase_col.push_str(" (suspended)");
-        }
         rows.push([
             n.name_any(),
             short_revision(&n.spec.revision),
-            running,
-            phase_col,
+            running_text(&status),
+            phase_text(n, &status),
             window(n, now),
             last,
         ]);
     }
-    let mut widths = [0usize; 6];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r.iter()) {
-            *w = (*w).max(c.chars().count());
-        }
+    columns(&rows)
+}
+
+/// The nodes sorted by name.
+fn by_name(nodes: &[NixOSNode]) -> Vec<&NixOSNode> {
+    let mut sorted: Vec<&NixOSNode> = nodes.iter().collect();
+    sorted.sort_by_key(|n| n.name_any());
+    sorted
+}
+
+/// The running revision, short, or `-`.
+fn running_text(status: &NixOSNodeStatus) -> String {
+    status
+        .revision
+        .as_deref()
+        .map(short_revision)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The phase (or `-`), with ` (suspended)` when the node's rollout is suspended.
+fn phase_text(n: &NixOSNode, status: &NixOSNodeStatus) -> String {
+    let mut phase = status.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+    if n.spec.suspend {
+        phase.push_str(" (suspended)");
     }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths.iter())
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    phase
 }
 
 /// Whether the cluster-wide pause switch is set, as far as this client can see.
@@ -204,32 +195,25 @@ fn last_error(n: &NixOSNode) -> String {
 /// One frame of `nixroll status --watch`: summary, then per node wanted/running revision,
 /// phase, time in phase, next window and last error.
 pub fn live_table(nodes: &[NixOSNode], pause: &Pause, now: Timestamp, window: WindowText<'_>) -> String {
-    let mut rows: Vec<[String; 7]> = vec![[
-        "NODE".into(),
-        "WANTED".into(),
-        "RUNNING".into(),
-        "PHASE".into(),
-        "IN PHASE".into(),
-        "NEXT WINDOW".into(),
-        "LAST ERROR".into(),
-    ]];
-    let mut sorted: Vec<&NixOSNode> = nodes.iter().collect();
-    sorted.sort_by_key(|n| n.name_any());
-    for n in sorted {
+    let mut rows = vec![
+        [
+            "NODE",
+            "WANTED",
+            "RUNNING",
+            "PHASE",
+            "IN PHASE",
+            "NEXT WINDOW",
+            "LAST ERROR",
+        ]
+        .map(String::from),
+    ];
+    for n in by_name(nodes) {
         let status = n.status.clone().unwrap_or_default();
-        let mut phase = status.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        if n.spec.suspend {
-            phase.push_str(" (suspended)");
-        }
         rows.push([
             n.name_any(),
             short_revision(&n.spec.revision),
-            status
-                .revision
-                .as_deref()
-                .map(short_revision)
-                .unwrap_or_else(|| "-".into()),
-            phase,
+            running_text(&status),
+            phase_text(n, &status),
             status
                 .last_transition_time
                 .map(|t| human(now.duration_since(t.0)))
@@ -386,14 +370,8 @@ mod tests {
         let mut a = NixOSNode::new(
             "node-b",
             NixOSNodeSpec {
-                flake: "path:/f".into(),
-                revision: "b".repeat(40),
-                configuration: None,
-                maintenance_windows: vec![],
-                reboot: Default::default(),
-                drain: None,
                 suspend: true,
-                secrets: Vec::new(),
+                ..crate::sim::fixtures::spec("path:/f", &"b".repeat(40))
             },
         );
         a.status = Some(NixOSNodeStatus {
@@ -424,19 +402,7 @@ mod tests {
 
     #[test]
     fn window_column_says_open_or_when_it_opens() {
-        let mut n = NixOSNode::new(
-            "n",
-            NixOSNodeSpec {
-                flake: "path:/f".into(),
-                revision: "b".repeat(40),
-                configuration: None,
-                maintenance_windows: vec![],
-                reboot: Default::default(),
-                drain: None,
-                suspend: false,
-                secrets: Vec::new(),
-            },
-        );
+        let mut n = crate::sim::fixtures::nixos_node("n", "path:/f", &"b".repeat(40));
         let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
         assert_eq!(window_text(&n, now), "any time");
         n.spec.maintenance_windows = vec![crate::api::MaintenanceWindow {
@@ -453,16 +419,7 @@ mod tests {
 
     #[test]
     fn summary_counts_done_disrupted_and_says_paused_and_halted() {
-        let spec = NixOSNodeSpec {
-            flake: "path:/f".into(),
-            revision: "b".repeat(40),
-            configuration: None,
-            maintenance_windows: vec![],
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        };
+        let spec = crate::sim::fixtures::spec("path:/f", &"b".repeat(40));
         let node = |name: &str, phase: Phase, running: &str| {
             let mut n = NixOSNode::new(name, spec.clone());
             n.status = Some(NixOSNodeStatus {

@@ -4,18 +4,17 @@
 //! and makes no request at all while idle.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use common::host::HostRoot;
 use nixroll::agent::AgentConfig;
-use nixroll::agent::host::Host;
 use nixroll::agent::node::HostOptions;
-use nixroll::nix::{Nix, NixCli};
-use nixroll::sim::flake::TestFlake;
-use nixroll::sim::host::SimHost;
 use serde_json::{Value, json};
 
 const NODE: &str = "node-1";
@@ -43,6 +42,19 @@ struct FakeApi {
 }
 
 impl FakeApi {
+    /// Serve this fake API on a free port of 127.0.0.1; returns the address.
+    async fn serve(&self) -> std::net::SocketAddr {
+        let api = self.clone();
+        let app = axum::Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
+            let api = api.clone();
+            async move { api.handle(m, u, h, b).await }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+
     fn new(obj: Value) -> FakeApi {
         let (events, _) = tokio::sync::broadcast::channel(64);
         let api = FakeApi {
@@ -134,13 +146,6 @@ impl FakeApi {
     }
 }
 
-fn nix_available() -> bool {
-    std::process::Command::new("nix")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 async fn wait_for(api: &FakeApi, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -156,6 +161,18 @@ async fn wait_for(api: &FakeApi, what: &str, pred: impl Fn(&Value) -> bool) -> V
     }
 }
 
+/// Wait until the agent reports `rev` staged; returns the staged system's path.
+async fn staged_system(api: &FakeApi, what: &str, rev: &str) -> String {
+    let obj = wait_for(api, what, |o| {
+        o["status"]["agent"]["staged"]["revision"] == json!(rev)
+    })
+    .await;
+    obj["status"]["agent"]["staged"]["system"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn has_null(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -167,15 +184,17 @@ fn has_null(v: &Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_loop_stages_activates_reports_and_idles() {
-    if !nix_available() {
-        eprintln!("SKIPPED: `nix` is not installed; this test needs real Nix");
+    if !common::require_nix() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut flake = TestFlake::create(tmp.path().join("flake"), &[NODE]).unwrap();
-    let sim = SimHost::create(tmp.path().join("host")).unwrap();
-    let host: Arc<dyn Host> = Arc::new(sim.host_root());
-    let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+    let HostRoot {
+        tmp: _tmp,
+        mut flake,
+        sim,
+        host,
+        nix,
+        ..
+    } = HostRoot::new(NODE);
     let rev0 = flake.head().to_string();
 
     let obj = json!({
@@ -185,16 +204,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
         "status": {"phase": "Staging", "target": {"revision": rev0, "installable": flake.installable(&rev0, NODE)}},
     });
     let api = FakeApi::new(obj);
-    let app = {
-        let api = api.clone();
-        axum::Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
-            let api = api.clone();
-            async move { api.handle(m, u, h, b).await }
-        })
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = api.serve().await;
 
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
@@ -211,14 +221,7 @@ async fn agent_loop_stages_activates_reports_and_idles() {
     }));
 
     // 1. Stages the target and reports it.
-    let obj = wait_for(&api, "staged rev0", |o| {
-        o["status"]["agent"]["staged"]["revision"] == json!(rev0)
-    })
-    .await;
-    let sys0 = obj["status"]["agent"]["staged"]["system"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sys0 = staged_system(&api, "staged rev0", &rev0).await;
     sim.install(&sys0).unwrap();
 
     // 2. A new target (service change) → staged, no reboot needed; facts of the booted host.
@@ -367,13 +370,12 @@ fn usage(pid: u32) -> (u64, u64) {
 /// reports `Rebooted`; then it sits idle without a single request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agent_binary_resumes_without_repeating() {
-    if !nix_available() {
-        eprintln!("SKIPPED: `nix` is not installed; this test needs real Nix");
+    if !common::require_nix() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let mut flake = TestFlake::create(tmp.path().join("flake"), &[NODE]).unwrap();
-    let sim = SimHost::create(tmp.path().join("host")).unwrap();
+    let HostRoot {
+        tmp, mut flake, sim, ..
+    } = HostRoot::new(NODE);
     let root = sim.root().to_path_buf();
     std::fs::write(root.join("reboot.sh"), REBOOT_SCRIPT).unwrap();
     let rev0 = flake.head().to_string();
@@ -383,28 +385,12 @@ async fn killed_agent_binary_resumes_without_repeating() {
         "spec": {"flake": flake.url(), "revision": rev0},
         "status": {"target": {"revision": rev0, "installable": flake.installable(&rev0, NODE)}},
     }));
-    let app = {
-        let api = api.clone();
-        axum::Router::new().fallback(move |m: Method, u: Uri, h: HeaderMap, b: Bytes| {
-            let api = api.clone();
-            async move { api.handle(m, u, h, b).await }
-        })
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let addr = api.serve().await;
     let kc = kubeconfig(tmp.path(), addr);
     let log = tmp.path().join("agent.log");
 
     let mut agent = spawn_agent(&kc, &root, &log);
-    let obj = wait_for(&api, "staged rev0", |o| {
-        o["status"]["agent"]["staged"]["revision"] == json!(rev0)
-    })
-    .await;
-    let sys0 = obj["status"]["agent"]["staged"]["system"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let sys0 = staged_system(&api, "staged rev0", &rev0).await;
     sim.install(&sys0).unwrap();
     let boot_id = sim.boot_id();
 

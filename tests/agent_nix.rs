@@ -1,109 +1,18 @@
 //! The agent's host logic against REAL Nix (a private store per test inside a simulated host
-//! root) and real test flakes in git repositories. Skips only when `nix` is not installed.
+//! root) and real test flakes in git repositories. Skips when `nix` is not installed (fails under CI=true).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use nixroll::agent::host::Host;
-use nixroll::agent::node::{CrashPoint, HostOptions, NodeAgent, NodeError};
-use nixroll::api::{ActivationAction, ActivationGrant, ActivationState, AgentStatus, HostOperation, Target};
-use nixroll::nix::{Nix, NixCli};
-use nixroll::sim::flake::TestFlake;
-use nixroll::sim::host::{BootFault, SimHost};
+use common::host::{HostRoot, activate, grant, installed_host, stage};
+use nixroll::agent::node::{CrashPoint, HostOptions, NodeError};
+use nixroll::api::{ActivationAction, ActivationState, AgentStatus, HostOperation};
+use nixroll::sim::host::BootFault;
 
 const NODE: &str = "node-1";
-
-fn nix_available() -> bool {
-    std::process::Command::new("nix")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-macro_rules! require_nix {
-    () => {
-        if !nix_available() {
-            eprintln!("SKIPPED: `nix` is not installed; these tests need real Nix (apt-get install nix-bin)");
-            return;
-        }
-    };
-}
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    flake: TestFlake,
-    sim: Arc<SimHost>,
-    host: Arc<dyn Host>,
-    nix: Arc<dyn Nix>,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let flake = TestFlake::create(tmp.path().join("flake"), &[NODE]).unwrap();
-        let sim = SimHost::create(tmp.path().join("host")).unwrap();
-        let host: Arc<dyn Host> = Arc::new(sim.host_root());
-        let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
-        Fixture {
-            _tmp: tmp,
-            flake,
-            sim,
-            host,
-            nix,
-        }
-    }
-
-    fn agent(&self) -> NodeAgent {
-        let options = HostOptions {
-            activation_timeout: Duration::from_secs(30),
-            result_poll: Duration::from_millis(10),
-            ..Default::default()
-        };
-        NodeAgent::new(self.host.clone(), self.nix.clone(), options)
-    }
-
-    fn target(&self, rev: &str) -> Target {
-        Target {
-            revision: rev.to_string(),
-            installable: self.flake.installable(rev, NODE),
-            system: None,
-        }
-    }
-
-    /// Stage the flake's first commit and install it as the running system; returns its path.
-    async fn installed(&self) -> String {
-        let rev0 = self.flake.head().to_string();
-        let st = self
-            .agent()
-            .reconcile(Some(&self.target(&rev0)), None)
-            .await
-            .unwrap();
-        let system = match st.staged {
-            Some(s) => s.system,
-            None => panic!("initial system not staged: {:?}", st.last_error),
-        };
-        self.sim.install(&system).unwrap();
-        system
-    }
-
-    fn root(&self) -> &Path {
-        self.sim.root()
-    }
-}
-
-fn grant(id: &str, action: ActivationAction, system: &str) -> ActivationGrant {
-    ActivationGrant {
-        id: id.to_string(),
-        action,
-        system: system.to_string(),
-        granted_at: Time(Timestamp::UNIX_EPOCH),
-        boot_id_before: None,
-    }
-}
 
 fn state_of(st: &AgentStatus) -> ActivationState {
     st.activation.as_ref().expect("activation reported").state
@@ -111,9 +20,9 @@ fn state_of(st: &AgentStatus) -> ActivationState {
 
 #[tokio::test]
 async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let boot_id = f.sim.boot_id();
     let rev1 = f.flake.commit_kernel_change().unwrap();
 
@@ -174,9 +83,9 @@ async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
 
 #[tokio::test]
 async fn a_service_only_change_needs_no_reboot() {
-    require_nix!();
-    let mut f = Fixture::new();
-    f.installed().await;
+    let Some((mut f, _)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f.flake.commit_service_change().unwrap();
     let st = f.agent().reconcile(Some(&f.target(&rev1)), None).await.unwrap();
     let staged = st.staged.unwrap();
@@ -187,9 +96,9 @@ async fn a_service_only_change_needs_no_reboot() {
 
 #[tokio::test]
 async fn staging_failures_are_reported_and_leave_the_host_untouched() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let rev0 = f.flake.head().to_string();
     let mut agent = f.agent();
 
@@ -240,9 +149,9 @@ async fn staging_failures_are_reported_and_leave_the_host_untouched() {
 
 #[tokio::test]
 async fn a_failed_staging_is_retried_with_backoff() {
-    require_nix!();
-    let mut f = Fixture::new();
-    f.installed().await;
+    let Some((mut f, _)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f.flake.commit_service_change().unwrap();
     let t = f.target(&rev1);
     let options = HostOptions {
@@ -250,7 +159,7 @@ async fn a_failed_staging_is_retried_with_backoff() {
         stage_retry: Duration::from_millis(300),
         ..Default::default()
     };
-    let mut agent = NodeAgent::new(f.host.clone(), f.nix.clone(), options);
+    let mut agent = f.agent_with(options);
 
     // The repository is unreachable for a while (a flaky remote).
     let away = f.flake.dir().with_extension("away");
@@ -280,9 +189,9 @@ async fn a_failed_staging_is_retried_with_backoff() {
 
 #[tokio::test]
 async fn switch_activates_live_once() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let boot_id = f.sim.boot_id();
     let rev1 = f
         .flake
@@ -334,20 +243,14 @@ async fn switch_activates_live_once() {
 
 #[tokio::test]
 async fn boot_sets_the_default_and_reboots_once() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let boot_id = f.sim.boot_id();
     let rev1 = f.flake.commit_kernel_change().unwrap();
     let mut agent = f.agent();
     let t = f.target(&rev1);
-    let sys1 = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys1 = stage(&mut agent, &t).await;
 
     let g = grant("g-boot", ActivationAction::Boot, &sys1);
     let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
@@ -380,9 +283,9 @@ async fn boot_sets_the_default_and_reboots_once() {
 
 #[tokio::test]
 async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f
         .flake
         .commit("new init", |s| s.init_interface_version = "systemd-2".into())
@@ -409,17 +312,8 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
         .commit("switch fails", |s| s.switch_exit = Some(3))
         .unwrap();
     let t2 = f.target(&rev2);
-    let sys2 = agent
-        .reconcile(Some(&t2), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
-    let st = agent
-        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
-        .await
-        .unwrap();
+    let sys2 = stage(&mut agent, &t2).await;
+    let st = activate(&mut agent, &t2, "g2", ActivationAction::Switch, &sys2).await;
     assert_eq!(state_of(&st), ActivationState::Failed);
     let err = st.last_error.unwrap();
     assert_eq!(err.operation, HostOperation::Activate);
@@ -450,24 +344,15 @@ async fn switch_exit_100_means_needs_reboot_and_failures_are_reported() {
 
 #[tokio::test]
 async fn fallback_boot_is_visible_in_the_report() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f.flake.commit_kernel_change().unwrap();
     let mut agent = f.agent();
     let t = f.target(&rev1);
-    let sys1 = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys1 = stage(&mut agent, &t).await;
     f.sim.set_fault(Some(BootFault::FallbackToPrevious));
-    let st = agent
-        .reconcile(Some(&t), Some(&grant("g", ActivationAction::Boot, &sys1)))
-        .await
-        .unwrap();
+    let st = activate(&mut agent, &t, "g", ActivationAction::Boot, &sys1).await;
     // Rebooted (new boot id), but into the old system: the controller sees booted != staged.
     assert_eq!(state_of(&st), ActivationState::Rebooted);
     assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
@@ -478,7 +363,9 @@ async fn fallback_boot_is_visible_in_the_report() {
 /// finishes the job, reports correctly and never reboots or switches a second time.
 #[tokio::test]
 async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
-    require_nix!();
+    if !common::require_nix() {
+        return;
+    }
     for point in [
         CrashPoint::BeforeProfileSet,
         CrashPoint::AfterProfileSet,
@@ -486,19 +373,12 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
         CrashPoint::BeforeReboot,
         CrashPoint::AfterReboot,
     ] {
-        let mut f = Fixture::new();
+        let mut f = HostRoot::new(NODE);
         let sys0 = f.installed().await;
         let boot_id = f.sim.boot_id();
         let rev1 = f.flake.commit_kernel_change().unwrap();
         let t = f.target(&rev1);
-        let sys1 = f
-            .agent()
-            .reconcile(Some(&t), None)
-            .await
-            .unwrap()
-            .staged
-            .unwrap()
-            .system;
+        let sys1 = stage(&mut f.agent(), &t).await;
         let g = grant("g-crash", ActivationAction::Boot, &sys1);
 
         let crashed = f.agent().crash_at(point).reconcile(Some(&t), Some(&g)).await;
@@ -548,9 +428,9 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
 /// running it again.
 #[tokio::test]
 async fn switch_survives_the_agent_dying_mid_run() {
-    require_nix!();
-    let mut f = Fixture::new();
-    f.installed().await;
+    let Some((mut f, _)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f
         .flake
         .commit("slow switch", |s| {
@@ -559,14 +439,7 @@ async fn switch_survives_the_agent_dying_mid_run() {
         })
         .unwrap();
     let t = f.target(&rev1);
-    let sys1 = f
-        .agent()
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys1 = stage(&mut f.agent(), &t).await;
     let g = grant("g-slow", ActivationAction::Switch, &sys1);
 
     let mut dying = f.agent();
@@ -595,36 +468,18 @@ async fn switch_survives_the_agent_dying_mid_run() {
 
 #[tokio::test]
 async fn restarted_rollback_rolls_back_only_once() {
-    require_nix!();
-    let mut f = Fixture::new();
-    let sys0 = f.installed().await;
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f.flake.commit_service_change().unwrap();
     let t = f.target(&rev1);
     let mut agent = f.agent();
-    let sys1 = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
-    agent
-        .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
-        .await
-        .unwrap();
+    let sys1 = stage(&mut agent, &t).await;
+    activate(&mut agent, &t, "g1", ActivationAction::Switch, &sys1).await;
     let rev2 = f.flake.commit_service_change().unwrap();
     let t2 = f.target(&rev2);
-    let sys2 = agent
-        .reconcile(Some(&t2), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
-    let st = agent
-        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
-        .await
-        .unwrap();
+    let sys2 = stage(&mut agent, &t2).await;
+    let st = activate(&mut agent, &t2, "g2", ActivationAction::Switch, &sys2).await;
     assert_eq!(st.profile_generation, Some(3));
 
     let g = grant("g-rb", ActivationAction::Rollback, &sys2);
@@ -647,9 +502,9 @@ async fn restarted_rollback_rolls_back_only_once() {
 /// acknowledgement it goes on after `report_timeout` (an API outage must not hold the grant).
 #[tokio::test]
 async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
-    require_nix!();
-    let mut f = Fixture::new();
-    f.installed().await;
+    let Some((mut f, _)) = installed_host(NODE).await else {
+        return;
+    };
     for acknowledge in [true, false] {
         let rev = f.flake.commit_kernel_change().unwrap();
         let t = f.target(&rev);
@@ -665,14 +520,8 @@ async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
             },
             ..Default::default()
         };
-        let mut agent = NodeAgent::new(f.host.clone(), f.nix.clone(), options).with_progress(tx, acked_rx);
-        let sys1 = agent
-            .reconcile(Some(&t), None)
-            .await
-            .unwrap()
-            .staged
-            .unwrap()
-            .system;
+        let mut agent = f.agent_with(options).with_progress(tx, acked_rx);
+        let sys1 = stage(&mut agent, &t).await;
         let sim = f.sim.clone();
         let reboots_before = sim.reboot_count();
         // The writer: acknowledges RebootRequested (after checking that no reboot happened yet).
@@ -719,9 +568,9 @@ async fn the_reboot_waits_for_the_stored_report_and_no_longer() {
 /// activator) is waited for, not raced.
 #[tokio::test]
 async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
-    require_nix!();
-    let mut f = Fixture::new();
-    f.installed().await;
+    let Some((mut f, _)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f
         .flake
         .commit("a unit fails", |s| {
@@ -731,17 +580,8 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         .unwrap();
     let mut agent = f.agent();
     let t = f.target(&rev1);
-    let sys1 = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
-    let st = agent
-        .reconcile(Some(&t), Some(&grant("g1", ActivationAction::Switch, &sys1)))
-        .await
-        .unwrap();
+    let sys1 = stage(&mut agent, &t).await;
+    let st = activate(&mut agent, &t, "g1", ActivationAction::Switch, &sys1).await;
     let a = st.activation.clone().unwrap();
     assert_eq!(
         (a.state, a.exit_code, a.units_failed),
@@ -760,13 +600,7 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         })
         .unwrap();
     let t2 = f.target(&rev2);
-    let sys2 = agent
-        .reconcile(Some(&t2), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys2 = stage(&mut agent, &t2).await;
     let lock = f.sim.root().join("run/nixos/switch-to-configuration.lock");
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
     let held = std::fs::File::create(&lock).unwrap();
@@ -776,10 +610,7 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
         drop(held);
     });
     let t0 = std::time::Instant::now();
-    let st = agent
-        .reconcile(Some(&t2), Some(&grant("g2", ActivationAction::Switch, &sys2)))
-        .await
-        .unwrap();
+    let st = activate(&mut agent, &t2, "g2", ActivationAction::Switch, &sys2).await;
     release.join().unwrap();
     assert_eq!(state_of(&st), ActivationState::Switched);
     assert!(
@@ -800,8 +631,10 @@ async fn exit_4_is_switched_with_failed_units_and_a_held_lock_is_waited_for() {
 /// error, never inputs resolved at build time (which could differ per node and per time).
 #[tokio::test]
 async fn a_revision_without_a_complete_lock_file_is_not_built() {
-    require_nix!();
-    let f = Fixture::new();
+    if !common::require_nix() {
+        return;
+    }
+    let f = HostRoot::new(NODE);
     let tmp = tempfile::tempdir().unwrap();
     let dep = tmp.path().join("dep");
     std::fs::create_dir_all(&dep).unwrap();
@@ -856,19 +689,13 @@ async fn a_revision_without_a_complete_lock_file_is_not_built() {
 #[tokio::test]
 async fn a_lost_lock_race_is_retried() {
     use nixroll::agent::state::{self, ACTIVATION_DIR, ActivationRecord, STATE_FILE, Step};
-    require_nix!();
-    let mut f = Fixture::new();
-    f.installed().await;
+    let Some((mut f, _)) = installed_host(NODE).await else {
+        return;
+    };
     let rev1 = f.flake.commit_service_change().unwrap();
     let t = f.target(&rev1);
     let mut agent = f.agent();
-    let sys1 = agent
-        .reconcile(Some(&t), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys1 = stage(&mut agent, &t).await;
     // The state a lost race leaves: the first launch ended with 1 and the lock message.
     let root = f.sim.root().to_path_buf();
     let host_file = |p: &str| root.join(p.trim_start_matches('/'));

@@ -2,17 +2,12 @@
 //! runs, with nothing but the binary and /bin/sh. No skipping: this needs no Nix.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use nixroll::agent::host::Host;
-use nixroll::agent::node::{CrashPoint, HostOptions, NodeAgent};
-use nixroll::api::{ActivationAction, ActivationGrant, ActivationState, HostOperation, Target};
-use nixroll::nix::Nix;
+use common::host::{SimNixHost, grant, stage};
+use nixroll::agent::node::CrashPoint;
+use nixroll::api::{ActivationAction, ActivationState, HostOperation, Target};
 use nixroll::sim::flake::SystemSpec;
-use nixroll::sim::host::{SimHost, SimNix};
 
 fn target(rev: &str) -> Target {
     Target {
@@ -22,28 +17,11 @@ fn target(rev: &str) -> Target {
     }
 }
 
-fn grant(id: &str, action: ActivationAction, system: &str) -> ActivationGrant {
-    ActivationGrant {
-        id: id.into(),
-        action,
-        system: system.into(),
-        granted_at: Time(Timestamp::UNIX_EPOCH),
-        boot_id_before: None,
-    }
-}
-
 #[tokio::test]
 async fn sim_nix_stages_activates_reboots_and_rolls_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let sim = SimHost::create(tmp.path().join("host")).unwrap();
-    let simnix = Arc::new(SimNix::new(&sim));
-    let host: Arc<dyn Host> = Arc::new(sim.host_root());
-    let nix: Arc<dyn Nix> = simnix.clone();
-    let options = HostOptions {
-        result_poll: Duration::from_millis(10),
-        ..Default::default()
-    };
-    let agent = || NodeAgent::new(host.clone(), nix.clone(), options.clone());
+    let h = SimNixHost::new();
+    let (tmp, sim, simnix) = (&h.tmp, &h.sim, &h.simnix);
+    let agent = || h.agent();
 
     let (r0, r1, r2, bad) = ("a".repeat(40), "b".repeat(40), "c".repeat(40), "d".repeat(40));
     let base = SystemSpec::default();
@@ -67,13 +45,7 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
         "error: Cannot find Git revision 'dddd'",
     );
 
-    let sys0 = agent()
-        .reconcile(Some(&target(&r0)), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys0 = stage(&mut agent(), &target(&r0)).await;
     sim.install(&sys0).unwrap();
 
     let mut a = agent();

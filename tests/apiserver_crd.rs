@@ -74,8 +74,7 @@ fn run_status(kubectl: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_works_against_it() {
-    let Some(kubectl) = kubectl() else {
-        eprintln!("SKIPPED: kubectl not installed");
+    let Some(kubectl) = kubectl_for("kubectl_works_against_it") else {
         return;
     };
     let (srv, client) = start().await;

@@ -4,6 +4,8 @@
 //! `crate::rollout` and are tested there); the mock API answers status writes slowly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,9 +16,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::{reflector, watcher};
-use nixroll::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot, Target};
+use nixroll::api::{NixOSNode, NixOSNodeStatus, Phase, Slot, Target};
 use nixroll::controller::{Context, ControllerConfig, Metrics, RolloutFns, Stores, Synced};
 use nixroll::rollout::{ClusterState, Decision, DrainProgress, NodeView, Policy};
+use nixroll::sim::fixtures::{in_phase, nixos_node};
 
 /// Budget 1, first come first served: every Waiting node may go while no node holds a slot or
 /// is in a disruptive phase.
@@ -65,24 +68,10 @@ fn fake_decide(
 }
 
 fn waiting(name: &str) -> NixOSNode {
-    let mut n = NixOSNode::new(
-        name,
-        NixOSNodeSpec {
-            flake: "github:me/infra".into(),
-            revision: "b".repeat(40),
-            configuration: None,
-            maintenance_windows: Vec::new(),
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        },
-    );
-    n.status = Some(NixOSNodeStatus {
-        phase: Some(Phase::Waiting),
-        ..NixOSNodeStatus::default()
-    });
-    n
+    in_phase(
+        nixos_node(name, "github:me/infra", &"b".repeat(40)),
+        Phase::Waiting,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -121,12 +110,7 @@ async fn concurrent_waiting_nodes_with_a_stale_cache_never_both_get_the_slot() {
                 let mut obj = body.clone();
                 obj["metadata"] = serde_json::json!({"name": "x", "resourceVersion": "5"});
                 obj["spec"] = serde_json::json!({"flake": "github:me/infra", "revision": "b".repeat(40)});
-                send.send_response(
-                    Response::builder()
-                        .status(200)
-                        .body(Body::from(serde_json::to_vec(&obj).unwrap()))
-                        .unwrap(),
-                );
+                send.send_response(common::json_response(200, &obj));
             }
         });
 
@@ -256,16 +240,8 @@ async fn releasing_a_slot_wakes_the_next_admissible_node() {
         tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &draining, decision).await });
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(
-                serde_json::to_vec(&serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
-                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}}))
-                .unwrap(),
-            ))
-            .unwrap(),
-    );
+    send.send_response(common::json_response(200, &serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}})));
     task.await.unwrap().unwrap();
     let woken = wake.recv().await.unwrap();
     assert_eq!(woken.name, "b", "the first admissible node by name");
@@ -301,16 +277,11 @@ async fn failed_grant_write_still_blocks_other_admissions() {
     let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
-    send.send_response(
-        Response::builder()
-            .status(504)
-            .body(Body::from(
-                serde_json::to_vec(&serde_json::json!({"kind": "Status", "apiVersion": "v1",
-                    "status": "Failure", "reason": "Timeout", "message": "etcd timeout", "code": 504}))
-                .unwrap(),
-            ))
-            .unwrap(),
-    );
+    send.send_response(common::json_response(
+        504,
+        &serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "reason": "Timeout", "message": "etcd timeout", "code": 504}),
+    ));
     let err = task.await.unwrap().unwrap_err();
     assert!(err.is_transient(), "{err}");
 
@@ -328,15 +299,7 @@ async fn failed_grant_write_still_blocks_other_admissions() {
     let task = tokio::spawn(async move { nixroll::controller::reconcile(Arc::new(waiting("a")), c).await });
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(req.uri().path(), "/apis/nixroll.io/v1alpha1/nixosnodes/a/status");
-    send.send_response(
-        Response::builder()
-            .status(200)
-            .body(Body::from(
-                serde_json::to_vec(&serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
-                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}}))
-                .unwrap(),
-            ))
-            .unwrap(),
-    );
+    send.send_response(common::json_response(200, &serde_json::json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode",
+                    "metadata": {"name": "a"}, "spec": {"flake": "github:me/infra", "revision": "b".repeat(40)}})));
     task.await.unwrap().unwrap();
 }

@@ -17,12 +17,14 @@ use kube::client::Body;
 use kube::runtime::reflector;
 use kube::runtime::watcher;
 use nixroll::api::{AgentStatus, DrainPolicy, NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, Slot};
+use nixroll::controller::leader::LeaderError;
 use nixroll::controller::{
     Context, ControllerConfig, LeaderElectionConfig, LeaderElector, LeaseOutcome, Metrics, Stores, Synced,
 };
 use nixroll::drain;
 use nixroll::rollout::{Action, Decision, Note};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Responder = tower_test::mock::SendResponse<Response<Body>>;
@@ -168,14 +170,8 @@ fn nixosnode(name: &str, drain: Option<DrainPolicy>) -> NixOSNode {
     let mut n = NixOSNode::new(
         name,
         NixOSNodeSpec {
-            flake: "github:me/infra".into(),
-            revision: "a".repeat(40),
-            configuration: None,
-            maintenance_windows: Vec::new(),
-            reboot: Default::default(),
             drain,
-            suspend: false,
-            secrets: Vec::new(),
+            ..nixroll::sim::fixtures::spec("github:me/infra", &"a".repeat(40))
         },
     );
     n.metadata.uid = Some("uid-1".into());
@@ -196,6 +192,12 @@ fn ready_stores() -> Stores {
         pause,
         synced: Synced::ready(),
     }
+}
+
+/// A controller context on the mock, and the NixOSNode n1 (no drain policy).
+fn context_for_n1() -> (Arc<Context>, Handle, NixOSNode) {
+    let (client, handle) = mock();
+    (context(client), handle, nixosnode("n1", None))
 }
 
 fn context(client: Client) -> Arc<Context> {
@@ -241,6 +243,17 @@ fn draining_status(cordoned_by_nixroll: bool) -> NixOSNodeStatus {
             ..AgentStatus::default()
         }),
         ..NixOSNodeStatus::default()
+    }
+}
+
+/// The decision to write `status` and take `actions`: no notes, no requeue.
+fn decision_to(status: NixOSNodeStatus, actions: Vec<Action>) -> Decision {
+    Decision {
+        status,
+        actions,
+        notes: vec![],
+        requeue_after: None,
+        rows: Vec::new(),
     }
 }
 
@@ -300,9 +313,7 @@ fn assert_event(seen: &Seen, regarding_kind: &str, reason: &str) {
 
 #[tokio::test]
 async fn grant_persists_status_first_then_cordons_then_records_events() {
-    let (client, mut handle) = mock();
-    let ctx = context(client);
-    let obj = nixosnode("n1", None);
+    let (ctx, mut handle, obj) = context_for_n1();
     let decision = Decision {
         status: draining_status(true),
         actions: vec![Action::Cordon],
@@ -352,22 +363,14 @@ async fn grant_persists_status_first_then_cordons_then_records_events() {
 
 #[tokio::test]
 async fn uncordon_happens_only_when_the_decision_says_so() {
-    let (client, mut handle) = mock();
-    let ctx = context(client);
-    let obj = nixosnode("n1", None);
+    let (ctx, mut handle, obj) = context_for_n1();
 
     // A status change without an Uncordon action: the status write and nothing else.
     let current = draining_status(false);
     let mut next_status = draining_status(false);
     next_status.phase = Some(Phase::UpToDate);
     next_status.slot = None;
-    let decision = Decision {
-        status: next_status.clone(),
-        actions: vec![],
-        notes: vec![],
-        requeue_after: None,
-        rows: Vec::new(),
-    };
+    let decision = decision_to(next_status.clone(), vec![]);
     let c2 = ctx.clone();
     let o2 = obj.clone();
     let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &current, decision).await });
@@ -386,13 +389,7 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
     // The decision says Uncordon: exactly one merge patch setting unschedulable=false and
     // removing the mark.
     let current = draining_status(true);
-    let decision = Decision {
-        status: next_status,
-        actions: vec![Action::Uncordon],
-        notes: vec![],
-        requeue_after: None,
-        rows: Vec::new(),
-    };
+    let decision = decision_to(next_status, vec![Action::Uncordon]);
     let task =
         tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });
     let s = status_then_node_patch(&mut handle, "n1").await;
@@ -411,19 +408,14 @@ async fn uncordon_happens_only_when_the_decision_says_so() {
 
 #[tokio::test]
 async fn unchanged_status_and_no_actions_send_nothing() {
-    let (client, mut handle) = mock();
-    let ctx = context(client);
-    let obj = nixosnode("n1", None);
+    let (ctx, mut handle, obj) = context_for_n1();
     let current = draining_status(true);
     // The decision repeats the current status (the agent part differs and is ignored).
     let mut same = current.clone();
     same.agent = None;
     let decision = Decision {
-        status: same,
-        actions: vec![],
-        notes: vec![],
         requeue_after: Some(jiff::SignedDuration::from_secs(30)),
-        rows: Vec::new(),
+        ..decision_to(same, vec![])
     };
     let requeue = nixroll::controller::execute(&ctx, &obj, &current, decision)
         .await
@@ -559,18 +551,13 @@ async fn eviction_skips_daemonset_and_mirror_pods_and_retries_after_429() {
 
 #[tokio::test]
 async fn evict_action_backs_off_between_passes() {
-    let (client, mut handle) = mock();
-    let ctx = context(client);
-    let obj = nixosnode("n1", None);
+    let (ctx, mut handle, obj) = context_for_n1();
     let current = draining_status(true);
     let mut status = current.clone();
     status.agent = None;
     let decision = Decision {
-        status,
-        actions: vec![Action::Evict],
-        notes: vec![],
         requeue_after: Some(jiff::SignedDuration::from_mins(10)),
-        rows: Vec::new(),
+        ..decision_to(status, vec![Action::Evict])
     };
     let (c2, o2, cur2, d2) = (ctx.clone(), obj.clone(), current.clone(), decision.clone());
     let task = tokio::spawn(async move { nixroll::controller::execute(&c2, &o2, &cur2, d2).await });
@@ -651,6 +638,16 @@ fn elector(client: Client) -> LeaderElector {
     LeaderElector::new(client, cfg, Duration::from_secs(2))
 }
 
+/// One step of a leader elector started against the mock, and its first request (the Lease's
+/// GET), not yet answered.
+async fn lease_step() -> (JoinHandle<Result<LeaseOutcome, LeaderError>>, Handle, Seen) {
+    let (client, mut handle) = mock();
+    let mut e = elector(client);
+    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
+    let s = next(&mut handle).await;
+    (step, handle, s)
+}
+
 fn lease(holder: &str, renew: jiff::Timestamp, rv: &str) -> Value {
     json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
         "metadata": {"name": "nixroll-controller", "namespace": "nixroll-system", "resourceVersion": rv},
@@ -660,10 +657,7 @@ fn lease(holder: &str, renew: jiff::Timestamp, rv: &str) -> Value {
 
 #[tokio::test]
 async fn lease_is_acquired_when_free() {
-    let (client, mut handle) = mock();
-    let mut e = elector(client);
-    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
-    let s = next(&mut handle).await;
+    let (step, mut handle, s) = lease_step().await;
     assert_eq!((s.method.as_str(), s.path.as_str()), ("GET", LEASE_PATH));
     s.reply(404, status_failure(404, "NotFound"));
     let s = next(&mut handle).await;
@@ -681,10 +675,7 @@ async fn lease_is_acquired_when_free() {
 
 #[tokio::test]
 async fn lease_held_and_unexpired_is_not_taken() {
-    let (client, mut handle) = mock();
-    let mut e = elector(client);
-    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
-    let s = next(&mut handle).await;
+    let (step, mut handle, s) = lease_step().await;
     assert_eq!(s.path, LEASE_PATH);
     s.reply(200, lease("other-xyz", jiff::Timestamp::now(), "7"));
     match step.await.unwrap().unwrap() {
@@ -699,10 +690,7 @@ async fn lease_held_and_unexpired_is_not_taken() {
 
 #[tokio::test]
 async fn expired_lease_is_taken_over_with_its_resource_version() {
-    let (client, mut handle) = mock();
-    let mut e = elector(client);
-    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
-    let s = next(&mut handle).await;
+    let (step, mut handle, s) = lease_step().await;
     let old = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
     s.reply(200, lease("other-xyz", old, "7"));
     let s = next(&mut handle).await;
@@ -717,10 +705,7 @@ async fn expired_lease_is_taken_over_with_its_resource_version() {
 
 #[tokio::test]
 async fn conflict_on_takeover_is_a_lost_race() {
-    let (client, mut handle) = mock();
-    let mut e = elector(client);
-    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
-    let s = next(&mut handle).await;
+    let (step, mut handle, s) = lease_step().await;
     let old = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60);
     s.reply(200, lease("other-xyz", old, "7"));
     let s = next(&mut handle).await;
@@ -731,10 +716,7 @@ async fn conflict_on_takeover_is_a_lost_race() {
 
 #[tokio::test]
 async fn holder_renews_its_own_lease() {
-    let (client, mut handle) = mock();
-    let mut e = elector(client);
-    let step = tokio::spawn(async move { e.try_acquire_or_renew().await });
-    let s = next(&mut handle).await;
+    let (step, mut handle, s) = lease_step().await;
     let earlier = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(5);
     s.reply(200, lease("me-abc", earlier, "9"));
     let s = next(&mut handle).await;
@@ -770,13 +752,7 @@ async fn cordon_is_conditional_on_the_node_the_decision_saw() {
         Arc::new(AtomicBool::new(true)),
     );
     let obj = nixosnode("n1", None);
-    let decision = Decision {
-        status: draining_status(true),
-        actions: vec![Action::Cordon, Action::Evict],
-        notes: vec![],
-        requeue_after: None,
-        rows: Vec::new(),
-    };
+    let decision = decision_to(draining_status(true), vec![Action::Cordon, Action::Evict]);
     let current = waiting_status();
     let task =
         tokio::spawn(async move { nixroll::controller::execute(&ctx, &obj, &current, decision).await });

@@ -3,6 +3,8 @@
 //! shutdown releases the Lease.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,11 +28,7 @@ struct FakeApi {
 }
 
 fn respond(code: u16, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap()
+    common::json_response(code, body)
 }
 
 fn status(code: u16, reason: &str) -> Value {

@@ -5,6 +5,8 @@
 //! else the simulated store.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -16,28 +18,16 @@ use kube::runtime::{WatchStreamExt, watcher};
 use nixroll::api::{DrainPolicy, DrainTimeoutAction, MaintenanceWindow, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::cluster::{Timing, WORKLOAD_NAMESPACE};
+use nixroll::sim::cluster::WORKLOAD_NAMESPACE;
 use nixroll::sim::host::BootFault;
 use nixroll::sim::monitor::Monitor;
-use nixroll::sim::world::{NixMode, World, WorldOptions};
+use nixroll::sim::world::{World, WorldOptions};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
 
 fn fast() -> WorldOptions {
-    WorldOptions {
-        nodes: 5,
-        control_planes: 1,
-        nix: NixMode::Auto,
-        timing: Timing {
-            pod_termination: Duration::from_millis(50),
-            pod_startup: Duration::from_millis(100),
-            reboot: Duration::from_millis(400),
-            request_timeout: Duration::from_secs(10),
-        },
-        pods_per_node: 2,
-        apps: None,
-    }
+    common::world::fast_world(5, 2)
 }
 
 fn controller_config(budget: u32) -> ControllerConfig {
@@ -135,6 +125,27 @@ fn kernel_bump(world: &mut World) -> String {
         .unwrap()
 }
 
+/// Commit a kernel bump and ask every NixOSNode for it; returns the new revision.
+async fn roll_out_kernel_bump(world: &mut World) -> String {
+    let next = kernel_bump(world);
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    next
+}
+
+/// Every host's bootloader falls back to the previous generation; roll out a kernel bump and
+/// wait until a node is Degraded. Returns the new revision and the NixOSNodes then.
+async fn kernel_bump_until_degraded(world: &mut World) -> (String, BTreeMap<String, NixOSNode>) {
+    for n in &world.nodes {
+        n.host.set_fault(Some(BootFault::FallbackToPrevious));
+    }
+    let next = roll_out_kernel_bump(world).await;
+    let m = wait_for(world, "a Degraded node", WAIT, |m| {
+        m.values().any(|o| phase(o) == Phase::Degraded)
+    })
+    .await;
+    (next, m)
+}
+
 /// Wait (watch-driven, bounded) for an Event with `reason` (Events are published after the
 /// status write they describe).
 async fn wait_event(world: &World, reason: &str) -> Event {
@@ -181,8 +192,7 @@ async fn wait_unschedulable(world: &World, node: &str, want: bool) {
 async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
     let (mut world, c) = adopted(fast(), 1).await;
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     let done = wait_for(&world, "rollout", WAIT, all_on(&next)).await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
     assert_eq!(monitor.max_concurrent(), 1);
@@ -211,8 +221,7 @@ async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
 async fn budget_two_disrupts_two_nodes_at_once_but_never_three() {
     let (mut world, c) = adopted(fast(), 2).await;
     let monitor = Monitor::start(world.client.clone(), 2, &[]);
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     wait_for(&world, "rollout", WAIT, all_on(&next)).await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
     assert_eq!(monitor.max_concurrent(), 2);
@@ -282,8 +291,7 @@ async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
     let (mut world, c) = adopted(fast(), 1).await;
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     // node-3 points at a configuration the flake does not have.
     let mut bad = world.spec(&next);
     bad.configuration = Some("no-such-host".into());
@@ -317,15 +325,7 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let (mut world, c) = adopted(fast(), 1).await;
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
     // Workers go first (node-2 … node-5); make the first one's bootloader fall back.
-    for n in &world.nodes {
-        n.host.set_fault(Some(BootFault::FallbackToPrevious));
-    }
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
-    let m = wait_for(&world, "a Degraded node", WAIT, |m| {
-        m.values().any(|o| phase(o) == Phase::Degraded)
-    })
-    .await;
+    let (_, m) = kernel_bump_until_degraded(&mut world).await;
     let (bad, o) = m.iter().find(|(_, o)| phase(o) == Phase::Degraded).unwrap();
     let s = o.status.clone().unwrap();
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
@@ -375,15 +375,7 @@ async fn a_retried_node_that_holds_its_slot_is_readmitted_and_the_rollout_finish
     config.admission_sweep = Duration::from_secs(3600);
     let (mut world, c) = adopted_with(fast(), config).await;
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
-    for n in &world.nodes {
-        n.host.set_fault(Some(BootFault::FallbackToPrevious));
-    }
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
-    let m = wait_for(&world, "a Degraded node", WAIT, |m| {
-        m.values().any(|o| phase(o) == Phase::Degraded)
-    })
-    .await;
+    let (next, m) = kernel_bump_until_degraded(&mut world).await;
     let bad = m
         .iter()
         .find(|(_, o)| phase(o) == Phase::Degraded)
@@ -426,8 +418,7 @@ async fn a_rollout_whose_wake_ups_are_all_lost_still_finishes_through_the_sweep(
     config.lose_wakeups = true;
     let (mut world, c) = adopted_with(fast(), config).await;
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     wait_for(&world, "the rollout with lost wake-ups", WAIT, all_on(&next)).await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
     assert_eq!(monitor.max_concurrent(), 1);
@@ -442,8 +433,7 @@ async fn controller_restarted_in_every_phase_resumes_without_over_admission() {
     let (mut world, c) = adopted(fast(), 1).await;
     c.kill();
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     let mut controller = world.start_controller(controller_config(1)).await.unwrap();
     for p in [
         Phase::Draining,
@@ -469,8 +459,7 @@ async fn controller_restarted_in_every_phase_resumes_without_over_admission() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_mid_activation_never_reboots_twice() {
     let (mut world, c) = adopted(fast(), 1).await;
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     let m = wait_for(&world, "an Activating node", WAIT, |m| {
         m.values().any(|o| phase(o) == Phase::Activating)
     })
@@ -492,8 +481,7 @@ async fn a_node_cordoned_by_an_admin_is_updated_and_stays_cordoned() {
     let nodes: Api<Node> = Api::all(world.client.clone());
     nodes.cordon("node-4").await.unwrap();
     let monitor = Monitor::start(world.client.clone(), 2, &["node-4"]);
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     let done = wait_for(&world, "rollout", WAIT, all_on(&next)).await;
     assert!(unschedulable(&world, "node-4").await, "still cordoned");
     wait_unschedulable(&world, "node-3", false).await;
@@ -554,8 +542,7 @@ async fn cluster_wide_pause_and_resume() {
     }))
     .unwrap();
     cms.create(&PostParams::default(), &pause).await.unwrap();
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     wait_for(&world, "all waiting while paused", WAIT, |m| {
         m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
     })
@@ -591,8 +578,7 @@ async fn leader_failover_between_two_replicas() {
     wait_for(&world, "adoption", WAIT, all_on(&first)).await;
     let b = world.start_controller(elected("replica-b")).await.unwrap();
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
-    let next = kernel_bump(&mut world);
-    world.apply_all(&world.spec(&next)).await.unwrap();
+    let next = roll_out_kernel_bump(&mut world).await;
     wait_for(&world, "a node rebooting", WAIT, |m| {
         m.values().any(|o| phase(o) == Phase::Rebooting)
     })

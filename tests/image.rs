@@ -49,6 +49,20 @@ fn nixroll(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `nixroll image build --image IMAGE --out OUT MORE…`
+fn image_build(image: &Path, out: &Path, more: &[&str]) -> Output {
+    let mut args = vec!["image", "build", "--image", path(image), "--out", path(out)];
+    args.extend_from_slice(more);
+    nixroll(&args)
+}
+
+/// `nixroll image inject IMAGE MORE…`
+fn image_inject(image: &Path, more: &[&str]) -> Output {
+    let mut args = vec!["image", "inject", path(image)];
+    args.extend_from_slice(more);
+    nixroll(&args)
+}
+
 fn ok(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "nixroll failed: {stderr}");
@@ -89,6 +103,17 @@ fn path(p: &Path) -> &str {
 }
 
 /// A fresh raw-efi-like image; returns its path and the root's byte offset.
+/// The disk tools are required (see [`require`]); a temporary directory with the small disk
+/// image `disk.img` in it, and the offset of its ext4 root. `None`: skipped outside CI.
+fn disk_image() -> Option<(tempfile::TempDir, PathBuf, u64)> {
+    if !require(DISK_TOOLS) {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, off) = image(tmp.path(), "disk.img");
+    Some((tmp, img, off))
+}
+
 fn image(dir: &Path, name: &str) -> (PathBuf, u64) {
     let p = dir.join(name);
     let layout = make_disk_image(&p, MIB, RootKind::Ext4).unwrap();
@@ -170,11 +195,9 @@ fn mode_of(p: &Path) -> u32 {
 
 #[test]
 fn writes_files_with_mode_owner_and_content_and_creates_private_parents() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (img, off) = image(tmp.path(), "disk.img");
+    };
     debugfs_w(&img, off, "mkdir /etc"); // an existing directory keeps its mode
     let token = tmp.path().join("token");
     write(&token, b"K10abc::server:0123456789abcdef\n");
@@ -188,21 +211,19 @@ fn writes_files_with_mode_owner_and_content_and_creates_private_parents() {
         b"machine git.example.org login x password y\n",
     );
     let out = tmp.path().join("out.img");
-    let stdout = ok(&nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&out),
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&token)),
-        "--secret",
-        &format!("/var/lib/app/key={},mode=0440,owner=1000:100000", path(&token)),
-        "--secrets-dir",
-        path(&sdir),
-        "--json",
-    ]));
+    let stdout = ok(&image_build(
+        &img,
+        &out,
+        &[
+            "--secret",
+            &format!("/etc/k3s/token={}", path(&token)),
+            "--secret",
+            &format!("/var/lib/app/key={},mode=0440,owner=1000:100000", path(&token)),
+            "--secrets-dir",
+            path(&sdir),
+            "--json",
+        ],
+    ));
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let files = report["files"].as_array().unwrap();
     assert_eq!(files.len(), 4);
@@ -274,11 +295,9 @@ fn writes_files_with_mode_owner_and_content_and_creates_private_parents() {
 
 #[test]
 fn rotation_replaces_the_file_and_wipes_the_old_content() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (img, off) = image(tmp.path(), "disk.img");
+    };
     // Three blocks of the old secret: the new, shorter file can reuse at most one of them,
     // so the others stay free with whatever nixroll left in them.
     let old_content: Vec<u8> = (0..3 * 4096 / 32)
@@ -288,27 +307,24 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
     write(&old, &old_content);
     let new = tmp.path().join("new");
     write(&new, b"new-token-different-length");
-    ok(&nixroll(&[
-        "image",
-        "inject",
-        path(&img),
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&old)),
-    ]));
+    ok(&image_inject(
+        &img,
+        &["--secret", &format!("/etc/k3s/token={}", path(&old))],
+    ));
     assert!(contains(
         &std::fs::read(&img).unwrap(),
         b"old-token-5f1e0c9a7b3d-000000300"
     ));
     // The root found by its GPT partition name instead of its label.
-    let stdout = ok(&nixroll(&[
-        "image",
-        "inject",
-        path(&img),
-        "--root-label",
-        "primary",
-        "--secret",
-        &format!("/etc/k3s/token={},mode=0600", path(&new)),
-    ]));
+    let stdout = ok(&image_inject(
+        &img,
+        &[
+            "--root-label",
+            "primary",
+            "--secret",
+            &format!("/etc/k3s/token={},mode=0600", path(&new)),
+        ],
+    ));
     assert!(stdout.contains("replaced /etc/k3s/token"), "{stdout}");
     let fs = ext4(&img, off);
     assert_eq!(
@@ -325,23 +341,12 @@ fn rotation_replaces_the_file_and_wipes_the_old_content() {
 
 #[test]
 fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (img, off) = image(tmp.path(), "disk.img");
+    };
     // Without secrets the qcow2 must hold exactly the source image.
     let q0 = tmp.path().join("plain.qcow2");
-    ok(&nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&q0),
-        "--format",
-        "qcow2",
-    ]));
+    ok(&image_build(&img, &q0, &["--format", "qcow2"]));
     let cmp = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "qcow2", path(&img), path(&q0)])
         .output()
@@ -351,30 +356,25 @@ fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
     let secret = tmp.path().join("s");
     write(&secret, b"qcow2-secret");
     let q = tmp.path().join("node.qcow2");
-    let stdout = ok(&nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&q),
-        "--format",
-        "qcow2",
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&secret)),
-    ]));
+    let stdout = ok(&image_build(
+        &img,
+        &q,
+        &[
+            "--format",
+            "qcow2",
+            "--secret",
+            &format!("/etc/k3s/token={}", path(&secret)),
+        ],
+    ));
     assert!(
         stdout.contains("qemu-img compare with the raw image: identical"),
         "{stdout}"
     );
     write(&secret, b"rotated-in-qcow2");
-    ok(&nixroll(&[
-        "image",
-        "inject",
-        path(&q),
-        "--secret",
-        &format!("/etc/k3s/token={}", path(&secret)),
-    ]));
+    ok(&image_inject(
+        &q,
+        &["--secret", &format!("/etc/k3s/token={}", path(&secret))],
+    ));
     let info = Command::new("qemu-img")
         .args(["info", path(&q)])
         .output()
@@ -396,12 +396,10 @@ fn qcow2_output_is_identical_to_the_raw_image_and_can_be_injected_again() {
 /// Every bad input fails with its own message and leaves the original byte for byte as it was.
 #[test]
 fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let (img, off) = image(dir, "disk.img");
     // /opt is a symlink into the store; /etc/k3s/token itself is a symlink.
     debugfs_w(&img, off, "symlink /opt /nix/store/abc-opt");
     debugfs_w(&img, off, "mkdir /etc");
@@ -418,7 +416,7 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
     let secret = dir.join("s");
     write(&secret, b"s3cret");
     let s = path(&secret);
-    let inject = |dest_src: &str| nixroll(&["image", "inject", path(&img), "--secret", dest_src]);
+    let inject = |dest_src: &str| image_inject(&img, &["--secret", dest_src]);
     let untouched = || assert!(std::fs::read(&img).unwrap() == original, "the original changed");
 
     failed_with(
@@ -467,7 +465,7 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
         let p = dir.join(format!("{kind:?}.img"));
         make_disk_image(&p, MIB, kind).unwrap();
         let before = std::fs::read(&p).unwrap();
-        let out = nixroll(&["image", "inject", path(&p), "--secret", &format!("/srv/t={s}")]);
+        let out = image_inject(&p, &["--secret", &format!("/srv/t={s}")]);
         failed_with(&out, needle, dir);
         assert!(std::fs::read(&p).unwrap() == before);
     }
@@ -476,7 +474,7 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
     let text = dir.join("notes.img");
     write(&text, b"just some text\n");
     failed_with(
-        &nixroll(&["image", "inject", path(&text), "--secret", &format!("/srv/t={s}")]),
+        &image_inject(&text, &["--secret", &format!("/srv/t={s}")]),
         "is not a disk image with a GPT",
         dir,
     );
@@ -490,21 +488,14 @@ fn bad_inputs_fail_clearly_and_leave_the_original_untouched() {
             .unwrap()
             .success()
     );
-    let out = nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&bare),
-        "--out",
-        path(&dir.join("x.img")),
-    ]);
+    let out = image_build(&bare, &dir.join("x.img"), &[]);
     failed_with(&out, "is not a disk image with a GPT", dir);
     assert!(!dir.join("x.img").exists());
 
     // An existing output of `build` is not touched by a failed build either.
     let prev = dir.join("prev.img");
     write(&prev, b"previous image");
-    let out = nixroll(&["image", "build", "--image", path(&text), "--out", path(&prev)]);
+    let out = image_build(&text, &prev, &[]);
     failed_with(&out, "is not a disk image", dir);
     assert_eq!(std::fs::read(&prev).unwrap(), b"previous image");
     untouched();
@@ -546,12 +537,10 @@ fn mount_or_skip(at: &Path, options: &str) -> Option<Mount> {
 
 #[test]
 fn an_unwritable_output_directory_or_a_full_disk_fails_cleanly() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let (img, off) = image(dir, "disk.img");
     // 24 MiB of data in the root, so the copy needs more room than the small disk has.
     nixroll::image::bench::fill(&img, off, 24, dir).unwrap();
     let original = std::fs::read(&img).unwrap();
@@ -564,16 +553,7 @@ fn an_unwritable_output_directory_or_a_full_disk_fails_cleanly() {
     let Some(_ro) = mount_or_skip(&ro, "ro,size=1m") else {
         return;
     };
-    let out = nixroll(&[
-        "image",
-        "build",
-        "--image",
-        path(&img),
-        "--out",
-        path(&ro.join("out.img")),
-        "--secret",
-        &spec,
-    ]);
+    let out = image_build(&img, &ro.join("out.img"), &["--secret", &spec]);
     failed_with(
         &out,
         &format!("the directory {} is not writable", ro.display()),
@@ -595,7 +575,7 @@ fn an_unwritable_output_directory_or_a_full_disk_fails_cleanly() {
             .success()
     );
     let before = std::fs::read(&inside).unwrap();
-    let out = nixroll(&["image", "inject", path(&inside), "--secret", &spec]);
+    let out = image_inject(&inside, &["--secret", &spec]);
     let stderr = failed_with(&out, "No space left on device", &small);
     assert!(stderr.contains("copying the image"), "{stderr}");
     assert!(std::fs::read(&inside).unwrap() == before, "the original changed");
@@ -622,12 +602,10 @@ fn sha256_hex(data: &[u8]) -> String {
 /// write, not in any file left behind next to the image.
 #[test]
 fn secrets_never_reach_output_logs_or_command_lines() {
-    if !require(DISK_TOOLS) {
+    let Some((tmp, img, off)) = disk_image() else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let (img, off) = image(dir, "disk.img");
     let secret = format!("pw-{:016x}{:016x}", fastrand_u64(), fastrand_u64());
     let hash = sha256_hex(secret.as_bytes());
     let sdir = dir.join("secrets");
@@ -934,7 +912,7 @@ fn works_without_root_privileges() {
             .output()
             .unwrap()
     } else {
-        nixroll(&["image", "inject", path(&img), "--secret", &spec])
+        image_inject(&img, &["--secret", &spec])
     };
     ok(&out);
     use std::os::unix::fs::MetadataExt;

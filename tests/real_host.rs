@@ -5,6 +5,8 @@
 //! systemd-nspawn); in CI (`CI=true`) that is a failure. See e2e/README.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 #[path = "../e2e/harness.rs"]
 mod harness;
 
@@ -15,8 +17,7 @@ use std::time::{Duration, Instant};
 use embedded_apiserver::ApiServer;
 use futures::TryStreamExt;
 use harness::{Agent, Boot, TestHost};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use nixroll::api::{ActivationAction, ActivationState, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
@@ -70,14 +71,7 @@ impl Bed {
             .await
             .unwrap();
 
-        let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .unwrap();
-        let client = api.client().await.unwrap();
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &nixroll::api::crd())
-            .await
-            .unwrap();
+        let (api, client) = common::api::start_with_crd().await;
         let cluster = SimCluster::new(client.clone(), Timing::default());
         cluster
             .create_nodes(&[(NODE.to_string(), false, host.boot_id())])

@@ -6,6 +6,8 @@
 //! and every process command line for the secret bytes and their hex SHA-256.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -13,15 +15,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use common::objects::secret_file;
 use embedded_apiserver::ApiServer;
 use k8s_openapi::api::core::v1::{Event, Namespace, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use nixroll::agent::AgentConfig;
 use nixroll::agent::host::{Host, HostRoot, RebootHook, SYSTEMCTL_LOG};
 use nixroll::agent::node::{HostOptions, NodeAgent};
 use nixroll::agent::secrets::{Fetched, SecretsView, WriteCrash};
-use nixroll::api::{NixOSNode, SecretFile, SecretKeyRef};
+use nixroll::api::{NixOSNode, SecretFile};
 use nixroll::nix::{Nix, NixCli};
 use serde_json::{Value, json};
 
@@ -82,18 +84,8 @@ async fn env() -> Env {
     )
     .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nwpa:x:4343:\n").unwrap();
-    let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let client = api.client().await.unwrap();
-    let agents_api = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store())
-        .await
-        .unwrap();
-    let agents_client = agents_api.client().await.unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &nixroll::api::crd())
-        .await
-        .unwrap();
+    let (api, client) = common::api::start_with_crd().await;
+    let (agents_api, agents_client) = common::api::second_server(&api).await;
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.create(
         &PostParams::default(),
@@ -551,14 +543,8 @@ async fn an_agent_killed_mid_write_leaves_the_old_or_the_new_file() {
     let host: Arc<dyn Host> = Arc::new(HostRoot::new(dir.path(), RebootHook::None));
     let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
     let spec = vec![SecretFile {
-        secret_ref: SecretKeyRef {
-            name: "s".into(),
-            key: "k".into(),
-        },
-        path: "/run/keys/token".into(),
-        mode: "0400".into(),
-        owner: "root:root".into(),
         restart_units: vec!["svc.service".into()],
+        ..secret_file("s", "k", "/run/keys/token")
     }];
     let view = |rv: &str, v: &[u8]| -> SecretsView {
         [(
@@ -732,16 +718,7 @@ async fn a_missing_secret_blocks_activation_until_it_is_created() {
         })
         .unwrap();
     let mut spec2 = world.spec(&next);
-    spec2.secrets = vec![SecretFile {
-        secret_ref: SecretKeyRef {
-            name: "node-2-token".into(),
-            key: "token".into(),
-        },
-        path: "/var/lib/secrets/token".into(),
-        mode: "0400".into(),
-        owner: "root:root".into(),
-        restart_units: vec![],
-    }];
+    spec2.secrets = vec![secret_file("node-2-token", "token", "/var/lib/secrets/token")];
     world.apply("node-1", &world.spec(&next)).await.unwrap();
     world.apply("node-2", &spec2).await.unwrap();
 
@@ -860,20 +837,12 @@ fn rbac_gives_the_agent_get_and_watch_on_secrets_in_nixroll_system_only() {
 /// not executed; once the Secret is there the file is written first, then the grant runs.
 #[tokio::test]
 async fn the_agent_does_not_activate_while_a_secret_file_is_missing() {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use nixroll::api::{ActivationAction, ActivationGrant, ActivationState, Target};
+    use common::host::{SimNixHost, grant, stage};
+    use nixroll::api::{ActivationAction, ActivationState, Target};
     use nixroll::sim::flake::SystemSpec;
-    use nixroll::sim::host::{SimHost, SimNix};
 
-    let tmp = tempfile::tempdir().unwrap();
-    let sim = SimHost::create(tmp.path().join("host")).unwrap();
-    let simnix = Arc::new(SimNix::new(&sim));
-    let host: Arc<dyn Host> = Arc::new(sim.host_root());
-    let nix: Arc<dyn Nix> = simnix.clone();
-    let options = HostOptions {
-        result_poll: Duration::from_millis(10),
-        ..Default::default()
-    };
+    let h = SimNixHost::new();
+    let (sim, simnix) = (&h.sim, &h.simnix);
     let target = |rev: &str| Target {
         revision: rev.into(),
         installable: nixroll::api::installable("git+https://example.org/infra.git", rev, "n1"),
@@ -888,40 +857,13 @@ async fn the_agent_does_not_activate_while_a_secret_file_is_missing() {
             ..SystemSpec::default()
         },
     );
-    let mut a = NodeAgent::new(host.clone(), nix.clone(), options);
-    let sys0 = a
-        .reconcile(Some(&target(&r0)), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let mut a = h.agent();
+    let sys0 = stage(&mut a, &target(&r0)).await;
     sim.install(&sys0).unwrap();
-    let sys1 = a
-        .reconcile(Some(&target(&r1)), None)
-        .await
-        .unwrap()
-        .staged
-        .unwrap()
-        .system;
+    let sys1 = stage(&mut a, &target(&r1)).await;
 
-    let spec = vec![SecretFile {
-        secret_ref: SecretKeyRef {
-            name: "s".into(),
-            key: "k".into(),
-        },
-        path: "/run/keys/token".into(),
-        mode: "0400".into(),
-        owner: "root:root".into(),
-        restart_units: vec![],
-    }];
-    let grant = ActivationGrant {
-        id: "g1".into(),
-        action: ActivationAction::Switch,
-        system: sys1.clone(),
-        granted_at: Time(jiff::Timestamp::UNIX_EPOCH),
-        boot_id_before: None,
-    };
+    let spec = vec![secret_file("s", "k", "/run/keys/token")];
+    let grant = grant("g1", ActivationAction::Switch, &sys1);
     let missing: SecretsView = [("s".to_string(), Fetched::NotFound)].into();
     a.sync_secrets(&spec, &missing).await.unwrap();
     let st = a.reconcile(Some(&target(&r1)), Some(&grant)).await.unwrap();

@@ -6,6 +6,8 @@
 //! of its own of the same API server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,8 +17,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::cluster::Timing;
-use nixroll::sim::world::{NixMode, World, WorldOptions};
+use nixroll::sim::world::World;
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -78,21 +79,7 @@ async fn until(rx: &mut mpsc::UnboundedReceiver<Frame>, what: &str, pred: impl F
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_follows_a_rollout_and_the_pause_switch() {
-    let mut world = World::start(WorldOptions {
-        nodes: 3,
-        control_planes: 1,
-        nix: NixMode::Auto,
-        timing: Timing {
-            pod_termination: Duration::from_millis(50),
-            pod_startup: Duration::from_millis(100),
-            reboot: Duration::from_millis(400),
-            request_timeout: Duration::from_secs(10),
-        },
-        pods_per_node: 1,
-        apps: None,
-    })
-    .await
-    .unwrap();
+    let mut world = World::start(common::world::fast_world(3, 1)).await.unwrap();
     let first = world.head().to_string();
     world.apply_all(&world.spec(&first)).await.unwrap();
     let mut config = ControllerConfig::new("status-watch-test");
@@ -193,38 +180,15 @@ async fn status_watch_follows_a_rollout_and_the_pause_switch() {
 /// for the ages — locally: the refreshes send no request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use nixroll::api::{NixOSNode, NixOSNodeSpec};
+    use nixroll::api::NixOSNode;
 
-    let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let client = api.client().await.unwrap();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &nixroll::api::crd())
-        .await
-        .unwrap();
-    let node = NixOSNode::new(
-        "node-1",
-        NixOSNodeSpec {
-            flake: "path:/f".into(),
-            revision: "c".repeat(40),
-            configuration: None,
-            maintenance_windows: vec![],
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        },
-    );
+    let (api, client) = common::api::start_with_crd().await;
+    let node = nixroll::sim::fixtures::nixos_node("node-1", "path:/f", &"c".repeat(40));
     Api::<NixOSNode>::all(client.clone())
         .create(&PostParams::default(), &node)
         .await
         .unwrap();
-    let port = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), api.store())
-        .await
-        .unwrap();
-    let watcher_client = port.client().await.unwrap();
+    let (port, watcher_client) = common::api::second_server(&api).await;
     let mut out: Vec<u8> = Vec::new();
     let opts = nixroll::report::WatchOptions {
         timeout: Duration::from_secs(10),

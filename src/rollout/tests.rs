@@ -27,16 +27,7 @@ fn at(n: i64) -> Timestamp {
 }
 
 fn mk_spec(rev: &str) -> NixOSNodeSpec {
-    NixOSNodeSpec {
-        flake: FLAKE.into(),
-        revision: rev.into(),
-        configuration: None,
-        maintenance_windows: vec![],
-        reboot: RebootPolicy::IfNeeded,
-        drain: None,
-        suspend: false,
-        secrets: Vec::new(),
-    }
+    crate::sim::fixtures::spec(FLAKE, rev)
 }
 
 fn mk_obs() -> NodeObservation {
@@ -82,6 +73,16 @@ fn mk_report(id: &str, action: ActivationAction, state: ActivationState, sys: &s
         units_failed: false,
         message: Some("boom".into()),
         updated_at: Time(t0()),
+    }
+}
+
+/// The agent's error staging REV2: `message`, at `at(secs)`.
+fn mk_stage_error(message: &str, secs: i64) -> HostError {
+    HostError {
+        operation: HostOperation::Stage,
+        revision: Some(REV2.into()),
+        message: message.into(),
+        at: Time(at(secs)),
     }
 }
 
@@ -134,15 +135,15 @@ impl N {
     fn phase(&self) -> Phase {
         self.status.phase.unwrap()
     }
+    /// The agent reports `state` of `action` of SYS2 for the current grant; returns its id.
+    fn report(&mut self, action: ActivationAction, state: ActivationState) -> String {
+        let id = grant_id(self);
+        self.agent().activation = Some(mk_report(&id, action, state, SYS2));
+        id
+    }
     /// The agent reports the current grant switched live to SYS2 and runs it.
     fn report_switched(&mut self) {
-        let id = grant_id(self);
-        self.agent().activation = Some(mk_report(
-            &id,
-            ActivationAction::Switch,
-            ActivationState::Switched,
-            SYS2,
-        ));
+        self.report(ActivationAction::Switch, ActivationState::Switched);
         self.agent().current_system = Some(SYS2.into());
     }
     fn cond(&self, t: &str) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
@@ -183,6 +184,15 @@ fn mk_waiting(name: &str, reboot: bool) -> N {
 
 fn drained() -> DrainProgress {
     DrainProgress::default()
+}
+
+/// A drain pass that left `remaining` pods, `blocked_by_pdb` of them held by a budget.
+fn pods_left(remaining: usize, blocked_by_pdb: usize) -> DrainProgress {
+    DrainProgress {
+        remaining,
+        blocked_by_pdb,
+        refused: vec![],
+    }
 }
 
 fn mk_activating(name: &str, reboot: bool) -> N {
@@ -241,20 +251,10 @@ fn stage_failure_degrades_without_disruption() {
     let mut n = mk_node("n1");
     n.step(false, None, at(0));
     // A stale error from before staging began is ignored.
-    n.agent().last_error = Some(HostError {
-        operation: HostOperation::Stage,
-        revision: Some(REV2.into()),
-        message: "old".into(),
-        at: Time(at(-5)),
-    });
+    n.agent().last_error = Some(mk_stage_error("old", -5));
     n.step(false, None, at(1));
     assert_eq!(n.phase(), Phase::Staging);
-    n.agent().last_error = Some(HostError {
-        operation: HostOperation::Stage,
-        revision: Some(REV2.into()),
-        message: "error: attribute missing\n  at flake.nix:3".into(),
-        at: Time(at(5)),
-    });
+    n.agent().last_error = Some(mk_stage_error("error: attribute missing\n  at flake.nix:3", 5));
     let d = n.step(false, None, at(6));
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
@@ -425,11 +425,7 @@ fn invalid_window_is_invalid_spec_and_nothing_disruptive() {
 fn draining_evicts_until_empty_then_grants() {
     let mut n = mk_waiting("n1", true);
     n.step(true, None, at(20));
-    let p = DrainProgress {
-        remaining: 3,
-        blocked_by_pdb: 1,
-        refused: vec![],
-    };
+    let p = pods_left(3, 1);
     let d = n.step(false, Some(&p), at(25));
     assert_eq!(n.phase(), Phase::Draining);
     assert_eq!(d.actions, vec![Action::Evict]);
@@ -459,11 +455,7 @@ fn drained_but_not_cordoned_cordons_first() {
 fn drain_timeout_abort_uncordons_and_backs_off_exponentially() {
     let mut n = mk_waiting("n1", false);
     n.step(true, None, at(0));
-    let p = DrainProgress {
-        remaining: 2,
-        blocked_by_pdb: 2,
-        refused: vec![],
-    };
+    let p = pods_left(2, 2);
     let d = n.step(false, Some(&p), at(15 * 60));
     assert_eq!(n.phase(), Phase::Waiting);
     assert_eq!(d.actions, vec![Action::Uncordon]);
@@ -641,13 +633,7 @@ fn uncordon_is_repeated_after_a_lost_action() {
 #[test]
 fn boot_path_reboots_verifies_boot_id_and_booted_system() {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Rebooting);
     let d = n.step(false, None, at(50));
@@ -674,13 +660,7 @@ fn boot_path_reboots_verifies_boot_id_and_booted_system() {
 #[test]
 fn bootloader_fallback_is_booted_wrong_system_and_stays_cordoned() {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     n.node.boot_id = Some("boot-2".into());
     n.agent().boot_id = Some("boot-2".into()); // booted SYS1 again
@@ -702,13 +682,7 @@ fn bootloader_fallback_is_booted_wrong_system_and_stays_cordoned() {
 #[test]
 fn activation_failure_degrades_and_keeps_cordon() {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::Failed,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::Failed);
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
@@ -741,25 +715,13 @@ fn activation_reboot_and_verify_timeouts() {
     );
 
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     n.step(false, None, at(40 + 900));
     assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::REBOOT_TIMEOUT);
 
     let mut n = mk_activating("n1", false);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
+    n.report(ActivationAction::Switch, ActivationState::Switched);
     n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Verifying);
     let d = n.step(false, None, at(40 + 599));
@@ -794,13 +756,7 @@ fn reboot_policy_selects_action() {
 #[test]
 fn exit_100_with_if_needed_grants_a_new_boot_activation() {
     let mut n = mk_activating("n1", false);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::NeedsReboot,
-        SYS2,
-    ));
+    let id = n.report(ActivationAction::Switch, ActivationState::NeedsReboot);
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::Activating);
     let g = n.status.activation.clone().unwrap();
@@ -820,13 +776,7 @@ fn exit_100_with_never_finishes_with_reboot_required() {
     n.spec.reboot = RebootPolicy::Never;
     n.step(true, None, at(20));
     n.step(false, Some(&drained()), at(30));
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::NeedsReboot,
-        SYS2,
-    ));
+    n.report(ActivationAction::Switch, ActivationState::NeedsReboot);
     let d = n.step(false, None, at(40));
     assert_eq!(n.phase(), Phase::UpToDate);
     assert_eq!(d.actions, vec![Action::Uncordon]);
@@ -858,13 +808,7 @@ fn never_with_live_switch_and_kernel_change_sets_reboot_required() {
 
 fn mk_degraded_fallback() -> N {
     let mut n = mk_activating("n1", true);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Boot,
-        ActivationState::RebootRequested,
-        SYS2,
-    ));
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
     n.step(false, None, at(40));
     n.node.boot_id = Some("boot-2".into());
     n.agent().boot_id = Some("boot-2".into());
@@ -904,12 +848,7 @@ fn same_retry_token_does_not_retry_again() {
 fn spec_change_clears_failure() {
     let mut n = mk_node("n1");
     n.step(false, None, at(0));
-    n.agent().last_error = Some(HostError {
-        operation: HostOperation::Stage,
-        revision: Some(REV2.into()),
-        message: "x".into(),
-        at: Time(at(1)),
-    });
+    n.agent().last_error = Some(mk_stage_error("x", 1));
     n.step(false, None, at(2));
     assert_eq!(n.phase(), Phase::Degraded);
     n.step(false, None, at(3));
@@ -1218,13 +1157,7 @@ fn decide_reports_the_rows_it_took() {
     assert_eq!(n.step(false, None, at(11)).rows, vec![Row::DrainPass]);
     assert_eq!(n.step(false, Some(&drained()), at(12)).rows, vec![Row::Drained]);
     assert_eq!(n.step(false, None, at(13)).rows, vec![Row::ActivatingWait]);
-    let id = grant_id(&n);
-    n.agent().activation = Some(mk_report(
-        &id,
-        ActivationAction::Switch,
-        ActivationState::Switched,
-        SYS2,
-    ));
+    n.report(ActivationAction::Switch, ActivationState::Switched);
     n.agent().current_system = Some(SYS2.into());
     let d = n.step(false, None, at(14));
     assert_eq!(d.rows, vec![Row::Switched, Row::Verified]);

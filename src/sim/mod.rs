@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod fixtures;
 pub mod flake;
 pub mod host;
 pub mod monitor;

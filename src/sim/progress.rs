@@ -196,22 +196,10 @@ impl Renderer {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::api::{NixOSNodeSpec, NixOSNodeStatus};
+    use crate::api::NixOSNodeStatus;
 
     fn obj(name: &str, phase: Phase, rev: Option<&str>) -> NixOSNode {
-        let mut o = NixOSNode::new(
-            name,
-            NixOSNodeSpec {
-                flake: "path:/x".into(),
-                revision: "b".repeat(40),
-                configuration: None,
-                maintenance_windows: vec![],
-                reboot: Default::default(),
-                drain: None,
-                suspend: false,
-                secrets: Vec::new(),
-            },
-        );
+        let mut o = crate::sim::fixtures::nixos_node(name, "path:/x", &"b".repeat(40));
         o.status = Some(NixOSNodeStatus {
             phase: Some(phase),
             revision: rev.map(str::to_string),

@@ -416,16 +416,7 @@ impl World {
 
     /// The spec every NixOSNode gets for `revision` (customise before applying).
     pub fn spec(&self, revision: &str) -> NixOSNodeSpec {
-        NixOSNodeSpec {
-            flake: self.flake_url.clone(),
-            revision: revision.to_string(),
-            configuration: None,
-            maintenance_windows: Vec::new(),
-            reboot: Default::default(),
-            drain: None,
-            suspend: false,
-            secrets: Vec::new(),
-        }
+        super::fixtures::spec(&self.flake_url, revision)
     }
 
     /// Apply (server-side, as the GitOps tool would) a NixOSNode for every node.
