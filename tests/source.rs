@@ -309,7 +309,6 @@ async fn file_fast_forward_followed_force_push_blocked() {
     assert_eq!(r.revision.commit, a);
 }
 
-
 /// A child process (server) killed and reaped on drop.
 struct Server(Child);
 
@@ -650,12 +649,7 @@ fn serve_cgi(
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
         }
     }
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let mut body = Vec::new();
     if let Some(n) = header("content-length") {
         body.resize(n.parse().unwrap_or(0), 0);
@@ -743,7 +737,10 @@ fn serve_cgi(
 /// Asserts that no form of a secret shows in `text`.
 fn assert_no_secret(text: &str, secrets: &[&str], what: &str) {
     for s in secrets {
-        assert!(!s.is_empty() && !text.contains(s), "{what} shows a secret: {text}");
+        assert!(
+            !s.is_empty() && !text.contains(s),
+            "{what} shows a secret: {text}"
+        );
     }
 }
 
@@ -793,11 +790,18 @@ async fn http_basic_auth_through_git_http_backend() {
     let Poll::Advanced(rb) = p else { panic!("{p:?}") };
     assert_eq!(rb.revision.commit, b);
     let seen = requests(&srv);
-    assert!(seen.iter().any(|r| r.starts_with("POST /repo.git/git-upload-pack ok")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("POST /repo.git/git-upload-pack ok")),
+        "{seen:?}"
+    );
     assert!(!seen.iter().any(|r| r.ends_with(" bad")), "{seen:?}");
 
     // A wrong password: an authentication error that names no secret, after one try.
-    let e = res.resolve(&with(USER, WRONG), &branch("main")).await.unwrap_err();
+    let e = res
+        .resolve(&with(USER, WRONG), &branch("main"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ResolveError::AuthenticationFailed { .. }), "{e}");
     assert_eq!(e.reason(), "AuthenticationFailed");
     let msg = e.to_string();
@@ -814,12 +818,17 @@ async fn http_basic_auth_through_git_http_backend() {
         "the same rejected password is not retried: {seen:?}"
     );
     // A failed poll keeps the last revision.
-    let p = res.poll(&with(USER, WRONG), &branch("main"), Some(&rb), false).await;
+    let p = res
+        .poll(&with(USER, WRONG), &branch("main"), Some(&rb), false)
+        .await;
     assert_eq!(p.current(), Some(&rb));
 
     // The resolver logged these calls (so the capture works), and no secret.
     let log = log_text();
-    assert!(log.contains("git remote call failed") && log.contains("AuthenticationFailed"), "{log}");
+    assert!(
+        log.contains("git remote call failed") && log.contains("AuthenticationFailed"),
+        "{log}"
+    );
     assert_no_secret(&log, &secrets, "the log");
 }
 
@@ -933,7 +942,12 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
         return;
     };
     let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
-    let url = format!("ssh://{}@127.0.0.1:{}{}", user.trim(), sshd.port, repo.bare.display());
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        user.trim(),
+        sshd.port,
+        repo.bare.display()
+    );
     let key_of = |pub_line: &str| pub_line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     let known = |pub_line: &str| {
         KnownHosts::parse(&format!("[127.0.0.1]:{} {}\n", sshd.port, key_of(pub_line))).unwrap()
@@ -953,7 +967,9 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
     // ed25519 deploy key: listed, then a fast-forward fetched over SSH.
     let ed = with(&ed_key, Some(known(&sshd.host_pub)), t);
     let p = res.poll(&ed, &branch("main"), None, false).await;
-    let Poll::Advanced(ra) = p else { panic!("{p:?}\n{}", sshd.log()) };
+    let Poll::Advanced(ra) = p else {
+        panic!("{p:?}\n{}", sshd.log())
+    };
     assert_eq!(ra.revision.commit, a);
     let b = repo.commit("b");
     repo.push(&["main"]);
@@ -970,7 +986,10 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
 
     // A key the server does not know: an authentication error that shows no key material.
     let e = res
-        .resolve(&with(&stranger_key, Some(known(&sshd.host_pub)), t), &branch("main"))
+        .resolve(
+            &with(&stranger_key, Some(known(&sshd.host_pub)), t),
+            &branch("main"),
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, ResolveError::AuthenticationFailed { .. }), "{e}");
@@ -990,7 +1009,10 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
     assert!(matches!(e, ResolveError::HostKeyRejected { .. }), "{e}");
     assert_eq!(e.reason(), "HostKeyRejected");
     assert!(e.to_string().contains("differs"), "{e}");
-    assert!(!e.to_string().contains(key_of(&impostor_pub).split_whitespace().nth(1).unwrap()));
+    assert!(
+        !e.to_string()
+            .contains(key_of(&impostor_pub).split_whitespace().nth(1).unwrap())
+    );
     // The host pinned under another port only: unknown, refused as well.
     let elsewhere = KnownHosts::parse(&format!("[127.0.0.1]:1 {}\n", key_of(&sshd.host_pub))).unwrap();
     let e = res
@@ -999,11 +1021,17 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
         .unwrap_err();
     assert!(matches!(e, ResolveError::HostKeyRejected { .. }), "{e}");
     assert_eq!(sshd.log().matches("Accepted publickey").count(), accepted_before);
-    assert_eq!(sshd.log().matches("Postponed publickey").count(), postponed_before);
+    assert_eq!(
+        sshd.log().matches("Postponed publickey").count(),
+        postponed_before
+    );
 
     // No known_hosts: refused before connecting (the server sees no connection).
     let before = sshd.connections();
-    let e = res.resolve(&with(&ed_key, None, t), &branch("main")).await.unwrap_err();
+    let e = res
+        .resolve(&with(&ed_key, None, t), &branch("main"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, ResolveError::NoKnownHosts { .. }), "{e}");
     assert!(e.to_string().contains("no trust on first use"), "{e}");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1019,7 +1047,14 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
             identity: ed_key.clone(),
             passphrase: None,
         },
-        known_hosts: Some(KnownHosts::parse(&format!("[127.0.0.1]:{} {}\n", silent.port, key_of(&sshd.host_pub))).unwrap()),
+        known_hosts: Some(
+            KnownHosts::parse(&format!(
+                "[127.0.0.1]:{} {}\n",
+                silent.port,
+                key_of(&sshd.host_pub)
+            ))
+            .unwrap(),
+        ),
         timeout: CALLER_TIMEOUT,
     };
     silent_case(&Resolver::new(repo.root.join("cache2"), 2), &r, &silent).await;

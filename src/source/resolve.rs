@@ -277,10 +277,7 @@ impl Resolver {
         let run = async {
             // Both permits move into the thread: they are released when it really ends,
             // not when the caller stops waiting.
-            let lane = lane
-                .acquire_owned()
-                .await
-                .map_err(|e| task_err(e.to_string()))?;
+            let lane = lane.acquire_owned().await.map_err(|e| task_err(e.to_string()))?;
             let thread = threads
                 .acquire_owned()
                 .await
