@@ -984,7 +984,9 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
     assert_eq!(r.map(|r| r.revision.commit).unwrap(), b);
     assert!(sshd.log().contains("Accepted publickey for") && sshd.log().contains(": RSA SHA256:"));
 
-    // A key the server does not know: an authentication error that shows no key material.
+    // A key the server does not know: an authentication error that shows no key material,
+    // after one offer.
+    let failed_before = sshd.log().matches("Failed publickey").count();
     let e = res
         .resolve(
             &with(&stranger_key, Some(known(&sshd.host_pub)), t),
@@ -998,6 +1000,12 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
         .flat_map(|k| k.lines().filter(|l| !l.starts_with("-----")))
         .collect();
     assert_no_secret(&e.to_string(), &key_lines, "the error");
+    assert_eq!(
+        sshd.log().matches("Failed publickey").count() - failed_before,
+        1,
+        "{}",
+        sshd.log()
+    );
 
     // A wrong host key in known_hosts: refused, and no key was offered to that host.
     let accepted_before = sshd.log().matches("Accepted publickey").count();

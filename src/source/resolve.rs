@@ -340,6 +340,7 @@ impl Poll {
 #[derive(Default)]
 struct Seen {
     credential_calls: Cell<u32>,
+    key_offers: Cell<u32>,
     /// Our credentials callback gave up: the server refused what the Secret holds.
     auth_refused: Cell<bool>,
     host_key: Cell<Option<HostKeyCheck>>,
@@ -356,8 +357,8 @@ fn callbacks<'a>(remote: &'a Remote, deadline: Instant, seen: &'a Seen) -> Remot
             Err(git2::Error::new(ErrorCode::Auth, ErrorClass::Callback, message))
         };
         // libgit2 calls again after each rejection. The Secret holds one credential, so a
-        // second offer of it (a third call for SSH, after the user name) is a rejection:
-        // retrying the same secret only hammers the server (and its lockout counters).
+        // second call for it means the server refused it: offering the same secret again
+        // only hammers the server (and its lockout counters).
         match &remote.credentials {
             Credentials::Basic { username, password }
                 if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) =>
@@ -369,13 +370,14 @@ fn callbacks<'a>(remote: &'a Remote, deadline: Instant, seen: &'a Seen) -> Remot
             }
             Credentials::SshKey { identity, passphrase } => {
                 let user = user_from_url.or(remote.url.user()).unwrap_or("git");
-                if n > 2 {
+                if n > 3 || seen.key_offers.get() > 0 {
                     refuse("the server refused the SSH key")
                 } else if allowed.contains(CredentialType::USERNAME) {
                     git2::Cred::username(user)
                 } else if allowed.contains(CredentialType::SSH_KEY)
                     || allowed.contains(CredentialType::SSH_MEMORY)
                 {
+                    seen.key_offers.set(1);
                     git2::Cred::ssh_key_from_memory(user, None, identity, passphrase.as_deref())
                 } else {
                     refuse("the server accepts no SSH key")
@@ -424,7 +426,7 @@ fn callbacks<'a>(remote: &'a Remote, deadline: Instant, seen: &'a Seen) -> Remot
     cb
 }
 
-fn classify(remote: &Remote, seen: &Seen, e: &git2::Error) -> ResolveError {
+fn classify(remote: &Remote, seen: &Seen, deadline: Instant, e: &git2::Error) -> ResolveError {
     let url = remote.url.redacted();
     let message = e.message().chars().take(500).collect::<String>();
     let lower = message.to_ascii_lowercase();
@@ -435,9 +437,13 @@ fn classify(remote: &Remote, seen: &Seen, e: &git2::Error) -> ResolveError {
         || lower.contains("timed out")
         || lower.contains("timeout expired")
     {
+        // libgit2's idle timeout may trip before the source's own: say how long it was.
+        let waited = remote
+            .timeout
+            .saturating_sub(deadline.saturating_duration_since(Instant::now()));
         return ResolveError::TimedOut {
             url,
-            after: remote.timeout,
+            after: Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
         };
     }
     // libgit2 replaces our callback's message with a generic one: say it ourselves.
@@ -491,8 +497,8 @@ fn list_blocking(remote: &Remote, deadline: Instant) -> Result<Vec<AdvertisedRef
             Some(callbacks(remote, deadline, &seen)),
             Some(git2::ProxyOptions::new()),
         )
-        .map_err(|e| classify(remote, &seen, &e))?;
-    let heads = conn.list().map_err(|e| classify(remote, &seen, &e))?;
+        .map_err(|e| classify(remote, &seen, deadline, &e))?;
+    let heads = conn.list().map_err(|e| classify(remote, &seen, deadline, &e))?;
     Ok(heads
         .iter()
         .map(|h| AdvertisedRef {
@@ -537,7 +543,7 @@ fn ancestry_blocking(
             full_ref.trim_start_matches("refs/")
         );
         r.fetch(&[spec.as_str()], Some(&mut opts), None)
-            .map_err(|e| classify(remote, &seen, &e))?;
+            .map_err(|e| classify(remote, &seen, deadline, &e))?;
         if !has(new_oid) {
             return Err(ResolveError::CommitMissing {
                 url: remote.url.redacted(),
