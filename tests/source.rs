@@ -543,7 +543,35 @@ async fn silent_server_trips_the_timeout() {
             silent_case(&res, &r, &srv).await;
         }
     };
-    tokio::join!(one("git", 0), one("http", 1), cap(resolver(2)), lane(resolver(3)));
+    tokio::join!(
+        one("git", 0),
+        one("http", 1),
+        silent_ssh(resolver(2)),
+        cap(resolver(3)),
+        lane(resolver(4))
+    );
+}
+
+/// A silent SSH server (no banner): the caller times out, and libssh2's timeout (libgit2
+/// passes its idle timeout on) ends the thread.
+async fn silent_ssh(res: Resolver) {
+    let srv = silent_server();
+    // Any host key will do: the server never gets as far as showing one.
+    let known = format!(
+        "[127.0.0.1]:{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC5Mh9MshY41R8bg40fYmGn+YyoXRRKruCtGGxzAxn4B\n",
+        srv.port
+    );
+    let r = Remote {
+        url: SourceUrl::parse(&format!("ssh://git@127.0.0.1:{}/repo.git", srv.port), false).unwrap(),
+        credentials: Credentials::SshKey {
+            identity: "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-needed\n-----END OPENSSH PRIVATE KEY-----\n"
+                .to_owned(),
+            passphrase: None,
+        },
+        known_hosts: Some(KnownHosts::parse(&known).unwrap()),
+        timeout: CALLER_TIMEOUT,
+    };
+    silent_case(&res, &r, &srv).await;
 }
 
 /// Three silent remotes at once with a cap of 2 threads: every caller times out in bound,
@@ -1044,28 +1072,6 @@ async fn ssh_deploy_keys_and_host_key_pinning() {
     assert!(e.to_string().contains("no trust on first use"), "{e}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sshd.connections(), before, "{}", sshd.log());
-
-    // A silent SSH server (no banner): the caller times out, and libssh2's timeout ends
-    // the thread.
-    let silent = silent_server();
-    let url = format!("ssh://git@127.0.0.1:{}/repo.git", silent.port);
-    let r = Remote {
-        url: SourceUrl::parse(&url, false).unwrap(),
-        credentials: Credentials::SshKey {
-            identity: ed_key.clone(),
-            passphrase: None,
-        },
-        known_hosts: Some(
-            KnownHosts::parse(&format!(
-                "[127.0.0.1]:{} {}\n",
-                silent.port,
-                key_of(&sshd.host_pub)
-            ))
-            .unwrap(),
-        ),
-        timeout: CALLER_TIMEOUT,
-    };
-    silent_case(&Resolver::new(repo.root.join("cache2"), 2), &r, &silent).await;
 
     let log = log_text();
     assert_no_secret(&log, &key_lines, "the log");
