@@ -1,5 +1,5 @@
 //! nixroll: roll NixOS flake revisions across k3s nodes. See README.md for the map.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: src/source/socket_timeouts.rs
 
 pub mod agent;
 pub mod api;

@@ -1,16 +1,92 @@
-//! The git2 resolver against real git servers on this machine: `file://` bare repositories,
-//! `git daemon` on 127.0.0.1 (killed mid-test), and a server that accepts and never answers.
+//! The git2 resolver against real git servers on this machine, all on 127.0.0.1 and started
+//! by the tests: `file://` bare repositories, `git daemon` (killed mid-test), a small HTTP
+//! server running `git-http-backend` as CGI behind basic auth, Debian's `sshd` with deploy
+//! keys, and servers that accept and never answer (git, HTTP and SSH).
+//!
+//! A missing binary fails the test in CI (`CI=true`) and skips it with a printed reason
+//! elsewhere.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use nixroll::source::known_hosts::KnownHosts;
 use nixroll::source::refspec::RefChoice;
 use nixroll::source::resolve::{Ancestry, Credentials, Poll, Remote, ResolveError, Resolver};
 use nixroll::source::revision::CommitId;
+use nixroll::source::socket_timeouts::{self, SocketTimeouts};
 use nixroll::source::url::SourceUrl;
+
+/// libgit2's socket timeouts for this test process: short, so that a thread stuck on a
+/// silent server ends within seconds. `idle` is longer than the 2s caller timeouts below,
+/// to show that a thread outlives its caller and then ends by itself.
+const SOCKET: SocketTimeouts = SocketTimeouts {
+    connect: Duration::from_secs(2),
+    idle: Duration::from_secs(3),
+};
+
+/// Everything the resolver logged in this process (its `tracing` events), to check that no
+/// secret ever reaches a log.
+static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sets the socket timeouts and the log capture once per process; every test calls it first.
+fn init() {
+    LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Capture(w.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(sub).unwrap();
+        assert_eq!(socket_timeouts::set(SOCKET).unwrap(), SOCKET);
+        buf
+    });
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&LOG.get().unwrap().lock().unwrap()).into_owned()
+}
+
+/// `Some(path)` if the binary exists; in CI a missing one fails the test.
+fn need(bin: &Path) -> Option<PathBuf> {
+    if bin.is_file() {
+        return Some(bin.to_owned());
+    }
+    let why = format!(
+        "{} is missing (Debian packages git, openssh-server, openssh-client; see .ci/run)",
+        bin.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+/// Where the `git` on PATH keeps git-daemon, git-http-backend and git-upload-pack.
+fn git_exec_path() -> PathBuf {
+    PathBuf::from(git(Path::new("/"), &["--exec-path"]))
+}
 
 /// Runs git with a config isolated from the machine's.
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -106,6 +182,7 @@ fn branch(b: &str) -> RefChoice {
 
 #[tokio::test]
 async fn file_branch_tags_and_missing_refs() {
+    init();
     let repo = Repo::new();
     let a = repo.commit("a");
     git(&repo.work, &["tag", "v1.0.0"]);
@@ -167,6 +244,7 @@ fn remote_at(p: &Path) -> Remote {
 
 #[tokio::test]
 async fn file_empty_repository() {
+    init();
     let repo = Repo::new();
     let (res, remote) = (repo.resolver(), repo.file_remote());
     assert!(res.list_refs(&remote).await.unwrap().is_empty());
@@ -176,6 +254,7 @@ async fn file_empty_repository() {
 
 #[tokio::test]
 async fn file_fast_forward_followed_force_push_blocked() {
+    init();
     let repo = Repo::new();
     let a = repo.commit("a");
     repo.push(&["main"]);
@@ -230,13 +309,21 @@ async fn file_fast_forward_followed_force_push_blocked() {
     assert_eq!(r.revision.commit, a);
 }
 
-/// `git daemon` on a free 127.0.0.1 port, killed on drop.
-struct Daemon(Child);
+/// A child process (server) killed and reaped on drop.
+struct Server(Child);
 
-impl Drop for Daemon {
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    /// Kills the server process itself and waits until it is gone.
+    fn kill(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
     }
 }
 
@@ -248,11 +335,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn git_daemon(base: &Path) -> (Daemon, u16) {
-    let port = free_port();
-    let child = Command::new("git")
+fn wait_listening(port: u16, what: &str) {
+    let until = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `git-daemon` on 127.0.0.1:`port`, serving `base`. It is started directly, not as
+/// `git daemon`: the `git` wrapper runs git-daemon as its child, so killing the wrapper
+/// leaves the daemon serving (the reason the first version of the test below failed).
+fn git_daemon(base: &Path, port: u16) -> Option<Server> {
+    let bin = need(&git_exec_path().join("git-daemon"))?;
+    let child = Command::new(bin)
         .args([
-            "daemon",
             "--export-all",
             "--reuseaddr",
             "--listen=127.0.0.1",
@@ -266,23 +363,22 @@ fn git_daemon(base: &Path) -> (Daemon, u16) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("git daemon starts (Debian package git)");
-    let daemon = Daemon(child);
-    let until = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "git daemon did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (daemon, port)
+        .unwrap();
+    let server = Server(child);
+    wait_listening(port, "git daemon");
+    Some(server)
 }
 
 #[tokio::test]
-#[ignore = "fails as written (not yet diagnosed); see docs/source.md"]
 async fn git_daemon_killed_keeps_the_last_revision() {
+    init();
     let repo = Repo::new();
     let a = repo.commit("a");
     repo.push(&["main"]);
-    let (mut daemon, port) = git_daemon(&repo.root.join("srv"));
+    let port = free_port();
+    let Some(mut daemon) = git_daemon(&repo.root.join("srv"), port) else {
+        return;
+    };
     let remote = remote(
         &format!("git://127.0.0.1:{port}/repo.git"),
         Duration::from_secs(20),
@@ -300,13 +396,12 @@ async fn git_daemon_killed_keeps_the_last_revision() {
     assert_eq!(rb.revision.commit, b);
 
     // The server dies; a new commit lands meanwhile.
-    daemon.0.kill().unwrap();
-    daemon.0.wait().unwrap();
-    let _c = repo.commit("c");
+    daemon.kill();
+    let c = repo.commit("c");
     repo.push(&["main"]);
     let started = Instant::now();
     let p = res.poll(&remote, &branch("main"), Some(&rb), false).await;
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(5));
     let Poll::Failed { kept, error } = &p else {
         panic!("{p:?}")
     };
@@ -317,51 +412,674 @@ async fn git_daemon_killed_keeps_the_last_revision() {
     );
     assert!(matches!(error, ResolveError::FetchFailed { .. }), "{error}");
     assert_eq!(error.reason(), "GitOperationFailed");
+    let msg = error.to_string();
+    assert!(
+        msg.contains(&format!("git://127.0.0.1:{port}/repo.git")) && msg.contains("connect"),
+        "names the remote and what failed: {msg}"
+    );
     assert_eq!(p.current().unwrap().revision.commit, b);
     // Without any previous revision there is nothing to follow.
     let p = res.poll(&remote, &branch("main"), None, false).await;
     assert!(p.current().is_none(), "{p:?}");
+
+    // The server comes back on the same port: the next poll follows the commit it missed.
+    let Some(_daemon) = git_daemon(&repo.root.join("srv"), port) else {
+        return;
+    };
+    let p = res.poll(&remote, &branch("main"), Some(&rb), false).await;
+    let Poll::Advanced(rc) = p else { panic!("{p:?}") };
+    assert_eq!(rc.revision.commit, c);
 }
 
-#[tokio::test]
-#[ignore = "the resolver times out, but the tokio runtime then waits on the stuck blocking thread at shutdown; see docs/source.md"]
-async fn silent_server_trips_the_timeout() {
-    // Accepts connections and never writes a byte.
+/// Accepts connections and never writes a byte. Counts connections, the most open at once,
+/// and the ones the client closed (read returns end-of-file).
+struct Silent {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    max_open: Arc<AtomicUsize>,
+    closed_by_client: Arc<AtomicUsize>,
+}
+
+fn silent_server() -> Silent {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let s = Silent {
+        port: listener.local_addr().unwrap().port(),
+        accepted: Arc::default(),
+        open: Arc::default(),
+        max_open: Arc::default(),
+        closed_by_client: Arc::default(),
+    };
+    let (accepted, open, max_open, closed) = (
+        s.accepted.clone(),
+        s.open.clone(),
+        s.max_open.clone(),
+        s.closed_by_client.clone(),
+    );
     std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in listener.incoming() {
-            held.push(s);
+        for mut stream in listener.incoming().flatten() {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            max_open.fetch_max(now, Ordering::SeqCst);
+            let (open, closed) = (open.clone(), closed.clone());
+            std::thread::spawn(move || {
+                stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut buf = [0u8; 4096];
+                // Swallow whatever the client sends, answer nothing.
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     });
-    let tmp = tempfile::tempdir().unwrap();
-    let res = Resolver::new(tmp.path(), 2);
-    let timeout = Duration::from_secs(2);
-    let remote = remote(&format!("git://127.0.0.1:{port}/repo.git"), timeout);
+    s
+}
+
+/// Waits until the resolver's threads have all ended, and returns how long that took.
+async fn threads_end(res: &Resolver, within: Duration) -> Duration {
     let started = Instant::now();
-    let e = res.resolve(&remote, &branch("main")).await.unwrap_err();
+    while res.running_threads() > 0 {
+        assert!(
+            started.elapsed() < within,
+            "{} git thread(s) still running after {within:?}",
+            res.running_threads()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+const CALLER_TIMEOUT: Duration = Duration::from_secs(2);
+const SLACK: Duration = Duration::from_millis(1500);
+
+/// One resolve against a silent server: times out for the caller in bound, and then the
+/// git thread ends by itself (libgit2's idle timeout) and closes its socket.
+async fn silent_case(res: &Resolver, remote: &Remote, srv: &Silent) {
+    let started = Instant::now();
+    let e = res.resolve(remote, &branch("main")).await.unwrap_err();
     let took = started.elapsed();
     assert!(matches!(e, ResolveError::TimedOut { .. }), "{e}");
     assert_eq!(e.reason(), "Timeout");
     assert!(
-        took >= timeout && took < timeout + Duration::from_secs(2),
+        took >= CALLER_TIMEOUT && took < CALLER_TIMEOUT + SLACK,
         "{took:?}"
     );
-    // A second call still gets its own thread (the cap is 2) and its own bound.
+    // The caller gave up, but its thread is still blocked inside libgit2…
+    assert_eq!(res.running_threads(), 1);
+    assert_eq!(srv.accepted.load(Ordering::SeqCst), 1);
+    // …until the idle timeout ends it.
+    threads_end(res, SOCKET.idle + SLACK).await;
+    let total = started.elapsed();
+    assert!(total < SOCKET.connect + SOCKET.idle + SLACK, "{total:?}");
+    let until = Instant::now() + Duration::from_secs(2);
+    while srv.closed_by_client.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < until, "the git thread did not close its socket");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn silent_server_trips_the_timeout() {
+    init();
+    let tmp = tempfile::tempdir().unwrap();
+    let resolver = |n: usize| Resolver::new(tmp.path().join(n.to_string()), 2);
+    // The cases run side by side, each with its own resolver, to keep the test short.
+    let one = |scheme: &'static str, n: usize| {
+        let res = resolver(n);
+        async move {
+            let srv = silent_server();
+            let r = remote(
+                &format!("{scheme}://127.0.0.1:{}/repo.git", srv.port),
+                CALLER_TIMEOUT,
+            );
+            silent_case(&res, &r, &srv).await;
+        }
+    };
+    tokio::join!(
+        one("git", 0),
+        one("http", 1),
+        silent_ssh(resolver(2)),
+        cap(resolver(3)),
+        lane(resolver(4))
+    );
+}
+
+/// A silent SSH server (no banner): the caller times out, and libssh2's timeout (libgit2
+/// passes its idle timeout on) ends the thread.
+async fn silent_ssh(res: Resolver) {
+    let srv = silent_server();
+    // Any host key will do: the server never gets as far as showing one.
+    let known = format!(
+        "[127.0.0.1]:{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC5Mh9MshY41R8bg40fYmGn+YyoXRRKruCtGGxzAxn4B\n",
+        srv.port
+    );
+    let r = Remote {
+        url: SourceUrl::parse(&format!("ssh://git@127.0.0.1:{}/repo.git", srv.port), false).unwrap(),
+        credentials: Credentials::SshKey {
+            identity: "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-needed\n-----END OPENSSH PRIVATE KEY-----\n"
+                .to_owned(),
+            passphrase: None,
+        },
+        known_hosts: Some(KnownHosts::parse(&known).unwrap()),
+        timeout: CALLER_TIMEOUT,
+    };
+    silent_case(&res, &r, &srv).await;
+}
+
+/// Three silent remotes at once with a cap of 2 threads: every caller times out in bound,
+/// and never more than 2 threads (2 connections) exist.
+async fn cap(res: Resolver) {
+    let servers: Vec<Silent> = (0..3).map(|_| silent_server()).collect();
+    let remotes: Vec<Remote> = servers
+        .iter()
+        .map(|s| remote(&format!("git://127.0.0.1:{}/repo.git", s.port), CALLER_TIMEOUT))
+        .collect();
+    let main = branch("main");
     let started = Instant::now();
-    let e = res.resolve(&remote, &branch("main")).await.unwrap_err();
-    assert!(matches!(e, ResolveError::TimedOut { .. }), "{e}");
-    assert!(started.elapsed() < timeout + Duration::from_secs(2));
-    // With both threads stuck, a third call waits for a permit and still times out in bound.
+    let (r0, r1, r2) = tokio::join!(
+        res.resolve(&remotes[0], &main),
+        res.resolve(&remotes[1], &main),
+        res.resolve(&remotes[2], &main),
+    );
+    assert!(started.elapsed() < CALLER_TIMEOUT + SLACK);
+    for r in [r0, r1, r2] {
+        assert!(matches!(r, Err(ResolveError::TimedOut { .. })), "{r:?}");
+    }
+    assert_eq!(res.running_threads(), 2);
+    let connections: usize = servers.iter().map(|s| s.accepted.load(Ordering::SeqCst)).sum();
+    assert_eq!(connections, 2, "the third call waited for a thread and gave up");
+    threads_end(&res, SOCKET.idle + SLACK).await;
+}
+
+/// Two calls to one silent remote: one lane per remote, so only one thread (one
+/// connection) at a time; the other caller waits and times out in bound.
+async fn lane(res: Resolver) {
+    let srv = silent_server();
+    let r = remote(&format!("git://127.0.0.1:{}/repo.git", srv.port), CALLER_TIMEOUT);
+    let main = branch("main");
     let started = Instant::now();
-    let e = res.resolve(&remote, &branch("main")).await.unwrap_err();
-    assert!(matches!(e, ResolveError::TimedOut { .. }), "{e}");
-    assert!(started.elapsed() < timeout + Duration::from_secs(2));
+    let (x, y) = tokio::join!(res.resolve(&r, &main), res.resolve(&r, &main));
+    assert!(started.elapsed() < CALLER_TIMEOUT + SLACK);
+    assert!(matches!(x, Err(ResolveError::TimedOut { .. })), "{x:?}");
+    assert!(matches!(y, Err(ResolveError::TimedOut { .. })), "{y:?}");
+    assert_eq!(res.running_threads(), 1);
+    threads_end(&res, SOCKET.idle + SLACK).await;
+    assert_eq!(srv.max_open.load(Ordering::SeqCst), 1);
+    assert_eq!(srv.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A minimal HTTP/1.1 server (one request per connection) that requires basic auth and
+/// runs `git-http-backend` as a CGI program, like a web server in front of git would.
+struct HttpGit {
+    port: u16,
+    /// `METHOD target auth` per request, auth being `none`, `ok` or `bad`.
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+fn http_git(project_root: &Path, user: &str, password: &str) -> Option<HttpGit> {
+    let backend = need(&git_exec_path().join("git-http-backend"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
+    let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (log, root) = (requests.clone(), project_root.to_owned());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (backend, root, expected, log) =
+                (backend.clone(), root.clone(), expected.clone(), log.clone());
+            std::thread::spawn(move || {
+                if let Err(e) = serve_cgi(stream, &backend, &root, &expected, &log) {
+                    eprintln!("test HTTP server: {e}");
+                }
+            });
+        }
+    });
+    Some(HttpGit { port, requests })
+}
+
+fn serve_cgi(
+    mut stream: TcpStream,
+    backend: &Path,
+    root: &Path,
+    expected_auth: &str,
+    log: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or("").to_owned(),
+        parts.next().unwrap_or("").to_owned(),
+    );
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let mut body = Vec::new();
+    if let Some(n) = header("content-length") {
+        body.resize(n.parse().unwrap_or(0), 0);
+        reader.read_exact(&mut body)?;
+    } else if header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    let auth = match header("authorization") {
+        None => "none",
+        Some(a) if a == expected_auth => "ok",
+        Some(_) => "bad",
+    };
+    log.lock().unwrap().push(format!("{method} {target} {auth}"));
+    if auth != "ok" {
+        stream.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let mut child = Command::new(backend)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", root)
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("REQUEST_METHOD", &method)
+        .env("PATH_INFO", path)
+        .env("QUERY_STRING", query)
+        .env("CONTENT_TYPE", header("content-type").unwrap_or(""))
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("REMOTE_USER", "bot")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("HTTP_GIT_PROTOCOL", header("git-protocol").unwrap_or(""))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&body));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    let cgi = out.stdout;
+    let (head, content) = match cgi.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => (&cgi[..i], &cgi[i + 4..]),
+        None => match cgi.windows(2).position(|w| w == b"\n\n") {
+            Some(i) => (&cgi[..i], &cgi[i + 2..]),
+            None => (&cgi[..0], &cgi[..]),
+        },
+    };
+    let mut status = "200 OK".to_owned();
+    let mut response_headers = String::new();
+    for l in String::from_utf8_lossy(head).lines() {
+        match l.strip_prefix("Status:") {
+            Some(s) => status = s.trim().to_owned(),
+            None => response_headers.push_str(&format!("{l}\r\n")),
+        }
+    }
+    stream.write_all(
+        format!(
+            "HTTP/1.1 {status}\r\n{response_headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            content.len()
+        )
+        .as_bytes(),
+    )?;
+    stream.write_all(content)?;
+    Ok(())
+}
+
+/// Asserts that no form of a secret shows in `text`.
+fn assert_no_secret(text: &str, secrets: &[&str], what: &str) {
+    for s in secrets {
+        assert!(
+            !s.is_empty() && !text.contains(s),
+            "{what} shows a secret: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn http_basic_auth_through_git_http_backend() {
+    init();
+    const USER: &str = "bot";
+    const PASSWORD: &str = "s3cret-Pa55word";
+    const WRONG: &str = "wr0ng-Pa55word";
+    let repo = Repo::new();
+    let a = repo.commit("a");
+    repo.push(&["main"]);
+    let Some(srv) = http_git(&repo.root.join("srv"), USER, PASSWORD) else {
+        return;
+    };
+    let url = format!("http://127.0.0.1:{}/repo.git", srv.port);
+    // Plain http is unauthenticated transport: the URL policy wants `insecure: true`.
+    assert!(SourceUrl::parse(&url, false).is_err());
+    let res = repo.resolver();
+    let with = |username: &str, password: &str| Remote {
+        url: SourceUrl::parse(&url, true).unwrap(),
+        credentials: Credentials::Basic {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        },
+        known_hosts: None,
+        timeout: Duration::from_secs(20),
+    };
+    let requests = |srv: &HttpGit| std::mem::take(&mut *srv.requests.lock().unwrap());
+
+    // No credentials at all.
+    let e = res
+        .resolve(&remote(&url, Duration::from_secs(20)), &branch("main"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::AuthenticationFailed { .. }), "{e}");
+    requests(&srv);
+
+    // The right password: listed, and a fast-forward fetched through the same auth.
+    let good = with(USER, PASSWORD);
+    let p = res.poll(&good, &branch("main"), None, false).await;
+    let Poll::Advanced(ra) = p else { panic!("{p:?}") };
+    assert_eq!(ra.revision.commit, a);
+    let b = repo.commit("b");
+    repo.push(&["main"]);
+    let p = res.poll(&good, &branch("main"), Some(&ra), false).await;
+    let Poll::Advanced(rb) = p else { panic!("{p:?}") };
+    assert_eq!(rb.revision.commit, b);
+    let seen = requests(&srv);
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("POST /repo.git/git-upload-pack ok")),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|r| r.ends_with(" bad")), "{seen:?}");
+
+    // A wrong password: an authentication error that names no secret, after one try.
+    let e = res
+        .resolve(&with(USER, WRONG), &branch("main"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::AuthenticationFailed { .. }), "{e}");
+    assert_eq!(e.reason(), "AuthenticationFailed");
+    let msg = e.to_string();
+    assert!(msg.contains(&url), "{msg}");
+    let b64 = |p: &str| base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{p}"));
+    let (b64_right, b64_wrong) = (b64(PASSWORD), b64(WRONG));
+    let secrets = [PASSWORD, WRONG, b64_right.as_str(), b64_wrong.as_str()];
+    assert_no_secret(&msg, &secrets, "the error");
+    assert_no_secret(&format!("{e:?}"), &secrets, "the error's Debug");
+    let seen = requests(&srv);
+    assert_eq!(
+        seen.iter().filter(|r| r.ends_with(" bad")).count(),
+        1,
+        "the same rejected password is not retried: {seen:?}"
+    );
+    // A failed poll keeps the last revision.
+    let p = res
+        .poll(&with(USER, WRONG), &branch("main"), Some(&rb), false)
+        .await;
+    assert_eq!(p.current(), Some(&rb));
+
+    // The resolver logged these calls (so the capture works), and no secret.
+    let log = log_text();
+    assert!(
+        log.contains("git remote call failed") && log.contains("AuthenticationFailed"),
+        "{log}"
+    );
+    assert_no_secret(&log, &secrets, "the log");
+}
+
+/// Runs `ssh-keygen` to make a key pair in `dir`; returns (private key text, public key line).
+fn keygen(ssh_keygen: &Path, dir: &Path, name: &str, ty: &[&str]) -> (String, String) {
+    let path = dir.join(name);
+    let out = Command::new(ssh_keygen)
+        .args(["-q", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .args(ty)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (
+        std::fs::read_to_string(&path).unwrap(),
+        std::fs::read_to_string(path.with_extension("pub"))
+            .unwrap()
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// Debian's sshd on 127.0.0.1, run by the test as the current user, with a temporary host
+/// key and authorized_keys; `git-upload-pack` from PATH serves the repositories.
+struct Sshd {
+    _server: Server,
+    port: u16,
+    log: PathBuf,
+    host_pub: String,
+}
+
+impl Sshd {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn connections(&self) -> usize {
+        self.log().matches("Connection from 127.0.0.1").count()
+    }
+}
+
+fn sshd(dir: &Path, ssh_keygen: &Path, authorized: &[&str]) -> Option<Sshd> {
+    let bin = need(Path::new("/usr/sbin/sshd"))?;
+    let (_, host_pub) = keygen(ssh_keygen, dir, "host_ed25519", &["-t", "ed25519"]);
+    let keys: String = authorized.iter().map(|k| format!("restrict {k}\n")).collect();
+    std::fs::write(dir.join("authorized_keys"), keys).unwrap();
+    let port = free_port();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {d}/host_ed25519\n\
+             AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nUsePAM no\n\
+             StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\nAllowTcpForwarding no\nX11Forwarding no\n\
+             PermitTTY no\nLogLevel VERBOSE\n"
+        ),
+    )
+    .unwrap();
+    // As root, sshd wants its privilege separation directory (Debian's unit creates it).
+    if Command::new("id").arg("-u").output().unwrap().stdout == b"0\n" {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+    }
+    let log = dir.join("sshd.log");
+    let child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    // Ready when it says so (a probe connection would show in the log).
+    let until = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("Server listening on 127.0.0.1")
+    {
+        assert!(
+            Instant::now() < until,
+            "sshd did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Sshd {
+        _server: server,
+        port,
+        log,
+        host_pub,
+    })
+}
+
+#[tokio::test]
+async fn ssh_deploy_keys_and_host_key_pinning() {
+    init();
+    let Some(ssh_keygen) = need(Path::new("/usr/bin/ssh-keygen")) else {
+        return;
+    };
+    let repo = Repo::new();
+    let a = repo.commit("a");
+    repo.push(&["main"]);
+    let keys = repo.root.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let (ed_key, ed_pub) = keygen(&ssh_keygen, &keys, "deploy_ed25519", &["-t", "ed25519"]);
+    let (rsa_key, rsa_pub) = keygen(&ssh_keygen, &keys, "deploy_rsa", &["-t", "rsa", "-b", "3072"]);
+    let (stranger_key, _) = keygen(&ssh_keygen, &keys, "stranger", &["-t", "ed25519"]);
+    let (_, impostor_pub) = keygen(&ssh_keygen, &keys, "impostor_host", &["-t", "ed25519"]);
+    let Some(sshd) = sshd(&keys, &ssh_keygen, &[&ed_pub, &rsa_pub]) else {
+        return;
+    };
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        user.trim(),
+        sshd.port,
+        repo.bare.display()
+    );
+    let key_of = |pub_line: &str| pub_line.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let known = |pub_line: &str| {
+        KnownHosts::parse(&format!("[127.0.0.1]:{} {}\n", sshd.port, key_of(pub_line))).unwrap()
+    };
+    let with = |identity: &str, known_hosts: Option<KnownHosts>, timeout: Duration| Remote {
+        url: SourceUrl::parse(&url, false).unwrap(),
+        credentials: Credentials::SshKey {
+            identity: identity.to_owned(),
+            passphrase: None,
+        },
+        known_hosts,
+        timeout,
+    };
+    let t = Duration::from_secs(20);
+    let res = repo.resolver();
+
+    // ed25519 deploy key: listed, then a fast-forward fetched over SSH.
+    let ed = with(&ed_key, Some(known(&sshd.host_pub)), t);
+    let p = res.poll(&ed, &branch("main"), None, false).await;
+    let Poll::Advanced(ra) = p else {
+        panic!("{p:?}\n{}", sshd.log())
+    };
+    assert_eq!(ra.revision.commit, a);
+    let b = repo.commit("b");
+    repo.push(&["main"]);
+    let p = res.poll(&ed, &branch("main"), Some(&ra), false).await;
+    let Poll::Advanced(rb) = p else { panic!("{p:?}") };
+    assert_eq!(rb.revision.commit, b);
+    assert!(sshd.log().contains("Accepted publickey"), "{}", sshd.log());
+
+    // RSA deploy key (OpenSSH format, as ssh-keygen writes it).
+    let rsa = with(&rsa_key, Some(known(&sshd.host_pub)), t);
+    let r = res.resolve(&rsa, &branch("main")).await;
+    assert_eq!(r.map(|r| r.revision.commit).unwrap(), b);
+    assert!(sshd.log().contains("Accepted publickey for") && sshd.log().contains(": RSA SHA256:"));
+
+    // A key the server does not know: an authentication error that shows no key material,
+    // after one offer.
+    let failed_before = sshd.log().matches("Failed publickey").count();
+    let e = res
+        .resolve(
+            &with(&stranger_key, Some(known(&sshd.host_pub)), t),
+            &branch("main"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::AuthenticationFailed { .. }), "{e}");
+    let key_lines: Vec<&str> = [&ed_key, &rsa_key, &stranger_key]
+        .iter()
+        .flat_map(|k| k.lines().filter(|l| !l.starts_with("-----")))
+        .collect();
+    assert_no_secret(&e.to_string(), &key_lines, "the error");
+    assert_eq!(
+        sshd.log().matches("Failed publickey").count() - failed_before,
+        1,
+        "{}",
+        sshd.log()
+    );
+
+    // A wrong host key in known_hosts: refused, and no key was offered to that host.
+    let accepted_before = sshd.log().matches("Accepted publickey").count();
+    let postponed_before = sshd.log().matches("Postponed publickey").count();
+    let e = res
+        .resolve(&with(&ed_key, Some(known(&impostor_pub)), t), &branch("main"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::HostKeyRejected { .. }), "{e}");
+    assert_eq!(e.reason(), "HostKeyRejected");
+    assert!(e.to_string().contains("differs"), "{e}");
+    assert!(
+        !e.to_string()
+            .contains(key_of(&impostor_pub).split_whitespace().nth(1).unwrap())
+    );
+    // The host pinned under another port only: unknown, refused as well.
+    let elsewhere = KnownHosts::parse(&format!("[127.0.0.1]:1 {}\n", key_of(&sshd.host_pub))).unwrap();
+    let e = res
+        .resolve(&with(&ed_key, Some(elsewhere), t), &branch("main"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::HostKeyRejected { .. }), "{e}");
+    assert_eq!(sshd.log().matches("Accepted publickey").count(), accepted_before);
+    assert_eq!(
+        sshd.log().matches("Postponed publickey").count(),
+        postponed_before
+    );
+
+    // No known_hosts: refused before connecting (the server sees no connection).
+    let before = sshd.connections();
+    let e = res
+        .resolve(&with(&ed_key, None, t), &branch("main"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ResolveError::NoKnownHosts { .. }), "{e}");
+    assert!(e.to_string().contains("no trust on first use"), "{e}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(sshd.connections(), before, "{}", sshd.log());
+
+    let log = log_text();
+    assert_no_secret(&log, &key_lines, "the log");
 }
 
 #[tokio::test]
 async fn ssh_without_known_hosts_is_refused_before_connecting() {
+    init();
     // Nothing listens here; the refusal must come first.
     let port = free_port();
     let tmp = tempfile::tempdir().unwrap();

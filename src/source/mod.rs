@@ -8,4 +8,5 @@ pub mod known_hosts;
 pub mod refspec;
 pub mod resolve;
 pub mod revision;
+pub mod socket_timeouts;
 pub mod url;

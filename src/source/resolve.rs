@@ -6,28 +6,34 @@
 //!    and ask `graph_descendant_of`. A full (not shallow) fetch of the new head brings all its
 //!    ancestors, so an old commit still absent afterwards is not one of them.
 //!
-//! git2 calls block, so each runs in `spawn_blocking` under `tokio::time::timeout`. A timed-out
-//! thread keeps running, so the work also stops itself where libgit2 lets it: the transfer and
-//! sideband callbacks cancel after the deadline, and a semaphore permit held by the thread caps
-//! how many can be stuck at once. libgit2's global socket timeouts
-//! (`git2::opts::set_server_timeout_in_milliseconds`) are `unsafe` and this crate forbids
-//! `unsafe_code`, so a silent server (no bytes at all) leaves its thread blocked until the
-//! socket dies: see docs/source.md.
+//! git2 calls block, so each runs in `spawn_blocking` under `tokio::time::timeout`, which
+//! bounds the caller's wait. A timed-out thread keeps running, so the work itself is bounded
+//! too (docs/source.md, "Timeouts"):
+//! - libgit2's socket timeouts ([`super::socket_timeouts`], set once per process before any
+//!   git2 network call) end a connect, and any read or write that waits longer than `idle`:
+//!   a server that accepts and then sends nothing frees its thread after `idle`;
+//! - the transfer and sideband callbacks cancel a fetch after the deadline (a trickling
+//!   server);
+//! - one thread per remote at a time (a lane), and at most `max_threads` per resolver: a
+//!   remote that holds its thread delays only its own next call, and the number of threads
+//!   that can be stuck at once is bounded.
 //!
 //! URLs here never carry credentials ([`SourceUrl`] refuses them), so messages may name them.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use git2::{CertificateCheckStatus, CredentialType, Direction, ErrorCode, RemoteCallbacks};
+use git2::{CertificateCheckStatus, CredentialType, Direction, ErrorClass, ErrorCode, RemoteCallbacks};
 use tokio::sync::Semaphore;
 
 use super::known_hosts::{HostKeyCheck, KnownHosts};
 use super::refspec::{AdvertisedRef, RefChoice, RefError, ResolvedRef};
 use super::revision::CommitId;
+use super::socket_timeouts::{self, SocketTimeoutsError};
 use super::url::{Scheme, SourceUrl};
 
 /// Credentials from the source's Secret (Flux key names). Never printed.
@@ -102,6 +108,12 @@ pub enum ResolveError {
     Cache { path: PathBuf, message: String },
     #[error("{url}: resolver task failed: {message}")]
     Task { url: String, message: String },
+    #[error("{url}: not contacted: {source}")]
+    SocketTimeouts {
+        url: String,
+        #[source]
+        source: SocketTimeoutsError,
+    },
 }
 
 impl ResolveError {
@@ -113,33 +125,45 @@ impl ResolveError {
             ResolveError::AuthenticationFailed { .. } => "AuthenticationFailed",
             ResolveError::TimedOut { .. } => "Timeout",
             ResolveError::Ref { .. } | ResolveError::CommitMissing { .. } => "RefNotResolved",
-            ResolveError::FetchFailed { .. } | ResolveError::Cache { .. } | ResolveError::Task { .. } => {
-                "GitOperationFailed"
-            }
+            ResolveError::FetchFailed { .. }
+            | ResolveError::Cache { .. }
+            | ResolveError::Task { .. }
+            | ResolveError::SocketTimeouts { .. } => "GitOperationFailed",
         }
     }
 }
 
-/// Resolves sources; one per controller. Holds the cache of bare repositories and the cap on
-/// concurrent (and possibly stuck) git threads.
+/// Resolves sources; one per controller process. Holds the cache of bare repositories, the
+/// cap on concurrent (and possibly stuck) git threads, and one lane per remote.
 #[derive(Clone, Debug)]
 pub struct Resolver {
     cache_dir: PathBuf,
+    max_threads: usize,
     threads: Arc<Semaphore>,
+    /// One permit per remote URL: a remote never has two threads at once.
+    lanes: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
 }
 
 impl Resolver {
     pub fn new(cache_dir: impl Into<PathBuf>, max_threads: usize) -> Self {
+        let max_threads = max_threads.max(1);
         Self {
             cache_dir: cache_dir.into(),
-            threads: Arc::new(Semaphore::new(max_threads.max(1))),
+            max_threads,
+            threads: Arc::new(Semaphore::new(max_threads)),
+            lanes: Arc::default(),
         }
+    }
+
+    /// git threads running now, including ones whose caller already timed out.
+    pub fn running_threads(&self) -> usize {
+        self.max_threads - self.threads.available_permits()
     }
 
     /// `git ls-remote`: the refs the remote advertises (empty for an empty repository).
     pub async fn list_refs(&self, remote: &Remote) -> Result<Vec<AdvertisedRef>, ResolveError> {
         let r = remote.clone();
-        self.bounded(remote, move |deadline| list_blocking(&r, deadline))
+        self.bounded(remote, "list", move |deadline| list_blocking(&r, deadline))
             .await
     }
 
@@ -166,7 +190,7 @@ impl Resolver {
         }
         let (r, full_ref, old, new) = (remote.clone(), full_ref.to_owned(), old.clone(), new.clone());
         let path = self.cache_path(remote);
-        self.bounded(remote, move |deadline| {
+        self.bounded(remote, "fetch", move |deadline| {
             ancestry_blocking(&r, &path, &full_ref, &old, &new, deadline)
         })
         .await
@@ -226,41 +250,62 @@ impl Resolver {
         self.cache_dir.join(format!("{hex}.git"))
     }
 
+    fn lane(&self, remote: &Remote) -> Arc<Semaphore> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget idle lanes of remotes nobody asks for any more.
+        lanes.retain(|_, l| Arc::strong_count(l) > 1);
+        lanes
+            .entry(remote.url.as_git_url())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone()
+    }
+
     async fn bounded<T: Send + 'static>(
         &self,
         remote: &Remote,
+        op: &'static str,
         work: impl FnOnce(Instant) -> Result<T, ResolveError> + Send + 'static,
     ) -> Result<T, ResolveError> {
-        let timed_out = || ResolveError::TimedOut {
-            url: remote.url.redacted(),
-            after: remote.timeout,
+        let url = remote.url.redacted();
+        let task_err = |message: String| ResolveError::Task {
+            url: url.clone(),
+            message,
         };
-        let deadline = Instant::now() + remote.timeout;
+        let started = Instant::now();
+        let deadline = started + remote.timeout;
+        let (lane, threads) = (self.lane(remote), self.threads.clone());
         let run = async {
-            // The permit moves into the thread: it is released when the thread really ends.
-            let permit = self
-                .threads
-                .clone()
+            // Both permits move into the thread: they are released when it really ends,
+            // not when the caller stops waiting.
+            let lane = lane.acquire_owned().await.map_err(|e| task_err(e.to_string()))?;
+            let thread = threads
                 .acquire_owned()
                 .await
-                .map_err(|e| ResolveError::Task {
-                    url: remote.url.redacted(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| task_err(e.to_string()))?;
             tokio::task::spawn_blocking(move || {
                 let out = work(deadline);
-                drop(permit);
+                drop((thread, lane));
                 out
             })
             .await
-            .map_err(|e| ResolveError::Task {
-                url: remote.url.redacted(),
-                message: e.to_string(),
-            })?
+            .map_err(|e| task_err(e.to_string()))?
         };
-        tokio::time::timeout(remote.timeout, run)
-            .await
-            .map_err(|_| timed_out())?
+        let out = match tokio::time::timeout(remote.timeout, run).await {
+            Ok(out) => out,
+            Err(_) => Err(ResolveError::TimedOut {
+                url: url.clone(),
+                after: remote.timeout,
+            }),
+        };
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // The URL carries no credentials (SourceUrl refuses them), nor do the errors.
+        match &out {
+            Ok(_) => tracing::debug!(url = %url, op, elapsed_ms, "git remote call done"),
+            Err(e) => {
+                tracing::debug!(url = %url, op, elapsed_ms, reason = e.reason(), error = %e, "git remote call failed")
+            }
+        }
+        out
     }
 }
 
@@ -294,7 +339,10 @@ impl Poll {
 /// What the callbacks saw, to tell auth and host-key failures from the rest.
 #[derive(Default)]
 struct Seen {
-    auth_attempts: Cell<u32>,
+    credential_calls: Cell<u32>,
+    key_offers: Cell<u32>,
+    /// Our credentials callback gave up: the server refused what the Secret holds.
+    auth_refused: Cell<bool>,
     host_key: Cell<Option<HostKeyCheck>>,
     timed_out: Cell<bool>,
 }
@@ -302,33 +350,40 @@ struct Seen {
 fn callbacks<'a>(remote: &'a Remote, deadline: Instant, seen: &'a Seen) -> RemoteCallbacks<'a> {
     let mut cb = RemoteCallbacks::new();
     cb.credentials(move |_url, user_from_url, allowed| {
-        let n = seen.auth_attempts.get() + 1;
-        seen.auth_attempts.set(n);
-        // libgit2 calls again after each rejection: one try per kind is enough.
-        if n > 2 {
-            return Err(git2::Error::from_str("credentials rejected"));
-        }
+        let n = seen.credential_calls.get() + 1;
+        seen.credential_calls.set(n);
+        let refuse = |message: &str| {
+            seen.auth_refused.set(true);
+            Err(git2::Error::new(ErrorCode::Auth, ErrorClass::Callback, message))
+        };
+        // libgit2 calls again after each rejection. The Secret holds one credential, so a
+        // second call for it means the server refused it: offering the same secret again
+        // only hammers the server (and its lockout counters).
         match &remote.credentials {
             Credentials::Basic { username, password }
                 if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) =>
             {
+                if n > 1 {
+                    return refuse("the server refused the username and password");
+                }
                 git2::Cred::userpass_plaintext(username, password)
             }
             Credentials::SshKey { identity, passphrase } => {
                 let user = user_from_url.or(remote.url.user()).unwrap_or("git");
-                if allowed.contains(CredentialType::USERNAME) {
+                if n > 3 || seen.key_offers.get() > 0 {
+                    refuse("the server refused the SSH key")
+                } else if allowed.contains(CredentialType::USERNAME) {
                     git2::Cred::username(user)
                 } else if allowed.contains(CredentialType::SSH_KEY)
                     || allowed.contains(CredentialType::SSH_MEMORY)
                 {
+                    seen.key_offers.set(1);
                     git2::Cred::ssh_key_from_memory(user, None, identity, passphrase.as_deref())
                 } else {
-                    Err(git2::Error::from_str("the server wants no SSH key"))
+                    refuse("the server accepts no SSH key")
                 }
             }
-            _ => Err(git2::Error::from_str(
-                "the server asks for credentials and the source has none of the kind it accepts",
-            )),
+            _ => refuse("the server asks for credentials and the source has none of the kind it accepts"),
         }
     });
     cb.certificate_check(move |cert, host| {
@@ -371,30 +426,60 @@ fn callbacks<'a>(remote: &'a Remote, deadline: Instant, seen: &'a Seen) -> Remot
     cb
 }
 
-fn classify(remote: &Remote, seen: &Seen, e: &git2::Error) -> ResolveError {
+fn classify(remote: &Remote, seen: &Seen, deadline: Instant, e: &git2::Error) -> ResolveError {
     let url = remote.url.redacted();
     let message = e.message().chars().take(500).collect::<String>();
-    if seen.timed_out.get() {
+    let lower = message.to_ascii_lowercase();
+    // libgit2's socket timeouts (`could not read from socket: timed out`), libssh2's
+    // (`Timed out waiting on socket`, `API timeout expired`), or our callbacks' deadline.
+    if seen.timed_out.get()
+        || e.code() == ErrorCode::Timeout
+        || lower.contains("timed out")
+        || lower.contains("timeout expired")
+    {
+        // libgit2's idle timeout may trip before the source's own: say how long it was.
+        let waited = remote
+            .timeout
+            .saturating_sub(deadline.saturating_duration_since(Instant::now()));
         return ResolveError::TimedOut {
             url,
-            after: remote.timeout,
+            after: Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)),
         };
     }
-    if let Some(HostKeyCheck::Mismatch | HostKeyCheck::Unknown) = seen.host_key.get() {
-        return ResolveError::HostKeyRejected { url, detail: message };
+    // libgit2 replaces our callback's message with a generic one: say it ourselves.
+    match seen.host_key.get() {
+        Some(HostKeyCheck::Mismatch) => {
+            return ResolveError::HostKeyRejected {
+                url,
+                detail: "the server's key differs from the one known_hosts pins for it".to_owned(),
+            };
+        }
+        Some(HostKeyCheck::Unknown) => {
+            return ResolveError::HostKeyRejected {
+                url,
+                detail: "the host (with this port) is not in known_hosts".to_owned(),
+            };
+        }
+        Some(HostKeyCheck::Match) | None => {}
     }
-    if e.code() == ErrorCode::Auth || seen.auth_attempts.get() > 0 {
+    if e.code() == ErrorCode::Auth || seen.auth_refused.get() {
         return ResolveError::AuthenticationFailed { url, message };
     }
     ResolveError::FetchFailed { url, message }
 }
 
+/// Runs before any git2 call of a blocking operation: refuses SSH without known_hosts before
+/// connecting, and makes sure libgit2's socket timeouts are in force.
 fn precheck(remote: &Remote) -> Result<(), ResolveError> {
     if remote.url.scheme() == Scheme::Ssh && remote.known_hosts.is_none() {
         return Err(ResolveError::NoKnownHosts {
             url: remote.url.redacted(),
         });
     }
+    socket_timeouts::in_force().map_err(|source| ResolveError::SocketTimeouts {
+        url: remote.url.redacted(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -412,8 +497,8 @@ fn list_blocking(remote: &Remote, deadline: Instant) -> Result<Vec<AdvertisedRef
             Some(callbacks(remote, deadline, &seen)),
             Some(git2::ProxyOptions::new()),
         )
-        .map_err(|e| classify(remote, &seen, &e))?;
-    let heads = conn.list().map_err(|e| classify(remote, &seen, &e))?;
+        .map_err(|e| classify(remote, &seen, deadline, &e))?;
+    let heads = conn.list().map_err(|e| classify(remote, &seen, deadline, &e))?;
     Ok(heads
         .iter()
         .map(|h| AdvertisedRef {
@@ -458,7 +543,7 @@ fn ancestry_blocking(
             full_ref.trim_start_matches("refs/")
         );
         r.fetch(&[spec.as_str()], Some(&mut opts), None)
-            .map_err(|e| classify(remote, &seen, &e))?;
+            .map_err(|e| classify(remote, &seen, deadline, &e))?;
         if !has(new_oid) {
             return Err(ResolveError::CommitMissing {
                 url: remote.url.redacted(),
