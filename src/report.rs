@@ -83,14 +83,7 @@ pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> Str
         if n.spec.suspend {
             phase_col.push_str(" (suspended)");
         }
-        rows.push([
-            n.name_any(),
-            short_revision(&n.spec.revision),
-            running,
-            phase_col,
-            window(n, now),
-            last,
-        ]);
+        rows.push([n.name_any(), wanted(n), running, phase_col, window(n, now), last]);
     }
     let mut widths = [0usize; 6];
     for r in &rows {
@@ -122,6 +115,18 @@ pub enum Pause {
 
 /// The rollout summary line: how many nodes run their wanted revision, how many are being
 /// disrupted, waiting, staging or Degraded, and whether admissions are paused or halted.
+/// The wanted revision, shortened: `spec.revision`, or for a node that follows a source what
+/// the controller wants (`status.wanted`), marked with `~`.
+fn wanted(n: &NixOSNode) -> String {
+    if !n.spec.revision.is_empty() {
+        return short_revision(&n.spec.revision);
+    }
+    match n.status.as_ref().and_then(|s| s.wanted.as_deref()) {
+        Some(w) if !w.is_empty() => format!("~{w}"),
+        _ => "~".into(),
+    }
+}
+
 pub fn summary(nodes: &[NixOSNode], pause: &Pause) -> String {
     use crate::api::Phase;
     let mut done = 0;
@@ -129,7 +134,13 @@ pub fn summary(nodes: &[NixOSNode], pause: &Pause) -> String {
     for n in nodes {
         let status = n.status.as_ref();
         let phase = status.and_then(|s| s.phase);
-        let running_wanted = status.and_then(|s| s.revision.as_deref()) == Some(n.spec.revision.as_str());
+        let running_wanted = if n.spec.revision.is_empty() {
+            // Following a source: the controller's wanted revision.
+            let running = status.and_then(|s| s.running.as_deref());
+            running.is_some() && running == status.and_then(|s| s.wanted.as_deref())
+        } else {
+            status.and_then(|s| s.revision.as_deref()) == Some(n.spec.revision.as_str())
+        };
         if n.spec.suspend {
             suspended += 1;
         }
@@ -223,7 +234,7 @@ pub fn live_table(nodes: &[NixOSNode], pause: &Pause, now: Timestamp, window: Wi
         }
         rows.push([
             n.name_any(),
-            short_revision(&n.spec.revision),
+            wanted(n),
             status
                 .revision
                 .as_deref()
@@ -388,6 +399,7 @@ mod tests {
             NixOSNodeSpec {
                 flake: "path:/f".into(),
                 revision: "b".repeat(40),
+                source_ref: None,
                 configuration: None,
                 maintenance_windows: vec![],
                 reboot: Default::default(),
@@ -429,6 +441,7 @@ mod tests {
             NixOSNodeSpec {
                 flake: "path:/f".into(),
                 revision: "b".repeat(40),
+                source_ref: None,
                 configuration: None,
                 maintenance_windows: vec![],
                 reboot: Default::default(),
@@ -456,6 +469,7 @@ mod tests {
         let spec = NixOSNodeSpec {
             flake: "path:/f".into(),
             revision: "b".repeat(40),
+            source_ref: None,
             configuration: None,
             maintenance_windows: vec![],
             reboot: Default::default(),

@@ -70,6 +70,7 @@ fn waiting(name: &str) -> NixOSNode {
         NixOSNodeSpec {
             flake: "github:me/infra".into(),
             revision: "b".repeat(40),
+            source_ref: None,
             configuration: None,
             maintenance_windows: Vec::new(),
             reboot: Default::default(),

@@ -170,6 +170,7 @@ fn nixosnode(name: &str, drain: Option<DrainPolicy>) -> NixOSNode {
         NixOSNodeSpec {
             flake: "github:me/infra".into(),
             revision: "a".repeat(40),
+            source_ref: None,
             configuration: None,
             maintenance_windows: Vec::new(),
             reboot: Default::default(),

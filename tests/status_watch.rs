@@ -209,6 +209,7 @@ async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
         NixOSNodeSpec {
             flake: "path:/f".into(),
             revision: "c".repeat(40),
+            source_ref: None,
             configuration: None,
             maintenance_windows: vec![],
             reboot: Default::default(),

@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod events;
+pub mod follow;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -81,6 +82,8 @@ pub struct ControllerConfig {
     /// Fault injection (tests, simulation): drop every targeted wake-up, as if each one was
     /// lost, so that only the sweep admits Waiting nodes.
     pub lose_wakeups: bool,
+    /// Following sources: the FlakeSource controller and the source watches (`follow`).
+    pub follow: follow::FollowConfig,
 }
 
 impl ControllerConfig {
@@ -98,6 +101,7 @@ impl ControllerConfig {
             drain_pass_backoff: (Duration::from_secs(2), Duration::from_secs(30)),
             admission_sweep: Duration::from_secs(5),
             lose_wakeups: false,
+            follow: follow::FollowConfig::default(),
         }
     }
 }
@@ -228,6 +232,8 @@ pub struct Context {
     wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
     leading: Arc<AtomicBool>,
     rollout: RolloutFns,
+    /// NixOSNodes that follow a source: the effective spec, the groups' pins, the source watches.
+    follow: follow::Following,
 }
 
 impl Drop for Context {
@@ -357,6 +363,12 @@ impl Context {
         let (wake, wake_rx) = mpsc::unbounded_channel();
         let (budgets, budgets_writer) = reflector::store::<PodDisruptionBudget>();
         let recorder = EventWriter::new(client.clone(), CONTROLLER_MANAGER, &config.identity);
+        let follow = follow::Following::new(
+            client.clone(),
+            stores.nixosnodes.clone(),
+            wake.clone(),
+            config.policy.failure_threshold,
+        );
         let ctx = Context {
             client,
             config,
@@ -375,6 +387,7 @@ impl Context {
             wake,
             leading,
             rollout,
+            follow,
         };
         (Arc::new(ctx), wake_rx)
     }
@@ -452,7 +465,7 @@ impl Context {
     /// The nodes the gate admits now. `me`: the node asking, which may replace its own
     /// uncertain grant (it is one slot).
     fn admissible(&self, pending: &mut PendingWrites, me: Option<&str>, now: Timestamp) -> Vec<String> {
-        let objs = self.nixosnodes.state();
+        let objs = self.follow.effective_all(self.nixosnodes.state());
         let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
         pending.retain_present(&present);
         if let Ok(mut drains) = self.drains.lock() {
@@ -810,6 +823,14 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         return Ok(Requeue::await_change());
     }
     let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
+    // A node following a source works with its group's pinned revision (docs/source.md).
+    let obj = match ctx.follow.effective(obj) {
+        Ok(o) => o,
+        Err(e) => {
+            debug!(error = %e, "nothing to roll out yet");
+            return Ok(Requeue::await_change());
+        }
+    };
     let now = Timestamp::now();
     let (observation, node_version) = ctx.observe_versioned(&name);
     let stored = obj.status.clone().unwrap_or_default();
@@ -1208,6 +1229,7 @@ async fn lead(
     };
     let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
     ctx.watch_disruption_budgets();
+    ctx.follow.start(&ctx.config.follow, ctx.config.api_timeout).await;
     let wake_stream =
         futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 
@@ -1415,6 +1437,7 @@ mod tests {
                 NixOSNodeSpec {
                     flake: "github:me/infra".into(),
                     revision: "c".repeat(40),
+                    source_ref: None,
                     configuration: None,
                     maintenance_windows: Vec::new(),
                     reboot: Default::default(),

@@ -30,6 +30,7 @@ fn mk_spec(rev: &str) -> NixOSNodeSpec {
     NixOSNodeSpec {
         flake: FLAKE.into(),
         revision: rev.into(),
+        source_ref: None,
         configuration: None,
         maintenance_windows: vec![],
         reboot: RebootPolicy::IfNeeded,

@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod demo_follow;
 pub mod flake;
 pub mod host;
 pub mod monitor;

@@ -90,7 +90,16 @@ impl Progress {
             node: name,
             phase,
             revision,
-            wanted: Some(obj.spec.revision.clone()),
+            wanted: if obj.spec.revision.is_empty() {
+                // Following a source: what the controller targets.
+                status
+                    .target
+                    .as_ref()
+                    .map(|t| t.revision.clone())
+                    .or(status.revision.clone())
+            } else {
+                Some(obj.spec.revision.clone())
+            },
             message: status.message,
         })
     }
@@ -204,6 +213,7 @@ mod tests {
             NixOSNodeSpec {
                 flake: "path:/x".into(),
                 revision: "b".repeat(40),
+                source_ref: None,
                 configuration: None,
                 maintenance_windows: vec![],
                 reboot: Default::default(),
