@@ -336,6 +336,10 @@ fn flakesource_rules_say_what_to_fix() {
             json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "5 minutes"}),
             "duration",
         ),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "10s"}),
+            "at least 30s",
+        ),
     ];
     for (spec, want) in cases {
         let errs = flakesource_errors(spec.clone());

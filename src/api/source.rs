@@ -45,7 +45,10 @@ pub struct FlakeSourceSpec {
     /// How often the remote is asked for the ref's head, e.g. `5m` (default), at least `30s`.
     /// Each wait gets up to 10% random jitter.
     #[serde(default = "default_interval")]
-    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("interval must be a duration such as 30s, 5m or 1h"))]
+    #[x_kube(
+        validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("interval must be a duration such as 30s, 5m or 1h"),
+        validation = Rule::new("!self.matches('^([0-9]+(ms|s|m|h))+$') || duration(self) >= duration('30s')").message("interval must be at least 30s")
+    )]
     #[schemars(length(max = 32))]
     pub interval: String,
 
