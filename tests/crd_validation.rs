@@ -349,3 +349,20 @@ fn flakesource_rules_say_what_to_fix() {
         );
     }
 }
+
+/// examples/following.yaml: its FlakeSource passes the FlakeSource CRD's schema rules and
+/// parses; its NixOSNode is checked with every other example (tests/deploy.rs).
+#[test]
+fn the_following_example_is_valid() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/following.yaml")).unwrap();
+    let docs: Vec<Value> = text
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str(d).unwrap())
+        .collect();
+    let fs = docs.iter().find(|d| d["kind"] == "FlakeSource").unwrap();
+    assert_eq!(flakesource_errors(fs["spec"].clone()), Vec::<String>::new());
+    let _: nixroll::api::FlakeSource = serde_json::from_value(fs.clone()).unwrap();
+    let node = docs.iter().find(|d| d["kind"] == "NixOSNode").unwrap();
+    assert_eq!(errors(node), Vec::<String>::new());
+}
