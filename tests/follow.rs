@@ -420,5 +420,40 @@ async fn nodes_follow_a_flux_gitrepository() {
         |_| {},
     )
     .await;
+    // A node following a source that does not exist: nothing starts, its status says why.
+    let mut ghost = world.spec("");
+    ghost.source_ref = Some(SourceRef {
+        kind: SourceKind::FlakeSource,
+        name: "nope".into(),
+        namespace: None,
+    });
+    ghost.flake = String::new();
+    world.apply("node-1", &ghost).await.unwrap();
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let o = api.get("node-1").await.unwrap();
+        let s = status_of(&o);
+        // node-1 runs rev1 and keeps it: a source that offers nothing changes nothing.
+        assert!(s.target.is_none(), "{s:?}");
+        if s.observed_generation == o.metadata.generation && s.revision.as_deref() == Some(rev1.as_str()) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A new node following it has nothing to target: its status says why.
+    world.apply("node-9", &ghost).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = status_of(&api.get("node-9").await.unwrap());
+        if let Some(m) = &s.message {
+            assert!(m.contains("nothing to roll out yet") && m.contains("nope"), "{m}");
+            assert!(s.phase.is_none() && s.target.is_none(), "{s:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     c.stop().await;
 }

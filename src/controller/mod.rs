@@ -824,10 +824,19 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     }
     let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
     // A node following a source works with its group's pinned revision (docs/source.md).
-    let obj = match ctx.follow.effective(obj) {
+    let obj = match ctx.follow.effective(obj.clone()) {
         Ok(o) => o,
         Err(e) => {
+            // Only a node that never started has nothing to target: say why in its status.
             debug!(error = %e, "nothing to roll out yet");
+            let mut st = controller_part(obj.status.as_ref().unwrap_or(&NixOSNodeStatus::default()));
+            let message = e.to_string();
+            if st.phase.is_none() && st.message.as_deref() != Some(message.as_str()) {
+                st.message = Some(message);
+                st.observed_generation = obj.metadata.generation;
+                ctx.write_status(&name, &st).await?;
+                ctx.admission.lock().await.record(&name, &st);
+            }
             return Ok(Requeue::await_change());
         }
     };
