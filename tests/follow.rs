@@ -314,6 +314,22 @@ async fn nodes_follow_a_branch() {
     for o in world.nixosnodes().await.unwrap().values() {
         assert!(runs(o, &rev2), "a force push moved a node backwards");
     }
+
+    // A Secret that is not there: FetchFailed (SecretNotFound), the revision stays.
+    let patch = json!({"spec": {"secretRef": {"name": "flake-source-credentials"}}});
+    sources
+        .patch("infra", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let fs = wait_source(&world, "SecretNotFound", |fs| {
+        fs.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "FetchFailed" && c.reason == "SecretNotFound")
+        })
+    })
+    .await;
+    assert_eq!(commit_of(&fs), Some(rev2.as_str()));
     c.stop().await;
 }
 
