@@ -49,6 +49,7 @@ fn fixture(now: Timestamp) -> Fixture {
         let spec = NixOSNodeSpec {
             flake: FLAKE.into(),
             revision: NEW.into(),
+            source_ref: None,
             configuration: None,
             maintenance_windows: windows,
             reboot: RebootPolicy::IfNeeded,

@@ -16,8 +16,13 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print the NixOSNode CustomResourceDefinition (the same as crds/).
-    Crd,
+    /// Print nixroll's CustomResourceDefinitions, NixOSNode and FlakeSource (the same as crds/).
+    Crd {
+        /// Print only this one: `nixosnodes` (crds/nixosnodes.yaml) or `flakesources`
+        /// (crds/flakesources.yaml).
+        #[arg(long, value_name = "PLURAL", value_parser = ["nixosnodes", "flakesources"])]
+        only: Option<String>,
+    },
     /// Run the controller (kubeconfig or in-cluster config).
     Controller(ControllerArgs),
     /// Run the node agent: stage and activate what the controller grants on this node.
@@ -275,6 +280,9 @@ struct ControllerArgs {
     /// Output logs as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Where FlakeSources keep their cached bare repositories (the ancestry check).
+    #[arg(long, value_name = "DIR", default_value = "/var/cache/nixroll/sources")]
+    source_cache: std::path::PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -333,6 +341,10 @@ struct DemoArgs {
     /// Give up when the rollout has not converged after this long.
     #[arg(long, default_value = "3m", value_parser = parse_duration)]
     timeout: Duration,
+    /// The nodes follow a branch of the demo's flake repository (a FlakeSource); the demo
+    /// commits twice and both rollouts start by themselves.
+    #[arg(long)]
+    follow: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -358,7 +370,11 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.hold = args.hold;
     opts.timeout = args.timeout;
     runtime()?.block_on(async {
-        nixroll::sim::demo::run(opts, shutdown_signal()).await?;
+        if args.follow {
+            nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;
+        } else {
+            nixroll::sim::demo::run(opts, shutdown_signal()).await?;
+        }
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -500,6 +516,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         verifying: args.verifying_timeout,
     };
     config.metrics_addr = Some(args.metrics_addr);
+    config.follow.source_controller.cache_dir = args.source_cache;
     if args.leader_election && !args.no_leader_election {
         config.leader_election = Some(LeaderElectionConfig::new(
             &args.lease_namespace,
@@ -581,8 +598,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Crd => {
-            let yaml = nixroll::api::crd_yaml().context("cannot render the CRD")?;
+        Command::Crd { only } => {
+            let yaml = match only.as_deref() {
+                Some("nixosnodes") => nixroll::api::crd_yaml(),
+                Some(_) => nixroll::api::flakesource_crd_yaml(),
+                None => nixroll::api::all_crds_yaml(),
+            }
+            .context("cannot render the CRDs")?;
             print!("{yaml}");
             Ok(ExitCode::SUCCESS)
         }

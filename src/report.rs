@@ -67,7 +67,7 @@ pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> Str
             .unwrap_or_else(|| "-".into());
         rows.push([
             n.name_any(),
-            short_revision(&n.spec.revision),
+            wanted(n),
             running_text(&status),
             phase_text(n, &status),
             window(n, now),
@@ -113,6 +113,18 @@ pub enum Pause {
 
 /// The rollout summary line: how many nodes run their wanted revision, how many are being
 /// disrupted, waiting, staging or Degraded, and whether admissions are paused or halted.
+/// The wanted revision, shortened: `spec.revision`, or for a node that follows a source what
+/// the controller wants (`status.wanted`), marked with `~`.
+fn wanted(n: &NixOSNode) -> String {
+    if !n.spec.revision.is_empty() {
+        return short_revision(&n.spec.revision);
+    }
+    match n.status.as_ref().and_then(|s| s.wanted.as_deref()) {
+        Some(w) if !w.is_empty() => format!("~{w}"),
+        _ => "~".into(),
+    }
+}
+
 pub fn summary(nodes: &[NixOSNode], pause: &Pause) -> String {
     use crate::api::Phase;
     let mut done = 0;
@@ -120,7 +132,13 @@ pub fn summary(nodes: &[NixOSNode], pause: &Pause) -> String {
     for n in nodes {
         let status = n.status.as_ref();
         let phase = status.and_then(|s| s.phase);
-        let running_wanted = status.and_then(|s| s.revision.as_deref()) == Some(n.spec.revision.as_str());
+        let running_wanted = if n.spec.revision.is_empty() {
+            // Following a source: the controller's wanted revision.
+            let running = status.and_then(|s| s.running.as_deref());
+            running.is_some() && running == status.and_then(|s| s.wanted.as_deref())
+        } else {
+            status.and_then(|s| s.revision.as_deref()) == Some(n.spec.revision.as_str())
+        };
         if n.spec.suspend {
             suspended += 1;
         }
@@ -211,7 +229,7 @@ pub fn live_table(nodes: &[NixOSNode], pause: &Pause, now: Timestamp, window: Wi
         let status = n.status.clone().unwrap_or_default();
         rows.push([
             n.name_any(),
-            short_revision(&n.spec.revision),
+            wanted(n),
             running_text(&status),
             phase_text(n, &status),
             status

@@ -1,5 +1,5 @@
 //! The committed CRD must be exactly what `nixroll crd` prints (regenerate with
-//! `cargo run -- crd > crds/nixosnodes.yaml`).
+//! `cargo run -- crd --only nixosnodes > crds/nixosnodes.yaml`).
 
 #[test]
 fn committed_crd_matches_generated() {
@@ -8,7 +8,7 @@ fn committed_crd_matches_generated() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/nixosnodes.yaml")).unwrap();
     assert!(
         generated == committed,
-        "crds/nixosnodes.yaml is stale: run `cargo run -- crd > crds/nixosnodes.yaml` and commit"
+        "crds/nixosnodes.yaml is stale: run `cargo run -- crd --only nixosnodes > crds/nixosnodes.yaml` and commit"
     );
 }
 
@@ -121,4 +121,38 @@ fn crd_uses_only_formats_kubernetes_knows() {
     assert_eq!(attempts["type"], "integer", "{attempts}");
     assert_eq!(attempts["format"], "int64", "{attempts}");
     assert_eq!(attempts["minimum"], 0.0, "{attempts}");
+}
+
+/// The FlakeSource CRD: committed (crds/ and the chart) exactly as generated
+/// (`cargo run -- crd --only flakesources > crds/flakesources.yaml`), namespaced, with the
+/// columns `kubectl get flakesources` shows; `nixroll crd` prints both CRDs.
+#[test]
+fn flakesource_crd_is_committed_namespaced_and_has_its_columns() {
+    let generated = nixroll::api::flakesource_crd_yaml().unwrap();
+    for path in ["crds/flakesources.yaml", "charts/nixroll/crds/flakesources.yaml"] {
+        let committed = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(
+            generated == committed,
+            "{path} is stale: run `cargo run -- crd --only flakesources > {path}` and commit"
+        );
+    }
+    let crd = nixroll::api::flakesource_crd();
+    assert_eq!(crd.metadata.name.as_deref(), Some("flakesources.nixroll.io"));
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let v = &crd.spec.versions[0];
+    assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+    let cols: Vec<_> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.to_uppercase())
+        .collect();
+    assert_eq!(cols, ["URL", "REF", "REVISION", "READY", "AGE"]);
+    let all = nixroll::api::all_crds_yaml().unwrap();
+    assert!(all.contains("name: nixosnodes.nixroll.io") && all.contains("name: flakesources.nixroll.io"));
+    let docs: Vec<serde_json::Value> = all
+        .split("\n---\n")
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 2);
 }

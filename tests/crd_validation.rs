@@ -210,3 +210,159 @@ fn secrets_are_validated_with_clear_messages() {
         );
     }
 }
+
+fn following(source_ref: Value) -> Value {
+    let mut obj = example();
+    obj["spec"].as_object_mut().unwrap().remove("revision");
+    obj["spec"]["sourceRef"] = source_ref;
+    obj
+}
+
+#[test]
+fn exactly_one_of_revision_and_source_ref() {
+    // sourceRef instead of revision: valid, and with a FlakeSource the flake may be omitted.
+    let ok = following(json!({"kind": "FlakeSource", "name": "infra"}));
+    assert_eq!(errors(&ok), Vec::<String>::new());
+    let mut no_flake = ok.clone();
+    no_flake["spec"].as_object_mut().unwrap().remove("flake");
+    assert_eq!(errors(&no_flake), Vec::<String>::new());
+    let node: nixroll::api::NixOSNode = serde_json::from_value(no_flake).unwrap();
+    assert_eq!(node.spec.revision, "");
+    assert_eq!(node.spec.source_ref.unwrap().namespace(), "nixroll-system");
+    // A GitRepository gives no flake: it stays required.
+    let mut flux = following(json!({"kind": "GitRepository", "name": "infra", "namespace": "flux-system"}));
+    assert_eq!(errors(&flux), Vec::<String>::new());
+    flux["spec"].as_object_mut().unwrap().remove("flake");
+    assert!(
+        errors(&flux).iter().any(|e| e.contains("flake is required")),
+        "{:?}",
+        errors(&flux)
+    );
+    // Both, or neither.
+    let mut both = ok.clone();
+    both["spec"]["revision"] = json!("0123456789abcdef0123456789abcdef01234567");
+    assert!(
+        errors(&both)
+            .iter()
+            .any(|e| e.contains("exactly one of revision")),
+        "{:?}",
+        errors(&both)
+    );
+    let mut neither = example();
+    neither["spec"].as_object_mut().unwrap().remove("revision");
+    assert!(
+        errors(&neither)
+            .iter()
+            .any(|e| e.contains("exactly one of revision"))
+    );
+    // Only the two kinds (an enum: checked by the schema, not by CEL).
+    let kinds = &schema()["properties"]["spec"]["properties"]["sourceRef"]["properties"]["kind"]["enum"];
+    assert_eq!(kinds, &json!(["FlakeSource", "GitRepository"]));
+}
+
+fn flakesource_schema() -> Value {
+    let crd = nixroll::api::flakesource_crd();
+    let v = &crd.spec.versions[0];
+    serde_json::to_value(v.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap()
+}
+
+fn flakesource_errors(spec: Value) -> Vec<String> {
+    let obj = json!({"apiVersion": "nixroll.io/v1alpha1", "kind": "FlakeSource",
+        "metadata": {"name": "infra", "namespace": "nixroll-system"}, "spec": spec});
+    match Validator::new().validate(&flakesource_schema(), &obj, None) {
+        Ok(()) => Vec::new(),
+        Err(errs) => errs
+            .into_vec()
+            .into_iter()
+            .map(|e| format!("{}: {}", e.field_path, e.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn flakesource_rules_say_what_to_fix() {
+    let good = json!({"url": "https://git.example.org/infra.git", "ref": {"branch": "main"}});
+    assert_eq!(flakesource_errors(good.clone()), Vec::<String>::new());
+    let fs: nixroll::api::FlakeSource = serde_json::from_value(json!({"apiVersion": "nixroll.io/v1alpha1",
+        "kind": "FlakeSource", "metadata": {"name": "x"}, "spec": good}))
+    .unwrap();
+    assert_eq!(
+        (fs.spec.interval.as_str(), fs.spec.timeout.as_str()),
+        ("5m", "60s")
+    );
+    for spec in [
+        json!({"url": "ssh://git@git.example.org:2222/infra.git", "ref": {"tag": "v1"}}),
+        json!({"url": "file:///srv/infra.git", "insecure": true, "ref": {"semver": ">=1.0"}}),
+        json!({"url": "https://h/r", "ref": {"name": "refs/pull/1/head"}, "interval": "30s",
+               "secretRef": {"name": "git-creds"}, "allowNonFastForward": true}),
+    ] {
+        assert_eq!(flakesource_errors(spec.clone()), Vec::<String>::new(), "{spec}");
+    }
+    let cases = [
+        (
+            json!({"url": "http://h/r", "ref": {"branch": "main"}}),
+            "insecure: true",
+        ),
+        (
+            json!({"url": "file:///r", "ref": {"branch": "main"}}),
+            "insecure: true",
+        ),
+        (
+            json!({"url": "https://bot:tok@h/r", "ref": {"branch": "main"}}),
+            "password or token",
+        ),
+        (
+            json!({"url": "https://tok@h/r", "ref": {"branch": "main"}}),
+            "only ssh:// may name a user",
+        ),
+        (
+            json!({"url": "git@h:r.git", "ref": {"branch": "main"}}),
+            "ssh://user@host/path",
+        ),
+        (
+            json!({"url": "https://h/r?private_token=x", "ref": {"branch": "main"}}),
+            "query",
+        ),
+        (json!({"url": "https://h/r", "ref": {}}), "exactly one of branch"),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "a", "tag": "b"}}),
+            "exactly one of branch",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"name": "main"}}),
+            "starting with refs/",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "5 minutes"}),
+            "duration",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "10s"}),
+            "at least 30s",
+        ),
+    ];
+    for (spec, want) in cases {
+        let errs = flakesource_errors(spec.clone());
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "{spec}: want {want:?}, got {errs:?}"
+        );
+    }
+}
+
+/// examples/following.yaml: its FlakeSource passes the FlakeSource CRD's schema rules and
+/// parses; its NixOSNode is checked with every other example (tests/deploy.rs).
+#[test]
+fn the_following_example_is_valid() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/following.yaml")).unwrap();
+    let docs: Vec<Value> = text
+        .split("\n---\n")
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect();
+    let fs = docs.iter().find(|d| d["kind"] == "FlakeSource").unwrap();
+    assert_eq!(flakesource_errors(fs["spec"].clone()), Vec::<String>::new());
+    let _: nixroll::api::FlakeSource = serde_json::from_value(fs.clone()).unwrap();
+    let node = docs.iter().find(|d| d["kind"] == "NixOSNode").unwrap();
+    assert_eq!(errors(node), Vec::<String>::new());
+}

@@ -136,7 +136,20 @@ fn the_crd_in_deploy_is_nixroll_crd() {
     let crd = find(&docs, "CustomResourceDefinition", "nixosnodes.nixroll.io");
     assert!(
         numbers_as_f64(crd) == numbers_as_f64(&generated_crd()),
-        "the CRD in deploy/ is not the generated one (cargo run -- crd > crds/nixosnodes.yaml)"
+        "the CRD in deploy/ is not the generated one (cargo run -- crd --only nixosnodes > crds/nixosnodes.yaml)"
+    );
+}
+
+#[test]
+fn the_flakesource_crd_in_deploy_is_generated() {
+    let Some(docs) = kustomize(&format!("{ROOT}/deploy")) else {
+        return;
+    };
+    let crd = find(&docs, "CustomResourceDefinition", "flakesources.nixroll.io");
+    let generated: Value = serde_saphyr::from_str(&nixroll::api::flakesource_crd_yaml().unwrap()).unwrap();
+    assert!(
+        numbers_as_f64(crd) == numbers_as_f64(&generated),
+        "the FlakeSource CRD in deploy/ is not the generated one (cargo run -- crd --only flakesources > crds/flakesources.yaml)"
     );
 }
 
@@ -246,6 +259,11 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("nixosnodes", "list"),
             ("nixosnodes", "watch"),
             ("nixosnodes/status", "patch"),
+            ("flakesources", "list"),
+            ("flakesources", "watch"),
+            ("flakesources/status", "patch"),
+            ("gitrepositories", "list"),
+            ("gitrepositories", "watch"),
             ("nodes", "list"),
             ("nodes", "watch"),
             ("nodes", "patch"),
@@ -267,6 +285,7 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("leases", "update"),
             ("configmaps", "list"),
             ("configmaps", "watch"),
+            ("secrets", "get"),
         ])
     );
     let events = find(&docs, "Role", "nixroll-controller-events");

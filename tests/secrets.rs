@@ -802,7 +802,7 @@ async fn a_missing_secret_blocks_activation_until_it_is_created() {
 
 /// Least privilege in the install manifests: the agent may `get` and `watch` Secrets only in
 /// nixroll-system (a namespaced Role, never `list`, nothing cluster-wide); the controller may
-/// not read Secrets at all.
+/// only `get` the Secrets FlakeSources name (by name), no other.
 #[test]
 fn rbac_gives_the_agent_get_and_watch_on_secrets_in_nixroll_system_only() {
     let read = |f: &str| -> Vec<Value> {
@@ -828,8 +828,23 @@ fn rbac_gives_the_agent_get_and_watch_on_secrets_in_nixroll_system_only() {
         .find(|d| d["kind"] == "RoleBinding" && d["roleRef"]["name"] == roles[0]["metadata"]["name"])
         .unwrap();
     assert_eq!(binding["subjects"][0]["name"], "nixroll-agent");
+    // The controller reads no node secret: only `get` on the Secrets FlakeSources name
+    // (issue 14), limited by name, in nixroll-system.
     for d in read("controller-rbac.yaml") {
-        assert!(!grants_secrets(&d), "the controller must not read Secrets: {d}");
+        if !grants_secrets(&d) {
+            continue;
+        }
+        assert_eq!(d["kind"], "Role", "{d}");
+        assert_eq!(d["metadata"]["namespace"], NS, "{d}");
+        for r in d["rules"].as_array().unwrap() {
+            if r["resources"].as_array().unwrap().iter().any(|x| x == "secrets") {
+                assert_eq!(r["verbs"], json!(["get"]), "{d}");
+                assert!(
+                    r["resourceNames"].as_array().is_some_and(|n| !n.is_empty()),
+                    "the controller's Secret access must be limited by name: {d}"
+                );
+            }
+        }
     }
 }
 

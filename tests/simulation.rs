@@ -299,6 +299,7 @@ impl Sim {
                 spec: NixOSNodeSpec {
                     flake: FLAKE.into(),
                     revision: rev0.clone(),
+                    source_ref: None,
                     configuration: None,
                     maintenance_windows: windows.clone(),
                     reboot,

@@ -6,7 +6,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
-use super::NixOSNode;
+use super::{FlakeSource, NixOSNode};
 
 /// The string formats kube-apiserver recognises in a CRD schema (the list of the apiextensions
 /// `JSONSchemaProps.format` reference, plus `date-time`); any other format draws a
@@ -44,7 +44,15 @@ const KNOWN_NUMBER_FORMATS: &[&str] = &["float", "double"];
 
 /// The CRD object.
 pub fn crd() -> CustomResourceDefinition {
-    let mut crd = NixOSNode::crd();
+    with_kubernetes_formats(NixOSNode::crd())
+}
+
+/// The FlakeSource CRD object.
+pub fn flakesource_crd() -> CustomResourceDefinition {
+    with_kubernetes_formats(FlakeSource::crd())
+}
+
+fn with_kubernetes_formats(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     for v in &mut crd.spec.versions {
         if let Some(s) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
             kubernetes_formats(s);
@@ -90,9 +98,23 @@ fn kubernetes_formats(s: &mut JSONSchemaProps) {
 
 /// The CRD as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    to_yaml(&crd())
+}
+
+fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_saphyr::SerializeError> {
     // Long one-line strings (CEL rules, messages) stay on one line; multi-line ones are
     // literal blocks.
     let mut options = serde_saphyr::SerializerOptions::default();
     options.folded_wrap_chars = usize::MAX;
-    serde_saphyr::to_string_with_options(&crd(), options)
+    serde_saphyr::to_string_with_options(crd, options)
+}
+
+/// The FlakeSource CRD as YAML, exactly as committed in `crds/flakesources.yaml`.
+pub fn flakesource_crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    to_yaml(&flakesource_crd())
+}
+
+/// Every CRD nixroll defines, as one YAML stream (`nixroll crd`).
+pub fn all_crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    Ok(format!("{}---\n{}", crd_yaml()?, flakesource_crd_yaml()?))
 }

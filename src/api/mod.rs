@@ -3,8 +3,13 @@
 //! (`status.agent`). One writer per field: see DESIGN.md §3 and `crate::names`.
 
 mod crd;
+mod source;
 
-pub use crd::{crd, crd_yaml};
+pub use crd::{all_crds_yaml, crd, crd_yaml, flakesource_crd, flakesource_crd_yaml};
+pub use source::{
+    FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, LocalSecretRef, SourceKind, SourceRef,
+    condition as source_condition,
+};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -30,17 +35,31 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.revision) != has(self.sourceRef)").message("set exactly one of revision (a fixed commit) and sourceRef (follow a FlakeSource or GitRepository)"),
+    validation = Rule::new("has(self.flake) || (has(self.sourceRef) && self.sourceRef.kind == 'FlakeSource')").message("flake is required unless sourceRef names a FlakeSource (whose URL gives the flake)")
+)]
 pub struct NixOSNodeSpec {
     /// Flake reference without a revision: `git+https://…`, `git+ssh://…`, `git+file://…`,
-    /// `github:owner/repo`, `path:/…`.
+    /// `github:owner/repo`, `path:/…`. May be omitted with a `FlakeSource` in `sourceRef`: the
+    /// flake is then `git+<url>?ref=<full ref>` (docs/source.md).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[x_kube(validation = Rule::new("self.matches('^(git\\\\+(https|ssh|http|file)://[^?#]+|github:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|gitlab:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+|path:/[^?#]*)$')").message("flake must be a flake reference without revision or fragment, e.g. git+https://git.example.org/infra.git or github:owner/repo; put the commit in spec.revision and the host in spec.configuration"))]
     #[schemars(length(min = 1, max = 1024))]
     pub flake: String,
 
-    /// Full 40-hex git commit to run.
+    /// Full 40-hex git commit to run. Exactly one of `revision` and `sourceRef` is set; empty
+    /// (omitted) when the node follows `sourceRef`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{40}$')").message("revision must be a full 40-character lowercase hex git commit (git rev-parse HEAD), not a branch, tag or short hash"))]
     #[schemars(length(min = 40, max = 40))]
     pub revision: String,
+
+    /// Follow a source instead of a fixed `revision`: a `FlakeSource` (resolved by nixroll) or
+    /// a Flux `GitRepository`. The node's target is the source's accepted revision, pinned for
+    /// a rollout in flight (docs/source.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ref: Option<SourceRef>,
 
     /// Attribute under `nixosConfigurations`; defaults to the object (node) name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -625,6 +644,9 @@ pub fn installable(flake: &str, revision: &str, configuration: &str) -> String {
     };
     if flake.starts_with("github:") || flake.starts_with("gitlab:") {
         format!("{}/{revision}#{attr}", flake.trim_end_matches('/'))
+    } else if flake.contains('?') {
+        // A flake derived from a FlakeSource carries `?ref=…` already.
+        format!("{flake}&rev={revision}#{attr}")
     } else {
         format!("{flake}?rev={revision}#{attr}")
     }
@@ -672,6 +694,10 @@ mod tests {
         assert_eq!(
             installable("github:me/infra", "ab", "n1"),
             "github:me/infra/ab#nixosConfigurations.n1.config.system.build.toplevel"
+        );
+        assert_eq!(
+            installable("git+file:///r?ref=refs/heads/main", "ab", "n1"),
+            "git+file:///r?ref=refs/heads/main&rev=ab#nixosConfigurations.n1.config.system.build.toplevel"
         );
         assert_eq!(
             installable("path:/x", "ab", "a.b"),

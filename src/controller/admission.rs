@@ -121,7 +121,7 @@ impl Context {
         me: Option<&str>,
         now: Timestamp,
     ) -> Vec<String> {
-        let objs = self.nixosnodes.state();
+        let objs = self.follow.effective_all(self.nixosnodes.state());
         let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
         pending.retain_present(&present);
         if let Ok(mut drains) = self.drains.lock() {
@@ -366,6 +366,7 @@ mod gate_tests {
                 NixOSNodeSpec {
                     flake: "github:me/infra".into(),
                     revision: "c".repeat(40),
+                    source_ref: None,
                     configuration: None,
                     maintenance_windows: Vec::new(),
                     reboot: Default::default(),

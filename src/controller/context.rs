@@ -52,6 +52,8 @@ pub struct Context {
     pub(super) wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
     pub(super) leading: Arc<AtomicBool>,
     pub(super) rollout: RolloutFns,
+    /// NixOSNodes that follow a source: the effective spec, the groups' pins, the source watches.
+    pub(super) follow: super::follow::Following,
 }
 
 impl Drop for Context {
@@ -181,6 +183,12 @@ impl Context {
         let (wake, wake_rx) = mpsc::unbounded_channel();
         let (budgets, budgets_writer) = reflector::store::<PodDisruptionBudget>();
         let recorder = EventWriter::new(client.clone(), CONTROLLER_MANAGER, &config.identity);
+        let follow = super::follow::Following::new(
+            client.clone(),
+            stores.nixosnodes.clone(),
+            wake.clone(),
+            config.policy.failure_threshold,
+        );
         let ctx = Context {
             client,
             config,
@@ -199,6 +207,7 @@ impl Context {
             wake,
             leading,
             rollout,
+            follow,
         };
         (Arc::new(ctx), wake_rx)
     }

@@ -34,6 +34,7 @@ mod cordon;
 mod draining;
 mod error;
 pub mod events;
+pub mod follow;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -84,6 +85,8 @@ pub struct ControllerConfig {
     /// Fault injection (tests, simulation): drop every targeted wake-up, as if each one was
     /// lost, so that only the sweep admits Waiting nodes.
     pub lose_wakeups: bool,
+    /// Following sources: the FlakeSource controller and the source watches (`follow`).
+    pub follow: follow::FollowConfig,
 }
 
 impl ControllerConfig {
@@ -101,6 +104,7 @@ impl ControllerConfig {
             drain_pass_backoff: (Duration::from_secs(2), Duration::from_secs(30)),
             admission_sweep: Duration::from_secs(5),
             lose_wakeups: false,
+            follow: follow::FollowConfig::default(),
         }
     }
 }

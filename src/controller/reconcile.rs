@@ -13,7 +13,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::cordon::{NODE_CHANGED_RECHECK, set_cordon_and_tell};
 use super::observe::view_of;
@@ -40,6 +40,23 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         return Ok(Requeue::await_change());
     }
     let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
+    // A node following a source works with its group's pinned revision (docs/source.md).
+    let obj = match ctx.follow.effective(obj.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            // Only a node that never started has nothing to target: say why in its status.
+            debug!(error = %e, "nothing to roll out yet");
+            let mut st = controller_part(obj.status.as_ref().unwrap_or(&NixOSNodeStatus::default()));
+            let message = e.to_string();
+            if st.phase.is_none() && st.message.as_deref() != Some(message.as_str()) {
+                st.message = Some(message);
+                st.observed_generation = obj.metadata.generation;
+                ctx.write_status(&name, &st).await?;
+                ctx.admission.lock().await.record(&name, &st);
+            }
+            return Ok(Requeue::await_change());
+        }
+    };
     let now = Timestamp::now();
     let (observation, node_version) = ctx.observe_versioned(&name);
     let stored = obj.status.clone().unwrap_or_default();

@@ -237,9 +237,15 @@ pub(super) fn decide(
                 // The failed (revision, system) is not retried until the spec asks for a
                 // different target or the user sets a new retry token. Other spec edits
                 // (suspend, windows, drain policy) do not retry.
+                // A followed source that offers a new commit (the spec itself unchanged) asks
+                // for a different target just as a spec edit would.
+                let new_commit =
+                    c.st.failed
+                        .as_ref()
+                        .is_some_and(|f| f.revision != view.spec.revision);
                 let resumed = if retried {
                     Some(Row::RetryRequested)
-                } else if spec_changed && !c.target_is_wanted() {
+                } else if (spec_changed || new_commit) && !c.target_is_wanted() {
                     Some(Row::NewTarget)
                 } else {
                     None

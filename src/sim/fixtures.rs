@@ -11,6 +11,7 @@ pub fn spec(flake: &str, revision: &str) -> NixOSNodeSpec {
     NixOSNodeSpec {
         flake: flake.into(),
         revision: revision.into(),
+        source_ref: None,
         configuration: None,
         maintenance_windows: Vec::new(),
         reboot: Default::default(),

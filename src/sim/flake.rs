@@ -161,6 +161,13 @@ impl TestFlake {
         &self.head
     }
 
+    /// The checked-out branch (what `git init` named it).
+    pub fn branch(&self) -> Result<String, FlakeError> {
+        Ok(git(&self.dir, &["symbolic-ref", "--short", "HEAD"])?
+            .trim()
+            .to_string())
+    }
+
     pub fn spec(&self) -> &SystemSpec {
         &self.spec
     }

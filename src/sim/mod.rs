@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod demo;
+pub mod demo_follow;
 pub mod fixtures;
 pub mod flake;
 pub mod host;

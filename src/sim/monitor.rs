@@ -45,11 +45,11 @@ impl Monitor {
             let a = watcher(nn.clone(), watcher::Config::default())
                 .default_backoff()
                 .applied_objects()
-                .map(|r| r.map(Either::NixOSNode));
+                .map(|r| r.map(|o| Either::NixOSNode(Box::new(o))));
             let b = watcher(nodes, watcher::Config::default())
                 .default_backoff()
                 .applied_objects()
-                .map(|r| r.map(Either::Node));
+                .map(|r| r.map(|n| Either::Node(Box::new(n))));
             let merged = futures::stream::select(a.boxed(), b.boxed());
             futures::pin_mut!(merged);
             while let Some(ev) = merged.next().await {
@@ -101,8 +101,8 @@ impl Drop for Monitor {
 }
 
 enum Either {
-    NixOSNode(NixOSNode),
-    Node(Node),
+    NixOSNode(Box<NixOSNode>),
+    Node(Box<Node>),
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {

@@ -90,7 +90,16 @@ impl Progress {
             node: name,
             phase,
             revision,
-            wanted: Some(obj.spec.revision.clone()),
+            wanted: if obj.spec.revision.is_empty() {
+                // Following a source: what the controller targets.
+                status
+                    .target
+                    .as_ref()
+                    .map(|t| t.revision.clone())
+                    .or(status.revision.clone())
+            } else {
+                Some(obj.spec.revision.clone())
+            },
             message: status.message,
         })
     }

@@ -115,6 +115,8 @@ enum Source {
         spec: SystemSpec,
         head: String,
         seq: u64,
+        /// Set by [`World::follow_in_git`]: revisions are commits of this repository.
+        git: Option<Box<TestFlake>>,
     },
 }
 
@@ -168,6 +170,8 @@ pub struct World {
     pub kubeconfig: PathBuf,
     source: Source,
     flake_url: String,
+    /// More flake URLs the simulated Nix knows every revision under (a FlakeSource's flake).
+    extra_flakes: Vec<String>,
     kubelets: JoinHandle<()>,
     dir: tempfile::TempDir,
 }
@@ -203,6 +207,11 @@ impl World {
             crds.create(&PostParams::default(), &crate::api::crd()),
         )
         .await?;
+        call(
+            "install the FlakeSource CRD",
+            crds.create(&PostParams::default(), &crate::api::flakesource_crd()),
+        )
+        .await?;
 
         let nix_mode = match opts.nix {
             NixMode::Auto if nix_available() => NixMode::Real,
@@ -226,6 +235,7 @@ impl World {
                         spec: SystemSpec::default(),
                         head: fake_revision(0),
                         seq: 0,
+                        git: None,
                     },
                     url,
                 )
@@ -245,6 +255,7 @@ impl World {
             kubeconfig,
             source,
             flake_url,
+            extra_flakes: Vec::new(),
             kubelets,
             dir,
         };
@@ -399,19 +410,74 @@ impl World {
                 spec,
                 head,
                 seq,
+                git,
             } => {
                 change(spec);
                 *seq += 1;
-                *head = fake_revision(*seq);
+                *head = match git {
+                    Some(f) => {
+                        let s = spec.clone();
+                        f.commit(message, move |g| *g = s)?
+                    }
+                    None => fake_revision(*seq),
+                };
                 for (node, nix) in nixes.iter() {
-                    nix.publish(
-                        &crate::api::installable(&self.flake_url, head, node),
-                        spec.clone(),
-                    );
+                    for flake in std::iter::once(&self.flake_url).chain(&self.extra_flakes) {
+                        nix.publish(&crate::api::installable(flake, head, node), spec.clone());
+                    }
                 }
                 Ok(head.clone())
             }
         }
+    }
+
+    /// Make revisions commits of a real git repository and return its directory and branch:
+    /// with real Nix the test flake already is one; with simulated Nix a repository is
+    /// created (its first commit is the current system) and every later [`World::commit`]
+    /// commits there too. A FlakeSource with `url: file://<dir>` (and `insecure: true`) follows it.
+    pub fn follow_in_git(&mut self) -> Result<(PathBuf, String), WorldError> {
+        let dir = self.dir.path().join("flake-git");
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        match &mut self.source {
+            Source::Real(f) => Ok((f.dir().to_path_buf(), f.branch()?)),
+            Source::Simulated {
+                nixes,
+                spec,
+                head,
+                git,
+                ..
+            } => {
+                if let Some(f) = git {
+                    return Ok((f.dir().to_path_buf(), f.branch()?));
+                }
+                let hosts: Vec<&str> = names.iter().map(String::as_str).collect();
+                let mut f = TestFlake::create(&dir, &hosts)?;
+                let s = spec.clone();
+                *head = f.commit("the running system", move |g| *g = s)?;
+                for (node, nix) in nixes.iter() {
+                    for flake in std::iter::once(&self.flake_url).chain(&self.extra_flakes) {
+                        nix.publish(&crate::api::installable(flake, head, node), spec.clone());
+                    }
+                }
+                let out = (f.dir().to_path_buf(), f.branch()?);
+                *git = Some(Box::new(f));
+                Ok(out)
+            }
+        }
+    }
+
+    /// Let the simulated Nix build every revision (past and future) also from `flake`, e.g.
+    /// the flake a FlakeSource derives (`git+file://…?ref=refs/heads/…`). Real Nix builds any.
+    pub fn publish_flake(&mut self, flake: &str) {
+        if let Source::Simulated {
+            nixes, spec, head, ..
+        } = &self.source
+        {
+            for (node, nix) in nixes.iter() {
+                nix.publish(&crate::api::installable(flake, head, node), spec.clone());
+            }
+        }
+        self.extra_flakes.push(flake.to_owned());
     }
 
     /// The spec every NixOSNode gets for `revision` (customise before applying).

@@ -1,9 +1,12 @@
 //! Revision sources: follow a branch, tag or semver range of a flake's git repository.
 //!
-//! The pieces here are self-contained (see docs/source.md): revision forms, URL policy, ref
-//! choice, known_hosts pinning and the git2 resolver with its timeouts. Nothing in the
-//! controller or the agent uses them yet.
+//! Revision forms, URL policy, ref choice, known_hosts pinning and the git2 resolver with its
+//! timeouts; the FlakeSource controller ([`controller`]) and the pure choice of a following
+//! node's target ([`follow`]). The NixOSNode controller's side is `crate::controller::follow`.
+//! See docs/source.md.
 
+pub mod controller;
+pub mod follow;
 pub mod known_hosts;
 pub mod refspec;
 pub mod resolve;

@@ -1,0 +1,664 @@
+//! The FlakeSource controller: resolves each source's ref to a commit with git2 (one
+//! resolution per source, however many nodes follow it) and writes `status` under
+//! `nixroll-controller`. Run by the leading `nixroll controller` beside the NixOSNode controller.
+//!
+//! Watch-driven: a reconcile runs when a FlakeSource's spec changes (generation) and again
+//! `interval` (+ up to 10% jitter) after the last one; no other loop. Every remote call is
+//! bounded by the source's `timeout` ([`Resolver`]); the Secret is read with `get` (never list
+//! or watch) and its values stay in memory. URLs in logs and status never carry credentials
+//! ([`SourceUrl`] refuses them).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::{WatchStreamExt, predicates};
+use kube::{Client, Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use super::known_hosts::KnownHosts;
+use super::refspec::{RefChoice, ResolvedRef};
+use super::resolve::{Credentials, Poll, Remote, Resolver};
+use super::revision::Revision;
+use super::url::SourceUrl;
+use crate::api::{FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, source_condition};
+use crate::names::CONTROLLER_MANAGER;
+
+/// Shortest interval accepted; shorter ones are raised to it.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(30);
+/// Used when `interval` cannot be parsed (the CRD's pattern makes that rare).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+/// Used when `timeout` cannot be parsed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How the FlakeSource controller runs.
+#[derive(Clone, Debug)]
+pub struct SourceControllerConfig {
+    /// Cached bare repositories for the ancestry check (an emptyDir in the Deployment).
+    pub cache_dir: PathBuf,
+    /// git threads at once (a timed-out thread keeps its permit until it really ends).
+    pub max_git_threads: usize,
+    /// Bound of each Kubernetes API request.
+    pub api_timeout: Duration,
+    /// Lower bound of `interval` (30s; tests lower it).
+    pub min_interval: Duration,
+}
+
+impl SourceControllerConfig {
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        SourceControllerConfig {
+            cache_dir: cache_dir.into(),
+            max_git_threads: 4,
+            api_timeout: Duration::from_secs(10),
+            min_interval: MIN_INTERVAL,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("writing the status of FlakeSource {namespace}/{name}: {source}")]
+    WriteStatus {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the status of FlakeSource {namespace}/{name} timed out after {after:?}")]
+    Timeout {
+        namespace: String,
+        name: String,
+        after: Duration,
+    },
+}
+
+struct Ctx {
+    client: Client,
+    resolver: Resolver,
+    config: SourceControllerConfig,
+}
+
+/// Run until the future is dropped (the leader's term ends).
+pub async fn run(client: Client, config: SourceControllerConfig) {
+    let resolver = Resolver::new(&config.cache_dir, config.max_git_threads);
+    let api: Api<FlakeSource> = Api::all(client.clone());
+    let (reader, writer) = reflector::store::<FlakeSource>();
+    // Only spec changes trigger (our own status writes do not); the interval requeues.
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let ctx = Arc::new(Ctx {
+        client,
+        resolver,
+        config,
+    });
+    Controller::for_stream(stream, reader)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| {
+            if let Err(e) = res {
+                debug!(error = %e, "flakesource controller stream");
+            }
+            std::future::ready(())
+        })
+        .await;
+}
+
+fn error_policy(fs: Arc<FlakeSource>, err: &SourceError, _ctx: Arc<Ctx>) -> Action {
+    warn!(source = %key(&fs), error = %err, "flakesource reconcile failed");
+    Action::requeue(Duration::from_secs(10) + Duration::from_millis(fastrand::u64(0..2000)))
+}
+
+fn key(fs: &FlakeSource) -> String {
+    format!("{}/{}", fs.namespace().unwrap_or_default(), fs.name_any())
+}
+
+/// `5m`, `30s`, `1h30m` as a std duration.
+fn duration(s: &str) -> Option<Duration> {
+    crate::rollout::parse_duration(s)
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+}
+
+/// `interval` with up to 10% jitter added, at least `min`.
+pub fn next_interval(spec: &FlakeSourceSpec, min: Duration) -> Duration {
+    let base = duration(&spec.interval).unwrap_or(DEFAULT_INTERVAL).max(min);
+    let jitter_ms = (base.as_millis() / 10).min(u128::from(u64::MAX)) as u64;
+    base + Duration::from_millis(fastrand::u64(0..=jitter_ms))
+}
+
+/// The ref choice of a spec (exactly one field set; the CRD enforces it too).
+pub fn ref_choice(r: &FlakeSourceRef) -> Result<RefChoice, String> {
+    let choice = match (&r.branch, &r.tag, &r.semver, &r.name) {
+        (Some(b), None, None, None) => RefChoice::Branch(b.clone()),
+        (None, Some(t), None, None) => RefChoice::Tag(t.clone()),
+        (None, None, Some(s), None) => RefChoice::Semver(s.clone()),
+        (None, None, None, Some(n)) => RefChoice::Name(n.clone()),
+        _ => return Err("ref must set exactly one of branch, tag, semver and name".into()),
+    };
+    choice.validate().map_err(|e| e.to_string())?;
+    Ok(choice)
+}
+
+/// The last accepted revision, if the status describes the same URL and ref as the spec (a
+/// changed URL or ref starts afresh: the ancestry check compares commits of one ref only).
+pub fn last_accepted(st: &FlakeSourceStatus, url: &SourceUrl, spec: &FlakeSourceSpec) -> Option<ResolvedRef> {
+    if st.url.as_deref() != Some(url.redacted().as_str())
+        || st.git_ref.as_deref() != Some(spec.git_ref.display().as_str())
+    {
+        return None;
+    }
+    let revision = Revision::parse(st.revision.as_deref()?).ok()?;
+    Some(ResolvedRef {
+        full_name: st.full_ref.clone()?,
+        revision,
+    })
+}
+
+/// What one reconcile found.
+#[derive(Debug)]
+pub enum Outcome {
+    Polled(Poll),
+    /// The spec or the Secret cannot be used; nothing was fetched.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
+    Suspended,
+}
+
+/// The next status (pure). `kept` decides what stays when nothing new was accepted.
+pub fn next_status(
+    prev: &FlakeSourceStatus,
+    spec: &FlakeSourceSpec,
+    generation: Option<i64>,
+    url: Option<&SourceUrl>,
+    outcome: &Outcome,
+    now: Timestamp,
+) -> FlakeSourceStatus {
+    let mut st = FlakeSourceStatus {
+        observed_generation: generation,
+        url: url.map(SourceUrl::redacted).or_else(|| prev.url.clone()),
+        git_ref: Some(spec.git_ref.display()),
+        ..FlakeSourceStatus::default()
+    };
+    let same = url.is_some_and(|u| last_accepted(prev, u, spec).is_some());
+    let keep = |st: &mut FlakeSourceStatus| {
+        if same {
+            st.full_ref = prev.full_ref.clone();
+            st.revision = prev.revision.clone();
+            st.commit = prev.commit.clone();
+        }
+    };
+    let accept = |st: &mut FlakeSourceStatus, r: &ResolvedRef| {
+        st.full_ref = Some(r.full_name.clone());
+        st.revision = Some(r.revision.flux_display());
+        st.commit = Some(r.revision.commit.to_string());
+    };
+    let mut conds: Vec<(&str, &str, String, String)> = Vec::new();
+    let ready = source_condition::READY;
+    match outcome {
+        Outcome::Suspended => {
+            keep(&mut st);
+            st.last_fetch_time = prev.last_fetch_time.clone();
+            conds.push((
+                ready,
+                "False",
+                "Suspended".into(),
+                "spec.suspend is set; the last revision stays".into(),
+            ));
+        }
+        Outcome::Refused { reason, message } => {
+            keep(&mut st);
+            st.last_fetch_time = prev.last_fetch_time.clone();
+            conds.push((ready, "False", (*reason).into(), message.clone()));
+            conds.push((
+                source_condition::FETCH_FAILED,
+                "True",
+                (*reason).into(),
+                message.clone(),
+            ));
+        }
+        Outcome::Polled(poll) => {
+            st.last_fetch_time = Some(Time(now));
+            match poll {
+                Poll::Unchanged(r) | Poll::Advanced(r) => {
+                    accept(&mut st, r);
+                    conds.push((
+                        ready,
+                        "True",
+                        "Succeeded".into(),
+                        format!("revision {}", r.revision.flux_display()),
+                    ));
+                }
+                Poll::NonFastForward { kept, refused } => {
+                    accept(&mut st, kept);
+                    st.refused_revision = Some(refused.revision.flux_display());
+                    let m = format!(
+                        "the head {} does not descend from {}: not followed (set allowNonFastForward: true to follow it)",
+                        refused.revision.flux_display(),
+                        kept.revision.flux_display()
+                    );
+                    conds.push((ready, "False", "NonFastForward".into(), m.clone()));
+                    conds.push((
+                        source_condition::NON_FAST_FORWARD,
+                        "True",
+                        "NonFastForward".into(),
+                        m,
+                    ));
+                }
+                Poll::Failed { kept, error } => {
+                    match kept {
+                        Some(k) if same => accept(&mut st, k),
+                        _ => {}
+                    }
+                    let m: String = error.to_string().chars().take(1000).collect();
+                    let m = match &st.revision {
+                        Some(r) => format!("{m}; the last revision {r} stays"),
+                        None => m,
+                    };
+                    conds.push((ready, "False", error.reason().into(), m.clone()));
+                    conds.push((source_condition::FETCH_FAILED, "True", error.reason().into(), m));
+                }
+            }
+        }
+    }
+    st.conditions = conds
+        .into_iter()
+        .map(|(t, status, reason, message)| {
+            let since = prev
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t && c.status == status)
+                .map(|c| c.last_transition_time.clone())
+                .unwrap_or(Time(now));
+            Condition {
+                type_: t.to_owned(),
+                status: status.to_owned(),
+                reason,
+                message,
+                last_transition_time: since,
+                observed_generation: generation,
+            }
+        })
+        .collect();
+    st
+}
+
+async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, SourceError> {
+    let now = Timestamp::now();
+    let prev = fs.status.clone().unwrap_or_default();
+    let spec = &fs.spec;
+    let generation = fs.metadata.generation;
+    let url = SourceUrl::parse(&spec.url, spec.insecure);
+    let url_ok = url.as_ref().ok();
+    let (outcome, requeue) = if spec.suspend {
+        (Outcome::Suspended, None)
+    } else {
+        match (&url, ref_choice(&spec.git_ref)) {
+            (Err(e), _) => (
+                Outcome::Refused {
+                    reason: "InvalidSpec",
+                    message: e.to_string(),
+                },
+                None,
+            ),
+            (_, Err(m)) => (
+                Outcome::Refused {
+                    reason: "InvalidSpec",
+                    message: m,
+                },
+                None,
+            ),
+            (Ok(u), Ok(choice)) => {
+                let every = Some(next_interval(spec, ctx.config.min_interval));
+                match read_secret(&ctx, &fs).await {
+                    Err((reason, message)) => (Outcome::Refused { reason, message }, every),
+                    Ok((credentials, known_hosts)) => {
+                        let remote = Remote {
+                            url: u.clone(),
+                            credentials,
+                            known_hosts,
+                            timeout: duration(&spec.timeout).unwrap_or(DEFAULT_TIMEOUT),
+                        };
+                        let last = last_accepted(&prev, u, spec);
+                        let poll = ctx
+                            .resolver
+                            .poll(&remote, &choice, last.as_ref(), spec.allow_non_fast_forward)
+                            .await;
+                        (Outcome::Polled(poll), every)
+                    }
+                }
+            }
+        }
+    };
+    log_outcome(&fs, &prev, &outcome);
+    let status = next_status(&prev, spec, generation, url_ok, &outcome, now);
+    if status != prev {
+        write_status(&ctx, &fs, &status).await?;
+    }
+    Ok(match requeue {
+        Some(d) => Action::requeue(d),
+        None => Action::await_change(),
+    })
+}
+
+fn log_outcome(fs: &FlakeSource, prev: &FlakeSourceStatus, outcome: &Outcome) {
+    let source = key(fs);
+    match outcome {
+        Outcome::Polled(Poll::Advanced(r))
+            if prev.revision.as_deref() != Some(&r.revision.flux_display()) =>
+        {
+            info!(%source, revision = %r.revision, "new revision accepted");
+        }
+        Outcome::Polled(Poll::NonFastForward { refused, .. }) => {
+            warn!(%source, refused = %refused.revision, "head does not descend from the last revision: not followed");
+        }
+        Outcome::Polled(Poll::Failed { error, .. }) => {
+            warn!(%source, reason = error.reason(), error = %error, "fetch failed; the last revision stays");
+        }
+        Outcome::Refused { reason, message } => warn!(%source, reason, message, "source refused"),
+        _ => debug!(%source, "source polled"),
+    }
+}
+
+/// The Secret's credentials (Flux key names), read with `get`. Errors name keys, never values.
+async fn read_secret(
+    ctx: &Ctx,
+    fs: &FlakeSource,
+) -> Result<(Credentials, Option<KnownHosts>), (&'static str, String)> {
+    let Some(r) = &fs.spec.secret_ref else {
+        return Ok((Credentials::None, None));
+    };
+    let ns = fs.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let got = tokio::time::timeout(ctx.config.api_timeout, api.get_opt(&r.name)).await;
+    let secret = match got {
+        Err(_) => {
+            return Err((
+                "SecretNotRead",
+                format!("reading Secret {ns}/{} timed out", r.name),
+            ));
+        }
+        Ok(Err(e)) => return Err(("SecretNotRead", format!("reading Secret {ns}/{}: {e}", r.name))),
+        Ok(Ok(None)) => return Err(("SecretNotFound", format!("Secret {ns}/{} not found", r.name))),
+        Ok(Ok(Some(s))) => s,
+    };
+    credentials_from(&secret).map_err(|m| ("InvalidSecret", format!("Secret {ns}/{}: {m}", r.name)))
+}
+
+/// Flux's key names: `username`/`password` (HTTPS), `identity` (+ `password` as its
+/// passphrase) and `known_hosts` (SSH).
+pub fn credentials_from(secret: &Secret) -> Result<(Credentials, Option<KnownHosts>), String> {
+    let get = |k: &str| -> Result<Option<String>, String> {
+        let v = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(k))
+                    .map(|s| s.clone().into_bytes())
+            });
+        match v {
+            None => Ok(None),
+            Some(b) => String::from_utf8(b)
+                .map(Some)
+                .map_err(|_| format!("key {k} is not UTF-8")),
+        }
+    };
+    let known_hosts = match get("known_hosts")? {
+        Some(t) => Some(KnownHosts::parse(&t).map_err(|e| format!("key known_hosts: {e}"))?),
+        None => None,
+    };
+    let creds = match (get("identity")?, get("username")?, get("password")?) {
+        (Some(identity), _, passphrase) => Credentials::SshKey { identity, passphrase },
+        (None, Some(username), Some(password)) => Credentials::Basic { username, password },
+        (None, Some(_), None) => return Err("key username without key password".into()),
+        (None, None, Some(_)) => return Err("key password without key username or identity".into()),
+        (None, None, None) => Credentials::None,
+    };
+    Ok((creds, known_hosts))
+}
+
+async fn write_status(ctx: &Ctx, fs: &FlakeSource, status: &FlakeSourceStatus) -> Result<(), SourceError> {
+    let namespace = fs.namespace().unwrap_or_default();
+    let name = fs.name_any();
+    let api: Api<FlakeSource> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = serde_json::json!({
+        "apiVersion": FlakeSource::api_version(&()),
+        "kind": FlakeSource::kind(&()),
+        "status": status,
+    });
+    let pp = PatchParams::apply(CONTROLLER_MANAGER).force();
+    match tokio::time::timeout(
+        ctx.config.api_timeout,
+        api.patch_status(&name, &pp, &Patch::Apply(&body)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(source)) => Err(SourceError::WriteStatus {
+            namespace,
+            name,
+            source,
+        }),
+        Err(_) => Err(SourceError::Timeout {
+            namespace,
+            name,
+            after: ctx.config.api_timeout,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::source::resolve::ResolveError;
+    use crate::source::revision::CommitId;
+    use k8s_openapi::ByteString;
+    use std::collections::BTreeMap;
+
+    fn spec() -> FlakeSourceSpec {
+        FlakeSourceSpec {
+            url: "https://git.example.org/infra.git".into(),
+            git_ref: FlakeSourceRef {
+                branch: Some("main".into()),
+                ..FlakeSourceRef::default()
+            },
+            interval: "5m".into(),
+            timeout: "60s".into(),
+            suspend: false,
+            secret_ref: None,
+            insecure: false,
+            allow_non_fast_forward: false,
+        }
+    }
+
+    fn resolved(c: char) -> ResolvedRef {
+        ResolvedRef {
+            full_name: "refs/heads/main".into(),
+            revision: Revision {
+                pointer: Some("main".into()),
+                commit: CommitId::parse(&std::iter::repeat_n(c, 40).collect::<String>()).unwrap(),
+            },
+        }
+    }
+
+    fn cond<'a>(st: &'a FlakeSourceStatus, t: &str) -> Option<&'a Condition> {
+        st.conditions.iter().find(|c| c.type_ == t)
+    }
+
+    #[test]
+    fn accepted_then_failed_keeps_the_revision_and_says_why() {
+        let s = spec();
+        let u = SourceUrl::parse(&s.url, false).unwrap();
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let st = next_status(
+            &FlakeSourceStatus::default(),
+            &s,
+            Some(1),
+            Some(&u),
+            &Outcome::Polled(Poll::Advanced(resolved('a'))),
+            t0,
+        );
+        assert_eq!(
+            st.revision.as_deref(),
+            Some(format!("main@sha1:{}", "a".repeat(40)).as_str())
+        );
+        assert_eq!(st.commit.as_deref(), Some("a".repeat(40).as_str()));
+        assert_eq!(st.git_ref.as_deref(), Some("branch main"));
+        assert_eq!(cond(&st, "Ready").unwrap().status, "True");
+        assert!(cond(&st, "FetchFailed").is_none());
+        assert_eq!(last_accepted(&st, &u, &s), Some(resolved('a')));
+
+        let t1 = Timestamp::from_second(1_800_000_300).unwrap();
+        let failed = Outcome::Polled(Poll::Failed {
+            kept: Some(resolved('a')),
+            error: ResolveError::TimedOut {
+                url: u.redacted(),
+                after: Duration::from_secs(60),
+            },
+        });
+        let st2 = next_status(&st, &s, Some(1), Some(&u), &failed, t1);
+        assert_eq!(st2.commit, st.commit, "the last revision stays");
+        let ff = cond(&st2, "FetchFailed").unwrap();
+        assert_eq!((ff.status.as_str(), ff.reason.as_str()), ("True", "Timeout"));
+        assert_eq!(cond(&st2, "Ready").unwrap().status, "False");
+        assert_eq!(st2.last_fetch_time, Some(Time(t1)));
+
+        // Recovery: Ready again, its transition time is the recovery's.
+        let t2 = Timestamp::from_second(1_800_000_600).unwrap();
+        let st3 = next_status(
+            &st2,
+            &s,
+            Some(1),
+            Some(&u),
+            &Outcome::Polled(Poll::Unchanged(resolved('a'))),
+            t2,
+        );
+        assert_eq!(cond(&st3, "Ready").unwrap().last_transition_time, Time(t2));
+        assert!(cond(&st3, "FetchFailed").is_none());
+        // And unchanged after that keeps the transition time.
+        let st4 = next_status(
+            &st3,
+            &s,
+            Some(1),
+            Some(&u),
+            &Outcome::Polled(Poll::Unchanged(resolved('a'))),
+            t2,
+        );
+        assert_eq!(cond(&st4, "Ready").unwrap().last_transition_time, Time(t2));
+    }
+
+    #[test]
+    fn non_fast_forward_is_refused_and_reported() {
+        let s = spec();
+        let u = SourceUrl::parse(&s.url, false).unwrap();
+        let t = Timestamp::from_second(1_800_000_000).unwrap();
+        let st = next_status(
+            &FlakeSourceStatus::default(),
+            &s,
+            Some(1),
+            Some(&u),
+            &Outcome::Polled(Poll::NonFastForward {
+                kept: resolved('a'),
+                refused: resolved('b'),
+            }),
+            t,
+        );
+        assert_eq!(st.commit.as_deref(), Some("a".repeat(40).as_str()));
+        assert!(st.refused_revision.as_deref().unwrap().contains(&"b".repeat(40)));
+        assert_eq!(cond(&st, "NonFastForward").unwrap().status, "True");
+        assert!(
+            cond(&st, "Ready")
+                .unwrap()
+                .message
+                .contains("allowNonFastForward")
+        );
+    }
+
+    #[test]
+    fn a_changed_ref_starts_afresh() {
+        let s = spec();
+        let u = SourceUrl::parse(&s.url, false).unwrap();
+        let t = Timestamp::from_second(1_800_000_000).unwrap();
+        let st = next_status(
+            &FlakeSourceStatus::default(),
+            &s,
+            Some(1),
+            Some(&u),
+            &Outcome::Polled(Poll::Advanced(resolved('a'))),
+            t,
+        );
+        let mut other = spec();
+        other.git_ref.branch = Some("release".into());
+        assert_eq!(last_accepted(&st, &u, &other), None);
+        // A failure on the new ref does not keep the old ref's revision.
+        let failed = Outcome::Refused {
+            reason: "SecretNotFound",
+            message: "Secret x/y not found".into(),
+        };
+        let st2 = next_status(&st, &other, Some(2), Some(&u), &failed, t);
+        assert_eq!(st2.commit, None);
+        assert_eq!(st2.git_ref.as_deref(), Some("branch release"));
+    }
+
+    #[test]
+    fn intervals_have_a_floor_and_bounded_jitter() {
+        let mut s = spec();
+        s.interval = "1s".into();
+        assert!(next_interval(&s, MIN_INTERVAL) >= MIN_INTERVAL);
+        s.interval = "10m".into();
+        for _ in 0..50 {
+            let d = next_interval(&s, MIN_INTERVAL);
+            assert!(
+                d >= Duration::from_secs(600) && d <= Duration::from_secs(660),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_use_flux_key_names_and_never_show_values() {
+        let mk = |pairs: &[(&str, &str)]| Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            ..Secret::default()
+        };
+        let (c, kh) = credentials_from(&mk(&[("username", "bot"), ("password", "s3cret")])).unwrap();
+        assert!(matches!(c, Credentials::Basic { .. }));
+        assert!(kh.is_none());
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let (c, _) = credentials_from(&mk(&[("identity", "KEY"), ("password", "pp")])).unwrap();
+        assert!(matches!(
+            c,
+            Credentials::SshKey {
+                passphrase: Some(_),
+                ..
+            }
+        ));
+        let e = credentials_from(&mk(&[("username", "bot")])).unwrap_err();
+        assert!(e.contains("password"));
+        let e = credentials_from(&mk(&[("known_hosts", "garbage s3cret")])).unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(matches!(credentials_from(&mk(&[])).unwrap().0, Credentials::None));
+    }
+}
