@@ -312,7 +312,8 @@ async fn kubectl_explain_reads_the_served_openapi_schemas() {
     assert!(spec.contains("GROUP:      nixroll.io"), "{spec}");
     assert!(spec.contains("KIND:       NixOSNode"), "{spec}");
     assert!(spec.contains("FIELD: spec <Object>"), "{spec}");
-    assert!(spec.contains("revision\t<string> -required-"), "{spec}");
+    assert!(spec.contains("revision\t<string>\n"), "{spec}");
+    assert!(spec.contains("sourceRef\t<Object>"), "{spec}");
     assert!(spec.contains("maintenanceWindows\t<[]Object>"), "{spec}");
     assert!(spec.contains("enum: IfNeeded, Always, Never"), "{spec}");
     assert!(ok2, "{attempts}{err2}");
