@@ -344,7 +344,6 @@ mod gate_tests {
     use kube::runtime::{reflector, watcher};
 
     use super::*;
-    use crate::api::NixOSNodeSpec;
     use crate::controller::{ControllerConfig, Metrics, Stores, Synced, observe};
 
     /// Cost of one admission decision over 1,000 nodes (view building; the real `admit` adds its
@@ -361,20 +360,7 @@ mod gate_tests {
         wn.apply_watcher_event(&watcher::Event::Init);
         for i in 0..1000 {
             let name = format!("node-{i:04}");
-            let mut o = NixOSNode::new(
-                &name,
-                NixOSNodeSpec {
-                    flake: "github:me/infra".into(),
-                    revision: "c".repeat(40),
-                    source_ref: None,
-                    configuration: None,
-                    maintenance_windows: Vec::new(),
-                    reboot: Default::default(),
-                    drain: None,
-                    suspend: false,
-                    secrets: Vec::new(),
-                },
-            );
+            let mut o = crate::sim::fixtures::nixos_node(&name, "github:me/infra", &"c".repeat(40));
             o.status = Some(NixOSNodeStatus {
                 phase: Some(Phase::Waiting),
                 ..NixOSNodeStatus::default()

@@ -365,28 +365,11 @@ fn map_event<K, T>(ev: watcher::Event<K>, f: impl FnOnce(K) -> T) -> watcher::Ev
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::api::{NixOSNodeSpec, NixOSNodeStatus, Phase, SourceRef};
+    use crate::api::{NixOSNodeStatus, Phase};
     use kube::runtime::reflector;
 
     fn following(name: &str, running: &str) -> NixOSNode {
-        let mut o = NixOSNode::new(
-            name,
-            NixOSNodeSpec {
-                flake: String::new(),
-                revision: String::new(),
-                source_ref: Some(SourceRef {
-                    kind: SourceKind::FlakeSource,
-                    name: "infra".into(),
-                    namespace: None,
-                }),
-                configuration: None,
-                maintenance_windows: Vec::new(),
-                reboot: Default::default(),
-                drain: None,
-                suspend: false,
-                secrets: Vec::new(),
-            },
-        );
+        let mut o = NixOSNode::new(name, crate::sim::fixtures::following_spec("", "infra"));
         o.status = Some(NixOSNodeStatus {
             phase: Some(Phase::UpToDate),
             revision: Some(running.to_owned()),

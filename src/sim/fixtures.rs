@@ -1,7 +1,7 @@
 //! Builders of nixroll's API objects for tests, unit and integration alike: the fields a test
 //! cares about are given, the rest are the defaults a user gets by leaving them out.
 
-use crate::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase};
+use crate::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, SourceKind, SourceRef};
 
 /// The spec of a NixOSNode that follows `flake` at `revision`: the node's own configuration,
 /// no maintenance windows (any time), reboot if needed, the default drain, not suspended, no
@@ -18,6 +18,19 @@ pub fn spec(flake: &str, revision: &str) -> NixOSNodeSpec {
         drain: None,
         suspend: false,
         secrets: Vec::new(),
+    }
+}
+
+/// The spec of a NixOSNode that follows the FlakeSource `source` in nixroll's namespace, with no
+/// `revision` and the given `flake` (empty: derived from the source); otherwise as [`spec`].
+pub fn following_spec(flake: &str, source: &str) -> NixOSNodeSpec {
+    NixOSNodeSpec {
+        source_ref: Some(SourceRef {
+            kind: SourceKind::FlakeSource,
+            name: source.into(),
+            namespace: None,
+        }),
+        ..spec(flake, "")
     }
 }
 

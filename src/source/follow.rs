@@ -403,24 +403,7 @@ mod tests {
     }
 
     fn node(spec_flake: &str, status: Option<NixOSNodeStatus>) -> NixOSNode {
-        let mut o = NixOSNode::new(
-            "n1",
-            NixOSNodeSpec {
-                flake: spec_flake.into(),
-                revision: String::new(),
-                source_ref: Some(SourceRef {
-                    kind: SourceKind::FlakeSource,
-                    name: "infra".into(),
-                    namespace: None,
-                }),
-                configuration: None,
-                maintenance_windows: Vec::new(),
-                reboot: Default::default(),
-                drain: None,
-                suspend: false,
-                secrets: Vec::new(),
-            },
-        );
+        let mut o = NixOSNode::new("n1", crate::sim::fixtures::following_spec(spec_flake, "infra"));
         o.status = status;
         o
     }
