@@ -62,14 +62,7 @@ fn run(kubectl: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> 
 
 fn run_status(kubectl: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
     let out = Kubectl::new(kubectl, kubeconfig).run(args, stdin).unwrap();
-    (
-        out.ok,
-        if out.ok {
-            out.stdout.clone()
-        } else {
-            out.combined()
-        },
-    )
+    (out.ok, out.text())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

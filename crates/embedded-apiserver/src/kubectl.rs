@@ -42,6 +42,16 @@ impl KubectlOutput {
     pub fn combined(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr)
     }
+
+    /// What a caller reports: stdout when kubectl succeeded (the answer), both streams when it
+    /// failed (the error is on stderr, context may be on stdout).
+    pub fn text(&self) -> String {
+        if self.ok {
+            self.stdout.clone()
+        } else {
+            self.combined()
+        }
+    }
 }
 
 /// A kubectl bound to one kubeconfig; `HOME` is the kubeconfig's directory, so no cache or

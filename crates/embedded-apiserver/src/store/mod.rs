@@ -3,18 +3,16 @@
 //! update, patch, server-side apply, delete, eviction) with the real server's semantics.
 //! [`Store`] is also the in-process API of simulated kubelets (no HTTP, same semantics).
 //!
-//! This file holds the objects, the resourceVersion counter, get/list/watch and commits; the
-//! write paths are in `writes`, their admission helpers in `admission`, deletion and eviction
-//! in `deletion`, commit side effects in `effects`, and call options in `options`.
+//! This file holds the objects, the resourceVersion counter, get/list and commits; the write
+//! paths are in `writes`, their admission helpers in `admission`, deletion and eviction in
+//! `deletion`, commit side effects in `effects`, watches and their fault injection in
+//! `watching`, typed (`kube::Resource`) conveniences in `typed`, and call options in `options`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::convert::{unview, view};
 use super::error::{Cause, StoreError};
@@ -25,12 +23,14 @@ use super::fields::{
 use super::pdb;
 use super::resources::{self, Gvr, ResourceInfo};
 use super::selector::{FieldSelector, LabelSelector};
-use super::watch::{HistEntry, History, Watch, WatchEvent, WatchGuard, WatcherEntry, Watchers};
+use super::watch::{HistEntry, History, Watchers};
 
 mod admission;
 mod deletion;
 mod effects;
 mod options;
+mod typed;
+mod watching;
 mod writes;
 
 use admission::*;
@@ -393,189 +393,6 @@ impl Store {
         let mut st = lock(&self.inner);
         st.evict(&self.inner.opts, ns, name, eviction)
     }
-
-    /// Start a watch. Events are delivered in resourceVersion order; see [`Watch::next`].
-    pub fn watch(&self, gvr: &Gvr, ns: Option<&str>, opts: &WatchOptions) -> Result<Watch, StoreError> {
-        let labels = LabelSelector::parse(opts.list.label_selector.as_deref().unwrap_or(""))?;
-        let fields = FieldSelector::parse(opts.list.field_selector.as_deref().unwrap_or(""))?;
-        let id = self.inner.next_watch.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel(self.inner.opts.watch_channel_capacity.max(1));
-        let overflow = Arc::new(AtomicBool::new(false));
-        let mut st = lock(&self.inner);
-        let info = st.find(gvr)?;
-        let entry = WatcherEntry::new(
-            id,
-            info.clone(),
-            ns.map(str::to_owned),
-            labels,
-            fields,
-            tx,
-            overflow.clone(),
-        );
-        let rv_param = opts.resource_version.as_deref().unwrap_or("");
-        let current = st.rv;
-        let coll = st.coll_mut(&info)?;
-        let mut initial = VecDeque::new();
-        let mut register = true;
-        let unset = rv_param.is_empty() || rv_param == "0";
-        if opts.send_initial_events == Some(false) && unset {
-            // Start at the most recent state, without initial events.
-        } else if opts.send_initial_events.unwrap_or(unset) {
-            for o in coll.objects.values() {
-                let v = view(&info, o);
-                if entry.matches(&v) {
-                    initial.push_back(WatchEvent::Added(v));
-                }
-            }
-            if opts.send_initial_events == Some(true) {
-                initial.push_back(WatchEvent::Bookmark {
-                    resource_version: current,
-                    initial_end: true,
-                });
-            }
-        } else {
-            let from: u64 = rv_param.parse().map_err(|_| StoreError::BadRequest {
-                message: format!("invalid resource version: {rv_param:?}"),
-            })?;
-            if from < coll.history.compacted_rv {
-                initial.push_back(WatchEvent::Error(super::watch::gone_status(&format!(
-                    "too old resource version: {from} ({})",
-                    coll.history.compacted_rv
-                ))));
-                register = false;
-            } else {
-                for h in coll.history.entries.iter().filter(|h| h.rv > from) {
-                    let o = h.old.as_ref().map(|o| view(&info, o));
-                    let n = h.new.as_ref().map(|n| view(&info, n));
-                    if let Some(ev) = entry.event_for(o.as_ref(), n.as_ref(), h.rv) {
-                        initial.push_back(ev);
-                    }
-                }
-            }
-        }
-        let ended = !register;
-        if register {
-            coll.watchers.add(Arc::new(entry));
-        }
-        drop(st);
-        Ok(Watch {
-            initial,
-            rx,
-            overflow,
-            ended,
-            guard: WatchGuard {
-                id,
-                storage_key: info.storage_key.clone(),
-                store: self.clone(),
-            },
-        })
-    }
-
-    pub(crate) fn unregister_watcher(&self, storage_key: &str, id: u64) {
-        let mut st = lock(&self.inner);
-        if let Some(c) = st.colls.get_mut(storage_key) {
-            c.watchers.remove(id);
-        }
-    }
-
-    /// Number of open watches (all collections).
-    pub fn watcher_count(&self) -> usize {
-        lock(&self.inner).colls.values().map(|c| c.watchers.len()).sum()
-    }
-
-    /// Fault injection, as an etcd compaction: forget all history, so that a watch resuming
-    /// from any earlier resourceVersion gets 410 Gone and must relist.
-    pub fn compact(&self) {
-        let mut st = lock(&self.inner);
-        let rv = st.rv;
-        for c in st.colls.values_mut() {
-            c.history.compact(rv);
-        }
-    }
-
-    /// Fault injection, as an API server restart: end every open watch (clients re-watch).
-    pub fn drop_watches(&self) {
-        let mut st = lock(&self.inner);
-        for c in st.colls.values_mut() {
-            c.watchers.clear();
-        }
-    }
-
-    // ---- typed conveniences -------------------------------------------------------------
-
-    /// [`Store::get`] for a typed resource.
-    pub fn get_as<K>(&self, ns: Option<&str>, name: &str) -> Result<K, StoreError>
-    where
-        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-    {
-        from_value(self.get(&Gvr::of::<K>(), ns, name)?)
-    }
-
-    /// [`Store::list`] for a typed resource.
-    pub fn list_as<K>(&self, ns: Option<&str>, opts: &ListOptions) -> Result<Vec<K>, StoreError>
-    where
-        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-    {
-        self.list(&Gvr::of::<K>(), ns, opts)?
-            .items
-            .into_iter()
-            .map(|o| from_value((*o).clone()))
-            .collect()
-    }
-
-    /// [`Store::create`] for a typed resource (namespace taken from the object).
-    pub fn create_as<K>(&self, obj: &K, opts: &WriteOptions) -> Result<K, StoreError>
-    where
-        K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
-    {
-        let v = to_value::<K>(obj)?;
-        let ns = obj.meta().namespace.clone();
-        from_value(self.create(&Gvr::of::<K>(), ns.as_deref(), v, opts)?)
-    }
-
-    /// [`Store::update`] for a typed resource.
-    pub fn update_as<K>(&self, obj: &K, sub: Subresource, opts: &WriteOptions) -> Result<K, StoreError>
-    where
-        K: kube::Resource<DynamicType = ()> + Serialize + DeserializeOwned,
-    {
-        let v = to_value::<K>(obj)?;
-        let ns = obj.meta().namespace.clone();
-        from_value(self.update(&Gvr::of::<K>(), ns.as_deref(), v, sub, opts)?)
-    }
-
-    /// [`Store::patch`] for a typed resource.
-    pub fn patch_as<K>(
-        &self,
-        ns: Option<&str>,
-        name: &str,
-        patch: &Patch,
-        sub: Subresource,
-        opts: &WriteOptions,
-    ) -> Result<K, StoreError>
-    where
-        K: kube::Resource<DynamicType = ()> + DeserializeOwned,
-    {
-        from_value(self.patch(&Gvr::of::<K>(), ns, name, patch, sub, opts)?)
-    }
-}
-
-fn from_value<K: DeserializeOwned>(v: Value) -> Result<K, StoreError> {
-    serde_json::from_value(v).map_err(|e| StoreError::Internal {
-        message: format!("decoding stored object failed: {e}"),
-    })
-}
-
-fn to_value<K: kube::Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<Value, StoreError> {
-    let mut v = serde_json::to_value(obj).map_err(|e| StoreError::BadRequest {
-        message: format!("encoding object failed: {e}"),
-    })?;
-    if v.get("apiVersion").is_none_or(Value::is_null) {
-        v["apiVersion"] = json!(K::api_version(&()));
-    }
-    if v.get("kind").is_none_or(Value::is_null) {
-        v["kind"] = json!(K::kind(&()));
-    }
-    Ok(v)
 }
 
 impl State {
