@@ -6,7 +6,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 
@@ -114,48 +114,27 @@ pub async fn run(
     let controller = world.start_controller(config).await?;
     let clock = StepClock::start(&world.api.store());
 
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let mut progress = Progress::default();
-    let mut renderer = Renderer::new(opts.json, tty);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let deadline = tokio::time::sleep(opts.timeout);
-    tokio::pin!(deadline);
+    let mut view = LiveView::new(&world.client, opts.json, tty, opts.timeout);
 
     let n = opts.world.nodes;
     let mut target: Option<String> = None;
     let mut rollout_started = Instant::now();
     let mut secret_rv: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = &mut deadline => {
+        let obj = match view.next(&mut out).await {
+            Ok(obj) => obj,
+            Err(e) => {
                 controller.stop().await;
-                return Err(DemoError::NotConverged(opts.timeout));
+                return Err(e);
             }
-            _ = tick.tick() => renderer.redraw(&mut out, &progress, Instant::now())?,
-            next = stream.try_next() => {
-                let obj = match next {
-                    Ok(Some(o)) => o,
-                    Ok(None) => return Err(DemoError::Watch("the watch ended".into())),
-                    Err(e) => {
-                        // The watcher re-lists and resumes by itself.
-                        tracing::warn!(error = %e, "NixOSNode watch interrupted; resuming");
-                        continue;
-                    }
-                };
-                if let Some(line) = secret_rotation_line(&obj, secret_node.as_deref(), &mut secret_rv, target.is_some()) {
-                    renderer.clear(&mut out)?;
-                    writeln!(err, "{line}")?;
-                }
-                if let Some(change) = progress.observe(&obj, Instant::now()) {
-                    renderer.change(&mut out, &change)?;
-                    renderer.redraw(&mut out, &progress, Instant::now())?;
-                }
-            }
+        };
+        if let Some(line) =
+            secret_rotation_line(&obj, secret_node.as_deref(), &mut secret_rv, target.is_some())
+        {
+            view.renderer.clear(&mut out)?;
+            writeln!(err, "{line}")?;
         }
+        let progress = &mut view.progress;
         match &target {
             None if progress.converged(&first, n) => {
                 // Everyone adopted; now "merge the pull request": a new kernel.
@@ -164,7 +143,7 @@ pub async fn run(
                     s.kernel_modules.push_str("-1");
                 })?;
                 if !opts.json {
-                    renderer.clear(&mut out)?;
+                    view.renderer.clear(&mut out)?;
                     writeln!(
                         err,
                         "\nnixroll demo: all nodes run {}; rolling out {} (new kernel: every node reboots)\n",
@@ -189,7 +168,8 @@ pub async fn run(
         }
     }
     let total = rollout_started.elapsed();
-    renderer.redraw(&mut out, &progress, Instant::now())?;
+    view.redraw(&mut out)?;
+    let progress = view.progress;
     // The last uncordon follows the last UpToDate write: let the clock see it (bounded).
     clock.wait_finished(n, Duration::from_secs(5)).await;
 
@@ -222,6 +202,60 @@ pub async fn run(
     }
     controller.stop().await;
     Ok(summary)
+}
+
+/// What both demos show: a watch of every NixOSNode, the progress it feeds, and the renderer
+/// that draws it (redrawn every 250 ms for the elapsed times), up to a deadline.
+pub(super) struct LiveView {
+    stream: futures::stream::BoxStream<'static, Result<NixOSNode, watcher::Error>>,
+    pub(super) progress: Progress,
+    pub(super) renderer: Renderer,
+    tick: tokio::time::Interval,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl LiveView {
+    pub(super) fn new(client: &kube::Client, json: bool, tty: bool, timeout: Duration) -> LiveView {
+        let api: Api<NixOSNode> = Api::all(client.clone());
+        LiveView {
+            stream: watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .boxed(),
+            progress: Progress::default(),
+            renderer: Renderer::new(json, tty),
+            tick: tokio::time::interval(Duration::from_millis(250)),
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        }
+    }
+
+    /// The next NixOSNode change, already recorded and drawn. Fails when the deadline passes
+    /// (`NotConverged`) or the watch ends; an interrupted watch re-lists and resumes by itself.
+    pub(super) async fn next(&mut self, out: &mut impl Write) -> Result<NixOSNode, DemoError> {
+        loop {
+            tokio::select! {
+                _ = &mut self.deadline => return Err(DemoError::NotConverged(self.timeout)),
+                _ = self.tick.tick() => self.redraw(out)?,
+                next = self.stream.try_next() => match next {
+                    Ok(Some(obj)) => {
+                        if let Some(change) = self.progress.observe(&obj, Instant::now()) {
+                            self.renderer.change(out, &change)?;
+                            self.redraw(out)?;
+                        }
+                        return Ok(obj);
+                    }
+                    Ok(None) => return Err(DemoError::Watch("the watch ended".into())),
+                    Err(e) => tracing::warn!(error = %e, "NixOSNode watch interrupted; resuming"),
+                },
+            }
+        }
+    }
+
+    pub(super) fn redraw(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        self.renderer.redraw(out, &self.progress, Instant::now())
+    }
 }
 
 /// Host path of the demo's secret file.

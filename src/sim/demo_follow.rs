@@ -6,14 +6,11 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
 use kube::api::{Api, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
 
-use super::demo::{DemoError, DemoOptions};
-use crate::api::{FlakeSource, NixOSNode, SourceKind, SourceRef};
+use super::demo::{DemoError, DemoOptions, LiveView};
+use crate::api::{FlakeSource, SourceKind, SourceRef};
 use crate::controller::ControllerConfig;
-use crate::sim::progress::{Progress, Renderer};
 use crate::sim::world::{NixMode, World, WorldError};
 
 /// Name (in `nixroll-system`) of the demo's FlakeSource.
@@ -96,16 +93,7 @@ pub async fn run(
     config.follow.source_controller.min_interval = Duration::from_millis(500);
     let controller = world.start_controller(config).await?;
 
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let mut progress = Progress::default();
-    let mut renderer = Renderer::new(opts.json, tty);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let deadline = tokio::time::sleep(opts.timeout);
-    tokio::pin!(deadline);
+    let mut view = LiveView::new(&world.client, opts.json, tty, opts.timeout);
 
     let n = opts.world.nodes;
     // The revision every node must reach next, and when it was committed.
@@ -113,28 +101,11 @@ pub async fn run(
     let mut rollouts: Vec<(String, Duration)> = Vec::new();
     let mut commits = 0;
     loop {
-        tokio::select! {
-            _ = &mut deadline => {
-                controller.stop().await;
-                return Err(DemoError::NotConverged(opts.timeout));
-            }
-            _ = tick.tick() => renderer.redraw(&mut out, &progress, Instant::now())?,
-            next = stream.try_next() => {
-                let obj = match next {
-                    Ok(Some(o)) => o,
-                    Ok(None) => return Err(DemoError::Watch("the watch ended".into())),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "NixOSNode watch interrupted; resuming");
-                        continue;
-                    }
-                };
-                if let Some(change) = progress.observe(&obj, Instant::now()) {
-                    renderer.change(&mut out, &change)?;
-                    renderer.redraw(&mut out, &progress, Instant::now())?;
-                }
-            }
+        if let Err(e) = view.next(&mut out).await {
+            controller.stop().await;
+            return Err(e);
         }
-        if !progress.converged(&waiting_for.0, n) {
+        if !view.progress.converged(&waiting_for.0, n) {
             continue;
         }
         let (done, since) = waiting_for.clone();
@@ -152,7 +123,7 @@ pub async fn run(
         commits += 1;
         let next = world.commit(message, what)?;
         if !opts.json {
-            renderer.clear(&mut out)?;
+            view.renderer.clear(&mut out)?;
             writeln!(
                 err,
                 "\nnixroll demo --follow: all nodes run {}; `git commit -m {message:?}` on {branch} made {}; no NixOSNode is edited\n",
@@ -162,7 +133,7 @@ pub async fn run(
         }
         waiting_for = (next, Instant::now());
     }
-    renderer.redraw(&mut out, &progress, Instant::now())?;
+    view.redraw(&mut out)?;
     let summary = FollowSummary {
         nodes: n,
         rollouts,

@@ -1,0 +1,155 @@
+//! `nixroll demo` and `nixroll demo --follow`, the README's first command, run as a user runs
+//! them: the release binary's own code path (here the test build of the binary), its `--json`
+//! phase changes on standard output and its summary on standard error. The rollout's
+//! invariants are checked from what the demo printed, not from inside it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Each demo gives up by itself after `--timeout`; this bounds the process around it.
+const WALL: Duration = Duration::from_secs(300);
+
+struct Run {
+    /// The `--json` lines: one phase change each, in the order the demo saw them.
+    changes: Vec<Value>,
+    stderr: String,
+}
+
+async fn demo(args: &[&str]) -> Run {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .arg("demo")
+        .args(args)
+        .args(["--json", "--timeout", "4m"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(WALL, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("nixroll demo {args:?} still running after {WALL:?}"))
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        out.status.success(),
+        "nixroll demo {args:?} failed ({}):\n{stderr}",
+        out.status
+    );
+    let changes = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l)
+                .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}"))
+        })
+        .collect();
+    Run { changes, stderr }
+}
+
+fn field<'v>(change: &'v Value, name: &str) -> Option<&'v str> {
+    change.get(name).and_then(Value::as_str)
+}
+
+/// The last phase change of each node.
+fn last_by_node(run: &Run) -> BTreeMap<String, Value> {
+    let mut last = BTreeMap::new();
+    for c in &run.changes {
+        last.insert(field(c, "node").unwrap().to_string(), c.clone());
+    }
+    last
+}
+
+/// The most nodes seen in a disruptive phase (Draining → Verifying) at once, replaying the
+/// changes in order.
+fn most_disrupted_at_once(run: &Run) -> usize {
+    let mut phase: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut most = 0;
+    for c in &run.changes {
+        phase.insert(field(c, "node").unwrap(), field(c, "phase").unwrap());
+        let now = phase
+            .values()
+            .filter(|p| matches!(**p, "Draining" | "Activating" | "Rebooting" | "Verifying"))
+            .count();
+        most = most.max(now);
+    }
+    most
+}
+
+fn assert_all_up_to_date_on(run: &Run, nodes: usize) -> String {
+    let last = last_by_node(run);
+    assert_eq!(last.len(), nodes, "every node appears: {last:?}");
+    let wanted: BTreeSet<&str> = last.values().map(|c| field(c, "wanted").unwrap()).collect();
+    assert_eq!(wanted.len(), 1, "one revision everywhere at the end: {last:?}");
+    for (node, c) in &last {
+        assert_eq!(field(c, "phase"), Some("UpToDate"), "{node} ends UpToDate: {c}");
+        assert_eq!(
+            field(c, "revision"),
+            field(c, "wanted"),
+            "{node} runs what it wants: {c}"
+        );
+    }
+    wanted.into_iter().next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_rolls_a_new_kernel_over_five_nodes_one_at_a_time() {
+    let run = demo(&[]).await;
+    let first = field(&run.changes[0], "wanted").unwrap().to_string();
+    let end = assert_all_up_to_date_on(&run, 5);
+    assert_ne!(end, first, "the demo rolled a new revision out");
+    // A new kernel: every node is drained, rebooted and verified, one at a time (the default
+    // budget of 1).
+    for node in last_by_node(&run).keys() {
+        let phases: BTreeSet<&str> = run
+            .changes
+            .iter()
+            .filter(|c| field(c, "node") == Some(node.as_str()))
+            .filter_map(|c| field(c, "phase"))
+            .collect();
+        for p in ["Draining", "Rebooting", "Verifying", "UpToDate"] {
+            assert!(phases.contains(p), "{node} went through {p}: {phases:?}");
+        }
+        assert!(!phases.contains("Degraded"), "{node} never failed: {phases:?}");
+    }
+    assert_eq!(most_disrupted_at_once(&run), 1, "one node disrupted at a time");
+    for expected in [
+        "5 nodes rolled out in",
+        "secret /etc/wireguard/wg0.key rewritten from Secret node-1-vpn/key",
+        "mean overhead per node",
+        "reboot_requested_to_ready",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "stderr says {expected:?}:\n{}",
+            run.stderr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_follow_applies_two_pushes_by_itself() {
+    let run = demo(&["--follow"]).await;
+    let end = assert_all_up_to_date_on(&run, 5);
+    // The first revision, then the two commits the demo pushed to the branch.
+    let wanted: BTreeSet<&str> = run.changes.iter().filter_map(|c| field(c, "wanted")).collect();
+    assert_eq!(wanted.len(), 3, "three revisions wanted over the run: {wanted:?}");
+    assert!(wanted.contains(end.as_str()));
+    assert_eq!(most_disrupted_at_once(&run), 1, "one node disrupted at a time");
+    for commit in ["commit 1 (", "commit 2 ("] {
+        let line = run
+            .stderr
+            .lines()
+            .find(|l| l.contains(commit))
+            .unwrap_or_else(|| panic!("stderr reports {commit:?}:\n{}", run.stderr));
+        assert!(line.contains("reached all 5 nodes"), "{line}");
+    }
+    assert!(
+        run.stderr.contains(&format!("commit 2 ({})", &end[..8])),
+        "the last commit is what every node runs:\n{}",
+        run.stderr
+    );
+}
