@@ -1,7 +1,9 @@
 //! Builders of nixroll's API objects for tests, unit and integration alike: the fields a test
 //! cares about are given, the rest are the defaults a user gets by leaving them out.
 
-use crate::api::{NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, SourceKind, SourceRef};
+use crate::api::{
+    FlakeSourceRef, FlakeSourceSpec, NixOSNode, NixOSNodeSpec, NixOSNodeStatus, Phase, SourceKind, SourceRef,
+};
 
 /// The spec of a NixOSNode that follows `flake` at `revision`: the node's own configuration,
 /// no maintenance windows (any time), reboot if needed, the default drain, not suspended, no
@@ -31,6 +33,24 @@ pub fn following_spec(flake: &str, source: &str) -> NixOSNodeSpec {
             namespace: None,
         }),
         ..spec(flake, "")
+    }
+}
+
+/// The spec of a FlakeSource following `branch` of `url` with the defaults a user gets by
+/// leaving the rest out (every 5 minutes, 60 s timeout, no credentials, fast-forward only).
+pub fn flake_source_spec(url: &str, branch: &str) -> FlakeSourceSpec {
+    FlakeSourceSpec {
+        url: url.into(),
+        git_ref: FlakeSourceRef {
+            branch: Some(branch.into()),
+            ..FlakeSourceRef::default()
+        },
+        interval: "5m".into(),
+        timeout: "60s".into(),
+        suspend: false,
+        secret_ref: None,
+        insecure: false,
+        allow_non_fast_forward: false,
     }
 }
 

@@ -473,19 +473,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn spec() -> FlakeSourceSpec {
-        FlakeSourceSpec {
-            url: "https://git.example.org/infra.git".into(),
-            git_ref: FlakeSourceRef {
-                branch: Some("main".into()),
-                ..FlakeSourceRef::default()
-            },
-            interval: "5m".into(),
-            timeout: "60s".into(),
-            suspend: false,
-            secret_ref: None,
-            insecure: false,
-            allow_non_fast_forward: false,
-        }
+        crate::sim::fixtures::flake_source_spec("https://git.example.org/infra.git", "main")
     }
 
     fn resolved(c: char) -> ResolvedRef {
@@ -498,6 +486,17 @@ mod tests {
         }
     }
 
+    /// The status after one poll of `s` at `t`, from `prev`.
+    fn polled(
+        prev: &FlakeSourceStatus,
+        s: &FlakeSourceSpec,
+        u: &SourceUrl,
+        poll: Poll,
+        t: Timestamp,
+    ) -> FlakeSourceStatus {
+        next_status(prev, s, Some(1), Some(u), &Outcome::Polled(poll), t)
+    }
+
     fn cond<'a>(st: &'a FlakeSourceStatus, t: &str) -> Option<&'a Condition> {
         st.conditions.iter().find(|c| c.type_ == t)
     }
@@ -507,12 +506,11 @@ mod tests {
         let s = spec();
         let u = SourceUrl::parse(&s.url, false).unwrap();
         let t0 = Timestamp::from_second(1_800_000_000).unwrap();
-        let st = next_status(
+        let st = polled(
             &FlakeSourceStatus::default(),
             &s,
-            Some(1),
-            Some(&u),
-            &Outcome::Polled(Poll::Advanced(resolved('a'))),
+            &u,
+            Poll::Advanced(resolved('a')),
             t0,
         );
         assert_eq!(
@@ -542,25 +540,11 @@ mod tests {
 
         // Recovery: Ready again, its transition time is the recovery's.
         let t2 = Timestamp::from_second(1_800_000_600).unwrap();
-        let st3 = next_status(
-            &st2,
-            &s,
-            Some(1),
-            Some(&u),
-            &Outcome::Polled(Poll::Unchanged(resolved('a'))),
-            t2,
-        );
+        let st3 = polled(&st2, &s, &u, Poll::Unchanged(resolved('a')), t2);
         assert_eq!(cond(&st3, "Ready").unwrap().last_transition_time, Time(t2));
         assert!(cond(&st3, "FetchFailed").is_none());
         // And unchanged after that keeps the transition time.
-        let st4 = next_status(
-            &st3,
-            &s,
-            Some(1),
-            Some(&u),
-            &Outcome::Polled(Poll::Unchanged(resolved('a'))),
-            t2,
-        );
+        let st4 = polled(&st3, &s, &u, Poll::Unchanged(resolved('a')), t2);
         assert_eq!(cond(&st4, "Ready").unwrap().last_transition_time, Time(t2));
     }
 
@@ -569,15 +553,14 @@ mod tests {
         let s = spec();
         let u = SourceUrl::parse(&s.url, false).unwrap();
         let t = Timestamp::from_second(1_800_000_000).unwrap();
-        let st = next_status(
+        let st = polled(
             &FlakeSourceStatus::default(),
             &s,
-            Some(1),
-            Some(&u),
-            &Outcome::Polled(Poll::NonFastForward {
+            &u,
+            Poll::NonFastForward {
                 kept: resolved('a'),
                 refused: resolved('b'),
-            }),
+            },
             t,
         );
         assert_eq!(st.commit.as_deref(), Some("a".repeat(40).as_str()));
@@ -596,12 +579,11 @@ mod tests {
         let s = spec();
         let u = SourceUrl::parse(&s.url, false).unwrap();
         let t = Timestamp::from_second(1_800_000_000).unwrap();
-        let st = next_status(
+        let st = polled(
             &FlakeSourceStatus::default(),
             &s,
-            Some(1),
-            Some(&u),
-            &Outcome::Polled(Poll::Advanced(resolved('a'))),
+            &u,
+            Poll::Advanced(resolved('a')),
             t,
         );
         let mut other = spec();

@@ -265,7 +265,7 @@ pub fn effective_spec(o: &NixOSNode, pin: Option<&Offer>) -> Option<NixOSNodeSpe
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::api::{FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, NixOSNodeStatus, Target};
+    use crate::api::{FlakeSourceStatus, NixOSNodeStatus, Target};
 
     fn sha(c: char) -> String {
         std::iter::repeat_n(c, 40).collect()
@@ -445,19 +445,7 @@ mod tests {
     fn flakesource(status: Option<FlakeSourceStatus>, generation: i64) -> FlakeSource {
         let mut fs = FlakeSource::new(
             "infra",
-            FlakeSourceSpec {
-                url: "https://git.example.org/infra.git".into(),
-                git_ref: FlakeSourceRef {
-                    branch: Some("main".into()),
-                    ..FlakeSourceRef::default()
-                },
-                interval: "5m".into(),
-                timeout: "60s".into(),
-                suspend: false,
-                secret_ref: None,
-                insecure: false,
-                allow_non_fast_forward: false,
-            },
+            crate::sim::fixtures::flake_source_spec("https://git.example.org/infra.git", "main"),
         );
         fs.metadata.generation = Some(generation);
         fs.status = status;
