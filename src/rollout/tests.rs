@@ -733,6 +733,53 @@ fn activation_reboot_and_verify_timeouts() {
 }
 
 #[test]
+fn a_running_switch_gets_the_agents_verdict_before_the_activation_timeout() {
+    // Granted at 30 s; the agent reports the switch running.
+    let mut n = mk_activating("n1", false);
+    n.report(ActivationAction::Switch, ActivationState::Running);
+    let d = n.step(false, None, at(30 + 900));
+    assert_eq!(
+        n.phase(),
+        Phase::Activating,
+        "still running: not declared dead at 15 min"
+    );
+    assert!(n.status.failed.is_none());
+    assert!(
+        d.requeue_after.is_some_and(|r| r <= secs(900)),
+        "{:?}",
+        d.requeue_after
+    );
+    // The agent's own timeout stopped the switch: its verdict, with its message, decides.
+    n.report(ActivationAction::Switch, ActivationState::Failed);
+    n.step(false, None, at(30 + 905));
+    let failed = n.status.failed.as_ref().unwrap();
+    assert_eq!(failed.reason, reason::ACTIVATION_FAILED);
+    assert!(n.node.unschedulable, "a failed activation keeps the cordon");
+
+    // A switch that still runs at twice the timeout (a hung agent or host) is a timeout.
+    let mut n = mk_activating("n1", false);
+    n.report(ActivationAction::Switch, ActivationState::Running);
+    n.step(false, None, at(30 + 1799));
+    assert_eq!(n.phase(), Phase::Activating);
+    n.step(false, None, at(30 + 1800));
+    assert_eq!(n.phase(), Phase::Degraded);
+    let failed = n.status.failed.as_ref().unwrap();
+    assert_eq!(failed.reason, reason::ACTIVATION_TIMEOUT);
+    assert!(
+        failed.message.contains("still reports it running"),
+        "{}",
+        failed.message
+    );
+
+    // No report at all: the timeout counts from the grant, once.
+    let mut n = mk_activating("n1", false);
+    n.step(false, None, at(30 + 900));
+    let failed = n.status.failed.as_ref().unwrap();
+    assert_eq!(failed.reason, reason::ACTIVATION_TIMEOUT);
+    assert!(failed.message.contains("never reported"), "{}", failed.message);
+}
+
+#[test]
 fn reboot_policy_selects_action() {
     let mut n = mk_waiting("n1", false);
     n.spec.reboot = RebootPolicy::Always;

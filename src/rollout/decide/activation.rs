@@ -154,15 +154,33 @@ impl Ctx<'_, '_> {
                 false
             }
             Some((ActivationState::Running, _)) | None => {
-                let deadline = add(g.granted_at.0, self.policy.timeouts.activating);
+                // No word from the agent: the timeout counts from the grant. While the agent
+                // reports the switch running, its verdict is waited for: the agent stops a
+                // switch that outlives its own activation timeout and reports `Failed` with
+                // what it saw, so a slow switch is not declared dead while it still runs (and
+                // may yet finish). A silent or hung agent is bounded by twice the timeout.
+                let running = state.is_some();
+                let timeout = if running {
+                    self.policy.timeouts.activating.saturating_mul(2)
+                } else {
+                    self.policy.timeouts.activating
+                };
+                let deadline = add(g.granted_at.0, timeout);
                 if self.now >= deadline {
                     self.took(Row::ActivationTimeout);
                     self.fail(
                         reason::ACTIVATION_TIMEOUT,
-                        format!(
-                            "activation {} did not finish within {}",
-                            g.id, self.policy.timeouts.activating
-                        ),
+                        if running {
+                            format!(
+                                "activation {} did not finish within {timeout}: the agent still reports it running (check the node's console and `journalctl -u 'nixroll-activate-*'`)",
+                                g.id
+                            )
+                        } else {
+                            format!(
+                                "activation {} did not finish within {timeout}: the agent never reported it started",
+                                g.id
+                            )
+                        },
                     );
                     return false;
                 }
