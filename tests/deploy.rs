@@ -286,6 +286,8 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("configmaps", "list"),
             ("configmaps", "watch"),
             ("secrets", "get"),
+            ("events", "create"),
+            ("events", "patch"),
         ])
     );
     let events = find(&docs, "Role", "nixroll-controller-events");

@@ -330,7 +330,75 @@ async fn nodes_follow_a_branch() {
     })
     .await;
     assert_eq!(commit_of(&fs), Some(rev2.as_str()));
+
+    // What `kubectl describe flakesource infra` shows: one Event per status change, in the
+    // source's namespace; the same failure polled every second did not pile up.
+    let events = wait_source_events(&world, &["NewRevision", "NonFastForward", "SecretNotFound"]).await;
+    let new_revisions: Vec<&String> = events
+        .iter()
+        .filter(|(reason, _, _)| reason == "NewRevision")
+        .map(|(_, _, note)| note)
+        .collect();
+    assert!(
+        new_revisions
+            .iter()
+            .any(|n| n.contains(&rev2) && n.contains(&rev1)),
+        "the second commit's Event names both revisions: {new_revisions:?}"
+    );
+    for (reason, kind, note) in &events {
+        let warning = !matches!(reason.as_str(), "NewRevision" | "Succeeded");
+        assert_eq!(
+            kind,
+            if warning { "Warning" } else { "Normal" },
+            "{reason}: {note}"
+        );
+    }
+    let warnings = events.iter().filter(|(_, kind, _)| kind == "Warning").count();
+    assert!(
+        (3..=6).contains(&warnings),
+        "one Warning per new failure (gone repository, force push, missing Secret), not one per poll: {events:?}"
+    );
     c.stop().await;
+}
+
+/// The Events about FlakeSource nixroll-system/infra as (reason, type, note), once every reason
+/// in `reasons` is among them (bounded wait: Events are published after the status write).
+async fn wait_source_events(world: &World, reasons: &[&str]) -> Vec<(String, String, String)> {
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(world.client.clone(), "nixroll-system");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let events: Vec<(String, String, String)> = api
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().is_some_and(|r| {
+                    r.kind.as_deref() == Some("FlakeSource") && r.name.as_deref() == Some("infra")
+                })
+            })
+            .map(|e| {
+                (
+                    e.reason.unwrap_or_default(),
+                    e.type_.unwrap_or_default(),
+                    e.note.unwrap_or_default(),
+                )
+            })
+            .collect();
+        if reasons
+            .iter()
+            .all(|r| events.iter().any(|(reason, _, _)| reason == r))
+        {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for Events {reasons:?}: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn gitrepository_crd() -> CustomResourceDefinition {

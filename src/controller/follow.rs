@@ -102,14 +102,18 @@ impl Following {
     /// Start the FlakeSource controller and the source watches (the GitRepository one only if
     /// the API serves `gitrepositories.source.toolkit.fluxcd.io/v1` now: a Flux installed
     /// later is picked up at the next start or leadership change).
-    pub async fn start(&self, config: &FollowConfig, api_timeout: std::time::Duration) {
+    pub async fn start(&self, config: &FollowConfig, api_timeout: std::time::Duration, identity: &str) {
         if !config.enabled {
             return;
         }
         let mut handles = Vec::new();
         let client = self.client.clone();
         let sc = config.source_controller.clone();
-        handles.push(tokio::spawn(crate::source::controller::run(client, sc)).abort_handle());
+        let identity = identity.to_string();
+        handles.push(
+            tokio::spawn(async move { crate::source::controller::run(client, sc, &identity).await })
+                .abort_handle(),
+        );
 
         let api: Api<FlakeSource> = Api::all(self.client.clone());
         let stream = watcher(api, watcher::Config::default())

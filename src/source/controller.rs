@@ -7,6 +7,10 @@
 //! bounded by the source's `timeout` ([`Resolver`]); the Secret is read with `get` (never list
 //! or watch) and its values stay in memory. URLs in logs and status never carry credentials
 //! ([`SourceUrl`] refuses them).
+//!
+//! Events (`kubectl describe flakesource`) are derived from status changes
+//! ([`status_notes`]): a new revision, a failure of a new kind, a recovery. The same failure
+//! polled again stays silent (the status says it).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use super::resolve::{Credentials, Poll, Remote, Resolver};
 use super::revision::Revision;
 use super::url::SourceUrl;
 use crate::api::{FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, source_condition};
+use crate::controller::events::{EventWriter, Note};
 use crate::names::CONTROLLER_MANAGER;
 
 /// Shortest interval accepted; shorter ones are raised to it.
@@ -84,10 +89,12 @@ struct Ctx {
     client: Client,
     resolver: Resolver,
     config: SourceControllerConfig,
+    events: EventWriter,
 }
 
-/// Run until the future is dropped (the leader's term ends).
-pub async fn run(client: Client, config: SourceControllerConfig) {
+/// Run until the future is dropped (the leader's term ends); Events are reported as
+/// `identity` (the controller's, as for NixOSNodes).
+pub async fn run(client: Client, config: SourceControllerConfig, identity: &str) {
     let resolver = Resolver::new(&config.cache_dir, config.max_git_threads);
     let api: Api<FlakeSource> = Api::all(client.clone());
     let (reader, writer) = reflector::store::<FlakeSource>();
@@ -98,6 +105,7 @@ pub async fn run(client: Client, config: SourceControllerConfig) {
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     let ctx = Arc::new(Ctx {
+        events: EventWriter::new(client.clone(), CONTROLLER_MANAGER, identity),
         client,
         resolver,
         config,
@@ -345,6 +353,15 @@ async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, Source
     let status = next_status(&prev, spec, generation, url_ok, &outcome, now);
     if status != prev {
         write_status(&ctx, &fs, &status).await?;
+        let regarding = fs.object_ref(&());
+        for note in status_notes(&prev, &status) {
+            // An Event is a courtesy: the status already says it; never fail the reconcile.
+            let published =
+                tokio::time::timeout(ctx.config.api_timeout, ctx.events.publish(&note, &regarding)).await;
+            if !matches!(published, Ok(Ok(()))) {
+                debug!(source = %key(&fs), reason = note.reason, "event not published");
+            }
+        }
     }
     Ok(match requeue {
         Some(d) => Action::requeue(d),
@@ -431,6 +448,53 @@ pub fn credentials_from(secret: &Secret) -> Result<(Credentials, Option<KnownHos
         (None, None, None) => Credentials::None,
     };
     Ok((creds, known_hosts))
+}
+
+/// The Events a status change deserves: `NewRevision` when the accepted revision changes; a
+/// Warning named after `Ready`'s reason when it turns False for a new reason (`Timeout`,
+/// `AuthenticationFailed`, `NonFastForward`, `SecretNotFound`, …; `Suspended` is Normal); and
+/// `Succeeded` when `Ready` turns True again without a new revision. Notes are the status's own
+/// messages, which never carry credentials.
+pub fn status_notes<'a>(prev: &FlakeSourceStatus, next: &'a FlakeSourceStatus) -> Vec<Note<'a>> {
+    let ready = |st: &'a FlakeSourceStatus| st.conditions.iter().find(|c| c.type_ == source_condition::READY);
+    let (was, now) = (
+        prev.conditions
+            .iter()
+            .find(|c| c.type_ == source_condition::READY),
+        ready(next),
+    );
+    let mut notes = Vec::new();
+    let new_revision = next.revision.is_some() && next.revision != prev.revision;
+    if let Some(r) = next.revision.as_deref().filter(|_| new_revision) {
+        notes.push(Note {
+            reason: "NewRevision",
+            action: "Fetch",
+            note: match prev.revision.as_deref() {
+                Some(old) => format!("revision {r} accepted (was {old})"),
+                None => format!("revision {r} accepted"),
+            },
+            warning: false,
+        });
+    }
+    if let Some(c) = now {
+        let changed = was.is_none_or(|w| w.status != c.status || w.reason != c.reason);
+        if c.status == "False" && changed {
+            notes.push(Note {
+                reason: &c.reason,
+                action: "Fetch",
+                note: c.message.clone(),
+                warning: c.reason != "Suspended",
+            });
+        } else if c.status == "True" && was.is_some_and(|w| w.status == "False") && !new_revision {
+            notes.push(Note {
+                reason: &c.reason,
+                action: "Fetch",
+                note: format!("{} again", c.message),
+                warning: false,
+            });
+        }
+    }
+    notes
 }
 
 async fn write_status(ctx: &Ctx, fs: &FlakeSource, status: &FlakeSourceStatus) -> Result<(), SourceError> {
@@ -597,6 +661,69 @@ mod tests {
         let st2 = next_status(&st, &other, Some(2), Some(&u), &failed, t);
         assert_eq!(st2.commit, None);
         assert_eq!(st2.git_ref.as_deref(), Some("branch release"));
+    }
+
+    #[test]
+    fn events_follow_status_changes_not_polls() {
+        let s = spec();
+        let u = SourceUrl::parse(&s.url, false).unwrap();
+        let t = |n: i64| Timestamp::from_second(1_800_000_000 + n).unwrap();
+        let reasons = |prev: &FlakeSourceStatus, next: &FlakeSourceStatus| -> Vec<(String, bool)> {
+            status_notes(prev, next)
+                .into_iter()
+                .map(|n| (n.reason.to_string(), n.warning))
+                .collect()
+        };
+        let empty = FlakeSourceStatus::default();
+        let a = polled(&empty, &s, &u, Poll::Advanced(resolved('a')), t(0));
+        assert_eq!(reasons(&empty, &a), [("NewRevision".to_string(), false)]);
+        let notes = status_notes(&empty, &a);
+        assert!(notes[0].note.contains(&"a".repeat(40)), "{}", notes[0].note);
+        // Polled again, nothing new: no Event (only lastFetchTime moved).
+        let a2 = polled(&a, &s, &u, Poll::Unchanged(resolved('a')), t(300));
+        assert!(reasons(&a, &a2).is_empty());
+        // A timeout: one Warning; the same timeout again: silent.
+        let timeout = || Poll::Failed {
+            kept: Some(resolved('a')),
+            error: ResolveError::TimedOut {
+                url: u.redacted(),
+                after: Duration::from_secs(60),
+            },
+        };
+        let f = polled(&a2, &s, &u, timeout(), t(600));
+        assert_eq!(reasons(&a2, &f), [("Timeout".to_string(), true)]);
+        let f2 = polled(&f, &s, &u, timeout(), t(900));
+        assert!(reasons(&f, &f2).is_empty());
+        // Recovery on the same revision: one Normal Event.
+        let ok = polled(&f2, &s, &u, Poll::Unchanged(resolved('a')), t(1200));
+        assert_eq!(reasons(&f2, &ok), [("Succeeded".to_string(), false)]);
+        // Recovery with a new revision: only NewRevision, naming the old one.
+        let b = polled(&f2, &s, &u, Poll::Advanced(resolved('b')), t(1200));
+        let notes = status_notes(&f2, &b);
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0].reason, "NewRevision");
+        assert!(
+            notes[0]
+                .note
+                .contains(&format!("was main@sha1:{}", "a".repeat(40))),
+            "{}",
+            notes[0].note
+        );
+        // A force push refused: a Warning NonFastForward.
+        let nff = polled(
+            &b,
+            &s,
+            &u,
+            Poll::NonFastForward {
+                kept: resolved('b'),
+                refused: resolved('c'),
+            },
+            t(1500),
+        );
+        assert_eq!(reasons(&b, &nff), [("NonFastForward".to_string(), true)]);
+        // Suspended is Normal.
+        let sus = next_status(&nff, &s, Some(2), Some(&u), &Outcome::Suspended, t(1800));
+        assert_eq!(reasons(&nff, &sus), [("Suspended".to_string(), false)]);
     }
 
     #[test]
