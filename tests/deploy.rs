@@ -264,6 +264,8 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("flakesources/status", "patch"),
             ("gitrepositories", "list"),
             ("gitrepositories", "watch"),
+            ("customresourcedefinitions", "list"),
+            ("customresourcedefinitions", "watch"),
             ("nodes", "list"),
             ("nodes", "watch"),
             ("nodes", "patch"),

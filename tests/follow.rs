@@ -443,11 +443,35 @@ async fn set_repo_status(api: &Api<DynamicObject>, ready: &str, observed: i64, r
     .unwrap();
 }
 
-/// Flux's GitRepository: followed when Ready at its generation (the legacy `main/<sha>` form
-/// parsed), ignored while not Ready.
+/// Flux's GitRepository: Flux installed after nixroll is picked up at once; followed when
+/// Ready at its generation (the legacy `main/<sha>` form parsed), ignored while not Ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_follow_a_flux_gitrepository() {
     let mut world = World::start(opts()).await.unwrap();
+    let mut spec = world.spec("");
+    spec.source_ref = Some(SourceRef {
+        kind: SourceKind::GitRepository,
+        name: "infra".into(),
+        namespace: None,
+    });
+    world.apply_all(&spec).await.unwrap();
+    // nixroll runs before Flux is installed: its nodes wait, saying why.
+    let cache = tempfile::tempdir().unwrap();
+    let c = world.start_controller(config(cache.path())).await.unwrap();
+    wait_nodes(
+        &world,
+        "nodes saying their GitRepository is missing",
+        |m| {
+            m.values().all(|o| {
+                status_of(o)
+                    .message
+                    .is_some_and(|m| m.contains("nothing to roll out yet") && m.contains("infra"))
+            })
+        },
+        |_| {},
+    )
+    .await;
+    // Flux is installed: its CRD, then the GitRepository.
     let crds: Api<CustomResourceDefinition> = Api::all(world.client.clone());
     crds.create(&PostParams::default(), &gitrepository_crd())
         .await
@@ -460,16 +484,6 @@ async fn nodes_follow_a_flux_gitrepository() {
     let generation = created.metadata.generation.unwrap_or(1);
     let head0 = world.head().to_string();
     set_repo_status(&repos, "True", generation, &format!("main/{head0}")).await;
-
-    let mut spec = world.spec("");
-    spec.source_ref = Some(SourceRef {
-        kind: SourceKind::GitRepository,
-        name: "infra".into(),
-        namespace: None,
-    });
-    world.apply_all(&spec).await.unwrap();
-    let cache = tempfile::tempdir().unwrap();
-    let c = world.start_controller(config(cache.path())).await.unwrap();
     wait_nodes(
         &world,
         "adoption (legacy revision form)",

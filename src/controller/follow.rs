@@ -10,6 +10,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -25,6 +26,9 @@ use crate::source::follow::{self, Member, Offer, SourceKey, Untrusted};
 /// Flux's GitRepository, as nixroll reads it.
 pub const FLUX_SOURCE_GROUP: &str = "source.toolkit.fluxcd.io";
 pub const FLUX_SOURCE_VERSION: &str = "v1";
+
+/// The name of Flux's GitRepository CRD.
+pub const FLUX_GITREPOSITORY_CRD: &str = "gitrepositories.source.toolkit.fluxcd.io";
 
 fn gitrepository_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -99,10 +103,11 @@ impl Following {
         }
     }
 
-    /// Start the FlakeSource controller and the source watches (the GitRepository one only if
-    /// the API serves `gitrepositories.source.toolkit.fluxcd.io/v1` now: a Flux installed
-    /// later is picked up at the next start or leadership change).
-    pub async fn start(&self, config: &FollowConfig, api_timeout: std::time::Duration, identity: &str) {
+    /// Start the FlakeSource controller and the source watches. The GitRepository watch runs
+    /// while the API serves `gitrepositories.source.toolkit.fluxcd.io/v1`: a watch on that one
+    /// CRD starts it when Flux is installed (before or after nixroll) and stops it, forgetting
+    /// what it offered, when Flux is removed.
+    pub async fn start(&self, config: &FollowConfig, identity: &str) {
         if !config.enabled {
             return;
         }
@@ -128,113 +133,22 @@ impl Following {
                     })
                 })
             });
-        handles.push(tokio::spawn(self.feed(SourceKind::FlakeSource, stream)).abort_handle());
-
-        let flux = tokio::time::timeout(
-            api_timeout,
-            self.client
-                .list_api_group_resources(&format!("{FLUX_SOURCE_GROUP}/{FLUX_SOURCE_VERSION}")),
-        )
-        .await;
-        match flux {
-            Ok(Ok(list)) if list.resources.iter().any(|r| r.name == "gitrepositories") => {
-                info!("Flux GitRepository found: NixOSNodes may follow one");
-                let ar = gitrepository_resource();
-                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-                let stream = watcher(api, watcher::Config::default())
-                    .default_backoff()
-                    .map(|ev| {
-                        ev.map(|e| {
-                            map_event(e, |o: DynamicObject| {
-                                let offer = serde_json::to_value(&o)
-                                    .map_err(|e| Untrusted::BadRevision(e.to_string()))
-                                    .and_then(|v| follow::gitrepository_offer(&v));
-                                (key_of(SourceKind::GitRepository, &o), offer)
-                            })
-                        })
-                    });
-                handles.push(tokio::spawn(self.feed(SourceKind::GitRepository, stream)).abort_handle());
-            }
-            other => {
-                let why = match other {
-                    Ok(Ok(_)) => "no gitrepositories resource".to_owned(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "discovery timed out".to_owned(),
-                };
-                debug!(%why, "Flux GitRepository not watched");
-            }
-        }
+        let feeds = self.feeds();
+        handles.push(tokio::spawn(feeds.feed(SourceKind::FlakeSource, stream)).abort_handle());
+        handles.push(tokio::spawn(feeds.follow_flux()).abort_handle());
         if let Ok(mut t) = self.tasks.lock() {
             t.extend(handles);
         }
     }
 
-    /// Keep `offers` in step with a source watch; wake the followers of a source whose offer
-    /// changed.
-    fn feed<S>(&self, kind: SourceKind, stream: S) -> impl Future<Output = ()> + Send + 'static
-    where
-        S: futures::Stream<
-                Item = Result<watcher::Event<(SourceKey, Result<Offer, Untrusted>)>, watcher::Error>,
-            > + Send
-            + 'static,
-    {
-        let offers = self.offers.clone();
-        let nodes = self.nixosnodes.clone();
-        let wake = self.wake.clone();
-        async move {
-            futures::pin_mut!(stream);
-            let mut listed: BTreeSet<SourceKey> = BTreeSet::new();
-            while let Some(ev) = stream.next().await {
-                let changed: Vec<SourceKey> = {
-                    let Ok(mut offers) = offers.lock() else { return };
-                    match ev {
-                        Ok(watcher::Event::Apply((k, o)) | watcher::Event::InitApply((k, o))) => {
-                            listed.insert(k.clone());
-                            if offers.get(&k) != Some(&o) {
-                                offers.insert(k.clone(), o);
-                                vec![k]
-                            } else {
-                                vec![]
-                            }
-                        }
-                        Ok(watcher::Event::Delete((k, _))) => {
-                            offers.remove(&k);
-                            vec![k]
-                        }
-                        Ok(watcher::Event::Init) => {
-                            listed.clear();
-                            vec![]
-                        }
-                        Ok(watcher::Event::InitDone) => {
-                            let gone: Vec<SourceKey> = offers
-                                .keys()
-                                .filter(|k| k.kind == kind && !listed.contains(*k))
-                                .cloned()
-                                .collect();
-                            for k in &gone {
-                                offers.remove(k);
-                            }
-                            gone
-                        }
-                        Err(e) => {
-                            debug!(error = %e, "source watch");
-                            vec![]
-                        }
-                    }
-                };
-                for k in changed {
-                    for o in nodes.state() {
-                        if o.spec.source_ref.as_ref().map(SourceKey::from).as_ref() == Some(&k)
-                            && wake.send(ObjectRef::new(&o.name_any())).is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
+    fn feeds(&self) -> Feeds {
+        Feeds {
+            client: self.client.clone(),
+            offers: self.offers.clone(),
+            nixosnodes: self.nixosnodes.clone(),
+            wake: self.wake.clone(),
         }
     }
-
     fn latest(&self, key: &SourceKey) -> Result<Offer, Untrusted> {
         self.offers
             .lock()
@@ -363,6 +277,205 @@ fn map_event<K, T>(ev: watcher::Event<K>, f: impl FnOnce(K) -> T) -> watcher::Ev
         watcher::Event::Init => watcher::Event::Init,
         watcher::Event::InitDone => watcher::Event::InitDone,
     }
+}
+
+/// What a source watch needs to keep the offers and wake followers; cloned into the watch tasks.
+#[derive(Clone)]
+struct Feeds {
+    client: Client,
+    offers: Offers,
+    nixosnodes: Store<NixOSNode>,
+    wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
+}
+
+impl Feeds {
+    /// Keep `offers` in step with a source watch; wake the followers of a source whose offer
+    /// changed.
+    fn feed<S>(&self, kind: SourceKind, stream: S) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: futures::Stream<
+                Item = Result<watcher::Event<(SourceKey, Result<Offer, Untrusted>)>, watcher::Error>,
+            > + Send
+            + 'static,
+    {
+        let offers = self.offers.clone();
+        let feeds = self.clone();
+        async move {
+            futures::pin_mut!(stream);
+            let mut listed: BTreeSet<SourceKey> = BTreeSet::new();
+            while let Some(ev) = stream.next().await {
+                let changed: Vec<SourceKey> = {
+                    let Ok(mut offers) = offers.lock() else { return };
+                    match ev {
+                        Ok(watcher::Event::Apply((k, o)) | watcher::Event::InitApply((k, o))) => {
+                            listed.insert(k.clone());
+                            if offers.get(&k) != Some(&o) {
+                                offers.insert(k.clone(), o);
+                                vec![k]
+                            } else {
+                                vec![]
+                            }
+                        }
+                        Ok(watcher::Event::Delete((k, _))) => {
+                            offers.remove(&k);
+                            vec![k]
+                        }
+                        Ok(watcher::Event::Init) => {
+                            listed.clear();
+                            vec![]
+                        }
+                        Ok(watcher::Event::InitDone) => {
+                            let gone: Vec<SourceKey> = offers
+                                .keys()
+                                .filter(|k| k.kind == kind && !listed.contains(*k))
+                                .cloned()
+                                .collect();
+                            for k in &gone {
+                                offers.remove(k);
+                            }
+                            gone
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "source watch");
+                            vec![]
+                        }
+                    }
+                };
+                if !feeds.wake_followers(&changed) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Wake the NixOSNodes that follow one of `keys`; `false` once the controller is gone.
+    fn wake_followers(&self, keys: &[SourceKey]) -> bool {
+        for k in keys {
+            for o in self.nixosnodes.state() {
+                if o.spec.source_ref.as_ref().map(SourceKey::from).as_ref() == Some(k)
+                    && self.wake.send(ObjectRef::new(&o.name_any())).is_err()
+                {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// The GitRepository watch, feeding the offers.
+    fn gitrepositories(&self) -> impl Future<Output = ()> + Send + 'static {
+        let ar = gitrepository_resource();
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(|ev| {
+                ev.map(|e| {
+                    map_event(e, |o: DynamicObject| {
+                        let offer = serde_json::to_value(&o)
+                            .map_err(|e| Untrusted::BadRevision(e.to_string()))
+                            .and_then(|v| follow::gitrepository_offer(&v));
+                        (key_of(SourceKind::GitRepository, &o), offer)
+                    })
+                })
+            });
+        self.feed(SourceKind::GitRepository, stream)
+    }
+
+    /// Forget every GitRepository offer (Flux was removed) and wake their followers, whose
+    /// status then says the source is missing.
+    fn forget_gitrepositories(&self) {
+        let gone: Vec<SourceKey> = match self.offers.lock() {
+            Ok(mut offers) => {
+                let gone: Vec<SourceKey> = offers
+                    .keys()
+                    .filter(|k| k.kind == SourceKind::GitRepository)
+                    .cloned()
+                    .collect();
+                for k in &gone {
+                    offers.remove(k);
+                }
+                gone
+            }
+            Err(_) => return,
+        };
+        self.wake_followers(&gone);
+    }
+
+    /// Watch Flux's GitRepository CRD (by name) and run the GitRepository watch while the CRD
+    /// is established and serves `v1`.
+    async fn follow_flux(self) {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let by_name = watcher::Config::default().fields(&format!("metadata.name={FLUX_GITREPOSITORY_CRD}"));
+        let events = watcher(crds, by_name).default_backoff();
+        futures::pin_mut!(events);
+        let mut running: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        let mut listed = false;
+        loop {
+            let serves = tokio::select! {
+                ev = events.next() => match ev {
+                    None => return,
+                    Some(Ok(watcher::Event::Apply(crd) | watcher::Event::InitApply(crd))) => {
+                        listed = true;
+                        serves_gitrepository_v1(&crd)
+                    }
+                    Some(Ok(watcher::Event::Delete(_))) => false,
+                    Some(Ok(watcher::Event::Init)) => {
+                        listed = false;
+                        continue;
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        if listed {
+                            continue;
+                        }
+                        false
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "watch of Flux's GitRepository CRD");
+                        continue;
+                    }
+                },
+                // The GitRepository watch never ends by itself; if it does, start it again
+                // at the next CRD event.
+                () = async {
+                    match running.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    running = None;
+                    continue;
+                }
+            };
+            match (serves, running.is_some()) {
+                (true, false) => {
+                    info!("Flux GitRepository served: NixOSNodes may follow one");
+                    running = Some(Box::pin(self.gitrepositories()));
+                }
+                (false, true) => {
+                    info!("Flux GitRepository no longer served: its offers are forgotten");
+                    running = None;
+                    self.forget_gitrepositories();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Flux's GitRepository CRD serves `v1` and is established.
+fn serves_gitrepository_v1(crd: &CustomResourceDefinition) -> bool {
+    let served = crd
+        .spec
+        .versions
+        .iter()
+        .any(|v| v.name == FLUX_SOURCE_VERSION && v.served);
+    let established = crd.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    });
+    served && established
 }
 
 #[cfg(test)]
