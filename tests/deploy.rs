@@ -641,6 +641,7 @@ mod chart {
                 "resources": {"limits": {"memory": "256Mi"}},
                 "nodeSelector": {"node-role.kubernetes.io/control-plane": "true"},
                 "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}],
+                "gitCABundle": {"configMap": "forge-ca"},
             },
             "agent": {
                 "nodeSelector": {"example.org/nixos": "yes"},
@@ -690,6 +691,31 @@ mod chart {
             "true"
         );
         assert_eq!(ctl["tolerations"][0]["operator"], "Exists");
+        // A private CA for git over HTTPS: the ConfigMap mounted, OpenSSL pointed at it.
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "SSL_CERT_FILE", "value": "/etc/nixroll/git-ca/ca-bundle.crt"})),
+            "{}",
+            c["env"]
+        );
+        assert!(
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "git-ca", "mountPath": "/etc/nixroll/git-ca", "readOnly": true})),
+            "{}",
+            c["volumeMounts"]
+        );
+        assert!(
+            ctl["volumes"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "git-ca", "configMap": {"name": "forge-ca"}})),
+            "{}",
+            ctl["volumes"]
+        );
         let agent = &find("DaemonSet")["spec"]["template"]["spec"];
         assert_eq!(
             agent["nodeSelector"],

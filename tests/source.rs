@@ -7,6 +7,8 @@
 //! elsewhere.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -73,7 +75,7 @@ fn need(bin: &Path) -> Option<PathBuf> {
         return Some(bin.to_owned());
     }
     let why = format!(
-        "{} is missing (Debian packages git, openssh-server, openssh-client; see .ci/run)",
+        "{} is missing (Debian packages git, openssh-server, openssh-client, socat, openssl; see .ci/run)",
         bin.display()
     );
     if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -348,7 +350,8 @@ fn wait_listening(port: u16, what: &str) {
 /// leaves the daemon serving (the reason the first version of the test below failed).
 fn git_daemon(base: &Path, port: u16) -> Option<Server> {
     let bin = need(&git_exec_path().join("git-daemon"))?;
-    let child = Command::new(bin)
+    let mut child = Command::new(bin);
+    child
         .args([
             "--export-all",
             "--reuseaddr",
@@ -358,15 +361,21 @@ fn git_daemon(base: &Path, port: u16) -> Option<Server> {
             &base.display().to_string(),
         ])
         .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", base)
+        .env("HOME", base);
+    Some(serve(child, port, "git daemon"))
+}
+
+/// Start a quiet server process and wait until it listens on 127.0.0.1:`port`.
+fn serve(mut cmd: Command, port: u16, what: &str) -> Server {
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let server = Server(child);
-    wait_listening(port, "git daemon");
-    Some(server)
+    wait_listening(port, what);
+    server
 }
 
 #[tokio::test]
@@ -1098,4 +1107,221 @@ async fn ssh_without_known_hosts_is_refused_before_connecting() {
     // Credentials never show in Debug output.
     let dbg = format!("{r:?}");
     assert!(!dbg.contains("secret-material"), "{dbg}");
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(bin: &Path, dir: &Path, args: &[&str]) {
+    let out = Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// TLS in front of 127.0.0.1:`backend` on a free port, with `cert`/`key` (socat, one process
+/// per connection).
+fn tls_proxy(socat: &Path, cert: &Path, key: &Path, backend: u16) -> (Server, u16) {
+    let port = free_port();
+    let mut proxy = Command::new(socat);
+    proxy
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            cert.display(),
+            key.display()
+        ))
+        .arg(format!("TCP:127.0.0.1:{backend}"));
+    (serve(proxy, port, "socat TLS proxy"), port)
+}
+
+/// HTTPS, as a self-hosted forge with a private CA serves it: the controller (the real binary,
+/// as its Deployment runs it) trusts that CA through OpenSSL's `SSL_CERT_FILE` and resolves the
+/// branch with basic auth; a server whose certificate that CA did not sign is refused
+/// (`FetchFailed`), so TLS is verified, never skipped. No credential reaches the status or the
+/// controller's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_private_ca_through_ssl_cert_file() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    use nixroll::api::FlakeSource;
+
+    const USER: &str = "bot";
+    const PASSWORD: &str = "tls-s3cret-Pa55word";
+    let (Some(openssl_bin), Some(socat)) = (
+        need(Path::new("/usr/bin/openssl")),
+        need(Path::new("/usr/bin/socat")),
+    ) else {
+        return;
+    };
+    let repo = Repo::new();
+    let a = repo.commit("a");
+    repo.push(&["main"]);
+    let Some(srv) = http_git(&repo.root.join("srv"), USER, PASSWORD) else {
+        return;
+    };
+
+    // A private CA, a server certificate it signs for localhost, and a self-signed impostor.
+    let pki = repo.root.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=nixroll test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&openssl_bin, &pki, &ca);
+    let mut csr = vec![
+        "req",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+    ];
+    csr.extend(ec);
+    csr.extend(["-keyout", "srv.key", "-out", "srv.csr"]);
+    openssl(&openssl_bin, &pki, &csr);
+    openssl(
+        &openssl_bin,
+        &pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-copy_extensions",
+            "copyall",
+            "-out",
+            "srv.pem",
+        ],
+    );
+    let mut rogue = vec!["req", "-x509", "-days", "2", "-subj", "/CN=localhost"];
+    rogue.extend(["-addext", "subjectAltName=DNS:localhost"]);
+    rogue.extend(ec);
+    rogue.extend(["-keyout", "rogue.key", "-out", "rogue.pem"]);
+    openssl(&openssl_bin, &pki, &rogue);
+    let (_good, good_port) = tls_proxy(&socat, &pki.join("srv.pem"), &pki.join("srv.key"), srv.port);
+    let (_bad, bad_port) = tls_proxy(&socat, &pki.join("rogue.pem"), &pki.join("rogue.key"), srv.port);
+
+    // The embedded API with nixroll's CRDs, the credentials, and the controller binary.
+    let (api, client) = common::api::start_with_crd().await;
+    Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(
+        client.clone(),
+    )
+    .create(&PostParams::default(), &nixroll::api::flakesource_crd())
+    .await
+    .unwrap();
+    let namespace: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "nixroll-system"}})).unwrap();
+    Api::all(client.clone())
+        .create(&PostParams::default(), &namespace)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "nixroll-system");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "flake-source-credentials", "namespace": "nixroll-system"},
+        "stringData": {"username": USER, "password": PASSWORD}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let kubeconfig = repo.root.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    let log_path = repo.root.join("controller.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .args([
+            "controller",
+            "--no-leader-election",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--source-cache")
+        .arg(repo.root.join("cache"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("SSL_CERT_FILE", pki.join("ca.pem"))
+        .env("RUST_LOG", "nixroll=debug")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log_path).unwrap())
+        .stderr(Stdio::from(
+            std::fs::File::create(repo.root.join("controller.err")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let _controller = Server(child);
+
+    let sources: Api<FlakeSource> = Api::namespaced(client.clone(), "nixroll-system");
+    for (name, port) in [("trusted", good_port), ("impostor", bad_port)] {
+        let fs: FlakeSource = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixroll.io/v1alpha1", "kind": "FlakeSource",
+            "metadata": {"name": name, "namespace": "nixroll-system"},
+            "spec": {"url": format!("https://localhost:{port}/repo.git"), "ref": {"branch": "main"},
+                     "timeout": "20s", "secretRef": {"name": "flake-source-credentials"}}
+        }))
+        .unwrap();
+        sources.create(&PostParams::default(), &fs).await.unwrap();
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    let (trusted, impostor) = loop {
+        let t = sources.get("trusted").await.unwrap().status.unwrap_or_default();
+        let i = sources.get("impostor").await.unwrap().status.unwrap_or_default();
+        if t.last_fetch_time.is_some() && i.conditions.iter().any(|c| c.type_ == "FetchFailed") {
+            break (t, i);
+        }
+        assert!(Instant::now() < until, "no verdict:\n{t:?}\n{i:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        trusted.commit.as_deref(),
+        Some(a.to_string().as_str()),
+        "{trusted:?}"
+    );
+    assert!(
+        trusted
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "{trusted:?}"
+    );
+    assert_eq!(impostor.commit, None, "{impostor:?}");
+    let failed = impostor
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "FetchFailed")
+        .unwrap();
+    assert_eq!(failed.reason, "CertificateRejected", "{failed:?}");
+    assert!(
+        failed.message.contains("TLS certificate is not trusted") && failed.message.contains("SSL_CERT_FILE"),
+        "the refusal says it is the certificate and what to do: {}",
+        failed.message
+    );
+    let seen: Vec<String> = srv.requests.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("GET /repo.git/info/refs?service=git-upload-pack ok")),
+        "the trusted source listed the refs over TLS with the password: {seen:?}"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let status_text = format!("{trusted:?}{impostor:?}");
+    assert_no_secret(&status_text, &[PASSWORD, &b64], "the status");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default()
+        + &std::fs::read_to_string(repo.root.join("controller.err")).unwrap_or_default();
+    assert!(
+        log.contains("impostor"),
+        "the controller logged the refusal: {log}"
+    );
+    assert_no_secret(&log, &[PASSWORD, &b64], "the controller's log");
 }

@@ -90,6 +90,10 @@ pub enum ResolveError {
     AuthenticationFailed { url: String, message: String },
     #[error("{url}: fetch failed: {message}")]
     FetchFailed { url: String, message: String },
+    #[error(
+        "{url}: the server's TLS certificate is not trusted ({message}); a private CA goes into the controller's trust store (SSL_CERT_FILE, docs/source.md)"
+    )]
+    CertificateRejected { url: String, message: String },
     #[error("{url}: no answer within {after:?}")]
     TimedOut { url: String, after: Duration },
     #[error("{url}: {source}")]
@@ -122,6 +126,7 @@ impl ResolveError {
         match self {
             ResolveError::NoKnownHosts { .. } => "KnownHostsMissing",
             ResolveError::HostKeyRejected { .. } => "HostKeyRejected",
+            ResolveError::CertificateRejected { .. } => "CertificateRejected",
             ResolveError::AuthenticationFailed { .. } => "AuthenticationFailed",
             ResolveError::TimedOut { .. } => "Timeout",
             ResolveError::Ref { .. } | ResolveError::CommitMissing { .. } => "RefNotResolved",
@@ -464,6 +469,9 @@ fn classify(remote: &Remote, seen: &Seen, deadline: Instant, e: &git2::Error) ->
     }
     if e.code() == ErrorCode::Auth || seen.auth_refused.get() {
         return ResolveError::AuthenticationFailed { url, message };
+    }
+    if e.code() == ErrorCode::Certificate || e.class() == ErrorClass::Ssl {
+        return ResolveError::CertificateRejected { url, message };
     }
     ResolveError::FetchFailed { url, message }
 }
