@@ -509,6 +509,37 @@ async fn nodes_follow_a_flux_gitrepository() {
             "followed a stale GitRepository status"
         );
     }
+    // A second GitRepository, Ready, that no node follows (used after Flux is removed). It is
+    // created before the next status change of "infra": the nodes reacting to that change
+    // prove the controller's GitRepository watch has also seen this one (one watch, events in
+    // resourceVersion order).
+    let mut spare = DynamicObject::new("spare", &ar).within("nixroll-system");
+    spare.data = json!({"spec": {"interval": "1m", "url": "https://example.org/infra.git", "ref": {"branch": "main"}}});
+    let spare_generation = repos
+        .create(&PostParams::default(), &spare)
+        .await
+        .unwrap()
+        .metadata
+        .generation
+        .unwrap_or(1);
+    let body = json!({
+        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
+        "status": {
+            "observedGeneration": spare_generation,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded",
+                            "message": "set by the test", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "artifact": {"revision": format!("main@sha1:{rev1}"), "path": "x", "url": "http://x",
+                         "lastUpdateTime": "2026-01-01T00:00:00Z"}
+        }
+    });
+    repos
+        .patch_status(
+            "spare",
+            &PatchParams::apply("source-controller").force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .unwrap();
     // Ready: followed.
     set_repo_status(&repos, "True", generation, &format!("main@sha1:{rev1}")).await;
     wait_nodes(
@@ -552,6 +583,41 @@ async fn nodes_follow_a_flux_gitrepository() {
         }
         assert!(tokio::time::Instant::now() < deadline, "{s:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Flux removed: its CRD, and with it every GitRepository, is gone and their offers are
+    // forgotten, so a new node following "spare" has nothing to target. (A group already
+    // pinned keeps its pin until its members run it, docs/source.md; "spare" has no pin.)
+    crds.delete("gitrepositories.source.toolkit.fluxcd.io", &Default::default())
+        .await
+        .unwrap();
+    // The deletion reaches the controller's CRD watch within milliseconds; a node created
+    // before that would be pinned to the old offer, as any started node keeps its target.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut gitrepo = world.spec("");
+    gitrepo.source_ref = Some(SourceRef {
+        kind: SourceKind::GitRepository,
+        name: "spare".into(),
+        namespace: None,
+    });
+    world.apply("node-8", &gitrepo).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = status_of(&api.get("node-8").await.unwrap());
+        if let Some(m) = &s.message {
+            assert!(
+                m.contains("nothing to roll out yet") && m.contains("spare"),
+                "{m}"
+            );
+            assert!(s.phase.is_none() && s.target.is_none(), "{s:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, o) in world.nixosnodes().await.unwrap() {
+        if name != "node-8" && name != "node-9" && name != "node-1" {
+            assert!(runs(&o, &rev1), "{name} kept what it runs");
+        }
     }
     c.stop().await;
 }

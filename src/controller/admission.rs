@@ -35,29 +35,39 @@ fn key(s: &NixOSNodeStatus) -> (Option<Phase>, bool) {
     (s.phase, s.slot.is_some())
 }
 
-/// Statuses this process persisted that the store may not show yet.
+/// Statuses this process persisted that the store may not show yet, per node name, each with
+/// the `metadata.uid` of the object it was written to: a NixOSNode deleted and created again
+/// under the same name is a new object, and what was written to the old one must not shadow
+/// the new one's (empty) status.
 #[derive(Debug, Default)]
 pub struct PendingWrites {
-    by_node: HashMap<String, NixOSNodeStatus>,
+    by_node: HashMap<String, (Option<String>, NixOSNodeStatus)>,
     /// Grants whose write failed ambiguously, counted by admission until the deadline.
-    uncertain: HashMap<String, (NixOSNodeStatus, Instant)>,
+    uncertain: HashMap<String, (Option<String>, NixOSNodeStatus, Instant)>,
 }
 
 impl PendingWrites {
-    /// Remember that `status` (controller-owned part) was persisted for `node`.
-    pub fn record(&mut self, node: &str, status: &NixOSNodeStatus) {
+    /// Remember that `status` (controller-owned part) was persisted for `node` (object `uid`).
+    pub fn record(&mut self, node: &str, uid: Option<&str>, status: &NixOSNodeStatus) {
         let mut s = status.clone();
         s.agent = None;
         self.uncertain.remove(node);
-        self.by_node.insert(node.to_string(), s);
+        self.by_node.insert(node.to_string(), (uid.map(str::to_owned), s));
     }
 
     /// Remember a grant whose write failed but may have landed; admission counts it until
     /// `until` or until the store shows it.
-    pub fn record_uncertain(&mut self, node: &str, status: &NixOSNodeStatus, until: Instant) {
+    pub fn record_uncertain(
+        &mut self,
+        node: &str,
+        uid: Option<&str>,
+        status: &NixOSNodeStatus,
+        until: Instant,
+    ) {
         let mut s = status.clone();
         s.agent = None;
-        self.uncertain.insert(node.to_string(), (s, until));
+        self.uncertain
+            .insert(node.to_string(), (uid.map(str::to_owned), s, until));
     }
 
     /// The status admission uses for `node`: [`Self::effective`], else an uncertain grant that
@@ -65,14 +75,15 @@ impl PendingWrites {
     pub fn effective_for_admission(
         &mut self,
         node: &str,
+        uid: Option<&str>,
         stored: &NixOSNodeStatus,
         now: Instant,
     ) -> Option<NixOSNodeStatus> {
-        if let Some(s) = self.effective(node, stored) {
+        if let Some(s) = self.effective(node, uid, stored) {
             return Some(s);
         }
-        let (pending, until) = self.uncertain.get(node)?;
-        if now >= *until || key(pending) == key(stored) {
+        let (for_uid, pending, until) = self.uncertain.get(node)?;
+        if for_uid.as_deref() != uid || now >= *until || key(pending) == key(stored) {
             self.uncertain.remove(node);
             return None;
         }
@@ -81,11 +92,17 @@ impl PendingWrites {
         Some(s)
     }
 
-    /// The status admission must use for `node`: our last write while the store has not caught
-    /// up with its phase and slot, else the stored one (and the entry is dropped).
-    pub fn effective(&mut self, node: &str, stored: &NixOSNodeStatus) -> Option<NixOSNodeStatus> {
-        let pending = self.by_node.get(node)?;
-        if key(pending) == key(stored) {
+    /// The status admission must use for `node` (object `uid`): our last write while the store
+    /// has not caught up with its phase and slot, else the stored one (and the entry is
+    /// dropped, as it is when it was written to another object of that name).
+    pub fn effective(
+        &mut self,
+        node: &str,
+        uid: Option<&str>,
+        stored: &NixOSNodeStatus,
+    ) -> Option<NixOSNodeStatus> {
+        let (for_uid, pending) = self.by_node.get(node)?;
+        if for_uid.as_deref() != uid || key(pending) == key(stored) {
             self.by_node.remove(node);
             return None;
         }
@@ -134,10 +151,11 @@ impl Context {
                 let name = o.metadata.name.as_deref().unwrap_or_default();
                 let stored = o.status.as_ref().unwrap_or(&empty);
                 // A node asking again may replace its own uncertain grant (it is one slot).
+                let uid = o.metadata.uid.as_deref();
                 let effective = if Some(name) == me {
-                    pending.effective(name, stored)
+                    pending.effective(name, uid, stored)
                 } else {
-                    pending.effective_for_admission(name, stored, Instant::now())
+                    pending.effective_for_admission(name, uid, stored, Instant::now())
                 };
                 let status = match effective {
                     Some(s) => Cow::Owned(s),
@@ -229,18 +247,44 @@ mod tests {
     #[test]
     fn pending_write_wins_until_the_store_catches_up() {
         let mut p = PendingWrites::default();
-        p.record("a", &draining());
+        p.record("a", None, &draining());
         // Store still shows Waiting: our grant is what counts.
-        assert_eq!(p.effective("a", &waiting()).unwrap().phase, Some(Phase::Draining));
+        assert_eq!(
+            p.effective("a", None, &waiting()).unwrap().phase,
+            Some(Phase::Draining)
+        );
         assert_eq!(p.len(), 1);
         // Store caught up: entry dropped, store is the truth again.
-        assert!(p.effective("a", &draining()).is_none());
+        assert!(p.effective("a", None, &draining()).is_none());
         assert!(p.is_empty());
         // Release recorded while the store still shows the slot: the release counts.
-        p.record("a", &waiting());
-        assert!(p.effective("a", &draining()).unwrap().slot.is_none());
+        p.record("a", None, &waiting());
+        assert!(p.effective("a", None, &draining()).unwrap().slot.is_none());
         let present: HashSet<&str> = HashSet::new();
         p.retain_present(&present);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_node_created_again_under_the_same_name_is_not_shadowed_by_the_old_ones_writes() {
+        let mut p = PendingWrites::default();
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(60);
+        // Written to the first object named "a"; it is deleted before the store shows it.
+        p.record("a", Some("uid-1"), &draining());
+        assert!(p.effective("a", Some("uid-1"), &waiting()).is_some());
+        // The new object "a" (uid-2) starts empty: its own status is the truth.
+        assert!(
+            p.effective("a", Some("uid-2"), &NixOSNodeStatus::default())
+                .is_none()
+        );
+        assert!(p.is_empty());
+        // The same for an uncertain grant, and for admission.
+        p.record_uncertain("a", Some("uid-1"), &draining(), later);
+        assert!(
+            p.effective_for_admission("a", Some("uid-2"), &NixOSNodeStatus::default(), now)
+                .is_none()
+        );
         assert!(p.is_empty());
     }
 
@@ -249,22 +293,22 @@ mod tests {
         let mut p = PendingWrites::default();
         let now = Instant::now();
         let later = now + std::time::Duration::from_secs(60);
-        p.record_uncertain("a", &draining(), later);
+        p.record_uncertain("a", None, &draining(), later);
         // The node's own view does not assume the grant landed.
-        assert!(p.effective("a", &waiting()).is_none());
+        assert!(p.effective("a", None, &waiting()).is_none());
         // Admission counts it.
         assert!(
-            p.effective_for_admission("a", &waiting(), now)
+            p.effective_for_admission("a", None, &waiting(), now)
                 .unwrap()
                 .slot
                 .is_some()
         );
         // Expired: forgotten.
-        assert!(p.effective_for_admission("a", &waiting(), later).is_none());
+        assert!(p.effective_for_admission("a", None, &waiting(), later).is_none());
         assert!(p.is_empty());
         // Seen in the store: forgotten.
-        p.record_uncertain("a", &draining(), later);
-        assert!(p.effective_for_admission("a", &draining(), now).is_none());
+        p.record_uncertain("a", None, &draining(), later);
+        assert!(p.effective_for_admission("a", None, &draining(), now).is_none());
         assert!(p.is_empty());
     }
 
@@ -294,7 +338,7 @@ mod tests {
                     .iter()
                     .map(|(n, s)| {
                         let e = if use_pending {
-                            pending.effective(n, s)
+                            pending.effective(n, None, s)
                         } else {
                             None
                         };
@@ -305,7 +349,7 @@ mod tests {
                     // The status write happens under the lock (simulated API latency).
                     tokio::task::yield_now().await;
                     persisted.lock().unwrap().push(me.to_string());
-                    pending.record(me, &draining());
+                    pending.record(me, None, &draining());
                 }
             }));
         }

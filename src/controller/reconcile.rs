@@ -52,7 +52,10 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
                 st.message = Some(message);
                 st.observed_generation = obj.metadata.generation;
                 ctx.write_status(&name, &st).await?;
-                ctx.admission.lock().await.record(&name, &st);
+                ctx.admission
+                    .lock()
+                    .await
+                    .record(&name, obj.metadata.uid.as_deref(), &st);
             }
             return Ok(Requeue::await_change());
         }
@@ -63,7 +66,9 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
 
     // Our own last write is the truth while the store lags behind it.
     let mut gate = ctx.admission.lock().await;
-    let status = gate.effective(&name, &stored).unwrap_or(stored);
+    let status = gate
+        .effective(&name, obj.metadata.uid.as_deref(), &stored)
+        .unwrap_or(stored);
     // A Waiting node the gate returns is admitted, also when it already holds its slot (a
     // retried node that stayed cordoned: docs/rollout.md, "Re-admission"). The gate runs only
     // for Waiting nodes.
@@ -124,18 +129,21 @@ async fn execute_with_gate(
         }
         match gate {
             Some(mut gate) => match ctx.write_status(&name, &decision.status).await {
-                Ok(()) => gate.record(&name, &decision.status),
+                Ok(()) => gate.record(&name, obj.metadata.uid.as_deref(), &decision.status),
                 Err(e) => {
                     // The grant may have landed (e.g. a timeout after sending): keep counting it
                     // until the watch shows it or the uncertainty window passes.
                     let until = Instant::now() + ctx.config.api_timeout.saturating_mul(6);
-                    gate.record_uncertain(&name, &decision.status, until);
+                    gate.record_uncertain(&name, obj.metadata.uid.as_deref(), &decision.status, until);
                     return Err(e);
                 }
             },
             None => {
                 ctx.write_status(&name, &decision.status).await?;
-                ctx.admission.lock().await.record(&name, &decision.status);
+                ctx.admission
+                    .lock()
+                    .await
+                    .record(&name, obj.metadata.uid.as_deref(), &decision.status);
             }
         }
         info!(node = %name, from = ?before.phase, phase = ?decision.status.phase, "status written");

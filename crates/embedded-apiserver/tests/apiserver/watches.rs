@@ -357,3 +357,49 @@ async fn metadata_only_get_list_and_watch() {
     }
     assert_eq!(names, vec!["m", "n"]);
 }
+
+/// A watch on one CRD by name (as an operator waiting for another project's CRD does) sees it
+/// created, established and deleted.
+#[tokio::test]
+async fn a_field_selected_crd_watch_sees_it_come_and_go() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let (_srv, client) = start().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let by_name = watcher::Config::default().fields("metadata.name=machines.example.com");
+    let mut events = watcher(crds.clone(), by_name).boxed();
+    assert!(matches!(next_crd_event(&mut events).await, watcher::Event::Init));
+    assert!(matches!(
+        next_crd_event(&mut events).await,
+        watcher::Event::InitDone
+    ));
+    install_crd(&client).await;
+    match next_crd_event(&mut events).await {
+        watcher::Event::Apply(crd) => assert_eq!(crd.name_any(), "machines.example.com"),
+        other => panic!("expected the CRD applied: {other:?}"),
+    }
+    crds.delete("machines.example.com", &DeleteParams::default())
+        .await
+        .unwrap();
+    loop {
+        match next_crd_event(&mut events).await {
+            watcher::Event::Delete(crd) => {
+                assert_eq!(crd.name_any(), "machines.example.com");
+                break;
+            }
+            // Status updates (Established) may come first.
+            watcher::Event::Apply(_) => {}
+            other => panic!("expected the CRD deleted: {other:?}"),
+        }
+    }
+}
+
+async fn next_crd_event<S, K>(s: &mut S) -> watcher::Event<K>
+where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin,
+{
+    tokio::time::timeout(T, s.next())
+        .await
+        .expect("a CRD watch event within the timeout")
+        .expect("the watch goes on")
+        .expect("no watch error")
+}
