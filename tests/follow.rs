@@ -424,7 +424,16 @@ fn gitrepository_resource() -> ApiResource {
     )
 }
 
-async fn set_repo_status(api: &Api<DynamicObject>, ready: &str, observed: i64, revision: &str) {
+/// Create the GitRepository `name` (spec only, as Flux's user writes it); its generation.
+async fn create_repo(api: &Api<DynamicObject>, ar: &ApiResource, name: &str) -> i64 {
+    let mut obj = DynamicObject::new(name, ar).within("nixroll-system");
+    obj.data = json!({"spec": {"interval": "1m", "url": "https://example.org/infra.git", "ref": {"branch": "main"}}});
+    let created = api.create(&PostParams::default(), &obj).await.unwrap();
+    created.metadata.generation.unwrap_or(1)
+}
+
+/// Write the GitRepository `name`'s status as Flux's source-controller would.
+async fn set_repo_status(api: &Api<DynamicObject>, name: &str, ready: &str, observed: i64, revision: &str) {
     let body = json!({
         "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
         "status": {
@@ -435,12 +444,28 @@ async fn set_repo_status(api: &Api<DynamicObject>, ready: &str, observed: i64, r
         }
     });
     api.patch_status(
-        "infra",
+        name,
         &PatchParams::apply("source-controller").force(),
         &Patch::Apply(&body),
     )
     .await
     .unwrap();
+}
+
+/// A new node's first status message: it has nothing to target, naming `source`; it did not
+/// start (bounded wait).
+async fn assert_nothing_to_target(api: &Api<NixOSNode>, node: &str, source: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = status_of(&api.get(node).await.unwrap());
+        if let Some(m) = &s.message {
+            assert!(m.contains("nothing to roll out yet") && m.contains(source), "{m}");
+            assert!(s.phase.is_none() && s.target.is_none(), "{s:?}");
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Flux's GitRepository: Flux installed after nixroll is picked up at once; followed when
@@ -478,12 +503,9 @@ async fn nodes_follow_a_flux_gitrepository() {
         .unwrap();
     let ar = gitrepository_resource();
     let repos: Api<DynamicObject> = Api::namespaced_with(world.client.clone(), "nixroll-system", &ar);
-    let mut obj = DynamicObject::new("infra", &ar).within("nixroll-system");
-    obj.data = json!({"spec": {"interval": "1m", "url": "https://example.org/infra.git", "ref": {"branch": "main"}}});
-    let created = repos.create(&PostParams::default(), &obj).await.unwrap();
-    let generation = created.metadata.generation.unwrap_or(1);
+    let generation = create_repo(&repos, &ar, "infra").await;
     let head0 = world.head().to_string();
-    set_repo_status(&repos, "True", generation, &format!("main/{head0}")).await;
+    set_repo_status(&repos, "infra", "True", generation, &format!("main/{head0}")).await;
     wait_nodes(
         &world,
         "adoption (legacy revision form)",
@@ -494,14 +516,21 @@ async fn nodes_follow_a_flux_gitrepository() {
 
     // A new artifact while the GitRepository is not Ready: ignored.
     let rev1 = world.commit("service change", |s| s.service.push('+')).unwrap();
-    set_repo_status(&repos, "False", generation, &format!("main@sha1:{rev1}")).await;
+    set_repo_status(&repos, "infra", "False", generation, &format!("main@sha1:{rev1}")).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for o in world.nixosnodes().await.unwrap().values() {
         assert!(runs(o, &head0), "followed a GitRepository that is not Ready");
         assert!(status_of(o).target.is_none());
     }
     // Ready at another generation: still ignored.
-    set_repo_status(&repos, "True", generation - 1, &format!("main@sha1:{rev1}")).await;
+    set_repo_status(
+        &repos,
+        "infra",
+        "True",
+        generation - 1,
+        &format!("main@sha1:{rev1}"),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for o in world.nixosnodes().await.unwrap().values() {
         assert!(
@@ -513,35 +542,17 @@ async fn nodes_follow_a_flux_gitrepository() {
     // created before the next status change of "infra": the nodes reacting to that change
     // prove the controller's GitRepository watch has also seen this one (one watch, events in
     // resourceVersion order).
-    let mut spare = DynamicObject::new("spare", &ar).within("nixroll-system");
-    spare.data = json!({"spec": {"interval": "1m", "url": "https://example.org/infra.git", "ref": {"branch": "main"}}});
-    let spare_generation = repos
-        .create(&PostParams::default(), &spare)
-        .await
-        .unwrap()
-        .metadata
-        .generation
-        .unwrap_or(1);
-    let body = json!({
-        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
-        "status": {
-            "observedGeneration": spare_generation,
-            "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded",
-                            "message": "set by the test", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-            "artifact": {"revision": format!("main@sha1:{rev1}"), "path": "x", "url": "http://x",
-                         "lastUpdateTime": "2026-01-01T00:00:00Z"}
-        }
-    });
-    repos
-        .patch_status(
-            "spare",
-            &PatchParams::apply("source-controller").force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .unwrap();
+    let spare_generation = create_repo(&repos, &ar, "spare").await;
+    set_repo_status(
+        &repos,
+        "spare",
+        "True",
+        spare_generation,
+        &format!("main@sha1:{rev1}"),
+    )
+    .await;
     // Ready: followed.
-    set_repo_status(&repos, "True", generation, &format!("main@sha1:{rev1}")).await;
+    set_repo_status(&repos, "infra", "True", generation, &format!("main@sha1:{rev1}")).await;
     wait_nodes(
         &world,
         "the Ready revision",
@@ -573,17 +584,7 @@ async fn nodes_follow_a_flux_gitrepository() {
     }
     // A new node following it has nothing to target: its status says why.
     world.apply("node-9", &ghost).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let s = status_of(&api.get("node-9").await.unwrap());
-        if let Some(m) = &s.message {
-            assert!(m.contains("nothing to roll out yet") && m.contains("nope"), "{m}");
-            assert!(s.phase.is_none() && s.target.is_none(), "{s:?}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_nothing_to_target(&api, "node-9", "nope").await;
     // Flux removed: its CRD, and with it every GitRepository, is gone and their offers are
     // forgotten, so a new node following "spare" has nothing to target. (A group already
     // pinned keeps its pin until its members run it, docs/source.md; "spare" has no pin.)
@@ -600,20 +601,7 @@ async fn nodes_follow_a_flux_gitrepository() {
         namespace: None,
     });
     world.apply("node-8", &gitrepo).await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let s = status_of(&api.get("node-8").await.unwrap());
-        if let Some(m) = &s.message {
-            assert!(
-                m.contains("nothing to roll out yet") && m.contains("spare"),
-                "{m}"
-            );
-            assert!(s.phase.is_none() && s.target.is_none(), "{s:?}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_nothing_to_target(&api, "node-8", "spare").await;
     for (name, o) in world.nixosnodes().await.unwrap() {
         if name != "node-8" && name != "node-9" && name != "node-1" {
             assert!(runs(&o, &rev1), "{name} kept what it runs");

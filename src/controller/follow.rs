@@ -58,11 +58,9 @@ type Offers = Arc<Mutex<HashMap<SourceKey, Result<Offer, Untrusted>>>>;
 
 /// The following side of one leadership term.
 pub struct Following {
-    client: Client,
-    nixosnodes: Store<NixOSNode>,
-    wake: mpsc::UnboundedSender<ObjectRef<NixOSNode>>,
+    /// The client, the offers and the NixOSNodes to wake, shared with the watch tasks.
+    feeds: Feeds,
     failure_threshold: u32,
-    offers: Offers,
     pins: Mutex<HashMap<SourceKey, Offer>>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -93,11 +91,13 @@ impl Following {
         failure_threshold: u32,
     ) -> Self {
         Following {
-            client,
-            nixosnodes,
-            wake,
+            feeds: Feeds {
+                client,
+                offers: Arc::default(),
+                nixosnodes,
+                wake,
+            },
             failure_threshold,
-            offers: Arc::default(),
             pins: Mutex::default(),
             tasks: Mutex::default(),
         }
@@ -107,12 +107,12 @@ impl Following {
     /// while the API serves `gitrepositories.source.toolkit.fluxcd.io/v1`: a watch on that one
     /// CRD starts it when Flux is installed (before or after nixroll) and stops it, forgetting
     /// what it offered, when Flux is removed.
-    pub async fn start(&self, config: &FollowConfig, identity: &str) {
+    pub fn start(&self, config: &FollowConfig, identity: &str) {
         if !config.enabled {
             return;
         }
         let mut handles = Vec::new();
-        let client = self.client.clone();
+        let client = self.feeds.client.clone();
         let sc = config.source_controller.clone();
         let identity = identity.to_string();
         handles.push(
@@ -120,7 +120,7 @@ impl Following {
                 .abort_handle(),
         );
 
-        let api: Api<FlakeSource> = Api::all(self.client.clone());
+        let api: Api<FlakeSource> = Api::all(self.feeds.client.clone());
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
             .map(|ev| {
@@ -133,7 +133,7 @@ impl Following {
                     })
                 })
             });
-        let feeds = self.feeds();
+        let feeds = self.feeds.clone();
         handles.push(tokio::spawn(feeds.feed(SourceKind::FlakeSource, stream)).abort_handle());
         handles.push(tokio::spawn(feeds.follow_flux()).abort_handle());
         if let Ok(mut t) = self.tasks.lock() {
@@ -141,16 +141,9 @@ impl Following {
         }
     }
 
-    fn feeds(&self) -> Feeds {
-        Feeds {
-            client: self.client.clone(),
-            offers: self.offers.clone(),
-            nixosnodes: self.nixosnodes.clone(),
-            wake: self.wake.clone(),
-        }
-    }
     fn latest(&self, key: &SourceKey) -> Result<Offer, Untrusted> {
-        self.offers
+        self.feeds
+            .offers
             .lock()
             .ok()
             .and_then(|o| o.get(key).cloned())
@@ -188,7 +181,7 @@ impl Following {
             }
             drop(pins);
             for o in &group {
-                let _ = self.wake.send(ObjectRef::new(&o.name_any()));
+                let _ = self.feeds.wake.send(ObjectRef::new(&o.name_any()));
             }
         }
         (next, latest)
@@ -209,7 +202,7 @@ impl Following {
             return Ok(obj);
         };
         let key = SourceKey::from(sr);
-        let all = self.nixosnodes.state();
+        let all = self.feeds.nixosnodes.state();
         let (pin, latest) = self.pin_for(&key, &all);
         match follow::effective_spec(&obj, pin.as_ref()) {
             Some(spec) => {
@@ -517,7 +510,7 @@ mod tests {
             name: "infra".into(),
         };
         let flake = "git+https://h/r?ref=refs/heads/main".to_owned();
-        f.offers.lock().unwrap().insert(
+        f.feeds.offers.lock().unwrap().insert(
             key.clone(),
             Ok(Offer {
                 commit: b.clone(),
@@ -540,7 +533,11 @@ mod tests {
         }
         assert_eq!(n, 1000);
         // A node with nothing offered and nothing run has nothing to target.
-        f.offers.lock().unwrap().insert(key, Err(Untrusted::NotResolved));
+        f.feeds
+            .offers
+            .lock()
+            .unwrap()
+            .insert(key, Err(Untrusted::NotResolved));
         let mut fresh = following("new", &a);
         fresh.status = None;
         f.pins.lock().unwrap().clear();

@@ -132,7 +132,7 @@ async fn lead(
     };
     let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
     ctx.watch_disruption_budgets();
-    ctx.follow.start(&ctx.config.follow, &ctx.config.identity).await;
+    ctx.follow.start(&ctx.config.follow, &ctx.config.identity);
     let wake_stream =
         futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
 

@@ -456,13 +456,10 @@ pub fn credentials_from(secret: &Secret) -> Result<(Credentials, Option<KnownHos
 /// `Succeeded` when `Ready` turns True again without a new revision. Notes are the status's own
 /// messages, which never carry credentials.
 pub fn status_notes<'a>(prev: &FlakeSourceStatus, next: &'a FlakeSourceStatus) -> Vec<Note<'a>> {
-    let ready = |st: &'a FlakeSourceStatus| st.conditions.iter().find(|c| c.type_ == source_condition::READY);
-    let (was, now) = (
-        prev.conditions
-            .iter()
-            .find(|c| c.type_ == source_condition::READY),
-        ready(next),
-    );
+    fn ready(st: &FlakeSourceStatus) -> Option<&Condition> {
+        st.conditions.iter().find(|c| c.type_ == source_condition::READY)
+    }
+    let (was, now) = (ready(prev), ready(next));
     let mut notes = Vec::new();
     let new_revision = next.revision.is_some() && next.revision != prev.revision;
     if let Some(r) = next.revision.as_deref().filter(|_| new_revision) {
@@ -561,22 +558,26 @@ mod tests {
         next_status(prev, s, Some(1), Some(u), &Outcome::Polled(poll), t)
     }
 
+    /// A time of the tests: `n` seconds after a fixed start.
+    fn at(n: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + n).unwrap()
+    }
+
+    /// The source of [`spec`], its URL, and its status after a first poll at `at(0)`.
+    fn first(poll: Poll) -> (FlakeSourceSpec, SourceUrl, FlakeSourceStatus) {
+        let s = spec();
+        let u = SourceUrl::parse(&s.url, false).unwrap();
+        let st = polled(&FlakeSourceStatus::default(), &s, &u, poll, at(0));
+        (s, u, st)
+    }
+
     fn cond<'a>(st: &'a FlakeSourceStatus, t: &str) -> Option<&'a Condition> {
         st.conditions.iter().find(|c| c.type_ == t)
     }
 
     #[test]
     fn accepted_then_failed_keeps_the_revision_and_says_why() {
-        let s = spec();
-        let u = SourceUrl::parse(&s.url, false).unwrap();
-        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
-        let st = polled(
-            &FlakeSourceStatus::default(),
-            &s,
-            &u,
-            Poll::Advanced(resolved('a')),
-            t0,
-        );
+        let (s, u, st) = first(Poll::Advanced(resolved('a')));
         assert_eq!(
             st.revision.as_deref(),
             Some(format!("main@sha1:{}", "a".repeat(40)).as_str())
@@ -587,7 +588,7 @@ mod tests {
         assert!(cond(&st, "FetchFailed").is_none());
         assert_eq!(last_accepted(&st, &u, &s), Some(resolved('a')));
 
-        let t1 = Timestamp::from_second(1_800_000_300).unwrap();
+        let t1 = at(300);
         let failed = Outcome::Polled(Poll::Failed {
             kept: Some(resolved('a')),
             error: ResolveError::TimedOut {
@@ -603,7 +604,7 @@ mod tests {
         assert_eq!(st2.last_fetch_time, Some(Time(t1)));
 
         // Recovery: Ready again, its transition time is the recovery's.
-        let t2 = Timestamp::from_second(1_800_000_600).unwrap();
+        let t2 = at(600);
         let st3 = polled(&st2, &s, &u, Poll::Unchanged(resolved('a')), t2);
         assert_eq!(cond(&st3, "Ready").unwrap().last_transition_time, Time(t2));
         assert!(cond(&st3, "FetchFailed").is_none());
@@ -614,19 +615,10 @@ mod tests {
 
     #[test]
     fn non_fast_forward_is_refused_and_reported() {
-        let s = spec();
-        let u = SourceUrl::parse(&s.url, false).unwrap();
-        let t = Timestamp::from_second(1_800_000_000).unwrap();
-        let st = polled(
-            &FlakeSourceStatus::default(),
-            &s,
-            &u,
-            Poll::NonFastForward {
-                kept: resolved('a'),
-                refused: resolved('b'),
-            },
-            t,
-        );
+        let (_, _, st) = first(Poll::NonFastForward {
+            kept: resolved('a'),
+            refused: resolved('b'),
+        });
         assert_eq!(st.commit.as_deref(), Some("a".repeat(40).as_str()));
         assert!(st.refused_revision.as_deref().unwrap().contains(&"b".repeat(40)));
         assert_eq!(cond(&st, "NonFastForward").unwrap().status, "True");
@@ -640,16 +632,8 @@ mod tests {
 
     #[test]
     fn a_changed_ref_starts_afresh() {
-        let s = spec();
-        let u = SourceUrl::parse(&s.url, false).unwrap();
-        let t = Timestamp::from_second(1_800_000_000).unwrap();
-        let st = polled(
-            &FlakeSourceStatus::default(),
-            &s,
-            &u,
-            Poll::Advanced(resolved('a')),
-            t,
-        );
+        let (_, u, st) = first(Poll::Advanced(resolved('a')));
+        let t = at(0);
         let mut other = spec();
         other.git_ref.branch = Some("release".into());
         assert_eq!(last_accepted(&st, &u, &other), None);
@@ -667,7 +651,6 @@ mod tests {
     fn events_follow_status_changes_not_polls() {
         let s = spec();
         let u = SourceUrl::parse(&s.url, false).unwrap();
-        let t = |n: i64| Timestamp::from_second(1_800_000_000 + n).unwrap();
         let reasons = |prev: &FlakeSourceStatus, next: &FlakeSourceStatus| -> Vec<(String, bool)> {
             status_notes(prev, next)
                 .into_iter()
@@ -675,12 +658,12 @@ mod tests {
                 .collect()
         };
         let empty = FlakeSourceStatus::default();
-        let a = polled(&empty, &s, &u, Poll::Advanced(resolved('a')), t(0));
+        let a = polled(&empty, &s, &u, Poll::Advanced(resolved('a')), at(0));
         assert_eq!(reasons(&empty, &a), [("NewRevision".to_string(), false)]);
         let notes = status_notes(&empty, &a);
         assert!(notes[0].note.contains(&"a".repeat(40)), "{}", notes[0].note);
         // Polled again, nothing new: no Event (only lastFetchTime moved).
-        let a2 = polled(&a, &s, &u, Poll::Unchanged(resolved('a')), t(300));
+        let a2 = polled(&a, &s, &u, Poll::Unchanged(resolved('a')), at(300));
         assert!(reasons(&a, &a2).is_empty());
         // A timeout: one Warning; the same timeout again: silent.
         let timeout = || Poll::Failed {
@@ -690,15 +673,15 @@ mod tests {
                 after: Duration::from_secs(60),
             },
         };
-        let f = polled(&a2, &s, &u, timeout(), t(600));
+        let f = polled(&a2, &s, &u, timeout(), at(600));
         assert_eq!(reasons(&a2, &f), [("Timeout".to_string(), true)]);
-        let f2 = polled(&f, &s, &u, timeout(), t(900));
+        let f2 = polled(&f, &s, &u, timeout(), at(900));
         assert!(reasons(&f, &f2).is_empty());
         // Recovery on the same revision: one Normal Event.
-        let ok = polled(&f2, &s, &u, Poll::Unchanged(resolved('a')), t(1200));
+        let ok = polled(&f2, &s, &u, Poll::Unchanged(resolved('a')), at(1200));
         assert_eq!(reasons(&f2, &ok), [("Succeeded".to_string(), false)]);
         // Recovery with a new revision: only NewRevision, naming the old one.
-        let b = polled(&f2, &s, &u, Poll::Advanced(resolved('b')), t(1200));
+        let b = polled(&f2, &s, &u, Poll::Advanced(resolved('b')), at(1200));
         let notes = status_notes(&f2, &b);
         assert_eq!(notes.len(), 1);
         assert_eq!(notes[0].reason, "NewRevision");
@@ -718,11 +701,11 @@ mod tests {
                 kept: resolved('b'),
                 refused: resolved('c'),
             },
-            t(1500),
+            at(1500),
         );
         assert_eq!(reasons(&b, &nff), [("NonFastForward".to_string(), true)]);
         // Suspended is Normal.
-        let sus = next_status(&nff, &s, Some(2), Some(&u), &Outcome::Suspended, t(1800));
+        let sus = next_status(&nff, &s, Some(2), Some(&u), &Outcome::Suspended, at(1800));
         assert_eq!(reasons(&nff, &sus), [("Suspended".to_string(), false)]);
     }
 
