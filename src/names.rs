@@ -28,3 +28,7 @@ pub const MASTER_LABEL: &str = "node-role.kubernetes.io/master";
 pub const STATE_DIR: &str = "/var/lib/nixroll";
 /// The system profile.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
+/// ServiceAccount of the agent's DaemonSet pods (deploy/agent-rbac.yaml).
+pub const AGENT_SERVICE_ACCOUNT: &str = "nixroll-agent";
+/// ServiceAccount of the controller's pods (deploy/controller-rbac.yaml).
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "nixroll-controller";

@@ -88,8 +88,11 @@ pub struct NixOSNodeSpec {
     /// Nix store, logs, status or Events). Written before any activation and again whenever
     /// the Secret's data changes; a missing Secret or key blocks the next activation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = Rule::new("self.all(s, self.exists_one(t, t.path == s.path))").message("secrets: each path may appear only once"))]
-    #[schemars(length(max = 64))]
+    /// Each path may appear once (the list is keyed by `path`).
+    // Uniqueness through the list type, not CEL: the server refuses a duplicate as `Duplicate
+    // value` at no CEL cost, where a rule comparing every pair cost about a sixth of the
+    // per-rule budget at 64 entries (tests/real_api/crds.rs measures the margin).
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["path"]))]
     pub secrets: Vec<SecretFile>,
 }
 
@@ -150,6 +153,24 @@ pub struct SecretKeyRef {
     #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("secretRef.key must be a Secret data key ([-._a-zA-Z0-9]+)"))]
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
+}
+
+/// The schema of a [`SecretKeyRef`] in status: the same shape without its CEL rules.
+///
+/// Status is written only by nixroll's own agent, from a `spec.secrets` entry the API server
+/// already validated; a rule there would check nothing a user wrote, and under a list it costs
+/// CEL budget per item (kube-apiserver refused the CRD for exactly that). The lengths stay, so
+/// the schema still bounds what a writer can put there.
+fn reported_secret_ref(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "description": "The Secret (in `nixroll-system`) and key the file comes from.",
+        "properties": {
+            "name": {"type": "string", "maxLength": 253, "description": "Name of the Secret."},
+            "key": {"type": "string", "maxLength": 253, "description": "Key in the Secret's data."}
+        },
+        "required": ["key", "name"]
+    })
 }
 
 impl std::fmt::Display for SecretKeyRef {
@@ -394,8 +415,9 @@ pub struct NixOSNodeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// Applied revisions, newest first (bounded).
+    /// Applied revisions, newest first (the last 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
     pub history: Vec<HistoryEntry>,
     /// When `phase` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -529,10 +551,12 @@ pub struct AgentStatus {
     pub last_error: Option<HostError>,
     /// Secret files written on the host (never their content, nor a hash of it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub secrets: Vec<SecretFileStatus>,
     /// Secret files of `spec.secrets` that could not be written (Secret or key missing, too
     /// large, unknown owner). While this is not empty the controller activates nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub secrets_missing: Vec<MissingSecret>,
 }
 
@@ -541,6 +565,7 @@ pub struct AgentStatus {
 #[serde(rename_all = "camelCase")]
 pub struct SecretFileStatus {
     pub path: String,
+    #[schemars(schema_with = "reported_secret_ref")]
     pub secret_ref: SecretKeyRef,
     /// `metadata.resourceVersion` of the Secret the content was last written from.
     pub resource_version: String,
@@ -552,6 +577,7 @@ pub struct SecretFileStatus {
 #[serde(rename_all = "camelCase")]
 pub struct MissingSecret {
     pub path: String,
+    #[schemars(schema_with = "reported_secret_ref")]
     pub secret_ref: SecretKeyRef,
     /// `SecretNotFound`, `KeyNotFound`, `TooLarge`, `UnknownOwner`, `InvalidMode`, `NotRead`,
     /// `ReadFailed`, `WriteFailed`.

@@ -230,7 +230,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     // The controller: the real binary, its own port of the API.
     let listener = embedded_apiserver::ApiServer::start_on(
         std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        world.api.store(),
+        world.embedded("the bench")?.store(),
     )
     .await
     .map_err(WorldError::from)?;
@@ -324,13 +324,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         });
     }
     let before = listener.request_counts();
-    let agents_before = world.agents_api.request_counts();
+    let agents_before = world.embedded_agents("the bench")?.request_counts();
     let metrics_before = scrape(metrics_port).unwrap_or_default();
     let next = world.commit("new kernel", |s| {
         s.kernel.push_str("-next");
         s.kernel_modules.push_str("-next");
     })?;
-    let clock = StepClock::start(&world.api.store());
+    let clock = StepClock::start(&world.embedded("the bench's step clock")?.store());
     world.apply_all(&world.spec(&next)).await?;
     for p in progress.nodes.values_mut() {
         p.disrupted_for = Duration::ZERO;
@@ -351,7 +351,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let rollout = t_roll.elapsed();
     clock.wait_finished(opts.nodes, Duration::from_secs(10)).await;
     let after = listener.request_counts();
-    let agents_after = world.agents_api.request_counts();
+    let agents_after = world.embedded_agents("the bench")?.request_counts();
     let metrics = scrape(metrics_port).unwrap_or_default();
     let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
     peak = peak.max(hwm);

@@ -277,21 +277,33 @@ impl SimCluster {
             "spec":{"selector":{"matchLabels":{"app":"nixroll-agent"}},
                     "template":{"metadata":{"labels":{"app":"nixroll-agent"}},"spec":{"containers":[{"name":"agent","image":"nixroll"}]}}}
         }))?;
-        let ds = call(
+        // On a real API server `kubectl apply -k deploy/` created it already (no DaemonSet
+        // controller runs there: the pods below are this simulation's).
+        let ds = match call(
             "create daemonset",
             self.t(),
             ds_api.create(&PostParams::default(), &ds),
         )
-        .await?;
+        .await
+        {
+            Err(SimError::Api {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.code == 409 => call("get daemonset", self.t(), ds_api.get("nixroll-agent")).await?,
+            other => other?,
+        };
         let ds_uid = ds.uid().unwrap_or_default();
         for node in nodes {
-            let pod = pod_json(
+            let mut pod = pod_json(
                 crate::names::NAMESPACE,
                 &format!("nixroll-agent-{node}"),
                 node,
                 "nixroll-agent",
                 ("DaemonSet", "nixroll-agent", &ds_uid),
             );
+            // The agent's identity: on a real API server its token is bound to this pod.
+            pod["spec"]["serviceAccountName"] = json!(crate::names::AGENT_SERVICE_ACCOUNT);
+            pod["spec"]["automountServiceAccountToken"] = json!(false);
             pods.push(pod);
         }
         let rs_api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), WORKLOAD_NAMESPACE);

@@ -89,7 +89,7 @@ pub async fn run(
             NixMode::Real => "real",
             _ => "simulated (no nix on this machine)",
         },
-        world.api.url()
+        world.embedded("the demo")?.url()
     )?;
     writeln!(
         err,
@@ -112,7 +112,7 @@ pub async fn run(
     config.policy.max_unavailable = opts.max_unavailable;
     config.drain_pass_backoff = (Duration::from_millis(200), Duration::from_secs(2));
     let controller = world.start_controller(config).await?;
-    let clock = StepClock::start(&world.api.store());
+    let clock = StepClock::start(&world.embedded("the demo's step clock")?.store());
 
     let mut view = LiveView::new(&world.client, opts.json, tty, opts.timeout);
 

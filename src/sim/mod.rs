@@ -8,10 +8,12 @@
 //! agent's `Host` and `Nix` traits), and the harness that wires them to the real controller and
 //! agents ([`world`], [`demo`], [`bench`], [`monitor`], [`progress`], [`steps`]). The arrows
 //! point one way: `sim` → nixroll's operator code and → `embedded-apiserver`; the operator never
-//! uses `sim`, and the API server uses neither.
+//! uses `sim`, and the API server uses neither. The same simulated cluster also runs against a
+//! real kube-apiserver ([`controlplane`], [`world::ExternalApi`]) in the real-API tests.
 
 pub mod bench;
 pub mod cluster;
+pub mod controlplane;
 pub mod demo;
 pub mod demo_follow;
 pub mod fixtures;

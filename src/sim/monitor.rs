@@ -158,10 +158,22 @@ async fn check_uncordon(
             });
     match status.phase {
         Some(Phase::UpToDate) => {
-            if status.revision.as_deref() != Some(obj.spec.revision.as_str()) {
+            // A node that follows a source has no spec.revision: the revision the controller
+            // resolved for it is its target's (or, once the target is cleared, `wanted`).
+            let wanted = if !obj.spec.revision.is_empty() {
+                Some(obj.spec.revision.clone())
+            } else {
+                status.target.as_ref().map(|t| t.revision.clone())
+            };
+            let runs_wanted = match &wanted {
+                Some(w) => status.revision.as_deref() == Some(w.as_str()),
+                None => status.running.is_some() && status.running == status.wanted,
+            };
+            if !runs_wanted {
                 Some(format!(
-                    "{name}: uncordoned as UpToDate but runs {:?}, not {}",
-                    status.revision, obj.spec.revision
+                    "{name}: uncordoned as UpToDate but runs {:?}, not {:?}",
+                    status.revision,
+                    wanted.or(status.wanted.clone())
                 ))
             } else if !ready {
                 Some(format!("{name}: uncordoned while not Ready"))

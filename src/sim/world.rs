@@ -92,6 +92,8 @@ pub enum WorldError {
     Io(#[from] std::io::Error),
     #[error("Nix was requested but `nix --version` does not run on this machine")]
     NoNix,
+    #[error("{0} needs the embedded API server")]
+    NotEmbedded(&'static str),
 }
 
 async fn call<T>(
@@ -156,13 +158,42 @@ impl ControllerHandle {
     }
 }
 
+/// An API server the world does not start (a real kube-apiserver in the real-API tests), and
+/// the identities its parts use there: the simulated cluster (kubelets, scheduler, the GitOps
+/// tool) as `admin`, each controller replica and each node's agent as given (service-account
+/// tokens, so that RBAC and admission policies apply as in a cluster).
+#[derive(Clone)]
+pub struct ExternalApi {
+    pub admin: kube::Config,
+    pub controller: kube::Config,
+    /// The agent's configuration for a node, asked once the node's agent pod exists (a token
+    /// bound to that pod).
+    pub agent: AgentConfigFor,
+    /// A kubeconfig file for people and `kubectl` (the admin's).
+    pub kubeconfig: PathBuf,
+}
+
+/// The agent's client configuration for the node named by its argument.
+pub type AgentConfigFor = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<kube::Config, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Which API server the world's parts talk to.
+pub enum WorldApi {
+    /// The embedded API server, started by the world: `api` for everyone but the agents,
+    /// `agents_api` (a second port on the same store) for the agents, so that their requests
+    /// are counted apart ([`ApiServer::request_counts`]).
+    Embedded { api: ApiServer, agents_api: ApiServer },
+    External(ExternalApi),
+}
+
 /// The simulated cluster.
 pub struct World {
-    pub api: ApiServer,
-    /// A second port of the same API server that only the agents use, so that their requests
-    /// are counted apart ([`ApiServer::request_counts`]).
-    pub agents_api: ApiServer,
-    agents_client: Client,
+    pub backend: WorldApi,
+    /// The agents' client on the embedded API (on an external one each agent has its own).
+    agents_client: Option<Client>,
     pub client: Client,
     pub cluster: SimCluster,
     pub nodes: Vec<SimNode>,
@@ -212,6 +243,28 @@ impl World {
             crds.create(&PostParams::default(), &crate::api::flakesource_crd()),
         )
         .await?;
+        let backend = WorldApi::Embedded { api, agents_api };
+        World::start_with(opts, dir, backend, client, Some(agents_client), kubeconfig).await
+    }
+
+    /// [`World::start`] on an API server that is already running, with nixroll installed
+    /// there (CRDs, namespace, RBAC, the agent's ServiceAccount: `kubectl apply -k deploy/`).
+    pub async fn start_external(opts: WorldOptions, external: ExternalApi) -> Result<World, WorldError> {
+        let dir = tempfile::Builder::new().prefix("nixroll-sim-").tempdir()?;
+        let client = Client::try_from(external.admin.clone())
+            .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
+        let kubeconfig = external.kubeconfig.clone();
+        World::start_with(opts, dir, WorldApi::External(external), client, None, kubeconfig).await
+    }
+
+    async fn start_with(
+        opts: WorldOptions,
+        dir: tempfile::TempDir,
+        backend: WorldApi,
+        client: Client,
+        agents_client: Option<Client>,
+        kubeconfig: PathBuf,
+    ) -> Result<World, WorldError> {
 
         let nix_mode = match opts.nix {
             NixMode::Auto if nix_available() => NixMode::Real,
@@ -245,8 +298,7 @@ impl World {
         let cluster = SimCluster::new(client.clone(), opts.timing.clone());
         let kubelets = tokio::spawn(cluster.clone().run(std::future::pending::<()>()));
         let mut world = World {
-            api,
-            agents_api,
+            backend,
             agents_client,
             client,
             cluster,
@@ -329,12 +381,35 @@ impl World {
             .with_private_nix_store(),
         );
         let nix = self.nix_for(host_root.clone(), &name);
-        let client = self.agents_client.clone();
+        let shared_client = self.agents_client.clone();
+        let agent_config = match &self.backend {
+            WorldApi::External(ext) => Some(ext.agent.clone()),
+            WorldApi::Embedded { .. } => None,
+        };
         let cluster = self.cluster.clone();
         let node_name = name.clone();
         let sim_host = host.clone();
         let supervisor = tokio::spawn(async move {
             loop {
+                // Like a new agent pod: its own client (on an external API server, a fresh
+                // token bound to its pod).
+                let client = match (&shared_client, &agent_config) {
+                    (Some(c), _) => c.clone(),
+                    (None, Some(make)) => match make(node_name.clone()).await.map(Client::try_from) {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            tracing::warn!(node = %node_name, error = %e, "agent client; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %node_name, error = %e, "agent credentials; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    },
+                    (None, None) => return,
+                };
                 let config =
                     crate::agent::AgentConfig::new(node_name.clone(), host_root.clone(), nix.clone());
                 // The agent's own defaults: the demo and the benchmark time the path a real
@@ -516,7 +591,10 @@ impl World {
 
     /// Start a controller replica with `config` (its own client, as a separate pod would have).
     pub async fn start_controller(&self, config: ControllerConfig) -> Result<ControllerHandle, WorldError> {
-        let mut config_k = self.api.config().await?;
+        let mut config_k = match &self.backend {
+            WorldApi::Embedded { api, .. } => api.config().await?,
+            WorldApi::External(ext) => ext.controller.clone(),
+        };
         config_k.default_retry = false; // as `nixroll controller` does: the drain handles 429
         let client = Client::try_from(config_k)
             .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
@@ -541,6 +619,23 @@ impl World {
             .into_iter()
             .filter_map(|o| o.metadata.name.clone().map(|n| (n, o)))
             .collect())
+    }
+
+    /// The embedded API server; an error naming `what` needs it when the world runs on
+    /// another.
+    pub fn embedded(&self, what: &'static str) -> Result<&ApiServer, WorldError> {
+        match &self.backend {
+            WorldApi::Embedded { api, .. } => Ok(api),
+            WorldApi::External(_) => Err(WorldError::NotEmbedded(what)),
+        }
+    }
+
+    /// The embedded API server's agents-only port (see [`WorldApi::Embedded`]).
+    pub fn embedded_agents(&self, what: &'static str) -> Result<&ApiServer, WorldError> {
+        match &self.backend {
+            WorldApi::Embedded { agents_api, .. } => Ok(agents_api),
+            WorldApi::External(_) => Err(WorldError::NotEmbedded(what)),
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&SimNode> {
