@@ -117,7 +117,9 @@ pub fn try_render(release: &Release, overrides: Value) -> Result<Rendered, Strin
         } else if name.ends_with(".yaml") {
             docs.extend(yaml_docs(&out));
         } else {
-            return Err(format!("{name}: Helm renders only *.yaml, *.tpl and NOTES.txt here"));
+            return Err(format!(
+                "{name}: Helm renders only *.yaml, *.tpl and NOTES.txt here"
+            ));
         }
     }
     Ok(Rendered { docs, notes })
@@ -205,7 +207,9 @@ fn sprint(v: &G) -> Result<String, FuncError> {
 fn string_arg(f: &str, v: &G) -> Result<String, FuncError> {
     match v {
         G::String(s) => Ok(s.clone()),
-        other => Err(FuncError::Generic(format!("{f}: expected a string, got {other:?}"))),
+        other => Err(FuncError::Generic(format!(
+            "{f}: expected a string, got {other:?}"
+        ))),
     }
 }
 
@@ -215,7 +219,9 @@ fn count_arg(f: &str, v: &G) -> Result<usize, FuncError> {
             .as_u64()
             .map(|n| n as usize)
             .ok_or_else(|| FuncError::Generic(format!("{f}: expected a count, got {n:?}"))),
-        other => Err(FuncError::Generic(format!("{f}: expected a count, got {other:?}"))),
+        other => Err(FuncError::Generic(format!(
+            "{f}: expected a count, got {other:?}"
+        ))),
     }
 }
 
@@ -248,7 +254,10 @@ fn indent(args: &[G]) -> Result<G, FuncError> {
     };
     let pad = " ".repeat(count_arg("indent", n)?);
     let s = string_arg("indent", s)?;
-    Ok(G::String(format!("{pad}{}", s.replace('\n', &format!("\n{pad}")))))
+    Ok(G::String(format!(
+        "{pad}{}",
+        s.replace('\n', &format!("\n{pad}"))
+    )))
 }
 
 /// Sprig: `nindent N s` = "\n" + `indent N s`.
@@ -276,7 +285,10 @@ fn default(args: &[G]) -> Result<G, FuncError> {
     match args {
         [d] => Ok(d.clone()),
         [d, v] => Ok(if is_empty(v) { d.clone() } else { v.clone() }),
-        _ => Err(FuncError::Generic(format!("default takes 1 or 2 arguments, got {}", args.len()))),
+        _ => Err(FuncError::Generic(format!(
+            "default takes 1 or 2 arguments, got {}",
+            args.len()
+        ))),
     }
 }
 
@@ -323,7 +335,9 @@ fn trunc(args: &[G]) -> Result<G, FuncError> {
     let [n, s] = args else {
         return Err(FuncError::ExactlyXArgs("trunc".into(), 2));
     };
-    Ok(G::String(sprint(s)?.chars().take(count_arg("trunc", n)?).collect()))
+    Ok(G::String(
+        sprint(s)?.chars().take(count_arg("trunc", n)?).collect(),
+    ))
 }
 
 /// Sprig: `trimSuffix SUFFIX s`.
