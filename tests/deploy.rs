@@ -10,6 +10,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// `kubectl kustomize DIR` as JSON documents; `None` (skip) only outside CI without kubectl.
@@ -33,13 +35,7 @@ pub fn kustomize(dir: &str) -> Option<Vec<Value>> {
     Some(yaml_docs(&String::from_utf8(out.stdout).unwrap()))
 }
 
-fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_saphyr::from_multiple::<Value>(text)
-        .unwrap()
-        .into_iter()
-        .filter(|v| !v.is_null())
-        .collect()
-}
+use common::chart::yaml_docs;
 
 /// kustomize re-renders `86400.0` as `86400`; compare numbers by value.
 fn numbers_as_f64(v: &Value) -> Value {
@@ -449,122 +445,47 @@ fn renovate_finds_the_revision_to_bump() {
     );
 }
 
-/// charts/nixroll rendered without Helm (none can be installed here): every file of
-/// `templates/` goes through `gtmpl`, a Go text/template engine, with the context Helm gives
-/// (`.Values` from values.yaml merged with overrides, `.Chart`, `.Release`) and the two Helm
-/// functions the templates use, `toYaml` and `nindent`, written here after Helm's definitions.
+/// charts/nixroll, rendered by `common::chart` (gtmpl with Helm's functions; no `helm` binary
+/// can be installed here).
 mod chart {
     use std::collections::HashMap;
 
-    use gtmpl::{Context, FuncError, Template, Value as G};
     use serde_json::{Value, json};
 
-    use super::{ROOT, assert_typed, kustomize, numbers_as_f64, yaml_docs};
+    use super::{ROOT, assert_typed, kustomize, numbers_as_f64};
+    use crate::common::chart::{self, Release, notes, render, try_render};
 
-    fn to_g(v: &Value) -> G {
-        match v {
-            Value::Null => G::Nil,
-            Value::Bool(b) => G::Bool(*b),
-            Value::Number(n) => match n.as_i64() {
-                Some(i) => G::from(i),
-                None => G::from(n.as_f64().unwrap_or_default()),
-            },
-            Value::String(s) => G::String(s.clone()),
-            Value::Array(a) => G::Array(a.iter().map(to_g).collect()),
-            Value::Object(o) => G::Map(o.iter().map(|(k, v)| (k.clone(), to_g(v))).collect()),
-        }
-    }
+    /// The labels only Helm adds (deploy/ has no release, version or manager to name).
+    const HELM_LABELS: [&str; 4] = [
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/managed-by",
+        "app.kubernetes.io/version",
+        "helm.sh/chart",
+    ];
 
-    fn from_g(v: &G) -> Result<Value, FuncError> {
-        Ok(match v {
-            G::Nil | G::NoValue => Value::Null,
-            G::Bool(b) => json!(b),
-            G::String(s) => json!(s),
-            G::Number(n) => match n.as_i64() {
-                Some(i) => json!(i),
-                None => json!(n.as_f64()),
-            },
-            G::Array(a) => Value::Array(a.iter().map(from_g).collect::<Result<_, _>>()?),
-            G::Map(m) | G::Object(m) => Value::Object(
-                m.iter()
-                    .map(|(k, v)| Ok((k.clone(), from_g(v)?)))
-                    .collect::<Result<_, FuncError>>()?,
-            ),
-            G::Function(_) => return Err(FuncError::Generic("toYaml of a function".into())),
-        })
-    }
-
-    /// Helm: `toYaml` marshals to YAML (keys sorted) and trims the trailing newline.
-    fn to_yaml(args: &[G]) -> Result<G, FuncError> {
-        let [v] = args else {
-            return Err(FuncError::ExactlyXArgs("toYaml".into(), 1));
-        };
-        let text = serde_saphyr::to_string(&from_g(v)?).map_err(|e| FuncError::Generic(e.to_string()))?;
-        Ok(G::String(text.trim_end_matches('\n').to_string()))
-    }
-
-    /// Helm: `nindent N s` = "\n" + every line of s prefixed with N spaces.
-    fn nindent(args: &[G]) -> Result<G, FuncError> {
-        let [G::Number(n), G::String(s)] = args else {
-            return Err(FuncError::Generic(format!("nindent N STRING, got {args:?}")));
-        };
-        let pad = " ".repeat(n.as_u64().unwrap_or(0) as usize);
-        Ok(G::String(format!(
-            "\n{pad}{}",
-            s.replace('\n', &format!("\n{pad}"))
-        )))
-    }
-
-    fn merge(base: &mut Value, over: &Value) {
-        match (base, over) {
-            (Value::Object(b), Value::Object(o)) => {
-                for (k, v) in o {
-                    merge(b.entry(k.clone()).or_insert(Value::Null), v);
+    /// `d` without the Helm-only labels, on the object and on its pod template.
+    fn without_helm_labels(d: &Value) -> Value {
+        let mut d = d.clone();
+        for path in ["/metadata/labels", "/spec/template/metadata/labels"] {
+            if let Some(labels) = d.pointer_mut(path).and_then(Value::as_object_mut) {
+                for l in HELM_LABELS {
+                    labels.remove(l);
                 }
             }
-            (b, o) => *b = o.clone(),
         }
+        d
     }
 
-    /// Render the chart's templates with values.yaml merged with `overrides`.
-    pub fn render(overrides: Value) -> Vec<Value> {
-        let dir = format!("{ROOT}/charts/nixroll");
-        let chart: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(format!("{dir}/Chart.yaml")).unwrap()).unwrap();
-        let mut values: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(format!("{dir}/values.yaml")).unwrap()).unwrap();
-        merge(&mut values, &overrides);
-        let context = json!({
-            "Values": values,
-            "Chart": {"Name": chart["name"], "Version": chart["version"], "AppVersion": chart["appVersion"]},
-            "Release": {"Name": "nixroll", "Namespace": "nixroll-system", "Service": "Helm"},
-        });
-        let mut files: Vec<_> = std::fs::read_dir(format!("{dir}/templates"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        files.sort();
-        let mut docs = Vec::new();
-        for file in files {
-            let name = file.file_name().unwrap().to_string_lossy().to_string();
-            if name.starts_with('_') || !name.ends_with(".yaml") {
-                continue;
-            }
-            let mut t = Template::default();
-            t.add_func("toYaml", to_yaml);
-            t.add_func("nindent", nindent);
-            t.parse(std::fs::read_to_string(&file).unwrap())
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let out = t
-                .render(&Context::from(to_g(&context)))
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert!(
-                !out.contains("<no value>"),
-                "{name} used a value that is not set:\n{out}"
-            );
-            docs.extend(yaml_docs(&out));
+    /// The message of a render that must fail.
+    fn render_error(release: &Release, overrides: Value) -> String {
+        match try_render(release, overrides.clone()) {
+            Ok(r) => panic!(
+                "{overrides} in {} rendered {} objects instead of failing",
+                release.namespace,
+                r.docs.len()
+            ),
+            Err(e) => e,
         }
-        docs
     }
 
     fn key(d: &Value) -> String {
@@ -577,23 +498,27 @@ mod chart {
     }
 
     fn by_key(docs: &[Value]) -> HashMap<String, Value> {
-        docs.iter().map(|d| (key(d), numbers_as_f64(d))).collect()
+        docs.iter()
+            .map(|d| (key(d), numbers_as_f64(&without_helm_labels(d))))
+            .collect()
     }
 
-    #[test]
-    fn chart_defaults_render_what_kustomize_renders() {
-        let Some(kustomized) = kustomize(&format!("{ROOT}/deploy")) else {
-            return;
-        };
-        let rendered = render(json!({}));
-        assert_typed(&rendered);
-        let want = by_key(
-            &kustomized
-                .into_iter()
-                .filter(|d| d["kind"] != "CustomResourceDefinition")
-                .collect::<Vec<_>>(),
-        );
-        let got = by_key(&rendered);
+    fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("{kind} missing"))
+    }
+
+    fn strings(v: &Value) -> Vec<&str> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect()
+    }
+
+    fn assert_same_objects(got: &[Value], want: &[Value]) {
+        let (want, got) = (by_key(want), by_key(got));
         let mut want_keys: Vec<&String> = want.keys().collect();
         let mut got_keys: Vec<&String> = got.keys().collect();
         want_keys.sort();
@@ -611,6 +536,100 @@ mod chart {
                 serde_json::to_string(w).unwrap()
             );
         }
+    }
+
+    /// The defaults are deploy/ (without its Namespace, which `helm install --create-namespace`
+    /// creates, and the CRDs, which Helm installs from crds/) plus Helm's standard labels on
+    /// every object and pod.
+    #[test]
+    fn chart_defaults_render_what_kustomize_renders() {
+        let Some(kustomized) = kustomize(&format!("{ROOT}/deploy")) else {
+            return;
+        };
+        let rendered = render(json!({}));
+        assert_typed(&rendered);
+        let want: Vec<Value> = kustomized
+            .iter()
+            .filter(|d| d["kind"] != "CustomResourceDefinition" && d["kind"] != "Namespace")
+            .cloned()
+            .collect();
+        assert_same_objects(&rendered, &want);
+        let version = env!("CARGO_PKG_VERSION");
+        for d in &rendered {
+            let labels = &d["metadata"]["labels"];
+            let standard = json!({
+                "name": labels["app.kubernetes.io/name"],
+                "instance": labels["app.kubernetes.io/instance"],
+                "version": labels["app.kubernetes.io/version"],
+                "managed-by": labels["app.kubernetes.io/managed-by"],
+                "chart": labels["helm.sh/chart"],
+            });
+            let component = if key(d).contains("agent") {
+                "nixroll-agent"
+            } else {
+                "nixroll-controller"
+            };
+            assert_eq!(
+                standard,
+                json!({"name": component, "instance": "nixroll", "version": version,
+                       "managed-by": "Helm", "chart": format!("nixroll-{version}")}),
+                "{}",
+                key(d)
+            );
+            if let Some(pod) = d.pointer("/spec/template/metadata/labels") {
+                assert_eq!(pod["app.kubernetes.io/instance"], "nixroll", "{}", key(d));
+            }
+        }
+        // The one Namespace, when the chart is asked to create it, is deploy/'s.
+        let with_ns = render(json!({"namespace": {"create": true}}));
+        let ns: Vec<Value> = with_ns.into_iter().filter(|d| d["kind"] == "Namespace").collect();
+        let want_ns: Vec<Value> = kustomized
+            .into_iter()
+            .filter(|d| d["kind"] == "Namespace")
+            .collect();
+        assert_same_objects(&ns, &want_ns);
+        assert_typed(&ns);
+    }
+
+    /// The namespace is nixroll's fixed contract (the code reads its Lease, pause switch and
+    /// Secrets there): every namespaced object is in the release namespace, and a release
+    /// anywhere else fails to render, saying how to install.
+    #[test]
+    fn the_chart_installs_only_into_nixroll_system() {
+        for d in render(json!({"metrics": {"serviceMonitor": {"enabled": true}}})) {
+            let ns = d["metadata"]["namespace"].as_str();
+            if d["metadata"]["name"] == "nixroll-controller-events" {
+                // Events about cluster-scoped objects are recorded in default.
+                assert_eq!(ns, Some("default"));
+            } else if d["kind"].as_str().unwrap().starts_with("Cluster")
+                || d["kind"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("ValidatingAdmissionPolicy")
+            {
+                assert_eq!(ns, None, "{}", key(&d));
+            } else {
+                assert_eq!(ns, Some("nixroll-system"), "{}", key(&d));
+            }
+        }
+        let other = Release {
+            name: "nixroll".into(),
+            namespace: "default".into(),
+        };
+        let err = render_error(&other, json!({}));
+        for part in ["nixroll-system", "not default", "--create-namespace"] {
+            assert!(err.contains(part), "{part:?} not in: {err}");
+        }
+        // The release name is free (it only labels the objects).
+        let named = Release {
+            name: "ops".into(),
+            namespace: "nixroll-system".into(),
+        };
+        let docs = try_render(&named, json!({})).unwrap().docs;
+        assert_eq!(
+            find(&docs, "DaemonSet")["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "ops"
+        );
     }
 
     #[test]
@@ -633,7 +652,6 @@ mod chart {
     fn chart_values_reach_the_manifests() {
         let docs = render(json!({
             "image": {"repository": "registry.example.org/nixroll", "tag": "dev"},
-            "namespace": {"create": false},
             "controller": {
                 "maxUnavailable": "10%",
                 "failureThreshold": 3,
@@ -649,30 +667,21 @@ mod chart {
                 "extraHostMounts": [{"name": "srv", "hostPath": "/srv/nix", "mountPath": "/srv/nix", "readOnly": true}],
                 "admissionPolicy": {"enabled": false},
             },
-            "metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true, "interval": "15s", "labels": {"release": "kube-prometheus"}}},
+            "metrics": {"service": {"enabled": false}},
         }));
-        let find = |kind: &str| {
-            docs.iter()
-                .find(|d| d["kind"] == kind)
-                .unwrap_or_else(|| panic!("{kind} missing"))
-        };
         for absent in [
             "Namespace",
             "Service",
+            "ServiceMonitor",
             "ValidatingAdmissionPolicy",
             "ValidatingAdmissionPolicyBinding",
         ] {
             assert!(docs.iter().all(|d| d["kind"] != absent), "{absent} should be off");
         }
-        let ctl = &find("Deployment")["spec"]["template"]["spec"];
+        let ctl = &find(&docs, "Deployment")["spec"]["template"]["spec"];
         let c = &ctl["containers"][0];
         assert_eq!(c["image"], "registry.example.org/nixroll:dev");
-        let args: Vec<&str> = c["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
+        let args = strings(&c["args"]);
         for a in [
             "--max-unavailable=10%",
             "--failure-threshold=3",
@@ -716,7 +725,7 @@ mod chart {
             "{}",
             ctl["volumes"]
         );
-        let agent = &find("DaemonSet")["spec"]["template"]["spec"];
+        let agent = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
         assert_eq!(
             agent["nodeSelector"],
             json!({"example.org/nixos": "yes", "kubernetes.io/os": "linux", "nixroll.io/managed": "true"})
@@ -730,15 +739,358 @@ mod chart {
             agent["volumes"][1],
             json!({"name": "srv", "hostPath": {"path": "/srv/nix"}})
         );
-        let sm = find("ServiceMonitor");
+        assert_typed(&docs);
+    }
+
+    /// Each knob users expect of an operator's chart appears where it should when set.
+    #[test]
+    fn every_knob_lands_where_it_should() {
+        let pull = json!([{"name": "regcred"}]);
+        let affinity = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}});
+        let tol = json!([{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}]);
+        let env = json!([{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]);
+        let component = |extra_arg: &str, sa: &str| {
+            json!({
+                "affinity": affinity,
+                "tolerations": tol,
+                "nodeSelector": {"zone": "a"},
+                "priorityClassName": "ops-critical",
+                "podAnnotations": {"example.org/scrape": "yes"},
+                "podLabels": {"team": "ops"},
+                "extraArgs": [extra_arg],
+                "extraEnv": env,
+                "serviceAccount": {"name": sa, "annotations": {"example.org/role": "x"}},
+            })
+        };
+        let mut ctl = component("--log-json", "ctl-sa");
+        ctl["podSecurityContext"] = json!({"runAsUser": 1000, "fsGroup": 1000});
+        ctl["securityContext"] = json!({"readOnlyRootFilesystem": false});
+        let mut agent = component("--poll-interval=30s", "agent-sa");
+        agent["updateStrategy"] = json!({"type": "OnDelete", "rollingUpdate": null});
+        agent["securityContext"] = json!({"runAsUser": null});
+        let docs = render(json!({
+            "imagePullSecrets": pull,
+            "controller": ctl,
+            "agent": agent,
+            "metrics": {"serviceMonitor": {
+                "enabled": true, "namespace": "monitoring", "interval": "15s", "scrapeTimeout": "10s",
+                "labels": {"release": "kube-prometheus"},
+                "relabelings": [{"action": "replace", "targetLabel": "cluster", "replacement": "home"}],
+                "metricRelabelings": [{"action": "drop", "regex": "go_.*", "sourceLabels": ["__name__"]}],
+            }},
+        }));
+        for (kind, sa, arg) in [
+            ("Deployment", "ctl-sa", "--log-json"),
+            ("DaemonSet", "agent-sa", "--poll-interval=30s"),
+        ] {
+            let d = find(&docs, kind);
+            let tmpl = &d["spec"]["template"];
+            let pod = &tmpl["spec"];
+            assert_eq!(pod["imagePullSecrets"], pull, "{kind}");
+            assert_eq!(pod["affinity"], affinity, "{kind}: affinity replaces the default");
+            assert_eq!(pod["priorityClassName"], "ops-critical", "{kind}");
+            assert_eq!(pod["nodeSelector"]["zone"], "a", "{kind}");
+            assert!(pod["tolerations"].as_array().unwrap().contains(&tol[0]), "{kind}");
+            assert_eq!(pod["serviceAccountName"], sa, "{kind}");
+            assert_eq!(
+                tmpl["metadata"]["annotations"]["example.org/scrape"], "yes",
+                "{kind}"
+            );
+            assert_eq!(tmpl["metadata"]["labels"]["team"], "ops", "{kind}");
+            assert_eq!(
+                d["spec"]["selector"]["matchLabels"].as_object().unwrap().len(),
+                1,
+                "{kind}: pod labels never reach the immutable selector"
+            );
+            let c = &pod["containers"][0];
+            assert_eq!(
+                strings(&c["args"]).last(),
+                Some(&arg),
+                "{kind}: extra args come last"
+            );
+            assert!(c["env"].as_array().unwrap().contains(&env[0]), "{kind}");
+            let account = docs
+                .iter()
+                .find(|o| o["kind"] == "ServiceAccount" && o["metadata"]["name"] == sa)
+                .unwrap_or_else(|| panic!("ServiceAccount {sa} missing"));
+            assert_eq!(account["metadata"]["annotations"]["example.org/role"], "x");
+            // Every binding names the account the pods run as.
+            for b in docs.iter().filter(|o| o.get("subjects").is_some()) {
+                if b["metadata"]["labels"]["app.kubernetes.io/name"] == d["metadata"]["name"] {
+                    assert_eq!(b["subjects"][0]["name"], sa, "{}", key(b));
+                }
+            }
+        }
+        // Security contexts: a key overridden, the secure rest kept; null deletes a default.
+        let ctl = &find(&docs, "Deployment")["spec"]["template"]["spec"];
+        assert_eq!(
+            ctl["securityContext"],
+            json!({"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 65532, "fsGroup": 1000,
+                   "seccompProfile": {"type": "RuntimeDefault"}})
+        );
+        assert_eq!(
+            ctl["containers"][0]["securityContext"],
+            json!({"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": false, "capabilities": {"drop": ["ALL"]}})
+        );
+        let ds = find(&docs, "DaemonSet");
+        assert_eq!(ds["spec"]["updateStrategy"], json!({"type": "OnDelete"}));
+        assert_eq!(
+            ds["spec"]["template"]["spec"]["containers"][0]["securityContext"],
+            json!({"privileged": true})
+        );
+        // The admission policy confines the agent's account, whatever it is called.
+        assert_eq!(
+            find(&docs, "ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"],
+            "request.userInfo.username == 'system:serviceaccount:nixroll-system:agent-sa'"
+        );
+        let sm = find(&docs, "ServiceMonitor");
+        assert_eq!(sm["metadata"]["namespace"], "monitoring");
         assert_eq!(sm["metadata"]["labels"]["release"], "kube-prometheus");
-        assert_eq!(sm["spec"]["endpoints"][0]["interval"], "15s");
-        assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+        assert_eq!(
+            sm["metadata"]["labels"]["app.kubernetes.io/name"],
+            "nixroll-controller"
+        );
+        assert_eq!(
+            sm["spec"]["namespaceSelector"],
+            json!({"matchNames": ["nixroll-system"]})
+        );
+        assert_eq!(
+            sm["spec"]["selector"]["matchLabels"],
+            json!({"app.kubernetes.io/name": "nixroll-controller"})
+        );
+        let ep = &sm["spec"]["endpoints"][0];
+        assert_eq!(ep["port"], "metrics");
+        assert_eq!(ep["interval"], "15s");
+        assert_eq!(ep["scrapeTimeout"], "10s");
+        assert_eq!(ep["relabelings"][0]["targetLabel"], "cluster");
+        assert_eq!(ep["metricRelabelings"][0]["regex"], "go_.*");
         let typed: Vec<Value> = docs
             .iter()
             .filter(|d| d["kind"] != "ServiceMonitor")
             .cloned()
             .collect();
         assert_typed(&typed);
+
+        // Defaults: the agent is node-critical, the controller has no priority class and
+        // spreads its replicas; the ServiceMonitor sits beside its Service.
+        let docs = render(json!({"metrics": {"serviceMonitor": {"enabled": true}}}));
+        let agent = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+        assert_eq!(agent["priorityClassName"], "system-node-critical");
+        let ctl = &find(&docs, "Deployment")["spec"]["template"]["spec"];
+        assert!(ctl.get("priorityClassName").is_none());
+        assert!(ctl["affinity"]["podAntiAffinity"].is_object());
+        let sm = find(&docs, "ServiceMonitor");
+        assert_eq!(sm["metadata"]["namespace"], "nixroll-system");
+        assert!(sm["spec"].get("namespaceSelector").is_none());
+        assert!(sm["spec"]["endpoints"][0].get("scrapeTimeout").is_none());
+    }
+
+    /// serviceAccount.create and rbac.create off: the chart renders neither, and the pods
+    /// still run as the named (or default) accounts.
+    #[test]
+    fn service_accounts_and_rbac_can_be_brought_by_the_user() {
+        let docs = render(json!({
+            "rbac": {"create": false},
+            "controller": {"serviceAccount": {"create": false, "name": "mine"}},
+            "agent": {"serviceAccount": {"create": false}},
+        }));
+        let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+        for absent in [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+        ] {
+            assert!(!kinds.contains(&absent), "{absent} rendered: {kinds:?}");
+        }
+        assert_eq!(
+            find(&docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
+            "mine"
+        );
+        assert_eq!(
+            find(&docs, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"],
+            "nixroll-agent"
+        );
+        assert_typed(&docs);
+    }
+
+    /// A ServiceMonitor without the Service it scrapes would be silently empty: refused.
+    #[test]
+    fn a_service_monitor_without_its_service_is_refused() {
+        let err = render_error(
+            &Release::default(),
+            json!({"metrics": {"service": {"enabled": false}, "serviceMonitor": {"enabled": true}}}),
+        );
+        assert!(err.contains("metrics.service.enabled"), "{err}");
+        let err = render_error(&Release::default(), json!({"image": {"repository": ""}}));
+        assert!(err.contains("image.repository is required"), "{err}");
+    }
+
+    #[test]
+    fn notes_say_what_to_do_next() {
+        let text = notes(json!({}));
+        for part in [
+            "kubectl get nixosnodes",
+            "NixOSNode",
+            "kubectl -n nixroll-system create configmap nixroll-pause",
+            "pod-security.kubernetes.io/enforce=privileged",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from NOTES.txt:\n{text}");
+        }
+        assert!(!text.contains("WARNING"), "{text}");
+        let text =
+            notes(json!({"namespace": {"create": true}, "agent": {"admissionPolicy": {"enabled": false}}}));
+        assert!(!text.contains("kubectl label namespace"), "{text}");
+        assert!(
+            text.contains("WARNING: agent.admissionPolicy.enabled is false"),
+            "{text}"
+        );
+    }
+
+    fn schema() -> (boon::Schemas, boon::SchemaIndex) {
+        let text = std::fs::read_to_string(format!("{ROOT}/charts/nixroll/values.schema.json")).unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        let mut schemas = boon::Schemas::new();
+        let mut compiler = boon::Compiler::new();
+        compiler.add_resource("values.schema.json", doc).unwrap();
+        let index = compiler.compile("values.schema.json", &mut schemas).unwrap();
+        (schemas, index)
+    }
+
+    /// values.yaml validates against values.schema.json (what `helm install` and `helm lint`
+    /// check), values a user may write pass, and wrong ones are refused.
+    #[test]
+    fn values_validate_against_the_schema_and_wrong_values_are_refused() {
+        let (schemas, index) = schema();
+        let check = |overrides: Value| {
+            schemas
+                .validate(&chart::values(&overrides), index)
+                .map_err(|e| format!("{e:#}"))
+        };
+        check(json!({})).unwrap_or_else(|e| panic!("values.yaml does not validate: {e}"));
+        for good in [
+            json!({"controller": {"maxUnavailable": 2}}),
+            json!({"controller": {"maxUnavailable": "25%", "timeouts": {"draining": "1h30m", "verifying": "90s"}}}),
+            json!({"imagePullSecrets": [{"name": "regcred"}], "image": {"tag": "0.2.0"}}),
+            json!({"agent": {"updateStrategy": {"type": "OnDelete"}, "extraArgs": ["--x=1"]}}),
+            json!({"metrics": {"serviceMonitor": {"enabled": true, "scrapeTimeout": "10s"}}}),
+            json!({"global": {"imageRegistry": "x"}}),
+        ] {
+            check(good.clone()).unwrap_or_else(|e| panic!("{good} refused: {e}"));
+        }
+        for (bad, why) in [
+            (json!({"controler": {"replicas": 1}}), "controler"),
+            (json!({"controller": {"replicas": "two"}}), "/controller/replicas"),
+            (
+                json!({"controller": {"maxUnavailable": "ten"}}),
+                "/controller/maxUnavailable",
+            ),
+            (
+                json!({"controller": {"timeouts": {"draining": "15 minutes please"}}}),
+                "/controller/timeouts/draining",
+            ),
+            (json!({"image": {"pullPolicy": "Sometimes"}}), "/image/pullPolicy"),
+            (
+                json!({"agent": {"tolerations": {"key": "x"}}}),
+                "/agent/tolerations",
+            ),
+            (
+                json!({"agent": {"updateStrategy": {"type": "Recreate"}}}),
+                "/agent/updateStrategy/type",
+            ),
+            (json!({"imagePullSecrets": ["regcred"]}), "/imagePullSecrets/0"),
+            (
+                json!({"controller": {"extraEnv": [{"value": "no name"}]}}),
+                "/controller/extraEnv/0",
+            ),
+            (
+                json!({"metrics": {"serviceMonitor": {"interval": 30}}}),
+                "/metrics/serviceMonitor/interval",
+            ),
+        ] {
+            let err = check(bad.clone()).expect_err(&format!("{bad} accepted"));
+            assert!(
+                err.contains(why),
+                "{bad}: the error does not point at {why}: {err}"
+            );
+        }
+    }
+
+    /// The schema's duration pattern accepts what the controller's flags parse (jiff) and
+    /// refuses what they refuse, on the forms a user is likely to write.
+    #[test]
+    fn the_schema_takes_the_durations_the_controller_takes() {
+        let (schemas, index) = schema();
+        for d in [
+            "15m",
+            "60m",
+            "1h",
+            "1h30m",
+            "90s",
+            "2h 30m",
+            "45 minutes",
+            "1 hour",
+            "fifteen",
+            "15",
+            "m",
+            "-5m",
+        ] {
+            let jiff_ok = d.parse::<jiff::SignedDuration>().is_ok_and(|d| d.is_positive());
+            let values = chart::values(&json!({"controller": {"timeouts": {"staging": d}}}));
+            let schema_ok = schemas.validate(&values, index).is_ok();
+            assert_eq!(
+                schema_ok, jiff_ok,
+                "{d:?}: schema {schema_ok}, controller {jiff_ok}"
+            );
+        }
+    }
+
+    /// Every value of the schema (a leaf: anything but an object with declared properties) has
+    /// a row in the chart's README, and a scalar's row shows its default as values.yaml has it.
+    #[test]
+    fn the_chart_readme_lists_every_value_with_its_default() {
+        let readme = std::fs::read_to_string(format!("{ROOT}/charts/nixroll/README.md")).unwrap();
+        let schema: Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{ROOT}/charts/nixroll/values.schema.json")).unwrap(),
+        )
+        .unwrap();
+        let values = chart::values(&json!({}));
+        let mut leaves = Vec::new();
+        fn walk(schema: &Value, path: String, out: &mut Vec<String>) {
+            match schema["properties"].as_object() {
+                Some(props) if !props.is_empty() => {
+                    for (k, s) in props {
+                        let p = if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        walk(s, p, out);
+                    }
+                }
+                _ => out.push(path),
+            }
+        }
+        walk(&schema, String::new(), &mut leaves);
+        assert!(leaves.len() > 40, "{leaves:?}");
+        for leaf in leaves {
+            if leaf == "global" {
+                continue;
+            }
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{leaf}` |")))
+                .unwrap_or_else(|| panic!("charts/nixroll/README.md has no row for `{leaf}`"));
+            let default = leaf.split('.').fold(&values, |v, k| &v[k]);
+            let cell = row.split('|').nth(2).unwrap().trim();
+            match default {
+                Value::Object(_) | Value::Array(_)
+                    if !default.as_array().is_some_and(|a| a.is_empty())
+                        && !default.as_object().is_some_and(|o| o.is_empty()) => {}
+                v => assert_eq!(cell, format!("`{v}`"), "the default of {leaf} in README.md"),
+            }
+        }
     }
 }

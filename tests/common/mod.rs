@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod chart;
 pub mod host;
 pub mod objects;
 pub mod world;
