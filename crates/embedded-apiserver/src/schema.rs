@@ -260,6 +260,34 @@ pub fn validate(v: &Value, schema: &Value, path: &str, errs: &mut Vec<FieldError
         for (i, item) in items.iter().enumerate() {
             validate(item, &schema["items"], &format!("{path}[{i}]"), errs);
         }
+        // `x-kubernetes-list-type: map`: the key fields identify an item; a second item with
+        // the same keys is a `Duplicate value` (`set`: the same for whole items).
+        let keys: Vec<&str> = schema["x-kubernetes-list-map-keys"]
+            .as_array()
+            .map(|ks| ks.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let identity = |item: &Value| -> Option<Value> {
+            match schema["x-kubernetes-list-type"].as_str() {
+                Some("map") => Some(Value::Object(
+                    keys.iter().map(|k| ((*k).to_owned(), item[*k].clone())).collect(),
+                )),
+                Some("set") => Some(item.clone()),
+                _ => None,
+            }
+        };
+        let mut seen = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(id) = identity(item) {
+                if seen.contains(&id) {
+                    errs.push(FieldError {
+                        field: format!("{path}[{i}]"),
+                        message: format!("Duplicate value: {id}"),
+                    });
+                } else {
+                    seen.push(id);
+                }
+            }
+        }
     }
     if let Some(m) = v.as_object() {
         for r in schema["required"].as_array().map(Vec::as_slice).unwrap_or(&[]) {

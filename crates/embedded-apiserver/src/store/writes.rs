@@ -395,8 +395,17 @@ impl State {
         wopts: &WriteOptions,
     ) -> Result<Value, StoreError> {
         let Some(manager) = wopts.field_manager.clone().filter(|m| !m.is_empty()) else {
-            return Err(StoreError::BadRequest {
-                message: "PATCH, application/apply-patch+yaml requests require fieldManager to be set".into(),
+            // kube-apiserver answers 422 Invalid here (tests/real_api/differential.rs).
+            let detail = "is required for apply patch".to_owned();
+            return Err(StoreError::Invalid {
+                resource: String::new(),
+                name: String::new(),
+                message: format!("fieldManager: Required value: {detail}"),
+                causes: vec![crate::error::Cause {
+                    reason: "FieldValueRequired".into(),
+                    message: format!("Required value: {detail}"),
+                    field: "fieldManager".into(),
+                }],
             });
         };
         if cfg["apiVersion"].as_str() != Some(info.gvr.api_version().as_str())
