@@ -303,13 +303,14 @@ async fn server_side_apply_two_managers() {
     assert!(owns_phase("node-agent"));
     assert!(!owns_phase("rollout-controller"));
 
-    // Apply without fieldManager is refused.
+    // Apply without fieldManager is refused, as kube-apiserver does: 422 Invalid
+    // (nixroll's tests/real_api/differential.rs compares the two).
     let e = api_err(
         api.patch("n1", &PatchParams::default(), &Patch::Apply(machine("n1")))
             .await
             .unwrap_err(),
     );
-    assert_eq!(e.code, 400);
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
 }
 
 #[tokio::test]
