@@ -28,7 +28,12 @@ fn schemas(crd: &Value) -> Vec<(String, &Value)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| (v["name"].as_str().unwrap().to_owned(), &v["schema"]["openAPIV3Schema"]))
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                &v["schema"]["openAPIV3Schema"],
+            )
+        })
         .collect()
 }
 
@@ -63,7 +68,9 @@ fn missing_bound(s: &Value) -> Option<&'static str> {
     match s.get("type").and_then(Value::as_str) {
         Some("string") if !has("maxLength") && !has("enum") && !has("format") => Some("maxLength"),
         Some("array") if !has("maxItems") => Some("maxItems"),
-        Some("object") if s.get("additionalProperties").is_some_and(Value::is_object) && !has("maxProperties") => {
+        Some("object")
+            if s.get("additionalProperties").is_some_and(Value::is_object) && !has("maxProperties") =>
+        {
             Some("maxProperties")
         }
         _ => None,
@@ -136,7 +143,12 @@ fn rule_sites<'a>(s: &'a Value, path: &str, cardinality: u64, out: &mut Vec<(Str
         } else {
             1
         };
-        rule_sites(child, &format!("{path}{step}"), cardinality.saturating_mul(factor), out);
+        rule_sites(
+            child,
+            &format!("{path}{step}"),
+            cardinality.saturating_mul(factor),
+            out,
+        );
     }
 }
 
@@ -155,7 +167,10 @@ fn kube_cel_estimates_every_rule_within_budget() {
                 let compiled = kube_cel::compile_schema(s);
                 for rule in rules(s) {
                     let warnings = kube_cel::estimate_rule_cost(rule, &compiled);
-                    assert!(warnings.is_empty(), "{name} {version} {path}: `{rule}`: {warnings:?}");
+                    assert!(
+                        warnings.is_empty(),
+                        "{name} {version} {path}: `{rule}`: {warnings:?}"
+                    );
                     assert!(
                         cardinality <= 1024,
                         "{name} {version} {path}: `{rule}` may run {cardinality} times per object"

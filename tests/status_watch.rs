@@ -87,9 +87,12 @@ async fn status_watch_follows_a_rollout_and_the_pause_switch() {
     let controller = world.start_controller(config).await.unwrap();
 
     // The status client gets a port of its own, so its requests are counted apart.
-    let port = ApiServer::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), world.embedded("test").unwrap().store())
-        .await
-        .unwrap();
+    let port = ApiServer::start_on(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        world.embedded("test").unwrap().store(),
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     port.write_kubeconfig(&kubeconfig).unwrap();

@@ -133,9 +133,7 @@ if [ -n "$clean" ]; then sleep 1; rm -rf "$clean"; fi
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut child = cmd
-        .spawn()
-        .map_err(io(format!("start {}", program.display())))?;
+    let mut child = cmd.spawn().map_err(io(format!("start {}", program.display())))?;
     // The guard is reaped by nobody: it ends with this process (its pipe closes then).
     child.stdin.take().ok_or_else(|| ControlPlaneError::Io {
         operation: format!("start {}", program.display()),
@@ -163,8 +161,8 @@ fn pem(label: &str, der: &[u8]) -> String {
 /// The DER prefix of a P-256 SubjectPublicKeyInfo (algorithm id-ecPublicKey with the curve
 /// prime256v1, then the BIT STRING header) before the 65-byte uncompressed point.
 const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
+    0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 
 /// An ECDSA P-256 key made with ring: the private key as PKCS#8 PEM (kube-apiserver signs
@@ -175,8 +173,8 @@ fn signing_key_pems() -> Result<(String, String), ControlPlaneError> {
     let rng = ring::rand::SystemRandom::new();
     let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
     let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).map_err(|_| ControlPlaneError::Key)?;
-    let pair =
-        ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).map_err(|_| ControlPlaneError::Key)?;
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng)
+        .map_err(|_| ControlPlaneError::Key)?;
     let mut spki = P256_SPKI_PREFIX.to_vec();
     spki.extend_from_slice(pair.public_key().as_ref());
     Ok((pem("PRIVATE KEY", doc.as_ref()), pem("PUBLIC KEY", &spki)))
@@ -197,7 +195,12 @@ fn kubeconfig_text(url: &str, user: &str, token: &str) -> String {
     )
 }
 
-async fn wait_until<F, Fut>(what: &'static str, log: &Path, limit: Duration, mut ready: F) -> Result<(), ControlPlaneError>
+async fn wait_until<F, Fut>(
+    what: &'static str,
+    log: &Path,
+    limit: Duration,
+    mut ready: F,
+) -> Result<(), ControlPlaneError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -261,7 +264,12 @@ impl ControlPlane {
             .keep();
         let mut guards = Vec::new();
         // The directory's own guard: removes it when this process ends.
-        guards.push(spawn_guarded(Path::new("true"), &[], &dir.join("guard.log"), Some(&dir))?);
+        guards.push(spawn_guarded(
+            Path::new("true"),
+            &[],
+            &dir.join("guard.log"),
+            Some(&dir),
+        )?);
 
         let key = dir.join("sa.key");
         let public = dir.join("sa.pub");
@@ -269,8 +277,11 @@ impl ControlPlane {
         std::fs::write(&key, private_pem).map_err(io("write the signing key"))?;
         std::fs::write(&public, public_pem).map_err(io("write the signing key"))?;
         let admin_token = random_token()?;
-        std::fs::write(dir.join("tokens.csv"), format!("{admin_token},admin,admin,\"system:masters\"\n"))
-            .map_err(io("write the token file"))?;
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{admin_token},admin,admin,\"system:masters\"\n"),
+        )
+        .map_err(io("write the token file"))?;
         std::fs::write(
             dir.join("audit-policy.yaml"),
             "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
@@ -361,10 +372,15 @@ impl ControlPlane {
             )?;
             plane.guards.push(guard);
             let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-            wait_until("kube-controller-manager", &kcm_log, Duration::from_secs(30), || {
-                let sas = sas.clone();
-                async move { sas.get_opt("default").await.is_ok_and(|s| s.is_some()) }
-            })
+            wait_until(
+                "kube-controller-manager",
+                &kcm_log,
+                Duration::from_secs(30),
+                || {
+                    let sas = sas.clone();
+                    async move { sas.get_opt("default").await.is_ok_and(|s| s.is_some()) }
+                },
+            )
             .await?;
         }
         Ok(plane)
@@ -447,7 +463,9 @@ impl ControlPlane {
 
     /// Write a kubeconfig for `user` with `token` into the control plane's directory.
     pub fn write_kubeconfig(&self, user: &str, token: &str) -> Result<PathBuf, ControlPlaneError> {
-        let path = self.dir.join(format!("{user}.kubeconfig").replace([':', '/'], "_"));
+        let path = self
+            .dir
+            .join(format!("{user}.kubeconfig").replace([':', '/'], "_"));
         std::fs::write(&path, kubeconfig_text(&self.url, user, token)).map_err(io("write a kubeconfig"))?;
         Ok(path)
     }

@@ -175,7 +175,10 @@ pub struct ExternalApi {
 
 /// The agent's client configuration for the node named by its argument.
 pub type AgentConfigFor = Arc<
-    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<kube::Config, String>> + Send>>
+    dyn Fn(
+            String,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<kube::Config, String>> + Send>>
         + Send
         + Sync,
 >;
@@ -185,7 +188,10 @@ pub enum WorldApi {
     /// The embedded API server, started by the world: `api` for everyone but the agents,
     /// `agents_api` (a second port on the same store) for the agents, so that their requests
     /// are counted apart ([`ApiServer::request_counts`]).
-    Embedded { api: ApiServer, agents_api: ApiServer },
+    Embedded {
+        api: ApiServer,
+        agents_api: ApiServer,
+    },
     External(ExternalApi),
 }
 
@@ -265,7 +271,6 @@ impl World {
         agents_client: Option<Client>,
         kubeconfig: PathBuf,
     ) -> Result<World, WorldError> {
-
         let nix_mode = match opts.nix {
             NixMode::Auto if nix_available() => NixMode::Real,
             NixMode::Auto => NixMode::Simulated,

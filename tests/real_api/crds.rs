@@ -52,7 +52,10 @@ async fn deploy_is_accepted_in_full_and_every_crd_copy_with_it() {
     assert!(printed.status.success());
     let file = plane.dir().join("nixroll-crd.yaml");
     std::fs::write(&file, &printed.stdout).unwrap();
-    kubectl_ok(plane, &["apply", "--dry-run=server", "-f", file.to_str().unwrap()]);
+    kubectl_ok(
+        plane,
+        &["apply", "--dry-run=server", "-f", file.to_str().unwrap()],
+    );
 }
 
 /// Multiply every `maxItems`, `maxLength` and `maxProperties` by `k`.
@@ -73,7 +76,11 @@ fn scale_bounds(v: &mut Value, k: u64) {
 
 /// `crd` under another group (so it does not collide with the installed one) with its bounds
 /// multiplied by `k`; `Ok` when the server accepts it (dry run), else its message.
-async fn accepted_scaled(crds: &Api<CustomResourceDefinition>, crd: &CustomResourceDefinition, k: u64) -> Result<(), String> {
+async fn accepted_scaled(
+    crds: &Api<CustomResourceDefinition>,
+    crd: &CustomResourceDefinition,
+    k: u64,
+) -> Result<(), String> {
     let mut v = serde_json::to_value(crd).unwrap();
     let group = format!("margin{k}.nixroll.io");
     let plural = v["spec"]["names"]["plural"].as_str().unwrap().to_owned();
@@ -120,7 +127,10 @@ async fn crds_are_accepted_with_margin_under_the_cel_cost_budget() {
                 None => "never refused up to x128".into(),
             }
         );
-        assert!(largest >= Some(2), "{name}: too little CEL cost margin: {refused:?}");
+        assert!(
+            largest >= Some(2),
+            "{name}: too little CEL cost margin: {refused:?}"
+        );
     }
 }
 
@@ -174,7 +184,8 @@ async fn bad_manifests_are_refused_with_the_message_users_read() {
     let nodes = api_for(client.clone(), "NixOSNode", false);
     let mut following = example();
     following["spec"].as_object_mut().unwrap().remove("revision");
-    following["spec"]["sourceRef"] = json!({"kind": "GitRepository", "name": "infra", "namespace": "flux-system"});
+    following["spec"]["sourceRef"] =
+        json!({"kind": "GitRepository", "name": "infra", "namespace": "flux-system"});
     let mut no_flake = following.clone();
     no_flake["spec"].as_object_mut().unwrap().remove("flake");
     let mut neither = example();
@@ -182,36 +193,118 @@ async fn bad_manifests_are_refused_with_the_message_users_read() {
     let e = example;
     let cases: Vec<(Value, &str)> = vec![
         (set(e(), &["spec", "revision"], json!("main")), "40-character"),
-        (set(e(), &["spec", "revision"], json!("0123456789ABCDEF0123456789ABCDEF01234567")), "lowercase hex"),
-        (set(e(), &["spec", "flake"], json!("git+https://example.org/x.git?rev=abc")), "without revision"),
-        (set(e(), &["spec", "flake"], json!("https://example.org/x.git")), "flake reference"),
-        (set(e(), &["spec", "configuration"], json!("a b")), "attribute name"),
-        (set(e(), &["spec", "maintenanceWindows", "0", "start"], json!("25:00")), "HH:MM"),
-        (set(e(), &["spec", "maintenanceWindows", "0", "end"], json!("22:00")), "start != end"),
-        (set(e(), &["spec", "maintenanceWindows", "0", "timeZone"], json!("CEST+2")), "IANA"),
-        (set(e(), &["spec", "drain", "timeout"], json!("ten minutes")), "duration"),
-        (set(e(), &["spec", "reboot"], json!("Sometimes")), "Unsupported value"),
-        (set(e(), &["spec", "secrets"], json!([secret("relative/path")])), "absolute"),
-        (set(e(), &["spec", "secrets"], json!([secret("/etc/../root/x")])), "`..`"),
-        (set(e(), &["spec", "secrets"], json!([secret("/nix/store/abc-secret")])), "outside /nix"),
-        (set(e(), &["spec", "secrets"], json!([secret("/etc/a"), secret("/etc/a")])), "Duplicate value"),
         (
-            set(e(), &["spec", "secrets"], json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "mode": "0800"}])),
+            set(
+                e(),
+                &["spec", "revision"],
+                json!("0123456789ABCDEF0123456789ABCDEF01234567"),
+            ),
+            "lowercase hex",
+        ),
+        (
+            set(
+                e(),
+                &["spec", "flake"],
+                json!("git+https://example.org/x.git?rev=abc"),
+            ),
+            "without revision",
+        ),
+        (
+            set(e(), &["spec", "flake"], json!("https://example.org/x.git")),
+            "flake reference",
+        ),
+        (
+            set(e(), &["spec", "configuration"], json!("a b")),
+            "attribute name",
+        ),
+        (
+            set(e(), &["spec", "maintenanceWindows", "0", "start"], json!("25:00")),
+            "HH:MM",
+        ),
+        (
+            set(e(), &["spec", "maintenanceWindows", "0", "end"], json!("22:00")),
+            "start != end",
+        ),
+        (
+            set(
+                e(),
+                &["spec", "maintenanceWindows", "0", "timeZone"],
+                json!("CEST+2"),
+            ),
+            "IANA",
+        ),
+        (
+            set(e(), &["spec", "drain", "timeout"], json!("ten minutes")),
+            "duration",
+        ),
+        (
+            set(e(), &["spec", "reboot"], json!("Sometimes")),
+            "Unsupported value",
+        ),
+        (
+            set(e(), &["spec", "secrets"], json!([secret("relative/path")])),
+            "absolute",
+        ),
+        (
+            set(e(), &["spec", "secrets"], json!([secret("/etc/../root/x")])),
+            "`..`",
+        ),
+        (
+            set(
+                e(),
+                &["spec", "secrets"],
+                json!([secret("/nix/store/abc-secret")]),
+            ),
+            "outside /nix",
+        ),
+        (
+            set(
+                e(),
+                &["spec", "secrets"],
+                json!([secret("/etc/a"), secret("/etc/a")]),
+            ),
+            "Duplicate value",
+        ),
+        (
+            set(
+                e(),
+                &["spec", "secrets"],
+                json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "mode": "0800"}]),
+            ),
             "octal",
         ),
         (
-            set(e(), &["spec", "secrets"], json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "owner": "root"}])),
+            set(
+                e(),
+                &["spec", "secrets"],
+                json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "owner": "root"}]),
+            ),
             "USER:GROUP",
         ),
         (
-            set(e(), &["spec", "secrets"], json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "restartUnits": ["--now"]}])),
+            set(
+                e(),
+                &["spec", "secrets"],
+                json!([{"secretRef": {"name": "s", "key": "k"}, "path": "/etc/x", "restartUnits": ["--now"]}]),
+            ),
             "unit names",
         ),
         (
-            set(e(), &["spec", "secrets"], json!([{"secretRef": {"name": "Bad_Name", "key": "k"}, "path": "/etc/x"}])),
+            set(
+                e(),
+                &["spec", "secrets"],
+                json!([{"secretRef": {"name": "Bad_Name", "key": "k"}, "path": "/etc/x"}]),
+            ),
             "secretRef.name",
         ),
-        (set(following.clone(), &["spec", "revision"], json!("0123456789abcdef0123456789abcdef01234567")), "exactly one of revision"),
+        (
+            set(
+                following.clone(),
+                &["spec", "revision"],
+                json!("0123456789abcdef0123456789abcdef01234567"),
+            ),
+            "exactly one of revision",
+        ),
         (neither, "exactly one of revision"),
         (no_flake, "flake is required"),
     ];
@@ -233,16 +326,37 @@ async fn bad_manifests_are_refused_with_the_message_users_read() {
                "metadata": {"name": "infra", "namespace": "nixroll-system"}, "spec": spec})
     };
     let cases = [
-        (json!({"url": "http://h/r", "ref": {"branch": "main"}}), "insecure: true"),
-        (json!({"url": "https://bot:tok@h/r", "ref": {"branch": "main"}}), "password or token"),
-        (json!({"url": "git@h:r.git", "ref": {"branch": "main"}}), "ssh://user@host/path"),
-        (json!({"url": "https://h/r", "ref": {"branch": "a", "tag": "b"}}), "exactly one of branch"),
-        (json!({"url": "https://h/r", "ref": {"name": "main"}}), "starting with refs/"),
-        (json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "10s"}), "at least 30s"),
+        (
+            json!({"url": "http://h/r", "ref": {"branch": "main"}}),
+            "insecure: true",
+        ),
+        (
+            json!({"url": "https://bot:tok@h/r", "ref": {"branch": "main"}}),
+            "password or token",
+        ),
+        (
+            json!({"url": "git@h:r.git", "ref": {"branch": "main"}}),
+            "ssh://user@host/path",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "a", "tag": "b"}}),
+            "exactly one of branch",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"name": "main"}}),
+            "starting with refs/",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "10s"}),
+            "at least 30s",
+        ),
     ];
     for (spec, want) in cases {
         match create(&sources, &source(spec.clone())).await {
-            Err(m) => assert!(m.starts_with("422 Invalid") && m.contains(want), "{spec}: want {want:?}, got {m}"),
+            Err(m) => assert!(
+                m.starts_with("422 Invalid") && m.contains(want),
+                "{spec}: want {want:?}, got {m}"
+            ),
             Ok(()) => panic!("{spec}: accepted, should be refused with {want:?}"),
         }
     }
@@ -270,17 +384,38 @@ async fn every_example_is_accepted() {
     }
     assert!(checked >= 3, "only {checked} examples found");
     // kubectl shows warnings (unknown fields, deprecated APIs) on stderr.
-    let out = kubectl(plane, &["apply", "--dry-run=server", "-f", "examples/nixosnode.yaml", "-f", "examples/following.yaml"]);
+    let out = kubectl(
+        plane,
+        &[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            "examples/nixosnode.yaml",
+            "-f",
+            "examples/following.yaml",
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let warnings: Vec<&str> = stderr.lines().filter(|l| l.starts_with("Warning:") && !l.contains("version difference")).collect();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("Warning:") && !l.contains("version difference"))
+        .collect();
     assert!(warnings.is_empty(), "{warnings:?}");
 }
 
-fn collect_examples(plane: &nixroll::sim::controlplane::ControlPlane, dir: &Path, out: &mut Vec<(String, Value)>) {
+fn collect_examples(
+    plane: &nixroll::sim::controlplane::ControlPlane,
+    dir: &Path,
+    out: &mut Vec<(String, Value)>,
+) {
     if dir.join("kustomization.yaml").exists() {
         let text = kubectl_ok(plane, &["kustomize", dir.to_str().unwrap()]);
-        out.extend(yaml_docs(&text).into_iter().map(|d| (dir.display().to_string(), d)));
+        out.extend(
+            yaml_docs(&text)
+                .into_iter()
+                .map(|d| (dir.display().to_string(), d)),
+        );
         return;
     }
     for entry in std::fs::read_dir(dir).unwrap() {

@@ -15,12 +15,15 @@ use crate::plane::{CLUSTER, plane};
 
 /// Differences the embedded API keeps, by step, with why they do not matter to nixroll, the
 /// demo or kubectl. (Empty: every difference found was fixed or is listed here.)
-const KNOWN: &[(&str, &str)] = &[(
-    "delete",
-    "kube-apiserver answers a DELETE that removes a custom resource at once with a Status \
+const KNOWN: &[(&str, &str)] = &[
+    ("delete the pruned one", "the same as `delete`"),
+    (
+        "delete",
+        "kube-apiserver answers a DELETE that removes a custom resource at once with a Status \
      (`Success`), the embedded one with the deleted object; kube's `Api::delete` returns \
      `Either<K, Status>` for exactly this, and kubectl prints `deleted` for both",
-)];
+    ),
+];
 
 /// One request: name, method, path, content type, body.
 struct Step {
@@ -157,6 +160,7 @@ fn script() -> Vec<Step> {
         step("watch", "GET", &format!("{NN}?watch=true&fieldSelector=metadata.name%3Ddiff-1&timeoutSeconds=1")),
         step("delete", "DELETE", &format!("{NN}/diff-1")).compare(&["/metadata/name"]),
         step("delete again", "DELETE", &format!("{NN}/diff-1")),
+        step("delete the pruned one", "DELETE", &format!("{NN}/diff-3")),
         step("delete namespace", "DELETE", "/api/v1/namespaces/diff"),
     ]
 }
@@ -170,7 +174,11 @@ struct Answer {
 }
 
 async fn send(client: &Client, s: &Step) -> Answer {
-    let body = s.body.as_ref().map(|b| serde_json::to_vec(b).unwrap()).unwrap_or_default();
+    let body = s
+        .body
+        .as_ref()
+        .map(|b| serde_json::to_vec(b).unwrap())
+        .unwrap_or_default();
     let req = http::Request::builder()
         .method(s.method)
         .uri(&s.path)
@@ -206,7 +214,8 @@ async fn send(client: &Client, s: &Step) -> Answer {
 /// Wait (bounded) until the PodDisruptionBudget's status counts the ready pod: on the real
 /// server the disruption controller computes it, asynchronously.
 async fn budget_observed(client: &Client) {
-    let api: kube::Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> = kube::Api::namespaced(client.clone(), "diff");
+    let api: kube::Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        kube::Api::namespaced(client.clone(), "diff");
     for _ in 0..150 {
         let pdb = api.get("p").await.unwrap();
         let st = pdb.status.unwrap_or_default();
@@ -246,11 +255,19 @@ async fn the_embedded_api_answers_like_kube_apiserver() {
 
     let mut differences = Vec::new();
     for ((s, r), e) in script().iter().zip(&real).zip(&embedded) {
-        let line = format!("{:<40} real {} {:<22} embedded {} {}", s.name, r.code, r.reason, e.code, e.reason);
+        let line = format!(
+            "{:<40} real {} {:<22} embedded {} {}",
+            s.name, r.code, r.reason, e.code, e.reason
+        );
         eprintln!("{line}");
         if r != e {
             let known = KNOWN.iter().any(|(n, _)| *n == s.name);
-            eprintln!("  DIFFERENT{}: real {:?} embedded {:?}", if known { " (known)" } else { "" }, r.fields, e.fields);
+            eprintln!(
+                "  DIFFERENT{}: real {:?} embedded {:?}",
+                if known { " (known)" } else { "" },
+                r.fields,
+                e.fields
+            );
             if !known {
                 differences.push(format!("{}: real {r:?}, embedded {e:?}", s.name));
             }

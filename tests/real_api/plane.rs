@@ -78,7 +78,10 @@ pub fn kubectl_ok(plane: &ControlPlane, args: &[&str]) -> String {
 /// The README's install: `kubectl apply -k deploy/`, then wait for the CRDs.
 fn install(plane: &ControlPlane) {
     let out = kubectl_ok(plane, &["apply", "-k", "deploy/"]);
-    assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/nixosnodes.nixroll.io created"), "{out}");
+    assert!(
+        out.contains("customresourcedefinition.apiextensions.k8s.io/nixosnodes.nixroll.io created"),
+        "{out}"
+    );
     kubectl_ok(
         plane,
         &[

@@ -31,7 +31,10 @@ fn outcome<T>(r: Result<T, kube::Error>) -> Result<(), String> {
 }
 
 fn apply_status(body: Value) -> (PatchParams, Patch<Value>) {
-    (PatchParams::apply(nixroll::names::AGENT_MANAGER).force(), Patch::Apply(body))
+    (
+        PatchParams::apply(nixroll::names::AGENT_MANAGER).force(),
+        Patch::Apply(body),
+    )
 }
 
 fn status_body(name: &str, status: Value) -> Value {
@@ -47,9 +50,12 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
     let nodes: Api<Node> = Api::all(admin.clone());
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "nixroll-system");
     let nn = nixosnodes(admin.clone());
-    let spec = json!({"flake": "github:example/infra", "revision": "0123456789abcdef0123456789abcdef01234567"});
+    let spec =
+        json!({"flake": "github:example/infra", "revision": "0123456789abcdef0123456789abcdef01234567"});
     for name in [a, b] {
-        let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})).unwrap();
+        let node: Node =
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}))
+                .unwrap();
         nodes.create(&PostParams::default(), &node).await.unwrap();
         nn.create(
             &PostParams::default(),
@@ -70,7 +76,10 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
         .service_account_token(
             "nixroll-system",
             "nixroll-agent",
-            Some((pod.metadata.name.as_deref().unwrap(), pod.metadata.uid.as_deref().unwrap())),
+            Some((
+                pod.metadata.name.as_deref().unwrap(),
+                pod.metadata.uid.as_deref().unwrap(),
+            )),
         )
         .await
         .unwrap();
@@ -85,17 +94,29 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
 
     let refused_by_policy = |r: Result<(), String>, want: &str| {
         let m = r.expect_err("must be refused");
-        assert!(m.starts_with("403: ") && m.contains(want), "want the policy's {want:?}, got {m}");
+        assert!(
+            m.starts_with("403: ") && m.contains(want),
+            "want the policy's {want:?}, got {m}"
+        );
     };
     // Another node's NixOSNode.
     let (pp, patch) = apply_status(status_body(b, json!({"agent": {"bootId": "boot-1"}})));
     refused_by_policy(
         outcome(as_agent.patch_status(b, &pp, &patch).await),
-        &format!("nixroll-agent on node {a} may not write NixOSNode {b}: an agent writes only the NixOSNode of its own node"),
+        &format!(
+            "nixroll-agent on node {a} may not write NixOSNode {b}: an agent writes only the NixOSNode of its own node"
+        ),
     );
     // The controller's part of status.
-    for (field, value) in [("phase", json!("Draining")), ("message", json!("hi")), ("revision", json!("x"))] {
-        let (pp, patch) = apply_status(status_body(a, json!({field: value, "agent": {"bootId": "boot-1"}})));
+    for (field, value) in [
+        ("phase", json!("Draining")),
+        ("message", json!("hi")),
+        ("revision", json!("x")),
+    ] {
+        let (pp, patch) = apply_status(status_body(
+            a,
+            json!({field: value, "agent": {"bootId": "boot-1"}}),
+        ));
         refused_by_policy(
             outcome(as_agent.patch_status(a, &pp, &patch).await),
             &format!("nixroll-agent may not change status.{field} of NixOSNode {a}"),
@@ -108,7 +129,16 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
     if let Err(m) = &r {
         assert!(m.contains("may not change labels"), "{m}");
     }
-    assert!(nn.get(a).await.unwrap().metadata.labels.unwrap_or_default().get("stolen").is_none());
+    assert!(
+        nn.get(a)
+            .await
+            .unwrap()
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("stolen")
+            .is_none()
+    );
     // Spec, create and delete: RBAC grants none of them, so the server refuses before the policy.
     let rbac = |r: Result<(), String>, verb: &str| {
         let m = r.expect_err("must be refused");
@@ -118,7 +148,15 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
         );
     };
     rbac(
-        outcome(as_agent.patch(a, &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}}))).await),
+        outcome(
+            as_agent
+                .patch(
+                    a,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"suspend": true}})),
+                )
+                .await,
+        ),
         "patch",
     );
     rbac(
@@ -132,23 +170,40 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
         ),
         "create",
     );
-    rbac(outcome(as_agent.delete(a, &DeleteParams::default()).await), "delete");
+    rbac(
+        outcome(as_agent.delete(a, &DeleteParams::default()).await),
+        "delete",
+    );
 
     // A token bound to no pod (so to no node): even its "own" status write is refused.
-    let unbound = plane.service_account_token("nixroll-system", "nixroll-agent", None).await.unwrap();
-    let loose = nixosnodes(Client::try_from(plane.config_with_token("agent-loose", &unbound).await.unwrap()).unwrap());
+    let unbound = plane
+        .service_account_token("nixroll-system", "nixroll-agent", None)
+        .await
+        .unwrap();
+    let loose = nixosnodes(
+        Client::try_from(plane.config_with_token("agent-loose", &unbound).await.unwrap()).unwrap(),
+    );
     let (pp, patch) = apply_status(status_body(a, json!({"agent": {"bootId": "boot-2"}})));
     refused_by_policy(
         outcome(loose.patch_status(a, &pp, &patch).await),
         "nixroll-agent's token is not bound to a node",
     );
-    assert_eq!(nn.get_status(a).await.unwrap().data["status"]["agent"]["bootId"], "boot-1");
+    assert_eq!(
+        nn.get_status(a).await.unwrap().data["status"]["agent"]["bootId"],
+        "boot-1"
+    );
 
     for name in [a, b] {
         nn.delete(name, &DeleteParams::default()).await.unwrap();
         nodes.delete(name, &DeleteParams::default()).await.unwrap();
     }
-    pods.delete(&format!("nixroll-agent-{a}"), &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
-        .await
-        .unwrap();
+    pods.delete(
+        &format!("nixroll-agent-{a}"),
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
 }

@@ -81,7 +81,11 @@ async fn wait_nodes(world: &World, what: &str, pred: impl Fn(&NixOSNode) -> bool
     futures::pin_mut!(stream);
     let done = tokio::time::timeout(WAIT, async {
         while let Ok(Some(o)) = stream.try_next().await {
-            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
+            let name = o.metadata.name.clone().unwrap_or_default();
+            if world.node(&name).is_none() {
+                continue; // another test's object on the shared server
+            }
+            seen.insert(name, o);
             if seen.len() >= NODES && seen.values().all(&pred) {
                 return;
             }
@@ -93,7 +97,10 @@ async fn wait_nodes(world: &World, what: &str, pred: impl Fn(&NixOSNode) -> bool
             .values()
             .map(|o| {
                 let s = o.status.clone().unwrap_or_default();
-                format!("{:?} {:?} {:?} {:?}", o.metadata.name, s.phase, s.revision, s.message)
+                format!(
+                    "{:?} {:?} {:?} {:?}",
+                    o.metadata.name, s.phase, s.revision, s.message
+                )
             })
             .collect();
         panic!("timed out waiting for {what}:\n{}", table.join("\n"));
@@ -161,7 +168,9 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
             min_available: Some(1),
         },
     ]);
-    let mut world = World::start_external(opts, identities(plane).await).await.unwrap();
+    let mut world = World::start_external(opts, identities(plane).await)
+        .await
+        .unwrap();
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), WORKLOAD_NAMESPACE);
     let db_node = pods.get("db-0").await.unwrap().spec.unwrap().node_name.unwrap();
@@ -169,14 +178,21 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
     // Adoption, with a secret file on node-1.
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), "nixroll-system");
     secrets
-        .create(&PostParams::default(), &secret("node-1-token", &[("token", "real-api-secret-value")]))
+        .create(
+            &PostParams::default(),
+            &secret("node-1-token", &[("token", "real-api-secret-value")]),
+        )
         .await
         .unwrap();
     let head = world.head().to_string();
     let spec_for = |world: &World, node: &str, rev: &str| {
         let mut spec = world.spec(rev);
         if node == "node-1" {
-            spec.secrets = vec![common::objects::secret_file("node-1-token", "token", "/etc/nixroll-test/token")];
+            spec.secrets = vec![common::objects::secret_file(
+                "node-1-token",
+                "token",
+                "/etc/nixroll-test/token",
+            )];
         }
         if node == db_node {
             spec.drain = Some(DrainPolicy {
@@ -188,7 +204,10 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
         spec
     };
     for n in &world.nodes {
-        world.apply(&n.name, &spec_for(&world, &n.name, &head)).await.unwrap();
+        world
+            .apply(&n.name, &spec_for(&world, &n.name, &head))
+            .await
+            .unwrap();
     }
     let mut config = ControllerConfig::new(&format!("real-{}", fastrand::u32(..)));
     config.policy.max_unavailable = MaxUnavailable::Count(1);
@@ -197,12 +216,18 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
     config.follow.source_controller.cache_dir = cache.path().to_path_buf();
     // Leader-elected like the Deployment's replicas (the Lease in nixroll-system), renewing
     // often enough that a renewal happens within the run.
-    let mut election = LeaderElectionConfig::new("nixroll-system", nixroll::names::LEADER_LEASE, "real-api-1");
+    let mut election =
+        LeaderElectionConfig::new("nixroll-system", nixroll::names::LEADER_LEASE, "real-api-1");
     election.renew_period = Duration::from_secs(1);
     config.leader_election = Some(election);
     let controller = world.start_controller(config).await.unwrap();
     wait_nodes(&world, "adoption", runs(&head)).await;
-    let file = world.node("node-1").unwrap().host.root().join("etc/nixroll-test/token");
+    let file = world
+        .node("node-1")
+        .unwrap()
+        .host
+        .root()
+        .join("etc/nixroll-test/token");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "real-api-secret-value");
 
     // A kernel rollout: every node drained (one a Force drain), rebooted once, verified.
@@ -214,7 +239,10 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
         })
         .unwrap();
     for n in &world.nodes {
-        world.apply(&n.name, &spec_for(&world, &n.name, &next)).await.unwrap();
+        world
+            .apply(&n.name, &spec_for(&world, &n.name, &next))
+            .await
+            .unwrap();
     }
     wait_nodes(&world, "the kernel rollout", runs(&next)).await;
     for (n, before) in world.nodes.iter().zip(&boots) {
@@ -229,11 +257,16 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
 
     // Following a FlakeSource (with credentials) whose branch has moved on.
     let (repo, branch) = world.follow_in_git().unwrap();
-    let followed = world.commit("a service change", |s| s.service.push_str("-svc")).unwrap();
+    let followed = world
+        .commit("a service change", |s| s.service.push_str("-svc"))
+        .unwrap();
     secrets
         .create(
             &PostParams::default(),
-            &secret("flake-source-credentials", &[("username", "git"), ("password", "real-api-token")]),
+            &secret(
+                "flake-source-credentials",
+                &[("username", "git"), ("password", "real-api-token")],
+            ),
         )
         .await
         .unwrap();
@@ -291,24 +324,39 @@ async fn check_managed_fields(admin: &kube::Client) {
             .flatten()
             .map(|m| serde_json::to_value(m).unwrap())
             .collect();
-        let of = |manager: &str| entries.iter().filter(|e| e["manager"] == manager).collect::<Vec<_>>();
+        let of = |manager: &str| {
+            entries
+                .iter()
+                .filter(|e| e["manager"] == manager)
+                .collect::<Vec<_>>()
+        };
         for e in &entries {
             let manager = e["manager"].as_str().unwrap_or_default();
             assert!(
                 ["flux", "nixroll-controller", "nixroll-agent"].contains(&manager),
                 "{name}: unexpected field manager {manager}: {e}"
             );
-            assert_eq!(e["operation"], "Apply", "{name}: {manager} wrote without server-side apply: {e}");
+            assert_eq!(
+                e["operation"], "Apply",
+                "{name}: {manager} wrote without server-side apply: {e}"
+            );
         }
         let controller = of("nixroll-controller");
         assert_eq!(controller.len(), 1, "{name}: {entries:?}");
         assert_eq!(controller[0]["subresource"], "status");
         let c = owned(controller[0], true);
-        assert!(c.contains("f:phase") && !c.contains("f:agent"), "{name}: controller owns {c:?}");
+        assert!(
+            c.contains("f:phase") && !c.contains("f:agent"),
+            "{name}: controller owns {c:?}"
+        );
         let agent = of("nixroll-agent");
         assert_eq!(agent.len(), 1, "{name}: {entries:?}");
         assert_eq!(agent[0]["subresource"], "status");
-        assert_eq!(owned(agent[0], true), BTreeSet::from(["f:agent".to_owned()]), "{name}");
+        assert_eq!(
+            owned(agent[0], true),
+            BTreeSet::from(["f:agent".to_owned()]),
+            "{name}"
+        );
         let flux = of("flux");
         assert_eq!(flux.len(), 1);
         assert!(owned(flux[0], false).contains("f:spec"), "{name}");
@@ -334,7 +382,13 @@ fn granted(sa: &str) -> BTreeSet<Access> {
     let bound_roles: BTreeSet<(String, String)> = docs
         .iter()
         .filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding")
-        .filter(|d| d["subjects"].as_array().into_iter().flatten().any(|s| s["name"] == sa))
+        .filter(|d| {
+            d["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["name"] == sa)
+        })
         .map(|d| {
             (
                 d["roleRef"]["kind"].as_str().unwrap_or_default().to_owned(),
@@ -376,7 +430,9 @@ fn check_rbac_against_audit(plane: &ControlPlane, from: u64) {
     let mut used: BTreeMap<&str, BTreeSet<Access>> = BTreeMap::new();
     let mut refused = Vec::new();
     for line in text.lines() {
-        let Ok(ev) = serde_json::from_str::<Value>(line) else { continue };
+        let Ok(ev) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
         let user = ev["user"]["username"].as_str().unwrap_or_default();
         let who = match user {
             CONTROLLER_USER => "nixroll-controller",
@@ -398,7 +454,11 @@ fn check_rbac_against_audit(plane: &ControlPlane, from: u64) {
         }
         used.entry(who).or_default().insert(access);
     }
-    assert!(refused.is_empty(), "nixroll's own requests were refused:\n{}", refused.join("\n"));
+    assert!(
+        refused.is_empty(),
+        "nixroll's own requests were refused:\n{}",
+        refused.join("\n")
+    );
     for sa in ["nixroll-controller", "nixroll-agent"] {
         let grants = granted(sa);
         let used = used.get(sa).cloned().unwrap_or_default();
@@ -407,6 +467,10 @@ fn check_rbac_against_audit(plane: &ControlPlane, from: u64) {
             unused.is_empty(),
             "{sa}: deploy/ grants what the run never used (remove it, or exercise it here): {unused:?}\nused: {used:?}"
         );
-        eprintln!("{sa}: {} grants, all used; requests used {} kinds of access", grants.len(), used.len());
+        eprintln!(
+            "{sa}: {} grants, all used; requests used {} kinds of access",
+            grants.len(),
+            used.len()
+        );
     }
 }
