@@ -154,7 +154,8 @@ fn stop(child: &mut Child) {
 /// The step named by `NIXROLL_TEST_PAUSE_AT`, for tests that interrupt `nixroll image` at a
 /// known point: the first time the step is reached, print `nixroll: paused at STEP` on stderr
 /// and sleep [`PAUSE`] (a signal ends the pause), then go on. Steps: `workdir`, `built`,
-/// `copied`, `written`, `verified`, `converted`, `synced`, `renamed`, and `running:TOOL` just
+/// `copied`, `written`, `verified`, `converted`, `synced`, `renamed`, `removing` (the work
+/// directory, after success or failure), and `running:TOOL` just
 /// after TOOL (`nix`, `qemu-img`, `debugfs`, `e2fsck`) was started.
 pub fn checkpoint(step: &str) {
     use std::sync::atomic::{AtomicBool, Ordering};

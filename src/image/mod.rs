@@ -299,6 +299,7 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        cleanup::checkpoint("removing");
         cleanup::remove_dir(&self.dir);
     }
 }
