@@ -179,17 +179,10 @@ fn run_image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     let ui = image::Ui::detect();
-    // On Ctrl-C or SIGTERM, remove the work directory (it may hold a copy with the secrets)
-    // before exiting; destructors do not run when a signal ends the process.
-    std::thread::spawn(|| {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-            return;
-        };
-        rt.block_on(shutdown_signal());
-        nixroll::image::remove_work_dirs();
-        eprintln!("nixroll: interrupted; work directory removed");
-        std::process::exit(130);
-    });
+    // On Ctrl-C or SIGTERM: stop the running tool, remove the work directory (it may hold a
+    // copy with the secrets) and exit; destructors do not run when a signal ends the process.
+    // The handlers are installed before anything is created.
+    image_signal_handler()?;
     match cmd {
         ImageCommand::Build(args) => {
             let secrets = load(&args.secrets)?;
@@ -244,6 +237,47 @@ fn run_image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Install the SIGINT/SIGTERM handler of `nixroll image` and return once it is installed.
+fn image_signal_handler() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            {
+                (Ok(t), Ok(i)) => (t, i),
+                (Err(e), _) | (_, Err(e)) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        let done = nixroll::image::cleanup::stop_all_and_remove();
+        eprintln!(
+            "nixroll: interrupted; work directory removed ({} running tool(s) stopped)",
+            done.stopped
+        );
+        std::process::exit(130);
+    });
+    match ready_rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => anyhow::bail!("cannot install the SIGINT/SIGTERM handler: {e}"),
+        Err(e) => anyhow::bail!("the SIGINT/SIGTERM handler did not start: {e}"),
+    }
 }
 
 #[derive(clap::Args, Debug)]

@@ -257,6 +257,14 @@ fn bounded_tail(s: &str, max: usize) -> String {
 
 /// `scheme://user:secret@host` → `scheme://***@host` (for anything logged or reported that
 /// may carry a flake URL).
+/// Whether the absolute path `path` lies in `/nix` (the store, its database, profiles, GC
+/// roots), however many leading slashes it has. No secret file may go there: the store is
+/// world-readable and the rest is Nix's own. The CRD's rule `^/+nix(/|$)` says the same.
+pub fn under_nix(path: &str) -> bool {
+    let p = path.trim_start_matches('/');
+    path.starts_with('/') && (p == "nix" || p.starts_with("nix/"))
+}
+
 pub fn mask_credentials(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;

@@ -736,3 +736,103 @@ async fn a_lost_lock_race_is_retried() {
     assert_eq!(f.sim.switch_log(), vec![format!("switch {sys1}")]);
     assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
 }
+
+/// A node that follows a Flux GitRepository on a branch that is neither the remote's default
+/// nor `master` (issue 20): its effective spec adds `?ref=refs/heads/dev` to `spec.flake`, and
+/// real Nix stages the commit from a bare remote. The same flake without the ref (what nixroll
+/// built before) fails: Nix 2.8 fetches `refs/heads/master` then.
+#[tokio::test]
+async fn a_gitrepository_on_another_branch_is_staged_through_its_ref() {
+    use nixroll::api::{NixOSNode, SourceKind, Target};
+    use nixroll::source::follow;
+    let Some((mut f, _sys0)) = installed_host(NODE).await else {
+        return;
+    };
+    let repo = f.flake.dir().to_path_buf();
+    let git = |dir: &Path, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let default_branch = f.flake.branch().unwrap();
+    git(&repo, &["checkout", "-q", "-b", "dev"]);
+    let rev = f.flake.commit_kernel_change().unwrap();
+    // The remote: bare (Nix treats a local non-bare repository as a work tree and reads its
+    // HEAD), its HEAD on the default branch, which does not hold `rev`.
+    let remote = f.tmp.path().join("remote.git");
+    git(
+        f.tmp.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            repo.to_str().unwrap(),
+            remote.to_str().unwrap(),
+        ],
+    );
+    git(
+        &remote,
+        &["symbolic-ref", "HEAD", &format!("refs/heads/{default_branch}")],
+    );
+    assert_ne!(git(&remote, &["rev-parse", "HEAD"]), rev);
+    let url = format!("git+file://{}", remote.display());
+
+    // What a GitRepository following `dev` offers, and the spec the rollout then works with.
+    let repo_obj = serde_json::json!({
+        "metadata": {"name": "infra", "namespace": "flux-system", "generation": 1},
+        "spec": {"url": remote.display().to_string(), "ref": {"branch": "dev"}},
+        "status": {
+            "observedGeneration": 1,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded", "message": ""}],
+            "artifact": {"revision": format!("dev@sha1:{rev}")}
+        }
+    });
+    let offer = follow::gitrepository_offer(&repo_obj).unwrap();
+    let mut spec = nixroll::sim::fixtures::following_spec(&url, "infra");
+    if let Some(r) = spec.source_ref.as_mut() {
+        r.kind = SourceKind::GitRepository;
+    }
+    let node = NixOSNode::new(NODE, spec);
+    let eff = follow::effective_spec(&node, Some(&offer)).unwrap();
+    assert_eq!(eff.flake, format!("{url}?ref=refs/heads/dev"));
+    let target = Target {
+        revision: rev.clone(),
+        installable: nixroll::api::installable(&eff.flake, &rev, NODE),
+        system: None,
+    };
+
+    // Without the ref first (before Nix has fetched `rev` at all): Nix looks for master.
+    let without = nixroll::api::installable(&url, &rev, NODE);
+    let err = f
+        .nix
+        .realise(&without, Path::new("/var/lib/nixroll/gcroots/without-ref"))
+        .await
+        .unwrap_err()
+        .report();
+    assert!(
+        err.contains("refs/heads/master") || err.contains("Cannot find Git revision"),
+        "{err}"
+    );
+
+    let st = f.agent().reconcile(Some(&target), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    let staged = st.staged.unwrap();
+    assert_eq!(
+        (staged.revision.as_str(), staged.installable.as_str()),
+        (rev.as_str(), target.installable.as_str())
+    );
+    assert!(
+        Path::new(&staged.system)
+            .join("bin/switch-to-configuration")
+            .exists()
+    );
+}

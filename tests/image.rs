@@ -788,8 +788,8 @@ fn builds_the_flake_image_with_real_nix() {
     assert!(!out.exists());
 }
 
-/// Ctrl-C (SIGTERM to the process group) while Nix builds: the work directory next to the
-/// output goes away, no output appears.
+/// SIGTERM to nixroll alone while Nix builds: nixroll stops Nix (its child) and waits for it,
+/// the work directory next to the output goes away, no output appears.
 #[test]
 fn an_interrupted_build_leaves_no_work_directory() {
     if !require(DISK_TOOLS) || !require(&["nix"]) {
@@ -844,7 +844,10 @@ fn an_interrupted_build_leaves_no_work_directory() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    // The signal to nixroll alone: its handler must clean up (Nix goes on building).
+    // Nix, nixroll's child, is running the build.
+    let children = children_of(child.id());
+    assert!(!children.is_empty(), "nix is not running");
+    // The signal to nixroll alone: its handler must stop Nix and clean up.
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")
@@ -854,9 +857,12 @@ fn an_interrupted_build_leaves_no_work_directory() {
             .success()
     );
     let status = child.wait().unwrap();
+    // Nix was stopped (and reaped) before nixroll exited, not left building.
+    let alive: Vec<u32> = children.iter().copied().filter(|p| running(*p)).collect();
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{pid}")])
         .status();
+    assert!(alive.is_empty(), "nixroll's children {alive:?} outlived it");
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(
@@ -870,6 +876,33 @@ fn an_interrupted_build_leaves_no_work_directory() {
         "work directory left after the signal: {stderr}"
     );
     assert!(!out_dir.join("slow.img").exists());
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …; comm may hold spaces: split after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.extend(e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// The process exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_string()))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
 }
 
 /// No root privileges: an unprivileged user writes root-owned files into their own image.
@@ -926,4 +959,389 @@ fn works_without_root_privileges() {
         (0o400, 0, 0, b"unprivileged-secret".to_vec())
     );
     fsck_clean(&img, off);
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().unwrap().stdout == b"0\n"
+}
+
+/// Root is needed to run a reader as another user; skip (fail under CI) without it.
+fn require_root() -> bool {
+    if is_root() {
+        return true;
+    }
+    let msg = "needs root (to run a reader as `nobody` with runuser)";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Everything in `dir`'s work directories that another user could read or enter: the work
+/// directory must be 0700 and nothing in it may have a group or other bit.
+fn exposed(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bad = Vec::new();
+    for w in leftovers(dir) {
+        let Ok(m) = std::fs::symlink_metadata(&w) else {
+            continue;
+        };
+        let mode = m.permissions().mode() & 0o7777;
+        if mode != 0o700 {
+            bad.push(format!("{} {mode:04o}", w.display()));
+        }
+        for e in std::fs::read_dir(&w).into_iter().flatten().flatten() {
+            if let Ok(m) = std::fs::symlink_metadata(e.path()) {
+                let mode = m.permissions().mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    bad.push(format!("{} {mode:04o}", e.path().display()));
+                }
+            }
+        }
+    }
+    bad
+}
+
+/// Another local user (`nobody`) reads every file nixroll creates while it builds and injects,
+/// raw and qcow2: a loop run by `runuser -u nobody` tries to list and `cat` everything in the
+/// work directory, and a second loop (as root) checks every mode there. Nothing may be
+/// readable from the moment it exists: the work directory 0700, every file in it 0600.
+#[test]
+fn another_user_can_read_nothing_nixroll_creates() {
+    if !require(DISK_TOOLS) || !require(&["runuser"]) || !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    chmod(dir, 0o755);
+    let (img, _) = image(dir, "disk.img");
+    let secret = format!("tok-{:016x}", fastrand_u64());
+    let sdir = dir.join("secrets");
+    for i in 0..20 {
+        write(&sdir.join(format!("etc/app{i}/token")), secret.as_bytes());
+    }
+    chmod(&sdir, 0o700);
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    chmod(&out_dir, 0o755);
+    let stop = dir.join("stop");
+    // As nobody: list the work directories and read everything in them, again and again.
+    let reader = Command::new("runuser")
+        .args(["-u", "nobody", "--", "sh", "-c"])
+        .arg(
+            r#"seen=0; while [ ! -e "$1" ]; do
+                 for w in "$2"/.nixroll-image-*; do
+                   [ -e "$w" ] || continue; seen=$((seen+1))
+                   ls -a "$w" >/dev/null 2>&1 && echo "LISTED $w"
+                   for f in "$w"/* "$w"/.[!.]*; do
+                     [ -e "$f" ] || continue
+                     if grep -aqs "$3" "$f"; then echo "READ-SECRET $f"
+                     elif head -c1 "$f" >/dev/null 2>&1; then echo "READ $f"; fi
+                   done
+                 done
+               done; echo "SEEN $seen""#,
+        )
+        .args(["sh", path(&stop), path(&out_dir), &secret])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // As root: the modes of everything there.
+    let done = Arc::new(AtomicBool::new(false));
+    let modes = {
+        let (done, out_dir) = (done.clone(), out_dir.clone());
+        std::thread::spawn(move || {
+            let (mut seen, mut bad) = (0usize, Vec::new());
+            while !done.load(Ordering::Relaxed) {
+                if !leftovers(&out_dir).is_empty() {
+                    seen += 1;
+                }
+                bad.extend(exposed(&out_dir));
+            }
+            (seen, bad)
+        })
+    };
+    let spec = ["--secrets-dir", path(&sdir)];
+    let raw = out_dir.join("node.img");
+    let qcow = out_dir.join("node.qcow2");
+    ok(&image_build(&img, &raw, &spec));
+    ok(&image_build(
+        &img,
+        &qcow,
+        &[&spec[..], &["--format", "qcow2"]].concat(),
+    ));
+    ok(&image_inject(&raw, &spec));
+    ok(&image_inject(&qcow, &spec));
+    done.store(true, Ordering::Relaxed);
+    std::fs::write(&stop, b"").unwrap();
+    let (seen, bad) = modes.join().unwrap();
+    let reader = reader.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&reader.stdout).into_owned();
+    assert!(
+        seen > 0,
+        "the mode scan never saw a work directory: it proves nothing"
+    );
+    assert!(
+        report.lines().any(|l| l.starts_with("SEEN ") && l != "SEEN 0"),
+        "the reader never saw a work directory: it proves nothing ({report})"
+    );
+    let mut bad: Vec<String> = bad
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    bad.truncate(10);
+    assert!(bad.is_empty(), "readable by others while nixroll ran: {bad:?}");
+    assert!(
+        !report
+            .lines()
+            .any(|l| l.starts_with("LISTED") || l.starts_with("READ")),
+        "nobody read the work directory: {report}"
+    );
+    assert_eq!(mode_of(&raw), 0o600);
+    assert_eq!(mode_of(&qcow), 0o600);
+    assert!(leftovers(&out_dir).is_empty());
+}
+
+/// `nixroll …` with `NIXROLL_TEST_PAUSE_AT=step`, stderr read line by line.
+struct Paused {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: Vec<String>,
+}
+
+impl Paused {
+    fn start(args: &[&str], step: &str) -> Paused {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nixroll"))
+            .args(args)
+            .env("NIXROLL_TEST_PAUSE_AT", step)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(stderr).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Paused {
+            child,
+            lines,
+            stderr: Vec::new(),
+        }
+    }
+
+    /// Wait (bounded) for `nixroll: paused at STEP`.
+    fn wait_paused(&mut self, step: &str) {
+        let want = format!("nixroll: paused at {step}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            match self.lines.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(l) => {
+                    let hit = l == want;
+                    self.stderr.push(l);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let _ = self.child.kill();
+        panic!("never paused at {step}: {}", self.stderr.join("\n"));
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit; its code and stderr.
+    fn terminate(mut self) -> (Option<i32>, String) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("nixroll did not exit after SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        while let Ok(l) = self.lines.recv_timeout(std::time::Duration::from_secs(2)) {
+            self.stderr.push(l);
+        }
+        (status.code(), self.stderr.join("\n"))
+    }
+}
+
+/// SIGTERM at every step of a build (raw and qcow2) and of an inject into a qcow2 image, the
+/// step made deterministic by `NIXROLL_TEST_PAUSE_AT`: the work directory is private while it
+/// exists and never remains; the output is either absent (the original untouched) or complete.
+#[test]
+fn sigterm_at_every_step_leaves_no_work_directory() {
+    let Some((tmp, img, off)) = disk_image() else {
+        return;
+    };
+    let dir = tmp.path();
+    let secret = dir.join("s");
+    write(&secret, b"step-secret");
+    let spec = format!("/etc/k3s/token={}", path(&secret));
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    // A qcow2 image to inject into.
+    let q0 = dir.join("q0.qcow2");
+    ok(&image_build(&img, &q0, &["--format", "qcow2"]));
+    let q0_bytes = std::fs::read(&q0).unwrap();
+    let common = [
+        "workdir",
+        "copied",
+        "running:debugfs",
+        "written",
+        "running:e2fsck",
+        "verified",
+        "synced",
+        "renamed",
+        "removing",
+    ];
+    let mut cases: Vec<(&str, &str)> = Vec::new();
+    for step in common.iter().chain(&["built"]) {
+        cases.push(("raw", step));
+    }
+    for step in common.iter().chain(&["built", "running:qemu-img", "converted"]) {
+        cases.push(("qcow2", step));
+    }
+    for step in common.iter().chain(&["running:qemu-img"]) {
+        cases.push(("inject", step));
+    }
+    for (kind, step) in cases {
+        let out = out_dir.join(format!("{kind}.img"));
+        let _ = std::fs::remove_file(&out);
+        let args: Vec<String> = match kind {
+            "inject" => {
+                std::fs::write(&out, &q0_bytes).unwrap();
+                ["image", "inject", path(&out), "--secret", &spec]
+                    .map(String::from)
+                    .to_vec()
+            }
+            _ => [
+                "image",
+                "build",
+                "--image",
+                path(&img),
+                "--out",
+                path(&out),
+                "--secret",
+                &spec,
+                "--format",
+                kind,
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut run = Paused::start(&args, step);
+        run.wait_paused(step);
+        let bad = exposed(&out_dir);
+        assert!(bad.is_empty(), "{kind} at {step}: readable by others: {bad:?}");
+        if step != "renamed" && step != "removing" {
+            assert!(
+                !leftovers(&out_dir).is_empty(),
+                "{kind} at {step}: no work directory"
+            );
+        }
+        let (code, stderr) = run.terminate();
+        assert_eq!(code, Some(130), "{kind} at {step}: {stderr}");
+        assert!(
+            stderr.contains("interrupted; work directory removed"),
+            "{kind} at {step}: {stderr}"
+        );
+        assert!(
+            leftovers(&out_dir).is_empty(),
+            "{kind} at {step}: work directory left: {:?}",
+            leftovers(&out_dir)
+        );
+        let finished = step == "renamed" || step == "removing";
+        match kind {
+            "inject" if !finished => {
+                assert!(
+                    std::fs::read(&out).unwrap() == q0_bytes,
+                    "inject at {step}: the original changed"
+                )
+            }
+            "inject" => assert!(std::fs::read(&out).unwrap() != q0_bytes, "inject at {step}"),
+            _ => assert_eq!(out.exists(), finished, "{kind} at {step}: output"),
+        }
+        if finished && kind == "raw" {
+            assert_eq!(read_back(&ext4(&out, off), "/etc/k3s/token").3, b"step-secret");
+            assert_eq!(mode_of(&out), 0o600);
+        }
+    }
+}
+
+/// SIGTERM the moment the output appears (renamed into place), raw and qcow2, without any
+/// test hook: the race between the signal handler and the main thread's cleanup. Each try must
+/// leave no work directory (issue 20: 10 of 20 tries did, once with a 0600 `image.raw`).
+#[test]
+fn sigterm_right_after_the_rename_leaves_no_work_directory() {
+    let Some((tmp, img, _)) = disk_image() else {
+        return;
+    };
+    let dir = tmp.path();
+    let secret = dir.join("s");
+    write(&secret, b"rename-secret");
+    let spec = format!("/etc/k3s/token={}", path(&secret));
+    let out_dir = dir.join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let mut left = Vec::new();
+    for i in 0..20 {
+        let format = if i % 2 == 0 { "qcow2" } else { "raw" };
+        let out = out_dir.join("node.img");
+        let _ = std::fs::remove_file(&out);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nixroll"))
+            .args(["image", "build", "--image", path(&img), "--out", path(&out)])
+            .args(["--secret", &spec, "--format", format])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !out.exists() && child.try_wait().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no output appeared");
+            std::thread::yield_now();
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let status = child.wait().unwrap();
+        if !leftovers(&out_dir).is_empty() {
+            left.push(format!(
+                "try {i} ({format}, exit {:?}): {:?}",
+                status.code(),
+                leftovers(&out_dir)
+            ));
+            for l in leftovers(&out_dir) {
+                let _ = std::fs::remove_dir_all(l);
+            }
+        }
+    }
+    assert!(left.is_empty(), "work directories left: {left:#?}");
 }

@@ -1007,3 +1007,68 @@ async fn the_real_agent_killed_during_rotations_leaves_old_or_new_and_cleans_up(
         }
     }
 }
+
+/// The agent checks `spec.secrets[].path` itself (an old CRD or another API server may not
+/// have): nothing anywhere under /nix, also not through a symlinked parent (NixOS links much of
+/// /etc into the store), and no `..`. Each is reported as `InvalidPath`, and nothing is written.
+#[tokio::test]
+async fn the_agent_refuses_paths_in_nix_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let host: Arc<dyn Host> = Arc::new(HostRoot::new(dir.path(), RebootHook::None));
+    let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+    let view: SecretsView = [(
+        "s".to_string(),
+        Fetched::Found {
+            resource_version: "1".into(),
+            data: [("k".to_string(), b"in-nix-value".to_vec())].into(),
+        },
+    )]
+    .into();
+    std::fs::create_dir_all(dir.path().join("nix/var/nix")).unwrap();
+    std::fs::create_dir_all(dir.path().join("nix/store/abc-etc/etc")).unwrap();
+    std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+    std::os::unix::fs::symlink("/nix/store/abc-etc/etc", dir.path().join("etc/static")).unwrap();
+    let mut a = NodeAgent::new(host.clone(), nix.clone(), HostOptions::default());
+    for path in [
+        "/nix/var/nix/token",
+        "/nix/store/abc-secret",
+        "//nix/var/x",
+        "/etc/static/token",
+        "/etc/../nix/var/x",
+    ] {
+        let spec = vec![secret_file("s", "k", path)];
+        a.sync_secrets(&spec, &view).await.unwrap();
+        let st = a.observe().unwrap();
+        assert_eq!(
+            st.secrets_missing.len(),
+            1,
+            "{path} accepted: {:?} {:?}",
+            st.secrets_missing,
+            st.secrets
+        );
+        assert_eq!(st.secrets_missing[0].reason, "InvalidPath", "{path}");
+        assert!(
+            st.secrets_missing[0].message.contains("/nix"),
+            "{}",
+            st.secrets_missing[0].message
+        );
+    }
+    let written = std::process::Command::new("grep")
+        .args(["-rl", "in-nix-value"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        written.stdout.is_empty(),
+        "written: {}",
+        String::from_utf8_lossy(&written.stdout)
+    );
+    // A path outside /nix is still written.
+    a.sync_secrets(&[secret_file("s", "k", "/nixos/token")], &view)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("nixos/token")).unwrap(),
+        b"in-nix-value"
+    );
+}

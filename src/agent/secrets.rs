@@ -221,6 +221,8 @@ pub enum SecretFileError {
     UnknownOwner { owner: String, message: String },
     #[error("mode {mode:?} is not octal permission digits")]
     InvalidMode { mode: String },
+    #[error("path {path}: {why}")]
+    InvalidPath { path: String, why: String },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -240,9 +242,33 @@ impl SecretFileError {
             SecretFileError::TooLarge { .. } => "TooLarge",
             SecretFileError::UnknownOwner { .. } => "UnknownOwner",
             SecretFileError::InvalidMode { .. } => "InvalidMode",
+            SecretFileError::InvalidPath { .. } => "InvalidPath",
             SecretFileError::Write { .. } => "WriteFailed",
         }
     }
+}
+
+/// The agent's own check of `spec.secrets[].path`, the same as the CRD's rules (which an old
+/// CRD or another API server may not have enforced): absolute, no `.` or `..` segment, and
+/// outside `/nix`.
+pub fn check_path(path: &str) -> Result<(), SecretFileError> {
+    let bad = |why: &str| SecretFileError::InvalidPath {
+        path: path.to_string(),
+        why: why.to_string(),
+    };
+    if !path.starts_with('/') {
+        return Err(bad("must be absolute"));
+    }
+    if path.split('/').any(|p| p == "." || p == "..") {
+        return Err(bad("must not contain `.` or `..` segments"));
+    }
+    if path.ends_with('/') || path.contains("//") {
+        return Err(bad("must name a file: no trailing or doubled `/`"));
+    }
+    if crate::nix::under_nix(path) {
+        return Err(bad("must be outside /nix: the Nix store is world-readable"));
+    }
+    Ok(())
 }
 
 /// `0400`, `640` → permission bits (no setuid/setgid/sticky).
@@ -383,6 +409,26 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::agent::host::{HostRoot, RebootHook};
+
+    #[test]
+    fn paths_are_checked_like_the_crd_does() {
+        for bad in [
+            "etc/x",
+            "/nix",
+            "/nix/store/x",
+            "/nix/var/nix/x",
+            "//nix/x",
+            "/a/../b",
+            "/a/./b",
+            "/a/",
+            "/a//b",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad} accepted");
+        }
+        for good in ["/etc/k3s/token", "/nixos/x", "/etc/nix/netrc", "/var/lib/nix"] {
+            check_path(good).unwrap();
+        }
+    }
 
     #[test]
     fn modes_parse_as_octal_permission_digits() {

@@ -515,6 +515,7 @@ mod tests {
             Ok(Offer {
                 commit: b.clone(),
                 flake: flake.clone(),
+                git_ref: Some("refs/heads/main".into()),
             }),
         );
         let started = std::time::Instant::now();

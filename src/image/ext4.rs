@@ -231,7 +231,11 @@ impl Ext4Image {
         };
         let mut text = requests.join("\n");
         text.push('\n');
-        std::fs::write(&script, text).map_err(io)?;
+        // Paths only, but private like everything in the work directory: created 0600.
+        let _ = std::fs::remove_file(&script);
+        super::copy::create_private(&script)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(io)?;
         let stdin = match content {
             Some(bytes) => Some(Stdio::from(memfd_with(bytes)?)),
             None => None,

@@ -12,6 +12,7 @@
 //! 6. convert to qcow2 if asked (checked with `qemu-img compare`), rename into place.
 
 pub mod bench;
+pub mod cleanup;
 pub mod copy;
 pub mod ext4;
 pub mod gpt;
@@ -237,16 +238,22 @@ impl Ui {
     }
 }
 
-/// A private (0700) directory next to the output, where the image is assembled; removed on
-/// drop. Created before anything slow happens, so an unwritable output directory fails first.
+/// A private (0700 from the moment it exists) directory next to the output, where the image
+/// is assembled; removed on drop. Created before anything slow happens, so an unwritable output
+/// directory fails first. Created and removed through [`cleanup`], which also removes it on
+/// SIGINT/SIGTERM.
 #[derive(Debug)]
 pub struct WorkDir {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
     out: PathBuf,
 }
 
+/// Mode of the work directory: it holds copies of the image with the secrets.
+pub const WORK_DIR_MODE: u32 = 0o700;
+
 impl WorkDir {
     pub fn next_to(out: &Path) -> Result<WorkDir, ImageError> {
+        use std::os::unix::fs::PermissionsExt;
         let err = |detail: String| ImageError::Output {
             path: out.to_path_buf(),
             detail,
@@ -264,17 +271,21 @@ impl WorkDir {
         if !parent.is_dir() {
             return Err(err(format!("the directory {} does not exist", parent.display())));
         }
-        // tempfile creates the directory with mode 0700.
-        let dir = tempfile::Builder::new()
-            .prefix(".nixroll-image-")
-            .tempdir_in(&parent)
-            .map_err(|e| {
-                err(format!(
-                    "the directory {} is not writable (cannot create a work directory there: {e})",
-                    parent.display()
-                ))
-            })?;
-        live_work_dirs(|dirs| dirs.push(dir.path().to_path_buf()));
+        // mkdir(2) with mode 0700: private from the moment it exists (tempfile applies no mode
+        // unless asked, and a chmod afterwards would leave a window).
+        let dir = cleanup::create_dir(|| {
+            Ok(tempfile::Builder::new()
+                .prefix(".nixroll-image-")
+                .permissions(std::fs::Permissions::from_mode(WORK_DIR_MODE))
+                .tempdir_in(&parent)?
+                .keep())
+        })
+        .map_err(|e| {
+            err(format!(
+                "the directory {} is not writable (cannot create a work directory there: {e})",
+                parent.display()
+            ))
+        })?;
         Ok(WorkDir {
             dir,
             out: out.to_path_buf(),
@@ -282,35 +293,15 @@ impl WorkDir {
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let me = self.dir.path().to_path_buf();
-        live_work_dirs(|dirs| dirs.retain(|d| *d != me));
-        // The TempDir field removes the directory right after this.
+        cleanup::checkpoint("removing");
+        cleanup::remove_dir(&self.dir);
     }
-}
-
-static LIVE_WORK_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-fn live_work_dirs(f: impl FnOnce(&mut Vec<PathBuf>)) {
-    let mut guard = LIVE_WORK_DIRS
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    f(&mut guard);
-}
-
-/// Remove every work directory still in use (they may hold a copy with secrets). For the
-/// binary's SIGINT/SIGTERM handler, which then exits: destructors do not run on a signal.
-pub fn remove_work_dirs() {
-    live_work_dirs(|dirs| {
-        for d in dirs.drain(..) {
-            let _ = std::fs::remove_dir_all(&d);
-        }
-    });
 }
 
 /// Where the image comes from.
@@ -338,6 +329,7 @@ pub fn build(
     ui: &Ui,
 ) -> Result<Report, ImageError> {
     let work = WorkDir::next_to(out)?;
+    cleanup::checkpoint("workdir");
     let built = match source {
         Source::Flake {
             flake,
@@ -358,6 +350,7 @@ pub fn build(
         }
         Source::Path(p) => p.clone(),
     };
+    cleanup::checkpoint("built");
     let image = nixbuild::find_image(&built)?;
     assemble(&work, &image, Some(format), root_label, secrets, ui)
 }
@@ -387,6 +380,7 @@ pub fn inject(
         None => std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf()),
     };
     let work = WorkDir::next_to(&target)?;
+    cleanup::checkpoint("workdir");
     assemble(&work, image, format, root_label, secrets, ui)
 }
 
@@ -427,6 +421,7 @@ pub fn assemble(
             qcow2::to_raw(image, &raw)?;
         }
     }
+    cleanup::checkpoint("copied");
     let root = gpt::find_root(&raw, root_label)?;
     ui.step(&format!(
         "root filesystem: partition {} (name {:?}) at byte {}",
@@ -449,9 +444,11 @@ pub fn assemble(
         files.push(file);
         directories.extend(dirs);
     }
+    cleanup::checkpoint("written");
     verify::written(&ext, secrets, &directories)?;
     ui.step("read back: modes, owners and contents match; running e2fsck -fn");
     ext.fsck()?;
+    cleanup::checkpoint("verified");
     let format = format.unwrap_or(input_format);
     let (fin, qcow2_compare) = match format {
         Format::Raw => (raw.clone(), None),
@@ -459,6 +456,7 @@ pub fn assemble(
             ui.step("converting to qcow2");
             let q = work.path().join("image.qcow2");
             qcow2::from_raw_verified(&raw, &q)?;
+            cleanup::checkpoint("converted");
             (q, Some("identical"))
         }
     };
@@ -468,12 +466,12 @@ pub fn assemble(
         detail,
     };
     {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fin, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| out_err(e.to_string()))?;
+        // Created 0600 (by nixroll, or by nixroll before qemu-img wrote into it).
         let f = std::fs::File::open(&fin).map_err(|e| out_err(e.to_string()))?;
+        check_private(&f).map_err(out_err)?;
         f.sync_all().map_err(|e| out_err(e.to_string()))?;
     }
+    cleanup::checkpoint("synced");
     let size = std::fs::metadata(&fin).map_err(|e| out_err(e.to_string()))?.len();
     let allocated = copy::allocated(&fin).map_err(|e| out_err(e.to_string()))?;
     std::fs::rename(&fin, &out)
@@ -483,6 +481,7 @@ pub fn assemble(
     {
         let _ = d.sync_all();
     }
+    cleanup::checkpoint("renamed");
     ui.step(&format!("wrote {}", out.display()));
     Ok(Report {
         image: out,
@@ -502,6 +501,23 @@ pub fn assemble(
         fsck: "clean",
         qcow2_compare,
     })
+}
+
+/// The image file is readable and writable by its owner only: it was created without any
+/// group or other bit (checked, not set: a chmod now would come too late), and is 0600.
+fn check_private(f: &std::fs::File) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = f.metadata().map_err(|e| e.to_string())?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the finished image has mode {mode:04o}: readable by others, and it holds the secrets"
+        ));
+    }
+    if mode != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Write one secret: look up every component of its path first (no symlink, parents are

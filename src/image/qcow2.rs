@@ -19,6 +19,17 @@ pub enum QemuError {
     },
     #[error("the qcow2 image differs from the raw image it was converted from: {0}")]
     Differs(String),
+    #[error("cannot create {path} (mode 0600) for qemu-img to write into")]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "qemu-img replaced {path} instead of writing into the private file nixroll created \
+         (it would have been created with the process umask; refusing)"
+    )]
+    Replaced { path: std::path::PathBuf },
 }
 
 /// Whether the file starts with the qcow2 magic (`QFI\xfb`).
@@ -49,37 +60,68 @@ fn qemu_img(operation: &'static str, args: &[&std::ffi::OsStr]) -> Result<String
     Ok(stdout)
 }
 
-/// `qemu-img convert -f qcow2 -O raw` (the output is sparse).
-pub fn to_raw(qcow2: &Path, raw: &Path) -> Result<(), QemuError> {
-    qemu_img(
-        "convert",
-        &[
-            "convert".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            qcow2.as_ref(),
-            raw.as_ref(),
-        ],
-    )
-    .map(|_| ())
+/// Run `convert` with nixroll's own output file: created here, empty, mode 0600 (and
+/// `create_new`), before qemu-img opens it, so the secrets are never in a file others can read.
+/// qemu-img opens an existing file with `O_CREAT` without `O_EXCL` and keeps its mode; if it
+/// ever replaced the file (another inode), the result is refused.
+fn convert_into_private(
+    out: &Path,
+    convert: impl FnOnce() -> Result<(), QemuError>,
+) -> Result<(), QemuError> {
+    use std::os::unix::fs::MetadataExt;
+    let created = super::copy::create_private(out).map_err(|source| QemuError::Create {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let ino = created.metadata().map(|m| m.ino()).ok();
+    drop(created);
+    convert()?;
+    let after = std::fs::symlink_metadata(out).ok();
+    if after.as_ref().map(|m| m.ino()) != ino || after.is_none_or(|m| m.mode() & 0o077 != 0) {
+        let _ = std::fs::remove_file(out);
+        return Err(QemuError::Replaced {
+            path: out.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
-/// `qemu-img convert -f raw -O qcow2`, then `qemu-img compare` of the two.
+/// `qemu-img convert -f qcow2 -O raw` (the output is sparse) into a new 0600 file.
+pub fn to_raw(qcow2: &Path, raw: &Path) -> Result<(), QemuError> {
+    convert_into_private(raw, || {
+        qemu_img(
+            "convert",
+            &[
+                "convert".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-O".as_ref(),
+                "raw".as_ref(),
+                qcow2.as_ref(),
+                raw.as_ref(),
+            ],
+        )
+        .map(|_| ())
+    })
+}
+
+/// `qemu-img convert -f raw -O qcow2` into a new 0600 file, then `qemu-img compare` of the two.
 pub fn from_raw_verified(raw: &Path, qcow2: &Path) -> Result<(), QemuError> {
-    qemu_img(
-        "convert",
-        &[
-            "convert".as_ref(),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            raw.as_ref(),
-            qcow2.as_ref(),
-        ],
-    )?;
+    convert_into_private(qcow2, || {
+        qemu_img(
+            "convert",
+            &[
+                "convert".as_ref(),
+                "-f".as_ref(),
+                "raw".as_ref(),
+                "-O".as_ref(),
+                "qcow2".as_ref(),
+                raw.as_ref(),
+                qcow2.as_ref(),
+            ],
+        )
+        .map(|_| ())
+    })?;
     qemu_img(
         "compare",
         &[

@@ -4,9 +4,11 @@
 //! memfd, see [`super::ext4`]) and come back through a pipe read here.
 
 use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use super::cleanup::{self, Running};
 
 /// What a finished tool printed.
 #[derive(Debug)]
@@ -63,16 +65,24 @@ pub fn run(
         Stderr::Capture => Stdio::piped(),
         Stderr::Inherit => Stdio::inherit(),
     });
-    let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
+    let mut stdout = None;
+    let mut stderr_pipe = None;
+    // Registered with the cleanup owner, so that SIGINT/SIGTERM stops it (see [`cleanup`]).
+    let child = cleanup::spawn(&mut cmd, |c| {
+        stdout = c.stdout.take();
+        stderr_pipe = c.stderr.take();
+    })
+    .map_err(|source| RunError::Spawn {
         program: program.clone(),
         source,
     })?;
     // The command (and with it any stdin fd we handed over) is dropped here, so that our copy
     // of a secret's memfd is closed as soon as the child has its own.
     drop(cmd);
-    let out = reader(child.stdout.take());
-    let err = reader(child.stderr.take());
-    let status = wait(&mut child, &program, timeout)?;
+    let out = reader(stdout);
+    let err = reader(stderr_pipe);
+    cleanup::checkpoint(&format!("running:{program}"));
+    let status = wait(&child, &program, timeout)?;
     let stdout = out.join().unwrap_or_default();
     let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
     Ok(Output {
@@ -92,7 +102,7 @@ fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<Vec<u8>> {
     })
 }
 
-fn wait(child: &mut Child, program: &str, timeout: Duration) -> Result<ExitStatus, RunError> {
+fn wait(child: &Running, program: &str, timeout: Duration) -> Result<ExitStatus, RunError> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     loop {
@@ -107,8 +117,7 @@ fn wait(child: &mut Child, program: &str, timeout: Duration) -> Result<ExitStatu
             }
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
             return Err(RunError::Timeout {
                 program: program.to_string(),
                 timeout,

@@ -169,8 +169,10 @@ pub fn check_dest(dest: &str) -> Result<(), SecretError> {
             "character {c:?} is not supported (letters, digits and / . _ - + @ : , % ~)"
         )));
     }
-    if dest == "/nix" || dest.starts_with("/nix/store/") || dest == "/nix/store" {
-        return Err(bad("must not be in the Nix store (it is world-readable)"));
+    if crate::nix::under_nix(dest) {
+        return Err(bad(
+            "must be outside /nix (the Nix store is world-readable, the rest of /nix is Nix's own)",
+        ));
     }
     Ok(())
 }
@@ -295,10 +297,20 @@ mod tests {
             "/etc/x\"y",
             "/etc/x\nmkdir /y",
             "/nix/store/abc-secret",
+            "/nix",
+            "/nix/store",
+            "/nix/var/nix/x",
+            "/nix/x",
         ] {
             assert!(check_dest(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["/etc/k3s/token", "/root/.netrc", "/var/lib/x/a-b_c.d"] {
+        for good in [
+            "/etc/k3s/token",
+            "/root/.netrc",
+            "/var/lib/x/a-b_c.d",
+            "/nixos/x",
+            "/etc/nix/x",
+        ] {
             check_dest(good).unwrap();
         }
     }

@@ -47,6 +47,10 @@ impl std::fmt::Display for SourceKey {
 pub struct Offer {
     pub commit: String,
     pub flake: String,
+    /// The full git ref the commit was found on (`refs/heads/dev`, `refs/tags/v1`, `HEAD`):
+    /// added as `?ref=` to a git `spec.flake`, because Nix fetches a commit through a ref and,
+    /// without one, Nix 2.8 fetches `refs/heads/master` and fails on any other branch.
+    pub git_ref: Option<String>,
 }
 
 /// Why a source offers nothing (yet).
@@ -80,9 +84,66 @@ pub fn flake_for(url: &str, insecure: bool, full_ref: Option<&str>) -> Result<St
     };
     if let Some(r) = full_ref {
         flake.push_str("?ref=");
-        flake.push_str(r);
+        flake.push_str(&query_value(r));
     }
     Ok(flake)
+}
+
+/// A ref as a flake URL's query value: characters that would end it or change its meaning
+/// (`&`, `#`, `%`, `?`, space, `+` …) percent-encoded; Nix decodes them.
+fn query_value(r: &str) -> String {
+    let mut out = String::with_capacity(r.len());
+    for b in r.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/@".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `spec.flake` with the source's ref, when it is a git flake (`git+…`, `git://…`) without a
+/// query of its own (the CRD refuses `?` in it): the form Nix fetches the commit through.
+/// Other schemes (`github:`, `path:` …) address the commit without a ref and stay as they are.
+pub fn with_ref(flake: &str, git_ref: Option<&str>) -> String {
+    match git_ref {
+        Some(r) if (flake.starts_with("git+") || flake.starts_with("git://")) && !flake.contains('?') => {
+            format!("{flake}?ref={}", query_value(r))
+        }
+        _ => flake.to_owned(),
+    }
+}
+
+/// The ref Nix must fetch a Flux GitRepository's commit through, from its `spec.ref` the way
+/// Flux's source-controller chooses (`commit` > `name` > `semver` > `tag` > `branch`):
+/// `branch` gives `refs/heads/B`; `tag` gives `refs/tags/T`; `semver` gives `refs/tags/` and
+/// the tag Flux resolved (the revision's pointer, `v1.2.3@sha1:…`); `name` is used as given (a
+/// full ref such as `refs/pull/7/head`); `commit` gives the `branch` set with it, else `HEAD`
+/// (the remote's default branch: a commit that is only on another branch then fails to stage,
+/// Nix saying it cannot find the revision in ref HEAD); no `spec.ref` gives
+/// `refs/heads/master`, Flux's default.
+pub fn gitrepository_ref(spec_ref: &serde_json::Value, pointer: Option<&str>) -> Result<String, Untrusted> {
+    let field = |k: &str| spec_ref[k].as_str().filter(|v| !v.is_empty());
+    let branch = field("branch").map(|b| format!("refs/heads/{b}"));
+    if field("commit").is_some() {
+        return Ok(branch.unwrap_or_else(|| "HEAD".into()));
+    }
+    if let Some(n) = field("name") {
+        return Ok(n.to_owned());
+    }
+    if field("semver").is_some() {
+        return match pointer {
+            Some(tag) => Ok(format!("refs/tags/{tag}")),
+            None => Err(Untrusted::BadRevision(
+                "spec.ref.semver is set but the artifact revision names no tag".into(),
+            )),
+        };
+    }
+    if let Some(t) = field("tag") {
+        return Ok(format!("refs/tags/{t}"));
+    }
+    Ok(branch.unwrap_or_else(|| "refs/heads/master".into()))
 }
 
 /// What a FlakeSource offers: its accepted commit, trusted when its status describes the current
@@ -102,6 +163,7 @@ pub fn flakesource_offer(fs: &FlakeSource) -> Result<Offer, Untrusted> {
     Ok(Offer {
         commit: commit.to_string(),
         flake,
+        git_ref: st.full_ref.clone(),
     })
 }
 
@@ -131,9 +193,11 @@ pub fn gitrepository_offer(obj: &serde_json::Value) -> Result<Offer, Untrusted> 
         .as_str()
         .ok_or(Untrusted::NotResolved)?;
     let r = Revision::parse(rev).map_err(|e| Untrusted::BadRevision(e.to_string()))?;
+    let git_ref = gitrepository_ref(&obj["spec"]["ref"], r.pointer.as_deref())?;
     Ok(Offer {
         commit: r.commit.to_string(),
         flake: String::new(),
+        git_ref: Some(git_ref),
     })
 }
 
@@ -193,12 +257,13 @@ pub fn pin(
     failure_threshold: u32,
 ) -> Option<Offer> {
     let held = held.cloned().or_else(|| {
-        in_flight(members).map(|commit| Offer {
-            flake: latest
-                .filter(|l| l.commit == commit)
-                .map(|l| l.flake.clone())
-                .unwrap_or_default(),
-            commit,
+        in_flight(members).map(|commit| {
+            let same = latest.filter(|l| l.commit == commit);
+            Offer {
+                flake: same.map(|l| l.flake.clone()).unwrap_or_default(),
+                git_ref: same.and_then(|l| l.git_ref.clone()),
+                commit,
+            }
         })
     });
     let Some(p) = held else {
@@ -247,7 +312,12 @@ pub fn effective_spec(o: &NixOSNode, pin: Option<&Offer>) -> Option<NixOSNodeSpe
         .and_then(|t| flake_of_installable(&t.installable, &commit));
     let flake = match from_target {
         Some(f) => f,
-        None if !o.spec.flake.is_empty() => o.spec.flake.clone(),
+        // The user's flake, with the ref the source found the commit on.
+        None if !o.spec.flake.is_empty() => with_ref(
+            &o.spec.flake,
+            pin.filter(|p| p.commit == commit)
+                .and_then(|p| p.git_ref.as_deref()),
+        ),
         None => match pin.filter(|p| p.commit == commit && !p.flake.is_empty()) {
             Some(p) => p.flake.clone(),
             // Runs `commit` and has nothing to stage: the flake is not needed.
@@ -273,6 +343,7 @@ mod tests {
 
     fn offer(c: char) -> Offer {
         Offer {
+            git_ref: Some("refs/heads/main".into()),
             commit: sha(c),
             flake: "git+https://h/r?ref=refs/heads/main".into(),
         }
@@ -419,6 +490,13 @@ mod tests {
         // The user's flake wins over the derived one.
         let s = effective_spec(&node("github:me/infra", None), Some(&p)).unwrap();
         assert_eq!(s.flake, "github:me/infra");
+        // A git flake of the user's gets the ref the source found the commit on.
+        let s = effective_spec(&node("git+https://h/r", None), Some(&p)).unwrap();
+        assert_eq!(s.flake, "git+https://h/r?ref=refs/heads/main");
+        let s = effective_spec(&node("git://h/r", None), Some(&p)).unwrap();
+        assert_eq!(s.flake, "git://h/r?ref=refs/heads/main");
+        let s = effective_spec(&node("path:/srv/r", None), Some(&p)).unwrap();
+        assert_eq!(s.flake, "path:/srv/r");
         // Nothing offered and nothing run: nothing to target.
         assert_eq!(effective_spec(&node("", None), None), None);
         // A node staging the pinned commit keeps its installable (no restage when the ref moved).
@@ -486,6 +564,60 @@ mod tests {
                 "artifact": {"revision": revision}
             }
         })
+    }
+
+    #[test]
+    fn a_gitrepository_offers_the_ref_flux_fetched() {
+        let a = sha('a');
+        let with = |r: serde_json::Value, revision: &str| {
+            let mut o = gitrepo("True", 3, 3, revision);
+            o["spec"] = serde_json::json!({"url": "https://h/r", "ref": r});
+            gitrepository_offer(&o).map(|o| o.git_ref.unwrap_or_default())
+        };
+        let rev = format!("dev@sha1:{a}");
+        let cases = [
+            (serde_json::json!({"branch": "dev"}), "refs/heads/dev"),
+            (
+                serde_json::json!({"branch": "feature/x y"}),
+                "refs/heads/feature/x y",
+            ),
+            (serde_json::json!({"tag": "v1.0"}), "refs/tags/v1.0"),
+            (
+                serde_json::json!({"name": "refs/pull/7/head"}),
+                "refs/pull/7/head",
+            ),
+            (
+                serde_json::json!({"commit": a, "branch": "dev"}),
+                "refs/heads/dev",
+            ),
+            (serde_json::json!({"commit": a}), "HEAD"),
+            // Flux's precedence: commit > name > semver > tag > branch.
+            (
+                serde_json::json!({"tag": "v1.0", "branch": "dev"}),
+                "refs/tags/v1.0",
+            ),
+            (serde_json::Value::Null, "refs/heads/master"),
+        ];
+        for (r, want) in cases {
+            assert_eq!(with(r.clone(), &rev).as_deref(), Ok(want), "{r}");
+        }
+        assert_eq!(
+            with(
+                serde_json::json!({"semver": ">=1.0"}),
+                &format!("v1.2.3@sha1:{a}")
+            )
+            .as_deref(),
+            Ok("refs/tags/v1.2.3")
+        );
+        assert!(matches!(
+            with(serde_json::json!({"semver": ">=1.0"}), &a),
+            Err(Untrusted::BadRevision(_))
+        ));
+        // Odd characters are percent-encoded in the flake URL, which Nix decodes.
+        assert_eq!(
+            with_ref("git+https://h/r", Some("refs/heads/a&b#c d")),
+            "git+https://h/r?ref=refs/heads/a%26b%23c%20d"
+        );
     }
 
     #[test]

@@ -139,6 +139,12 @@ impl NodeAgent {
     /// filesystem), then the rest of the path. The last component is never followed: the
     /// rename replaces a link instead of writing through it.
     fn secret_local_path(&self, path: &str) -> PathBuf {
+        self.host.fs_path(&self.secret_host_path(path))
+    }
+
+    /// The host path [`Self::secret_local_path`] writes: `path` with its deepest existing
+    /// ancestor resolved through the host's symlinks.
+    fn secret_host_path(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
         let mut rest: Vec<&std::ffi::OsStr> = Vec::new();
         if let Some(name) = p.file_name() {
@@ -146,19 +152,18 @@ impl NodeAgent {
         }
         let mut dir = p.parent();
         while let Some(d) = dir {
-            if let Some(resolved) = resolve(self.host.as_ref(), d) {
-                let mut local = self.host.fs_path(&resolved);
+            if let Some(mut resolved) = resolve(self.host.as_ref(), d) {
                 for part in rest.iter().rev() {
-                    local.push(part);
+                    resolved.push(part);
                 }
-                return local;
+                return resolved;
             }
             if let Some(name) = d.file_name() {
                 rest.push(name);
             }
             dir = d.parent();
         }
-        self.host.fs_path(p)
+        p.to_path_buf()
     }
 
     /// Write one secret file if it differs from what the Secret says.
@@ -169,6 +174,7 @@ impl NodeAgent {
         fetched: &SecretsView,
         restarts: &mut BTreeSet<String>,
     ) -> Result<(), SecretWrite> {
+        secrets::check_path(&spec.path)?;
         let name = &spec.secret_ref.name;
         let key = &spec.secret_ref.key;
         let (rv, bytes) = match fetched.get(name) {
@@ -208,9 +214,25 @@ impl NodeAgent {
                 Some(b) => (resource_version, b),
             },
         };
+        let host_path = self.secret_host_path(&spec.path);
+        // A host-root backend may answer with its local form (`DIR/nix/…`).
+        let on_host = self
+            .host
+            .host_path(&host_path)
+            .unwrap_or_else(|| host_path.clone());
+        if crate::nix::under_nix(&on_host.to_string_lossy()) {
+            return Err(SecretFileError::InvalidPath {
+                path: spec.path.clone(),
+                why: format!(
+                    "leads into /nix through a symlink ({}); the Nix store is world-readable",
+                    on_host.display()
+                ),
+            }
+            .into());
+        }
         let mode = secrets::parse_mode(&spec.mode)?;
         let (uid, gid) = secrets::resolve_owner(self.host.as_ref(), &spec.owner)?;
-        let local = self.secret_local_path(&spec.path);
+        let local = self.host.fs_path(&host_path);
         let recorded = st.secrets.iter().position(|r| r.path == spec.path);
         if secrets::is_current(&local, bytes, mode, uid, gid) {
             // Same data (whatever the resourceVersion): nothing to do. A changed source
