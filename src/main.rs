@@ -35,6 +35,8 @@ enum Command {
     Bench(BenchArgs),
     /// Show a table of NixOSNodes: node, revision wanted/running, phase, window, last change.
     Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// How long to wait for the API server.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
@@ -246,8 +248,31 @@ fn run_image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where the cluster is, as kubectl takes it.
+#[derive(clap::Args, Debug, Clone)]
+struct ClusterArgs {
+    /// The kubeconfig file to use. Default: the files in $KUBECONFIG, else ~/.kube/config,
+    /// else the in-cluster service account.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+}
+
+impl ClusterArgs {
+    fn target(&self) -> nixroll::connect::Target {
+        nixroll::connect::Target {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct ControllerArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Nodes that may be disrupted at once: a count (`2`) or a percentage of managed nodes (`10%`).
     #[arg(long, default_value = "1", value_parser = parse_max_unavailable)]
     max_unavailable: nixroll::rollout::MaxUnavailable,
@@ -287,6 +312,8 @@ struct ControllerArgs {
 
 #[derive(clap::Args, Debug)]
 struct AgentArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Name of this Node (and of its NixOSNode).
     #[arg(long, env = "NODE_NAME")]
     node: String,
@@ -465,8 +492,13 @@ fn init_quiet_tracing() {
 }
 
 fn init_tracing(json: bool) {
+    init_tracing_with(json, "info");
+}
+
+/// Logs to stderr at `default` unless `RUST_LOG` says otherwise.
+fn init_tracing_with(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -526,13 +558,15 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
     runtime.block_on(async {
-        let mut kube_config = kube::Config::infer()
-            .await
-            .context("connecting to Kubernetes (kubeconfig or in-cluster config)")?;
+        let mut kube_config = args
+            .cluster
+            .target()
+            .config(&nixroll::connect::user_agent("controller"))
+            .await?;
         // The drain handles 429 (PodDisruptionBudget) itself, with its own backoff and timeout;
         // kube's built-in retry would hold each refused eviction for minutes.
         kube_config.default_retry = false;
-        let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+        let (client, _) = nixroll::connect::client(kube_config)?;
         nixroll::controller::run(client, config, shutdown_signal())
             .await
             .context("controller")
@@ -562,12 +596,13 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         nix = nix.offline();
     }
     let nix: Arc<dyn Nix> = Arc::new(nix);
-    let mut config = nixroll::agent::AgentConfig::new(args.node, host, nix);
+    let mut config = nixroll::agent::AgentConfig::new(args.node.clone(), host, nix);
     config.options.activation_timeout = args.activation_timeout;
     config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
     let runtime = runtime()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default().await?;
+        let target = args.cluster.target();
+        let (client, _) = target.client(&nixroll::connect::user_agent("agent")).await?;
         nixroll::agent::run(client, config, shutdown_signal()).await?;
         anyhow::Ok(())
     })
@@ -585,12 +620,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let root = e.root_cause().to_string();
-            if root == e.to_string() {
-                eprintln!("nixroll: {e}");
-            } else {
-                eprintln!("nixroll: {e}: {root}");
-            }
+            // The whole chain: the context (which address, which file) is in the outer errors.
+            let error: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("nixroll: {}", nixroll::connect::error_chain(error));
             ExitCode::FAILURE
         }
     }
@@ -619,23 +651,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => run_demo(args),
         Command::Bench(args) => run_bench(args),
         Command::Image(cmd) => run_image(cmd),
-        Command::Status { timeout, watch } => {
-            init_tracing(false);
+        Command::Status {
+            cluster,
+            timeout,
+            watch,
+        } => {
+            // The command's own messages say what failed; kube's logs only with RUST_LOG.
+            init_tracing_with(false, "off");
             runtime()?.block_on(async {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("no Kubernetes configuration (set KUBECONFIG or run in a cluster)")?;
+                let (client, server) = cluster
+                    .target()
+                    .client(&nixroll::connect::user_agent("status"))
+                    .await?;
                 if watch {
                     use std::io::IsTerminal as _;
                     let opts = nixroll::report::WatchOptions {
                         timeout,
                         terminal: std::io::stdout().is_terminal(),
+                        server,
                     };
                     let mut out = std::io::stdout();
                     nixroll::report::watch(client, &mut out, opts, shutdown_signal()).await?;
                     return Ok(ExitCode::SUCCESS);
                 }
-                let nodes = nixroll::report::fetch(client, timeout).await?;
+                let nodes = nixroll::report::fetch(client, &server, timeout).await?;
                 let now = jiff::Timestamp::now();
                 print!(
                     "{}",
