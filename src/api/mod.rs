@@ -27,10 +27,11 @@ use serde::{Deserialize, Serialize};
     plural = "nixosnodes",
     shortname = "nxn",
     status = "NixOSNodeStatus",
-    printcolumn = r#"{"name":"Wanted","type":"string","jsonPath":".status.wanted","description":"spec.revision, shortened"}"#,
-    printcolumn = r#"{"name":"Running","type":"string","jsonPath":".status.running","description":"revision the node is proven to run, shortened"}"#,
+    doc = "The NixOS system one Kubernetes Node should run: a flake and a revision (or a source to follow), rolled out by nixroll one node at a time with cordon, drain, switch and reboot. Cluster-scoped, named exactly like its Node.",
+    printcolumn = r#"{"name":"Wanted","type":"string","jsonPath":".status.wanted","description":"The revision wanted (spec.revision or the followed source's), shortened."}"#,
+    printcolumn = r#"{"name":"Running","type":"string","jsonPath":".status.running","description":"The revision the node is proven to run, shortened."}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Reboot","type":"string","jsonPath":".status.agent.staged.rebootRequired","priority":1,"description":"whether the staged system needs a reboot"}"#,
+    printcolumn = r#"{"name":"Reboot","type":"string","jsonPath":".status.agent.staged.rebootRequired","priority":1,"description":"Whether the staged system needs a reboot."}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -393,6 +394,7 @@ pub struct NixOSNodeStatus {
     pub backoff: Option<Backoff>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    /// Standard conditions: `Ready`, `Progressing`, `Degraded` and `RebootRequired`, each with a reason and a message that says what to do.
     pub conditions: Vec<Condition>,
     /// Applied revisions, newest first (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -409,6 +411,7 @@ pub struct NixOSNodeStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
+    /// The full 40-hex revision admitted.
     pub revision: String,
     /// The full installable, `<flake>?rev=<revision>#nixosConfigurations.<cfg>.config.system.build.toplevel`.
     pub installable: String,
@@ -464,11 +467,14 @@ pub struct ActivationGrant {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailedTarget {
+    /// The revision that failed.
     pub revision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The store path of the system that failed, when it was staged.
     pub system: Option<String>,
     /// Condition reason (`StageFailed`, `DrainTimeout`, `ActivationFailed`, `BootedWrongSystem`, …).
     pub reason: String,
+    /// What failed, for humans.
     pub message: String,
     pub at: Time,
 }
@@ -476,23 +482,29 @@ pub struct FailedTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Backoff {
+    /// How many drains of the current target ended in `Abort`.
     pub attempts: u32,
+    /// The next drain starts no earlier than this.
     pub not_before: Time,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
+    /// The revision applied.
     pub revision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The store path of the system applied.
     pub system: Option<String>,
     /// `Succeeded`, `Failed` or `RolledBack`.
     pub result: String,
     pub started_at: Time,
     pub finished_at: Time,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Whether the node rebooted for it.
     pub rebooted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What happened, for humans.
     pub message: Option<String>,
 }
 
@@ -540,6 +552,7 @@ pub struct AgentStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretFileStatus {
+    /// The absolute path of the file on the host.
     pub path: String,
     pub secret_ref: SecretKeyRef,
     /// `metadata.resourceVersion` of the Secret the content was last written from.
@@ -551,22 +564,29 @@ pub struct SecretFileStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MissingSecret {
+    /// The absolute path of the file on the host.
     pub path: String,
     pub secret_ref: SecretKeyRef,
     /// `SecretNotFound`, `KeyNotFound`, `TooLarge`, `UnknownOwner`, `InvalidMode`, `NotRead`,
     /// `ReadFailed`, `WriteFailed`.
     pub reason: String,
+    /// What is missing or wrong, by name (never the content).
     pub message: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StagedSystem {
+    /// The revision staged.
     pub revision: String,
+    /// The installable that was realised.
     pub installable: String,
+    /// The store path of the staged system (pinned by a GC root).
     pub system: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The size of the staged closure in bytes, when known.
     pub closure_bytes: Option<u64>,
+    /// Whether activating the staged system needs a reboot (see `rebootReasons`).
     pub reboot_required: bool,
     /// Why a reboot is needed: `kernel`, `initrd`, `kernel-modules`, `kernel-params`,
     /// `firmware`, `init-interface-version`, `reboot-triggers`, `switch-inhibitors` (NixOS
@@ -598,19 +618,24 @@ pub enum ActivationState {
 pub struct ActivationReport {
     /// The grant id this report answers.
     pub id: String,
+    /// The action of the grant.
     pub action: ActivationAction,
+    /// Where the activation is.
     pub state: ActivationState,
+    /// The store path being activated.
     pub system: String,
     /// Boot id recorded before the reboot was issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id_before: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The exit code of `switch-to-configuration`, once it ended.
     pub exit_code: Option<i32>,
     /// The system was activated (and the bootloader updated), but some units failed to start
     /// (`switch-to-configuration` exit code 4); `message` names them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub units_failed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What happened, for humans (failed units, errors).
     pub message: Option<String>,
     pub updated_at: Time,
 }
@@ -625,10 +650,12 @@ pub enum HostOperation {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostError {
+    /// The host operation that failed.
     pub operation: HostOperation,
     /// The revision the failed operation was about, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// What failed (trimmed; never contains secrets).
     pub message: String,
     pub at: Time,
 }
