@@ -95,10 +95,90 @@ pub struct NixOSNodeSpec {
 }
 
 impl NixOSNodeSpec {
+    /// What is wrong with this spec by the rules the CRD states (its CEL rules and patterns),
+    /// said as what to fix; `None` when it is valid. The controller checks them itself because
+    /// an API server that does not evaluate CEL (the embedded one, an old one) lets bad specs
+    /// in.
+    pub fn problem(&self) -> Option<String> {
+        let follows_flake_source = self
+            .source_ref
+            .as_ref()
+            .is_some_and(|s| s.kind == SourceKind::FlakeSource);
+        match (self.revision.is_empty(), self.source_ref.is_some()) {
+            (false, true) => {
+                return Some(
+                    "set exactly one of spec.revision (a fixed commit) and spec.sourceRef (follow a FlakeSource or GitRepository), not both".into(),
+                );
+            }
+            (true, false) => {
+                return Some(
+                    "set spec.revision (a full 40-character git commit) or spec.sourceRef (follow a FlakeSource or GitRepository)".into(),
+                );
+            }
+            _ => {}
+        }
+        if !self.revision.is_empty()
+            && !(self.revision.len() == 40
+                && self
+                    .revision
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            return Some(format!(
+                "spec.revision {:?} must be a full 40-character lowercase hex git commit (git rev-parse HEAD), not a branch, tag or short hash",
+                self.revision
+            ));
+        }
+        if self.flake.is_empty() && !follows_flake_source {
+            return Some(
+                "spec.flake is required unless spec.sourceRef names a FlakeSource (whose URL gives the flake)".into(),
+            );
+        }
+        if !self.flake.is_empty() && !flake_reference_shape(&self.flake) {
+            return Some(format!(
+                "spec.flake {:?} must be a flake reference without revision or fragment, e.g. git+https://git.example.org/infra.git or github:owner/repo",
+                self.flake
+            ));
+        }
+        if let Some(c) = &self.configuration {
+            let mut chars = c.chars();
+            let first_ok = chars
+                .next()
+                .is_some_and(|f| f.is_ascii_alphanumeric() || f == '_');
+            if !first_ok || !chars.all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch)) {
+                return Some(format!(
+                    "spec.configuration {c:?} must be a plain attribute name under nixosConfigurations"
+                ));
+            }
+        }
+        None
+    }
+
     /// The `nixosConfigurations` attribute to build for the node `node_name`.
     pub fn configuration_for<'a>(&'a self, node_name: &'a str) -> &'a str {
         self.configuration.as_deref().unwrap_or(node_name)
     }
+}
+
+/// The shape the CRD's pattern on `spec.flake` allows: `git+{https,ssh,http,file}://…`,
+/// `github:owner/repo`, `gitlab:owner/repo` or `path:/…`, without `?` or `#`.
+fn flake_reference_shape(flake: &str) -> bool {
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    let no_query = !flake.contains(['?', '#']);
+    if let Some(rest) = flake.strip_prefix("git+") {
+        return no_query
+            && ["https://", "ssh://", "http://", "file://"]
+                .iter()
+                .any(|p| rest.strip_prefix(p).is_some_and(|r| !r.is_empty()));
+    }
+    for forge in ["github:", "gitlab:"] {
+        if let Some(rest) = flake.strip_prefix(forge) {
+            return rest
+                .split_once('/')
+                .is_some_and(|(owner, repo)| plain(owner) && plain(repo));
+        }
+    }
+    no_query && flake.starts_with("path:/")
 }
 
 /// Namespace of the Secrets that `spec.secrets` names.
@@ -394,7 +474,7 @@ pub struct NixOSNodeStatus {
     pub backoff: Option<Backoff>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
-    /// Standard conditions: `Ready`, `Progressing`, `Degraded` and `RebootRequired`, each with a reason and a message that says what to do.
+    /// Standard conditions: `UpToDate`, `Progressing`, `Degraded`, `RebootRequired` and `SecretsMissing`, each with a reason and a message that says what to do.
     pub conditions: Vec<Condition>,
     /// Applied revisions, newest first (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -698,6 +778,57 @@ pub fn short_system(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_controller_finds_what_the_crd_rules_refuse() {
+        use crate::sim::fixtures::{following_spec, spec};
+        let rev = "0123456789abcdef0123456789abcdef01234567";
+        let flake = "git+https://git.example.org/infra.git";
+        assert_eq!(spec(flake, rev).problem(), None);
+        assert_eq!(following_spec(flake, "infra").problem(), None);
+        assert_eq!(
+            following_spec("", "infra").problem(),
+            None,
+            "a FlakeSource gives the flake"
+        );
+        for f in [
+            "github:me/infra",
+            "path:/srv/flake",
+            "git+ssh://git@h/r.git",
+            "git+file:///r",
+        ] {
+            assert_eq!(spec(f, rev).problem(), None, "{f}");
+        }
+        let mut both = spec(flake, rev);
+        both.source_ref = following_spec(flake, "infra").source_ref;
+        let mut neither = spec(flake, rev);
+        neither.revision.clear();
+        let mut gitrepo_without_flake = following_spec("", "infra");
+        if let Some(s) = gitrepo_without_flake.source_ref.as_mut() {
+            s.kind = SourceKind::GitRepository;
+        }
+        let mut bad_configuration = spec(flake, rev);
+        bad_configuration.configuration = Some("a b".into());
+        let cases = [
+            (both, "exactly one of spec.revision"),
+            (neither, "set spec.revision"),
+            (spec(flake, "main"), "40-character"),
+            (spec(flake, &rev.to_uppercase()), "40-character"),
+            (spec("", rev), "spec.flake is required"),
+            (gitrepo_without_flake, "spec.flake is required"),
+            (spec("git+https://h/r?rev=abc", rev), "without revision"),
+            (spec("https://h/r", rev), "flake reference"),
+            (spec("github:me", rev), "flake reference"),
+            (bad_configuration, "attribute name"),
+        ];
+        for (s, want) in cases {
+            let problem = s.problem();
+            assert!(
+                problem.as_deref().is_some_and(|p| p.contains(want)),
+                "{want}: {problem:?} for {s:?}"
+            );
+        }
+    }
 
     #[test]
     fn short_system_keeps_hash_prefix_and_name() {
