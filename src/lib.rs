@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod connect;
 pub mod controller;
 pub mod drain;
 pub mod image;

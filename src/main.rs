@@ -35,6 +35,8 @@ enum Command {
     Bench(BenchArgs),
     /// Show a table of NixOSNodes: node, revision wanted/running, phase, window, last change.
     Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
         /// How long to wait for the API server.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         timeout: Duration,
@@ -47,6 +49,14 @@ enum Command {
     /// (outside the Nix store), or write such files into an existing image.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Print a shell completion script: `nixroll completions bash >
+    /// ~/.local/share/bash-completion/completions/nixroll` (zsh: into a directory of $fpath as
+    /// `_nixroll`; fish: `~/.config/fish/completions/nixroll.fish`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -280,75 +290,126 @@ fn image_signal_handler() -> anyhow::Result<()> {
     }
 }
 
+/// Where the cluster is, as kubectl takes it.
+#[derive(clap::Args, Debug, Clone)]
+struct ClusterArgs {
+    /// The kubeconfig file to use. Default: the files in $KUBECONFIG, else ~/.kube/config,
+    /// else the in-cluster service account.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+}
+
+impl ClusterArgs {
+    fn target(&self) -> nixroll::connect::Target {
+        nixroll::connect::Target {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct ControllerArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Nodes that may be disrupted at once: a count (`2`) or a percentage of managed nodes (`10%`).
-    #[arg(long, default_value = "1", value_parser = parse_max_unavailable)]
+    #[arg(long, env = "NIXROLL_MAX_UNAVAILABLE", default_value = "1", value_parser = parse_max_unavailable)]
     max_unavailable: nixroll::rollout::MaxUnavailable,
     /// Admissions halt while at least this many nodes are Degraded.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "NIXROLL_FAILURE_THRESHOLD", default_value_t = 1)]
     failure_threshold: u32,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "NIXROLL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
-    /// Take part in leader election over a Lease (one active replica).
+    /// Take part in leader election over a Lease, so that one replica acts and the others
+    /// stand by. This is the default; the flag exists to undo an earlier
+    /// --no-leader-election.
     #[arg(long, overrides_with = "no_leader_election", default_value_t = true)]
     leader_election: bool,
-    /// Act as leader at once (a single replica).
-    #[arg(long, overrides_with = "leader_election")]
+    /// Act as leader at once, without a Lease: only for a single replica.
+    #[arg(long, env = "NIXROLL_NO_LEADER_ELECTION", overrides_with = "leader_election")]
     no_leader_election: bool,
     /// Namespace of the leader-election Lease.
-    #[arg(long, default_value = nixroll::names::NAMESPACE)]
+    #[arg(long, env = "NIXROLL_LEASE_NAMESPACE", default_value = nixroll::names::NAMESPACE)]
     lease_namespace: String,
-    /// Phase timeouts, e.g. `60m`, `15m`.
-    #[arg(long, default_value = "60m", value_parser = parse_signed_duration)]
+    /// How long a node may stay in Staging (the agent building or fetching the new system)
+    /// before it is Degraded with StagingTimeout, e.g. `60m`.
+    #[arg(long, env = "NIXROLL_STAGING_TIMEOUT", default_value = "60m", value_parser = parse_signed_duration)]
     staging_timeout: jiff::SignedDuration,
-    #[arg(long, default_value = "15m", value_parser = parse_signed_duration)]
+    /// How long the drain (cordon, then evictions) of a node may take before the node's
+    /// `spec.drain.onTimeout` applies (Abort gives the node back, Force deletes), e.g. `15m`.
+    #[arg(long, env = "NIXROLL_DRAINING_TIMEOUT", default_value = "15m", value_parser = parse_signed_duration)]
     draining_timeout: jiff::SignedDuration,
-    #[arg(long, default_value = "15m", value_parser = parse_signed_duration)]
+    /// How long the controller waits for the agent to report the switch it granted; a switch
+    /// the agent reports running gets up to twice this before the node is Degraded. Not the
+    /// agent's --activation-timeout (how long the agent lets switch-to-configuration run).
+    #[arg(long, env = "NIXROLL_ACTIVATING_TIMEOUT", default_value = "15m", value_parser = parse_signed_duration)]
     activating_timeout: jiff::SignedDuration,
-    #[arg(long, default_value = "15m", value_parser = parse_signed_duration)]
+    /// How long a node may take from the reboot request to reporting a new boot id before it
+    /// is Degraded with RebootTimeout, e.g. `15m`.
+    #[arg(long, env = "NIXROLL_REBOOTING_TIMEOUT", default_value = "15m", value_parser = parse_signed_duration)]
     rebooting_timeout: jiff::SignedDuration,
-    #[arg(long, default_value = "10m", value_parser = parse_signed_duration)]
+    /// How long a node that is back may take to prove it runs the new system and is Ready
+    /// before it is Degraded with VerifyTimeout, e.g. `10m`.
+    #[arg(long, env = "NIXROLL_VERIFYING_TIMEOUT", default_value = "10m", value_parser = parse_signed_duration)]
     verifying_timeout: jiff::SignedDuration,
     /// Output logs as JSON lines.
-    #[arg(long)]
+    #[arg(long, env = "NIXROLL_LOG_JSON")]
     log_json: bool,
     /// Where FlakeSources keep their cached bare repositories (the ancestry check).
-    #[arg(long, value_name = "DIR", default_value = "/var/cache/nixroll/sources")]
+    #[arg(
+        long,
+        env = "NIXROLL_SOURCE_CACHE",
+        value_name = "DIR",
+        default_value = "/var/cache/nixroll/sources"
+    )]
     source_cache: std::path::PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
 struct AgentArgs {
-    /// Name of this Node (and of its NixOSNode).
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Name of this Node (and of its NixOSNode). The DaemonSet sets NODE_NAME from the
+    /// downward API.
     #[arg(long, env = "NODE_NAME")]
     node: String,
     /// Treat DIR as the host's root and run host commands directly (tests, demo). Nix then
     /// uses a private store inside DIR (DIR/nix/store, DIR/nix/var/nix).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "NIXROLL_HOST_ROOT", value_name = "DIR")]
     host_root: Option<std::path::PathBuf>,
     /// With --host-root: the command that "reboots" (split on whitespace, no shell).
-    #[arg(long, value_name = "CMD", requires = "host_root")]
+    #[arg(
+        long,
+        env = "NIXROLL_REBOOT_COMMAND",
+        value_name = "CMD",
+        requires = "host_root"
+    )]
     reboot_command: Option<String>,
     /// Where the host's `/` is mounted in the agent's container (real hosts).
     #[arg(
         long,
+        env = "NIXROLL_HOST_FS",
         value_name = "DIR",
         default_value = "/host",
         conflicts_with = "host_root"
     )]
     host_fs: std::path::PathBuf,
     /// Never use binary caches (air-gapped hosts, tests).
-    #[arg(long)]
+    #[arg(long, env = "NIXROLL_OFFLINE")]
     offline: bool,
-    /// How long a switch may run before the agent asks systemd whether it still runs (it is
-    /// followed, never abandoned, while its unit runs), e.g. `15m`.
-    #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+    /// How long switch-to-configuration may run on the host before the agent asks systemd
+    /// whether it still runs (it is followed, never abandoned, while its unit runs), e.g.
+    /// `15m`. Not the controller's --activating-timeout (how long the controller waits for
+    /// the agent's report).
+    #[arg(long, env = "NIXROLL_ACTIVATION_TIMEOUT", value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
     activation_timeout: Duration,
     /// Count a changed systemd as a reason to reboot (by default it is switched to live:
     /// switch-to-configuration re-executes PID 1).
-    #[arg(long)]
+    #[arg(long, env = "NIXROLL_REBOOT_ON_SYSTEMD_CHANGE")]
     reboot_on_systemd_change: bool,
 }
 
@@ -415,8 +476,10 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
+    /// Simulated nodes (NixOSNodes, Nodes and hosts).
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
+    /// Pods spread over the nodes (with PodDisruptionBudgets), all evicted by the drains.
     #[arg(long, default_value_t = 30_000)]
     pods: usize,
     /// The controller's `--max-unavailable`.
@@ -499,8 +562,13 @@ fn init_quiet_tracing() {
 }
 
 fn init_tracing(json: bool) {
+    init_tracing_with(json, "info");
+}
+
+/// Logs to stderr at `default` unless `RUST_LOG` says otherwise.
+fn init_tracing_with(json: bool, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -560,13 +628,15 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
     runtime.block_on(async {
-        let mut kube_config = kube::Config::infer()
-            .await
-            .context("connecting to Kubernetes (kubeconfig or in-cluster config)")?;
+        let mut kube_config = args
+            .cluster
+            .target()
+            .config(&nixroll::connect::user_agent("controller"))
+            .await?;
         // The drain handles 429 (PodDisruptionBudget) itself, with its own backoff and timeout;
         // kube's built-in retry would hold each refused eviction for minutes.
         kube_config.default_retry = false;
-        let client = kube::Client::try_from(kube_config).context("building the Kubernetes client")?;
+        let (client, _) = nixroll::connect::client(kube_config)?;
         nixroll::controller::run(client, config, shutdown_signal())
             .await
             .context("controller")
@@ -596,12 +666,13 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         nix = nix.offline();
     }
     let nix: Arc<dyn Nix> = Arc::new(nix);
-    let mut config = nixroll::agent::AgentConfig::new(args.node, host, nix);
+    let mut config = nixroll::agent::AgentConfig::new(args.node.clone(), host, nix);
     config.options.activation_timeout = args.activation_timeout;
     config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
     let runtime = runtime()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default().await?;
+        let target = args.cluster.target();
+        let (client, _) = target.client(&nixroll::connect::user_agent("agent")).await?;
         nixroll::agent::run(client, config, shutdown_signal()).await?;
         anyhow::Ok(())
     })
@@ -619,12 +690,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            let root = e.root_cause().to_string();
-            if root == e.to_string() {
-                eprintln!("nixroll: {e}");
-            } else {
-                eprintln!("nixroll: {e}: {root}");
-            }
+            // The whole chain: the context (which address, which file) is in the outer errors.
+            let error: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("nixroll: {}", nixroll::connect::error_chain(error));
             ExitCode::FAILURE
         }
     }
@@ -651,25 +719,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(args) => run_demo(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "nixroll", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("writing the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => run_bench(args),
         Command::Image(cmd) => run_image(cmd),
-        Command::Status { timeout, watch } => {
-            init_tracing(false);
+        Command::Status {
+            cluster,
+            timeout,
+            watch,
+        } => {
+            // The command's own messages say what failed; kube's logs only with RUST_LOG.
+            init_tracing_with(false, "off");
             runtime()?.block_on(async {
-                let client = kube::Client::try_default()
-                    .await
-                    .context("no Kubernetes configuration (set KUBECONFIG or run in a cluster)")?;
+                let (client, server) = cluster
+                    .target()
+                    .client(&nixroll::connect::user_agent("status"))
+                    .await?;
                 if watch {
                     use std::io::IsTerminal as _;
                     let opts = nixroll::report::WatchOptions {
                         timeout,
                         terminal: std::io::stdout().is_terminal(),
+                        server,
                     };
                     let mut out = std::io::stdout();
                     nixroll::report::watch(client, &mut out, opts, shutdown_signal()).await?;
                     return Ok(ExitCode::SUCCESS);
                 }
-                let nodes = nixroll::report::fetch(client, timeout).await?;
+                let nodes = nixroll::report::fetch(client, &server, timeout).await?;
                 let now = jiff::Timestamp::now();
                 print!(
                     "{}",
@@ -683,6 +769,105 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every argument of `cmd` and its subcommands, as `path --flag`.
+    fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            let name = arg
+                .get_long()
+                .map(|l| format!("--{l}"))
+                .unwrap_or_else(|| arg.get_id().to_string());
+            out.push((format!("{path} {name}"), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    fn all_args() -> Vec<(String, clap::Arg)> {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        walk(&cmd, "nixroll", &mut out);
+        out
+    }
+
+    #[test]
+    fn every_flag_of_every_subcommand_has_help_text() {
+        let args = all_args();
+        assert!(
+            args.len() > 50,
+            "the walk sees the subcommands' flags: {}",
+            args.len()
+        );
+        let missing: Vec<&str> = args
+            .iter()
+            .filter(|(_, a)| !a.is_hide_set())
+            .filter(|(_, a)| a.get_help().is_none_or(|h| h.to_string().trim().is_empty()))
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert!(missing.is_empty(), "flags without help text: {missing:?}");
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        for sub in cmd.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+        }
+    }
+
+    #[test]
+    fn the_pod_commands_take_every_setting_from_the_environment() {
+        // controller and agent run as pods: each setting can come from an environment variable
+        // (shown as [env: …] in --help); --kubeconfig follows kubectl ($KUBECONFIG, a list)
+        // and --context and --leader-election (the default) need none.
+        let without: Vec<String> = all_args()
+            .into_iter()
+            .filter(|(p, _)| p.starts_with("nixroll controller ") || p.starts_with("nixroll agent "))
+            .filter(|(p, _)| !p.ends_with(" --help") && !p.ends_with(" --version"))
+            .filter(|(p, _)| {
+                !p.ends_with(" --kubeconfig")
+                    && !p.ends_with(" --context")
+                    && !p.ends_with(" --leader-election")
+            })
+            .filter(|(_, a)| a.get_env().is_none())
+            .map(|(p, _)| p)
+            .collect();
+        assert!(without.is_empty(), "no environment variable: {without:?}");
+    }
+
+    #[test]
+    fn the_two_activation_timeouts_say_which_is_which() {
+        let args = all_args();
+        let help = |path: &str| {
+            args.iter()
+                .find(|(p, _)| p == path)
+                .and_then(|(_, a)| a.get_help().map(ToString::to_string))
+                .unwrap_or_default()
+        };
+        let controller = help("nixroll controller --activating-timeout");
+        let agent = help("nixroll agent --activation-timeout");
+        assert!(
+            controller.contains("agent's --activation-timeout"),
+            "{controller}"
+        );
+        assert!(agent.contains("controller's --activating-timeout"), "{agent}");
+    }
+
+    #[test]
+    fn completions_are_generated_for_bash_zsh_and_fish() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut super::Cli::command(), "nixroll", &mut out);
+            let text = String::from_utf8(out).unwrap_or_default();
+            assert!(text.contains("activating-timeout"), "{shell}: {text}");
+            assert!(text.contains("kubeconfig"), "{shell}");
+        }
+    }
+
     #[test]
     fn durations_parse_in_kubernetes_style() {
         assert_eq!(

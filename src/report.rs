@@ -13,12 +13,30 @@ use crate::api::{NixOSNode, NixOSNodeStatus, short_revision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("listing NixOSNodes failed: {0} (is the CRD installed? kubectl apply -f crds/)")]
-    List(#[source] kube::Error),
-    #[error("listing NixOSNodes timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("watching NixOSNodes failed: {0} (is the CRD installed? kubectl apply -f crds/)")]
-    Watch(#[source] kube::runtime::watcher::Error),
+    #[error("could not reach the Kubernetes API server at {server}")]
+    Unreachable {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the API server at {server} has no NixOSNode CRD (kubectl apply -f crds/, or install nixroll: see README.md)"
+    )]
+    NoCrd { server: String },
+    #[error("the API server at {server} refused to list NixOSNodes")]
+    Refused {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("watching NixOSNodes on {server}")]
+    Watch {
+        server: String,
+        #[source]
+        source: kube::runtime::watcher::Error,
+    },
+    #[error("no answer from the Kubernetes API server at {server} within {limit:?}")]
+    Timeout { server: String, limit: Duration },
     #[error("writing the status table failed: {0}")]
     Write(#[source] std::io::Error),
 }
@@ -26,13 +44,27 @@ pub enum ReportError {
 /// Describes whether a node's maintenance windows are open at `now` (or when they open).
 pub type WindowText<'a> = &'a dyn Fn(&NixOSNode, Timestamp) -> String;
 
-/// Fetch all NixOSNodes and render the table.
-pub async fn fetch(client: Client, limit: Duration) -> Result<Vec<NixOSNode>, ReportError> {
+/// What a failed list or watch of NixOSNodes on `server` means: the server could not be
+/// reached, it has no NixOSNode CRD (404 on the kind's path), or it refused (403, …).
+pub fn listing_failed(server: &str, error: kube::Error) -> ReportError {
+    let server = server.to_string();
+    match error {
+        kube::Error::Api(s) if s.code == 404 => ReportError::NoCrd { server },
+        e @ kube::Error::Api(_) => ReportError::Refused { server, source: e },
+        e => ReportError::Unreachable { server, source: e },
+    }
+}
+
+/// Fetch all NixOSNodes from `server` (the client's URL, for messages).
+pub async fn fetch(client: Client, server: &str, limit: Duration) -> Result<Vec<NixOSNode>, ReportError> {
     let api: Api<NixOSNode> = Api::all(client);
     let list = tokio::time::timeout(limit, api.list(&ListParams::default()))
         .await
-        .map_err(|_| ReportError::Timeout(limit))?
-        .map_err(ReportError::List)?;
+        .map_err(|_| ReportError::Timeout {
+            server: server.to_string(),
+            limit,
+        })?
+        .map_err(|e| listing_failed(server, e))?;
     Ok(list.items)
 }
 
@@ -266,6 +298,23 @@ fn columns<const N: usize>(rows: &[[String; N]]) -> String {
     out
 }
 
+/// A watch error before the first complete list, explained as [`listing_failed`] does.
+fn watch_failed(server: &str, error: kube::runtime::watcher::Error) -> ReportError {
+    use kube::runtime::watcher::Error;
+    match error {
+        Error::InitialListFailed(e) | Error::WatchStartFailed(e) | Error::WatchFailed(e) => {
+            listing_failed(server, e)
+        }
+        Error::WatchError(s) if s.code == 404 => ReportError::NoCrd {
+            server: server.to_string(),
+        },
+        e => ReportError::Watch {
+            server: server.to_string(),
+            source: e,
+        },
+    }
+}
+
 /// How `nixroll status --watch` draws.
 pub struct WatchOptions {
     /// How long to wait for the first complete list of NixOSNodes.
@@ -274,6 +323,8 @@ pub struct WatchOptions {
     /// (locally, no request). Otherwise frames are appended, separated by a blank line, and
     /// drawn only when something changed.
     pub terminal: bool,
+    /// The API server's URL, for messages.
+    pub server: String,
 }
 
 /// `nixroll status --watch`: redraw the live table on every change of a NixOSNode or of the
@@ -316,13 +367,16 @@ pub async fn watch(
         let mut dirty = false;
         tokio::select! {
             _ = &mut stop => return Ok(()),
-            _ = &mut deadline, if !synced => return Err(ReportError::Timeout(opts.timeout)),
+            _ = &mut deadline, if !synced => return Err(ReportError::Timeout {
+                server: opts.server.clone(),
+                limit: opts.timeout,
+            }),
             _ = tick.tick(), if opts.terminal && synced => dirty = true,
             ev = nodes.next() => match ev {
                 Some(Ok(Event::InitDone)) => { synced = true; dirty = true; }
                 Some(Ok(Event::Apply(_) | Event::Delete(_))) => dirty = synced,
                 Some(Ok(Event::Init | Event::InitApply(_))) => {}
-                Some(Err(e)) if !synced => return Err(ReportError::Watch(e)),
+                Some(Err(e)) if !synced => return Err(watch_failed(&opts.server, e)),
                 Some(Err(_)) => {}
                 None => return Ok(()),
             },

@@ -156,3 +156,79 @@ fn flakesource_crd_is_committed_namespaced_and_has_its_columns() {
         .collect();
     assert_eq!(docs.len(), 2);
 }
+
+/// Every `description` in `v` (schema properties and printer columns) with its path, and every
+/// schema property that has none.
+fn descriptions(
+    v: &serde_json::Value,
+    path: &str,
+    found: &mut Vec<(String, String)>,
+    missing: &mut Vec<String>,
+) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(props) = m.get("properties").and_then(|p| p.as_object()) {
+                for (name, prop) in props {
+                    if prop.get("description").is_none() {
+                        missing.push(format!("{path}.{name}"));
+                    }
+                }
+            }
+            for (k, child) in m {
+                match (k.as_str(), child) {
+                    ("description", serde_json::Value::String(d)) => found.push((path.to_owned(), d.clone())),
+                    _ => descriptions(child, &format!("{path}.{k}"), found, missing),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                descriptions(child, &format!("{path}[{i}]"), found, missing);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What `kubectl explain` shows must read as text: every type and field described, in whole
+/// sentences. A sentence ends with `.` (possibly inside a closing parenthesis or quote); a line
+/// break is only a paragraph break (a blank line), never the source's wrapping, which cut
+/// sentences in the middle; no "Auto-generated derived type" placeholder.
+#[test]
+fn every_description_is_whole_sentences() {
+    for crd in [nixroll::api::crd(), nixroll::api::flakesource_crd()] {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let v = serde_json::to_value(&crd).unwrap();
+        let (mut found, mut missing) = (Vec::new(), Vec::new());
+        descriptions(&v["spec"], "spec", &mut found, &mut missing);
+        assert!(
+            missing.is_empty(),
+            "{name}: properties without a description: {missing:#?}"
+        );
+        assert!(
+            found.len() > 30,
+            "{name}: the walk sees the descriptions ({})",
+            found.len()
+        );
+        let top = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"];
+        assert!(
+            top.as_str().is_some_and(|d| d.contains("nixroll")),
+            "{name}: top-level: {top}"
+        );
+        let mut bad = Vec::new();
+        for (path, d) in &found {
+            let unwrapped = d.replace("\n\n", " ");
+            let ending = d.trim_end_matches([')', '`', '"', '\'']);
+            if d.contains("Auto-generated") {
+                bad.push(format!("{path}: placeholder: {d:?}"));
+            } else if unwrapped.contains('\n') {
+                bad.push(format!("{path}: broken mid-sentence: {d:?}"));
+            } else if !ending.ends_with('.') {
+                bad.push(format!("{path}: does not end a sentence: {d:?}"));
+            } else if d.trim() != d {
+                bad.push(format!("{path}: surrounding white space: {d:?}"));
+            }
+        }
+        assert!(bad.is_empty(), "{name}:\n{}", bad.join("\n"));
+    }
+}

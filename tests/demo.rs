@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+mod common;
+
 /// Each demo gives up by itself after `--timeout`; this bounds the process around it.
 const WALL: Duration = Duration::from_secs(300);
 
@@ -47,6 +49,17 @@ async fn demo(args: &[&str]) -> Run {
                 .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {l}"))
         })
         .collect();
+    // What it tells the user to run works on a real kubectl: one resource type per `-w`.
+    let watches = stderr
+        .lines()
+        .filter(|l| common::watched_types(l).is_some())
+        .count();
+    assert!(
+        watches > 0,
+        "nixroll demo {args:?} prints a kubectl watch:\n{stderr}"
+    );
+    let bad = common::multi_type_watches(&stderr);
+    assert!(bad.is_empty(), "kubectl refuses -w with several types: {bad:?}");
     Run { changes, stderr }
 }
 

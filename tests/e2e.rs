@@ -597,3 +597,65 @@ async fn leader_failover_between_two_replicas() {
     }
     b.stop().await;
 }
+
+/// The embedded API does not evaluate the CRD's CEL rules, so it accepts a NixOSNode with both
+/// `revision` and `sourceRef`; the controller refuses it itself: `InvalidSpec` conditions that
+/// say what to fix, the node untouched (not cordoned, still on its revision), the others
+/// rolled out; once fixed, the node rolls out too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spec_the_crd_rules_refuse_is_refused_by_the_controller_too() {
+    use nixroll::rollout::{condition, reason};
+    let (mut world, c) = adopted(common::world::fast_world(5, 0), 1).await;
+    let first = world.head().to_string();
+    let next = kernel_bump(&mut world);
+    let mut both = world.spec(&next);
+    both.source_ref = Some(nixroll::api::SourceRef {
+        kind: nixroll::api::SourceKind::FlakeSource,
+        name: "infra".into(),
+        namespace: None,
+    });
+    world.apply("node-3", &both).await.unwrap();
+    for n in ["node-1", "node-2", "node-4", "node-5"] {
+        world.apply(n, &world.spec(&next)).await.unwrap();
+    }
+    let invalid = |o: &NixOSNode| {
+        o.status.as_ref().is_some_and(|s| {
+            s.conditions.iter().any(|c| {
+                c.type_ == condition::UP_TO_DATE
+                    && c.status == "False"
+                    && c.reason == reason::INVALID_SPEC
+                    && c.message.contains("exactly one of spec.revision")
+            })
+        })
+    };
+    let seen = wait_for(&world, "node-3 refused, the others rolled out", WAIT, |m| {
+        m.get("node-3").is_some_and(invalid)
+            && m.iter().filter(|(n, _)| n.as_str() != "node-3").all(|(_, o)| {
+                phase(o) == Phase::UpToDate
+                    && o.status.as_ref().and_then(|s| s.revision.as_deref()) == Some(next.as_str())
+            })
+            && m.len() == 5
+    })
+    .await;
+    let node3 = seen
+        .get("node-3")
+        .and_then(|o| o.status.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        node3.revision.as_deref(),
+        Some(first.as_str()),
+        "node-3 still runs its revision"
+    );
+    assert!(
+        node3.slot.is_none() && node3.activation.is_none(),
+        "nothing disruptive: {node3:?}"
+    );
+    assert!(!unschedulable(&world, "node-3").await, "node-3 was not cordoned");
+    let message = node3.message.unwrap_or_default();
+    assert!(message.contains("invalid spec"), "{message}");
+
+    // Fixed: it rolls out like the others.
+    world.apply("node-3", &world.spec(&next)).await.unwrap();
+    wait_for(&world, "node-3 rolled out once fixed", WAIT, all_on(&next)).await;
+    c.stop().await;
+}

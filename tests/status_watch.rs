@@ -196,6 +196,7 @@ async fn on_a_terminal_frames_redraw_in_place_and_refresh_without_requests() {
     let opts = nixroll::report::WatchOptions {
         timeout: Duration::from_secs(10),
         terminal: true,
+        server: "embedded".into(),
     };
     nixroll::report::watch(
         watcher_client,

@@ -61,10 +61,26 @@ fn with_kubernetes_formats(mut crd: CustomResourceDefinition) -> CustomResourceD
     crd
 }
 
+/// A doc comment as one paragraph per paragraph: the line breaks of the source's wrapping
+/// become spaces (kubectl explain wraps by itself; kept, they cut sentences in the middle),
+/// blank lines between paragraphs stay.
+pub(crate) fn unwrap_description(text: &str) -> String {
+    text.trim()
+        .split("\n\n")
+        .map(|paragraph| paragraph.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
 /// Map the formats schemars derives from Rust types onto the ones Kubernetes knows: unsigned
 /// and narrow integers become `int32` (when every value fits) or `int64` (their `minimum: 0`
 /// stays), `float`/`double` stay, and any other format is dropped (the type alone remains).
+///
+/// Descriptions are unwrapped on the way ([`unwrap_description`]).
 fn kubernetes_formats(s: &mut JSONSchemaProps) {
+    if let Some(d) = s.description.as_mut() {
+        *d = unwrap_description(d);
+    }
     if let Some(f) = s.format.take() {
         s.format = match s.type_.as_deref() {
             Some("integer") => match f.as_str() {

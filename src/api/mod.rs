@@ -27,10 +27,11 @@ use serde::{Deserialize, Serialize};
     plural = "nixosnodes",
     shortname = "nxn",
     status = "NixOSNodeStatus",
-    printcolumn = r#"{"name":"Wanted","type":"string","jsonPath":".status.wanted","description":"spec.revision, shortened"}"#,
-    printcolumn = r#"{"name":"Running","type":"string","jsonPath":".status.running","description":"revision the node is proven to run, shortened"}"#,
+    doc = "The NixOS system one Kubernetes Node should run: a flake and a revision (or a source to follow), rolled out by nixroll one node at a time with cordon, drain, switch and reboot. Cluster-scoped, named exactly like its Node.",
+    printcolumn = r#"{"name":"Wanted","type":"string","jsonPath":".status.wanted","description":"The revision wanted (spec.revision or the followed source's), shortened."}"#,
+    printcolumn = r#"{"name":"Running","type":"string","jsonPath":".status.running","description":"The revision the node is proven to run, shortened."}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Reboot","type":"string","jsonPath":".status.agent.staged.rebootRequired","priority":1,"description":"whether the staged system needs a reboot"}"#,
+    printcolumn = r#"{"name":"Reboot","type":"string","jsonPath":".status.agent.staged.rebootRequired","priority":1,"description":"Whether the staged system needs a reboot."}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -97,10 +98,90 @@ pub struct NixOSNodeSpec {
 }
 
 impl NixOSNodeSpec {
+    /// What is wrong with this spec by the rules the CRD states (its CEL rules and patterns),
+    /// said as what to fix; `None` when it is valid. The controller checks them itself because
+    /// an API server that does not evaluate CEL (the embedded one, an old one) lets bad specs
+    /// in.
+    pub fn problem(&self) -> Option<String> {
+        let follows_flake_source = self
+            .source_ref
+            .as_ref()
+            .is_some_and(|s| s.kind == SourceKind::FlakeSource);
+        match (self.revision.is_empty(), self.source_ref.is_some()) {
+            (false, true) => {
+                return Some(
+                    "set exactly one of spec.revision (a fixed commit) and spec.sourceRef (follow a FlakeSource or GitRepository), not both".into(),
+                );
+            }
+            (true, false) => {
+                return Some(
+                    "set spec.revision (a full 40-character git commit) or spec.sourceRef (follow a FlakeSource or GitRepository)".into(),
+                );
+            }
+            _ => {}
+        }
+        if !self.revision.is_empty()
+            && !(self.revision.len() == 40
+                && self
+                    .revision
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            return Some(format!(
+                "spec.revision {:?} must be a full 40-character lowercase hex git commit (git rev-parse HEAD), not a branch, tag or short hash",
+                self.revision
+            ));
+        }
+        if self.flake.is_empty() && !follows_flake_source {
+            return Some(
+                "spec.flake is required unless spec.sourceRef names a FlakeSource (whose URL gives the flake)".into(),
+            );
+        }
+        if !self.flake.is_empty() && !flake_reference_shape(&self.flake) {
+            return Some(format!(
+                "spec.flake {:?} must be a flake reference without revision or fragment, e.g. git+https://git.example.org/infra.git or github:owner/repo",
+                self.flake
+            ));
+        }
+        if let Some(c) = &self.configuration {
+            let mut chars = c.chars();
+            let first_ok = chars
+                .next()
+                .is_some_and(|f| f.is_ascii_alphanumeric() || f == '_');
+            if !first_ok || !chars.all(|ch| ch.is_ascii_alphanumeric() || "_.-".contains(ch)) {
+                return Some(format!(
+                    "spec.configuration {c:?} must be a plain attribute name under nixosConfigurations"
+                ));
+            }
+        }
+        None
+    }
+
     /// The `nixosConfigurations` attribute to build for the node `node_name`.
     pub fn configuration_for<'a>(&'a self, node_name: &'a str) -> &'a str {
         self.configuration.as_deref().unwrap_or(node_name)
     }
+}
+
+/// The shape the CRD's pattern on `spec.flake` allows: `git+{https,ssh,http,file}://…`,
+/// `github:owner/repo`, `gitlab:owner/repo` or `path:/…`, without `?` or `#`.
+fn flake_reference_shape(flake: &str) -> bool {
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    let no_query = !flake.contains(['?', '#']);
+    if let Some(rest) = flake.strip_prefix("git+") {
+        return no_query
+            && ["https://", "ssh://", "http://", "file://"]
+                .iter()
+                .any(|p| rest.strip_prefix(p).is_some_and(|r| !r.is_empty()));
+    }
+    for forge in ["github:", "gitlab:"] {
+        if let Some(rest) = flake.strip_prefix(forge) {
+            return rest
+                .split_once('/')
+                .is_some_and(|(owner, repo)| plain(owner) && plain(repo));
+        }
+    }
+    no_query && flake.starts_with("path:/")
 }
 
 /// Namespace of the Secrets that `spec.secrets` names.
@@ -414,6 +495,7 @@ pub struct NixOSNodeStatus {
     pub backoff: Option<Backoff>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    /// Standard conditions: `UpToDate`, `Progressing`, `Degraded`, `RebootRequired` and `SecretsMissing`, each with a reason and a message that says what to do.
     pub conditions: Vec<Condition>,
     /// Applied revisions, newest first (the last 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -431,6 +513,7 @@ pub struct NixOSNodeStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
+    /// The full 40-hex revision admitted.
     pub revision: String,
     /// The full installable, `<flake>?rev=<revision>#nixosConfigurations.<cfg>.config.system.build.toplevel`.
     pub installable: String,
@@ -486,11 +569,14 @@ pub struct ActivationGrant {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailedTarget {
+    /// The revision that failed.
     pub revision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The store path of the system that failed, when it was staged.
     pub system: Option<String>,
     /// Condition reason (`StageFailed`, `DrainTimeout`, `ActivationFailed`, `BootedWrongSystem`, …).
     pub reason: String,
+    /// What failed, for humans.
     pub message: String,
     pub at: Time,
 }
@@ -498,23 +584,29 @@ pub struct FailedTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Backoff {
+    /// How many drains of the current target ended in `Abort`.
     pub attempts: u32,
+    /// The next drain starts no earlier than this.
     pub not_before: Time,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HistoryEntry {
+    /// The revision applied.
     pub revision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The store path of the system applied.
     pub system: Option<String>,
     /// `Succeeded`, `Failed` or `RolledBack`.
     pub result: String,
     pub started_at: Time,
     pub finished_at: Time,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Whether the node rebooted for it.
     pub rebooted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What happened, for humans.
     pub message: Option<String>,
 }
 
@@ -564,6 +656,7 @@ pub struct AgentStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretFileStatus {
+    /// The absolute path of the file on the host.
     pub path: String,
     #[schemars(schema_with = "reported_secret_ref")]
     pub secret_ref: SecretKeyRef,
@@ -576,23 +669,30 @@ pub struct SecretFileStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MissingSecret {
+    /// The absolute path of the file on the host.
     pub path: String,
     #[schemars(schema_with = "reported_secret_ref")]
     pub secret_ref: SecretKeyRef,
     /// `SecretNotFound`, `KeyNotFound`, `TooLarge`, `UnknownOwner`, `InvalidMode`, `NotRead`,
     /// `ReadFailed`, `WriteFailed`.
     pub reason: String,
+    /// What is missing or wrong, by name (never the content).
     pub message: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StagedSystem {
+    /// The revision staged.
     pub revision: String,
+    /// The installable that was realised.
     pub installable: String,
+    /// The store path of the staged system (pinned by a GC root).
     pub system: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The size of the staged closure in bytes, when known.
     pub closure_bytes: Option<u64>,
+    /// Whether activating the staged system needs a reboot (see `rebootReasons`).
     pub reboot_required: bool,
     /// Why a reboot is needed: `kernel`, `initrd`, `kernel-modules`, `kernel-params`,
     /// `firmware`, `init-interface-version`, `reboot-triggers`, `switch-inhibitors` (NixOS
@@ -624,19 +724,24 @@ pub enum ActivationState {
 pub struct ActivationReport {
     /// The grant id this report answers.
     pub id: String,
+    /// The action of the grant.
     pub action: ActivationAction,
+    /// Where the activation is.
     pub state: ActivationState,
+    /// The store path being activated.
     pub system: String,
     /// Boot id recorded before the reboot was issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id_before: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The exit code of `switch-to-configuration`, once it ended.
     pub exit_code: Option<i32>,
     /// The system was activated (and the bootloader updated), but some units failed to start
     /// (`switch-to-configuration` exit code 4); `message` names them.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub units_failed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What happened, for humans (failed units, errors).
     pub message: Option<String>,
     pub updated_at: Time,
 }
@@ -651,10 +756,12 @@ pub enum HostOperation {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostError {
+    /// The host operation that failed.
     pub operation: HostOperation,
     /// The revision the failed operation was about, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// What failed (trimmed; never contains secrets).
     pub message: String,
     pub at: Time,
 }
@@ -697,6 +804,57 @@ pub fn short_system(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_controller_finds_what_the_crd_rules_refuse() {
+        use crate::sim::fixtures::{following_spec, spec};
+        let rev = "0123456789abcdef0123456789abcdef01234567";
+        let flake = "git+https://git.example.org/infra.git";
+        assert_eq!(spec(flake, rev).problem(), None);
+        assert_eq!(following_spec(flake, "infra").problem(), None);
+        assert_eq!(
+            following_spec("", "infra").problem(),
+            None,
+            "a FlakeSource gives the flake"
+        );
+        for f in [
+            "github:me/infra",
+            "path:/srv/flake",
+            "git+ssh://git@h/r.git",
+            "git+file:///r",
+        ] {
+            assert_eq!(spec(f, rev).problem(), None, "{f}");
+        }
+        let mut both = spec(flake, rev);
+        both.source_ref = following_spec(flake, "infra").source_ref;
+        let mut neither = spec(flake, rev);
+        neither.revision.clear();
+        let mut gitrepo_without_flake = following_spec("", "infra");
+        if let Some(s) = gitrepo_without_flake.source_ref.as_mut() {
+            s.kind = SourceKind::GitRepository;
+        }
+        let mut bad_configuration = spec(flake, rev);
+        bad_configuration.configuration = Some("a b".into());
+        let cases = [
+            (both, "exactly one of spec.revision"),
+            (neither, "set spec.revision"),
+            (spec(flake, "main"), "40-character"),
+            (spec(flake, &rev.to_uppercase()), "40-character"),
+            (spec("", rev), "spec.flake is required"),
+            (gitrepo_without_flake, "spec.flake is required"),
+            (spec("git+https://h/r?rev=abc", rev), "without revision"),
+            (spec("https://h/r", rev), "flake reference"),
+            (spec("github:me", rev), "flake reference"),
+            (bad_configuration, "attribute name"),
+        ];
+        for (s, want) in cases {
+            let problem = s.problem();
+            assert!(
+                problem.as_deref().is_some_and(|p| p.contains(want)),
+                "{want}: {problem:?} for {s:?}"
+            );
+        }
+    }
 
     #[test]
     fn short_system_keeps_hash_prefix_and_name() {

@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
     plural = "flakesources",
     namespaced,
     status = "FlakeSourceStatus",
+    doc = "A git repository and a branch, tag, semver range or ref in it that NixOSNodes follow through spec.sourceRef. nixroll resolves it to a commit and only ever moves forward (docs/source.md).",
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.url"}"#,
-    printcolumn = r#"{"name":"Ref","type":"string","jsonPath":".status.ref","description":"the ref followed, e.g. branch main"}"#,
-    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.revision","description":"the accepted revision, main@sha1:<commit>"}"#,
+    printcolumn = r#"{"name":"Ref","type":"string","jsonPath":".status.ref","description":"The ref followed, e.g. branch main."}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".status.revision","description":"The accepted revision, main@sha1:<commit>."}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -131,6 +132,7 @@ impl FlakeSourceRef {
 pub struct LocalSecretRef {
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("secretRef.name must be a Secret name (lowercase DNS subdomain)"))]
     #[schemars(length(min = 1, max = 253))]
+    /// The name of the Secret.
     pub name: String,
 }
 
@@ -178,6 +180,7 @@ pub struct SourceRef {
     pub kind: SourceKind,
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("sourceRef.name must be an object name (lowercase DNS subdomain)"))]
     #[schemars(length(min = 1, max = 253))]
+    /// The name of the FlakeSource or GitRepository.
     pub name: String,
     /// Namespace of the source. Default `nixroll-system`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,9 +7,10 @@
 //! repeat costs ~300 bytes of cache (the key and the Event's name and count) and the cache is
 //! capped, so memory no longer grows with the cluster.
 //!
-//! Behaviour on the wire is the same as the Recorder's (and client-go's): the first occurrence
-//! is created; a repeat of the same (object, reason, action, type) within six minutes patches
-//! the existing Event's `series` (count and last observed time) and its note.
+//! On the wire: the first occurrence is created; a repeat of the same (object, reason, action,
+//! type, note) within six minutes patches the existing Event's `series` (count and last
+//! observed time). Unlike kube's Recorder, the note is part of the key: a series means "this
+//! exact Event, N times", so `Updated (x2)` never hides a different first message.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -43,6 +44,7 @@ struct Key {
     name: String,
     reason: String,
     action: String,
+    note: String,
     warning: bool,
 }
 
@@ -90,6 +92,7 @@ impl EventWriter {
             name: regarding.name.clone().unwrap_or_default(),
             reason: ev.reason.to_string(),
             action: ev.action.to_string(),
+            note: ev.note.clone(),
             warning: ev.warning,
         };
         let repeat = self
@@ -101,7 +104,6 @@ impl EventWriter {
         if let Some(prev) = repeat {
             let count = prev.count + 1;
             let patch = serde_json::json!({
-                "note": ev.note,
                 "series": EventSeries { count, last_observed_time: MicroTime(now) },
             });
             match api
@@ -214,6 +216,7 @@ mod tests {
         let w = writer.clone();
         let task = tokio::spawn(async move {
             w.publish(&note("3 left"), &node_ref("n1")).await.unwrap();
+            w.publish(&note("3 left"), &node_ref("n1")).await.unwrap();
             w.publish(&note("1 left"), &node_ref("n1")).await.unwrap();
         });
         let (req, send) = handle.next_request().await.unwrap();
@@ -233,6 +236,7 @@ mod tests {
                 .body(Body::from(serde_json::to_vec(&created).unwrap()))
                 .unwrap(),
         );
+        // The same reason and note again: the series of the first Event.
         let (req, send) = handle.next_request().await.unwrap();
         assert_eq!(req.method(), "PATCH");
         assert_eq!(
@@ -241,15 +245,28 @@ mod tests {
         );
         let patch = body(req).await;
         assert_eq!(patch["series"]["count"], 2);
-        assert_eq!(patch["note"], "1 left");
+        assert_eq!(patch.get("note"), None, "the note stays what it was");
         send.send_response(
             Response::builder()
                 .status(200)
                 .body(Body::from(serde_json::to_vec(&created).unwrap()))
                 .unwrap(),
         );
+        // The same reason with another note: a new Event, not `(x3)` showing only the last note.
+        let (req, send) = handle.next_request().await.unwrap();
+        assert_eq!(req.method(), "POST", "a different message is a new Event");
+        let second = body(req).await;
+        assert_eq!(second["note"], "1 left");
+        assert_eq!(second["reason"], "Draining");
+        assert_ne!(second["metadata"]["name"], created["metadata"]["name"]);
+        send.send_response(
+            Response::builder()
+                .status(201)
+                .body(Body::from(serde_json::to_vec(&second).unwrap()))
+                .unwrap(),
+        );
         task.await.unwrap();
-        assert_eq!(writer.cached(), 1);
+        assert_eq!(writer.cached(), 2);
 
         // Far more distinct series than the cap: the cache holds at most the cap.
         for i in 0..(CACHE_CAP + 10) {
@@ -259,6 +276,7 @@ mod tests {
                 name: format!("n{i}"),
                 reason: "Draining".into(),
                 action: "Drain".into(),
+                note: "3 left".into(),
                 warning: false,
             };
             writer.remember(

@@ -40,6 +40,22 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         return Ok(Requeue::await_change());
     }
     let obj = ctx.nixosnodes.get(&ObjectRef::new(&name)).unwrap_or(obj);
+    // The CRD's rules, checked here too: an API server that does not evaluate CEL lets a bad
+    // spec in, and it must never be rolled out (nor reported UpToDate).
+    if let Some(problem) = obj.spec.problem() {
+        let current = controller_part(obj.status.as_ref().unwrap_or(&NixOSNodeStatus::default()));
+        let generation = obj.metadata.generation.unwrap_or_default();
+        let st = crate::rollout::invalid_spec_status(&current, &problem, generation, Timestamp::now());
+        if st.message != current.message || st.conditions != current.conditions {
+            debug!(%problem, "invalid spec");
+            ctx.write_status(&name, &st).await?;
+            ctx.admission
+                .lock()
+                .await
+                .record(&name, obj.metadata.uid.as_deref(), &st);
+        }
+        return Ok(Requeue::await_change());
+    }
     // A node following a source works with its group's pinned revision (docs/source.md).
     let obj = match ctx.follow.effective(obj.clone()) {
         Ok(o) => o,

@@ -29,7 +29,7 @@ use super::{Action, Decision, DrainProgress, NodeView, Note, Policy, Row, reason
 use crate::api::{ActivationReport, AgentStatus, HistoryEntry, NixOSNodeStatus, Phase, Slot, installable};
 use conditions::secrets_missing_message;
 
-pub use conditions::condition;
+pub use conditions::{condition, invalid_spec_status};
 
 /// How many history entries are kept (newest first).
 pub const HISTORY_LIMIT: usize = 10;

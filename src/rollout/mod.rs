@@ -21,7 +21,7 @@ mod tests;
 pub use admit::{budget, is_admitted, is_candidate, is_degraded, is_unavailable};
 pub use decide::{
     DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, ParseDurationError,
-    UNCORDON_RECHECK, condition, drain_timeout, parse_duration,
+    UNCORDON_RECHECK, condition, drain_timeout, invalid_spec_status, parse_duration,
 };
 pub use rows::Row;
 

@@ -55,6 +55,19 @@ pub enum DemoError {
     Output(#[from] std::io::Error),
 }
 
+/// The `kubectl … -w` lines the demos print: one command per resource type, because kubectl
+/// refuses `-w` with more than one ("you may only specify a single resource type").
+pub fn watch_hints(kubeconfig: &str, resources: &[&str]) -> Vec<String> {
+    resources
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let label = if i == 0 { "watch:" } else { "" };
+            format!("  {label:<9} kubectl --kubeconfig {kubeconfig} get {r} -w")
+        })
+        .collect()
+}
+
 /// What the demo measured.
 #[derive(Clone, Debug)]
 pub struct DemoSummary {
@@ -91,10 +104,9 @@ pub async fn run(
         },
         world.embedded("the demo")?.url()
     )?;
-    writeln!(
-        err,
-        "  watch:    kubectl --kubeconfig {kubeconfig} get nixosnodes,nodes -w"
-    )?;
+    for line in watch_hints(&kubeconfig, &["nixosnodes", "nodes"]) {
+        writeln!(err, "{line}")?;
+    }
     writeln!(
         err,
         "  inspect:  kubectl --kubeconfig {kubeconfig} describe nixosnode node-1"
@@ -196,7 +208,7 @@ pub async fn run(
     if opts.hold {
         writeln!(
             err,
-            "nixroll demo: holding (Ctrl-C to stop); kubectl --kubeconfig {kubeconfig} get nixosnodes,nodes"
+            "nixroll demo: holding (Ctrl-C to stop); kubectl --kubeconfig {kubeconfig} get nixosnodes"
         )?;
         shutdown.await;
     }

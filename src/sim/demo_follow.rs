@@ -49,10 +49,9 @@ pub async fn run(
             _ => "simulated",
         },
     )?;
-    writeln!(
-        err,
-        "  watch:    kubectl --kubeconfig {kubeconfig} get flakesources,nixosnodes -A -w"
-    )?;
+    for line in crate::sim::demo::watch_hints(&kubeconfig, &["flakesources -A", "nixosnodes"]) {
+        writeln!(err, "{line}")?;
+    }
 
     let sources: Api<FlakeSource> = Api::namespaced(world.client.clone(), crate::names::NAMESPACE);
     let fs: FlakeSource = serde_json::from_value(serde_json::json!({

@@ -170,6 +170,35 @@ pub(super) fn secrets_missing_message(agent: Option<&AgentStatus>) -> Option<Str
     Some(format!("secret files missing on the host: {}", list.join(", ")))
 }
 
+/// The status of a node whose spec breaks the CRD's rules (`problem`, from
+/// [`crate::api::NixOSNodeSpec::problem`]): nothing else changes — no phase step, no slot, no
+/// action — but the message and the conditions say what to fix: `UpToDate=False` and
+/// `Progressing=False` with reason `InvalidSpec`.
+pub fn invalid_spec_status(
+    status: &crate::api::NixOSNodeStatus,
+    problem: &str,
+    generation: i64,
+    now: Timestamp,
+) -> crate::api::NixOSNodeStatus {
+    let mut st = status.clone();
+    st.agent = None;
+    let message = format!("invalid spec: {problem}; nothing is rolled out on this node until it is fixed");
+    st.message = Some(message.clone());
+    st.observed_generation = Some(generation);
+    for type_ in [condition::UP_TO_DATE, condition::PROGRESSING] {
+        set_condition(
+            &mut st.conditions,
+            type_,
+            false,
+            reason::INVALID_SPEC,
+            &message,
+            now,
+            generation,
+        );
+    }
+    st
+}
+
 fn set_condition(
     conds: &mut Vec<Condition>,
     type_: &str,
