@@ -2,7 +2,7 @@
 //! docs/benchmarks.md every block of text (paragraph, list item group, table, code block) that
 //! states a measured figure — a number with a unit of time or memory (`0.7 s`, `78 ms`,
 //! `2.4 µs`, `45 MiB`, `20 MB`) — carries `measured YYYY-MM-DD with `COMMAND`` itself, or, for a
-//! table or code block, in the block just before it. A block that only states settings (a
+//! table, a list or a code block, in the block just before it. A block that only states settings (a
 //! simulated 1 s reboot, a timeout) says so with `<!-- settings, not measurements -->`.
 //! The rule is described in docs/testing.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -77,7 +77,7 @@ fn figures(block: &str) -> Vec<String> {
 
 /// `measured YYYY-MM-DD with `command`` somewhere in the block.
 fn has_provenance(block: &str) -> bool {
-    let flat = block.replace('\n', " ");
+    let flat = block.replace('\n', " ").to_lowercase();
     let mut rest = flat.as_str();
     while let Some(at) = rest.find("measured ") {
         let after = &rest[at + "measured ".len()..];
@@ -107,8 +107,11 @@ fn unsourced(text: &str) -> Vec<String> {
         if found.is_empty() || b.contains(SETTINGS) || has_provenance(b) {
             continue;
         }
-        let table_or_code = b.starts_with('|') || b.trim_start().starts_with("```");
-        if table_or_code && n > 0 && has_provenance(&bs[n - 1].1) {
+        let table_list_or_code = b.starts_with('|')
+            || b.starts_with("- ")
+            || b.starts_with("* ")
+            || b.trim_start().starts_with("```");
+        if table_list_or_code && n > 0 && has_provenance(&bs[n - 1].1) {
             continue;
         }
         bad.push(format!("line {line}: {found:?} in: {}", b.lines().next().unwrap_or("")));
@@ -140,6 +143,8 @@ fn the_check_catches_unsourced_figures() {
     assert_eq!(unsourced("RSS 45 MiB, measured 2026-12-07.\n").len(), 1);
     assert_eq!(unsourced("measured 2026-12-07 with `x`:\n\n| a | 3 ms |\n").len(), 0);
     assert_eq!(unsourced("The bench:\n\n| a | 3 ms |\n").len(), 1);
+    assert_eq!(unsourced("Found:\n\n- a 3 ms step\n").len(), 1);
+    assert_eq!(unsourced("Measured 2026-12-07 with `x`:\n\n- a 3 ms step\n").len(), 0);
     assert_eq!(
         unsourced("Overhead 0.27 s (measured 2026-12-07 with `nixroll bench`).\n").len(),
         0
