@@ -41,7 +41,9 @@ fn blocks(text: &str) -> Vec<(usize, String)> {
 
 /// A number followed by a unit of time or memory.
 fn figures(block: &str) -> Vec<String> {
-    let units = ["µs", "us", "ms", "s", "MiB", "KiB", "GiB", "MB", "KB", "kB", "kiB"];
+    let units = [
+        "µs", "us", "ms", "s", "MiB", "KiB", "GiB", "MB", "KB", "kB", "kiB",
+    ];
     let chars: Vec<char> = block.chars().collect();
     let mut found = Vec::new();
     let mut i = 0;
@@ -83,10 +85,13 @@ fn has_provenance(block: &str) -> bool {
         let after = &rest[at + "measured ".len()..];
         let date: Vec<char> = after.chars().take(10).collect();
         let is_date = date.len() == 10
-            && date
-                .iter()
-                .enumerate()
-                .all(|(i, c)| if i == 4 || i == 7 { *c == '-' } else { c.is_ascii_digit() });
+            && date.iter().enumerate().all(|(i, c)| {
+                if i == 4 || i == 7 {
+                    *c == '-'
+                } else {
+                    c.is_ascii_digit()
+                }
+            });
         if is_date && let Some(with) = after[10..].find(" with `") {
             let cmd = &after[10 + with + " with `".len()..];
             if cmd.find('`').is_some_and(|end| end > 0) {
@@ -114,7 +119,10 @@ fn unsourced(text: &str) -> Vec<String> {
         if table_list_or_code && n > 0 && has_provenance(&bs[n - 1].1) {
             continue;
         }
-        bad.push(format!("line {line}: {found:?} in: {}", b.lines().next().unwrap_or("")));
+        bad.push(format!(
+            "line {line}: {found:?} in: {}",
+            b.lines().next().unwrap_or("")
+        ));
     }
     bad
 }
@@ -141,15 +149,24 @@ fn every_figure_in_the_readme_and_benchmarks_says_when_and_how_it_was_measured()
 fn the_check_catches_unsourced_figures() {
     assert_eq!(unsourced("Overhead 0.27 s per node.\n").len(), 1);
     assert_eq!(unsourced("RSS 45 MiB, measured 2026-12-07.\n").len(), 1);
-    assert_eq!(unsourced("measured 2026-12-07 with `x`:\n\n| a | 3 ms |\n").len(), 0);
+    assert_eq!(
+        unsourced("measured 2026-12-07 with `x`:\n\n| a | 3 ms |\n").len(),
+        0
+    );
     assert_eq!(unsourced("The bench:\n\n| a | 3 ms |\n").len(), 1);
     assert_eq!(unsourced("Found:\n\n- a 3 ms step\n").len(), 1);
-    assert_eq!(unsourced("Measured 2026-12-07 with `x`:\n\n- a 3 ms step\n").len(), 0);
+    assert_eq!(
+        unsourced("Measured 2026-12-07 with `x`:\n\n- a 3 ms step\n").len(),
+        0
+    );
     assert_eq!(
         unsourced("Overhead 0.27 s (measured 2026-12-07 with `nixroll bench`).\n").len(),
         0
     );
     assert_eq!(unsourced(&format!("A 1 s reboot. {SETTINGS}\n")).len(), 0);
     assert_eq!(unsourced("Kubernetes 1.32, 1,000 nodes, 2 cores.\n").len(), 0);
-    assert_eq!(figures("p99 0.61s, 2.4 µs and 37.6 MiB; 3 steps"), ["0.61 s", "2.4 µs", "37.6 MiB"]);
+    assert_eq!(
+        figures("p99 0.61s, 2.4 µs and 37.6 MiB; 3 steps"),
+        ["0.61 s", "2.4 µs", "37.6 MiB"]
+    );
 }

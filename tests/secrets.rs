@@ -247,7 +247,10 @@ fn is_root() -> bool {
 async fn secret_files_are_created_rotated_atomically_and_removed_without_leaking() {
     // Files are owned by root and by `wpa` (uid 4242 from the host root's /etc/passwd): only
     // root can make them. Not root: skipped with the reason, a failure under CI=true.
-    if !common::require("root (to chown files to other users the test must run as root)", is_root()) {
+    if !common::require(
+        "root (to chown files to other users the test must run as root)",
+        is_root(),
+    ) {
         return;
     }
     let e = env().await;

@@ -1797,7 +1797,13 @@ fn simulated_rollouts_keep_invariants_and_converge() {
     );
     if seeds >= 100 {
         let tenth = seeds as usize / 10;
-        assert!(clean >= tenth, "only {clean} of {seeds} seeds without faults: {stats:?}");
-        assert!(faulty >= tenth, "only {faulty} of {seeds} seeds with faults: {stats:?}");
+        assert!(
+            clean >= tenth,
+            "only {clean} of {seeds} seeds without faults: {stats:?}"
+        );
+        assert!(
+            faulty >= tenth,
+            "only {faulty} of {seeds} seeds with faults: {stats:?}"
+        );
     }
 }
