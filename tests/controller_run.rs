@@ -231,6 +231,18 @@ async fn leader_watches_nodes_and_pause_but_never_pods_and_releases_on_shutdown(
 async fn leader_that_loses_the_lease_stops_writing_and_stands_by() {
     let replica = Replica::start("leader-2", false, Duration::from_millis(300)).await;
     let api = replica.api.clone();
+    {
+        // It led before the Lease is taken away: it holds the Lease and started the
+        // leader's watches (otherwise "stands by" below would say nothing).
+        let api = api.lock().unwrap();
+        let holder = api.lease.as_ref().unwrap()["spec"]["holderIdentity"].clone();
+        assert_eq!(holder, "leader-2", "{:?}", api.log);
+        assert!(
+            api.log.iter().any(|l| l.starts_with("GET /api/v1/nodes?")),
+            "the leader watches Nodes: {:?}",
+            api.log
+        );
+    }
     // Someone else takes the Lease over (e.g. we were partitioned past its expiry).
     api.lock().unwrap().other_holds = true;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,7 +1,10 @@
 //! End to end over the embedded Kubernetes API: the real controller (one or two replicas) and
 //! one real agent per simulated NixOS host, simulated kubelets and workloads with
 //! PodDisruptionBudgets. A [`Monitor`] watches every test for invariant violations (budget,
-//! control plane, uncordon rules). Hosts use real Nix when it is installed (CI installs it),
+//! control plane, uncordon rules) and records every disruptive act; tests that say "nothing
+//! disruptive happened while …" ask it what happened between two of their own writes. Faults
+//! (a killed controller or agent) land while a node is held in the phase the test names
+//! ([`HoldPoint`]), and the test checks the phase at the moment of the kill. Hosts use real Nix when it is installed (CI installs it),
 //! else the simulated store.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -19,8 +22,8 @@ use nixroll::api::{DrainPolicy, DrainTimeoutAction, MaintenanceWindow, NixOSNode
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
 use nixroll::sim::cluster::WORKLOAD_NAMESPACE;
-use nixroll::sim::host::BootFault;
-use nixroll::sim::monitor::Monitor;
+use nixroll::sim::host::{BootFault, HoldPoint};
+use nixroll::sim::monitor::{ActKind, Monitor, rv_of};
 use nixroll::sim::world::{World, WorldOptions};
 use serde_json::json;
 
@@ -71,6 +74,53 @@ async fn wait_for(
         panic!("timed out waiting for {what}:\n{}", table.join("\n"));
     }
     seen
+}
+
+/// The resource version of a write of the test's own (a no-op annotation of the node's Node),
+/// as a mark in the API's history for [`Monitor::acts_between`].
+async fn mark(world: &World) -> u64 {
+    let nodes: Api<Node> = Api::all(world.client.clone());
+    let patch = json!({"metadata": {"annotations": {"test.nixroll.io/mark": fastrand::u64(..).to_string()}}});
+    let n = nodes
+        .patch(
+            "node-1",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    rv_of(&n.metadata)
+}
+
+/// The node's phase now, read from the API.
+async fn phase_now(world: &World, node: &str) -> Phase {
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    phase(&api.get(node).await.unwrap())
+}
+
+/// Every node rebooted once and the monitor saw each one cordoned, evicted and granted an
+/// activation (so "the monitor saw nothing" elsewhere in the test means something).
+fn assert_monitor_saw_the_rollout(world: &World, monitor: &Monitor) {
+    let acts = monitor.acts();
+    for n in &world.nodes {
+        for want in [
+            ActKind::Cordoned,
+            ActKind::ActivationGranted,
+            ActKind::SlotGranted,
+        ] {
+            assert!(
+                acts.iter().any(|a| a.node == n.name && a.kind == want),
+                "the monitor never saw {want:?} on {}: {acts:?}",
+                n.name
+            );
+        }
+        assert!(
+            acts.iter()
+                .any(|a| a.node == n.name && matches!(a.kind, ActKind::PodDeleted(_))),
+            "the monitor never saw an eviction on {}",
+            n.name
+        );
+    }
 }
 
 fn phase(o: &NixOSNode) -> Phase {
@@ -291,6 +341,8 @@ async fn blocking_pdb_abort_restores_the_node_and_force_proceeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
     let (mut world, c) = adopted(fast(), 1).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let start = mark(&world).await;
     let next = roll_out_kernel_bump(&mut world).await;
     // node-3 points at a configuration the flake does not have.
     let mut bad = world.spec(&next);
@@ -304,11 +356,13 @@ async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(degraded.status, "True");
     assert_eq!(degraded.reason, "StageFailed");
-    // The failure halts admissions (threshold 1): nothing is disrupted anywhere.
+    // The failure halts admissions (threshold 1): nothing is disrupted anywhere, from the
+    // bump until the fix (the monitor watches the whole time; 3 s give the controller room
+    // to do something wrong).
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let fixed = mark(&world).await;
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 0);
-        assert!(!unschedulable(&world, &n.name).await, "{} not cordoned", n.name);
     }
     // A way out of Degraded: the user fixes the spec (the configuration). The node stages
     // again, and the halted rollout goes on to the end.
@@ -317,6 +371,13 @@ async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 1, "{} rebooted once", n.name);
     }
+    assert_eq!(
+        monitor.acts_between(start, fixed),
+        vec![],
+        "disrupted while a node was Degraded"
+    );
+    assert_monitor_saw_the_rollout(&world, &monitor);
+    assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;
 }
 
@@ -330,11 +391,12 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let s = o.status.clone().unwrap();
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
     assert_eq!(degraded.reason, "BootedWrongSystem", "{degraded:?}");
+    let failed = mark(&world).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let halted = mark(&world).await;
     assert!(unschedulable(&world, bad).await, "the failed node stays cordoned");
     let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
     assert_eq!(total, 1, "no other node was admitted after the failure");
-    assert_eq!(monitor.violations(), Vec::<String>::new());
     // Another way out of Degraded: a new revision (the fix-forward commit). The failed node
     // keeps its slot and cordon, stages the new target, is re-admitted, and all converge.
     for n in &world.nodes {
@@ -346,6 +408,13 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     world.apply_all(&world.spec(&fixed)).await.unwrap();
     wait_for(&world, "the fix-forward rollout", WAIT, all_on(&fixed)).await;
     wait_unschedulable(&world, bad, false).await;
+    // Between the failure and the fix nothing disruptive happened anywhere (the failed node
+    // keeps the slot and cordon it had).
+    assert_eq!(
+        monitor.acts_between(failed, halted),
+        vec![],
+        "disrupted after the failure"
+    );
     assert_eq!(monitor.violations(), Vec::<String>::new());
     assert_eq!(monitor.max_concurrent(), 1);
     c.stop().await;
@@ -428,48 +497,137 @@ async fn a_rollout_whose_wake_ups_are_all_lost_still_finishes_through_the_sweep(
     c.stop().await;
 }
 
+/// Kill `controller` (a crashed pod) while `node` is held in `phase`, check that it was in
+/// that phase at the moment of the kill, and start a new replica.
+async fn restart_in(
+    world: &World,
+    controller: nixroll::sim::world::ControllerHandle,
+    node: &str,
+    phase: Phase,
+) -> nixroll::sim::world::ControllerHandle {
+    controller.kill();
+    assert_eq!(phase_now(world, node).await, phase, "{node} at the kill");
+    world.start_controller(controller_config(1)).await.unwrap()
+}
+
+/// The node that holds the slot (budget 1), once one is in `p`.
+async fn node_in(world: &World, p: Phase) -> String {
+    let m = wait_for(world, &format!("a node in {p}"), WAIT, |m| {
+        m.values().any(|o| phase(o) == p)
+    })
+    .await;
+    m.iter().find(|(_, o)| phase(o) == p).unwrap().0.clone()
+}
+
+/// The controller is killed while the first admitted node is in each disruptive phase. Each
+/// phase is held until the kill is done: Draining by a PodDisruptionBudget that allows no
+/// eviction, Activating by holding `switch-to-configuration`, Rebooting by holding the machine
+/// before it goes down, Verifying by holding the agent's start after the reboot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_restarted_in_every_phase_resumes_without_over_admission() {
     let (mut world, c) = adopted(fast(), 1).await;
     c.kill();
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(world.client.clone(), WORKLOAD_NAMESPACE);
+    let block: PodDisruptionBudget = serde_json::from_value(json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "hold", "namespace": WORKLOAD_NAMESPACE},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "web"}}}
+    }))
+    .unwrap();
+    pdbs.create(&PostParams::default(), &block).await.unwrap();
+    for n in &world.nodes {
+        n.host.hold(HoldPoint::Switch).unwrap();
+        n.host.hold(HoldPoint::Reboot).unwrap();
+    }
     let next = roll_out_kernel_bump(&mut world).await;
     let mut controller = world.start_controller(controller_config(1)).await.unwrap();
-    for p in [
-        Phase::Draining,
-        Phase::Activating,
-        Phase::Rebooting,
-        Phase::Verifying,
-    ] {
-        wait_for(&world, &format!("a node in {p}"), WAIT, |m| {
-            m.values().any(|o| phase(o) == p)
-        })
-        .await;
-        controller.kill();
-        controller = world.start_controller(controller_config(1)).await.unwrap();
+
+    let node = node_in(&world, Phase::Draining).await;
+    controller = restart_in(&world, controller, &node, Phase::Draining).await;
+    pdbs.delete("hold", &DeleteParams::default()).await.unwrap();
+
+    let host = world.node(&node).unwrap().host.clone();
+    assert!(
+        host.wait_until_waiting(HoldPoint::Switch, WAIT).await,
+        "{node}: no switch"
+    );
+    assert_eq!(node_in(&world, Phase::Activating).await, node);
+    controller = restart_in(&world, controller, &node, Phase::Activating).await;
+    assert!(
+        host.is_waiting(HoldPoint::Switch),
+        "the switch still runs after the kill"
+    );
+    for n in &world.nodes {
+        n.host.hold(HoldPoint::AgentStart).unwrap();
+        n.host.release(HoldPoint::Switch).unwrap();
     }
+
+    assert!(
+        host.wait_until_waiting(HoldPoint::Reboot, WAIT).await,
+        "{node}: no reboot"
+    );
+    assert_eq!(node_in(&world, Phase::Rebooting).await, node);
+    controller = restart_in(&world, controller, &node, Phase::Rebooting).await;
+    assert!(host.is_waiting(HoldPoint::Reboot));
+    for n in &world.nodes {
+        n.host.release(HoldPoint::Reboot).unwrap();
+    }
+
+    assert!(
+        host.wait_until_waiting(HoldPoint::AgentStart, WAIT).await,
+        "{node}: not back"
+    );
+    assert_eq!(node_in(&world, Phase::Verifying).await, node);
+    controller = restart_in(&world, controller, &node, Phase::Verifying).await;
+    assert!(host.is_waiting(HoldPoint::AgentStart));
+    for n in &world.nodes {
+        n.host.release(HoldPoint::AgentStart).unwrap();
+    }
+
     wait_for(&world, "rollout", Duration::from_secs(120), all_on(&next)).await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 1, "{} rebooted exactly once", n.name);
     }
     controller.stop().await;
 }
 
+/// The agent is killed while `switch-to-configuration boot` runs (held until the kill is done,
+/// and the new agent held from starting until then): the switch survives it, and the node
+/// reboots once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_mid_activation_never_reboots_twice() {
     let (mut world, c) = adopted(fast(), 1).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    for n in &world.nodes {
+        n.host.hold(HoldPoint::Switch).unwrap();
+    }
     let next = roll_out_kernel_bump(&mut world).await;
-    let m = wait_for(&world, "an Activating node", WAIT, |m| {
-        m.values().any(|o| phase(o) == Phase::Activating)
-    })
-    .await;
-    let (name, _) = m.iter().find(|(_, o)| phase(o) == Phase::Activating).unwrap();
-    world.node(name).unwrap().restart_agent();
+    let name = node_in(&world, Phase::Activating).await;
+    let host = world.node(&name).unwrap().host.clone();
+    assert!(
+        host.wait_until_waiting(HoldPoint::Switch, WAIT).await,
+        "{name}: no switch"
+    );
+    host.hold(HoldPoint::AgentStart).unwrap();
+    world.node(&name).unwrap().restart_agent();
+    assert!(
+        host.wait_until_waiting(HoldPoint::AgentStart, WAIT).await,
+        "{name}: the agent was not killed"
+    );
+    assert!(host.is_waiting(HoldPoint::Switch), "the kill landed mid-switch");
+    assert_eq!(phase_now(&world, &name).await, Phase::Activating);
+    host.release(HoldPoint::AgentStart).unwrap();
+    for n in &world.nodes {
+        n.host.release(HoldPoint::Switch).unwrap();
+    }
     wait_for(&world, "rollout", WAIT, all_on(&next)).await;
     for n in &world.nodes {
         assert_eq!(n.host.reboot_count(), 1, "{} rebooted exactly once", n.name);
     }
+    assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;
 }
 
@@ -496,6 +654,8 @@ async fn a_node_cordoned_by_an_admin_is_updated_and_stays_cordoned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_starts_outside_the_maintenance_window() {
     let (mut world, c) = adopted(fast(), 1).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let closed = mark(&world).await;
     let next = kernel_bump(&mut world);
     let later =
         jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC) + jiff::SignedDuration::from_hours(6);
@@ -522,13 +682,20 @@ async fn nothing_starts_outside_the_maintenance_window() {
         "staging is not limited by the window"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let opened = mark(&world).await;
     for n in &world.nodes {
-        assert!(!unschedulable(&world, &n.name).await);
         assert_eq!(n.host.reboot_count(), 0);
     }
     // Opening the window (here: removing it) lets the rollout run.
     world.apply_all(&world.spec(&next)).await.unwrap();
     wait_for(&world, "rollout", WAIT, all_on(&next)).await;
+    assert_eq!(
+        monitor.acts_between(closed, opened),
+        vec![],
+        "disrupted outside the window"
+    );
+    assert_monitor_saw_the_rollout(&world, &monitor);
+    assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;
 }
 
@@ -541,18 +708,29 @@ async fn cluster_wide_pause_and_resume() {
         "metadata": {"name": nixroll::names::PAUSE_CONFIGMAP, "namespace": nixroll::names::NAMESPACE}
     }))
     .unwrap();
-    cms.create(&PostParams::default(), &pause).await.unwrap();
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let paused = rv_of(&cms.create(&PostParams::default(), &pause).await.unwrap().metadata);
     let next = roll_out_kernel_bump(&mut world).await;
     wait_for(&world, "all waiting while paused", WAIT, |m| {
         m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
     })
     .await;
+    // Room for the controller to do something wrong; the monitor watches all of it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(world.nodes.iter().all(|n| n.host.reboot_count() == 0));
+    let resumed = mark(&world).await;
     cms.delete(nixroll::names::PAUSE_CONFIGMAP, &DeleteParams::default())
         .await
         .unwrap();
     wait_for(&world, "rollout after resume", WAIT, all_on(&next)).await;
+    // No slot, cordon, eviction or activation grant while paused.
+    assert_eq!(
+        monitor.acts_between(paused, resumed),
+        vec![],
+        "disrupted while paused"
+    );
+    assert_monitor_saw_the_rollout(&world, &monitor);
+    assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;
 }
 
@@ -583,6 +761,16 @@ async fn leader_failover_between_two_replicas() {
         m.values().any(|o| phase(o) == Phase::Rebooting)
     })
     .await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(world.client.clone(), nixroll::names::NAMESPACE);
+    let holder = leases
+        .get(nixroll::names::LEADER_LEASE)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity;
+    assert_eq!(holder.as_deref(), Some("replica-a"), "the killed replica led");
     a.kill(); // the leader's pod dies without releasing the Lease
     wait_for(
         &world,

@@ -1788,9 +1788,22 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             );
         }
     }
-    assert_eq!(
-        stats.get("clean").copied().unwrap_or(0) + stats.get("faulty").copied().unwrap_or(0),
-        seeds as usize
+    // Both kinds of cluster are simulated in earnest: a generator that stopped injecting faults
+    // (or always did) would leave half of the claims above untested. (A clean seed that does
+    // not converge already fails in `run_seed`.)
+    let (clean, faulty) = (
+        stats.get("clean").copied().unwrap_or(0),
+        stats.get("faulty").copied().unwrap_or(0),
     );
-    assert!(stats.get("converged").copied().unwrap_or(0) >= stats.get("clean").copied().unwrap_or(0));
+    if seeds >= 100 {
+        let tenth = seeds as usize / 10;
+        assert!(
+            clean >= tenth,
+            "only {clean} of {seeds} seeds without faults: {stats:?}"
+        );
+        assert!(
+            faulty >= tenth,
+            "only {faulty} of {seeds} seeds with faults: {stats:?}"
+        );
+    }
 }

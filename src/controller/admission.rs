@@ -359,10 +359,11 @@ mod tests {
         persisted.lock().unwrap().len()
     }
 
-    /// Two concurrent reconciles of two Waiting nodes, budget 1, and a store that has not seen
-    /// the first grant: exactly one node gets the slot.
+    /// [`PendingWrites`] alone, under a toy gate (budget 1) that two tasks run at once over a
+    /// store that has not seen the first grant: exactly one task records the slot. The real
+    /// reconciles against a stale cache are `tests/controller_admission.rs`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_reconciles_never_both_get_the_slot_with_a_stale_store() {
+    async fn pending_writes_keep_two_racing_toy_gates_from_both_taking_the_slot() {
         for _ in 0..100 {
             assert_eq!(race(true).await, 1, "budget 1 over-admitted");
         }

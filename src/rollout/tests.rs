@@ -869,13 +869,12 @@ fn retry_annotation_restarts_from_staging_once() {
     let mut n = mk_degraded_fallback();
     n.retry = Some("a".into());
     n.step(false, None, at(100));
-    assert_eq!(n.phase(), Phase::Staging.max(n.phase()));
-    assert_ne!(n.phase(), Phase::Degraded);
+    // Staged already → straight to Waiting, holding its slot (no second staging).
+    assert_eq!(n.phase(), Phase::Waiting);
     assert!(n.status.failed.is_none());
     assert_eq!(n.status.retry_token.as_deref(), Some("a"));
     assert!(n.status.slot.is_some(), "still cordoned: keeps its slot");
-    // Staged already → Waiting holding its slot; re-admitted it drains without a new cordon.
-    assert_eq!(n.phase(), Phase::Waiting);
+    // Re-admitted, it drains without a new cordon.
     let d = n.step(true, None, at(110));
     assert_eq!(n.phase(), Phase::Draining);
     assert_eq!(d.actions, vec![Action::Evict]);

@@ -485,6 +485,11 @@ if ! flock -n 9; then
   echo "Could not acquire lock on /run/nixos/switch-to-configuration.lock: another switch-to-configuration is running" >&2
   exit 1
 fi
+if { [ "$action" = switch ] || [ "$action" = boot ]; } && [ -e "$root/var/lib/sim/hold-switch" ]; then
+  : >"$root/var/lib/sim/switch-held"
+  while [ -e "$root/var/lib/sim/hold-switch" ]; do sleep 0.02; done
+  rm -f "$root/var/lib/sim/switch-held"
+fi
 @FORCED@
 if [ "$action" != boot ] && [ "$action" != dry-activate ] && [ -z "${NIXOS_NO_CHECK:-}" ]; then
 @CHECK@

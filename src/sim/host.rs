@@ -3,6 +3,7 @@
 //! default entry, a private Nix store under `nix/`) and a bootloader model for [`SimHost::reboot`].
 //! The agent drives it through [`HostRoot`] (see [`SimHost::host_root`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,11 @@ use crate::agent::host::{HostRoot, RebootHook};
 use crate::nix::{Nix, NixError};
 use crate::sim::flake::{SystemSpec, is_executable, system_files};
 
+/// The file whose existence holds `switch-to-configuration` (host-root relative).
+pub const HOLD_SWITCH: &str = "var/lib/sim/hold-switch";
+/// Present while a `switch-to-configuration` waits on [`HOLD_SWITCH`].
+pub const SWITCH_HELD: &str = "var/lib/sim/switch-held";
+
 /// What goes wrong at the next reboots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootFault {
@@ -20,11 +26,36 @@ pub enum BootFault {
     FallbackToPrevious,
 }
 
+/// A point of a simulated host's update where a test can hold it (see [`SimHost::hold`]), so
+/// that a fault the test injects (a killed controller or agent) lands while the node is
+/// certainly in the phase the test names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HoldPoint {
+    /// `switch-to-configuration switch|boot` waits before doing anything (the node stays
+    /// `Activating`). The script waits while `var/lib/sim/hold-switch` exists and shows that it
+    /// waits with `var/lib/sim/switch-held`, so the hold works with real Nix too.
+    Switch,
+    /// The machine waits before going down, after the agent asked for the reboot and died
+    /// with it (the node stays `Rebooting`: the Node still reports the old boot id).
+    Reboot,
+    /// The agent is not started again (after a reboot, a crash or a kill): a node that came
+    /// back from its reboot stays `Verifying`, waiting for the agent to report.
+    AgentStart,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Holds {
+    held: std::collections::BTreeSet<HoldPoint>,
+    waiting: std::collections::BTreeSet<HoldPoint>,
+    passed: BTreeMap<HoldPoint, usize>,
+}
+
 #[derive(Debug)]
 pub struct SimHost {
     root: PathBuf,
     reboots: AtomicUsize,
     fault: Mutex<Option<BootFault>>,
+    holds: tokio::sync::watch::Sender<Holds>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +105,7 @@ impl SimHost {
             root,
             reboots: AtomicUsize::new(0),
             fault: Mutex::new(None),
+            holds: tokio::sync::watch::Sender::new(Holds::default()),
         };
         host.new_boot_id()?;
         Ok(Arc::new(host))
@@ -128,6 +160,82 @@ impl SimHost {
         if let Ok(mut f) = self.fault.lock() {
             *f = fault;
         }
+    }
+
+    /// Hold this host at `point` until [`SimHost::release`]: whatever reaches it waits there.
+    pub fn hold(&self, point: HoldPoint) -> Result<(), SimHostError> {
+        if point == HoldPoint::Switch {
+            let p = self.root.join(HOLD_SWITCH);
+            std::fs::write(&p, "").map_err(io(&p))?;
+        }
+        self.holds.send_modify(|h| {
+            h.held.insert(point);
+        });
+        Ok(())
+    }
+
+    /// Let whatever waits at `point` go on (and what comes later pass).
+    pub fn release(&self, point: HoldPoint) -> Result<(), SimHostError> {
+        if point == HoldPoint::Switch {
+            let p = self.root.join(HOLD_SWITCH);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        self.holds.send_modify(|h| {
+            h.held.remove(&point);
+        });
+        Ok(())
+    }
+
+    /// Whether something waits at `point` right now.
+    pub fn is_waiting(&self, point: HoldPoint) -> bool {
+        match point {
+            HoldPoint::Switch => self.root.join(SWITCH_HELD).exists(),
+            p => self.holds.borrow().waiting.contains(&p),
+        }
+    }
+
+    /// Wait (at most `limit`) until something waits at `point`; `false` if nothing came.
+    pub async fn wait_until_waiting(&self, point: HoldPoint, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        if point == HoldPoint::Switch {
+            // The script runs outside this process: look at its marker file.
+            while tokio::time::Instant::now() < deadline {
+                if self.is_waiting(point) {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            return self.is_waiting(point);
+        }
+        let mut rx = self.holds.subscribe();
+        tokio::time::timeout_at(deadline, rx.wait_for(|h| h.waiting.contains(&point)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Pass `point`: at once unless it is held, else when it is released. Called by the
+    /// simulated cluster (`crate::sim::world`) on the host's way through a reboot.
+    pub async fn pass(&self, point: HoldPoint) {
+        let mut rx = self.holds.subscribe();
+        if rx.borrow().held.contains(&point) {
+            self.holds.send_modify(|h| {
+                h.waiting.insert(point);
+            });
+            // Only the test that set the hold releases it; it bounds its own wait.
+            let _ = rx.wait_for(|h| !h.held.contains(&point)).await;
+        }
+        self.holds.send_modify(|h| {
+            h.waiting.remove(&point);
+            *h.passed.entry(point).or_default() += 1;
+        });
+    }
+
+    /// How often `point` was passed (for [`HoldPoint::AgentStart`]: how often an agent started).
+    pub fn passed(&self, point: HoldPoint) -> usize {
+        self.holds.borrow().passed.get(&point).copied().unwrap_or(0)
     }
 
     /// How often [`SimHost::reboot`] ran.

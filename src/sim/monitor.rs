@@ -1,14 +1,17 @@
 //! Watches a (simulated or real) cluster and records every violation of the rollout
 //! invariants of DESIGN.md §7 it can observe from the API: the disruption budget, one
 //! control-plane node at a time, no uncordon before the node runs its target and is Ready,
-//! no uncordon of a node nixroll did not cordon. Used by the end-to-end tests and the demo.
+//! no uncordon of a node nixroll did not cordon. It also records every disruptive act it sees
+//! (a slot or an activation granted, a cordon, a pod marked for deletion) with the resource
+//! version of the write that made it, so a test can ask what happened between two writes of its
+//! own ([`Monitor::acts_between`]). Used by the end-to-end tests.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -16,9 +19,33 @@ use kube::{Client, ResourceExt};
 use crate::api::{NixOSNode, Phase};
 use crate::sim::cluster::node_ready;
 
+/// A disruptive act the monitor saw, with the resource version of the write that made it
+/// (the embedded API's resource versions are one global counter, like etcd's revision).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Act {
+    pub resource_version: u64,
+    pub node: String,
+    pub kind: ActKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    /// `status.slot` set on the NixOSNode.
+    SlotGranted,
+    /// `status.activation` set (or a new grant id) on the NixOSNode.
+    ActivationGranted,
+    /// The Node became unschedulable.
+    Cordoned,
+    /// A pod on the node was marked for deletion (an eviction, or a forced delete).
+    PodDeleted(String),
+}
+
 #[derive(Debug, Default)]
 struct State {
     slots: BTreeMap<String, bool>,
+    grants: BTreeMap<String, String>,
+    deleting: BTreeSet<String>,
+    acts: Vec<Act>,
     control_plane: BTreeSet<String>,
     unschedulable: BTreeMap<String, bool>,
     max_slots: usize,
@@ -50,16 +77,57 @@ impl Monitor {
                 .default_backoff()
                 .applied_objects()
                 .map(|r| r.map(|n| Either::Node(Box::new(n))));
-            let merged = futures::stream::select(a.boxed(), b.boxed());
+            let pods: Api<Pod> = Api::all(client.clone());
+            let c = watcher(pods, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .map(|r| r.map(|p| Either::Pod(Box::new(p))));
+            let merged = futures::stream::select(futures::stream::select(a.boxed(), b.boxed()), c.boxed());
             futures::pin_mut!(merged);
             while let Some(ev) = merged.next().await {
                 let Ok(ev) = ev else { continue };
                 match ev {
                     Either::NixOSNode(o) => {
                         let holds = o.status.as_ref().is_some_and(|s| s.slot.is_some());
+                        let grant = o
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.activation.as_ref())
+                            .map(|g| g.id.clone());
+                        let rv = rv_of(&o.metadata);
+                        let name = o.name_any();
                         let mut s = lock(&st);
-                        s.slots.insert(o.name_any(), holds);
+                        let held = s.slots.insert(name.clone(), holds).unwrap_or(false);
+                        if holds && !held {
+                            s.act(rv, &name, ActKind::SlotGranted);
+                        }
+                        match grant {
+                            Some(id) if s.grants.get(&name) != Some(&id) => {
+                                s.grants.insert(name.clone(), id);
+                                s.act(rv, &name, ActKind::ActivationGranted);
+                            }
+                            Some(_) => {}
+                            None => {
+                                s.grants.remove(&name);
+                            }
+                        }
                         check_budget(&mut s, budget);
+                    }
+                    Either::Pod(p) => {
+                        if p.metadata.deletion_timestamp.is_none() {
+                            continue;
+                        }
+                        let uid = p.metadata.uid.clone().unwrap_or_default();
+                        let node = p
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.node_name.clone())
+                            .unwrap_or_default();
+                        let mut s = lock(&st);
+                        if s.deleting.insert(uid) {
+                            let rv = rv_of(&p.metadata);
+                            s.act(rv, &node, ActKind::PodDeleted(p.name_any()));
+                        }
                     }
                     Either::Node(n) => {
                         let name = n.name_any();
@@ -69,7 +137,11 @@ impl Monitor {
                             if n.labels().contains_key(crate::names::CONTROL_PLANE_LABEL) {
                                 s.control_plane.insert(name.clone());
                             }
-                            s.unschedulable.insert(name.clone(), unsched)
+                            let was = s.unschedulable.insert(name.clone(), unsched);
+                            if unsched && was == Some(false) {
+                                s.act(rv_of(&n.metadata), &name, ActKind::Cordoned);
+                            }
+                            was
                         };
                         if was == Some(true) && !unsched {
                             let verdict = check_uncordon(&nn, &name, node_ready(&n), &admin).await;
@@ -92,6 +164,41 @@ impl Monitor {
     pub fn max_concurrent(&self) -> usize {
         lock(&self.state).max_slots
     }
+
+    /// Every disruptive act seen so far, in the order the watches delivered them.
+    pub fn acts(&self) -> Vec<Act> {
+        lock(&self.state).acts.clone()
+    }
+
+    /// The acts made by writes after resource version `after` and up to `until` (both the
+    /// resource versions of the test's own writes). Acts are delivered by watches, so call this
+    /// once the monitor has seen later writes (e.g. after a whole rollout).
+    pub fn acts_between(&self, after: u64, until: u64) -> Vec<Act> {
+        lock(&self.state)
+            .acts
+            .iter()
+            .filter(|a| a.resource_version > after && a.resource_version <= until)
+            .cloned()
+            .collect()
+    }
+}
+
+/// The resource version of an object as a number (0 if it is not one).
+pub fn rv_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl State {
+    fn act(&mut self, resource_version: u64, node: &str, kind: ActKind) {
+        self.acts.push(Act {
+            resource_version,
+            node: node.to_string(),
+            kind,
+        });
+    }
 }
 
 impl Drop for Monitor {
@@ -103,6 +210,7 @@ impl Drop for Monitor {
 enum Either {
     NixOSNode(Box<NixOSNode>),
     Node(Box<Node>),
+    Pod(Box<Pod>),
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {

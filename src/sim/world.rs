@@ -24,7 +24,7 @@ use crate::controller::ControllerConfig;
 use crate::nix::{Nix, NixCli};
 use crate::sim::cluster::{App, SimCluster, Timing};
 use crate::sim::flake::{FlakeError, SystemSpec, TestFlake};
-use crate::sim::host::{SimHost, SimHostError, SimNix};
+use crate::sim::host::{HoldPoint, SimHost, SimHostError, SimNix};
 use embedded_apiserver::ApiServer;
 
 /// Field manager used for spec writes that stand in for Flux applying git.
@@ -396,6 +396,7 @@ impl World {
         let sim_host = host.clone();
         let supervisor = tokio::spawn(async move {
             loop {
+                sim_host.pass(HoldPoint::AgentStart).await;
                 // Like a new agent pod: its own client (on an external API server, a fresh
                 // token bound to its pod).
                 let client = match (&shared_client, &agent_config) {
@@ -438,6 +439,7 @@ impl World {
                         // Like `systemctl reboot`: the agent pod dies with the machine.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         drop(agent);
+                        sim_host.pass(HoldPoint::Reboot).await;
                         let old = sim_host.boot_id();
                         let h = sim_host.clone();
                         let res = cluster

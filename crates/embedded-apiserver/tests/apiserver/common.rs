@@ -127,6 +127,20 @@ pub(crate) fn kubectl() -> Option<String> {
     Kubectl::find().map(|p| p.display().to_string())
 }
 
+/// kubectl for `test`: absent under `CI=true` fails the test, elsewhere it is skipped with the
+/// reason printed (like `tests/common/mod.rs` `require` in the nixroll package).
+pub(crate) fn kubectl_or_skip(test: &str) -> Option<String> {
+    let k = kubectl();
+    if k.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test}: kubectl is not installed (CI must have it)"
+        );
+        eprintln!("SKIPPED {test}: kubectl not installed");
+    }
+    k
+}
+
 pub(crate) fn run(kubectl: &str, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
     let (ok, out) = run_status(kubectl, kubeconfig, args, stdin);
     assert!(ok, "kubectl {args:?} failed:\n{out}");

@@ -190,8 +190,8 @@ async fn cordon_uncordon_and_lease_conflicts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_typed_clients_send_protobuf_and_drain_uses_evictions() {
-    let Some(kubectl) = kubectl() else {
-        eprintln!("SKIPPED: kubectl not installed");
+    let Some(kubectl) = kubectl_or_skip("kubectl_typed_clients_send_protobuf_and_drain_uses_evictions")
+    else {
         return;
     };
     let (srv, client) = start().await;
