@@ -17,6 +17,7 @@ use kube::api::Api;
 use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::api::NixOSNode;
+use crate::sim::agent_memory::{self, AgentMemory};
 use crate::sim::cluster::{App, Timing};
 use crate::sim::progress::Progress;
 use crate::sim::steps::StepClock;
@@ -77,6 +78,9 @@ pub struct BenchReport {
     pub rollout_seconds: f64,
     pub controller_rss_peak_mib: f64,
     pub controller_rss_end_mib: f64,
+    /// One real `nixroll agent` process (this executable) idle on an up-to-date node, 5 s
+    /// after it started: see [`crate::sim::agent_memory`]. Zero with `--adopt-only`.
+    pub agent_idle: AgentMemory,
     /// Controller requests during the rollout per updated node, by "verb resource".
     pub requests_per_node: BTreeMap<String, f64>,
     pub requests_total: u64,
@@ -310,6 +314,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             rollout_seconds: 0.0,
             controller_rss_peak_mib: hwm as f64 / 1024.0,
             controller_rss_end_mib: rss_end as f64 / 1024.0,
+            agent_idle: AgentMemory::default(),
             requests_per_node: requests_per_node(&Default::default(), &counts, opts.nodes),
             requests_total: counts.total(),
             agent_requests_per_node: BTreeMap::new(),
@@ -356,6 +361,18 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
     peak = peak.max(hwm);
     let _ = child.kill().await;
+    let agent_idle = match world.nodes.first() {
+        Some(n) => agent_memory::idle_agent_memory(
+            &exe,
+            &kubeconfig,
+            &n.name,
+            n.host.root(),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| BenchError::Spawn("the idle agent".into(), e))?,
+        None => AgentMemory::default(),
+    };
 
     let per_node_requests = requests_per_node(&before, &after, opts.nodes);
     let agent_requests_per_node = requests_per_node(&agents_before, &agents_after, opts.nodes);
@@ -383,6 +400,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         rollout_seconds: rollout.as_secs_f64(),
         controller_rss_peak_mib: peak as f64 / 1024.0,
         controller_rss_end_mib: rss_end as f64 / 1024.0,
+        agent_idle,
         requests_total: after.total() - before.total(),
         requests_per_node: per_node_requests,
         agent_requests_per_node,

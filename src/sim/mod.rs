@@ -11,6 +11,7 @@
 //! uses `sim`, and the API server uses neither. The same simulated cluster also runs against a
 //! real kube-apiserver ([`controlplane`], [`world::ExternalApi`]) in the real-API tests.
 
+pub mod agent_memory;
 pub mod bench;
 pub mod cluster;
 pub mod controlplane;
