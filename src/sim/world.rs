@@ -186,7 +186,7 @@ pub enum WorldApi {
     /// `agents_api` (a second port on the same store) for the agents, so that their requests
     /// are counted apart ([`ApiServer::request_counts`]).
     Embedded { api: ApiServer, agents_api: ApiServer },
-    External(ExternalApi),
+    External(Box<ExternalApi>),
 }
 
 /// The simulated cluster.
@@ -254,7 +254,7 @@ impl World {
         let client = Client::try_from(external.admin.clone())
             .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
         let kubeconfig = external.kubeconfig.clone();
-        World::start_with(opts, dir, WorldApi::External(external), client, None, kubeconfig).await
+        World::start_with(opts, dir, WorldApi::External(Box::new(external)), client, None, kubeconfig).await
     }
 
     async fn start_with(

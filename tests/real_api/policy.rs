@@ -108,7 +108,7 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
     if let Err(m) = &r {
         assert!(m.contains("may not change labels"), "{m}");
     }
-    assert!(nn.get(a).await.unwrap().metadata.labels.unwrap_or_default().get("stolen").is_none());
+    assert!(!nn.get(a).await.unwrap().metadata.labels.unwrap_or_default().contains_key("stolen"));
     // Spec, create and delete: RBAC grants none of them, so the server refuses before the policy.
     let rbac = |r: Result<(), String>, verb: &str| {
         let m = r.expect_err("must be refused");
