@@ -362,15 +362,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     peak = peak.max(hwm);
     let _ = child.kill().await;
     let agent_idle = match world.nodes.first() {
-        Some(n) => agent_memory::idle_agent_memory(
-            &exe,
-            &kubeconfig,
-            &n.name,
-            n.host.root(),
-            Duration::from_secs(5),
-        )
-        .await
-        .map_err(|e| BenchError::Spawn("the idle agent".into(), e))?,
+        Some(n) => {
+            agent_memory::idle_agent_memory(&exe, &kubeconfig, &n.name, n.host.root(), Duration::from_secs(5))
+                .await
+                .map_err(|e| BenchError::Spawn("the idle agent".into(), e))?
+        }
         None => AgentMemory::default(),
     };
 
