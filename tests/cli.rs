@@ -273,3 +273,49 @@ async fn controller_agent_and_status_send_their_user_agent() {
     let status = first_user_agent(&["status"], dir.path()).await;
     assert_eq!(status, format!("nixroll-status/{version}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_serves_the_controllers_metrics_at_the_url_it_prints() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["demo", "--nodes", "1", "--nix", "simulated", "--json", "--hold"])
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let url = tokio::time::timeout(WALL, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            seen.push(line.clone());
+            if let Some(url) = line.trim().strip_prefix("metrics:  curl ") {
+                return url.to_string();
+            }
+        }
+        panic!(
+            "the demo ended without printing its metrics URL:\n{}",
+            seen.join("\n")
+        );
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no metrics URL within {WALL:?}:\n{}", seen.join("\n")));
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    assert_eq!(path, "metrics");
+    let mut conn = tokio::net::TcpStream::connect(host).await.unwrap();
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(WALL, conn.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    child.kill().await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\nnixroll_leader 1\n"), "{text}");
+    assert!(text.contains("nixroll_build_info{version="), "{text}");
+    assert!(text.contains("\nnixroll_nodes{phase="), "{text}");
+}

@@ -141,13 +141,25 @@ impl Replica {
     /// Start it and let it run for `settle`. `other_holds_lease`: another replica keeps the
     /// Lease fresh, so this one stays standby.
     async fn start(identity: &str, other_holds_lease: bool, settle: Duration) -> Replica {
+        Replica::start_with_metrics(identity, other_holds_lease, settle, None).await
+    }
+
+    /// [`Replica::start`], serving /metrics on `metrics`.
+    async fn start_with_metrics(
+        identity: &str,
+        other_holds_lease: bool,
+        settle: Duration,
+        metrics: Option<std::net::SocketAddr>,
+    ) -> Replica {
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let api = Arc::new(Mutex::new(FakeApi::default()));
         let server = serve(handle, api.clone(), other_holds_lease);
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut config = config(identity);
+        config.metrics_addr = metrics;
         let run = tokio::spawn(nixroll::controller::run(
             Client::new(svc, "default"),
-            config(identity),
+            config,
             async move {
                 let _ = rx.await;
             },
@@ -183,6 +195,75 @@ async fn standby_only_reads_the_lease_and_stops_cleanly() {
     for line in &log {
         assert!(line.starts_with(&format!("GET {LEASE}?")), "standby made {line}");
     }
+}
+
+/// A free port of 127.0.0.1 (bound, then closed).
+fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The body of GET /metrics.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// The value of the sample `name` (with its labels, as exposed) in `text`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn standby_serves_metrics_as_not_leader_with_its_process_metrics() {
+    let addr = free_addr();
+    let replica =
+        Replica::start_with_metrics("standby-2", true, Duration::from_millis(400), Some(addr)).await;
+    let text = scrape(addr).await;
+    replica.stop().await;
+    assert_eq!(sample(&text, "nixroll_leader"), Some(0.0), "{text}");
+    assert!(
+        sample(&text, "process_resident_memory_bytes").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    assert!(sample(&text, "process_cpu_seconds_total").is_some(), "{text}");
+    assert!(
+        sample(&text, "process_open_fds").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sample(&text, &format!("nixroll_build_info{{version=\"{version}\"}}")),
+        Some(1.0),
+        "{text}"
+    );
+    for category in nixroll::rollout::reason::FAILURES {
+        let name = format!("nixroll_failures_total{{category=\"{category}\"}}");
+        assert_eq!(sample(&text, &name), Some(0.0), "{name} from the start: {text}");
+    }
+    assert_eq!(sample(&text, "nixroll_paused"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "nixroll_halted"), Some(0.0), "{text}");
+}
+
+#[tokio::test]
+async fn the_leader_says_so_in_its_metrics() {
+    let addr = free_addr();
+    let replica =
+        Replica::start_with_metrics("leader-2", false, Duration::from_millis(400), Some(addr)).await;
+    let text = scrape(addr).await;
+    replica.stop().await;
+    assert_eq!(sample(&text, "nixroll_leader"), Some(1.0), "{text}");
 }
 
 #[tokio::test]

@@ -41,6 +41,40 @@ fn controller_config(budget: u32) -> ControllerConfig {
     c
 }
 
+/// [`controller_config`] serving /metrics on a free local port; the second value gives its
+/// address once bound.
+fn with_metrics(
+    budget: u32,
+) -> (
+    ControllerConfig,
+    std::sync::Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+) {
+    let mut c = controller_config(budget);
+    c.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let bound = c.metrics_bound.clone();
+    (c, bound)
+}
+
+/// The value of the metric sample `name` the controller serves.
+async fn metric(bound: &std::sync::OnceLock<std::net::SocketAddr>, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = nixroll::sim::demo::wait_for_bound(bound)
+        .await
+        .expect("metrics bound");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Wait (watch-driven, bounded) until `pred` holds for the NixOSNodes.
 async fn wait_for(
     world: &World,
@@ -383,7 +417,9 @@ async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_halts_the_rollout() {
-    let (mut world, c) = adopted(fast(), 1).await;
+    let (config, bound) = with_metrics(1);
+    let (mut world, c) = adopted_with(fast(), config).await;
+    assert_eq!(metric(&bound, "nixroll_halted").await, Some(0.0));
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
     // Workers go first (node-2 … node-5); make the first one's bootloader fall back.
     let (_, m) = kernel_bump_until_degraded(&mut world).await;
@@ -397,6 +433,12 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     assert!(unschedulable(&world, bad).await, "the failed node stays cordoned");
     let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
     assert_eq!(total, 1, "no other node was admitted after the failure");
+    assert_eq!(
+        metric(&bound, "nixroll_halted").await,
+        Some(1.0),
+        "halted shows in the metrics"
+    );
+    assert_eq!(monitor.violations(), Vec::<String>::new());
     // Another way out of Degraded: a new revision (the fix-forward commit). The failed node
     // keeps its slot and cordon, stages the new target, is re-admitted, and all converge.
     for n in &world.nodes {
@@ -701,7 +743,9 @@ async fn nothing_starts_outside_the_maintenance_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_wide_pause_and_resume() {
-    let (mut world, c) = adopted(fast(), 1).await;
+    let (config, bound) = with_metrics(1);
+    let (mut world, c) = adopted_with(fast(), config).await;
+    assert_eq!(metric(&bound, "nixroll_paused").await, Some(0.0));
     let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), nixroll::names::NAMESPACE);
     let pause: ConfigMap = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -718,6 +762,11 @@ async fn cluster_wide_pause_and_resume() {
     // Room for the controller to do something wrong; the monitor watches all of it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(world.nodes.iter().all(|n| n.host.reboot_count() == 0));
+    assert_eq!(
+        metric(&bound, "nixroll_paused").await,
+        Some(1.0),
+        "paused shows in the metrics"
+    );
     let resumed = mark(&world).await;
     cms.delete(nixroll::names::PAUSE_CONFIGMAP, &DeleteParams::default())
         .await
@@ -731,6 +780,7 @@ async fn cluster_wide_pause_and_resume() {
     );
     assert_monitor_saw_the_rollout(&world, &monitor);
     assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(metric(&bound, "nixroll_paused").await, Some(0.0));
     c.stop().await;
 }
 

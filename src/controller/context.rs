@@ -297,6 +297,10 @@ impl Context {
                 *counts.entry(p).or_default() += 1;
             }
         }
+        let degraded = counts.get(&Phase::Degraded).copied().unwrap_or(0);
+        let halted = degraded >= i64::from(self.config.policy.failure_threshold);
+        self.metrics.halted.set(i64::from(halted));
+        self.metrics.paused.set(i64::from(!self.pause.is_empty()));
         let counts: Vec<(Phase, i64)> = counts.into_iter().collect();
         self.metrics.set_phase_counts(&counts);
     }

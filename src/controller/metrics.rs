@@ -28,14 +28,106 @@ pub struct CategoryLabel {
     pub category: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: &'static str,
+}
+
 /// All metrics of the controller, registered in one registry.
 pub struct Metrics {
     registry: Registry,
+    /// The `process_*` metrics, without nixroll's prefix (their standard names).
+    process_registry: Registry,
     pub nodes: Family<PhaseLabel, Gauge>,
     pub phase_duration: Family<PhaseLabel, Histogram>,
     pub failures: Family<CategoryLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Family<CategoryLabel, Counter>,
+    /// 1 while this replica leads (reconciles), 0 while it stands by.
+    pub leader: Gauge,
+    /// 1 while the cluster-wide pause ConfigMap exists (as the leader last saw it).
+    pub paused: Gauge,
+    /// 1 while admissions are halted: at least `--failure-threshold` nodes are Degraded.
+    pub halted: Gauge,
+    /// This process: resident memory, CPU time, open file descriptors, start time.
+    process: ProcessMetrics,
+}
+
+/// The standard `process_*` metrics of this process, read from /proc at each scrape (so a
+/// standby replica, which reconciles nothing, still shows its memory and CPU).
+#[derive(Default)]
+struct ProcessMetrics {
+    resident_memory_bytes: Gauge,
+    cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    open_fds: Gauge,
+    start_time_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let process = registry.sub_registry_with_prefix("process");
+        // (`registry` has no prefix: the names are the standard `process_*`.)
+        process.register(
+            "resident_memory_bytes",
+            "Resident memory size in bytes",
+            self.resident_memory_bytes.clone(),
+        );
+        process.register(
+            "cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            self.cpu_seconds.clone(),
+        );
+        process.register(
+            "open_fds",
+            "Number of open file descriptors",
+            self.open_fds.clone(),
+        );
+        process.register(
+            "start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            self.start_time_seconds.clone(),
+        );
+    }
+
+    /// Read /proc/self (Linux); values that cannot be read keep their last value.
+    fn refresh(&self) {
+        const PAGE: i64 = 4096;
+        const TICKS: f64 = 100.0; // USER_HZ on Linux
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+            && let Some(rss) = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<i64>().ok())
+        {
+            self.resident_memory_bytes.set(rss * PAGE);
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some((_, after)) = stat.rsplit_once(')')
+        {
+            // Fields after the command name, from field 3 (state): utime is 14, stime 15,
+            // starttime 22 (1-based over the whole line).
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let num = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(u), Some(s)) = (num(14), num(15)) {
+                // A counter: add what was spent since the last scrape.
+                let spent = (u + s) / TICKS - self.cpu_seconds.get();
+                if spent > 0.0 {
+                    self.cpu_seconds.inc_by(spent);
+                }
+            }
+            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("btime "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            });
+            if let (Some(start), Some(boot)) = (num(22), boot) {
+                self.start_time_seconds.set(boot + start / TICKS);
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(i64::try_from(dir.count()).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -54,6 +146,44 @@ impl Metrics {
         let failures = Family::<CategoryLabel, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let reconcile_errors = Family::<CategoryLabel, Counter>::default();
+        // Every failure category exists from the start at 0, so `rate()` and alerts work before
+        // the first failure.
+        for category in crate::rollout::reason::FAILURES {
+            failures.get_or_create(&CategoryLabel { category }).inc_by(0);
+        }
+        for phase in Phase::ALL {
+            nodes
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .set(0);
+        }
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "nixroll's version (always 1)", build_info);
+        let (leader, paused, halted) = (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "leader",
+            "1 while this replica leads, 0 while it stands by",
+            leader.clone(),
+        );
+        registry.register(
+            "paused",
+            "1 while the nixroll-pause ConfigMap pauses every new disruptive step",
+            paused.clone(),
+        );
+        registry.register(
+            "halted",
+            "1 while admissions are halted because at least --failure-threshold nodes are Degraded",
+            halted.clone(),
+        );
+        let process = ProcessMetrics::default();
+        let mut process_registry = Registry::default();
+        process.register(&mut process_registry);
         registry.register("nodes", "NixOSNodes per rollout phase", nodes.clone());
         registry.register(
             "phase_duration_seconds",
@@ -77,11 +207,16 @@ impl Metrics {
         );
         Metrics {
             registry,
+            process_registry,
             nodes,
             phase_duration,
             failures,
             reconcile_duration,
             reconcile_errors,
+            leader,
+            paused,
+            halted,
+            process,
         }
     }
 
@@ -97,8 +232,12 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        self.process.refresh();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        encode_registry(&mut out, &self.registry)?;
+        encode_registry(&mut out, &self.process_registry)?;
+        encode_eof(&mut out)?;
         Ok(out)
     }
 }

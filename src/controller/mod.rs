@@ -62,6 +62,9 @@ pub struct ControllerConfig {
     pub policy: Policy,
     /// Where to serve `/metrics`, `/healthz`, `/readyz`; `None`: no server (tests).
     pub metrics_addr: Option<SocketAddr>,
+    /// Set once the metrics server is bound: its address (port 0 resolved), e.g. for the
+    /// demo to print.
+    pub metrics_bound: std::sync::Arc<std::sync::OnceLock<SocketAddr>>,
     /// `None`: act as leader at once (single replica, tests).
     pub leader_election: Option<LeaderElectionConfig>,
     /// Namespace of the pause ConfigMap (`nixroll-system`).
@@ -94,6 +97,7 @@ impl ControllerConfig {
         ControllerConfig {
             policy: Policy::default(),
             metrics_addr: None,
+            metrics_bound: std::sync::Arc::default(),
             leader_election: None,
             pause_namespace: NAMESPACE.to_string(),
             identity: identity.to_string(),

@@ -272,10 +272,12 @@ async fn run_until_stopped(
             .await
             .map_err(|source| ControllerError::MetricsServer { addr, source })?;
         info!(%local, "serving metrics");
+        let _ = config.metrics_bound.set(local);
     }
     let leading = Arc::new(AtomicBool::new(false));
     let Some(le) = config.leader_election.clone() else {
         leading.store(true, Ordering::SeqCst);
+        metrics.leader.set(1);
         lead(client, config, metrics, health, leading, stop_signal(&stop_rx)).await;
         return Ok(());
     };
@@ -287,6 +289,7 @@ async fn run_until_stopped(
         }
         health.standby.store(false, Ordering::SeqCst);
         leading.store(true, Ordering::SeqCst);
+        metrics.leader.set(1);
         info!(identity = %config.identity, "leading");
         let controller = lead(
             client.clone(),
@@ -301,6 +304,7 @@ async fn run_until_stopped(
             _ = keep_lease(&mut elector) => true,
         };
         leading.store(false, Ordering::SeqCst);
+        metrics.leader.set(0);
         health.synced.store(false, Ordering::SeqCst);
         if !lost {
             if let Err(e) = elector.release().await {

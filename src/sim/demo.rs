@@ -68,6 +68,23 @@ pub fn watch_hints(kubeconfig: &str, resources: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The metrics server's address once the controller bound it (at most 5 s; `None` if it
+/// did not, e.g. it failed to start: the demo goes on without it).
+pub async fn wait_for_bound(
+    bound: &std::sync::OnceLock<std::net::SocketAddr>,
+) -> Option<std::net::SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(addr) = bound.get() {
+            return Some(*addr);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// What the demo measured.
 #[derive(Clone, Debug)]
 pub struct DemoSummary {
@@ -123,8 +140,18 @@ pub async fn run(
     let mut config = ControllerConfig::new("nixroll-demo-controller");
     config.policy.max_unavailable = opts.max_unavailable;
     config.drain_pass_backoff = (Duration::from_millis(200), Duration::from_secs(2));
+    // The controller's /metrics on a free local port, for the user to try.
+    config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let bound = config.metrics_bound.clone();
     let controller = world.start_controller(config).await?;
+<<<<<<< HEAD
     let clock = StepClock::start(&world.embedded("the demo's step clock")?.store());
+=======
+    if let Some(addr) = wait_for_bound(&bound).await {
+        writeln!(err, "  metrics:  curl http://{addr}/metrics")?;
+    }
+    let clock = StepClock::start(&world.api.store());
+>>>>>>> firstcmds
 
     let mut view = LiveView::new(&world.client, opts.json, tty, opts.timeout);
 
