@@ -144,14 +144,10 @@ pub async fn run(
     config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let bound = config.metrics_bound.clone();
     let controller = world.start_controller(config).await?;
-<<<<<<< HEAD
-    let clock = StepClock::start(&world.embedded("the demo's step clock")?.store());
-=======
     if let Some(addr) = wait_for_bound(&bound).await {
         writeln!(err, "  metrics:  curl http://{addr}/metrics")?;
     }
-    let clock = StepClock::start(&world.api.store());
->>>>>>> firstcmds
+    let clock = StepClock::start(&world.embedded("the demo's step clock")?.store());
 
     let mut view = LiveView::new(&world.client, opts.json, tty, opts.timeout);
 
