@@ -934,7 +934,13 @@ async fn the_next_eviction_under_a_budget_waits_until_the_budget_took_in_the_las
         changed: rx,
         settle_limit: Duration::from_secs(30),
     };
-    let web = |n: &str| pod(n, Some("ReplicaSet"), json!({"metadata": {"labels": {"app": "web"}}}));
+    let web = |n: &str| {
+        pod(
+            n,
+            Some("ReplicaSet"),
+            json!({"metadata": {"labels": {"app": "web"}}}),
+        )
+    };
     let ok = json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201});
     let (client, mut handle) = mock();
     let budgets = vec![Arc::new(budget("1", &[]))];

@@ -9,6 +9,8 @@
 //! embedded one, which estimates nothing, took it). The real-server check is
 //! `tests/real_api.rs` (`crds_are_accepted_with_margin`); this one runs in milliseconds.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use serde_json::Value;
 
 /// Every CRD nixroll ships, by name.

@@ -120,13 +120,12 @@ impl NixOSNodeSpec {
             }
             _ => {}
         }
-        if !self.revision.is_empty()
-            && !(self.revision.len() == 40
-                && self
-                    .revision
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-        {
+        let full_hex = self.revision.len() == 40
+            && self
+                .revision
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !self.revision.is_empty() && !full_hex {
             return Some(format!(
                 "spec.revision {:?} must be a full 40-character lowercase hex git commit (git rev-parse HEAD), not a branch, tag or short hash",
                 self.revision

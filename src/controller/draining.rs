@@ -61,7 +61,15 @@ impl Context {
                 changed: self.budgets_changed.subscribe(),
                 settle_limit: drain::SETTLE_LIMIT,
             };
-            drain::evict_pass_with(&self.client, name, policy, &budgets, Some(watch), self.config.api_timeout).await
+            drain::evict_pass_with(
+                &self.client,
+                name,
+                policy,
+                &budgets,
+                Some(watch),
+                self.config.api_timeout,
+            )
+            .await
         };
         let progress = pass.map_err(|source| ControllerError::Drain {
             node: name.to_string(),

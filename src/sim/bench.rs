@@ -256,7 +256,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             })
             .await?;
             plane.install_for_bench().await?;
-            eprintln!("nixroll bench: real control plane at {} ({})", plane.url, plane.dir().display());
+            eprintln!(
+                "nixroll bench: real control plane at {} ({})",
+                plane.url,
+                plane.dir().display()
+            );
             Some(plane)
         }
         None => None,
@@ -381,7 +385,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             overhead_p99_s: 0.0,
             overhead_mean_s: 0.0,
             disruption_mean_s: 0.0,
-            api: if plane.is_some() { "kube-apiserver" } else { "embedded" },
+            api: if plane.is_some() {
+                "kube-apiserver"
+            } else {
+                "embedded"
+            },
             windows: BTreeMap::new(),
             window_overhead_mean_s: 0.0,
             steps: BTreeMap::new(),
@@ -481,7 +489,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         overhead_p99_s: percentile(&overheads, 0.99),
         overhead_mean_s: overheads.iter().sum::<f64>() / overheads.len().max(1) as f64,
         disruption_mean_s: disruption_mean,
-        api: if opts.kube_assets.is_some() { "kube-apiserver" } else { "embedded" },
+        api: if opts.kube_assets.is_some() {
+            "kube-apiserver"
+        } else {
+            "embedded"
+        },
         windows,
         window_overhead_mean_s,
         steps: clock.stats(),

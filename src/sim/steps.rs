@@ -154,10 +154,7 @@ impl StepClock {
                 ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&()),
                 Kind::Pod,
             ),
-            (
-                ApiResource::erase::<crate::api::NixOSNode>(&()),
-                Kind::NixOSNode,
-            ),
+            (ApiResource::erase::<crate::api::NixOSNode>(&()), Kind::NixOSNode),
         ];
         let tasks = kinds
             .into_iter()

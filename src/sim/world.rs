@@ -192,7 +192,7 @@ pub enum WorldApi {
         api: ApiServer,
         agents_api: ApiServer,
     },
-    External(ExternalApi),
+    External(Box<ExternalApi>),
 }
 
 /// The simulated cluster.
@@ -260,7 +260,15 @@ impl World {
         let client = Client::try_from(external.admin.clone())
             .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
         let kubeconfig = external.kubeconfig.clone();
-        World::start_with(opts, dir, WorldApi::External(external), client, None, kubeconfig).await
+        World::start_with(
+            opts,
+            dir,
+            WorldApi::External(Box::new(external)),
+            client,
+            None,
+            kubeconfig,
+        )
+        .await
     }
 
     async fn start_with(
