@@ -130,14 +130,13 @@ async fn the_agent_policy_admits_only_the_agents_own_status_with_real_node_bound
         assert!(m.contains("may not change labels"), "{m}");
     }
     assert!(
-        nn.get(a)
+        !nn.get(a)
             .await
             .unwrap()
             .metadata
             .labels
             .unwrap_or_default()
-            .get("stolen")
-            .is_none()
+            .contains_key("stolen")
     );
     // Spec, create and delete: RBAC grants none of them, so the server refuses before the policy.
     let rbac = |r: Result<(), String>, verb: &str| {
