@@ -491,6 +491,11 @@ struct BenchArgs {
     /// Stop once the NixOSNodes are adopted (no rollout, no drains).
     #[arg(long)]
     adopt_only: bool,
+    /// Run on a real control plane (etcd, kube-apiserver, kube-controller-manager) started
+    /// from this directory of binaries (envtest's layout, e.g. target/kube-bin) instead of the
+    /// embedded API; use a few nodes (e.g. --nodes 6 --pods 12).
+    #[arg(long, value_name = "DIR")]
+    kube_assets: Option<std::path::PathBuf>,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -500,6 +505,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         pods: args.pods,
         max_unavailable: args.max_unavailable,
         adopt_only: args.adopt_only,
+        kube_assets: args.kube_assets,
         ..Default::default()
     };
     let report = runtime()?.block_on(nixroll::sim::bench::run(opts))?;

@@ -10,6 +10,8 @@
 //! `tests/real_api.rs` (`crds_are_accepted_with_margin`); this one runs in milliseconds.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use serde_json::Value;
 
 /// Every CRD nixroll ships, by name.

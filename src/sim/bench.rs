@@ -7,9 +7,17 @@
 //! by verb and resource, reconcile latency p50/p99 (from the controller's own
 //! `nixroll_reconcile_duration_seconds` histogram), orchestration overhead per node (time in
 //! disruptive phases minus the simulated reboot and pod termination), total rollout time.
+//!
+//! With `kube_assets` (`nixroll bench --kube-assets DIR`) the same runs on a REAL control plane
+//! ([`crate::sim::controlplane`]: etcd, kube-apiserver, kube-controller-manager) instead of
+//! the embedded API: every part as the admin (no RBAC, no agent admission policy — a
+//! benchmark, not a check), the per-step breakdown from kube watches through the API server
+//! ([`StepClock::watching`]), no request counts (the embedded API counts them; a real one
+//! does not). Use a modest node count there: etcd and the API server share the machine.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
@@ -19,6 +27,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use crate::api::NixOSNode;
 use crate::sim::agent_memory::{self, AgentMemory};
 use crate::sim::cluster::{App, Timing};
+use crate::sim::controlplane::{ControlPlane, ControlPlaneOptions};
 use crate::sim::progress::Progress;
 use crate::sim::steps::StepClock;
 use crate::sim::steps::StepStats;
@@ -35,6 +44,9 @@ pub struct BenchOptions {
     /// Stop after the NixOSNodes are adopted (no rollout): measures the controller at full
     /// cluster size without the drain churn.
     pub adopt_only: bool,
+    /// Run on a real control plane started from this directory of binaries (envtest's
+    /// layout, see [`crate::sim::controlplane`]) instead of the embedded API.
+    pub kube_assets: Option<PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -51,6 +63,7 @@ impl Default for BenchOptions {
             },
             timeout: Duration::from_secs(1800),
             adopt_only: false,
+            kube_assets: None,
         }
     }
 }
@@ -65,6 +78,16 @@ pub enum BenchError {
     Timeout(&'static str, Duration),
     #[error("the controller process exited early: {0}")]
     ControllerExited(String),
+    #[error("the real control plane: {0}")]
+    ControlPlane(#[from] crate::sim::controlplane::ControlPlaneError),
+}
+
+/// One node's disruption window (nixroll's cordon to its uncordon, as the step clock saw them).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NodeWindow {
+    pub window_s: f64,
+    /// The window minus the simulated reboot and pod termination.
+    pub overhead_s: f64,
 }
 
 /// The numbers.
@@ -93,6 +116,12 @@ pub struct BenchReport {
     pub overhead_p99_s: f64,
     pub overhead_mean_s: f64,
     pub disruption_mean_s: f64,
+    /// "embedded" or "kube-apiserver".
+    pub api: &'static str,
+    /// Per node: the cordon-to-uncordon window and its overhead.
+    pub windows: BTreeMap<String, NodeWindow>,
+    /// Mean overhead of those windows.
+    pub window_overhead_mean_s: f64,
     /// Where the disruption time went: mean and p99 per step (see [`crate::sim::steps`]).
     pub steps: BTreeMap<&'static str, StepStats>,
 }
@@ -215,15 +244,35 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         "nixroll bench: starting {} nodes, {} pods ({per_node} per node) ...",
         opts.nodes, opts.pods
     );
-    let mut world = World::start(WorldOptions {
+    let world_opts = WorldOptions {
         nodes: opts.nodes,
         control_planes: 3.min(opts.nodes),
         nix: NixMode::Simulated,
         timing: opts.timing.clone(),
         pods_per_node: per_node,
         apps: Some(apps),
-    })
-    .await?;
+    };
+    let plane = match &opts.kube_assets {
+        Some(assets) => {
+            let plane = ControlPlane::start(&ControlPlaneOptions {
+                assets: assets.clone(),
+                controller_manager: true,
+            })
+            .await?;
+            plane.install_for_bench().await?;
+            eprintln!(
+                "nixroll bench: real control plane at {} ({})",
+                plane.url,
+                plane.dir().display()
+            );
+            Some(plane)
+        }
+        None => None,
+    };
+    let mut world = match &plane {
+        Some(plane) => World::start_external(world_opts, plane.admin_identities().await?).await?,
+        None => World::start(world_opts).await?,
+    };
     let setup = t0.elapsed();
     eprintln!(
         "nixroll bench: set up in {:.1}s; kubectl --kubeconfig {} get nixosnodes",
@@ -231,17 +280,33 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         world.kubeconfig.display()
     );
 
-    // The controller: the real binary, its own port of the API.
-    let listener = embedded_apiserver::ApiServer::start_on(
-        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        world.embedded("the bench")?.store(),
-    )
-    .await
-    .map_err(WorldError::from)?;
-    let kubeconfig = world.kubeconfig.with_file_name("controller-kubeconfig");
-    listener
-        .write_kubeconfig(&kubeconfig)
-        .map_err(|e| BenchError::Spawn("kubeconfig".into(), e))?;
+    // The controller: the real binary, its own port of the embedded API (or the admin's
+    // kubeconfig of the real one).
+    let (listener, kubeconfig) = match &plane {
+        Some(plane) => (None, plane.admin_kubeconfig()),
+        None => {
+            let listener = embedded_apiserver::ApiServer::start_on(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                world.embedded("the bench")?.store(),
+            )
+            .await
+            .map_err(WorldError::from)?;
+            let kubeconfig = world.kubeconfig.with_file_name("controller-kubeconfig");
+            listener
+                .write_kubeconfig(&kubeconfig)
+                .map_err(|e| BenchError::Spawn("kubeconfig".into(), e))?;
+            (Some(listener), kubeconfig)
+        }
+    };
+    let counts = |l: &Option<embedded_apiserver::ApiServer>| {
+        l.as_ref().map(|l| l.request_counts()).unwrap_or_default()
+    };
+    // The step clock follows from before adoption, so its watches are in sync when the
+    // rollout starts; adoption disrupts nothing, and what it saw is reset below.
+    let clock = match &plane {
+        Some(_) => StepClock::watching(world.client.clone()),
+        None => StepClock::start(&world.embedded("the bench's step clock")?.store()),
+    };
     let metrics_port = free_port().map_err(|e| BenchError::Spawn("port".into(), e))?;
     let exe = std::env::current_exe().map_err(|e| BenchError::Spawn("current exe".into(), e))?;
     // NIXROLL_BENCH_CONTROLLER_WRAP (e.g. "heaptrack -o /tmp/controller"): run the controller
@@ -300,7 +365,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     );
 
     if opts.adopt_only {
-        let counts = listener.request_counts();
+        let counts = counts(&listener);
         let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
         let metrics = scrape(metrics_port).unwrap_or_default();
         let (p50, p99, n) = reconcile_latency(&metrics);
@@ -325,17 +390,27 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             overhead_p99_s: 0.0,
             overhead_mean_s: 0.0,
             disruption_mean_s: 0.0,
+            api: if plane.is_some() {
+                "kube-apiserver"
+            } else {
+                "embedded"
+            },
+            windows: BTreeMap::new(),
+            window_overhead_mean_s: 0.0,
             steps: BTreeMap::new(),
         });
     }
-    let before = listener.request_counts();
-    let agents_before = world.embedded_agents("the bench")?.request_counts();
+    let before = counts(&listener);
+    let agents_before = world
+        .embedded_agents("the bench")
+        .map(|a| a.request_counts())
+        .unwrap_or_default();
     let metrics_before = scrape(metrics_port).unwrap_or_default();
     let next = world.commit("new kernel", |s| {
         s.kernel.push_str("-next");
         s.kernel_modules.push_str("-next");
     })?;
-    let clock = StepClock::start(&world.embedded("the bench's step clock")?.store());
+    clock.reset();
     world.apply_all(&world.spec(&next)).await?;
     for p in progress.nodes.values_mut() {
         p.disrupted_for = Duration::ZERO;
@@ -355,8 +430,11 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     .await?;
     let rollout = t_roll.elapsed();
     clock.wait_finished(opts.nodes, Duration::from_secs(10)).await;
-    let after = listener.request_counts();
-    let agents_after = world.embedded_agents("the bench")?.request_counts();
+    let after = counts(&listener);
+    let agents_after = world
+        .embedded_agents("the bench")
+        .map(|a| a.request_counts())
+        .unwrap_or_default();
     let metrics = scrape(metrics_port).unwrap_or_default();
     let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
     peak = peak.max(hwm);
@@ -387,6 +465,24 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         .map(|p| p.disrupted_for.as_secs_f64())
         .sum::<f64>()
         / opts.nodes.max(1) as f64;
+    let windows: BTreeMap<String, NodeWindow> = clock
+        .finished()
+        .into_iter()
+        .filter_map(|(node, d)| {
+            let window = d.uncordoned?.saturating_duration_since(d.cordoned?);
+            Some((
+                node,
+                NodeWindow {
+                    window_s: window.as_secs_f64(),
+                    overhead_s: window.saturating_sub(simulated).as_secs_f64(),
+                },
+            ))
+        })
+        .collect();
+    let window_overhead_mean_s =
+        windows.values().map(|w| w.overhead_s).sum::<f64>() / windows.len().max(1) as f64;
+    drop(world);
+    drop(plane);
     Ok(BenchReport {
         nodes: opts.nodes,
         pods: opts.pods,
@@ -407,6 +503,13 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         overhead_p99_s: percentile(&overheads, 0.99),
         overhead_mean_s: overheads.iter().sum::<f64>() / overheads.len().max(1) as f64,
         disruption_mean_s: disruption_mean,
+        api: if opts.kube_assets.is_some() {
+            "kube-apiserver"
+        } else {
+            "embedded"
+        },
+        windows,
+        window_overhead_mean_s,
         steps: clock.stats(),
     })
 }

@@ -461,6 +461,83 @@ impl ControlPlane {
             })
     }
 
+    /// What a benchmark needs installed, without `kubectl` or deploy/: the NixOSNode and
+    /// FlakeSource CRDs (waited for until Established, bounded), the `nixroll-system`
+    /// namespace and the agent's ServiceAccount (the simulated agent pods name it). No RBAC
+    /// and no admission policy: use it with [`ControlPlane::admin_identities`].
+    pub async fn install_for_bench(&self) -> Result<(), ControlPlaneError> {
+        use k8s_openapi::api::core::v1::Namespace;
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let client = self.admin_client().await?;
+        let kube_err = |operation: &str| {
+            let operation = operation.to_owned();
+            move |source| ControlPlaneError::Kube { operation, source }
+        };
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let mut names = Vec::new();
+        for crd in [crate::api::crd(), crate::api::flakesource_crd()] {
+            names.push(crd.metadata.name.clone().unwrap_or_default());
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .map_err(kube_err("create a CRD"))?;
+        }
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": crate::names::NAMESPACE}
+        }))
+        .map_err(|e| kube_err("build the namespace")(kube::Error::SerdeError(e)))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .map_err(kube_err("create the namespace"))?;
+        let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": crate::names::AGENT_SERVICE_ACCOUNT, "namespace": crate::names::NAMESPACE}
+        }))
+        .map_err(|e| kube_err("build the ServiceAccount")(kube::Error::SerdeError(e)))?;
+        Api::<ServiceAccount>::namespaced(client.clone(), crate::names::NAMESPACE)
+            .create(&PostParams::default(), &sa)
+            .await
+            .map_err(kube_err("create the agent's ServiceAccount"))?;
+        let log = self.dir.join("kube-apiserver.log");
+        wait_until("the CRDs (Established)", &log, Duration::from_secs(30), || {
+            let (crds, names) = (crds.clone(), names.clone());
+            async move {
+                for name in &names {
+                    let established = crds.get(name).await.ok().and_then(|c| c.status).is_some_and(|s| {
+                        s.conditions
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                    if !established {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await
+    }
+
+    /// Every part of the simulated cluster as the admin (`system:masters`): the controller,
+    /// each agent and the simulation. Fine for a benchmark, not for checking RBAC or the
+    /// agent's admission policy (the real-API tests use ServiceAccount tokens for that).
+    pub async fn admin_identities(&self) -> Result<crate::sim::world::ExternalApi, ControlPlaneError> {
+        let admin = self.admin_config().await?;
+        let for_agents = admin.clone();
+        let agent: crate::sim::world::AgentConfigFor = std::sync::Arc::new(move |_node: String| {
+            let config = for_agents.clone();
+            Box::pin(async move { Ok(config) })
+        });
+        Ok(crate::sim::world::ExternalApi {
+            admin: admin.clone(),
+            controller: admin,
+            agent,
+            kubeconfig: self.admin_kubeconfig(),
+        })
+    }
+
     /// Write a kubeconfig for `user` with `token` into the control plane's directory.
     pub fn write_kubeconfig(&self, user: &str, token: &str) -> Result<PathBuf, ControlPlaneError> {
         let path = self

@@ -1,10 +1,12 @@
 //! Where a node's disruption time goes: the per-step breakdown of `nixroll demo` and
 //! `nixroll bench --json`.
 //!
-//! A [`StepClock`] follows Nodes, Pods and NixOSNodes through in-process watches on the
-//! embedded API's store (no HTTP, no extra load on the controller's API port) and stamps each
-//! step of every node's disruption with the local monotonic clock when the store committed
-//! it:
+//! A [`StepClock`] follows Nodes, Pods and NixOSNodes and stamps each step of every node's
+//! disruption with the local monotonic clock. Two sources: [`StepClock::start`] takes
+//! in-process watches on the embedded API's store (no HTTP, no extra load on the controller's
+//! API port; stamped when the store commits), [`StepClock::watching`] takes kube watches
+//! through any API server (a real kube-apiserver in `nixroll bench --kube-assets`; stamped
+//! when each event arrives, so every stamp carries the same watch-delivery delay):
 //!
 //! | step | from | to |
 //! | --- | --- | --- |
@@ -137,6 +139,38 @@ impl StepClock {
         }
     }
 
+    /// Follow the same three collections through kube watches on `client` (any API server),
+    /// stamping each event when it arrives here.
+    pub fn watching(client: kube::Client) -> StepClock {
+        use kube::core::{ApiResource, DynamicObject};
+        let state = Arc::new(Mutex::new(State::default()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let kinds = [
+            (
+                ApiResource::erase::<k8s_openapi::api::core::v1::Node>(&()),
+                Kind::Node,
+            ),
+            (
+                ApiResource::erase::<k8s_openapi::api::core::v1::Pod>(&()),
+                Kind::Pod,
+            ),
+            (ApiResource::erase::<crate::api::NixOSNode>(&()), Kind::NixOSNode),
+        ];
+        let tasks = kinds
+            .into_iter()
+            .map(|(ar, kind)| {
+                let api: kube::Api<DynamicObject> = kube::Api::all_with(client.clone(), &ar);
+                let (state, changed) = (state.clone(), changed.clone());
+                tokio::spawn(follow_api(api, kind, state, changed))
+            })
+            .collect();
+        StepClock {
+            state,
+            changed,
+            tasks,
+        }
+    }
+
     /// Forget everything finished so far (for example the adoption before a rollout).
     pub fn reset(&self) {
         if let Ok(mut s) = self.state.lock() {
@@ -244,17 +278,54 @@ async fn follow(
                 WatchEvent::Deleted(o) => (o, true),
                 WatchEvent::Bookmark { .. } | WatchEvent::Error(_) => continue,
             };
-            {
-                let Ok(mut s) = state.lock() else { return };
-                match kind {
-                    Kind::Node => on_node(&mut s, obj, deleted, now),
-                    Kind::Pod => on_pod(&mut s, obj, deleted, now),
-                    Kind::NixOSNode => on_nixosnode(&mut s, obj, now),
-                }
+            if !take(&state, kind, obj, deleted, now) {
+                return;
             }
             changed.notify_waiters();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One event into the state; false when the state is poisoned.
+fn take(state: &Mutex<State>, kind: Kind, obj: &Value, deleted: bool, now: Instant) -> bool {
+    let Ok(mut s) = state.lock() else {
+        return false;
+    };
+    match kind {
+        Kind::Node => on_node(&mut s, obj, deleted, now),
+        Kind::Pod => on_pod(&mut s, obj, deleted, now),
+        Kind::NixOSNode => on_nixosnode(&mut s, obj, now),
+    }
+    true
+}
+
+/// Watch one collection through the API until the task is aborted (kube's watcher relists
+/// and re-watches after an error, with its default backoff).
+async fn follow_api(
+    api: kube::Api<kube::core::DynamicObject>,
+    kind: Kind,
+    state: Arc<Mutex<State>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        let now = Instant::now();
+        let (obj, deleted) = match ev {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
+            Ok(watcher::Event::Delete(o)) => (o, true),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) | Err(_) => continue,
+        };
+        let Ok(obj) = serde_json::to_value(&obj) else {
+            continue;
+        };
+        if !take(&state, kind, &obj, deleted, now) {
+            return;
+        }
+        changed.notify_waiters();
     }
 }
 

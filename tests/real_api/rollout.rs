@@ -23,6 +23,7 @@ use nixroll::rollout::MaxUnavailable;
 use nixroll::sim::cluster::{App, WORKLOAD_NAMESPACE};
 use nixroll::sim::controlplane::ControlPlane;
 use nixroll::sim::monitor::Monitor;
+use nixroll::sim::steps::StepClock;
 use nixroll::sim::world::{AgentConfigFor, ExternalApi, World};
 use serde_json::{Value, json};
 
@@ -230,6 +231,9 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
         .join("etc/nixroll-test/token");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "real-api-secret-value");
 
+    // The per-step clock from kube watches through this API server (`nixroll bench
+    // --kube-assets` reports from it): it must see every step of every node's disruption.
+    let clock = StepClock::watching(admin.clone());
     // A kernel rollout: every node drained (one a Force drain), rebooted once, verified.
     let boots: Vec<String> = world.nodes.iter().map(|n| n.host.boot_id()).collect();
     let next = world
@@ -248,6 +252,20 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
     for (n, before) in world.nodes.iter().zip(&boots) {
         assert_ne!(&n.host.boot_id(), before, "{} did not reboot", n.name);
     }
+    clock.wait_finished(NODES, Duration::from_secs(30)).await;
+    let seen: Vec<(String, usize)> = clock
+        .finished()
+        .iter()
+        .filter(|(n, _)| world.node(n).is_some())
+        .map(|(n, d)| (n.clone(), d.steps().len()))
+        .collect();
+    assert_eq!(seen.len(), NODES, "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|(_, steps)| *steps == nixroll::sim::steps::STEPS.len()),
+        "every step of every disruption: {seen:?}"
+    );
+    drop(clock);
 
     // The db pod moved to another node, where its PodDisruptionBudget would block the drain
     // for good: it has served its purpose.
