@@ -7,9 +7,8 @@
 //! is sized from the 3 MiB request limit, and the rule's estimate then exceeds the budget by a
 //! factor of 50–100 (this is how the NixOSNode CRD was refused by a real server while the
 //! embedded one, which estimates nothing, took it). The real-server check is
-//! `tests/real_api.rs` (`crds_are_accepted_with_margin`); this one runs in milliseconds.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
+//! `tests/real_api/crds.rs` (`crds_are_accepted_with_margin_under_the_cel_cost_budget`); this one
+//! runs in milliseconds.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use serde_json::Value;
