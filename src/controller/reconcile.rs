@@ -33,6 +33,22 @@ pub async fn reconcile(obj: Arc<NixOSNode>, ctx: Arc<Context>) -> Result<Requeue
     result
 }
 
+/// Write `st` as the controller's status of `obj` and remember the write in the admission
+/// gate (so a stale cache cannot hide it).
+async fn write_and_remember(
+    ctx: &Context,
+    obj: &NixOSNode,
+    st: &NixOSNodeStatus,
+) -> Result<(), ControllerError> {
+    let name = obj.name_any();
+    ctx.write_status(&name, st).await?;
+    ctx.admission
+        .lock()
+        .await
+        .record(&name, obj.metadata.uid.as_deref(), st);
+    Ok(())
+}
+
 async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, ControllerError> {
     let name = obj.name_any();
     ctx.wait_synced().await?;
@@ -48,11 +64,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         let st = crate::rollout::invalid_spec_status(&current, &problem, generation, Timestamp::now());
         if st.message != current.message || st.conditions != current.conditions {
             debug!(%problem, "invalid spec");
-            ctx.write_status(&name, &st).await?;
-            ctx.admission
-                .lock()
-                .await
-                .record(&name, obj.metadata.uid.as_deref(), &st);
+            write_and_remember(ctx, &obj, &st).await?;
         }
         return Ok(Requeue::await_change());
     }
@@ -67,11 +79,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
             if st.phase.is_none() && st.message.as_deref() != Some(message.as_str()) {
                 st.message = Some(message);
                 st.observed_generation = obj.metadata.generation;
-                ctx.write_status(&name, &st).await?;
-                ctx.admission
-                    .lock()
-                    .await
-                    .record(&name, obj.metadata.uid.as_deref(), &st);
+                write_and_remember(ctx, &obj, &st).await?;
             }
             return Ok(Requeue::await_change());
         }
@@ -154,13 +162,7 @@ async fn execute_with_gate(
                     return Err(e);
                 }
             },
-            None => {
-                ctx.write_status(&name, &decision.status).await?;
-                ctx.admission
-                    .lock()
-                    .await
-                    .record(&name, obj.metadata.uid.as_deref(), &decision.status);
-            }
+            None => write_and_remember(ctx, &obj, &decision.status).await?,
         }
         info!(node = %name, from = ?before.phase, phase = ?decision.status.phase, "status written");
         observe_transition(ctx, &before, &decision.status, now);
