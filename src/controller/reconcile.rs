@@ -162,7 +162,7 @@ async fn execute_with_gate(
                     return Err(e);
                 }
             },
-            None => write_and_remember(ctx, &obj, &decision.status).await?,
+            None => write_and_remember(ctx, obj, &decision.status).await?,
         }
         info!(node = %name, from = ?before.phase, phase = ?decision.status.phase, "status written");
         observe_transition(ctx, &before, &decision.status, now);
