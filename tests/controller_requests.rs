@@ -851,6 +851,7 @@ async fn evictions_under_one_budget_go_one_after_another_and_stop_at_its_first_4
             "n1",
             &DrainPolicy::default(),
             &b2,
+            None,
             Duration::from_secs(2),
         )
         .await
@@ -889,6 +890,7 @@ async fn evictions_under_one_budget_go_one_after_another_and_stop_at_its_first_4
             "n1",
             &DrainPolicy::default(),
             &[],
+            None,
             Duration::from_secs(2),
         )
         .await
@@ -902,4 +904,90 @@ async fn evictions_under_one_budget_go_one_after_another_and_stop_at_its_first_4
         s.reply(201, ok.clone());
     }
     assert_eq!(pass.await.unwrap().unwrap().remaining, 4);
+}
+
+/// Between two evictions under one budget, the drain waits until the budget's controller has
+/// taken in the first (the budget as watched changed and no longer lists the evicted pod in
+/// `status.disruptedPods`) and the budget then stayed unchanged for the quiet time. Sent at
+/// once instead, the second eviction runs into that controller's status writes inside
+/// kube-apiserver, which retries it after ~500 ms (measured with `nixroll bench
+/// --kube-assets`, docs/benchmarks.md).
+#[tokio::test]
+async fn the_next_eviction_under_a_budget_waits_until_the_budget_took_in_the_last_and_went_quiet() {
+    let budget = |version: &str, disrupted: &[&str]| -> PodDisruptionBudget {
+        let pods: serde_json::Map<String, Value> = disrupted
+            .iter()
+            .map(|p| (p.to_string(), json!("2026-12-07T00:00:00Z")))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "apps", "resourceVersion": version},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "minAvailable": 1},
+            "status": {"disruptionsAllowed": 2, "currentHealthy": 3, "desiredHealthy": 1,
+                       "expectedPods": 3, "disruptedPods": pods},
+        }))
+        .unwrap()
+    };
+    let (store, mut writer) = reflector::store::<PodDisruptionBudget>();
+    writer.apply_watcher_event(&watcher::Event::Apply(budget("1", &[])));
+    let (changed, rx) = tokio::sync::watch::channel(());
+    let watch = drain::BudgetWatch {
+        store,
+        changed: rx,
+        quiet: Duration::from_millis(400),
+        settle_limit: Duration::from_secs(30),
+    };
+    let web = |n: &str| {
+        pod(
+            n,
+            Some("ReplicaSet"),
+            json!({"metadata": {"labels": {"app": "web"}}}),
+        )
+    };
+    let ok = json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "code": 201});
+    let (client, mut handle) = mock();
+    let budgets = vec![Arc::new(budget("1", &[]))];
+    let pass = tokio::spawn(async move {
+        drain::evict_pass_with(
+            &client,
+            "n1",
+            &DrainPolicy::default(),
+            &budgets,
+            Some(watch),
+            Duration::from_secs(2),
+        )
+        .await
+    });
+    let s = next(&mut handle).await;
+    assert_pod_list(&s);
+    s.reply(200, pod_list(vec![web("a"), web("b")]));
+    let first = next(&mut handle).await;
+    assert!(first.path.ends_with("/pods/a/eviction"), "{}", first.path);
+    first.reply(201, ok.clone());
+    // b waits while the budget is unchanged ...
+    expect_silence(&mut handle).await;
+    // ... and while it holds only the eviction's own write (a listed as disrupted) ...
+    writer.apply_watcher_event(&watcher::Event::Apply(budget("2", &["a"])));
+    changed.send_replace(());
+    expect_silence(&mut handle).await;
+    // ... and once the budget's controller has seen a terminating, while it keeps writing
+    // (a change of another budget does not count) ...
+    writer.apply_watcher_event(&watcher::Event::Apply(budget("3", &[])));
+    changed.send_replace(());
+    expect_silence(&mut handle).await;
+    writer.apply_watcher_event(&watcher::Event::Apply(budget("4", &[])));
+    changed.send_replace(());
+    let last_change = tokio::time::Instant::now();
+    expect_silence(&mut handle).await;
+    changed.send_replace(());
+    // ... and goes once the budget stayed unchanged for the quiet time.
+    let second = next(&mut handle).await;
+    let waited = last_change.elapsed();
+    assert!(second.path.ends_with("/pods/b/eviction"), "{}", second.path);
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "evicted {waited:?} after the budget's last change"
+    );
+    second.reply(201, ok);
+    assert_eq!(pass.await.unwrap().unwrap().remaining, 2);
+    expect_silence(&mut handle).await;
 }

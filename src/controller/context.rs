@@ -46,6 +46,8 @@ pub struct Context {
     /// pass evicts the pods one budget covers one after another.
     pub(super) budgets: Store<PodDisruptionBudget>,
     pub(super) budgets_writer: std::sync::Mutex<Option<reflector::store::Writer<PodDisruptionBudget>>>,
+    /// Bumped by the PodDisruptionBudget watch after each change it stored.
+    pub(super) budgets_changed: tokio::sync::watch::Sender<()>,
     pub(super) recorder: EventWriter,
     pub(super) metrics: Arc<Metrics>,
     /// Reconcile these (Waiting) nodes: a slot was released.
@@ -202,6 +204,7 @@ impl Context {
             pdb_watch: std::sync::Mutex::default(),
             budgets,
             budgets_writer: std::sync::Mutex::new(Some(budgets_writer)),
+            budgets_changed: tokio::sync::watch::Sender::new(()),
             recorder,
             metrics,
             wake,

@@ -56,7 +56,21 @@ impl Context {
             drain::force_delete_pass(&self.client, name, policy, self.config.api_timeout).await
         } else {
             let budgets = self.budgets.state();
-            drain::evict_pass_with(&self.client, name, policy, &budgets, self.config.api_timeout).await
+            let watch = drain::BudgetWatch {
+                store: self.budgets.clone(),
+                changed: self.budgets_changed.subscribe(),
+                quiet: drain::QUIET,
+                settle_limit: drain::SETTLE_LIMIT,
+            };
+            drain::evict_pass_with(
+                &self.client,
+                name,
+                policy,
+                &budgets,
+                Some(watch),
+                self.config.api_timeout,
+            )
+            .await
         };
         let progress = pass.map_err(|source| ControllerError::Drain {
             node: name.to_string(),
@@ -174,6 +188,7 @@ impl Context {
         let api: Api<PodDisruptionBudget> = Api::all(self.client.clone());
         let drains = self.drains.clone();
         let wake = self.wake.clone();
+        let changed = self.budgets_changed.clone();
         let task = tokio::spawn(async move {
             let stream = watcher(api, watcher::Config::default())
                 .default_backoff()
@@ -183,6 +198,9 @@ impl Context {
             futures::pin_mut!(stream);
             while let Some(ev) = stream.next().await {
                 let Ok(pdb) = ev else { continue };
+                // Stored already (`reflect` runs first): drains waiting for a budget to take
+                // in an eviction look again.
+                changed.send_replace(());
                 let allows = pdb.status.as_ref().is_some_and(|st| st.disruptions_allowed > 0);
                 if !allows {
                     continue;

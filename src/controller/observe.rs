@@ -102,7 +102,9 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
 }
 
 /// Keep of a PodDisruptionBudget what the drain and its wake-ups use: namespace, name,
-/// selector and `status.disruptionsAllowed`.
+/// resourceVersion, selector, `status.disruptionsAllowed` and `status.disruptedPods` (pods
+/// evicted but not yet seen terminating by the budget's controller: few, and dropped again
+/// within moments; see [`crate::drain::BudgetWatch`]).
 pub fn trim_budget(b: &mut k8s_openapi::api::policy::v1::PodDisruptionBudget) {
     b.metadata.managed_fields = None;
     b.metadata.annotations = None;
@@ -110,7 +112,6 @@ pub fn trim_budget(b: &mut k8s_openapi::api::policy::v1::PodDisruptionBudget) {
     b.metadata.owner_references = None;
     if let Some(st) = b.status.as_mut() {
         st.conditions = None;
-        st.disrupted_pods = None;
     }
 }
 

@@ -86,7 +86,7 @@ pub enum BenchError {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NodeWindow {
     pub window_s: f64,
-    /// The window minus the simulated reboot and pod termination.
+    /// The window minus the simulated reboot (shutdown and boot) and pod termination.
     pub overhead_s: f64,
 }
 
@@ -452,7 +452,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let agent_requests_per_node = requests_per_node(&agents_before, &agents_after, opts.nodes);
     let (p50, p99, n_after) = reconcile_latency(&metrics);
     let (_, _, n_before) = reconcile_latency(&metrics_before);
-    let simulated = opts.timing.reboot + opts.timing.pod_termination;
+    let simulated = opts.timing.reboot + crate::sim::world::SHUTDOWN + opts.timing.pod_termination;
     let mut overheads: Vec<f64> = progress
         .nodes
         .values()

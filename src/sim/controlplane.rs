@@ -344,6 +344,9 @@ impl ControlPlane {
         let client = plane.admin_client().await?;
         wait_until("kube-apiserver", &api_log, Duration::from_secs(60), || {
             let client = client.clone();
+            // Refused connections and 500s are expected until the server is up: kept out of
+            // the log (kube's client logs every failed request as an error).
+            use tracing::instrument::WithSubscriber;
             async move {
                 let req = http::Request::get("/readyz").body(Vec::new());
                 match req {
@@ -351,6 +354,7 @@ impl ControlPlane {
                     Err(_) => false,
                 }
             }
+            .with_subscriber(tracing::subscriber::NoSubscriber::default())
         })
         .await?;
 
@@ -415,7 +419,7 @@ impl ControlPlane {
     /// A client as the admin.
     pub async fn admin_client(&self) -> Result<Client, ControlPlaneError> {
         let config = self.admin_config().await?;
-        Client::try_from(config).map_err(|source| ControlPlaneError::Kube {
+        crate::connect::kube_client(config).map_err(|source| ControlPlaneError::Kube {
             operation: "build the admin client".into(),
             source,
         })

@@ -27,6 +27,11 @@ use crate::sim::flake::{FlakeError, SystemSpec, TestFlake};
 use crate::sim::host::{HoldPoint, SimHost, SimHostError, SimNix};
 use embedded_apiserver::ApiServer;
 
+/// How long a simulated host keeps running after its agent asked for the reboot (the agent
+/// pod dies with the machine, as with `systemctl reboot`): part of the simulated reboot, like
+/// [`Timing::reboot`](crate::sim::cluster::Timing::reboot) itself.
+pub const SHUTDOWN: Duration = Duration::from_millis(50);
+
 /// Field manager used for spec writes that stand in for Flux applying git.
 pub const GITOPS_MANAGER: &str = "flux";
 
@@ -257,7 +262,7 @@ impl World {
     /// there (CRDs, namespace, RBAC, the agent's ServiceAccount: `kubectl apply -k deploy/`).
     pub async fn start_external(opts: WorldOptions, external: ExternalApi) -> Result<World, WorldError> {
         let dir = tempfile::Builder::new().prefix("nixroll-sim-").tempdir()?;
-        let client = Client::try_from(external.admin.clone())
+        let client = crate::connect::kube_client(external.admin.clone())
             .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
         let kubeconfig = external.kubeconfig.clone();
         World::start_with(
@@ -409,19 +414,21 @@ impl World {
                 // token bound to its pod).
                 let client = match (&shared_client, &agent_config) {
                     (Some(c), _) => c.clone(),
-                    (None, Some(make)) => match make(node_name.clone()).await.map(Client::try_from) {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            tracing::warn!(node = %node_name, error = %e, "agent client; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            continue;
+                    (None, Some(make)) => {
+                        match make(node_name.clone()).await.map(crate::connect::kube_client) {
+                            Ok(Ok(c)) => c,
+                            Ok(Err(e)) => {
+                                tracing::warn!(node = %node_name, error = %e, "agent client; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(node = %node_name, error = %e, "agent credentials; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                                continue;
+                            }
                         }
-                        Err(e) => {
-                            tracing::warn!(node = %node_name, error = %e, "agent credentials; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            continue;
-                        }
-                    },
+                    }
                     (None, None) => return,
                 };
                 let config =
@@ -445,7 +452,7 @@ impl World {
                     }
                     Some(()) = reboot_rx.recv() => {
                         // Like `systemctl reboot`: the agent pod dies with the machine.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(SHUTDOWN).await;
                         drop(agent);
                         sim_host.pass(HoldPoint::Reboot).await;
                         let old = sim_host.boot_id();
@@ -611,7 +618,7 @@ impl World {
             WorldApi::External(ext) => ext.controller.clone(),
         };
         config_k.default_retry = false; // as `nixroll controller` does: the drain handles 429
-        let client = Client::try_from(config_k)
+        let client = crate::connect::kube_client(config_k)
             .map_err(|source| WorldError::ApiServer(embedded_apiserver::ApiServerError::Client { source }))?;
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {

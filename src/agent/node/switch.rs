@@ -63,8 +63,11 @@ impl NodeAgent {
         let mut next_check = start + UNIT_CHECK;
         let mut ended: Option<String> = None;
         let mut warned = false;
-        // A local file check: first every 10 ms, doubling up to `result_poll`, so that a quick
-        // switch is seen at once and a long one costs a few checks a second.
+        // The result file's arrival (the wrapper renames it into place) wakes this loop through
+        // inotify, registered before the first look so that no rename is missed. Without
+        // inotify (e.g. past the per-user instance limit) the file is looked at every 10 ms,
+        // doubling up to `result_poll`.
+        let mut arrivals = ResultArrivals::new(&self.host.fs_path(dir), &name);
         let mut pause = Duration::from_millis(10).min(self.options.result_poll);
         loop {
             if let Some(code) = read_result(&result) {
@@ -106,8 +109,23 @@ impl NodeAgent {
                     }
                 }
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(self.options.result_poll);
+            match arrivals.as_mut() {
+                Some(a) => {
+                    // The next unit check (or the deadline) bounds the wait for the file.
+                    let until = if now < deadline {
+                        next_check.min(deadline)
+                    } else {
+                        next_check
+                    };
+                    if let Ok(false) = tokio::time::timeout_at(until, a.next()).await {
+                        arrivals = None;
+                    }
+                }
+                None => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(self.options.result_poll);
+                }
+            }
         }
     }
 
@@ -263,6 +281,45 @@ pub(super) fn lock_held(path: &Path) -> bool {
         // "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (blocked waiters start with "->")
         !l.contains("->") && l.split_whitespace().any(|f| f == want)
     })
+}
+
+/// The renames of one job's result file into the activation directory, through inotify.
+struct ResultArrivals {
+    events: inotify::EventStream<[u8; 1024]>,
+    file: std::ffi::OsString,
+}
+
+impl ResultArrivals {
+    /// `None` when inotify is unavailable or `dir` cannot be watched.
+    fn new(dir: &Path, job: &str) -> Option<ResultArrivals> {
+        let inotify = inotify::Inotify::init()
+            .map_err(|e| tracing::debug!(error = %e, "inotify unavailable: the activation result is polled"))
+            .ok()?;
+        inotify
+            .watches()
+            .add(dir, inotify::WatchMask::MOVED_TO | inotify::WatchMask::CREATE)
+            .map_err(|e| tracing::debug!(path = %dir.display(), error = %e, "cannot watch; the activation result is polled"))
+            .ok()?;
+        let events = inotify.into_event_stream([0u8; 1024]).ok()?;
+        Some(ResultArrivals {
+            events,
+            file: format!("{job}.result").into(),
+        })
+    }
+
+    /// Until the result file arrived (`true`), or the event stream ended (`false`: the
+    /// caller falls back to looking at the file).
+    async fn next(&mut self) -> bool {
+        use futures::StreamExt;
+        while let Some(ev) = self.events.next().await {
+            if let Ok(ev) = ev
+                && ev.name.as_deref() == Some(self.file.as_os_str())
+            {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 fn read_result(path: &Path) -> Option<i32> {
