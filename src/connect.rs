@@ -113,6 +113,11 @@ pub fn client(config: kube::Config) -> Result<(kube::Client, String), ConnectErr
 /// certificates).
 pub fn kube_client(config: kube::Config) -> Result<kube::Client, kube::Error> {
     use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        // kube's own builder decides what a proxy needs (and refuses the kinds nixroll is
+        // built without).
+        return kube::Client::try_from(config);
+    }
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
