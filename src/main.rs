@@ -16,11 +16,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print nixroll's CustomResourceDefinitions, NixOSNode and FlakeSource (the same as crds/).
+    /// Print nixroll's CustomResourceDefinitions, NixOSNode, FlakeSource and NixOSPool (the same
+    /// as crds/).
     Crd {
-        /// Print only this one: `nixosnodes` (crds/nixosnodes.yaml) or `flakesources`
-        /// (crds/flakesources.yaml).
-        #[arg(long, value_name = "PLURAL", value_parser = ["nixosnodes", "flakesources"])]
+        /// Print only this one: `nixosnodes` (crds/nixosnodes.yaml), `flakesources`
+        /// (crds/flakesources.yaml) or `nixospools` (crds/nixospools.yaml).
+        #[arg(long, value_name = "PLURAL", value_parser = ["nixosnodes", "flakesources", "nixospools"])]
         only: Option<String>,
     },
     /// Run the controller (kubeconfig or in-cluster config).
@@ -709,6 +710,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Crd { only } => {
             let yaml = match only.as_deref() {
                 Some("nixosnodes") => nixroll::api::crd_yaml(),
+                Some("nixospools") => nixroll::api::nixospool_crd_yaml(),
                 Some(_) => nixroll::api::flakesource_crd_yaml(),
                 None => nixroll::api::all_crds_yaml(),
             }
