@@ -977,7 +977,7 @@ impl Sim {
     fn admit_checked(&mut self) -> Result<Vec<String>, String> {
         let n = self.nodes.len();
         let obs: Vec<NodeObservation> = (0..n).map(|i| self.obs(i)).collect();
-        let cluster = ClusterState { paused: self.paused };
+        let cluster = ClusterState { paused: self.paused, ..ClusterState::default() };
         let admitted: Vec<String> = {
             let views: Vec<NodeView<'_>> = (0..n).map(|i| self.view(i, &obs[i])).collect();
             admit(&views, &cluster, &self.policy, self.now)

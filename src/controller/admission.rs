@@ -170,6 +170,7 @@ impl Context {
             .collect();
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),
+            ..ClusterState::default()
         };
         (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
     }

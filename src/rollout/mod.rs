@@ -12,6 +12,7 @@
 
 mod admit;
 mod decide;
+pub mod pools;
 mod rows;
 pub mod window;
 
@@ -23,6 +24,7 @@ pub use decide::{
     DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, ParseDurationError,
     UNCORDON_RECHECK, condition, drain_timeout, invalid_spec_status, parse_duration,
 };
+pub use pools::{Membership, Pool, Pools, pool_blocker, pool_status};
 pub use rows::Row;
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.
@@ -241,6 +243,8 @@ pub fn decide(
 pub struct ClusterState {
     /// The `nixroll-pause` ConfigMap exists.
     pub paused: bool,
+    /// The NixOSPools and which pool each node is in (empty: every node is in the default pool).
+    pub pools: pools::Pools,
 }
 
 /// The admission gate: which nodes in `Waiting` may take a disruption slot now. Nodes already
