@@ -15,7 +15,7 @@ use serde_json::Value;
 
 /// Every CRD nixroll ships, by name.
 fn crds() -> Vec<(String, Value)> {
-    [nixroll::api::crd(), nixroll::api::flakesource_crd()]
+    [nixroll::api::crd(), nixroll::api::flakesource_crd(), nixroll::api::nixospool_crd()]
         .into_iter()
         .map(|c| {
             let name = c.metadata.name.clone().unwrap_or_default();

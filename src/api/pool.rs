@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
     plural = "nixospools",
     shortname = "nxp",
     status = "NixOSPoolStatus",
-    doc = "A group of NixOSNodes (chosen by their labels) with its own disruption budget and pause switch, rolled after the pools it names in after once they run the revision, are healthy and have soaked. Cluster-scoped; a NixOSNode no pool selects is in the implicit default pool (docs/pools.md).",
+    doc = "A group of NixOSNodes (chosen by their labels) with its own disruption budget and pause switch, which nixroll rolls after the pools it names in after once they run the revision, are healthy and have soaked. Cluster-scoped; a NixOSNode no pool selects is in the implicit default pool (docs/pools.md).",
     printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.nodes"}"#,
     printcolumn = r#"{"name":"Updated","type":"integer","jsonPath":".status.updated","description":"Nodes that run the revision they want and are UpToDate."}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.ready"}"#,

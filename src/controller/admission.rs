@@ -170,7 +170,7 @@ impl Context {
             .collect();
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),
-            ..ClusterState::default()
+            pools: super::pools::build_pools(&self.pools.state(), &objs),
         };
         (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
     }
@@ -430,6 +430,7 @@ mod gate_tests {
                 nixosnodes: nxn,
                 nodes,
                 pause,
+                pools: kube::runtime::reflector::store().0,
                 synced: Synced::ready(),
             },
             Arc::new(Metrics::new()),

@@ -19,7 +19,7 @@ use tracing::debug;
 use super::draining::DrainState;
 use super::events::{self, EventWriter};
 use super::{ControllerConfig, ControllerError, Metrics, PendingWrites, observe};
-use crate::api::{NixOSNode, Phase};
+use crate::api::{NixOSNode, NixOSPool, Phase};
 use crate::names::CONTROLLER_MANAGER;
 use crate::rollout::{
     ClusterState, Decision, DrainProgress, NodeObservation, NodeView, Policy, admit, decide,
@@ -32,6 +32,8 @@ pub struct Context {
     pub(super) nixosnodes: Store<NixOSNode>,
     pub(super) nodes: Store<Node>,
     pub(super) pause: Store<ConfigMap>,
+    /// NixOSPools (empty when there are none or their CRD is not installed).
+    pub(super) pools: Store<NixOSPool>,
     pub(super) synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     pub(super) admission: Mutex<PendingWrites>,
@@ -90,7 +92,9 @@ pub struct Stores {
     pub nixosnodes: Store<NixOSNode>,
     pub nodes: Store<Node>,
     pub pause: Store<ConfigMap>,
-    /// Becomes true once all three caches hold their first full list.
+    /// NixOSPools; a store no watch fills means no pools.
+    pub pools: Store<NixOSPool>,
+    /// Becomes true once all four caches hold their first full list.
     pub synced: Synced,
 }
 
@@ -195,6 +199,7 @@ impl Context {
             nixosnodes: stores.nixosnodes,
             nodes: stores.nodes,
             pause: stores.pause,
+            pools: stores.pools,
             synced: stores.synced,
             admission: Mutex::new(PendingWrites::default()),
             drains: Arc::default(),

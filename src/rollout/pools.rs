@@ -40,6 +40,8 @@ pub mod pool_reason {
     pub const NODE_IN_MULTIPLE_POOLS: &str = "NodeInMultiplePools";
     pub const NO_CONFLICT: &str = "NoConflict";
     pub const IDLE: &str = "Idle";
+    /// The reasons of `Updating` under which the pool admits nothing.
+    pub const BLOCKING: [&str; 4] = [WAITING_FOR_POOL, SOAKING, PAUSED, INVALID_SPEC];
 }
 
 /// One pool as the gate sees it.
@@ -230,10 +232,9 @@ pub fn pool_blocker(
         if let Some(f) = finished {
             let until = f.saturating_add(pool.soak).unwrap_or(f);
             if now < until {
-                let left = until.duration_since(now).round(jiff::Unit::Second).unwrap_or(pool.soak);
                 return Some((
                     pool_reason::SOAKING,
-                    format!("pool {before} runs {short}; soaking until {until} ({left:#} left)"),
+                    format!("pool {before} runs {short}; soaking until {until}"),
                 ));
             }
         }

@@ -249,6 +249,11 @@ impl World {
             crds.create(&PostParams::default(), &crate::api::flakesource_crd()),
         )
         .await?;
+        call(
+            "install the NixOSPool CRD",
+            crds.create(&PostParams::default(), &crate::api::nixospool_crd()),
+        )
+        .await?;
         let backend = WorldApi::Embedded { api, agents_api };
         World::start_with(opts, dir, backend, client, Some(agents_client), kubeconfig).await
     }
