@@ -180,7 +180,10 @@ fn nixospool_crd_is_committed_cluster_scoped_and_has_its_columns() {
     let crd = nixroll::api::nixospool_crd();
     assert_eq!(crd.metadata.name.as_deref(), Some("nixospools.nixroll.io"));
     assert_eq!(crd.spec.scope, "Cluster");
-    assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["nxp".to_owned()][..]));
+    assert_eq!(
+        crd.spec.names.short_names.as_deref(),
+        Some(&["nxp".to_owned()][..])
+    );
     let v = &crd.spec.versions[0];
     assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
     let cols: Vec<_> = v
@@ -190,7 +193,18 @@ fn nixospool_crd_is_committed_cluster_scoped_and_has_its_columns() {
         .filter(|c| c.priority.unwrap_or(0) == 0)
         .map(|c| c.name.to_uppercase())
         .collect();
-    assert_eq!(cols, ["NODES", "UPDATED", "READY", "UNAVAILABLE", "DEGRADED", "REVISION", "AGE"]);
+    assert_eq!(
+        cols,
+        [
+            "NODES",
+            "UPDATED",
+            "READY",
+            "UNAVAILABLE",
+            "DEGRADED",
+            "REVISION",
+            "AGE"
+        ]
+    );
 }
 
 /// Every `description` in `v` (schema properties and printer columns) with its path, and every
@@ -232,7 +246,11 @@ fn descriptions(
 /// sentences in the middle; no "Auto-generated derived type" placeholder.
 #[test]
 fn every_description_is_whole_sentences() {
-    for crd in [nixroll::api::crd(), nixroll::api::flakesource_crd(), nixroll::api::nixospool_crd()] {
+    for crd in [
+        nixroll::api::crd(),
+        nixroll::api::flakesource_crd(),
+        nixroll::api::nixospool_crd(),
+    ] {
         let name = crd.metadata.name.clone().unwrap_or_default();
         let v = serde_json::to_value(&crd).unwrap();
         let (mut found, mut missing) = (Vec::new(), Vec::new());

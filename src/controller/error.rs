@@ -62,7 +62,9 @@ impl ControllerError {
     /// Fixed category: Event reason and metric label.
     pub fn category(&self) -> &'static str {
         match self {
-            ControllerError::WriteStatus { .. } | ControllerError::WritePoolStatus { .. } => "StatusWriteFailed",
+            ControllerError::WriteStatus { .. } | ControllerError::WritePoolStatus { .. } => {
+                "StatusWriteFailed"
+            }
             ControllerError::Cordon { .. } => "CordonFailed",
             ControllerError::Uncordon { .. } => "UncordonFailed",
             ControllerError::Drain { source, .. } => source.category(),

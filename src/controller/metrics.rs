@@ -274,7 +274,9 @@ impl Metrics {
                 && crate::rollout::pools::pool_reason::BLOCKING.contains(&c.reason.as_str())
         });
         self.pool_blocked
-            .get_or_create(&PoolLabel { pool: pool.to_owned() })
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
             .set(i64::from(blocked));
     }
 

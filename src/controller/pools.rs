@@ -42,7 +42,8 @@ fn same(a: &NixOSPoolStatus, b: &NixOSPoolStatus) -> bool {
     let strip = |s: &NixOSPoolStatus| {
         let mut s = s.clone();
         for c in &mut s.conditions {
-            c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH);
+            c.last_transition_time =
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH);
         }
         s.conditions.sort_by(|x, y| x.type_.cmp(&y.type_));
         s
@@ -73,7 +74,10 @@ impl Context {
         let pp = PatchParams::apply(CONTROLLER_MANAGER).force();
         let mut written = 0;
         for (i, pool) in pools.pools.iter().enumerate() {
-            let Some(obj) = pool_objs.iter().find(|o| o.metadata.name.as_deref() == Some(pool.name.as_str())) else {
+            let Some(obj) = pool_objs
+                .iter()
+                .find(|o| o.metadata.name.as_deref() == Some(pool.name.as_str()))
+            else {
                 continue;
             };
             let previous = obj.status.clone().unwrap_or_default();

@@ -12,10 +12,10 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::Api;
-use kube::runtime::{WatchStreamExt, predicates};
 use kube::runtime::controller::{Config as ControllerRuntimeConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher::{self, watcher};
+use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -182,7 +182,8 @@ async fn lead(
         }
     };
     let resync_stream = futures::stream::once(resync_rx).filter_map(|r| std::future::ready(r.ok()));
-    let pause_stream = futures::stream::select(futures::stream::select(pause_stream, resync_stream), pool_stream);
+    let pause_stream =
+        futures::stream::select(futures::stream::select(pause_stream, resync_stream), pool_stream);
 
     // The safety net: however a wake-up got lost, an admissible node waits one sweep at most.
     let sweep_stream = {
@@ -380,7 +381,9 @@ mod tests {
         assert!(!synced.is_synced(), "the pool watch has not listed yet");
         // The NixOSPool CRD is not installed: its 404 counts as an empty list.
         let mut pools = counts_listing_or_absent::<NixOSPool>(set.clone());
-        let not_found = kube::Error::Api(Box::new(kube::core::Status::failure("not found", "NotFound").with_code(404)));
+        let not_found = kube::Error::Api(Box::new(
+            kube::core::Status::failure("not found", "NotFound").with_code(404),
+        ));
         pools(&Err(watcher::Error::InitialListFailed(not_found)));
         assert!(synced.is_synced());
         for w in waiters {

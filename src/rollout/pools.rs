@@ -67,7 +67,9 @@ impl Pool {
             Some(IntOrString::String(s)) => match s.strip_suffix('%').and_then(|p| p.parse::<u32>().ok()) {
                 Some(p) if (1..=100).contains(&p) => MaxUnavailable::Percent(p),
                 _ => {
-                    invalid = Some(format!("maxUnavailable {s:?} must be a count or a percentage from 1% to 100%"));
+                    invalid = Some(format!(
+                        "maxUnavailable {s:?} must be a count or a percentage from 1% to 100%"
+                    ));
                     MaxUnavailable::Count(1)
                 }
             },
@@ -168,7 +170,9 @@ impl Pools {
     /// Indices into `nodes` of the nodes pool `p` (None: the default pool) selects, conflicts
     /// included.
     pub fn members(&self, p: Option<usize>, nodes: &[NodeView<'_>]) -> Vec<usize> {
-        (0..nodes.len()).filter(|&i| self.selects(p, nodes[i].name)).collect()
+        (0..nodes.len())
+            .filter(|&i| self.selects(p, nodes[i].name))
+            .collect()
     }
 }
 
@@ -206,7 +210,10 @@ pub fn pool_blocker(
             ));
         };
         if q == p {
-            return Some((pool_reason::WAITING_FOR_POOL, "the pool names itself in after".to_owned()));
+            return Some((
+                pool_reason::WAITING_FOR_POOL,
+                "the pool names itself in after".to_owned(),
+            ));
         }
         let members = pools.members(Some(q), nodes);
         if members.is_empty() {
@@ -215,7 +222,10 @@ pub fn pool_blocker(
                 format!("waiting for pool {before}, which selects no node"),
             ));
         }
-        let done = members.iter().filter(|&&i| runs_healthy(&nodes[i], revision)).count();
+        let done = members
+            .iter()
+            .filter(|&&i| runs_healthy(&nodes[i], revision))
+            .count();
         if done < members.len() {
             return Some((
                 pool_reason::WAITING_FOR_POOL,
@@ -305,8 +315,13 @@ pub fn pool_status(
         unavailable: count(&|v| is_unavailable(v)),
         degraded,
         max_unavailable: Some(pool_budget(pools, Some(p), members.len(), policy) as u32),
-        revision: (!revisions.is_empty())
-            .then(|| revisions.iter().map(|r| short_revision(r)).collect::<Vec<_>>().join(",")),
+        revision: (!revisions.is_empty()).then(|| {
+            revisions
+                .iter()
+                .map(|r| short_revision(r))
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
         revisions,
         message: None,
         conditions: previous.conditions.clone(),
@@ -314,7 +329,9 @@ pub fn pool_status(
     let all_updated = !members.is_empty() && updated as usize == members.len();
     let disrupting: Vec<&str> = members
         .iter()
-        .filter(|&&i| nodes[i].status.slot.is_some() || nodes[i].status.phase.unwrap_or_default().is_disruptive())
+        .filter(|&&i| {
+            nodes[i].status.slot.is_some() || nodes[i].status.phase.unwrap_or_default().is_disruptive()
+        })
         .map(|&i| nodes[i].name)
         .collect();
     // The first revision a member waits for, for the order's explanation.
@@ -332,43 +349,99 @@ pub fn pool_status(
             pool.invalid
                 .as_ref()
                 .map(|e| (pool_reason::INVALID_SPEC, format!("invalid spec: {e}")))
-                .or_else(|| pool.paused.then(|| (pool_reason::PAUSED, "paused (spec.paused)".to_owned())))
+                .or_else(|| {
+                    pool.paused
+                        .then(|| (pool_reason::PAUSED, "paused (spec.paused)".to_owned()))
+                })
         });
     let (updating, reason, message) = if let Some((reason, why)) = &blocker {
         (!all_updated, *reason, why.clone())
     } else if !disrupting.is_empty() {
-        (true, pool_reason::ROLLING, format!("updating {}", disrupting.join(", ")))
+        (
+            true,
+            pool_reason::ROLLING,
+            format!("updating {}", disrupting.join(", ")),
+        )
     } else if all_updated {
-        (false, pool_reason::ALL_UPDATED, format!("all {} nodes run the revision they want", members.len()))
+        (
+            false,
+            pool_reason::ALL_UPDATED,
+            format!("all {} nodes run the revision they want", members.len()),
+        )
     } else if members.is_empty() {
-        (false, pool_reason::IDLE, "the selector matches no NixOSNode".to_owned())
+        (
+            false,
+            pool_reason::IDLE,
+            "the selector matches no NixOSNode".to_owned(),
+        )
     } else {
-        (true, pool_reason::ROLLING, format!("{updated}/{} nodes updated", members.len()))
+        (
+            true,
+            pool_reason::ROLLING,
+            format!("{updated}/{} nodes updated", members.len()),
+        )
     };
-    set_condition(&mut st.conditions, pool_condition::UPDATED, all_updated,
-        if all_updated { pool_reason::ALL_UPDATED } else { pool_reason::ROLLING },
-        &format!("{updated}/{} nodes run the revision they want", members.len()), now, generation);
-    set_condition(&mut st.conditions, pool_condition::UPDATING, updating, reason, &message, now, generation);
+    set_condition(
+        &mut st.conditions,
+        pool_condition::UPDATED,
+        all_updated,
+        if all_updated {
+            pool_reason::ALL_UPDATED
+        } else {
+            pool_reason::ROLLING
+        },
+        &format!("{updated}/{} nodes run the revision they want", members.len()),
+        now,
+        generation,
+    );
+    set_condition(
+        &mut st.conditions,
+        pool_condition::UPDATING,
+        updating,
+        reason,
+        &message,
+        now,
+        generation,
+    );
     let degraded_names: Vec<&str> = members
         .iter()
         .filter(|&&i| is_degraded(&nodes[i]))
         .map(|&i| nodes[i].name)
         .collect();
     if degraded_names.is_empty() {
-        set_condition(&mut st.conditions, pool_condition::DEGRADED, false, pool_reason::AS_EXPECTED, "no node is Degraded", now, generation);
+        set_condition(
+            &mut st.conditions,
+            pool_condition::DEGRADED,
+            false,
+            pool_reason::AS_EXPECTED,
+            "no node is Degraded",
+            now,
+            generation,
+        );
     } else {
         set_condition(
             &mut st.conditions,
             pool_condition::DEGRADED,
             true,
             pool_reason::NODE_DEGRADED,
-            &format!("Degraded: {}; the rollout is halted until they are fixed or retried", degraded_names.join(", ")),
+            &format!(
+                "Degraded: {}; the rollout is halted until they are fixed or retried",
+                degraded_names.join(", ")
+            ),
             now,
             generation,
         );
     }
     if conflicts.is_empty() {
-        set_condition(&mut st.conditions, pool_condition::CONFLICT, false, pool_reason::NO_CONFLICT, "every selected node is in this pool alone", now, generation);
+        set_condition(
+            &mut st.conditions,
+            pool_condition::CONFLICT,
+            false,
+            pool_reason::NO_CONFLICT,
+            "every selected node is in this pool alone",
+            now,
+            generation,
+        );
     } else {
         let others: BTreeSet<&str> = conflicts
             .iter()

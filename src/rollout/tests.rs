@@ -1061,7 +1061,17 @@ fn control_plane_one_at_a_time_and_not_while_another_is_unready() {
 fn pause_suspend_window_backoff_exclude() {
     let mut ns: Vec<N> = (0..4).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     let p = pol(MaxUnavailable::Count(4));
-    assert!(admit_all(&ns, &ClusterState { paused: true, ..ClusterState::default() }, &p).is_empty());
+    assert!(
+        admit_all(
+            &ns,
+            &ClusterState {
+                paused: true,
+                ..ClusterState::default()
+            },
+            &p
+        )
+        .is_empty()
+    );
     ns[0].spec.suspend = true;
     ns[1].spec.maintenance_windows = vec![MaintenanceWindow {
         days: vec![Weekday::Sun],
@@ -1355,7 +1365,10 @@ mod pools {
     use crate::api::{HistoryEntry, NixOSPoolSpec, NixOSPoolStatus, PoolSelector, pool_condition};
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     fn pool_spec(label: &str, max: Option<IntOrString>, after: &[&str], soak: Option<&str>) -> NixOSPoolSpec {
@@ -1372,7 +1385,11 @@ mod pools {
     }
 
     /// Nodes `ns` with the labels `node_labels[i]`, pools `(name, spec)`.
-    fn cluster(ns: &[N], node_labels: &[BTreeMap<String, String>], pools: &[(&str, NixOSPoolSpec)]) -> ClusterState {
+    fn cluster(
+        ns: &[N],
+        node_labels: &[BTreeMap<String, String>],
+        pools: &[(&str, NixOSPoolSpec)],
+    ) -> ClusterState {
         ClusterState {
             paused: false,
             pools: Pools::build(
@@ -1407,7 +1424,10 @@ mod pools {
 
     #[test]
     fn pools_roll_concurrently_each_within_its_own_budget() {
-        let ns: Vec<N> = ["a1", "a2", "b1", "b2", "d1", "d2"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ns: Vec<N> = ["a1", "a2", "b1", "b2", "d1", "d2"]
+            .iter()
+            .map(|x| mk_waiting(x, false))
+            .collect();
         let ls = [
             labels(&[("pool", "a")]),
             labels(&[("pool", "a")]),
@@ -1416,26 +1436,59 @@ mod pools {
             labels(&[]),
             labels(&[]),
         ];
-        let c = cluster(&ns, &ls, &[("a", pool_spec("a", None, &[], None)), ("b", pool_spec("b", None, &[], None))]);
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &[], None)),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
         // One from each pool and one from the default pool (the controller's budget, 1).
-        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["a1", "b1", "d1"]);
+        assert_eq!(
+            admit_at(&ns, &c, &Policy::default(), at(20)),
+            vec!["a1", "b1", "d1"]
+        );
         // A percentage: 100% of pool a's two nodes.
         let c = cluster(
             &ns,
             &ls,
-            &[("a", pool_spec("a", Some(IntOrString::String("100%".into())), &[], None)), ("b", pool_spec("b", None, &[], None))],
+            &[
+                (
+                    "a",
+                    pool_spec("a", Some(IntOrString::String("100%".into())), &[], None),
+                ),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
         );
-        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["a1", "a2", "b1", "d1"]);
+        assert_eq!(
+            admit_at(&ns, &c, &Policy::default(), at(20)),
+            vec!["a1", "a2", "b1", "d1"]
+        );
         // Without pools: exactly the old gate.
-        assert_eq!(admit_at(&ns, &ClusterState::default(), &Policy::default(), at(20)), vec!["a1"]);
+        assert_eq!(
+            admit_at(&ns, &ClusterState::default(), &Policy::default(), at(20)),
+            vec!["a1"]
+        );
     }
 
     #[test]
     fn an_unavailable_node_uses_its_own_pools_budget_only() {
         let mut ns: Vec<N> = ["a1", "a2", "b1"].iter().map(|x| mk_waiting(x, false)).collect();
         ns[0].node.unschedulable = true; // an admin cordon in pool a
-        let ls = [labels(&[("pool", "a")]), labels(&[("pool", "a")]), labels(&[("pool", "b")])];
-        let c = cluster(&ns, &ls, &[("a", pool_spec("a", None, &[], None)), ("b", pool_spec("b", None, &[], None))]);
+        let ls = [
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "b")]),
+        ];
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &[], None)),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
         assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["b1"]);
     }
 
@@ -1449,11 +1502,27 @@ mod pools {
         assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["a1"]);
         let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
         for (p, other) in [(0, "b"), (1, "a")] {
-            let st = pool_status(&c.pools, p, &views, &Policy::default(), &NixOSPoolStatus::default(), 1, at(20));
-            let cond = st.conditions.iter().find(|c| c.type_ == pool_condition::CONFLICT).unwrap();
+            let st = pool_status(
+                &c.pools,
+                p,
+                &views,
+                &Policy::default(),
+                &NixOSPoolStatus::default(),
+                1,
+                at(20),
+            );
+            let cond = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == pool_condition::CONFLICT)
+                .unwrap();
             assert_eq!(cond.status, "True", "{cond:?}");
             assert_eq!(cond.reason, "NodeInMultiplePools");
-            assert!(cond.message.contains("x also selected by pool") && cond.message.contains(other), "{}", cond.message);
+            assert!(
+                cond.message.contains("x also selected by pool") && cond.message.contains(other),
+                "{}",
+                cond.message
+            );
         }
     }
 
@@ -1466,8 +1535,20 @@ mod pools {
         let c = cluster(&ns, &ls, &[("a", a), ("b", pool_spec("b", None, &[], None))]);
         assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["b1"]);
         let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
-        let st = pool_status(&c.pools, 0, &views, &Policy::default(), &NixOSPoolStatus::default(), 1, at(20));
-        let cond = st.conditions.iter().find(|c| c.type_ == pool_condition::UPDATING).unwrap();
+        let st = pool_status(
+            &c.pools,
+            0,
+            &views,
+            &Policy::default(),
+            &NixOSPoolStatus::default(),
+            1,
+            at(20),
+        );
+        let cond = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == pool_condition::UPDATING)
+            .unwrap();
         assert_eq!(cond.reason, "Paused");
     }
 
@@ -1475,26 +1556,51 @@ mod pools {
     fn an_ordered_pool_waits_for_its_predecessor_to_run_the_revision_be_healthy_and_soak() {
         // The canary c1 is still Waiting for REV2: pool rest waits.
         let mut ns: Vec<N> = ["c1", "r1", "r2"].iter().map(|x| mk_waiting(x, false)).collect();
-        let ls = [labels(&[("pool", "canary")]), labels(&[("pool", "rest")]), labels(&[("pool", "rest")])];
+        let ls = [
+            labels(&[("pool", "canary")]),
+            labels(&[("pool", "rest")]),
+            labels(&[("pool", "rest")]),
+        ];
         let pools = [
             ("canary", pool_spec("canary", None, &[], None)),
-            ("rest", pool_spec("rest", Some(IntOrString::Int(2)), &["canary"], Some("1h"))),
+            (
+                "rest",
+                pool_spec("rest", Some(IntOrString::Int(2)), &["canary"], Some("1h")),
+            ),
         ];
         let c = cluster(&ns, &ls, &pools);
         assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["c1"]);
         let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
         let (reason, why) = pool_blocker(&c.pools, 1, REV2, &views, at(20)).unwrap();
         assert_eq!(reason, "WaitingForPool");
-        assert!(why.contains("waiting for pool canary to run 22222222 and be healthy (0/1 nodes)"), "{why}");
+        assert!(
+            why.contains("waiting for pool canary to run 22222222 and be healthy (0/1 nodes)"),
+            "{why}"
+        );
         // The canary finished REV2 at t=100: rest soaks for an hour.
         ns[0] = mk_done("c1", at(100));
         let finished = at(100);
-        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(200)), Vec::<String>::new());
+        assert_eq!(
+            admit_at(&ns, &c, &Policy::default(), at(200)),
+            Vec::<String>::new()
+        );
         let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
         let (reason, why) = pool_blocker(&c.pools, 1, REV2, &views, at(200)).unwrap();
         assert_eq!(reason, "Soaking", "{why}");
-        let st = pool_status(&c.pools, 1, &views, &Policy::default(), &NixOSPoolStatus::default(), 1, at(200));
-        assert!(st.message.as_deref().unwrap().contains("soaking until"), "{:?}", st.message);
+        let st = pool_status(
+            &c.pools,
+            1,
+            &views,
+            &Policy::default(),
+            &NixOSPoolStatus::default(),
+            1,
+            at(200),
+        );
+        assert!(
+            st.message.as_deref().unwrap().contains("soaking until"),
+            "{:?}",
+            st.message
+        );
         let soaked = finished.checked_add(SignedDuration::from_hours(1)).unwrap();
         assert_eq!(admit_at(&ns, &c, &Policy::default(), soaked), vec!["r1", "r2"]);
         // After soaking, the canary must still be healthy: cordoned, NotReady or Degraded blocks.
@@ -1512,7 +1618,11 @@ mod pools {
             soaked,
         );
         assert_eq!(st.degraded, 1);
-        assert!(st.conditions.iter().any(|c| c.type_ == "Degraded" && c.status == "True"));
+        assert!(
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True")
+        );
     }
 
     #[test]
@@ -1524,11 +1634,19 @@ mod pools {
         let c = cluster(
             &ns,
             &ls,
-            &[("canary", pool_spec("canary", None, &[], None)), ("rest", pool_spec("rest", None, &["canary"], None))],
+            &[
+                ("canary", pool_spec("canary", None, &[], None)),
+                ("rest", pool_spec("rest", None, &["canary"], None)),
+            ],
         );
         assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
         let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
-        assert!(pool_blocker(&c.pools, 1, REV2, &views, at(20)).unwrap().1.contains("selects no node"));
+        assert!(
+            pool_blocker(&c.pools, 1, REV2, &views, at(20))
+                .unwrap()
+                .1
+                .contains("selects no node")
+        );
     }
 
     #[test]
@@ -1537,7 +1655,14 @@ mod pools {
         ns[0].node.control_plane = true;
         ns[1].node.control_plane = true;
         let ls = [labels(&[("pool", "a")]), labels(&[("pool", "b")])];
-        let c = cluster(&ns, &ls, &[("a", pool_spec("a", None, &[], None)), ("b", pool_spec("b", None, &[], None))]);
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &[], None)),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
         assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["cp1"]);
         // cp1 unready: cp2 may not go either, though its pool has room.
         ns[0].node.ready = false;

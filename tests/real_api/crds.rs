@@ -106,7 +106,11 @@ async fn accepted_scaled(
 async fn crds_are_accepted_with_margin_under_the_cel_cost_budget() {
     let Some(plane) = plane() else { return };
     let crds: Api<CustomResourceDefinition> = Api::all(plane.admin_client().await.unwrap());
-    for crd in [nixroll::api::crd(), nixroll::api::flakesource_crd(), nixroll::api::nixospool_crd()] {
+    for crd in [
+        nixroll::api::crd(),
+        nixroll::api::flakesource_crd(),
+        nixroll::api::nixospool_crd(),
+    ] {
         let name = crd.metadata.name.clone().unwrap();
         let mut largest = None;
         let mut refused = None;
