@@ -322,6 +322,11 @@ struct ControllerArgs {
     /// Admissions halt while at least this many nodes are Degraded.
     #[arg(long, env = "NIXROLL_FAILURE_THRESHOLD", default_value_t = 1)]
     failure_threshold: u32,
+    /// How long a node that finished its update must stay Ready, still counting against its
+    /// pool's budget, before the next node takes its slot (`0s`: none); a NixOSPool's
+    /// spec.nodeSoak overrides it.
+    #[arg(long, env = "NIXROLL_NODE_SOAK", default_value = "0s", value_parser = parse_soak)]
+    node_soak: jiff::SignedDuration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NIXROLL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
@@ -550,6 +555,10 @@ fn parse_signed_duration(s: &str) -> Result<jiff::SignedDuration, String> {
     Ok(d)
 }
 
+fn parse_soak(s: &str) -> Result<jiff::SignedDuration, String> {
+    nixroll::rollout::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration = s
         .parse()
@@ -617,6 +626,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(&identity);
     config.policy.max_unavailable = args.max_unavailable;
     config.policy.failure_threshold = args.failure_threshold;
+    config.policy.node_soak = args.node_soak;
     config.policy.timeouts = nixroll::rollout::PhaseTimeouts {
         staging: args.staging_timeout,
         draining: args.draining_timeout,

@@ -156,6 +156,8 @@ struct SimPool {
     max_unavailable: MaxUnavailable,
     after: Vec<usize>,
     soak: i64,
+    /// `spec.nodeSoak` in seconds; `None`: the controller's `--node-soak`.
+    node_soak: Option<i64>,
     /// `spec.paused` is true in this interval.
     paused_between: Option<(Timestamp, Timestamp)>,
 }
@@ -406,6 +408,9 @@ impl Sim {
         let wake_loss = if rng.bool() { 0 } else { rng.u32(30..=100) };
         // Pools from a second generator, so the seeds' other choices stay what they were.
         let (pools, pool_of, conflict) = pool_layout(seed, n, cps, now, add(now, 86_400));
+        let mut policy = policy;
+        policy.node_soak =
+            SignedDuration::from_secs([0, 0, 60, 600][fastrand::Rng::with_seed(seed ^ 0x50a4).usize(..4)]);
         Sim {
             faults,
             now,
@@ -478,6 +483,7 @@ impl Sim {
                     paused: self.pool_paused(p),
                     after: sp.after.iter().map(|&q| self.pools[q].name.clone()).collect(),
                     soak: Some(format!("{}s", sp.soak)),
+                    node_soak: sp.node_soak.map(|s| format!("{s}s")),
                 };
                 (sp.name.clone(), spec)
             })
@@ -494,6 +500,18 @@ impl Sim {
             specs.iter().map(|(n, s)| (n.as_str(), s)),
             self.nodes.iter().zip(&labels).map(|(x, l)| (x.name.as_str(), l)),
         )
+    }
+
+    /// The node finished its update less than `soak` seconds ago (UpToDate, newest history
+    /// entry Succeeded): it still counts against its pool's budget.
+    fn soaking(&self, i: usize, soak: i64) -> bool {
+        let st = &self.nodes[i].status;
+        soak > 0
+            && st.phase == Some(Phase::UpToDate)
+            && st
+                .history
+                .first()
+                .is_some_and(|h| h.result == "Succeeded" && self.now < add(h.finished_at.0, soak))
     }
 
     /// The pool invariants over an answer of the gate: each pool (and the default pool) within
@@ -524,8 +542,17 @@ impl Sim {
                 Some(p) => self.pools[p].max_unavailable,
             };
             let budget = budget(max, members.len());
-            let unavailable = members.iter().filter(|&&i| self.unavailable(i)).count();
+            let soak = g
+                .and_then(|p| self.pools[p].node_soak)
+                .unwrap_or(self.policy.node_soak.as_secs());
+            let unavailable = members
+                .iter()
+                .filter(|&&i| self.unavailable(i) || self.soaking(i, soak))
+                .count();
             let admits = new.iter().filter(|i| members.contains(i)).count();
+            if admits > 0 && soak > 0 {
+                *self.events.entry("(admitted with node soak)".into()).or_default() += 1;
+            }
             let name = g.map_or("(default)".to_owned(), |p| self.pools[p].name.clone());
             check!(
                 self,
@@ -1829,11 +1856,13 @@ fn pool_layout(
             MaxUnavailable::Percent(rng.u32(20..=100))
         }
     };
+    let node_soak = [None, None, Some(0), Some(120), Some(900)][rng.usize(..5)];
     let pool = |name: &str, max: MaxUnavailable, after: Vec<usize>, soak: i64| SimPool {
         name: name.to_owned(),
         max_unavailable: max,
         after,
         soak,
+        node_soak,
         paused_between: None,
     };
     let soak = [0, 300, 3600, 4 * 3600][rng.usize(..4)];
@@ -2107,6 +2136,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "(admitted in a named pool)",
             "(admitted in a default pool)",
             "(admitted after a soak)",
+            "(admitted with node soak)",
         ] {
             assert!(
                 events.get(reason).copied().unwrap_or(0) > 0,

@@ -65,6 +65,14 @@ pub struct NixOSPoolSpec {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("soak must be a duration such as 30m, 24h or 1h30m"))]
     #[schemars(length(max = 32))]
     pub soak: Option<String>,
+
+    /// How long each node of this pool that finished its update must stay Ready before the
+    /// next node of the pool takes its slot (it keeps counting against `maxUnavailable` until
+    /// then), e.g. `5m`. Default: the controller's `--node-soak` (`0s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("nodeSoak must be a duration such as 30s, 5m or 1h"))]
+    #[schemars(length(max = 32))]
+    pub node_soak: Option<String>,
 }
 
 /// A label selector over NixOSNodes (the shape of Kubernetes' `LabelSelector`).

@@ -10,7 +10,7 @@
 
 use jiff::Timestamp;
 
-use super::pools::{Membership, pool_blocker, pool_budget};
+use super::pools::{Membership, is_soaking, node_soak, pool_blocker, pool_budget};
 use super::{ClusterState, MaxUnavailable, NodeView, Policy, window};
 use crate::api::Phase;
 
@@ -80,7 +80,11 @@ pub(super) fn admit(
         .chain((0..pools.pools.len()).map(Some))
         .map(|p| {
             let members = pools.members(p, nodes);
-            let unavailable = members.iter().filter(|&&i| is_unavailable(&nodes[i])).count();
+            let soak = node_soak(pools, p, policy);
+            let unavailable = members
+                .iter()
+                .filter(|&&i| is_unavailable(&nodes[i]) || is_soaking(&nodes[i], soak, now))
+                .count();
             pool_budget(pools, p, members.len(), policy).saturating_sub(unavailable)
         })
         .collect();

@@ -131,6 +131,10 @@ pub struct Policy {
     pub timeouts: PhaseTimeouts,
     /// First wait after a drain `Abort`; doubles per attempt.
     pub drain_backoff: SignedDuration,
+    /// How long a node that finished an update keeps counting against its pool's budget (it
+    /// must stay Ready that long before the next node takes its slot): the default pool's,
+    /// and every pool's that does not set `spec.nodeSoak`. Zero: none.
+    pub node_soak: SignedDuration,
 }
 
 impl Default for Policy {
@@ -140,6 +144,7 @@ impl Default for Policy {
             failure_threshold: 1,
             timeouts: PhaseTimeouts::default(),
             drain_backoff: SignedDuration::from_mins(5),
+            node_soak: SignedDuration::ZERO,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Pool {
     pub paused: bool,
     pub after: Vec<String>,
     pub soak: SignedDuration,
+    /// `spec.nodeSoak`; `None`: the controller's default ([`Policy::node_soak`]).
+    pub node_soak: Option<SignedDuration>,
     /// What is wrong with the spec (an unparsable `soak` or `maxUnavailable`): the pool then
     /// admits nothing, as if paused.
     pub invalid: Option<String>,
@@ -86,12 +88,21 @@ impl Pool {
                 SignedDuration::ZERO
             }
         };
+        let node_soak = match spec.node_soak.as_deref().map(super::parse_duration) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                invalid = Some(e.to_string());
+                None
+            }
+        };
         Pool {
             name: name.to_owned(),
             max_unavailable,
             paused: spec.paused,
             after: spec.after.clone(),
             soak,
+            node_soak,
             invalid,
         }
     }
@@ -183,6 +194,25 @@ pub fn pool_budget(pools: &Pools, p: Option<usize>, members: usize, policy: &Pol
         Some(p) => pools.pools[p].max_unavailable,
     };
     budget(max, members)
+}
+
+/// The node soak of pool `p` (None: the default pool).
+pub fn node_soak(pools: &Pools, p: Option<usize>, policy: &Policy) -> SignedDuration {
+    p.and_then(|p| pools.pools[p].node_soak)
+        .unwrap_or(policy.node_soak)
+}
+
+/// Whether a node still soaks after its update: UpToDate, and its newest history entry
+/// (Succeeded) finished less than `soak` ago. It counts against its pool's budget until then.
+pub fn is_soaking(v: &NodeView<'_>, soak: SignedDuration, now: Timestamp) -> bool {
+    if soak.is_zero() || v.status.phase != Some(Phase::UpToDate) {
+        return false;
+    }
+    v.status
+        .history
+        .first()
+        .filter(|h| h.result == "Succeeded")
+        .is_some_and(|h| now < h.finished_at.0.saturating_add(soak).unwrap_or(h.finished_at.0))
 }
 
 /// Why pool `p` may not admit a node for `revision` now; `None`: its order allows it. Also
@@ -307,12 +337,13 @@ pub fn pool_status(
         .collect();
     let revisions: Vec<String> = revisions.into_iter().collect();
     let degraded = count(&|v| is_degraded(v));
+    let soak = node_soak(pools, Some(p), policy);
     let mut st = NixOSPoolStatus {
         observed_generation: Some(generation),
         nodes: members.len() as u32,
         updated,
         ready: count(&|v| v.node.exists && v.node.ready),
-        unavailable: count(&|v| is_unavailable(v)),
+        unavailable: count(&|v| is_unavailable(v) || is_soaking(v, soak, now)),
         degraded,
         max_unavailable: Some(pool_budget(pools, Some(p), members.len(), policy) as u32),
         revision: (!revisions.is_empty()).then(|| {
