@@ -484,6 +484,7 @@ impl Sim {
                     after: sp.after.iter().map(|&q| self.pools[q].name.clone()).collect(),
                     soak: Some(format!("{}s", sp.soak)),
                     node_soak: sp.node_soak.map(|s| format!("{s}s")),
+                    health_gates: None,
                 };
                 (sp.name.clone(), spec)
             })

@@ -73,6 +73,61 @@ pub struct NixOSPoolSpec {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("nodeSoak must be a duration such as 30s, 5m or 1h"))]
     #[schemars(length(max = 32))]
     pub node_soak: Option<String>,
+
+    /// Health gates checked before a node of this pool is admitted: while one fails (or has
+    /// not been evaluated yet since the controller started), the pool admits nothing and says
+    /// which gate and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_gates: Option<HealthGates>,
+}
+
+/// The health gates of a pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthGates {
+    /// CEL expressions over Kubernetes objects, each of which must be true.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub cel: Vec<CelGate>,
+}
+
+/// A CEL expression over the objects of one kind: `objects` is the list of the objects
+/// selected (namespace, label selector, object name), `object` the first of them (or null).
+/// Example: every Longhorn volume healthy, `objects.all(v, v.status.robustness == 'healthy')`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CelGate {
+    /// The gate's name, as conditions and metrics show it.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("a gate name must be lowercase letters, digits and dashes"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The objects' apiVersion, e.g. `longhorn.io/v1beta2` or `v1`.
+    #[schemars(length(min = 1, max = 253))]
+    pub api_version: String,
+    /// The objects' kind, e.g. `Volume`.
+    #[schemars(length(min = 1, max = 63))]
+    pub kind: String,
+    /// Only objects in this namespace (default: all namespaces, or none for a cluster-scoped kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    /// Only the object of this name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub object_name: Option<String>,
+    /// Only objects with these labels, as `kubectl get -l` takes them, e.g. `app=db,tier!=cache`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub label_selector: Option<String>,
+    /// The CEL expression; it must evaluate to true for the gate to pass.
+    #[schemars(length(min = 1, max = 1024))]
+    pub expression: String,
+    /// Bound of one evaluation (listing the objects and evaluating), e.g. `10s` (default).
+    /// An evaluation that takes longer fails the gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("timeout must be a duration such as 10s or 1m"))]
+    #[schemars(length(max = 32))]
+    pub timeout: Option<String>,
 }
 
 /// A label selector over NixOSNodes (the shape of Kubernetes' `LabelSelector`).

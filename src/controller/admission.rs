@@ -168,9 +168,14 @@ impl Context {
             .iter()
             .map(|(o, status, node)| view_of(o, status, node))
             .collect();
+        let pool_objs = self.pools.state();
+        let mut pools = super::pools::build_pools(&pool_objs, &objs);
+        if let Ok(v) = self.gate_verdicts.lock() {
+            super::pools::apply_verdicts(&mut pools, &pool_objs, &v);
+        }
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),
-            pools: super::pools::build_pools(&self.pools.state(), &objs),
+            pools,
         };
         (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
     }

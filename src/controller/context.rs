@@ -34,6 +34,8 @@ pub struct Context {
     pub(super) pause: Store<ConfigMap>,
     /// NixOSPools (empty when there are none or their CRD is not installed).
     pub(super) pools: Store<NixOSPool>,
+    /// The last verdict of each pool's health gates (pool → gate → verdict).
+    pub(super) gate_verdicts: std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::gates::Verdict>>>,
     pub(super) synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     pub(super) admission: Mutex<PendingWrites>,
@@ -200,6 +202,7 @@ impl Context {
             nodes: stores.nodes,
             pause: stores.pause,
             pools: stores.pools,
+            gate_verdicts: std::sync::Mutex::default(),
             synced: stores.synced,
             admission: Mutex::new(PendingWrites::default()),
             drains: Arc::default(),

@@ -41,6 +41,13 @@ pub struct PoolStateLabel {
     pub state: &'static str,
 }
 
+/// A NixOSPool and one of its health gates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolGateLabel {
+    pub pool: String,
+    pub gate: String,
+}
+
 /// A NixOSPool and the reason of its `Updating` condition.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabel {
@@ -65,6 +72,8 @@ pub struct Metrics {
     pub halted: Gauge,
     /// Per NixOSPool: node counts by state.
     pub pool_nodes: Family<PoolStateLabel, Gauge>,
+    /// Per NixOSPool and health gate: 1 when its last evaluation passed, 0 when it blocked.
+    pub gate_passing: Family<PoolGateLabel, Gauge>,
     /// Per NixOSPool: 1 while it admits nothing because it waits (order, soak, pause, invalid).
     pub pool_blocked: Family<PoolLabel, Gauge>,
     /// This process: resident memory, CPU time, open file descriptors, start time.
@@ -225,6 +234,12 @@ impl Metrics {
         );
         let pool_nodes = Family::<PoolStateLabel, Gauge>::default();
         let pool_blocked = Family::<PoolLabel, Gauge>::default();
+        let gate_passing = Family::<PoolGateLabel, Gauge>::default();
+        registry.register(
+            "gate_passing",
+            "1 when the last evaluation of a NixOSPool's health gate passed, 0 when it blocked",
+            gate_passing.clone(),
+        );
         registry.register(
             "pool_nodes",
             "NixOSNodes per NixOSPool and state (nodes, updated, ready, unavailable, degraded)",
@@ -240,6 +255,7 @@ impl Metrics {
             process_registry,
             pool_nodes,
             pool_blocked,
+            gate_passing,
             nodes,
             phase_duration,
             failures,
@@ -250,6 +266,16 @@ impl Metrics {
             halted,
             process,
         }
+    }
+
+    /// Record the last verdict of a pool's health gate.
+    pub fn set_gate(&self, pool: &str, gate: &str, passing: bool) {
+        self.gate_passing
+            .get_or_create(&PoolGateLabel {
+                pool: pool.to_owned(),
+                gate: gate.to_owned(),
+            })
+            .set(i64::from(passing));
     }
 
     /// Set one NixOSPool's gauges from its status.

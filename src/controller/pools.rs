@@ -16,6 +16,7 @@ use super::observe::view_of;
 use super::{Context, ControllerError};
 use crate::api::{NixOSNode, NixOSNodeStatus, NixOSPool, NixOSPoolStatus};
 use crate::names::CONTROLLER_MANAGER;
+use crate::gates::Verdict;
 use crate::rollout::{NodeObservation, NodeView, Pools, pool_status};
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -37,6 +38,28 @@ pub(super) fn build_pools(pools: &[Arc<NixOSPool>], objs: &[Arc<NixOSNode>]) -> 
     )
 }
 
+/// Fill `pools.gate_blocks` from the last verdicts (`pool → gate → verdict`): a pool with a
+/// gate that blocks, or that has no verdict yet, admits nothing (fail closed).
+pub(super) fn apply_verdicts(
+    pools: &mut Pools,
+    pool_objs: &[Arc<NixOSPool>],
+    verdicts: &BTreeMap<String, BTreeMap<String, Verdict>>,
+) {
+    for p in pool_objs {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let gates = p.spec.health_gates.as_ref().map(|g| g.cel.as_slice()).unwrap_or_default();
+        let of_pool = verdicts.get(&name);
+        let why = gates.iter().find_map(|g| match of_pool.and_then(|v| v.get(&g.name)) {
+            Some(Verdict::Pass) => None,
+            Some(Verdict::Block(why)) => Some(format!("health gate {}: {why}", g.name)),
+            None => Some(format!("health gate {} not evaluated yet", g.name)),
+        });
+        if let Some(why) = why {
+            pools.gate_blocks.insert(name, why);
+        }
+    }
+}
+
 /// Whether two pool statuses differ in anything but the conditions' transition times.
 fn same(a: &NixOSPoolStatus, b: &NixOSPoolStatus) -> bool {
     let strip = |s: &NixOSPoolStatus| {
@@ -52,6 +75,29 @@ fn same(a: &NixOSPoolStatus, b: &NixOSPoolStatus) -> bool {
 }
 
 impl Context {
+    /// Evaluate every health gate of every pool (each under its own timeout, one after the
+    /// other) and remember the verdicts; gates of pools that are gone are forgotten.
+    pub(super) async fn gate_pass(&self) {
+        if !self.leading.load(std::sync::atomic::Ordering::SeqCst) || !self.synced.is_synced() {
+            return;
+        }
+        let mut next: BTreeMap<String, BTreeMap<String, Verdict>> = BTreeMap::new();
+        for p in self.pools.state() {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            for g in p.spec.health_gates.iter().flat_map(|h| h.cel.iter()) {
+                let v = crate::gates::cel::check(&self.client, g).await;
+                self.metrics.set_gate(&name, &g.name, v == Verdict::Pass);
+                if let Verdict::Block(why) = &v {
+                    debug!(pool = %name, gate = %g.name, %why, "health gate blocks");
+                }
+                next.entry(name.clone()).or_default().insert(g.name.clone(), v);
+            }
+        }
+        if let Ok(mut v) = self.gate_verdicts.lock() {
+            *v = next;
+        }
+    }
+
     /// Compute every pool's status and write those that changed. Returns how many were written.
     pub(super) async fn write_pool_statuses(&self, now: Timestamp) -> Result<usize, ControllerError> {
         let pool_objs = self.pools.state();
@@ -59,7 +105,10 @@ impl Context {
             return Ok(0);
         }
         let objs = self.follow.effective_all(self.nixosnodes.state());
-        let pools = build_pools(&pool_objs, &objs);
+        let mut pools = build_pools(&pool_objs, &objs);
+        if let Ok(v) = self.gate_verdicts.lock() {
+            apply_verdicts(&mut pools, &pool_objs, &v);
+        }
         let empty = NixOSNodeStatus::default();
         let observations: Vec<NodeObservation> = objs
             .iter()

@@ -96,6 +96,15 @@ fn node_triggers(
     })
 }
 
+/// Ends a task when dropped (also when the leading future is dropped rather than finished).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Lead: run the kube-runtime Controller until `stop` (graceful) or until dropped (forceful).
 async fn lead(
     client: Client,
@@ -199,6 +208,21 @@ async fn lead(
         .flatten()
     };
 
+    // Health gates: evaluated on their own task (each under its own timeout), so a slow gate
+    // never delays the sweep; ended with this leadership term.
+    let gates = {
+        let ctx = ctx.clone();
+        let period = ctx.config.admission_sweep.max(Duration::from_millis(100));
+        AbortOnDrop(tokio::spawn(async move {
+            let mut every = tokio::time::interval(period);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                ctx.gate_pass().await;
+            }
+        }))
+    };
+
     let controller = Controller::for_stream(nxn_stream, ctx.nixosnodes.clone())
         .watches_stream(node_stream, |n: Node| {
             Some(ObjectRef::<NixOSNode>::new(&n.name_any()))
@@ -216,6 +240,7 @@ async fn lead(
             std::future::ready(())
         });
     futures::future::join(controller, synced).await;
+    drop(gates);
     health.synced.store(false, Ordering::SeqCst);
 }
 

@@ -40,8 +40,9 @@ pub mod pool_reason {
     pub const NODE_IN_MULTIPLE_POOLS: &str = "NodeInMultiplePools";
     pub const NO_CONFLICT: &str = "NoConflict";
     pub const IDLE: &str = "Idle";
+    pub const GATE_BLOCKING: &str = "GateBlocking";
     /// The reasons of `Updating` under which the pool admits nothing.
-    pub const BLOCKING: [&str; 4] = [WAITING_FOR_POOL, SOAKING, PAUSED, INVALID_SPEC];
+    pub const BLOCKING: [&str; 5] = [WAITING_FOR_POOL, SOAKING, PAUSED, INVALID_SPEC, GATE_BLOCKING];
 }
 
 /// One pool as the gate sees it.
@@ -126,6 +127,9 @@ pub struct Pools {
     pub pools: Vec<Pool>,
     /// Node name → indices of the pools selecting it; a node missing here is in the default pool.
     pub selected_by: BTreeMap<String, Vec<usize>>,
+    /// Pool name → why one of its health gates blocks (a failing gate, or one not evaluated
+    /// yet): the pool admits nothing.
+    pub gate_blocks: BTreeMap<String, String>,
 }
 
 impl Pools {
@@ -153,6 +157,7 @@ impl Pools {
         Pools {
             pools: specs.iter().map(|(n, s)| Pool::from_spec(n, s)).collect(),
             selected_by,
+            gate_blocks: BTreeMap::new(),
         }
     }
 
@@ -230,6 +235,9 @@ pub fn pool_blocker(
     }
     if pool.paused {
         return Some((pool_reason::PAUSED, "paused (spec.paused)".to_owned()));
+    }
+    if let Some(why) = pools.gate_blocks.get(&pool.name) {
+        return Some((pool_reason::GATE_BLOCKING, why.clone()));
     }
     let short = short_revision(revision);
     for before in &pool.after {

@@ -1381,6 +1381,8 @@ mod pools {
             paused: false,
             after: after.iter().map(|s| (*s).to_owned()).collect(),
             soak: soak.map(str::to_owned),
+            node_soak: None,
+            health_gates: None,
         }
     }
 
