@@ -248,3 +248,71 @@ async fn a_canary_pool_soaks_before_the_rest_and_a_node_in_two_pools_waits() {
     assert!(monitor.max_concurrent() <= 2);
     c.stop().await;
 }
+
+/// A CEL health gate over a ConfigMap blocks a pool while the "storage" is rebuilding: nothing
+/// is admitted and the pool says which gate and why; once it reads healthy the rollout runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cel_gate_blocks_its_pool_until_it_passes() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut world = World::start(fast()).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "storage-health"}, "data": {"state": "rebuilding"}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    create_pool(
+        &world,
+        "all",
+        json!({"selector": {}, "maxUnavailable": 1, "healthGates": {"cel": [{
+        "name": "storage", "apiVersion": "v1", "kind": "ConfigMap", "namespace": "default",
+        "objectName": "storage-health", "expression": "object.data.state == 'healthy'", "timeout": "5s"}]}}),
+    )
+    .await;
+    let c = world.start_controller(controller_config()).await.unwrap();
+    wait_nodes(&world, "adoption", all_on(&first)).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = world
+        .commit("new kernel", |s| {
+            s.kernel.push_str("-next");
+        })
+        .unwrap();
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let st = wait_pool(&world, "all", "the gate blocking", |s| {
+        condition(s, "Updating").is_some_and(|c| c.reason == "GateBlocking")
+    })
+    .await;
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains("health gate storage") && msg.contains("is false"),
+        "{msg}"
+    );
+    // Blocked for a while: every node staged and Waiting, none admitted.
+    wait_nodes(&world, "all staged", |m| {
+        m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    for o in api.list(&Default::default()).await.unwrap() {
+        assert_eq!(
+            phase(&o),
+            Phase::Waiting,
+            "{:?} admitted while the gate blocks",
+            o.metadata.name
+        );
+    }
+    cms.patch(
+        "storage-health",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"data": {"state": "healthy"}})),
+    )
+    .await
+    .unwrap();
+    wait_nodes(&world, "the rollout after the gate passed", all_on(&next)).await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
+    c.stop().await;
+}

@@ -35,7 +35,9 @@ pub struct Context {
     /// NixOSPools (empty when there are none or their CRD is not installed).
     pub(super) pools: Store<NixOSPool>,
     /// The last verdict of each pool's health gates (pool → gate → verdict).
-    pub(super) gate_verdicts: std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::gates::Verdict>>>,
+    pub(super) gate_verdicts: std::sync::Mutex<
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::gates::Verdict>>,
+    >,
     pub(super) synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     pub(super) admission: Mutex<PendingWrites>,

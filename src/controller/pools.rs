@@ -15,8 +15,8 @@ use tracing::{debug, warn};
 use super::observe::view_of;
 use super::{Context, ControllerError};
 use crate::api::{NixOSNode, NixOSNodeStatus, NixOSPool, NixOSPoolStatus};
-use crate::names::CONTROLLER_MANAGER;
 use crate::gates::Verdict;
+use crate::names::CONTROLLER_MANAGER;
 use crate::rollout::{NodeObservation, NodeView, Pools, pool_status};
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -47,13 +47,20 @@ pub(super) fn apply_verdicts(
 ) {
     for p in pool_objs {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let gates = p.spec.health_gates.as_ref().map(|g| g.cel.as_slice()).unwrap_or_default();
+        let gates = p
+            .spec
+            .health_gates
+            .as_ref()
+            .map(|g| g.cel.as_slice())
+            .unwrap_or_default();
         let of_pool = verdicts.get(&name);
-        let why = gates.iter().find_map(|g| match of_pool.and_then(|v| v.get(&g.name)) {
-            Some(Verdict::Pass) => None,
-            Some(Verdict::Block(why)) => Some(format!("health gate {}: {why}", g.name)),
-            None => Some(format!("health gate {} not evaluated yet", g.name)),
-        });
+        let why = gates
+            .iter()
+            .find_map(|g| match of_pool.and_then(|v| v.get(&g.name)) {
+                Some(Verdict::Pass) => None,
+                Some(Verdict::Block(why)) => Some(format!("health gate {}: {why}", g.name)),
+                None => Some(format!("health gate {} not evaluated yet", g.name)),
+            });
         if let Some(why) = why {
             pools.gate_blocks.insert(name, why);
         }

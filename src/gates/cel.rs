@@ -145,20 +145,32 @@ mod tests {
     #[test]
     fn every_volume_healthy_passes_and_one_degraded_blocks() {
         let e = "objects.all(v, v.status.robustness == 'healthy')";
-        assert_eq!(evaluate(e, &volumes(&["healthy", "healthy"])).unwrap(), Verdict::Pass);
+        assert_eq!(
+            evaluate(e, &volumes(&["healthy", "healthy"])).unwrap(),
+            Verdict::Pass
+        );
         let Verdict::Block(why) = evaluate(e, &volumes(&["healthy", "degraded"])).unwrap() else {
             panic!("a degraded volume must block")
         };
         assert!(why.contains("is false over 2 object(s)"), "{why}");
         // `object`: the first (a CephCluster by name).
         let ceph = vec![json!({"status": {"ceph": {"health": "HEALTH_OK"}}})];
-        assert_eq!(evaluate("object.status.ceph.health == 'HEALTH_OK'", &ceph).unwrap(), Verdict::Pass);
+        assert_eq!(
+            evaluate("object.status.ceph.health == 'HEALTH_OK'", &ceph).unwrap(),
+            Verdict::Pass
+        );
     }
 
     #[test]
     fn bad_expressions_are_errors_not_passes() {
-        assert!(matches!(evaluate("objects.all(v,", &[]), Err(GateError::Compile(_))));
-        assert!(matches!(evaluate("size(objects)", &volumes(&["x"])), Err(GateError::NotBool(_))));
+        assert!(matches!(
+            evaluate("objects.all(v,", &[]),
+            Err(GateError::Compile(_))
+        ));
+        assert!(matches!(
+            evaluate("size(objects)", &volumes(&["x"])),
+            Err(GateError::NotBool(_))
+        ));
         assert!(matches!(
             evaluate("object.status.missing == 'x'", &[json!({"status": {}})]),
             Err(GateError::Evaluate(_))

@@ -33,11 +33,15 @@ pub enum GateError {
         #[source]
         source: kube::Error,
     },
-    #[error("more than {limit} {kind} objects match; narrow the gate with namespace, objectName or labelSelector")]
+    #[error(
+        "more than {limit} {kind} objects match; narrow the gate with namespace, objectName or labelSelector"
+    )]
     TooManyObjects { kind: String, limit: u32 },
     #[error("the expression does not compile: {0}")]
     Compile(String),
-    #[error("the expression nests more than {0} comprehensions (all, exists, exists_one, map, filter); its cost is bounded by refusing deeper ones")]
+    #[error(
+        "the expression nests more than {0} comprehensions (all, exists, exists_one, map, filter); its cost is bounded by refusing deeper ones"
+    )]
     TooCostly(usize),
     #[error("evaluating the expression: {0}")]
     Evaluate(String),
@@ -51,10 +55,13 @@ impl GateError {
     /// Fixed category (metric label).
     pub fn category(&self) -> &'static str {
         match self {
-            GateError::BadApiVersion(_) | GateError::Compile(_) | GateError::TooCostly(_) | GateError::NotBool(_) => {
-                "InvalidGate"
+            GateError::BadApiVersion(_)
+            | GateError::Compile(_)
+            | GateError::TooCostly(_)
+            | GateError::NotBool(_) => "InvalidGate",
+            GateError::Discovery { .. } | GateError::List { .. } | GateError::TooManyObjects { .. } => {
+                "ObjectsUnavailable"
             }
-            GateError::Discovery { .. } | GateError::List { .. } | GateError::TooManyObjects { .. } => "ObjectsUnavailable",
             GateError::Evaluate(_) => "EvaluationFailed",
             GateError::Timeout(_) => "Timeout",
         }
