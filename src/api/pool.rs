@@ -89,6 +89,52 @@ pub struct HealthGates {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub cel: Vec<CelGate>,
+    /// Prometheus alert checks: no firing (or pending) alert may match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub prometheus: Vec<PrometheusGate>,
+}
+
+/// No alert of a Prometheus server (its `/api/v1/alerts`) that matches may be firing. An alert
+/// matches when its name is in `alertNames` (or that list is empty), not in
+/// `ignoreAlertNames`, and it carries every label of `matchLabels`. An unreachable Prometheus
+/// blocks unless `failOpen`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusGate {
+    /// The gate's name, as conditions and metrics show it.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("a gate name must be lowercase letters, digits and dashes"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The Prometheus (or Alertmanager-compatible Thanos/Mimir ruler) base URL, e.g.
+    /// `http://prometheus-operated.monitoring:9090`.
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^?#[:space:]]+$')").message("url must be an http:// or https:// URL without a query"))]
+    #[schemars(length(min = 1, max = 1024))]
+    pub url: String,
+    /// Only these alert names count (empty: every alert).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 253}))]
+    pub alert_names: Vec<String>,
+    /// These alert names never count (e.g. `Watchdog`, `InfoInhibitor`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("items" = {"type": "string", "maxLength": 253}))]
+    pub ignore_alert_names: Vec<String>,
+    /// Only alerts carrying all of these labels count, e.g. `severity: critical`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub match_labels: BTreeMap<String, String>,
+    /// Pending alerts (not yet firing) do not count. Default false: they block too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_pending: bool,
+    /// An unreachable Prometheus (or an answer that is not an alert list) lets the gate pass.
+    /// Default false: it blocks (fail closed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_open: bool,
+    /// Bound of one query, e.g. `10s` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("timeout must be a duration such as 10s or 1m"))]
+    #[schemars(length(max = 32))]
+    pub timeout: Option<String>,
 }
 
 /// A CEL expression over the objects of one kind: `objects` is the list of the objects

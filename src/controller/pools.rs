@@ -38,6 +38,16 @@ pub(super) fn build_pools(pools: &[Arc<NixOSPool>], objs: &[Arc<NixOSNode>]) -> 
     )
 }
 
+/// The names of a pool's health gates (CEL, then Prometheus).
+fn gate_names(spec: &crate::api::NixOSPoolSpec) -> impl Iterator<Item = &str> {
+    spec.health_gates.iter().flat_map(|h| {
+        h.cel
+            .iter()
+            .map(|g| g.name.as_str())
+            .chain(h.prometheus.iter().map(|g| g.name.as_str()))
+    })
+}
+
 /// Fill `pools.gate_blocks` from the last verdicts (`pool → gate → verdict`): a pool with a
 /// gate that blocks, or that has no verdict yet, admits nothing (fail closed).
 pub(super) fn apply_verdicts(
@@ -47,20 +57,12 @@ pub(super) fn apply_verdicts(
 ) {
     for p in pool_objs {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let gates = p
-            .spec
-            .health_gates
-            .as_ref()
-            .map(|g| g.cel.as_slice())
-            .unwrap_or_default();
         let of_pool = verdicts.get(&name);
-        let why = gates
-            .iter()
-            .find_map(|g| match of_pool.and_then(|v| v.get(&g.name)) {
-                Some(Verdict::Pass) => None,
-                Some(Verdict::Block(why)) => Some(format!("health gate {}: {why}", g.name)),
-                None => Some(format!("health gate {} not evaluated yet", g.name)),
-            });
+        let why = gate_names(&p.spec).find_map(|g| match of_pool.and_then(|v| v.get(g)) {
+            Some(Verdict::Pass) => None,
+            Some(Verdict::Block(why)) => Some(format!("health gate {g}: {why}")),
+            None => Some(format!("health gate {g} not evaluated yet")),
+        });
         if let Some(why) = why {
             pools.gate_blocks.insert(name, why);
         }
@@ -91,13 +93,19 @@ impl Context {
         let mut next: BTreeMap<String, BTreeMap<String, Verdict>> = BTreeMap::new();
         for p in self.pools.state() {
             let name = p.metadata.name.clone().unwrap_or_default();
+            let mut verdicts: Vec<(String, Verdict)> = Vec::new();
             for g in p.spec.health_gates.iter().flat_map(|h| h.cel.iter()) {
-                let v = crate::gates::cel::check(&self.client, g).await;
-                self.metrics.set_gate(&name, &g.name, v == Verdict::Pass);
+                verdicts.push((g.name.clone(), crate::gates::cel::check(&self.client, g).await));
+            }
+            for g in p.spec.health_gates.iter().flat_map(|h| h.prometheus.iter()) {
+                verdicts.push((g.name.clone(), crate::gates::prometheus::check(g).await));
+            }
+            for (gate, v) in verdicts {
+                self.metrics.set_gate(&name, &gate, v == Verdict::Pass);
                 if let Verdict::Block(why) = &v {
-                    debug!(pool = %name, gate = %g.name, %why, "health gate blocks");
+                    debug!(pool = %name, %gate, %why, "health gate blocks");
                 }
-                next.entry(name.clone()).or_default().insert(g.name.clone(), v);
+                next.entry(name.clone()).or_default().insert(gate, v);
             }
         }
         if let Ok(mut v) = self.gate_verdicts.lock() {

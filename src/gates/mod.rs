@@ -3,9 +3,11 @@
 //! [`Verdict`], which the admission gate reads through [`crate::rollout::Pools`] (a pool whose
 //! gate fails, or has no verdict yet, admits nothing: fail closed).
 //!
-//! * [`cel`]: a CEL expression over Kubernetes objects of any kind.
+//! * [`cel`]: a CEL expression over Kubernetes objects of any kind;
+//! * [`prometheus`]: no matching alert firing on a Prometheus server.
 
 pub mod cel;
+pub mod prometheus;
 
 /// The outcome of one evaluation of a gate.
 #[derive(Clone, Debug, PartialEq, Eq)]
