@@ -11,8 +11,8 @@ pub use crd::{
     all_crds_yaml, crd, crd_yaml, flakesource_crd, flakesource_crd_yaml, nixospool_crd, nixospool_crd_yaml,
 };
 pub use pool::{
-    CelGate, HealthGates, NixOSPool, PrometheusGate, NixOSPoolSpec, NixOSPoolStatus, PoolSelector, PoolSelectorRequirement,
-    SelectorOperator, pool_condition,
+    CelGate, HealthGates, NixOSPool, NixOSPoolSpec, NixOSPoolStatus, PoolSelector, PoolSelectorRequirement,
+    PrometheusGate, SelectorOperator, pool_condition,
 };
 pub use source::{
     FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, LocalSecretRef, SourceKind, SourceRef,

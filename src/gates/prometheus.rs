@@ -45,7 +45,11 @@ struct AnswerData {
 pub fn parse_alerts(body: &[u8]) -> Result<Vec<Alert>, String> {
     let a: Answer = serde_json::from_slice(body).map_err(|e| format!("not an alert list: {e}"))?;
     if a.status != "success" {
-        return Err(format!("Prometheus answered {}: {}", a.status, a.error.unwrap_or_default()));
+        return Err(format!(
+            "Prometheus answered {}: {}",
+            a.status,
+            a.error.unwrap_or_default()
+        ));
     }
     a.data
         .map(|d| d.alerts)
@@ -54,12 +58,19 @@ pub fn parse_alerts(body: &[u8]) -> Result<Vec<Alert>, String> {
 
 /// Whether `alert` counts for `gate` (names, labels and state). Pure.
 pub fn counts(gate: &PrometheusGate, alert: &Alert) -> bool {
-    let name = alert.labels.get("alertname").map(String::as_str).unwrap_or_default();
+    let name = alert
+        .labels
+        .get("alertname")
+        .map(String::as_str)
+        .unwrap_or_default();
     let state_counts = alert.state == "firing" || (alert.state == "pending" && !gate.ignore_pending);
     state_counts
         && (gate.alert_names.is_empty() || gate.alert_names.iter().any(|n| n == name))
         && !gate.ignore_alert_names.iter().any(|n| n == name)
-        && gate.match_labels.iter().all(|(k, v)| alert.labels.get(k) == Some(v))
+        && gate
+            .match_labels
+            .iter()
+            .all(|(k, v)| alert.labels.get(k) == Some(v))
 }
 
 /// The verdict over the alerts Prometheus listed. Pure.
@@ -70,7 +81,10 @@ pub fn judge(gate: &PrometheusGate, alerts: &[Alert]) -> Verdict {
         .map(|a| {
             format!(
                 "{} ({})",
-                a.labels.get("alertname").map(String::as_str).unwrap_or("(unnamed)"),
+                a.labels
+                    .get("alertname")
+                    .map(String::as_str)
+                    .unwrap_or("(unnamed)"),
                 a.state
             )
         })
@@ -86,7 +100,11 @@ pub fn judge(gate: &PrometheusGate, alerts: &[Alert]) -> Verdict {
         "alerts at {}: {}{}",
         gate.url,
         hits.join(", "),
-        if more > 0 { format!(" and {more} more") } else { String::new() }
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
     ))
 }
 
@@ -113,11 +131,17 @@ async fn fetch(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
     let req = hyper::Request::get(uri)
         .header("accept", "application/json")
-        .header("user-agent", concat!("nixroll-controller/", env!("CARGO_PKG_VERSION")))
+        .header(
+            "user-agent",
+            concat!("nixroll-controller/", env!("CARGO_PKG_VERSION")),
+        )
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let run = async {
-        let resp = client.request(req).await.map_err(|e| format!("unreachable: {e}"))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("unreachable: {e}"))?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
@@ -136,7 +160,10 @@ async fn fetch(url: &str, timeout: Duration) -> Result<Vec<u8>, String> {
 
 /// One evaluation of `gate`. Never an error: a failed query blocks (or passes with `failOpen`).
 pub async fn check(gate: &PrometheusGate) -> Verdict {
-    match fetch(&gate.url, timeout_of(gate)).await.and_then(|b| parse_alerts(&b)) {
+    match fetch(&gate.url, timeout_of(gate))
+        .await
+        .and_then(|b| parse_alerts(&b))
+    {
         Ok(alerts) => judge(gate, &alerts),
         Err(_) if gate.fail_open => Verdict::Pass,
         Err(e) => Verdict::Block(format!("Prometheus at {}: {e} (fail closed)", gate.url)),
@@ -175,17 +202,29 @@ mod tests {
     fn names_labels_and_pending_select_what_blocks() {
         let mut g = gate();
         assert_eq!(judge(&g, &[alert("Watchdog", "firing", "none")]), Verdict::Pass);
-        assert!(matches!(judge(&g, &[alert("VolumeDegraded", "pending", "warning")]), Verdict::Block(_)));
+        assert!(matches!(
+            judge(&g, &[alert("VolumeDegraded", "pending", "warning")]),
+            Verdict::Block(_)
+        ));
         g.ignore_pending = true;
-        assert_eq!(judge(&g, &[alert("VolumeDegraded", "pending", "warning")]), Verdict::Pass);
+        assert_eq!(
+            judge(&g, &[alert("VolumeDegraded", "pending", "warning")]),
+            Verdict::Pass
+        );
         g.match_labels.insert("severity".into(), "critical".into());
-        assert_eq!(judge(&g, &[alert("VolumeDegraded", "firing", "warning")]), Verdict::Pass);
+        assert_eq!(
+            judge(&g, &[alert("VolumeDegraded", "firing", "warning")]),
+            Verdict::Pass
+        );
         let Verdict::Block(why) = judge(&g, &[alert("EtcdDown", "firing", "critical")]) else {
             panic!("a critical firing alert must block")
         };
         assert!(why.contains("EtcdDown (firing)"), "{why}");
         g.alert_names = vec!["NodeDown".into()];
-        assert_eq!(judge(&g, &[alert("EtcdDown", "firing", "critical")]), Verdict::Pass);
+        assert_eq!(
+            judge(&g, &[alert("EtcdDown", "firing", "critical")]),
+            Verdict::Pass
+        );
     }
 
     #[test]
@@ -202,7 +241,10 @@ mod tests {
         // Port 9 (discard) on loopback: nothing listens; refused at once.
         g.timeout = Some("2s".into());
         let v = check(&g).await;
-        assert!(matches!(&v, Verdict::Block(w) if w.contains("fail closed")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Block(w) if w.contains("fail closed")),
+            "{v:?}"
+        );
         g.fail_open = true;
         assert_eq!(check(&g).await, Verdict::Pass);
     }
