@@ -446,6 +446,10 @@ struct DemoArgs {
     /// commits twice and both rollouts start by themselves.
     #[arg(long)]
     follow: bool,
+    /// The nodes in NixOSPools: a canary pool of one node takes the revision and soaks, then
+    /// two pools roll concurrently, one behind a health gate that blocks for a while.
+    #[arg(long, conflicts_with = "follow")]
+    pools: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -470,6 +474,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.json = args.json;
     opts.hold = args.hold;
     opts.timeout = args.timeout;
+    opts.pools = args.pools;
     runtime()?.block_on(async {
         if args.follow {
             nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;

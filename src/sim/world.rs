@@ -96,7 +96,7 @@ pub enum WorldError {
     NotEmbedded(&'static str),
 }
 
-async fn call<T>(
+pub(crate) async fn call<T>(
     operation: impl Into<String>,
     fut: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, WorldError> {
