@@ -1835,6 +1835,9 @@ impl Sim {
     }
 }
 
+/// The pools, the pools selecting each node, and the temporary conflict (node, extra pool, until).
+type PoolLayout = (Vec<SimPool>, Vec<Vec<usize>>, Option<(usize, usize, Timestamp)>);
+
 /// The pools of a seed: none in about half; else concurrent pools, a canary pool with the rest
 /// after it (with a soak), or a canary and two concurrent pools after it; sometimes one node is
 /// in two pools for a while, and sometimes a pool is paused for a while.
@@ -1844,7 +1847,7 @@ fn pool_layout(
     cps: usize,
     now: Timestamp,
     quiet_after: Timestamp,
-) -> (Vec<SimPool>, Vec<Vec<usize>>, Option<(usize, usize, Timestamp)>) {
+) -> PoolLayout {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed_9001);
     let mut pool_of = vec![Vec::new(); n];
     if rng.bool() {
