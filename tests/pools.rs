@@ -289,6 +289,33 @@ async fn a_failing_cel_gate_blocks_its_pool_until_it_passes() {
         msg.contains("health gate storage") && msg.contains("is false"),
         "{msg}"
     );
+    // An Event on the pool says so too (kubectl describe nixospool all).
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(world.client.clone());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("GateBlocking")
+                    && e.involved_object.kind.as_deref() == Some("NixOSPool")
+                    && e.involved_object.name.as_deref() == Some("all")
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("health gate storage"))
+            });
+        if found {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no GateBlocking Event on NixOSPool all"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Blocked for a while: every node staged and Waiting, none admitted.
     wait_nodes(&world, "all staged", |m| {
         m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)

@@ -1841,13 +1841,7 @@ type PoolLayout = (Vec<SimPool>, Vec<Vec<usize>>, Option<(usize, usize, Timestam
 /// The pools of a seed: none in about half; else concurrent pools, a canary pool with the rest
 /// after it (with a soak), or a canary and two concurrent pools after it; sometimes one node is
 /// in two pools for a while, and sometimes a pool is paused for a while.
-fn pool_layout(
-    seed: u64,
-    n: usize,
-    cps: usize,
-    now: Timestamp,
-    quiet_after: Timestamp,
-) -> PoolLayout {
+fn pool_layout(seed: u64, n: usize, cps: usize, now: Timestamp, quiet_after: Timestamp) -> PoolLayout {
     let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed_9001);
     let mut pool_of = vec![Vec::new(); n];
     if rng.bool() {

@@ -162,7 +162,10 @@ impl Context {
             )
             .await
             {
-                Ok(Ok(_)) => written += 1,
+                Ok(Ok(_)) => {
+                    written += 1;
+                    self.pool_events(obj, &previous, &next).await;
+                }
                 Ok(Err(source)) => {
                     return Err(ControllerError::WritePoolStatus {
                         pool: pool.name.clone(),
@@ -182,6 +185,37 @@ impl Context {
             debug!(written, "pool statuses written");
         }
         Ok(written)
+    }
+
+    /// One Event per change of a pool condition's reason (a pool starts waiting for its
+    /// predecessor, a gate starts or stops blocking, a node goes Degraded, a conflict appears).
+    async fn pool_events(&self, obj: &NixOSPool, previous: &NixOSPoolStatus, next: &NixOSPoolStatus) {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(NixOSPool::api_version(&()).into_owned()),
+            kind: Some(NixOSPool::kind(&()).into_owned()),
+            name: obj.metadata.name.clone(),
+            uid: obj.metadata.uid.clone(),
+            ..Default::default()
+        };
+        for c in &next.conditions {
+            let before = previous.conditions.iter().find(|p| p.type_ == c.type_);
+            if before.is_some_and(|b| b.reason == c.reason && b.status == c.status) {
+                continue;
+            }
+            // The first status of a pool says nothing new unless something is wrong.
+            let warning = matches!(
+                c.reason.as_str(),
+                "NodeDegraded" | "NodeInMultiplePools" | "GateBlocking" | "InvalidSpec"
+            );
+            if before.is_none() && !warning && c.reason != "WaitingForPool" {
+                continue;
+            }
+            if c.type_ == crate::api::pool_condition::UPDATED {
+                continue;
+            }
+            self.publish(&reference, "Roll", &c.reason, c.message.clone(), warning)
+                .await;
+        }
     }
 
     /// One pass of the pool status writer (leader only, caches synced); errors are logged here.
