@@ -262,6 +262,9 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("gitrepositories", "watch"),
             ("customresourcedefinitions", "list"),
             ("customresourcedefinitions", "watch"),
+            ("nixospools", "list"),
+            ("nixospools", "watch"),
+            ("nixospools/status", "patch"),
             ("nodes", "list"),
             ("nodes", "watch"),
             ("nodes", "patch"),
@@ -1095,4 +1098,103 @@ mod chart {
             }
         }
     }
+}
+
+/// The chart's optional PrometheusRule: off by default; on, Prometheus' own `promtool` accepts
+/// its rules and, in a rule unit test over synthetic series, each alert fires after its `for`
+/// (a pool blocked for over an hour, a gate failing, a halted rollout, a Degraded node) and not
+/// while the metrics are healthy.
+#[test]
+fn the_prometheus_rule_is_valid_and_its_alerts_fire_when_they_should() {
+    use serde_json::json;
+    let off = common::chart::render(json!({}));
+    assert!(!off.iter().any(|d| d["kind"] == "PrometheusRule"));
+    let docs = common::chart::render(
+        json!({"metrics": {"prometheusRule": {"enabled": true, "labels": {"release": "kps"}}}}),
+    );
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kps");
+    let have = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !common::require("`promtool` (apt-get install prometheus)", have) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yml");
+    std::fs::write(
+        &rules,
+        serde_json::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap(),
+    )
+    .unwrap();
+    let check = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let test = json!({
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": "nixroll_pool_blocked{pool=\"zone-a\",instance=\"a\"}", "values": "1x120"},
+                {"series": "nixroll_pool_blocked{pool=\"zone-a\",instance=\"b\"}", "values": "0x120"},
+                {"series": "nixroll_pool_blocked{pool=\"zone-b\",instance=\"a\"}", "values": "0x120"},
+                {"series": "nixroll_gate_passing{pool=\"zone-a\",gate=\"storage\",instance=\"a\"}", "values": "0x120"},
+                {"series": "nixroll_halted{instance=\"a\"}", "values": "0 0 0 1x20"},
+                {"series": "nixroll_nodes{phase=\"Degraded\",instance=\"a\"}", "values": "0x120"}
+            ],
+            "alert_rule_test": [
+                {"eval_time": "30m", "alertname": "NixrollPoolBlocked", "exp_alerts": []},
+                {"eval_time": "90m", "alertname": "NixrollPoolBlocked",
+                 "exp_alerts": [{"exp_labels": {"pool": "zone-a", "severity": "warning"}}]},
+                {"eval_time": "90m", "alertname": "NixrollHealthGateFailing",
+                 "exp_alerts": [{"exp_labels": {"pool": "zone-a", "gate": "storage", "severity": "warning"}}]},
+                {"eval_time": "5m", "alertname": "NixrollRolloutHalted", "exp_alerts": []},
+                {"eval_time": "15m", "alertname": "NixrollRolloutHalted", "exp_alerts": [{"exp_labels": {"severity": "warning"}}]},
+                {"eval_time": "90m", "alertname": "NixrollNodeDegraded", "exp_alerts": []}
+            ]
+        }]
+    });
+    // promtool compares the annotations too: take them from the rendered rule.
+    let mut test = test;
+    for t in test["tests"][0]["alert_rule_test"].as_array_mut().unwrap() {
+        let name = t["alertname"].clone();
+        let annotations = rule["spec"]["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["alert"] == name)
+            .map(|r| r["annotations"].clone())
+            .unwrap();
+        for a in t["exp_alerts"].as_array_mut().unwrap() {
+            a["exp_annotations"] = annotations.clone();
+        }
+    }
+    let tests = dir.path().join("tests.yml");
+    std::fs::write(&tests, serde_json::to_string(&test).unwrap()).unwrap();
+    let out = Command::new("promtool")
+        .current_dir(dir.path())
+        .arg("test")
+        .arg("rules")
+        .arg(&tests)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
