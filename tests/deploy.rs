@@ -1198,3 +1198,55 @@ fn the_prometheus_rule_is_valid_and_its_alerts_fire_when_they_should() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Grafana dashboard: the chart's ConfigMap (off by default) carries exactly
+/// deploy/grafana-dashboard.json, which is valid JSON, and every `nixroll_*` metric its panels
+/// query is one the controller serves.
+#[test]
+fn the_grafana_dashboard_is_the_same_in_the_chart_and_deploy_and_queries_real_metrics() {
+    use serde_json::json;
+    let file = std::fs::read_to_string(format!("{ROOT}/deploy/grafana-dashboard.json")).unwrap();
+    let dash: Value = serde_json::from_str(&file).unwrap();
+    assert!(
+        !common::chart::render(json!({}))
+            .iter()
+            .any(|d| d["metadata"]["name"] == "nixroll-grafana-dashboard")
+    );
+    let docs = common::chart::render(json!({"metrics": {"grafanaDashboard": {"enabled": true}}}));
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "nixroll-grafana-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let in_chart: Value = serde_json::from_str(cm["data"]["nixroll.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        in_chart, dash,
+        "the chart's dashboard differs from deploy/grafana-dashboard.json"
+    );
+    // What the controller serves (a fresh registry encodes every family, even empty ones).
+    let metrics = nixroll::controller::Metrics::new();
+    metrics.set_gate("p", "g", true);
+    metrics.set_pool("p", &nixroll::api::NixOSPoolStatus::default());
+    let served = metrics.encode().unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exprs.len() >= 10);
+    let names = regex::Regex::new(r"nixroll_[a-z_]+").unwrap();
+    for e in &exprs {
+        for m in names.find_iter(e) {
+            let name = m.as_str();
+            let base = name.trim_end_matches("_bucket").trim_end_matches("_total");
+            assert!(
+                served
+                    .lines()
+                    .any(|l| l.starts_with(name) || l.starts_with(&format!("# TYPE {base} "))),
+                "the dashboard queries {name}, which the controller does not serve"
+            );
+        }
+    }
+}
