@@ -6,6 +6,7 @@ pub mod api;
 pub mod connect;
 pub mod controller;
 pub mod drain;
+pub mod gates;
 pub mod image;
 pub mod names;
 pub mod nix;

@@ -16,11 +16,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print nixroll's CustomResourceDefinitions, NixOSNode and FlakeSource (the same as crds/).
+    /// Print nixroll's CustomResourceDefinitions, NixOSNode, FlakeSource and NixOSPool (the same
+    /// as crds/).
     Crd {
-        /// Print only this one: `nixosnodes` (crds/nixosnodes.yaml) or `flakesources`
-        /// (crds/flakesources.yaml).
-        #[arg(long, value_name = "PLURAL", value_parser = ["nixosnodes", "flakesources"])]
+        /// Print only this one: `nixosnodes` (crds/nixosnodes.yaml), `flakesources`
+        /// (crds/flakesources.yaml) or `nixospools` (crds/nixospools.yaml).
+        #[arg(long, value_name = "PLURAL", value_parser = ["nixosnodes", "flakesources", "nixospools"])]
         only: Option<String>,
     },
     /// Run the controller (kubeconfig or in-cluster config).
@@ -321,6 +322,11 @@ struct ControllerArgs {
     /// Admissions halt while at least this many nodes are Degraded.
     #[arg(long, env = "NIXROLL_FAILURE_THRESHOLD", default_value_t = 1)]
     failure_threshold: u32,
+    /// How long a node that finished its update must stay Ready, still counting against its
+    /// pool's budget, before the next node takes its slot (`0s`: none); a NixOSPool's
+    /// spec.nodeSoak overrides it.
+    #[arg(long, env = "NIXROLL_NODE_SOAK", default_value = "0s", value_parser = parse_soak)]
+    node_soak: jiff::SignedDuration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NIXROLL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
@@ -440,6 +446,10 @@ struct DemoArgs {
     /// commits twice and both rollouts start by themselves.
     #[arg(long)]
     follow: bool,
+    /// The nodes in NixOSPools: a canary pool of one node takes the revision and soaks, then
+    /// two pools roll concurrently, one behind a health gate that blocks for a while.
+    #[arg(long, conflicts_with = "follow")]
+    pools: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -464,6 +474,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.json = args.json;
     opts.hold = args.hold;
     opts.timeout = args.timeout;
+    opts.pools = args.pools;
     runtime()?.block_on(async {
         if args.follow {
             nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;
@@ -549,6 +560,10 @@ fn parse_signed_duration(s: &str) -> Result<jiff::SignedDuration, String> {
     Ok(d)
 }
 
+fn parse_soak(s: &str) -> Result<jiff::SignedDuration, String> {
+    nixroll::rollout::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration = s
         .parse()
@@ -616,6 +631,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(&identity);
     config.policy.max_unavailable = args.max_unavailable;
     config.policy.failure_threshold = args.failure_threshold;
+    config.policy.node_soak = args.node_soak;
     config.policy.timeouts = nixroll::rollout::PhaseTimeouts {
         staging: args.staging_timeout,
         draining: args.draining_timeout,
@@ -709,6 +725,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Crd { only } => {
             let yaml = match only.as_deref() {
                 Some("nixosnodes") => nixroll::api::crd_yaml(),
+                Some("nixospools") => nixroll::api::nixospool_crd_yaml(),
                 Some(_) => nixroll::api::flakesource_crd_yaml(),
                 None => nixroll::api::all_crds_yaml(),
             }

@@ -153,6 +153,7 @@ fn stores(objects: Vec<NixOSNode>, nodes: Vec<k8s_openapi::api::core::v1::Node>)
         nixosnodes,
         nodes: node_store,
         pause,
+        pools: kube::runtime::reflector::store().0,
         synced: Synced::ready(),
     }
 }

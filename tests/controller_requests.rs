@@ -190,6 +190,7 @@ fn ready_stores() -> Stores {
         nixosnodes: nxn,
         nodes,
         pause,
+        pools: kube::runtime::reflector::store().0,
         synced: Synced::ready(),
     }
 }

@@ -149,12 +149,62 @@ fn flakesource_crd_is_committed_namespaced_and_has_its_columns() {
         .collect();
     assert_eq!(cols, ["URL", "REF", "REVISION", "READY", "AGE"]);
     let all = nixroll::api::all_crds_yaml().unwrap();
-    assert!(all.contains("name: nixosnodes.nixroll.io") && all.contains("name: flakesources.nixroll.io"));
+    assert!(
+        all.contains("name: nixosnodes.nixroll.io")
+            && all.contains("name: flakesources.nixroll.io")
+            && all.contains("name: nixospools.nixroll.io")
+    );
     let docs: Vec<serde_json::Value> = all
         .split("\n---\n")
         .map(|d| serde_saphyr::from_str(d).unwrap())
         .collect();
-    assert_eq!(docs.len(), 2);
+    assert_eq!(docs.len(), 3);
+}
+
+/// The NixOSPool CRD: committed (crds/ and the chart) exactly as generated
+/// (`cargo run -- crd --only nixospools > crds/nixospools.yaml`), cluster-scoped with the short
+/// name `nxp`, a status subresource and the columns `kubectl get nixospools` shows.
+#[test]
+fn nixospool_crd_is_committed_cluster_scoped_and_has_its_columns() {
+    let generated = nixroll::api::nixospool_crd_yaml().unwrap();
+    for path in ["crds/nixospools.yaml", "charts/nixroll/crds/nixospools.yaml"] {
+        let committed = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(
+            generated == committed,
+            "{path} is stale: run `cargo run -- crd --only nixospools > {path}` and commit"
+        );
+    }
+    let kustomization =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/Kustomization")).unwrap();
+    assert!(kustomization.contains("nixospools.yaml"));
+    let crd = nixroll::api::nixospool_crd();
+    assert_eq!(crd.metadata.name.as_deref(), Some("nixospools.nixroll.io"));
+    assert_eq!(crd.spec.scope, "Cluster");
+    assert_eq!(
+        crd.spec.names.short_names.as_deref(),
+        Some(&["nxp".to_owned()][..])
+    );
+    let v = &crd.spec.versions[0];
+    assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+    let cols: Vec<_> = v
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .filter(|c| c.priority.unwrap_or(0) == 0)
+        .map(|c| c.name.to_uppercase())
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            "NODES",
+            "UPDATED",
+            "READY",
+            "UNAVAILABLE",
+            "DEGRADED",
+            "REVISION",
+            "AGE"
+        ]
+    );
 }
 
 /// Every `description` in `v` (schema properties and printer columns) with its path, and every
@@ -196,7 +246,11 @@ fn descriptions(
 /// sentences in the middle; no "Auto-generated derived type" placeholder.
 #[test]
 fn every_description_is_whole_sentences() {
-    for crd in [nixroll::api::crd(), nixroll::api::flakesource_crd()] {
+    for crd in [
+        nixroll::api::crd(),
+        nixroll::api::flakesource_crd(),
+        nixroll::api::nixospool_crd(),
+    ] {
         let name = crd.metadata.name.clone().unwrap_or_default();
         let v = serde_json::to_value(&crd).unwrap();
         let (mut found, mut missing) = (Vec::new(), Vec::new());

@@ -15,13 +15,17 @@ use serde_json::Value;
 
 /// Every CRD nixroll ships, by name.
 fn crds() -> Vec<(String, Value)> {
-    [nixroll::api::crd(), nixroll::api::flakesource_crd()]
-        .into_iter()
-        .map(|c| {
-            let name = c.metadata.name.clone().unwrap_or_default();
-            (name, serde_json::to_value(c).unwrap())
-        })
-        .collect()
+    [
+        nixroll::api::crd(),
+        nixroll::api::flakesource_crd(),
+        nixroll::api::nixospool_crd(),
+    ]
+    .into_iter()
+    .map(|c| {
+        let name = c.metadata.name.clone().unwrap_or_default();
+        (name, serde_json::to_value(c).unwrap())
+    })
+    .collect()
 }
 
 /// The `openAPIV3Schema` of each version.

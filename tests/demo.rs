@@ -166,3 +166,90 @@ async fn demo_follow_applies_two_pushes_by_itself() {
         run.stderr
     );
 }
+
+/// `nixroll demo --pools --nodes 6`: the canary (node-2) runs the new revision before any
+/// other node is drained, and the others start only after its 5 s soak; pool zone-b (node-4,
+/// node-6), behind a health gate that blocks for 8 s, starts after that too; every node ends
+/// on the new revision, and within each pool never two nodes disrupted at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_pools_rolls_the_canary_first_then_the_pools_behind_their_gate() {
+    let run = demo(&["--pools", "--nodes", "6"]).await;
+    assert!(
+        run.stderr.contains("pool canary") && run.stderr.contains("health gate"),
+        "{}",
+        run.stderr
+    );
+    let time = |c: &Value| field(c, "time").unwrap().parse::<jiff::Timestamp>().unwrap();
+    let wanted = |c: &Value| field(c, "wanted").map(str::to_owned);
+    // The rollout: the changes after the first Draining.
+    let first_drain = run
+        .changes
+        .iter()
+        .position(|c| field(c, "phase") == Some("Draining"))
+        .unwrap();
+    let rollout = &run.changes[first_drain..];
+    assert_eq!(
+        field(&rollout[0], "node"),
+        Some("node-2"),
+        "the canary is drained first"
+    );
+    let canary_done = rollout
+        .iter()
+        .find(|c| field(c, "node") == Some("node-2") && field(c, "phase") == Some("UpToDate"))
+        .map(time)
+        .unwrap();
+    let drained = |n: &str| {
+        rollout
+            .iter()
+            .find(|c| field(c, "node") == Some(n) && field(c, "phase") == Some("Draining"))
+            .map(time)
+            .unwrap()
+    };
+    for n in ["node-1", "node-3", "node-4", "node-5", "node-6"] {
+        let after = drained(n).duration_since(canary_done);
+        assert!(
+            after >= jiff::SignedDuration::from_secs(5),
+            "{n} drained {after:?} after the canary finished"
+        );
+    }
+    let rollout_start = time(&rollout[0]);
+    for n in ["node-4", "node-6"] {
+        let after = drained(n).duration_since(rollout_start);
+        assert!(
+            after >= jiff::SignedDuration::from_secs(8),
+            "{n} drained {after:?} into the rollout, gate held 8 s"
+        );
+    }
+    let last = last_by_node(&run);
+    let target = wanted(&rollout[0]);
+    for (n, c) in &last {
+        assert_eq!(field(c, "phase"), Some("UpToDate"), "{n}");
+        assert_eq!(wanted(c), target, "{n}");
+    }
+    // Per pool, at most one node disrupted at once.
+    for pool in [
+        &["node-2"][..],
+        &["node-1", "node-3", "node-5"],
+        &["node-4", "node-6"],
+    ] {
+        let mut busy = BTreeSet::new();
+        for c in rollout {
+            let n = field(c, "node").unwrap();
+            if !pool.contains(&n) {
+                continue;
+            }
+            match field(c, "phase") {
+                Some("Draining" | "Activating" | "Rebooting" | "Verifying") => {
+                    busy.insert(n.to_owned());
+                }
+                _ => {
+                    busy.remove(n);
+                }
+            }
+            assert!(
+                busy.len() <= 1,
+                "two nodes of pool {pool:?} disrupted at once: {busy:?}"
+            );
+        }
+    }
+}

@@ -262,6 +262,9 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("gitrepositories", "watch"),
             ("customresourcedefinitions", "list"),
             ("customresourcedefinitions", "watch"),
+            ("nixospools", "list"),
+            ("nixospools", "watch"),
+            ("nixospools/status", "patch"),
             ("nodes", "list"),
             ("nodes", "watch"),
             ("nodes", "patch"),
@@ -1093,6 +1096,157 @@ mod chart {
                         && !default.as_object().is_some_and(|o| o.is_empty()) => {}
                 v => assert_eq!(cell, format!("`{v}`"), "the default of {leaf} in README.md"),
             }
+        }
+    }
+}
+
+/// The chart's optional PrometheusRule: off by default; on, Prometheus' own `promtool` accepts
+/// its rules and, in a rule unit test over synthetic series, each alert fires after its `for`
+/// (a pool blocked for over an hour, a gate failing, a halted rollout, a Degraded node) and not
+/// while the metrics are healthy.
+#[test]
+fn the_prometheus_rule_is_valid_and_its_alerts_fire_when_they_should() {
+    use serde_json::json;
+    let off = common::chart::render(json!({}));
+    assert!(!off.iter().any(|d| d["kind"] == "PrometheusRule"));
+    let docs = common::chart::render(
+        json!({"metrics": {"prometheusRule": {"enabled": true, "labels": {"release": "kps"}}}}),
+    );
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kps");
+    let have = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !common::require("`promtool` (apt-get install prometheus)", have) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yml");
+    std::fs::write(
+        &rules,
+        serde_json::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap(),
+    )
+    .unwrap();
+    let check = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let test = json!({
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": "nixroll_pool_blocked{pool=\"zone-a\",instance=\"a\"}", "values": "1x120"},
+                {"series": "nixroll_pool_blocked{pool=\"zone-a\",instance=\"b\"}", "values": "0x120"},
+                {"series": "nixroll_pool_blocked{pool=\"zone-b\",instance=\"a\"}", "values": "0x120"},
+                {"series": "nixroll_gate_passing{pool=\"zone-a\",gate=\"storage\",instance=\"a\"}", "values": "0x120"},
+                {"series": "nixroll_halted{instance=\"a\"}", "values": "0 0 0 1x20"},
+                {"series": "nixroll_nodes{phase=\"Degraded\",instance=\"a\"}", "values": "0x120"}
+            ],
+            "alert_rule_test": [
+                {"eval_time": "30m", "alertname": "NixrollPoolBlocked", "exp_alerts": []},
+                {"eval_time": "90m", "alertname": "NixrollPoolBlocked",
+                 "exp_alerts": [{"exp_labels": {"pool": "zone-a", "severity": "warning"}}]},
+                {"eval_time": "90m", "alertname": "NixrollHealthGateFailing",
+                 "exp_alerts": [{"exp_labels": {"pool": "zone-a", "gate": "storage", "severity": "warning"}}]},
+                {"eval_time": "5m", "alertname": "NixrollRolloutHalted", "exp_alerts": []},
+                {"eval_time": "15m", "alertname": "NixrollRolloutHalted", "exp_alerts": [{"exp_labels": {"severity": "warning"}}]},
+                {"eval_time": "90m", "alertname": "NixrollNodeDegraded", "exp_alerts": []}
+            ]
+        }]
+    });
+    // promtool compares the annotations too: take them from the rendered rule.
+    let mut test = test;
+    for t in test["tests"][0]["alert_rule_test"].as_array_mut().unwrap() {
+        let name = t["alertname"].clone();
+        let annotations = rule["spec"]["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["alert"] == name)
+            .map(|r| r["annotations"].clone())
+            .unwrap();
+        for a in t["exp_alerts"].as_array_mut().unwrap() {
+            a["exp_annotations"] = annotations.clone();
+        }
+    }
+    let tests = dir.path().join("tests.yml");
+    std::fs::write(&tests, serde_json::to_string(&test).unwrap()).unwrap();
+    let out = Command::new("promtool")
+        .current_dir(dir.path())
+        .arg("test")
+        .arg("rules")
+        .arg(&tests)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Grafana dashboard: the chart's ConfigMap (off by default) carries exactly
+/// deploy/grafana-dashboard.json, which is valid JSON, and every `nixroll_*` metric its panels
+/// query is one the controller serves.
+#[test]
+fn the_grafana_dashboard_is_the_same_in_the_chart_and_deploy_and_queries_real_metrics() {
+    use serde_json::json;
+    let file = std::fs::read_to_string(format!("{ROOT}/deploy/grafana-dashboard.json")).unwrap();
+    let dash: Value = serde_json::from_str(&file).unwrap();
+    assert!(
+        !common::chart::render(json!({}))
+            .iter()
+            .any(|d| d["metadata"]["name"] == "nixroll-grafana-dashboard")
+    );
+    let docs = common::chart::render(json!({"metrics": {"grafanaDashboard": {"enabled": true}}}));
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "nixroll-grafana-dashboard")
+        .expect("the dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let in_chart: Value = serde_json::from_str(cm["data"]["nixroll.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        in_chart, dash,
+        "the chart's dashboard differs from deploy/grafana-dashboard.json"
+    );
+    // What the controller serves (a fresh registry encodes every family, even empty ones).
+    let metrics = nixroll::controller::Metrics::new();
+    metrics.set_gate("p", "g", true);
+    metrics.set_pool("p", &nixroll::api::NixOSPoolStatus::default());
+    let served = metrics.encode().unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exprs.len() >= 10);
+    let names = regex::Regex::new(r"nixroll_[a-z_]+").unwrap();
+    for e in &exprs {
+        for m in names.find_iter(e) {
+            let name = m.as_str();
+            let base = name.trim_end_matches("_bucket").trim_end_matches("_total");
+            assert!(
+                served
+                    .lines()
+                    .any(|l| l.starts_with(name) || l.starts_with(&format!("# TYPE {base} "))),
+                "the dashboard queries {name}, which the controller does not serve"
+            );
         }
     }
 }

@@ -9,6 +9,14 @@
 //! nodes `admit` returns. A node `admit` returns must be admitted within two sweep periods.
 //! The run fails unless every row of the state table in `docs/rollout.md` (`Row`) was taken.
 //!
+//! Pools (about half of the seeds, from a second generator so the other choices of a seed stay
+//! as they were): two concurrent pools, a canary pool with the rest after it (soak 0 s to 4 h),
+//! or a canary and two concurrent pools after it; a node selected by two pools for a while; a
+//! pool paused for a while. Checked on every answer of the gate: each pool and the default pool
+//! within its own budget, no node of two pools admitted, nothing from a paused pool, a pool with
+//! an order only after every node of its predecessors runs the revision, healthy, and soaked;
+//! the control-plane rules cluster-wide; and at every step, per pool, the slots held.
+//!
 //! * `cargo test --test simulation` runs 2,000 seeds;
 //! * `NIXROLL_SIM_SEEDS=N` runs N seeds; `NIXROLL_SIM_SEED=S` runs only seed S with its log.
 //!
@@ -25,14 +33,15 @@ use std::fmt::Write as _;
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nixroll::api::{
     ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy, DrainTimeoutAction,
-    HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, Phase, RebootPolicy,
-    StagedSystem, Weekday,
+    HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, NixOSPoolSpec, Phase,
+    PoolSelector, RebootPolicy, StagedSystem, Weekday,
 };
 use nixroll::rollout::{
-    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, Row,
-    admit, budget, condition, decide, is_admitted, window,
+    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, Pools,
+    Row, admit, budget, condition, decide, is_admitted, window,
 };
 
 const FLAKE: &str = "git+https://git.example.org/infra.git";
@@ -140,6 +149,19 @@ struct RevInfo {
     unchanged: HashSet<String>,
 }
 
+/// A NixOSPool of the simulated cluster.
+#[derive(Clone, Debug)]
+struct SimPool {
+    name: String,
+    max_unavailable: MaxUnavailable,
+    after: Vec<usize>,
+    soak: i64,
+    /// `spec.nodeSoak` in seconds; `None`: the controller's `--node-soak`.
+    node_soak: Option<i64>,
+    /// `spec.paused` is true in this interval.
+    paused_between: Option<(Timestamp, Timestamp)>,
+}
+
 /// What the controller last reconciled a node on (its watch cache).
 type Seen = (i64, Option<String>, NodeObservation, Option<AgentStatus>);
 
@@ -178,6 +200,12 @@ struct Sim {
     lost_wake: Vec<bool>,
     /// Since when `admit` has returned each node (liveness of admission).
     admissible_since: Vec<Option<Timestamp>>,
+    /// NixOSPools (none in about half of the seeds) and the pools that select each node.
+    pools: Vec<SimPool>,
+    pool_of: Vec<Vec<usize>>,
+    /// Until this instant, node `.0` is also selected by pool `.1` (a label mistake the user
+    /// fixes later): it is in two pools and must not be admitted.
+    conflict: Option<(usize, usize, Timestamp)>,
 }
 
 macro_rules! check {
@@ -378,6 +406,11 @@ impl Sim {
         }
         let bumps_left = rng.u32(1..=2);
         let wake_loss = if rng.bool() { 0 } else { rng.u32(30..=100) };
+        // Pools from a second generator, so the seeds' other choices stay what they were.
+        let (pools, pool_of, conflict) = pool_layout(seed, n, cps, now, add(now, 86_400));
+        let mut policy = policy;
+        policy.node_soak =
+            SignedDuration::from_secs([0, 0, 60, 600][fastrand::Rng::with_seed(seed ^ 0x50a4).usize(..4)]);
         Sim {
             faults,
             now,
@@ -405,8 +438,205 @@ impl Sim {
             paused_seen: false,
             lost_wake: vec![false; n],
             admissible_since: vec![None; n],
+            pools,
+            pool_of,
+            conflict,
             rng,
         }
+    }
+
+    /// The pools that select node `i` now.
+    fn pools_of(&self, i: usize) -> Vec<usize> {
+        let mut of = self.pool_of[i].clone();
+        if let Some((j, p, until)) = self.conflict
+            && j == i
+            && self.now < until
+            && !of.contains(&p)
+        {
+            of.push(p);
+        }
+        of
+    }
+
+    fn pool_paused(&self, p: usize) -> bool {
+        self.pools[p]
+            .paused_between
+            .is_some_and(|(a, b)| a <= self.now && self.now < b)
+    }
+
+    /// The pools as the controller builds them: NixOSPool specs and the nodes' labels.
+    fn pool_state(&self) -> Pools {
+        let specs: Vec<(String, NixOSPoolSpec)> = self
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(p, sp)| {
+                let spec = NixOSPoolSpec {
+                    selector: PoolSelector {
+                        match_labels: [(format!("pool-{}", sp.name), "true".to_owned())].into(),
+                        ..PoolSelector::default()
+                    },
+                    max_unavailable: Some(match sp.max_unavailable {
+                        MaxUnavailable::Count(c) => IntOrString::Int(c as i32),
+                        MaxUnavailable::Percent(pc) => IntOrString::String(format!("{pc}%")),
+                    }),
+                    paused: self.pool_paused(p),
+                    after: sp.after.iter().map(|&q| self.pools[q].name.clone()).collect(),
+                    soak: Some(format!("{}s", sp.soak)),
+                    node_soak: sp.node_soak.map(|s| format!("{s}s")),
+                    health_gates: None,
+                };
+                (sp.name.clone(), spec)
+            })
+            .collect();
+        let labels: Vec<BTreeMap<String, String>> = (0..self.nodes.len())
+            .map(|i| {
+                self.pools_of(i)
+                    .iter()
+                    .map(|&p| (format!("pool-{}", self.pools[p].name), "true".to_owned()))
+                    .collect()
+            })
+            .collect();
+        Pools::build(
+            specs.iter().map(|(n, s)| (n.as_str(), s)),
+            self.nodes.iter().zip(&labels).map(|(x, l)| (x.name.as_str(), l)),
+        )
+    }
+
+    /// The node finished its update less than `soak` seconds ago (UpToDate, newest history
+    /// entry Succeeded): it still counts against its pool's budget.
+    fn soaking(&self, i: usize, soak: i64) -> bool {
+        let st = &self.nodes[i].status;
+        soak > 0
+            && st.phase == Some(Phase::UpToDate)
+            && st
+                .history
+                .first()
+                .is_some_and(|h| h.result == "Succeeded" && self.now < add(h.finished_at.0, soak))
+    }
+
+    /// The pool invariants over an answer of the gate: each pool (and the default pool) within
+    /// its own budget, no node in two pools admitted, nothing from a paused pool, and a pool
+    /// with an order only after its predecessors run the revision, are healthy and soaked.
+    fn check_pools(&mut self, admitted: &[String]) -> Result<(), String> {
+        let n = self.nodes.len();
+        let idx = |a: &String| self.nodes.iter().position(|x| &x.name == a).unwrap();
+        let new: Vec<usize> = admitted
+            .iter()
+            .map(idx)
+            .filter(|&i| self.nodes[i].status.slot.is_none())
+            .collect();
+        let of: Vec<Vec<usize>> = (0..n).map(|i| self.pools_of(i)).collect();
+        // Group g: None = the default pool, Some(p) = pool p.
+        let groups: Vec<Option<usize>> = std::iter::once(None)
+            .chain((0..self.pools.len()).map(Some))
+            .collect();
+        for g in groups {
+            let members: Vec<usize> = (0..n)
+                .filter(|&i| match g {
+                    None => of[i].is_empty(),
+                    Some(p) => of[i].contains(&p),
+                })
+                .collect();
+            let max = match g {
+                None => self.policy.max_unavailable,
+                Some(p) => self.pools[p].max_unavailable,
+            };
+            let budget = budget(max, members.len());
+            let soak = g
+                .and_then(|p| self.pools[p].node_soak)
+                .unwrap_or(self.policy.node_soak.as_secs());
+            let unavailable = members
+                .iter()
+                .filter(|&&i| self.unavailable(i) || self.soaking(i, soak))
+                .count();
+            let admits = new.iter().filter(|i| members.contains(i)).count();
+            if admits > 0 && soak > 0 {
+                *self.events.entry("(admitted with node soak)".into()).or_default() += 1;
+            }
+            let name = g.map_or("(default)".to_owned(), |p| self.pools[p].name.clone());
+            check!(
+                self,
+                admits == 0 || unavailable + admits <= budget,
+                "pool {name}: admitted {admitted:?} with {unavailable} unavailable, budget {budget}"
+            );
+            if admits > 0 {
+                *self
+                    .events
+                    .entry(format!(
+                        "(admitted in a {} pool)",
+                        if g.is_none() { "default" } else { "named" }
+                    ))
+                    .or_default() += 1;
+            }
+        }
+        for a in admitted {
+            let i = idx(a);
+            check!(
+                self,
+                of[i].len() <= 1,
+                "admitted {a}, selected by pools {:?}",
+                of[i]
+            );
+            let Some(&p) = of[i].first() else { continue };
+            check!(
+                self,
+                !self.pool_paused(p),
+                "admitted {a} from paused pool {}",
+                self.pools[p].name
+            );
+            let rev = self.nodes[i]
+                .status
+                .target
+                .as_ref()
+                .map(|t| t.revision.clone())
+                .unwrap_or_default();
+            for &q in &self.pools[p].after.clone() {
+                let members: Vec<usize> = (0..n).filter(|&m| of[m].contains(&q)).collect();
+                check!(self, !members.is_empty(), "admitted {a} after an empty pool");
+                let mut finished: Option<Timestamp> = None;
+                for &m in &members {
+                    let x = &self.nodes[m];
+                    let healthy = x.status.revision.as_deref() == Some(rev.as_str())
+                        && x.status.phase == Some(Phase::UpToDate)
+                        && x.registered
+                        && self.node_ready(m)
+                        && !x.unschedulable;
+                    check!(
+                        self,
+                        healthy,
+                        "admitted {a} for {} while {} of pool {} is not healthy on it ({:?}, revision {:?})",
+                        &rev[..8],
+                        x.name,
+                        self.pools[q].name,
+                        x.status.phase,
+                        x.status.revision
+                    );
+                    let f = x
+                        .status
+                        .history
+                        .iter()
+                        .filter(|h| h.revision == rev && h.result == "Succeeded")
+                        .map(|h| h.finished_at.0)
+                        .max();
+                    finished = finished.max(f);
+                }
+                if let Some(f) = finished {
+                    let soaked = add(f, self.pools[p].soak);
+                    check!(
+                        self,
+                        self.now >= soaked,
+                        "admitted {a} at {} before pool {} soaked (until {soaked})",
+                        self.now,
+                        self.pools[q].name
+                    );
+                    if self.pools[p].soak > 0 {
+                        *self.events.entry("(admitted after a soak)".into()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn logf(&mut self, f: impl FnOnce() -> String) {
@@ -977,7 +1207,10 @@ impl Sim {
     fn admit_checked(&mut self) -> Result<Vec<String>, String> {
         let n = self.nodes.len();
         let obs: Vec<NodeObservation> = (0..n).map(|i| self.obs(i)).collect();
-        let cluster = ClusterState { paused: self.paused };
+        let cluster = ClusterState {
+            paused: self.paused,
+            pools: self.pool_state(),
+        };
         let admitted: Vec<String> = {
             let views: Vec<NodeView<'_>> = (0..n).map(|i| self.view(i, &obs[i])).collect();
             admit(&views, &cluster, &self.policy, self.now)
@@ -1007,11 +1240,14 @@ impl Sim {
             degraded < self.policy.failure_threshold as usize || admitted.is_empty(),
             "admitted {admitted:?} with {degraded} Degraded node(s)"
         );
-        check!(
-            self,
-            new_admits == 0 || unavailable + new_admits <= budget,
-            "admitted {admitted:?} with {unavailable} unavailable, budget {budget}"
-        );
+        if self.pools.is_empty() {
+            check!(
+                self,
+                new_admits == 0 || unavailable + new_admits <= budget,
+                "admitted {admitted:?} with {unavailable} unavailable, budget {budget}"
+            );
+        }
+        self.check_pools(&admitted)?;
         let cp_admitted: Vec<&String> = admitted.iter().filter(|a| a.starts_with("cp")).collect();
         check!(
             self,
@@ -1444,9 +1680,28 @@ impl Sim {
 
     fn global_checks(&self) -> Result<(), String> {
         let n = self.nodes.len();
-        let budget = budget(self.policy.max_unavailable, n);
-        let slots = self.nodes.iter().filter(|x| x.status.slot.is_some()).count();
-        check!(self, slots <= budget, "{slots} slots held, budget {budget}");
+        // Per pool (the default pool: every node when there are no pools): the slots held by
+        // the nodes in that pool alone never exceed its budget.
+        let of: Vec<Vec<usize>> = (0..n).map(|i| self.pools_of(i)).collect();
+        for g in std::iter::once(None).chain((0..self.pools.len()).map(Some)) {
+            let members: Vec<usize> = (0..n)
+                .filter(|&i| match g {
+                    None => of[i].is_empty(),
+                    Some(p) => of[i].contains(&p),
+                })
+                .collect();
+            let max = g.map_or(self.policy.max_unavailable, |p| self.pools[p].max_unavailable);
+            let budget = budget(max, members.len());
+            let slots = members
+                .iter()
+                .filter(|&&i| of[i].len() <= 1 && self.nodes[i].status.slot.is_some())
+                .count();
+            check!(
+                self,
+                slots <= budget,
+                "{slots} slots held, budget {budget} (pool {g:?})"
+            );
+        }
         let cp_slots = self
             .nodes
             .iter()
@@ -1578,6 +1833,100 @@ impl Sim {
         }
         Ok(false)
     }
+}
+
+/// The pools, the pools selecting each node, and the temporary conflict (node, extra pool, until).
+type PoolLayout = (Vec<SimPool>, Vec<Vec<usize>>, Option<(usize, usize, Timestamp)>);
+
+/// The pools of a seed: none in about half; else concurrent pools, a canary pool with the rest
+/// after it (with a soak), or a canary and two concurrent pools after it; sometimes one node is
+/// in two pools for a while, and sometimes a pool is paused for a while.
+fn pool_layout(seed: u64, n: usize, cps: usize, now: Timestamp, quiet_after: Timestamp) -> PoolLayout {
+    let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed_9001);
+    let mut pool_of = vec![Vec::new(); n];
+    if rng.bool() {
+        return (Vec::new(), pool_of, None);
+    }
+    let budget = |rng: &mut fastrand::Rng| {
+        if rng.bool() {
+            MaxUnavailable::Count(rng.u32(1..=2))
+        } else {
+            MaxUnavailable::Percent(rng.u32(20..=100))
+        }
+    };
+    let node_soak = [None, None, Some(0), Some(120), Some(900)][rng.usize(..5)];
+    let pool = |name: &str, max: MaxUnavailable, after: Vec<usize>, soak: i64| SimPool {
+        name: name.to_owned(),
+        max_unavailable: max,
+        after,
+        soak,
+        node_soak,
+        paused_between: None,
+    };
+    let soak = [0, 300, 3600, 4 * 3600][rng.usize(..4)];
+    // Nodes cps.. are workers; the canary is the first worker.
+    let pools = match rng.u32(0..3) {
+        0 => {
+            let pools = vec![
+                pool("a", budget(&mut rng), vec![], 0),
+                pool("b", budget(&mut rng), vec![], 0),
+            ];
+            for (i, of) in pool_of.iter_mut().enumerate() {
+                match rng.u32(0..3) {
+                    0 => of.push(0),
+                    1 => of.push(1),
+                    _ if i >= cps => of.push(0),
+                    _ => {} // a control-plane node left in the default pool
+                }
+            }
+            pools
+        }
+        1 => {
+            let pools = vec![
+                pool("canary", MaxUnavailable::Count(1), vec![], 0),
+                pool("rest", budget(&mut rng), vec![0], soak),
+            ];
+            for (i, of) in pool_of.iter_mut().enumerate() {
+                if i == cps {
+                    of.push(0);
+                } else if i >= cps || rng.bool() {
+                    of.push(1);
+                }
+            }
+            pools
+        }
+        _ => {
+            let pools = vec![
+                pool("canary", MaxUnavailable::Count(1), vec![], 0),
+                pool("a", budget(&mut rng), vec![0], soak),
+                pool("b", budget(&mut rng), vec![0], soak),
+            ];
+            for (i, of) in pool_of.iter_mut().enumerate() {
+                if i == cps {
+                    of.push(0);
+                } else {
+                    of.push(1 + rng.usize(..2));
+                }
+            }
+            pools
+        }
+    };
+    let mut pools = pools;
+    let window = quiet_after.duration_since(now).as_secs();
+    if rng.u32(0..100) < 25 {
+        let p = rng.usize(..pools.len());
+        let from = add(now, rng.i64(0..window / 2));
+        pools[p].paused_between = Some((from, add(from, rng.i64(60..window / 2))));
+    }
+    // A node of a pool also selected by another pool for a while (never a node of the default
+    // pool: that would move it, slot and all, into a pool, which is a relabelling, not a conflict).
+    let in_pools: Vec<usize> = (0..n).filter(|&i| !pool_of[i].is_empty()).collect();
+    let conflict = (rng.u32(0..100) < 25 && !in_pools.is_empty()).then(|| {
+        let i = in_pools[rng.usize(..in_pools.len())];
+        let other = (0..pools.len()).find(|p| !pool_of[i].contains(p)).unwrap_or(0);
+        (i, other, add(now, rng.i64(0..window)))
+    });
+    (pools, pool_of, conflict)
 }
 
 const MAX_STEPS: usize = 6000;
@@ -1781,6 +2130,11 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "(wake-up lost)",
             "(admitted by the sweep)",
             "(admitted after a lost wake-up)",
+            // Pools: admissions in named and default pools, and after a soak.
+            "(admitted in a named pool)",
+            "(admitted in a default pool)",
+            "(admitted after a soak)",
+            "(admitted with node soak)",
         ] {
             assert!(
                 events.get(reason).copied().unwrap_or(0) > 0,

@@ -6,7 +6,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 };
 use kube::CustomResourceExt;
 
-use super::{FlakeSource, NixOSNode};
+use super::{FlakeSource, NixOSNode, NixOSPool};
 
 /// The string formats kube-apiserver recognises in a CRD schema (the list of the apiextensions
 /// `JSONSchemaProps.format` reference, plus `date-time`); any other format draws a
@@ -50,6 +50,11 @@ pub fn crd() -> CustomResourceDefinition {
 /// The FlakeSource CRD object.
 pub fn flakesource_crd() -> CustomResourceDefinition {
     with_kubernetes_formats(FlakeSource::crd())
+}
+
+/// The NixOSPool CRD object.
+pub fn nixospool_crd() -> CustomResourceDefinition {
+    with_kubernetes_formats(NixOSPool::crd())
 }
 
 fn with_kubernetes_formats(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
@@ -130,7 +135,17 @@ pub fn flakesource_crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
     to_yaml(&flakesource_crd())
 }
 
+/// The NixOSPool CRD as YAML, exactly as committed in `crds/nixospools.yaml`.
+pub fn nixospool_crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    to_yaml(&nixospool_crd())
+}
+
 /// Every CRD nixroll defines, as one YAML stream (`nixroll crd`).
 pub fn all_crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
-    Ok(format!("{}---\n{}", crd_yaml()?, flakesource_crd_yaml()?))
+    Ok(format!(
+        "{}---\n{}---\n{}",
+        crd_yaml()?,
+        flakesource_crd_yaml()?,
+        nixospool_crd_yaml()?
+    ))
 }

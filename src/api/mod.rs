@@ -3,10 +3,17 @@
 //! (`status.agent`). One writer per field: see DESIGN.md §3 and `crate::names`.
 
 mod crd;
+mod pool;
 mod source;
 mod status;
 
-pub use crd::{all_crds_yaml, crd, crd_yaml, flakesource_crd, flakesource_crd_yaml};
+pub use crd::{
+    all_crds_yaml, crd, crd_yaml, flakesource_crd, flakesource_crd_yaml, nixospool_crd, nixospool_crd_yaml,
+};
+pub use pool::{
+    CelGate, HealthGates, NixOSPool, NixOSPoolSpec, NixOSPoolStatus, PoolSelector, PoolSelectorRequirement,
+    PrometheusGate, SelectorOperator, pool_condition,
+};
 pub use source::{
     FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, LocalSecretRef, SourceKind, SourceRef,
     condition as source_condition,

@@ -168,8 +168,14 @@ impl Context {
             .iter()
             .map(|(o, status, node)| view_of(o, status, node))
             .collect();
+        let pool_objs = self.pools.state();
+        let mut pools = super::pools::build_pools(&pool_objs, &objs);
+        if let Ok(v) = self.gate_verdicts.lock() {
+            super::pools::apply_verdicts(&mut pools, &pool_objs, &v);
+        }
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),
+            pools,
         };
         (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
     }
@@ -429,6 +435,7 @@ mod gate_tests {
                 nixosnodes: nxn,
                 nodes,
                 pause,
+                pools: kube::runtime::reflector::store().0,
                 synced: Synced::ready(),
             },
             Arc::new(Metrics::new()),

@@ -19,7 +19,7 @@ use tracing::debug;
 use super::draining::DrainState;
 use super::events::{self, EventWriter};
 use super::{ControllerConfig, ControllerError, Metrics, PendingWrites, observe};
-use crate::api::{NixOSNode, Phase};
+use crate::api::{NixOSNode, NixOSPool, Phase};
 use crate::names::CONTROLLER_MANAGER;
 use crate::rollout::{
     ClusterState, Decision, DrainProgress, NodeObservation, NodeView, Policy, admit, decide,
@@ -32,6 +32,12 @@ pub struct Context {
     pub(super) nixosnodes: Store<NixOSNode>,
     pub(super) nodes: Store<Node>,
     pub(super) pause: Store<ConfigMap>,
+    /// NixOSPools (empty when there are none or their CRD is not installed).
+    pub(super) pools: Store<NixOSPool>,
+    /// The last verdict of each pool's health gates (pool → gate → verdict).
+    pub(super) gate_verdicts: std::sync::Mutex<
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::gates::Verdict>>,
+    >,
     pub(super) synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     pub(super) admission: Mutex<PendingWrites>,
@@ -92,7 +98,9 @@ pub struct Stores {
     pub nixosnodes: Store<NixOSNode>,
     pub nodes: Store<Node>,
     pub pause: Store<ConfigMap>,
-    /// Becomes true once all three caches hold their first full list.
+    /// NixOSPools; a store no watch fills means no pools.
+    pub pools: Store<NixOSPool>,
+    /// Becomes true once all four caches hold their first full list.
     pub synced: Synced,
 }
 
@@ -197,6 +205,8 @@ impl Context {
             nixosnodes: stores.nixosnodes,
             nodes: stores.nodes,
             pause: stores.pause,
+            pools: stores.pools,
+            gate_verdicts: std::sync::Mutex::default(),
             synced: stores.synced,
             admission: Mutex::new(PendingWrites::default()),
             drains: Arc::default(),

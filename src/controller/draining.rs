@@ -315,6 +315,7 @@ mod tests {
             nixosnodes,
             nodes,
             pause,
+            pools: kube::runtime::reflector::store().0,
             synced: Synced::ready(),
         };
         let metrics = Arc::new(Metrics::new());

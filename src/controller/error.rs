@@ -16,6 +16,12 @@ pub enum ControllerError {
         #[source]
         source: kube::Error,
     },
+    #[error("writing the status of NixOSPool {pool}: {source}")]
+    WritePoolStatus {
+        pool: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("cordoning node {node}: {source}")]
     Cordon {
         node: String,
@@ -56,7 +62,9 @@ impl ControllerError {
     /// Fixed category: Event reason and metric label.
     pub fn category(&self) -> &'static str {
         match self {
-            ControllerError::WriteStatus { .. } => "StatusWriteFailed",
+            ControllerError::WriteStatus { .. } | ControllerError::WritePoolStatus { .. } => {
+                "StatusWriteFailed"
+            }
             ControllerError::Cordon { .. } => "CordonFailed",
             ControllerError::Uncordon { .. } => "UncordonFailed",
             ControllerError::Drain { source, .. } => source.category(),
@@ -71,6 +79,7 @@ impl ControllerError {
     pub fn is_transient(&self) -> bool {
         match self {
             ControllerError::WriteStatus { source, .. }
+            | ControllerError::WritePoolStatus { source, .. }
             | ControllerError::Cordon { source, .. }
             | ControllerError::Uncordon { source, .. } => drain::is_transient_kube(source),
             ControllerError::Drain { source, .. } => source.is_transient(),

@@ -33,6 +33,27 @@ pub struct VersionLabel {
     pub version: &'static str,
 }
 
+/// A NixOSPool and one of its node counts (`nodes`, `updated`, `ready`, `unavailable`,
+/// `degraded`). Pool names are bounded by the pools a cluster has.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStateLabel {
+    pub pool: String,
+    pub state: &'static str,
+}
+
+/// A NixOSPool and one of its health gates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolGateLabel {
+    pub pool: String,
+    pub gate: String,
+}
+
+/// A NixOSPool and the reason of its `Updating` condition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
 /// All metrics of the controller, registered in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +70,12 @@ pub struct Metrics {
     pub paused: Gauge,
     /// 1 while admissions are halted: at least `--failure-threshold` nodes are Degraded.
     pub halted: Gauge,
+    /// Per NixOSPool: node counts by state.
+    pub pool_nodes: Family<PoolStateLabel, Gauge>,
+    /// Per NixOSPool and health gate: 1 when its last evaluation passed, 0 when it blocked.
+    pub gate_passing: Family<PoolGateLabel, Gauge>,
+    /// Per NixOSPool: 1 while it admits nothing because it waits (order, soak, pause, invalid).
+    pub pool_blocked: Family<PoolLabel, Gauge>,
     /// This process: resident memory, CPU time, open file descriptors, start time.
     process: ProcessMetrics,
 }
@@ -205,9 +232,30 @@ impl Metrics {
             "Reconcile errors by category",
             reconcile_errors.clone(),
         );
+        let pool_nodes = Family::<PoolStateLabel, Gauge>::default();
+        let pool_blocked = Family::<PoolLabel, Gauge>::default();
+        let gate_passing = Family::<PoolGateLabel, Gauge>::default();
+        registry.register(
+            "gate_passing",
+            "1 when the last evaluation of a NixOSPool's health gate passed, 0 when it blocked",
+            gate_passing.clone(),
+        );
+        registry.register(
+            "pool_nodes",
+            "NixOSNodes per NixOSPool and state (nodes, updated, ready, unavailable, degraded)",
+            pool_nodes.clone(),
+        );
+        registry.register(
+            "pool_blocked",
+            "1 while a NixOSPool admits nothing because it waits for its order, a soak, its pause or a fix of its spec",
+            pool_blocked.clone(),
+        );
         Metrics {
             registry,
             process_registry,
+            pool_nodes,
+            pool_blocked,
+            gate_passing,
             nodes,
             phase_duration,
             failures,
@@ -218,6 +266,44 @@ impl Metrics {
             halted,
             process,
         }
+    }
+
+    /// Record the last verdict of a pool's health gate.
+    pub fn set_gate(&self, pool: &str, gate: &str, passing: bool) {
+        self.gate_passing
+            .get_or_create(&PoolGateLabel {
+                pool: pool.to_owned(),
+                gate: gate.to_owned(),
+            })
+            .set(i64::from(passing));
+    }
+
+    /// Set one NixOSPool's gauges from its status.
+    pub fn set_pool(&self, pool: &str, st: &crate::api::NixOSPoolStatus) {
+        for (state, n) in [
+            ("nodes", st.nodes),
+            ("updated", st.updated),
+            ("ready", st.ready),
+            ("unavailable", st.unavailable),
+            ("degraded", st.degraded),
+        ] {
+            self.pool_nodes
+                .get_or_create(&PoolStateLabel {
+                    pool: pool.to_owned(),
+                    state,
+                })
+                .set(i64::from(n));
+        }
+        let blocked = st.conditions.iter().any(|c| {
+            c.type_ == crate::api::pool_condition::UPDATING
+                && c.status == "True"
+                && crate::rollout::pools::pool_reason::BLOCKING.contains(&c.reason.as_str())
+        });
+        self.pool_blocked
+            .get_or_create(&PoolLabel {
+                pool: pool.to_owned(),
+            })
+            .set(i64::from(blocked));
     }
 
     /// Set the per-phase node gauge from a full count.

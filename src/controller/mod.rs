@@ -24,6 +24,7 @@
 //! | `reconcile.rs` | one reconcile: observe → decide → write status → act; [`execute`], [`error_policy`] |
 //! | `draining.rs` | drain bookkeeping: pass progress and backoff, the pod and PDB watches that wake a drain |
 //! | `cordon.rs` | the Node patches: cordon and uncordon (conditional, with nixroll's mark) |
+//! | `pools.rs` | NixOSPools: the pools the gate sees (selectors over NixOSNode labels), the pools' status writer |
 //! | `run.rs` | [`run`]: metrics server, standby / lead, the watches and triggers, clean shutdown |
 //! | `leader.rs` | the Lease elector |
 //! | `events.rs`, `metrics.rs` | Events; Prometheus metrics, `/healthz`, `/readyz` |
@@ -38,6 +39,7 @@ pub mod follow;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+mod pools;
 mod reconcile;
 mod run;
 

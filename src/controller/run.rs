@@ -12,10 +12,10 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Config as ControllerRuntimeConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher::{self, watcher};
+use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -24,7 +24,7 @@ use super::{
     Context, ControllerConfig, ControllerError, Health, LeaderElector, LeaseOutcome, Metrics, Stores, Synced,
     SyncedSetter, error_policy, metrics, observe, reconcile,
 };
-use crate::api::NixOSNode;
+use crate::api::{NixOSNode, NixOSPool};
 use crate::names::PAUSE_CONFIGMAP;
 use crate::rollout::NodeObservation;
 
@@ -44,6 +44,24 @@ fn counts_listing<K>(set: SyncedSetter) -> impl FnMut(&Result<watcher::Event<K>,
     let mut done = false;
     move |ev| {
         if !done && matches!(ev, Ok(watcher::Event::InitDone)) {
+            done = true;
+            set.listed();
+        }
+    }
+}
+
+/// Like [`counts_listing`], but a kind the API server does not serve (the NixOSPool CRD not
+/// installed: 404 on the initial list) counts as listed and empty; the watch keeps retrying
+/// and fills the cache once the CRD appears.
+fn counts_listing_or_absent<K>(set: SyncedSetter) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
+    let mut done = false;
+    move |ev| {
+        let listed = match ev {
+            Ok(watcher::Event::InitDone) => true,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) => s.code == 404,
+            _ => false,
+        };
+        if !done && listed {
             done = true;
             set.listed();
         }
@@ -78,6 +96,15 @@ fn node_triggers(
     })
 }
 
+/// Ends a task when dropped (also when the leading future is dropped rather than finished).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Lead: run the kube-runtime Controller until `stop` (graceful) or until dropped (forceful).
 async fn lead(
     client: Client,
@@ -89,7 +116,7 @@ async fn lead(
 ) {
     // Readiness comes from the watch streams themselves: each counts once when its first
     // list is in the store (the `InitDone` after `reflect`).
-    let (set_synced, synced) = Synced::new(3);
+    let (set_synced, synced) = Synced::new(4);
     let (nxn_reader, nxn_writer) = reflector::store::<NixOSNode>();
     let nxn_stream = watcher(Api::<NixOSNode>::all(client.clone()), watcher::Config::default())
         .default_backoff()
@@ -123,11 +150,24 @@ async fn lead(
     .touched_objects()
     .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
 
+    // NixOSPools: a spec change (pause, budget, order) re-runs every NixOSNode's reconcile; the
+    // pools' own status writes (no generation change) trigger nothing.
+    let (pool_reader, pool_writer) = reflector::store::<NixOSPool>();
+    let pool_stream = watcher(Api::<NixOSPool>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|p: &mut NixOSPool| p.metadata.managed_fields = None)
+        .reflect(pool_writer)
+        .inspect(counts_listing_or_absent(set_synced.clone()))
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default())
+        .filter_map(|r| std::future::ready(r.ok().map(|_| ())));
+
     let concurrency = config.concurrency;
     let stores = Stores {
         nixosnodes: nxn_reader,
         nodes: node_reader,
         pause: pause_reader,
+        pools: pool_reader,
         synced: synced.clone(),
     };
     let (ctx, wake_rx) = Context::new(client, config, stores, metrics, leading);
@@ -151,7 +191,8 @@ async fn lead(
         }
     };
     let resync_stream = futures::stream::once(resync_rx).filter_map(|r| std::future::ready(r.ok()));
-    let pause_stream = futures::stream::select(pause_stream, resync_stream);
+    let pause_stream =
+        futures::stream::select(futures::stream::select(pause_stream, resync_stream), pool_stream);
 
     // The safety net: however a wake-up got lost, an admissible node waits one sweep at most.
     let sweep_stream = {
@@ -161,9 +202,25 @@ async fn lead(
         futures::stream::unfold((every, ctx), |(mut every, ctx)| async move {
             every.tick().await;
             let refs = ctx.sweep().await;
+            ctx.pool_status_pass().await;
             Some((futures::stream::iter(refs), (every, ctx)))
         })
         .flatten()
+    };
+
+    // Health gates: evaluated on their own task (each under its own timeout), so a slow gate
+    // never delays the sweep; ended with this leadership term.
+    let gates = {
+        let ctx = ctx.clone();
+        let period = ctx.config.admission_sweep.max(Duration::from_millis(100));
+        AbortOnDrop(tokio::spawn(async move {
+            let mut every = tokio::time::interval(period);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                ctx.gate_pass().await;
+            }
+        }))
     };
 
     let controller = Controller::for_stream(nxn_stream, ctx.nixosnodes.clone())
@@ -183,6 +240,7 @@ async fn lead(
             std::future::ready(())
         });
     futures::future::join(controller, synced).await;
+    drop(gates);
     health.synced.store(false, Ordering::SeqCst);
 }
 
@@ -328,7 +386,7 @@ mod tests {
     /// the last one to poll), and readiness needs the first list of all three watches.
     #[tokio::test]
     async fn synced_wakes_every_waiter_once_all_watches_listed() {
-        let (set, synced) = Synced::new(3);
+        let (set, synced) = Synced::new(4);
         let waiters: Vec<_> = (0..8)
             .map(|_| {
                 let s = synced.clone();
@@ -345,6 +403,13 @@ mod tests {
         nodes(&Ok(watcher::Event::InitDone));
         assert!(!synced.is_synced(), "the pause watch has not listed yet");
         pause(&Ok(watcher::Event::InitDone));
+        assert!(!synced.is_synced(), "the pool watch has not listed yet");
+        // The NixOSPool CRD is not installed: its 404 counts as an empty list.
+        let mut pools = counts_listing_or_absent::<NixOSPool>(set.clone());
+        let not_found = kube::Error::Api(Box::new(
+            kube::core::Status::failure("not found", "NotFound").with_code(404),
+        ));
+        pools(&Err(watcher::Error::InitialListFailed(not_found)));
         assert!(synced.is_synced());
         for w in waiters {
             assert_eq!(w.await.unwrap(), Ok(true), "a waiter was not woken");

@@ -10,6 +10,7 @@
 
 use jiff::Timestamp;
 
+use super::pools::{Membership, is_soaking, node_soak, pool_blocker, pool_budget};
 use super::{ClusterState, MaxUnavailable, NodeView, Policy, window};
 use crate::api::Phase;
 
@@ -72,10 +73,22 @@ pub(super) fn admit(
     if nodes.iter().any(|v| v.status.phase == Some(Phase::Staging)) {
         return Vec::new();
     }
-    let budget = budget(policy.max_unavailable, nodes.len());
-    let unavailable = nodes.iter().filter(|v| is_unavailable(v)).count();
-    let mut room = budget.saturating_sub(unavailable);
-    // Control-plane nodes that are unavailable, by index.
+    let pools = &cluster.pools;
+    // Each pool's room: its budget over its members less its unavailable members. Index 0 is
+    // the default pool, 1 + p is pool p. A node several pools select counts in each of them.
+    let mut room: Vec<usize> = std::iter::once(None)
+        .chain((0..pools.pools.len()).map(Some))
+        .map(|p| {
+            let members = pools.members(p, nodes);
+            let soak = node_soak(pools, p, policy);
+            let unavailable = members
+                .iter()
+                .filter(|&&i| is_unavailable(&nodes[i]) || is_soaking(&nodes[i], soak, now))
+                .count();
+            pool_budget(pools, p, members.len(), policy).saturating_sub(unavailable)
+        })
+        .collect();
+    // Control-plane nodes that are unavailable, by index (cluster-wide, across pools).
     let cp_unavailable: Vec<usize> = nodes
         .iter()
         .enumerate()
@@ -104,6 +117,18 @@ pub(super) fn admit(
     let mut cp_admitted = false;
     for i in cands {
         let v = &nodes[i];
+        let slot_index = match pools.membership(v.name) {
+            Membership::Default => 0,
+            Membership::Pool(p) => {
+                let revision = v.status.target.as_ref().map_or("", |t| t.revision.as_str());
+                if pool_blocker(pools, p, revision, nodes, now).is_some() {
+                    continue;
+                }
+                1 + p
+            }
+            // Refused by every pool that selects it.
+            Membership::Conflict(_) => continue,
+        };
         let holds_slot = v.status.slot.is_some();
         if v.node.control_plane {
             let other_cp_busy = cp_unavailable.iter().any(|&j| j != i);
@@ -112,10 +137,10 @@ pub(super) fn admit(
             }
         }
         if !holds_slot {
-            if room == 0 {
+            if room[slot_index] == 0 {
                 continue;
             }
-            room -= 1;
+            room[slot_index] -= 1;
         }
         if v.node.control_plane {
             cp_admitted = true;

@@ -12,6 +12,7 @@
 
 mod admit;
 mod decide;
+pub mod pools;
 mod rows;
 pub mod window;
 
@@ -23,6 +24,7 @@ pub use decide::{
     DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, ParseDurationError,
     UNCORDON_RECHECK, condition, drain_timeout, invalid_spec_status, parse_duration,
 };
+pub use pools::{Membership, Pool, Pools, pool_blocker, pool_status};
 pub use rows::Row;
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.
@@ -129,6 +131,10 @@ pub struct Policy {
     pub timeouts: PhaseTimeouts,
     /// First wait after a drain `Abort`; doubles per attempt.
     pub drain_backoff: SignedDuration,
+    /// How long a node that finished an update keeps counting against its pool's budget (it
+    /// must stay Ready that long before the next node takes its slot): the default pool's,
+    /// and every pool's that does not set `spec.nodeSoak`. Zero: none.
+    pub node_soak: SignedDuration,
 }
 
 impl Default for Policy {
@@ -138,6 +144,7 @@ impl Default for Policy {
             failure_threshold: 1,
             timeouts: PhaseTimeouts::default(),
             drain_backoff: SignedDuration::from_mins(5),
+            node_soak: SignedDuration::ZERO,
         }
     }
 }
@@ -241,6 +248,8 @@ pub fn decide(
 pub struct ClusterState {
     /// The `nixroll-pause` ConfigMap exists.
     pub paused: bool,
+    /// The NixOSPools and which pool each node is in (empty: every node is in the default pool).
+    pub pools: pools::Pools,
 }
 
 /// The admission gate: which nodes in `Waiting` may take a disruption slot now. Nodes already

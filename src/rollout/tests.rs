@@ -1061,7 +1061,17 @@ fn control_plane_one_at_a_time_and_not_while_another_is_unready() {
 fn pause_suspend_window_backoff_exclude() {
     let mut ns: Vec<N> = (0..4).map(|i| mk_waiting(&format!("n{i}"), false)).collect();
     let p = pol(MaxUnavailable::Count(4));
-    assert!(admit_all(&ns, &ClusterState { paused: true }, &p).is_empty());
+    assert!(
+        admit_all(
+            &ns,
+            &ClusterState {
+                paused: true,
+                ..ClusterState::default()
+            },
+            &p
+        )
+        .is_empty()
+    );
     ns[0].spec.suspend = true;
     ns[1].spec.maintenance_windows = vec![MaintenanceWindow {
         days: vec![Weekday::Sun],
@@ -1342,4 +1352,343 @@ fn no_secrets_condition_unless_secrets_went_missing() {
             .iter()
             .all(|c| c.type_ != condition::SECRETS_MISSING)
     );
+}
+
+// ---- Pools (src/rollout/pools.rs) ----
+
+mod pools {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    use super::*;
+    use crate::api::{HistoryEntry, NixOSPoolSpec, NixOSPoolStatus, PoolSelector, pool_condition};
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn pool_spec(label: &str, max: Option<IntOrString>, after: &[&str], soak: Option<&str>) -> NixOSPoolSpec {
+        NixOSPoolSpec {
+            selector: PoolSelector {
+                match_labels: labels(&[("pool", label)]),
+                ..PoolSelector::default()
+            },
+            max_unavailable: max,
+            paused: false,
+            after: after.iter().map(|s| (*s).to_owned()).collect(),
+            soak: soak.map(str::to_owned),
+            node_soak: None,
+            health_gates: None,
+        }
+    }
+
+    /// Nodes `ns` with the labels `node_labels[i]`, pools `(name, spec)`.
+    fn cluster(
+        ns: &[N],
+        node_labels: &[BTreeMap<String, String>],
+        pools: &[(&str, NixOSPoolSpec)],
+    ) -> ClusterState {
+        ClusterState {
+            paused: false,
+            pools: Pools::build(
+                pools.iter().map(|(n, s)| (*n, s)),
+                ns.iter().zip(node_labels).map(|(n, l)| (n.name.as_str(), l)),
+            ),
+        }
+    }
+
+    fn admit_at(ns: &[N], c: &ClusterState, p: &Policy, now: Timestamp) -> Vec<String> {
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        admit(&views, c, p, now)
+    }
+
+    /// The node runs REV2, UpToDate, finished at `finished`.
+    fn mk_done(name: &str, finished: Timestamp) -> N {
+        let mut n = mk_node(name);
+        n.spec.revision = REV2.into();
+        n.status.phase = Some(Phase::UpToDate);
+        n.status.revision = Some(REV2.into());
+        n.status.history = vec![HistoryEntry {
+            revision: REV2.into(),
+            system: Some(SYS2.into()),
+            result: "Succeeded".into(),
+            started_at: Time(t0()),
+            finished_at: Time(finished),
+            rebooted: true,
+            message: None,
+        }];
+        n
+    }
+
+    #[test]
+    fn pools_roll_concurrently_each_within_its_own_budget() {
+        let ns: Vec<N> = ["a1", "a2", "b1", "b2", "d1", "d2"]
+            .iter()
+            .map(|x| mk_waiting(x, false))
+            .collect();
+        let ls = [
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "b")]),
+            labels(&[("pool", "b")]),
+            labels(&[]),
+            labels(&[]),
+        ];
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &[], None)),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
+        // One from each pool and one from the default pool (the controller's budget, 1).
+        assert_eq!(
+            admit_at(&ns, &c, &Policy::default(), at(20)),
+            vec!["a1", "b1", "d1"]
+        );
+        // A percentage: 100% of pool a's two nodes.
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                (
+                    "a",
+                    pool_spec("a", Some(IntOrString::String("100%".into())), &[], None),
+                ),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
+        assert_eq!(
+            admit_at(&ns, &c, &Policy::default(), at(20)),
+            vec!["a1", "a2", "b1", "d1"]
+        );
+        // Without pools: exactly the old gate.
+        assert_eq!(
+            admit_at(&ns, &ClusterState::default(), &Policy::default(), at(20)),
+            vec!["a1"]
+        );
+    }
+
+    #[test]
+    fn an_unavailable_node_uses_its_own_pools_budget_only() {
+        let mut ns: Vec<N> = ["a1", "a2", "b1"].iter().map(|x| mk_waiting(x, false)).collect();
+        ns[0].node.unschedulable = true; // an admin cordon in pool a
+        let ls = [
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "b")]),
+        ];
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &[], None)),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
+        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["b1"]);
+    }
+
+    #[test]
+    fn a_node_in_two_pools_is_refused_and_both_pools_say_so() {
+        let ns: Vec<N> = ["x", "a1"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ls = [labels(&[("pool", "a"), ("tier", "b")]), labels(&[("pool", "a")])];
+        let mut b = pool_spec("b", None, &[], None);
+        b.selector.match_labels = labels(&[("tier", "b")]);
+        let c = cluster(&ns, &ls, &[("a", pool_spec("a", None, &[], None)), ("b", b)]);
+        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["a1"]);
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        for (p, other) in [(0, "b"), (1, "a")] {
+            let st = pool_status(
+                &c.pools,
+                p,
+                &views,
+                &Policy::default(),
+                &NixOSPoolStatus::default(),
+                1,
+                at(20),
+            );
+            let cond = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == pool_condition::CONFLICT)
+                .unwrap();
+            assert_eq!(cond.status, "True", "{cond:?}");
+            assert_eq!(cond.reason, "NodeInMultiplePools");
+            assert!(
+                cond.message.contains("x also selected by pool") && cond.message.contains(other),
+                "{}",
+                cond.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_paused_pool_admits_nothing_while_the_others_go_on() {
+        let ns: Vec<N> = ["a1", "b1"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ls = [labels(&[("pool", "a")]), labels(&[("pool", "b")])];
+        let mut a = pool_spec("a", None, &[], None);
+        a.paused = true;
+        let c = cluster(&ns, &ls, &[("a", a), ("b", pool_spec("b", None, &[], None))]);
+        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["b1"]);
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        let st = pool_status(
+            &c.pools,
+            0,
+            &views,
+            &Policy::default(),
+            &NixOSPoolStatus::default(),
+            1,
+            at(20),
+        );
+        let cond = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == pool_condition::UPDATING)
+            .unwrap();
+        assert_eq!(cond.reason, "Paused");
+    }
+
+    #[test]
+    fn an_ordered_pool_waits_for_its_predecessor_to_run_the_revision_be_healthy_and_soak() {
+        // The canary c1 is still Waiting for REV2: pool rest waits.
+        let mut ns: Vec<N> = ["c1", "r1", "r2"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ls = [
+            labels(&[("pool", "canary")]),
+            labels(&[("pool", "rest")]),
+            labels(&[("pool", "rest")]),
+        ];
+        let pools = [
+            ("canary", pool_spec("canary", None, &[], None)),
+            (
+                "rest",
+                pool_spec("rest", Some(IntOrString::Int(2)), &["canary"], Some("1h")),
+            ),
+        ];
+        let c = cluster(&ns, &ls, &pools);
+        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["c1"]);
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        let (reason, why) = pool_blocker(&c.pools, 1, REV2, &views, at(20)).unwrap();
+        assert_eq!(reason, "WaitingForPool");
+        assert!(
+            why.contains("waiting for pool canary to run 22222222 and be healthy (0/1 nodes)"),
+            "{why}"
+        );
+        // The canary finished REV2 at t=100: rest soaks for an hour.
+        ns[0] = mk_done("c1", at(100));
+        let finished = at(100);
+        assert_eq!(
+            admit_at(&ns, &c, &Policy::default(), at(200)),
+            Vec::<String>::new()
+        );
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        let (reason, why) = pool_blocker(&c.pools, 1, REV2, &views, at(200)).unwrap();
+        assert_eq!(reason, "Soaking", "{why}");
+        let st = pool_status(
+            &c.pools,
+            1,
+            &views,
+            &Policy::default(),
+            &NixOSPoolStatus::default(),
+            1,
+            at(200),
+        );
+        assert!(
+            st.message.as_deref().unwrap().contains("soaking until"),
+            "{:?}",
+            st.message
+        );
+        let soaked = finished.checked_add(SignedDuration::from_hours(1)).unwrap();
+        assert_eq!(admit_at(&ns, &c, &Policy::default(), soaked), vec!["r1", "r2"]);
+        // After soaking, the canary must still be healthy: cordoned, NotReady or Degraded blocks.
+        ns[0].node.ready = false;
+        assert!(admit_at(&ns, &c, &Policy::default(), soaked).is_empty());
+        ns[0].node.ready = true;
+        ns[0].status.phase = Some(Phase::Degraded);
+        let st = pool_status(
+            &c.pools,
+            0,
+            &ns.iter().map(|n| n.view()).collect::<Vec<_>>(),
+            &Policy::default(),
+            &NixOSPoolStatus::default(),
+            1,
+            soaked,
+        );
+        assert_eq!(st.degraded, 1);
+        assert!(
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True")
+        );
+    }
+
+    #[test]
+    fn an_order_on_a_missing_or_empty_pool_blocks() {
+        let ns: Vec<N> = ["r1"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ls = [labels(&[("pool", "rest")])];
+        let c = cluster(&ns, &ls, &[("rest", pool_spec("rest", None, &["canary"], None))]);
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("canary", pool_spec("canary", None, &[], None)),
+                ("rest", pool_spec("rest", None, &["canary"], None)),
+            ],
+        );
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        assert!(
+            pool_blocker(&c.pools, 1, REV2, &views, at(20))
+                .unwrap()
+                .1
+                .contains("selects no node")
+        );
+    }
+
+    #[test]
+    fn never_two_control_plane_nodes_across_pools() {
+        let mut ns: Vec<N> = ["cp1", "cp2"].iter().map(|x| mk_waiting(x, false)).collect();
+        ns[0].node.control_plane = true;
+        ns[1].node.control_plane = true;
+        let ls = [labels(&[("pool", "a")]), labels(&[("pool", "b")])];
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &[], None)),
+                ("b", pool_spec("b", None, &[], None)),
+            ],
+        );
+        assert_eq!(admit_at(&ns, &c, &Policy::default(), at(20)), vec!["cp1"]);
+        // cp1 unready: cp2 may not go either, though its pool has room.
+        ns[0].node.ready = false;
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+    }
+
+    #[test]
+    fn pool_specs_parse_budgets_and_soak_and_refuse_bad_ones() {
+        let mut s = pool_spec("a", Some(IntOrString::String("25%".into())), &[], Some("1h30m"));
+        let p = Pool::from_spec("a", &s);
+        assert_eq!(p.max_unavailable, MaxUnavailable::Percent(25));
+        assert_eq!(p.soak, SignedDuration::from_mins(90));
+        assert!(p.invalid.is_none());
+        // 25% of 3 nodes rounds down to 0, and is at least 1.
+        assert_eq!(budget(p.max_unavailable, 3), 1);
+        assert_eq!(budget(MaxUnavailable::Percent(50), 5), 2);
+        s.soak = Some("soon".into());
+        assert!(Pool::from_spec("a", &s).invalid.is_some());
+        s.soak = None;
+        s.max_unavailable = Some(IntOrString::String("0%".into()));
+        assert!(Pool::from_spec("a", &s).invalid.is_some());
+        // An invalid pool admits nothing.
+        let ns: Vec<N> = ["a1"].iter().map(|x| mk_waiting(x, false)).collect();
+        let c = cluster(&ns, &[labels(&[("pool", "a")])], &[("a", s)]);
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+    }
 }

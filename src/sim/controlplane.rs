@@ -479,7 +479,11 @@ impl ControlPlane {
         };
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         let mut names = Vec::new();
-        for crd in [crate::api::crd(), crate::api::flakesource_crd()] {
+        for crd in [
+            crate::api::crd(),
+            crate::api::flakesource_crd(),
+            crate::api::nixospool_crd(),
+        ] {
             names.push(crd.metadata.name.clone().unwrap_or_default());
             crds.create(&PostParams::default(), &crd)
                 .await

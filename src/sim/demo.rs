@@ -27,6 +27,9 @@ pub struct DemoOptions {
     pub hold: bool,
     /// Give up after this long.
     pub timeout: Duration,
+    /// NixOSPools: a canary, then two concurrent pools, one behind a health gate
+    /// ([`crate::sim::demo_pools`]).
+    pub pools: bool,
 }
 
 impl Default for DemoOptions {
@@ -37,6 +40,7 @@ impl Default for DemoOptions {
             json: false,
             hold: false,
             timeout: Duration::from_secs(180),
+            pools: false,
         }
     }
 }
@@ -121,7 +125,12 @@ pub async fn run(
         },
         world.embedded("the demo")?.url()
     )?;
-    for line in watch_hints(&kubeconfig, &["nixosnodes", "nodes"]) {
+    let watched: &[&str] = if opts.pools {
+        &["nixosnodes", "nodes", "nixospools"]
+    } else {
+        &["nixosnodes", "nodes"]
+    };
+    for line in watch_hints(&kubeconfig, watched) {
         writeln!(err, "{line}")?;
     }
     writeln!(
@@ -137,6 +146,12 @@ pub async fn run(
         put_demo_secret(&world, node, b"demo-vpn-key-generation-1").await?;
     }
     apply_specs(&world, &first, secret_node.as_deref()).await?;
+    if opts.pools {
+        writeln!(err, "nixroll demo --pools:")?;
+        for line in crate::sim::demo_pools::set_up(&world).await? {
+            writeln!(err, "{line}")?;
+        }
+    }
     let mut config = ControllerConfig::new("nixroll-demo-controller");
     config.policy.max_unavailable = opts.max_unavailable;
     config.drain_pass_backoff = (Duration::from_millis(200), Duration::from_secs(2));
@@ -187,6 +202,14 @@ pub async fn run(
                     )?;
                 }
                 apply_specs(&world, &next, secret_node.as_deref()).await?;
+                if opts.pools {
+                    writeln!(
+                        err,
+                        "nixroll demo: the storage health gate of pool zone-b blocks for {:?}, then passes",
+                        crate::sim::demo_pools::GATE_BLOCKS_FOR
+                    )?;
+                    let _healer = crate::sim::demo_pools::heal_storage_later(&world);
+                }
                 if let Some(node) = &secret_node {
                     // The password manager rotated the key: only the file changes, live.
                     put_demo_secret(&world, node, b"demo-vpn-key-generation-2").await?;

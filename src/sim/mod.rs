@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod demo;
 pub mod demo_follow;
+pub mod demo_pools;
 pub mod fixtures;
 pub mod flake;
 pub mod host;

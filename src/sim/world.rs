@@ -101,7 +101,7 @@ pub enum WorldError {
     NotEmbedded(&'static str),
 }
 
-async fn call<T>(
+pub(crate) async fn call<T>(
     operation: impl Into<String>,
     fut: impl std::future::Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, WorldError> {
@@ -252,6 +252,11 @@ impl World {
         call(
             "install the FlakeSource CRD",
             crds.create(&PostParams::default(), &crate::api::flakesource_crd()),
+        )
+        .await?;
+        call(
+            "install the NixOSPool CRD",
+            crds.create(&PostParams::default(), &crate::api::nixospool_crd()),
         )
         .await?;
         let backend = WorldApi::Embedded { api, agents_api };

@@ -106,7 +106,11 @@ async fn accepted_scaled(
 async fn crds_are_accepted_with_margin_under_the_cel_cost_budget() {
     let Some(plane) = plane() else { return };
     let crds: Api<CustomResourceDefinition> = Api::all(plane.admin_client().await.unwrap());
-    for crd in [nixroll::api::crd(), nixroll::api::flakesource_crd()] {
+    for crd in [
+        nixroll::api::crd(),
+        nixroll::api::flakesource_crd(),
+        nixroll::api::nixospool_crd(),
+    ] {
         let name = crd.metadata.name.clone().unwrap();
         let mut largest = None;
         let mut refused = None;
@@ -362,7 +366,7 @@ async fn bad_manifests_are_refused_with_the_message_users_read() {
     }
 }
 
-/// Every NixOSNode and FlakeSource under examples/ (kustomize-rendered where a
+/// Every NixOSNode, FlakeSource and NixOSPool under examples/ (kustomize-rendered where a
 /// kustomization.yaml says so) is accepted by the real server, with no warning.
 #[tokio::test]
 async fn every_example_is_accepted() {
@@ -373,7 +377,7 @@ async fn every_example_is_accepted() {
     let mut checked = 0;
     for (from, doc) in docs {
         let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
-        if kind != "NixOSNode" && kind != "FlakeSource" {
+        if kind != "NixOSNode" && kind != "FlakeSource" && kind != "NixOSPool" {
             continue;
         }
         let api = api_for(client.clone(), &kind, kind == "FlakeSource");
@@ -393,6 +397,8 @@ async fn every_example_is_accepted() {
             "examples/nixosnode.yaml",
             "-f",
             "examples/following.yaml",
+            "-f",
+            "examples/pools.yaml",
         ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

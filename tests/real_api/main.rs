@@ -16,6 +16,7 @@ mod common;
 
 mod crds;
 mod differential;
+mod gates;
 mod plane;
 mod policy;
 mod rollout;

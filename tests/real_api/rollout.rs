@@ -153,6 +153,18 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
         .create(&PostParams::default(), &flux_crd())
         .await
         .unwrap();
+    // A NixOSPool that selects no node: it changes nothing in the rollout, and the controller
+    // lists, watches and writes the status of NixOSPools under deploy/'s RBAC.
+    let pool: nixroll::api::NixOSPool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSPool",
+        "metadata": {"name": "empty"},
+        "spec": {"selector": {"matchLabels": {"nixroll.io/pool": "none"}}}
+    }))
+    .unwrap();
+    Api::<nixroll::api::NixOSPool>::all(admin.clone())
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap();
 
     let mut opts = common::world::fast_world(NODES, 2);
     opts.nix = nixroll::sim::world::NixMode::Real;
