@@ -411,6 +411,14 @@ struct AgentArgs {
     /// switch-to-configuration re-executes PID 1).
     #[arg(long, env = "NIXROLL_REBOOT_ON_SYSTEMD_CHANGE")]
     reboot_on_systemd_change: bool,
+    /// Binary cache to fetch a builder's systems from, after the builder's own cache
+    /// (repeat, or comma-separated in the variable). See docs/builder.md.
+    #[arg(long = "substituter", env = "NIXROLL_SUBSTITUTERS", value_name = "URL", value_delimiter = ',')]
+    substituters: Vec<String>,
+    /// Public key (Nix's `name:base64`) a fetched system must be signed by (repeat, or
+    /// comma-separated). Without one, a node never fetches a builder's system.
+    #[arg(long = "trusted-public-key", env = "NIXROLL_TRUSTED_PUBLIC_KEYS", value_name = "KEY", value_delimiter = ',')]
+    trusted_public_keys: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -675,6 +683,10 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = nixroll::agent::AgentConfig::new(args.node.clone(), host, nix);
     config.options.activation_timeout = args.activation_timeout;
     config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
+    config.options.substitution = nixroll::nix::Substitution {
+        substituters: args.substituters.clone(),
+        trusted_public_keys: args.trusted_public_keys.clone(),
+    };
     let runtime = runtime()?;
     runtime.block_on(async move {
         let target = args.cluster.target();

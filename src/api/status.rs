@@ -99,6 +99,26 @@ pub struct Target {
     /// Store path, once the agent staged it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Set only where a builder is configured: the system the builder built for this target.
+    /// The agent then realises exactly that store path from binary caches, signatures
+    /// required, and never evaluates the flake (docs/builder.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<TargetBuild>,
+}
+
+/// The built system a node fetches instead of building it (`status.target.build`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetBuild {
+    /// Store path of the built toplevel (`/nix/store/…`).
+    pub system: String,
+    /// The builder node that built it (its agent's log has the build output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
+    /// The binary cache that serves it (the builder's, `http://…`), tried before the agent's
+    /// own substituters. Only keys the agent is configured to trust are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 /// A disruption slot held by this node.

@@ -1,0 +1,284 @@
+//! Build once, fetch everywhere, with REAL Nix: a builder host and node hosts with separate
+//! chroot stores (store paths `/nix/store/…` as on real machines, each store in its own
+//! directory), a binary cache served over HTTP on loopback, and the agent realising the built
+//! system by store path with signatures required. Skips when `nix` is not installed (fails
+//! under CI=true).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixroll::agent::host::{Host, resolve};
+use nixroll::agent::node::{HostOptions, NodeAgent};
+use nixroll::api::{AgentStatus, HostOperation, Target, TargetBuild};
+use nixroll::nix::{Nix, NixCli, Substitution};
+use nixroll::sim::flake::TestFlake;
+use nixroll::sim::host::SimHost;
+
+/// A host with a chroot store in `dir`, real Nix on it (offline: only what a target names).
+struct ChrootHost {
+    sim: Arc<SimHost>,
+    host: Arc<dyn Host>,
+    nix: Arc<dyn Nix>,
+}
+
+impl ChrootHost {
+    fn new(dir: PathBuf) -> ChrootHost {
+        let sim = SimHost::create(dir).unwrap();
+        let host: Arc<dyn Host> = Arc::new(sim.host_root_chroot());
+        let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+        ChrootHost { sim, host, nix }
+    }
+
+    fn root(&self) -> &Path {
+        self.sim.root()
+    }
+
+    fn agent(&self, trusted: &[&str]) -> NodeAgent {
+        NodeAgent::new(
+            self.host.clone(),
+            self.nix.clone(),
+            HostOptions {
+                activation_timeout: Duration::from_secs(30),
+                result_poll: Duration::from_millis(10),
+                substitution: Substitution {
+                    substituters: Vec::new(),
+                    trusted_public_keys: trusted.iter().map(|k| k.to_string()).collect(),
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    /// `nix …` (or another Nix program) on this host's store.
+    fn nix_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        let mut store = std::ffi::OsString::from("local?root=");
+        store.push(self.root());
+        c.env("NIX_REMOTE", store)
+            .env("NIX_CONF_DIR", self.root().join("etc/nix"))
+            .env("HOME", self.root().join("root"));
+        c
+    }
+
+    /// Whether `path` is a valid path of this host's store (a failed import may leave its
+    /// directory behind, never registered).
+    fn has(&self, path: &str) -> bool {
+        let mut c = self.nix_cmd("nix-store");
+        c.args(["--check-validity", path]);
+        c.output().unwrap().status.success()
+    }
+
+    /// Store paths of derivations: a node that evaluated or built anything has some.
+    fn derivations(&self) -> Vec<String> {
+        std::fs::read_dir(self.root().join("nix/store"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".drv"))
+            .collect()
+    }
+}
+
+fn run(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A key pair in Nix's format, made by Nix: (secret key file, public key).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let (sk, pk) = (dir.join(format!("{name}.sk")), dir.join(format!("{name}.pk")));
+    run({
+        let mut c = Command::new("nix-store");
+        c.arg("--generate-binary-cache-key").arg(name).arg(&sk).arg(&pk);
+        c
+    });
+    (sk, std::fs::read_to_string(pk).unwrap().trim().to_string())
+}
+
+/// A directory served over HTTP on 127.0.0.1 (a stand-in binary cache: what is in the
+/// directory when a request comes is what is served).
+async fn serve_dir(dir: PathBuf) -> String {
+    use axum::http::{StatusCode, Uri};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let dir = dir.clone();
+        async move {
+            let rel = uri.path().trim_start_matches('/');
+            if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                return Err(StatusCode::NOT_FOUND);
+            }
+            tokio::fs::read(dir.join(rel)).await.map_err(|_| StatusCode::NOT_FOUND)
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// The builder builds `host`'s system at `rev` in its own store and copies its closure,
+/// signed with `sk`, into the file cache `cache` (uncompressed NARs, so tests can tamper).
+async fn build_and_publish(builder: &ChrootHost, flake: &TestFlake, rev: &str, host: &str, sk: &Path, cache: &Path) -> String {
+    let gc = PathBuf::from(format!("/var/lib/nixroll/gcroots/build-{host}-{rev}"));
+    let system = builder.nix.realise(&flake.installable(rev, host), &gc).await.unwrap();
+    assert!(system.starts_with("/nix/store/"), "{system}");
+    run({
+        let mut c = builder.nix_cmd("nix");
+        c.args(["--extra-experimental-features", "nix-command", "copy", "--to"])
+            .arg(format!("file://{}?compression=none&secret-key={}", cache.display(), sk.display()))
+            .arg(&system);
+        c
+    });
+    system
+}
+
+fn fetch_target(flake: &TestFlake, rev: &str, host: &str, system: &str, cache: &str) -> Target {
+    Target {
+        revision: rev.to_string(),
+        installable: flake.installable(rev, host),
+        system: None,
+        build: Some(TargetBuild {
+            system: system.to_string(),
+            builder: Some("builder".into()),
+            cache: Some(cache.to_string()),
+        }),
+    }
+}
+
+fn narinfo(cache: &Path, system: &str) -> PathBuf {
+    let base = Path::new(system).file_name().unwrap().to_string_lossy();
+    cache.join(format!("{}.narinfo", &base[..32]))
+}
+
+fn assert_refused(st: &AgentStatus, node: &ChrootHost, system: &str, before: &str, expected: &str) {
+    let err = st.last_error.as_ref().expect("lastError reported");
+    assert_eq!(err.operation, HostOperation::Stage);
+    assert!(err.message.contains(expected), "{:?}", err.message);
+    assert!(err.message.contains("nothing changed on the node"), "{:?}", err.message);
+    assert!(err.message.contains(system), "{:?}", err.message);
+    // Nothing changed: the old system is still staged, booted, running and the boot default,
+    // the new one is not in the node's store.
+    assert_eq!(st.staged.as_ref().unwrap().system, before);
+    assert_eq!(node.sim.profile_system().as_deref(), Some(before));
+    assert_eq!(node.sim.boot_default().as_deref(), Some(before));
+    assert_eq!(node.sim.current_system().as_deref(), Some(before));
+    assert!(!node.has(system), "{system} entered the node's store");
+}
+
+#[tokio::test]
+async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tampered_closures() {
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &["n1", "n2"]).unwrap();
+    let builder = ChrootHost::new(tmp.path().join("builder"));
+    let cache = tmp.path().join("cache");
+    let (sk, pk) = keypair(tmp.path(), "builder-1");
+    let (_, other_pk) = keypair(tmp.path(), "other-1");
+    let url = serve_dir(cache.clone()).await;
+
+    // The first system, built once, fetched and installed on a node that never evaluates.
+    let rev0 = flake.head().to_string();
+    let sys0 = build_and_publish(&builder, &flake, &rev0, "n1", &sk, &cache).await;
+    let node = ChrootHost::new(tmp.path().join("n1"));
+    let mut agent = node.agent(&[&pk]);
+    let st = agent
+        .reconcile(Some(&fetch_target(&flake, &rev0, "n1", &sys0, &url)), None)
+        .await
+        .unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    let staged = st.staged.unwrap();
+    assert_eq!(staged.system, sys0, "the node staged exactly the builder's store path");
+    assert!(node.has(&sys0));
+    let switch = Path::new(&sys0).join("bin/switch-to-configuration");
+    assert!(resolve(node.host.as_ref(), &switch).is_some(), "{switch:?} not in the node's store");
+    assert!(staged.closure_bytes.unwrap() > 0);
+    assert!(node.derivations().is_empty(), "the node evaluated: {:?}", node.derivations());
+    let root = node.root().join(format!("var/lib/nixroll/gcroots/system-{rev0}"));
+    assert_eq!(std::fs::read_link(&root).unwrap(), Path::new(&sys0));
+    node.sim.install(&sys0).unwrap();
+
+    // A new kernel, built and signed once.
+    let rev1 = flake.commit_kernel_change().unwrap();
+    let sys1 = build_and_publish(&builder, &flake, &rev1, "n1", &sk, &cache).await;
+    let target1 = fetch_target(&flake, &rev1, "n1", &sys1, &url);
+    let info = narinfo(&cache, &sys1);
+    let good = std::fs::read_to_string(&info).unwrap();
+    assert!(good.contains("Sig: builder-1:"), "{good}");
+
+    // A node that trusts another key only.
+    let st = node
+        .agent(&[&other_pk])
+        .reconcile(Some(&target1), None)
+        .await
+        .unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "not signed by a trusted key (other-1)");
+
+    // No key at all: nothing is even asked for.
+    let st = node.agent(&[]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "no trusted public key");
+
+    // Unsigned.
+    let unsigned: String = good.lines().filter(|l| !l.starts_with("Sig:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&info, unsigned).unwrap();
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "not signed by a trusted key (builder-1)");
+
+    // A tampered .narinfo (another NAR hash and size: the signature no longer matches).
+    let nar_line = good.lines().find(|l| l.starts_with("NarSize: ")).unwrap();
+    let size: u64 = nar_line["NarSize: ".len()..].parse().unwrap();
+    std::fs::write(&info, good.replace(nar_line, &format!("NarSize: {}", size + 1))).unwrap();
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "not signed by a trusted key (builder-1)");
+    std::fs::write(&info, &good).unwrap();
+
+    // A tampered NAR under an intact, signed .narinfo.
+    let url_line = good.lines().find(|l| l.starts_with("URL: ")).unwrap();
+    let nar = cache.join(&url_line["URL: ".len()..]);
+    let original = std::fs::read(&nar).unwrap();
+    // The toplevel is symlinks into other store paths: point one elsewhere (same length,
+    // still a well-formed NAR).
+    let mut evil = original.clone();
+    let at = evil.windows(11).position(|w| w == b"/nix/store/").expect("a store path in the NAR") + 11;
+    evil[at] = if evil[at] == b'a' { b'b' } else { b'a' };
+    std::fs::write(&nar, &evil).unwrap();
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "do not match the signed hash");
+    std::fs::write(&nar, &original).unwrap();
+
+    // Not in the cache (yet): said so, and fetched as soon as it is there.
+    std::fs::rename(&info, info.with_extension("away")).unwrap();
+    let mut agent = node.agent(&[&pk]);
+    let st = agent.reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "no configured cache has it");
+    std::fs::rename(info.with_extension("away"), &info).unwrap();
+
+    // Intact and signed: fetched, staged, and the boot default is still the old system.
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    let staged = st.staged.unwrap();
+    assert_eq!(staged.system, sys1);
+    assert_eq!(staged.revision, rev1);
+    assert!(staged.reboot_required);
+    assert_eq!(staged.reboot_reasons, vec!["kernel", "kernel-modules"]);
+    assert_eq!(node.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(node.sim.profile_system().as_deref(), Some(sys0.as_str()));
+    assert!(node.derivations().is_empty(), "the node evaluated: {:?}", node.derivations());
+
+    // A second node fetches the same build: its store gets exactly the builder's path.
+    let node2 = ChrootHost::new(tmp.path().join("n1-twin"));
+    let st = node2.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_eq!(st.staged.unwrap().system, sys1);
+    assert!(node2.derivations().is_empty());
+}
