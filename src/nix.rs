@@ -80,6 +80,16 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
             })
         })
     }
+    /// Every path of the closure of `path` with its NAR hash, size and references
+    /// (`nix path-info --json -r`): what a binary cache signs and serves.
+    fn closure_info<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
+        Box::pin(async move {
+            Err(NixError::CommandFailed {
+                operation: "nix path-info",
+                message: format!("this agent's Nix cannot describe {path} for a binary cache"),
+            })
+        })
+    }
     /// Total size of the closure of `path` in bytes (`nix path-info -S`).
     fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>>;
     /// Make `system` the newest generation of `profile` (`nix-env -p PROFILE --set PATH`;
@@ -218,6 +228,18 @@ impl Nix for NixCli {
         })
     }
 
+    fn closure_info<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
+        Box::pin(async move {
+            const OP: &str = "nix path-info -r";
+            let cmd = self.nix(self.quick_timeout).args(["path-info", "--json", "-r", path]);
+            let out = self.checked(OP, cmd).await?;
+            parse_closure_info(&out.stdout).ok_or_else(|| NixError::Parse {
+                operation: OP,
+                detail: bounded(&out.stdout, 300),
+            })
+        })
+    }
+
     fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>> {
         Box::pin(async move {
             const OP: &str = "nix path-info";
@@ -264,6 +286,23 @@ pub fn parse_build_json(stdout: &str) -> Option<String> {
         .or_else(|| first.get("path"))?
         .as_str()
         .map(str::to_string)
+}
+
+/// `nix path-info --json -r PATH` → one entry per path (Nix 2.8 prints a list of objects with
+/// `path`; newer releases an object keyed by path: both are accepted).
+pub fn parse_closure_info(stdout: &str) -> Option<Vec<crate::builder::NarInfo>> {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
+    match v {
+        serde_json::Value::Array(a) => a.into_iter().map(|e| serde_json::from_value(e).ok()).collect(),
+        serde_json::Value::Object(o) => o
+            .into_iter()
+            .map(|(path, mut e)| {
+                e.as_object_mut()?.insert("path".into(), serde_json::Value::String(path));
+                serde_json::from_value(e).ok()
+            })
+            .collect(),
+        _ => None,
+    }
 }
 
 /// `nix path-info -S --json PATH` → `closureSize` (Nix 2.8 prints a list of objects; newer

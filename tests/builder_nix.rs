@@ -282,3 +282,94 @@ async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tamp
     assert_eq!(st.staged.unwrap().system, sys1);
     assert!(node2.derivations().is_empty());
 }
+
+/// The builder's own cache: signed in Rust with a key that only lives in memory, NARs written
+/// by nixroll from the store's files, three nodes fetching one build at once through a cache
+/// that writes one NAR at a time.
+#[tokio::test]
+async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
+    use nixroll::builder::{BinaryCache, CacheOptions, SigningKey, write_nar};
+    use std::sync::atomic::Ordering;
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let builder = ChrootHost::new(tmp.path().join("builder"));
+    // Nix makes the key (so its format is Nix's); the cache gets its text, never the file.
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let key = SigningKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    assert_eq!(key.public_key(), pk, "the public key derived in Rust is Nix's");
+    let (_, other_pk) = keypair(tmp.path(), "other-1");
+
+    let rev = flake.head().to_string();
+    let gc = PathBuf::from("/var/lib/nixroll/gcroots/build-worker");
+    let system = builder.nix.realise(&flake.installable(&rev, "worker"), &gc).await.unwrap();
+    let closure = builder.nix.closure_info(&system).await.unwrap();
+    assert!(closure.iter().any(|i| i.path == system));
+    assert!(closure.len() > 3, "{closure:?}");
+
+    // Each NAR nixroll writes is byte for byte what Nix dumps.
+    for info in &closure {
+        let mut ours = Vec::new();
+        write_nar(&builder.host.fs_path(Path::new(&info.path)), &mut ours).unwrap();
+        let nix = {
+            let mut c = builder.nix_cmd("nix");
+            c.args(["--extra-experimental-features", "nix-command", "store", "dump-path", &info.path]);
+            c.output().unwrap()
+        };
+        assert!(nix.status.success());
+        assert_eq!(ours.len() as u64, info.nar_size, "{}", info.path);
+        assert!(ours == nix.stdout, "{}: NAR differs from nix store dump-path", info.path);
+    }
+
+    let cache = BinaryCache::new(
+        builder.host.clone(),
+        key,
+        CacheOptions {
+            max_concurrent_nars: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(cache.publish(&closure).unwrap(), closure.len());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cache.clone().serve(listener));
+
+    let target = fetch_target(&flake, &rev, "worker", &system, &url);
+    let nodes: Vec<ChrootHost> = (1..=3).map(|i| ChrootHost::new(tmp.path().join(format!("node-{i}")))).collect();
+    let mut agents: Vec<NodeAgent> = nodes.iter().map(|n| n.agent(&[&pk])).collect();
+    let results = futures::future::join_all(agents.iter_mut().map(|a| a.reconcile(Some(&target), None))).await;
+    for (node, st) in nodes.iter().zip(results) {
+        let st = st.unwrap();
+        assert!(st.last_error.is_none(), "{:?}", st.last_error);
+        assert_eq!(st.staged.unwrap().system, system);
+        assert!(node.has(&system));
+        assert!(node.derivations().is_empty(), "a node evaluated: {:?}", node.derivations());
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.nars.load(Ordering::SeqCst), 3 * closure.len() as u64);
+    assert_eq!(stats.nars_peak.load(Ordering::SeqCst), 1, "more NARs at once than allowed");
+    assert_eq!(stats.busy.load(Ordering::SeqCst), 0);
+
+    // Trusting another key: the Rust signature is refused like Nix's own.
+    let stranger = ChrootHost::new(tmp.path().join("stranger"));
+    let st = stranger.agent(&[&other_pk]).reconcile(Some(&target), None).await.unwrap();
+    let err = st.last_error.unwrap();
+    assert!(err.message.contains("not signed by a trusted key (other-1)"), "{}", err.message);
+    assert!(!stranger.has(&system));
+
+    // Only what was published is served: the builder's other store paths are not.
+    let source = std::fs::read_dir(builder.root().join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with("-source"))
+        .expect("the flake's source in the builder's store");
+    let unpublished = format!("/nix/store/{source}");
+    assert!(builder.has(&unpublished));
+    assert!(!cache.has(&unpublished));
+    let other = fetch_target(&flake, &rev, "worker", &unpublished, &url);
+    let st = stranger.agent(&[&pk]).reconcile(Some(&other), None).await.unwrap();
+    let err = st.last_error.unwrap();
+    assert!(err.message.contains("no configured cache has it"), "{}", err.message);
+}
