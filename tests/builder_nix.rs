@@ -373,3 +373,113 @@ async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
     let err = st.last_error.unwrap();
     assert!(err.message.contains("no configured cache has it"), "{}", err.message);
 }
+
+/// The builder role end to end without Kubernetes: the plan asks one build per distinct
+/// system, the builder builds it once (again and after a restart: no second build), serves
+/// it, the nodes' targets point at it and they fetch it; a broken revision fails once, on the
+/// builder, and every node that wants it gets that one failure.
+#[tokio::test]
+async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
+    use nixroll::api::BuildState;
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, SigningKey};
+    use nixroll::rollout::build::{BuilderInfo, Fetch, Wanted, fetch_for, plan};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &["worker", "edge"]).unwrap();
+    let bhost = ChrootHost::new(tmp.path().join("builder"));
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let key = || SigningKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    let cache = BinaryCache::new(bhost.host.clone(), key(), CacheOptions::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cache.clone().serve(listener));
+    let mut builder = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache);
+
+    // Four nodes: three workers and one edge node, all of the builder's Nix system.
+    let rev = flake.head().to_string();
+    let names = ["w1", "w2", "w3", "e1"];
+    let installables: Vec<String> = names
+        .iter()
+        .map(|n| flake.installable(&rev, if n.starts_with('w') { "worker" } else { "edge" }))
+        .collect();
+    let sys = "x86_64-linux";
+    let wanted: Vec<Wanted<'_>> = names
+        .iter()
+        .zip(&installables)
+        .map(|(n, i)| Wanted { node: n, nix_system: Some(sys), installable: i })
+        .collect();
+    let info = |reports| BuilderInfo { name: "builder", nix_system: sys, cache: Some(&url), reports };
+    let requests = plan(&[info(&[])], wanted.iter().copied()).remove("builder").unwrap();
+    assert_eq!(requests.len(), 2, "one build per distinct system: {requests:?}");
+    assert_eq!(requests.iter().map(|r| r.nodes).sum::<u32>(), 4);
+
+    let reports = builder.run(&requests).await;
+    assert!(reports.iter().all(|r| r.state == BuildState::Built), "{reports:?}");
+    assert_eq!(builder.builds_started(), 2);
+    // Asked again (every node's reconcile asks): nothing is built again.
+    assert_eq!(builder.run(&requests).await, reports);
+    assert_eq!(builder.builds_started(), 2);
+
+    // A restarted builder: the same systems, found in the store, not built again.
+    let registered = |path: &str| {
+        let mut c = bhost.nix_cmd("nix");
+        c.args(["--extra-experimental-features", "nix-command", "path-info", "--json", path]);
+        let v: serde_json::Value = serde_json::from_str(&run(c)).unwrap();
+        v[0]["registrationTime"].as_u64().unwrap()
+    };
+    let before: Vec<u64> = reports.iter().map(|r| registered(r.system.as_deref().unwrap())).collect();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cache2 = BinaryCache::new(bhost.host.clone(), key(), CacheOptions::default());
+    let again = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache2).run(&requests).await;
+    let systems = |rs: &[nixroll::api::BuildReport]| rs.iter().map(|r| r.system.clone()).collect::<Vec<_>>();
+    assert_eq!(systems(&again), systems(&reports));
+    let after: Vec<u64> = reports.iter().map(|r| registered(r.system.as_deref().unwrap())).collect();
+    assert_eq!(before, after, "the restarted builder built again");
+
+    // Every node's target points at the build of its system; each fetches it, none evaluates.
+    let builders = [info(&reports)];
+    for (w, n) in wanted.iter().zip(names) {
+        let Fetch::Ready(build) = fetch_for(w, &builders) else {
+            panic!("{n} cannot fetch");
+        };
+        let node = ChrootHost::new(tmp.path().join(n));
+        let target = Target {
+            revision: rev.clone(),
+            installable: w.installable.to_string(),
+            system: None,
+            build: Some(build.clone()),
+        };
+        let st = node.agent(&[&pk]).reconcile(Some(&target), None).await.unwrap();
+        assert!(st.last_error.is_none(), "{n}: {:?}", st.last_error);
+        assert_eq!(st.staged.unwrap().system, build.system);
+        assert!(node.derivations().is_empty(), "{n} evaluated");
+    }
+
+    // A revision that does not build: one failure on the builder, shared by all its nodes.
+    let broken = flake.commit_broken_build().unwrap();
+    let bad = flake.installable(&broken, "worker");
+    let bad_wanted: Vec<Wanted<'_>> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|n| Wanted { node: n, nix_system: Some(sys), installable: &bad })
+        .collect();
+    let requests = plan(&[info(&[])], bad_wanted.iter().copied()).remove("builder").unwrap();
+    assert_eq!(requests.len(), 1);
+    let started = builder.builds_started();
+    let reports = builder.run(&requests).await;
+    assert_eq!(reports[0].state, BuildState::Failed);
+    assert!(reports[0].message.as_deref().unwrap().contains("have the same priority"), "{reports:?}");
+    assert_eq!(builder.run(&requests).await, reports, "a failure is reported once, not rebuilt");
+    assert_eq!(builder.builds_started(), started + 1);
+    let builders = [info(&reports)];
+    for w in &bad_wanted {
+        match fetch_for(w, &builders) {
+            Fetch::Failed { builder, message } => {
+                assert_eq!(builder, "builder");
+                assert!(message.contains("have the same priority"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

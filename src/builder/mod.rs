@@ -13,8 +13,16 @@ mod cache;
 mod key;
 mod nar;
 mod narinfo;
+mod role;
 
 pub use cache::{BinaryCache, CacheError, CacheOptions, CacheStats};
 pub use key::{KeyError, SigningKey};
 pub use nar::{NarError, write_nar};
 pub use narinfo::{NarInfo, nix_base32, sri_to_nix32};
+pub use role::{BUILDS_DIR, Builder, root_name};
+
+/// The Nix system of the machine the agent runs on (`x86_64-linux`, `aarch64-linux`): the agent
+/// runs on its host's CPU, and nixroll manages Linux hosts only.
+pub fn host_nix_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
