@@ -118,7 +118,9 @@ pub enum BuildState {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BuildReport {
+    /// The installable built (as in `status.builds`).
     pub installable: String,
+    /// `Building`, `Built` or `Failed`.
     pub state: BuildState,
     /// The built toplevel, once built.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +128,7 @@ pub struct BuildReport {
     /// Nix's error (trimmed) when it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When the build reached this state.
     pub at: Time,
 }
 
