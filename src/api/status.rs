@@ -154,7 +154,8 @@ pub struct Target {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetBuild {
-    /// Store path of the built toplevel (`/nix/store/…`).
+    /// Store path of the built toplevel (`/nix/store/…`); empty while the builder has not
+    /// built it yet (the agent then waits and evaluates nothing).
     pub system: String,
     /// The builder node that built it (its agent's log has the build output).
     #[serde(default, skip_serializing_if = "Option::is_none")]

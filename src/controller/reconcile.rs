@@ -116,6 +116,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     let view = view_of(&obj, &status, &observation);
     let decision: Decision =
         (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    let decision = super::build::with_builds(ctx, &obj, decision);
     execute_with_gate(ctx, &obj, &status, decision, gate, node_version).await
 }
 

@@ -39,6 +39,10 @@ impl NodeAgent {
     }
 
     pub(super) fn needs_staging(&self, st: &HostState, t: &Target) -> bool {
+        if t.build.as_ref().is_some_and(|b| b.system.is_empty()) {
+            // The builder has not built it yet: nothing to fetch, and never evaluate here.
+            return false;
+        }
         if let Some(f) = &self.failed_stage
             && f.is_for(t)
             && tokio::time::Instant::now() < f.retry_at
