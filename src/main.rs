@@ -413,24 +413,49 @@ struct AgentArgs {
     reboot_on_systemd_change: bool,
     /// Binary cache to fetch a builder's systems from, after the builder's own cache
     /// (repeat, or comma-separated in the variable). See docs/builder.md.
-    #[arg(long = "substituter", env = "NIXROLL_SUBSTITUTERS", value_name = "URL", value_delimiter = ',')]
+    #[arg(
+        long = "substituter",
+        env = "NIXROLL_SUBSTITUTERS",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
     substituters: Vec<String>,
     /// Public key (Nix's `name:base64`) a fetched system must be signed by (repeat, or
     /// comma-separated). Without one, a node never fetches a builder's system.
-    #[arg(long = "trusted-public-key", env = "NIXROLL_TRUSTED_PUBLIC_KEYS", value_name = "KEY", value_delimiter = ',')]
+    #[arg(
+        long = "trusted-public-key",
+        env = "NIXROLL_TRUSTED_PUBLIC_KEYS",
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
     trusted_public_keys: Vec<String>,
     /// Act as this node's builder: build what the controller lists in status.builds, sign it
     /// and serve it as a binary cache (label the Node nixroll.io/builder=true too).
     #[arg(long, env = "NIXROLL_BUILDER", requires = "cache_url")]
     builder: bool,
     /// With --builder: the Secret in nixroll-system holding the signing key.
-    #[arg(long, env = "NIXROLL_BUILDER_KEY_SECRET", value_name = "NAME", default_value = "nixroll-builder-key")]
+    #[arg(
+        long,
+        env = "NIXROLL_BUILDER_KEY_SECRET",
+        value_name = "NAME",
+        default_value = "nixroll-builder-key"
+    )]
     builder_key_secret: String,
     /// With --builder: the key of that Secret (Nix's name:base64 secret-key format).
-    #[arg(long, env = "NIXROLL_BUILDER_KEY_FIELD", value_name = "KEY", default_value = "secret-key")]
+    #[arg(
+        long,
+        env = "NIXROLL_BUILDER_KEY_FIELD",
+        value_name = "KEY",
+        default_value = "secret-key"
+    )]
     builder_key_field: String,
     /// With --builder: where the binary cache listens.
-    #[arg(long, env = "NIXROLL_CACHE_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:5080")]
+    #[arg(
+        long,
+        env = "NIXROLL_CACHE_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:5080"
+    )]
     cache_listen: std::net::SocketAddr,
     /// With --builder: the URL other nodes fetch from (e.g. http://NODE_IP:5080).
     #[arg(long, env = "NIXROLL_CACHE_URL", value_name = "URL")]

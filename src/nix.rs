@@ -82,7 +82,10 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
     }
     /// Every path of the closure of `path` with its NAR hash, size and references
     /// (`nix path-info --json -r`): what a binary cache signs and serves.
-    fn closure_info<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
+    fn closure_info<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
         Box::pin(async move {
             Err(NixError::CommandFailed {
                 operation: "nix path-info",
@@ -206,11 +209,10 @@ impl Nix for NixCli {
                 .args(["build", "--json", "--out-link"])
                 .arg(self.host.cmd_path(gc_root))
                 .arg(path);
-            let out = self
-                .host
-                .run(cmd)
-                .await
-                .map_err(|source| NixError::Host { operation: OP, source })?;
+            let out = self.host.run(cmd).await.map_err(|source| NixError::Host {
+                operation: OP,
+                source,
+            })?;
             if !out.success() {
                 return Err(substitution_failure(path, from, &out.stderr));
             }
@@ -228,10 +230,15 @@ impl Nix for NixCli {
         })
     }
 
-    fn closure_info<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
+    fn closure_info<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
         Box::pin(async move {
             const OP: &str = "nix path-info -r";
-            let cmd = self.nix(self.quick_timeout).args(["path-info", "--json", "-r", path]);
+            let cmd = self
+                .nix(self.quick_timeout)
+                .args(["path-info", "--json", "-r", path]);
             let out = self.checked(OP, cmd).await?;
             parse_closure_info(&out.stdout).ok_or_else(|| NixError::Parse {
                 operation: OP,
@@ -297,7 +304,8 @@ pub fn parse_closure_info(stdout: &str) -> Option<Vec<crate::builder::NarInfo>> 
         serde_json::Value::Object(o) => o
             .into_iter()
             .map(|(path, mut e)| {
-                e.as_object_mut()?.insert("path".into(), serde_json::Value::String(path));
+                e.as_object_mut()?
+                    .insert("path".into(), serde_json::Value::String(path));
                 serde_json::from_value(e).ok()
             })
             .collect(),

@@ -117,7 +117,9 @@ async fn serve_dir(dir: PathBuf) -> String {
             if rel.split('/').any(|c| c == ".." || c.is_empty()) {
                 return Err(StatusCode::NOT_FOUND);
             }
-            tokio::fs::read(dir.join(rel)).await.map_err(|_| StatusCode::NOT_FOUND)
+            tokio::fs::read(dir.join(rel))
+                .await
+                .map_err(|_| StatusCode::NOT_FOUND)
         }
     });
     tokio::spawn(async move {
@@ -128,14 +130,29 @@ async fn serve_dir(dir: PathBuf) -> String {
 
 /// The builder builds `host`'s system at `rev` in its own store and copies its closure,
 /// signed with `sk`, into the file cache `cache` (uncompressed NARs, so tests can tamper).
-async fn build_and_publish(builder: &ChrootHost, flake: &TestFlake, rev: &str, host: &str, sk: &Path, cache: &Path) -> String {
+async fn build_and_publish(
+    builder: &ChrootHost,
+    flake: &TestFlake,
+    rev: &str,
+    host: &str,
+    sk: &Path,
+    cache: &Path,
+) -> String {
     let gc = PathBuf::from(format!("/var/lib/nixroll/gcroots/build-{host}-{rev}"));
-    let system = builder.nix.realise(&flake.installable(rev, host), &gc).await.unwrap();
+    let system = builder
+        .nix
+        .realise(&flake.installable(rev, host), &gc)
+        .await
+        .unwrap();
     assert!(system.starts_with("/nix/store/"), "{system}");
     run({
         let mut c = builder.nix_cmd("nix");
         c.args(["--extra-experimental-features", "nix-command", "copy", "--to"])
-            .arg(format!("file://{}?compression=none&secret-key={}", cache.display(), sk.display()))
+            .arg(format!(
+                "file://{}?compression=none&secret-key={}",
+                cache.display(),
+                sk.display()
+            ))
             .arg(&system);
         c
     });
@@ -164,7 +181,11 @@ fn assert_refused(st: &AgentStatus, node: &ChrootHost, system: &str, before: &st
     let err = st.last_error.as_ref().expect("lastError reported");
     assert_eq!(err.operation, HostOperation::Stage);
     assert!(err.message.contains(expected), "{:?}", err.message);
-    assert!(err.message.contains("nothing changed on the node"), "{:?}", err.message);
+    assert!(
+        err.message.contains("nothing changed on the node"),
+        "{:?}",
+        err.message
+    );
     assert!(err.message.contains(system), "{:?}", err.message);
     // Nothing changed: the old system is still staged, booted, running and the boot default,
     // the new one is not in the node's store.
@@ -199,12 +220,22 @@ async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tamp
         .unwrap();
     assert!(st.last_error.is_none(), "{:?}", st.last_error);
     let staged = st.staged.unwrap();
-    assert_eq!(staged.system, sys0, "the node staged exactly the builder's store path");
+    assert_eq!(
+        staged.system, sys0,
+        "the node staged exactly the builder's store path"
+    );
     assert!(node.has(&sys0));
     let switch = Path::new(&sys0).join("bin/switch-to-configuration");
-    assert!(resolve(node.host.as_ref(), &switch).is_some(), "{switch:?} not in the node's store");
+    assert!(
+        resolve(node.host.as_ref(), &switch).is_some(),
+        "{switch:?} not in the node's store"
+    );
     assert!(staged.closure_bytes.unwrap() > 0);
-    assert!(node.derivations().is_empty(), "the node evaluated: {:?}", node.derivations());
+    assert!(
+        node.derivations().is_empty(),
+        "the node evaluated: {:?}",
+        node.derivations()
+    );
     let root = node.root().join(format!("var/lib/nixroll/gcroots/system-{rev0}"));
     assert_eq!(std::fs::read_link(&root).unwrap(), Path::new(&sys0));
     node.sim.install(&sys0).unwrap();
@@ -230,17 +261,33 @@ async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tamp
     assert_refused(&st, &node, &sys1, &sys0, "no trusted public key");
 
     // Unsigned.
-    let unsigned: String = good.lines().filter(|l| !l.starts_with("Sig:")).map(|l| format!("{l}\n")).collect();
+    let unsigned: String = good
+        .lines()
+        .filter(|l| !l.starts_with("Sig:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(&info, unsigned).unwrap();
     let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
-    assert_refused(&st, &node, &sys1, &sys0, "not signed by a trusted key (builder-1)");
+    assert_refused(
+        &st,
+        &node,
+        &sys1,
+        &sys0,
+        "not signed by a trusted key (builder-1)",
+    );
 
     // A tampered .narinfo (another NAR hash and size: the signature no longer matches).
     let nar_line = good.lines().find(|l| l.starts_with("NarSize: ")).unwrap();
     let size: u64 = nar_line["NarSize: ".len()..].parse().unwrap();
     std::fs::write(&info, good.replace(nar_line, &format!("NarSize: {}", size + 1))).unwrap();
     let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
-    assert_refused(&st, &node, &sys1, &sys0, "not signed by a trusted key (builder-1)");
+    assert_refused(
+        &st,
+        &node,
+        &sys1,
+        &sys0,
+        "not signed by a trusted key (builder-1)",
+    );
     std::fs::write(&info, &good).unwrap();
 
     // A tampered NAR under an intact, signed .narinfo.
@@ -250,7 +297,11 @@ async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tamp
     // The toplevel is symlinks into other store paths: point one elsewhere (same length,
     // still a well-formed NAR).
     let mut evil = original.clone();
-    let at = evil.windows(11).position(|w| w == b"/nix/store/").expect("a store path in the NAR") + 11;
+    let at = evil
+        .windows(11)
+        .position(|w| w == b"/nix/store/")
+        .expect("a store path in the NAR")
+        + 11;
     evil[at] = if evil[at] == b'a' { b'b' } else { b'a' };
     std::fs::write(&nar, &evil).unwrap();
     let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
@@ -274,7 +325,11 @@ async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tamp
     assert_eq!(staged.reboot_reasons, vec!["kernel", "kernel-modules"]);
     assert_eq!(node.sim.boot_default().as_deref(), Some(sys0.as_str()));
     assert_eq!(node.sim.profile_system().as_deref(), Some(sys0.as_str()));
-    assert!(node.derivations().is_empty(), "the node evaluated: {:?}", node.derivations());
+    assert!(
+        node.derivations().is_empty(),
+        "the node evaluated: {:?}",
+        node.derivations()
+    );
 
     // A second node fetches the same build: its store gets exactly the builder's path.
     let node2 = ChrootHost::new(tmp.path().join("n1-twin"));
@@ -304,7 +359,11 @@ async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
 
     let rev = flake.head().to_string();
     let gc = PathBuf::from("/var/lib/nixroll/gcroots/build-worker");
-    let system = builder.nix.realise(&flake.installable(&rev, "worker"), &gc).await.unwrap();
+    let system = builder
+        .nix
+        .realise(&flake.installable(&rev, "worker"), &gc)
+        .await
+        .unwrap();
     let closure = builder.nix.closure_info(&system).await.unwrap();
     assert!(closure.iter().any(|i| i.path == system));
     assert!(closure.len() > 3, "{closure:?}");
@@ -315,12 +374,22 @@ async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
         write_nar(&builder.host.fs_path(Path::new(&info.path)), &mut ours).unwrap();
         let nix = {
             let mut c = builder.nix_cmd("nix");
-            c.args(["--extra-experimental-features", "nix-command", "store", "dump-path", &info.path]);
+            c.args([
+                "--extra-experimental-features",
+                "nix-command",
+                "store",
+                "dump-path",
+                &info.path,
+            ]);
             c.output().unwrap()
         };
         assert!(nix.status.success());
         assert_eq!(ours.len() as u64, info.nar_size, "{}", info.path);
-        assert!(ours == nix.stdout, "{}: NAR differs from nix store dump-path", info.path);
+        assert!(
+            ours == nix.stdout,
+            "{}: NAR differs from nix store dump-path",
+            info.path
+        );
     }
 
     let cache = BinaryCache::new(
@@ -337,26 +406,45 @@ async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
     tokio::spawn(cache.clone().serve(listener));
 
     let target = fetch_target(&flake, &rev, "worker", &system, &url);
-    let nodes: Vec<ChrootHost> = (1..=3).map(|i| ChrootHost::new(tmp.path().join(format!("node-{i}")))).collect();
+    let nodes: Vec<ChrootHost> = (1..=3)
+        .map(|i| ChrootHost::new(tmp.path().join(format!("node-{i}"))))
+        .collect();
     let mut agents: Vec<NodeAgent> = nodes.iter().map(|n| n.agent(&[&pk])).collect();
-    let results = futures::future::join_all(agents.iter_mut().map(|a| a.reconcile(Some(&target), None))).await;
+    let results =
+        futures::future::join_all(agents.iter_mut().map(|a| a.reconcile(Some(&target), None))).await;
     for (node, st) in nodes.iter().zip(results) {
         let st = st.unwrap();
         assert!(st.last_error.is_none(), "{:?}", st.last_error);
         assert_eq!(st.staged.unwrap().system, system);
         assert!(node.has(&system));
-        assert!(node.derivations().is_empty(), "a node evaluated: {:?}", node.derivations());
+        assert!(
+            node.derivations().is_empty(),
+            "a node evaluated: {:?}",
+            node.derivations()
+        );
     }
     let stats = cache.stats();
     assert_eq!(stats.nars.load(Ordering::SeqCst), 3 * closure.len() as u64);
-    assert_eq!(stats.nars_peak.load(Ordering::SeqCst), 1, "more NARs at once than allowed");
+    assert_eq!(
+        stats.nars_peak.load(Ordering::SeqCst),
+        1,
+        "more NARs at once than allowed"
+    );
     assert_eq!(stats.busy.load(Ordering::SeqCst), 0);
 
     // Trusting another key: the Rust signature is refused like Nix's own.
     let stranger = ChrootHost::new(tmp.path().join("stranger"));
-    let st = stranger.agent(&[&other_pk]).reconcile(Some(&target), None).await.unwrap();
+    let st = stranger
+        .agent(&[&other_pk])
+        .reconcile(Some(&target), None)
+        .await
+        .unwrap();
     let err = st.last_error.unwrap();
-    assert!(err.message.contains("not signed by a trusted key (other-1)"), "{}", err.message);
+    assert!(
+        err.message.contains("not signed by a trusted key (other-1)"),
+        "{}",
+        err.message
+    );
     assert!(!stranger.has(&system));
 
     // Only what was published is served: the builder's other store paths are not.
@@ -369,9 +457,17 @@ async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
     assert!(builder.has(&unpublished));
     assert!(!cache.has(&unpublished));
     let other = fetch_target(&flake, &rev, "worker", &unpublished, &url);
-    let st = stranger.agent(&[&pk]).reconcile(Some(&other), None).await.unwrap();
+    let st = stranger
+        .agent(&[&pk])
+        .reconcile(Some(&other), None)
+        .await
+        .unwrap();
     let err = st.last_error.unwrap();
-    assert!(err.message.contains("no configured cache has it"), "{}", err.message);
+    assert!(
+        err.message.contains("no configured cache has it"),
+        "{}",
+        err.message
+    );
 }
 
 /// The builder role end to end without Kubernetes: the plan asks one build per distinct
@@ -408,15 +504,29 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
     let wanted: Vec<Wanted<'_>> = names
         .iter()
         .zip(&installables)
-        .map(|(n, i)| Wanted { node: n, nix_system: Some(sys), installable: i })
+        .map(|(n, i)| Wanted {
+            node: n,
+            nix_system: Some(sys),
+            installable: i,
+        })
         .collect();
-    let info = |reports| BuilderInfo { name: "builder", nix_system: sys, cache: Some(&url), reports };
-    let requests = plan(&[info(&[])], wanted.iter().copied()).remove("builder").unwrap();
+    let info = |reports| BuilderInfo {
+        name: "builder",
+        nix_system: sys,
+        cache: Some(&url),
+        reports,
+    };
+    let requests = plan(&[info(&[])], wanted.iter().copied())
+        .remove("builder")
+        .unwrap();
     assert_eq!(requests.len(), 2, "one build per distinct system: {requests:?}");
     assert_eq!(requests.iter().map(|r| r.nodes).sum::<u32>(), 4);
 
     let reports = builder.run(&requests).await;
-    assert!(reports.iter().all(|r| r.state == BuildState::Built), "{reports:?}");
+    assert!(
+        reports.iter().all(|r| r.state == BuildState::Built),
+        "{reports:?}"
+    );
     assert_eq!(builder.builds_started(), 2);
     // Asked again (every node's reconcile asks): nothing is built again.
     assert_eq!(builder.run(&requests).await, reports);
@@ -425,17 +535,31 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
     // A restarted builder: the same systems, found in the store, not built again.
     let registered = |path: &str| {
         let mut c = bhost.nix_cmd("nix");
-        c.args(["--extra-experimental-features", "nix-command", "path-info", "--json", path]);
+        c.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            path,
+        ]);
         let v: serde_json::Value = serde_json::from_str(&run(c)).unwrap();
         v[0]["registrationTime"].as_u64().unwrap()
     };
-    let before: Vec<u64> = reports.iter().map(|r| registered(r.system.as_deref().unwrap())).collect();
+    let before: Vec<u64> = reports
+        .iter()
+        .map(|r| registered(r.system.as_deref().unwrap()))
+        .collect();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let cache2 = BinaryCache::new(bhost.host.clone(), key(), CacheOptions::default());
-    let again = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache2).run(&requests).await;
+    let again = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache2)
+        .run(&requests)
+        .await;
     let systems = |rs: &[nixroll::api::BuildReport]| rs.iter().map(|r| r.system.clone()).collect::<Vec<_>>();
     assert_eq!(systems(&again), systems(&reports));
-    let after: Vec<u64> = reports.iter().map(|r| registered(r.system.as_deref().unwrap())).collect();
+    let after: Vec<u64> = reports
+        .iter()
+        .map(|r| registered(r.system.as_deref().unwrap()))
+        .collect();
     assert_eq!(before, after, "the restarted builder built again");
 
     // Every node's target points at the build of its system; each fetches it, none evaluates.
@@ -462,15 +586,32 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
     let bad = flake.installable(&broken, "worker");
     let bad_wanted: Vec<Wanted<'_>> = ["w1", "w2", "w3"]
         .iter()
-        .map(|n| Wanted { node: n, nix_system: Some(sys), installable: &bad })
+        .map(|n| Wanted {
+            node: n,
+            nix_system: Some(sys),
+            installable: &bad,
+        })
         .collect();
-    let requests = plan(&[info(&[])], bad_wanted.iter().copied()).remove("builder").unwrap();
+    let requests = plan(&[info(&[])], bad_wanted.iter().copied())
+        .remove("builder")
+        .unwrap();
     assert_eq!(requests.len(), 1);
     let started = builder.builds_started();
     let reports = builder.run(&requests).await;
     assert_eq!(reports[0].state, BuildState::Failed);
-    assert!(reports[0].message.as_deref().unwrap().contains("have the same priority"), "{reports:?}");
-    assert_eq!(builder.run(&requests).await, reports, "a failure is reported once, not rebuilt");
+    assert!(
+        reports[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("have the same priority"),
+        "{reports:?}"
+    );
+    assert_eq!(
+        builder.run(&requests).await,
+        reports,
+        "a failure is reported once, not rebuilt"
+    );
     assert_eq!(builder.builds_started(), started + 1);
     let builders = [info(&reports)];
     for w in &bad_wanted {

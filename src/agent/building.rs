@@ -31,7 +31,12 @@ pub struct BuilderConfig {
 const RETRY: Duration = Duration::from_secs(30);
 
 /// Read the signing key; the error names the Secret and key, never the value.
-pub async fn load_key(api: &Api<Secret>, name: &str, field: &str, timeout: Duration) -> Result<SigningKey, String> {
+pub async fn load_key(
+    api: &Api<Secret>,
+    name: &str,
+    field: &str,
+    timeout: Duration,
+) -> Result<SigningKey, String> {
     let secret = tokio::time::timeout(timeout, api.get(name))
         .await
         .map_err(|_| format!("reading Secret {name} timed out after {timeout:?}"))?
@@ -86,7 +91,10 @@ pub(super) async fn run(
         let wanted = requests.borrow_and_update().clone();
         reports.send_if_modified(|r| {
             let now = builder.reports(&wanted);
-            let changed = r.iter().map(|x| (&x.installable, x.state)).ne(now.iter().map(|x| (&x.installable, x.state)));
+            let changed = r
+                .iter()
+                .map(|x| (&x.installable, x.state))
+                .ne(now.iter().map(|x| (&x.installable, x.state)));
             if changed {
                 *r = now;
             }

@@ -136,7 +136,11 @@ impl BinaryCache {
 
     /// Whether `path` is published.
     pub fn has(&self, path: &str) -> bool {
-        let hash = path.rsplit('/').next().and_then(|b| b.get(..32)).unwrap_or_default();
+        let hash = path
+            .rsplit('/')
+            .next()
+            .and_then(|b| b.get(..32))
+            .unwrap_or_default();
         self.lookup(hash).is_some_and(|e| e.info.path == path)
     }
 
@@ -168,7 +172,11 @@ async fn narinfo(State(cache): State<BinaryCache>, UrlPath(file): UrlPath<String
         return StatusCode::NOT_FOUND.into_response();
     };
     cache.inner.stats.narinfos.fetch_add(1, Ordering::Relaxed);
-    ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], entry.narinfo.clone()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
+        entry.narinfo.clone(),
+    )
+        .into_response()
 }
 
 async fn nar(State(cache): State<BinaryCache>, UrlPath(file): UrlPath<String>) -> Response {
@@ -176,11 +184,20 @@ async fn nar(State(cache): State<BinaryCache>, UrlPath(file): UrlPath<String>) -
         return StatusCode::NOT_FOUND.into_response();
     };
     let inner = &cache.inner;
-    let permit = match tokio::time::timeout(inner.options.queue_timeout, inner.permits.clone().acquire_owned()).await {
+    let permit = match tokio::time::timeout(
+        inner.options.queue_timeout,
+        inner.permits.clone().acquire_owned(),
+    )
+    .await
+    {
         Ok(Ok(p)) => p,
         _ => {
             inner.stats.busy.fetch_add(1, Ordering::Relaxed);
-            return (StatusCode::SERVICE_UNAVAILABLE, "busy: too many downloads at once").into_response();
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy: too many downloads at once",
+            )
+                .into_response();
         }
     };
     let now = inner.stats.nars_now.fetch_add(1, Ordering::SeqCst) + 1;

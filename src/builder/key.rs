@@ -21,7 +21,9 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -37,8 +39,11 @@ impl SigningKey {
         if bytes.len() != 64 {
             return Err(KeyError::Format);
         }
-        let pair = Ed25519KeyPair::from_seed_and_public_key(&bytes[..32], &bytes[32..])
-            .map_err(|_| KeyError::Invalid { name: name.to_string() })?;
+        let pair = Ed25519KeyPair::from_seed_and_public_key(&bytes[..32], &bytes[32..]).map_err(|_| {
+            KeyError::Invalid {
+                name: name.to_string(),
+            }
+        })?;
         Ok(SigningKey {
             name: name.to_string(),
             pair,
@@ -51,7 +56,11 @@ impl SigningKey {
 
     /// The public key as nodes trust it: `name:base64(public key)`.
     pub fn public_key(&self) -> String {
-        format!("{}:{}", self.name, STANDARD.encode(self.pair.public_key().as_ref()))
+        format!(
+            "{}:{}",
+            self.name,
+            STANDARD.encode(self.pair.public_key().as_ref())
+        )
     }
 
     /// A narinfo `Sig:` value for `fingerprint`: `name:base64(signature)`.

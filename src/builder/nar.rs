@@ -143,7 +143,15 @@ mod tests {
         assert_eq!(n, out.len() as u64);
         assert_eq!(out.len() % 8, 0);
         let mut want = Vec::new();
-        for s in [&b"nix-archive-1"[..], b"(", b"type", b"regular", b"contents", b"hello", b")"] {
+        for s in [
+            &b"nix-archive-1"[..],
+            b"(",
+            b"type",
+            b"regular",
+            b"contents",
+            b"hello",
+            b")",
+        ] {
             want.extend_from_slice(&(s.len() as u64).to_le_bytes());
             want.extend_from_slice(s);
             want.resize(want.len().div_ceil(8) * 8, 0);

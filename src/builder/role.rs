@@ -67,7 +67,8 @@ impl Builder {
             let report = self.build(&r.installable).await;
             self.done.insert(r.installable.clone(), report);
         }
-        self.done.retain(|k, _| requests.iter().any(|r| &r.installable == k));
+        self.done
+            .retain(|k, _| requests.iter().any(|r| &r.installable == k));
         self.prune_roots(requests);
         self.reports(requests)
     }
@@ -77,13 +78,16 @@ impl Builder {
         requests
             .iter()
             .map(|r| {
-                self.done.get(&r.installable).cloned().unwrap_or_else(|| BuildReport {
-                    installable: r.installable.clone(),
-                    state: BuildState::Building,
-                    system: None,
-                    message: None,
-                    at: now(),
-                })
+                self.done
+                    .get(&r.installable)
+                    .cloned()
+                    .unwrap_or_else(|| BuildReport {
+                        installable: r.installable.clone(),
+                        state: BuildState::Building,
+                        system: None,
+                        message: None,
+                        at: now(),
+                    })
             })
             .collect()
     }
@@ -158,9 +162,20 @@ pub fn root_name(installable: &str) -> String {
         .trim_end_matches(".config.system.build.toplevel");
     format!("{rev}-{attr}")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(200)
         .collect()
+}
+
+/// Now in whole seconds (what a Kubernetes `Time` keeps).
+fn now() -> Time {
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 #[cfg(test)]
@@ -174,9 +189,4 @@ mod tests {
         assert_eq!(n, "0123456789abcdef0123456789abcdef01234567-_node-1_");
         assert!(!n.contains("s3cret"));
     }
-}
-
-/// Now in whole seconds (what a Kubernetes `Time` keeps).
-fn now() -> Time {
-    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
 }

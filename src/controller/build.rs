@@ -82,10 +82,18 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
             .filter(|o| o.name_any() != name)
             .filter_map(|o| {
                 let t = o.status.as_ref()?.target.as_ref()?;
-                Some((o.name_any(), nix_system(o).map(str::to_string), t.installable.clone()))
+                Some((
+                    o.name_any(),
+                    nix_system(o).map(str::to_string),
+                    t.installable.clone(),
+                ))
             })
             .chain(decision.status.target.as_ref().map(|t| {
-                (name.clone(), nix_system(obj).map(str::to_string), t.installable.clone())
+                (
+                    name.clone(),
+                    nix_system(obj).map(str::to_string),
+                    t.installable.clone(),
+                )
             }))
             .collect();
         let wanted = targets.iter().map(|(n, sys, i)| Wanted {
@@ -99,7 +107,11 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
             decision.status.builds = mine;
         }
         // Its agent's reports may have changed: every staging node of its system looks again.
-        let reports_changed = obj.status.as_ref().and_then(|s| s.agent.as_ref()).map(|a| &a.builds);
+        let reports_changed = obj
+            .status
+            .as_ref()
+            .and_then(|s| s.agent.as_ref())
+            .map(|a| &a.builds);
         if reports_changed.is_some_and(|r| !r.is_empty()) {
             let sys = nix_system(obj);
             for o in all.iter() {

@@ -39,7 +39,9 @@ impl Substitution {
             reason: format!("{reason}; nothing changed on the node"),
         };
         if !is_store_path(path) {
-            return Err(refuse("not a store path (/…/store/<32-character hash>-<name>)".into()));
+            return Err(refuse(
+                "not a store path (/…/store/<32-character hash>-<name>)".into(),
+            ));
         }
         if self.trusted_public_keys.is_empty() {
             return Err(refuse(
@@ -47,7 +49,9 @@ impl Substitution {
             ));
         }
         if self.substituters.is_empty() {
-            return Err(refuse("no binary cache is configured (agent --substituter)".into()));
+            return Err(refuse(
+                "no binary cache is configured (agent --substituter)".into(),
+            ));
         }
         for v in self.substituters.iter().chain(&self.trusted_public_keys) {
             if v.is_empty() || v.starts_with('-') || v.chars().any(char::is_whitespace) {
@@ -59,7 +63,9 @@ impl Substitution {
         }
         for k in &self.trusted_public_keys {
             if !k.contains(':') {
-                return Err(refuse(format!("public key {k:?} is not in Nix's name:base64 form")));
+                return Err(refuse(format!(
+                    "public key {k:?} is not in Nix's name:base64 form"
+                )));
             }
         }
         Ok(())
@@ -185,7 +191,9 @@ mod tests {
     #[test]
     fn store_paths_are_recognised() {
         assert!(is_store_path(P));
-        assert!(is_store_path("/tmp/x/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-dep"));
+        assert!(is_store_path(
+            "/tmp/x/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-dep"
+        ));
         for bad in [
             "nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-dep",
             "/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q",
@@ -214,7 +222,13 @@ mod tests {
             substituters: vec![],
             ..subst()
         };
-        assert!(no_cache.check(P).unwrap_err().report().contains("no binary cache"));
+        assert!(
+            no_cache
+                .check(P)
+                .unwrap_err()
+                .report()
+                .contains("no binary cache")
+        );
         let flag = Substitution {
             substituters: vec!["--option".into()],
             ..subst()
@@ -225,7 +239,13 @@ mod tests {
             ..subst()
         };
         assert!(space.check(P).is_err());
-        assert!(subst().check("/etc/passwd").unwrap_err().report().contains("not a store path"));
+        assert!(
+            subst()
+                .check("/etc/passwd")
+                .unwrap_err()
+                .report()
+                .contains("not a store path")
+        );
     }
 
     #[test]
@@ -258,9 +278,13 @@ mod tests {
         let nar = "copying path '/nix/store/x-dep' from 'http://c'...\nerror: hash mismatch importing path '/nix/store/x-dep';\n  specified: sha256:1\n  got:       sha256:2\nerror: path '/nix/store/x-dep' is required, but there is no substituter that can build it\n";
         let m = substitution_failure(P, &subst(), nar).report();
         assert!(m.contains("do not match the signed hash"), "{m}");
-        let missing = "error: path '/nix/store/x' is required, but there is no substituter that can build it\n";
+        let missing =
+            "error: path '/nix/store/x' is required, but there is no substituter that can build it\n";
         let m = substitution_failure(P, &subst(), missing).report();
-        assert!(m.contains("no configured cache has it (http://10.0.0.1:8080)"), "{m}");
+        assert!(
+            m.contains("no configured cache has it (http://10.0.0.1:8080)"),
+            "{m}"
+        );
         assert!(m.starts_with(&format!("refused to fetch {P}")), "{m}");
     }
 }

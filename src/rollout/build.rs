@@ -154,10 +154,30 @@ mod tests {
             .collect();
         // Two builders for x86_64: only one of them builds.
         let builders = [
-            BuilderInfo { name: "b-x86-2", nix_system: SYSTEMS[0], cache: None, reports: &[] },
-            BuilderInfo { name: "b-x86-1", nix_system: SYSTEMS[0], cache: None, reports: &[] },
-            BuilderInfo { name: "b-arm", nix_system: SYSTEMS[1], cache: None, reports: &[] },
-            BuilderInfo { name: "b-rv", nix_system: SYSTEMS[2], cache: None, reports: &[] },
+            BuilderInfo {
+                name: "b-x86-2",
+                nix_system: SYSTEMS[0],
+                cache: None,
+                reports: &[],
+            },
+            BuilderInfo {
+                name: "b-x86-1",
+                nix_system: SYSTEMS[0],
+                cache: None,
+                reports: &[],
+            },
+            BuilderInfo {
+                name: "b-arm",
+                nix_system: SYSTEMS[1],
+                cache: None,
+                reports: &[],
+            },
+            BuilderInfo {
+                name: "b-rv",
+                nix_system: SYSTEMS[2],
+                cache: None,
+                reports: &[],
+            },
         ];
         let p = plan(&builders, wanted.iter().copied());
         let builds: usize = p.values().map(Vec::len).sum();
@@ -177,7 +197,11 @@ mod tests {
         let bad = "f?rev=1#nixosConfigurations.b.config.system.build.toplevel";
         let queued = "f?rev=1#nixosConfigurations.c.config.system.build.toplevel";
         let reports = [
-            report(ok, BuildState::Built, Some("/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a")),
+            report(
+                ok,
+                BuildState::Built,
+                Some("/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a"),
+            ),
             report(bad, BuildState::Failed, None),
         ];
         let builders = [BuilderInfo {
@@ -186,10 +210,17 @@ mod tests {
             cache: Some("http://10.0.0.5:5080"),
             reports: &reports,
         }];
-        let w = |installable, sys| Wanted { node: "n", nix_system: sys, installable };
+        let w = |installable, sys| Wanted {
+            node: "n",
+            nix_system: sys,
+            installable,
+        };
         match fetch_for(&w(ok, Some("x86_64-linux")), &builders) {
             Fetch::Ready(b) => {
-                assert_eq!(b.system, "/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a");
+                assert_eq!(
+                    b.system,
+                    "/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a"
+                );
                 assert_eq!(b.builder.as_deref(), Some("builder-1"));
                 assert_eq!(b.cache.as_deref(), Some("http://10.0.0.5:5080"));
             }
@@ -198,11 +229,17 @@ mod tests {
         match fetch_for(&w(bad, Some("x86_64-linux")), &builders) {
             Fetch::Failed { builder, message } => {
                 assert_eq!(builder, "builder-1");
-                assert!(message.contains("attribute missing") && message.contains("builder-1"), "{message}");
+                assert!(
+                    message.contains("attribute missing") && message.contains("builder-1"),
+                    "{message}"
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(fetch_for(&w(queued, Some("x86_64-linux")), &builders), Fetch::Waiting { .. }));
+        assert!(matches!(
+            fetch_for(&w(queued, Some("x86_64-linux")), &builders),
+            Fetch::Waiting { .. }
+        ));
         // No builder for the system, or the system not reported yet: today's behaviour.
         assert_eq!(fetch_for(&w(ok, Some("aarch64-linux")), &builders), Fetch::Itself);
         assert_eq!(fetch_for(&w(ok, None), &builders), Fetch::Itself);

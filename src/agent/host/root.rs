@@ -141,7 +141,9 @@ impl Host for HostRoot {
 
     fn display_path(&self, host_path: &Path) -> PathBuf {
         if self.host_view_store {
-            return self.host_path(host_path).unwrap_or_else(|| host_path.to_path_buf());
+            return self
+                .host_path(host_path)
+                .unwrap_or_else(|| host_path.to_path_buf());
         }
         self.fs_path(host_path)
     }
