@@ -624,3 +624,94 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
         }
     }
 }
+
+/// The builder agent's role as `nixroll agent --builder` runs it: the key read from a Secret
+/// of the (embedded) API, the cache served on the address it was given, the requests of
+/// `status.builds` built and reported, and a node fetching from the URL it reports.
+#[tokio::test]
+async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    use nixroll::agent::building::{BuilderConfig, load_key, run as run_builder};
+    use nixroll::api::{BuildRequest, BuildState};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let bhost = ChrootHost::new(tmp.path().join("builder"));
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let secret_text = std::fs::read_to_string(&sk_file).unwrap();
+    std::fs::remove_file(&sk_file).unwrap();
+    let (_server, client) = common::api::start().await;
+    let mut ns = k8s_openapi::api::core::v1::Namespace::default();
+    ns.metadata.name = Some("nixroll-system".into());
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "nixroll-system");
+    let mut s = Secret::default();
+    s.metadata.name = Some("nixroll-builder-key".into());
+    s.data = Some([("secret-key".to_string(), ByteString(secret_text.clone().into_bytes()))].into());
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+
+    // Errors name the Secret and key, never the value.
+    let t = Duration::from_secs(10);
+    let e = load_key(&secrets, "missing", "secret-key", t).await.unwrap_err();
+    assert!(e.contains("cannot read Secret missing"), "{e}");
+    let e = load_key(&secrets, "nixroll-builder-key", "other", t).await.unwrap_err();
+    assert!(e.contains("has no key other"), "{e}");
+    let key = load_key(&secrets, "nixroll-builder-key", "secret-key", t).await.unwrap();
+    assert_eq!(key.public_key(), pk);
+    let b64 = secret_text.trim().split_once(':').unwrap().1.to_string();
+    assert!(!format!("{key:?}").contains(&b64));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = BuilderConfig {
+        key_secret: "nixroll-builder-key".into(),
+        key_field: "secret-key".into(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        url: url.clone(),
+        cache: Default::default(),
+    };
+    let rev = flake.head().to_string();
+    let installable = flake.installable(&rev, "worker");
+    let (req_tx, req_rx) = tokio::sync::watch::channel(Vec::new());
+    let (rep_tx, mut rep_rx) = tokio::sync::watch::channel(Vec::new());
+    let task = tokio::spawn(run_builder(
+        config,
+        bhost.host.clone(),
+        bhost.nix.clone(),
+        secrets.clone(),
+        t,
+        req_rx,
+        rep_tx,
+    ));
+    req_tx
+        .send(vec![BuildRequest {
+            installable: installable.clone(),
+            nodes: 3,
+        }])
+        .unwrap();
+    let reports = tokio::time::timeout(
+        Duration::from_secs(60),
+        rep_rx.wait_for(|r| r.iter().any(|x| x.state != BuildState::Building)),
+    )
+    .await
+    .expect("the builder reported within 60 s")
+    .unwrap()
+    .clone();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].state, BuildState::Built, "{reports:?}");
+    let system = reports[0].system.clone().unwrap();
+
+    let node = ChrootHost::new(tmp.path().join("node"));
+    let target = fetch_target(&flake, &rev, "worker", &system, &url);
+    let st = node.agent(&[&pk]).reconcile(Some(&target), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    assert_eq!(st.staged.unwrap().system, system);
+    task.abort();
+}

@@ -50,8 +50,9 @@ pub async fn load_key(
     SigningKey::parse(text).map_err(|e| format!("Secret {name} key {field}: {e}"))
 }
 
-/// Run the builder until the request channel closes: key, cache server, builds.
-pub(super) async fn run(
+/// Run the builder until the request channel closes: key (retried every 30 s until it can be
+/// read), cache server, builds. Reports go to `reports` as builds start and end.
+pub async fn run(
     config: BuilderConfig,
     host: Arc<dyn crate::agent::host::Host>,
     nix: Arc<dyn crate::nix::Nix>,
