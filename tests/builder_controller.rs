@@ -123,5 +123,37 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
         let staged = s.agent.and_then(|a| a.staged).map(|st| st.revision);
         assert_ne!(staged.as_deref(), Some(next.as_str()), "{:?} staged without the builder", o.metadata.name);
     }
+
+    // The build of node-2's system fails on the builder: node-2 fails once with the builder's
+    // message (StageFailed, Degraded); the others keep waiting. (The test writes the report
+    // the builder agent would, under a field manager of its own.)
+    let node2 = seen["node-2"].status.as_ref().unwrap().target.as_ref().unwrap().installable.clone();
+    let report = json!({
+        "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "node-1"},
+        "status": {"agent": {"builds": [{
+            "installable": node2, "state": "Failed",
+            "message": "error: nixroll-test: this configuration is broken",
+            "at": "2026-12-07T08:00:00Z"
+        }]}}
+    });
+    api.patch_status(
+        "node-1",
+        &PatchParams::apply("builder-test").force(),
+        &Patch::Apply(&report),
+    )
+    .await
+    .unwrap();
+    let seen = wait_for(&world, "node-2 failed by its builder", |m| {
+        m.get("node-2")
+            .and_then(|o| o.status.as_ref())
+            .is_some_and(|s| s.phase == Some(Phase::Degraded))
+    })
+    .await;
+    let s = seen["node-2"].status.as_ref().unwrap();
+    let failed = s.failed.as_ref().unwrap();
+    assert_eq!(failed.reason, "StageFailed");
+    assert_eq!(failed.revision, next);
+    assert!(failed.message.contains("builder node-1"), "{}", failed.message);
+    assert!(failed.message.contains("this configuration is broken"), "{}", failed.message);
     c.stop().await;
 }

@@ -178,3 +178,43 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
     }
     decision
 }
+
+/// `status` of a staging node whose builder failed the build of its target, with that
+/// failure put where the decision looks for a failed staging (the agent's last error, for the
+/// target's revision): the node fails once, `StageFailed`, with the builder's message, as a
+/// failed build of its own would. Other nodes are returned unchanged. Only this reconcile's
+/// view changes; the agent's status is never written by the controller.
+pub(super) fn with_builder_failure(
+    ctx: &Context,
+    obj: &NixOSNode,
+    mut status: crate::api::NixOSNodeStatus,
+    now: jiff::Timestamp,
+) -> crate::api::NixOSNodeStatus {
+    if status.phase != Some(Phase::Staging) {
+        return status;
+    }
+    let Some(target) = status.target.as_ref() else {
+        return status;
+    };
+    if !target.build.as_ref().is_some_and(|b| b.system.is_empty()) {
+        return status;
+    }
+    let builders = builders(ctx);
+    let infos = infos(&builders);
+    let w = Wanted {
+        node: obj.metadata.name.as_deref().unwrap_or_default(),
+        nix_system: nix_system(obj),
+        installable: &target.installable,
+    };
+    if let Fetch::Failed { message, .. } = fetch_for(&w, &infos) {
+        let revision = target.revision.clone();
+        let agent = status.agent.get_or_insert_with(Default::default);
+        agent.last_error = Some(crate::api::HostError {
+            operation: crate::api::HostOperation::Stage,
+            revision: Some(revision),
+            message,
+            at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+        });
+    }
+    status
+}

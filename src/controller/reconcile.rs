@@ -108,6 +108,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         None
     };
 
+    let status = super::build::with_builder_failure(ctx, &obj, status, now);
     let drain_progress = if status.phase == Some(Phase::Draining) {
         ctx.drain_progress(&name)
     } else {
