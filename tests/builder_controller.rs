@@ -28,7 +28,9 @@ async fn wait_for(
 ) -> BTreeMap<String, NixOSNode> {
     let api: Api<NixOSNode> = Api::all(world.client.clone());
     let mut seen = BTreeMap::new();
-    let stream = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
     futures::pin_mut!(stream);
     let res = tokio::time::timeout(WAIT, async {
         while let Ok(Some(o)) = stream.try_next().await {
@@ -44,7 +46,10 @@ async fn wait_for(
             .values()
             .map(|o| {
                 let s = o.status.clone().unwrap_or_default();
-                format!("{:?} {:?} {:?} {:?} {:?}", o.metadata.name, s.phase, s.message, s.target, s.builds)
+                format!(
+                    "{:?} {:?} {:?} {:?} {:?}",
+                    o.metadata.name, s.phase, s.message, s.target, s.builds
+                )
             })
             .collect();
         panic!("timed out waiting for {what}:\n{}", table.join("\n"));
@@ -57,7 +62,8 @@ fn all_on(rev: &str) -> impl Fn(&BTreeMap<String, NixOSNode>) -> bool + '_ {
         m.len() == 4
             && m.values().all(|o| {
                 let s = o.status.as_ref();
-                s.and_then(|s| s.revision.as_deref()) == Some(rev) && s.and_then(|s| s.phase) == Some(Phase::UpToDate)
+                s.and_then(|s| s.revision.as_deref()) == Some(rev)
+                    && s.and_then(|s| s.phase) == Some(Phase::UpToDate)
             })
     }
 }
@@ -119,15 +125,35 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
     for o in api.list(&Default::default()).await.unwrap().items {
         let s = o.status.unwrap();
         assert_eq!(s.phase, Some(Phase::Staging), "{:?}", o.metadata.name);
-        assert!(s.message.as_deref().unwrap_or_default().contains("builder node-1"), "{:?}", s.message);
+        assert!(
+            s.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("builder node-1"),
+            "{:?}",
+            s.message
+        );
         let staged = s.agent.and_then(|a| a.staged).map(|st| st.revision);
-        assert_ne!(staged.as_deref(), Some(next.as_str()), "{:?} staged without the builder", o.metadata.name);
+        assert_ne!(
+            staged.as_deref(),
+            Some(next.as_str()),
+            "{:?} staged without the builder",
+            o.metadata.name
+        );
     }
 
     // The build of node-2's system fails on the builder: node-2 fails once with the builder's
     // message (StageFailed, Degraded); the others keep waiting. (The test writes the report
     // the builder agent would, under a field manager of its own.)
-    let node2 = seen["node-2"].status.as_ref().unwrap().target.as_ref().unwrap().installable.clone();
+    let node2 = seen["node-2"]
+        .status
+        .as_ref()
+        .unwrap()
+        .target
+        .as_ref()
+        .unwrap()
+        .installable
+        .clone();
     let report = json!({
         "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "node-1"},
         "status": {"agent": {"builds": [{
@@ -154,6 +180,10 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
     assert_eq!(failed.reason, "StageFailed");
     assert_eq!(failed.revision, next);
     assert!(failed.message.contains("builder node-1"), "{}", failed.message);
-    assert!(failed.message.contains("this configuration is broken"), "{}", failed.message);
+    assert!(
+        failed.message.contains("this configuration is broken"),
+        "{}",
+        failed.message
+    );
     c.stop().await;
 }

@@ -654,21 +654,35 @@ async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "nixroll-system");
     let mut s = Secret::default();
     s.metadata.name = Some("nixroll-builder-key".into());
-    s.data = Some([("secret-key".to_string(), ByteString(secret_text.clone().into_bytes()))].into());
+    s.data = Some(
+        [(
+            "secret-key".to_string(),
+            ByteString(secret_text.clone().into_bytes()),
+        )]
+        .into(),
+    );
     secrets.create(&PostParams::default(), &s).await.unwrap();
 
     // Errors name the Secret and key, never the value.
     let t = Duration::from_secs(10);
     let e = load_key(&secrets, "missing", "secret-key", t).await.unwrap_err();
     assert!(e.contains("cannot read Secret missing"), "{e}");
-    let e = load_key(&secrets, "nixroll-builder-key", "other", t).await.unwrap_err();
+    let e = load_key(&secrets, "nixroll-builder-key", "other", t)
+        .await
+        .unwrap_err();
     assert!(e.contains("has no key other"), "{e}");
-    let key = load_key(&secrets, "nixroll-builder-key", "secret-key", t).await.unwrap();
+    let key = load_key(&secrets, "nixroll-builder-key", "secret-key", t)
+        .await
+        .unwrap();
     assert_eq!(key.public_key(), pk);
     let b64 = secret_text.trim().split_once(':').unwrap().1.to_string();
     assert!(!format!("{key:?}").contains(&b64));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("http://127.0.0.1:{port}");
     let config = BuilderConfig {
         key_secret: "nixroll-builder-key".into(),
