@@ -63,6 +63,7 @@ fn fixture(now: Timestamp) -> Fixture {
             revision: NEW.into(),
             installable: installable(FLAKE, NEW, &name),
             system: Some(new_sys.clone()),
+            build: None,
         };
         let history: Vec<HistoryEntry> = (0..10)
             .map(|k| HistoryEntry {

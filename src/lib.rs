@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod builder;
 pub mod connect;
 pub mod controller;
 pub mod drain;

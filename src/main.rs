@@ -417,6 +417,55 @@ struct AgentArgs {
     /// switch-to-configuration re-executes PID 1).
     #[arg(long, env = "NIXROLL_REBOOT_ON_SYSTEMD_CHANGE")]
     reboot_on_systemd_change: bool,
+    /// Binary cache to fetch a builder's systems from, after the builder's own cache
+    /// (repeat, or comma-separated in the variable). See docs/builder.md.
+    #[arg(
+        long = "substituter",
+        env = "NIXROLL_SUBSTITUTERS",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    substituters: Vec<String>,
+    /// Public key (Nix's `name:base64`) a fetched system must be signed by (repeat, or
+    /// comma-separated). Without one, a node never fetches a builder's system.
+    #[arg(
+        long = "trusted-public-key",
+        env = "NIXROLL_TRUSTED_PUBLIC_KEYS",
+        value_name = "KEY",
+        value_delimiter = ','
+    )]
+    trusted_public_keys: Vec<String>,
+    /// Act as this node's builder: build what the controller lists in status.builds, sign it
+    /// and serve it as a binary cache (label the Node nixroll.io/builder=true too).
+    #[arg(long, env = "NIXROLL_BUILDER", requires = "cache_url")]
+    builder: bool,
+    /// With --builder: the Secret in nixroll-system holding the signing key.
+    #[arg(
+        long,
+        env = "NIXROLL_BUILDER_KEY_SECRET",
+        value_name = "NAME",
+        default_value = "nixroll-builder-key"
+    )]
+    builder_key_secret: String,
+    /// With --builder: the key of that Secret (Nix's name:base64 secret-key format).
+    #[arg(
+        long,
+        env = "NIXROLL_BUILDER_KEY_FIELD",
+        value_name = "KEY",
+        default_value = "secret-key"
+    )]
+    builder_key_field: String,
+    /// With --builder: where the binary cache listens.
+    #[arg(
+        long,
+        env = "NIXROLL_CACHE_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:5080"
+    )]
+    cache_listen: std::net::SocketAddr,
+    /// With --builder: the URL other nodes fetch from (e.g. http://NODE_IP:5080).
+    #[arg(long, env = "NIXROLL_CACHE_URL", value_name = "URL")]
+    cache_url: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -691,6 +740,19 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = nixroll::agent::AgentConfig::new(args.node.clone(), host, nix);
     config.options.activation_timeout = args.activation_timeout;
     config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
+    if args.builder {
+        config.builder = Some(nixroll::agent::building::BuilderConfig {
+            key_secret: args.builder_key_secret.clone(),
+            key_field: args.builder_key_field.clone(),
+            listen: args.cache_listen,
+            url: args.cache_url.clone().unwrap_or_default(),
+            cache: nixroll::builder::CacheOptions::default(),
+        });
+    }
+    config.options.substitution = nixroll::nix::Substitution {
+        substituters: args.substituters.clone(),
+        trusted_public_keys: args.trusted_public_keys.clone(),
+    };
     let runtime = runtime()?;
     runtime.block_on(async move {
         let target = args.cluster.target();

@@ -24,6 +24,9 @@ pub const CORDON_ANNOTATION: &str = "nixroll.io/cordoned";
 pub const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
 /// Label k3s sets on server nodes in older releases.
 pub const MASTER_LABEL: &str = "node-role.kubernetes.io/master";
+/// Node label of a builder (`true`): it builds each distinct system once for the nodes of its
+/// Nix system and serves them from its binary cache (docs/builder.md).
+pub const BUILDER_LABEL: &str = "nixroll.io/builder";
 /// Where the agent keeps its state on the host.
 pub const STATE_DIR: &str = "/var/lib/nixroll";
 /// The system profile.

@@ -15,6 +15,9 @@ use futures::future::BoxFuture;
 
 use crate::agent::host::{CommandOutput, Host, HostCommand, HostError};
 
+mod substitute;
+pub use substitute::{Substitution, is_store_path, key_name, substitution_failure};
+
 /// Failures of Nix operations. `message` is Nix's own error text, trimmed by
 /// [`trim_nix_error`] (the last meaningful lines, bounded, credentials in URLs masked).
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,10 @@ pub enum NixError {
     },
     #[error("{operation}: unexpected output from nix: {detail}")]
     Parse { operation: &'static str, detail: String },
+    /// A substitution refused before or by Nix: no trusted key, a path or cache that is not
+    /// what it should be, an unsigned, wrongly signed or tampered closure.
+    #[error("refused to fetch {path}: {reason}")]
+    Refused { path: String, reason: String },
 }
 
 impl NixError {
@@ -39,6 +46,7 @@ impl NixError {
     pub fn report(&self) -> String {
         match self {
             NixError::CommandFailed { message, .. } => message.clone(),
+            NixError::Refused { .. } => bounded_tail(&mask_credentials(&self.to_string()), ERROR_MAX_CHARS),
             other => trim_nix_error(&other.to_string()),
         }
     }
@@ -54,6 +62,37 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
         installable: &'a str,
         gc_root: &'a Path,
     ) -> BoxFuture<'a, Result<String, NixError>>;
+    /// Realise exactly the store path `path` from the binary caches of `from` (never
+    /// evaluate, never build), accepting only closures signed by one of its trusted keys
+    /// (`require-sigs`), and pin it with an indirect GC root at `gc_root`. Returns `path`.
+    /// Backends that cannot substitute refuse.
+    fn substitute<'a>(
+        &'a self,
+        path: &'a str,
+        from: &'a Substitution,
+        gc_root: &'a Path,
+    ) -> BoxFuture<'a, Result<String, NixError>> {
+        let _ = (from, gc_root);
+        Box::pin(async move {
+            Err(NixError::Refused {
+                path: path.to_string(),
+                reason: "this agent's Nix cannot fetch from binary caches".into(),
+            })
+        })
+    }
+    /// Every path of the closure of `path` with its NAR hash, size and references
+    /// (`nix path-info --json -r`): what a binary cache signs and serves.
+    fn closure_info<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
+        Box::pin(async move {
+            Err(NixError::CommandFailed {
+                operation: "nix path-info",
+                message: format!("this agent's Nix cannot describe {path} for a binary cache"),
+            })
+        })
+    }
     /// Total size of the closure of `path` in bytes (`nix path-info -S`).
     fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>>;
     /// Make `system` the newest generation of `profile` (`nix-env -p PROFILE --set PATH`;
@@ -150,6 +189,64 @@ impl Nix for NixCli {
         })
     }
 
+    fn substitute<'a>(
+        &'a self,
+        path: &'a str,
+        from: &'a Substitution,
+        gc_root: &'a Path,
+    ) -> BoxFuture<'a, Result<String, NixError>> {
+        Box::pin(async move {
+            const OP: &str = "nix build (substitute)";
+            from.check(path)?;
+            if let Some(parent) = self.host.fs_path(gc_root).parent() {
+                let _ = tokio::fs::create_dir_all(parent).await;
+            }
+            // After the configured arguments, so these settings win over `--offline`'s empty
+            // substituters: the cluster's caches are what this path must come from.
+            let cmd = self
+                .nix(self.build_timeout)
+                .args(from.options())
+                .args(["build", "--json", "--out-link"])
+                .arg(self.host.cmd_path(gc_root))
+                .arg(path);
+            let out = self.host.run(cmd).await.map_err(|source| NixError::Host {
+                operation: OP,
+                source,
+            })?;
+            if !out.success() {
+                return Err(substitution_failure(path, from, &out.stderr));
+            }
+            let got = parse_build_json(&out.stdout).ok_or_else(|| NixError::Parse {
+                operation: OP,
+                detail: bounded(&out.stdout, 300),
+            })?;
+            if got != path {
+                return Err(NixError::Refused {
+                    path: path.to_string(),
+                    reason: format!("nix realised {got} instead"),
+                });
+            }
+            Ok(got)
+        })
+    }
+
+    fn closure_info<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::builder::NarInfo>, NixError>> {
+        Box::pin(async move {
+            const OP: &str = "nix path-info -r";
+            let cmd = self
+                .nix(self.quick_timeout)
+                .args(["path-info", "--json", "-r", path]);
+            let out = self.checked(OP, cmd).await?;
+            parse_closure_info(&out.stdout).ok_or_else(|| NixError::Parse {
+                operation: OP,
+                detail: bounded(&out.stdout, 300),
+            })
+        })
+    }
+
     fn closure_bytes<'a>(&'a self, path: &'a str) -> BoxFuture<'a, Result<u64, NixError>> {
         Box::pin(async move {
             const OP: &str = "nix path-info";
@@ -185,10 +282,35 @@ impl Nix for NixCli {
     }
 }
 
-/// `nix build --json` → the `out` path of the first result.
+/// `nix build --json` → the `out` path of the first result (or its `path`, which Nix prints
+/// for a store path given as the installable).
 pub fn parse_build_json(stdout: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
-    v.get(0)?.get("outputs")?.get("out")?.as_str().map(str::to_string)
+    let first = v.get(0)?;
+    first
+        .get("outputs")
+        .and_then(|o| o.get("out"))
+        .or_else(|| first.get("path"))?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// `nix path-info --json -r PATH` → one entry per path (Nix 2.8 prints a list of objects with
+/// `path`; newer releases an object keyed by path: both are accepted).
+pub fn parse_closure_info(stdout: &str) -> Option<Vec<crate::builder::NarInfo>> {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
+    match v {
+        serde_json::Value::Array(a) => a.into_iter().map(|e| serde_json::from_value(e).ok()).collect(),
+        serde_json::Value::Object(o) => o
+            .into_iter()
+            .map(|(path, mut e)| {
+                e.as_object_mut()?
+                    .insert("path".into(), serde_json::Value::String(path));
+                serde_json::from_value(e).ok()
+            })
+            .collect(),
+        _ => None,
+    }
 }
 
 /// `nix path-info -S --json PATH` → `closureSize` (Nix 2.8 prints a list of objects; newer

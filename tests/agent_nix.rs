@@ -808,6 +808,7 @@ async fn a_gitrepository_on_another_branch_is_staged_through_its_ref() {
         revision: rev.clone(),
         installable: nixroll::api::installable(&eff.flake, &rev, NODE),
         system: None,
+        build: None,
     };
 
     // Without the ref first (before Nix has fetched `rev` at all): Nix looks for master.

@@ -14,6 +14,7 @@ fn target(rev: &str) -> Target {
         revision: rev.into(),
         installable: nixroll::api::installable("git+https://example.org/infra.git", rev, "n1"),
         system: None,
+        build: None,
     }
 }
 

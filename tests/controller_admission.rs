@@ -172,6 +172,7 @@ fn staged(name: &str) -> NixOSNode {
             revision: "b".repeat(40),
             installable: "github:me/infra#x".into(),
             system: Some(format!("/nix/store/{name}-system")),
+            build: None,
         });
     }
     n

@@ -868,6 +868,7 @@ async fn the_agent_does_not_activate_while_a_secret_file_is_missing() {
         revision: rev.into(),
         installable: nixroll::api::installable("git+https://example.org/infra.git", rev, "n1"),
         system: None,
+        build: None,
     };
     let (r0, r1) = ("a".repeat(40), "b".repeat(40));
     simnix.publish(&target(&r0).installable, SystemSpec::default());

@@ -18,6 +18,7 @@
 //! * [`secrets`]: the Secrets named in `spec.secrets` (one watch each) and writing their files.
 //! * [`watch`]: host changes (system links repointed by someone else) reported promptly.
 
+pub mod building;
 pub mod host;
 pub mod node;
 pub mod secrets;
@@ -52,6 +53,8 @@ pub struct AgentConfig {
     pub options: HostOptions,
     /// Bound on every single API request (the watch has its own server-side timeout).
     pub api_timeout: Duration,
+    /// This node is a builder (docs/builder.md).
+    pub builder: Option<building::BuilderConfig>,
 }
 
 impl AgentConfig {
@@ -62,6 +65,7 @@ impl AgentConfig {
             nix,
             options: HostOptions::default(),
             api_timeout: Duration::from_secs(30),
+            builder: None,
         }
     }
 }

@@ -30,6 +30,22 @@ pub(super) async fn work(
     let (secrets_tx, mut secrets_rx) = tokio::sync::watch::channel(SecretsView::new());
     let mut watchers = tokio::task::JoinSet::new();
     let mut watching: BTreeMap<String, tokio::task::AbortHandle> = BTreeMap::new();
+    // The builder role runs beside the node's own work: requests in, reports out.
+    let (build_requests, requests_rx) = tokio::sync::watch::channel(Vec::new());
+    let (reports_tx, mut build_reports) = tokio::sync::watch::channel(Vec::new());
+    if let Some(b) = &config.builder {
+        watchers.spawn(super::building::run(
+            b.clone(),
+            config.host.clone(),
+            config.nix.clone(),
+            secrets_api.clone(),
+            config.api_timeout,
+            requests_rx,
+            reports_tx,
+        ));
+    } else {
+        drop((requests_rx, reports_tx));
+    }
     loop {
         // Wait for a change of the object or of a named Secret, or for a failed staging's
         // retry time (a local timer: no request is made unless the facts change).
@@ -39,6 +55,7 @@ pub(super) async fn work(
             r = secrets_rx.changed() => if r.is_err() { return Ok(()) },
             _ = sleep_until(retry) => {}
             _ = changed(&mut host_changed) => {}
+            r = build_reports.changed(), if config.builder.is_some() => if r.is_err() { return Ok(()) },
         }
         let Some(obj) = rx.borrow_and_update().clone() else {
             continue;
@@ -107,10 +124,21 @@ pub(super) async fn work(
             .sync_secrets(&obj.spec.secrets, &fetched)
             .await
             .map_err(host_state)?;
-        let facts = agent
+        build_requests.send_if_modified(|r| {
+            let changed = *r != status.builds;
+            if changed {
+                r.clone_from(&status.builds);
+            }
+            changed
+        });
+        let mut facts = agent
             .reconcile(status.target.as_ref(), status.activation.as_ref())
             .await
             .map_err(host_state)?;
+        if let Some(b) = &config.builder {
+            facts.builds = build_reports.borrow_and_update().clone();
+            facts.cache = Some(b.url.clone());
+        }
         send_report(&report, facts);
     }
 }

@@ -83,9 +83,53 @@ pub struct NixOSNodeStatus {
     /// When `phase` last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
+    /// On a builder's NixOSNode only: the distinct systems it is to build for the nodes of its
+    /// Nix system (docs/builder.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds: Vec<BuildRequest>,
     /// What the host really runs; written only by the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentStatus>,
+}
+
+/// One system a builder is to build (`status.builds`), for every node that wants it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildRequest {
+    /// The installable (flake, revision, configuration), as in `status.target.installable`.
+    pub installable: String,
+    /// How many nodes wait for it.
+    #[serde(default)]
+    pub nodes: u32,
+}
+
+/// Where a build is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum BuildState {
+    /// Evaluating and building.
+    Building,
+    /// Built, signed and served by the builder's cache.
+    Built,
+    /// Evaluation or build failed; `message` says why.
+    Failed,
+}
+
+/// A builder agent's report on one build (`status.agent.builds`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildReport {
+    /// The installable built (as in `status.builds`).
+    pub installable: String,
+    /// `Building`, `Built` or `Failed`.
+    pub state: BuildState,
+    /// The built toplevel, once built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Nix's error (trimmed) when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the build reached this state.
+    pub at: Time,
 }
 
 /// What the controller admitted for this node.
@@ -99,6 +143,27 @@ pub struct Target {
     /// Store path, once the agent staged it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Set only where a builder is configured: the system the builder built for this target.
+    /// The agent then realises exactly that store path from binary caches, signatures
+    /// required, and never evaluates the flake (docs/builder.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<TargetBuild>,
+}
+
+/// The built system a node fetches instead of building it (`status.target.build`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetBuild {
+    /// Store path of the built toplevel (`/nix/store/…`); empty while the builder has not
+    /// built it yet (the agent then waits and evaluates nothing).
+    pub system: String,
+    /// The builder node that built it (its agent's log has the build output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<String>,
+    /// The binary cache that serves it (the builder's, `http://…`), tried before the agent's
+    /// own substituters. Only keys the agent is configured to trust are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
 }
 
 /// A disruption slot held by this node.
@@ -211,6 +276,15 @@ pub struct AgentStatus {
     /// `configurationRevision` of the current system, when the flake sets it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub configuration_revision: Option<String>,
+    /// The host's Nix system (`x86_64-linux`, `aarch64-linux`): which builder builds for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_system: Option<String>,
+    /// On a builder: the builds it was asked for and where each is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builds: Vec<BuildReport>,
+    /// Where this builder serves its binary cache (`http://ADDRESS:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
     /// The staged (realised, GC-rooted, not activated) target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<StagedSystem>,

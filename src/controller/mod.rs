@@ -30,6 +30,7 @@
 //! | `events.rs`, `metrics.rs` | Events; Prometheus metrics, `/healthz`, `/readyz` |
 
 pub mod admission;
+mod build;
 mod context;
 mod cordon;
 mod draining;

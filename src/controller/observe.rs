@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus, Node
 use kube::ResourceExt;
 
 use crate::api::{NixOSNode, NixOSNodeStatus};
-use crate::names::{CONTROL_PLANE_LABEL, CORDON_ANNOTATION, MASTER_LABEL, RETRY_ANNOTATION};
+use crate::names::{BUILDER_LABEL, CONTROL_PLANE_LABEL, CORDON_ANNOTATION, MASTER_LABEL, RETRY_ANNOTATION};
 use crate::rollout::{NodeObservation, NodeView};
 
 /// Keep only what [`observe_node`] reads: name, uid, resourceVersion, the control-plane labels,
@@ -29,7 +29,7 @@ pub fn trim_node(node: &mut Node) {
     if let Some(labels) = m.labels.take() {
         let kept: BTreeMap<String, String> = labels
             .into_iter()
-            .filter(|(k, _)| k == CONTROL_PLANE_LABEL || k == MASTER_LABEL)
+            .filter(|(k, _)| k == CONTROL_PLANE_LABEL || k == MASTER_LABEL || k == BUILDER_LABEL)
             .collect();
         m.labels = (!kept.is_empty()).then_some(kept);
     }

@@ -108,6 +108,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         None
     };
 
+    let status = super::build::with_builder_failure(ctx, &obj, status, now);
     let drain_progress = if status.phase == Some(Phase::Draining) {
         ctx.drain_progress(&name)
     } else {
@@ -116,6 +117,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     let view = view_of(&obj, &status, &observation);
     let decision: Decision =
         (ctx.rollout.decide)(&view, admitted, drain_progress.as_ref(), &ctx.config.policy, now);
+    let decision = super::build::with_builds(ctx, &obj, decision);
     execute_with_gate(ctx, &obj, &status, decision, gate, node_version).await
 }
 

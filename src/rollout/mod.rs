@@ -11,6 +11,7 @@
 //! variants may be added; existing ones keep their meaning.
 
 mod admit;
+pub mod build;
 mod decide;
 pub mod pools;
 mod rows;

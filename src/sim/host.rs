@@ -53,6 +53,9 @@ struct Holds {
 #[derive(Debug)]
 pub struct SimHost {
     root: PathBuf,
+    /// Its Nix store is a chroot store (see [`SimHost::host_root_chroot`]): links into the
+    /// store are host paths (`/nix/store/…`), resolved under `root`.
+    chroot_store: std::sync::atomic::AtomicBool,
     reboots: AtomicUsize,
     fault: Mutex<Option<BootFault>>,
     holds: tokio::sync::watch::Sender<Holds>,
@@ -103,6 +106,7 @@ impl SimHost {
         std::fs::write(&conf, "sandbox = false\nbuild-users-group =\nsubstituters =\n").map_err(io(&conf))?;
         let host = SimHost {
             root,
+            chroot_store: std::sync::atomic::AtomicBool::new(false),
             reboots: AtomicUsize::new(0),
             fault: Mutex::new(None),
             holds: tokio::sync::watch::Sender::new(Holds::default()),
@@ -117,6 +121,18 @@ impl SimHost {
 
     /// A [`HostRoot`] on this host with its private Nix store; reboot = [`SimHost::reboot`].
     pub fn host_root(self: &Arc<Self>) -> HostRoot {
+        self.bare_host_root().with_private_nix_store()
+    }
+
+    /// A [`HostRoot`] on this host whose Nix store is a chroot store: store paths are
+    /// `/nix/store/…` as on a real machine, so separate hosts share them (a builder's binary
+    /// cache serves them all); reboot = [`SimHost::reboot`].
+    pub fn host_root_chroot(self: &Arc<Self>) -> HostRoot {
+        self.chroot_store.store(true, Ordering::SeqCst);
+        self.bare_host_root().with_chroot_nix_store()
+    }
+
+    fn bare_host_root(self: &Arc<Self>) -> HostRoot {
         let me = Arc::clone(self);
         HostRoot::new(
             &self.root,
@@ -126,7 +142,6 @@ impl SimHost {
                 }
             })),
         )
-        .with_private_nix_store()
     }
 
     /// "Install" `system` (a store path): profile generation 1, boot default, booted and
@@ -251,23 +266,31 @@ impl SimHost {
     }
 
     pub fn booted_system(&self) -> Option<String> {
-        link(&self.root.join("run/booted-system"))
+        self.link("run/booted-system")
     }
 
     pub fn current_system(&self) -> Option<String> {
-        link(&self.root.join("run/current-system"))
+        self.link("run/current-system")
     }
 
     /// The bootloader's default entry.
     pub fn boot_default(&self) -> Option<String> {
-        link(&self.root.join("boot/default-system"))
+        self.link("boot/default-system")
     }
 
     /// The store path the system profile points at.
     pub fn profile_system(&self) -> Option<String> {
-        std::fs::canonicalize(self.root.join("nix/var/nix/profiles/system"))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+        self.link("nix/var/nix/profiles/system")
+    }
+
+    /// Where the link `rel` (relative to the root) leads, as Nix names store paths here.
+    fn link(&self, rel: &str) -> Option<String> {
+        if self.chroot_store.load(Ordering::SeqCst) {
+            let host = HostRoot::new(&self.root, RebootHook::None).with_chroot_nix_store();
+            return crate::agent::host::resolve(&host, &Path::new("/").join(rel))
+                .map(|p| p.to_string_lossy().into_owned());
+        }
+        link(&self.root.join(rel))
     }
 
     /// Every `switch-to-configuration` call: `"<action> <system>"`.

@@ -506,6 +506,7 @@ mod tests {
                 revision: p.commit.clone(),
                 installable: crate::api::installable(old_flake, &p.commit, "n1"),
                 system: None,
+                build: None,
             }),
             ..NixOSNodeStatus::default()
         };

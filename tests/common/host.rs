@@ -62,6 +62,7 @@ impl HostRoot {
             revision: rev.to_string(),
             installable: self.flake.installable(rev, &self.node),
             system: None,
+            build: None,
         }
     }
 

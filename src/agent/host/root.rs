@@ -57,6 +57,8 @@ pub struct HostRoot {
     dir: PathBuf,
     reboot: RebootHook,
     env: Vec<(OsString, OsString)>,
+    /// Nix prints store paths as the host sees them (`/nix/store/…`): a chroot store.
+    host_view_store: bool,
 }
 
 impl HostRoot {
@@ -65,7 +67,22 @@ impl HostRoot {
             dir: dir.into(),
             reboot,
             env: Vec::new(),
+            host_view_store: false,
         }
+    }
+
+    /// Point every Nix command at a chroot store rooted at DIR: store paths are
+    /// `/nix/store/…` as on a real host (stored in `DIR/nix/store`), so that hosts with
+    /// separate stores share store paths and can substitute from one another's binary
+    /// caches. Builds in it need Nix's sandbox (root, or user namespaces).
+    pub fn with_chroot_nix_store(mut self) -> Self {
+        let d = self.dir.clone();
+        let mut store = OsString::from("local?root=");
+        store.push(&d);
+        self.host_view_store = true;
+        self.with_env("NIX_REMOTE", store)
+            .with_env("NIX_CONF_DIR", d.join("etc/nix"))
+            .with_env("HOME", d.join("root"))
     }
 
     /// Add an environment variable for every command (e.g. `NIX_STORE_DIR` of a private
@@ -123,6 +140,11 @@ impl Host for HostRoot {
     }
 
     fn display_path(&self, host_path: &Path) -> PathBuf {
+        if self.host_view_store {
+            return self
+                .host_path(host_path)
+                .unwrap_or_else(|| host_path.to_path_buf());
+        }
         self.fs_path(host_path)
     }
 

@@ -88,6 +88,8 @@ pub struct HostOptions {
     pub stage_retry_max: Duration,
     /// Count a changed `systemd` as a reboot reason (off: `switch` re-executes systemd).
     pub systemd_needs_reboot: bool,
+    /// Caches and trusted keys for targets a builder built (`status.target.build`).
+    pub substitution: crate::nix::Substitution,
 }
 
 impl Default for HostOptions {
@@ -99,6 +101,7 @@ impl Default for HostOptions {
             stage_retry: Duration::from_secs(60),
             stage_retry_max: Duration::from_secs(30 * 60),
             systemd_needs_reboot: false,
+            substitution: crate::nix::Substitution::default(),
         }
     }
 }

@@ -64,6 +64,9 @@ impl NodeAgent {
             boot_id,
             secrets: st.secrets.clone(),
             secrets_missing: self.secrets_missing.clone(),
+            nix_system: Some(crate::builder::host_nix_system()),
+            builds: Vec::new(),
+            cache: None,
         }
     }
 }

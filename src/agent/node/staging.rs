@@ -15,8 +15,21 @@ use crate::api::{HostError as ReportedError, HostOperation, StagedSystem, Target
 pub(super) struct FailedStage {
     revision: String,
     installable: String,
+    /// The built system it was to fetch (`status.target.build.system`), if any.
+    built: Option<String>,
     attempts: u32,
     retry_at: tokio::time::Instant,
+}
+
+impl FailedStage {
+    fn is_for(&self, t: &Target) -> bool {
+        self.revision == t.revision && self.installable == t.installable && self.built.as_deref() == built(t)
+    }
+}
+
+/// The store path a builder built for `t`, when one did.
+fn built(t: &Target) -> Option<&str> {
+    t.build.as_ref().map(|b| b.system.as_str())
 }
 
 impl NodeAgent {
@@ -26,15 +39,22 @@ impl NodeAgent {
     }
 
     pub(super) fn needs_staging(&self, st: &HostState, t: &Target) -> bool {
+        if t.build.as_ref().is_some_and(|b| b.system.is_empty()) {
+            // The builder has not built it yet: nothing to fetch, and never evaluate here.
+            return false;
+        }
         if let Some(f) = &self.failed_stage
-            && f.revision == t.revision
-            && f.installable == t.installable
+            && f.is_for(t)
             && tokio::time::Instant::now() < f.retry_at
         {
             return false;
         }
         match &st.staged {
-            Some(r) if r.staged.revision == t.revision && r.staged.installable == t.installable => {
+            Some(r)
+                if r.staged.revision == t.revision
+                    && r.staged.installable == t.installable
+                    && built(t).is_none_or(|b| b == r.staged.system) =>
+            {
                 // Still pinned? (someone may have deleted the root or collected the path)
                 let root = self.host.fs_path(&r.gc_root);
                 !(std::fs::symlink_metadata(&root).is_ok()
@@ -51,7 +71,17 @@ impl NodeAgent {
             installable = %crate::nix::mask_credentials(&t.installable),
             "staging"
         );
-        match self.nix.realise(&t.installable, &gc_root).await {
+        let realised = match &t.build {
+            // Built once by the cluster's builder: fetch exactly that path, signed, never
+            // evaluate here.
+            Some(b) => {
+                let from = self.options.substitution.with_cache_first(b.cache.as_deref());
+                tracing::info!(system = %b.system, builder = ?b.builder, "fetching the built system");
+                self.nix.substitute(&b.system, &from, &gc_root).await
+            }
+            None => self.nix.realise(&t.installable, &gc_root).await,
+        };
+        match realised {
             Ok(system) => {
                 let closure_bytes = match self.nix.closure_bytes(&system).await {
                     Ok(n) => Some(n),
@@ -84,7 +114,7 @@ impl NodeAgent {
             }
             Err(e) => {
                 let attempts = match &self.failed_stage {
-                    Some(f) if f.revision == t.revision && f.installable == t.installable => f.attempts + 1,
+                    Some(f) if f.is_for(t) => f.attempts + 1,
                     _ => 1,
                 };
                 let backoff = self
@@ -111,6 +141,7 @@ impl NodeAgent {
                 self.failed_stage = Some(FailedStage {
                     revision: t.revision.clone(),
                     installable: t.installable.clone(),
+                    built: built(t).map(str::to_string),
                     attempts,
                     retry_at: tokio::time::Instant::now() + backoff,
                 });

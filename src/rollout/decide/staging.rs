@@ -15,6 +15,7 @@ impl Ctx<'_, '_> {
             revision: self.view.spec.revision.clone(),
             installable: installable.clone(),
             system: None,
+            build: None,
         });
         self.st.activation = None;
         self.st.backoff = None;

@@ -1,0 +1,248 @@
+//! Build once per distinct system (pure: no kube, no clock). Which builder builds what, and
+//! what a node does about its target: build it itself (no builder for its Nix system: the
+//! behaviour without builders), wait for the builder, fetch the built store path, or report
+//! the builder's failure. See docs/builder.md.
+
+use std::collections::BTreeMap;
+
+use crate::api::{BuildReport, BuildRequest, BuildState, TargetBuild};
+
+/// A builder as the controller sees it: a Node labelled `nixroll.io/builder=true` whose agent
+/// reported its Nix system.
+#[derive(Clone, Copy, Debug)]
+pub struct BuilderInfo<'a> {
+    pub name: &'a str,
+    pub nix_system: &'a str,
+    /// Where it serves its cache (`status.agent.cache`).
+    pub cache: Option<&'a str>,
+    /// Its agent's reports (`status.agent.builds`).
+    pub reports: &'a [BuildReport],
+}
+
+/// What one node wants built.
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted<'a> {
+    pub node: &'a str,
+    pub nix_system: Option<&'a str>,
+    pub installable: &'a str,
+}
+
+/// The builder for `nix_system`: one per system, the first by name (others of the same
+/// system stay idle, so nothing is built twice).
+pub fn builder_for<'a>(nix_system: Option<&str>, builders: &[BuilderInfo<'a>]) -> Option<BuilderInfo<'a>> {
+    let sys = nix_system?;
+    builders
+        .iter()
+        .filter(|b| b.nix_system == sys)
+        .min_by_key(|b| b.name)
+        .copied()
+}
+
+/// The builds each builder is to run (its `status.builds`): the distinct installables of the
+/// nodes of its Nix system, each once, with how many nodes want it. Builders with nothing to
+/// do get an empty list.
+pub fn plan<'a>(
+    builders: &[BuilderInfo<'a>],
+    wanted: impl IntoIterator<Item = Wanted<'a>>,
+) -> BTreeMap<&'a str, Vec<BuildRequest>> {
+    let mut per: BTreeMap<&'a str, BTreeMap<&'a str, u32>> =
+        builders.iter().map(|b| (b.name, BTreeMap::new())).collect();
+    for w in wanted {
+        if let Some(b) = builder_for(w.nix_system, builders) {
+            *per.entry(b.name).or_default().entry(w.installable).or_default() += 1;
+        }
+    }
+    per.into_iter()
+        .map(|(b, m)| {
+            let reqs = m
+                .into_iter()
+                .map(|(installable, nodes)| BuildRequest {
+                    installable: installable.to_string(),
+                    nodes,
+                })
+                .collect();
+            (b, reqs)
+        })
+        .collect()
+}
+
+/// What a node does about its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fetch {
+    /// No builder for its Nix system: the node builds its target itself (as without builders).
+    Itself,
+    /// The builder has not built it yet.
+    Waiting { builder: String, message: String },
+    /// Built: the node fetches exactly this (`status.target.build`).
+    Ready(TargetBuild),
+    /// The evaluation or build failed on the builder: one failure, on the revision, for every
+    /// node that wants it.
+    Failed { builder: String, message: String },
+}
+
+/// What `w`'s node does, given the builders and their reports.
+pub fn fetch_for(w: &Wanted<'_>, builders: &[BuilderInfo<'_>]) -> Fetch {
+    let Some(b) = builder_for(w.nix_system, builders) else {
+        return Fetch::Itself;
+    };
+    let report = b.reports.iter().find(|r| r.installable == w.installable);
+    match report {
+        Some(r) if r.state == BuildState::Built => match &r.system {
+            Some(system) => Fetch::Ready(TargetBuild {
+                system: system.clone(),
+                builder: Some(b.name.to_string()),
+                cache: b.cache.map(str::to_string),
+            }),
+            None => Fetch::Waiting {
+                builder: b.name.to_string(),
+                message: format!("builder {} reported a build without its store path", b.name),
+            },
+        },
+        Some(r) if r.state == BuildState::Failed => Fetch::Failed {
+            builder: b.name.to_string(),
+            message: format!(
+                "the build failed on builder {} (its agent's log has the output): {}",
+                b.name,
+                r.message.as_deref().unwrap_or("no message")
+            ),
+        },
+        Some(_) => Fetch::Waiting {
+            builder: b.name.to_string(),
+            message: format!("building on {}", b.name),
+        },
+        None => Fetch::Waiting {
+            builder: b.name.to_string(),
+            message: format!("queued for builder {}", b.name),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use jiff::Timestamp;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    const SYSTEMS: [&str; 3] = ["x86_64-linux", "aarch64-linux", "riscv64-linux"];
+
+    fn report(installable: &str, state: BuildState, system: Option<&str>) -> BuildReport {
+        BuildReport {
+            installable: installable.into(),
+            state,
+            system: system.map(str::to_string),
+            message: (state == BuildState::Failed).then(|| "error: attribute missing".into()),
+            at: Time(Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    #[test]
+    fn a_thousand_nodes_of_three_systems_make_three_builds() {
+        let names: Vec<String> = (0..1000).map(|i| format!("node-{i:04}")).collect();
+        let installables: Vec<String> = SYSTEMS
+            .iter()
+            .map(|s| format!("git+https://example.org/infra?rev={}#nixosConfigurations.worker-{s}.config.system.build.toplevel", "a".repeat(40)))
+            .collect();
+        let wanted: Vec<Wanted<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Wanted {
+                node: n,
+                nix_system: Some(SYSTEMS[i % 3]),
+                installable: &installables[i % 3],
+            })
+            .collect();
+        // Two builders for x86_64: only one of them builds.
+        let builders = [
+            BuilderInfo {
+                name: "b-x86-2",
+                nix_system: SYSTEMS[0],
+                cache: None,
+                reports: &[],
+            },
+            BuilderInfo {
+                name: "b-x86-1",
+                nix_system: SYSTEMS[0],
+                cache: None,
+                reports: &[],
+            },
+            BuilderInfo {
+                name: "b-arm",
+                nix_system: SYSTEMS[1],
+                cache: None,
+                reports: &[],
+            },
+            BuilderInfo {
+                name: "b-rv",
+                nix_system: SYSTEMS[2],
+                cache: None,
+                reports: &[],
+            },
+        ];
+        let p = plan(&builders, wanted.iter().copied());
+        let builds: usize = p.values().map(Vec::len).sum();
+        assert_eq!(builds, 3, "{p:?}");
+        assert!(p["b-x86-2"].is_empty());
+        assert_eq!(p["b-x86-1"].len(), 1);
+        let nodes: u32 = p.values().flatten().map(|r| r.nodes).sum();
+        assert_eq!(nodes, 1000);
+        for w in &wanted {
+            assert!(matches!(fetch_for(w, &builders), Fetch::Waiting { .. }));
+        }
+    }
+
+    #[test]
+    fn nodes_fetch_what_was_built_wait_share_a_failure_or_build_themselves() {
+        let ok = "f?rev=1#nixosConfigurations.a.config.system.build.toplevel";
+        let bad = "f?rev=1#nixosConfigurations.b.config.system.build.toplevel";
+        let queued = "f?rev=1#nixosConfigurations.c.config.system.build.toplevel";
+        let reports = [
+            report(
+                ok,
+                BuildState::Built,
+                Some("/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a"),
+            ),
+            report(bad, BuildState::Failed, None),
+        ];
+        let builders = [BuilderInfo {
+            name: "builder-1",
+            nix_system: "x86_64-linux",
+            cache: Some("http://10.0.0.5:5080"),
+            reports: &reports,
+        }];
+        let w = |installable, sys| Wanted {
+            node: "n",
+            nix_system: sys,
+            installable,
+        };
+        match fetch_for(&w(ok, Some("x86_64-linux")), &builders) {
+            Fetch::Ready(b) => {
+                assert_eq!(
+                    b.system,
+                    "/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a"
+                );
+                assert_eq!(b.builder.as_deref(), Some("builder-1"));
+                assert_eq!(b.cache.as_deref(), Some("http://10.0.0.5:5080"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match fetch_for(&w(bad, Some("x86_64-linux")), &builders) {
+            Fetch::Failed { builder, message } => {
+                assert_eq!(builder, "builder-1");
+                assert!(
+                    message.contains("attribute missing") && message.contains("builder-1"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            fetch_for(&w(queued, Some("x86_64-linux")), &builders),
+            Fetch::Waiting { .. }
+        ));
+        // No builder for the system, or the system not reported yet: today's behaviour.
+        assert_eq!(fetch_for(&w(ok, Some("aarch64-linux")), &builders), Fetch::Itself);
+        assert_eq!(fetch_for(&w(ok, None), &builders), Fetch::Itself);
+        assert_eq!(fetch_for(&w(ok, Some("x86_64-linux")), &[]), Fetch::Itself);
+    }
+}

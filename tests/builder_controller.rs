@@ -1,0 +1,189 @@
+//! The controller with a builder, over the embedded API with real agents (simulated hosts): a
+//! Node labelled `nixroll.io/builder=true` gets the distinct systems of its Nix system in
+//! `status.builds`, every staging node's target names that builder's pending build, and no
+//! node evaluates its flake while it waits. (Fetching and signing with real Nix:
+//! tests/builder_nix.rs.)
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use nixroll::api::{NixOSNode, Phase};
+use nixroll::controller::ControllerConfig;
+use nixroll::sim::world::{NixMode, World};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+async fn wait_for(
+    world: &World,
+    what: &str,
+    pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
+) -> BTreeMap<String, NixOSNode> {
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let mut seen = BTreeMap::new();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(stream);
+    let res = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(o)) = stream.try_next().await {
+            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
+            if pred(&seen) {
+                return;
+            }
+        }
+    })
+    .await;
+    if res.is_err() {
+        let table: Vec<String> = seen
+            .values()
+            .map(|o| {
+                let s = o.status.clone().unwrap_or_default();
+                format!(
+                    "{:?} {:?} {:?} {:?} {:?}",
+                    o.metadata.name, s.phase, s.message, s.target, s.builds
+                )
+            })
+            .collect();
+        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
+    }
+    seen
+}
+
+fn all_on(rev: &str) -> impl Fn(&BTreeMap<String, NixOSNode>) -> bool + '_ {
+    |m| {
+        m.len() == 4
+            && m.values().all(|o| {
+                let s = o.status.as_ref();
+                s.and_then(|s| s.revision.as_deref()) == Some(rev)
+                    && s.and_then(|s| s.phase) == Some(Phase::UpToDate)
+            })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
+    let mut opts = common::world::fast_world(4, 0);
+    opts.nix = NixMode::Simulated;
+    let mut world = World::start(opts).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let c = world
+        .start_controller(ControllerConfig::new(&format!("test-{}", fastrand::u32(..))))
+        .await
+        .unwrap();
+    wait_for(&world, "adoption", all_on(&first)).await;
+
+    let nodes: Api<Node> = Api::all(world.client.clone());
+    nodes
+        .patch(
+            "node-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"nixroll.io/builder": "true"}}})),
+        )
+        .await
+        .unwrap();
+    let next = world
+        .commit("new kernel", |s| {
+            s.kernel.push_str("-next");
+            s.kernel_modules.push_str("-next");
+        })
+        .unwrap();
+    world.apply_all(&world.spec(&next)).await.unwrap();
+
+    let pending = |o: &NixOSNode| {
+        o.status
+            .as_ref()
+            .and_then(|s| s.target.as_ref())
+            .filter(|t| t.revision == next)
+            .and_then(|t| t.build.as_ref())
+            .is_some_and(|b| b.system.is_empty() && b.builder.as_deref() == Some("node-1"))
+    };
+    let seen = wait_for(&world, "every node waiting for node-1's builds", |m| {
+        m.len() == 4
+            && m.values().all(pending)
+            && m["node-1"].status.as_ref().is_some_and(|s| s.builds.len() == 4)
+    })
+    .await;
+    let builds = &seen["node-1"].status.as_ref().unwrap().builds;
+    for (name, o) in &seen {
+        let t = o.status.as_ref().unwrap().target.as_ref().unwrap();
+        let r = builds.iter().find(|r| r.installable == t.installable);
+        assert_eq!(r.map(|r| r.nodes), Some(1), "{name}: {builds:?}");
+    }
+
+    // Nobody evaluates or builds while the builder has not built: no node stages the revision.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    for o in api.list(&Default::default()).await.unwrap().items {
+        let s = o.status.unwrap();
+        assert_eq!(s.phase, Some(Phase::Staging), "{:?}", o.metadata.name);
+        assert!(
+            s.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("builder node-1"),
+            "{:?}",
+            s.message
+        );
+        let staged = s.agent.and_then(|a| a.staged).map(|st| st.revision);
+        assert_ne!(
+            staged.as_deref(),
+            Some(next.as_str()),
+            "{:?} staged without the builder",
+            o.metadata.name
+        );
+    }
+
+    // The build of node-2's system fails on the builder: node-2 fails once with the builder's
+    // message (StageFailed, Degraded); the others keep waiting. (The test writes the report
+    // the builder agent would, under a field manager of its own.)
+    let node2 = seen["node-2"]
+        .status
+        .as_ref()
+        .unwrap()
+        .target
+        .as_ref()
+        .unwrap()
+        .installable
+        .clone();
+    let report = json!({
+        "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "node-1"},
+        "status": {"agent": {"builds": [{
+            "installable": node2, "state": "Failed",
+            "message": "error: nixroll-test: this configuration is broken",
+            "at": "2026-12-07T08:00:00Z"
+        }]}}
+    });
+    api.patch_status(
+        "node-1",
+        &PatchParams::apply("builder-test").force(),
+        &Patch::Apply(&report),
+    )
+    .await
+    .unwrap();
+    let seen = wait_for(&world, "node-2 failed by its builder", |m| {
+        m.get("node-2")
+            .and_then(|o| o.status.as_ref())
+            .is_some_and(|s| s.phase == Some(Phase::Degraded))
+    })
+    .await;
+    let s = seen["node-2"].status.as_ref().unwrap();
+    let failed = s.failed.as_ref().unwrap();
+    assert_eq!(failed.reason, "StageFailed");
+    assert_eq!(failed.revision, next);
+    assert!(failed.message.contains("builder node-1"), "{}", failed.message);
+    assert!(
+        failed.message.contains("this configuration is broken"),
+        "{}",
+        failed.message
+    );
+    c.stop().await;
+}

@@ -1,0 +1,731 @@
+//! Build once, fetch everywhere, with REAL Nix: a builder host and node hosts with separate
+//! chroot stores (store paths `/nix/store/…` as on real machines, each store in its own
+//! directory), a binary cache served over HTTP on loopback, and the agent realising the built
+//! system by store path with signatures required. Skips when `nix` is not installed (fails
+//! under CI=true).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixroll::agent::host::{Host, resolve};
+use nixroll::agent::node::{HostOptions, NodeAgent};
+use nixroll::api::{AgentStatus, HostOperation, Target, TargetBuild};
+use nixroll::nix::{Nix, NixCli, Substitution};
+use nixroll::sim::flake::TestFlake;
+use nixroll::sim::host::SimHost;
+
+/// A host with a chroot store in `dir`, real Nix on it (offline: only what a target names).
+struct ChrootHost {
+    sim: Arc<SimHost>,
+    host: Arc<dyn Host>,
+    nix: Arc<dyn Nix>,
+}
+
+impl ChrootHost {
+    fn new(dir: PathBuf) -> ChrootHost {
+        let sim = SimHost::create(dir).unwrap();
+        let host: Arc<dyn Host> = Arc::new(sim.host_root_chroot());
+        let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+        ChrootHost { sim, host, nix }
+    }
+
+    fn root(&self) -> &Path {
+        self.sim.root()
+    }
+
+    fn agent(&self, trusted: &[&str]) -> NodeAgent {
+        NodeAgent::new(
+            self.host.clone(),
+            self.nix.clone(),
+            HostOptions {
+                activation_timeout: Duration::from_secs(30),
+                result_poll: Duration::from_millis(10),
+                substitution: Substitution {
+                    substituters: Vec::new(),
+                    trusted_public_keys: trusted.iter().map(|k| k.to_string()).collect(),
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    /// `nix …` (or another Nix program) on this host's store.
+    fn nix_cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        let mut store = std::ffi::OsString::from("local?root=");
+        store.push(self.root());
+        c.env("NIX_REMOTE", store)
+            .env("NIX_CONF_DIR", self.root().join("etc/nix"))
+            .env("HOME", self.root().join("root"));
+        c
+    }
+
+    /// Whether `path` is a valid path of this host's store (a failed import may leave its
+    /// directory behind, never registered).
+    fn has(&self, path: &str) -> bool {
+        let mut c = self.nix_cmd("nix-store");
+        c.args(["--check-validity", path]);
+        c.output().unwrap().status.success()
+    }
+
+    /// Store paths of derivations: a node that evaluated or built anything has some.
+    fn derivations(&self) -> Vec<String> {
+        std::fs::read_dir(self.root().join("nix/store"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".drv"))
+            .collect()
+    }
+}
+
+fn run(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A key pair in Nix's format, made by Nix: (secret key file, public key).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let (sk, pk) = (dir.join(format!("{name}.sk")), dir.join(format!("{name}.pk")));
+    run({
+        let mut c = Command::new("nix-store");
+        c.arg("--generate-binary-cache-key").arg(name).arg(&sk).arg(&pk);
+        c
+    });
+    (sk, std::fs::read_to_string(pk).unwrap().trim().to_string())
+}
+
+/// A directory served over HTTP on 127.0.0.1 (a stand-in binary cache: what is in the
+/// directory when a request comes is what is served).
+async fn serve_dir(dir: PathBuf) -> String {
+    use axum::http::{StatusCode, Uri};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let dir = dir.clone();
+        async move {
+            let rel = uri.path().trim_start_matches('/');
+            if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                return Err(StatusCode::NOT_FOUND);
+            }
+            tokio::fs::read(dir.join(rel))
+                .await
+                .map_err(|_| StatusCode::NOT_FOUND)
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// The builder builds `host`'s system at `rev` in its own store and copies its closure,
+/// signed with `sk`, into the file cache `cache` (uncompressed NARs, so tests can tamper).
+async fn build_and_publish(
+    builder: &ChrootHost,
+    flake: &TestFlake,
+    rev: &str,
+    host: &str,
+    sk: &Path,
+    cache: &Path,
+) -> String {
+    let gc = PathBuf::from(format!("/var/lib/nixroll/gcroots/build-{host}-{rev}"));
+    let system = builder
+        .nix
+        .realise(&flake.installable(rev, host), &gc)
+        .await
+        .unwrap();
+    assert!(system.starts_with("/nix/store/"), "{system}");
+    run({
+        let mut c = builder.nix_cmd("nix");
+        c.args(["--extra-experimental-features", "nix-command", "copy", "--to"])
+            .arg(format!(
+                "file://{}?compression=none&secret-key={}",
+                cache.display(),
+                sk.display()
+            ))
+            .arg(&system);
+        c
+    });
+    system
+}
+
+fn fetch_target(flake: &TestFlake, rev: &str, host: &str, system: &str, cache: &str) -> Target {
+    Target {
+        revision: rev.to_string(),
+        installable: flake.installable(rev, host),
+        system: None,
+        build: Some(TargetBuild {
+            system: system.to_string(),
+            builder: Some("builder".into()),
+            cache: Some(cache.to_string()),
+        }),
+    }
+}
+
+fn narinfo(cache: &Path, system: &str) -> PathBuf {
+    let base = Path::new(system).file_name().unwrap().to_string_lossy();
+    cache.join(format!("{}.narinfo", &base[..32]))
+}
+
+fn assert_refused(st: &AgentStatus, node: &ChrootHost, system: &str, before: &str, expected: &str) {
+    let err = st.last_error.as_ref().expect("lastError reported");
+    assert_eq!(err.operation, HostOperation::Stage);
+    assert!(err.message.contains(expected), "{:?}", err.message);
+    assert!(
+        err.message.contains("nothing changed on the node"),
+        "{:?}",
+        err.message
+    );
+    assert!(err.message.contains(system), "{:?}", err.message);
+    // Nothing changed: the old system is still staged, booted, running and the boot default,
+    // the new one is not in the node's store.
+    assert_eq!(st.staged.as_ref().unwrap().system, before);
+    assert_eq!(node.sim.profile_system().as_deref(), Some(before));
+    assert_eq!(node.sim.boot_default().as_deref(), Some(before));
+    assert_eq!(node.sim.current_system().as_deref(), Some(before));
+    assert!(!node.has(system), "{system} entered the node's store");
+}
+
+#[tokio::test]
+async fn nodes_fetch_the_signed_build_and_refuse_unsigned_wrongly_signed_or_tampered_closures() {
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &["n1", "n2"]).unwrap();
+    let builder = ChrootHost::new(tmp.path().join("builder"));
+    let cache = tmp.path().join("cache");
+    let (sk, pk) = keypair(tmp.path(), "builder-1");
+    let (_, other_pk) = keypair(tmp.path(), "other-1");
+    let url = serve_dir(cache.clone()).await;
+
+    // The first system, built once, fetched and installed on a node that never evaluates.
+    let rev0 = flake.head().to_string();
+    let sys0 = build_and_publish(&builder, &flake, &rev0, "n1", &sk, &cache).await;
+    let node = ChrootHost::new(tmp.path().join("n1"));
+    let mut agent = node.agent(&[&pk]);
+    let st = agent
+        .reconcile(Some(&fetch_target(&flake, &rev0, "n1", &sys0, &url)), None)
+        .await
+        .unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    let staged = st.staged.unwrap();
+    assert_eq!(
+        staged.system, sys0,
+        "the node staged exactly the builder's store path"
+    );
+    assert!(node.has(&sys0));
+    let switch = Path::new(&sys0).join("bin/switch-to-configuration");
+    assert!(
+        resolve(node.host.as_ref(), &switch).is_some(),
+        "{switch:?} not in the node's store"
+    );
+    assert!(staged.closure_bytes.unwrap() > 0);
+    assert!(
+        node.derivations().is_empty(),
+        "the node evaluated: {:?}",
+        node.derivations()
+    );
+    let root = node.root().join(format!("var/lib/nixroll/gcroots/system-{rev0}"));
+    assert_eq!(std::fs::read_link(&root).unwrap(), Path::new(&sys0));
+    node.sim.install(&sys0).unwrap();
+
+    // A new kernel, built and signed once.
+    let rev1 = flake.commit_kernel_change().unwrap();
+    let sys1 = build_and_publish(&builder, &flake, &rev1, "n1", &sk, &cache).await;
+    let target1 = fetch_target(&flake, &rev1, "n1", &sys1, &url);
+    let info = narinfo(&cache, &sys1);
+    let good = std::fs::read_to_string(&info).unwrap();
+    assert!(good.contains("Sig: builder-1:"), "{good}");
+
+    // A node that trusts another key only.
+    let st = node
+        .agent(&[&other_pk])
+        .reconcile(Some(&target1), None)
+        .await
+        .unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "not signed by a trusted key (other-1)");
+
+    // No key at all: nothing is even asked for.
+    let st = node.agent(&[]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "no trusted public key");
+
+    // Unsigned.
+    let unsigned: String = good
+        .lines()
+        .filter(|l| !l.starts_with("Sig:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&info, unsigned).unwrap();
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(
+        &st,
+        &node,
+        &sys1,
+        &sys0,
+        "not signed by a trusted key (builder-1)",
+    );
+
+    // A tampered .narinfo (another NAR hash and size: the signature no longer matches).
+    let nar_line = good.lines().find(|l| l.starts_with("NarSize: ")).unwrap();
+    let size: u64 = nar_line["NarSize: ".len()..].parse().unwrap();
+    std::fs::write(&info, good.replace(nar_line, &format!("NarSize: {}", size + 1))).unwrap();
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(
+        &st,
+        &node,
+        &sys1,
+        &sys0,
+        "not signed by a trusted key (builder-1)",
+    );
+    std::fs::write(&info, &good).unwrap();
+
+    // A tampered NAR under an intact, signed .narinfo.
+    let url_line = good.lines().find(|l| l.starts_with("URL: ")).unwrap();
+    let nar = cache.join(&url_line["URL: ".len()..]);
+    let original = std::fs::read(&nar).unwrap();
+    // The toplevel is symlinks into other store paths: point one elsewhere (same length,
+    // still a well-formed NAR).
+    let mut evil = original.clone();
+    let at = evil
+        .windows(11)
+        .position(|w| w == b"/nix/store/")
+        .expect("a store path in the NAR")
+        + 11;
+    evil[at] = if evil[at] == b'a' { b'b' } else { b'a' };
+    std::fs::write(&nar, &evil).unwrap();
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "do not match the signed hash");
+    std::fs::write(&nar, &original).unwrap();
+
+    // Not in the cache (yet): said so, and fetched as soon as it is there.
+    std::fs::rename(&info, info.with_extension("away")).unwrap();
+    let mut agent = node.agent(&[&pk]);
+    let st = agent.reconcile(Some(&target1), None).await.unwrap();
+    assert_refused(&st, &node, &sys1, &sys0, "no configured cache has it");
+    std::fs::rename(info.with_extension("away"), &info).unwrap();
+
+    // Intact and signed: fetched, staged, and the boot default is still the old system.
+    let st = node.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    let staged = st.staged.unwrap();
+    assert_eq!(staged.system, sys1);
+    assert_eq!(staged.revision, rev1);
+    assert!(staged.reboot_required);
+    assert_eq!(staged.reboot_reasons, vec!["kernel", "kernel-modules"]);
+    assert_eq!(node.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(node.sim.profile_system().as_deref(), Some(sys0.as_str()));
+    assert!(
+        node.derivations().is_empty(),
+        "the node evaluated: {:?}",
+        node.derivations()
+    );
+
+    // A second node fetches the same build: its store gets exactly the builder's path.
+    let node2 = ChrootHost::new(tmp.path().join("n1-twin"));
+    let st = node2.agent(&[&pk]).reconcile(Some(&target1), None).await.unwrap();
+    assert_eq!(st.staged.unwrap().system, sys1);
+    assert!(node2.derivations().is_empty());
+}
+
+/// The builder's own cache: signed in Rust with a key that only lives in memory, NARs written
+/// by nixroll from the store's files, three nodes fetching one build at once through a cache
+/// that writes one NAR at a time.
+#[tokio::test]
+async fn the_builders_cache_serves_one_build_to_three_nodes_signed_in_rust() {
+    use nixroll::builder::{BinaryCache, CacheOptions, SigningKey, write_nar};
+    use std::sync::atomic::Ordering;
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let builder = ChrootHost::new(tmp.path().join("builder"));
+    // Nix makes the key (so its format is Nix's); the cache gets its text, never the file.
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let key = SigningKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    assert_eq!(key.public_key(), pk, "the public key derived in Rust is Nix's");
+    let (_, other_pk) = keypair(tmp.path(), "other-1");
+
+    let rev = flake.head().to_string();
+    let gc = PathBuf::from("/var/lib/nixroll/gcroots/build-worker");
+    let system = builder
+        .nix
+        .realise(&flake.installable(&rev, "worker"), &gc)
+        .await
+        .unwrap();
+    let closure = builder.nix.closure_info(&system).await.unwrap();
+    assert!(closure.iter().any(|i| i.path == system));
+    assert!(closure.len() > 3, "{closure:?}");
+
+    // Each NAR nixroll writes is byte for byte what Nix dumps.
+    for info in &closure {
+        let mut ours = Vec::new();
+        write_nar(&builder.host.fs_path(Path::new(&info.path)), &mut ours).unwrap();
+        let nix = {
+            let mut c = builder.nix_cmd("nix");
+            c.args([
+                "--extra-experimental-features",
+                "nix-command",
+                "store",
+                "dump-path",
+                &info.path,
+            ]);
+            c.output().unwrap()
+        };
+        assert!(nix.status.success());
+        assert_eq!(ours.len() as u64, info.nar_size, "{}", info.path);
+        assert!(
+            ours == nix.stdout,
+            "{}: NAR differs from nix store dump-path",
+            info.path
+        );
+    }
+
+    let cache = BinaryCache::new(
+        builder.host.clone(),
+        key,
+        CacheOptions {
+            max_concurrent_nars: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!(cache.publish(&closure).unwrap(), closure.len());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cache.clone().serve(listener));
+
+    let target = fetch_target(&flake, &rev, "worker", &system, &url);
+    let nodes: Vec<ChrootHost> = (1..=3)
+        .map(|i| ChrootHost::new(tmp.path().join(format!("node-{i}"))))
+        .collect();
+    let mut agents: Vec<NodeAgent> = nodes.iter().map(|n| n.agent(&[&pk])).collect();
+    let results =
+        futures::future::join_all(agents.iter_mut().map(|a| a.reconcile(Some(&target), None))).await;
+    for (node, st) in nodes.iter().zip(results) {
+        let st = st.unwrap();
+        assert!(st.last_error.is_none(), "{:?}", st.last_error);
+        assert_eq!(st.staged.unwrap().system, system);
+        assert!(node.has(&system));
+        assert!(
+            node.derivations().is_empty(),
+            "a node evaluated: {:?}",
+            node.derivations()
+        );
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.nars.load(Ordering::SeqCst), 3 * closure.len() as u64);
+    assert_eq!(
+        stats.nars_peak.load(Ordering::SeqCst),
+        1,
+        "more NARs at once than allowed"
+    );
+    assert_eq!(stats.busy.load(Ordering::SeqCst), 0);
+
+    // Trusting another key: the Rust signature is refused like Nix's own.
+    let stranger = ChrootHost::new(tmp.path().join("stranger"));
+    let st = stranger
+        .agent(&[&other_pk])
+        .reconcile(Some(&target), None)
+        .await
+        .unwrap();
+    let err = st.last_error.unwrap();
+    assert!(
+        err.message.contains("not signed by a trusted key (other-1)"),
+        "{}",
+        err.message
+    );
+    assert!(!stranger.has(&system));
+
+    // Only what was published is served: the builder's other store paths are not.
+    let source = std::fs::read_dir(builder.root().join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with("-source"))
+        .expect("the flake's source in the builder's store");
+    let unpublished = format!("/nix/store/{source}");
+    assert!(builder.has(&unpublished));
+    assert!(!cache.has(&unpublished));
+    let other = fetch_target(&flake, &rev, "worker", &unpublished, &url);
+    let st = stranger
+        .agent(&[&pk])
+        .reconcile(Some(&other), None)
+        .await
+        .unwrap();
+    let err = st.last_error.unwrap();
+    assert!(
+        err.message.contains("no configured cache has it"),
+        "{}",
+        err.message
+    );
+}
+
+/// The builder role end to end without Kubernetes: the plan asks one build per distinct
+/// system, the builder builds it once (again and after a restart: no second build), serves
+/// it, the nodes' targets point at it and they fetch it; a broken revision fails once, on the
+/// builder, and every node that wants it gets that one failure.
+#[tokio::test]
+async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
+    use nixroll::api::BuildState;
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, SigningKey};
+    use nixroll::rollout::build::{BuilderInfo, Fetch, Wanted, fetch_for, plan};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &["worker", "edge"]).unwrap();
+    let bhost = ChrootHost::new(tmp.path().join("builder"));
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let key = || SigningKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    let cache = BinaryCache::new(bhost.host.clone(), key(), CacheOptions::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cache.clone().serve(listener));
+    let mut builder = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache);
+
+    // Four nodes: three workers and one edge node, all of the builder's Nix system.
+    let rev = flake.head().to_string();
+    let names = ["w1", "w2", "w3", "e1"];
+    let installables: Vec<String> = names
+        .iter()
+        .map(|n| flake.installable(&rev, if n.starts_with('w') { "worker" } else { "edge" }))
+        .collect();
+    let sys = "x86_64-linux";
+    let wanted: Vec<Wanted<'_>> = names
+        .iter()
+        .zip(&installables)
+        .map(|(n, i)| Wanted {
+            node: n,
+            nix_system: Some(sys),
+            installable: i,
+        })
+        .collect();
+    let info = |reports| BuilderInfo {
+        name: "builder",
+        nix_system: sys,
+        cache: Some(&url),
+        reports,
+    };
+    let requests = plan(&[info(&[])], wanted.iter().copied())
+        .remove("builder")
+        .unwrap();
+    assert_eq!(requests.len(), 2, "one build per distinct system: {requests:?}");
+    assert_eq!(requests.iter().map(|r| r.nodes).sum::<u32>(), 4);
+
+    let reports = builder.run(&requests).await;
+    assert!(
+        reports.iter().all(|r| r.state == BuildState::Built),
+        "{reports:?}"
+    );
+    assert_eq!(builder.builds_started(), 2);
+    // Asked again (every node's reconcile asks): nothing is built again.
+    assert_eq!(builder.run(&requests).await, reports);
+    assert_eq!(builder.builds_started(), 2);
+
+    // A restarted builder: the same systems, found in the store, not built again.
+    let registered = |path: &str| {
+        let mut c = bhost.nix_cmd("nix");
+        c.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+            path,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&run(c)).unwrap();
+        v[0]["registrationTime"].as_u64().unwrap()
+    };
+    let before: Vec<u64> = reports
+        .iter()
+        .map(|r| registered(r.system.as_deref().unwrap()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let cache2 = BinaryCache::new(bhost.host.clone(), key(), CacheOptions::default());
+    let again = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache2)
+        .run(&requests)
+        .await;
+    let systems = |rs: &[nixroll::api::BuildReport]| rs.iter().map(|r| r.system.clone()).collect::<Vec<_>>();
+    assert_eq!(systems(&again), systems(&reports));
+    let after: Vec<u64> = reports
+        .iter()
+        .map(|r| registered(r.system.as_deref().unwrap()))
+        .collect();
+    assert_eq!(before, after, "the restarted builder built again");
+
+    // Every node's target points at the build of its system; each fetches it, none evaluates.
+    let builders = [info(&reports)];
+    for (w, n) in wanted.iter().zip(names) {
+        let Fetch::Ready(build) = fetch_for(w, &builders) else {
+            panic!("{n} cannot fetch");
+        };
+        let node = ChrootHost::new(tmp.path().join(n));
+        let target = Target {
+            revision: rev.clone(),
+            installable: w.installable.to_string(),
+            system: None,
+            build: Some(build.clone()),
+        };
+        let st = node.agent(&[&pk]).reconcile(Some(&target), None).await.unwrap();
+        assert!(st.last_error.is_none(), "{n}: {:?}", st.last_error);
+        assert_eq!(st.staged.unwrap().system, build.system);
+        assert!(node.derivations().is_empty(), "{n} evaluated");
+    }
+
+    // A revision that does not build: one failure on the builder, shared by all its nodes.
+    let broken = flake.commit_broken_build().unwrap();
+    let bad = flake.installable(&broken, "worker");
+    let bad_wanted: Vec<Wanted<'_>> = ["w1", "w2", "w3"]
+        .iter()
+        .map(|n| Wanted {
+            node: n,
+            nix_system: Some(sys),
+            installable: &bad,
+        })
+        .collect();
+    let requests = plan(&[info(&[])], bad_wanted.iter().copied())
+        .remove("builder")
+        .unwrap();
+    assert_eq!(requests.len(), 1);
+    let started = builder.builds_started();
+    let reports = builder.run(&requests).await;
+    assert_eq!(reports[0].state, BuildState::Failed);
+    assert!(
+        reports[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("have the same priority"),
+        "{reports:?}"
+    );
+    assert_eq!(
+        builder.run(&requests).await,
+        reports,
+        "a failure is reported once, not rebuilt"
+    );
+    assert_eq!(builder.builds_started(), started + 1);
+    let builders = [info(&reports)];
+    for w in &bad_wanted {
+        match fetch_for(w, &builders) {
+            Fetch::Failed { builder, message } => {
+                assert_eq!(builder, "builder");
+                assert!(message.contains("have the same priority"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// The builder agent's role as `nixroll agent --builder` runs it: the key read from a Secret
+/// of the (embedded) API, the cache served on the address it was given, the requests of
+/// `status.builds` built and reported, and a node fetching from the URL it reports.
+#[tokio::test]
+async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    use nixroll::agent::building::{BuilderConfig, load_key, run as run_builder};
+    use nixroll::api::{BuildRequest, BuildState};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let bhost = ChrootHost::new(tmp.path().join("builder"));
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let secret_text = std::fs::read_to_string(&sk_file).unwrap();
+    std::fs::remove_file(&sk_file).unwrap();
+    let (_server, client) = common::api::start().await;
+    let mut ns = k8s_openapi::api::core::v1::Namespace::default();
+    ns.metadata.name = Some("nixroll-system".into());
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "nixroll-system");
+    let mut s = Secret::default();
+    s.metadata.name = Some("nixroll-builder-key".into());
+    s.data = Some(
+        [(
+            "secret-key".to_string(),
+            ByteString(secret_text.clone().into_bytes()),
+        )]
+        .into(),
+    );
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+
+    // Errors name the Secret and key, never the value.
+    let t = Duration::from_secs(10);
+    let e = load_key(&secrets, "missing", "secret-key", t).await.unwrap_err();
+    assert!(e.contains("cannot read Secret missing"), "{e}");
+    let e = load_key(&secrets, "nixroll-builder-key", "other", t)
+        .await
+        .unwrap_err();
+    assert!(e.contains("has no key other"), "{e}");
+    let key = load_key(&secrets, "nixroll-builder-key", "secret-key", t)
+        .await
+        .unwrap();
+    assert_eq!(key.public_key(), pk);
+    let b64 = secret_text.trim().split_once(':').unwrap().1.to_string();
+    assert!(!format!("{key:?}").contains(&b64));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = BuilderConfig {
+        key_secret: "nixroll-builder-key".into(),
+        key_field: "secret-key".into(),
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        url: url.clone(),
+        cache: Default::default(),
+    };
+    let rev = flake.head().to_string();
+    let installable = flake.installable(&rev, "worker");
+    let (req_tx, req_rx) = tokio::sync::watch::channel(Vec::new());
+    let (rep_tx, mut rep_rx) = tokio::sync::watch::channel(Vec::new());
+    let task = tokio::spawn(run_builder(
+        config,
+        bhost.host.clone(),
+        bhost.nix.clone(),
+        secrets.clone(),
+        t,
+        req_rx,
+        rep_tx,
+    ));
+    req_tx
+        .send(vec![BuildRequest {
+            installable: installable.clone(),
+            nodes: 3,
+        }])
+        .unwrap();
+    let reports = tokio::time::timeout(
+        Duration::from_secs(60),
+        rep_rx.wait_for(|r| r.iter().any(|x| x.state != BuildState::Building)),
+    )
+    .await
+    .expect("the builder reported within 60 s")
+    .unwrap()
+    .clone();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].state, BuildState::Built, "{reports:?}");
+    let system = reports[0].system.clone().unwrap();
+
+    let node = ChrootHost::new(tmp.path().join("node"));
+    let target = fetch_target(&flake, &rev, "worker", &system, &url);
+    let st = node.agent(&[&pk]).reconcile(Some(&target), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    assert_eq!(st.staged.unwrap().system, system);
+    task.abort();
+}
