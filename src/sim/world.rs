@@ -521,6 +521,15 @@ impl World {
         }
     }
 
+    /// Sign later commits of the git repository of [`World::follow_in_git`] (None: unsigned).
+    pub fn sign_commits(&mut self, signer: Option<crate::sim::flake::CommitSigner>) {
+        match &mut self.source {
+            Source::Real(f) => f.sign_commits(signer),
+            Source::Simulated { git: Some(f), .. } => f.sign_commits(signer),
+            Source::Simulated { git: None, .. } => {}
+        }
+    }
+
     /// Make revisions commits of a real git repository and return its directory and branch:
     /// with real Nix the test flake already is one; with simulated Nix a repository is
     /// created (its first commit is the current system) and every later [`World::commit`]
