@@ -207,6 +207,9 @@ pub struct FlakeSourceStatus {
     /// A head that was refused because it does not descend from `revision`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_revision: Option<String>,
+    /// The `nixroll.io/requested-at` annotation's value the last resolution ran for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_requested_at: Option<String>,
     /// When the remote was last asked (successfully or not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_fetch_time: Option<Time>,

@@ -99,12 +99,13 @@ pub async fn run(client: Client, config: SourceControllerConfig, identity: &str)
     let resolver = Resolver::new(&config.cache_dir, config.max_git_threads);
     let api: Api<FlakeSource> = Api::all(client.clone());
     let (reader, writer) = reflector::store::<FlakeSource>();
-    // Only spec changes trigger (our own status writes do not); the interval requeues.
+    // Only spec changes and a new `nixroll.io/requested-at` trigger (our own status writes do
+    // not); the interval requeues.
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .predicate_filter(spec_or_request, Default::default());
     let ctx = Arc::new(Ctx {
         events: EventWriter::new(client.clone(), CONTROLLER_MANAGER, identity),
         client,
@@ -120,6 +121,25 @@ pub async fn run(client: Client, config: SourceControllerConfig, identity: &str)
             std::future::ready(())
         })
         .await;
+}
+
+/// What triggers a resolution: the spec's generation and the `nixroll.io/requested-at`
+/// annotation (any new value, like Flux's `reconcile.fluxcd.io/requestedAt`).
+pub fn spec_or_request(fs: &FlakeSource) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    predicates::generation(fs).hash(&mut h);
+    requested_at(fs).hash(&mut h);
+    Some(h.finish())
+}
+
+/// The `nixroll.io/requested-at` annotation, if set.
+pub fn requested_at(fs: &FlakeSource) -> Option<&str> {
+    fs.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::names::REQUESTED_AT_ANNOTATION))
+        .map(String::as_str)
 }
 
 fn error_policy(fs: Arc<FlakeSource>, err: &SourceError, _ctx: Arc<Ctx>) -> Action {
@@ -408,7 +428,8 @@ async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, Source
         }
     };
     log_outcome(&fs, &prev, &outcome);
-    let status = next_status(&prev, spec, generation, url_ok, &outcome, now);
+    let mut status = next_status(&prev, spec, generation, url_ok, &outcome, now);
+    status.last_handled_requested_at = requested_at(&fs).map(|v| v.chars().take(256).collect());
     if status != prev {
         write_status(&ctx, &fs, &status).await?;
         let regarding = fs.object_ref(&());
