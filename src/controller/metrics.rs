@@ -28,6 +28,12 @@ pub struct CategoryLabel {
     pub category: &'static str,
 }
 
+/// The webhook receiver's verdict on a request (a fixed set, [`crate::controller::webhook::RESULTS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
     pub version: &'static str,
@@ -49,6 +55,8 @@ pub struct Metrics {
     pub paused: Gauge,
     /// 1 while admissions are halted: at least `--failure-threshold` nodes are Degraded.
     pub halted: Gauge,
+    /// Webhook requests by result (`accepted`, `unauthorized`, `too_large`, `rate_limited`, …).
+    pub webhook: Family<WebhookLabel, Counter>,
     /// This process: resident memory, CPU time, open file descriptors, start time.
     process: ProcessMetrics,
 }
@@ -205,6 +213,15 @@ impl Metrics {
             "Reconcile errors by category",
             reconcile_errors.clone(),
         );
+        let webhook = Family::<WebhookLabel, Counter>::default();
+        for result in crate::controller::webhook::RESULTS {
+            webhook.get_or_create(&WebhookLabel { result }).inc_by(0);
+        }
+        registry.register(
+            "webhook_requests",
+            "Push webhook requests by result",
+            webhook.clone(),
+        );
         Metrics {
             registry,
             process_registry,
@@ -213,6 +230,7 @@ impl Metrics {
             failures,
             reconcile_duration,
             reconcile_errors,
+            webhook,
             leader,
             paused,
             halted,

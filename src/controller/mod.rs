@@ -38,6 +38,7 @@ pub mod follow;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+pub mod webhook;
 mod reconcile;
 mod run;
 
@@ -90,6 +91,10 @@ pub struct ControllerConfig {
     pub lose_wakeups: bool,
     /// Following sources: the FlakeSource controller and the source watches (`follow`).
     pub follow: follow::FollowConfig,
+    /// The push webhook receiver (`None`: off, the default).
+    pub webhook: Option<webhook::WebhookConfig>,
+    /// Set once the webhook receiver is bound: its address.
+    pub webhook_bound: std::sync::Arc<std::sync::OnceLock<SocketAddr>>,
 }
 
 impl ControllerConfig {
@@ -109,6 +114,8 @@ impl ControllerConfig {
             admission_sweep: Duration::from_secs(5),
             lose_wakeups: false,
             follow: follow::FollowConfig::default(),
+            webhook: None,
+            webhook_bound: std::sync::Arc::default(),
         }
     }
 }
