@@ -138,6 +138,11 @@ impl CommitSigner {
         format!("demo@nixroll.invalid namespaces=\"git\" {}", key.join(" "))
     }
 
+    /// `SHA256:…` of the public key.
+    pub fn fingerprint(&self) -> String {
+        self.key.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string()
+    }
+
     /// `raw` (an unsigned commit object) with a `gpgsig` header holding its signature.
     pub fn sign_commit(&self, raw: &str) -> Result<String, FlakeError> {
         let sig = self
