@@ -88,24 +88,38 @@ async fn requested_at_resolves_at_once() {
     config.policy.max_unavailable = MaxUnavailable::Count(1);
     config.follow.source_controller.cache_dir = cache.path().to_path_buf();
     let c = world.start_controller(config).await.unwrap();
-    wait_source(&sources, "the first resolution", |fs| commit_of(fs) == Some(head0.as_str())).await;
+    wait_source(&sources, "the first resolution", |fs| {
+        commit_of(fs) == Some(head0.as_str())
+    })
+    .await;
 
-    for (i, value) in ["2026-12-07T08:00:00Z", "2026-12-07T08:00:01Z"].iter().enumerate() {
-        let next = world.commit(&format!("push {i}"), |s| s.service.push('+')).unwrap();
+    for (i, value) in ["2026-12-07T08:00:00Z", "2026-12-07T08:00:01Z"]
+        .iter()
+        .enumerate()
+    {
+        let next = world
+            .commit(&format!("push {i}"), |s| s.service.push('+'))
+            .unwrap();
         // The interval is an hour: nothing resolves the new commit by itself.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let fs = sources.get("infra").await.unwrap();
         assert_ne!(commit_of(&fs), Some(next.as_str()), "resolved without a request");
         let asked = Instant::now();
         request(&sources, value).await;
-        let fs = wait_source(&sources, "the requested resolution", |fs| commit_of(fs) == Some(next.as_str())).await;
+        let fs = wait_source(&sources, "the requested resolution", |fs| {
+            commit_of(fs) == Some(next.as_str())
+        })
+        .await;
         let took = asked.elapsed();
         assert!(took < Duration::from_secs(5), "took {took:?}");
         assert_eq!(
             fs.status.unwrap().last_handled_requested_at.as_deref(),
             Some(*value)
         );
-        eprintln!("push {i}: requested-at → resolved in {:.0} ms", took.as_secs_f64() * 1000.0);
+        eprintln!(
+            "push {i}: requested-at → resolved in {:.0} ms",
+            took.as_secs_f64() * 1000.0
+        );
     }
     c.stop().await;
 }
@@ -146,7 +160,13 @@ fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
 }
 
 /// One HTTP/1.1 request over a fresh connection: (status, body).
-fn http(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String) {
+fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut head = format!(
@@ -168,12 +188,18 @@ fn http(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 fn hmac_hex(key: &str, body: &[u8]) -> String {
-    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes()), body);
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes()),
+        body,
+    );
     tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -197,7 +223,8 @@ async fn webhook_pushes_resolve_at_once() {
     .unwrap();
     sources.create(&PostParams::default(), &fs).await.unwrap();
     let token = "wh-5ecret-Zq81";
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(world.client.clone(), "nixroll-system");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(world.client.clone(), "nixroll-system");
     let secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "nixroll-webhook", "namespace": "nixroll-system"},
@@ -224,7 +251,10 @@ async fn webhook_pushes_resolve_at_once() {
     config.webhook = Some(wh);
     let (bound, metrics_bound) = (config.webhook_bound.clone(), config.metrics_bound.clone());
     let c = world.start_controller(config).await.unwrap();
-    wait_source(&sources, "the first resolution", |fs| commit_of(fs) == Some(head0.as_str())).await;
+    wait_source(&sources, "the first resolution", |fs| {
+        commit_of(fs) == Some(head0.as_str())
+    })
+    .await;
     let addr = *bound.get().unwrap();
     let post = |path: &'static str, headers: Vec<(&'static str, String)>, body: Vec<u8>| {
         tokio::task::spawn_blocking(move || http(addr, "POST", path, &headers, &body))
@@ -234,7 +264,13 @@ async fn webhook_pushes_resolve_at_once() {
             "repository": {"clone_url": repo_url, "html_url": "https://example.invalid/x"}}))
         .unwrap();
         let sig = format!("sha256={}", hmac_hex(token, &body));
-        (vec![("X-GitHub-Event", event.to_string()), ("X-Hub-Signature-256", sig)], body)
+        (
+            vec![
+                ("X-GitHub-Event", event.to_string()),
+                ("X-Hub-Signature-256", sig),
+            ],
+            body,
+        )
     };
 
     // A wrong HMAC: 401, no detail, nothing resolved.
@@ -246,40 +282,64 @@ async fn webhook_pushes_resolve_at_once() {
     // An oversized body (over 64 KiB), correctly signed: 413.
     let big = vec![b' '; 100 * 1024];
     let sig = format!("sha256={}", hmac_hex(token, &big));
-    let (code, _) = post("/hook/github", vec![("X-GitHub-Event", "push".into()), ("X-Hub-Signature-256", sig)], big)
-        .await
-        .unwrap();
+    let (code, _) = post(
+        "/hook/github",
+        vec![("X-GitHub-Event", "push".into()), ("X-Hub-Signature-256", sig)],
+        big,
+    )
+    .await
+    .unwrap();
     assert_eq!(code, 413);
     // Unknown forge path, and a GET: refused.
-    assert_eq!(post("/hook/bitbucket", vec![], b"{}".to_vec()).await.unwrap().0, 401);
+    assert_eq!(
+        post("/hook/bitbucket", vec![], b"{}".to_vec()).await.unwrap().0,
+        401
+    );
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(commit_of(&sources.get("infra").await.unwrap()), Some(head0.as_str()));
+    assert_eq!(
+        commit_of(&sources.get("infra").await.unwrap()),
+        Some(head0.as_str())
+    );
 
     // A signed GitHub push: accepted, resolved at once.
     let (h, body) = github("push", &url);
     let sent = Instant::now();
     let (code, text) = post("/hook/github", h, body).await.unwrap();
     assert_eq!((code, text.as_str()), (202, "accepted"));
-    wait_source(&sources, "the GitHub push", |fs| commit_of(fs) == Some(c1.as_str())).await;
+    wait_source(&sources, "the GitHub push", |fs| {
+        commit_of(fs) == Some(c1.as_str())
+    })
+    .await;
     let took = sent.elapsed();
     assert!(took < Duration::from_secs(5), "{took:?}");
     eprintln!("GitHub push → resolved in {:.0} ms", took.as_secs_f64() * 1000.0);
 
     // GitLab's token.
     let c2 = world.commit("push 2", |s| s.service.push('+')).unwrap();
-    let body = serde_json::to_vec(&json!({"ref": format!("refs/heads/{branch}"), "project": {"git_http_url": url}})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"ref": format!("refs/heads/{branch}"), "project": {"git_http_url": url}}))
+            .unwrap();
     let (code, _) = post(
         "/hook/gitlab",
-        vec![("X-Gitlab-Event", "Push Hook".into()), ("X-Gitlab-Token", token.into())],
+        vec![
+            ("X-Gitlab-Event", "Push Hook".into()),
+            ("X-Gitlab-Token", token.into()),
+        ],
         body.clone(),
     )
     .await
     .unwrap();
     assert_eq!(code, 202);
-    wait_source(&sources, "the GitLab push", |fs| commit_of(fs) == Some(c2.as_str())).await;
+    wait_source(&sources, "the GitLab push", |fs| {
+        commit_of(fs) == Some(c2.as_str())
+    })
+    .await;
     let (code, _) = post(
         "/hook/gitlab",
-        vec![("X-Gitlab-Event", "Push Hook".into()), ("X-Gitlab-Token", "wrong".into())],
+        vec![
+            ("X-Gitlab-Event", "Push Hook".into()),
+            ("X-Gitlab-Token", "wrong".into()),
+        ],
         body,
     )
     .await
@@ -288,22 +348,36 @@ async fn webhook_pushes_resolve_at_once() {
 
     // Gitea/Forgejo's signature.
     let c3 = world.commit("push 3", |s| s.service.push('+')).unwrap();
-    let body = serde_json::to_vec(&json!({"ref": format!("refs/heads/{branch}"), "repository": {"clone_url": url}})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"ref": format!("refs/heads/{branch}"), "repository": {"clone_url": url}}))
+            .unwrap();
     let (code, _) = post(
         "/hook/gitea",
-        vec![("X-Gitea-Event", "push".into()), ("X-Gitea-Signature", hmac_hex(token, &body))],
+        vec![
+            ("X-Gitea-Event", "push".into()),
+            ("X-Gitea-Signature", hmac_hex(token, &body)),
+        ],
         body,
     )
     .await
     .unwrap();
     assert_eq!(code, 202);
-    wait_source(&sources, "the Gitea push", |fs| commit_of(fs) == Some(c3.as_str())).await;
+    wait_source(&sources, "the Gitea push", |fs| {
+        commit_of(fs) == Some(c3.as_str())
+    })
+    .await;
 
     // A ping and another repository's push: acknowledged, nothing requested.
     let (h, body) = github("ping", &url);
-    assert_eq!(post("/hook/github", h, body).await.unwrap(), (202, "ignored_event".into()));
+    assert_eq!(
+        post("/hook/github", h, body).await.unwrap(),
+        (202, "ignored_event".into())
+    );
     let (h, body) = github("push", "https://example.invalid/other.git");
-    assert_eq!(post("/hook/github", h, body).await.unwrap(), (202, "no_match".into()));
+    assert_eq!(
+        post("/hook/github", h, body).await.unwrap(),
+        (202, "no_match".into())
+    );
 
     // Too many requests: refused with 429 (the bucket holds 12 and refills slowly).
     let mut limited = false;
@@ -320,7 +394,14 @@ async fn webhook_pushes_resolve_at_once() {
     let (_, metrics) = tokio::task::spawn_blocking(move || http(maddr, "GET", "/metrics", &[], b""))
         .await
         .unwrap();
-    for (result, at_least) in [("accepted", 3), ("unauthorized", 3), ("too_large", 1), ("rate_limited", 1), ("no_match", 1), ("ignored_event", 1)] {
+    for (result, at_least) in [
+        ("accepted", 3),
+        ("unauthorized", 3),
+        ("too_large", 1),
+        ("rate_limited", 1),
+        ("no_match", 1),
+        ("ignored_event", 1),
+    ] {
         let line = metrics
             .lines()
             .find(|l| l.starts_with(&format!("nixroll_webhook_requests_total{{result=\"{result}\"}}")))
@@ -333,7 +414,12 @@ async fn webhook_pushes_resolve_at_once() {
     // Nothing of a request in any log line: the token, a signature, a body.
     let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(text.contains("push received"), "the accepted push is logged");
-    for secret in [token.to_string(), hmac_hex(token, b"{}"), "X-Hub-Signature".into(), "clone_url".into()] {
+    for secret in [
+        token.to_string(),
+        hmac_hex(token, b"{}"),
+        "X-Hub-Signature".into(),
+        "clone_url".into(),
+    ] {
         assert!(!text.contains(&secret), "the log shows {secret}");
     }
 }

@@ -125,7 +125,10 @@ async fn commits_signed_with_gpg_and_ssh_keys() {
     let (h, out) = check(&res, &remote, &main, head_mode, &trusted).await;
     assert_eq!(h.revision.commit.as_str(), b);
     let signers = out.unwrap();
-    assert!(signers[0].contains("SSH key SHA256:") && signers[0].contains("bob@example.org"), "{signers:?}");
+    assert!(
+        signers[0].contains("SSH key SHA256:") && signers[0].contains("bob@example.org"),
+        "{signers:?}"
+    );
 
     // Unsigned.
     let c = s.commit("c", Sign::No);
@@ -196,10 +199,7 @@ async fn tags_signed_lightweight_and_unsigned() {
     let bob = s.ssh_key("bob");
     let trusted = keys(&[
         ("alice.asc", &alice.public),
-        (
-            "allowed_signers",
-            &allowed_signer("bob@example.org", "", &bob),
-        ),
+        ("allowed_signers", &allowed_signer("bob@example.org", "", &bob)),
     ]);
     let url = s.serve();
     let remote = remote(&url);
@@ -239,12 +239,22 @@ async fn tags_signed_lightweight_and_unsigned() {
     assert_eq!(e, VerifyError::Unsigned);
     let (_, out) = check(&res, &remote, &tag("v4"), VerifyMode::Tag, &trusted).await;
     let (_, e) = refused(out);
-    assert!(matches!(&e, VerifyError::NotATag(m) if m.contains("lightweight")), "{e}");
+    assert!(
+        matches!(&e, VerifyError::NotATag(m) if m.contains("lightweight")),
+        "{e}"
+    );
     // HEAD mode on a tag ref checks the commit only: v3's commit is signed by alice.
     let (_, out) = check(&res, &remote, &tag("v3"), VerifyMode::Head, &trusted).await;
     assert!(out.unwrap()[0].starts_with("commit "));
     // Tag mode on a branch: refused before any fetch.
-    let (_, out) = check(&res, &remote, &RefChoice::Branch("main".into()), VerifyMode::Tag, &trusted).await;
+    let (_, out) = check(
+        &res,
+        &remote,
+        &RefChoice::Branch("main".into()),
+        VerifyMode::Tag,
+        &trusted,
+    )
+    .await;
     let (_, e) = refused(out);
     assert!(matches!(e, VerifyError::NotATag(_)), "{e}");
 }
@@ -363,7 +373,11 @@ mod e2e {
             .unwrap()
             .items
             .into_iter()
-            .filter(|e| e.regarding.as_ref().is_some_and(|r| r.name.as_deref() == Some("infra")))
+            .filter(|e| {
+                e.regarding
+                    .as_ref()
+                    .is_some_and(|r| r.name.as_deref() == Some("infra"))
+            })
             .map(|e| {
                 (
                     e.reason.unwrap_or_default(),
@@ -416,7 +430,10 @@ mod e2e {
         let cache = tempfile::tempdir().unwrap();
         let c = world.start_controller(config(cache.path())).await.unwrap();
 
-        let fs = wait_source(&world, "the signed head", |fs| commit_of(fs) == Some(head0.as_str())).await;
+        let fs = wait_source(&world, "the signed head", |fs| {
+            commit_of(fs) == Some(head0.as_str())
+        })
+        .await;
         let (status, reason, message) = cond(&fs, "SourceVerified").unwrap();
         assert_eq!((status.as_str(), reason.as_str()), ("True", "Succeeded"));
         assert!(
@@ -442,7 +459,11 @@ mod e2e {
         assert_eq!(st.commit.as_deref(), Some(head0.as_str()), "the revision stays");
         assert!(st.refused_revision.unwrap().contains(&unsigned));
         let (_, _, m) = cond(&fs, "Ready").unwrap();
-        assert!(m.contains("is not signed") && m.contains(&format!("the last revision {branch}@sha1:{head0} stays")), "{m}");
+        assert!(
+            m.contains("is not signed")
+                && m.contains(&format!("the last revision {branch}@sha1:{head0} stays")),
+            "{m}"
+        );
         assert_eq!(cond(&fs, "SourceVerified").unwrap().0, "False");
 
         world.sign_commits(Some(stranger.clone()));
@@ -457,7 +478,8 @@ mod e2e {
         assert_eq!(commit_of(&fs), Some(head0.as_str()));
         let ev = events(&world).await;
         assert!(
-            ev.iter().any(|(r, t, n)| r == "VerificationFailed" && t == "Warning" && n.contains(&unsigned)),
+            ev.iter()
+                .any(|(r, t, n)| r == "VerificationFailed" && t == "Warning" && n.contains(&unsigned)),
             "{ev:?}"
         );
         // Nothing rolled: every node still runs head0, never disrupted, never rebooted.
@@ -466,20 +488,31 @@ mod e2e {
             let s = o.status.clone().unwrap_or_default();
             assert_eq!(s.revision.as_deref(), Some(head0.as_str()));
             assert!(!s.phase.is_some_and(Phase::is_disruptive), "{s:?}");
-            assert!(s.target.as_ref().is_none_or(|t| t.revision == head0), "{:?}", s.target);
+            assert!(
+                s.target.as_ref().is_none_or(|t| t.revision == head0),
+                "{:?}",
+                s.target
+            );
         }
         let now: Vec<String> = world.nodes.iter().map(|n| n.host.boot_id()).collect();
         assert_eq!(now, boots);
 
         // The team signs again: the new head (descending from the refused ones) rolls out.
         world.sign_commits(Some(team));
-        let good = world.commit("signed kernel", |s| s.kernel.push_str("-good")).unwrap();
-        wait_nodes(&world, "the signed commit everywhere", |o| runs(o, &good), |o| {
-            let s = o.status.clone().unwrap_or_default();
-            for bad in [&unsigned, &foreign] {
-                assert!(s.target.as_ref().is_none_or(|t| &t.revision != bad), "{s:?}");
-            }
-        })
+        let good = world
+            .commit("signed kernel", |s| s.kernel.push_str("-good"))
+            .unwrap();
+        wait_nodes(
+            &world,
+            "the signed commit everywhere",
+            |o| runs(o, &good),
+            |o| {
+                let s = o.status.clone().unwrap_or_default();
+                for bad in [&unsigned, &foreign] {
+                    assert!(s.target.as_ref().is_none_or(|t| &t.revision != bad), "{s:?}");
+                }
+            },
+        )
         .await;
         c.stop().await;
     }

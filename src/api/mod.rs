@@ -8,9 +8,8 @@ mod status;
 
 pub use crd::{all_crds_yaml, crd, crd_yaml, flakesource_crd, flakesource_crd_yaml};
 pub use source::{
-    FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, FlakeSourceVerify, LocalSecretRef, SourceKind,
-    SourceRef, VerifyMode,
-    condition as source_condition,
+    FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, FlakeSourceVerify, LocalSecretRef,
+    SourceKind, SourceRef, VerifyMode, condition as source_condition,
 };
 pub use status::*;
 

@@ -38,9 +38,9 @@ pub mod follow;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
-pub mod webhook;
 mod reconcile;
 mod run;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -277,9 +277,10 @@ async fn run_until_stopped(
     // Every replica accepts pushes (no leader needed); the leader resolves.
     if let Some(wh) = config.webhook.clone() {
         let addr = wh.addr;
-        let (local, _server) = super::webhook::serve(client.clone(), wh, metrics.clone(), stop_signal(&stop_rx))
-            .await
-            .map_err(|source| ControllerError::WebhookServer { addr, source })?;
+        let (local, _server) =
+            super::webhook::serve(client.clone(), wh, metrics.clone(), stop_signal(&stop_rx))
+                .await
+                .map_err(|source| ControllerError::WebhookServer { addr, source })?;
         info!(%local, "serving the push webhook receiver");
         let _ = config.webhook_bound.set(local);
     }

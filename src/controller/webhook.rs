@@ -103,7 +103,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -125,9 +125,15 @@ pub fn authenticate(forge: Forge, headers: &HeaderMap, body: &[u8], keys: &[Vec<
         })
     };
     match forge {
-        Forge::GitHub => hmac_ok(header(headers, "x-hub-signature-256").and_then(|v| v.strip_prefix("sha256="))),
-        Forge::Generic => hmac_ok(header(headers, "x-nixroll-signature").and_then(|v| v.strip_prefix("sha256="))),
-        Forge::Gitea => hmac_ok(header(headers, "x-gitea-signature").or_else(|| header(headers, "x-forgejo-signature"))),
+        Forge::GitHub => {
+            hmac_ok(header(headers, "x-hub-signature-256").and_then(|v| v.strip_prefix("sha256=")))
+        }
+        Forge::Generic => {
+            hmac_ok(header(headers, "x-nixroll-signature").and_then(|v| v.strip_prefix("sha256=")))
+        }
+        Forge::Gitea => {
+            hmac_ok(header(headers, "x-gitea-signature").or_else(|| header(headers, "x-forgejo-signature")))
+        }
         Forge::GitLab => {
             let Some(given) = header(headers, "x-gitlab-token") else {
                 return false;
@@ -155,7 +161,10 @@ pub struct Push {
 pub fn is_push(forge: Forge, headers: &HeaderMap) -> bool {
     match forge {
         Forge::GitHub => header(headers, "x-github-event") == Some("push"),
-        Forge::GitLab => matches!(header(headers, "x-gitlab-event"), Some("Push Hook" | "Tag Push Hook")),
+        Forge::GitLab => matches!(
+            header(headers, "x-gitlab-event"),
+            Some("Push Hook" | "Tag Push Hook")
+        ),
         Forge::Gitea => {
             let e = header(headers, "x-gitea-event").or_else(|| header(headers, "x-forgejo-event"));
             matches!(e, Some("push" | "create"))
@@ -173,8 +182,14 @@ pub fn push_of(forge: Forge, body: &[u8]) -> Option<Push> {
             .collect()
     };
     let urls = match forge {
-        Forge::GitHub | Forge::Gitea => strs(&v["repository"], &["clone_url", "ssh_url", "git_url", "html_url", "url"]),
-        Forge::GitLab => strs(&v["project"], &["git_http_url", "git_ssh_url", "web_url", "http_url", "ssh_url"]),
+        Forge::GitHub | Forge::Gitea => strs(
+            &v["repository"],
+            &["clone_url", "ssh_url", "git_url", "html_url", "url"],
+        ),
+        Forge::GitLab => strs(
+            &v["project"],
+            &["git_http_url", "git_ssh_url", "web_url", "http_url", "ssh_url"],
+        ),
         Forge::Generic => strs(&v, &["url"]),
     };
     if urls.is_empty() {
@@ -432,11 +447,17 @@ mod tests {
         for (a, b) in [
             ("https://GitHub.com/me/infra.git", "ssh://git@github.com/me/infra"),
             ("git@github.com:me/infra.git", "https://github.com/me/infra/"),
-            ("ssh://git@git.example.org:2222/homelab/nixos.git", "https://git.example.org/homelab/nixos"),
+            (
+                "ssh://git@git.example.org:2222/homelab/nixos.git",
+                "https://git.example.org/homelab/nixos",
+            ),
         ] {
             assert_eq!(normalize_url(a), normalize_url(b), "{a} {b}");
         }
-        assert_ne!(normalize_url("https://h/me/infra"), normalize_url("https://h/me/infra2"));
+        assert_ne!(
+            normalize_url("https://h/me/infra"),
+            normalize_url("https://h/me/infra2")
+        );
     }
 
     #[test]
@@ -448,10 +469,20 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-hub-signature-256", format!("sha256={hex}").parse().unwrap());
         assert!(authenticate(Forge::GitHub, &h, body, std::slice::from_ref(&key)));
-        assert!(!authenticate(Forge::GitHub, &h, b"other", std::slice::from_ref(&key)));
+        assert!(!authenticate(
+            Forge::GitHub,
+            &h,
+            b"other",
+            std::slice::from_ref(&key)
+        ));
         assert!(!authenticate(Forge::GitHub, &h, body, &[b"wrong".to_vec()]));
         // Rotation: the previous key still works.
-        assert!(authenticate(Forge::GitHub, &h, body, &[b"new".to_vec(), key.clone()]));
+        assert!(authenticate(
+            Forge::GitHub,
+            &h,
+            body,
+            &[b"new".to_vec(), key.clone()]
+        ));
         let mut g = HeaderMap::new();
         g.insert("x-gitea-signature", hex.parse().unwrap());
         assert!(authenticate(Forge::Gitea, &g, body, std::slice::from_ref(&key)));
@@ -486,7 +517,10 @@ mod tests {
         assert_eq!(p.urls.len(), 2);
         assert_eq!(p.git_ref.as_deref(), Some("refs/heads/main"));
         let gl = br#"{"ref":"refs/heads/main","project":{"git_http_url":"https://gitlab.com/me/infra.git"}}"#;
-        assert_eq!(push_of(Forge::GitLab, gl).unwrap().urls, ["https://gitlab.com/me/infra.git"]);
+        assert_eq!(
+            push_of(Forge::GitLab, gl).unwrap().urls,
+            ["https://gitlab.com/me/infra.git"]
+        );
         assert!(push_of(Forge::GitHub, b"not json").is_none());
     }
 }

@@ -59,11 +59,19 @@ fn random_token() -> Result<String, DemoError> {
 
 /// POST a generic push (`{"url", "ref"}`, HMAC-SHA256 in `X-Nixroll-Signature`) to the
 /// receiver, as a forge would; returns the HTTP status.
-async fn push_webhook(addr: std::net::SocketAddr, token: &str, url: &str, branch: &str) -> Result<u16, DemoError> {
+async fn push_webhook(
+    addr: std::net::SocketAddr,
+    token: &str,
+    url: &str,
+    branch: &str,
+) -> Result<u16, DemoError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = serde_json::to_vec(&serde_json::json!({"url": url, "ref": format!("refs/heads/{branch}")}))
         .map_err(|e| DemoError::Watch(e.to_string()))?;
-    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes()), &body);
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes()),
+        &body,
+    );
     let sig: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let req = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -133,7 +141,11 @@ pub async fn run(
     let token = random_token()?;
     let secrets: Api<Secret> = Api::namespaced(world.client.clone(), crate::names::NAMESPACE);
     for (name, key, value) in [
-        (TRUSTED_KEYS, "allowed_signers", format!("{}\n", signer.allowed_signer())),
+        (
+            TRUSTED_KEYS,
+            "allowed_signers",
+            format!("{}\n", signer.allowed_signer()),
+        ),
         (WEBHOOK_SECRET, "token", token.clone()),
     ] {
         let secret: Secret = serde_json::from_value(serde_json::json!({

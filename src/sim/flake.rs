@@ -108,7 +108,7 @@ pub enum FlakeError {
 /// in-process so that the demo needs no `ssh-keygen`.
 #[derive(Clone)]
 pub struct CommitSigner {
-    key: ssh_key::PrivateKey,
+    key: std::sync::Arc<ssh_key::PrivateKey>,
 }
 
 impl std::fmt::Debug for CommitSigner {
@@ -128,7 +128,9 @@ impl CommitSigner {
         let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
         let mut key = ssh_key::PrivateKey::from(pair);
         key.set_comment("nixroll-demo");
-        Ok(CommitSigner { key })
+        Ok(CommitSigner {
+            key: std::sync::Arc::new(key),
+        })
     }
 
     /// The key's line for an allowed-signers file: `demo@nixroll.invalid namespaces="git" ssh-ed25519 AAAA…`.
@@ -140,7 +142,10 @@ impl CommitSigner {
 
     /// `SHA256:…` of the public key.
     pub fn fingerprint(&self) -> String {
-        self.key.public_key().fingerprint(ssh_key::HashAlg::Sha256).to_string()
+        self.key
+            .public_key()
+            .fingerprint(ssh_key::HashAlg::Sha256)
+            .to_string()
     }
 
     /// `raw` (an unsigned commit object) with a `gpgsig` header holding its signature.

@@ -476,7 +476,9 @@ async fn verified(
 fn log_outcome(fs: &FlakeSource, prev: &FlakeSourceStatus, outcome: &Outcome) {
     let source = key(fs);
     match outcome {
-        Outcome::Unverified { refused, what, error, .. } => {
+        Outcome::Unverified {
+            refused, what, error, ..
+        } => {
             warn!(%source, refused = %refused.revision, %what, %error, "head not signed by a trusted key: not followed");
         }
         Outcome::Polled(Poll::Advanced(r))
@@ -510,14 +512,21 @@ async fn read_secret(
 
 /// `spec.verify`'s trusted keys, read with `get` on every resolution (a rotated key counts at
 /// the next poll). None when verification is off.
-async fn read_trusted_keys(ctx: &Ctx, fs: &FlakeSource) -> Result<Option<Verification>, (&'static str, String)> {
+async fn read_trusted_keys(
+    ctx: &Ctx,
+    fs: &FlakeSource,
+) -> Result<Option<Verification>, (&'static str, String)> {
     let Some(v) = &fs.spec.verify else {
         return Ok(None);
     };
     let ns = fs.namespace().unwrap_or_default();
     let secret = get_secret(ctx, &ns, &v.secret_ref.name, "trusted keys: ").await?;
-    let keys = TrustedKeys::from_secret_data(&secret_data(&secret))
-        .map_err(|m| ("InvalidTrustedKeys", format!("trusted keys: Secret {ns}/{}: {m}", v.secret_ref.name)))?;
+    let keys = TrustedKeys::from_secret_data(&secret_data(&secret)).map_err(|m| {
+        (
+            "InvalidTrustedKeys",
+            format!("trusted keys: Secret {ns}/{}: {m}", v.secret_ref.name),
+        )
+    })?;
     Ok(Some(Verification {
         mode: v.mode,
         keys: Arc::new(keys),

@@ -71,7 +71,9 @@ pub enum Untrusted {
     BadRevision(String),
     #[error("the source's URL cannot be turned into a flake: {0}")]
     BadUrl(String),
-    #[error("the source requires signed revisions (spec.verify) and Flux does not report this one verified: {0}")]
+    #[error(
+        "the source requires signed revisions (spec.verify) and Flux does not report this one verified: {0}"
+    )]
     NotVerified(String),
 }
 
@@ -219,7 +221,10 @@ fn flux_verified(st: &serde_json::Value, generation: Option<i64>, commit: &str) 
     let short: String = message.chars().take(200).collect();
     if c["status"] != "True" {
         let reason = c["reason"].as_str().unwrap_or("");
-        return Err(Untrusted::NotVerified(format!("SourceVerified={}: {reason}: {short}", c["status"].as_str().unwrap_or("?"))));
+        return Err(Untrusted::NotVerified(format!(
+            "SourceVerified={}: {reason}: {short}",
+            c["status"].as_str().unwrap_or("?")
+        )));
     }
     if let Some(g) = c["observedGeneration"].as_i64()
         && Some(g) != generation
@@ -229,7 +234,7 @@ fn flux_verified(st: &serde_json::Value, generation: Option<i64>, commit: &str) 
         )));
     }
     let named = hex_runs(message);
-    if !named.is_empty() && !named.iter().any(|h| *h == commit) {
+    if !named.is_empty() && !named.contains(&commit) {
         return Err(Untrusted::NotVerified(format!(
             "SourceVerified names another commit than the artifact's {commit}: {short}"
         )));
@@ -729,7 +734,11 @@ mod tests {
             None,
             Some(("False", "signature verification of commit failed", Some(3))),
             Some(("True", ok.as_str(), Some(2))),
-            Some(("True", &format!("verified signature of commit 'main@sha1:{b}'") as &str, Some(3))),
+            Some((
+                "True",
+                &format!("verified signature of commit 'main@sha1:{b}'") as &str,
+                Some(3),
+            )),
         ] {
             assert!(matches!(with(bad), Err(Untrusted::NotVerified(_))), "{bad:?}");
         }

@@ -101,8 +101,7 @@ impl TrustedKeys {
             let text = std::str::from_utf8(value).map_err(|_| format!("key {name} is not UTF-8"))?;
             if name == REVOKED_SIGNERS_KEY {
                 for (n, line) in lines(text) {
-                    let key = parse_ssh_public_key(line)
-                        .map_err(|e| format!("key {name} line {n}: {e}"))?;
+                    let key = parse_ssh_public_key(line).map_err(|e| format!("key {name} line {n}: {e}"))?;
                     keys.revoked_ssh.push(key);
                 }
             } else if text.contains("-----BEGIN PGP PUBLIC KEY BLOCK-----") {
@@ -279,7 +278,12 @@ fn parse_allowed_signer(line: &str) -> Result<AllowedSigner, String> {
                 "cert-authority" => {
                     return Err("cert-authority is not supported: list the signers' keys".into());
                 }
-                _ => return Err(format!("unknown option {:?}", k.chars().take(40).collect::<String>())),
+                _ => {
+                    return Err(format!(
+                        "unknown option {:?}",
+                        k.chars().take(40).collect::<String>()
+                    ));
+                }
             }
         }
         rest = after;
@@ -329,7 +333,12 @@ fn split_options(s: &str) -> Vec<&str> {
 /// `YYYYMMDD`, `YYYYMMDDHHMM` or `YYYYMMDDHHMMSS`, with an optional `Z`; read as UTC.
 fn parse_ssh_time(v: &str) -> Result<Timestamp, String> {
     let digits = v.strip_suffix(['Z', 'z']).unwrap_or(v);
-    let bad = || format!("time {:?} is not YYYYMMDD[HHMM[SS]]", v.chars().take(20).collect::<String>());
+    let bad = || {
+        format!(
+            "time {:?} is not YYYYMMDD[HHMM[SS]]",
+            v.chars().take(20).collect::<String>()
+        )
+    };
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -373,7 +382,9 @@ fn issuer_display(sig: &Signature) -> String {
 /// Whether `sig` names `key` as its issuer (a signature naming no issuer names none: git's
 /// signatures always carry one).
 fn issues(sig: &Signature, key: &impl KeyDetails) -> bool {
-    sig.issuer_fingerprint().iter().any(|fp| **fp == key.fingerprint())
+    sig.issuer_fingerprint()
+        .iter()
+        .any(|fp| **fp == key.fingerprint())
         || sig.issuer_key_id().iter().any(|id| **id == key.legacy_key_id())
 }
 
@@ -402,12 +413,19 @@ fn expiry(key_created: pgp::types::Timestamp, sigs: &[&Signature]) -> Option<Tim
     if secs == 0 {
         return None;
     }
-    ts(key_created).checked_add(jiff::SignedDuration::from_secs(secs)).ok()
+    ts(key_created)
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .ok()
 }
 
 /// The primary key: not revoked (a revocation that verifies), its self-signatures verify, and
 /// not expired now nor when the signature was made.
-fn check_primary(cert: &SignedPublicKey, signer: &str, sig: &Signature, now: Timestamp) -> Result<(), VerifyError> {
+fn check_primary(
+    cert: &SignedPublicKey,
+    signer: &str,
+    sig: &Signature,
+    now: Timestamp,
+) -> Result<(), VerifyError> {
     let primary = &cert.primary_key;
     if cert
         .details
@@ -420,7 +438,10 @@ fn check_primary(cert: &SignedPublicKey, signer: &str, sig: &Signature, now: Tim
     let mut selfsigs: Vec<&Signature> = Vec::new();
     for u in &cert.details.users {
         for s in &u.signatures {
-            if issues(s, primary) && s.verify_certification(primary, pgp::types::Tag::UserId, &u.id).is_ok() {
+            if issues(s, primary)
+                && s.verify_certification(primary, pgp::types::Tag::UserId, &u.id)
+                    .is_ok()
+            {
                 selfsigs.push(s);
             }
         }
@@ -472,10 +493,14 @@ fn check_subkey(
         .filter(valid)
         .collect();
     let Some(newest) = bindings.iter().max_by_key(|s| created(s)) else {
-        return Err(VerifyError::Malformed(format!("{signer}: the subkey is not bound to its key")));
+        return Err(VerifyError::Malformed(format!(
+            "{signer}: the subkey is not bound to its key"
+        )));
     };
     if !newest.key_flags().sign() {
-        return Err(VerifyError::Malformed(format!("{signer}: the subkey may not sign")));
+        return Err(VerifyError::Malformed(format!(
+            "{signer}: the subkey may not sign"
+        )));
     }
     if let Some(at) = expiry(sub.key.created_at(), &bindings)
         && (now >= at || created(sig) >= at)
@@ -527,14 +552,20 @@ mod tests {
             "a@x,b@x namespaces=\"git,file\",valid-after=20260101,valid-before=\"20270101Z\" {key}"
         ))
         .unwrap();
-        assert_eq!(s.namespaces.as_deref(), Some(&["git".to_owned(), "file".to_owned()][..]));
+        assert_eq!(
+            s.namespaces.as_deref(),
+            Some(&["git".to_owned(), "file".to_owned()][..])
+        );
         assert_eq!(s.valid_after.unwrap().to_string(), "2026-01-01T00:00:00Z");
         assert_eq!(s.valid_before.unwrap().to_string(), "2027-01-01T00:00:00Z");
         assert!(parse_allowed_signer(&format!("a@x cert-authority {key}")).is_err());
         assert!(parse_allowed_signer("a@x").is_err());
         assert!(parse_allowed_signer("a@x ssh-ed25519 AAAAnot-base64").is_err());
         assert!(parse_ssh_time("2026010").is_err());
-        assert_eq!(parse_ssh_time("202601021530").unwrap().to_string(), "2026-01-02T15:30:00Z");
+        assert_eq!(
+            parse_ssh_time("202601021530").unwrap().to_string(),
+            "2026-01-02T15:30:00Z"
+        );
     }
 
     #[test]
@@ -564,7 +595,10 @@ mod tests {
         assert!(signed.ends_with(b"release\n"));
         assert!(split_tag_signature(b"object 1\n\nno signature\n").is_none());
         let keys = TrustedKeys::default();
-        assert_eq!(keys.verify(b"", b"x", Timestamp::UNIX_EPOCH), Err(VerifyError::Unsigned));
+        assert_eq!(
+            keys.verify(b"", b"x", Timestamp::UNIX_EPOCH),
+            Err(VerifyError::Unsigned)
+        );
         assert!(matches!(
             keys.verify(b"-----BEGIN SIGNED MESSAGE-----\n", b"x", Timestamp::UNIX_EPOCH),
             Err(VerifyError::UnsupportedFormat(_))

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 /// The tools these tests need: `gpg`, `ssh-keygen`, `git` and `git-daemon`. Skips (or fails
 /// under `CI=true`) when one is missing.
 pub fn require_signing_tools() -> bool {
-    super::require("`gpg` (apt-get install gnupg)", super::runs("gpg", &["--version"]))
-        && super::require(
-            "`ssh-keygen` (apt-get install openssh-client)",
-            super::runs("ssh-keygen", &["-?"]) || Path::new("/usr/bin/ssh-keygen").is_file(),
-        )
-        && super::require("`git` (apt-get install git)", super::runs("git", &["--version"]))
+    super::require(
+        "`gpg` (apt-get install gnupg)",
+        super::runs("gpg", &["--version"]),
+    ) && super::require(
+        "`ssh-keygen` (apt-get install openssh-client)",
+        super::runs("ssh-keygen", &["-?"]) || Path::new("/usr/bin/ssh-keygen").is_file(),
+    ) && super::require("`git` (apt-get install git)", super::runs("git", &["--version"]))
 }
 
 /// An OpenPGP key in the fixture's keyring.
@@ -71,7 +72,10 @@ impl Drop for Signing {
 }
 
 fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
         "{what}: {}",
@@ -150,7 +154,14 @@ impl Signing {
     fn gpg(&self, args: &[&str]) -> String {
         run(
             Command::new("gpg")
-                .args(["--batch", "--quiet", "--pinentry-mode", "loopback", "--passphrase", ""])
+                .args([
+                    "--batch",
+                    "--quiet",
+                    "--pinentry-mode",
+                    "loopback",
+                    "--passphrase",
+                    "",
+                ])
                 .args(args)
                 .env("GNUPGHOME", &self.gnupghome),
             &format!("gpg {args:?}"),
@@ -206,7 +217,10 @@ impl Signing {
             .join(format!("{}.rev", key.fingerprint));
         let text = std::fs::read_to_string(&cert).unwrap();
         // gpg prefixes the block with ':' so that it is not imported by mistake.
-        let armored = text.replace(":-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----BEGIN PGP PUBLIC KEY BLOCK-----");
+        let armored = text.replace(
+            ":-----BEGIN PGP PUBLIC KEY BLOCK-----",
+            "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+        );
         let path = self.root().join("revoke.asc");
         std::fs::write(&path, armored).unwrap();
         self.gpg(&["--import", path.to_str().unwrap()]);
@@ -233,7 +247,14 @@ impl Signing {
     fn git_in(&self, dir: &Path, args: &[&str]) -> String {
         run(
             Command::new("git")
-                .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+                .args([
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@t",
+                    "-c",
+                    "init.defaultBranch=main",
+                ])
                 .args(args)
                 .current_dir(dir)
                 .env("GIT_CONFIG_NOSYSTEM", "1")
