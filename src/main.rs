@@ -330,6 +330,17 @@ struct ControllerArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NIXROLL_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// Serve the push webhook receiver (GitHub, GitLab, Gitea/Forgejo, generic) on this
+    /// address, e.g. 0.0.0.0:9292. Off unless set (docs/source.md).
+    #[arg(long, env = "NIXROLL_WEBHOOK_ADDR")]
+    webhook_addr: Option<std::net::SocketAddr>,
+    /// Secret in the controller's namespace with the webhook key (`token`, and
+    /// `previousToken` while rotating).
+    #[arg(long, env = "NIXROLL_WEBHOOK_SECRET", default_value = "nixroll-webhook")]
+    webhook_secret: String,
+    /// Largest webhook body accepted, in bytes (larger: 413).
+    #[arg(long, env = "NIXROLL_WEBHOOK_MAX_BODY", default_value_t = 1024 * 1024)]
+    webhook_max_body: usize,
     /// Take part in leader election over a Lease, so that one replica acts and the others
     /// stand by. This is the default; the flag exists to undo an earlier
     /// --no-leader-election.
@@ -689,6 +700,13 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         verifying: args.verifying_timeout,
     };
     config.metrics_addr = Some(args.metrics_addr);
+    if let Some(addr) = args.webhook_addr {
+        let mut wh = nixroll::controller::webhook::WebhookConfig::new(addr);
+        wh.secret_name = args.webhook_secret.clone();
+        wh.namespace = args.lease_namespace.clone();
+        wh.max_body = args.webhook_max_body;
+        config.webhook = Some(wh);
+    }
     config.follow.source_controller.cache_dir = args.source_cache;
     if args.leader_election && !args.no_leader_election {
         config.leader_election = Some(LeaderElectionConfig::new(

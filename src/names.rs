@@ -17,6 +17,10 @@ pub const LEADER_LEASE: &str = "nixroll-controller";
 pub const PAUSE_CONFIGMAP: &str = "nixroll-pause";
 /// Annotation on a NixOSNode: set it to a new value to retry a failed target.
 pub const RETRY_ANNOTATION: &str = "nixroll.io/retry";
+/// On a FlakeSource: any new value resolves it at once (like Flux's
+/// `reconcile.fluxcd.io/requestedAt`); the value handled last is in
+/// `status.lastHandledRequestedAt`.
+pub const REQUESTED_AT_ANNOTATION: &str = "nixroll.io/requested-at";
 /// Annotation on a Node: nixroll's cordon mark, written in the same patch as its cordon and
 /// removed in the same patch as its uncordon, so nixroll never lifts a cordon it did not make.
 pub const CORDON_ANNOTATION: &str = "nixroll.io/cordoned";

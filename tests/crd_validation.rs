@@ -296,6 +296,12 @@ fn flakesource_rules_say_what_to_fix() {
         json!({"url": "file:///srv/infra.git", "insecure": true, "ref": {"semver": ">=1.0"}}),
         json!({"url": "https://h/r", "ref": {"name": "refs/pull/1/head"}, "interval": "30s",
                "secretRef": {"name": "git-creds"}, "allowNonFastForward": true}),
+        json!({"url": "https://h/r", "ref": {"branch": "main"},
+               "verify": {"secretRef": {"name": "trusted-keys"}}}),
+        json!({"url": "https://h/r", "ref": {"semver": ">=1"},
+               "verify": {"mode": "TagAndHEAD", "secretRef": {"name": "trusted-keys"}}}),
+        json!({"url": "https://h/r", "ref": {"name": "refs/tags/v1"},
+               "verify": {"mode": "Tag", "secretRef": {"name": "trusted-keys"}}}),
     ] {
         assert_eq!(flakesource_errors(spec.clone()), Vec::<String>::new(), "{spec}");
     }
@@ -340,6 +346,16 @@ fn flakesource_rules_say_what_to_fix() {
         (
             json!({"url": "https://h/r", "ref": {"branch": "main"}, "interval": "10s"}),
             "at least 30s",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"branch": "main"},
+                   "verify": {"mode": "Tag", "secretRef": {"name": "trusted-keys"}}}),
+            "need a tag to verify",
+        ),
+        (
+            json!({"url": "https://h/r", "ref": {"name": "refs/heads/main"},
+                   "verify": {"mode": "TagAndHEAD", "secretRef": {"name": "trusted-keys"}}}),
+            "need a tag to verify",
         ),
     ];
     for (spec, want) in cases {

@@ -257,6 +257,7 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("nixosnodes/status", "patch"),
             ("flakesources", "list"),
             ("flakesources", "watch"),
+            ("flakesources", "patch"),
             ("flakesources/status", "patch"),
             ("gitrepositories", "list"),
             ("gitrepositories", "watch"),
@@ -745,6 +746,56 @@ mod chart {
             json!({"name": "srv", "hostPath": {"path": "/srv/nix"}})
         );
         assert_typed(&docs);
+    }
+
+    /// The push webhook receiver: off by default (no Service, no flag, no port); enabled, the
+    /// controller gets `--webhook-addr` and a `webhook` port, and the Service selects it.
+    #[test]
+    fn webhook_receiver_is_off_by_default_and_has_its_service() {
+        let named = |docs: &[Value], name: &str| {
+            docs.iter()
+                .any(|d| d["kind"] == "Service" && d["metadata"]["name"] == name)
+        };
+        let docs = render(json!({}));
+        assert!(!named(&docs, "nixroll-controller-webhook"));
+        assert!(
+            !serde_json::to_string(find(&docs, "Deployment"))
+                .unwrap()
+                .contains("webhook")
+        );
+        let docs = render(
+            json!({"controller": {"webhook": {"enabled": true, "port": 9393, "secretName": "hooks"}}}),
+        );
+        let svc = docs
+            .iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "nixroll-controller-webhook")
+            .unwrap();
+        assert_eq!(svc["spec"]["ports"][0]["port"], 9393);
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], "webhook");
+        let c = &find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert!(
+            args.contains(&"--webhook-addr=0.0.0.0:9393") && args.contains(&"--webhook-secret=hooks"),
+            "{args:?}"
+        );
+        assert!(
+            c["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "webhook" && p["containerPort"] == 9393)
+        );
+        for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+            assert_eq!(
+                &find(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"][k],
+                v
+            );
+        }
     }
 
     /// Each knob users expect of an operator's chart appears where it should when set.

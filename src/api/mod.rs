@@ -15,8 +15,8 @@ pub use pool::{
     PrometheusGate, SelectorOperator, pool_condition,
 };
 pub use source::{
-    FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, LocalSecretRef, SourceKind, SourceRef,
-    condition as source_condition,
+    FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, FlakeSourceVerify, LocalSecretRef,
+    SourceKind, SourceRef, VerifyMode, condition as source_condition,
 };
 pub use status::*;
 

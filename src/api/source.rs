@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.insecure) && self.insecure) || self.url.startsWith('https://') || self.url.startsWith('ssh://')").message("url must be https:// or ssh://; http://, git:// and file:// need insecure: true"))]
+#[x_kube(validation = Rule::new("!has(self.verify) || !has(self.verify.mode) || self.verify.mode == 'HEAD' || has(self.ref.tag) || has(self.ref.semver) || (has(self.ref.name) && self.ref.name.startsWith('refs/tags/'))").message("verify.mode Tag and TagAndHEAD need a tag to verify: set ref.tag, ref.semver or a ref.name under refs/tags/"))]
 pub struct FlakeSourceSpec {
     /// `https://host/path` or `ssh://[user@]host[:port]/path` (no scp-like `git@host:path`);
     /// `http://`, `git://` and `file://` only with `insecure: true`. No credentials: they go in
@@ -78,6 +79,49 @@ pub struct FlakeSourceSpec {
     /// `NonFastForward` condition and the last revision stays.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_non_fast_forward: bool,
+
+    /// Follow only signed revisions (like Flux's `GitRepository.spec.verify`): a head whose
+    /// signature does not verify against the trusted keys is not followed, the last revision
+    /// stays and `Ready=False` says why (reason `VerificationFailed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<FlakeSourceVerify>,
+}
+
+/// What must be signed, and by whom.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlakeSourceVerify {
+    /// `HEAD` (default): the commit the ref points at; `Tag`: the annotated tag object;
+    /// `TagAndHEAD`: both.
+    #[serde(default)]
+    pub mode: VerifyMode,
+    /// A Secret in the FlakeSource's namespace holding the trusted keys: values with armored
+    /// OpenPGP public keys (`-----BEGIN PGP PUBLIC KEY BLOCK-----`), values with SSH
+    /// allowed-signers lines (git's `gpg.format=ssh`, e.g. key `allowed_signers`), and an
+    /// optional `revoked_signers` of SSH public keys that are refused.
+    pub secret_ref: LocalSecretRef,
+}
+
+/// Flux's verification modes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum VerifyMode {
+    #[default]
+    #[serde(rename = "HEAD")]
+    Head,
+    Tag,
+    #[serde(rename = "TagAndHEAD")]
+    TagAndHead,
+}
+
+impl VerifyMode {
+    /// Whether the commit must be signed.
+    pub fn head(self) -> bool {
+        matches!(self, VerifyMode::Head | VerifyMode::TagAndHead)
+    }
+    /// Whether the tag object must be signed.
+    pub fn tag(self) -> bool {
+        matches!(self, VerifyMode::Tag | VerifyMode::TagAndHead)
+    }
 }
 
 fn default_interval() -> String {
@@ -163,10 +207,13 @@ pub struct FlakeSourceStatus {
     /// A head that was refused because it does not descend from `revision`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused_revision: Option<String>,
+    /// The `nixroll.io/requested-at` annotation's value the last resolution ran for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_requested_at: Option<String>,
     /// When the remote was last asked (successfully or not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_fetch_time: Option<Time>,
-    /// `Ready`, `FetchFailed`, `NonFastForward`.
+    /// `Ready`, `FetchFailed`, `NonFastForward`, `SourceVerified`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -215,4 +262,7 @@ pub mod condition {
     pub const READY: &str = "Ready";
     pub const FETCH_FAILED: &str = "FetchFailed";
     pub const NON_FAST_FORWARD: &str = "NonFastForward";
+    /// Set when `spec.verify` is: `True` with the signer, or `False` (reason
+    /// `VerificationFailed`) naming the commit and why.
+    pub const SOURCE_VERIFIED: &str = "SourceVerified";
 }

@@ -56,6 +56,12 @@ pub enum ControllerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("serving the webhook receiver on {addr}: {source}")]
+    WebhookServer {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ControllerError {
@@ -72,6 +78,7 @@ impl ControllerError {
             ControllerError::StoresNotReady(_) => "CacheNotSynced",
             ControllerError::Lease(e) => e.category(),
             ControllerError::MetricsServer { .. } => "MetricsServerFailed",
+            ControllerError::WebhookServer { .. } => "WebhookServerFailed",
         }
     }
 
@@ -85,7 +92,7 @@ impl ControllerError {
             ControllerError::Drain { source, .. } => source.is_transient(),
             ControllerError::Timeout { .. } | ControllerError::StoresNotReady(_) => true,
             ControllerError::Lease(_) => true,
-            ControllerError::MetricsServer { .. } => false,
+            ControllerError::MetricsServer { .. } | ControllerError::WebhookServer { .. } => false,
         }
     }
 }

@@ -28,6 +28,12 @@ pub struct CategoryLabel {
     pub category: &'static str,
 }
 
+/// The webhook receiver's verdict on a request (a fixed set, [`crate::controller::webhook::RESULTS`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabel {
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
     pub version: &'static str,
@@ -76,6 +82,8 @@ pub struct Metrics {
     pub gate_passing: Family<PoolGateLabel, Gauge>,
     /// Per NixOSPool: 1 while it admits nothing because it waits (order, soak, pause, invalid).
     pub pool_blocked: Family<PoolLabel, Gauge>,
+    /// Webhook requests by result (`accepted`, `unauthorized`, `too_large`, `rate_limited`, …).
+    pub webhook: Family<WebhookLabel, Counter>,
     /// This process: resident memory, CPU time, open file descriptors, start time.
     process: ProcessMetrics,
 }
@@ -250,6 +258,15 @@ impl Metrics {
             "1 while a NixOSPool admits nothing because it waits for its order, a soak, its pause or a fix of its spec",
             pool_blocked.clone(),
         );
+        let webhook = Family::<WebhookLabel, Counter>::default();
+        for result in crate::controller::webhook::RESULTS {
+            webhook.get_or_create(&WebhookLabel { result }).inc_by(0);
+        }
+        registry.register(
+            "webhook_requests",
+            "Push webhook requests by result",
+            webhook.clone(),
+        );
         Metrics {
             registry,
             process_registry,
@@ -261,6 +278,7 @@ impl Metrics {
             failures,
             reconcile_duration,
             reconcile_errors,
+            webhook,
             leader,
             paused,
             halted,

@@ -43,6 +43,7 @@ pub mod observe;
 mod pools;
 mod reconcile;
 mod run;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -93,6 +94,10 @@ pub struct ControllerConfig {
     pub lose_wakeups: bool,
     /// Following sources: the FlakeSource controller and the source watches (`follow`).
     pub follow: follow::FollowConfig,
+    /// The push webhook receiver (`None`: off, the default).
+    pub webhook: Option<webhook::WebhookConfig>,
+    /// Set once the webhook receiver is bound: its address.
+    pub webhook_bound: std::sync::Arc<std::sync::OnceLock<SocketAddr>>,
 }
 
 impl ControllerConfig {
@@ -112,6 +117,8 @@ impl ControllerConfig {
             admission_sweep: Duration::from_secs(5),
             lose_wakeups: false,
             follow: follow::FollowConfig::default(),
+            webhook: None,
+            webhook_bound: std::sync::Arc::default(),
         }
     }
 }

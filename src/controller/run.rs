@@ -332,6 +332,16 @@ async fn run_until_stopped(
         info!(%local, "serving metrics");
         let _ = config.metrics_bound.set(local);
     }
+    // Every replica accepts pushes (no leader needed); the leader resolves.
+    if let Some(wh) = config.webhook.clone() {
+        let addr = wh.addr;
+        let (local, _server) =
+            super::webhook::serve(client.clone(), wh, metrics.clone(), stop_signal(&stop_rx))
+                .await
+                .map_err(|source| ControllerError::WebhookServer { addr, source })?;
+        info!(%local, "serving the push webhook receiver");
+        let _ = config.webhook_bound.set(local);
+    }
     let leading = Arc::new(AtomicBool::new(false));
     let Some(le) = config.leader_election.clone() else {
         leading.store(true, Ordering::SeqCst);

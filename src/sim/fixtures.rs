@@ -51,6 +51,7 @@ pub fn flake_source_spec(url: &str, branch: &str) -> FlakeSourceSpec {
         secret_ref: None,
         insecure: false,
         allow_non_fast_forward: false,
+        verify: None,
     }
 }
 

@@ -99,6 +99,69 @@ pub enum FlakeError {
     },
     #[error("git {args} failed: {message}")]
     Git { args: String, message: String },
+    #[error("signing a commit: {0}")]
+    Sign(String),
+}
+
+/// An SSH key that signs the test flake's commits the way `git -c gpg.format=ssh commit -S`
+/// does (an SSHSIG with namespace `git` over the commit, in its `gpgsig` header), made
+/// in-process so that the demo needs no `ssh-keygen`.
+#[derive(Clone)]
+pub struct CommitSigner {
+    key: std::sync::Arc<ssh_key::PrivateKey>,
+}
+
+impl std::fmt::Debug for CommitSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CommitSigner({})", self.allowed_signer())
+    }
+}
+
+impl CommitSigner {
+    /// A new random ed25519 key (its seed from the system's RNG, through ring).
+    pub fn generate() -> Result<CommitSigner, FlakeError> {
+        use ring::rand::SecureRandom;
+        let mut seed = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| FlakeError::Sign("no system randomness".into()))?;
+        let pair = ssh_key::private::Ed25519Keypair::from_seed(&seed);
+        let mut key = ssh_key::PrivateKey::from(pair);
+        key.set_comment("nixroll-demo");
+        Ok(CommitSigner {
+            key: std::sync::Arc::new(key),
+        })
+    }
+
+    /// The key's line for an allowed-signers file: `demo@nixroll.invalid namespaces="git" ssh-ed25519 AAAA…`.
+    pub fn allowed_signer(&self) -> String {
+        let public = self.key.public_key().to_openssh().unwrap_or_default();
+        let key: Vec<&str> = public.split_whitespace().take(2).collect();
+        format!("demo@nixroll.invalid namespaces=\"git\" {}", key.join(" "))
+    }
+
+    /// `SHA256:…` of the public key.
+    pub fn fingerprint(&self) -> String {
+        self.key
+            .public_key()
+            .fingerprint(ssh_key::HashAlg::Sha256)
+            .to_string()
+    }
+
+    /// `raw` (an unsigned commit object) with a `gpgsig` header holding its signature.
+    pub fn sign_commit(&self, raw: &str) -> Result<String, FlakeError> {
+        let sig = self
+            .key
+            .sign("git", ssh_key::HashAlg::Sha512, raw.as_bytes())
+            .map_err(|e| FlakeError::Sign(e.to_string()))?;
+        let pem = sig
+            .to_pem(ssh_key::LineEnding::LF)
+            .map_err(|e| FlakeError::Sign(e.to_string()))?;
+        let header = format!("gpgsig {}\n", pem.trim_end().replace('\n', "\n "));
+        // The header goes after the last header line (before the blank line of the message).
+        let end = raw.find("\n\n").map(|i| i + 1).unwrap_or(raw.len());
+        Ok(format!("{}{header}{}", &raw[..end], &raw[end..]))
+    }
 }
 
 /// A test flake in a git repository.
@@ -109,6 +172,7 @@ pub struct TestFlake {
     spec: SystemSpec,
     head: String,
     real_host: bool,
+    signer: Option<CommitSigner>,
 }
 
 impl TestFlake {
@@ -137,6 +201,7 @@ impl TestFlake {
             spec: SystemSpec::default(),
             head: String::new(),
             real_host,
+            signer: None,
         };
         flake.commit("initial system", |_| {})?;
         Ok(flake)
@@ -202,9 +267,25 @@ impl TestFlake {
                 message,
             ],
         )?;
+        if let Some(signer) = &self.signer {
+            let raw = git(&self.dir, &["cat-file", "commit", "HEAD"])?;
+            let signed = signer.sign_commit(&raw)?;
+            let path = self.dir.join(".git").join("nixroll-signed-commit");
+            write_file(&path, signed.trim_end_matches('\n'))?;
+            let id = git(
+                &self.dir,
+                &["hash-object", "-t", "commit", "-w", &path.display().to_string()],
+            )?;
+            git(&self.dir, &["update-ref", "HEAD", id.trim()])?;
+        }
         self.spec = spec;
         self.head = git(&self.dir, &["rev-parse", "HEAD"])?.trim().to_string();
         Ok(self.head.clone())
+    }
+
+    /// Sign every later commit with `signer` (None: unsigned, the default).
+    pub fn sign_commits(&mut self, signer: Option<CommitSigner>) {
+        self.signer = signer;
     }
 
     /// A new kernel (reboot needed: `kernel`, `kernel-modules`).

@@ -533,11 +533,37 @@ impl World {
         }
     }
 
+    /// Sign later commits of the git repository of [`World::follow_in_git`] (None: unsigned).
+    pub fn sign_commits(&mut self, signer: Option<crate::sim::flake::CommitSigner>) {
+        match &mut self.source {
+            Source::Real(f) => f.sign_commits(signer),
+            Source::Simulated { git: Some(f), .. } => f.sign_commits(signer),
+            Source::Simulated { git: None, .. } => {}
+        }
+    }
+
     /// Make revisions commits of a real git repository and return its directory and branch:
     /// with real Nix the test flake already is one; with simulated Nix a repository is
     /// created (its first commit is the current system) and every later [`World::commit`]
     /// commits there too. A FlakeSource with `url: file://<dir>` (and `insecure: true`) follows it.
     pub fn follow_in_git(&mut self) -> Result<(PathBuf, String), WorldError> {
+        self.follow_in_signed_git(None)
+    }
+
+    /// [`World::follow_in_git`] with every commit, from the first one the nodes run, signed by
+    /// `signer` (with simulated Nix; with real Nix the flake's earlier commits stay unsigned).
+    pub fn follow_in_signed_git(
+        &mut self,
+        signer: Option<crate::sim::flake::CommitSigner>,
+    ) -> Result<(PathBuf, String), WorldError> {
+        if let Source::Real(f) = &mut self.source
+            && signer.is_some()
+        {
+            // The flake's first commit is unsigned: the nodes start on a signed commit of the
+            // same system (as with simulated Nix below).
+            f.sign_commits(signer.clone());
+            f.commit("the running system", |_| {})?;
+        }
         let dir = self.dir.path().join("flake-git");
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
         match &mut self.source {
@@ -554,6 +580,7 @@ impl World {
                 }
                 let hosts: Vec<&str> = names.iter().map(String::as_str).collect();
                 let mut f = TestFlake::create(&dir, &hosts)?;
+                f.sign_commits(signer);
                 let s = spec.clone();
                 *head = f.commit("the running system", move |g| *g = s)?;
                 for (node, nix) in nixes.iter() {

@@ -30,9 +30,10 @@ use tracing::{debug, info, warn};
 
 use super::known_hosts::KnownHosts;
 use super::refspec::{RefChoice, ResolvedRef};
-use super::resolve::{Credentials, Poll, Remote, Resolver};
+use super::resolve::{Credentials, Poll, Remote, Resolver, Verification, VerifyFailure};
 use super::revision::Revision;
 use super::url::SourceUrl;
+use super::verify::{TrustedKeys, VerifyError};
 use crate::api::{FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, source_condition};
 use crate::controller::events::{EventWriter, Note};
 use crate::names::CONTROLLER_MANAGER;
@@ -98,12 +99,13 @@ pub async fn run(client: Client, config: SourceControllerConfig, identity: &str)
     let resolver = Resolver::new(&config.cache_dir, config.max_git_threads);
     let api: Api<FlakeSource> = Api::all(client.clone());
     let (reader, writer) = reflector::store::<FlakeSource>();
-    // Only spec changes trigger (our own status writes do not); the interval requeues.
+    // Only spec changes and a new `nixroll.io/requested-at` trigger (our own status writes do
+    // not); the interval requeues.
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .predicate_filter(spec_or_request, Default::default());
     let ctx = Arc::new(Ctx {
         events: EventWriter::new(client.clone(), CONTROLLER_MANAGER, identity),
         client,
@@ -119,6 +121,25 @@ pub async fn run(client: Client, config: SourceControllerConfig, identity: &str)
             std::future::ready(())
         })
         .await;
+}
+
+/// What triggers a resolution: the spec's generation and the `nixroll.io/requested-at`
+/// annotation (any new value, like Flux's `reconcile.fluxcd.io/requestedAt`).
+pub fn spec_or_request(fs: &FlakeSource) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    predicates::generation(fs).hash(&mut h);
+    requested_at(fs).hash(&mut h);
+    Some(h.finish())
+}
+
+/// The `nixroll.io/requested-at` annotation, if set.
+pub fn requested_at(fs: &FlakeSource) -> Option<&str> {
+    fs.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::names::REQUESTED_AT_ANNOTATION))
+        .map(String::as_str)
 }
 
 fn error_policy(fs: Arc<FlakeSource>, err: &SourceError, _ctx: Arc<Ctx>) -> Action {
@@ -176,6 +197,19 @@ pub fn last_accepted(st: &FlakeSourceStatus, url: &SourceUrl, spec: &FlakeSource
 #[derive(Debug)]
 pub enum Outcome {
     Polled(Poll),
+    /// `spec.verify` is set and the head's signatures verified (`signers`: who signed what).
+    Verified {
+        poll: Poll,
+        signers: Vec<String>,
+    },
+    /// `spec.verify` is set and the head (`refused`) is not signed by a trusted key: `what`
+    /// (its commit or tag) and why. `kept` stays.
+    Unverified {
+        kept: Option<ResolvedRef>,
+        refused: ResolvedRef,
+        what: String,
+        error: VerifyError,
+    },
     /// The spec or the Secret cannot be used; nothing was fetched.
     Refused {
         reason: &'static str,
@@ -236,7 +270,35 @@ pub fn next_status(
                 message.clone(),
             ));
         }
-        Outcome::Polled(poll) => {
+        Outcome::Unverified {
+            kept,
+            refused,
+            what,
+            error,
+        } => {
+            st.last_fetch_time = Some(Time(now));
+            match kept {
+                Some(k) if same => accept(&mut st, k),
+                _ => {}
+            }
+            st.refused_revision = Some(refused.revision.flux_display());
+            let m = format!(
+                "{what} ({}) is not followed: {error}",
+                refused.revision.flux_display()
+            );
+            let m = match &st.revision {
+                Some(r) => format!("{m}; the last revision {r} stays"),
+                None => m,
+            };
+            conds.push((ready, "False", "VerificationFailed".into(), m.clone()));
+            conds.push((
+                source_condition::SOURCE_VERIFIED,
+                "False",
+                "VerificationFailed".into(),
+                m,
+            ));
+        }
+        Outcome::Polled(poll) | Outcome::Verified { poll, .. } => {
             st.last_fetch_time = Some(Time(now));
             match poll {
                 Poll::Unchanged(r) | Poll::Advanced(r) => {
@@ -277,6 +339,14 @@ pub fn next_status(
                     conds.push((ready, "False", error.reason().into(), m.clone()));
                     conds.push((source_condition::FETCH_FAILED, "True", error.reason().into(), m));
                 }
+            }
+            if let Outcome::Verified { signers, .. } = outcome {
+                conds.push((
+                    source_condition::SOURCE_VERIFIED,
+                    "True",
+                    "Succeeded".into(),
+                    signers.join("; "),
+                ));
             }
         }
     }
@@ -329,9 +399,13 @@ async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, Source
             ),
             (Ok(u), Ok(choice)) => {
                 let every = Some(next_interval(spec, ctx.config.min_interval));
-                match read_secret(&ctx, &fs).await {
+                let secrets = match read_secret(&ctx, &fs).await {
+                    Ok(c) => read_trusted_keys(&ctx, &fs).await.map(|v| (c, v)),
+                    Err(e) => Err(e),
+                };
+                match secrets {
                     Err((reason, message)) => (Outcome::Refused { reason, message }, every),
-                    Ok((credentials, known_hosts)) => {
+                    Ok(((credentials, known_hosts), verification)) => {
                         let remote = Remote {
                             url: u.clone(),
                             credentials,
@@ -343,14 +417,19 @@ async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, Source
                             .resolver
                             .poll(&remote, &choice, last.as_ref(), spec.allow_non_fast_forward)
                             .await;
-                        (Outcome::Polled(poll), every)
+                        let outcome = match verification {
+                            None => Outcome::Polled(poll),
+                            Some(v) => verified(&ctx.resolver, &remote, &v, poll, last).await,
+                        };
+                        (outcome, every)
                     }
                 }
             }
         }
     };
     log_outcome(&fs, &prev, &outcome);
-    let status = next_status(&prev, spec, generation, url_ok, &outcome, now);
+    let mut status = next_status(&prev, spec, generation, url_ok, &outcome, now);
+    status.last_handled_requested_at = requested_at(&fs).map(|v| v.chars().take(256).collect());
     if status != prev {
         write_status(&ctx, &fs, &status).await?;
         let regarding = fs.object_ref(&());
@@ -369,9 +448,39 @@ async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, Source
     })
 }
 
+/// The outcome of a poll with `spec.verify`: a head that was accepted (new or unchanged) is
+/// checked; anything else stays as polled.
+async fn verified(
+    resolver: &Resolver,
+    remote: &Remote,
+    v: &Verification,
+    poll: Poll,
+    last: Option<ResolvedRef>,
+) -> Outcome {
+    let head = match &poll {
+        Poll::Advanced(h) | Poll::Unchanged(h) => h.clone(),
+        _ => return Outcome::Polled(poll),
+    };
+    match resolver.verify(remote, &head, v, Timestamp::now()).await {
+        Ok(signers) => Outcome::Verified { poll, signers },
+        Err(VerifyFailure::Fetch(error)) => Outcome::Polled(Poll::Failed { kept: last, error }),
+        Err(VerifyFailure::Refused { what, error }) => Outcome::Unverified {
+            kept: last,
+            refused: head,
+            what,
+            error,
+        },
+    }
+}
+
 fn log_outcome(fs: &FlakeSource, prev: &FlakeSourceStatus, outcome: &Outcome) {
     let source = key(fs);
     match outcome {
+        Outcome::Unverified {
+            refused, what, error, ..
+        } => {
+            warn!(%source, refused = %refused.revision, %what, %error, "head not signed by a trusted key: not followed");
+        }
         Outcome::Polled(Poll::Advanced(r))
             if prev.revision.as_deref() != Some(&r.revision.flux_display()) =>
         {
@@ -397,20 +506,60 @@ async fn read_secret(
         return Ok((Credentials::None, None));
     };
     let ns = fs.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let got = tokio::time::timeout(ctx.config.api_timeout, api.get_opt(&r.name)).await;
-    let secret = match got {
-        Err(_) => {
-            return Err((
-                "SecretNotRead",
-                format!("reading Secret {ns}/{} timed out", r.name),
-            ));
-        }
-        Ok(Err(e)) => return Err(("SecretNotRead", format!("reading Secret {ns}/{}: {e}", r.name))),
-        Ok(Ok(None)) => return Err(("SecretNotFound", format!("Secret {ns}/{} not found", r.name))),
-        Ok(Ok(Some(s))) => s,
-    };
+    let secret = get_secret(ctx, &ns, &r.name, "").await?;
     credentials_from(&secret).map_err(|m| ("InvalidSecret", format!("Secret {ns}/{}: {m}", r.name)))
+}
+
+/// `spec.verify`'s trusted keys, read with `get` on every resolution (a rotated key counts at
+/// the next poll). None when verification is off.
+async fn read_trusted_keys(
+    ctx: &Ctx,
+    fs: &FlakeSource,
+) -> Result<Option<Verification>, (&'static str, String)> {
+    let Some(v) = &fs.spec.verify else {
+        return Ok(None);
+    };
+    let ns = fs.namespace().unwrap_or_default();
+    let secret = get_secret(ctx, &ns, &v.secret_ref.name, "trusted keys: ").await?;
+    let keys = TrustedKeys::from_secret_data(&secret_data(&secret)).map_err(|m| {
+        (
+            "InvalidTrustedKeys",
+            format!("trusted keys: Secret {ns}/{}: {m}", v.secret_ref.name),
+        )
+    })?;
+    Ok(Some(Verification {
+        mode: v.mode,
+        keys: Arc::new(keys),
+    }))
+}
+
+/// A Secret's values, `stringData` merged over `data`.
+pub fn secret_data(secret: &Secret) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out: std::collections::BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone().into_bytes());
+    }
+    out
+}
+
+/// `get` one Secret, bounded; errors say which (`what` prefixes the message).
+async fn get_secret(ctx: &Ctx, ns: &str, name: &str, what: &str) -> Result<Secret, (&'static str, String)> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let got = tokio::time::timeout(ctx.config.api_timeout, api.get_opt(name)).await;
+    match got {
+        Err(_) => Err((
+            "SecretNotRead",
+            format!("{what}reading Secret {ns}/{name} timed out"),
+        )),
+        Ok(Err(e)) => Err(("SecretNotRead", format!("{what}reading Secret {ns}/{name}: {e}"))),
+        Ok(Ok(None)) => Err(("SecretNotFound", format!("{what}Secret {ns}/{name} not found"))),
+        Ok(Ok(Some(s))) => Ok(s),
+    }
 }
 
 /// Flux's key names: `username`/`password` (HTTPS), `identity` (+ `password` as its

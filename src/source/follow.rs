@@ -71,6 +71,10 @@ pub enum Untrusted {
     BadRevision(String),
     #[error("the source's URL cannot be turned into a flake: {0}")]
     BadUrl(String),
+    #[error(
+        "the source requires signed revisions (spec.verify) and Flux does not report this one verified: {0}"
+    )]
+    NotVerified(String),
 }
 
 /// The flake of a FlakeSource URL: `git+<url>?ref=<full ref>` (`git://` URLs stay as they are,
@@ -193,12 +197,69 @@ pub fn gitrepository_offer(obj: &serde_json::Value) -> Result<Offer, Untrusted> 
         .as_str()
         .ok_or(Untrusted::NotResolved)?;
     let r = Revision::parse(rev).map_err(|e| Untrusted::BadRevision(e.to_string()))?;
+    if obj["spec"]["verify"].is_object() {
+        flux_verified(st, generation, r.commit.as_str())?;
+    }
     let git_ref = gitrepository_ref(&obj["spec"]["ref"], r.pointer.as_deref())?;
     Ok(Offer {
         commit: r.commit.to_string(),
         flake: String::new(),
         git_ref: Some(git_ref),
     })
+}
+
+/// With `spec.verify` on a GitRepository: Flux's `SourceVerified` condition must be `True`, at
+/// the current generation when the condition says which, and when its message names commits
+/// (Flux writes `verified signature of - commit 'main@sha1:<sha>'`), one of them must be the
+/// artifact's commit: a condition left over from another revision is not trusted.
+fn flux_verified(st: &serde_json::Value, generation: Option<i64>, commit: &str) -> Result<(), Untrusted> {
+    let c = st["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "SourceVerified"))
+        .ok_or_else(|| Untrusted::NotVerified("no SourceVerified condition".into()))?;
+    let message = c["message"].as_str().unwrap_or("");
+    let short: String = message.chars().take(200).collect();
+    if c["status"] != "True" {
+        let reason = c["reason"].as_str().unwrap_or("");
+        return Err(Untrusted::NotVerified(format!(
+            "SourceVerified={}: {reason}: {short}",
+            c["status"].as_str().unwrap_or("?")
+        )));
+    }
+    if let Some(g) = c["observedGeneration"].as_i64()
+        && Some(g) != generation
+    {
+        return Err(Untrusted::NotVerified(format!(
+            "SourceVerified describes generation {g}, not {generation:?}"
+        )));
+    }
+    let named = hex_runs(message);
+    if !named.is_empty() && !named.contains(&commit) {
+        return Err(Untrusted::NotVerified(format!(
+            "SourceVerified names another commit than the artifact's {commit}: {short}"
+        )));
+    }
+    Ok(())
+}
+
+/// The 40-hex runs in `s` (commit ids).
+fn hex_runs(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, c) in s.char_indices().chain(std::iter::once((s.len(), ' '))) {
+        let hex = c.is_ascii_digit() || ('a'..='f').contains(&c);
+        match (hex, start) {
+            (true, None) => start = Some(i),
+            (false, Some(b)) => {
+                if i - b == 40 {
+                    out.push(&s[b..i]);
+                }
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// What the pin needs to know of one member of a group.
@@ -649,5 +710,40 @@ mod tests {
             gitrepository_offer(&gitrepo("True", 3, 3, &format!("main@sha256:{d}"))),
             Err(Untrusted::BadRevision(_))
         ));
+    }
+
+    #[test]
+    fn a_verifying_gitrepository_is_trusted_only_when_flux_verified_that_revision() {
+        let (a, b) = (sha('a'), sha('b'));
+        let with = |verified: Option<(&str, &str, Option<i64>)>| {
+            let mut o = gitrepo("True", 3, 3, &format!("main@sha1:{a}"));
+            o["spec"] = serde_json::json!({"ref": {"branch": "main"}, "verify": {"mode": "HEAD", "secretRef": {"name": "k"}}});
+            if let Some((status, message, generation)) = verified {
+                let mut c = serde_json::json!({"type": "SourceVerified", "status": status, "reason": "Succeeded", "message": message});
+                if let Some(g) = generation {
+                    c["observedGeneration"] = g.into();
+                }
+                o["status"]["conditions"].as_array_mut().unwrap().push(c);
+            }
+            gitrepository_offer(&o)
+        };
+        // Flux's own message form.
+        let ok = format!("verified signature of\n\t- commit 'main@sha1:{a}'");
+        assert_eq!(with(Some(("True", &ok, Some(3)))).unwrap().commit, a);
+        assert_eq!(with(Some(("True", "verified", None))).unwrap().commit, a);
+        for bad in [
+            None,
+            Some(("False", "signature verification of commit failed", Some(3))),
+            Some(("True", ok.as_str(), Some(2))),
+            Some((
+                "True",
+                &format!("verified signature of commit 'main@sha1:{b}'") as &str,
+                Some(3),
+            )),
+        ] {
+            assert!(matches!(with(bad), Err(Untrusted::NotVerified(_))), "{bad:?}");
+        }
+        // Without spec.verify, SourceVerified is not needed.
+        assert_eq!(gitrepository_offer(&gitrepo("True", 3, 3, &a)).unwrap().commit, a);
     }
 }

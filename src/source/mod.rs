@@ -13,3 +13,4 @@ pub mod resolve;
 pub mod revision;
 pub mod socket_timeouts;
 pub mod url;
+pub mod verify;

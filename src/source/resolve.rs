@@ -35,6 +35,8 @@ use super::refspec::{AdvertisedRef, RefChoice, RefError, ResolvedRef};
 use super::revision::CommitId;
 use super::socket_timeouts::{self, SocketTimeoutsError};
 use super::url::{Scheme, SourceUrl};
+use super::verify::{TrustedKeys, VerifyError, split_tag_signature};
+use crate::api::VerifyMode;
 
 /// Credentials from the source's Secret (Flux key names). Never printed.
 #[derive(Clone, Default)]
@@ -529,29 +531,12 @@ fn ancestry_blocking(
         path: path.to_owned(),
         message: e.message().to_owned(),
     };
-    let repo = match git2::Repository::open_bare(path) {
-        Ok(r) => r,
-        Err(_) => git2::Repository::init_bare(path).map_err(cache_err)?,
-    };
+    let repo = open_cache(path)?;
     let oid = |c: &CommitId| git2::Oid::from_str(c.as_str()).map_err(cache_err);
     let (old_oid, new_oid) = (oid(old)?, oid(new)?);
     let has = |o| repo.find_commit(o).is_ok();
     if !has(new_oid) {
-        let seen = Seen::default();
-        let mut r = repo
-            .remote_anonymous(&remote.url.as_git_url())
-            .map_err(cache_err)?;
-        let mut opts = git2::FetchOptions::new();
-        opts.remote_callbacks(callbacks(remote, deadline, &seen))
-            .proxy_options(git2::ProxyOptions::new())
-            .download_tags(git2::AutotagOption::None);
-        // Keep what was fetched reachable under our own namespace, so gc never drops it.
-        let spec = format!(
-            "+{full_ref}:refs/nixroll/{}",
-            full_ref.trim_start_matches("refs/")
-        );
-        r.fetch(&[spec.as_str()], Some(&mut opts), None)
-            .map_err(|e| classify(remote, &seen, deadline, &e))?;
+        fetch_ref(&repo, path, remote, full_ref, deadline)?;
         if !has(new_oid) {
             return Err(ResolveError::CommitMissing {
                 url: remote.url.redacted(),
@@ -570,4 +555,188 @@ fn ancestry_blocking(
     } else {
         Ancestry::NonFastForward
     })
+}
+
+/// The cached bare repository of a remote, created when missing.
+fn open_cache(path: &Path) -> Result<git2::Repository, ResolveError> {
+    match git2::Repository::open_bare(path) {
+        Ok(r) => Ok(r),
+        Err(_) => git2::Repository::init_bare(path).map_err(|e| ResolveError::Cache {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        }),
+    }
+}
+
+/// Where the cache keeps `full_ref`: under our own namespace, so gc never drops it.
+fn cached_ref(full_ref: &str) -> String {
+    format!("refs/nixroll/{}", full_ref.trim_start_matches("refs/"))
+}
+
+/// Fetch `full_ref` (all of its history, and for a tag its tag object) into the cache.
+fn fetch_ref(
+    repo: &git2::Repository,
+    path: &Path,
+    remote: &Remote,
+    full_ref: &str,
+    deadline: Instant,
+) -> Result<(), ResolveError> {
+    let seen = Seen::default();
+    let mut r = repo
+        .remote_anonymous(&remote.url.as_git_url())
+        .map_err(|e| ResolveError::Cache {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+    let mut opts = git2::FetchOptions::new();
+    opts.remote_callbacks(callbacks(remote, deadline, &seen))
+        .proxy_options(git2::ProxyOptions::new())
+        .download_tags(git2::AutotagOption::None);
+    let spec = format!("+{full_ref}:{}", cached_ref(full_ref));
+    r.fetch(&[spec.as_str()], Some(&mut opts), None)
+        .map_err(|e| classify(remote, &seen, deadline, &e))
+}
+
+/// Why [`Resolver::verify`] did not accept a head.
+#[derive(Debug)]
+pub enum VerifyFailure {
+    /// The objects could not be fetched or read: a fetch failure, not a verdict.
+    Fetch(ResolveError),
+    /// The commit or tag (`what`) is not signed by a trusted key.
+    Refused { what: String, error: VerifyError },
+}
+
+/// What must be signed, and the keys to trust (from `spec.verify`).
+#[derive(Clone, Debug)]
+pub struct Verification {
+    pub mode: VerifyMode,
+    pub keys: Arc<TrustedKeys>,
+}
+
+impl Resolver {
+    /// Checks the signatures `verification` asks for on `head` (its commit, its tag object or
+    /// both), fetching the ref into the cache when the objects are not there yet. Returns who
+    /// signed what (`commit … signed by …`).
+    pub async fn verify(
+        &self,
+        remote: &Remote,
+        head: &ResolvedRef,
+        verification: &Verification,
+        now: jiff::Timestamp,
+    ) -> Result<Vec<String>, VerifyFailure> {
+        let (r, head2, v) = (remote.clone(), head.clone(), verification.clone());
+        let path = self.cache_path(remote);
+        let out = self
+            .bounded(remote, "verify", move |deadline| {
+                Ok(verify_blocking(&r, &path, &head2, &v, now, deadline))
+            })
+            .await;
+        match out {
+            Ok(verdict) => verdict,
+            Err(e) => Err(VerifyFailure::Fetch(e)),
+        }
+    }
+}
+
+fn verify_blocking(
+    remote: &Remote,
+    path: &Path,
+    head: &ResolvedRef,
+    v: &Verification,
+    now: jiff::Timestamp,
+    deadline: Instant,
+) -> Result<Vec<String>, VerifyFailure> {
+    let fetch = VerifyFailure::Fetch;
+    let cache_err = |e: git2::Error| {
+        VerifyFailure::Fetch(ResolveError::Cache {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })
+    };
+    let commit = head.revision.commit.clone();
+    let full_ref = head.full_name.as_str();
+    let commit_what = format!("commit {commit}");
+    if v.mode.tag() && !full_ref.starts_with("refs/tags/") {
+        return Err(VerifyFailure::Refused {
+            what: commit_what,
+            error: VerifyError::NotATag(format!(
+                "verify.mode {:?} needs a tag, and {full_ref} is not one",
+                v.mode
+            )),
+        });
+    }
+    precheck(remote).map_err(fetch)?;
+    let repo = open_cache(path).map_err(fetch)?;
+    let commit_oid = git2::Oid::from_str(commit.as_str()).map_err(cache_err)?;
+    let local = cached_ref(full_ref);
+    let tag_target = |repo: &git2::Repository| -> Option<git2::Oid> {
+        let target = repo.find_reference(&local).ok()?.target()?;
+        let peeled = repo.find_object(target, None).ok()?.peel_to_commit().ok()?.id();
+        (peeled == commit_oid).then_some(target)
+    };
+    let has_commit = |repo: &git2::Repository| repo.find_commit(commit_oid).is_ok();
+    if !has_commit(&repo) || (v.mode.tag() && tag_target(&repo).is_none()) {
+        fetch_ref(&repo, path, remote, full_ref, deadline).map_err(fetch)?;
+    }
+    if !has_commit(&repo) || (v.mode.tag() && tag_target(&repo).is_none()) {
+        return Err(fetch(ResolveError::CommitMissing {
+            url: remote.url.redacted(),
+            full_ref: full_ref.to_owned(),
+            commit,
+        }));
+    }
+    let mut signers = Vec::new();
+    if v.mode.tag() {
+        let tag_name = full_ref.trim_start_matches("refs/tags/");
+        let what = format!("tag {tag_name} (of commit {commit})");
+        let target = tag_target(&repo).ok_or_else(|| {
+            fetch(ResolveError::CommitMissing {
+                url: remote.url.redacted(),
+                full_ref: full_ref.to_owned(),
+                commit: commit.clone(),
+            })
+        })?;
+        if target == commit_oid {
+            return Err(VerifyFailure::Refused {
+                what,
+                error: VerifyError::NotATag(
+                    "it is a lightweight tag: there is no tag object to sign (git tag -s makes one)".into(),
+                ),
+            });
+        }
+        let odb = repo.odb().map_err(cache_err)?;
+        let obj = odb.read(target).map_err(cache_err)?;
+        let Some((sig, signed)) = split_tag_signature(obj.data()) else {
+            return Err(VerifyFailure::Refused {
+                what,
+                error: VerifyError::Unsigned,
+            });
+        };
+        match v.keys.verify(sig, signed, now) {
+            Ok(s) => signers.push(format!("{what} signed by {s}")),
+            Err(error) => return Err(VerifyFailure::Refused { what, error }),
+        }
+    }
+    if v.mode.head() {
+        let (sig, signed) = match repo.extract_signature(&commit_oid, None) {
+            Ok(pair) => pair,
+            Err(e) if e.code() == ErrorCode::NotFound => {
+                return Err(VerifyFailure::Refused {
+                    what: commit_what,
+                    error: VerifyError::Unsigned,
+                });
+            }
+            Err(e) => return Err(cache_err(e)),
+        };
+        match v.keys.verify(&sig, &signed, now) {
+            Ok(s) => signers.push(format!("{commit_what} signed by {s}")),
+            Err(error) => {
+                return Err(VerifyFailure::Refused {
+                    what: commit_what,
+                    error,
+                });
+            }
+        }
+    }
+    Ok(signers)
 }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod chart;
 pub mod host;
 pub mod objects;
+pub mod signing;
 pub mod world;
 
 /// Whether `program args…` runs and exits 0.
