@@ -68,6 +68,8 @@ pub enum CrashPoint {
     BeforeReboot,
     /// Reboot requested, nothing reported yet.
     AfterReboot,
+    /// The old default restored (`Boot` with boot-once), the one-shot entry not yet set.
+    AfterKeepDefault,
 }
 
 /// Tunables of the host logic.
@@ -88,6 +90,9 @@ pub struct HostOptions {
     pub stage_retry_max: Duration,
     /// Count a changed `systemd` as a reboot reason (off: `switch` re-executes systemd).
     pub systemd_needs_reboot: bool,
+    /// Never boot a new system once: make it the default before the reboot (the behaviour
+    /// before boot-once; for hosts whose bootloader cannot boot once reliably).
+    pub no_boot_once: bool,
 }
 
 impl Default for HostOptions {
@@ -99,6 +104,7 @@ impl Default for HostOptions {
             stage_retry: Duration::from_secs(60),
             stage_retry_max: Duration::from_secs(30 * 60),
             systemd_needs_reboot: false,
+            no_boot_once: false,
         }
     }
 }
@@ -228,7 +234,7 @@ impl NodeAgent {
                     });
                     self.save(&st)?;
                 }
-            } else if !known && self.secrets_blocked() && g.action != ActivationAction::Rollback {
+            } else if !known && self.secrets_blocked() && !matches!(g.action, ActivationAction::Rollback | ActivationAction::Bless) {
                 // Never activate a system whose secret files are missing (the controller does
                 // not grant then; this covers a Secret deleted right after the grant).
                 tracing::warn!(id = %g.id, "activation waits: secret files are missing on the host");
