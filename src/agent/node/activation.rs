@@ -244,10 +244,13 @@ impl NodeAgent {
                 }
                 self.check_toplevel(&rec.system)?;
                 if self.profile_system().as_deref() != Some(rec.system.as_str()) {
-                    self.nix
-                        .set_profile(profile, &rec.system)
-                        .await
-                        .map_err(|e| e.report())?;
+                    // A generation of this system already exists (a retry after a one-time
+                    // boot that was not blessed): go back to it rather than add another.
+                    match self.generation_of(&rec.system) {
+                        Some(g) => self.nix.switch_generation(profile, g).await,
+                        None => self.nix.set_profile(profile, &rec.system).await,
+                    }
+                    .map_err(|e| e.report())?;
                 }
                 Ok(rec.system.clone())
             }
