@@ -63,7 +63,11 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
     fn rollback_profile<'a>(&'a self, profile: &'a Path) -> BoxFuture<'a, Result<(), NixError>>;
     /// Point `profile` at its existing generation `generation`
     /// (`nix-env -p PROFILE --switch-generation N`; no new generation).
-    fn switch_generation<'a>(&'a self, profile: &'a Path, generation: i64) -> BoxFuture<'a, Result<(), NixError>> {
+    fn switch_generation<'a>(
+        &'a self,
+        profile: &'a Path,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
         let _ = (profile, generation);
         Box::pin(async {
             Err(NixError::CommandFailed {
@@ -195,7 +199,11 @@ impl Nix for NixCli {
         })
     }
 
-    fn switch_generation<'a>(&'a self, profile: &'a Path, generation: i64) -> BoxFuture<'a, Result<(), NixError>> {
+    fn switch_generation<'a>(
+        &'a self,
+        profile: &'a Path,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
         Box::pin(async move {
             let cmd = HostCommand::new("nix-env", self.quick_timeout)
                 .arg("-p")

@@ -264,14 +264,21 @@ async fn boot_installs_without_changing_the_default_boots_once_and_bless_makes_i
     );
     assert_eq!(state_of(&st), ActivationState::Rebooted);
     let report = st.activation.clone().unwrap();
-    assert_eq!(report.boot_once.as_deref(), Some("simulated /boot/oneshot-system"));
+    assert_eq!(
+        report.boot_once.as_deref(),
+        Some("simulated /boot/oneshot-system")
+    );
     assert_eq!(report.boot_id_before.as_deref(), Some(boot_id.as_str()));
     assert_ne!(st.boot_id.as_deref(), Some(boot_id.as_str()));
     // Booted the new system once; the old one is still the default, in the profile too.
     assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()));
     assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
     assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
-    assert_eq!(f.sim.boot_oneshot(), None, "the one-shot entry is consumed by the boot");
+    assert_eq!(
+        f.sim.boot_oneshot(),
+        None,
+        "the one-shot entry is consumed by the boot"
+    );
     assert_eq!(st.default_system.as_deref(), Some(sys0.as_str()));
     assert_eq!(st.profile_generation, Some(1));
     assert!(!st.staged.as_ref().unwrap().reboot_required);
@@ -332,9 +339,16 @@ async fn a_reboot_before_the_bless_boots_the_old_default_and_the_stale_bless_is_
     b.boot_id_before = once_boot;
     let st = agent.reconcile(Some(&t), Some(&b)).await.unwrap();
     assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
-    assert_eq!(f.sim.switch_log().len(), 2, "nothing ran: {:?}", f.sim.switch_log());
+    assert_eq!(
+        f.sim.switch_log().len(),
+        2,
+        "nothing ran: {:?}",
+        f.sim.switch_log()
+    );
     assert!(
-        st.last_error.as_ref().is_some_and(|e| e.message.contains("before the last reboot")),
+        st.last_error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("before the last reboot")),
         "{:?}",
         st.last_error
     );
@@ -344,7 +358,13 @@ async fn a_reboot_before_the_bless_boots_the_old_default_and_the_stale_bless_is_
     let st = agent.reconcile(Some(&t), Some(&b)).await.unwrap();
     assert_eq!(state_of(&st), ActivationState::Failed);
     assert!(
-        st.activation.as_ref().unwrap().message.as_deref().unwrap_or("").contains("not made the default"),
+        st.activation
+            .as_ref()
+            .unwrap()
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("not made the default"),
         "{:?}",
         st.activation
     );

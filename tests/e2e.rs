@@ -300,7 +300,11 @@ async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
         // Booted once, verified, then blessed: the new system is the default only now.
         assert_eq!(n.host.boot_default(), s.system, "{} blessed", n.name);
         assert!(
-            s.history[0].message.as_deref().unwrap_or("").contains("made it the default"),
+            s.history[0]
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .contains("made it the default"),
             "{:?}",
             s.history[0]
         );
@@ -438,13 +442,25 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     assert_eq!(degraded.reason, "RolledBack", "{degraded:?}");
     let host = &world.nodes.iter().find(|n| &n.name == bad).unwrap().host;
     let agent = s.agent.clone().unwrap();
-    assert_eq!(host.booted_system(), s.system.clone(), "runs its known-good system");
-    assert_eq!(host.boot_default(), s.system.clone(), "the old system is still the default");
+    assert_eq!(
+        host.booted_system(),
+        s.system.clone(),
+        "runs its known-good system"
+    );
+    assert_eq!(
+        host.boot_default(),
+        s.system.clone(),
+        "the old system is still the default"
+    );
     assert_eq!(agent.default_system, s.system.clone());
     assert_eq!(host.boot_oneshot(), None);
     assert!(agent.activation.unwrap().boot_once.is_some());
     // The good nodes were blessed: their default is what they run.
-    for n in world.nodes.iter().filter(|n| &n.name != bad && n.host.reboot_count() > 0) {
+    for n in world
+        .nodes
+        .iter()
+        .filter(|n| &n.name != bad && n.host.reboot_count() > 0)
+    {
         assert_eq!(n.host.boot_default(), n.host.booted_system(), "{}", n.name);
     }
     let failed = mark(&world).await;

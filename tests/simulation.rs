@@ -880,7 +880,10 @@ impl Sim {
             if h.oneshot.is_some()
                 || (h.booted != h.boot_default
                     && st.phase == Some(Phase::Verifying)
-                    && st.activation.as_ref().is_some_and(|g| g.action != ActivationAction::Switch))
+                    && st
+                        .activation
+                        .as_ref()
+                        .is_some_and(|g| g.action != ActivationAction::Switch))
             {
                 *self
                     .events
@@ -1286,7 +1289,12 @@ impl Sim {
                 // The replacement controller starts within seconds and relists everything.
                 self.wake = vec![Some(add(self.now, 10)); n];
                 *self.events.entry("(crash before actions)".into()).or_default() += 1;
-                if self.nodes.iter().any(|x| x.host.oneshot.is_some() || (x.host.up && x.host.booted != x.host.boot_default && x.status.phase == Some(Phase::Verifying))) {
+                if self.nodes.iter().any(|x| {
+                    x.host.oneshot.is_some()
+                        || (x.host.up
+                            && x.host.booted != x.host.boot_default
+                            && x.status.phase == Some(Phase::Verifying))
+                }) {
                     *self
                         .events
                         .entry("(controller crash between one-shot and bless)".into())

@@ -103,12 +103,26 @@ pub fn detect(host: &dyn Host) -> Option<Bootloader> {
 
 /// Set the entry of `system` (a host path, `/nix/store/…`) to boot once; returns the entry as
 /// reported (`systemd-boot nixos-generation-5.conf`).
-pub async fn set_oneshot(host: &dyn Host, bootloader: Bootloader, system: &str) -> Result<String, BootloaderError> {
+pub async fn set_oneshot(
+    host: &dyn Host,
+    bootloader: Bootloader,
+    system: &str,
+) -> Result<String, BootloaderError> {
     match bootloader {
         Bootloader::SystemdBoot => {
-            let out = run(host, HostCommand::new("bootctl", COMMAND_TIMEOUT).args(["list", "--json=short"])).await?;
+            let out = run(
+                host,
+                HostCommand::new("bootctl", COMMAND_TIMEOUT).args(["list", "--json=short"]),
+            )
+            .await?;
             let id = systemd_boot_entry(&out, system)?;
-            run(host, HostCommand::new("bootctl", COMMAND_TIMEOUT).arg("set-oneshot").arg(&id)).await?;
+            run(
+                host,
+                HostCommand::new("bootctl", COMMAND_TIMEOUT)
+                    .arg("set-oneshot")
+                    .arg(&id),
+            )
+            .await?;
             Ok(format!("systemd-boot {id}"))
         }
         Bootloader::Grub => {
@@ -168,18 +182,17 @@ fn boots(cmdline: &str, system: &str) -> bool {
 /// (an array of entries; `options` is a string, or a list of strings in some versions). An
 /// entry that is the default is taken only if no other entry boots `system`.
 pub fn systemd_boot_entry(json: &str, system: &str) -> Result<String, BootloaderError> {
-    let v: serde_json::Value = serde_json::from_str(json.trim()).map_err(|e| BootloaderError::Parse(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(json.trim()).map_err(|e| BootloaderError::Parse(e.to_string()))?;
     let entries = v
         .as_array()
         .ok_or_else(|| BootloaderError::Parse("not a JSON array".into()))?;
     let options = |e: &serde_json::Value| -> String {
         match e.get("options") {
             Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
+            Some(serde_json::Value::Array(a)) => {
+                a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" ")
+            }
             _ => String::new(),
         }
     };
@@ -290,7 +303,10 @@ mod tests {
             systemd_boot_entry(&json, "/nix/store/bbbb-nixos-system-n1-24"),
             Err(BootloaderError::NoEntry { .. })
         ));
-        assert!(matches!(systemd_boot_entry("not json", NEW), Err(BootloaderError::Parse(_))));
+        assert!(matches!(
+            systemd_boot_entry("not json", NEW),
+            Err(BootloaderError::Parse(_))
+        ));
     }
 
     #[test]
@@ -332,6 +348,9 @@ menuentry "NixOS - Configuration 7 (2026-11-01 - 24.05)" --class nixos {{
             "NixOS - All configurations>NixOS - Configuration 7 (2026-11-01 - 24.05)"
         );
         assert!(grub_entry(&cfg, "/nix/store/cccc").is_err());
-        assert_eq!(first_quoted(r#"menuentry "a \"b\"" {"#).as_deref(), Some(r#"a "b""#));
+        assert_eq!(
+            first_quoted(r#"menuentry "a \"b\"" {"#).as_deref(),
+            Some(r#"a "b""#)
+        );
     }
 }

@@ -717,7 +717,12 @@ fn booted_once_is_verified_then_blessed_then_uncordoned() {
     let d = n.step(false, None, at(61));
     assert_eq!(d.rows, vec![Row::VerifyingWait]);
     assert_eq!(n.status.activation.as_ref().unwrap().id, g.id);
-    n.agent().activation = Some(mk_report(&g.id, ActivationAction::Bless, ActivationState::Blessed, SYS2));
+    n.agent().activation = Some(mk_report(
+        &g.id,
+        ActivationAction::Bless,
+        ActivationState::Blessed,
+        SYS2,
+    ));
     let d = n.step(false, None, at(62));
     assert_eq!(d.rows, vec![Row::Blessed]);
     assert_eq!(n.phase(), Phase::UpToDate);
@@ -777,10 +782,18 @@ fn a_reboot_before_the_bless_back_into_the_target_is_blessed_anew_and_a_failed_b
     let g2 = n.status.activation.clone().unwrap();
     assert_ne!(g2.id, g.id);
     assert_eq!(g2.boot_id_before.as_deref(), Some("boot-3"));
-    n.agent().activation = Some(mk_report(&g2.id, ActivationAction::Bless, ActivationState::Failed, SYS2));
+    n.agent().activation = Some(mk_report(
+        &g2.id,
+        ActivationAction::Bless,
+        ActivationState::Failed,
+        SYS2,
+    ));
     let d = n.step(false, None, at(71));
     assert_eq!(d.rows, vec![Row::BlessFailed]);
-    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::ACTIVATION_FAILED);
+    assert_eq!(
+        n.status.failed.as_ref().unwrap().reason,
+        reason::ACTIVATION_FAILED
+    );
     assert!(n.node.unschedulable);
 }
 
@@ -788,7 +801,11 @@ fn a_reboot_before_the_bless_back_into_the_target_is_blessed_anew_and_a_failed_b
 fn a_bless_that_never_comes_times_out() {
     let mut n = mk_booted_once(SYS2);
     n.step(false, None, at(60));
-    let d = n.step(false, None, at(60 + Policy::default().timeouts.verifying.as_secs() + 1));
+    let d = n.step(
+        false,
+        None,
+        at(60 + Policy::default().timeouts.verifying.as_secs() + 1),
+    );
     assert_eq!(d.rows, vec![Row::VerifyTimeout]);
     assert_eq!(n.phase(), Phase::Degraded);
 }

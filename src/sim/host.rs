@@ -544,7 +544,11 @@ impl Nix for SimNix {
         })
     }
 
-    fn switch_generation<'a>(&'a self, profile: &'a Path, generation: i64) -> BoxFuture<'a, Result<(), NixError>> {
+    fn switch_generation<'a>(
+        &'a self,
+        profile: &'a Path,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
         Box::pin(async move {
             let profile = self.local(profile);
             let Some((_, link)) = self.generations(&profile).into_iter().find(|g| g.0 == generation) else {

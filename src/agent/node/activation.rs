@@ -338,7 +338,11 @@ impl NodeAgent {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_str()?.to_string();
-                let n: i64 = name.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()?;
+                let n: i64 = name
+                    .strip_prefix("system-")?
+                    .strip_suffix("-link")?
+                    .parse()
+                    .ok()?;
                 let host = self.host.host_path(&e.path())?;
                 (resolve(self.host.as_ref(), &host)? == want).then_some(n)
             })

@@ -234,7 +234,10 @@ impl NodeAgent {
                     });
                     self.save(&st)?;
                 }
-            } else if !known && self.secrets_blocked() && !matches!(g.action, ActivationAction::Rollback | ActivationAction::Bless) {
+            } else if !known
+                && self.secrets_blocked()
+                && !matches!(g.action, ActivationAction::Rollback | ActivationAction::Bless)
+            {
                 // Never activate a system whose secret files are missing (the controller does
                 // not grant then; this covers a Secret deleted right after the grant).
                 tracing::warn!(id = %g.id, "activation waits: secret files are missing on the host");

@@ -25,18 +25,26 @@ impl NodeAgent {
     /// directory the wrapper creates) and wait for its result file.
     pub(super) async fn switch(&self, rec: &ActivationRecord) -> Result<i32, String> {
         let system = rec.activated.clone().unwrap_or_else(|| rec.system.clone());
-        self.run_job(rec, &job_name(rec), &system, switch_verb(rec.action)).await
+        self.run_job(rec, &job_name(rec), &system, switch_verb(rec.action))
+            .await
     }
 
     /// `switch-to-configuration boot` of the old default after the new system's, so the old
     /// one stays the boot default (its own detached job, `<id>-keep`).
     pub(super) async fn keep_default(&self, rec: &ActivationRecord, old: &str) -> Result<i32, String> {
-        self.run_job(rec, &format!("{}-keep", sanitize(&rec.id)), old, "boot").await
+        self.run_job(rec, &format!("{}-keep", sanitize(&rec.id)), old, "boot")
+            .await
     }
 
     /// Run `<system>/bin/switch-to-configuration <verb>` as the detached job `name` (at most
     /// once: a lock directory guards it) and wait for its result file.
-    async fn run_job(&self, rec: &ActivationRecord, name: &str, system: &str, verb: &str) -> Result<i32, String> {
+    async fn run_job(
+        &self,
+        rec: &ActivationRecord,
+        name: &str,
+        system: &str,
+        verb: &str,
+    ) -> Result<i32, String> {
         let name = name.to_string();
         let dir = Path::new(ACTIVATION_DIR);
         let result = self.job_file(&name, "result");

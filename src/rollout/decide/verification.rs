@@ -141,7 +141,9 @@ impl Ctx<'_, '_> {
                 .as_deref()
                 .zip(g.boot_id_before.as_deref())
                 .is_some_and(|(n, b)| n != b);
-        let blessed = report.as_ref().is_some_and(|(s, _)| *s == ActivationState::Blessed);
+        let blessed = report
+            .as_ref()
+            .is_some_and(|(s, _)| *s == ActivationState::Blessed);
         if rebooted && !blessed {
             if booted.as_deref() == Some(target_sys.as_str()) {
                 if self.agent_booted_again(&g) {
@@ -171,7 +173,10 @@ impl Ctx<'_, '_> {
                     "the Node to become Ready".to_string()
                 } else {
                     self.took(Row::Blessed);
-                    self.succeed(true, "booted once into the new system, verified, made it the default");
+                    self.succeed(
+                        true,
+                        "booted once into the new system, verified, made it the default",
+                    );
                     return false;
                 }
             }
