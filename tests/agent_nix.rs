@@ -317,6 +317,105 @@ async fn boot_installs_without_changing_the_default_boots_once_and_bless_makes_i
     assert_eq!(f.sim.switch_log().last().unwrap(), &format!("boot {sys0}"));
 }
 
+/// Real Nix that counts `nix build` calls (each one evaluates the flake).
+#[derive(Debug)]
+struct CountingNix {
+    inner: std::sync::Arc<dyn nixroll::nix::Nix>,
+    builds: std::sync::atomic::AtomicUsize,
+}
+
+impl nixroll::nix::Nix for CountingNix {
+    fn realise<'a>(
+        &'a self,
+        installable: &'a str,
+        gc_root: &'a Path,
+    ) -> futures::future::BoxFuture<'a, Result<String, nixroll::nix::NixError>> {
+        self.builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.realise(installable, gc_root)
+    }
+    fn closure_bytes<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<u64, nixroll::nix::NixError>> {
+        self.inner.closure_bytes(path)
+    }
+    fn set_profile<'a>(
+        &'a self,
+        profile: &'a Path,
+        system: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), nixroll::nix::NixError>> {
+        self.inner.set_profile(profile, system)
+    }
+    fn rollback_profile<'a>(
+        &'a self,
+        profile: &'a Path,
+    ) -> futures::future::BoxFuture<'a, Result<(), nixroll::nix::NixError>> {
+        self.inner.rollback_profile(profile)
+    }
+}
+
+/// Quick rollback: the previous target stays pinned (keep_staged = 2, the default), so
+/// reverting to it stages with no `nix build` (no evaluation, no build), also in a restarted
+/// agent; with `keep_staged: 1` (the behaviour before) a revert runs `nix build` again.
+#[tokio::test]
+async fn a_reverted_revision_is_staged_from_its_pin_with_no_evaluation() {
+    let Some((mut f, _sys0)) = installed_host(NODE).await else {
+        return;
+    };
+    let rev1 = f.flake.commit_kernel_change().unwrap();
+    let rev2 = f.flake.commit_kernel_change().unwrap();
+    let nix = std::sync::Arc::new(CountingNix {
+        inner: f.nix.clone(),
+        builds: Default::default(),
+    });
+    let agent = |keep_staged| {
+        nixroll::agent::node::NodeAgent::new(
+            f.host.clone(),
+            nix.clone(),
+            HostOptions {
+                keep_staged,
+                ..Default::default()
+            },
+        )
+    };
+    let builds = || nix.builds.load(std::sync::atomic::Ordering::SeqCst);
+    let sys1 = stage(&mut agent(2), &f.target(&rev1)).await;
+    let sys2 = stage(&mut agent(2), &f.target(&rev2)).await;
+    assert_ne!(sys1, sys2);
+    assert_eq!(builds(), 2);
+
+    // The revert, by a restarted agent (the pins are in its state file): nothing built.
+    let st = agent(2).reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+    assert_eq!(st.last_error, None);
+    let staged = st.staged.unwrap();
+    assert_eq!(
+        (staged.revision.as_str(), staged.system.as_str()),
+        (rev1.as_str(), sys1.as_str())
+    );
+    assert!(staged.reboot_required);
+    // And forward again: rev2 is now the pinned one.
+    let st = agent(2).reconcile(Some(&f.target(&rev2)), None).await.unwrap();
+    assert_eq!(st.staged.unwrap().system, sys2);
+    assert_eq!(builds(), 2, "a revert evaluates or builds nothing");
+    assert!(
+        f.sim
+            .root()
+            .join(format!("var/lib/nixroll/gcroots/system-{rev1}"))
+            .exists()
+    );
+
+    // keep_staged: 1: nothing is kept but the target, so the revert runs `nix build`.
+    let st = agent(1).reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+    assert_eq!(st.staged.unwrap().system, sys1);
+    assert_eq!(builds(), 3);
+    assert!(
+        !f.sim
+            .root()
+            .join(format!("var/lib/nixroll/gcroots/system-{rev2}"))
+            .exists()
+    );
+}
+
 /// A reboot between the one-time boot and the bless boots the old default; the bless granted
 /// before it is not executed, and a bless of a system that is not booted is refused.
 #[tokio::test]

@@ -72,9 +72,16 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
             .join(format!("host/var/lib/nixroll/gcroots/system-{r1}"))
             .exists()
     );
+    // The previous target stays pinned (keep_staged = 2: a revert builds nothing); older ones
+    // are released.
+    assert!(
+        tmp.path()
+            .join(format!("host/var/lib/nixroll/gcroots/system-{r2}"))
+            .exists()
+    );
     assert!(
         !tmp.path()
-            .join(format!("host/var/lib/nixroll/gcroots/system-{r2}"))
+            .join(format!("host/var/lib/nixroll/gcroots/system-{r0}"))
             .exists()
     );
 

@@ -27,6 +27,11 @@ pub const ACTIVATION_DIR: &str = "/var/lib/nixroll/activation";
 pub struct HostState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<StagedRecord>,
+    /// Systems staged before `staged`, newest first, still pinned by their GC roots (at most
+    /// `keep_staged - 1`): going back to one of them (a reverted revision) needs no
+    /// evaluation and no build.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<StagedRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation: Option<ActivationRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -93,6 +93,9 @@ pub struct HostOptions {
     /// Never boot a new system once: make it the default before the reboot (the behaviour
     /// before boot-once; for hosts whose bootloader cannot boot once reliably).
     pub no_boot_once: bool,
+    /// How many staged systems stay pinned (GC roots), the current target included: a revert
+    /// to one of them is staged without evaluation or build. At least 1.
+    pub keep_staged: usize,
 }
 
 impl Default for HostOptions {
@@ -105,6 +108,7 @@ impl Default for HostOptions {
             stage_retry_max: Duration::from_secs(30 * 60),
             systemd_needs_reboot: false,
             no_boot_once: false,
+            keep_staged: 2,
         }
     }
 }
