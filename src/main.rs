@@ -411,6 +411,14 @@ struct AgentArgs {
     /// switch-to-configuration re-executes PID 1).
     #[arg(long, env = "NIXROLL_REBOOT_ON_SYSTEMD_CHANGE")]
     reboot_on_systemd_change: bool,
+    /// Staged systems kept pinned (GC roots), the current target included: reverting to one
+    /// of them needs no evaluation or build. At least 1.
+    #[arg(long, env = "NIXROLL_KEEP_STAGED", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    keep_staged: u16,
+    /// Never boot a new system once: make it the boot default before the reboot (for hosts
+    /// whose bootloader cannot boot an entry once).
+    #[arg(long, env = "NIXROLL_NO_BOOT_ONCE")]
+    no_boot_once: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -675,6 +683,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = nixroll::agent::AgentConfig::new(args.node.clone(), host, nix);
     config.options.activation_timeout = args.activation_timeout;
     config.options.systemd_needs_reboot = args.reboot_on_systemd_change;
+    config.options.keep_staged = usize::from(args.keep_staged);
+    config.options.no_boot_once = args.no_boot_once;
     let runtime = runtime()?;
     runtime.block_on(async move {
         let target = args.cluster.target();
