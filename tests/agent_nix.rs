@@ -67,13 +67,18 @@ async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
     assert_eq!(st.nixos_version.as_deref(), Some("24.05.1"));
     assert!(f.sim.switch_log().is_empty());
 
-    // Same target again: nothing rebuilt, same answer. A superseding target drops the old root.
+    // Same target again: nothing rebuilt, same answer. A superseding target keeps the old root
+    // (keep_staged = 2: a revert needs no build); the one after it drops it.
     let again = agent.reconcile(Some(&f.target(&rev1)), None).await.unwrap();
     assert_eq!(again.staged, st.staged);
     let rev2 = f.flake.commit_service_change().unwrap();
     let st2 = agent.reconcile(Some(&f.target(&rev2)), None).await.unwrap();
     assert_eq!(st2.staged.unwrap().revision, rev2);
-    assert!(!root.exists(), "stale root of the superseded target was kept");
+    assert!(root.exists(), "the previous target stays pinned");
+    let rev3 = f.flake.commit_service_change().unwrap();
+    let st3 = agent.reconcile(Some(&f.target(&rev3)), None).await.unwrap();
+    assert_eq!(st3.staged.unwrap().revision, rev3);
+    assert!(!root.exists(), "stale root beyond keep_staged was kept");
     assert!(
         f.root()
             .join(format!("var/lib/nixroll/gcroots/system-{rev2}"))
