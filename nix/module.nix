@@ -17,6 +17,12 @@
 #   /run/booted-system, /run/current-system and the boot id. Nix needs `git` on PATH to fetch
 #   git+https / git+ssh flakes; flakes are enabled for admins too (the agent passes the
 #   flag itself).
+# * Getting back without a human (boot once, bless later, docs/agent.md): the agent boots a
+#   new generation once and makes it the default only after it was verified. A new kernel
+#   that panics must reset the machine (`panic=N`), a stage 1 that cannot find its root must
+#   panic instead of waiting at a shell (`boot.panic_on_fail`), and a system that hangs must be
+#   reset by the hardware watchdog (systemd.watchdog.runtimeTime): the next boot then starts
+#   the old default by itself. `panicTimeout` and `watchdog` set these (null: not set).
 # * No competing updater: system.autoUpgrade (it would make a new generation the boot default
 #   before any drain) is forced off.
 # * The file systems and bootloader of NixOS's raw-efi image (ext4 root labelled `nixos`,
@@ -80,6 +86,33 @@ in
       description = "More node labels passed to k3s (--node-label); nixroll.io/managed=true is always set.";
     };
 
+    panicTimeout = lib.mkOption {
+      type = lib.types.nullOr lib.types.ints.positive;
+      default = 10;
+      description = ''
+        Seconds after a kernel panic before the machine resets itself (kernel parameter
+        `panic=N`), and `boot.panic_on_fail` (stage 1 panics instead of opening a shell when
+        it cannot mount the root). With nixroll's boot-once the next boot is the old default,
+        so a new kernel that panics costs one reset, not a visit with a keyboard. null: leave
+        both unset.
+      '';
+    };
+
+    watchdog = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = "30s";
+      example = "1min";
+      description = ''
+        `systemd.watchdog.runtimeTime`: systemd arms the hardware watchdog with this timeout
+        and pings it while it runs; a system that hangs (not a panic) is reset, and the next
+        boot is the old default. Machines without a watchdog device (`/dev/watchdog0`; many
+        SBCs and VMs, unless the kernel module of their watchdog is loaded) are not reset: a
+        hung boot then waits for the reboot timeout, the node is Degraded (RebootTimeout) and
+        needs a power cycle, after which it boots the old default (the new one was booted
+        once only). null: leave it unset.
+      '';
+    };
+
     imageLayout = lib.mkOption {
       type = lib.types.enum [
         "raw-efi"
@@ -125,7 +158,18 @@ in
           "nix-command"
           "flakes"
         ];
-        environment.systemPackages = [ pkgs.git ];
+        # grub-reboot (boot once on GRUB); systemd-boot's bootctl is in every system.
+        environment.systemPackages = [
+          pkgs.git
+        ]
+        ++ lib.optional config.boot.loader.grub.enable pkgs.grub2;
+
+        # Back to the old default without a human when a new generation fails to boot.
+        boot.kernelParams = lib.optionals (cfg.panicTimeout != null) [
+          "panic=${toString cfg.panicTimeout}"
+          "boot.panic_on_fail"
+        ];
+        systemd.watchdog.runtimeTime = lib.mkIf (cfg.watchdog != null) cfg.watchdog;
 
         # Competing updaters off.
         system.autoUpgrade.enable = lib.mkForce false;

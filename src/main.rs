@@ -477,6 +477,14 @@ struct AgentArgs {
     /// With --builder: the URL other nodes fetch from (e.g. http://NODE_IP:5080).
     #[arg(long, env = "NIXROLL_CACHE_URL", value_name = "URL")]
     cache_url: Option<String>,
+    /// Staged systems kept pinned (GC roots), the current target included: reverting to one
+    /// of them needs no evaluation or build. At least 1.
+    #[arg(long, env = "NIXROLL_KEEP_STAGED", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    keep_staged: u16,
+    /// Never boot a new system once: make it the boot default before the reboot (for hosts
+    /// whose bootloader cannot boot an entry once).
+    #[arg(long, env = "NIXROLL_NO_BOOT_ONCE")]
+    no_boot_once: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -771,6 +779,8 @@ fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         substituters: args.substituters.clone(),
         trusted_public_keys: args.trusted_public_keys.clone(),
     };
+    config.options.keep_staged = usize::from(args.keep_staged);
+    config.options.no_boot_once = args.no_boot_once;
     let runtime = runtime()?;
     runtime.block_on(async move {
         let target = args.cluster.target();

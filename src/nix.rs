@@ -100,6 +100,21 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
     fn set_profile<'a>(&'a self, profile: &'a Path, system: &'a str) -> BoxFuture<'a, Result<(), NixError>>;
     /// Switch `profile` to its previous generation (`nix-env -p PROFILE --rollback`).
     fn rollback_profile<'a>(&'a self, profile: &'a Path) -> BoxFuture<'a, Result<(), NixError>>;
+    /// Point `profile` at its existing generation `generation`
+    /// (`nix-env -p PROFILE --switch-generation N`; no new generation).
+    fn switch_generation<'a>(
+        &'a self,
+        profile: &'a Path,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
+        let _ = (profile, generation);
+        Box::pin(async {
+            Err(NixError::CommandFailed {
+                operation: "nix-env --switch-generation",
+                message: "not supported by this Nix".into(),
+            })
+        })
+    }
 }
 
 /// The real Nix command line, run through a [`Host`].
@@ -278,6 +293,21 @@ impl Nix for NixCli {
                 .arg(self.host.cmd_path(profile))
                 .arg("--rollback");
             self.checked("nix-env --rollback", cmd).await.map(|_| ())
+        })
+    }
+
+    fn switch_generation<'a>(
+        &'a self,
+        profile: &'a Path,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            let cmd = HostCommand::new("nix-env", self.quick_timeout)
+                .arg("-p")
+                .arg(self.host.cmd_path(profile))
+                .arg("--switch-generation")
+                .arg(generation.to_string());
+            self.checked("nix-env --switch-generation", cmd).await.map(|_| ())
         })
     }
 }

@@ -314,12 +314,14 @@ fn kubeconfig(dir: &std::path::Path, addr: std::net::SocketAddr) -> std::path::P
     path
 }
 
-/// Stands in for `systemctl reboot` on a host root: counts, new boot id, boots the default.
+/// Stands in for `systemctl reboot` on a host root: counts, new boot id, boots the one-shot
+/// entry (and removes it) or else the default.
 const REBOOT_SCRIPT: &str = r#"r="$NIXROLL_HOST_ROOT"
 n=$(cat "$r/var/lib/sim/reboots" 2>/dev/null || echo 0)
 echo $((n + 1)) >"$r/var/lib/sim/reboots"
 cat /proc/sys/kernel/random/uuid >"$r/proc/sys/kernel/random/boot_id"
-t=$(readlink "$r/boot/default-system")
+t=$(readlink "$r/boot/oneshot-system" || readlink "$r/boot/default-system")
+rm -f "$r/boot/oneshot-system"
 ln -sfn "$t" "$r/run/booted-system"
 ln -sfn "$t" "$r/run/current-system"
 "#;
@@ -444,14 +446,20 @@ async fn killed_agent_binary_resumes_without_repeating() {
     assert_eq!(a["bootedSystem"], json!(sys1));
     assert_eq!(a["activation"]["bootIdBefore"], json!(boot_id));
     assert_ne!(a["bootId"], json!(boot_id));
-    assert_eq!(a["profileGeneration"], json!(2));
+    // Booted once; the old system is still the default (profile generation 1) until a bless.
+    assert_eq!(a["profileGeneration"], json!(1));
+    assert!(a["activation"]["bootOnce"].is_string(), "{a}");
+    assert_ne!(a["defaultSystem"], json!(sys1));
     assert_eq!(
         std::fs::read_to_string(root.join("var/lib/sim/reboots"))
             .unwrap()
             .trim(),
         "1"
     );
-    assert_eq!(sim.switch_log(), vec![format!("boot {sys1}")]);
+    // The new system's `boot` once (not repeated after the kill), then the old one's.
+    let log = sim.switch_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0], format!("boot {sys1}"));
 
     // Idle footprint of the real binary.
     tokio::time::sleep(Duration::from_secs(1)).await;

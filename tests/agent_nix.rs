@@ -67,13 +67,18 @@ async fn stages_a_pinned_revision_without_touching_profile_or_boot() {
     assert_eq!(st.nixos_version.as_deref(), Some("24.05.1"));
     assert!(f.sim.switch_log().is_empty());
 
-    // Same target again: nothing rebuilt, same answer. A superseding target drops the old root.
+    // Same target again: nothing rebuilt, same answer. A superseding target keeps the old root
+    // (keep_staged = 2: a revert needs no build); the one after it drops it.
     let again = agent.reconcile(Some(&f.target(&rev1)), None).await.unwrap();
     assert_eq!(again.staged, st.staged);
     let rev2 = f.flake.commit_service_change().unwrap();
     let st2 = agent.reconcile(Some(&f.target(&rev2)), None).await.unwrap();
     assert_eq!(st2.staged.unwrap().revision, rev2);
-    assert!(!root.exists(), "stale root of the superseded target was kept");
+    assert!(root.exists(), "the previous target stays pinned");
+    let rev3 = f.flake.commit_service_change().unwrap();
+    let st3 = agent.reconcile(Some(&f.target(&rev3)), None).await.unwrap();
+    assert_eq!(st3.staged.unwrap().revision, rev3);
+    assert!(!root.exists(), "stale root beyond keep_staged was kept");
     assert!(
         f.root()
             .join(format!("var/lib/nixroll/gcroots/system-{rev2}"))
@@ -241,8 +246,10 @@ async fn switch_activates_live_once() {
     assert_eq!(st.profile_generation, Some(2));
 }
 
+/// Boot once, bless later: the new system is installed as an entry, the old one stays the
+/// default (profile and bootloader), the new one boots once; the bless makes it the default.
 #[tokio::test]
-async fn boot_sets_the_default_and_reboots_once() {
+async fn boot_installs_without_changing_the_default_boots_once_and_bless_makes_it_the_default() {
     let Some((mut f, sys0)) = installed_host(NODE).await else {
         return;
     };
@@ -255,20 +262,54 @@ async fn boot_sets_the_default_and_reboots_once() {
     let g = grant("g-boot", ActivationAction::Boot, &sys1);
     let st = agent.reconcile(Some(&t), Some(&g)).await.unwrap();
     assert_eq!(f.sim.reboot_count(), 1);
-    assert_eq!(f.sim.switch_log(), vec![format!("boot {sys1}")]);
+    // The new system's installer, then the old one's (which makes the old one the default again).
+    assert_eq!(
+        f.sim.switch_log(),
+        vec![format!("boot {sys1}"), format!("boot {sys0}")]
+    );
     assert_eq!(state_of(&st), ActivationState::Rebooted);
     let report = st.activation.clone().unwrap();
+    assert_eq!(
+        report.boot_once.as_deref(),
+        Some("simulated /boot/oneshot-system")
+    );
     assert_eq!(report.boot_id_before.as_deref(), Some(boot_id.as_str()));
     assert_ne!(st.boot_id.as_deref(), Some(boot_id.as_str()));
+    // Booted the new system once; the old one is still the default, in the profile too.
     assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()));
     assert_eq!(st.current_system.as_deref(), Some(sys1.as_str()));
-    assert_eq!(st.profile_generation, Some(2));
-    // booted the staged system: nothing left that needs a reboot
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(
+        f.sim.boot_oneshot(),
+        None,
+        "the one-shot entry is consumed by the boot"
+    );
+    assert_eq!(st.default_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.profile_generation, Some(1));
     assert!(!st.staged.as_ref().unwrap().reboot_required);
 
     let st = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
     assert_eq!(state_of(&st), ActivationState::Rebooted);
     assert_eq!(f.sim.reboot_count(), 1);
+
+    // Bless (granted in this boot): the booted system becomes the default, no reboot, no new
+    // generation (the profile goes to the new system's generation 2).
+    let mut b = grant("g-bless", ActivationAction::Bless, &sys1);
+    b.boot_id_before = st.boot_id.clone();
+    let st = agent.reconcile(Some(&t), Some(&b)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Blessed, "{:?}", st.activation);
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.default_system.as_deref(), Some(sys1.as_str()));
+    assert_eq!(st.profile_generation, Some(2));
+    assert_eq!(f.sim.reboot_count(), 1);
+    assert_eq!(f.sim.switch_log().last().unwrap(), &format!("boot {sys1}"));
+    // Not repeated by a restarted agent.
+    let st = f.agent().reconcile(Some(&t), Some(&b)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Blessed);
+    assert_eq!(f.sim.switch_log().len(), 3);
+    // An unplanned reboot now boots the blessed default.
+    f.sim.reboot().unwrap();
+    assert_eq!(f.sim.booted_system().as_deref(), Some(sys1.as_str()));
 
     // Rollback: back to generation 1, boot it, reboot.
     let g2 = grant("g-rollback", ActivationAction::Rollback, &sys1);
@@ -277,8 +318,162 @@ async fn boot_sets_the_default_and_reboots_once() {
     assert_eq!(st.profile_generation, Some(1));
     assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
     assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
-    assert_eq!(f.sim.reboot_count(), 2);
+    assert_eq!(f.sim.reboot_count(), 3);
     assert_eq!(f.sim.switch_log().last().unwrap(), &format!("boot {sys0}"));
+}
+
+/// Real Nix that counts `nix build` calls (each one evaluates the flake).
+#[derive(Debug)]
+struct CountingNix {
+    inner: std::sync::Arc<dyn nixroll::nix::Nix>,
+    builds: std::sync::atomic::AtomicUsize,
+}
+
+impl nixroll::nix::Nix for CountingNix {
+    fn realise<'a>(
+        &'a self,
+        installable: &'a str,
+        gc_root: &'a Path,
+    ) -> futures::future::BoxFuture<'a, Result<String, nixroll::nix::NixError>> {
+        self.builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.realise(installable, gc_root)
+    }
+    fn closure_bytes<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<u64, nixroll::nix::NixError>> {
+        self.inner.closure_bytes(path)
+    }
+    fn set_profile<'a>(
+        &'a self,
+        profile: &'a Path,
+        system: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), nixroll::nix::NixError>> {
+        self.inner.set_profile(profile, system)
+    }
+    fn rollback_profile<'a>(
+        &'a self,
+        profile: &'a Path,
+    ) -> futures::future::BoxFuture<'a, Result<(), nixroll::nix::NixError>> {
+        self.inner.rollback_profile(profile)
+    }
+}
+
+/// Quick rollback: the previous target stays pinned (keep_staged = 2, the default), so
+/// reverting to it stages with no `nix build` (no evaluation, no build), also in a restarted
+/// agent; with `keep_staged: 1` (the behaviour before) a revert runs `nix build` again.
+#[tokio::test]
+async fn a_reverted_revision_is_staged_from_its_pin_with_no_evaluation() {
+    let Some((mut f, _sys0)) = installed_host(NODE).await else {
+        return;
+    };
+    let rev1 = f.flake.commit_kernel_change().unwrap();
+    let rev2 = f.flake.commit_kernel_change().unwrap();
+    let nix = std::sync::Arc::new(CountingNix {
+        inner: f.nix.clone(),
+        builds: Default::default(),
+    });
+    let agent = |keep_staged| {
+        nixroll::agent::node::NodeAgent::new(
+            f.host.clone(),
+            nix.clone(),
+            HostOptions {
+                keep_staged,
+                ..Default::default()
+            },
+        )
+    };
+    let builds = || nix.builds.load(std::sync::atomic::Ordering::SeqCst);
+    let sys1 = stage(&mut agent(2), &f.target(&rev1)).await;
+    let sys2 = stage(&mut agent(2), &f.target(&rev2)).await;
+    assert_ne!(sys1, sys2);
+    assert_eq!(builds(), 2);
+
+    // The revert, by a restarted agent (the pins are in its state file): nothing built.
+    let st = agent(2).reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+    assert_eq!(st.last_error, None);
+    let staged = st.staged.unwrap();
+    assert_eq!(
+        (staged.revision.as_str(), staged.system.as_str()),
+        (rev1.as_str(), sys1.as_str())
+    );
+    assert!(staged.reboot_required);
+    // And forward again: rev2 is now the pinned one.
+    let st = agent(2).reconcile(Some(&f.target(&rev2)), None).await.unwrap();
+    assert_eq!(st.staged.unwrap().system, sys2);
+    assert_eq!(builds(), 2, "a revert evaluates or builds nothing");
+    assert!(
+        f.sim
+            .root()
+            .join(format!("var/lib/nixroll/gcroots/system-{rev1}"))
+            .exists()
+    );
+
+    // keep_staged: 1: nothing is kept but the target, so the revert runs `nix build`.
+    let st = agent(1).reconcile(Some(&f.target(&rev1)), None).await.unwrap();
+    assert_eq!(st.staged.unwrap().system, sys1);
+    assert_eq!(builds(), 3);
+    assert!(
+        !f.sim
+            .root()
+            .join(format!("var/lib/nixroll/gcroots/system-{rev2}"))
+            .exists()
+    );
+}
+
+/// A reboot between the one-time boot and the bless boots the old default; the bless granted
+/// before it is not executed, and a bless of a system that is not booted is refused.
+#[tokio::test]
+async fn a_reboot_before_the_bless_boots_the_old_default_and_the_stale_bless_is_refused() {
+    let Some((mut f, sys0)) = installed_host(NODE).await else {
+        return;
+    };
+    let rev1 = f.flake.commit_kernel_change().unwrap();
+    let mut agent = f.agent();
+    let t = f.target(&rev1);
+    let sys1 = stage(&mut agent, &t).await;
+    let st = activate(&mut agent, &t, "g", ActivationAction::Boot, &sys1).await;
+    assert_eq!(st.booted_system.as_deref(), Some(sys1.as_str()));
+    let once_boot = st.boot_id.clone();
+
+    f.sim.reboot().unwrap(); // power cut
+    let st = agent.reconcile(Some(&t), None).await.unwrap();
+    assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    let mut b = grant("g-bless", ActivationAction::Bless, &sys1);
+    b.boot_id_before = once_boot;
+    let st = agent.reconcile(Some(&t), Some(&b)).await.unwrap();
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(
+        f.sim.switch_log().len(),
+        2,
+        "nothing ran: {:?}",
+        f.sim.switch_log()
+    );
+    assert!(
+        st.last_error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("before the last reboot")),
+        "{:?}",
+        st.last_error
+    );
+    // A bless of the system that is not booted (granted in this boot) is refused.
+    let mut b = grant("g-bless-2", ActivationAction::Bless, &sys1);
+    b.boot_id_before = st.boot_id.clone();
+    let st = agent.reconcile(Some(&t), Some(&b)).await.unwrap();
+    assert_eq!(state_of(&st), ActivationState::Failed);
+    assert!(
+        st.activation
+            .as_ref()
+            .unwrap()
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("not made the default"),
+        "{:?}",
+        st.activation
+    );
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.profile_generation, Some(1));
 }
 
 #[tokio::test]
@@ -353,10 +548,19 @@ async fn fallback_boot_is_visible_in_the_report() {
     let sys1 = stage(&mut agent, &t).await;
     f.sim.set_fault(Some(BootFault::FallbackToPrevious));
     let st = activate(&mut agent, &t, "g", ActivationAction::Boot, &sys1).await;
-    // Rebooted (new boot id), but into the old system: the controller sees booted != staged.
+    // Rebooted (new boot id), but the one-time boot of the new system failed and the machine
+    // came back on its default: the controller sees booted != staged with `bootOnce` set.
     assert_eq!(state_of(&st), ActivationState::Rebooted);
+    assert!(st.activation.as_ref().unwrap().boot_once.is_some());
     assert_eq!(st.booted_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(st.default_system.as_deref(), Some(sys0.as_str()));
+    assert_eq!(f.sim.boot_oneshot(), None);
     assert!(st.staged.unwrap().reboot_required);
+    // Another reboot (the watchdog again, a power cut) stays on the known-good default.
+    f.sim.set_fault(None);
+    f.sim.reboot().unwrap();
+    assert_eq!(f.sim.booted_system().as_deref(), Some(sys0.as_str()));
 }
 
 /// Kill the agent logic at every step of a Boot activation; a new agent over the same host
@@ -370,6 +574,7 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
         CrashPoint::BeforeProfileSet,
         CrashPoint::AfterProfileSet,
         CrashPoint::AfterSwitch,
+        CrashPoint::AfterKeepDefault,
         CrashPoint::BeforeReboot,
         CrashPoint::AfterReboot,
     ] {
@@ -391,18 +596,15 @@ async fn restarts_at_any_step_never_repeat_a_reboot_or_a_switch() {
         let st2 = f.agent().reconcile(Some(&t), Some(&g)).await.unwrap();
         assert_eq!(st, st2, "{point:?}: a second restart changed the report");
 
-        let boots = f
-            .sim
-            .switch_log()
-            .iter()
-            .filter(|l| l.starts_with("boot "))
-            .count();
+        // The new system's `boot` once, then the old one's once (keeping the old default).
         assert_eq!(
-            boots, 1,
-            "{point:?}: switch-to-configuration boot ran {boots} times"
+            f.sim.switch_log(),
+            vec![format!("boot {sys1}"), format!("boot {sys0}")],
+            "{point:?}"
         );
-        assert_eq!(st.profile_generation, Some(2), "{point:?}");
-        assert_eq!(f.sim.boot_default().as_deref(), Some(sys1.as_str()), "{point:?}");
+        assert_eq!(st.profile_generation, Some(1), "{point:?}");
+        assert_eq!(f.sim.boot_default().as_deref(), Some(sys0.as_str()), "{point:?}");
+        assert!(st.activation.as_ref().unwrap().boot_once.is_some(), "{point:?}");
         let report = st.activation.unwrap();
         assert_eq!(
             report.boot_id_before.as_deref(),
@@ -716,6 +918,9 @@ async fn a_lost_lock_race_is_retried() {
         generation_before: Some(1),
         activated: Some(sys1.clone()),
         boot_id_before: None,
+        default_before: None,
+        bootloader: None,
+        boot_once: None,
         exit_code: Some(1),
         outcome: None,
         message: None,

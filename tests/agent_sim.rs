@@ -73,9 +73,16 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
             .join(format!("host/var/lib/nixroll/gcroots/system-{r1}"))
             .exists()
     );
+    // The previous target stays pinned (keep_staged = 2: a revert builds nothing); older ones
+    // are released.
+    assert!(
+        tmp.path()
+            .join(format!("host/var/lib/nixroll/gcroots/system-{r2}"))
+            .exists()
+    );
     assert!(
         !tmp.path()
-            .join(format!("host/var/lib/nixroll/gcroots/system-{r2}"))
+            .join(format!("host/var/lib/nixroll/gcroots/system-{r0}"))
             .exists()
     );
 
@@ -91,7 +98,9 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
     let st = agent().reconcile(Some(&target(&r1)), Some(&g)).await.unwrap();
     assert_eq!(st.activation.unwrap().state, ActivationState::RebootRequested);
     assert_eq!(sim.reboot_count(), 0);
-    assert_eq!(sim.boot_default().as_deref(), Some(staged.system.as_str()));
+    // Boot once: the old system stays the default; the new one is the one-shot entry.
+    assert_eq!(sim.boot_default().as_deref(), Some(sys0.as_str()));
+    assert_eq!(sim.boot_oneshot().as_deref(), Some(staged.system.as_str()));
 
     // A new grant after the controller's timeout: boots, one reboot.
     let st = agent()
@@ -104,7 +113,16 @@ async fn sim_nix_stages_activates_reboots_and_rolls_back() {
     assert_eq!(st.activation.unwrap().state, ActivationState::Rebooted);
     assert_eq!(sim.reboot_count(), 1);
     assert_eq!(st.booted_system.as_deref(), Some(staged.system.as_str()));
+    assert_eq!(st.profile_generation, Some(1));
+    assert_eq!(st.default_system.as_deref(), Some(sys0.as_str()));
+
+    // Bless: the booted system becomes the default (its existing generation 2).
+    let mut b = grant("g-bless", ActivationAction::Bless, &staged.system);
+    b.boot_id_before = st.boot_id.clone();
+    let st = agent().reconcile(Some(&target(&r1)), Some(&b)).await.unwrap();
+    assert_eq!(st.activation.unwrap().state, ActivationState::Blessed);
     assert_eq!(st.profile_generation, Some(2));
+    assert_eq!(sim.boot_default().as_deref(), Some(staged.system.as_str()));
 
     let st = agent()
         .reconcile(

@@ -297,6 +297,17 @@ async fn rolling_update_one_node_at_a_time_reboots_each_node_once() {
             "{} booted what the status says",
             n.name
         );
+        // Booted once, verified, then blessed: the new system is the default only now.
+        assert_eq!(n.host.boot_default(), s.system, "{} blessed", n.name);
+        assert!(
+            s.history[0]
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .contains("made it the default"),
+            "{:?}",
+            s.history[0]
+        );
     }
     c.stop().await;
 }
@@ -426,7 +437,32 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let (bad, o) = m.iter().find(|(_, o)| phase(o) == Phase::Degraded).unwrap();
     let s = o.status.clone().unwrap();
     let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
-    assert_eq!(degraded.reason, "BootedWrongSystem", "{degraded:?}");
+    // The new system was booted once and failed; the machine came back on its default, the
+    // old system, which it runs, and which is still its boot default (invariant 9).
+    assert_eq!(degraded.reason, "RolledBack", "{degraded:?}");
+    let host = &world.nodes.iter().find(|n| &n.name == bad).unwrap().host;
+    let agent = s.agent.clone().unwrap();
+    assert_eq!(
+        host.booted_system(),
+        s.system.clone(),
+        "runs its known-good system"
+    );
+    assert_eq!(
+        host.boot_default(),
+        s.system.clone(),
+        "the old system is still the default"
+    );
+    assert_eq!(agent.default_system, s.system.clone());
+    assert_eq!(host.boot_oneshot(), None);
+    assert!(agent.activation.unwrap().boot_once.is_some());
+    // The good nodes were blessed: their default is what they run.
+    for n in world
+        .nodes
+        .iter()
+        .filter(|n| &n.name != bad && n.host.reboot_count() > 0)
+    {
+        assert_eq!(n.host.boot_default(), n.host.booted_system(), "{}", n.name);
+    }
     let failed = mark(&world).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let halted = mark(&world).await;

@@ -318,11 +318,15 @@ async fn live_switch_then_one_real_reboot() {
     let st = agent_status(&done);
     assert_ne!(st.boot_id.as_deref(), Some(boot_id.as_str()), "new boot id");
     assert_eq!(st.boot_id, Some(bed.host.boot_id()));
+    // Booted once, verified, then blessed: the last grant is the Bless, and the default is
+    // now the booted system (the stand-in bootloader's entry and the profile).
     assert_eq!(
-        st.activation.as_ref().map(|a| a.state),
-        Some(ActivationState::Rebooted)
+        st.activation.as_ref().map(|a| (a.action, a.state)),
+        Some((ActivationAction::Bless, ActivationState::Blessed))
     );
     assert_eq!(st.booted_system, bed.host.readlink("/run/booted-system"));
+    assert_eq!(st.default_system, st.booted_system);
+    assert_eq!(bed.host.readlink("/boot/default-system"), st.booted_system);
     assert_eq!(
         st.booted_system.as_deref(),
         Some(
@@ -476,7 +480,7 @@ async fn exit_codes_and_a_second_activator() {
     assert_eq!(bed.host.boot_info().n, boots + 1);
     assert_eq!(
         agent_status(&o).activation.unwrap().state,
-        ActivationState::Rebooted
+        ActivationState::Blessed
     );
 
     // A second activator holds NixOS's lock: the agent waits (Running, saying why), then
@@ -634,7 +638,7 @@ async fn slow_facts_delay_nothing_and_leave_nothing_behind() {
     let a = agent_status(&o).activation.unwrap();
     assert_eq!(
         (a.action, a.state),
-        (ActivationAction::Boot, ActivationState::Rebooted)
+        (ActivationAction::Bless, ActivationState::Blessed)
     );
     assert!(
         bed.host.agent_log().contains("switch-inhibitors"),

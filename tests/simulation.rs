@@ -83,6 +83,10 @@ struct Host {
     booted: String,
     current: String,
     boot_default: String,
+    /// The entry set to boot once at the next boot (consumed by it).
+    oneshot: Option<String>,
+    /// The bootloader can boot an entry once (else the new system is made the default first).
+    boot_once: bool,
     up: bool,
     boot_done: Option<Timestamp>,
     ready_at: Timestamp,
@@ -320,6 +324,9 @@ impl Sim {
                 1 => RebootPolicy::Never,
                 _ => RebootPolicy::IfNeeded,
             };
+            // Most hosts' bootloaders boot once (systemd-boot, GRUB); the rest make the new
+            // system the default before the reboot, as before boot-once.
+            let boot_once = rng.u32(0..100) < 85;
             let sys = system_of(&rev0, &name);
             nodes.push(SimNode {
                 generation: 1,
@@ -348,6 +355,8 @@ impl Sim {
                     booted: sys.clone(),
                     current: sys.clone(),
                     boot_default: sys,
+                    oneshot: None,
+                    boot_once,
                     up: true,
                     boot_done: None,
                     ready_at: now,
@@ -791,6 +800,30 @@ impl Sim {
                 }
             }
         }
+        // Unplanned reboots (power cut, crash) between a one-time boot and its bless.
+        for i in 0..self.nodes.len() {
+            let before_bless = self.nodes[i].status.phase == Some(Phase::Verifying)
+                && self.nodes[i].host.up
+                && self.nodes[i].host.boot_default != self.nodes[i].host.booted
+                && self.nodes[i]
+                    .status
+                    .activation
+                    .as_ref()
+                    .is_some_and(|g| g.action != ActivationAction::Switch);
+            if before_bless && self.faults && self.rng.u32(0..1000) < 20 {
+                let h = &mut self.nodes[i].host;
+                h.up = false;
+                h.activation = None;
+                let d = self.rng.i64(20..300);
+                self.nodes[i].host.boot_done = Some(add(now, d));
+                *self
+                    .events
+                    .entry("(unplanned reboot before bless)".into())
+                    .or_default() += 1;
+                let name = self.nodes[i].name.clone();
+                self.logf(|| format!("{name} reboots unplanned before the bless"));
+            }
+        }
         // Hosts: staging, activation, boots.
         for i in 0..self.nodes.len() {
             self.host_events(i)?;
@@ -912,7 +945,11 @@ impl Sim {
                 *self.events.entry("(Node Ready late)".into()).or_default() += 1;
             }
             let h = &mut self.nodes[i].host;
-            if !fallback {
+            if let Some(once) = h.oneshot.take() {
+                // The one-time entry is consumed; a new system that fails to boot (panic,
+                // watchdog) brings the machine back on the default.
+                h.booted = if fallback { h.boot_default.clone() } else { once };
+            } else if !fallback {
                 h.booted = h.boot_default.clone();
             }
             h.current = h.booted.clone();
@@ -969,6 +1006,7 @@ impl Sim {
                 .is_some_and(|(_, v)| v.init_change);
             let fallback = self.faults && self.rng.u32(0..100) < 8;
             let h = &mut self.nodes[i].host;
+            let mut boot_once = None;
             let state = if op.fail {
                 ActivationState::Failed
             } else {
@@ -982,8 +1020,23 @@ impl Sim {
                             ActivationState::Switched
                         }
                     }
+                    ActivationAction::Bless => {
+                        // Only the system this boot started becomes the default.
+                        if h.booted == op.system {
+                            h.boot_default = op.system.clone();
+                            ActivationState::Blessed
+                        } else {
+                            ActivationState::Failed
+                        }
+                    }
                     ActivationAction::Boot | ActivationAction::Rollback => {
-                        h.boot_default = op.system.clone();
+                        if h.boot_once && h.boot_default != op.system {
+                            // Installed as an entry, the old default kept; booted once.
+                            h.oneshot = Some(op.system.clone());
+                            boot_once = Some("simulated one-shot entry".to_string());
+                        } else {
+                            h.boot_default = op.system.clone();
+                        }
                         let c = h.reboots_per_grant.entry(op.id.clone()).or_insert(0);
                         *c += 1;
                         if *c > 1 {
@@ -1019,6 +1072,7 @@ impl Sim {
                 exit_code: (state == ActivationState::NeedsReboot).then_some(100),
                 units_failed: false,
                 message: (state == ActivationState::Failed).then(|| "switch-to-configuration failed".into()),
+                boot_once,
                 updated_at: Time(now),
             });
             self.logf(|| format!("{name} activation {} -> {state:?}", op.id));
@@ -1051,6 +1105,21 @@ impl Sim {
         if self.p(1) {
             // Agent restart: in-flight staging is lost; activations run as systemd units.
             self.nodes[i].host.staging = None;
+            let h = &self.nodes[i].host;
+            let st = &self.nodes[i].status;
+            if h.oneshot.is_some()
+                || (h.booted != h.boot_default
+                    && st.phase == Some(Phase::Verifying)
+                    && st
+                        .activation
+                        .as_ref()
+                        .is_some_and(|g| g.action != ActivationAction::Switch))
+            {
+                *self
+                    .events
+                    .entry("(agent restart between one-shot and bless)".into())
+                    .or_default() += 1;
+            }
         }
         let now = self.now;
         let name = self.nodes[i].name.clone();
@@ -1110,6 +1179,9 @@ impl Sim {
         if let Some(g) = grant
             && !self.nodes[i].host.executed.contains(&g.id)
             && self.nodes[i].host.activation.is_none()
+            // A grant made before the last reboot is never executed (the real agent refuses
+            // it and reports why): a stale Bless must not bless the old default.
+            && (g.action != ActivationAction::Bless || g.boot_id_before.as_deref() == Some(boot.as_str()))
         {
             self.check_drained(i, "activation")?;
             let fail = self.faults && self.rng.u32(0..100) < 6;
@@ -1140,6 +1212,7 @@ impl Sim {
                 exit_code: None,
                 units_failed: false,
                 message: None,
+                boot_once: None,
                 updated_at: Time(now),
             });
             self.logf(|| format!("{name} executes grant {} {:?}", g.id, g.action));
@@ -1452,6 +1525,17 @@ impl Sim {
                 // The replacement controller starts within seconds and relists everything.
                 self.wake = vec![Some(add(self.now, 10)); n];
                 *self.events.entry("(crash before actions)".into()).or_default() += 1;
+                if self.nodes.iter().any(|x| {
+                    x.host.oneshot.is_some()
+                        || (x.host.up
+                            && x.host.booted != x.host.boot_default
+                            && x.status.phase == Some(Phase::Verifying))
+                }) {
+                    *self
+                        .events
+                        .entry("(controller crash between one-shot and bless)".into())
+                        .or_default() += 1;
+                }
                 self.logf(|| "controller crash before actions".into());
                 // The adversary: an admin cordons the node nixroll meant to cordon, in the
                 // gap before the replacement controller acts. The cordon is the admin's.
@@ -1969,6 +2053,7 @@ fn run_seed(seed: u64, verbose: bool) -> Result<SeedResult, (String, Option<Stri
                         k.ends_with("Failed")
                             || (k.ends_with("Timeout") && k.as_str() != "DrainTimeout")
                             || k.as_str() == "BootedWrongSystem"
+                            || k.as_str() == "RolledBack"
                     })
                     .collect();
                 if !failures.is_empty() {
@@ -2111,6 +2196,11 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "StageFailed",
             "ActivationFailed",
             "BootedWrongSystem",
+            "RolledBack",
+            "Blessing",
+            "(unplanned reboot before bless)",
+            "(controller crash between one-shot and bless)",
+            "(agent restart between one-shot and bless)",
             "RebootNeeded",
             "RebootRequired",
             "Retry",
@@ -2120,6 +2210,8 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             // Every way out of Degraded, and the retried node re-admitted to the end.
             "(out of Degraded: retry after BootedWrongSystem holding its slot)",
             "(out of Degraded: retry after ActivationFailed holding its slot)",
+            "(out of Degraded: retry after RolledBack holding its slot)",
+            "(re-admitted after RolledBack and verified)",
             "(out of Degraded: retry after StageFailed)",
             "(out of Degraded: retry after StagingTimeout)",
             "(out of Degraded: new revision)",

@@ -19,6 +19,7 @@
 //! * [`watch`]: host changes (system links repointed by someone else) reported promptly.
 
 pub mod building;
+pub mod bootloader;
 pub mod host;
 pub mod node;
 pub mod secrets;

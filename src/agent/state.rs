@@ -27,6 +27,11 @@ pub const ACTIVATION_DIR: &str = "/var/lib/nixroll/activation";
 pub struct HostState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<StagedRecord>,
+    /// Systems staged before `staged`, newest first, still pinned by their GC roots (at most
+    /// `keep_staged - 1`): going back to one of them (a reverted revision) needs no
+    /// evaluation and no build.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<StagedRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation: Option<ActivationRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,6 +83,13 @@ pub enum Step {
     Switching,
     /// `switch-to-configuration` finished; `exitCode` holds its status.
     Switched,
+    /// `Boot` with a bootloader that can boot once: about to put the profile back on
+    /// `generationBefore` and run `switch-to-configuration boot` of `defaultBefore`, so the old
+    /// system stays the boot default while the new one keeps its entry. Repeatable.
+    KeepingDefault,
+    /// The old default is back; about to look the new system's entry up and set it to boot
+    /// once. Repeatable (the same entry is set again).
+    SettingOneshot,
     /// About to reboot (or rebooted); `bootIdBefore` is the boot id before. Never reboots
     /// again from this step.
     RebootIssued,
@@ -101,6 +113,15 @@ pub struct ActivationRecord {
     pub activated: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id_before: Option<String>,
+    /// The system the profile (and the boot default) pointed at before the grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_before: Option<String>,
+    /// The bootloader found able to boot the new system once (`Boot` grants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootloader: Option<crate::agent::bootloader::Bootloader>,
+    /// The entry set to boot once, as reported (`bootOnce`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_once: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,6 +219,9 @@ mod tests {
                 generation_before: Some(3),
                 activated: None,
                 boot_id_before: Some("b1".into()),
+                default_before: None,
+                bootloader: None,
+                boot_once: None,
                 exit_code: Some(0),
                 outcome: None,
                 message: None,

@@ -193,6 +193,9 @@ pub enum ActivationAction {
     Boot,
     /// Set the profile back to the previous generation, `boot`, then reboot.
     Rollback,
+    /// After a verified one-time boot of a `Boot` grant: make the booted system the boot
+    /// default (profile + `switch-to-configuration boot`), no reboot.
+    Bless,
 }
 
 /// The controller's grant to activate. The agent acts on each `id` at most once.
@@ -267,6 +270,10 @@ pub struct AgentStatus {
     /// `readlink -f /run/current-system`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_system: Option<String>,
+    /// `readlink -f /nix/var/nix/profiles/system`: the system the next boot starts by default
+    /// (nixroll keeps the bootloader's default entry and the profile in step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_system: Option<String>,
     /// Generation number the system profile points at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_generation: Option<i64>,
@@ -370,6 +377,8 @@ pub enum ActivationState {
     NeedsReboot,
     /// Activation failed; see `message`.
     Failed,
+    /// `Bless` done: the booted system is the boot default.
+    Blessed,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
@@ -396,6 +405,12 @@ pub struct ActivationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// What happened, for humans (failed units, errors).
     pub message: Option<String>,
+    /// The boot entry set to boot once (`Boot` grants): the new system was installed without
+    /// becoming the default, so a failed boot returns to the old one; a `Bless` grant follows
+    /// its verification. Absent: the bootloader could not boot once (the new system was made
+    /// the default before the reboot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_once: Option<String>,
     pub updated_at: Time,
 }
 

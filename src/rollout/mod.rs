@@ -69,10 +69,14 @@ pub mod reason {
     pub const REBOOT_TIMEOUT: &str = "RebootTimeout";
     pub const VERIFY_TIMEOUT: &str = "VerifyTimeout";
     pub const BOOTED_WRONG_SYSTEM: &str = "BootedWrongSystem";
+    /// A one-time boot of the new system ended on the old default (the new one failed to boot,
+    /// or the node rebooted before the bless step).
+    pub const ROLLED_BACK: &str = "RolledBack";
+    pub const BLESSING: &str = "Blessing";
 
     /// Every reason a node goes Degraded with (`status.failed.reason`): also the bounded
     /// `category` label set of `nixroll_failures_total`.
-    pub const FAILURES: [&str; 7] = [
+    pub const FAILURES: [&str; 8] = [
         STAGE_FAILED,
         STAGING_TIMEOUT,
         ACTIVATION_FAILED,
@@ -80,6 +84,7 @@ pub mod reason {
         REBOOT_TIMEOUT,
         VERIFY_TIMEOUT,
         BOOTED_WRONG_SYSTEM,
+        ROLLED_BACK,
     ];
 }
 

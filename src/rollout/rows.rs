@@ -65,6 +65,12 @@ rows! {
     RebootingWait => "Rebooting: waiting for a new boot id -> Rebooting",
     Verified => "Verifying: the target runs and the Node is Ready -> UpToDate",
     BootedWrongSystem => "Verifying: new boot into another system -> Degraded (BootedWrongSystem)",
+    /// The agent booted the new system once (`bootOnce` in its report); the default is still the old one.
+    BlessGranted => "Verifying: booted once into the target, Node Ready -> Verifying (Bless grant)",
+    Blessed => "Verifying: report Blessed, the target runs, Node Ready -> UpToDate",
+    BlessFailed => "Verifying: the Bless grant failed -> Degraded (ActivationFailed)",
+    RolledBack => "Verifying: the one-time boot ended on the old default -> Degraded (RolledBack)",
+    RebootedBeforeBless => "Verifying: a new boot before Blessed, not into the target -> Degraded (RolledBack)",
     VerifyTimeout => "Verifying: verify timeout -> Degraded (VerifyTimeout)",
     VerifyingWait => "Verifying: waiting for the agent or the Node -> Verifying",
     RetryRequested => "Degraded: a new nixroll.io/retry value -> Staging",

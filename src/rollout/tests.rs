@@ -72,6 +72,7 @@ fn mk_report(id: &str, action: ActivationAction, state: ActivationState, sys: &s
         exit_code: None,
         units_failed: false,
         message: Some("boom".into()),
+        boot_once: None,
         updated_at: Time(t0()),
     }
 }
@@ -677,6 +678,136 @@ fn bootloader_fallback_is_booted_wrong_system_and_stays_cordoned() {
     let d = n.step(false, None, at(600));
     assert_eq!(n.phase(), Phase::Degraded);
     assert!(d.actions.is_empty());
+}
+
+/// A node whose `Boot` grant booted SYS2 once (report with `bootOnce`), back from the reboot
+/// with the agent reporting `booted` from boot-2.
+fn mk_booted_once(booted: &str) -> N {
+    let mut n = mk_activating("n1", true);
+    n.report(ActivationAction::Boot, ActivationState::RebootRequested);
+    n.agent().activation.as_mut().unwrap().boot_once = Some("systemd-boot nixos-generation-8.conf".into());
+    n.step(false, None, at(40));
+    assert_eq!(n.phase(), Phase::Rebooting);
+    n.node.boot_id = Some("boot-2".into());
+    let r = n.agent().activation.clone().map(|mut r| {
+        r.state = ActivationState::Rebooted;
+        r
+    });
+    *n.agent() = AgentStatus {
+        activation: r,
+        staged: n.agent().staged.clone(),
+        ..mk_agent_running(booted, "boot-2")
+    };
+    n
+}
+
+#[test]
+fn booted_once_is_verified_then_blessed_then_uncordoned() {
+    let mut n = mk_booted_once(SYS2);
+    let d = n.step(false, None, at(60));
+    assert_eq!(n.phase(), Phase::Verifying);
+    assert_eq!(d.rows, vec![Row::Rebooted, Row::BlessGranted]);
+    assert!(d.actions.is_empty(), "no uncordon before the bless: {d:?}");
+    let g = n.status.activation.clone().unwrap();
+    assert_eq!(g.action, ActivationAction::Bless);
+    assert_eq!(g.system, SYS2);
+    assert_eq!(g.boot_id_before.as_deref(), Some("boot-2"));
+    assert_eq!(n.cond(condition::PROGRESSING).reason, reason::BLESSING);
+    // Idempotent while the agent works on it.
+    let d = n.step(false, None, at(61));
+    assert_eq!(d.rows, vec![Row::VerifyingWait]);
+    assert_eq!(n.status.activation.as_ref().unwrap().id, g.id);
+    n.agent().activation = Some(mk_report(
+        &g.id,
+        ActivationAction::Bless,
+        ActivationState::Blessed,
+        SYS2,
+    ));
+    let d = n.step(false, None, at(62));
+    assert_eq!(d.rows, vec![Row::Blessed]);
+    assert_eq!(n.phase(), Phase::UpToDate);
+    assert_eq!(d.actions, vec![Action::Uncordon]);
+    assert!(n.status.history[0].rebooted);
+}
+
+#[test]
+fn a_one_time_boot_that_came_back_on_the_old_default_is_rolled_back() {
+    let mut n = mk_booted_once(SYS1);
+    let d = n.step(false, None, at(60));
+    assert_eq!(d.rows, vec![Row::Rebooted, Row::RolledBack]);
+    assert_eq!(n.phase(), Phase::Degraded);
+    assert!(d.actions.is_empty());
+    assert!(n.node.unschedulable, "stays cordoned");
+    assert!(n.status.slot.is_some(), "keeps its slot: halts the rollout");
+    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::ROLLED_BACK);
+    assert_eq!(n.cond(condition::DEGRADED).reason, reason::ROLLED_BACK);
+    // A retry proceeds as after any failure.
+    n.retry = Some("1".into());
+    let d = n.step(false, None, at(700));
+    assert_eq!(d.rows[0], Row::RetryRequested);
+}
+
+#[test]
+fn a_reboot_before_the_bless_is_reported_not_repeated() {
+    let mut n = mk_booted_once(SYS2);
+    n.step(false, None, at(60));
+    let g = n.status.activation.clone().unwrap();
+    // Power cut before the agent blessed: the default (SYS1) boots.
+    n.node.boot_id = Some("boot-3".into());
+    n.agent().boot_id = Some("boot-3".into());
+    n.agent().booted_system = Some(SYS1.into());
+    n.agent().current_system = Some(SYS1.into());
+    let d = n.step(false, None, at(70));
+    assert_eq!(d.rows, vec![Row::RebootedBeforeBless]);
+    assert_eq!(n.phase(), Phase::Degraded);
+    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::ROLLED_BACK);
+    assert!(n.status.failed.as_ref().unwrap().message.contains(&g.id));
+    assert!(d.actions.is_empty());
+    assert!(n.node.unschedulable);
+    // Nothing new is granted.
+    let d = n.step(false, None, at(800));
+    assert_eq!(d.rows, vec![Row::DegradedHeld]);
+    assert_eq!(n.status.activation.as_ref().unwrap().id, g.id);
+}
+
+#[test]
+fn a_reboot_before_the_bless_back_into_the_target_is_blessed_anew_and_a_failed_bless_degrades() {
+    let mut n = mk_booted_once(SYS2);
+    n.step(false, None, at(60));
+    let g = n.status.activation.clone().unwrap();
+    n.node.boot_id = Some("boot-3".into());
+    n.agent().boot_id = Some("boot-3".into());
+    let d = n.step(false, None, at(70));
+    assert_eq!(d.rows, vec![Row::BlessGranted]);
+    let g2 = n.status.activation.clone().unwrap();
+    assert_ne!(g2.id, g.id);
+    assert_eq!(g2.boot_id_before.as_deref(), Some("boot-3"));
+    n.agent().activation = Some(mk_report(
+        &g2.id,
+        ActivationAction::Bless,
+        ActivationState::Failed,
+        SYS2,
+    ));
+    let d = n.step(false, None, at(71));
+    assert_eq!(d.rows, vec![Row::BlessFailed]);
+    assert_eq!(
+        n.status.failed.as_ref().unwrap().reason,
+        reason::ACTIVATION_FAILED
+    );
+    assert!(n.node.unschedulable);
+}
+
+#[test]
+fn a_bless_that_never_comes_times_out() {
+    let mut n = mk_booted_once(SYS2);
+    n.step(false, None, at(60));
+    let d = n.step(
+        false,
+        None,
+        at(60 + Policy::default().timeouts.verifying.as_secs() + 1),
+    );
+    assert_eq!(d.rows, vec![Row::VerifyTimeout]);
+    assert_eq!(n.phase(), Phase::Degraded);
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! A simulated NixOS host: a directory laid out like `/` (boot id, `/run/booted-system`,
 //! `/run/current-system`, the system profile, `/boot/default-system` as the bootloader's
-//! default entry, a private Nix store under `nix/`) and a bootloader model for [`SimHost::reboot`].
+//! default entry, `/boot/oneshot-system` as its one-time entry (booted once, then removed), a private Nix store under `nix/`) and a bootloader model for [`SimHost::reboot`].
 //! The agent drives it through [`HostRoot`] (see [`SimHost::host_root`]).
 
 use std::collections::BTreeMap;
@@ -22,7 +22,8 @@ pub const SWITCH_HELD: &str = "var/lib/sim/switch-held";
 /// What goes wrong at the next reboots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootFault {
-    /// The bootloader falls back to the previous profile generation (new system did not boot).
+    /// The new system does not boot: with a one-shot entry, the machine comes back on the
+    /// default entry; without one, the bootloader falls back to the previous profile generation.
     FallbackToPrevious,
 }
 
@@ -161,10 +162,23 @@ impl SimHost {
     pub fn reboot(&self) -> Result<(), SimHostError> {
         self.reboots.fetch_add(1, Ordering::SeqCst);
         let fault = *self.fault.lock().map_err(|_| SimHostError::Boot("lock".into()))?;
-        let booted = match fault {
-            None => std::fs::read_link(self.root.join("boot/default-system"))
-                .map_err(io(&self.root.join("boot/default-system")))?,
-            Some(BootFault::FallbackToPrevious) => self.previous_generation()?,
+        let default = || {
+            std::fs::read_link(self.root.join("boot/default-system"))
+                .map_err(io(&self.root.join("boot/default-system")))
+        };
+        // The one-shot entry is consumed by this boot, whatever becomes of it.
+        let oneshot = self.root.join("boot/oneshot-system");
+        let once = std::fs::read_link(&oneshot).ok();
+        if once.is_some() {
+            std::fs::remove_file(&oneshot).map_err(io(&oneshot))?;
+        }
+        let booted = match (once, fault) {
+            (Some(system), None) => system,
+            // The new system panics (or hangs until the watchdog resets the machine): the
+            // next boot starts the default again.
+            (Some(_), Some(_)) => default()?,
+            (None, None) => default()?,
+            (None, Some(BootFault::FallbackToPrevious)) => self.previous_generation()?,
         };
         self.new_boot_id()?;
         symlink_force(&booted, &self.root.join("run/booted-system"))?;
@@ -276,6 +290,11 @@ impl SimHost {
     /// The bootloader's default entry.
     pub fn boot_default(&self) -> Option<String> {
         self.link("boot/default-system")
+    }
+
+    /// The entry set to boot once at the next boot, if any.
+    pub fn boot_oneshot(&self) -> Option<String> {
+        link(&self.root.join("boot/oneshot-system"))
     }
 
     /// The store path the system profile points at.
@@ -545,6 +564,25 @@ impl Nix for SimNix {
             let err = |e: SimHostError| nix_failed("nix-env --set", e.to_string());
             symlink_force(Path::new(system), &dir.join(&link_name)).map_err(err)?;
             symlink_force(Path::new(&link_name), &profile).map_err(err)
+        })
+    }
+
+    fn switch_generation<'a>(
+        &'a self,
+        profile: &'a Path,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<(), NixError>> {
+        Box::pin(async move {
+            let profile = self.local(profile);
+            let Some((_, link)) = self.generations(&profile).into_iter().find(|g| g.0 == generation) else {
+                return Err(nix_failed(
+                    "nix-env --switch-generation",
+                    format!("error: generation {generation} does not exist"),
+                ));
+            };
+            let name = link.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            symlink_force(Path::new(&name), &profile)
+                .map_err(|e| nix_failed("nix-env --switch-generation", e.to_string()))
         })
     }
 

@@ -38,6 +38,9 @@ impl NodeAgent {
             generation_before: self.profile_generation(),
             activated: None,
             boot_id_before: None,
+            default_before: self.profile_system(),
+            bootloader: None,
+            boot_once: None,
             exit_code: None,
             outcome: None,
             message: None,
@@ -115,6 +118,16 @@ impl NodeAgent {
                             ActivationState::NeedsReboot,
                             "switch-to-configuration switch exited 100: the new system needs a reboot".into(),
                         )?,
+                        (ActivationAction::Bless, 0 | 4) => {
+                            self.finish(st, ActivationState::Blessed, String::new())?
+                        }
+                        (ActivationAction::Boot, 0 | 4) if self.can_boot_once(&rec).is_some() => {
+                            let bootloader = self.can_boot_once(&rec);
+                            self.update(st, |r| {
+                                r.bootloader = bootloader;
+                                r.step = Step::KeepingDefault;
+                            })?;
+                        }
                         (_, 0 | 4) => self.request_reboot(st, &rec).await?,
                         (_, code) => self.finish(
                             st,
@@ -122,6 +135,43 @@ impl NodeAgent {
                             format!(
                                 "switch-to-configuration {verb} exited {code}{}",
                                 self.switch_log_tail(&rec)
+                            ),
+                        )?,
+                    }
+                }
+                Step::KeepingDefault => {
+                    if let Err(message) = self.keep_old_default(&rec).await {
+                        self.finish(st, ActivationState::Failed, message)?;
+                        continue;
+                    }
+                    self.update(st, |r| r.step = Step::SettingOneshot)?;
+                    self.crash(CrashPoint::AfterKeepDefault)?;
+                }
+                Step::SettingOneshot => {
+                    let Some(bootloader) = rec.bootloader else {
+                        self.finish(st, ActivationState::Failed, "no bootloader recorded".into())?;
+                        continue;
+                    };
+                    let system = self.host.cmd_path(Path::new(&rec.system));
+                    match crate::agent::bootloader::set_oneshot(
+                        self.host.as_ref(),
+                        bootloader,
+                        &system.to_string_lossy(),
+                    )
+                    .await
+                    {
+                        Ok(entry) => {
+                            tracing::info!(id = %rec.id, %entry, "the new system boots once; the old one stays the default");
+                            self.update(st, |r| r.boot_once = Some(entry))?;
+                            let rec = st.activation.clone().unwrap_or(rec);
+                            self.request_reboot(st, &rec).await?;
+                        }
+                        Err(e) => self.finish(
+                            st,
+                            ActivationState::Failed,
+                            format!(
+                                "cannot set the new system to boot once ({}): {e}; the old system stays the default and nothing was rebooted",
+                                bootloader.name()
                             ),
                         )?,
                     }
@@ -194,10 +244,40 @@ impl NodeAgent {
                 }
                 self.check_toplevel(&rec.system)?;
                 if self.profile_system().as_deref() != Some(rec.system.as_str()) {
-                    self.nix
+                    // A generation of this system already exists (a retry after a one-time
+                    // boot that was not blessed): go back to it rather than add another.
+                    match self.generation_of(&rec.system) {
+                        Some(g) => self.nix.switch_generation(profile, g).await,
+                        None => self.nix.set_profile(profile, &rec.system).await,
+                    }
+                    .map_err(|e| e.report())?;
+                }
+                Ok(rec.system.clone())
+            }
+            ActivationAction::Bless => {
+                // Only the system this boot started; the profile moves to its generation.
+                let booted = self.booted_system();
+                let system = resolve(self.host.as_ref(), Path::new(&rec.system))
+                    .map(|p| p.to_string_lossy().into_owned());
+                if booted.is_none() || booted != system {
+                    return Err(format!(
+                        "not made the default: the node runs {}, not {} (rebooted before the bless step?)",
+                        booted.as_deref().unwrap_or("nothing"),
+                        rec.system
+                    ));
+                }
+                match self.generation_of(&rec.system) {
+                    Some(g) if self.profile_generation() == Some(g) => {}
+                    Some(g) => self
+                        .nix
+                        .switch_generation(profile, g)
+                        .await
+                        .map_err(|e| e.report())?,
+                    None => self
+                        .nix
                         .set_profile(profile, &rec.system)
                         .await
-                        .map_err(|e| e.report())?;
+                        .map_err(|e| e.report())?,
                 }
                 Ok(rec.system.clone())
             }
@@ -210,6 +290,63 @@ impl NodeAgent {
                     .ok_or_else(|| "the system profile resolves to nothing".to_string())
             }
         }
+    }
+
+    /// The bootloader to boot the new system of a `Boot` grant once with, when that is possible:
+    /// one is detected, and an old system to keep as the default is known (and differs).
+    fn can_boot_once(&self, rec: &ActivationRecord) -> Option<crate::agent::bootloader::Bootloader> {
+        if let Some(b) = rec.bootloader {
+            return Some(b);
+        }
+        let old = rec.default_before.as_deref()?;
+        if old == rec.system || rec.generation_before.is_none() || self.options.no_boot_once {
+            return None;
+        }
+        crate::agent::bootloader::detect(self.host.as_ref())
+    }
+
+    /// Put the profile back on the generation before the grant and run the old system's
+    /// `switch-to-configuration boot`: the old system is the boot default again, and the new
+    /// generation keeps its entry (NixOS's bootloader installers write one per generation and
+    /// make the default the one of the system that runs the installer). Repeatable.
+    async fn keep_old_default(&self, rec: &ActivationRecord) -> Result<(), String> {
+        let (Some(old), Some(generation)) = (rec.default_before.as_deref(), rec.generation_before) else {
+            return Err("no previous default recorded".into());
+        };
+        if self.profile_generation() != Some(generation) {
+            self.nix
+                .switch_generation(Path::new(SYSTEM_PROFILE), generation)
+                .await
+                .map_err(|e| format!("keeping the old default: {}", e.report()))?;
+        }
+        match self.keep_default(rec, old).await {
+            Ok(0 | 4) => Ok(()),
+            Ok(code) => Err(format!(
+                "keeping the old default: switch-to-configuration boot of {old} exited {code}"
+            )),
+            Err(m) => Err(format!("keeping the old default: {m}")),
+        }
+    }
+
+    /// The newest generation of the system profile that points at `system`.
+    fn generation_of(&self, system: &str) -> Option<i64> {
+        let profile = self.host.fs_path(Path::new(SYSTEM_PROFILE));
+        let dir = profile.parent()?;
+        let want = resolve(self.host.as_ref(), Path::new(system))?;
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let n: i64 = name
+                    .strip_prefix("system-")?
+                    .strip_suffix("-link")?
+                    .parse()
+                    .ok()?;
+                let host = self.host.host_path(&e.path())?;
+                (resolve(self.host.as_ref(), &host)? == want).then_some(n)
+            })
+            .max()
     }
 
     /// A switchable NixOS toplevel has `nixos-version` and an executable
@@ -234,6 +371,6 @@ impl NodeAgent {
 pub(super) fn switch_verb(action: ActivationAction) -> &'static str {
     match action {
         ActivationAction::Switch => "switch",
-        ActivationAction::Boot | ActivationAction::Rollback => "boot",
+        ActivationAction::Boot | ActivationAction::Rollback | ActivationAction::Bless => "boot",
     }
 }

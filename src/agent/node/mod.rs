@@ -68,6 +68,8 @@ pub enum CrashPoint {
     BeforeReboot,
     /// Reboot requested, nothing reported yet.
     AfterReboot,
+    /// The old default restored (`Boot` with boot-once), the one-shot entry not yet set.
+    AfterKeepDefault,
 }
 
 /// Tunables of the host logic.
@@ -90,6 +92,12 @@ pub struct HostOptions {
     pub systemd_needs_reboot: bool,
     /// Caches and trusted keys for targets a builder built (`status.target.build`).
     pub substitution: crate::nix::Substitution,
+    /// Never boot a new system once: make it the default before the reboot (the behaviour
+    /// before boot-once; for hosts whose bootloader cannot boot once reliably).
+    pub no_boot_once: bool,
+    /// How many staged systems stay pinned (GC roots), the current target included: a revert
+    /// to one of them is staged without evaluation or build. At least 1.
+    pub keep_staged: usize,
 }
 
 impl Default for HostOptions {
@@ -102,6 +110,8 @@ impl Default for HostOptions {
             stage_retry_max: Duration::from_secs(30 * 60),
             systemd_needs_reboot: false,
             substitution: crate::nix::Substitution::default(),
+            no_boot_once: false,
+            keep_staged: 2,
         }
     }
 }
@@ -231,7 +241,10 @@ impl NodeAgent {
                     });
                     self.save(&st)?;
                 }
-            } else if !known && self.secrets_blocked() && g.action != ActivationAction::Rollback {
+            } else if !known
+                && self.secrets_blocked()
+                && !matches!(g.action, ActivationAction::Rollback | ActivationAction::Bless)
+            {
                 // Never activate a system whose secret files are missing (the controller does
                 // not grant then; this covers a Secret deleted right after the grant).
                 tracing::warn!(id = %g.id, "activation waits: secret files are missing on the host");

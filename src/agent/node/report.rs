@@ -52,6 +52,7 @@ impl NodeAgent {
         AgentStatus {
             booted_system: self.booted_system(),
             current_system: current,
+            default_system: self.profile_system(),
             profile_generation: self.profile_generation(),
             nixos_version,
             configuration_revision,
@@ -93,6 +94,7 @@ pub fn activation_report(r: &ActivationRecord, boot_id: Option<&str>) -> Activat
         exit_code: r.exit_code,
         units_failed: r.exit_code == Some(4) && state != ActivationState::Failed,
         message: r.message.clone(),
+        boot_once: r.boot_once.clone(),
         updated_at: Time(r.updated_at),
     }
 }

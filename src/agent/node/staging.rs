@@ -65,6 +65,30 @@ impl NodeAgent {
     }
 
     pub(super) async fn stage(&mut self, st: &mut HostState, t: &Target) -> Result<(), NodeError> {
+        let keep = self.options.keep_staged.saturating_sub(1);
+        if let Some(i) = st.pinned.iter().take(keep).position(|p| {
+            p.staged.revision == t.revision
+                && p.staged.installable == t.installable
+                && resolve(self.host.as_ref(), &p.gc_root).is_some()
+        }) {
+            // Staged before and still pinned (a revert): no evaluation, no build.
+            let mut rec = st.pinned.remove(i);
+            let booted = self.booted_system();
+            let current = self.current_system();
+            let reasons = self.reasons(booted.as_deref(), current.as_deref(), &rec.staged.system);
+            tracing::info!(revision = %t.revision, system = %rec.staged.system, "staged: still pinned from before, nothing evaluated or built");
+            rec.staged.reboot_required = !reasons.is_empty();
+            rec.staged.reboot_reasons = reasons;
+            rec.staged.staged_at = Some(Time(now()));
+            rec.compared_with = booted;
+            rec.compared_current = current;
+            let gc_root = rec.gc_root.clone();
+            self.push_pinned(st, rec);
+            self.remove_stale_roots(&gc_root, st);
+            st.clear_error_of(HostOperation::Stage);
+            self.failed_stage = None;
+            return self.save(st);
+        }
         let gc_root = Path::new(GCROOTS_DIR).join(format!("system-{}", sanitize(&t.revision)));
         tracing::info!(
             revision = %t.revision,
@@ -93,9 +117,8 @@ impl NodeAgent {
                 let booted = self.booted_system();
                 let current = self.current_system();
                 let reasons = self.reasons(booted.as_deref(), current.as_deref(), &system);
-                self.remove_stale_roots(&gc_root);
                 tracing::info!(%system, ?reasons, "staged");
-                st.staged = Some(StagedRecord {
+                let rec = StagedRecord {
                     staged: StagedSystem {
                         revision: t.revision.clone(),
                         installable: t.installable.clone(),
@@ -105,10 +128,12 @@ impl NodeAgent {
                         reboot_reasons: reasons,
                         staged_at: Some(Time(now())),
                     },
-                    gc_root,
+                    gc_root: gc_root.clone(),
                     compared_with: booted,
                     compared_current: current,
-                });
+                };
+                self.push_pinned(st, rec);
+                self.remove_stale_roots(&gc_root, st);
                 st.clear_error_of(HostOperation::Stage);
                 self.failed_stage = None;
             }
@@ -150,15 +175,37 @@ impl NodeAgent {
         self.save(st)
     }
 
-    /// Remove every root in the gcroots directory except `keep` (superseded targets).
-    fn remove_stale_roots(&self, keep: &Path) {
+    /// `rec` becomes the staged system; the one staged before joins the pinned ones (newest
+    /// first, at most `keep_staged - 1`, none for the same target as `rec`).
+    fn push_pinned(&self, st: &mut HostState, rec: StagedRecord) {
+        let same = |a: &StagedRecord, b: &StagedRecord| {
+            a.staged.revision == b.staged.revision && a.staged.installable == b.staged.installable
+        };
+        if let Some(prev) = st.staged.take()
+            && !same(&prev, &rec)
+        {
+            st.pinned.insert(0, prev);
+        }
+        st.pinned.retain(|p| !same(p, &rec));
+        st.pinned.truncate(self.options.keep_staged.saturating_sub(1));
+        st.staged = Some(rec);
+    }
+
+    /// Remove every root in the gcroots directory except `keep` and the pinned systems' roots
+    /// (superseded targets beyond `keep_staged`).
+    fn remove_stale_roots(&self, keep: &Path, st: &HostState) {
         let dir = self.host.fs_path(Path::new(GCROOTS_DIR));
-        let keep_name = keep.file_name();
+        let mut keep_names: Vec<_> = st
+            .pinned
+            .iter()
+            .filter_map(|p| p.gc_root.file_name().map(|n| n.to_os_string()))
+            .collect();
+        keep_names.extend(keep.file_name().map(|n| n.to_os_string()));
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return;
         };
         for e in entries.flatten() {
-            if Some(e.file_name().as_os_str()) != keep_name
+            if !keep_names.contains(&e.file_name())
                 && let Err(err) = std::fs::remove_file(e.path())
             {
                 tracing::warn!(path = %e.path().display(), error = %err, "cannot remove stale GC root");

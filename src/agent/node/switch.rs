@@ -24,13 +24,33 @@ impl NodeAgent {
     /// Launch `switch-to-configuration` detached (at most once per grant, guarded by a lock
     /// directory the wrapper creates) and wait for its result file.
     pub(super) async fn switch(&self, rec: &ActivationRecord) -> Result<i32, String> {
-        let name = job_name(rec);
+        let system = rec.activated.clone().unwrap_or_else(|| rec.system.clone());
+        self.run_job(rec, &job_name(rec), &system, switch_verb(rec.action))
+            .await
+    }
+
+    /// `switch-to-configuration boot` of the old default after the new system's, so the old
+    /// one stays the boot default (its own detached job, `<id>-keep`).
+    pub(super) async fn keep_default(&self, rec: &ActivationRecord, old: &str) -> Result<i32, String> {
+        self.run_job(rec, &format!("{}-keep", sanitize(&rec.id)), old, "boot")
+            .await
+    }
+
+    /// Run `<system>/bin/switch-to-configuration <verb>` as the detached job `name` (at most
+    /// once: a lock directory guards it) and wait for its result file.
+    async fn run_job(
+        &self,
+        rec: &ActivationRecord,
+        name: &str,
+        system: &str,
+        verb: &str,
+    ) -> Result<i32, String> {
+        let name = name.to_string();
         let dir = Path::new(ACTIVATION_DIR);
         let result = self.job_file(&name, "result");
         if let Some(code) = read_result(&result) {
             return Ok(code);
         }
-        let system = rec.activated.clone().unwrap_or_else(|| rec.system.clone());
         let started = self.job_file(&name, "started");
         if !started.exists() {
             self.wait_for_other_activators_quietly().await?;
@@ -44,9 +64,9 @@ impl NodeAgent {
                 self.host.cmd_path(dir).into(),
                 name.clone().into(),
                 self.host.cmd_path(&script).into(),
-                switch_verb(rec.action).into(),
+                verb.into(),
             ];
-            tracing::info!(id = %rec.id, %system, verb = switch_verb(rec.action), "launching switch-to-configuration");
+            tracing::info!(id = %rec.id, %system, verb, "launching switch-to-configuration");
             self.host
                 .spawn_detached(DetachedJob {
                     name: name.clone(),

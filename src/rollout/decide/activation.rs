@@ -153,7 +153,8 @@ impl Ctx<'_, '_> {
                 );
                 false
             }
-            Some((ActivationState::Running, _)) | None => {
+            // `Blessed` answers a Bless grant, which is never made in Activating.
+            Some((ActivationState::Running | ActivationState::Blessed, _)) | None => {
                 // No word from the agent: the timeout counts from the grant. While the agent
                 // reports the switch running, its verdict is waited for: the agent stops a
                 // switch that outlives its own activation timeout and reports `Failed` with

@@ -5,7 +5,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{Ctx, UNCORDON_RECHECK, add, short_rev};
-use crate::api::{ActivationAction, ActivationState, HistoryEntry, Phase, RebootPolicy};
+use crate::api::{ActivationAction, ActivationGrant, ActivationState, HistoryEntry, Phase, RebootPolicy};
 use crate::rollout::{Action, Row, reason};
 
 impl Ctx<'_, '_> {
@@ -18,6 +18,10 @@ impl Ctx<'_, '_> {
             return false;
         };
         let g = self.st.activation.clone();
+        if let Some(g) = g.as_ref().filter(|g| g.action == ActivationAction::Bless) {
+            return self.blessing(g.clone(), target_sys);
+        }
+        let boot_once = self.report().and_then(|r| r.boot_once.clone());
         let expect_reboot = g.as_ref().is_some_and(|g| g.action != ActivationAction::Switch);
         let agent = self.agent;
         let booted = agent.and_then(|a| a.booted_system.clone());
@@ -27,6 +31,17 @@ impl Ctx<'_, '_> {
         if let (true, Some(g)) = (expect_reboot, g.as_ref()) {
             if !self.boot_changed(g) || !self.agent_booted_again(g) {
                 waiting_for = "the agent to report from the new boot".into();
+            } else if booted.as_deref() != Some(target_sys.as_str()) && boot_once.is_some() {
+                let got = booted.unwrap_or_else(|| "nothing".into());
+                self.took(Row::RolledBack);
+                self.fail(
+                    reason::ROLLED_BACK,
+                    format!(
+                        "the one-time boot of {target_sys} ({}) did not come up; the node went back to its default {got}, which it runs now",
+                        boot_once.unwrap_or_default()
+                    ),
+                );
+                return false;
             } else if booted.as_deref() != Some(target_sys.as_str()) {
                 let got = booted.unwrap_or_else(|| "nothing".into());
                 self.took(Row::BootedWrongSystem);
@@ -37,6 +52,10 @@ impl Ctx<'_, '_> {
                 return false;
             } else if !ready {
                 waiting_for = "the Node to become Ready".into();
+            } else if let Some(entry) = boot_once {
+                self.took(Row::BlessGranted);
+                self.grant_bless(&target_sys, &format!("booted {entry} once; "));
+                return false;
             } else {
                 self.took(Row::Verified);
                 self.succeed(true, "rebooted into the new system");
@@ -77,6 +96,115 @@ impl Ctx<'_, '_> {
         self.took(Row::VerifyingWait);
         self.st.message = Some(format!("verifying: waiting for {waiting_for}"));
         self.reason = reason::VERIFYING.into();
+        self.wake_at(deadline);
+        false
+    }
+
+    /// Grant the bless step: make the booted target the boot default. The node stays in
+    /// `Verifying` (the verify timeout keeps running) and cordoned.
+    fn grant_bless(&mut self, system: &str, why: &str) {
+        let mut id = format!("{}-bless-{}", self.rev8(), self.now.as_millisecond());
+        if self.st.activation.as_ref().is_some_and(|g| g.id == id) {
+            id.push_str("-2");
+        }
+        let boot_id_before = self
+            .agent
+            .and_then(|a| a.boot_id.clone())
+            .or_else(|| self.view.node.boot_id.clone());
+        self.st.activation = Some(ActivationGrant {
+            id: id.clone(),
+            action: ActivationAction::Bless,
+            system: system.to_string(),
+            granted_at: Time(self.now),
+            boot_id_before,
+        });
+        let msg = format!(
+            "{why}verified; bless {id} granted: make {} the boot default",
+            crate::api::short_system(system)
+        );
+        self.note(reason::BLESSING, msg.clone(), false);
+        self.enter(Phase::Verifying, reason::BLESSING, msg);
+        self.wake_at(add(self.since(), self.policy.timeouts.verifying));
+    }
+
+    /// Verifying with a `Bless` grant: success once the agent reports `Blessed` (and the target
+    /// still runs, Ready); a reboot before that ends on the old default (`RolledBack`).
+    fn blessing(&mut self, g: ActivationGrant, target_sys: String) -> bool {
+        let agent = self.agent;
+        let booted = agent.and_then(|a| a.booted_system.clone());
+        let report = self.report().map(|r| (r.state, r.message.clone()));
+        let rebooted = self.agent_booted_again(&g)
+            || self
+                .view
+                .node
+                .boot_id
+                .as_deref()
+                .zip(g.boot_id_before.as_deref())
+                .is_some_and(|(n, b)| n != b);
+        let blessed = report
+            .as_ref()
+            .is_some_and(|(s, _)| *s == ActivationState::Blessed);
+        if rebooted && !blessed {
+            if booted.as_deref() == Some(target_sys.as_str()) {
+                if self.agent_booted_again(&g) {
+                    // Still (or again) the target: bless in this boot.
+                    self.took(Row::BlessGranted);
+                    self.grant_bless(&target_sys, "rebooted into the target again; ");
+                    return false;
+                }
+            } else if self.agent_booted_again(&g) {
+                let got = booted.unwrap_or_else(|| "nothing".into());
+                self.took(Row::RebootedBeforeBless);
+                self.fail(
+                    reason::ROLLED_BACK,
+                    format!(
+                        "the node rebooted before {target_sys} was made the default (bless {}); it booted its default {got}, which it runs now",
+                        g.id
+                    ),
+                );
+                return false;
+            }
+        }
+        let waiting_for = match report {
+            Some((ActivationState::Blessed, _)) => {
+                if booted.as_deref() != Some(target_sys.as_str()) {
+                    "the agent to report the blessed system booted".to_string()
+                } else if !self.view.node.ready {
+                    "the Node to become Ready".to_string()
+                } else {
+                    self.took(Row::Blessed);
+                    self.succeed(
+                        true,
+                        "booted once into the new system, verified, made it the default",
+                    );
+                    return false;
+                }
+            }
+            Some((ActivationState::Failed, m)) => {
+                self.took(Row::BlessFailed);
+                self.fail(
+                    reason::ACTIVATION_FAILED,
+                    format!("bless {} failed: {}", g.id, m.unwrap_or_default()),
+                );
+                return false;
+            }
+            _ => format!("the agent to make the new system the default (bless {})", g.id),
+        };
+        let deadline = add(self.since(), self.policy.timeouts.verifying);
+        if self.now >= deadline {
+            self.took(Row::VerifyTimeout);
+            self.fail(
+                reason::VERIFY_TIMEOUT,
+                format!(
+                    "not verified within {}: still waiting for {waiting_for}",
+                    self.policy.timeouts.verifying
+                ),
+            );
+            return false;
+        }
+        self.took(Row::VerifyingWait);
+        self.st.message = Some(format!("verifying: waiting for {waiting_for}"));
+        self.reason = reason::BLESSING.into();
         self.wake_at(deadline);
         false
     }
