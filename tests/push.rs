@@ -13,6 +13,9 @@ use nixroll::sim::cluster::Timing;
 use nixroll::sim::world::{NixMode, World, WorldOptions};
 use serde_json::json;
 
+mod common;
+use common::webhook::{hmac_hex, http};
+
 const WAIT: Duration = Duration::from_secs(60);
 
 fn opts() -> WorldOptions {
@@ -126,7 +129,7 @@ async fn requested_at_resolves_at_once() {
 
 // ---- The webhook receiver, with real HTTP requests.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
@@ -157,50 +160,6 @@ fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
         buf
     })
     .clone()
-}
-
-/// One HTTP/1.1 request over a fresh connection: (status, body).
-fn http(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, String)],
-    body: &[u8],
-) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) and close before reading all of a large body.
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn hmac_hex(key: &str, body: &[u8]) -> String {
-    let tag = ring::hmac::sign(
-        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes()),
-        body,
-    );
-    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A signed GitHub push resolves at once; GitLab's token and Gitea's signature too; a wrong

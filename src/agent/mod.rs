@@ -18,8 +18,8 @@
 //! * [`secrets`]: the Secrets named in `spec.secrets` (one watch each) and writing their files.
 //! * [`watch`]: host changes (system links repointed by someone else) reported promptly.
 
-pub mod building;
 pub mod bootloader;
+pub mod building;
 pub mod host;
 pub mod node;
 pub mod secrets;

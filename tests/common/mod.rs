@@ -7,6 +7,7 @@ pub mod chart;
 pub mod host;
 pub mod objects;
 pub mod signing;
+pub mod webhook;
 pub mod world;
 
 /// Whether `program args…` runs and exits 0.

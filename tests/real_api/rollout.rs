@@ -233,6 +233,12 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
         LeaderElectionConfig::new("nixroll-system", nixroll::names::LEADER_LEASE, "real-api-1");
     election.renew_period = Duration::from_secs(1);
     config.leader_election = Some(election);
+    // The push webhook receiver, so that deploy/'s grants for it (the webhook Secret, patching
+    // FlakeSources) are used below.
+    config.webhook = Some(nixroll::controller::webhook::WebhookConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+    ));
+    let webhook_bound = config.webhook_bound.clone();
     let controller = world.start_controller(config).await.unwrap();
     wait_nodes(&world, "adoption", runs(&head)).await;
     let file = world
@@ -321,6 +327,39 @@ async fn rollout_secrets_and_following_under_deploy_rbac() {
         world.apply(&n.name, &spec).await.unwrap();
     }
     wait_nodes(&world, "following the branch", runs(&followed)).await;
+
+    // A push announced by a signed GitHub webhook: the receiver (under deploy/'s role) reads
+    // its Secret, annotates the FlakeSource, and the source resolves at once (its interval is
+    // 30 s).
+    let token = "real-api-webhook-token";
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("nixroll-webhook", &[("token", token)]),
+        )
+        .await
+        .unwrap();
+    let pushed = world
+        .commit("a pushed change", |s| s.service.push_str("-push"))
+        .unwrap();
+    let addr = *webhook_bound.get().unwrap();
+    let body = serde_json::to_vec(&json!({"ref": format!("refs/heads/{branch}"),
+        "repository": {"clone_url": format!("file://{}", repo.display())}}))
+    .unwrap();
+    let headers = vec![
+        ("X-GitHub-Event", "push".to_string()),
+        (
+            "X-Hub-Signature-256",
+            format!("sha256={}", crate::common::webhook::hmac_hex(token, &body)),
+        ),
+    ];
+    let (code, _) = tokio::task::spawn_blocking(move || {
+        crate::common::webhook::http(addr, "POST", "/hook/github", &headers, &body)
+    })
+    .await
+    .unwrap();
+    assert!((200..300).contains(&code), "webhook answered {code}");
+    wait_nodes(&world, "the pushed commit", runs(&pushed)).await;
 
     assert_eq!(monitor.violations(), Vec::<String>::new());
     assert_eq!(monitor.max_concurrent(), 1);
