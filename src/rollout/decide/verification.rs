@@ -81,23 +81,7 @@ impl Ctx<'_, '_> {
                 return false;
             }
         }
-        let deadline = add(self.since(), self.policy.timeouts.verifying);
-        if self.now >= deadline {
-            self.took(Row::VerifyTimeout);
-            self.fail(
-                reason::VERIFY_TIMEOUT,
-                format!(
-                    "not verified within {}: still waiting for {waiting_for}",
-                    self.policy.timeouts.verifying
-                ),
-            );
-            return false;
-        }
-        self.took(Row::VerifyingWait);
-        self.st.message = Some(format!("verifying: waiting for {waiting_for}"));
-        self.reason = reason::VERIFYING.into();
-        self.wake_at(deadline);
-        false
+        self.wait_verifying(&waiting_for, reason::VERIFYING)
     }
 
     /// Grant the bless step: make the booted target the boot default. The node stays in
@@ -190,6 +174,12 @@ impl Ctx<'_, '_> {
             }
             _ => format!("the agent to make the new system the default (bless {})", g.id),
         };
+        self.wait_verifying(&waiting_for, reason::BLESSING)
+    }
+
+    /// Still verifying (`waiting_for` says on what, `why` is the reason shown): wait until the
+    /// verify deadline, then fail with `VerifyTimeout`.
+    fn wait_verifying(&mut self, waiting_for: &str, why: &str) -> bool {
         let deadline = add(self.since(), self.policy.timeouts.verifying);
         if self.now >= deadline {
             self.took(Row::VerifyTimeout);
@@ -204,7 +194,7 @@ impl Ctx<'_, '_> {
         }
         self.took(Row::VerifyingWait);
         self.st.message = Some(format!("verifying: waiting for {waiting_for}"));
-        self.reason = reason::BLESSING.into();
+        self.reason = why.into();
         self.wake_at(deadline);
         false
     }
