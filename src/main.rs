@@ -820,8 +820,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => nixroll::api::all_crds_yaml(),
             }
             .context("cannot render the CRDs")?;
-            print!("{yaml}");
-            Ok(ExitCode::SUCCESS)
+            // `nixroll crd | head` closes the pipe early: that is the reader's choice, not an
+            // error (print! would panic on it).
+            use std::io::Write;
+            match std::io::stdout().lock().write_all(yaml.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(anyhow::Error::new(e).context("writing the CRDs to stdout"))
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Controller(args) => {
             run_controller(args)?;

@@ -319,3 +319,24 @@ async fn the_demo_serves_the_controllers_metrics_at_the_url_it_prints() {
     assert!(text.contains("nixroll_build_info{version="), "{text}");
     assert!(text.contains("\nnixroll_nodes{phase="), "{text}");
 }
+
+/// `nixroll crd | head -n 1`: the reader closes the pipe early; nixroll stops quietly with 0
+/// (it panicked with "failed printing to stdout: Broken pipe" and a backtrace).
+#[test]
+fn crd_into_a_pipe_closed_early_exits_cleanly() {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .arg("crd")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The read end is dropped here: the rest of the output meets a closed pipe.
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
