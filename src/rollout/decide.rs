@@ -17,6 +17,7 @@
 
 mod activation;
 mod conditions;
+pub(crate) use conditions::set_condition;
 mod draining;
 mod failure;
 mod staging;

@@ -12,7 +12,7 @@
 
 mod admit;
 pub mod build;
-mod decide;
+pub(crate) mod decide;
 pub mod pools;
 mod rows;
 pub mod window;

@@ -17,10 +17,10 @@
 //! The cluster-wide rules hold across pools: the pause, the failure threshold, staging first,
 //! never two control-plane nodes at once and none while another is unavailable.
 
+use crate::rollout::decide::set_condition;
 use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::admit::{budget, is_degraded, is_unavailable};
@@ -511,34 +511,4 @@ pub fn pool_status(
         message
     });
     st
-}
-
-fn set_condition(
-    conds: &mut Vec<Condition>,
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-    now: Timestamp,
-    generation: i64,
-) {
-    let status = if status { "True" } else { "False" };
-    if let Some(c) = conds.iter_mut().find(|c| c.type_ == type_) {
-        if c.status != status {
-            c.last_transition_time = Time(now);
-            c.status = status.to_owned();
-        }
-        c.reason = reason.to_owned();
-        c.message = message.to_owned();
-        c.observed_generation = Some(generation);
-    } else {
-        conds.push(Condition {
-            type_: type_.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message: message.to_owned(),
-            last_transition_time: Time(now),
-            observed_generation: Some(generation),
-        });
-    }
 }

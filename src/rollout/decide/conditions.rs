@@ -199,7 +199,8 @@ pub fn invalid_spec_status(
     st
 }
 
-fn set_condition(
+/// Set condition `type_` in `conds`: its transition time moves only when its status changes.
+pub(crate) fn set_condition(
     conds: &mut Vec<Condition>,
     type_: &str,
     status: bool,
