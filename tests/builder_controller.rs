@@ -10,10 +10,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use nixroll::api::{NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
 use nixroll::sim::world::{NixMode, World};
@@ -26,35 +24,7 @@ async fn wait_for(
     what: &str,
     pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
 ) -> BTreeMap<String, NixOSNode> {
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let mut seen = BTreeMap::new();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let res = tokio::time::timeout(WAIT, async {
-        while let Ok(Some(o)) = stream.try_next().await {
-            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            if pred(&seen) {
-                return;
-            }
-        }
-    })
-    .await;
-    if res.is_err() {
-        let table: Vec<String> = seen
-            .values()
-            .map(|o| {
-                let s = o.status.clone().unwrap_or_default();
-                format!(
-                    "{:?} {:?} {:?} {:?} {:?}",
-                    o.metadata.name, s.phase, s.message, s.target, s.builds
-                )
-            })
-            .collect();
-        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
-    }
-    seen
+    common::world::watch_nodes(world, what, WAIT, pred, |_| {}).await
 }
 
 fn all_on(rev: &str) -> impl Fn(&BTreeMap<String, NixOSNode>) -> bool + '_ {

@@ -147,38 +147,10 @@ pub async fn wait_nodes(
     world: &World,
     what: &str,
     pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
-    mut check: impl FnMut(&BTreeMap<String, NixOSNode>),
+    check: impl FnMut(&BTreeMap<String, NixOSNode>),
 ) -> BTreeMap<String, NixOSNode> {
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let mut seen = BTreeMap::new();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let res = tokio::time::timeout(WAIT, async {
-        while let Ok(Some(o)) = stream.try_next().await {
-            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            check(&seen);
-            if seen.len() >= world.nodes.len() && pred(&seen) {
-                return;
-            }
-        }
-    })
-    .await;
-    if res.is_err() {
-        let table: Vec<String> = seen
-            .values()
-            .map(|o| {
-                let s = status_of(o);
-                format!(
-                    "{:?} {:?} {:?} {:?}",
-                    o.metadata.name, s.phase, s.revision, s.message
-                )
-            })
-            .collect();
-        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
-    }
-    seen
+    let all = world.nodes.len();
+    super::world::watch_nodes(world, what, WAIT, |m| m.len() >= all && pred(m), check).await
 }
 
 /// Every node of `world` is up to date on `rev`.
