@@ -675,6 +675,7 @@ impl Sim {
             cordon_mark: n.cordoned_by == Some(Who::Nixroll),
             control_plane: n.control_plane,
             boot_id: Some(format!("boot-{}-{}", n.name, n.host.boot_seq)),
+            ..NodeObservation::default()
         }
     }
 

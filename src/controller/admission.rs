@@ -245,6 +245,7 @@ mod tests {
                 cordoned_by_nixroll: false,
                 drain_started_at: None,
                 forced: false,
+                verified_at: None,
             }),
             ..NixOSNodeStatus::default()
         }

@@ -88,11 +88,12 @@ pub(super) fn admit(
             pool_budget(pools, p, members.len(), policy).saturating_sub(unavailable)
         })
         .collect();
-    // Control-plane nodes that are unavailable, by index (cluster-wide, across pools).
+    // Control-plane nodes that are unavailable, by index (cluster-wide, across pools): a k3s
+    // server that is not a healthy etcd voter (its `EtcdIsVoter` condition False) counts too.
     let cp_unavailable: Vec<usize> = nodes
         .iter()
         .enumerate()
-        .filter(|(_, v)| v.node.control_plane && is_unavailable(v))
+        .filter(|(_, v)| v.node.control_plane && (is_unavailable(v) || v.node.etcd_voter == Some(false)))
         .map(|(i, _)| i)
         .collect();
 

@@ -9,7 +9,8 @@
 //!   rolls exactly as before);
 //! * a node selected by two or more pools is never admitted, and counts against the budget of
 //!   every pool that selects it while it is unavailable;
-//! * a paused (or invalid) pool admits nothing new;
+//! * a paused (or invalid) pool admits nothing new, nor does a pool with a Degraded node (a
+//!   post-gate that timed out, or any other failure), whatever `--failure-threshold` says;
 //! * a pool with `after` admits a node for revision R only once every node of each named pool
 //!   runs R, is UpToDate, Ready, schedulable and not Degraded, and the last of them finished R
 //!   at least `soak` ago. A named pool that does not exist or selects no node blocks.
@@ -42,7 +43,14 @@ pub mod pool_reason {
     pub const IDLE: &str = "Idle";
     pub const GATE_BLOCKING: &str = "GateBlocking";
     /// The reasons of `Updating` under which the pool admits nothing.
-    pub const BLOCKING: [&str; 5] = [WAITING_FOR_POOL, SOAKING, PAUSED, INVALID_SPEC, GATE_BLOCKING];
+    pub const BLOCKING: [&str; 6] = [
+        WAITING_FOR_POOL,
+        SOAKING,
+        PAUSED,
+        INVALID_SPEC,
+        GATE_BLOCKING,
+        NODE_DEGRADED,
+    ];
 }
 
 /// One pool as the gate sees it.
@@ -235,6 +243,29 @@ pub fn pool_blocker(
     }
     if pool.paused {
         return Some((pool_reason::PAUSED, "paused (spec.paused)".to_owned()));
+    }
+    let degraded: Vec<&str> = pools
+        .members(Some(p), nodes)
+        .into_iter()
+        .filter(|&i| is_degraded(&nodes[i]))
+        .map(|i| nodes[i].name)
+        .collect();
+    if !degraded.is_empty() {
+        let reasons: Vec<String> = degraded
+            .iter()
+            .filter_map(|n| nodes.iter().find(|v| v.name == *n))
+            .map(|v| {
+                let why = v.status.failed.as_ref().map_or("Failed", |f| f.reason.as_str());
+                format!("{} ({why})", v.name)
+            })
+            .collect();
+        return Some((
+            pool_reason::NODE_DEGRADED,
+            format!(
+                "halted: {} Degraded; the pool admits nothing until it is fixed or retried",
+                reasons.join(", ")
+            ),
+        ));
     }
     if let Some(why) = pools.gate_blocks.get(&pool.name) {
         return Some((pool_reason::GATE_BLOCKING, why.clone()));

@@ -235,6 +235,7 @@ impl Ctx<'_, '_> {
                 cordoned_by_nixroll: cordon_now,
                 drain_started_at: Some(Time(self.now)),
                 forced: false,
+                verified_at: None,
             },
         };
         self.st.slot = Some(slot);
