@@ -52,7 +52,7 @@ use nixroll::api::{
 use nixroll::rollout::{
     Action, ClusterState, Decision, DrainProgress, GateObservation, GateVerdict, K3S_GATE, MaxUnavailable,
     NodeObservation, NodeView, PODS_GATE, Policy, Pools, Row, admit, budget, condition, decide, is_admitted,
-    reason, window,
+    needs_post_gates, reason, window,
 };
 
 const FLAKE: &str = "git+https://git.example.org/infra.git";
@@ -1630,7 +1630,7 @@ impl Sim {
                 self.drain_mem.remove(&i);
             }
             let mut o = self.obs(i);
-            if self.nodes[i].status.phase == Some(Phase::Verifying) {
+            if needs_post_gates(&self.nodes[i].status) {
                 o.post_gates = self.post_gates_of(i);
             }
             // As the controller must: the node is admitted when it is Waiting and the gate
@@ -1938,7 +1938,7 @@ impl Sim {
         // (and may be uncordoned, its slot freed) only when k3s reports a server a healthy etcd
         // voter, every pod on the node is Ready, and the last evaluation of each of its pools'
         // gates passed and was made after the node was verified.
-        if was == Phase::Verifying && now_ph == Phase::UpToDate {
+        if d.rows.iter().any(|r| matches!(r, Row::Verified | Row::Blessed)) {
             let since = before
                 .slot
                 .as_ref()

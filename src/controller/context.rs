@@ -34,10 +34,9 @@ pub struct Context {
     pub(super) pause: Store<ConfigMap>,
     /// NixOSPools (empty when there are none or their CRD is not installed).
     pub(super) pools: Store<NixOSPool>,
-    /// The last verdict of each pool's health gates (pool → gate → verdict).
-    pub(super) gate_verdicts: std::sync::Mutex<
-        std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::gates::Verdict>>,
-    >,
+    /// The last verdict of each pool's health gates and when it was made (pool → gate →
+    /// (verdict, evaluated at)).
+    pub(super) gate_verdicts: std::sync::Mutex<super::pools::GateVerdicts>,
     pub(super) synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     pub(super) admission: Mutex<PendingWrites>,

@@ -21,6 +21,9 @@ use crate::rollout::{NodeObservation, NodeView, Pools, pool_status};
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
+/// The last verdict of each health gate and when it was made: pool → gate → (verdict, at).
+pub(crate) type GateVerdicts = BTreeMap<String, BTreeMap<String, (Verdict, Timestamp)>>;
+
 /// The pools from the cache, with every node in `objs` assigned by its labels.
 pub(super) fn build_pools(pools: &[Arc<NixOSPool>], objs: &[Arc<NixOSNode>]) -> Pools {
     let mut sorted: Vec<&NixOSPool> = pools.iter().map(AsRef::as_ref).collect();
@@ -53,14 +56,14 @@ fn gate_names(spec: &crate::api::NixOSPoolSpec) -> impl Iterator<Item = &str> {
 pub(super) fn apply_verdicts(
     pools: &mut Pools,
     pool_objs: &[Arc<NixOSPool>],
-    verdicts: &BTreeMap<String, BTreeMap<String, Verdict>>,
+    verdicts: &GateVerdicts,
 ) {
     for p in pool_objs {
         let name = p.metadata.name.clone().unwrap_or_default();
         let of_pool = verdicts.get(&name);
         let why = gate_names(&p.spec).find_map(|g| match of_pool.and_then(|v| v.get(g)) {
-            Some(Verdict::Pass) => None,
-            Some(Verdict::Block(why)) => Some(format!("health gate {g}: {why}")),
+            Some((Verdict::Pass, _)) => None,
+            Some((Verdict::Block(why), _)) => Some(format!("health gate {g}: {why}")),
             None => Some(format!("health gate {g} not evaluated yet")),
         });
         if let Some(why) = why {
@@ -90,22 +93,28 @@ impl Context {
         if !self.leading.load(std::sync::atomic::Ordering::SeqCst) || !self.synced.is_synced() {
             return;
         }
-        let mut next: BTreeMap<String, BTreeMap<String, Verdict>> = BTreeMap::new();
+        let mut next = GateVerdicts::new();
         for p in self.pools.state() {
             let name = p.metadata.name.clone().unwrap_or_default();
-            let mut verdicts: Vec<(String, Verdict)> = Vec::new();
+            // Each verdict carries when its evaluation started: a pass counts as a post-gate
+            // only when it started after the node was verified.
+            let mut verdicts: Vec<(String, Verdict, Timestamp)> = Vec::new();
             for g in p.spec.health_gates.iter().flat_map(|h| h.cel.iter()) {
-                verdicts.push((g.name.clone(), crate::gates::cel::check(&self.client, g).await));
+                let started = Timestamp::now();
+                let v = crate::gates::cel::check(&self.client, g).await;
+                verdicts.push((g.name.clone(), v, started));
             }
             for g in p.spec.health_gates.iter().flat_map(|h| h.prometheus.iter()) {
-                verdicts.push((g.name.clone(), crate::gates::prometheus::check(g).await));
+                let started = Timestamp::now();
+                let v = crate::gates::prometheus::check(g).await;
+                verdicts.push((g.name.clone(), v, started));
             }
-            for (gate, v) in verdicts {
+            for (gate, v, at) in verdicts {
                 self.metrics.set_gate(&name, &gate, v == Verdict::Pass);
                 if let Verdict::Block(why) = &v {
                     debug!(pool = %name, %gate, %why, "health gate blocks");
                 }
-                next.entry(name.clone()).or_default().insert(gate, v);
+                next.entry(name.clone()).or_default().insert(gate, (v, at));
             }
         }
         if let Ok(mut v) = self.gate_verdicts.lock() {

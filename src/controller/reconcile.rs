@@ -85,8 +85,9 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         }
     };
     let now = Timestamp::now();
-    let (observation, node_version) = ctx.observe_versioned(&name);
+    let (mut observation, node_version) = ctx.observe_versioned(&name);
     let stored = obj.status.clone().unwrap_or_default();
+
 
     // Our own last write is the truth while the store lags behind it.
     let mut gate = ctx.admission.lock().await;
@@ -109,6 +110,10 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     };
 
     let status = super::build::with_builder_failure(ctx, &obj, status, now);
+    // The post-gates (its pools' health gates, its pods) of a node this decision may verify.
+    if crate::rollout::needs_post_gates(&status) {
+        observation.post_gates = ctx.post_gates(&obj, &observation, now).await;
+    }
     let drain_progress = if status.phase == Some(Phase::Draining) {
         ctx.drain_progress(&name)
     } else {

@@ -95,7 +95,7 @@ pub mod reason {
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::api::{NixOSNodeSpec, NixOSNodeStatus};
+use crate::api::{NixOSNodeSpec, NixOSNodeStatus, Phase};
 
 /// Cluster-wide budget of unavailable nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +192,14 @@ pub struct NodeObservation {
 pub const K3S_GATE: &str = "k3s-etcd-voter";
 /// The name of the built-in post-gate over the node's own pods (every one Ready again).
 pub const PODS_GATE: &str = "node-pods";
+
+/// Whether a decision over a node with this status may find it verified (and so needs its
+/// post-gates in [`NodeObservation::post_gates`]): it holds a slot and is past its drain. One
+/// decision can go from `Activating` or `Rebooting` (or from `Degraded` through a retry of a
+/// system that already runs) all the way to `UpToDate`, so "is `Verifying`" is not enough.
+pub fn needs_post_gates(status: &NixOSNodeStatus) -> bool {
+    status.slot.is_some() && !matches!(status.phase, Some(Phase::Waiting | Phase::Draining))
+}
 
 /// One post-gate of a node as the controller last observed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
