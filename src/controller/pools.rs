@@ -8,13 +8,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use jiff::Timestamp;
-use kube::Resource;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use kube::api::{Api, Patch, PatchParams};
 use tracing::{debug, warn};
 
 use super::observe::view_of;
 use super::{Context, ControllerError};
-use crate::api::{NixOSNode, NixOSNodeStatus, NixOSPool, NixOSPoolStatus};
+use crate::api::{NixOSNode, NixOSNodeStatus, NixOSPool, NixOSPoolStatus, Phase};
 use crate::gates::Verdict;
 use crate::names::CONTROLLER_MANAGER;
 use crate::rollout::{NodeObservation, NodeView, Pools, pool_status};
@@ -119,6 +120,16 @@ impl Context {
         }
         if let Ok(mut v) = self.gate_verdicts.lock() {
             *v = next;
+        }
+        // The nodes waiting for their post-gates look at the new verdicts at once, rather than
+        // at their next requeue.
+        for o in self.nixosnodes.state() {
+            let waits = o.status.as_ref().is_some_and(|s| {
+                s.phase == Some(Phase::Verifying) && s.slot.as_ref().is_some_and(|sl| sl.verified_at.is_some())
+            });
+            if waits {
+                let _ = self.wake.send(ObjectRef::new(&o.name_any()));
+            }
         }
     }
 
