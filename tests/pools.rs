@@ -476,3 +476,57 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     assert_eq!(monitor.max_concurrent(), 1);
     c.stop().await;
 }
+
+/// Cluster-default gates (ConfigMap `nixroll-gates` in nixroll-system, no NixOSPool at all):
+/// they gate the implicit default pool before admission, and as post-gates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_default_gates_gate_the_default_pool() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut world = World::start(fast()).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "storage-health"}, "data": {"state": "rebuilding"}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let system: Api<ConfigMap> = Api::namespaced(world.client.clone(), "nixroll-system");
+    let defaults: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "nixroll-gates"},
+        "data": {"healthGates": "cel:\n  - name: storage\n    apiVersion: v1\n    kind: ConfigMap\n    namespace: default\n    objectName: storage-health\n    expression: object.data.state == 'healthy'\n"}
+    }))
+    .unwrap();
+    system.create(&PostParams::default(), &defaults).await.unwrap();
+    let c = world.start_controller(controller_config()).await.unwrap();
+    wait_nodes(&world, "adoption", all_on(&first)).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = world
+        .commit("new kernel", |s| s.kernel.push_str("-next"))
+        .unwrap();
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    // Blocked before admission: every node staged and Waiting, none admitted for a while.
+    wait_nodes(&world, "all staged", |m| {
+        m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    for o in api.list(&Default::default()).await.unwrap() {
+        assert_eq!(phase(&o), Phase::Waiting, "{:?} admitted while the default gate blocks", o.metadata.name);
+    }
+    cms.patch(
+        "storage-health",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"data": {"state": "healthy"}})),
+    )
+    .await
+    .unwrap();
+    wait_nodes(&world, "the rollout after the default gate passed", all_on(&next)).await;
+    // Each node was held until the default gate passed after its verification.
+    for o in api.list(&Default::default()).await.unwrap() {
+        assert!(o.status.unwrap().slot.is_none());
+    }
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    c.stop().await;
+}

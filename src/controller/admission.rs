@@ -170,8 +170,8 @@ impl Context {
             .collect();
         let pool_objs = self.pools.state();
         let mut pools = super::pools::build_pools(&pool_objs, &objs);
-        if let Ok(v) = self.gate_verdicts.lock() {
-            super::pools::apply_verdicts(&mut pools, &pool_objs, &v);
+        if let (Ok(v), Ok(d)) = (self.gate_verdicts.lock(), self.default_gates.lock()) {
+            super::pools::apply_verdicts(&mut pools, &pool_objs, &v, &d);
         }
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),

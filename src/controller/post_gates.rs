@@ -14,6 +14,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 
 use super::Context;
+use super::pools::{DEFAULT_GATES, gates_of};
 use crate::api::{HealthGates, NixOSNode};
 use crate::gates::Verdict;
 use crate::rollout::{GateObservation, GateVerdict, NodeObservation, PODS_GATE, parse_duration};
@@ -61,13 +62,40 @@ impl Context {
         let default_timeout = self.config.policy.timeouts.verifying;
         let mut out = Vec::new();
         let verdicts = self.gate_verdicts.lock().map(|v| v.clone()).unwrap_or_default();
-        for pool in self.pools.state() {
-            if !pool.spec.selector.matches(labels) {
-                continue;
+        let defaults = self.default_gates.lock().map(|d| d.clone()).unwrap_or_default();
+        let pools = self.pools.state();
+        let selecting: Vec<_> = pools.iter().filter(|p| p.spec.selector.matches(labels)).collect();
+        // The gates of each pool that selects the node (its own or the cluster defaults), or the
+        // cluster defaults for a node in the implicit default pool; each set once.
+        let mut sets: Vec<(&str, Result<Option<&HealthGates>, &str>)> = Vec::new();
+        let names: Vec<String> = selecting.iter().map(|p| p.name_any()).collect();
+        if selecting.is_empty() {
+            sets.push(gates_of(None, &defaults));
+        }
+        for (p, n) in selecting.iter().zip(&names) {
+            let set = gates_of(Some((n.as_str(), &p.spec)), &defaults);
+            if !sets.iter().any(|(k, _)| *k == set.0) {
+                sets.push(set);
             }
-            let pool_name = pool.name_any();
-            let of_pool = verdicts.get(&pool_name);
-            for (gate, post_timeout) in pool.spec.health_gates.iter().flat_map(post_timeouts) {
+        }
+        for (source, gates) in sets {
+            let gates = match gates {
+                Ok(Some(g)) => g,
+                Ok(None) => continue,
+                Err(why) => {
+                    out.push(GateObservation {
+                        name: DEFAULT_GATES.to_owned(),
+                        timeout: default_timeout,
+                        verdict: GateVerdict::Block {
+                            at: now,
+                            why: format!("cluster-default health gates unusable: {why}"),
+                        },
+                    });
+                    continue;
+                }
+            };
+            let of_pool = verdicts.get(source);
+            for (gate, post_timeout) in post_timeouts(gates) {
                 let timeout = post_timeout
                     .and_then(|t| parse_duration(t).ok())
                     .unwrap_or(default_timeout);

@@ -119,6 +119,7 @@ pub(super) fn admit(
     for i in cands {
         let v = &nodes[i];
         let slot_index = match pools.membership(v.name) {
+            Membership::Default if pools.default_gate_block.is_some() => continue,
             Membership::Default => 0,
             Membership::Pool(p) => {
                 let revision = v.status.target.as_ref().map_or("", |t| t.revision.as_str());

@@ -138,6 +138,8 @@ pub struct Pools {
     /// Pool name → why one of its health gates blocks (a failing gate, or one not evaluated
     /// yet): the pool admits nothing.
     pub gate_blocks: BTreeMap<String, String>,
+    /// Why a cluster-default health gate blocks the implicit default pool: it admits nothing.
+    pub default_gate_block: Option<String>,
 }
 
 impl Pools {
@@ -166,6 +168,7 @@ impl Pools {
             pools: specs.iter().map(|(n, s)| Pool::from_spec(n, s)).collect(),
             selected_by,
             gate_blocks: BTreeMap::new(),
+            default_gate_block: None,
         }
     }
 
