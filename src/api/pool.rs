@@ -140,7 +140,7 @@ pub struct PrometheusGate {
     pub timeout: Option<String>,
     /// As a post-gate: how long after a node of the pool was verified (its new system runs,
     /// Ready) the gate may keep blocking before the node is Degraded (`GateFailed`), e.g.
-    /// `15m`. Default: the controller's `--verify-timeout` (10m).
+    /// `15m`. Default: the controller's `--verifying-timeout` (10m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("postTimeout must be a duration such as 10m or 1h"))]
     #[schemars(length(max = 32))]
@@ -186,7 +186,7 @@ pub struct CelGate {
     pub timeout: Option<String>,
     /// As a post-gate: how long after a node of the pool was verified (its new system runs,
     /// Ready) the gate may keep blocking before the node is Degraded (`GateFailed`), e.g.
-    /// `15m`. Default: the controller's `--verify-timeout` (10m).
+    /// `15m`. Default: the controller's `--verifying-timeout` (10m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("postTimeout must be a duration such as 10m or 1h"))]
     #[schemars(length(max = 32))]
