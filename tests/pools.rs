@@ -477,8 +477,29 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     c.stop().await;
 }
 
+/// The value of the metric sample `name` the controller serves at `bound`.
+async fn metric(bound: &std::sync::OnceLock<std::net::SocketAddr>, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = nixroll::sim::demo::wait_for_bound(bound)
+        .await
+        .expect("metrics bound");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Cluster-default gates (ConfigMap `nixroll-gates` in nixroll-system, no NixOSPool at all):
-/// they gate the implicit default pool before admission, and as post-gates.
+/// they gate the implicit default pool before admission, and as post-gates; the time they
+/// block is counted per gate (`nixroll_gate_blocked_seconds_total`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_default_gates_gate_the_default_pool() {
     use k8s_openapi::api::core::v1::ConfigMap;
@@ -498,7 +519,10 @@ async fn cluster_default_gates_gate_the_default_pool() {
     }))
     .unwrap();
     system.create(&PostParams::default(), &defaults).await.unwrap();
-    let c = world.start_controller(controller_config()).await.unwrap();
+    let mut config = controller_config();
+    config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let bound = config.metrics_bound.clone();
+    let c = world.start_controller(config).await.unwrap();
     wait_nodes(&world, "adoption", all_on(&first)).await;
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
     let next = world
@@ -514,7 +538,25 @@ async fn cluster_default_gates_gate_the_default_pool() {
     let api: Api<NixOSNode> = Api::all(world.client.clone());
     for o in api.list(&Default::default()).await.unwrap() {
         assert_eq!(phase(&o), Phase::Waiting, "{:?} admitted while the default gate blocks", o.metadata.name);
+        // The node says which gate holds it.
+        let st = o.status.unwrap();
+        assert!(
+            st.message.as_deref().unwrap_or_default().contains("default pool: health gate storage"),
+            "{:?}",
+            st.message
+        );
     }
+    let blocked = metric(
+        &bound,
+        "nixroll_gate_blocked_seconds_total{pool=\"(default)\",gate=\"storage\"}",
+    )
+    .await
+    .unwrap_or_default();
+    assert!(blocked >= 1.0, "blocked {blocked} s");
+    assert_eq!(
+        metric(&bound, "nixroll_gate_passing{pool=\"(default)\",gate=\"storage\"}").await,
+        Some(0.0)
+    );
     cms.patch(
         "storage-health",
         &PatchParams::default(),
@@ -522,11 +564,11 @@ async fn cluster_default_gates_gate_the_default_pool() {
     )
     .await
     .unwrap();
-    wait_nodes(&world, "the rollout after the default gate passed", all_on(&next)).await;
-    // Each node was held until the default gate passed after its verification.
-    for o in api.list(&Default::default()).await.unwrap() {
-        assert!(o.status.unwrap().slot.is_none());
-    }
+    let done = all_on(&next);
+    wait_nodes(&world, "the rollout after the default gate passed, every slot freed", |m| {
+        done(m) && m.values().all(|o| o.status.as_ref().is_some_and(|s| s.slot.is_none()))
+    })
+    .await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;
 }

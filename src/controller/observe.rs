@@ -111,6 +111,7 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
         boot_id,
         etcd_voter,
         post_gates: Vec::new(),
+        held_by: None,
     }
 }
 
@@ -192,6 +193,7 @@ mod tests {
                 boot_id: Some("b-1".into()),
                 etcd_voter: Some(false),
                 post_gates: Vec::new(),
+                held_by: None,
             }
         );
         let s = serde_json::to_string(&trimmed).unwrap();

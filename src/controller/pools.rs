@@ -165,6 +165,7 @@ impl Context {
             return;
         }
         let defaults = self.read_default_gates().await;
+        let previous = self.gate_verdicts.lock().map(|v| v.clone()).unwrap_or_default();
         let mut next = GateVerdicts::new();
         let mut sources: Vec<(String, HealthGates)> = Vec::new();
         if let DefaultGates::Gates(h) = &defaults {
@@ -191,6 +192,11 @@ impl Context {
             }
             for (gate, v, at) in verdicts {
                 self.metrics.set_gate(&name, &gate, v == Verdict::Pass);
+                // Blocked from the last evaluation (if it blocked) to this one.
+                if let Some((Verdict::Block(_), before)) = previous.get(&name).and_then(|p| p.get(&gate)) {
+                    let secs = at.duration_since(*before).as_secs_f64();
+                    self.metrics.gate_blocked_for(&name, &gate, secs);
+                }
                 if let Verdict::Block(why) = &v {
                     debug!(pool = %name, %gate, %why, "health gate blocks");
                 }

@@ -97,11 +97,11 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     // A Waiting node the gate returns is admitted, also when it already holds its slot (a
     // retried node that stayed cordoned: docs/rollout.md, "Re-admission"). The gate runs only
     // for Waiting nodes.
-    let admitted = status.phase == Some(Phase::Waiting)
-        && crate::rollout::is_admitted(
-            &view_of(&obj, &status, &observation),
-            &ctx.admissible(&mut gate, Some(&name), now),
-        );
+    let admitted = status.phase == Some(Phase::Waiting) && {
+        let (admissible, why) = ctx.admissible_and_why(&mut gate, Some(&name), now);
+        observation.held_by = why.map(|(r, m)| (r.to_owned(), m));
+        crate::rollout::is_admitted(&view_of(&obj, &status, &observation), &admissible)
+    };
     let gate = if admitted {
         Some(gate)
     } else {

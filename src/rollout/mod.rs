@@ -25,7 +25,7 @@ pub use decide::{
     DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, POST_GATE_RECHECK,
     ParseDurationError, UNCORDON_RECHECK, condition, drain_timeout, invalid_spec_status, parse_duration,
 };
-pub use pools::{Membership, Pool, Pools, pool_blocker, pool_status};
+pub use pools::{Membership, Pool, Pools, node_blocker, pool_blocker, pool_status};
 pub use rows::Row;
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.
@@ -186,6 +186,11 @@ pub struct NodeObservation {
     /// cluster-default health gates, the node's own pods): checked once the node runs its
     /// target and is Ready, before its slot is freed. Empty: none.
     pub post_gates: Vec<GateObservation>,
+    /// Why the node's pool admits nothing now (a pool reason such as `WaitingForPool`,
+    /// `GateBlocking`, `NodeDegraded`, and a message naming the pool), computed by the
+    /// controller for a `Waiting` node with [`pools::node_blocker`]; the decision shows it in
+    /// the node's `Progressing` condition instead of a bare `WaitingForSlot`.
+    pub held_by: Option<(String, String)>,
 }
 
 /// The name of the built-in k3s post-gate (a server is a healthy etcd voter again).

@@ -42,8 +42,11 @@ pub mod pool_reason {
     pub const NO_CONFLICT: &str = "NoConflict";
     pub const IDLE: &str = "Idle";
     pub const GATE_BLOCKING: &str = "GateBlocking";
+    /// The pools' `after` lists form a cycle through this pool: none of them can ever start.
+    pub const ORDER_CYCLE: &str = "OrderCycle";
     /// The reasons of `Updating` under which the pool admits nothing.
-    pub const BLOCKING: [&str; 6] = [
+    pub const BLOCKING: [&str; 7] = [
+        ORDER_CYCLE,
         WAITING_FOR_POOL,
         SOAKING,
         PAUSED,
@@ -273,6 +276,15 @@ pub fn pool_blocker(
     if let Some(why) = pools.gate_blocks.get(&pool.name) {
         return Some((pool_reason::GATE_BLOCKING, why.clone()));
     }
+    if let Some(cycle) = order_cycle(pools, p) {
+        return Some((
+            pool_reason::ORDER_CYCLE,
+            format!(
+                "the pools' order is a cycle: {}; none of them can start until one leaves its after list",
+                cycle.join(" after ")
+            ),
+        ));
+    }
     let short = short_revision(revision);
     for before in &pool.after {
         let Some(q) = pools.index(before) else {
@@ -322,6 +334,62 @@ pub fn pool_blocker(
         }
     }
     None
+}
+
+/// The cycle of `after` edges through pool `p`, if there is one: the pool names from `p` back
+/// to `p` (`["a", "b", "a"]`: a comes after b, which comes after a). Pools named in `after`
+/// that do not exist end a path; a pool naming itself is a cycle of one.
+pub fn order_cycle(pools: &Pools, p: usize) -> Option<Vec<String>> {
+    fn walk(pools: &Pools, start: usize, at: usize, path: &mut Vec<usize>, seen: &mut BTreeSet<usize>) -> bool {
+        for name in &pools.pools[at].after {
+            let Some(q) = pools.index(name) else { continue };
+            if q == start {
+                path.push(q);
+                return true;
+            }
+            if seen.insert(q) {
+                path.push(q);
+                if walk(pools, start, q, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![p];
+    let mut seen = BTreeSet::from([p]);
+    walk(pools, p, p, &mut path, &mut seen)
+        .then(|| path.iter().map(|&q| pools.pools[q].name.clone()).collect())
+}
+
+/// Why the pool of `nodes[i]` admits nothing now, with a message naming the pool (for the
+/// node's own conditions): its NixOSPool's order, soak, pause, gates, a Degraded node or an
+/// invalid spec; the default pool's cluster-default gates; or a selection by several pools.
+/// `None`: its pool would admit it (it may still wait for room in the budget).
+pub fn node_blocker(pools: &Pools, i: usize, nodes: &[NodeView<'_>], now: Timestamp) -> Option<(&'static str, String)> {
+    let v = &nodes[i];
+    match pools.membership(v.name) {
+        Membership::Default => pools
+            .default_gate_block
+            .as_ref()
+            .map(|why| (pool_reason::GATE_BLOCKING, format!("default pool: {why}"))),
+        Membership::Pool(p) => {
+            let revision = v.status.target.as_ref().map_or("", |t| t.revision.as_str());
+            pool_blocker(pools, p, revision, nodes, now)
+                .map(|(r, why)| (r, format!("pool {}: {why}", pools.pools[p].name)))
+        }
+        Membership::Conflict(ps) => {
+            let names: Vec<&str> = ps.iter().map(|&p| pools.pools[p].name.as_str()).collect();
+            Some((
+                pool_reason::NODE_IN_MULTIPLE_POOLS,
+                format!(
+                    "selected by pools {}: admitted by none until one selector leaves it out",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 /// The node runs `revision`, is UpToDate, and its Node is Ready, schedulable and it is not

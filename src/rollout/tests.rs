@@ -1824,6 +1824,54 @@ mod pools {
         assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
     }
 
+    /// An order cycle blocks its pools and is named; a pool after the cycle waits for it; a
+    /// Waiting node says which pool holds it and why in its own conditions.
+    #[test]
+    fn an_order_cycle_is_named_and_a_waiting_node_says_which_pool_holds_it() {
+        let ns: Vec<N> = ["a1", "b1", "c1"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ls = [
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "b")]),
+            labels(&[("pool", "c")]),
+        ];
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &["b"], None)),
+                ("b", pool_spec("b", None, &["a"], None)),
+                ("c", pool_spec("c", None, &["a"], None)),
+            ],
+        );
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        let (why, msg) = pool_blocker(&c.pools, 0, REV2, &views, at(20)).unwrap();
+        assert_eq!(why, crate::rollout::pools::pool_reason::ORDER_CYCLE);
+        assert!(msg.contains("a after b after a"), "{msg}");
+        assert_eq!(
+            crate::rollout::pools::order_cycle(&c.pools, 1),
+            Some(vec!["b".to_owned(), "a".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(crate::rollout::pools::order_cycle(&c.pools, 2), None);
+        let (why, msg) = node_blocker(&c.pools, 2, &views, at(20)).unwrap();
+        assert_eq!(why, crate::rollout::pools::pool_reason::WAITING_FOR_POOL);
+        assert!(msg.starts_with("pool c: waiting for pool a"), "{msg}");
+        // The node's own Progressing condition carries it.
+        let mut n = mk_waiting("c1", false);
+        n.node.held_by = Some((why.to_owned(), msg.clone()));
+        let d = n.step(false, None, at(21));
+        assert_eq!(d.rows, vec![Row::WaitingHeld]);
+        let cond = n.cond(condition::PROGRESSING);
+        assert_eq!(cond.reason, "WaitingForPool");
+        assert!(cond.message.contains("pool c: waiting for pool a"), "{}", cond.message);
+        // A node of the default pool held by a cluster-default gate.
+        let mut pools = c.pools.clone();
+        pools.default_gate_block = Some("health gate alerts: NodeDown firing".into());
+        pools.selected_by.remove("a1");
+        let (why, msg) = node_blocker(&pools, 0, &views, at(20)).unwrap();
+        assert_eq!((why, msg.as_str()), ("GateBlocking", "default pool: health gate alerts: NodeDown firing"));
+    }
+
     /// A Degraded node halts its own pool whatever the failure threshold; the other pool goes
     /// on when the threshold allows.
     #[test]
