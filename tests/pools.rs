@@ -418,7 +418,10 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     tokio::time::sleep(Duration::from_secs(2)).await;
     let api: Api<NixOSNode> = Api::all(world.client.clone());
     assert_eq!(phase(&api.get(&first_node).await.unwrap()), Phase::Verifying);
-    assert!(cordoned(nodes.get(&first_node).await.unwrap()), "uncordoned before its post-gate passed");
+    assert!(
+        cordoned(nodes.get(&first_node).await.unwrap()),
+        "uncordoned before its post-gate passed"
+    );
     lap("first node held");
     // The storage is healthy again: the node is done and uncordoned.
     set_state("healthy").await;
@@ -431,7 +434,11 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     // A short post-gate timeout, and the storage does not recover in time for the next node.
     let pools: Api<NixOSPool> = Api::all(world.client.clone());
     pools
-        .patch("all", &PatchParams::default(), &Patch::Merge(&json!({"spec": gate("3s")})))
+        .patch(
+            "all",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": gate("3s")})),
+        )
         .await
         .unwrap();
     let m = wait_nodes(&world, "a second node disrupted", |m| {
@@ -441,12 +448,18 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     let second = disrupted(&m).unwrap();
     lap("second node disrupted");
     set_state("rebuilding").await;
-    let m = wait_nodes(&world, "the second node Degraded", |m| phase(&m[&second]) == Phase::Degraded).await;
+    let m = wait_nodes(&world, "the second node Degraded", |m| {
+        phase(&m[&second]) == Phase::Degraded
+    })
+    .await;
     lap("second node Degraded");
     let failed = m[&second].status.as_ref().unwrap().failed.clone().unwrap();
     assert_eq!(failed.reason, "GateFailed");
     assert!(failed.message.contains("post-gate storage"), "{}", failed.message);
-    assert!(cordoned(nodes.get(&second).await.unwrap()), "a GateFailed node stays cordoned");
+    assert!(
+        cordoned(nodes.get(&second).await.unwrap()),
+        "a GateFailed node stays cordoned"
+    );
     // The pool is halted, even once the gate passes again: nothing else is admitted.
     set_state("healthy").await;
     let st = wait_pool(&world, "all", "halted by the Degraded node", |s| {
@@ -458,7 +471,11 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     for o in api.list(&Default::default()).await.unwrap() {
         let n = o.metadata.name.clone().unwrap_or_default();
         if n != first_node && n != second {
-            assert_eq!(phase(&o), Phase::Waiting, "{n} admitted while {second} is Degraded");
+            assert_eq!(
+                phase(&o),
+                Phase::Waiting,
+                "{n} admitted while {second} is Degraded"
+            );
         }
     }
     lap("pool halted");
@@ -537,11 +554,19 @@ async fn cluster_default_gates_gate_the_default_pool() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let api: Api<NixOSNode> = Api::all(world.client.clone());
     for o in api.list(&Default::default()).await.unwrap() {
-        assert_eq!(phase(&o), Phase::Waiting, "{:?} admitted while the default gate blocks", o.metadata.name);
+        assert_eq!(
+            phase(&o),
+            Phase::Waiting,
+            "{:?} admitted while the default gate blocks",
+            o.metadata.name
+        );
         // The node says which gate holds it.
         let st = o.status.unwrap();
         assert!(
-            st.message.as_deref().unwrap_or_default().contains("default pool: health gate storage"),
+            st.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("default pool: health gate storage"),
             "{:?}",
             st.message
         );
@@ -554,7 +579,11 @@ async fn cluster_default_gates_gate_the_default_pool() {
     .unwrap_or_default();
     assert!(blocked >= 1.0, "blocked {blocked} s");
     assert_eq!(
-        metric(&bound, "nixroll_gate_passing{pool=\"(default)\",gate=\"storage\"}").await,
+        metric(
+            &bound,
+            "nixroll_gate_passing{pool=\"(default)\",gate=\"storage\"}"
+        )
+        .await,
         Some(0.0)
     );
     cms.patch(
@@ -565,9 +594,15 @@ async fn cluster_default_gates_gate_the_default_pool() {
     .await
     .unwrap();
     let done = all_on(&next);
-    wait_nodes(&world, "the rollout after the default gate passed, every slot freed", |m| {
-        done(m) && m.values().all(|o| o.status.as_ref().is_some_and(|s| s.slot.is_none()))
-    })
+    wait_nodes(
+        &world,
+        "the rollout after the default gate passed, every slot freed",
+        |m| {
+            done(m)
+                && m.values()
+                    .all(|o| o.status.as_ref().is_some_and(|s| s.slot.is_none()))
+        },
+    )
     .await;
     assert_eq!(monitor.violations(), Vec::<String>::new());
     c.stop().await;

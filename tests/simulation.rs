@@ -750,7 +750,10 @@ impl Sim {
                 }
             }
             if self.gates.iter().any(|g| g.pool == p) {
-                *self.events.entry("(admitted past a pre-gate)".into()).or_default() += 1;
+                *self
+                    .events
+                    .entry("(admitted past a pre-gate)".into())
+                    .or_default() += 1;
             }
             let rev = self.nodes[i]
                 .status
@@ -1119,17 +1122,33 @@ impl Sim {
             let faults = self.faults;
             let late = |g: &mut fastrand::Rng| faults && g.u32(0..100) < 3;
             let voter_late = late(&mut self.grng);
-            self.nodes[i].host.voter_at = add(now, if voter_late { self.grng.i64(700..1500) } else { self.grng.i64(10..60) });
+            self.nodes[i].host.voter_at = add(
+                now,
+                if voter_late {
+                    self.grng.i64(700..1500)
+                } else {
+                    self.grng.i64(10..60)
+                },
+            );
             if voter_late && self.etcd && self.nodes[i].control_plane {
                 *self.events.entry("(etcd voter late)".into()).or_default() += 1;
             }
             for k in 0..self.pods.len() {
                 if self.pods[k].daemonset && self.pods[k].node == Some(i) {
                     let pods_late = late(&mut self.grng);
-                    let d = if pods_late { self.grng.i64(700..1500) } else { self.grng.i64(5..60) };
-                    self.pods[k].state = PodState::Running { ready_at: add(now, d) };
+                    let d = if pods_late {
+                        self.grng.i64(700..1500)
+                    } else {
+                        self.grng.i64(5..60)
+                    };
+                    self.pods[k].state = PodState::Running {
+                        ready_at: add(now, d),
+                    };
                     if pods_late {
-                        *self.events.entry("(DaemonSet pod Ready late)".into()).or_default() += 1;
+                        *self
+                            .events
+                            .entry("(DaemonSet pod Ready late)".into())
+                            .or_default() += 1;
                     }
                 }
             }

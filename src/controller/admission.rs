@@ -190,7 +190,10 @@ impl Context {
             paused: !self.pause.is_empty(),
             pools,
         };
-        ((self.rollout.admit)(&views, &cluster, &self.config.policy, now), why)
+        (
+            (self.rollout.admit)(&views, &cluster, &self.config.policy, now),
+            why,
+        )
     }
 
     /// A slot was released or a blocker went away: send the nodes the gate would admit now

@@ -251,7 +251,8 @@ impl Metrics {
             "1 when the last evaluation of a NixOSPool's health gate passed, 0 when it blocked",
             gate_passing.clone(),
         );
-        let gate_blocked_seconds = Family::<PoolGateLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        let gate_blocked_seconds =
+            Family::<PoolGateLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
         registry.register(
             "gate_blocked_seconds",
             "Seconds a health gate blocked (from each evaluation that blocked to the next), per NixOSPool or (default) and gate",

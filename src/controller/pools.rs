@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use kube::api::{Api, Patch, PatchParams};
 use tracing::{debug, warn};
 
 use super::observe::view_of;
@@ -18,9 +18,9 @@ use super::{Context, ControllerError};
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use crate::api::{HealthGates, NixOSNode, NixOSNodeStatus, NixOSPool, NixOSPoolSpec, NixOSPoolStatus, Phase};
-use crate::names::{GATES_CONFIGMAP, GATES_KEY};
 use crate::gates::Verdict;
 use crate::names::CONTROLLER_MANAGER;
+use crate::names::{GATES_CONFIGMAP, GATES_KEY};
 use crate::rollout::{NodeObservation, NodeView, Pools, pool_status};
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -213,7 +213,8 @@ impl Context {
         // at their next requeue.
         for o in self.nixosnodes.state() {
             let waits = o.status.as_ref().is_some_and(|s| {
-                s.phase == Some(Phase::Verifying) && s.slot.as_ref().is_some_and(|sl| sl.verified_at.is_some())
+                s.phase == Some(Phase::Verifying)
+                    && s.slot.as_ref().is_some_and(|sl| sl.verified_at.is_some())
             });
             if waits {
                 let _ = self.wake.send(ObjectRef::new(&o.name_any()));
@@ -369,8 +370,13 @@ mod tests {
         };
         assert_eq!(h.cel[0].name, "volumes");
         assert_eq!(h.cel[0].post_timeout.as_deref(), Some("15m"));
-        assert!(matches!(parse_default_gates(Some(&data("cel: 3"))), DefaultGates::Invalid(_)));
-        assert!(matches!(parse_default_gates(None), DefaultGates::Invalid(m) if m.contains("no key healthGates")));
+        assert!(matches!(
+            parse_default_gates(Some(&data("cel: 3"))),
+            DefaultGates::Invalid(_)
+        ));
+        assert!(
+            matches!(parse_default_gates(None), DefaultGates::Invalid(m) if m.contains("no key healthGates"))
+        );
     }
 
     #[test]
@@ -380,9 +386,10 @@ mod tests {
         .unwrap();
         let defaults = DefaultGates::Gates(h);
         let bare: NixOSPoolSpec = serde_json::from_value(serde_json::json!({"selector": {}})).unwrap();
-        let own: NixOSPoolSpec = serde_json::from_value(serde_json::json!({"selector": {}, "healthGates": {"cel": [
+        let own: NixOSPoolSpec =
+            serde_json::from_value(serde_json::json!({"selector": {}, "healthGates": {"cel": [
             {"name": "x", "apiVersion": "v1", "kind": "ConfigMap", "expression": "true"}]}}))
-        .unwrap();
+            .unwrap();
         assert_eq!(gates_of(Some(("a", &bare)), &defaults).0, DEFAULT_GATES);
         assert_eq!(gates_of(Some(("b", &own)), &defaults).0, "b");
         assert_eq!(gates_of(None, &defaults).0, DEFAULT_GATES);

@@ -56,7 +56,12 @@ fn post_timeouts(h: &HealthGates) -> impl Iterator<Item = (&str, Option<&str>)> 
 impl Context {
     /// The post-gates of `obj` (other than the k3s one): its pools' health gates and, when its
     /// Node is Ready, its pods.
-    pub(super) async fn post_gates(&self, obj: &NixOSNode, node: &NodeObservation, now: Timestamp) -> Vec<GateObservation> {
+    pub(super) async fn post_gates(
+        &self,
+        obj: &NixOSNode,
+        node: &NodeObservation,
+        now: Timestamp,
+    ) -> Vec<GateObservation> {
         let name = obj.name_any();
         let labels = obj.labels();
         let default_timeout = self.config.policy.timeouts.verifying;

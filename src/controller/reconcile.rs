@@ -88,7 +88,6 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     let (mut observation, node_version) = ctx.observe_versioned(&name);
     let stored = obj.status.clone().unwrap_or_default();
 
-
     // Our own last write is the truth while the store lags behind it.
     let mut gate = ctx.admission.lock().await;
     let status = gate

@@ -340,7 +340,13 @@ pub fn pool_blocker(
 /// to `p` (`["a", "b", "a"]`: a comes after b, which comes after a). Pools named in `after`
 /// that do not exist end a path; a pool naming itself is a cycle of one.
 pub fn order_cycle(pools: &Pools, p: usize) -> Option<Vec<String>> {
-    fn walk(pools: &Pools, start: usize, at: usize, path: &mut Vec<usize>, seen: &mut BTreeSet<usize>) -> bool {
+    fn walk(
+        pools: &Pools,
+        start: usize,
+        at: usize,
+        path: &mut Vec<usize>,
+        seen: &mut BTreeSet<usize>,
+    ) -> bool {
         for name in &pools.pools[at].after {
             let Some(q) = pools.index(name) else { continue };
             if q == start {
@@ -367,7 +373,12 @@ pub fn order_cycle(pools: &Pools, p: usize) -> Option<Vec<String>> {
 /// node's own conditions): its NixOSPool's order, soak, pause, gates, a Degraded node or an
 /// invalid spec; the default pool's cluster-default gates; or a selection by several pools.
 /// `None`: its pool would admit it (it may still wait for room in the budget).
-pub fn node_blocker(pools: &Pools, i: usize, nodes: &[NodeView<'_>], now: Timestamp) -> Option<(&'static str, String)> {
+pub fn node_blocker(
+    pools: &Pools,
+    i: usize,
+    nodes: &[NodeView<'_>],
+    now: Timestamp,
+) -> Option<(&'static str, String)> {
     let v = &nodes[i];
     match pools.membership(v.name) {
         Membership::Default => pools

@@ -1863,13 +1863,23 @@ mod pools {
         assert_eq!(d.rows, vec![Row::WaitingHeld]);
         let cond = n.cond(condition::PROGRESSING);
         assert_eq!(cond.reason, "WaitingForPool");
-        assert!(cond.message.contains("pool c: waiting for pool a"), "{}", cond.message);
+        assert!(
+            cond.message.contains("pool c: waiting for pool a"),
+            "{}",
+            cond.message
+        );
         // A node of the default pool held by a cluster-default gate.
         let mut pools = c.pools.clone();
         pools.default_gate_block = Some("health gate alerts: NodeDown firing".into());
         pools.selected_by.remove("a1");
         let (why, msg) = node_blocker(&pools, 0, &views, at(20)).unwrap();
-        assert_eq!((why, msg.as_str()), ("GateBlocking", "default pool: health gate alerts: NodeDown firing"));
+        assert_eq!(
+            (why, msg.as_str()),
+            (
+                "GateBlocking",
+                "default pool: health gate alerts: NodeDown firing"
+            )
+        );
     }
 
     /// A Degraded node halts its own pool whatever the failure threshold; the other pool goes
@@ -1944,13 +1954,24 @@ fn post_gates_hold_the_slot_until_they_pass_after_verification() {
     assert_eq!(d.rows, vec![Row::Switched, Row::PostGateWait]);
     assert!(d.actions.is_empty(), "no uncordon while post-gates block: {d:?}");
     assert_eq!(n.status.slot.as_ref().unwrap().verified_at, Some(Time(at(40))));
-    assert!(n.status.message.as_deref().unwrap().contains("volumes"), "{:?}", n.status.message);
+    assert!(
+        n.status.message.as_deref().unwrap().contains("volumes"),
+        "{:?}",
+        n.status.message
+    );
     assert_eq!(n.cond(condition::PROGRESSING).reason, reason::POST_GATES);
     assert!(d.requeue_after.unwrap() <= POST_GATE_RECHECK);
     // One passes, the other blocks: still waiting, verifiedAt kept.
     n.node.post_gates = vec![
         gate("volumes", 600, GateVerdict::Pass { at: at(45) }),
-        gate(PODS_GATE, 600, GateVerdict::Block { at: at(45), why: "kube-proxy not Ready".into() }),
+        gate(
+            PODS_GATE,
+            600,
+            GateVerdict::Block {
+                at: at(45),
+                why: "kube-proxy not Ready".into(),
+            },
+        ),
     ];
     let d = n.step(false, None, at(46));
     assert_eq!(d.rows, vec![Row::PostGateWait]);
@@ -1968,7 +1989,14 @@ fn post_gates_hold_the_slot_until_they_pass_after_verification() {
 fn a_post_gate_that_times_out_degrades_the_node_and_keeps_it_cordoned() {
     let mut n = mk_switched();
     n.node.post_gates = vec![
-        gate("fast", 30, GateVerdict::Block { at: at(40), why: "alert firing".into() }),
+        gate(
+            "fast",
+            30,
+            GateVerdict::Block {
+                at: at(40),
+                why: "alert firing".into(),
+            },
+        ),
         gate("slow", 600, GateVerdict::Unknown),
     ];
     n.step(false, None, at(40));
@@ -1976,7 +2004,10 @@ fn a_post_gate_that_times_out_degrades_the_node_and_keeps_it_cordoned() {
     n.node.post_gates[0].verdict = GateVerdict::Pass { at: at(50) };
     let d = n.step(false, None, at(51));
     assert_eq!(d.rows, vec![Row::PostGateWait]);
-    n.node.post_gates[0].verdict = GateVerdict::Block { at: at(60), why: "alert firing".into() };
+    n.node.post_gates[0].verdict = GateVerdict::Block {
+        at: at(60),
+        why: "alert firing".into(),
+    };
     let d = n.step(false, None, at(69));
     assert_eq!(d.rows, vec![Row::PostGateWait]);
     assert_eq!(n.phase(), Phase::Verifying);
@@ -1987,7 +2018,11 @@ fn a_post_gate_that_times_out_degrades_the_node_and_keeps_it_cordoned() {
     assert!(n.status.slot.is_some(), "holds its slot");
     let f = n.status.failed.as_ref().unwrap();
     assert_eq!(f.reason, reason::GATE_FAILED);
-    assert!(f.message.contains("fast") && f.message.contains("alert firing"), "{}", f.message);
+    assert!(
+        f.message.contains("fast") && f.message.contains("alert firing"),
+        "{}",
+        f.message
+    );
     assert_eq!(n.cond(condition::DEGRADED).reason, reason::GATE_FAILED);
     // A Node that flaps while waiting for post-gates gets the verify timeout anew.
     let mut m = mk_switched();
@@ -2012,7 +2047,10 @@ fn the_k3s_gate_waits_for_a_healthy_etcd_voter_and_blocks_other_servers() {
     // A server without the condition (no embedded etcd) has no k3s gate.
     let mut m = mk_switched();
     m.node.control_plane = true;
-    assert_eq!(m.step(false, None, at(40)).rows, vec![Row::Switched, Row::Verified]);
+    assert_eq!(
+        m.step(false, None, at(40)).rows,
+        vec![Row::Switched, Row::Verified]
+    );
     // Admission: no server while another server is not a healthy voter, though it is Ready.
     let mut ns: Vec<N> = ["cp1", "cp2"].iter().map(|x| mk_waiting(x, false)).collect();
     for x in &mut ns {

@@ -224,7 +224,9 @@ impl Ctx<'_, '_> {
                 self.took(Row::PostGateFailed);
                 self.fail(
                     reason::GATE_FAILED,
-                    format!("post-gate {name} did not pass within {timeout} after the node was verified: {why}"),
+                    format!(
+                        "post-gate {name} did not pass within {timeout} after the node was verified: {why}"
+                    ),
                 );
                 return;
             }
