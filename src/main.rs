@@ -370,7 +370,8 @@ struct ControllerArgs {
     #[arg(long, env = "NIXROLL_REBOOTING_TIMEOUT", default_value = "15m", value_parser = parse_signed_duration)]
     rebooting_timeout: jiff::SignedDuration,
     /// How long a node that is back may take to prove it runs the new system and is Ready
-    /// before it is Degraded with VerifyTimeout, e.g. `10m`.
+    /// before it is Degraded with VerifyTimeout, e.g. `10m`; also the default time its
+    /// post-gates may block after that before it is Degraded with GateFailed.
     #[arg(long, env = "NIXROLL_VERIFYING_TIMEOUT", default_value = "10m", value_parser = parse_signed_duration)]
     verifying_timeout: jiff::SignedDuration,
     /// Output logs as JSON lines.

@@ -285,6 +285,7 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("leases", "create"),
             ("leases", "get"),
             ("leases", "update"),
+            ("configmaps", "get"),
             ("configmaps", "list"),
             ("configmaps", "watch"),
             ("secrets", "get"),

@@ -182,6 +182,11 @@ pub struct Slot {
     /// Whether the drain fell back to deleting pods (`onTimeout: Force`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forced: bool,
+    /// When the node was first found running its target and Ready: from then on its
+    /// post-gates are checked (docs/pools.md), and their timeouts count from then. The slot is
+    /// freed only once every post-gate passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
 }
 
 /// What the agent should do on the host.
