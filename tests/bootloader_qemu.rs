@@ -13,9 +13,12 @@
 //!    default; reboot;
 //! 4. the good system boots as the default.
 //!
-//! Needs qemu-system-x86, ovmf, systemd-boot, busybox-static, mtools, dosfstools, fdisk,
-//! e2fsprogs and `apt-get download` of Debian's kernel (cached in
-//! /var/cache/nixroll-bootloader); skips without them, fails under `CI=true`.
+//! The same with GRUB (`grub-mkstandalone`, a `grub.cfg` with the header of NixOS's
+//! install-grub.pl that boots grubenv's `next_entry` once, `grub-reboot`).
+//!
+//! Needs qemu-system-x86, ovmf, systemd-boot, grub-efi-amd64-bin, grub2-common,
+//! busybox-static, mtools, dosfstools, fdisk, e2fsprogs and `apt-get download` of Debian's
+//! kernel (cached in /var/cache/nixroll-bootloader); skips without them, fails under `CI=true`.
 
 mod common;
 
@@ -46,6 +49,12 @@ fn tools_present() -> bool {
         && common::require(
             "a static busybox (apt-get install busybox-static)",
             Path::new("/bin/busybox").exists() && static_busybox,
+        )
+        && common::require(
+            "GRUB (apt-get install grub-efi-amd64-bin grub2-common)",
+            common::runs("grub-mkstandalone", &["--version"])
+                && Path::new("/usr/sbin/grub-reboot").exists()
+                && Path::new("/usr/lib/grub/x86_64-efi").is_dir(),
         )
         && common::require(
             "mtools, dosfstools, fdisk, e2fsprogs",
@@ -106,11 +115,18 @@ fn said<'a>(lines: &'a [String], key: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default() {
-    if !tools_present() {
-        return;
-    }
+/// What one run of the scenario left: the guest's lines, the agent's reports, the old and
+/// the good system.
+struct Run {
+    lines: Vec<String>,
+    reports: Vec<AgentStatus>,
+    old: String,
+    good: String,
+}
+
+/// Build the disk for `loader` (`systemd-boot` or `grub`), boot it until the guest powers
+/// off, and check what holds for both bootloaders.
+fn run_scenario(loader: &str) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bootloader/make-disk.sh");
@@ -118,6 +134,7 @@ fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default()
         .arg(out)
         .arg(env!("CARGO_BIN_EXE_nixroll"))
         .arg(cache_dir())
+        .arg(loader)
         .output()
         .unwrap();
     assert!(
@@ -156,7 +173,7 @@ fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default()
     let took = started.elapsed();
     let log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned();
     let lines = guest_lines(&log);
-    eprintln!("the guest, through its serial console ({took:.0?} under TCG):");
+    eprintln!("{loader}: the guest, through its serial console ({took:.0?} under TCG):");
     for l in &lines {
         eprintln!("  {}", l.chars().take(300).collect::<String>());
     }
@@ -181,11 +198,63 @@ fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default()
     assert_eq!(said(&lines, "step"), ["0", "1", "2", "3"]);
     assert!(lines.iter().any(|l| l == "nixroll-guest: done"), "the scenario ran to its end");
 
+    // The agent's reports: one per step before its grant (a Boot grant ends in the reboot,
+    // so it prints none), and the bless's: step 0 | step 1 (after the panic) | step 2 (the
+    // good system, once), the bless | step 3.
+    let reports: Vec<AgentStatus> = said(&lines, "report")
+        .iter()
+        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("report {j}: {e}")))
+        .collect();
+    assert_eq!(reports.len(), 5, "{reports:?}");
+    let after_panic = &reports[1];
+    let act = after_panic.activation.as_ref().unwrap();
+    assert_eq!((act.id.as_str(), act.state), ("boot-bad", ActivationState::Rebooted));
+    assert!(act.boot_once.is_some(), "the new system was booted once");
+    assert_eq!(
+        after_panic.booted_system.as_deref(),
+        Some(old.as_str()),
+        "back on the old system: what the controller calls RolledBack"
+    );
+    assert_eq!(after_panic.default_system.as_deref(), Some(old.as_str()));
+    assert_ne!(after_panic.boot_id, reports[0].boot_id);
+
+    let once = &reports[2];
+    let act = once.activation.as_ref().unwrap();
+    assert_eq!((act.id.as_str(), act.state), ("boot-good", ActivationState::Rebooted));
+    assert!(act.boot_once.is_some());
+    assert_eq!(once.booted_system.as_deref(), Some(good.as_str()));
+    assert_eq!(
+        once.default_system.as_deref(),
+        Some(old.as_str()),
+        "not the default before the bless"
+    );
+
+    let blessed = &reports[3];
+    let act = blessed.activation.as_ref().unwrap();
+    assert_eq!((act.id.as_str(), act.state), ("bless-good", ActivationState::Blessed));
+    assert_eq!(blessed.default_system.as_deref(), Some(good.as_str()));
+
+    let last = &reports[4];
+    assert_eq!(last.booted_system.as_deref(), Some(good.as_str()));
+    assert_eq!(last.default_system.as_deref(), Some(good.as_str()));
+    Run {
+        lines,
+        reports,
+        old,
+        good,
+    }
+}
+
+#[test]
+fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default() {
+    if !tools_present() {
+        return;
+    }
+    let run = run_scenario("systemd-boot");
     // What systemd-boot said at each step: the entry it started (LoaderEntrySelected), the
     // one-shot variable, loader.conf's default.
-    let loader = said(&lines, "loader");
     assert_eq!(
-        loader,
+        said(&run.lines, "loader"),
         [
             // step 0: the old system, the default
             "selected=nixos-generation-1.conf oneshot=- default=nixos-generation-1.conf",
@@ -201,49 +270,46 @@ fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default()
         ]
     );
     // The agent set the one-shot entries it looked up in `bootctl list --json=short`.
-    let oneshot: Vec<&String> = lines
+    let oneshot: Vec<&String> = run
+        .lines
         .iter()
         .filter(|l| l.contains("the new system boots once"))
         .collect();
     assert_eq!(oneshot.len(), 2, "{oneshot:?}");
-    assert!(oneshot[0].contains("systemd-boot nixos-generation-2.conf"), "{}", oneshot[0]);
-    assert!(oneshot[1].contains("systemd-boot nixos-generation-3.conf"), "{}", oneshot[1]);
+    assert!(oneshot[0].contains("entry=systemd-boot nixos-generation-2.conf"), "{}", oneshot[0]);
+    assert!(oneshot[1].contains("entry=systemd-boot nixos-generation-3.conf"), "{}", oneshot[1]);
+    let boot_once = |i: usize| run.reports[i].activation.as_ref().unwrap().boot_once.clone();
+    assert_eq!(boot_once(1).as_deref(), Some("systemd-boot nixos-generation-2.conf"));
+    assert_eq!(boot_once(2).as_deref(), Some("systemd-boot nixos-generation-3.conf"));
+}
 
-    // The agent's reports.
-    let reports: Vec<AgentStatus> = said(&lines, "report")
-        .iter()
-        .map(|j| serde_json::from_str(j).unwrap_or_else(|e| panic!("report {j}: {e}")))
-        .collect();
-    // One per step before its grant (a Boot grant ends in the reboot, so it prints none),
-    // and the bless's: step 0 | step 1 (after the panic) | step 2 (the good system, once),
-    // the bless | step 3.
-    assert_eq!(reports.len(), 5, "{reports:?}");
-    let after_panic = &reports[1];
-    let act = after_panic.activation.as_ref().unwrap();
-    assert_eq!(act.id, "boot-bad");
-    assert_eq!(act.state, ActivationState::Rebooted);
-    assert_eq!(act.boot_once.as_deref(), Some("systemd-boot nixos-generation-2.conf"));
-    assert_eq!(after_panic.booted_system.as_deref(), Some(old.as_str()), "back on the old system: RolledBack");
-    assert_eq!(after_panic.default_system.as_deref(), Some(old.as_str()));
-    assert_ne!(after_panic.boot_id, reports[0].boot_id);
-
-    let once = &reports[2];
-    let act = once.activation.as_ref().unwrap();
-    assert_eq!((act.id.as_str(), act.state), ("boot-good", ActivationState::Rebooted));
-    assert_eq!(act.boot_once.as_deref(), Some("systemd-boot nixos-generation-3.conf"));
-    assert_eq!(once.booted_system.as_deref(), Some(good.as_str()));
-    assert_eq!(once.default_system.as_deref(), Some(old.as_str()), "not the default before the bless");
-
-    let blessed = &reports[3];
-    let act = blessed.activation.as_ref().unwrap();
-    assert_eq!((act.id.as_str(), act.state), ("bless-good", ActivationState::Blessed));
-    assert_eq!(blessed.default_system.as_deref(), Some(good.as_str()));
-
-    let last = &reports[4];
-    assert_eq!(last.booted_system.as_deref(), Some(good.as_str()));
-    assert_eq!(last.default_system.as_deref(), Some(good.as_str()));
-    assert!(
-        took < SCENARIO_TIMEOUT,
-        "5 boots under TCG took {took:?}"
+#[test]
+fn grub_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default() {
+    if !tools_present() {
+        return;
+    }
+    let run = run_scenario("grub");
+    // grubenv's next_entry (set by grub-reboot, cleared by grub.cfg when GRUB boots it) and
+    // the system of entry 0, the default.
+    let (old, good) = (&run.old, &run.good);
+    assert_eq!(
+        said(&run.lines, "loader"),
+        [
+            format!("next_entry=- default={old}"),
+            // after the panic: the old default again; next_entry was consumed by that boot
+            format!("next_entry=- default={old}"),
+            // the good system booted once; the default is still the old one …
+            format!("next_entry=- default={old}"),
+            // … until the bless step
+            format!("next_entry=- default={good}"),
+            format!("next_entry=- default={good}"),
+            format!("next_entry=- default={good}"),
+        ]
     );
+    // grub-reboot got the entry whose `linux` line boots the system, as SUBMENU>ENTRY.
+    let boot_once = |i: usize| run.reports[i].activation.as_ref().unwrap().boot_once.clone().unwrap();
+    for (i, generation) in [(1, 2), (2, 3)] {
+        let want = format!("GRUB NixOS - All configurations>NixOS - Configuration {generation} (");
+        assert!(boot_once(i).starts_with(&want), "{}", boot_once(i));
+    }
 }

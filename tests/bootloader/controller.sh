@@ -9,7 +9,7 @@
 #   1  back on the old system: report (RolledBack); grant Boot of the good system
 #   2  on the good system (booted once): report; grant Bless (it becomes the default); reboot
 #   3  on the good system (now the default): report; power off
-export PATH=/bin:/usr/bin
+export PATH=/bin:/usr/bin:/usr/sbin
 export SYSTEMD_RELAX_ESP_CHECKS=1
 export RUST_LOG=info
 state=/var/lib/nixroll-test
@@ -26,10 +26,19 @@ efivar() {
   f=/sys/firmware/efi/efivars/$1-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f
   if [ -e "$f" ]; then tail -c +5 "$f" | tr -d '\000'; else echo "-"; fi
 }
+# GRUB: grubenv's next_entry (what grub-reboot sets, cleared by grub.cfg when it boots it)
+# and the system of entry 0, the default.
 loader() {
-  say "loader selected=$(efivar LoaderEntrySelected) oneshot=$(efivar LoaderEntryOneShot) default=$(sed -n 's/^default //p' /boot/loader/loader.conf)"
+  if [ -e /boot/grub/grub.cfg ]; then
+    next=$(grub-editenv /boot/grub/grubenv list | sed -n 's/^next_entry=//p')
+    say "loader next_entry=${next:--} default=$(sed -n 's|.* init=\([^ ]*\)/init .*|\1|p' /boot/grub/grub.cfg | head -n 1)"
+  else
+    say "loader selected=$(efivar LoaderEntrySelected) oneshot=$(efivar LoaderEntryOneShot) default=$(sed -n 's/^default //p' /boot/loader/loader.conf)"
+  fi
 }
-bootctl_list() { say "bootctl-list $(bootctl list --json=short --no-pager 2>&1 | tr '\n' ' ')"; }
+bootctl_list() {
+  [ -e /boot/grub/grub.cfg ] || say "bootctl-list $(bootctl list --json=short --no-pager 2>&1 | tr '\n' ' ')"
+}
 step_to() { echo "$1" > "$state/step.tmp" && mv "$state/step.tmp" "$state/step" && sync; }
 host_step() { say "report $(nixroll host-step "$@" 2>/dev/console)"; }
 say "step $step"

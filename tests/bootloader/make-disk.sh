@@ -9,7 +9,10 @@
 #      system profile at generation 1 = old.
 # No loop mounts: mkfs.fat + mtools for the ESP, mkfs.ext4 -d for the root, sfdisk + dd.
 #
-# usage: make-disk.sh OUT_DIR NIXROLL_BINARY CACHE_DIR
+# usage: make-disk.sh OUT_DIR NIXROLL_BINARY CACHE_DIR [systemd-boot|grub]
+# With `grub`: GRUB (grub-mkstandalone, Debian's grub-efi-amd64-bin) instead of systemd-boot,
+# its grub.cfg and grubenv in \grub on the ESP (/boot/grub in the guest), and grub-reboot,
+# grub-editenv and grub-probe in the root.
 # The kernel (Debian's linux-image-amd64 and the package it depends on) is fetched once into
 # CACHE_DIR with `apt-get download` and unpacked with dpkg-deb (not installed).
 set -euo pipefail
@@ -17,11 +20,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$1
 nixroll=$2
 cache=$3
+loader=${4:-systemd-boot}
 mkdir -p "$out" "$cache"
 out=$(cd "$out" && pwd)
 cache=$(cd "$cache" && pwd)
 
-# The kernel.
+# The kernel (one fetch at a time: tests may build two disks at once).
+exec 9>"$cache/.lock"
+flock 9
 if [ ! -d "$cache/kernel/boot" ]; then
   rm -rf "$cache/kernel" "$cache/debs"
   mkdir -p "$cache/debs"
@@ -33,6 +39,7 @@ if [ ! -d "$cache/kernel/boot" ]; then
   busybox depmod -b "$cache/kernel.tmp" "$(ls "$cache/kernel.tmp/lib/modules")"
   mv "$cache/kernel.tmp" "$cache/kernel"
 fi
+flock -u 9
 kver=$(ls "$cache/kernel/lib/modules")
 moddir="$cache/kernel/lib/modules/$kver"
 vmlinuz="$cache/kernel/boot/vmlinuz-$kver"
@@ -70,8 +77,16 @@ mkdir -p "$root"/{bin,usr/bin,proc,sys,dev,run,boot,tmp,etc,var/lib/nixroll,nix/
 cp /bin/busybox "$root/bin/busybox"
 for a in $(busybox --list | grep -vx busybox); do ln -sf busybox "$root/bin/$a"; done
 strip -o "$root/usr/bin/nixroll" "$nixroll"
-cp "$(command -v bootctl)" "$root/usr/bin/bootctl"
-for exe in "$nixroll" "$(command -v bootctl)"; do
+exes=("$nixroll" /usr/bin/bootctl)
+cp /usr/bin/bootctl "$root/usr/bin/bootctl"
+if [ "$loader" = grub ]; then
+  mkdir -p "$root/usr/sbin" "$root/usr/share/grub"
+  cp /usr/sbin/grub-reboot /usr/sbin/grub-probe "$root/usr/sbin/"
+  cp /usr/bin/grub-editenv "$root/usr/bin/"
+  cp /usr/share/grub/grub-mkconfig_lib "$root/usr/share/grub/"
+  exes+=(/usr/sbin/grub-probe /usr/bin/grub-editenv)
+fi
+for exe in "${exes[@]}"; do
   for lib in $(ldd "$exe" | grep -o '/[^ ]*'); do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
@@ -88,7 +103,9 @@ make_system() { # NAME STAGE2 -> prints the store path
   echo "26.05.20261207.guest ($name)" > "$root$path/nixos-version"
   echo "$params" > "$root$path/kernel-params"
   sed "s|@SYSTEM@|$path|g" "$here/$stage2" > "$root$path/init"
-  sed "s|@SYSTEM@|$path|g" "$here/switch-to-configuration" > "$root$path/bin/switch-to-configuration"
+  stc=switch-to-configuration
+  [ "$loader" != grub ] || stc=switch-to-configuration-grub
+  sed "s|@SYSTEM@|$path|g" "$here/$stc" > "$root$path/bin/switch-to-configuration"
   chmod 755 "$root$path/init" "$root$path/bin/switch-to-configuration"
   echo "$path"
 }
@@ -109,15 +126,35 @@ truncate -s 64M "$work/esp.img"
 mkfs.fat -F 32 -n ESP "$work/esp.img" >/dev/null
 export MTOOLS_SKIP_CHECK=1
 esp=(-i "$work/esp.img")
-mmd "${esp[@]}" ::/EFI ::/EFI/BOOT ::/EFI/nixos ::/loader ::/loader/entries
-mcopy "${esp[@]}" /usr/lib/systemd/boot/efi/systemd-bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
+mmd "${esp[@]}" ::/EFI ::/EFI/BOOT ::/EFI/nixos
 mcopy "${esp[@]}" "$vmlinuz" ::/EFI/nixos/vmlinuz
 mcopy "${esp[@]}" "$work/initrd.img" ::/EFI/nixos/initrd
-printf 'timeout 0\ndefault nixos-generation-1.conf\n' > "$work/loader.conf"
-printf 'title NixOS\nversion Generation 1\nlinux /EFI/nixos/vmlinuz\ninitrd /EFI/nixos/initrd\noptions init=%s/init %s\n' \
-  "$old" "$params" > "$work/nixos-generation-1.conf"
-mcopy "${esp[@]}" "$work/loader.conf" ::/loader/loader.conf
-mcopy "${esp[@]}" "$work/nixos-generation-1.conf" ::/loader/entries/nixos-generation-1.conf
+if [ "$loader" = grub ]; then
+  # GRUB as the removable-media loader; its configuration and environment block on the ESP
+  # (\grub, /boot/grub in the guest), so that save_env can write grubenv.
+  cat > "$work/embedded.cfg" <<'CFG'
+search --no-floppy --set=root --label ESP
+set prefix=($root)/grub
+configfile ($root)/grub/grub.cfg
+CFG
+  grub-mkstandalone -O x86_64-efi -o "$work/bootx64.efi" \
+    --modules="part_gpt fat ext2 search search_label linux normal configfile loadenv test echo gzio" \
+    --install-modules="part_gpt fat ext2 search search_label search_fs_uuid search_fs_file linux normal configfile loadenv test echo gzio" \
+    "boot/grub/grub.cfg=$work/embedded.cfg"
+  mcopy "${esp[@]}" "$work/bootx64.efi" ::/EFI/BOOT/BOOTX64.EFI
+  mkdir -p "$work/espdir/grub"
+  grub-editenv "$work/espdir/grub/grubenv" create
+  NIXROLL_GUEST_ROOT=$root NIXROLL_GUEST_ESP=$work/espdir "$root$old/bin/switch-to-configuration" boot >/dev/null
+  mcopy "${esp[@]}" -s "$work/espdir/grub" ::/grub
+else
+  mmd "${esp[@]}" ::/loader ::/loader/entries
+  mcopy "${esp[@]}" /usr/lib/systemd/boot/efi/systemd-bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
+  printf 'timeout 0\ndefault nixos-generation-1.conf\n' > "$work/loader.conf"
+  printf 'title NixOS\nversion Generation 1\nlinux /EFI/nixos/vmlinuz\ninitrd /EFI/nixos/initrd\noptions init=%s/init %s\n' \
+    "$old" "$params" > "$work/nixos-generation-1.conf"
+  mcopy "${esp[@]}" "$work/loader.conf" ::/loader/loader.conf
+  mcopy "${esp[@]}" "$work/nixos-generation-1.conf" ::/loader/entries/nixos-generation-1.conf
+fi
 
 # The disk: GPT, ESP at 1 MiB, root after it.
 disk="$out/disk.img"
