@@ -23,6 +23,15 @@
 #   panic instead of waiting at a shell (`boot.panic_on_fail`), and a system that hangs must be
 #   reset by the hardware watchdog (systemd.watchdog.runtimeTime): the next boot then starts
 #   the old default by itself. `panicTimeout` and `watchdog` set these (null: not set).
+#   `boot.panic_on_fail` works with both initrds (read in nixpkgs, docs/bootloader.md): the
+#   scripted stage 1 (nixos/modules/system/boot/stage-1-init.sh, `fail()`: "if [ -n
+#   "$panicOnFail" ]; then exit 1; fi", PID 1 exits, the kernel panics) and the systemd stage 1
+#   (nixos/modules/system/boot/systemd/initrd.nix, `panic-on-fail.service`: wanted by
+#   emergency.target, conditioned on boot.panic_on_fail or stage1panic, writes `c` to
+#   /proc/sysrq-trigger); with `panic=N` either resets the machine instead of waiting at an
+#   emergency shell (whether or not `boot.initrd.systemd.emergencyAccess` opens that shell:
+#   the unit runs beside it). An assertion refuses a systemd initrd without that unit (older
+#   nixpkgs, or disabled).
 # * No competing updater: system.autoUpgrade (it would make a new generation the boot default
 #   before any drain) is forced off.
 # * The file systems and bootloader of NixOS's raw-efi image (ext4 root labelled `nixos`,
@@ -92,7 +101,8 @@ in
       description = ''
         Seconds after a kernel panic before the machine resets itself (kernel parameter
         `panic=N`), and `boot.panic_on_fail` (stage 1 panics instead of opening a shell when
-        it cannot mount the root). With nixroll's boot-once the next boot is the old default,
+        it cannot mount the root; with the scripted initrd and with the systemd initrd, whose
+        `panic-on-fail.service` must then exist and be enabled). With nixroll's boot-once the next boot is the old default,
         so a new kernel that panics costs one reset, not a visit with a keyboard. null: leave
         both unset.
       '';
@@ -134,6 +144,19 @@ in
           {
             assertion = lib.hasPrefix "/" cfg.tokenFile && !(lib.hasPrefix builtins.storeDir cfg.tokenFile);
             message = "services.nixroll.tokenFile must be an absolute path outside the Nix store, got ${cfg.tokenFile}";
+          }
+          {
+            # A failed systemd stage 1 reaches emergency.target; only nixpkgs' panic-on-fail
+            # unit turns that into a panic (and `panic=N` into a reset) instead of a shell
+            # waiting for a keyboard.
+            assertion =
+              cfg.panicTimeout == null
+              || !config.boot.initrd.systemd.enable
+              || (
+                config.boot.initrd.systemd.services ? "panic-on-fail"
+                && config.boot.initrd.systemd.services."panic-on-fail".enable
+              );
+            message = "services.nixroll.panicTimeout needs boot.initrd.systemd.services.panic-on-fail (nixpkgs' systemd initrd turns a failed stage 1 into a kernel panic with it); this nixpkgs has none or it is disabled. Enable it, use the scripted initrd, or set services.nixroll.panicTimeout = null.";
           }
           {
             assertion = lib.versionAtLeast config.services.k3s.package.version "1.32";

@@ -50,6 +50,10 @@ enum Command {
     /// (outside the Nix store), or write such files into an existing image.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Run the agent's host logic once on a machine without Kubernetes and print its report
+    /// as JSON (the real-bootloader test's guest, docs/bootloader.md).
+    #[command(hide = true)]
+    HostStep(HostStepArgs),
     /// Print a shell completion script: `nixroll completions bash >
     /// ~/.local/share/bash-completion/completions/nixroll` (zsh: into a directory of $fpath as
     /// `_nixroll`; fish: `~/.config/fish/completions/nixroll.fish`).
@@ -58,6 +62,22 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct HostStepArgs {
+    /// The host's root directory.
+    #[arg(long, default_value = "/")]
+    host_root: std::path::PathBuf,
+    /// How to reboot (split on whitespace).
+    #[arg(long, default_value = "reboot -f")]
+    reboot_command: String,
+    /// Carry out this grant: `ID:ACTION:SYSTEM` (ACTION: Boot, Bless, Switch, Rollback).
+    #[arg(long, value_name = "ID:ACTION:SYSTEM")]
+    grant: Option<String>,
+    /// Bound on `switch-to-configuration`.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    activation_timeout: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -798,6 +818,32 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+fn run_host_step(args: HostStepArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(false);
+    let grant = match args.grant.as_deref() {
+        None => None,
+        Some(g) => {
+            let mut parts = g.splitn(3, ':');
+            let (Some(id), Some(action), Some(system)) = (parts.next(), parts.next(), parts.next()) else {
+                anyhow::bail!("--grant takes ID:ACTION:SYSTEM, got {g}");
+            };
+            let action: nixroll::api::ActivationAction =
+                serde_json::from_value(serde_json::Value::String(action.to_string()))
+                    .with_context(|| format!("unknown action {action} in --grant"))?;
+            Some((id.to_string(), action, system.to_string()))
+        }
+    };
+    let step = nixroll::agent::host_step::HostStep {
+        root: args.host_root,
+        reboot_command: args.reboot_command,
+        grant,
+        activation_timeout: args.activation_timeout,
+    };
+    let status = runtime()?.block_on(nixroll::agent::host_step::run(&step))?;
+    println!("{}", serde_json::to_string(&status)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -853,6 +899,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench(args) => run_bench(args),
         Command::Image(cmd) => run_image(cmd),
+        Command::HostStep(args) => run_host_step(args),
         Command::Status {
             cluster,
             timeout,

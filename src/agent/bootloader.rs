@@ -178,15 +178,20 @@ fn boots(cmdline: &str, system: &str) -> bool {
     cmdline.split_whitespace().any(|w| w == want)
 }
 
-/// The id of the systemd-boot entry that boots `system`, from `bootctl list --json=short`
-/// (an array of entries; `options` is a string, or a list of strings in some versions). An
-/// entry that is the default is taken only if no other entry boots `system`.
+/// The id of the systemd-boot entry that boots `system`, from `bootctl list --json=short`:
+/// one JSON array of entries (systemd 254 and later), or one JSON object per entry, one per
+/// line (systemd 252, Debian 12: what the QEMU test's guest printed); `options` is a string,
+/// or a list of strings in some versions. An entry that is the default is taken only if no
+/// other entry boots `system`.
 pub fn systemd_boot_entry(json: &str, system: &str) -> Result<String, BootloaderError> {
-    let v: serde_json::Value =
-        serde_json::from_str(json.trim()).map_err(|e| BootloaderError::Parse(e.to_string()))?;
-    let entries = v
-        .as_array()
-        .ok_or_else(|| BootloaderError::Parse("not a JSON array".into()))?;
+    let mut entries: Vec<serde_json::Value> = Vec::new();
+    for value in serde_json::Deserializer::from_str(json).into_iter::<serde_json::Value>() {
+        match value.map_err(|e| BootloaderError::Parse(e.to_string()))? {
+            serde_json::Value::Array(a) => entries.extend(a),
+            v @ serde_json::Value::Object(_) => entries.push(v),
+            _ => return Err(BootloaderError::Parse("neither a JSON array nor JSON objects".into())),
+        }
+    }
     let options = |e: &serde_json::Value| -> String {
         match e.get("options") {
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -307,6 +312,25 @@ mod tests {
             systemd_boot_entry("not json", NEW),
             Err(BootloaderError::Parse(_))
         ));
+        assert!(matches!(
+            systemd_boot_entry("5", NEW),
+            Err(BootloaderError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn systemd_boot_entry_reads_systemd_252s_one_object_per_line() {
+        // `bootctl list --json=short` of systemd 252 (Debian 12), verbatim from the QEMU
+        // test's guest (tests/bootloader_qemu.rs): no array, one object per line, no
+        // isDefault. The agent's first version refused it ("trailing characters").
+        let json = format!(
+            r#"{{"id":"nixos-generation-1.conf","path":"/boot/loader/entries/nixos-generation-1.conf","root":"/boot","title":"NixOS","showTitle":"NixOS","version":"Generation 1","options":"init={OLD}/init console=ttyS0 panic=1 loglevel=4","linux":"/EFI/nixos/vmlinuz","initrd":["/EFI/nixos/initrd"]}}
+{{"id":"nixos-generation-2.conf","path":"/boot/loader/entries/nixos-generation-2.conf","root":"/boot","title":"NixOS","showTitle":"NixOS","version":"Generation 2","options":"init={NEW}/init console=ttyS0 panic=1 loglevel=4","linux":"/EFI/nixos/vmlinuz","initrd":["/EFI/nixos/initrd"]}}
+{{"id":"auto-reboot-to-firmware-setup","path":"/sys/firmware/efi/efivars/LoaderEntries-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f","title":"Reboot Into Firmware Interface","showTitle":"Reboot Into Firmware Interface"}}
+"#
+        );
+        assert_eq!(systemd_boot_entry(&json, NEW).unwrap(), "nixos-generation-2.conf");
+        assert_eq!(systemd_boot_entry(&json, OLD).unwrap(), "nixos-generation-1.conf");
     }
 
     #[test]

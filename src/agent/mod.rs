@@ -21,6 +21,7 @@
 pub mod bootloader;
 pub mod building;
 pub mod host;
+pub mod host_step;
 pub mod node;
 pub mod secrets;
 pub mod state;

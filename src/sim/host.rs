@@ -390,6 +390,15 @@ impl SimNix {
         }
     }
 
+    /// A simulated Nix whose host `/` is `root`, with an empty catalogue: only its profile
+    /// operations are of use (`nixroll host-step` in the real-bootloader test's guest).
+    pub fn at_root(root: PathBuf) -> SimNix {
+        SimNix {
+            root,
+            catalogue: Mutex::new(Default::default()),
+        }
+    }
+
     /// `installable` realises to a system built from `spec`.
     pub fn publish(&self, installable: &str, spec: SystemSpec) {
         if let Ok(mut c) = self.catalogue.lock() {
