@@ -168,6 +168,7 @@ fn fetch_target(flake: &TestFlake, rev: &str, host: &str, system: &str, cache: &
             system: system.to_string(),
             builder: Some("builder".into()),
             cache: Some(cache.to_string()),
+            progress: None,
         }),
     }
 }

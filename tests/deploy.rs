@@ -117,7 +117,10 @@ pub fn check_cache_service(docs: &[Value], port: u16) {
         selector.iter().all(|(k, v)| &labels[k] == v)
     };
     let builder = find(docs, "DaemonSet", "nixroll-builder");
-    assert!(selects(builder), "the cache Service does not select the builder's pods");
+    assert!(
+        selects(builder),
+        "the cache Service does not select the builder's pods"
+    );
     for d in docs.iter().filter(|d| d["metadata"]["name"] != "nixroll-builder") {
         if d.pointer("/spec/template/metadata/labels").is_some() {
             assert!(!selects(d), "the cache Service selects {}", d["metadata"]["name"]);
@@ -135,21 +138,33 @@ pub fn check_cache_service(docs: &[Value], port: u16) {
         .unwrap_or_else(|| panic!("the builder has no port named {}", sp["targetPort"]));
     assert_eq!(cport["containerPort"], port);
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/nix-cache-info");
-    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
     assert_eq!(args[..2], ["agent", "--builder"]);
-    assert!(args.contains(&format!("--cache-listen=0.0.0.0:{port}").as_str()), "{args:?}");
-    assert!(args.contains(&format!("--cache-url=http://$(POD_IP):{port}").as_str()), "{args:?}");
+    assert!(
+        args.contains(&format!("--cache-listen=0.0.0.0:{port}").as_str()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&format!("--cache-url=http://$(POD_IP):{port}").as_str()),
+        "{args:?}"
+    );
     let env = c["env"].as_array().unwrap();
-    assert!(env.iter().any(|e| e["name"] == "POD_IP"
-        && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"));
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "POD_IP" && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP")
+    );
     // One agent per managed Node.
     let agent = &find(docs, "DaemonSet", "nixroll-agent")["spec"]["template"]["spec"];
     let mut want = agent["nodeSelector"].clone();
     want["nixroll.io/builder"] = "true".into();
     assert_eq!(pod["nodeSelector"], want);
     assert_eq!(
-        agent["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-            ["nodeSelectorTerms"],
+        agent["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
         serde_json::json!([{"matchExpressions": [
             {"key": "nixroll.io/builder", "operator": "NotIn", "values": ["true"]}]}])
     );
@@ -831,10 +846,17 @@ mod chart {
         super::check_cache_service(&render(json!({})), 5080);
         super::check_cache_service(&render(json!({"builder": {"port": 6080}})), 6080);
         let docs = render(json!({"builder": {"enabled": false}}));
-        assert!(docs.iter().all(|d| !key(d).contains("builder") && !key(d).contains("cache")));
+        assert!(
+            docs.iter()
+                .all(|d| !key(d).contains("builder") && !key(d).contains("cache"))
+        );
         let agent = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
         assert!(agent.get("affinity").is_none(), "{}", agent["affinity"]);
-        assert!(!serde_json::to_string(agent).unwrap().contains("TRUSTED_PUBLIC_KEYS"));
+        assert!(
+            !serde_json::to_string(agent)
+                .unwrap()
+                .contains("TRUSTED_PUBLIC_KEYS")
+        );
         let podaff = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
             {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"x": "y"}}}]}});
         let docs = render(json!({"agent": {"affinity": podaff}}));
@@ -846,12 +868,28 @@ mod chart {
             json!({"agent": {"affinity": {"nodeAffinity": {"x": 1}}}}),
         );
         assert!(err.contains("builder.enabled"), "{err}");
-        let args = strings(&find(&render(json!({"builder": {"extraArgs": ["--builder-key-secret=k2"]}})), "DaemonSet")
-            ["spec"]["template"]["spec"]["containers"][0]["args"]).iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(!args.contains(&"--builder-key-secret=k2".to_string()), "only the builder gets builder.extraArgs");
+        let args = strings(
+            &find(
+                &render(json!({"builder": {"extraArgs": ["--builder-key-secret=k2"]}})),
+                "DaemonSet",
+            )["spec"]["template"]["spec"]["containers"][0]["args"],
+        )
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+        assert!(
+            !args.contains(&"--builder-key-secret=k2".to_string()),
+            "only the builder gets builder.extraArgs"
+        );
         let b = render(json!({"builder": {"extraArgs": ["--builder-key-secret=k2"]}}));
-        let b = b.iter().find(|d| d["metadata"]["name"] == "nixroll-builder" && d["kind"] == "DaemonSet").unwrap();
-        assert_eq!(strings(&b["spec"]["template"]["spec"]["containers"][0]["args"]).last(), Some(&"--builder-key-secret=k2"));
+        let b = b
+            .iter()
+            .find(|d| d["metadata"]["name"] == "nixroll-builder" && d["kind"] == "DaemonSet")
+            .unwrap();
+        assert_eq!(
+            strings(&b["spec"]["template"]["spec"]["containers"][0]["args"]).last(),
+            Some(&"--builder-key-secret=k2")
+        );
         assert_typed(&docs);
     }
 

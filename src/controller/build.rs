@@ -13,7 +13,7 @@ use super::Context;
 use crate::api::{BuildReport, NixOSNode, Phase, TargetBuild};
 use crate::names::BUILDER_LABEL;
 use crate::rollout::Decision;
-use crate::rollout::build::{BuilderInfo, Fetch, Wanted, fetch_for, plan};
+use crate::rollout::build::{BuilderInfo, Fetch, Wanted, fetch_for, plan, progress};
 
 /// A builder's facts, owned (the caches hand out `Arc`s).
 struct Builder {
@@ -58,6 +58,19 @@ fn infos(builders: &[Builder]) -> Vec<BuilderInfo<'_>> {
             reports: &b.reports,
         })
         .collect()
+}
+
+fn staged_system(o: &NixOSNode) -> Option<&str> {
+    Some(
+        o.status
+            .as_ref()?
+            .agent
+            .as_ref()?
+            .staged
+            .as_ref()?
+            .system
+            .as_str(),
+    )
 }
 
 fn nix_system(o: &NixOSNode) -> Option<&str> {
@@ -128,7 +141,25 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
     }
 
     // A staging node: fetch the build of its system, or wait for it.
+    let staged = staged_system(obj);
     if decision.status.phase != Some(Phase::Staging) {
+        // The phase moved on: staged, or failed by the builder (the Build column says so).
+        if let Some(t) = decision.status.target.as_mut()
+            && let Some(b) = t.build.as_mut()
+        {
+            if !b.system.is_empty() && staged == Some(b.system.as_str()) {
+                b.progress = Some(crate::api::BuildProgress::Staged);
+            } else if b.system.is_empty() {
+                let w = Wanted {
+                    node: &name,
+                    nix_system: nix_system(obj),
+                    installable: &t.installable,
+                };
+                if let Fetch::Failed { .. } = fetch_for(&w, &infos) {
+                    b.progress = Some(crate::api::BuildProgress::Failed);
+                }
+            }
+        }
         return decision;
     }
     let Some(target) = decision.status.target.as_mut() else {
@@ -139,9 +170,12 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
         nix_system: nix_system(obj),
         installable: &target.installable,
     };
-    match fetch_for(&w, &infos) {
+    let fetch = fetch_for(&w, &infos);
+    let at = progress(&fetch, &name, staged);
+    match fetch {
         Fetch::Itself => target.build = None,
-        Fetch::Ready(build) => {
+        Fetch::Ready(mut build) => {
+            build.progress = at;
             let msg = format!(
                 "fetching {} from builder {}",
                 crate::api::short_system(&build.system),
@@ -150,7 +184,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
             target.build = Some(build);
             decision.status.message = Some(msg);
         }
-        Fetch::Waiting { builder, message } => {
+        Fetch::Waiting { builder, message, .. } => {
             let asked = builders
                 .iter()
                 .find(|b| b.name == builder)
@@ -164,6 +198,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                 system: String::new(),
                 builder: Some(builder),
                 cache: None,
+                progress: at,
             });
             decision.status.message = Some(message);
         }
@@ -172,6 +207,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                 system: String::new(),
                 builder: Some(builder),
                 cache: None,
+                progress: at,
             });
             decision.status.message = Some(message);
         }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{BuildReport, BuildRequest, BuildState, TargetBuild};
+use crate::api::{BuildProgress, BuildReport, BuildRequest, BuildState, TargetBuild};
 
 /// A builder as the controller sees it: a Node labelled `nixroll.io/builder=true` whose agent
 /// reported its Nix system.
@@ -71,8 +71,12 @@ pub fn plan<'a>(
 pub enum Fetch {
     /// No builder for its Nix system: the node builds its target itself (as without builders).
     Itself,
-    /// The builder has not built it yet.
-    Waiting { builder: String, message: String },
+    /// The builder has not built it yet (`Queued` or `Building`).
+    Waiting {
+        builder: String,
+        message: String,
+        progress: BuildProgress,
+    },
     /// Built: the node fetches exactly this (`status.target.build`).
     Ready(TargetBuild),
     /// The evaluation or build failed on the builder: one failure, on the revision, for every
@@ -92,10 +96,12 @@ pub fn fetch_for(w: &Wanted<'_>, builders: &[BuilderInfo<'_>]) -> Fetch {
                 system: system.clone(),
                 builder: Some(b.name.to_string()),
                 cache: b.cache.map(str::to_string),
+                progress: None,
             }),
             None => Fetch::Waiting {
                 builder: b.name.to_string(),
                 message: format!("builder {} reported a build without its store path", b.name),
+                progress: BuildProgress::Building,
             },
         },
         Some(r) if r.state == BuildState::Failed => Fetch::Failed {
@@ -109,12 +115,27 @@ pub fn fetch_for(w: &Wanted<'_>, builders: &[BuilderInfo<'_>]) -> Fetch {
         Some(_) => Fetch::Waiting {
             builder: b.name.to_string(),
             message: format!("building on {}", b.name),
+            progress: BuildProgress::Building,
         },
         None => Fetch::Waiting {
             builder: b.name.to_string(),
             message: format!("queued for builder {}", b.name),
+            progress: BuildProgress::Queued,
         },
     }
+}
+
+/// Where `node`'s system is (`status.target.build.progress`), given what it does about its
+/// target and what its agent staged; `None` without a builder.
+pub fn progress(fetch: &Fetch, node: &str, staged: Option<&str>) -> Option<BuildProgress> {
+    Some(match fetch {
+        Fetch::Itself => return None,
+        Fetch::Waiting { progress, .. } => *progress,
+        Fetch::Failed { .. } => BuildProgress::Failed,
+        Fetch::Ready(b) if staged == Some(b.system.as_str()) => BuildProgress::Staged,
+        Fetch::Ready(b) if b.builder.as_deref() == Some(node) => BuildProgress::Built,
+        Fetch::Ready(_) => BuildProgress::Fetching,
+    })
 }
 
 #[cfg(test)]
@@ -240,6 +261,30 @@ mod tests {
             fetch_for(&w(queued, Some("x86_64-linux")), &builders),
             Fetch::Waiting { .. }
         ));
+        // Progress: queued, building, fetching (another node), built (the builder itself),
+        // staged, failed.
+        let building = [report(queued, BuildState::Building, None)];
+        let busy = [BuilderInfo {
+            reports: &building,
+            ..builders[0]
+        }];
+        let at = |i, node, staged| progress(&fetch_for(&w(i, Some("x86_64-linux")), &builders), node, staged);
+        let built = "/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a";
+        assert_eq!(at(queued, "n", None), Some(BuildProgress::Queued));
+        assert_eq!(
+            progress(&fetch_for(&w(queued, Some("x86_64-linux")), &busy), "n", None),
+            Some(BuildProgress::Building)
+        );
+        assert_eq!(at(ok, "n", None), Some(BuildProgress::Fetching));
+        assert_eq!(
+            at(ok, "n", Some("/nix/store/other")),
+            Some(BuildProgress::Fetching)
+        );
+        assert_eq!(at(ok, "builder-1", None), Some(BuildProgress::Built));
+        assert_eq!(at(ok, "n", Some(built)), Some(BuildProgress::Staged));
+        assert_eq!(at(ok, "builder-1", Some(built)), Some(BuildProgress::Staged));
+        assert_eq!(at(bad, "n", None), Some(BuildProgress::Failed));
+        assert_eq!(progress(&Fetch::Itself, "n", Some(built)), None);
         // No builder for the system, or the system not reported yet: today's behaviour.
         assert_eq!(fetch_for(&w(ok, Some("aarch64-linux")), &builders), Fetch::Itself);
         assert_eq!(fetch_for(&w(ok, None), &builders), Fetch::Itself);
