@@ -21,6 +21,25 @@ struct Builder {
     nix_system: String,
     cache: Option<String>,
     reports: Vec<BuildReport>,
+    available: bool,
+}
+
+/// Outside its own disruption window: schedulable, Ready, and its NixOSNode in no disruptive
+/// phase (Draining, Activating, Rebooting, Verifying). Builds start only on such a builder.
+fn available(node: &Node, o: &NixOSNode) -> bool {
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    let disrupted = o
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_disruptive());
+    !cordoned && ready && !disrupted
 }
 
 fn is_builder(node: &Node) -> bool {
@@ -41,6 +60,7 @@ fn builders(ctx: &Context) -> Vec<Builder> {
                 nix_system: agent.nix_system.clone()?,
                 cache: agent.cache.clone(),
                 reports: agent.builds.clone(),
+                available: available(n, &o),
             })
         })
         .collect();
@@ -56,6 +76,7 @@ fn infos(builders: &[Builder]) -> Vec<BuilderInfo<'_>> {
             nix_system: &b.nix_system,
             cache: b.cache.as_deref(),
             reports: &b.reports,
+            available: b.available,
         })
         .collect()
 }

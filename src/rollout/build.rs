@@ -17,6 +17,18 @@ pub struct BuilderInfo<'a> {
     pub cache: Option<&'a str>,
     /// Its agent's reports (`status.agent.builds`).
     pub reports: &'a [BuildReport],
+    /// Outside its own disruption window (not cordoned, draining, activating, rebooting or
+    /// verifying, and Ready): only then does it start builds. What it already built it keeps
+    /// serving.
+    pub available: bool,
+}
+
+impl BuilderInfo<'_> {
+    fn built(&self, installable: &str) -> bool {
+        self.reports
+            .iter()
+            .any(|r| r.installable == installable && r.state == BuildState::Built && r.system.is_some())
+    }
 }
 
 /// What one node wants built.
@@ -27,15 +39,38 @@ pub struct Wanted<'a> {
     pub installable: &'a str,
 }
 
-/// The builder for `nix_system`: one per system, the first by name (others of the same
-/// system stay idle, so nothing is built twice).
-pub fn builder_for<'a>(nix_system: Option<&str>, builders: &[BuilderInfo<'a>]) -> Option<BuilderInfo<'a>> {
-    let sys = nix_system?;
-    builders
-        .iter()
-        .filter(|b| b.nix_system == sys)
-        .min_by_key(|b| b.name)
-        .copied()
+/// Who builds `w`'s system, if any builder of its Nix system is configured.
+#[derive(Clone, Copy, Debug)]
+pub enum Choice<'a> {
+    /// No builder for its Nix system (or the system is not known yet): the node builds itself.
+    None,
+    /// This builder built it or is to build it.
+    Builder(BuilderInfo<'a>),
+    /// Every builder of its Nix system is inside its own disruption window and none has built
+    /// it: wait (the first by name is named).
+    Unavailable(BuilderInfo<'a>),
+}
+
+/// The builder of `w`: one that already built it (whatever its state: it keeps serving what
+/// it built), else the first by name of its Nix system outside its own disruption window, so
+/// that each system is built once and never on a builder that is being cordoned, drained or
+/// rebooted; others of the same system stay idle.
+pub fn choose<'a>(w: &Wanted<'_>, builders: &[BuilderInfo<'a>]) -> Choice<'a> {
+    let Some(sys) = w.nix_system else {
+        return Choice::None;
+    };
+    let mut of_system: Vec<&BuilderInfo<'a>> = builders.iter().filter(|b| b.nix_system == sys).collect();
+    of_system.sort_by_key(|b| b.name);
+    let Some(first) = of_system.first() else {
+        return Choice::None;
+    };
+    if let Some(b) = of_system.iter().find(|b| b.built(w.installable)) {
+        return Choice::Builder(**b);
+    }
+    match of_system.iter().find(|b| b.available) {
+        Some(b) => Choice::Builder(**b),
+        None => Choice::Unavailable(**first),
+    }
 }
 
 /// The builds each builder is to run (its `status.builds`): the distinct installables of the
@@ -48,7 +83,7 @@ pub fn plan<'a>(
     let mut per: BTreeMap<&'a str, BTreeMap<&'a str, u32>> =
         builders.iter().map(|b| (b.name, BTreeMap::new())).collect();
     for w in wanted {
-        if let Some(b) = builder_for(w.nix_system, builders) {
+        if let Choice::Builder(b) = choose(&w, builders) {
             *per.entry(b.name).or_default().entry(w.installable).or_default() += 1;
         }
     }
@@ -86,8 +121,19 @@ pub enum Fetch {
 
 /// What `w`'s node does, given the builders and their reports.
 pub fn fetch_for(w: &Wanted<'_>, builders: &[BuilderInfo<'_>]) -> Fetch {
-    let Some(b) = builder_for(w.nix_system, builders) else {
-        return Fetch::Itself;
+    let b = match choose(w, builders) {
+        Choice::None => return Fetch::Itself,
+        Choice::Builder(b) => b,
+        Choice::Unavailable(b) => {
+            return Fetch::Waiting {
+                builder: b.name.to_string(),
+                message: format!(
+                    "queued: every builder of {} is in its disruption window (cordoned, draining, rebooting); waiting for {}",
+                    b.nix_system, b.name
+                ),
+                progress: BuildProgress::Queued,
+            };
+        }
     };
     let report = b.reports.iter().find(|r| r.installable == w.installable);
     match report {
@@ -180,24 +226,28 @@ mod tests {
                 nix_system: SYSTEMS[0],
                 cache: None,
                 reports: &[],
+                available: true,
             },
             BuilderInfo {
                 name: "b-x86-1",
                 nix_system: SYSTEMS[0],
                 cache: None,
                 reports: &[],
+                available: true,
             },
             BuilderInfo {
                 name: "b-arm",
                 nix_system: SYSTEMS[1],
                 cache: None,
                 reports: &[],
+                available: true,
             },
             BuilderInfo {
                 name: "b-rv",
                 nix_system: SYSTEMS[2],
                 cache: None,
                 reports: &[],
+                available: true,
             },
         ];
         let p = plan(&builders, wanted.iter().copied());
@@ -210,6 +260,72 @@ mod tests {
         for w in &wanted {
             assert!(matches!(fetch_for(w, &builders), Fetch::Waiting { .. }));
         }
+    }
+
+    /// A builder inside its own disruption window starts no build: the next builder of its
+    /// Nix system builds, or the nodes wait when there is none; what a builder already built
+    /// stays where it is (no second build elsewhere), whatever its state.
+    #[test]
+    fn no_build_starts_on_a_builder_in_its_disruption_window() {
+        let i = "f?rev=1#nixosConfigurations.a.config.system.build.toplevel";
+        let j = "f?rev=1#nixosConfigurations.b.config.system.build.toplevel";
+        let w = |installable| Wanted {
+            node: "n",
+            nix_system: Some("x86_64-linux"),
+            installable,
+        };
+        let b = |name, available, reports| BuilderInfo {
+            name,
+            nix_system: "x86_64-linux",
+            cache: Some("http://b:5080"),
+            reports,
+            available,
+        };
+        // b-1 is draining: b-2 builds both.
+        let two = [b("b-1", false, &[]), b("b-2", true, &[])];
+        let p = plan(&two, [w(i), w(j)]);
+        assert!(p["b-1"].is_empty(), "{p:?}");
+        assert_eq!(p["b-2"].len(), 2);
+        assert!(matches!(fetch_for(&w(i), &two), Fetch::Waiting { builder, .. } if builder == "b-2"));
+        // The only builder is draining: nothing is built, the node waits and says why.
+        let one = [b("b-1", false, &[])];
+        assert!(plan(&one, [w(i)])["b-1"].is_empty());
+        match fetch_for(&w(i), &one) {
+            Fetch::Waiting {
+                builder,
+                message,
+                progress,
+            } => {
+                assert_eq!(builder, "b-1");
+                assert!(message.contains("disruption window"), "{message}");
+                assert_eq!(progress, BuildProgress::Queued);
+            }
+            other => panic!("{other:?}"),
+        }
+        // b-1 built `i` before it was cordoned: it keeps it (no build on b-2) and serves it;
+        // `j`, not built yet, goes to b-2.
+        let built = [report(
+            i,
+            BuildState::Built,
+            Some("/nix/store/snwk4inds1ls7q83128vqfxsjigdbl0q-nixos-system-a"),
+        )];
+        let two = [b("b-1", false, &built), b("b-2", true, &[])];
+        let p = plan(&two, [w(i), w(j)]);
+        assert_eq!(
+            p["b-1"]
+                .iter()
+                .map(|r| r.installable.as_str())
+                .collect::<Vec<_>>(),
+            [i]
+        );
+        assert_eq!(
+            p["b-2"]
+                .iter()
+                .map(|r| r.installable.as_str())
+                .collect::<Vec<_>>(),
+            [j]
+        );
+        assert!(matches!(fetch_for(&w(i), &two), Fetch::Ready(t) if t.builder.as_deref() == Some("b-1")));
     }
 
     #[test]
@@ -230,6 +346,7 @@ mod tests {
             nix_system: "x86_64-linux",
             cache: Some("http://10.0.0.5:5080"),
             reports: &reports,
+            available: true,
         }];
         let w = |installable, sys| Wanted {
             node: "n",
