@@ -173,6 +173,7 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
     )
     .await
     .unwrap();
+    let before = seen.clone();
     let seen = wait_for(&world, "node-2 failed by its builder", |m| {
         m.get("node-2")
             .and_then(|o| o.status.as_ref())
@@ -201,7 +202,7 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
     // the builder's own system built is Built on the builder. (The simulated agents cannot
     // fetch; the real-Nix fetch is tests/builder_nix.rs.)
     let installable = |n: &str| {
-        seen[n]
+        before[n]
             .status
             .as_ref()
             .unwrap()
