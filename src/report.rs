@@ -559,6 +559,7 @@ mod tests {
             .map(|i| BuildRequest {
                 installable: i.into(),
                 nodes: 1,
+                retry: None,
             })
             .to_vec();
         st.agent = Some(AgentStatus {
@@ -568,6 +569,7 @@ mod tests {
                 system: None,
                 message: None,
                 at: Time(now),
+                retry: None,
             }],
             ..Default::default()
         });

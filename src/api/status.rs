@@ -101,6 +101,10 @@ pub struct BuildRequest {
     /// How many nodes wait for it.
     #[serde(default)]
     pub nodes: u32,
+    /// The newest `nixroll.io/retry` value among those nodes (their `status.retryToken`): a
+    /// build that failed under an older one (or none) is built again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
 }
 
 /// Where a build is.
@@ -130,6 +134,9 @@ pub struct BuildReport {
     pub message: Option<String>,
     /// When the build reached this state.
     pub at: Time,
+    /// The request's `retry` this build ran under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
 }
 
 /// What the controller admitted for this node.

@@ -111,15 +111,18 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
     if infos.iter().any(|b| b.name == name) {
         let all = ctx.nixosnodes.state();
         // Every other node's target from the cache, this node's from the decision.
-        let targets: Vec<(String, Option<String>, String)> = all
+        type Row = (String, Option<String>, String, Option<String>);
+        let targets: Vec<Row> = all
             .iter()
             .filter(|o| o.name_any() != name)
             .filter_map(|o| {
-                let t = o.status.as_ref()?.target.as_ref()?;
+                let s = o.status.as_ref()?;
+                let t = s.target.as_ref()?;
                 Some((
                     o.name_any(),
                     nix_system(o).map(str::to_string),
                     t.installable.clone(),
+                    s.retry_token.clone(),
                 ))
             })
             .chain(decision.status.target.as_ref().map(|t| {
@@ -127,13 +130,15 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                     name.clone(),
                     nix_system(obj).map(str::to_string),
                     t.installable.clone(),
+                    decision.status.retry_token.clone(),
                 )
             }))
             .collect();
-        let wanted = targets.iter().map(|(n, sys, i)| Wanted {
+        let wanted = targets.iter().map(|(n, sys, i, retry)| Wanted {
             node: n,
             nix_system: sys.as_deref(),
             installable: i,
+            retry: retry.as_deref(),
         });
         let mut p = plan(&infos, wanted);
         let mine = p.remove(name.as_str()).unwrap_or_default();
@@ -175,6 +180,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                     node: &name,
                     nix_system: nix_system(obj),
                     installable: &t.installable,
+                    retry: decision.status.retry_token.as_deref(),
                 };
                 if let Fetch::Failed { .. } = fetch_for(&w, &infos) {
                     b.progress = Some(crate::api::BuildProgress::Failed);
@@ -190,6 +196,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
         node: &name,
         nix_system: nix_system(obj),
         installable: &target.installable,
+        retry: decision.status.retry_token.as_deref(),
     };
     let fetch = fetch_for(&w, &infos);
     let at = progress(&fetch, &name, staged);
@@ -262,6 +269,7 @@ pub(super) fn with_builder_failure(
         node: obj.metadata.name.as_deref().unwrap_or_default(),
         nix_system: nix_system(obj),
         installable: &target.installable,
+        retry: status.retry_token.as_deref(),
     };
     if let Fetch::Failed { message, .. } = fetch_for(&w, &infos) {
         let revision = target.revision.clone();

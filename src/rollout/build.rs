@@ -37,6 +37,21 @@ pub struct Wanted<'a> {
     pub node: &'a str,
     pub nix_system: Option<&'a str>,
     pub installable: &'a str,
+    /// The node's `status.retryToken` (the last `nixroll.io/retry` value acted on).
+    pub retry: Option<&'a str>,
+}
+
+/// Whether retry token `a` is newer than `b`: numbers (`$(date +%s)`) by value, other text by
+/// its order; any token is newer than none.
+pub fn newer(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(a), Some(b)) => match (a.parse::<u128>(), b.parse::<u128>()) {
+            (Ok(x), Ok(y)) => x > y,
+            _ => a > b,
+        },
+    }
 }
 
 /// Who builds `w`'s system, if any builder of its Nix system is configured.
@@ -80,20 +95,25 @@ pub fn plan<'a>(
     builders: &[BuilderInfo<'a>],
     wanted: impl IntoIterator<Item = Wanted<'a>>,
 ) -> BTreeMap<&'a str, Vec<BuildRequest>> {
-    let mut per: BTreeMap<&'a str, BTreeMap<&'a str, u32>> =
+    let mut per: BTreeMap<&'a str, BTreeMap<&'a str, (u32, Option<&'a str>)>> =
         builders.iter().map(|b| (b.name, BTreeMap::new())).collect();
     for w in wanted {
         if let Choice::Builder(b) = choose(&w, builders) {
-            *per.entry(b.name).or_default().entry(w.installable).or_default() += 1;
+            let e = per.entry(b.name).or_default().entry(w.installable).or_default();
+            e.0 += 1;
+            if newer(w.retry, e.1) {
+                e.1 = w.retry;
+            }
         }
     }
     per.into_iter()
         .map(|(b, m)| {
             let reqs = m
                 .into_iter()
-                .map(|(installable, nodes)| BuildRequest {
+                .map(|(installable, (nodes, retry))| BuildRequest {
                     installable: installable.to_string(),
                     nodes,
+                    retry: retry.map(str::to_string),
                 })
                 .collect();
             (b, reqs)
@@ -150,6 +170,13 @@ pub fn fetch_for(w: &Wanted<'_>, builders: &[BuilderInfo<'_>]) -> Fetch {
                 progress: BuildProgress::Building,
             },
         },
+        // Failed before this node asked for a retry: built again (the request carries the
+        // node's token), so it waits for that build.
+        Some(r) if r.state == BuildState::Failed && newer(w.retry, r.retry.as_deref()) => Fetch::Waiting {
+            builder: b.name.to_string(),
+            message: format!("retrying the failed build on {}", b.name),
+            progress: BuildProgress::Queued,
+        },
         Some(r) if r.state == BuildState::Failed => Fetch::Failed {
             builder: b.name.to_string(),
             message: format!(
@@ -200,6 +227,7 @@ mod tests {
             system: system.map(str::to_string),
             message: (state == BuildState::Failed).then(|| "error: attribute missing".into()),
             at: Time(Timestamp::UNIX_EPOCH),
+            retry: None,
         }
     }
 
@@ -217,6 +245,7 @@ mod tests {
                 node: n,
                 nix_system: Some(SYSTEMS[i % 3]),
                 installable: &installables[i % 3],
+                retry: None,
             })
             .collect();
         // Two builders for x86_64: only one of them builds.
@@ -273,6 +302,7 @@ mod tests {
             node: "n",
             nix_system: Some("x86_64-linux"),
             installable,
+            retry: None,
         };
         let b = |name, available, reports| BuilderInfo {
             name,
@@ -328,6 +358,61 @@ mod tests {
         assert!(matches!(fetch_for(&w(i), &two), Fetch::Ready(t) if t.builder.as_deref() == Some("b-1")));
     }
 
+    /// A failed build is not remembered forever: a node retried (`nixroll.io/retry`) asks for
+    /// the build again under its token and waits for it; nodes that did not retry keep the
+    /// failure; the failure of the retried build counts for the retried node.
+    #[test]
+    fn a_retried_node_asks_the_builder_again() {
+        let i = "f?rev=1#nixosConfigurations.a.config.system.build.toplevel";
+        let w = |node, retry| Wanted {
+            node,
+            nix_system: Some("x86_64-linux"),
+            installable: i,
+            retry,
+        };
+        let failed = |retry: Option<&str>| {
+            let mut r = report(i, BuildState::Failed, None);
+            r.retry = retry.map(str::to_string);
+            [r]
+        };
+        let b = |reports| BuilderInfo {
+            name: "b-1",
+            nix_system: "x86_64-linux",
+            cache: None,
+            reports,
+            available: true,
+        };
+        let before = failed(None);
+        let builders = [b(&before)];
+        // n2 retried with 1765100000: the request carries the newest token.
+        let p = plan(
+            &builders,
+            [w("n1", None), w("n2", Some("1765100000")), w("n3", Some("999"))],
+        );
+        assert_eq!(p["b-1"][0].retry.as_deref(), Some("1765100000"));
+        assert!(matches!(
+            fetch_for(&w("n2", Some("1765100000")), &builders),
+            Fetch::Waiting { .. }
+        ));
+        assert!(matches!(
+            fetch_for(&w("n1", None), &builders),
+            Fetch::Failed { .. }
+        ));
+        // The retried build failed again: that failure is n2's (and n1's) too.
+        let again = failed(Some("1765100000"));
+        let builders = [b(&again)];
+        assert!(matches!(
+            fetch_for(&w("n2", Some("1765100000")), &builders),
+            Fetch::Failed { .. }
+        ));
+        assert!(matches!(
+            fetch_for(&w("n3", Some("999")), &builders),
+            Fetch::Failed { .. }
+        ));
+        assert!(newer(Some("10"), Some("9")) && !newer(Some("9"), Some("10")));
+        assert!(newer(Some("b"), Some("a")) && newer(Some("a"), None) && !newer(None, Some("a")));
+    }
+
     #[test]
     fn nodes_fetch_what_was_built_wait_share_a_failure_or_build_themselves() {
         let ok = "f?rev=1#nixosConfigurations.a.config.system.build.toplevel";
@@ -352,6 +437,7 @@ mod tests {
             node: "n",
             nix_system: sys,
             installable,
+            retry: None,
         };
         match fetch_for(&w(ok, Some("x86_64-linux")), &builders) {
             Fetch::Ready(b) => {
