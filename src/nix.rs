@@ -35,6 +35,10 @@ pub enum NixError {
     },
     #[error("{operation}: unexpected output from nix: {detail}")]
     Parse { operation: &'static str, detail: String },
+    /// Nix was killed halfway (a signal, its unit stopped): nothing was built, and the same
+    /// call may be made again.
+    #[error("{operation}: interrupted (killed by a signal)")]
+    Interrupted { operation: &'static str },
     /// A substitution refused before or by Nix: no trusted key, a path or cache that is not
     /// what it should be, an unsigned, wrongly signed or tampered closure.
     #[error("refused to fetch {path}: {reason}")]
@@ -184,6 +188,8 @@ impl NixCli {
             .map_err(|source| NixError::Host { operation, source })?;
         if out.success() {
             Ok(out)
+        } else if interrupted(&out) {
+            Err(NixError::Interrupted { operation })
         } else {
             let mut message = trim_nix_error(&out.stderr);
             if message.is_empty() {
@@ -387,6 +393,14 @@ pub fn parse_build_json(stdout: &str) -> Option<String> {
         .or_else(|| first.get("path"))?
         .as_str()
         .map(str::to_string)
+}
+
+/// Whether a command was killed rather than failed: no exit code (a signal, run directly), or
+/// systemd saying its unit's main process was killed (`systemd-run --wait`).
+fn interrupted(out: &CommandOutput) -> bool {
+    out.code.is_none()
+        || out.stderr.contains("code=killed")
+        || out.stderr.contains("Finished with result: signal")
 }
 
 /// Every `out` (or `path`) of `nix build --json`, in order.

@@ -860,3 +860,146 @@ async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
     assert_eq!(st.staged.unwrap().system, system);
     task.abort();
 }
+
+/// Processes started by this test (descendants of this process) whose command line mentions
+/// `marker`.
+fn descendants_mentioning(marker: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if pid == me || !String::from_utf8_lossy(&cmd).contains(marker) {
+            continue;
+        }
+        let mut p = parent(pid);
+        while let Some(q) = p {
+            if q == me {
+                out.push(pid);
+                break;
+            }
+            if q <= 1 {
+                break;
+            }
+            p = parent(q);
+        }
+    }
+    out
+}
+
+/// A builder whose build is killed halfway (its process killed, as when its unit is stopped)
+/// builds it again, once: the build ran to the end once, the store path is valid, the report is
+/// `Built`. A build that fails on its own is not run again.
+#[tokio::test]
+async fn a_build_killed_halfway_is_built_again_once() {
+    use nixroll::api::{BuildRequest, BuildState};
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, SigningKey};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let script = format!(
+        "echo x >>{m}/started; /bin/sleep 3; echo x >>{m}/finished; /bin/mkdir -p $out/slow",
+        m = marks.display()
+    );
+    let rev = flake
+        .commit("a slow build", |s| s.slow_build = Some(script))
+        .unwrap();
+    // A private store (no sandbox: a chroot store would build in one, away from `marks`).
+    let sim = SimHost::create(tmp.path().join("builder")).unwrap();
+    let host: Arc<dyn Host> = Arc::new(sim.host_root());
+    let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+    let (sk_file, _pk) = keypair(tmp.path(), "cluster-1");
+    let key = SigningKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    let cache = BinaryCache::new(host.clone(), key, CacheOptions::default());
+    let mut builder = Builder::new(host.clone(), nix.clone(), cache);
+    let request = BuildRequest {
+        installable: flake.installable(&rev, "worker"),
+        nodes: 3,
+        retry: None,
+    };
+    let lines = |f: &str| {
+        std::fs::read_to_string(marks.join(f))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let marker = marks.to_string_lossy().into_owned();
+    let builder_root = sim.root().to_string_lossy().into_owned();
+    let killer = tokio::spawn(async move {
+        // Once the build runs: kill it (the builder's shell and the nix that runs it).
+        let t0 = std::time::Instant::now();
+        while lines_in(&marker, "started") == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the build never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut pids = descendants_mentioning(&marker);
+        pids.extend(descendants_mentioning(&builder_root));
+        assert!(!pids.is_empty(), "no build process found");
+        for pid in &pids {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        pids.len()
+    });
+    let reports = tokio::time::timeout(Duration::from_secs(120), builder.run(&[request]))
+        .await
+        .expect("the builder reported within 120 s");
+    assert!(killer.await.unwrap() >= 1);
+    assert_eq!(reports[0].state, BuildState::Built, "{reports:?}");
+    assert_eq!(lines("started"), 2, "killed once, then built again");
+    assert_eq!(lines("finished"), 1, "the build ran to its end once");
+    assert_eq!(builder.evaluations(), 2);
+    let system = reports[0].system.clone().unwrap();
+    assert!(
+        std::path::Path::new(&system).join("slow").is_dir(),
+        "{system} has no slow/"
+    );
+    let mut verify = Command::new("nix-store");
+    verify
+        .args(["--verify-path", &system])
+        .env("NIX_STORE_DIR", sim.root().join("nix/store"))
+        .env("NIX_STATE_DIR", sim.root().join("nix/var/nix"))
+        .env("NIX_LOG_DIR", sim.root().join("nix/var/log/nix"))
+        .env("NIX_CONF_DIR", sim.root().join("etc/nix"))
+        .env("HOME", sim.root().join("root"));
+    run(verify);
+    // Asked again: nothing runs.
+    builder
+        .run(&[reports[0].clone()].map(|r| BuildRequest {
+            installable: r.installable,
+            nodes: 3,
+            retry: None,
+        }))
+        .await;
+    assert_eq!(lines("started"), 2);
+    assert_eq!(builder.evaluations(), 2);
+
+    // A build that fails by itself is reported, not run again.
+    let broken = flake.commit_broken_build().unwrap();
+    let before = builder.evaluations();
+    let reports = builder
+        .run(&[BuildRequest {
+            installable: flake.installable(&broken, "worker"),
+            nodes: 1,
+            retry: None,
+        }])
+        .await;
+    assert_eq!(reports[0].state, BuildState::Failed);
+    assert_eq!(builder.evaluations(), before + 1);
+}
+
+fn lines_in(dir: &str, file: &str) -> usize {
+    std::fs::read_to_string(Path::new(dir).join(file))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}

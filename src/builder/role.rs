@@ -148,12 +148,15 @@ impl Builder {
         let root = Path::new(BUILDS_DIR).join(root_name(&r.installable));
         tracing::info!(installable = %crate::nix::mask_credentials(&r.installable), "building");
         self.evaluations += 1;
-        let result = self
-            .nix
-            .realise(&r.installable, &root)
-            .await
-            .map_err(|e| e.report());
-        self.finish(r, result).await
+        let mut result = self.nix.realise(&r.installable, &root).await;
+        if let Err(e @ crate::nix::NixError::Interrupted { .. }) = &result {
+            // Killed halfway (its unit stopped, the process killed): nothing was built, and
+            // Nix's locks keep two builds of one path from running at once; build again, once.
+            tracing::warn!(installable = %crate::nix::mask_credentials(&r.installable), error = %e, "build interrupted; building again once");
+            self.evaluations += 1;
+            result = self.nix.realise(&r.installable, &root).await;
+        }
+        self.finish(r, result.map_err(|e| e.report())).await
     }
 
     /// Publish a built system's closure, and the report.
