@@ -518,6 +518,10 @@ struct DemoArgs {
     /// two pools roll concurrently, one behind a health gate that blocks for a while.
     #[arg(long, conflicts_with = "follow")]
     pools: bool,
+    /// One more node, node-1, is a builder: it evaluates and builds every node's system once,
+    /// signs it and serves it; the other nodes fetch it (real Nix; docs/builder.md).
+    #[arg(long, conflicts_with_all = ["follow", "pools"])]
+    builder: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -543,6 +547,10 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.hold = args.hold;
     opts.timeout = args.timeout;
     opts.pools = args.pools;
+    if args.builder {
+        opts.builder = true;
+        opts.world.nodes += 1;
+    }
     runtime()?.block_on(async {
         if args.follow {
             nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;

@@ -111,19 +111,11 @@ impl Nix for CountingNix {
     }
 }
 
-/// A signing key made from random bytes, in Nix's secret-key format.
+/// A new signing key.
 fn random_key(name: &str) -> Result<SigningKey, String> {
-    use base64::Engine;
-    use ring::signature::KeyPair;
-    let seed: [u8; 32] = std::array::from_fn(|_| fastrand::u8(..));
-    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|e| e.to_string())?;
-    let mut bytes = seed.to_vec();
-    bytes.extend_from_slice(pair.public_key().as_ref());
-    let secret = format!(
-        "{name}:{}",
-        base64::engine::general_purpose::STANDARD.encode(&bytes)
-    );
-    SigningKey::parse(&secret).map_err(|e| e.to_string())
+    SigningKey::generate_secret(name)
+        .and_then(|s| SigningKey::parse(&s))
+        .map_err(|e| e.to_string())
 }
 
 /// Stage one revision on `nodes` nodes of `systems` Nix systems (at most 4) with one builder
