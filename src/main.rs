@@ -539,6 +539,10 @@ struct DemoArgs {
     /// two pools roll concurrently, one behind a health gate that blocks for a while.
     #[arg(long, conflicts_with = "follow")]
     pools: bool,
+    /// One more node, node-1, is a builder: it evaluates and builds every node's system once,
+    /// signs it and serves it; the other nodes fetch it (real Nix; docs/builder.md).
+    #[arg(long, conflicts_with_all = ["follow", "pools"])]
+    builder: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -564,6 +568,10 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.hold = args.hold;
     opts.timeout = args.timeout;
     opts.pools = args.pools;
+    if args.builder {
+        opts.builder = true;
+        opts.world.nodes += 1;
+    }
     runtime()?.block_on(async {
         if args.follow {
             nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;
@@ -596,10 +604,32 @@ struct BenchArgs {
     /// embedded API; use a few nodes (e.g. --nodes 6 --pods 12).
     #[arg(long, value_name = "DIR")]
     kube_assets: Option<std::path::PathBuf>,
+    /// Instead: count the evaluations and builds of staging one revision with builders, on
+    /// --nodes nodes of --nix-systems Nix systems (docs/builder.md, "Scale").
+    #[arg(long, conflicts_with_all = ["adopt_only", "kube_assets"])]
+    builders: bool,
+    /// With --builders: how many Nix systems the nodes are spread over (1–4).
+    #[arg(long, default_value_t = 3, requires = "builders", value_parser = clap::value_parser!(u8).range(1..=4))]
+    nix_systems: u8,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     init_quiet_tracing();
+    if args.builders {
+        let counts = runtime()?
+            .block_on(nixroll::sim::bench_builders::run(
+                args.nodes.max(1),
+                usize::from(args.nix_systems),
+                5,
+            ))
+            .map_err(anyhow::Error::msg)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&counts)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&counts)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = nixroll::sim::bench::BenchOptions {
         nodes: args.nodes.max(1),
         pods: args.pods,
