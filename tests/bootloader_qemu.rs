@@ -19,6 +19,7 @@
 //! Needs qemu-system-x86, ovmf, systemd-boot, grub-efi-amd64-bin, grub2-common,
 //! busybox-static, mtools, dosfstools, fdisk, e2fsprogs and `apt-get download` of Debian's
 //! kernel (cached in /var/cache/nixroll-bootloader); skips without them, fails under `CI=true`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
