@@ -18,7 +18,9 @@
 //! the control-plane rules cluster-wide; and at every step, per pool, the slots held.
 //!
 //! Gates (a third generator): in about two thirds of the seeds with pools, one or two pool
-//! health gates that flap (and, in faulty seeds, sometimes stay blocked past their timeout);
+//! health gates, and in a third of all seeds a cluster-default gate (the default pool's, and
+//! that of every pool without its own), that flap (and, in faulty seeds, sometimes stay blocked
+//! past their timeout);
 //! every node's own pods (DaemonSet pods Ready 5–60 s after a boot, sometimes much later in
 //! faulty seeds); in half of the seeds embedded etcd on the servers (`EtcdIsVoter` back 10–60 s
 //! after a boot, sometimes much later). Invariants: nothing admitted while a pre-gate of its
@@ -185,7 +187,9 @@ struct SimPool {
 #[derive(Clone, Debug)]
 struct SimGate {
     name: String,
-    pool: usize,
+    /// The pool it belongs to; `None`: a cluster-default gate (ConfigMap `nixroll-gates`), which
+    /// applies to the default pool and to every pool without gates of its own.
+    pool: Option<usize>,
     /// Post-gate timeout in seconds.
     timeout: i64,
     blocks: Vec<(Timestamp, Timestamp)>,
@@ -564,18 +568,47 @@ impl Sim {
         );
         // As the controller's `apply_verdicts`: a gate that blocked at its last evaluation, or
         // was not evaluated since this controller started, blocks its pool.
-        for (g, gate) in self.gates.iter().enumerate() {
-            let why = match self.gate_seen[g] {
-                Some((true, _)) => continue,
-                Some((false, _)) => format!("health gate {}: blocks", gate.name),
-                None => format!("health gate {} not evaluated yet", gate.name),
-            };
-            pools
-                .gate_blocks
-                .entry(self.pools[gate.pool].name.clone())
-                .or_insert(why);
+        let why = |gates: Vec<usize>| {
+            gates.into_iter().find_map(|g| match self.gate_seen[g] {
+                Some((true, _)) => None,
+                Some((false, _)) => Some(format!("health gate {}: blocks", self.gates[g].name)),
+                None => Some(format!("health gate {} not evaluated yet", self.gates[g].name)),
+            })
+        };
+        for p in 0..self.pools.len() {
+            if let Some(w) = why(self.gates_for(Some(p))) {
+                pools.gate_blocks.insert(self.pools[p].name.clone(), w);
+            }
         }
+        pools.default_gate_block = why(self.gates_for(None));
         pools
+    }
+
+    /// The gates that apply to pool `p` (None: the default pool): its own, or the cluster
+    /// defaults when it has none.
+    fn gates_for(&self, p: Option<usize>) -> Vec<usize> {
+        let own: Vec<usize> = (0..self.gates.len())
+            .filter(|&g| p.is_some() && self.gates[g].pool == p)
+            .collect();
+        if !own.is_empty() {
+            return own;
+        }
+        (0..self.gates.len())
+            .filter(|&g| self.gates[g].pool.is_none())
+            .collect()
+    }
+
+    /// The gates that apply to node `i`: those of every pool that selects it, or of the default
+    /// pool.
+    fn node_gates(&self, i: usize) -> Vec<usize> {
+        let of = self.pools_of(i);
+        if of.is_empty() {
+            return self.gates_for(None);
+        }
+        let mut out: Vec<usize> = of.iter().flat_map(|&p| self.gates_for(Some(p))).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The controller's gate pass: every gate evaluated (every [`GATE_PERIOD`]).
@@ -608,12 +641,10 @@ impl Sim {
     /// The post-gates of node `i` as the controller observes them now: the gates of every pool
     /// that selects it (their last evaluation) and the node's own pods (listed now).
     fn post_gates_of(&self, i: usize) -> Vec<GateObservation> {
-        let of = self.pools_of(i);
         let mut out: Vec<GateObservation> = self
-            .gates
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| of.contains(&g.pool))
+            .node_gates(i)
+            .into_iter()
+            .map(|g| (g, &self.gates[g]))
             .map(|(g, gate)| GateObservation {
                 name: gate.name.clone(),
                 timeout: SignedDuration::from_secs(gate.timeout),
@@ -718,6 +749,30 @@ impl Sim {
                 "admitted {a}, selected by pools {:?}",
                 of[i]
             );
+            // Pre-gates: every gate that applies to the node (its pool's, or the cluster
+            // defaults) passed at its last evaluation.
+            let gates = self.node_gates(i);
+            for &g in &gates {
+                let seen = self.gate_seen[g];
+                check!(
+                    self,
+                    seen.is_some_and(|(pass, at)| pass && self.gates[g].passes(at)),
+                    "admitted {a} while gate {} blocks ({seen:?})",
+                    self.gates[g].name
+                );
+            }
+            if !gates.is_empty() {
+                *self
+                    .events
+                    .entry("(admitted past a pre-gate)".into())
+                    .or_default() += 1;
+            }
+            if gates.iter().any(|&g| self.gates[g].pool.is_none()) {
+                *self
+                    .events
+                    .entry("(admitted past a cluster-default gate)".into())
+                    .or_default() += 1;
+            }
             let Some(&p) = of[i].first() else { continue };
             check!(
                 self,
@@ -736,25 +791,6 @@ impl Sim {
                 "admitted {a} from pool {} with Degraded {degraded:?}",
                 self.pools[p].name
             );
-            // Pre-gates: every gate of the pool passed at its last evaluation.
-            for (g, gate) in self.gates.iter().enumerate() {
-                if gate.pool == p {
-                    let seen = self.gate_seen[g];
-                    check!(
-                        self,
-                        seen.is_some_and(|(pass, at)| pass && gate.passes(at)),
-                        "admitted {a} while gate {} of pool {} blocks ({seen:?})",
-                        gate.name,
-                        self.pools[p].name
-                    );
-                }
-            }
-            if self.gates.iter().any(|g| g.pool == p) {
-                *self
-                    .events
-                    .entry("(admitted past a pre-gate)".into())
-                    .or_default() += 1;
-            }
             let rev = self.nodes[i]
                 .status
                 .target
@@ -1976,11 +2012,8 @@ impl Sim {
                 "post-gates: {} done with {unready} of its pods not Ready",
                 n.name
             );
-            let of = self.pools_of(i);
-            for (g, gate) in self.gates.iter().enumerate() {
-                if !of.contains(&gate.pool) {
-                    continue;
-                }
+            for g in self.node_gates(i) {
+                let gate = &self.gates[g];
                 let seen = self.gate_seen[g];
                 check!(
                     self,
@@ -2283,8 +2316,8 @@ fn pool_layout(seed: u64, n: usize, cps: usize, now: Timestamp, quiet_after: Tim
     (pools, pool_of, conflict)
 }
 
-/// The health gates of a seed's pools: in about two thirds of the seeds with pools, one or two
-/// gates on random pools that flap (blocking 20 s to 4 min every half hour or so, shorter than
+/// The health gates of a seed: in about two thirds of the seeds with pools, one or two gates on
+/// random pools, and in a third of all seeds a cluster-default gate; they flap (blocking 20 s to 4 min every half hour or so, shorter than
 /// their timeout) and, in faulty seeds, sometimes an outage longer than their timeout. All
 /// quiet after `quiet_after`.
 fn gate_layout(
@@ -2294,11 +2327,15 @@ fn gate_layout(
     now: Timestamp,
     quiet_after: Timestamp,
 ) -> Vec<SimGate> {
-    if pools.is_empty() || rng.u32(0..3) == 0 {
-        return Vec::new();
-    }
+    // Pool gates in two thirds of the seeds with pools; a cluster-default gate in a third of all.
+    let pool_gates = if pools.is_empty() || rng.u32(0..3) == 0 {
+        0
+    } else {
+        rng.usize(1..=2)
+    };
+    let default_gate = rng.u32(0..3) == 0;
     let mut gates = Vec::new();
-    for k in 0..rng.usize(1..=2) {
+    for k in 0..pool_gates + usize::from(default_gate) {
         let timeout = rng.i64(300..=900);
         let mut blocks = Vec::new();
         let mut t = add(now, rng.i64(0..1800));
@@ -2314,7 +2351,7 @@ fn gate_layout(
         }
         gates.push(SimGate {
             name: format!("gate-{k}"),
-            pool: rng.usize(..pools.len()),
+            pool: (k < pool_gates).then(|| rng.usize(..pools.len())),
             timeout,
             blocks,
         });
@@ -2538,6 +2575,7 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "(admitted with node soak)",
             // Gates: admissions past pre-gates, and post-gates that time out, of each kind.
             "(admitted past a pre-gate)",
+            "(admitted past a cluster-default gate)",
             "GateFailed",
             "(GateFailed by node-pods)",
             "(GateFailed by k3s-etcd-voter)",

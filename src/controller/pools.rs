@@ -203,11 +203,26 @@ impl Context {
                 next.entry(name.clone()).or_default().insert(gate, (v, at));
             }
         }
+        // Whether any gate started or stopped passing (or the defaults changed): then the
+        // Waiting nodes the gate admits now get a look at once, not at the next sweep.
+        let passing = |v: &GateVerdicts| -> Vec<(String, String, bool)> {
+            v.iter()
+                .flat_map(|(p, gs)| {
+                    gs.iter()
+                        .map(move |(g, (v, _))| (p.clone(), g.clone(), *v == Verdict::Pass))
+                })
+                .collect()
+        };
+        let mut changed = passing(&previous) != passing(&next);
         if let Ok(mut v) = self.gate_verdicts.lock() {
             *v = next;
         }
         if let Ok(mut d) = self.default_gates.lock() {
+            changed |= *d != defaults;
             *d = defaults;
+        }
+        if changed {
+            self.wake_admissible("").await;
         }
         // The nodes waiting for their post-gates look at the new verdicts at once, rather than
         // at their next requeue.

@@ -39,6 +39,8 @@ fn stop_signal(rx: &watch::Receiver<bool>) -> StopSignal {
     .shared()
 }
 
+/// The longest time between two gate passes, whatever `--admission-sweep` says.
+const GATE_PASS_MAX_PERIOD: Duration = Duration::from_secs(5);
 /// An `inspect` callback counting a watch as listed at its first `InitDone`.
 fn counts_listing<K>(set: SyncedSetter) -> impl FnMut(&Result<watcher::Event<K>, watcher::Error>) {
     let mut done = false;
@@ -216,8 +218,15 @@ async fn lead(
         if let Ok(mut d) = ctx.default_gates.lock() {
             *d = super::pools::DefaultGates::NotReadYet;
         }
-        let period = ctx.config.admission_sweep.max(Duration::from_millis(100));
+        // At least every 5 s whatever the sweep: post-gates wait for an evaluation made after
+        // their node was verified, and a new nixroll-gates ConfigMap must not wait an hour.
+        let period = ctx
+            .config
+            .admission_sweep
+            .clamp(Duration::from_millis(100), GATE_PASS_MAX_PERIOD);
         AbortOnDrop(tokio::spawn(async move {
+            // The first pass once the caches are filled (a pass before that does nothing).
+            let _ = tokio::time::timeout(ctx.config.sync_timeout, ctx.synced.wait()).await;
             let mut every = tokio::time::interval(period);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
