@@ -1426,6 +1426,7 @@ fn the_grafana_dashboard_is_the_same_in_the_chart_and_deploy_and_queries_real_me
     // What the controller serves (a fresh registry encodes every family, even empty ones).
     let metrics = nixroll::controller::Metrics::new();
     metrics.set_gate("p", "g", true);
+    metrics.gate_blocked_for("p", "g", 1.0);
     metrics.set_pool("p", &nixroll::api::NixOSPoolStatus::default());
     let served = metrics.encode().unwrap();
     let exprs: Vec<String> = dash["panels"]
