@@ -538,6 +538,11 @@ struct DemoArgs {
     /// two pools roll concurrently, one behind a health gate that blocks for a while.
     #[arg(long, conflicts_with = "follow")]
     pools: bool,
+    /// After the rollout, revert every node to the revision before (as a `git revert` of the
+    /// NixOSNode manifests would): prints how long until all are UpToDate on it again and how
+    /// many `nix build`s the nodes ran for it (0: the previous system stays pinned).
+    #[arg(long, conflicts_with_all = ["follow", "pools"])]
+    revert: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -563,6 +568,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.hold = args.hold;
     opts.timeout = args.timeout;
     opts.pools = args.pools;
+    opts.revert = args.revert;
     runtime()?.block_on(async {
         if args.follow {
             nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;

@@ -196,6 +196,8 @@ fn run_scenario(loader: &str) -> Run {
     let bad_at = lines.iter().position(|l| l.contains(&format!("booted {bad}"))).unwrap();
     assert!(panic_at > bad_at, "the new system's boot panicked");
     assert_eq!(said(&lines, "step"), ["0", "1", "2", "3"]);
+    let agent_reboots = lines.iter().filter(|l| *l == "nixroll-guest: reboot").count();
+    assert_eq!(agent_reboots, 2, "the agent rebooted for each Boot grant, once");
     assert!(lines.iter().any(|l| l == "nixroll-guest: done"), "the scenario ran to its end");
 
     // The agent's reports: one per step before its grant (a Boot grant ends in the reboot,
@@ -258,8 +260,11 @@ fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default()
         [
             // step 0: the old system, the default
             "selected=nixos-generation-1.conf oneshot=- default=nixos-generation-1.conf",
+            // the agent's reboot: generation 2 set to boot once, the default unchanged
+            "selected=nixos-generation-1.conf oneshot=nixos-generation-2.conf default=nixos-generation-1.conf",
             // step 1: after the panic, the old default again; the one-shot was consumed
             "selected=nixos-generation-1.conf oneshot=- default=nixos-generation-1.conf",
+            "selected=nixos-generation-1.conf oneshot=nixos-generation-3.conf default=nixos-generation-1.conf",
             // step 2: the good system booted once; the default is still the old one
             "selected=nixos-generation-3.conf oneshot=- default=nixos-generation-1.conf",
             // … until the bless step
@@ -292,12 +297,22 @@ fn grub_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default() {
     // grubenv's next_entry (set by grub-reboot, cleared by grub.cfg when GRUB boots it) and
     // the system of entry 0, the default.
     let (old, good) = (&run.old, &run.good);
+    // The entry of generation N in the submenu, as tests/bootloader/switch-to-configuration-grub
+    // titles it.
+    let entry = |generation: u32, name: &str| {
+        format!(
+            "NixOS - All configurations>NixOS - Configuration {generation} (2026-12-07 - 26.05.20261207.guest ({name}))"
+        )
+    };
     assert_eq!(
         said(&run.lines, "loader"),
         [
             format!("next_entry=- default={old}"),
+            // the agent's reboot: grub-reboot set next_entry, the default unchanged
+            format!("next_entry={} default={old}", entry(2, "panics")),
             // after the panic: the old default again; next_entry was consumed by that boot
             format!("next_entry=- default={old}"),
+            format!("next_entry={} default={old}", entry(3, "good")),
             // the good system booted once; the default is still the old one …
             format!("next_entry=- default={old}"),
             // … until the bless step
@@ -307,9 +322,7 @@ fn grub_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default() {
         ]
     );
     // grub-reboot got the entry whose `linux` line boots the system, as SUBMENU>ENTRY.
-    let boot_once = |i: usize| run.reports[i].activation.as_ref().unwrap().boot_once.clone().unwrap();
-    for (i, generation) in [(1, 2), (2, 3)] {
-        let want = format!("GRUB NixOS - All configurations>NixOS - Configuration {generation} (");
-        assert!(boot_once(i).starts_with(&want), "{}", boot_once(i));
-    }
+    let boot_once = |i: usize| run.reports[i].activation.as_ref().unwrap().boot_once.clone();
+    assert_eq!(boot_once(1), Some(format!("GRUB {}", entry(2, "panics"))));
+    assert_eq!(boot_once(2), Some(format!("GRUB {}", entry(3, "good"))));
 }

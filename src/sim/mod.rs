@@ -15,6 +15,7 @@ pub mod agent_memory;
 pub mod bench;
 pub mod cluster;
 pub mod controlplane;
+pub mod counting_nix;
 pub mod demo;
 pub mod demo_follow;
 pub mod demo_pools;
