@@ -176,7 +176,9 @@ async fn demo_revert_rolls_every_node_back_with_no_build() {
         .find(|l| l.contains("nixroll demo --revert: all 5 nodes UpToDate on"))
         .unwrap_or_else(|| panic!("stderr reports the revert:\n{}", run.stderr));
     assert!(
-        line.ends_with("`nix build`s and substitutions on the nodes for it: 0 (for the rollout before it: 5)"),
+        line.ends_with(
+            "`nix build`s and substitutions on the nodes for it: 0 (for the rollout before it: 5)"
+        ),
         "a revert evaluates, builds and fetches nothing; the rollout before it built once per node: {line}"
     );
 }
