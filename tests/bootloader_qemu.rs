@@ -31,8 +31,9 @@ use nixroll::api::{ActivationState, AgentStatus};
 
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const SYSTEMD_BOOT: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
-/// The whole scenario (5 boots under TCG) must end within this.
-const SCENARIO_TIMEOUT: Duration = Duration::from_secs(600);
+/// The whole scenario (5 boots under TCG) must end within this: 104–201 s here with a core
+/// to spare, up to 549 s on a machine loaded 5× (docs/bootloader.md).
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
 
 fn tools_present() -> bool {
     let static_busybox = Command::new("ldd")
