@@ -601,6 +601,10 @@ struct BenchArgs {
     /// embedded API; use a few nodes (e.g. --nodes 6 --pods 12).
     #[arg(long, value_name = "DIR")]
     kube_assets: Option<std::path::PathBuf>,
+    /// After the rollout, revert every node to the revision before: reports how long until
+    /// all are UpToDate on it again and the nodes' `nix build`s for it (`revert` in the report).
+    #[arg(long)]
+    revert: bool,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -611,6 +615,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         max_unavailable: args.max_unavailable,
         adopt_only: args.adopt_only,
         kube_assets: args.kube_assets,
+        revert: args.revert,
         ..Default::default()
     };
     let report = runtime()?.block_on(nixroll::sim::bench::run(opts))?;

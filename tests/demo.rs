@@ -183,6 +183,37 @@ async fn demo_revert_rolls_every_node_back_with_no_build() {
     );
 }
 
+/// `nixroll bench --revert` (small): after the measured rollout every node goes back to the
+/// revision before with no `nix build`; the report says so (`revert` in its JSON).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_revert_reports_no_build() {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .args(["bench", "--nodes", "5", "--pods", "10", "--revert", "--json"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(WALL, child.wait_with_output())
+        .await
+        .expect("nixroll bench --revert ends")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nixroll bench --revert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let revert = &report["revert"];
+    assert_eq!(revert["realisations"], 0, "a revert builds nothing: {revert}");
+    assert_eq!(
+        revert["forward_realisations"], 5,
+        "the rollout built once per node: {revert}"
+    );
+    assert!(revert["seconds"].as_f64().unwrap() > 0.0, "{revert}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_follow_applies_two_pushes_by_itself() {
     let run = demo(&["--follow"]).await;
