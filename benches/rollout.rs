@@ -98,6 +98,7 @@ fn fixture(now: Timestamp) -> Fixture {
                 cordoned_by_nixroll: true,
                 drain_started_at: Some(Time(now)),
                 forced: false,
+                verified_at: None,
             }),
             history,
             last_transition_time: Some(Time(now)),
@@ -128,6 +129,7 @@ fn fixture(now: Timestamp) -> Fixture {
             cordon_mark: phase == Phase::Draining,
             control_plane: i < 3,
             boot_id: Some("b1".into()),
+            ..NodeObservation::default()
         });
     }
     // Run decide once so the statuses carry their conditions, like a live cluster.

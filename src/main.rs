@@ -390,7 +390,8 @@ struct ControllerArgs {
     #[arg(long, env = "NIXROLL_REBOOTING_TIMEOUT", default_value = "15m", value_parser = parse_signed_duration)]
     rebooting_timeout: jiff::SignedDuration,
     /// How long a node that is back may take to prove it runs the new system and is Ready
-    /// before it is Degraded with VerifyTimeout, e.g. `10m`.
+    /// before it is Degraded with VerifyTimeout, e.g. `10m`; also the default time its
+    /// post-gates may block after that before it is Degraded with GateFailed.
     #[arg(long, env = "NIXROLL_VERIFYING_TIMEOUT", default_value = "10m", value_parser = parse_signed_duration)]
     verifying_timeout: jiff::SignedDuration,
     /// Output logs as JSON lines.
@@ -541,8 +542,12 @@ struct DemoArgs {
     /// After the rollout, revert every node to the revision before (as a `git revert` of the
     /// NixOSNode manifests would): prints how long until all are UpToDate on it again and how
     /// many `nix build`s the nodes ran for it (0: the previous system stays pinned).
-    #[arg(long, conflicts_with_all = ["follow", "pools"])]
+    #[arg(long, conflicts_with_all = ["follow", "pools", "builder"])]
     revert: bool,
+    /// One more node, node-1, is a builder: it evaluates and builds every node's system once,
+    /// signs it and serves it; the other nodes fetch it (real Nix; docs/builder.md).
+    #[arg(long, conflicts_with_all = ["follow", "pools"])]
+    builder: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -569,6 +574,10 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.timeout = args.timeout;
     opts.pools = args.pools;
     opts.revert = args.revert;
+    if args.builder {
+        opts.builder = true;
+        opts.world.nodes += 1;
+    }
     runtime()?.block_on(async {
         if args.follow {
             nixroll::sim::demo_follow::run(opts, shutdown_signal()).await?;
@@ -603,12 +612,34 @@ struct BenchArgs {
     kube_assets: Option<std::path::PathBuf>,
     /// After the rollout, revert every node to the revision before: reports how long until
     /// all are UpToDate on it again and the nodes' `nix build`s for it (`revert` in the report).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["adopt_only", "builders"])]
     revert: bool,
+    /// Instead: count the evaluations and builds of staging one revision with builders, on
+    /// --nodes nodes of --nix-systems Nix systems (docs/builder.md, "Scale").
+    #[arg(long, conflicts_with_all = ["adopt_only", "kube_assets"])]
+    builders: bool,
+    /// With --builders: how many Nix systems the nodes are spread over (1–4).
+    #[arg(long, default_value_t = 3, requires = "builders", value_parser = clap::value_parser!(u8).range(1..=4))]
+    nix_systems: u8,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     init_quiet_tracing();
+    if args.builders {
+        let counts = runtime()?
+            .block_on(nixroll::sim::bench_builders::run(
+                args.nodes.max(1),
+                usize::from(args.nix_systems),
+                5,
+            ))
+            .map_err(anyhow::Error::msg)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&counts)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&counts)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = nixroll::sim::bench::BenchOptions {
         nodes: args.nodes.max(1),
         pods: args.pods,

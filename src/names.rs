@@ -15,6 +15,12 @@ pub const LEADER_LEASE: &str = "nixroll-controller";
 /// A ConfigMap of this name in [`NAMESPACE`] pauses every new disruptive step cluster-wide:
 /// `kubectl -n nixroll-system create configmap nixroll-pause`; delete it to resume.
 pub const PAUSE_CONFIGMAP: &str = "nixroll-pause";
+/// A ConfigMap of this name in [`NAMESPACE`] holds the cluster-default health gates (key
+/// [`GATES_KEY`], the shape of a NixOSPool's `spec.healthGates`): they apply to the implicit
+/// default pool and to every NixOSPool without gates of its own (docs/pools.md).
+pub const GATES_CONFIGMAP: &str = "nixroll-gates";
+/// The key of [`GATES_CONFIGMAP`] that holds the gates (YAML or JSON).
+pub const GATES_KEY: &str = "healthGates";
 /// Annotation on a NixOSNode: set it to a new value to retry a failed target.
 pub const RETRY_ANNOTATION: &str = "nixroll.io/retry";
 /// On a FlakeSource: any new value resolves it at once (like Flux's

@@ -35,6 +35,10 @@ pub enum NixError {
     },
     #[error("{operation}: unexpected output from nix: {detail}")]
     Parse { operation: &'static str, detail: String },
+    /// Nix was killed halfway (a signal, its unit stopped): nothing was built, and the same
+    /// call may be made again.
+    #[error("{operation}: interrupted (killed by a signal)")]
+    Interrupted { operation: &'static str },
     /// A substitution refused before or by Nix: no trusted key, a path or cache that is not
     /// what it should be, an unsigned, wrongly signed or tampered closure.
     #[error("refused to fetch {path}: {reason}")]
@@ -62,6 +66,23 @@ pub trait Nix: Send + Sync + std::fmt::Debug {
         installable: &'a str,
         gc_root: &'a Path,
     ) -> BoxFuture<'a, Result<String, NixError>>;
+    /// Realise several installables in one evaluation where the backend can (one `nix build`
+    /// with several installables: one evaluator process, the flake and nixpkgs imported
+    /// once), each pinned at its own root (`gc_roots[i]`). `Err` when any of them failed (the
+    /// caller then realises them one at a time to tell which). By default one at a time.
+    fn realise_many<'a>(
+        &'a self,
+        installables: &'a [String],
+        gc_roots: &'a [std::path::PathBuf],
+    ) -> BoxFuture<'a, Result<Vec<String>, NixError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(installables.len());
+            for (i, root) in installables.iter().zip(gc_roots) {
+                out.push(self.realise(i, root).await?);
+            }
+            Ok(out)
+        })
+    }
     /// Realise exactly the store path `path` from the binary caches of `from` (never
     /// evaluate, never build), accepting only closures signed by one of its trusted keys
     /// (`require-sigs`), and pin it with an indirect GC root at `gc_root`. Returns `path`.
@@ -167,6 +188,8 @@ impl NixCli {
             .map_err(|source| NixError::Host { operation, source })?;
         if out.success() {
             Ok(out)
+        } else if interrupted(&out) {
+            Err(NixError::Interrupted { operation })
         } else {
             let mut message = trim_nix_error(&out.stderr);
             if message.is_empty() {
@@ -201,6 +224,53 @@ impl Nix for NixCli {
                 operation: OP,
                 detail: bounded(&out.stdout, 300),
             })
+        })
+    }
+
+    fn realise_many<'a>(
+        &'a self,
+        installables: &'a [String],
+        gc_roots: &'a [std::path::PathBuf],
+    ) -> BoxFuture<'a, Result<Vec<String>, NixError>> {
+        Box::pin(async move {
+            const OP: &str = "nix build";
+            let (Some(first), true) = (gc_roots.first(), installables.len() == gc_roots.len()) else {
+                return Ok(Vec::new());
+            };
+            if installables.len() == 1 {
+                return Ok(vec![self.realise(&installables[0], first).await?]);
+            }
+            if let Some(parent) = self.host.fs_path(first).parent() {
+                let _ = tokio::fs::create_dir_all(parent).await;
+            }
+            // One evaluation: `nix build --out-link R i0 i1 …` links R, R-1, R-2 … in the
+            // order of the installables (and prints their outputs in that order).
+            let cmd = self
+                .nix(self.build_timeout)
+                .args(["build", "--json", "--no-update-lock-file", "--out-link"])
+                .arg(self.host.cmd_path(first))
+                .args(installables.iter().map(OsString::from));
+            let out = self.checked(OP, cmd).await?;
+            let paths = parse_build_json_all(&out.stdout)
+                .filter(|p| p.len() == installables.len())
+                .ok_or_else(|| NixError::Parse {
+                    operation: OP,
+                    detail: bounded(&out.stdout, 300),
+                })?;
+            // Each result under its own root (a store path: no evaluation, nothing to build),
+            // then the numbered links of the batch go.
+            for (i, (path, root)) in paths.iter().zip(gc_roots).enumerate().skip(1) {
+                let cmd = self
+                    .nix(self.quick_timeout)
+                    .args(["build", "--json", "--out-link"])
+                    .arg(self.host.cmd_path(root))
+                    .arg(path);
+                self.checked(OP, cmd).await?;
+                let mut numbered = self.host.fs_path(first).into_os_string();
+                numbered.push(format!("-{i}"));
+                let _ = tokio::fs::remove_file(numbered).await;
+            }
+            Ok(paths)
         })
     }
 
@@ -323,6 +393,29 @@ pub fn parse_build_json(stdout: &str) -> Option<String> {
         .or_else(|| first.get("path"))?
         .as_str()
         .map(str::to_string)
+}
+
+/// Whether a command was killed rather than failed: no exit code (a signal, run directly), or
+/// systemd saying its unit's main process was killed (`systemd-run --wait`).
+fn interrupted(out: &CommandOutput) -> bool {
+    out.code.is_none()
+        || out.stderr.contains("code=killed")
+        || out.stderr.contains("Finished with result: signal")
+}
+
+/// Every `out` (or `path`) of `nix build --json`, in order.
+pub fn parse_build_json_all(stdout: &str) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
+    v.as_array()?
+        .iter()
+        .map(|e| {
+            e.get("outputs")
+                .and_then(|o| o.get("out"))
+                .or_else(|| e.get("path"))?
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// `nix path-info --json -r PATH` → one entry per path (Nix 2.8 prints a list of objects with

@@ -89,7 +89,18 @@ pub fn window_text(node: &NixOSNode, now: Timestamp) -> String {
 
 /// Render the table (sorted by node name).
 pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> String {
-    let mut rows = vec![["NODE", "WANTED", "RUNNING", "PHASE", "WINDOW", "LAST CHANGE"].map(String::from)];
+    let mut rows = vec![
+        [
+            "NODE",
+            "WANTED",
+            "RUNNING",
+            "PHASE",
+            "BUILD",
+            "WINDOW",
+            "LAST CHANGE",
+        ]
+        .map(String::from),
+    ];
     for n in by_name(nodes) {
         let status = n.status.clone().unwrap_or_default();
         let last = status
@@ -102,6 +113,7 @@ pub fn table(nodes: &[NixOSNode], now: Timestamp, window: WindowText<'_>) -> Str
             wanted(n),
             running_text(&status),
             phase_text(n, &status),
+            build_text(&status),
             window(n, now),
             last,
         ]);
@@ -132,6 +144,51 @@ fn phase_text(n: &NixOSNode, status: &NixOSNodeStatus) -> String {
         phase.push_str(" (suspended)");
     }
     phase
+}
+
+/// With a builder: where the node's system is and which builder it comes from
+/// (`Building on node-1`, `Fetching from node-1`, `Staged`), or what a builder builds for
+/// others (`builds 2`); `-` otherwise.
+fn build_text(status: &NixOSNodeStatus) -> String {
+    use crate::api::BuildProgress as P;
+    let own = status
+        .target
+        .as_ref()
+        .and_then(|t| t.build.as_ref())
+        .and_then(|b| {
+            let p = b.progress?;
+            let from = b.builder.as_deref().unwrap_or("?");
+            Some(match p {
+                P::Queued => format!("Queued for {from}"),
+                P::Building => format!("Building on {from}"),
+                P::Fetching => format!("Fetching from {from}"),
+                P::Failed => format!("Failed on {from}"),
+                P::Built | P::Staged => p.to_string(),
+            })
+        });
+    let serving = (!status.builds.is_empty()).then(|| {
+        let reports = status
+            .agent
+            .as_ref()
+            .map(|a| a.builds.as_slice())
+            .unwrap_or_default();
+        let built = status
+            .builds
+            .iter()
+            .filter(|r| {
+                reports
+                    .iter()
+                    .any(|x| x.installable == r.installable && x.state == crate::api::BuildState::Built)
+            })
+            .count();
+        format!("builder {built}/{} built", status.builds.len())
+    });
+    match (own, serving) {
+        (Some(o), Some(s)) => format!("{o}; {s}"),
+        (Some(o), None) => o,
+        (None, Some(s)) => s,
+        (None, None) => "-".into(),
+    }
 }
 
 /// Whether the cluster-wide pause switch is set, as far as this client can see.
@@ -470,6 +527,73 @@ mod tests {
             "{t}"
         );
         assert!(lines[2].contains("open"));
+    }
+
+    /// The BUILD column: where each node's system is on its way from the builder, and on the
+    /// builder how many of its builds are done.
+    #[test]
+    fn build_column_shows_building_built_fetching_staged() {
+        use crate::api::{
+            AgentStatus, BuildProgress, BuildReport, BuildRequest, BuildState, Target, TargetBuild,
+        };
+        let now: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        let node = |name: &str, progress: Option<BuildProgress>| {
+            let mut n = crate::sim::fixtures::nixos_node(name, "path:/f", &"b".repeat(40));
+            n.status = Some(NixOSNodeStatus {
+                phase: Some(Phase::Staging),
+                target: Some(Target {
+                    build: progress.map(|p| TargetBuild {
+                        builder: Some("node-1".into()),
+                        progress: Some(p),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            n
+        };
+        let mut b = node("node-1", Some(BuildProgress::Built));
+        let st = b.status.as_mut().unwrap();
+        st.builds = ["a", "b"]
+            .map(|i| BuildRequest {
+                installable: i.into(),
+                nodes: 1,
+                retry: None,
+            })
+            .to_vec();
+        st.agent = Some(AgentStatus {
+            builds: vec![BuildReport {
+                installable: "a".into(),
+                state: BuildState::Built,
+                system: None,
+                message: None,
+                at: Time(now),
+                retry: None,
+            }],
+            ..Default::default()
+        });
+        let nodes = [
+            b,
+            node("node-2", Some(BuildProgress::Building)),
+            node("node-3", Some(BuildProgress::Fetching)),
+            node("node-4", Some(BuildProgress::Staged)),
+            node("node-5", None),
+            node("node-6", Some(BuildProgress::Queued)),
+        ];
+        let t = table(&nodes, now, &|_, _| "open".into());
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("BUILD"), "{t}");
+        for (line, want) in lines[1..].iter().zip([
+            "Built; builder 1/2 built",
+            "Building on node-1",
+            "Fetching from node-1",
+            "Staged",
+            "Staging  -",
+            "Queued for node-1",
+        ]) {
+            assert!(line.contains(want), "{want:?} not in {line:?}");
+        }
     }
 
     #[test]

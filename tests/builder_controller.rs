@@ -10,11 +10,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use nixroll::api::{NixOSNode, Phase};
+use nixroll::api::{BuildProgress, NixOSNode, Phase};
 use nixroll::controller::ControllerConfig;
 use nixroll::sim::world::{NixMode, World};
 use serde_json::json;
@@ -26,35 +24,7 @@ async fn wait_for(
     what: &str,
     pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
 ) -> BTreeMap<String, NixOSNode> {
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let mut seen = BTreeMap::new();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let res = tokio::time::timeout(WAIT, async {
-        while let Ok(Some(o)) = stream.try_next().await {
-            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            if pred(&seen) {
-                return;
-            }
-        }
-    })
-    .await;
-    if res.is_err() {
-        let table: Vec<String> = seen
-            .values()
-            .map(|o| {
-                let s = o.status.clone().unwrap_or_default();
-                format!(
-                    "{:?} {:?} {:?} {:?} {:?}",
-                    o.metadata.name, s.phase, s.message, s.target, s.builds
-                )
-            })
-            .collect();
-        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
-    }
-    seen
+    common::world::watch_nodes(world, what, WAIT, pred, |_| {}).await
 }
 
 fn all_on(rev: &str) -> impl Fn(&BTreeMap<String, NixOSNode>) -> bool + '_ {
@@ -104,7 +74,11 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
             .and_then(|s| s.target.as_ref())
             .filter(|t| t.revision == next)
             .and_then(|t| t.build.as_ref())
-            .is_some_and(|b| b.system.is_empty() && b.builder.as_deref() == Some("node-1"))
+            .is_some_and(|b| {
+                b.system.is_empty()
+                    && b.builder.as_deref() == Some("node-1")
+                    && b.progress == Some(BuildProgress::Queued)
+            })
     };
     let seen = wait_for(&world, "every node waiting for node-1's builds", |m| {
         m.len() == 4
@@ -169,6 +143,7 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
     )
     .await
     .unwrap();
+    let before = seen.clone();
     let seen = wait_for(&world, "node-2 failed by its builder", |m| {
         m.get("node-2")
             .and_then(|o| o.status.as_ref())
@@ -185,5 +160,79 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
         "{}",
         failed.message
     );
+    let progress = |s: &nixroll::api::NixOSNodeStatus| {
+        s.target
+            .as_ref()
+            .and_then(|t| t.build.as_ref())
+            .and_then(|b| b.progress)
+    };
+    assert_eq!(progress(s), Some(BuildProgress::Failed));
+
+    // node-3's system built: node-3 fetches it (Fetching, the builder's cache in its target);
+    // the builder's own system built is Built on the builder. (The simulated agents cannot
+    // fetch; the real-Nix fetch is tests/builder_nix.rs.)
+    let installable = |n: &str| {
+        before[n]
+            .status
+            .as_ref()
+            .unwrap()
+            .target
+            .as_ref()
+            .unwrap()
+            .installable
+            .clone()
+    };
+    let path = |h: &str| format!("/nix/store/{}-nixos-system-{h}", "1".repeat(32));
+    let report = json!({
+        "apiVersion": "nixroll.io/v1alpha1", "kind": "NixOSNode", "metadata": {"name": "node-1"},
+        "status": {"agent": {"cache": "http://127.0.0.1:5080", "builds": [
+            {"installable": node2, "state": "Failed", "message": "error: broken", "at": "2026-12-07T08:00:00Z"},
+            {"installable": installable("node-3"), "state": "Built", "system": path("node-3"), "at": "2026-12-07T08:00:00Z"},
+            {"installable": installable("node-1"), "state": "Built", "system": path("node-1"), "at": "2026-12-07T08:00:00Z"},
+            {"installable": installable("node-4"), "state": "Building", "at": "2026-12-07T08:00:00Z"},
+        ]}}
+    });
+    api.patch_status(
+        "node-1",
+        &PatchParams::apply("builder-test").force(),
+        &Patch::Apply(&report),
+    )
+    .await
+    .unwrap();
+    let at = |m: &BTreeMap<String, NixOSNode>, n: &str| {
+        m.get(n).and_then(|o| o.status.as_ref()).and_then(progress)
+    };
+    let seen = wait_for(&world, "node-3 fetching, node-1 built, node-4 building", |m| {
+        at(m, "node-3") == Some(BuildProgress::Fetching)
+            && at(m, "node-1") == Some(BuildProgress::Built)
+            && at(m, "node-4") == Some(BuildProgress::Building)
+    })
+    .await;
+    let b = seen["node-3"]
+        .status
+        .as_ref()
+        .unwrap()
+        .target
+        .as_ref()
+        .unwrap()
+        .build
+        .clone()
+        .unwrap();
+    assert_eq!(b.system, path("node-3"));
+    assert_eq!(b.cache.as_deref(), Some("http://127.0.0.1:5080"));
+    // `nixroll status` shows the same.
+    let table = nixroll::report::table(
+        &seen.values().cloned().collect::<Vec<_>>(),
+        jiff::Timestamp::now(),
+        &|_, _| "open".into(),
+    );
+    for want in [
+        "Fetching from node-1",
+        "Building on node-1",
+        "Built; builder 2/4 built",
+        "Failed on node-1",
+    ] {
+        assert!(table.contains(want), "{want:?} not in\n{table}");
+    }
     c.stop().await;
 }

@@ -19,6 +19,64 @@ use nixroll::nix::{Nix, NixCli, Substitution};
 use nixroll::sim::flake::TestFlake;
 use nixroll::sim::host::SimHost;
 
+/// A host that counts the evaluations run on it: `nix build` calls naming an installable that
+/// is not a store path (a store path is realised or fetched, never evaluated).
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn Host>,
+    evaluations: std::sync::atomic::AtomicUsize,
+}
+
+impl Counting {
+    fn evaluations(&self) -> usize {
+        self.evaluations.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Host for Counting {
+    fn fs_path(&self, p: &Path) -> PathBuf {
+        self.inner.fs_path(p)
+    }
+    fn cmd_path(&self, p: &Path) -> PathBuf {
+        self.inner.cmd_path(p)
+    }
+    fn host_path(&self, p: &Path) -> Option<PathBuf> {
+        self.inner.host_path(p)
+    }
+    fn display_path(&self, p: &Path) -> PathBuf {
+        self.inner.display_path(p)
+    }
+    fn run(
+        &self,
+        cmd: nixroll::agent::host::HostCommand,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<nixroll::agent::host::CommandOutput, nixroll::agent::host::HostError>,
+    > {
+        let args: Vec<String> = cmd
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if cmd.program == "nix"
+            && args.iter().any(|a| a == "build")
+            && args.iter().any(|a| a.contains("#nixosConfigurations."))
+        {
+            self.evaluations.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.run(cmd)
+    }
+    fn spawn_detached(
+        &self,
+        job: nixroll::agent::host::DetachedJob,
+    ) -> futures::future::BoxFuture<'_, Result<(), nixroll::agent::host::HostError>> {
+        self.inner.spawn_detached(job)
+    }
+    fn reboot(&self) -> futures::future::BoxFuture<'_, Result<(), nixroll::agent::host::HostError>> {
+        self.inner.reboot()
+    }
+}
+
 /// A host with a chroot store in `dir`, real Nix on it (offline: only what a target names).
 struct ChrootHost {
     sim: Arc<SimHost>,
@@ -168,6 +226,7 @@ fn fetch_target(flake: &TestFlake, rev: &str, host: &str, system: &str, cache: &
             system: system.to_string(),
             builder: Some("builder".into()),
             cache: Some(cache.to_string()),
+            progress: None,
         }),
     }
 }
@@ -491,7 +550,13 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(cache.clone().serve(listener));
-    let mut builder = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache);
+    // The builder's Nix runs through a host that counts evaluations.
+    let counting = Arc::new(Counting {
+        inner: bhost.host.clone(),
+        evaluations: Default::default(),
+    });
+    let counted: Arc<dyn Nix> = Arc::new(NixCli::new(counting.clone()).offline());
+    let mut builder = Builder::new(bhost.host.clone(), counted.clone(), cache);
 
     // Four nodes: three workers and one edge node, all of the builder's Nix system.
     let rev = flake.head().to_string();
@@ -508,6 +573,7 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
             node: n,
             nix_system: Some(sys),
             installable: i,
+            retry: None,
         })
         .collect();
     let info = |reports| BuilderInfo {
@@ -515,6 +581,7 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
         nix_system: sys,
         cache: Some(&url),
         reports,
+        available: true,
     };
     let requests = plan(&[info(&[])], wanted.iter().copied())
         .remove("builder")
@@ -528,9 +595,35 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
         "{reports:?}"
     );
     assert_eq!(builder.builds_started(), 2);
+    let built = reports.clone();
+    // Both configurations in one evaluation: one `nix build` with two installables.
+    assert_eq!(builder.evaluations(), 1);
+    assert_eq!(
+        counting.evaluations(),
+        1,
+        "one nix build process for both configurations"
+    );
+    for r in &reports {
+        let root = bhost.host.fs_path(
+            &Path::new(nixroll::builder::BUILDS_DIR).join(nixroll::builder::root_name(&r.installable)),
+        );
+        let target = std::fs::read_link(&root).unwrap();
+        assert_eq!(
+            bhost.host.display_path(&target).to_string_lossy(),
+            r.system.as_deref().unwrap(),
+            "{} pins its own system",
+            root.display()
+        );
+    }
+    let roots: Vec<String> = std::fs::read_dir(bhost.host.fs_path(Path::new(nixroll::builder::BUILDS_DIR)))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(roots.len(), 2, "only the two roots stay: {roots:?}");
     // Asked again (every node's reconcile asks): nothing is built again.
     assert_eq!(builder.run(&requests).await, reports);
     assert_eq!(builder.builds_started(), 2);
+    assert_eq!(counting.evaluations(), 1);
 
     // A restarted builder: the same systems, found in the store, not built again.
     let registered = |path: &str| {
@@ -590,6 +683,7 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
             node: n,
             nix_system: Some(sys),
             installable: &bad,
+            retry: None,
         })
         .collect();
     let requests = plan(&[info(&[])], bad_wanted.iter().copied())
@@ -623,6 +717,42 @@ async fn the_builder_builds_each_distinct_system_once_and_nodes_fetch_it() {
             other => panic!("{other:?}"),
         }
     }
+
+    // Not remembered forever: a node retried (nixroll.io/retry=1) asks again; the builder
+    // builds once more under that token, and not again for the same token.
+    let mut retried = requests.clone();
+    retried[0].retry = Some("1".into());
+    let again = builder.run(&retried).await;
+    assert_eq!(builder.builds_started(), started + 2, "the retry builds again");
+    assert_eq!(again[0].state, BuildState::Failed);
+    assert_eq!(again[0].retry.as_deref(), Some("1"));
+    assert_eq!(builder.run(&retried).await, again);
+    assert_eq!(builder.builds_started(), started + 2, "once per retry");
+
+    // A batch with a broken configuration: the one evaluation fails, then each builds alone:
+    // the good one is built, the failure is reported on the broken one only.
+    let edge = built
+        .iter()
+        .find(|r| r.installable.contains("\"edge\"") || r.installable.contains(".edge."))
+        .unwrap()
+        .clone();
+    let mut broken_again = retried[0].clone();
+    broken_again.retry = Some("2".into());
+    let edge_ok = nixroll::api::BuildRequest {
+        installable: edge.installable.clone(),
+        nodes: 1,
+        retry: None,
+    };
+    let before = counting.evaluations();
+    let mixed = builder.run(&[broken_again, edge_ok]).await;
+    assert_eq!(mixed[0].state, BuildState::Failed, "{mixed:?}");
+    assert_eq!(mixed[1].state, BuildState::Built, "{mixed:?}");
+    assert_eq!(mixed[1].system, edge.system);
+    assert_eq!(
+        counting.evaluations(),
+        before + 3,
+        "one evaluation for both, then each alone"
+    );
 }
 
 /// The builder agent's role as `nixroll agent --builder` runs it: the key read from a Secret
@@ -708,6 +838,7 @@ async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
         .send(vec![BuildRequest {
             installable: installable.clone(),
             nodes: 3,
+            retry: None,
         }])
         .unwrap();
     let reports = tokio::time::timeout(
@@ -728,4 +859,147 @@ async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
     assert!(st.last_error.is_none(), "{:?}", st.last_error);
     assert_eq!(st.staged.unwrap().system, system);
     task.abort();
+}
+
+/// Processes started by this test (descendants of this process) whose command line mentions
+/// `marker`.
+fn descendants_mentioning(marker: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if pid == me || !String::from_utf8_lossy(&cmd).contains(marker) {
+            continue;
+        }
+        let mut p = parent(pid);
+        while let Some(q) = p {
+            if q == me {
+                out.push(pid);
+                break;
+            }
+            if q <= 1 {
+                break;
+            }
+            p = parent(q);
+        }
+    }
+    out
+}
+
+/// A builder whose build is killed halfway (its process killed, as when its unit is stopped)
+/// builds it again, once: the build ran to the end once, the store path is valid, the report is
+/// `Built`. A build that fails on its own is not run again.
+#[tokio::test]
+async fn a_build_killed_halfway_is_built_again_once() {
+    use nixroll::api::{BuildRequest, BuildState};
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, SigningKey};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let mut flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let script = format!(
+        "echo x >>{m}/started; /bin/sleep 3; echo x >>{m}/finished; /bin/mkdir -p $out/slow",
+        m = marks.display()
+    );
+    let rev = flake
+        .commit("a slow build", |s| s.slow_build = Some(script))
+        .unwrap();
+    // A private store (no sandbox: a chroot store would build in one, away from `marks`).
+    let sim = SimHost::create(tmp.path().join("builder")).unwrap();
+    let host: Arc<dyn Host> = Arc::new(sim.host_root());
+    let nix: Arc<dyn Nix> = Arc::new(NixCli::new(host.clone()).offline());
+    let (sk_file, _pk) = keypair(tmp.path(), "cluster-1");
+    let key = SigningKey::parse(&std::fs::read_to_string(&sk_file).unwrap()).unwrap();
+    let cache = BinaryCache::new(host.clone(), key, CacheOptions::default());
+    let mut builder = Builder::new(host.clone(), nix.clone(), cache);
+    let request = BuildRequest {
+        installable: flake.installable(&rev, "worker"),
+        nodes: 3,
+        retry: None,
+    };
+    let lines = |f: &str| {
+        std::fs::read_to_string(marks.join(f))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let marker = marks.to_string_lossy().into_owned();
+    let builder_root = sim.root().to_string_lossy().into_owned();
+    let killer = tokio::spawn(async move {
+        // Once the build runs: kill it (the builder's shell and the nix that runs it).
+        let t0 = std::time::Instant::now();
+        while lines_in(&marker, "started") == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the build never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut pids = descendants_mentioning(&marker);
+        pids.extend(descendants_mentioning(&builder_root));
+        assert!(!pids.is_empty(), "no build process found");
+        for pid in &pids {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        pids.len()
+    });
+    let reports = tokio::time::timeout(Duration::from_secs(120), builder.run(&[request]))
+        .await
+        .expect("the builder reported within 120 s");
+    assert!(killer.await.unwrap() >= 1);
+    assert_eq!(reports[0].state, BuildState::Built, "{reports:?}");
+    assert_eq!(lines("started"), 2, "killed once, then built again");
+    assert_eq!(lines("finished"), 1, "the build ran to its end once");
+    assert_eq!(builder.evaluations(), 2);
+    let system = reports[0].system.clone().unwrap();
+    assert!(
+        std::path::Path::new(&system).join("slow").is_dir(),
+        "{system} has no slow/"
+    );
+    let mut verify = Command::new("nix-store");
+    verify
+        .args(["--verify-path", &system])
+        .env("NIX_STORE_DIR", sim.root().join("nix/store"))
+        .env("NIX_STATE_DIR", sim.root().join("nix/var/nix"))
+        .env("NIX_LOG_DIR", sim.root().join("nix/var/log/nix"))
+        .env("NIX_CONF_DIR", sim.root().join("etc/nix"))
+        .env("HOME", sim.root().join("root"));
+    run(verify);
+    // Asked again: nothing runs.
+    builder
+        .run(&[reports[0].clone()].map(|r| BuildRequest {
+            installable: r.installable,
+            nodes: 3,
+            retry: None,
+        }))
+        .await;
+    assert_eq!(lines("started"), 2);
+    assert_eq!(builder.evaluations(), 2);
+
+    // A build that fails by itself is reported, not run again.
+    let broken = flake.commit_broken_build().unwrap();
+    let before = builder.evaluations();
+    let reports = builder
+        .run(&[BuildRequest {
+            installable: flake.installable(&broken, "worker"),
+            nodes: 1,
+            retry: None,
+        }])
+        .await;
+    assert_eq!(reports[0].state, BuildState::Failed);
+    assert_eq!(builder.evaluations(), before + 1);
+}
+
+fn lines_in(dir: &str, file: &str) -> usize {
+    std::fs::read_to_string(Path::new(dir).join(file))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
 }

@@ -56,6 +56,7 @@ fn fake_decide(
             cordoned_by_nixroll: false,
             drain_started_at: None,
             forced: false,
+            verified_at: None,
         });
     }
     Decision {
@@ -202,6 +203,7 @@ async fn releasing_a_slot_wakes_the_next_admissible_node() {
             cordoned_by_nixroll: false,
             drain_started_at: None,
             forced: false,
+            verified_at: None,
         }),
         ..NixOSNodeStatus::default()
     };

@@ -237,6 +237,7 @@ fn draining_status(cordoned_by_nixroll: bool) -> NixOSNodeStatus {
             cordoned_by_nixroll,
             drain_started_at: None,
             forced: false,
+            verified_at: None,
         }),
         // What a stub decision might carry over; the executor must never send it.
         agent: Some(AgentStatus {

@@ -386,6 +386,7 @@ fn fake_decide(
         cordoned_by_nixroll: !view.node.unschedulable,
         drain_started_at: None,
         forced: false,
+        verified_at: None,
     });
     Decision {
         status,

@@ -324,3 +324,36 @@ async fn demo_pools_rolls_the_canary_first_then_the_pools_behind_their_gate() {
         }
     }
 }
+
+/// `nixroll demo --builder` (real Nix): node-1 builds the systems of all six nodes once and
+/// serves them signed; node-2…node-6 fetch theirs and evaluate nothing; nobody is disrupted
+/// (admissions are paused: the demo ends at staging).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_builder_builds_once_and_five_nodes_fetch() {
+    if !common::require_nix() {
+        return;
+    }
+    let run = demo(&["--builder", "--nix", "real"]).await;
+    let who: Vec<&str> = run
+        .stderr
+        .lines()
+        .skip_while(|l| !l.contains("who built and who fetched"))
+        .collect();
+    assert!(
+        who.iter()
+            .any(|l| l.contains("node-1") && l.contains("builder: built 6 systems")),
+        "{}",
+        run.stderr
+    );
+    for n in 2..=6 {
+        let line = who
+            .iter()
+            .find(|l| l.trim_start().starts_with(&format!("node-{n} ")))
+            .unwrap_or_else(|| panic!("no line for node-{n}:\n{}", run.stderr));
+        assert!(
+            line.contains("fetched it from node-1") && line.ends_with("systems it evaluated: 0"),
+            "{line}"
+        );
+    }
+    assert_eq!(most_disrupted_at_once(&run), 0, "nobody was disrupted");
+}

@@ -102,6 +102,92 @@ pub fn assert_typed(docs: &[Value]) {
     }
 }
 
+/// The builders' cache in `docs` (deploy/ or the chart): the Service `nixroll-cache` selects
+/// the builder agents' pods and no other (not the ordinary agent's, not the controller's),
+/// forwards `port` to the container port the builder listens on and reports as its URL; a
+/// managed Node runs exactly one of the two agents (the builder where labelled
+/// `nixroll.io/builder=true`, the ordinary agent elsewhere), and both trust the keys of the
+/// ConfigMap `nixroll-builder`.
+pub fn check_cache_service(docs: &[Value], port: u16) {
+    let svc = find(docs, "Service", "nixroll-cache");
+    let selector = svc["spec"]["selector"].as_object().unwrap();
+    assert!(!selector.is_empty());
+    let selects = |d: &Value| {
+        let labels = &d["spec"]["template"]["metadata"]["labels"];
+        selector.iter().all(|(k, v)| &labels[k] == v)
+    };
+    let builder = find(docs, "DaemonSet", "nixroll-builder");
+    assert!(
+        selects(builder),
+        "the cache Service does not select the builder's pods"
+    );
+    for d in docs.iter().filter(|d| d["metadata"]["name"] != "nixroll-builder") {
+        if d.pointer("/spec/template/metadata/labels").is_some() {
+            assert!(!selects(d), "the cache Service selects {}", d["metadata"]["name"]);
+        }
+    }
+    let sp = &svc["spec"]["ports"][0];
+    assert_eq!(sp["port"], port);
+    let pod = &builder["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let cport = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == sp["targetPort"])
+        .unwrap_or_else(|| panic!("the builder has no port named {}", sp["targetPort"]));
+    assert_eq!(cport["containerPort"], port);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/nix-cache-info");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[..2], ["agent", "--builder"]);
+    assert!(
+        args.contains(&format!("--cache-listen=0.0.0.0:{port}").as_str()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&format!("--cache-url=http://$(POD_IP):{port}").as_str()),
+        "{args:?}"
+    );
+    let env = c["env"].as_array().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "POD_IP" && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP")
+    );
+    // One agent per managed Node.
+    let agent = &find(docs, "DaemonSet", "nixroll-agent")["spec"]["template"]["spec"];
+    let mut want = agent["nodeSelector"].clone();
+    want["nixroll.io/builder"] = "true".into();
+    assert_eq!(pod["nodeSelector"], want);
+    assert_eq!(
+        agent["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"],
+        serde_json::json!([{"matchExpressions": [
+            {"key": "nixroll.io/builder", "operator": "NotIn", "values": ["true"]}]}])
+    );
+    assert_eq!(pod["serviceAccountName"], agent["serviceAccountName"]);
+    for c in [c, &agent["containers"][0]] {
+        assert!(
+            c["env"].as_array().unwrap().iter().any(|e| e["name"] == "NIXROLL_TRUSTED_PUBLIC_KEYS"
+                && e["valueFrom"]["configMapKeyRef"]
+                    == serde_json::json!({"name": "nixroll-builder", "key": "trusted-public-keys", "optional": true})),
+            "{}",
+            c["env"]
+        );
+    }
+}
+
+#[test]
+fn deploy_serves_the_builders_cache_behind_a_service() {
+    let Some(docs) = kustomize(&format!("{ROOT}/deploy")) else {
+        return;
+    };
+    check_cache_service(&docs, 5080);
+}
+
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
@@ -285,6 +371,7 @@ fn rbac_is_exactly_what_the_code_uses() {
             ("leases", "create"),
             ("leases", "get"),
             ("leases", "update"),
+            ("configmaps", "get"),
             ("configmaps", "list"),
             ("configmaps", "watch"),
             ("secrets", "get"),
@@ -570,7 +657,9 @@ mod chart {
                 "managed-by": labels["app.kubernetes.io/managed-by"],
                 "chart": labels["helm.sh/chart"],
             });
-            let component = if key(d).contains("agent") {
+            let component = if key(d).contains("builder") || key(d).contains("cache") {
+                "nixroll-builder"
+            } else if key(d).contains("agent") {
                 "nixroll-agent"
             } else {
                 "nixroll-controller"
@@ -674,6 +763,7 @@ mod chart {
                 "admissionPolicy": {"enabled": false},
             },
             "metrics": {"service": {"enabled": false}},
+            "builder": {"enabled": false},
         }));
         for absent in [
             "Namespace",
@@ -744,6 +834,62 @@ mod chart {
         assert_eq!(
             agent["volumes"][1],
             json!({"name": "srv", "hostPath": {"path": "/srv/nix"}})
+        );
+        assert_typed(&docs);
+    }
+
+    /// The builders' cache: on by default (it runs nowhere until a Node is labelled a
+    /// builder); its port reaches the Service, the pod and the builder's flags; off, neither
+    /// the builder nor its Service nor the agent's affinity is rendered; the agent's own node
+    /// affinity cannot be combined with it.
+    #[test]
+    fn builder_and_cache_service_follow_their_values() {
+        super::check_cache_service(&render(json!({})), 5080);
+        super::check_cache_service(&render(json!({"builder": {"port": 6080}})), 6080);
+        let docs = render(json!({"builder": {"enabled": false}}));
+        assert!(
+            docs.iter()
+                .all(|d| !key(d).contains("builder") && !key(d).contains("cache"))
+        );
+        let agent = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+        assert!(agent.get("affinity").is_none(), "{}", agent["affinity"]);
+        assert!(
+            !serde_json::to_string(agent)
+                .unwrap()
+                .contains("TRUSTED_PUBLIC_KEYS")
+        );
+        let podaff = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"x": "y"}}}]}});
+        let docs = render(json!({"agent": {"affinity": podaff}}));
+        let agent = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+        assert_eq!(agent["affinity"]["podAntiAffinity"], podaff["podAntiAffinity"]);
+        assert!(agent["affinity"]["nodeAffinity"].is_object());
+        let err = render_error(
+            &Release::default(),
+            json!({"agent": {"affinity": {"nodeAffinity": {"x": 1}}}}),
+        );
+        assert!(err.contains("builder.enabled"), "{err}");
+        let args = strings(
+            &find(
+                &render(json!({"builder": {"extraArgs": ["--builder-key-secret=k2"]}})),
+                "DaemonSet",
+            )["spec"]["template"]["spec"]["containers"][0]["args"],
+        )
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+        assert!(
+            !args.contains(&"--builder-key-secret=k2".to_string()),
+            "only the builder gets builder.extraArgs"
+        );
+        let b = render(json!({"builder": {"extraArgs": ["--builder-key-secret=k2"]}}));
+        let b = b
+            .iter()
+            .find(|d| d["metadata"]["name"] == "nixroll-builder" && d["kind"] == "DaemonSet")
+            .unwrap();
+        assert_eq!(
+            strings(&b["spec"]["template"]["spec"]["containers"][0]["args"]).last(),
+            Some(&"--builder-key-secret=k2")
         );
         assert_typed(&docs);
     }
@@ -829,6 +975,9 @@ mod chart {
             "imagePullSecrets": pull,
             "controller": ctl,
             "agent": agent,
+            // The agent's own node affinity replaces the builder's exclusion only without
+            // builders (builder_and_cache_service_follow_their_values).
+            "builder": {"enabled": false},
             "metrics": {"serviceMonitor": {
                 "enabled": true, "namespace": "monitoring", "interval": "15s", "scrapeTimeout": "10s",
                 "labels": {"release": "kube-prometheus"},

@@ -82,32 +82,7 @@ async fn wait_for(
     limit: Duration,
     pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
 ) -> BTreeMap<String, NixOSNode> {
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let mut seen = BTreeMap::new();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let res = tokio::time::timeout(limit, async {
-        while let Ok(Some(o)) = stream.try_next().await {
-            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            if pred(&seen) {
-                return;
-            }
-        }
-    })
-    .await;
-    if res.is_err() {
-        let table: Vec<String> = seen
-            .values()
-            .map(|o| {
-                let s = o.status.clone().unwrap_or_default();
-                format!("{:?} {:?} {:?}", o.metadata.name, s.phase, s.message)
-            })
-            .collect();
-        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
-    }
-    seen
+    common::world::watch_nodes(world, what, limit, pred, |_| {}).await
 }
 
 /// The resource version of a write of the test's own (a no-op annotation of the node's Node),

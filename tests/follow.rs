@@ -4,126 +4,26 @@
 //! applied to the embedded API, its status set by hand). See docs/source.md.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::time::Duration;
 
-use futures::TryStreamExt;
+use common::following::{
+    WAIT, commit_of, condition, follow_config, follow_source, runs, simulated, source_spec, status_of,
+    wait_nodes, wait_source,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::{WatchStreamExt, watcher};
-use nixroll::api::{FlakeSource, NixOSNode, Phase, SourceKind, SourceRef};
+use nixroll::api::{NixOSNode, Phase, SourceKind, SourceRef};
 use nixroll::controller::ControllerConfig;
-use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::cluster::Timing;
-use nixroll::sim::world::{NixMode, World, WorldOptions};
+use nixroll::sim::world::World;
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(90);
 const NODES: usize = 3;
 
-fn opts() -> WorldOptions {
-    WorldOptions {
-        nodes: NODES,
-        control_planes: 1,
-        nix: NixMode::Simulated,
-        timing: Timing {
-            pod_termination: Duration::from_millis(50),
-            pod_startup: Duration::from_millis(100),
-            reboot: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(10),
-        },
-        pods_per_node: 1,
-        apps: None,
-    }
-}
-
 fn config(cache: &std::path::Path) -> ControllerConfig {
-    let mut c = ControllerConfig::new(&format!("follow-{}", fastrand::u32(..)));
-    c.policy.max_unavailable = MaxUnavailable::Count(1);
-    c.drain_pass_backoff = (Duration::from_millis(100), Duration::from_secs(1));
-    c.follow.source_controller.cache_dir = cache.to_path_buf();
-    c.follow.source_controller.min_interval = Duration::from_millis(200);
-    c
-}
-
-fn status_of(o: &NixOSNode) -> nixroll::api::NixOSNodeStatus {
-    o.status.clone().unwrap_or_default()
-}
-
-fn runs(o: &NixOSNode, rev: &str) -> bool {
-    let s = status_of(o);
-    s.phase == Some(Phase::UpToDate) && s.revision.as_deref() == Some(rev)
-}
-
-/// Watch the NixOSNodes until `pred` holds (bounded); `check` sees every intermediate state.
-async fn wait_nodes(
-    world: &World,
-    what: &str,
-    pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
-    mut check: impl FnMut(&BTreeMap<String, NixOSNode>),
-) -> BTreeMap<String, NixOSNode> {
-    let api: Api<NixOSNode> = Api::all(world.client.clone());
-    let mut seen = BTreeMap::new();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .applied_objects();
-    futures::pin_mut!(stream);
-    let res = tokio::time::timeout(WAIT, async {
-        while let Ok(Some(o)) = stream.try_next().await {
-            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
-            check(&seen);
-            if seen.len() >= NODES && pred(&seen) {
-                return;
-            }
-        }
-    })
-    .await;
-    if res.is_err() {
-        let table: Vec<String> = seen
-            .values()
-            .map(|o| {
-                let s = status_of(o);
-                format!(
-                    "{:?} {:?} {:?} {:?}",
-                    o.metadata.name, s.phase, s.revision, s.message
-                )
-            })
-            .collect();
-        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
-    }
-    seen
-}
-
-/// Wait until the FlakeSource's status satisfies `pred` (polling the object; bounded).
-async fn wait_source(world: &World, what: &str, pred: impl Fn(&FlakeSource) -> bool) -> FlakeSource {
-    let api: Api<FlakeSource> = Api::namespaced(world.client.clone(), "nixroll-system");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let fs = api.get("infra").await.unwrap();
-        if pred(&fs) {
-            return fs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            fs.status
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn commit_of(fs: &FlakeSource) -> Option<&str> {
-    fs.status.as_ref().and_then(|s| s.commit.as_deref())
-}
-
-fn condition(fs: &FlakeSource, t: &str) -> Option<String> {
-    fs.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| c.status.clone())
+    follow_config("follow", cache)
 }
 
 async fn boot_ids(world: &World) -> Vec<String> {
@@ -135,41 +35,25 @@ async fn boot_ids(world: &World) -> Vec<String> {
 /// everywhere; an unreachable remote and a force push change nothing downstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_follow_a_branch() {
-    let mut world = World::start(opts()).await.unwrap();
+    let mut world = World::start(simulated(NODES)).await.unwrap();
     let (repo, branch) = world.follow_in_git().unwrap();
     let flake = format!("git+file://{}?ref=refs/heads/{branch}", repo.display());
     world.publish_flake(&flake);
     let head0 = world.head().to_string();
 
-    let sources: Api<FlakeSource> = Api::namespaced(world.client.clone(), "nixroll-system");
-    let fs: FlakeSource = serde_json::from_value(json!({
-        "apiVersion": "nixroll.io/v1alpha1", "kind": "FlakeSource",
-        "metadata": {"name": "infra", "namespace": "nixroll-system"},
-        "spec": {"url": format!("file://{}", repo.display()), "ref": {"branch": branch},
-                 "interval": "1s", "timeout": "10s", "insecure": true}
-    }))
-    .unwrap();
-    sources.create(&PostParams::default(), &fs).await.unwrap();
-    let mut spec = world.spec("");
-    spec.flake = String::new();
-    spec.source_ref = Some(SourceRef {
-        kind: SourceKind::FlakeSource,
-        name: "infra".into(),
-        namespace: None,
-    });
-    world.apply_all(&spec).await.unwrap();
+    let sources = follow_source(&world, source_spec(&repo, &branch, "1s", json!({}))).await;
     let cache = tempfile::tempdir().unwrap();
     let boots = boot_ids(&world).await;
     let c = world.start_controller(config(cache.path())).await.unwrap();
 
     // Adoption: the source resolves the branch, the nodes already run its system.
-    let fs = wait_source(&world, "the first resolution", |fs| {
+    let fs = wait_source(&sources, "the first resolution", |fs| {
         commit_of(fs) == Some(head0.as_str())
     })
     .await;
     let st = fs.status.clone().unwrap();
     assert_eq!(st.revision, Some(format!("{branch}@sha1:{head0}")));
-    assert_eq!(condition(&fs, "Ready").as_deref(), Some("True"));
+    assert_eq!(condition(&fs, "Ready").unwrap().0, "True");
     wait_nodes(
         &world,
         "adoption",
@@ -266,8 +150,8 @@ async fn nodes_follow_a_branch() {
     // An unreachable remote: FetchFailed, the revision stays, nothing starts.
     let moved = repo.with_extension("away");
     std::fs::rename(&repo, &moved).unwrap();
-    let fs = wait_source(&world, "FetchFailed", |fs| {
-        condition(fs, "FetchFailed").as_deref() == Some("True")
+    let fs = wait_source(&sources, "FetchFailed", |fs| {
+        condition(fs, "FetchFailed").is_some_and(|c| c.0 == "True")
     })
     .await;
     assert_eq!(commit_of(&fs), Some(rev2.as_str()), "the last revision stays");
@@ -277,8 +161,8 @@ async fn nodes_follow_a_branch() {
         assert!(status_of(o).target.is_none(), "nothing starts");
     }
     std::fs::rename(&moved, &repo).unwrap();
-    wait_source(&world, "recovery", |fs| {
-        condition(fs, "Ready").as_deref() == Some("True")
+    wait_source(&sources, "recovery", |fs| {
+        condition(fs, "Ready").is_some_and(|c| c.0 == "True")
     })
     .await;
 
@@ -305,8 +189,8 @@ async fn nodes_follow_a_branch() {
         "git reset: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let fs = wait_source(&world, "NonFastForward", |fs| {
-        condition(fs, "NonFastForward").as_deref() == Some("True")
+    let fs = wait_source(&sources, "NonFastForward", |fs| {
+        condition(fs, "NonFastForward").is_some_and(|c| c.0 == "True")
     })
     .await;
     assert_eq!(commit_of(&fs), Some(rev2.as_str()));
@@ -321,7 +205,7 @@ async fn nodes_follow_a_branch() {
         .patch("infra", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
-    let fs = wait_source(&world, "SecretNotFound", |fs| {
+    let fs = wait_source(&sources, "SecretNotFound", |fs| {
         fs.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
@@ -472,7 +356,7 @@ async fn assert_nothing_to_target(api: &Api<NixOSNode>, node: &str, source: &str
 /// Ready at its generation (the legacy `main/<sha>` form parsed), ignored while not Ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_follow_a_flux_gitrepository() {
-    let mut world = World::start(opts()).await.unwrap();
+    let mut world = World::start(simulated(NODES)).await.unwrap();
     let mut spec = world.spec("");
     spec.source_ref = Some(SourceRef {
         kind: SourceKind::GitRepository,

@@ -343,3 +343,267 @@ async fn a_failing_cel_gate_blocks_its_pool_until_it_passes() {
     assert_eq!(monitor.max_concurrent(), 1);
     c.stop().await;
 }
+
+/// Post-gates: a pool's CEL gate over a ConfigMap ("storage rebuilding" while a node is away)
+/// keeps the node that just rebooted cordoned, holding its slot, until the gate passes in an
+/// evaluation made after the node was verified; then it is uncordoned. With a short
+/// `postTimeout` the next node is Degraded (`GateFailed`), stays cordoned and halts the pool
+/// (nothing else admitted) until the user retries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_halts_the_pool() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Node};
+    let t0 = std::time::Instant::now();
+    let lap = |what: &str| eprintln!("{:>6.1} s {what}", t0.elapsed().as_secs_f64());
+    let mut opts = fast();
+    // Long enough a reboot that the test can make the gate block before the node is back.
+    opts.timing.reboot = Duration::from_secs(3);
+    let mut world = World::start(opts).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "storage-health"}, "data": {"state": "healthy"}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let gate = |post_timeout: &str| {
+        json!({"selector": {}, "maxUnavailable": 1, "healthGates": {"cel": [{
+        "name": "storage", "apiVersion": "v1", "kind": "ConfigMap", "namespace": "default",
+        "objectName": "storage-health", "expression": "object.data.state == 'healthy'",
+        "timeout": "5s", "postTimeout": post_timeout}]}})
+    };
+    create_pool(&world, "all", gate("60s")).await;
+    let c = world.start_controller(controller_config()).await.unwrap();
+    wait_nodes(&world, "adoption", all_on(&first)).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = world
+        .commit("new kernel", |s| s.kernel.push_str("-next"))
+        .unwrap();
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let set_state = |state: &'static str| {
+        let cms = cms.clone();
+        async move {
+            cms.patch(
+                "storage-health",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"data": {"state": state}})),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let disrupted = |m: &BTreeMap<String, NixOSNode>| {
+        m.iter()
+            .find(|(_, o)| phase(o) == Phase::Draining || phase(o) == Phase::Rebooting)
+            .map(|(n, _)| n.clone())
+    };
+    // The first node goes down: the storage rebuilds.
+    let m = wait_nodes(&world, "a node disrupted", |m| disrupted(m).is_some()).await;
+    let first_node = disrupted(&m).unwrap();
+    lap("first node disrupted");
+    set_state("rebuilding").await;
+    let m = wait_nodes(&world, "the node back and waiting for its post-gate", |m| {
+        m[&first_node]
+            .status
+            .as_ref()
+            .and_then(|s| s.message.as_deref())
+            .is_some_and(|msg| msg.contains("post-gate storage"))
+    })
+    .await;
+    let st = m[&first_node].status.as_ref().unwrap();
+    assert_eq!(st.phase, Some(Phase::Verifying), "{st:?}");
+    assert!(st.slot.as_ref().unwrap().verified_at.is_some());
+    let nodes: Api<Node> = Api::all(world.client.clone());
+    let cordoned = |n: Node| n.spec.and_then(|s| s.unschedulable).unwrap_or(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    assert_eq!(phase(&api.get(&first_node).await.unwrap()), Phase::Verifying);
+    assert!(
+        cordoned(nodes.get(&first_node).await.unwrap()),
+        "uncordoned before its post-gate passed"
+    );
+    lap("first node held");
+    // The storage is healthy again: the node is done and uncordoned.
+    set_state("healthy").await;
+    wait_nodes(&world, "the first node done", |m| {
+        phase(&m[&first_node]) == Phase::UpToDate && m[&first_node].status.as_ref().unwrap().slot.is_none()
+    })
+    .await;
+    assert!(!cordoned(nodes.get(&first_node).await.unwrap()));
+
+    // A short post-gate timeout, and the storage does not recover in time for the next node.
+    let pools: Api<NixOSPool> = Api::all(world.client.clone());
+    pools
+        .patch(
+            "all",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": gate("3s")})),
+        )
+        .await
+        .unwrap();
+    let m = wait_nodes(&world, "a second node disrupted", |m| {
+        disrupted(m).is_some_and(|n| n != first_node)
+    })
+    .await;
+    let second = disrupted(&m).unwrap();
+    lap("second node disrupted");
+    set_state("rebuilding").await;
+    let m = wait_nodes(&world, "the second node Degraded", |m| {
+        phase(&m[&second]) == Phase::Degraded
+    })
+    .await;
+    lap("second node Degraded");
+    let failed = m[&second].status.as_ref().unwrap().failed.clone().unwrap();
+    assert_eq!(failed.reason, "GateFailed");
+    assert!(failed.message.contains("post-gate storage"), "{}", failed.message);
+    assert!(
+        cordoned(nodes.get(&second).await.unwrap()),
+        "a GateFailed node stays cordoned"
+    );
+    // The pool is halted, even once the gate passes again: nothing else is admitted.
+    set_state("healthy").await;
+    let st = wait_pool(&world, "all", "halted by the Degraded node", |s| {
+        condition(s, "Degraded").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert!(st.message.unwrap_or_default().contains(&second));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for o in api.list(&Default::default()).await.unwrap() {
+        let n = o.metadata.name.clone().unwrap_or_default();
+        if n != first_node && n != second {
+            assert_eq!(
+                phase(&o),
+                Phase::Waiting,
+                "{n} admitted while {second} is Degraded"
+            );
+        }
+    }
+    lap("pool halted");
+    // The user retries the node: it finishes, and so does the rollout.
+    api.patch(
+        &second,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {"nixroll.io/retry": "1"}}})),
+    )
+    .await
+    .unwrap();
+    wait_nodes(&world, "the whole rollout", all_on(&next)).await;
+    lap("rollout done");
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    assert_eq!(monitor.max_concurrent(), 1);
+    c.stop().await;
+}
+
+/// The value of the metric sample `name` the controller serves at `bound`.
+async fn metric(bound: &std::sync::OnceLock<std::net::SocketAddr>, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = nixroll::sim::demo::wait_for_bound(bound)
+        .await
+        .expect("metrics bound");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Cluster-default gates (ConfigMap `nixroll-gates` in nixroll-system, no NixOSPool at all):
+/// they gate the implicit default pool before admission, and as post-gates; the time they
+/// block is counted per gate (`nixroll_gate_blocked_seconds_total`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_default_gates_gate_the_default_pool() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let mut world = World::start(fast()).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), "default");
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "storage-health"}, "data": {"state": "rebuilding"}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    let system: Api<ConfigMap> = Api::namespaced(world.client.clone(), "nixroll-system");
+    let defaults: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "nixroll-gates"},
+        "data": {"healthGates": "cel:\n  - name: storage\n    apiVersion: v1\n    kind: ConfigMap\n    namespace: default\n    objectName: storage-health\n    expression: object.data.state == 'healthy'\n"}
+    }))
+    .unwrap();
+    system.create(&PostParams::default(), &defaults).await.unwrap();
+    let mut config = controller_config();
+    config.metrics_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let bound = config.metrics_bound.clone();
+    let c = world.start_controller(config).await.unwrap();
+    wait_nodes(&world, "adoption", all_on(&first)).await;
+    let monitor = Monitor::start(world.client.clone(), 1, &[]);
+    let next = world
+        .commit("new kernel", |s| s.kernel.push_str("-next"))
+        .unwrap();
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    // Blocked before admission: every node staged and Waiting, none admitted for a while.
+    wait_nodes(&world, "all staged", |m| {
+        m.len() == 5 && m.values().all(|o| phase(o) == Phase::Waiting)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    for o in api.list(&Default::default()).await.unwrap() {
+        assert_eq!(
+            phase(&o),
+            Phase::Waiting,
+            "{:?} admitted while the default gate blocks",
+            o.metadata.name
+        );
+        // The node says which gate holds it.
+        let st = o.status.unwrap();
+        assert!(
+            st.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("default pool: health gate storage"),
+            "{:?}",
+            st.message
+        );
+    }
+    let blocked = metric(
+        &bound,
+        "nixroll_gate_blocked_seconds_total{pool=\"(default)\",gate=\"storage\"}",
+    )
+    .await
+    .unwrap_or_default();
+    assert!(blocked >= 1.0, "blocked {blocked} s");
+    assert_eq!(
+        metric(
+            &bound,
+            "nixroll_gate_passing{pool=\"(default)\",gate=\"storage\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+    cms.patch(
+        "storage-health",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"data": {"state": "healthy"}})),
+    )
+    .await
+    .unwrap();
+    let done = all_on(&next);
+    wait_nodes(
+        &world,
+        "the rollout after the default gate passed, every slot freed",
+        |m| {
+            done(m)
+                && m.values()
+                    .all(|o| o.status.as_ref().is_some_and(|s| s.slot.is_none()))
+        },
+    )
+    .await;
+    assert_eq!(monitor.violations(), Vec::<String>::new());
+    c.stop().await;
+}

@@ -65,6 +65,7 @@ fn gate(url: &str) -> PrometheusGate {
         ignore_pending: false,
         fail_open: false,
         timeout: Some("5s".into()),
+        post_timeout: None,
     }
 }
 

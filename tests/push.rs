@@ -6,53 +6,15 @@
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use nixroll::api::{FlakeSource, SourceKind, SourceRef};
+use nixroll::api::FlakeSource;
 use nixroll::controller::ControllerConfig;
 use nixroll::rollout::MaxUnavailable;
-use nixroll::sim::cluster::Timing;
-use nixroll::sim::world::{NixMode, World, WorldOptions};
+use nixroll::sim::world::World;
 use serde_json::json;
 
 mod common;
+use common::following::{commit_of, follow_source, simulated, source_spec, wait_source};
 use common::webhook::{hmac_hex, http};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn opts() -> WorldOptions {
-    WorldOptions {
-        nodes: 2,
-        control_planes: 1,
-        nix: NixMode::Simulated,
-        timing: Timing {
-            pod_termination: Duration::from_millis(50),
-            pod_startup: Duration::from_millis(100),
-            reboot: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(10),
-        },
-        pods_per_node: 1,
-        apps: None,
-    }
-}
-
-async fn wait_source(api: &Api<FlakeSource>, what: &str, pred: impl Fn(&FlakeSource) -> bool) -> FlakeSource {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let fs = api.get("infra").await.unwrap();
-        if pred(&fs) {
-            return fs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {:?}",
-            fs.status
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn commit_of(fs: &FlakeSource) -> Option<&str> {
-    fs.status.as_ref().and_then(|s| s.commit.as_deref())
-}
 
 async fn request(api: &Api<FlakeSource>, value: &str) {
     let patch = json!({"metadata": {"annotations": {"nixroll.io/requested-at": value}}});
@@ -65,27 +27,11 @@ async fn request(api: &Api<FlakeSource>, value: &str) {
 /// it is resolved at once (well under a second here), and the value handled is in status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requested_at_resolves_at_once() {
-    let mut world = World::start(opts()).await.unwrap();
+    let mut world = World::start(simulated(2)).await.unwrap();
     let (repo, branch) = world.follow_in_git().unwrap();
     world.publish_flake(&format!("git+file://{}?ref=refs/heads/{branch}", repo.display()));
     let head0 = world.head().to_string();
-    let sources: Api<FlakeSource> = Api::namespaced(world.client.clone(), "nixroll-system");
-    let fs: FlakeSource = serde_json::from_value(json!({
-        "apiVersion": "nixroll.io/v1alpha1", "kind": "FlakeSource",
-        "metadata": {"name": "infra", "namespace": "nixroll-system"},
-        "spec": {"url": format!("file://{}", repo.display()), "ref": {"branch": branch},
-                 "interval": "1h", "timeout": "10s", "insecure": true}
-    }))
-    .unwrap();
-    sources.create(&PostParams::default(), &fs).await.unwrap();
-    let mut spec = world.spec("");
-    spec.flake = String::new();
-    spec.source_ref = Some(SourceRef {
-        kind: SourceKind::FlakeSource,
-        name: "infra".into(),
-        namespace: None,
-    });
-    world.apply_all(&spec).await.unwrap();
+    let sources = follow_source(&world, source_spec(&repo, &branch, "1h", json!({}))).await;
     let cache = tempfile::tempdir().unwrap();
     let mut config = ControllerConfig::new(&format!("push-{}", fastrand::u32(..)));
     config.policy.max_unavailable = MaxUnavailable::Count(1);
@@ -168,19 +114,11 @@ fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn webhook_pushes_resolve_at_once() {
     let logs = capture_logs();
-    let mut world = World::start(opts()).await.unwrap();
+    let mut world = World::start(simulated(2)).await.unwrap();
     let (repo, branch) = world.follow_in_git().unwrap();
     world.publish_flake(&format!("git+file://{}?ref=refs/heads/{branch}", repo.display()));
     let head0 = world.head().to_string();
     let url = format!("file://{}", repo.display());
-    let sources: Api<FlakeSource> = Api::namespaced(world.client.clone(), "nixroll-system");
-    let fs: FlakeSource = serde_json::from_value(json!({
-        "apiVersion": "nixroll.io/v1alpha1", "kind": "FlakeSource",
-        "metadata": {"name": "infra", "namespace": "nixroll-system"},
-        "spec": {"url": url, "ref": {"branch": branch}, "interval": "1h", "timeout": "10s", "insecure": true}
-    }))
-    .unwrap();
-    sources.create(&PostParams::default(), &fs).await.unwrap();
     let token = "wh-5ecret-Zq81";
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(world.client.clone(), "nixroll-system");
@@ -191,14 +129,7 @@ async fn webhook_pushes_resolve_at_once() {
     }))
     .unwrap();
     secrets.create(&PostParams::default(), &secret).await.unwrap();
-    let mut spec = world.spec("");
-    spec.flake = String::new();
-    spec.source_ref = Some(SourceRef {
-        kind: SourceKind::FlakeSource,
-        name: "infra".into(),
-        namespace: None,
-    });
-    world.apply_all(&spec).await.unwrap();
+    let sources = follow_source(&world, source_spec(&repo, &branch, "1h", json!({}))).await;
     let cache = tempfile::tempdir().unwrap();
     let mut config = ControllerConfig::new(&format!("webhook-{}", fastrand::u32(..)));
     config.follow.source_controller.cache_dir = cache.path().to_path_buf();

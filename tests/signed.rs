@@ -264,106 +264,18 @@ async fn tags_signed_lightweight_and_unsigned() {
 
 mod e2e {
     use super::*;
-    use futures::TryStreamExt;
+    use crate::common::following::{
+        commit_of, condition as cond, follow_config, follow_source, runs, simulated, source_spec,
+        wait_all_on, wait_nodes, wait_source,
+    };
     use k8s_openapi::api::core::v1::Secret;
     use kube::api::{Api, PostParams};
-    use kube::runtime::{WatchStreamExt, watcher};
-    use nixroll::api::{FlakeSource, NixOSNode, Phase, SourceKind, SourceRef};
-    use nixroll::controller::ControllerConfig;
-    use nixroll::rollout::MaxUnavailable;
-    use nixroll::sim::cluster::Timing;
+    use nixroll::api::Phase;
     use nixroll::sim::flake::CommitSigner;
-    use nixroll::sim::world::{NixMode, World, WorldOptions};
+    use nixroll::sim::world::World;
     use serde_json::json;
 
-    const WAIT: Duration = Duration::from_secs(90);
     const NODES: usize = 3;
-
-    fn opts() -> WorldOptions {
-        WorldOptions {
-            nodes: NODES,
-            control_planes: 1,
-            nix: NixMode::Simulated,
-            timing: Timing {
-                pod_termination: Duration::from_millis(50),
-                pod_startup: Duration::from_millis(100),
-                reboot: Duration::from_millis(300),
-                request_timeout: Duration::from_secs(10),
-            },
-            pods_per_node: 1,
-            apps: None,
-        }
-    }
-
-    fn config(cache: &std::path::Path) -> ControllerConfig {
-        let mut c = ControllerConfig::new(&format!("signed-{}", fastrand::u32(..)));
-        c.policy.max_unavailable = MaxUnavailable::Count(1);
-        c.drain_pass_backoff = (Duration::from_millis(100), Duration::from_secs(1));
-        c.follow.source_controller.cache_dir = cache.to_path_buf();
-        c.follow.source_controller.min_interval = Duration::from_millis(200);
-        c
-    }
-
-    async fn wait_source(world: &World, what: &str, pred: impl Fn(&FlakeSource) -> bool) -> FlakeSource {
-        let api: Api<FlakeSource> = Api::namespaced(world.client.clone(), "nixroll-system");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let fs = api.get("infra").await.unwrap();
-            if pred(&fs) {
-                return fs;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                fs.status
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn cond(fs: &FlakeSource, t: &str) -> Option<(String, String, String)> {
-        fs.status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == t)
-            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-    }
-
-    fn commit_of(fs: &FlakeSource) -> Option<&str> {
-        fs.status.as_ref().and_then(|s| s.commit.as_deref())
-    }
-
-    /// Watch the NixOSNodes until `pred` holds on all of them; `check` sees every state.
-    async fn wait_nodes(
-        world: &World,
-        what: &str,
-        pred: impl Fn(&NixOSNode) -> bool,
-        mut check: impl FnMut(&NixOSNode),
-    ) {
-        let api: Api<NixOSNode> = Api::all(world.client.clone());
-        let mut seen = std::collections::BTreeMap::new();
-        let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .applied_objects();
-        futures::pin_mut!(stream);
-        let res = tokio::time::timeout(WAIT, async {
-            while let Ok(Some(o)) = stream.try_next().await {
-                check(&o);
-                seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
-                if seen.len() >= NODES && seen.values().all(&pred) {
-                    return;
-                }
-            }
-        })
-        .await;
-        assert!(res.is_ok(), "timed out waiting for {what}");
-    }
-
-    fn runs(o: &NixOSNode, rev: &str) -> bool {
-        let s = o.status.clone().unwrap_or_default();
-        s.phase == Some(Phase::UpToDate) && s.revision.as_deref() == Some(rev)
-    }
 
     async fn events(world: &World) -> Vec<(String, String, String)> {
         let api: Api<k8s_openapi::api::events::v1::Event> =
@@ -393,7 +305,7 @@ mod e2e {
     /// `VerificationFailed` naming the commit, a Warning Event, no node disrupted).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn nodes_follow_only_signed_commits() {
-        let mut world = World::start(opts()).await.unwrap();
+        let mut world = World::start(simulated(NODES)).await.unwrap();
         let (repo, branch) = world.follow_in_git().unwrap();
         world.publish_flake(&format!("git+file://{}?ref=refs/heads/{branch}", repo.display()));
         let team = CommitSigner::generate().unwrap();
@@ -409,28 +321,15 @@ mod e2e {
         }))
         .unwrap();
         secrets.create(&PostParams::default(), &secret).await.unwrap();
-        let sources: Api<FlakeSource> = Api::namespaced(world.client.clone(), "nixroll-system");
-        let fs: FlakeSource = serde_json::from_value(json!({
-            "apiVersion": "nixroll.io/v1alpha1", "kind": "FlakeSource",
-            "metadata": {"name": "infra", "namespace": "nixroll-system"},
-            "spec": {"url": format!("file://{}", repo.display()), "ref": {"branch": branch},
-                     "interval": "1s", "timeout": "10s", "insecure": true,
-                     "verify": {"mode": "HEAD", "secretRef": {"name": "trusted-keys"}}}
-        }))
-        .unwrap();
-        sources.create(&PostParams::default(), &fs).await.unwrap();
-        let mut spec = world.spec("");
-        spec.flake = String::new();
-        spec.source_ref = Some(SourceRef {
-            kind: SourceKind::FlakeSource,
-            name: "infra".into(),
-            namespace: None,
-        });
-        world.apply_all(&spec).await.unwrap();
+        let verify = json!({"verify": {"mode": "HEAD", "secretRef": {"name": "trusted-keys"}}});
+        let sources = follow_source(&world, source_spec(&repo, &branch, "1s", verify)).await;
         let cache = tempfile::tempdir().unwrap();
-        let c = world.start_controller(config(cache.path())).await.unwrap();
+        let c = world
+            .start_controller(follow_config("signed", cache.path()))
+            .await
+            .unwrap();
 
-        let fs = wait_source(&world, "the signed head", |fs| {
+        let fs = wait_source(&sources, "the signed head", |fs| {
             commit_of(fs) == Some(head0.as_str())
         })
         .await;
@@ -440,7 +339,7 @@ mod e2e {
             message.contains(&head0) && message.contains("demo@nixroll.invalid"),
             "{message}"
         );
-        wait_nodes(&world, "adoption", |o| runs(o, &head0), |_| {}).await;
+        wait_all_on(&world, "adoption", &head0).await;
         let boots: Vec<String> = world.nodes.iter().map(|n| n.host.boot_id()).collect();
 
         // An unsigned commit (a new kernel) and then one signed by an unknown key: refused.
@@ -451,7 +350,7 @@ mod e2e {
                 s.kernel_modules.push_str("-evil");
             })
             .unwrap();
-        let fs = wait_source(&world, "the unsigned head refused", |fs| {
+        let fs = wait_source(&sources, "the unsigned head refused", |fs| {
             cond(fs, "Ready").is_some_and(|c| c.1 == "VerificationFailed" && c.2.contains(&unsigned))
         })
         .await;
@@ -468,7 +367,7 @@ mod e2e {
 
         world.sign_commits(Some(stranger.clone()));
         let foreign = world.commit("foreign service", |s| s.service.push('!')).unwrap();
-        let fs = wait_source(&world, "the stranger's head refused", |fs| {
+        let fs = wait_source(&sources, "the stranger's head refused", |fs| {
             cond(fs, "Ready").is_some_and(|c| c.2.contains(&foreign))
         })
         .await;
@@ -505,11 +404,13 @@ mod e2e {
         wait_nodes(
             &world,
             "the signed commit everywhere",
-            |o| runs(o, &good),
-            |o| {
-                let s = o.status.clone().unwrap_or_default();
-                for bad in [&unsigned, &foreign] {
-                    assert!(s.target.as_ref().is_none_or(|t| &t.revision != bad), "{s:?}");
+            |m| m.values().all(|o| runs(o, &good)),
+            |m| {
+                for o in m.values() {
+                    let s = o.status.clone().unwrap_or_default();
+                    for bad in [&unsigned, &foreign] {
+                        assert!(s.target.as_ref().is_none_or(|t| &t.revision != bad), "{s:?}");
+                    }
                 }
             },
         )

@@ -17,6 +17,16 @@
 //! an order only after every node of its predecessors runs the revision, healthy, and soaked;
 //! the control-plane rules cluster-wide; and at every step, per pool, the slots held.
 //!
+//! Gates (a third generator): in about two thirds of the seeds with pools, one or two pool
+//! health gates that flap (and, in faulty seeds, sometimes stay blocked past their timeout);
+//! every node's own pods (DaemonSet pods Ready 5–60 s after a boot, sometimes much later in
+//! faulty seeds); in half of the seeds embedded etcd on the servers (`EtcdIsVoter` back 10–60 s
+//! after a boot, sometimes much later). Invariants: nothing admitted while a pre-gate of its
+//! pool blocks or from a pool with a Degraded node; **post-gates before the slot is freed**: a
+//! node leaves `Verifying` for `UpToDate` only when k3s reports a server a healthy voter, all
+//! its pods are Ready and each of its pools' gates last passed in an evaluation made after the
+//! node was verified; a post-gate timeout leaves the node Degraded, cordoned, holding its slot.
+//!
 //! * `cargo test --test simulation` runs 2,000 seeds;
 //! * `NIXROLL_SIM_SEEDS=N` runs N seeds; `NIXROLL_SIM_SEED=S` runs only seed S with its log.
 //!
@@ -40,8 +50,9 @@ use nixroll::api::{
     PoolSelector, RebootPolicy, StagedSystem, Weekday,
 };
 use nixroll::rollout::{
-    Action, ClusterState, Decision, DrainProgress, MaxUnavailable, NodeObservation, NodeView, Policy, Pools,
-    Row, admit, budget, condition, decide, is_admitted, window,
+    Action, ClusterState, Decision, DrainProgress, GateObservation, GateVerdict, K3S_GATE, MaxUnavailable,
+    NodeObservation, NodeView, PODS_GATE, Policy, Pools, Row, admit, budget, condition, decide, is_admitted,
+    needs_post_gates, reason, window,
 };
 
 const FLAKE: &str = "git+https://git.example.org/infra.git";
@@ -98,6 +109,8 @@ struct Host {
     /// A hung build: no staging started before this instant finishes earlier (fault).
     stage_stuck_until: Option<Timestamp>,
     activation: Option<ActOp>,
+    /// k3s reports this server a healthy etcd voter from this instant of its current boot on.
+    voter_at: Timestamp,
     /// An activation ran since the node's current slot was granted.
     activated_in_slot: bool,
 }
@@ -166,6 +179,27 @@ struct SimPool {
     paused_between: Option<(Timestamp, Timestamp)>,
 }
 
+/// A health gate of a pool, checked before admission and after each node's update (a
+/// post-gate): it blocks in the intervals of `blocks` (short flaps; in faulty seeds sometimes an
+/// outage longer than its timeout).
+#[derive(Clone, Debug)]
+struct SimGate {
+    name: String,
+    pool: usize,
+    /// Post-gate timeout in seconds.
+    timeout: i64,
+    blocks: Vec<(Timestamp, Timestamp)>,
+}
+
+impl SimGate {
+    fn passes(&self, t: Timestamp) -> bool {
+        !self.blocks.iter().any(|&(a, b)| a <= t && t < b)
+    }
+}
+
+/// How often the controller evaluates the pools' gates (`--admission-sweep`).
+const GATE_PERIOD: i64 = 5;
+
 /// What the controller last reconciled a node on (its watch cache).
 type Seen = (i64, Option<String>, NodeObservation, Option<AgentStatus>);
 
@@ -210,6 +244,15 @@ struct Sim {
     /// Until this instant, node `.0` is also selected by pool `.1` (a label mistake the user
     /// fixes later): it is in two pools and must not be admitted.
     conflict: Option<(usize, usize, Timestamp)>,
+    /// The pools' health gates, and the controller's last evaluation of each (pass, when):
+    /// lost on restart (the gates then block until evaluated again: fail closed).
+    gates: Vec<SimGate>,
+    gate_seen: Vec<Option<(bool, Timestamp)>>,
+    next_gate_eval: Timestamp,
+    /// The control-plane nodes run embedded etcd: k3s sets `EtcdIsVoter` on them.
+    etcd: bool,
+    /// Draws of the gates, DaemonSet pods and etcd (kept apart so the seeds' other draws stay).
+    grng: fastrand::Rng,
 }
 
 macro_rules! check {
@@ -366,6 +409,7 @@ impl Sim {
                     staging: None,
                     stage_stuck_until: None,
                     activation: None,
+                    voter_at: now,
                     activated_in_slot: false,
                 },
                 retry_at: None,
@@ -417,6 +461,9 @@ impl Sim {
         let wake_loss = if rng.bool() { 0 } else { rng.u32(30..=100) };
         // Pools from a second generator, so the seeds' other choices stay what they were.
         let (pools, pool_of, conflict) = pool_layout(seed, n, cps, now, add(now, 86_400));
+        let mut grng = fastrand::Rng::with_seed(seed ^ 0x9a7e_5eed);
+        let gates = gate_layout(&mut grng, &pools, faults, now, add(now, 86_400));
+        let etcd = grng.bool();
         let mut policy = policy;
         policy.node_soak =
             SignedDuration::from_secs([0, 0, 60, 600][fastrand::Rng::with_seed(seed ^ 0x50a4).usize(..4)]);
@@ -450,6 +497,11 @@ impl Sim {
             pools,
             pool_of,
             conflict,
+            gate_seen: vec![None; gates.len()],
+            gates,
+            next_gate_eval: now,
+            etcd,
+            grng,
             rng,
         }
     }
@@ -506,10 +558,89 @@ impl Sim {
                     .collect()
             })
             .collect();
-        Pools::build(
+        let mut pools = Pools::build(
             specs.iter().map(|(n, s)| (n.as_str(), s)),
             self.nodes.iter().zip(&labels).map(|(x, l)| (x.name.as_str(), l)),
-        )
+        );
+        // As the controller's `apply_verdicts`: a gate that blocked at its last evaluation, or
+        // was not evaluated since this controller started, blocks its pool.
+        for (g, gate) in self.gates.iter().enumerate() {
+            let why = match self.gate_seen[g] {
+                Some((true, _)) => continue,
+                Some((false, _)) => format!("health gate {}: blocks", gate.name),
+                None => format!("health gate {} not evaluated yet", gate.name),
+            };
+            pools
+                .gate_blocks
+                .entry(self.pools[gate.pool].name.clone())
+                .or_insert(why);
+        }
+        pools
+    }
+
+    /// The controller's gate pass: every gate evaluated (every [`GATE_PERIOD`]).
+    fn evaluate_gates(&mut self) {
+        if self.now < self.next_gate_eval {
+            return;
+        }
+        self.next_gate_eval = add(self.now, GATE_PERIOD);
+        for g in 0..self.gates.len() {
+            self.gate_seen[g] = Some((self.gates[g].passes(self.now), self.now));
+        }
+    }
+
+    /// k3s's `EtcdIsVoter` on node `i` now (None: no embedded etcd, or not a server).
+    fn etcd_voter(&self, i: usize) -> Option<bool> {
+        let n = &self.nodes[i];
+        (self.etcd && n.control_plane && n.registered).then(|| n.host.up && self.now >= n.host.voter_at)
+    }
+
+    /// Pods on node `i` that are not Ready (terminating ones left out).
+    fn unready_pods_on(&self, i: usize) -> usize {
+        self.pods
+            .iter()
+            .filter(|p| {
+                p.node == Some(i) && !matches!(p.state, PodState::Terminating { .. }) && !self.pod_ready(p)
+            })
+            .count()
+    }
+
+    /// The post-gates of node `i` as the controller observes them now: the gates of every pool
+    /// that selects it (their last evaluation) and the node's own pods (listed now).
+    fn post_gates_of(&self, i: usize) -> Vec<GateObservation> {
+        let of = self.pools_of(i);
+        let mut out: Vec<GateObservation> = self
+            .gates
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| of.contains(&g.pool))
+            .map(|(g, gate)| GateObservation {
+                name: gate.name.clone(),
+                timeout: SignedDuration::from_secs(gate.timeout),
+                verdict: match self.gate_seen[g] {
+                    None => GateVerdict::Unknown,
+                    Some((true, at)) => GateVerdict::Pass { at },
+                    Some((false, at)) => GateVerdict::Block {
+                        at,
+                        why: "blocks".into(),
+                    },
+                },
+            })
+            .collect();
+        let unready = self.unready_pods_on(i);
+        out.push(GateObservation {
+            name: PODS_GATE.into(),
+            timeout: self.policy.timeouts.verifying,
+            verdict: if unready == 0 {
+                GateVerdict::Pass { at: self.now }
+            } else {
+                GateVerdict::Block {
+                    at: self.now,
+                    why: format!("{unready} pods not Ready"),
+                }
+            },
+        });
+        out
     }
 
     /// The node finished its update less than `soak` seconds ago (UpToDate, newest history
@@ -594,6 +725,36 @@ impl Sim {
                 "admitted {a} from paused pool {}",
                 self.pools[p].name
             );
+            // A Degraded node halts its pool (a post-gate that timed out, or any failure).
+            let degraded: Vec<&str> = (0..n)
+                .filter(|&m| of[m].contains(&p) && self.nodes[m].status.phase == Some(Phase::Degraded))
+                .map(|m| self.nodes[m].name.as_str())
+                .collect();
+            check!(
+                self,
+                self.nodes[i].status.slot.is_some() || degraded.is_empty(),
+                "admitted {a} from pool {} with Degraded {degraded:?}",
+                self.pools[p].name
+            );
+            // Pre-gates: every gate of the pool passed at its last evaluation.
+            for (g, gate) in self.gates.iter().enumerate() {
+                if gate.pool == p {
+                    let seen = self.gate_seen[g];
+                    check!(
+                        self,
+                        seen.is_some_and(|(pass, at)| pass && gate.passes(at)),
+                        "admitted {a} while gate {} of pool {} blocks ({seen:?})",
+                        gate.name,
+                        self.pools[p].name
+                    );
+                }
+            }
+            if self.gates.iter().any(|g| g.pool == p) {
+                *self
+                    .events
+                    .entry("(admitted past a pre-gate)".into())
+                    .or_default() += 1;
+            }
             let rev = self.nodes[i]
                 .status
                 .target
@@ -675,6 +836,8 @@ impl Sim {
             cordon_mark: n.cordoned_by == Some(Who::Nixroll),
             control_plane: n.control_plane,
             boot_id: Some(format!("boot-{}-{}", n.name, n.host.boot_seq)),
+            etcd_voter: self.etcd_voter(i),
+            ..NodeObservation::default()
         }
     }
 
@@ -954,6 +1117,41 @@ impl Sim {
             }
             h.current = h.booted.clone();
             h.fallback_next_boot = false;
+            // The DaemonSet pods start again after the kubelet, and k3s promotes the server
+            // back to a voter (late, beyond the post-gate timeout, in some faulty seeds).
+            let faults = self.faults;
+            let late = |g: &mut fastrand::Rng| faults && g.u32(0..100) < 3;
+            let voter_late = late(&mut self.grng);
+            self.nodes[i].host.voter_at = add(
+                now,
+                if voter_late {
+                    self.grng.i64(700..1500)
+                } else {
+                    self.grng.i64(10..60)
+                },
+            );
+            if voter_late && self.etcd && self.nodes[i].control_plane {
+                *self.events.entry("(etcd voter late)".into()).or_default() += 1;
+            }
+            for k in 0..self.pods.len() {
+                if self.pods[k].daemonset && self.pods[k].node == Some(i) {
+                    let pods_late = late(&mut self.grng);
+                    let d = if pods_late {
+                        self.grng.i64(700..1500)
+                    } else {
+                        self.grng.i64(5..60)
+                    };
+                    self.pods[k].state = PodState::Running {
+                        ready_at: add(now, d),
+                    };
+                    if pods_late {
+                        *self
+                            .events
+                            .entry("(DaemonSet pod Ready late)".into())
+                            .or_default() += 1;
+                    }
+                }
+            }
             let (name, b) = (self.nodes[i].name.clone(), self.nodes[i].host.booted.clone());
             self.logf(|| format!("{name} booted {b} (fallback={fallback})"));
         }
@@ -1380,6 +1578,7 @@ impl Sim {
             *self.events.entry("(controller restart)".into()).or_default() += 1;
             self.logf(|| "controller restart".into());
         }
+        self.evaluate_gates();
         let admissible = self.admit_checked()?;
         self.check_admission_liveness(&admissible)?;
         // The safety net: a periodic sweep reconciles the nodes the gate admits now.
@@ -1430,6 +1629,8 @@ impl Sim {
         self.next_sweep = add(self.now, SWEEP_PERIOD);
         self.paused_seen = self.paused;
         self.lost_wake = vec![false; n];
+        self.gate_seen = vec![None; self.gates.len()];
+        self.next_gate_eval = self.now;
         // The bound on admission holds while a controller runs: it starts again from here.
         self.admissible_since = vec![None; n];
         self.restarts += 1;
@@ -1447,7 +1648,10 @@ impl Sim {
             if self.nodes[i].status.phase != Some(Phase::Draining) {
                 self.drain_mem.remove(&i);
             }
-            let o = self.obs(i);
+            let mut o = self.obs(i);
+            if needs_post_gates(&self.nodes[i].status) {
+                o.post_gates = self.post_gates_of(i);
+            }
             // As the controller must: the node is admitted when it is Waiting and the gate
             // lists it, whether or not it already holds its slot.
             let is_admitted = if self.nodes[i].status.phase == Some(Phase::Waiting) {
@@ -1482,6 +1686,16 @@ impl Sim {
             } = d;
             for note in &notes {
                 *self.events.entry(note.reason.clone()).or_default() += 1;
+                if note.reason == reason::GATE_FAILED {
+                    let which = if note.message.contains(PODS_GATE) {
+                        PODS_GATE
+                    } else if note.message.contains(K3S_GATE) {
+                        K3S_GATE
+                    } else {
+                        "a pool gate"
+                    };
+                    *self.events.entry(format!("(GateFailed by {which})")).or_default() += 1;
+                }
             }
             self.count_paths(i, &rows, &status);
             let agent = self.nodes[i].status.agent.take();
@@ -1739,6 +1953,55 @@ impl Sim {
                 n.name
             );
         }
+        // Invariant "post-gates before the slot is freed" (DESIGN.md §7.11): a node is done
+        // (and may be uncordoned, its slot freed) only when k3s reports a server a healthy etcd
+        // voter, every pod on the node is Ready, and the last evaluation of each of its pools'
+        // gates passed and was made after the node was verified.
+        if d.rows.iter().any(|r| matches!(r, Row::Verified | Row::Blessed)) {
+            let since = before
+                .slot
+                .as_ref()
+                .and_then(|s| s.verified_at.as_ref())
+                .map_or(self.now, |t| t.0);
+            check!(
+                self,
+                self.etcd_voter(i) != Some(false),
+                "post-gates: {} done while k3s does not report it a healthy etcd voter",
+                n.name
+            );
+            let unready = self.unready_pods_on(i);
+            check!(
+                self,
+                unready == 0,
+                "post-gates: {} done with {unready} of its pods not Ready",
+                n.name
+            );
+            let of = self.pools_of(i);
+            for (g, gate) in self.gates.iter().enumerate() {
+                if !of.contains(&gate.pool) {
+                    continue;
+                }
+                let seen = self.gate_seen[g];
+                check!(
+                    self,
+                    seen.is_some_and(|(pass, at)| pass && at >= since && gate.passes(at)),
+                    "post-gates: {} done (verified at {since}) but gate {} last evaluated {seen:?}",
+                    n.name,
+                    gate.name
+                );
+            }
+        }
+        if d.rows.contains(&Row::PostGateFailed) {
+            check!(
+                self,
+                now_ph == Phase::Degraded
+                    && d.status.slot.is_some()
+                    && !d.actions.contains(&Action::Uncordon),
+                "post-gate timeout: {} must be Degraded, keep its slot and stay cordoned ({now_ph:?}, {:?})",
+                n.name,
+                d.actions
+            );
+        }
         if let (Some(a), Some(b)) = (before.activation.as_ref(), d.status.activation.as_ref()) {
             // A grant id, once issued, never changes meaning.
             if a.id == b.id {
@@ -1863,6 +2126,7 @@ impl Sim {
                 h.staging.as_ref().map(|s| s.done),
                 h.activation.as_ref().map(|a| a.done),
                 Some(h.ready_at),
+                Some(h.voter_at),
                 x.retry_at,
                 x.join_at,
             ]
@@ -1886,6 +2150,12 @@ impl Sim {
         // the step count down.
         if self.admissible_since.iter().any(Option::is_some) {
             consider(self.next_sweep);
+        }
+        for g in &self.gates {
+            for &(a, b) in &g.blocks {
+                consider(a);
+                consider(add(b, 1));
+            }
         }
         consider(self.quiet_after);
         let base = next.max(add(self.now, 1));
@@ -2011,6 +2281,45 @@ fn pool_layout(seed: u64, n: usize, cps: usize, now: Timestamp, quiet_after: Tim
         (i, other, add(now, rng.i64(0..window)))
     });
     (pools, pool_of, conflict)
+}
+
+/// The health gates of a seed's pools: in about two thirds of the seeds with pools, one or two
+/// gates on random pools that flap (blocking 20 s to 4 min every half hour or so, shorter than
+/// their timeout) and, in faulty seeds, sometimes an outage longer than their timeout. All
+/// quiet after `quiet_after`.
+fn gate_layout(
+    rng: &mut fastrand::Rng,
+    pools: &[SimPool],
+    faults: bool,
+    now: Timestamp,
+    quiet_after: Timestamp,
+) -> Vec<SimGate> {
+    if pools.is_empty() || rng.u32(0..3) == 0 {
+        return Vec::new();
+    }
+    let mut gates = Vec::new();
+    for k in 0..rng.usize(1..=2) {
+        let timeout = rng.i64(300..=900);
+        let mut blocks = Vec::new();
+        let mut t = add(now, rng.i64(0..1800));
+        while t < quiet_after {
+            let len = if faults && rng.u32(0..100) < 10 {
+                rng.i64(timeout + 60..timeout * 3)
+            } else {
+                rng.i64(20..240)
+            };
+            let end = add(t, len).min(quiet_after);
+            blocks.push((t, end));
+            t = add(end, rng.i64(600..3600));
+        }
+        gates.push(SimGate {
+            name: format!("gate-{k}"),
+            pool: rng.usize(..pools.len()),
+            timeout,
+            blocks,
+        });
+    }
+    gates
 }
 
 const MAX_STEPS: usize = 6000;
@@ -2227,6 +2536,12 @@ fn simulated_rollouts_keep_invariants_and_converge() {
             "(admitted in a default pool)",
             "(admitted after a soak)",
             "(admitted with node soak)",
+            // Gates: admissions past pre-gates, and post-gates that time out, of each kind.
+            "(admitted past a pre-gate)",
+            "GateFailed",
+            "(GateFailed by node-pods)",
+            "(GateFailed by k3s-etcd-voter)",
+            "(GateFailed by a pool gate)",
         ] {
             assert!(
                 events.get(reason).copied().unwrap_or(0) > 0,

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Wanted","type":"string","jsonPath":".status.wanted","description":"The revision wanted (spec.revision or the followed source's), shortened."}"#,
     printcolumn = r#"{"name":"Running","type":"string","jsonPath":".status.running","description":"The revision the node is proven to run, shortened."}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Build","type":"string","jsonPath":".status.target.build.progress","description":"With a builder: Queued, Building, Built, Fetching, Staged or Failed."}"#,
     printcolumn = r#"{"name":"Reboot","type":"string","jsonPath":".status.agent.staged.rebootRequired","priority":1,"description":"Whether the staged system needs a reboot."}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

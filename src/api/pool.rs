@@ -74,9 +74,12 @@ pub struct NixOSPoolSpec {
     #[schemars(length(max = 32))]
     pub node_soak: Option<String>,
 
-    /// Health gates checked before a node of this pool is admitted: while one fails (or has
-    /// not been evaluated yet since the controller started), the pool admits nothing and says
-    /// which gate and why.
+    /// Health gates checked before a node of this pool is admitted (pre-gates: while one fails,
+    /// or has not been evaluated yet since the controller started, the pool admits nothing and
+    /// says which gate and why) and again after each node's update (post-gates: the node stays
+    /// cordoned and holds its slot until each has passed in an evaluation made after the node
+    /// was verified; one that does not within its `postTimeout` makes the node Degraded,
+    /// `GateFailed`, which halts the pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_gates: Option<HealthGates>,
 }
@@ -135,6 +138,13 @@ pub struct PrometheusGate {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("timeout must be a duration such as 10s or 1m"))]
     #[schemars(length(max = 32))]
     pub timeout: Option<String>,
+    /// As a post-gate: how long after a node of the pool was verified (its new system runs,
+    /// Ready) the gate may keep blocking before the node is Degraded (`GateFailed`), e.g.
+    /// `15m`. Default: the controller's `--verifying-timeout` (10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("postTimeout must be a duration such as 10m or 1h"))]
+    #[schemars(length(max = 32))]
+    pub post_timeout: Option<String>,
 }
 
 /// A CEL expression over the objects of one kind: `objects` is the list of the objects
@@ -174,6 +184,13 @@ pub struct CelGate {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("timeout must be a duration such as 10s or 1m"))]
     #[schemars(length(max = 32))]
     pub timeout: Option<String>,
+    /// As a post-gate: how long after a node of the pool was verified (its new system runs,
+    /// Ready) the gate may keep blocking before the node is Degraded (`GateFailed`), e.g.
+    /// `15m`. Default: the controller's `--verifying-timeout` (10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("postTimeout must be a duration such as 10m or 1h"))]
+    #[schemars(length(max = 32))]
+    pub post_timeout: Option<String>,
 }
 
 /// A label selector over NixOSNodes (the shape of Kubernetes' `LabelSelector`).

@@ -101,6 +101,10 @@ pub struct BuildRequest {
     /// How many nodes wait for it.
     #[serde(default)]
     pub nodes: u32,
+    /// The newest `nixroll.io/retry` value among those nodes (their `status.retryToken`): a
+    /// build that failed under an older one (or none) is built again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
 }
 
 /// Where a build is.
@@ -130,6 +134,9 @@ pub struct BuildReport {
     pub message: Option<String>,
     /// When the build reached this state.
     pub at: Time,
+    /// The request's `retry` this build ran under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
 }
 
 /// What the controller admitted for this node.
@@ -164,6 +171,34 @@ pub struct TargetBuild {
     /// own substituters. Only keys the agent is configured to trust are accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
+    /// Where this node's system is: `Queued` (the builder has not started it), `Building`,
+    /// `Built` (on the builder itself), `Fetching` (the agent realises it from the cache),
+    /// `Staged`, or `Failed` (on the builder). The `Build` column of `kubectl get nixosnodes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<BuildProgress>,
+}
+
+/// Where a node's system is on its way from the builder (`status.target.build.progress`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum BuildProgress {
+    /// The builder has not started it yet.
+    Queued,
+    /// The builder evaluates and builds it.
+    Building,
+    /// Built, on the builder's own node (nothing to fetch).
+    Built,
+    /// Built; this node's agent realises it from the builder's cache.
+    Fetching,
+    /// Staged on this node.
+    Staged,
+    /// The evaluation or build failed on the builder.
+    Failed,
+}
+
+impl std::fmt::Display for BuildProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
 }
 
 /// A disruption slot held by this node.
@@ -182,6 +217,11 @@ pub struct Slot {
     /// Whether the drain fell back to deleting pods (`onTimeout: Force`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forced: bool,
+    /// When the node was first found running its target and Ready: from then on its
+    /// post-gates are checked (docs/pools.md), and their timeouts count from then. The slot is
+    /// freed only once every post-gate passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
 }
 
 /// What the agent should do on the host.

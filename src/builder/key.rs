@@ -50,6 +50,24 @@ impl SigningKey {
         })
     }
 
+    /// A new key pair named `name`, as Nix's secret-key text (`name:base64(seed ‖ public
+    /// key)`, what `nix-store --generate-binary-cache-key` writes): for the demo's Secret.
+    pub fn generate_secret(name: &str) -> Result<String, KeyError> {
+        use ring::rand::SecureRandom;
+        let mut seed = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| KeyError::Invalid {
+                name: name.to_string(),
+            })?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| KeyError::Invalid {
+            name: name.to_string(),
+        })?;
+        let mut bytes = seed.to_vec();
+        bytes.extend_from_slice(pair.public_key().as_ref());
+        Ok(format!("{name}:{}", STANDARD.encode(&bytes)))
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

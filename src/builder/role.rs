@@ -1,9 +1,11 @@
 //! The builder role on a builder node's agent: build each requested system once, publish its
 //! closure in the cache, report where each build is.
 //!
-//! Builds run one at a time through [`Nix::realise`] (on a real host a transient systemd unit
-//! outside the pod's cgroup, bounded by the build timeout), each pinned by a GC root in
-//! `/var/lib/nixroll/builds`. A result is kept for the life of the process, so a request is
+//! What is pending is built in one `nix build` with several installables ([`Nix::realise_many`]:
+//! one evaluator process for every configuration of a revision; on a real host a transient
+//! systemd unit outside the pod's cgroup, bounded by the build timeout), each pinned by a GC
+//! root in `/var/lib/nixroll/builds`; when that fails, each alone, so a failure is reported on
+//! the system that failed. A result is kept for the life of the process, so a request is
 //! built once however many nodes want it and however often it is asked for; after a restart
 //! the same request realises again, which for a system already built is a look-up in the store,
 //! not a build (Nix keeps the output; the root keeps it from the garbage collector), and for a
@@ -20,6 +22,7 @@ use super::BinaryCache;
 use crate::agent::host::Host;
 use crate::api::{BuildReport, BuildRequest, BuildState};
 use crate::nix::Nix;
+use crate::rollout::build::newer;
 
 /// Where a builder pins what it built (host path).
 pub const BUILDS_DIR: &str = "/var/lib/nixroll/builds";
@@ -33,6 +36,8 @@ pub struct Builder {
     done: HashMap<String, BuildReport>,
     /// How many builds this process started (tests, the benchmark).
     started: usize,
+    /// How many evaluations (`nix build` calls on installables) it ran.
+    evaluations: usize,
 }
 
 impl Builder {
@@ -43,6 +48,7 @@ impl Builder {
             cache,
             done: HashMap::new(),
             started: 0,
+            evaluations: 0,
         }
     }
 
@@ -55,22 +61,33 @@ impl Builder {
         self.started
     }
 
-    /// Build what `requests` name and was not built (or failed) yet, one at a time; publish
-    /// each result; drop the roots of builds no longer requested. Returns one report per
-    /// request, in order.
+    /// Build what `requests` name and was not built yet (or failed under an older retry
+    /// token than the request's), all in one evaluation where the flake allows; publish each
+    /// result; drop the roots of builds no longer requested. Returns one report per request,
+    /// in order.
     pub async fn run(&mut self, requests: &[BuildRequest]) -> Vec<BuildReport> {
-        for r in requests {
-            if self.done.contains_key(&r.installable) {
-                continue;
+        let pending: Vec<&BuildRequest> = requests
+            .iter()
+            .filter(|r| match self.done.get(&r.installable) {
+                None => true,
+                Some(d) => d.state == BuildState::Failed && newer(r.retry.as_deref(), d.retry.as_deref()),
+            })
+            .collect();
+        if !pending.is_empty() {
+            self.started += pending.len();
+            for (r, report) in pending.iter().zip(self.build_all(&pending).await) {
+                self.done.insert(r.installable.clone(), report);
             }
-            self.started += 1;
-            let report = self.build(&r.installable).await;
-            self.done.insert(r.installable.clone(), report);
         }
         self.done
             .retain(|k, _| requests.iter().any(|r| &r.installable == k));
         self.prune_roots(requests);
         self.reports(requests)
+    }
+
+    /// How many evaluations (`nix build` calls on installables) this process ran.
+    pub fn evaluations(&self) -> usize {
+        self.evaluations
     }
 
     /// The reports of `requests`; `Building` for one not finished.
@@ -80,6 +97,9 @@ impl Builder {
             .map(|r| {
                 self.done
                     .get(&r.installable)
+                    .filter(|d| {
+                        !(d.state == BuildState::Failed && newer(r.retry.as_deref(), d.retry.as_deref()))
+                    })
                     .cloned()
                     .unwrap_or_else(|| BuildReport {
                         installable: r.installable.clone(),
@@ -87,15 +107,62 @@ impl Builder {
                         system: None,
                         message: None,
                         at: now(),
+                        retry: r.retry.clone(),
                     })
             })
             .collect()
     }
 
-    async fn build(&self, installable: &str) -> BuildReport {
-        let root = Path::new(BUILDS_DIR).join(root_name(installable));
-        tracing::info!(installable = %crate::nix::mask_credentials(installable), "building");
-        let result = match self.nix.realise(installable, &root).await {
+    /// Several requests in one `nix build` (one evaluator); when that fails, each alone, so
+    /// that a failure is reported on the system that failed and the others still build.
+    async fn build_all(&mut self, pending: &[&BuildRequest]) -> Vec<BuildReport> {
+        if pending.len() > 1 {
+            let installables: Vec<String> = pending.iter().map(|r| r.installable.clone()).collect();
+            let roots: Vec<std::path::PathBuf> = installables
+                .iter()
+                .map(|i| Path::new(BUILDS_DIR).join(root_name(i)))
+                .collect();
+            tracing::info!(builds = installables.len(), "building in one evaluation");
+            self.evaluations += 1;
+            match self.nix.realise_many(&installables, &roots).await {
+                Ok(systems) => {
+                    let mut out = Vec::with_capacity(pending.len());
+                    for (r, system) in pending.iter().zip(systems) {
+                        out.push(self.finish(r, Ok(system)).await);
+                    }
+                    return out;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e.report(), "the builds of one evaluation failed; building each alone");
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for r in pending {
+            out.push(self.build(r).await);
+        }
+        out
+    }
+
+    async fn build(&mut self, r: &BuildRequest) -> BuildReport {
+        let root = Path::new(BUILDS_DIR).join(root_name(&r.installable));
+        tracing::info!(installable = %crate::nix::mask_credentials(&r.installable), "building");
+        self.evaluations += 1;
+        let mut result = self.nix.realise(&r.installable, &root).await;
+        if let Err(e @ crate::nix::NixError::Interrupted { .. }) = &result {
+            // Killed halfway (its unit stopped, the process killed): nothing was built, and
+            // Nix's locks keep two builds of one path from running at once; build again, once.
+            tracing::warn!(installable = %crate::nix::mask_credentials(&r.installable), error = %e, "build interrupted; building again once");
+            self.evaluations += 1;
+            result = self.nix.realise(&r.installable, &root).await;
+        }
+        self.finish(r, result.map_err(|e| e.report())).await
+    }
+
+    /// Publish a built system's closure, and the report.
+    async fn finish(&self, r: &BuildRequest, built: Result<String, String>) -> BuildReport {
+        let installable = r.installable.as_str();
+        let result = match built {
             Ok(system) => match self.nix.closure_info(&system).await {
                 Ok(closure) => match self.cache.publish(&closure) {
                     Ok(n) => {
@@ -106,7 +173,7 @@ impl Builder {
                 },
                 Err(e) => Err(e.report()),
             },
-            Err(e) => Err(e.report()),
+            Err(e) => Err(e),
         };
         let at = now();
         match result {
@@ -116,6 +183,7 @@ impl Builder {
                 system: Some(system),
                 message: None,
                 at,
+                retry: r.retry.clone(),
             },
             Err(message) => {
                 tracing::warn!(installable = %crate::nix::mask_credentials(installable), error = %message, "build failed");
@@ -125,6 +193,7 @@ impl Builder {
                     system: None,
                     message: Some(message),
                     at,
+                    retry: r.retry.clone(),
                 }
             }
         }

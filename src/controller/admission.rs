@@ -138,6 +138,16 @@ impl Context {
         me: Option<&str>,
         now: Timestamp,
     ) -> Vec<String> {
+        self.admissible_and_why(pending, me, now).0
+    }
+
+    /// [`Self::admissible`], and why the pool of `me` admits nothing now (for its conditions).
+    pub(super) fn admissible_and_why(
+        &self,
+        pending: &mut PendingWrites,
+        me: Option<&str>,
+        now: Timestamp,
+    ) -> (Vec<String>, Option<(&'static str, String)>) {
         let objs = self.follow.effective_all(self.nixosnodes.state());
         let present: HashSet<&str> = objs.iter().filter_map(|o| o.metadata.name.as_deref()).collect();
         pending.retain_present(&present);
@@ -170,14 +180,20 @@ impl Context {
             .collect();
         let pool_objs = self.pools.state();
         let mut pools = super::pools::build_pools(&pool_objs, &objs);
-        if let Ok(v) = self.gate_verdicts.lock() {
-            super::pools::apply_verdicts(&mut pools, &pool_objs, &v);
+        if let (Ok(v), Ok(d)) = (self.gate_verdicts.lock(), self.default_gates.lock()) {
+            super::pools::apply_verdicts(&mut pools, &pool_objs, &v, &d);
         }
+        let why = me
+            .and_then(|me| views.iter().position(|v| v.name == me))
+            .and_then(|i| crate::rollout::node_blocker(&pools, i, &views, now));
         let cluster = ClusterState {
             paused: !self.pause.is_empty(),
             pools,
         };
-        (self.rollout.admit)(&views, &cluster, &self.config.policy, now)
+        (
+            (self.rollout.admit)(&views, &cluster, &self.config.policy, now),
+            why,
+        )
     }
 
     /// A slot was released or a blocker went away: send the nodes the gate would admit now
@@ -245,6 +261,7 @@ mod tests {
                 cordoned_by_nixroll: false,
                 drain_started_at: None,
                 forced: false,
+                verified_at: None,
             }),
             ..NixOSNodeStatus::default()
         }

@@ -13,7 +13,7 @@ use super::Context;
 use crate::api::{BuildReport, NixOSNode, Phase, TargetBuild};
 use crate::names::BUILDER_LABEL;
 use crate::rollout::Decision;
-use crate::rollout::build::{BuilderInfo, Fetch, Wanted, fetch_for, plan};
+use crate::rollout::build::{BuilderInfo, Fetch, Wanted, fetch_for, plan, progress};
 
 /// A builder's facts, owned (the caches hand out `Arc`s).
 struct Builder {
@@ -21,6 +21,25 @@ struct Builder {
     nix_system: String,
     cache: Option<String>,
     reports: Vec<BuildReport>,
+    available: bool,
+}
+
+/// Outside its own disruption window: schedulable, Ready, and its NixOSNode in no disruptive
+/// phase (Draining, Activating, Rebooting, Verifying). Builds start only on such a builder.
+fn available(node: &Node, o: &NixOSNode) -> bool {
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    let disrupted = o
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_disruptive());
+    !cordoned && ready && !disrupted
 }
 
 fn is_builder(node: &Node) -> bool {
@@ -41,6 +60,7 @@ fn builders(ctx: &Context) -> Vec<Builder> {
                 nix_system: agent.nix_system.clone()?,
                 cache: agent.cache.clone(),
                 reports: agent.builds.clone(),
+                available: available(n, &o),
             })
         })
         .collect();
@@ -56,8 +76,22 @@ fn infos(builders: &[Builder]) -> Vec<BuilderInfo<'_>> {
             nix_system: &b.nix_system,
             cache: b.cache.as_deref(),
             reports: &b.reports,
+            available: b.available,
         })
         .collect()
+}
+
+fn staged_system(o: &NixOSNode) -> Option<&str> {
+    Some(
+        o.status
+            .as_ref()?
+            .agent
+            .as_ref()?
+            .staged
+            .as_ref()?
+            .system
+            .as_str(),
+    )
 }
 
 fn nix_system(o: &NixOSNode) -> Option<&str> {
@@ -77,15 +111,18 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
     if infos.iter().any(|b| b.name == name) {
         let all = ctx.nixosnodes.state();
         // Every other node's target from the cache, this node's from the decision.
-        let targets: Vec<(String, Option<String>, String)> = all
+        type Row = (String, Option<String>, String, Option<String>);
+        let targets: Vec<Row> = all
             .iter()
             .filter(|o| o.name_any() != name)
             .filter_map(|o| {
-                let t = o.status.as_ref()?.target.as_ref()?;
+                let s = o.status.as_ref()?;
+                let t = s.target.as_ref()?;
                 Some((
                     o.name_any(),
                     nix_system(o).map(str::to_string),
                     t.installable.clone(),
+                    s.retry_token.clone(),
                 ))
             })
             .chain(decision.status.target.as_ref().map(|t| {
@@ -93,13 +130,15 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                     name.clone(),
                     nix_system(obj).map(str::to_string),
                     t.installable.clone(),
+                    decision.status.retry_token.clone(),
                 )
             }))
             .collect();
-        let wanted = targets.iter().map(|(n, sys, i)| Wanted {
+        let wanted = targets.iter().map(|(n, sys, i, retry)| Wanted {
             node: n,
             nix_system: sys.as_deref(),
             installable: i,
+            retry: retry.as_deref(),
         });
         let mut p = plan(&infos, wanted);
         let mine = p.remove(name.as_str()).unwrap_or_default();
@@ -128,7 +167,26 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
     }
 
     // A staging node: fetch the build of its system, or wait for it.
+    let staged = staged_system(obj);
     if decision.status.phase != Some(Phase::Staging) {
+        // The phase moved on: staged, or failed by the builder (the Build column says so).
+        if let Some(t) = decision.status.target.as_mut()
+            && let Some(b) = t.build.as_mut()
+        {
+            if !b.system.is_empty() && staged == Some(b.system.as_str()) {
+                b.progress = Some(crate::api::BuildProgress::Staged);
+            } else if b.system.is_empty() {
+                let w = Wanted {
+                    node: &name,
+                    nix_system: nix_system(obj),
+                    installable: &t.installable,
+                    retry: decision.status.retry_token.as_deref(),
+                };
+                if let Fetch::Failed { .. } = fetch_for(&w, &infos) {
+                    b.progress = Some(crate::api::BuildProgress::Failed);
+                }
+            }
+        }
         return decision;
     }
     let Some(target) = decision.status.target.as_mut() else {
@@ -138,10 +196,14 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
         node: &name,
         nix_system: nix_system(obj),
         installable: &target.installable,
+        retry: decision.status.retry_token.as_deref(),
     };
-    match fetch_for(&w, &infos) {
+    let fetch = fetch_for(&w, &infos);
+    let at = progress(&fetch, &name, staged);
+    match fetch {
         Fetch::Itself => target.build = None,
-        Fetch::Ready(build) => {
+        Fetch::Ready(mut build) => {
+            build.progress = at;
             let msg = format!(
                 "fetching {} from builder {}",
                 crate::api::short_system(&build.system),
@@ -150,7 +212,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
             target.build = Some(build);
             decision.status.message = Some(msg);
         }
-        Fetch::Waiting { builder, message } => {
+        Fetch::Waiting { builder, message, .. } => {
             let asked = builders
                 .iter()
                 .find(|b| b.name == builder)
@@ -164,6 +226,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                 system: String::new(),
                 builder: Some(builder),
                 cache: None,
+                progress: at,
             });
             decision.status.message = Some(message);
         }
@@ -172,6 +235,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                 system: String::new(),
                 builder: Some(builder),
                 cache: None,
+                progress: at,
             });
             decision.status.message = Some(message);
         }
@@ -205,6 +269,7 @@ pub(super) fn with_builder_failure(
         node: obj.metadata.name.as_deref().unwrap_or_default(),
         nix_system: nix_system(obj),
         installable: &target.installable,
+        retry: status.retry_token.as_deref(),
     };
     if let Fetch::Failed { message, .. } = fetch_for(&w, &infos) {
         let revision = target.revision.clone();

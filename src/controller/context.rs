@@ -34,10 +34,11 @@ pub struct Context {
     pub(super) pause: Store<ConfigMap>,
     /// NixOSPools (empty when there are none or their CRD is not installed).
     pub(super) pools: Store<NixOSPool>,
-    /// The last verdict of each pool's health gates (pool → gate → verdict).
-    pub(super) gate_verdicts: std::sync::Mutex<
-        std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::gates::Verdict>>,
-    >,
+    /// The last verdict of each pool's health gates and when it was made (pool → gate →
+    /// (verdict, evaluated at)).
+    pub(super) gate_verdicts: std::sync::Mutex<super::pools::GateVerdicts>,
+    /// The cluster-default health gates as the last gate pass read them.
+    pub(super) default_gates: std::sync::Mutex<super::pools::DefaultGates>,
     pub(super) synced: Synced,
     /// The single admission point: held while admitting, deciding and persisting a grant.
     pub(super) admission: Mutex<PendingWrites>,
@@ -207,6 +208,7 @@ impl Context {
             pause: stores.pause,
             pools: stores.pools,
             gate_verdicts: std::sync::Mutex::default(),
+            default_gates: std::sync::Mutex::default(),
             synced: stores.synced,
             admission: Mutex::new(PendingWrites::default()),
             drains: Arc::default(),

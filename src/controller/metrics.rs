@@ -80,6 +80,9 @@ pub struct Metrics {
     pub pool_nodes: Family<PoolStateLabel, Gauge>,
     /// Per NixOSPool and health gate: 1 when its last evaluation passed, 0 when it blocked.
     pub gate_passing: Family<PoolGateLabel, Gauge>,
+    /// Per NixOSPool (or `(default)`) and health gate: seconds it blocked, counted from each
+    /// evaluation that blocked to the next evaluation.
+    pub gate_blocked_seconds: Family<PoolGateLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Per NixOSPool: 1 while it admits nothing because it waits (order, soak, pause, invalid).
     pub pool_blocked: Family<PoolLabel, Gauge>,
     /// Webhook requests by result (`accepted`, `unauthorized`, `too_large`, `rate_limited`, …).
@@ -248,6 +251,13 @@ impl Metrics {
             "1 when the last evaluation of a NixOSPool's health gate passed, 0 when it blocked",
             gate_passing.clone(),
         );
+        let gate_blocked_seconds =
+            Family::<PoolGateLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "gate_blocked_seconds",
+            "Seconds a health gate blocked (from each evaluation that blocked to the next), per NixOSPool or (default) and gate",
+            gate_blocked_seconds.clone(),
+        );
         registry.register(
             "pool_nodes",
             "NixOSNodes per NixOSPool and state (nodes, updated, ready, unavailable, degraded)",
@@ -273,6 +283,7 @@ impl Metrics {
             pool_nodes,
             pool_blocked,
             gate_passing,
+            gate_blocked_seconds,
             nodes,
             phase_duration,
             failures,
@@ -294,6 +305,16 @@ impl Metrics {
                 gate: gate.to_owned(),
             })
             .set(i64::from(passing));
+    }
+
+    /// Count `seconds` more that a pool's health gate blocked.
+    pub fn gate_blocked_for(&self, pool: &str, gate: &str, seconds: f64) {
+        self.gate_blocked_seconds
+            .get_or_create(&PoolGateLabel {
+                pool: pool.to_owned(),
+                gate: gate.to_owned(),
+            })
+            .inc_by(seconds.max(0.0));
     }
 
     /// Set one NixOSPool's gauges from its status.

@@ -1,7 +1,8 @@
 //! The controller's Kubernetes side: observe → decide → act → write status.
 //!
 //! * **observe**: reflector stores (trimmed, see [`observe`]) of NixOSNodes, Nodes and the pause
-//!   ConfigMap; pods are listed per node only while it drains ([`crate::drain`]).
+//!   ConfigMap; pods are listed per node only while it drains ([`crate::drain`]) or waits for
+//!   its post-gates ([`post_gates`]).
 //! * **decide**: [`crate::rollout::admit`] (under one async mutex, the single admission point,
 //!   over the store united with this process's own not-yet-visible writes, see [`admission`])
 //!   and [`crate::rollout::decide`].
@@ -24,7 +25,8 @@
 //! | `reconcile.rs` | one reconcile: observe → decide → write status → act; [`execute`], [`error_policy`] |
 //! | `draining.rs` | drain bookkeeping: pass progress and backoff, the pod and PDB watches that wake a drain |
 //! | `cordon.rs` | the Node patches: cordon and uncordon (conditional, with nixroll's mark) |
-//! | `pools.rs` | NixOSPools: the pools the gate sees (selectors over NixOSNode labels), the pools' status writer |
+//! | `pools.rs` | NixOSPools: the pools the gate sees (selectors over NixOSNode labels), the gate pass, the pools' status writer |
+//! | `post_gates.rs` | a Verifying node's post-gates: its pools' gate verdicts, its own pods |
 //! | `run.rs` | [`run`]: metrics server, standby / lead, the watches and triggers, clean shutdown |
 //! | `leader.rs` | the Lease elector |
 //! | `events.rs`, `metrics.rs` | Events; Prometheus metrics, `/healthz`, `/readyz` |
@@ -41,6 +43,7 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 mod pools;
+pub mod post_gates;
 mod reconcile;
 mod run;
 pub mod webhook;

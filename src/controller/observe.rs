@@ -10,8 +10,15 @@ use crate::api::{NixOSNode, NixOSNodeStatus};
 use crate::names::{BUILDER_LABEL, CONTROL_PLANE_LABEL, CORDON_ANNOTATION, MASTER_LABEL, RETRY_ANNOTATION};
 use crate::rollout::{NodeObservation, NodeView};
 
+/// The Node condition k3s sets on its servers with embedded etcd: `True` (reason
+/// `MemberNotLearner`) for a voting member its etcd leader found healthy; `False` for a learner
+/// (`MemberIsLearner`), an unhealthy member (`Unhealthy`) or a server that is not a member
+/// (`NotAMember`). k3s-io/k3s `pkg/etcd/etcd.go`: `etcdStatusType`, `setEtcdStatusCondition`,
+/// refreshed by `manageLearners` every 15 s (`manageTickerTime`) on the etcd leader.
+pub const ETCD_VOTER_CONDITION: &str = "EtcdIsVoter";
+
 /// Keep only what [`observe_node`] reads: name, uid, resourceVersion, the control-plane labels,
-/// `spec.unschedulable`, the `Ready` condition (status only) and `nodeInfo.bootID`. Drops
+/// `spec.unschedulable`, the `Ready` and `EtcdIsVoter` conditions (status only) and `nodeInfo.bootID`. Drops
 /// managedFields, images, addresses, capacity, taints, annotations (but nixroll's cordon mark),
 /// heartbeat times.
 pub fn trim_node(node: &mut Node) {
@@ -43,7 +50,7 @@ pub fn trim_node(node: &mut Node) {
         .conditions
         .unwrap_or_default()
         .into_iter()
-        .filter(|c| c.type_ == "Ready")
+        .filter(|c| c.type_ == "Ready" || c.type_ == ETCD_VOTER_CONDITION)
         .map(|c| NodeCondition {
             type_: c.type_,
             status: c.status,
@@ -87,6 +94,10 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
     let ready = status
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let etcd_voter = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == ETCD_VOTER_CONDITION))
+        .map(|c| c.status == "True");
     let boot_id = status
         .and_then(|s| s.node_info.as_ref())
         .map(|i| i.boot_id.clone())
@@ -98,6 +109,9 @@ pub fn observe_node(node: Option<&Node>) -> NodeObservation {
         cordon_mark: node.annotations().contains_key(CORDON_ANNOTATION),
         control_plane,
         boot_id,
+        etcd_voter,
+        post_gates: Vec::new(),
+        held_by: None,
     }
 }
 
@@ -151,6 +165,7 @@ mod tests {
             "status": {
                 "conditions": [
                     {"type": "MemoryPressure", "status": "False"},
+                    {"type": "EtcdIsVoter", "status": "False", "reason": "MemberIsLearner", "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
                     {"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "reason": "KubeletReady"}],
                 "images": [{"names": ["docker.io/library/nginx:1"], "sizeBytes": 1}],
                 "nodeInfo": {"bootID": "b-1", "architecture": "amd64", "containerRuntimeVersion": "c", "kernelVersion": "k",
@@ -176,6 +191,9 @@ mod tests {
                 cordon_mark: true,
                 control_plane: true,
                 boot_id: Some("b-1".into()),
+                etcd_voter: Some(false),
+                post_gates: Vec::new(),
+                held_by: None,
             }
         );
         let s = serde_json::to_string(&trimmed).unwrap();

@@ -85,7 +85,7 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
         }
     };
     let now = Timestamp::now();
-    let (observation, node_version) = ctx.observe_versioned(&name);
+    let (mut observation, node_version) = ctx.observe_versioned(&name);
     let stored = obj.status.clone().unwrap_or_default();
 
     // Our own last write is the truth while the store lags behind it.
@@ -96,11 +96,11 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     // A Waiting node the gate returns is admitted, also when it already holds its slot (a
     // retried node that stayed cordoned: docs/rollout.md, "Re-admission"). The gate runs only
     // for Waiting nodes.
-    let admitted = status.phase == Some(Phase::Waiting)
-        && crate::rollout::is_admitted(
-            &view_of(&obj, &status, &observation),
-            &ctx.admissible(&mut gate, Some(&name), now),
-        );
+    let admitted = status.phase == Some(Phase::Waiting) && {
+        let (admissible, why) = ctx.admissible_and_why(&mut gate, Some(&name), now);
+        observation.held_by = why.map(|(r, m)| (r.to_owned(), m));
+        crate::rollout::is_admitted(&view_of(&obj, &status, &observation), &admissible)
+    };
     let gate = if admitted {
         Some(gate)
     } else {
@@ -109,6 +109,10 @@ async fn reconcile_node(obj: Arc<NixOSNode>, ctx: &Context) -> Result<Requeue, C
     };
 
     let status = super::build::with_builder_failure(ctx, &obj, status, now);
+    // The post-gates (its pools' health gates, its pods) of a node this decision may verify.
+    if crate::rollout::needs_post_gates(&status) {
+        observation.post_gates = ctx.post_gates(&obj, &observation, now).await;
+    }
     let drain_progress = if status.phase == Some(Phase::Draining) {
         ctx.drain_progress(&name)
     } else {

@@ -212,6 +212,10 @@ async fn lead(
     // never delays the sweep; ended with this leadership term.
     let gates = {
         let ctx = ctx.clone();
+        // Until the first gate pass has read them, the cluster-default gates block (fail closed).
+        if let Ok(mut d) = ctx.default_gates.lock() {
+            *d = super::pools::DefaultGates::NotReadYet;
+        }
         let period = ctx.config.admission_sweep.max(Duration::from_millis(100));
         AbortOnDrop(tokio::spawn(async move {
             let mut every = tokio::time::interval(period);

@@ -185,6 +185,7 @@ mod tests {
             ignore_pending: false,
             fail_open: false,
             timeout: None,
+            post_timeout: None,
         }
     }
 

@@ -88,11 +88,12 @@ pub(super) fn admit(
             pool_budget(pools, p, members.len(), policy).saturating_sub(unavailable)
         })
         .collect();
-    // Control-plane nodes that are unavailable, by index (cluster-wide, across pools).
+    // Control-plane nodes that are unavailable, by index (cluster-wide, across pools): a k3s
+    // server that is not a healthy etcd voter (its `EtcdIsVoter` condition False) counts too.
     let cp_unavailable: Vec<usize> = nodes
         .iter()
         .enumerate()
-        .filter(|(_, v)| v.node.control_plane && is_unavailable(v))
+        .filter(|(_, v)| v.node.control_plane && (is_unavailable(v) || v.node.etcd_voter == Some(false)))
         .map(|(i, _)| i)
         .collect();
 
@@ -118,6 +119,7 @@ pub(super) fn admit(
     for i in cands {
         let v = &nodes[i];
         let slot_index = match pools.membership(v.name) {
+            Membership::Default if pools.default_gate_block.is_some() => continue,
             Membership::Default => 0,
             Membership::Pool(p) => {
                 let revision = v.status.target.as_ref().map_or("", |t| t.revision.as_str());

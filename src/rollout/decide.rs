@@ -38,6 +38,9 @@ pub const HISTORY_LIMIT: usize = 10;
 pub const DRAIN_PASS_INTERVAL: SignedDuration = SignedDuration::from_secs(5);
 /// How soon to look again after asking for an uncordon that has not been observed yet.
 pub const UNCORDON_RECHECK: SignedDuration = SignedDuration::from_secs(2);
+/// How soon to look again while a verified node waits for its post-gates (their verdicts
+/// change without a change of the NixOSNode or its Node).
+pub const POST_GATE_RECHECK: SignedDuration = SignedDuration::from_secs(5);
 /// Upper bound of the drain backoff multiplier (2^6 × `drain_backoff`).
 pub const MAX_BACKOFF_DOUBLINGS: u32 = 6;
 

@@ -22,10 +22,10 @@ mod tests;
 
 pub use admit::{budget, is_admitted, is_candidate, is_degraded, is_unavailable};
 pub use decide::{
-    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, ParseDurationError,
-    UNCORDON_RECHECK, condition, drain_timeout, invalid_spec_status, parse_duration,
+    DRAIN_PASS_INTERVAL, HISTORY_LIMIT, MAX_BACKOFF_DOUBLINGS, MESSAGE_LIMIT, POST_GATE_RECHECK,
+    ParseDurationError, UNCORDON_RECHECK, condition, drain_timeout, invalid_spec_status, parse_duration,
 };
-pub use pools::{Membership, Pool, Pools, pool_blocker, pool_status};
+pub use pools::{Membership, Pool, Pools, node_blocker, pool_blocker, pool_status};
 pub use rows::Row;
 
 /// PascalCase reasons used in conditions, `status.failed.reason` and Events.
@@ -73,10 +73,14 @@ pub mod reason {
     /// or the node rebooted before the bless step).
     pub const ROLLED_BACK: &str = "RolledBack";
     pub const BLESSING: &str = "Blessing";
+    /// Verified, waiting for its post-gates before the slot is freed.
+    pub const POST_GATES: &str = "PostGates";
+    /// A post-gate still blocked at its timeout: Degraded, kept cordoned, its pool halted.
+    pub const GATE_FAILED: &str = "GateFailed";
 
     /// Every reason a node goes Degraded with (`status.failed.reason`): also the bounded
     /// `category` label set of `nixroll_failures_total`.
-    pub const FAILURES: [&str; 8] = [
+    pub const FAILURES: [&str; 9] = [
         STAGE_FAILED,
         STAGING_TIMEOUT,
         ACTIVATION_FAILED,
@@ -85,12 +89,13 @@ pub mod reason {
         VERIFY_TIMEOUT,
         BOOTED_WRONG_SYSTEM,
         ROLLED_BACK,
+        GATE_FAILED,
     ];
 }
 
 use jiff::{SignedDuration, Timestamp};
 
-use crate::api::{NixOSNodeSpec, NixOSNodeStatus};
+use crate::api::{NixOSNodeSpec, NixOSNodeStatus, Phase};
 
 /// Cluster-wide budget of unavailable nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +176,64 @@ pub struct NodeObservation {
     pub control_plane: bool,
     /// `status.nodeInfo.bootID`.
     pub boot_id: Option<String>,
+    /// The `EtcdIsVoter` condition k3s sets on its servers with embedded etcd: `Some(true)`
+    /// for a healthy voting member, `Some(false)` for a learner, an unhealthy member or a
+    /// server that is not a member; `None` when the Node has no such condition (no embedded
+    /// etcd). A server with `Some(false)` blocks the admission of every server and is not done
+    /// (its post-gates) until it is `Some(true)` again.
+    pub etcd_voter: Option<bool>,
+    /// The node's post-gates other than the built-in k3s one, as last observed (pool or
+    /// cluster-default health gates, the node's own pods): checked once the node runs its
+    /// target and is Ready, before its slot is freed. Empty: none.
+    pub post_gates: Vec<GateObservation>,
+    /// Why the node's pool admits nothing now (a pool reason such as `WaitingForPool`,
+    /// `GateBlocking`, `NodeDegraded`, and a message naming the pool), computed by the
+    /// controller for a `Waiting` node with [`pools::node_blocker`]; the decision shows it in
+    /// the node's `Progressing` condition instead of a bare `WaitingForSlot`.
+    pub held_by: Option<(String, String)>,
+}
+
+/// The name of the built-in k3s post-gate (a server is a healthy etcd voter again).
+pub const K3S_GATE: &str = "k3s-etcd-voter";
+/// The name of the built-in post-gate over the node's own pods (every one Ready again).
+pub const PODS_GATE: &str = "node-pods";
+
+/// Whether a decision over a node with this status may find it verified (and so needs its
+/// post-gates in [`NodeObservation::post_gates`]): it holds a slot and is past its drain. One
+/// decision can go from `Activating` or `Rebooting` (or from `Degraded` through a retry of a
+/// system that already runs) all the way to `UpToDate`, so "is `Verifying`" is not enough.
+pub fn needs_post_gates(status: &NixOSNodeStatus) -> bool {
+    status.slot.is_some() && !matches!(status.phase, Some(Phase::Waiting | Phase::Draining))
+}
+
+/// One post-gate of a node as the controller last observed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateObservation {
+    /// As conditions show it (`pods`, or the health gate's name).
+    pub name: String,
+    /// How long after the node was verified this gate may keep blocking before the node is
+    /// Degraded (`GateFailed`).
+    pub timeout: SignedDuration,
+    pub verdict: GateVerdict,
+}
+
+/// The last verdict of a gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GateVerdict {
+    /// Passed when evaluated at `at`.
+    Pass { at: Timestamp },
+    /// Blocked when evaluated at `at`, with why.
+    Block { at: Timestamp, why: String },
+    /// Not evaluated yet (blocks).
+    Unknown,
+}
+
+impl GateVerdict {
+    /// Passed in an evaluation made at or after `since` (a pass from before the node was
+    /// verified says nothing about the node after its update).
+    pub fn passed_since(&self, since: Timestamp) -> bool {
+        matches!(self, GateVerdict::Pass { at } if *at >= since)
+    }
 }
 
 /// Result of the last drain pass over the node's pods (only while Draining).

@@ -9,7 +9,8 @@
 //!   rolls exactly as before);
 //! * a node selected by two or more pools is never admitted, and counts against the budget of
 //!   every pool that selects it while it is unavailable;
-//! * a paused (or invalid) pool admits nothing new;
+//! * a paused (or invalid) pool admits nothing new, nor does a pool with a Degraded node (a
+//!   post-gate that timed out, or any other failure), whatever `--failure-threshold` says;
 //! * a pool with `after` admits a node for revision R only once every node of each named pool
 //!   runs R, is UpToDate, Ready, schedulable and not Degraded, and the last of them finished R
 //!   at least `soak` ago. A named pool that does not exist or selects no node blocks.
@@ -41,8 +42,18 @@ pub mod pool_reason {
     pub const NO_CONFLICT: &str = "NoConflict";
     pub const IDLE: &str = "Idle";
     pub const GATE_BLOCKING: &str = "GateBlocking";
+    /// The pools' `after` lists form a cycle through this pool: none of them can ever start.
+    pub const ORDER_CYCLE: &str = "OrderCycle";
     /// The reasons of `Updating` under which the pool admits nothing.
-    pub const BLOCKING: [&str; 5] = [WAITING_FOR_POOL, SOAKING, PAUSED, INVALID_SPEC, GATE_BLOCKING];
+    pub const BLOCKING: [&str; 7] = [
+        ORDER_CYCLE,
+        WAITING_FOR_POOL,
+        SOAKING,
+        PAUSED,
+        INVALID_SPEC,
+        GATE_BLOCKING,
+        NODE_DEGRADED,
+    ];
 }
 
 /// One pool as the gate sees it.
@@ -130,6 +141,8 @@ pub struct Pools {
     /// Pool name → why one of its health gates blocks (a failing gate, or one not evaluated
     /// yet): the pool admits nothing.
     pub gate_blocks: BTreeMap<String, String>,
+    /// Why a cluster-default health gate blocks the implicit default pool: it admits nothing.
+    pub default_gate_block: Option<String>,
 }
 
 impl Pools {
@@ -158,6 +171,7 @@ impl Pools {
             pools: specs.iter().map(|(n, s)| Pool::from_spec(n, s)).collect(),
             selected_by,
             gate_blocks: BTreeMap::new(),
+            default_gate_block: None,
         }
     }
 
@@ -236,8 +250,40 @@ pub fn pool_blocker(
     if pool.paused {
         return Some((pool_reason::PAUSED, "paused (spec.paused)".to_owned()));
     }
+    let degraded: Vec<&str> = pools
+        .members(Some(p), nodes)
+        .into_iter()
+        .filter(|&i| is_degraded(&nodes[i]))
+        .map(|i| nodes[i].name)
+        .collect();
+    if !degraded.is_empty() {
+        let reasons: Vec<String> = degraded
+            .iter()
+            .filter_map(|n| nodes.iter().find(|v| v.name == *n))
+            .map(|v| {
+                let why = v.status.failed.as_ref().map_or("Failed", |f| f.reason.as_str());
+                format!("{} ({why})", v.name)
+            })
+            .collect();
+        return Some((
+            pool_reason::NODE_DEGRADED,
+            format!(
+                "halted: {} Degraded; the pool admits nothing until it is fixed or retried",
+                reasons.join(", ")
+            ),
+        ));
+    }
     if let Some(why) = pools.gate_blocks.get(&pool.name) {
         return Some((pool_reason::GATE_BLOCKING, why.clone()));
+    }
+    if let Some(cycle) = order_cycle(pools, p) {
+        return Some((
+            pool_reason::ORDER_CYCLE,
+            format!(
+                "the pools' order is a cycle: {}; none of them can start until one leaves its after list",
+                cycle.join(" after ")
+            ),
+        ));
     }
     let short = short_revision(revision);
     for before in &pool.after {
@@ -288,6 +334,73 @@ pub fn pool_blocker(
         }
     }
     None
+}
+
+/// The cycle of `after` edges through pool `p`, if there is one: the pool names from `p` back
+/// to `p` (`["a", "b", "a"]`: a comes after b, which comes after a). Pools named in `after`
+/// that do not exist end a path; a pool naming itself is a cycle of one.
+pub fn order_cycle(pools: &Pools, p: usize) -> Option<Vec<String>> {
+    fn walk(
+        pools: &Pools,
+        start: usize,
+        at: usize,
+        path: &mut Vec<usize>,
+        seen: &mut BTreeSet<usize>,
+    ) -> bool {
+        for name in &pools.pools[at].after {
+            let Some(q) = pools.index(name) else { continue };
+            if q == start {
+                path.push(q);
+                return true;
+            }
+            if seen.insert(q) {
+                path.push(q);
+                if walk(pools, start, q, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![p];
+    let mut seen = BTreeSet::from([p]);
+    walk(pools, p, p, &mut path, &mut seen)
+        .then(|| path.iter().map(|&q| pools.pools[q].name.clone()).collect())
+}
+
+/// Why the pool of `nodes[i]` admits nothing now, with a message naming the pool (for the
+/// node's own conditions): its NixOSPool's order, soak, pause, gates, a Degraded node or an
+/// invalid spec; the default pool's cluster-default gates; or a selection by several pools.
+/// `None`: its pool would admit it (it may still wait for room in the budget).
+pub fn node_blocker(
+    pools: &Pools,
+    i: usize,
+    nodes: &[NodeView<'_>],
+    now: Timestamp,
+) -> Option<(&'static str, String)> {
+    let v = &nodes[i];
+    match pools.membership(v.name) {
+        Membership::Default => pools
+            .default_gate_block
+            .as_ref()
+            .map(|why| (pool_reason::GATE_BLOCKING, format!("default pool: {why}"))),
+        Membership::Pool(p) => {
+            let revision = v.status.target.as_ref().map_or("", |t| t.revision.as_str());
+            pool_blocker(pools, p, revision, nodes, now)
+                .map(|(r, why)| (r, format!("pool {}: {why}", pools.pools[p].name)))
+        }
+        Membership::Conflict(ps) => {
+            let names: Vec<&str> = ps.iter().map(|&p| pools.pools[p].name.as_str()).collect();
+            Some((
+                pool_reason::NODE_IN_MULTIPLE_POOLS,
+                format!(
+                    "selected by pools {}: admitted by none until one selector leaves it out",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 /// The node runs `revision`, is UpToDate, and its Node is Ready, schedulable and it is not

@@ -63,11 +63,16 @@ rows! {
     Rebooted => "Rebooting: a new boot id -> Verifying",
     RebootTimeout => "Rebooting: reboot timeout -> Degraded (RebootTimeout)",
     RebootingWait => "Rebooting: waiting for a new boot id -> Rebooting",
-    Verified => "Verifying: the target runs and the Node is Ready -> UpToDate",
+    Verified => "Verifying: the target runs, the Node is Ready and every post-gate passed -> UpToDate",
     BootedWrongSystem => "Verifying: new boot into another system -> Degraded (BootedWrongSystem)",
     /// The agent booted the new system once (`bootOnce` in its report); the default is still the old one.
     BlessGranted => "Verifying: booted once into the target, Node Ready -> Verifying (Bless grant)",
-    Blessed => "Verifying: report Blessed, the target runs, Node Ready -> UpToDate",
+    Blessed => "Verifying: report Blessed, the target runs, Node Ready, post-gates passed -> UpToDate",
+    /// The post-gates: the pool's (or the cluster default) health gates, the node's own pods,
+    /// and on a k3s server the built-in etcd voter gate; a pass counts only when evaluated
+    /// after `slot.verifiedAt`.
+    PostGateWait => "Verifying: verified, a post-gate has not passed since, before its timeout -> Verifying (cordoned)",
+    PostGateFailed => "Verifying: verified, a post-gate still blocks at its timeout -> Degraded (GateFailed)",
     BlessFailed => "Verifying: the Bless grant failed -> Degraded (ActivationFailed)",
     RolledBack => "Verifying: the one-time boot ended on the old default -> Degraded (RolledBack)",
     RebootedBeforeBless => "Verifying: a new boot before Blessed, not into the target -> Degraded (RolledBack)",

@@ -38,6 +38,7 @@ fn mk_obs() -> NodeObservation {
         cordon_mark: false,
         control_plane: false,
         boot_id: Some("boot-1".into()),
+        ..NodeObservation::default()
     }
 }
 
@@ -1822,4 +1823,248 @@ mod pools {
         let c = cluster(&ns, &[labels(&[("pool", "a")])], &[("a", s)]);
         assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
     }
+
+    /// An order cycle blocks its pools and is named; a pool after the cycle waits for it; a
+    /// Waiting node says which pool holds it and why in its own conditions.
+    #[test]
+    fn an_order_cycle_is_named_and_a_waiting_node_says_which_pool_holds_it() {
+        let ns: Vec<N> = ["a1", "b1", "c1"].iter().map(|x| mk_waiting(x, false)).collect();
+        let ls = [
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "b")]),
+            labels(&[("pool", "c")]),
+        ];
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", None, &["b"], None)),
+                ("b", pool_spec("b", None, &["a"], None)),
+                ("c", pool_spec("c", None, &["a"], None)),
+            ],
+        );
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        let (why, msg) = pool_blocker(&c.pools, 0, REV2, &views, at(20)).unwrap();
+        assert_eq!(why, crate::rollout::pools::pool_reason::ORDER_CYCLE);
+        assert!(msg.contains("a after b after a"), "{msg}");
+        assert_eq!(
+            crate::rollout::pools::order_cycle(&c.pools, 1),
+            Some(vec!["b".to_owned(), "a".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(crate::rollout::pools::order_cycle(&c.pools, 2), None);
+        let (why, msg) = node_blocker(&c.pools, 2, &views, at(20)).unwrap();
+        assert_eq!(why, crate::rollout::pools::pool_reason::WAITING_FOR_POOL);
+        assert!(msg.starts_with("pool c: waiting for pool a"), "{msg}");
+        // The node's own Progressing condition carries it.
+        let mut n = mk_waiting("c1", false);
+        n.node.held_by = Some((why.to_owned(), msg.clone()));
+        let d = n.step(false, None, at(21));
+        assert_eq!(d.rows, vec![Row::WaitingHeld]);
+        let cond = n.cond(condition::PROGRESSING);
+        assert_eq!(cond.reason, "WaitingForPool");
+        assert!(
+            cond.message.contains("pool c: waiting for pool a"),
+            "{}",
+            cond.message
+        );
+        // A node of the default pool held by a cluster-default gate.
+        let mut pools = c.pools.clone();
+        pools.default_gate_block = Some("health gate alerts: NodeDown firing".into());
+        pools.selected_by.remove("a1");
+        let (why, msg) = node_blocker(&pools, 0, &views, at(20)).unwrap();
+        assert_eq!(
+            (why, msg.as_str()),
+            (
+                "GateBlocking",
+                "default pool: health gate alerts: NodeDown firing"
+            )
+        );
+    }
+
+    /// A Degraded node halts its own pool whatever the failure threshold; the other pool goes
+    /// on when the threshold allows.
+    #[test]
+    fn a_degraded_node_halts_its_pool_only() {
+        let mut ns: Vec<N> = ["a1", "a2", "b1"].iter().map(|x| mk_waiting(x, false)).collect();
+        ns[0].status.phase = Some(Phase::Degraded);
+        ns[0].status.failed = Some(crate::api::FailedTarget {
+            revision: REV2.into(),
+            system: Some(SYS2.into()),
+            reason: reason::GATE_FAILED.into(),
+            message: "post-gate x".into(),
+            at: Time(at(5)),
+        });
+        let ls = [
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "a")]),
+            labels(&[("pool", "b")]),
+        ];
+        let two = || Some(IntOrString::Int(2));
+        let c = cluster(
+            &ns,
+            &ls,
+            &[
+                ("a", pool_spec("a", two(), &[], None)),
+                ("b", pool_spec("b", two(), &[], None)),
+            ],
+        );
+        let lenient = Policy {
+            failure_threshold: 5,
+            ..Policy::default()
+        };
+        assert_eq!(admit_at(&ns, &c, &lenient, at(20)), vec!["b1"]);
+        let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+        let (why, msg) = pool_blocker(&c.pools, 0, REV2, &views, at(20)).unwrap();
+        assert_eq!(why, crate::rollout::pools::pool_reason::NODE_DEGRADED);
+        assert!(msg.contains("a1 (GateFailed)"), "{msg}");
+        // The default threshold (1) halts every pool.
+        assert!(admit_at(&ns, &c, &Policy::default(), at(20)).is_empty());
+    }
+}
+
+// ---- post-gates ------------------------------------------------------------------------------
+
+/// A node on the switch path that runs SYS2 and is Ready: verified at `at(40)` unless a
+/// post-gate holds it.
+fn mk_switched() -> N {
+    let mut n = mk_activating("n1", false);
+    n.report_switched();
+    n
+}
+
+fn gate(name: &str, timeout: i64, verdict: GateVerdict) -> GateObservation {
+    GateObservation {
+        name: name.into(),
+        timeout: secs(timeout),
+        verdict,
+    }
+}
+
+#[test]
+fn post_gates_hold_the_slot_until_they_pass_after_verification() {
+    let mut n = mk_switched();
+    // Passed before the node was verified: says nothing about the node after its update.
+    n.node.post_gates = vec![
+        gate("volumes", 600, GateVerdict::Pass { at: at(39) }),
+        gate(PODS_GATE, 600, GateVerdict::Unknown),
+    ];
+    let d = n.step(false, None, at(40));
+    assert_eq!(n.phase(), Phase::Verifying);
+    assert_eq!(d.rows, vec![Row::Switched, Row::PostGateWait]);
+    assert!(d.actions.is_empty(), "no uncordon while post-gates block: {d:?}");
+    assert_eq!(n.status.slot.as_ref().unwrap().verified_at, Some(Time(at(40))));
+    assert!(
+        n.status.message.as_deref().unwrap().contains("volumes"),
+        "{:?}",
+        n.status.message
+    );
+    assert_eq!(n.cond(condition::PROGRESSING).reason, reason::POST_GATES);
+    assert!(d.requeue_after.unwrap() <= POST_GATE_RECHECK);
+    // One passes, the other blocks: still waiting, verifiedAt kept.
+    n.node.post_gates = vec![
+        gate("volumes", 600, GateVerdict::Pass { at: at(45) }),
+        gate(
+            PODS_GATE,
+            600,
+            GateVerdict::Block {
+                at: at(45),
+                why: "kube-proxy not Ready".into(),
+            },
+        ),
+    ];
+    let d = n.step(false, None, at(46));
+    assert_eq!(d.rows, vec![Row::PostGateWait]);
+    assert!(n.status.message.as_deref().unwrap().contains("kube-proxy"));
+    assert_eq!(n.status.slot.as_ref().unwrap().verified_at, Some(Time(at(40))));
+    // Both pass: done, uncordoned.
+    n.node.post_gates[1].verdict = GateVerdict::Pass { at: at(50) };
+    let d = n.step(false, None, at(51));
+    assert_eq!(d.rows, vec![Row::Verified]);
+    assert_eq!(n.phase(), Phase::UpToDate);
+    assert_eq!(d.actions, vec![Action::Uncordon]);
+}
+
+#[test]
+fn a_post_gate_that_times_out_degrades_the_node_and_keeps_it_cordoned() {
+    let mut n = mk_switched();
+    n.node.post_gates = vec![
+        gate(
+            "fast",
+            30,
+            GateVerdict::Block {
+                at: at(40),
+                why: "alert firing".into(),
+            },
+        ),
+        gate("slow", 600, GateVerdict::Unknown),
+    ];
+    n.step(false, None, at(40));
+    // Flaps: passes, then blocks again before the other gate passed.
+    n.node.post_gates[0].verdict = GateVerdict::Pass { at: at(50) };
+    let d = n.step(false, None, at(51));
+    assert_eq!(d.rows, vec![Row::PostGateWait]);
+    n.node.post_gates[0].verdict = GateVerdict::Block {
+        at: at(60),
+        why: "alert firing".into(),
+    };
+    let d = n.step(false, None, at(69));
+    assert_eq!(d.rows, vec![Row::PostGateWait]);
+    assert_eq!(n.phase(), Phase::Verifying);
+    let d = n.step(false, None, at(70));
+    assert_eq!(d.rows, vec![Row::PostGateFailed]);
+    assert_eq!(n.phase(), Phase::Degraded);
+    assert!(d.actions.is_empty(), "stays cordoned: {d:?}");
+    assert!(n.status.slot.is_some(), "holds its slot");
+    let f = n.status.failed.as_ref().unwrap();
+    assert_eq!(f.reason, reason::GATE_FAILED);
+    assert!(
+        f.message.contains("fast") && f.message.contains("alert firing"),
+        "{}",
+        f.message
+    );
+    assert_eq!(n.cond(condition::DEGRADED).reason, reason::GATE_FAILED);
+    // A Node that flaps while waiting for post-gates gets the verify timeout anew.
+    let mut m = mk_switched();
+    m.node.post_gates = vec![gate("slow", 3600, GateVerdict::Unknown)];
+    m.step(false, None, at(40));
+    m.node.ready = false;
+    let d = m.step(false, None, at(40 + 599));
+    assert_eq!(d.rows, vec![Row::VerifyingWait], "{d:?}");
+}
+
+#[test]
+fn the_k3s_gate_waits_for_a_healthy_etcd_voter_and_blocks_other_servers() {
+    let mut n = mk_switched();
+    n.node.control_plane = true;
+    n.node.etcd_voter = Some(false);
+    let d = n.step(false, None, at(40));
+    assert_eq!(d.rows, vec![Row::Switched, Row::PostGateWait]);
+    assert!(n.status.message.as_deref().unwrap().contains(K3S_GATE));
+    n.node.etcd_voter = Some(true);
+    let d = n.step(false, None, at(45));
+    assert_eq!(d.rows, vec![Row::Verified]);
+    // A server without the condition (no embedded etcd) has no k3s gate.
+    let mut m = mk_switched();
+    m.node.control_plane = true;
+    assert_eq!(
+        m.step(false, None, at(40)).rows,
+        vec![Row::Switched, Row::Verified]
+    );
+    // Admission: no server while another server is not a healthy voter, though it is Ready.
+    let mut ns: Vec<N> = ["cp1", "cp2"].iter().map(|x| mk_waiting(x, false)).collect();
+    for x in &mut ns {
+        x.node.control_plane = true;
+    }
+    ns[1].node.etcd_voter = Some(false);
+    let two = Policy {
+        max_unavailable: MaxUnavailable::Count(2),
+        ..Policy::default()
+    };
+    let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+    // cp1 may not go while cp2 is not a healthy voter (cp2 itself may: it is the one behind).
+    assert_eq!(admit(&views, &ClusterState::default(), &two, at(20)), vec!["cp2"]);
+    ns[1].node.etcd_voter = Some(true);
+    let views: Vec<NodeView<'_>> = ns.iter().map(|n| n.view()).collect();
+    assert_eq!(admit(&views, &ClusterState::default(), &two, at(20)), vec!["cp1"]);
 }

@@ -3,6 +3,7 @@
 //! commits a new revision with a new kernel (every node must reboot), bumps `spec.revision`
 //! as Flux would, and follows the rollout live until every node runs it.
 
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ pub struct DemoOptions {
     /// NixOSNode manifests would) and measure until all are `UpToDate` on it again, counting
     /// the agents' `nix build`s (expected 0: the previous system stays pinned).
     pub revert: bool,
+    /// node-1 is a builder and the other nodes fetch from it ([`World::start_with_a_builder`]).
+    pub builder: bool,
 }
 
 impl Default for DemoOptions {
@@ -46,6 +49,7 @@ impl Default for DemoOptions {
             timeout: Duration::from_secs(180),
             pools: false,
             revert: false,
+            builder: false,
         }
     }
 }
@@ -139,7 +143,11 @@ pub async fn run(
     let mut out = std::io::stdout();
     let tty = !opts.json && out.is_terminal();
     let started = Instant::now();
-    let mut world = World::start(opts.world.clone()).await?;
+    let mut world = if opts.builder {
+        World::start_with_a_builder(opts.world.clone()).await?
+    } else {
+        World::start(opts.world.clone()).await?
+    };
     let kubeconfig = world.kubeconfig.display().to_string();
     writeln!(
         err,
@@ -157,6 +165,13 @@ pub async fn run(
     } else {
         &["nixosnodes", "nodes"]
     };
+    if opts.builder {
+        writeln!(
+            err,
+            "  builder:  node-1 (nixroll.io/builder=true) evaluates and builds every node's system once, signs it and serves it; node-2…node-{} fetch it, signatures required",
+            opts.world.nodes
+        )?;
+    }
     for line in watch_hints(&kubeconfig, watched) {
         writeln!(err, "{line}")?;
     }
@@ -201,6 +216,8 @@ pub async fn run(
     // With --revert: when it started and the agents' realisations before it.
     let mut reverting: Option<(Instant, usize)> = None;
     let mut forward_from = 0;
+    let mut evaluated_before = BTreeMap::new();
+    let mut staged = std::collections::BTreeSet::new();
     loop {
         let obj = match view.next(&mut out).await {
             Ok(obj) => obj,
@@ -233,6 +250,17 @@ pub async fn run(
                     )?;
                 }
                 forward_from = world.realisations();
+                if opts.builder {
+                    // Activating a fetched system on these hosts is not modelled (their chroot
+                    // stores' links point at /nix/store): the demo pauses admissions and ends
+                    // when every node has staged (fetched, or on node-1 built) the revision.
+                    pause_admissions(&world).await?;
+                    writeln!(
+                        err,
+                        "nixroll demo --builder: admissions paused (ConfigMap nixroll-pause); the demo ends when every node has staged {}",
+                        crate::api::short_revision(&next)
+                    )?;
+                }
                 apply_specs(&world, &next, secret_node.as_deref()).await?;
                 if opts.pools {
                     writeln!(
@@ -246,6 +274,7 @@ pub async fn run(
                     // The password manager rotated the key: only the file changes, live.
                     put_demo_secret(&world, node, b"demo-vpn-key-generation-2").await?;
                 }
+                evaluated_before = evaluations(&world);
                 clock.reset();
                 for p in progress.nodes.values_mut() {
                     p.disrupted_for = Duration::ZERO;
@@ -253,7 +282,7 @@ pub async fn run(
                 rollout_started = Instant::now();
                 target = Some(next);
             }
-            Some(t) if progress.converged(t, n) => {
+            Some(t) if !opts.builder && progress.converged(t, n) => {
                 if !opts.revert || reverting.is_some() {
                     break;
                 }
@@ -282,6 +311,25 @@ pub async fn run(
                 reverting = Some((Instant::now(), world.realisations()));
                 apply_specs(&world, &first, secret_node.as_deref()).await?;
                 target = Some(first.clone());
+            }
+            Some(t) if opts.builder => {
+                if let Some(st) = obj.status.as_ref() {
+                    let name = obj.metadata.name.clone().unwrap_or_default();
+                    let staged_here = st.phase == Some(crate::api::Phase::Waiting)
+                        && st
+                            .agent
+                            .as_ref()
+                            .and_then(|a| a.staged.as_ref())
+                            .is_some_and(|x| &x.revision == t);
+                    if staged_here {
+                        staged.insert(name);
+                    } else {
+                        staged.remove(&name);
+                    }
+                }
+                if staged.len() == n {
+                    break;
+                }
             }
             _ => {}
         }
@@ -326,7 +374,19 @@ pub async fn run(
         revert,
     };
     // On stderr, so that `--json`'s standard output stays one phase change per line.
-    print_summary(&mut err, &summary, simulated, started.elapsed())?;
+    if opts.builder {
+        writeln!(
+            err,
+            "\nnixroll demo --builder: {n} nodes staged the revision in {:.1}s ({:.1}s including set-up)",
+            total.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        )?;
+        for line in who_built(&world, &evaluated_before).await? {
+            writeln!(err, "{line}")?;
+        }
+    } else {
+        print_summary(&mut err, &summary, simulated, started.elapsed())?;
+    }
     if opts.hold {
         writeln!(
             err,
@@ -531,5 +591,98 @@ fn print_summary(
             r.forward_realisations
         )?;
     }
+    Ok(())
+}
+
+/// Evaluations so far per host: the `nixos-system-*.drv` files in its store (a node that
+/// fetches its system never instantiates one).
+fn evaluations(world: &World) -> BTreeMap<String, usize> {
+    world
+        .nodes
+        .iter()
+        .map(|n| {
+            let drvs = std::fs::read_dir(n.host.root().join("nix/store"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| {
+                    let f = e.file_name();
+                    let f = f.to_string_lossy();
+                    f.contains("-nixos-system-") && f.ends_with(".drv")
+                })
+                .count();
+            (n.name.clone(), drvs)
+        })
+        .collect()
+}
+
+/// Who built and who fetched in the rollout of `--builder`: the builder's reports, and for
+/// each node the system it runs, where it came from and how many systems it evaluated.
+async fn who_built(world: &World, before: &BTreeMap<String, usize>) -> Result<Vec<String>, DemoError> {
+    let api: kube::Api<crate::api::NixOSNode> = kube::Api::all(world.client.clone());
+    let objs = crate::sim::world::call("list the NixOSNodes", api.list(&Default::default())).await?;
+    let after = evaluations(world);
+    let mut builder_reports = Vec::new();
+    for o in &objs.items {
+        if let Some(a) = o.status.as_ref().and_then(|s| s.agent.as_ref())
+            && !a.builds.is_empty()
+        {
+            builder_reports.push((o.metadata.name.clone().unwrap_or_default(), a.builds.clone()));
+        }
+    }
+    let mut lines = vec!["  who built and who fetched:".to_string()];
+    for (b, reports) in &builder_reports {
+        let built = reports
+            .iter()
+            .filter(|r| r.state == crate::api::BuildState::Built)
+            .count();
+        lines.push(format!(
+            "  {b:<10} builder: built {built} systems for {} nodes, signed, served from its cache",
+            objs.items.len()
+        ));
+    }
+    for o in &objs.items {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        let Some(st) = o.status.as_ref() else { continue };
+        let system = st
+            .agent
+            .as_ref()
+            .and_then(|a| a.staged.as_ref())
+            .map(|x| x.system.clone())
+            .unwrap_or_default();
+        let from = builder_reports.iter().find_map(|(b, rs)| {
+            rs.iter()
+                .any(|r| r.system.as_deref() == Some(system.as_str()))
+                .then_some(b.as_str())
+        });
+        let evaluated = after
+            .get(&name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(before.get(&name).copied().unwrap_or(0));
+        let how = match from {
+            Some(b) if b == name => "built it itself (the builder)".to_string(),
+            Some(b) => format!("fetched it from {b}"),
+            None => "built it itself (no builder)".to_string(),
+        };
+        lines.push(format!(
+            "  {name:<10} staged {} — {how}; systems it evaluated: {evaluated}",
+            crate::api::short_system(&system)
+        ));
+    }
+    Ok(lines)
+}
+
+/// The cluster-wide pause switch (`kubectl -n nixroll-system create configmap nixroll-pause`).
+async fn pause_admissions(world: &World) -> Result<(), DemoError> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(world.client.clone(), crate::names::NAMESPACE);
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some(crate::names::PAUSE_CONFIGMAP.into());
+    crate::sim::world::call(
+        "create the pause ConfigMap",
+        api.create(&kube::api::PostParams::default(), &cm),
+    )
+    .await?;
     Ok(())
 }

@@ -13,6 +13,7 @@
 
 pub mod agent_memory;
 pub mod bench;
+pub mod bench_builders;
 pub mod cluster;
 pub mod controlplane;
 pub mod counting_nix;

@@ -97,6 +97,10 @@ pub enum WorldError {
     Io(#[from] std::io::Error),
     #[error("Nix was requested but `nix --version` does not run on this machine")]
     NoNix,
+    #[error("a builder needs real Nix (the simulated store cannot serve a binary cache)")]
+    BuilderNeedsNix,
+    #[error("the builder's signing key: {0}")]
+    BuilderKey(String),
     #[error("{0} needs the embedded API server")]
     NotEmbedded(&'static str),
 }
@@ -208,6 +212,8 @@ pub struct World {
     pub client: Client,
     pub cluster: SimCluster,
     pub nodes: Vec<SimNode>,
+    /// With a builder: its role's settings (node-1) and the key every agent trusts.
+    builder: Option<(crate::agent::building::BuilderConfig, String)>,
     pub nix_mode: NixMode,
     pub kubeconfig: PathBuf,
     source: Source,
@@ -236,6 +242,19 @@ impl World {
     /// No NixOSNode objects and no controller yet: see [`World::apply_all`] and
     /// [`World::start_controller`].
     pub async fn start(opts: WorldOptions) -> Result<World, WorldError> {
+        World::start_embedded(opts, false).await
+    }
+
+    /// [`World::start`] with node-1 a builder (docs/builder.md): labelled
+    /// `nixroll.io/builder=true`, its agent run with the builder role (key from a Secret of the
+    /// API, made in memory; cache on a loopback port), every agent trusting its key. Real Nix
+    /// only: the hosts get chroot stores (store paths `/nix/store/…` on every host, as on real
+    /// machines, so one cache serves them all).
+    pub async fn start_with_a_builder(opts: WorldOptions) -> Result<World, WorldError> {
+        World::start_embedded(opts, true).await
+    }
+
+    async fn start_embedded(opts: WorldOptions, builder: bool) -> Result<World, WorldError> {
         let dir = tempfile::Builder::new().prefix("nixroll-sim-").tempdir()?;
         let api = ApiServer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let kubeconfig = dir.path().join("kubeconfig");
@@ -262,7 +281,16 @@ impl World {
         )
         .await?;
         let backend = WorldApi::Embedded { api, agents_api };
-        World::start_with(opts, dir, backend, client, Some(agents_client), kubeconfig).await
+        World::start_with(
+            opts,
+            builder,
+            dir,
+            backend,
+            client,
+            Some(agents_client),
+            kubeconfig,
+        )
+        .await
     }
 
     /// [`World::start`] on an API server that is already running, with nixroll installed
@@ -274,6 +302,7 @@ impl World {
         let kubeconfig = external.kubeconfig.clone();
         World::start_with(
             opts,
+            false,
             dir,
             WorldApi::External(Box::new(external)),
             client,
@@ -285,6 +314,7 @@ impl World {
 
     async fn start_with(
         opts: WorldOptions,
+        builder: bool,
         dir: tempfile::TempDir,
         backend: WorldApi,
         client: Client,
@@ -297,6 +327,9 @@ impl World {
             NixMode::Real if !nix_available() => return Err(WorldError::NoNix),
             m => m,
         };
+        if builder && nix_mode != NixMode::Real {
+            return Err(WorldError::BuilderNeedsNix);
+        }
         let names: Vec<String> = (1..=opts.nodes).map(|i| format!("node-{i}")).collect();
         let (source, flake_url) = match nix_mode {
             NixMode::Real => {
@@ -328,6 +361,7 @@ impl World {
             client,
             cluster,
             nodes: Vec::new(),
+            builder: None,
             nix_mode,
             kubeconfig,
             source,
@@ -343,7 +377,11 @@ impl World {
         let mut hosts = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let host = SimHost::create(world.dir.path().join("hosts").join(name))?;
-            let host_root: Arc<dyn Host> = Arc::new(host.host_root());
+            let host_root: Arc<dyn Host> = if builder {
+                Arc::new(host.host_root_chroot())
+            } else {
+                Arc::new(host.host_root())
+            };
             let url = world.flake_url.clone();
             if let Source::Simulated {
                 nixes, spec, head, ..
@@ -370,6 +408,9 @@ impl World {
             .map(|(n, cp, h)| (n.clone(), *cp, h.boot_id()))
             .collect();
         world.cluster.create_nodes(&node_specs).await?;
+        if builder {
+            world.builder = Some(world.make_builder("node-1").await?);
+        }
         let apps = opts.apps.clone().unwrap_or_else(|| {
             vec![App {
                 name: "web".into(),
@@ -400,18 +441,71 @@ impl World {
         Arc::new(NixCli::new(host_root).offline())
     }
 
+    /// `node` as the builder: its Node labelled, the signing key in the Secret its role reads
+    /// (made here, in memory), its cache on a free loopback port.
+    async fn make_builder(
+        &self,
+        node: &str,
+    ) -> Result<(crate::agent::building::BuilderConfig, String), WorldError> {
+        use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
+        let secret = crate::builder::SigningKey::generate_secret("nixroll-demo-builder-1")
+            .map_err(|e| WorldError::BuilderKey(e.to_string()))?;
+        let public = crate::builder::SigningKey::parse(&secret)
+            .map_err(|e| WorldError::BuilderKey(e.to_string()))?
+            .public_key();
+        let ns: Api<Namespace> = Api::all(self.client.clone());
+        let mut namespace = Namespace::default();
+        namespace.metadata.name = Some(crate::names::NAMESPACE.into());
+        if let Err(e) = ns.create(&PostParams::default(), &namespace).await {
+            tracing::debug!(error = %e, "namespace (may exist)");
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), crate::names::NAMESPACE);
+        let mut s = Secret::default();
+        s.metadata.name = Some("nixroll-builder-key".into());
+        s.string_data = Some([("secret-key".to_string(), secret)].into());
+        call(
+            "create the builder's key Secret",
+            secrets.create(&PostParams::default(), &s),
+        )
+        .await?;
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        call(
+            "label the builder",
+            nodes.patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"metadata": {"labels": {crate::names::BUILDER_LABEL: "true"}}}),
+                ),
+            ),
+        )
+        .await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let config = crate::agent::building::BuilderConfig {
+            key_secret: "nixroll-builder-key".into(),
+            key_field: "secret-key".into(),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            url: format!("http://127.0.0.1:{port}"),
+            cache: crate::builder::CacheOptions::default(),
+        };
+        Ok((config, public))
+    }
+
     fn spawn_node(&self, name: String, control_plane: bool, host: Arc<SimHost>) -> SimNode {
         let (restart_tx, mut restart_rx) = mpsc::unbounded_channel::<()>();
         let (reboot_tx, mut reboot_rx) = mpsc::unbounded_channel::<()>();
-        let host_root: Arc<dyn Host> = Arc::new(
-            HostRoot::new(
-                host.root(),
-                RebootHook::Callback(Arc::new(move || {
-                    let _ = reboot_tx.send(());
-                })),
-            )
-            .with_private_nix_store(),
+        let bare = HostRoot::new(
+            host.root(),
+            RebootHook::Callback(Arc::new(move || {
+                let _ = reboot_tx.send(());
+            })),
         );
+        let host_root: Arc<dyn Host> = Arc::new(if self.builder.is_some() {
+            bare.with_chroot_nix_store()
+        } else {
+            bare.with_private_nix_store()
+        });
+        let builder = self.builder.clone();
         let nix: Arc<dyn Nix> = Arc::new(crate::sim::counting_nix::CountingNix::new(
             self.nix_for(host_root.clone(), &name),
             self.realisations.clone(),
@@ -448,8 +542,14 @@ impl World {
                     }
                     (None, None) => return,
                 };
-                let config =
+                let mut config =
                     crate::agent::AgentConfig::new(node_name.clone(), host_root.clone(), nix.clone());
+                if let Some((role, key)) = &builder {
+                    config.options.substitution.trusted_public_keys = vec![key.clone()];
+                    if node_name == "node-1" {
+                        config.builder = Some(role.clone());
+                    }
+                }
                 // The agent's own defaults: the demo and the benchmark time the path a real
                 // node takes.
                 let mut agent = Box::pin(crate::agent::run(

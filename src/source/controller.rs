@@ -18,8 +18,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{self};
@@ -28,15 +26,16 @@ use kube::runtime::{WatchStreamExt, predicates};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::known_hosts::KnownHosts;
 use super::refspec::{RefChoice, ResolvedRef};
-use super::resolve::{Credentials, Poll, Remote, Resolver, Verification, VerifyFailure};
-use super::revision::Revision;
+use super::resolve::{Poll, Remote, Resolver, Verification, VerifyFailure};
 use super::url::SourceUrl;
-use super::verify::{TrustedKeys, VerifyError};
-use crate::api::{FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus, source_condition};
-use crate::controller::events::{EventWriter, Note};
+use crate::api::{FlakeSource, FlakeSourceRef, FlakeSourceSpec, FlakeSourceStatus};
+use crate::controller::events::EventWriter;
 use crate::names::CONTROLLER_MANAGER;
+
+use super::secrets::{SecretReader, read_secret, read_trusted_keys};
+pub use super::secrets::{credentials_from, secret_data};
+pub use super::status::{Outcome, last_accepted, next_status, status_notes};
 
 /// Shortest interval accepted; shorter ones are raised to it.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(30);
@@ -88,6 +87,7 @@ pub enum SourceError {
 
 struct Ctx {
     client: Client,
+    secrets: SecretReader,
     resolver: Resolver,
     config: SourceControllerConfig,
     events: EventWriter,
@@ -108,6 +108,10 @@ pub async fn run(client: Client, config: SourceControllerConfig, identity: &str)
         .predicate_filter(spec_or_request, Default::default());
     let ctx = Arc::new(Ctx {
         events: EventWriter::new(client.clone(), CONTROLLER_MANAGER, identity),
+        secrets: SecretReader {
+            client: client.clone(),
+            timeout: config.api_timeout,
+        },
         client,
         resolver,
         config,
@@ -178,200 +182,6 @@ pub fn ref_choice(r: &FlakeSourceRef) -> Result<RefChoice, String> {
     Ok(choice)
 }
 
-/// The last accepted revision, if the status describes the same URL and ref as the spec (a
-/// changed URL or ref starts afresh: the ancestry check compares commits of one ref only).
-pub fn last_accepted(st: &FlakeSourceStatus, url: &SourceUrl, spec: &FlakeSourceSpec) -> Option<ResolvedRef> {
-    if st.url.as_deref() != Some(url.redacted().as_str())
-        || st.git_ref.as_deref() != Some(spec.git_ref.display().as_str())
-    {
-        return None;
-    }
-    let revision = Revision::parse(st.revision.as_deref()?).ok()?;
-    Some(ResolvedRef {
-        full_name: st.full_ref.clone()?,
-        revision,
-    })
-}
-
-/// What one reconcile found.
-#[derive(Debug)]
-pub enum Outcome {
-    Polled(Poll),
-    /// `spec.verify` is set and the head's signatures verified (`signers`: who signed what).
-    Verified {
-        poll: Poll,
-        signers: Vec<String>,
-    },
-    /// `spec.verify` is set and the head (`refused`) is not signed by a trusted key: `what`
-    /// (its commit or tag) and why. `kept` stays.
-    Unverified {
-        kept: Option<ResolvedRef>,
-        refused: ResolvedRef,
-        what: String,
-        error: VerifyError,
-    },
-    /// The spec or the Secret cannot be used; nothing was fetched.
-    Refused {
-        reason: &'static str,
-        message: String,
-    },
-    Suspended,
-}
-
-/// The next status (pure). `kept` decides what stays when nothing new was accepted.
-pub fn next_status(
-    prev: &FlakeSourceStatus,
-    spec: &FlakeSourceSpec,
-    generation: Option<i64>,
-    url: Option<&SourceUrl>,
-    outcome: &Outcome,
-    now: Timestamp,
-) -> FlakeSourceStatus {
-    let mut st = FlakeSourceStatus {
-        observed_generation: generation,
-        url: url.map(SourceUrl::redacted).or_else(|| prev.url.clone()),
-        git_ref: Some(spec.git_ref.display()),
-        ..FlakeSourceStatus::default()
-    };
-    let same = url.is_some_and(|u| last_accepted(prev, u, spec).is_some());
-    let keep = |st: &mut FlakeSourceStatus| {
-        if same {
-            st.full_ref = prev.full_ref.clone();
-            st.revision = prev.revision.clone();
-            st.commit = prev.commit.clone();
-        }
-    };
-    let accept = |st: &mut FlakeSourceStatus, r: &ResolvedRef| {
-        st.full_ref = Some(r.full_name.clone());
-        st.revision = Some(r.revision.flux_display());
-        st.commit = Some(r.revision.commit.to_string());
-    };
-    let mut conds: Vec<(&str, &str, String, String)> = Vec::new();
-    let ready = source_condition::READY;
-    match outcome {
-        Outcome::Suspended => {
-            keep(&mut st);
-            st.last_fetch_time = prev.last_fetch_time.clone();
-            conds.push((
-                ready,
-                "False",
-                "Suspended".into(),
-                "spec.suspend is set; the last revision stays".into(),
-            ));
-        }
-        Outcome::Refused { reason, message } => {
-            keep(&mut st);
-            st.last_fetch_time = prev.last_fetch_time.clone();
-            conds.push((ready, "False", (*reason).into(), message.clone()));
-            conds.push((
-                source_condition::FETCH_FAILED,
-                "True",
-                (*reason).into(),
-                message.clone(),
-            ));
-        }
-        Outcome::Unverified {
-            kept,
-            refused,
-            what,
-            error,
-        } => {
-            st.last_fetch_time = Some(Time(now));
-            match kept {
-                Some(k) if same => accept(&mut st, k),
-                _ => {}
-            }
-            st.refused_revision = Some(refused.revision.flux_display());
-            let m = format!(
-                "{what} ({}) is not followed: {error}",
-                refused.revision.flux_display()
-            );
-            let m = match &st.revision {
-                Some(r) => format!("{m}; the last revision {r} stays"),
-                None => m,
-            };
-            conds.push((ready, "False", "VerificationFailed".into(), m.clone()));
-            conds.push((
-                source_condition::SOURCE_VERIFIED,
-                "False",
-                "VerificationFailed".into(),
-                m,
-            ));
-        }
-        Outcome::Polled(poll) | Outcome::Verified { poll, .. } => {
-            st.last_fetch_time = Some(Time(now));
-            match poll {
-                Poll::Unchanged(r) | Poll::Advanced(r) => {
-                    accept(&mut st, r);
-                    conds.push((
-                        ready,
-                        "True",
-                        "Succeeded".into(),
-                        format!("revision {}", r.revision.flux_display()),
-                    ));
-                }
-                Poll::NonFastForward { kept, refused } => {
-                    accept(&mut st, kept);
-                    st.refused_revision = Some(refused.revision.flux_display());
-                    let m = format!(
-                        "the head {} does not descend from {}: not followed (set allowNonFastForward: true to follow it)",
-                        refused.revision.flux_display(),
-                        kept.revision.flux_display()
-                    );
-                    conds.push((ready, "False", "NonFastForward".into(), m.clone()));
-                    conds.push((
-                        source_condition::NON_FAST_FORWARD,
-                        "True",
-                        "NonFastForward".into(),
-                        m,
-                    ));
-                }
-                Poll::Failed { kept, error } => {
-                    match kept {
-                        Some(k) if same => accept(&mut st, k),
-                        _ => {}
-                    }
-                    let m: String = error.to_string().chars().take(1000).collect();
-                    let m = match &st.revision {
-                        Some(r) => format!("{m}; the last revision {r} stays"),
-                        None => m,
-                    };
-                    conds.push((ready, "False", error.reason().into(), m.clone()));
-                    conds.push((source_condition::FETCH_FAILED, "True", error.reason().into(), m));
-                }
-            }
-            if let Outcome::Verified { signers, .. } = outcome {
-                conds.push((
-                    source_condition::SOURCE_VERIFIED,
-                    "True",
-                    "Succeeded".into(),
-                    signers.join("; "),
-                ));
-            }
-        }
-    }
-    st.conditions = conds
-        .into_iter()
-        .map(|(t, status, reason, message)| {
-            let since = prev
-                .conditions
-                .iter()
-                .find(|c| c.type_ == t && c.status == status)
-                .map(|c| c.last_transition_time.clone())
-                .unwrap_or(Time(now));
-            Condition {
-                type_: t.to_owned(),
-                status: status.to_owned(),
-                reason,
-                message,
-                last_transition_time: since,
-                observed_generation: generation,
-            }
-        })
-        .collect();
-    st
-}
-
 async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, SourceError> {
     let now = Timestamp::now();
     let prev = fs.status.clone().unwrap_or_default();
@@ -399,8 +209,8 @@ async fn reconcile(fs: Arc<FlakeSource>, ctx: Arc<Ctx>) -> Result<Action, Source
             ),
             (Ok(u), Ok(choice)) => {
                 let every = Some(next_interval(spec, ctx.config.min_interval));
-                let secrets = match read_secret(&ctx, &fs).await {
-                    Ok(c) => read_trusted_keys(&ctx, &fs).await.map(|v| (c, v)),
+                let secrets = match read_secret(&ctx.secrets, &fs).await {
+                    Ok(c) => read_trusted_keys(&ctx.secrets, &fs).await.map(|v| (c, v)),
                     Err(e) => Err(e),
                 };
                 match secrets {
@@ -497,152 +307,6 @@ fn log_outcome(fs: &FlakeSource, prev: &FlakeSourceStatus, outcome: &Outcome) {
     }
 }
 
-/// The Secret's credentials (Flux key names), read with `get`. Errors name keys, never values.
-async fn read_secret(
-    ctx: &Ctx,
-    fs: &FlakeSource,
-) -> Result<(Credentials, Option<KnownHosts>), (&'static str, String)> {
-    let Some(r) = &fs.spec.secret_ref else {
-        return Ok((Credentials::None, None));
-    };
-    let ns = fs.namespace().unwrap_or_default();
-    let secret = get_secret(ctx, &ns, &r.name, "").await?;
-    credentials_from(&secret).map_err(|m| ("InvalidSecret", format!("Secret {ns}/{}: {m}", r.name)))
-}
-
-/// `spec.verify`'s trusted keys, read with `get` on every resolution (a rotated key counts at
-/// the next poll). None when verification is off.
-async fn read_trusted_keys(
-    ctx: &Ctx,
-    fs: &FlakeSource,
-) -> Result<Option<Verification>, (&'static str, String)> {
-    let Some(v) = &fs.spec.verify else {
-        return Ok(None);
-    };
-    let ns = fs.namespace().unwrap_or_default();
-    let secret = get_secret(ctx, &ns, &v.secret_ref.name, "trusted keys: ").await?;
-    let keys = TrustedKeys::from_secret_data(&secret_data(&secret)).map_err(|m| {
-        (
-            "InvalidTrustedKeys",
-            format!("trusted keys: Secret {ns}/{}: {m}", v.secret_ref.name),
-        )
-    })?;
-    Ok(Some(Verification {
-        mode: v.mode,
-        keys: Arc::new(keys),
-    }))
-}
-
-/// A Secret's values, `stringData` merged over `data`.
-pub fn secret_data(secret: &Secret) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out: std::collections::BTreeMap<String, Vec<u8>> = secret
-        .data
-        .iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    for (k, v) in secret.string_data.iter().flatten() {
-        out.insert(k.clone(), v.clone().into_bytes());
-    }
-    out
-}
-
-/// `get` one Secret, bounded; errors say which (`what` prefixes the message).
-async fn get_secret(ctx: &Ctx, ns: &str, name: &str, what: &str) -> Result<Secret, (&'static str, String)> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let got = tokio::time::timeout(ctx.config.api_timeout, api.get_opt(name)).await;
-    match got {
-        Err(_) => Err((
-            "SecretNotRead",
-            format!("{what}reading Secret {ns}/{name} timed out"),
-        )),
-        Ok(Err(e)) => Err(("SecretNotRead", format!("{what}reading Secret {ns}/{name}: {e}"))),
-        Ok(Ok(None)) => Err(("SecretNotFound", format!("{what}Secret {ns}/{name} not found"))),
-        Ok(Ok(Some(s))) => Ok(s),
-    }
-}
-
-/// Flux's key names: `username`/`password` (HTTPS), `identity` (+ `password` as its
-/// passphrase) and `known_hosts` (SSH).
-pub fn credentials_from(secret: &Secret) -> Result<(Credentials, Option<KnownHosts>), String> {
-    let get = |k: &str| -> Result<Option<String>, String> {
-        let v = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| b.0.clone())
-            .or_else(|| {
-                secret
-                    .string_data
-                    .as_ref()
-                    .and_then(|d| d.get(k))
-                    .map(|s| s.clone().into_bytes())
-            });
-        match v {
-            None => Ok(None),
-            Some(b) => String::from_utf8(b)
-                .map(Some)
-                .map_err(|_| format!("key {k} is not UTF-8")),
-        }
-    };
-    let known_hosts = match get("known_hosts")? {
-        Some(t) => Some(KnownHosts::parse(&t).map_err(|e| format!("key known_hosts: {e}"))?),
-        None => None,
-    };
-    let creds = match (get("identity")?, get("username")?, get("password")?) {
-        (Some(identity), _, passphrase) => Credentials::SshKey { identity, passphrase },
-        (None, Some(username), Some(password)) => Credentials::Basic { username, password },
-        (None, Some(_), None) => return Err("key username without key password".into()),
-        (None, None, Some(_)) => return Err("key password without key username or identity".into()),
-        (None, None, None) => Credentials::None,
-    };
-    Ok((creds, known_hosts))
-}
-
-/// The Events a status change deserves: `NewRevision` when the accepted revision changes; a
-/// Warning named after `Ready`'s reason when it turns False for a new reason (`Timeout`,
-/// `AuthenticationFailed`, `NonFastForward`, `SecretNotFound`, …; `Suspended` is Normal); and
-/// `Succeeded` when `Ready` turns True again without a new revision. Notes are the status's own
-/// messages, which never carry credentials.
-pub fn status_notes<'a>(prev: &FlakeSourceStatus, next: &'a FlakeSourceStatus) -> Vec<Note<'a>> {
-    fn ready(st: &FlakeSourceStatus) -> Option<&Condition> {
-        st.conditions.iter().find(|c| c.type_ == source_condition::READY)
-    }
-    let (was, now) = (ready(prev), ready(next));
-    let mut notes = Vec::new();
-    let new_revision = next.revision.is_some() && next.revision != prev.revision;
-    if let Some(r) = next.revision.as_deref().filter(|_| new_revision) {
-        notes.push(Note {
-            reason: "NewRevision",
-            action: "Fetch",
-            note: match prev.revision.as_deref() {
-                Some(old) => format!("revision {r} accepted (was {old})"),
-                None => format!("revision {r} accepted"),
-            },
-            warning: false,
-        });
-    }
-    if let Some(c) = now {
-        let changed = was.is_none_or(|w| w.status != c.status || w.reason != c.reason);
-        if c.status == "False" && changed {
-            notes.push(Note {
-                reason: &c.reason,
-                action: "Fetch",
-                note: c.message.clone(),
-                warning: c.reason != "Suspended",
-            });
-        } else if c.status == "True" && was.is_some_and(|w| w.status == "False") && !new_revision {
-            notes.push(Note {
-                reason: &c.reason,
-                action: "Fetch",
-                note: format!("{} again", c.message),
-                warning: false,
-            });
-        }
-    }
-    notes
-}
-
 async fn write_status(ctx: &Ctx, fs: &FlakeSource, status: &FlakeSourceStatus) -> Result<(), SourceError> {
     let namespace = fs.namespace().unwrap_or_default();
     let name = fs.name_any();
@@ -677,9 +341,12 @@ async fn write_status(ctx: &Ctx, fs: &FlakeSource, status: &FlakeSourceStatus) -
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
-    use crate::source::resolve::ResolveError;
+    use crate::source::resolve::{Credentials, ResolveError};
     use crate::source::revision::CommitId;
+    use crate::source::revision::Revision;
     use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use std::collections::BTreeMap;
 
     fn spec() -> FlakeSourceSpec {

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod chart;
+pub mod following;
 pub mod host;
 pub mod objects;
 pub mod signing;

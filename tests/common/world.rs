@@ -1,9 +1,15 @@
-//! Options of a simulated cluster (`nixroll::sim::world`) for tests that watch a rollout.
+//! Options of a simulated cluster (`nixroll::sim::world`) for tests that watch a rollout, and
+//! the watch-driven wait on its NixOSNodes.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::TryStreamExt;
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use nixroll::api::NixOSNode;
 use nixroll::sim::cluster::Timing;
-use nixroll::sim::world::{NixMode, WorldOptions};
+use nixroll::sim::world::{NixMode, World, WorldOptions};
 
 /// `nodes` nodes (one control plane) with `pods_per_node` workload pods each, real Nix when
 /// installed, and fast pods and reboots (50 ms termination, 100 ms start-up, 400 ms reboot).
@@ -21,4 +27,46 @@ pub fn fast_world(nodes: usize, pods_per_node: usize) -> WorldOptions {
         pods_per_node,
         apps: None,
     }
+}
+
+/// Watch the NixOSNodes until `pred` holds for those seen so far (bounded by `limit`); `check`
+/// sees every intermediate state. On a timeout the panic lists each node's phase, revision,
+/// message, target and builds.
+pub async fn watch_nodes(
+    world: &World,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&BTreeMap<String, NixOSNode>) -> bool,
+    mut check: impl FnMut(&BTreeMap<String, NixOSNode>),
+) -> BTreeMap<String, NixOSNode> {
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    let mut seen = BTreeMap::new();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
+    futures::pin_mut!(stream);
+    let res = tokio::time::timeout(limit, async {
+        while let Ok(Some(o)) = stream.try_next().await {
+            seen.insert(o.metadata.name.clone().unwrap_or_default(), o);
+            check(&seen);
+            if pred(&seen) {
+                return;
+            }
+        }
+    })
+    .await;
+    if res.is_err() {
+        let table: Vec<String> = seen
+            .values()
+            .map(|o| {
+                let s = o.status.clone().unwrap_or_default();
+                format!(
+                    "{:?} {:?} {:?} {:?} {:?} {:?}",
+                    o.metadata.name, s.phase, s.revision, s.message, s.target, s.builds
+                )
+            })
+            .collect();
+        panic!("timed out waiting for {what}:\n{}", table.join("\n"));
+    }
+    seen
 }

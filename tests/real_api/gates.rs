@@ -24,6 +24,7 @@ fn gate(expression: &str) -> CelGate {
         label_selector: None,
         expression: expression.into(),
         timeout: Some("10s".into()),
+        post_timeout: None,
     }
 }
 

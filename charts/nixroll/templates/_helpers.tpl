@@ -68,3 +68,13 @@ app.kubernetes.io/part-of: nixroll
 {{- define "nixroll.agent.serviceAccountName" -}}
 {{ .Values.agent.serviceAccount.name | default "nixroll-agent" }}
 {{- end -}}
+
+{{- define "nixroll.builder.selectorLabels" -}}
+app.kubernetes.io/name: nixroll-builder
+{{- end -}}
+
+{{- define "nixroll.builder.labels" -}}
+{{ include "nixroll.builder.selectorLabels" . }}
+app.kubernetes.io/part-of: nixroll
+{{ include "nixroll.helmLabels" . }}
+{{- end -}}

@@ -25,6 +25,7 @@ impl Ctx<'_, '_> {
                     cordoned_by_nixroll: false,
                     drain_started_at: Some(Time(self.now)),
                     forced: false,
+                    verified_at: None,
                 };
                 self.st.slot = Some(s.clone());
                 s

@@ -206,8 +206,13 @@ impl Ctx<'_, '_> {
         }
         if !admitted {
             self.took(Row::WaitingHeld);
-            self.reason = reason::WAITING_FOR_SLOT.into();
-            self.st.message = Some(format!("staged {}{holds}; waiting for a slot", self.rev8()));
+            if let Some((why, message)) = &self.view.node.held_by {
+                self.reason = why.clone();
+                self.st.message = Some(format!("staged {}{holds}; {message}", self.rev8()));
+            } else {
+                self.reason = reason::WAITING_FOR_SLOT.into();
+                self.st.message = Some(format!("staged {}{holds}; waiting for a slot", self.rev8()));
+            }
             return false;
         }
         self.start_drain();
@@ -235,6 +240,7 @@ impl Ctx<'_, '_> {
                 cordoned_by_nixroll: cordon_now,
                 drain_started_at: Some(Time(self.now)),
                 forced: false,
+                verified_at: None,
             },
         };
         self.st.slot = Some(slot);

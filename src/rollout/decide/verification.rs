@@ -4,9 +4,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::{Ctx, UNCORDON_RECHECK, add, short_rev};
+use super::{Ctx, POST_GATE_RECHECK, UNCORDON_RECHECK, add, short_rev};
 use crate::api::{ActivationAction, ActivationGrant, ActivationState, HistoryEntry, Phase, RebootPolicy};
-use crate::rollout::{Action, Row, reason};
+use crate::rollout::{Action, GateVerdict, K3S_GATE, Row, reason};
 
 impl Ctx<'_, '_> {
     pub(super) fn verifying(&mut self) -> bool {
@@ -57,8 +57,7 @@ impl Ctx<'_, '_> {
                 self.grant_bless(&target_sys, &format!("booted {entry} once; "));
                 return false;
             } else {
-                self.took(Row::Verified);
-                self.succeed(true, "rebooted into the new system");
+                self.verified(Row::Verified, true, "rebooted into the new system");
                 return false;
             }
         } else {
@@ -76,8 +75,7 @@ impl Ctx<'_, '_> {
                 } else {
                     "switched live"
                 };
-                self.took(Row::Verified);
-                self.succeed(false, how);
+                self.verified(Row::Verified, false, how);
                 return false;
             }
         }
@@ -156,8 +154,8 @@ impl Ctx<'_, '_> {
                 } else if !self.view.node.ready {
                     "the Node to become Ready".to_string()
                 } else {
-                    self.took(Row::Blessed);
-                    self.succeed(
+                    self.verified(
+                        Row::Blessed,
                         true,
                         "booted once into the new system, verified, made it the default",
                     );
@@ -180,7 +178,12 @@ impl Ctx<'_, '_> {
     /// Still verifying (`waiting_for` says on what, `why` is the reason shown): wait until the
     /// verify deadline, then fail with `VerifyTimeout`.
     fn wait_verifying(&mut self, waiting_for: &str, why: &str) -> bool {
-        let deadline = add(self.since(), self.policy.timeouts.verifying);
+        let mut deadline = add(self.since(), self.policy.timeouts.verifying);
+        // Verified once and waiting for post-gates when the Node flapped: the verify timeout
+        // counts again from that verification.
+        if let Some(v) = self.st.slot.as_ref().and_then(|s| s.verified_at.as_ref()) {
+            deadline = deadline.max(add(v.0, self.policy.timeouts.verifying));
+        }
         if self.now >= deadline {
             self.took(Row::VerifyTimeout);
             self.fail(
@@ -197,6 +200,78 @@ impl Ctx<'_, '_> {
         self.reason = why.into();
         self.wake_at(deadline);
         false
+    }
+
+    /// The node runs its target and is Ready: from now on (`slot.verifiedAt`, set the first
+    /// time) its post-gates are checked. Once every one has passed in an evaluation made since
+    /// then, it is done (`row`, then [`Self::succeed`]); a gate that has not passed within its
+    /// timeout fails the node (`GateFailed`: it stays cordoned and holds its slot, which halts
+    /// its pool); otherwise it waits, cordoned.
+    fn verified(&mut self, row: Row, rebooted: bool, how: &str) {
+        let now = self.now;
+        let since = match self.st.slot.as_mut() {
+            Some(slot) => slot.verified_at.get_or_insert(Time(now)).0,
+            None => now,
+        };
+        let mut waiting: Vec<String> = Vec::new();
+        let mut deadline: Option<jiff::Timestamp> = None;
+        for (name, timeout, passed, why) in self.post_gates(since) {
+            if passed {
+                continue;
+            }
+            let until = add(since, timeout);
+            if now >= until {
+                self.took(Row::PostGateFailed);
+                self.fail(
+                    reason::GATE_FAILED,
+                    format!(
+                        "post-gate {name} did not pass within {timeout} after the node was verified: {why}"
+                    ),
+                );
+                return;
+            }
+            deadline = Some(deadline.map_or(until, |d: jiff::Timestamp| d.min(until)));
+            waiting.push(format!("{name} ({why})"));
+        }
+        if waiting.is_empty() {
+            self.took(row);
+            self.succeed(rebooted, how);
+            return;
+        }
+        self.took(Row::PostGateWait);
+        let msg = format!("verified; waiting for post-gate {}", waiting.join(", "));
+        self.enter(Phase::Verifying, reason::POST_GATES, msg);
+        if let Some(d) = deadline {
+            self.wake_at(d);
+        }
+        self.wake_in(POST_GATE_RECHECK);
+    }
+
+    /// Every post-gate of the node: (name, timeout, passed since `since`, why not). The
+    /// built-in k3s gate first: a server whose Node carries `EtcdIsVoter` is done only when it
+    /// is a healthy voter again (its timeout: the verify timeout).
+    fn post_gates(&self, since: jiff::Timestamp) -> Vec<(String, jiff::SignedDuration, bool, String)> {
+        let node = self.view.node;
+        let mut out = Vec::new();
+        if node.control_plane
+            && let Some(voter) = node.etcd_voter
+        {
+            out.push((
+                K3S_GATE.to_owned(),
+                self.policy.timeouts.verifying,
+                voter,
+                "k3s does not report the server as a healthy etcd voter (EtcdIsVoter)".to_owned(),
+            ));
+        }
+        for g in &node.post_gates {
+            let why = match &g.verdict {
+                GateVerdict::Block { why, .. } => why.clone(),
+                GateVerdict::Pass { .. } => "no evaluation since the node was verified yet".to_owned(),
+                GateVerdict::Unknown => "not evaluated yet".to_owned(),
+            };
+            out.push((g.name.clone(), g.timeout, g.verdict.passed_since(since), why));
+        }
+        out
     }
 
     /// Verified success: record what runs, uncordon if nixroll cordoned.
