@@ -544,6 +544,11 @@ struct DemoArgs {
     /// two pools roll concurrently, one behind a health gate that blocks for a while.
     #[arg(long, conflicts_with = "follow")]
     pools: bool,
+    /// After the rollout, revert every node to the revision before (as a `git revert` of the
+    /// NixOSNode manifests would): prints how long until all are UpToDate on it again and how
+    /// many `nix build`s the nodes ran for it (0: the previous system stays pinned).
+    #[arg(long, conflicts_with_all = ["follow", "pools", "builder"])]
+    revert: bool,
     /// One more node, node-1, is a builder: it evaluates and builds every node's system once,
     /// signs it and serves it; the other nodes fetch it (real Nix; docs/builder.md).
     #[arg(long, conflicts_with_all = ["follow", "pools"])]
@@ -573,6 +578,7 @@ fn run_demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     opts.hold = args.hold;
     opts.timeout = args.timeout;
     opts.pools = args.pools;
+    opts.revert = args.revert;
     if args.builder {
         opts.builder = true;
         opts.world.nodes += 1;
@@ -609,6 +615,10 @@ struct BenchArgs {
     /// embedded API; use a few nodes (e.g. --nodes 6 --pods 12).
     #[arg(long, value_name = "DIR")]
     kube_assets: Option<std::path::PathBuf>,
+    /// After the rollout, revert every node to the revision before: reports how long until
+    /// all are UpToDate on it again and the nodes' `nix build`s for it (`revert` in the report).
+    #[arg(long, conflicts_with_all = ["adopt_only", "builders"])]
+    revert: bool,
     /// Instead: count the evaluations and builds of staging one revision with builders, on
     /// --nodes nodes of --nix-systems Nix systems (docs/builder.md, "Scale").
     #[arg(long, conflicts_with_all = ["adopt_only", "kube_assets"])]
@@ -641,6 +651,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         max_unavailable: args.max_unavailable,
         adopt_only: args.adopt_only,
         kube_assets: args.kube_assets,
+        revert: args.revert,
         ..Default::default()
     };
     let report = runtime()?.block_on(nixroll::sim::bench::run(opts))?;

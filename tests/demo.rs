@@ -143,6 +143,77 @@ async fn demo_rolls_a_new_kernel_over_five_nodes_one_at_a_time() {
     }
 }
 
+/// `nixroll demo --revert`: after the rollout every node is set back to the first revision
+/// and rolls back to it (a kernel change again: drained, booted once, blessed) with no `nix
+/// build` on any node — the previous system stayed pinned (docs/agent.md "Quick rollback").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_revert_rolls_every_node_back_with_no_build() {
+    let run = demo(&["--revert"]).await;
+    let first = field(&run.changes[0], "wanted").unwrap().to_string();
+    let end = assert_all_up_to_date_on(&run, 5);
+    assert_eq!(end, first, "every node ends on the first revision again");
+    let wanted: BTreeSet<&str> = run.changes.iter().filter_map(|c| field(c, "wanted")).collect();
+    assert_eq!(wanted.len(), 2, "forward and back: {wanted:?}");
+    assert_eq!(most_disrupted_at_once(&run), 1, "one node disrupted at a time");
+    // Each node rebooted twice: forward, and back.
+    for node in last_by_node(&run).keys() {
+        let reboots = run
+            .changes
+            .iter()
+            .filter(|c| field(c, "node") == Some(node.as_str()) && field(c, "phase") == Some("Rebooting"))
+            .count();
+        assert_eq!(reboots, 2, "{node} rebooted forward and back");
+        assert!(
+            !run.changes
+                .iter()
+                .any(|c| field(c, "node") == Some(node.as_str()) && field(c, "phase") == Some("Degraded")),
+            "{node} never failed"
+        );
+    }
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("nixroll demo --revert: all 5 nodes UpToDate on"))
+        .unwrap_or_else(|| panic!("stderr reports the revert:\n{}", run.stderr));
+    assert!(
+        line.ends_with(
+            "`nix build`s and substitutions on the nodes for it: 0 (for the rollout before it: 5)"
+        ),
+        "a revert evaluates, builds and fetches nothing; the rollout before it built once per node: {line}"
+    );
+}
+
+/// `nixroll bench --revert` (small): after the measured rollout every node goes back to the
+/// revision before with no `nix build`; the report says so (`revert` in its JSON).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_revert_reports_no_build() {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nixroll"))
+        .args(["bench", "--nodes", "5", "--pods", "10", "--revert", "--json"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(WALL, child.wait_with_output())
+        .await
+        .expect("nixroll bench --revert ends")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nixroll bench --revert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let revert = &report["revert"];
+    assert_eq!(revert["realisations"], 0, "a revert builds nothing: {revert}");
+    assert_eq!(
+        revert["forward_realisations"], 5,
+        "the rollout built once per node: {revert}"
+    );
+    assert!(revert["seconds"].as_f64().unwrap() > 0.0, "{revert}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_follow_applies_two_pushes_by_itself() {
     let run = demo(&["--follow"]).await;

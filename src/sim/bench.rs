@@ -47,6 +47,9 @@ pub struct BenchOptions {
     /// Run on a real control plane started from this directory of binaries (envtest's
     /// layout, see [`crate::sim::controlplane`]) instead of the embedded API.
     pub kube_assets: Option<PathBuf>,
+    /// After the rollout (and its measurements), revert every node to the revision before
+    /// and measure until all are `UpToDate` on it again, counting the agents' `nix build`s.
+    pub revert: bool,
 }
 
 impl Default for BenchOptions {
@@ -64,6 +67,7 @@ impl Default for BenchOptions {
             timeout: Duration::from_secs(1800),
             adopt_only: false,
             kube_assets: None,
+            revert: false,
         }
     }
 }
@@ -124,6 +128,21 @@ pub struct BenchReport {
     pub window_overhead_mean_s: f64,
     /// Where the disruption time went: mean and p99 per step (see [`crate::sim::steps`]).
     pub steps: BTreeMap<&'static str, StepStats>,
+    /// With `revert`: the revert to the revision before, after the rollout was measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revert: Option<BenchRevert>,
+}
+
+/// `nixroll bench --revert`: every node back to the revision before the rollout.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchRevert {
+    /// From setting every `spec.revision` back to every node `UpToDate` on it.
+    pub seconds: f64,
+    /// The agents' `nix build`s and substitutions for the revert (0: the previous system
+    /// stays pinned).
+    pub realisations: usize,
+    /// … and for the rollout before it.
+    pub forward_realisations: usize,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -398,6 +417,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
             windows: BTreeMap::new(),
             window_overhead_mean_s: 0.0,
             steps: BTreeMap::new(),
+            revert: None,
         });
     }
     let before = counts(&listener);
@@ -411,6 +431,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         s.kernel_modules.push_str("-next");
     })?;
     clock.reset();
+    let forward_from = world.realisations();
     world.apply_all(&world.spec(&next)).await?;
     for p in progress.nodes.values_mut() {
         p.disrupted_for = Duration::ZERO;
@@ -438,6 +459,34 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let metrics = scrape(metrics_port).unwrap_or_default();
     let (rss_end, hwm) = rss_kib(pid).unwrap_or((0, 0));
     peak = peak.max(hwm);
+    // The rollout's per-node windows and steps, before a revert adds its own.
+    let finished = clock.finished();
+    let steps = clock.stats();
+    let revert = if opts.revert {
+        let before = world.realisations();
+        let t_revert = Instant::now();
+        world.apply_all(&world.spec(&first)).await?;
+        let mut revert_progress = Progress::default();
+        let mut revert_peak = 0u64;
+        follow(
+            &world,
+            &mut revert_progress,
+            &first,
+            opts.nodes,
+            opts.timeout,
+            &mut child,
+            pid,
+            &mut revert_peak,
+        )
+        .await?;
+        Some(BenchRevert {
+            seconds: t_revert.elapsed().as_secs_f64(),
+            realisations: world.realisations().saturating_sub(before),
+            forward_realisations: before.saturating_sub(forward_from),
+        })
+    } else {
+        None
+    };
     let _ = child.kill().await;
     let agent_idle = match world.nodes.first() {
         Some(n) => {
@@ -465,8 +514,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         .map(|p| p.disrupted_for.as_secs_f64())
         .sum::<f64>()
         / opts.nodes.max(1) as f64;
-    let windows: BTreeMap<String, NodeWindow> = clock
-        .finished()
+    let windows: BTreeMap<String, NodeWindow> = finished
         .into_iter()
         .filter_map(|(node, d)| {
             let window = d.uncordoned?.saturating_duration_since(d.cordoned?);
@@ -510,7 +558,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         },
         windows,
         window_overhead_mean_s,
-        steps: clock.stats(),
+        steps,
+        revert,
     })
 }
 

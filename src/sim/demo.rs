@@ -31,6 +31,10 @@ pub struct DemoOptions {
     /// NixOSPools: a canary, then two concurrent pools, one behind a health gate
     /// ([`crate::sim::demo_pools`]).
     pub pools: bool,
+    /// After the rollout, revert every node to the revision before (as a `git revert` of the
+    /// NixOSNode manifests would) and measure until all are `UpToDate` on it again, counting
+    /// the agents' `nix build`s (expected 0: the previous system stays pinned).
+    pub revert: bool,
     /// node-1 is a builder and the other nodes fetch from it ([`World::start_with_a_builder`]).
     pub builder: bool,
 }
@@ -44,6 +48,7 @@ impl Default for DemoOptions {
             hold: false,
             timeout: Duration::from_secs(180),
             pools: false,
+            revert: false,
             builder: false,
         }
     }
@@ -105,6 +110,28 @@ pub struct DemoSummary {
     /// Where the disruption time went, per step (mean and p99 over the nodes).
     pub steps: std::collections::BTreeMap<&'static str, StepStats>,
     pub nix: NixMode,
+    /// With `--revert`: the revert back to the first revision.
+    pub revert: Option<RevertSummary>,
+}
+
+/// The revert of `nixroll demo --revert`.
+#[derive(Clone, Debug)]
+pub struct RevertSummary {
+    /// The revision reverted to (the one the nodes ran before the rollout).
+    pub revision: String,
+    /// From the revert (every `spec.revision` set back) to every node `UpToDate` on it.
+    pub took: Duration,
+    /// `nix build`s and substitutions the agents ran for it.
+    pub realisations: usize,
+    /// … and for the forward rollout before it (one per node: each evaluates and builds).
+    pub forward_realisations: usize,
+}
+
+/// The forward rollout's figures, taken before a revert starts.
+struct Forward {
+    total: Duration,
+    disruption: Vec<(String, Duration)>,
+    steps: std::collections::BTreeMap<&'static str, StepStats>,
 }
 
 /// Run the demo; `shutdown` ends `--hold`.
@@ -185,6 +212,10 @@ pub async fn run(
     let mut target: Option<String> = None;
     let mut rollout_started = Instant::now();
     let mut secret_rv: Option<String> = None;
+    let mut forward: Option<Forward> = None;
+    // With --revert: when it started and the agents' realisations before it.
+    let mut reverting: Option<(Instant, usize)> = None;
+    let mut forward_from = 0;
     let mut evaluated_before = BTreeMap::new();
     // Everything the builder reported over the rollout (it drops a build from its report once
     // no node wants it any more).
@@ -235,6 +266,7 @@ pub async fn run(
                 }
                 evaluated_before = evaluations(&world);
                 builds_seen.clear();
+                forward_from = world.realisations();
                 apply_specs(&world, &next, secret_node.as_deref()).await?;
                 if opts.pools {
                     writeln!(
@@ -255,10 +287,45 @@ pub async fn run(
                 rollout_started = Instant::now();
                 target = Some(next);
             }
-            Some(t) if progress.converged(t, n) => break,
+            Some(t) if progress.converged(t, n) => {
+                if !opts.revert || reverting.is_some() {
+                    break;
+                }
+                // The forward rollout is done: keep its figures, then revert.
+                let total = rollout_started.elapsed();
+                let disruption = progress
+                    .nodes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.disrupted_for))
+                    .collect();
+                clock.wait_finished(n, Duration::from_secs(5)).await;
+                forward = Some(Forward {
+                    total,
+                    disruption,
+                    steps: clock.stats(),
+                });
+                if !opts.json {
+                    view.renderer.clear(&mut out)?;
+                    writeln!(
+                        err,
+                        "\nnixroll demo --revert: all nodes run {}; reverting every node to {} (the commit before)\n",
+                        crate::api::short_revision(t),
+                        crate::api::short_revision(&first)
+                    )?;
+                }
+                reverting = Some((Instant::now(), world.realisations()));
+                apply_specs(&world, &first, secret_node.as_deref()).await?;
+                target = Some(first.clone());
+            }
             _ => {}
         }
     }
+    let revert = reverting.map(|(at, before)| RevertSummary {
+        revision: first.clone(),
+        took: at.elapsed(),
+        realisations: world.realisations().saturating_sub(before),
+        forward_realisations: before.saturating_sub(forward_from),
+    });
     let total = rollout_started.elapsed();
     view.redraw(&mut out)?;
     let progress = view.progress;
@@ -267,21 +334,30 @@ pub async fn run(
 
     let t = &opts.world.timing;
     let simulated = t.reboot + t.pod_termination;
+    // With --revert, the rollout's figures are those of the forward rollout.
+    let (total, disruption, steps) = match forward {
+        Some(f) => (f.total, f.disruption, f.steps),
+        None => (
+            total,
+            progress
+                .nodes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.disrupted_for))
+                .collect::<Vec<_>>(),
+            clock.stats(),
+        ),
+    };
     let summary = DemoSummary {
         nodes: n,
         total,
-        disruption: progress
-            .nodes
+        overhead: disruption
             .iter()
-            .map(|(k, v)| (k.clone(), v.disrupted_for))
+            .map(|(k, d)| (k.clone(), d.saturating_sub(simulated)))
             .collect(),
-        overhead: progress
-            .nodes
-            .iter()
-            .map(|(k, v)| (k.clone(), v.disrupted_for.saturating_sub(simulated)))
-            .collect(),
-        steps: clock.stats(),
+        disruption,
+        steps,
         nix: world.nix_mode,
+        revert,
     };
     // On stderr, so that `--json`'s standard output stays one phase change per line.
     print_summary(&mut err, &summary, simulated, started.elapsed())?;
@@ -463,10 +539,11 @@ fn print_summary(
     writeln!(out)?;
     writeln!(
         out,
-        "nixroll demo: {} nodes rolled out in {:.1}s ({:.1}s including set-up)",
+        "nixroll demo: {} nodes rolled out in {:.1}s ({:.1}s including set-up{})",
         s.nodes,
         secs(s.total),
-        secs(wall)
+        secs(wall),
+        if s.revert.is_some() { " and the revert" } else { "" }
     )?;
     writeln!(
         out,
@@ -489,6 +566,17 @@ fn print_summary(
     )?;
     for line in crate::sim::steps::render(&s.steps) {
         writeln!(out, "{line}")?;
+    }
+    if let Some(r) = &s.revert {
+        writeln!(
+            out,
+            "nixroll demo --revert: all {} nodes UpToDate on {} again {:.1}s after the revert; `nix build`s and substitutions on the nodes for it: {} (for the rollout before it: {})",
+            s.nodes,
+            crate::api::short_revision(&r.revision),
+            secs(r.took),
+            r.realisations,
+            r.forward_realisations
+        )?;
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod bench_builders;
 pub mod cluster;
 pub mod controlplane;
+pub mod counting_nix;
 pub mod demo;
 pub mod demo_follow;
 pub mod demo_pools;

@@ -222,6 +222,8 @@ pub struct World {
     extra_flakes: Vec<String>,
     kubelets: JoinHandle<()>,
     dir: tempfile::TempDir,
+    /// `nix build`s and substitutions the agents ran ([`crate::sim::counting_nix`]).
+    realisations: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Whether `nix --version` runs here.
@@ -367,6 +369,7 @@ impl World {
             extra_flakes: Vec::new(),
             kubelets,
             dir,
+            realisations: Arc::default(),
         };
 
         // Hosts booted on the first revision.
@@ -421,6 +424,12 @@ impl World {
             world.nodes.push(node);
         }
         Ok(world)
+    }
+
+    /// How many `nix build`s (evaluations, builds) and substitutions the agents ran so far
+    /// (the set-up's installation of the first system not counted).
+    pub fn realisations(&self) -> usize {
+        self.realisations.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn nix_for(&self, host_root: Arc<dyn Host>, node: &str) -> Arc<dyn Nix> {
@@ -498,7 +507,10 @@ impl World {
             bare.with_private_nix_store()
         });
         let builder = self.builder.clone();
-        let nix = self.nix_for(host_root.clone(), &name);
+        let nix: Arc<dyn Nix> = Arc::new(crate::sim::counting_nix::CountingNix::new(
+            self.nix_for(host_root.clone(), &name),
+            self.realisations.clone(),
+        ));
         let shared_client = self.agents_client.clone();
         let agent_config = match &self.backend {
             WorldApi::External(ext) => Some(ext.agent.clone()),

@@ -4,6 +4,8 @@
 # /var/lib/nixroll-test/step; each step runs the unchanged agent host logic
 # (`nixroll host-step`: reconcile, with the grant the controller would give) and prints its
 # report and what systemd-boot says. The steps:
+# The agent reboots through `controller.sh reboot`, which first prints what the bootloader
+# will start (the one-shot entry set, the default unchanged).
 #   0  on the old system: grant Boot of the system that panics (boot once, reboot)
 #      -> that system panics, `panic=1` resets the machine, systemd-boot starts the default
 #   1  back on the old system: report (RolledBack); grant Boot of the good system
@@ -39,8 +41,18 @@ loader() {
 bootctl_list() {
   [ -e /boot/grub/grub.cfg ] || say "bootctl-list $(bootctl list --json=short --no-pager 2>&1 | tr '\n' ' ')"
 }
+# The agent's reboot command: what the bootloader will do, then reboot.
+if [ "${1:-}" = reboot ]; then
+  exec >/dev/console 2>&1
+  say "reboot"
+  loader
+  sync
+  exec reboot -f
+fi
 step_to() { echo "$1" > "$state/step.tmp" && mv "$state/step.tmp" "$state/step" && sync; }
-host_step() { say "report $(nixroll host-step "$@" 2>/dev/console)"; }
+host_step() {
+  say "report $(nixroll host-step --reboot-command "/bin/sh /nixroll-guest/controller.sh reboot" "$@" 2>/dev/console)"
+}
 say "step $step"
 loader
 bootctl_list
