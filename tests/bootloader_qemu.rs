@@ -16,7 +16,7 @@
 //! The same with GRUB (`grub-mkstandalone`, a `grub.cfg` with the header of NixOS's
 //! install-grub.pl that boots grubenv's `next_entry` once, `grub-reboot`).
 //!
-//! Needs qemu-system-x86, ovmf, systemd-boot, grub-efi-amd64-bin, grub2-common,
+//! Needs qemu-system-x86, ovmf, systemd-boot-efi, grub-efi-amd64-bin, grub2-common,
 //! busybox-static, mtools, dosfstools, fdisk, e2fsprogs and `apt-get download` of Debian's
 //! kernel (cached in /var/cache/nixroll-bootloader); skips without them, fails under `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -45,8 +45,8 @@ fn tools_present() -> bool {
         common::runs("qemu-system-x86_64", &["--version"]),
     ) && common::require("OVMF (apt-get install ovmf)", Path::new(OVMF_CODE).exists())
         && common::require(
-            "systemd-boot (apt-get install systemd-boot)",
-            Path::new(SYSTEMD_BOOT).exists() && common::runs("bootctl", &["--version"]),
+            "systemd-boot's EFI binary (apt-get install systemd-boot-efi; bootctl is unpacked from the systemd-boot package, not installed)",
+            Path::new(SYSTEMD_BOOT).exists(),
         )
         && common::require(
             "a static busybox (apt-get install busybox-static)",

@@ -39,7 +39,20 @@ if [ ! -d "$cache/kernel/boot" ]; then
   busybox depmod -b "$cache/kernel.tmp" "$(ls "$cache/kernel.tmp/lib/modules")"
   mv "$cache/kernel.tmp" "$cache/kernel"
 fi
+# bootctl for the guest, from Debian's systemd-boot package unpacked here, never installed: its
+# postinst would make systemd-boot the boot loader of the machine running the tests. The same
+# version as the installed systemd (bootctl links its private libsystemd-shared), else the
+# archive's.
+if [ ! -x "$cache/systemd-boot/usr/bin/bootctl" ]; then
+  rm -rf "$cache/systemd-boot" "$cache/sdboot-debs"
+  mkdir -p "$cache/sdboot-debs"
+  want=$(dpkg-query -W -f='${Version}' systemd)
+  (cd "$cache/sdboot-debs" && { apt-get download -q "systemd-boot=$want" 2>/dev/null || apt-get download -q systemd-boot; } 2>&1 | grep -v unsandboxed || true)
+  dpkg-deb -x "$(ls "$cache"/sdboot-debs/systemd-boot_*.deb)" "$cache/systemd-boot.tmp"
+  mv "$cache/systemd-boot.tmp" "$cache/systemd-boot"
+fi
 flock -u 9
+bootctl="$cache/systemd-boot/usr/bin/bootctl"
 kver=$(ls "$cache/kernel/lib/modules")
 moddir="$cache/kernel/lib/modules/$kver"
 vmlinuz="$cache/kernel/boot/vmlinuz-$kver"
@@ -77,8 +90,8 @@ mkdir -p "$root"/{bin,usr/bin,proc,sys,dev,run,boot,tmp,etc,var/lib/nixroll,nix/
 cp /bin/busybox "$root/bin/busybox"
 for a in $(busybox --list | grep -vx busybox); do ln -sf busybox "$root/bin/$a"; done
 strip -o "$root/usr/bin/nixroll" "$nixroll"
-exes=("$nixroll" /usr/bin/bootctl)
-cp /usr/bin/bootctl "$root/usr/bin/bootctl"
+exes=("$nixroll" "$bootctl")
+cp "$bootctl" "$root/usr/bin/bootctl"
 if [ "$loader" = grub ]; then
   mkdir -p "$root/usr/sbin" "$root/usr/share/grub"
   cp /usr/sbin/grub-reboot /usr/sbin/grub-probe "$root/usr/sbin/"
