@@ -236,3 +236,83 @@ async fn with_a_builder_nodes_wait_for_its_build_and_never_evaluate() {
     }
     c.stop().await;
 }
+
+/// No build starts on a builder inside its own disruption window: with the only builder
+/// cordoned (by an admin), its `status.builds` stays empty and the nodes wait, saying why;
+/// uncordoned, it gets the builds and the nodes queue for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_build_is_asked_of_a_cordoned_builder() {
+    let mut opts = common::world::fast_world(3, 0);
+    opts.nix = NixMode::Simulated;
+    let mut world = World::start(opts).await.unwrap();
+    let first = world.head().to_string();
+    world.apply_all(&world.spec(&first)).await.unwrap();
+    let c = world
+        .start_controller(ControllerConfig::new(&format!("test-{}", fastrand::u32(..))))
+        .await
+        .unwrap();
+    let all_on = |m: &BTreeMap<String, NixOSNode>| {
+        m.len() == 3
+            && m.values()
+                .all(|o| o.status.as_ref().and_then(|s| s.revision.as_deref()) == Some(first.as_str()))
+    };
+    wait_for(&world, "adoption", all_on).await;
+    let nodes: Api<Node> = Api::all(world.client.clone());
+    nodes
+        .patch(
+            "node-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"nixroll.io/builder": "true"}}, "spec": {"unschedulable": true}})),
+        )
+        .await
+        .unwrap();
+    let next = world
+        .commit("new kernel", |s| s.kernel.push_str("-next"))
+        .unwrap();
+    world.apply_all(&world.spec(&next)).await.unwrap();
+    let waiting = |o: &NixOSNode| {
+        o.status.as_ref().is_some_and(|s| {
+            s.target.as_ref().is_some_and(|t| t.revision == next)
+                && s.message
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("disruption window")
+        })
+    };
+    let seen = wait_for(&world, "nodes waiting for the cordoned builder", |m| {
+        m.len() == 3 && m.values().all(waiting)
+    })
+    .await;
+    assert!(
+        seen["node-1"].status.as_ref().unwrap().builds.is_empty(),
+        "a cordoned builder is asked to build"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api: Api<NixOSNode> = Api::all(world.client.clone());
+    assert!(api.get("node-1").await.unwrap().status.unwrap().builds.is_empty());
+
+    nodes
+        .patch(
+            "node-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": false}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        &world,
+        "the builder asked for 3 builds, the nodes queued for it",
+        |m| {
+            m.len() == 3
+                && m["node-1"].status.as_ref().is_some_and(|s| s.builds.len() == 3)
+                && m.values().all(|o| {
+                    o.status
+                        .as_ref()
+                        .and_then(|s| s.message.as_deref())
+                        .is_some_and(|msg| msg.contains("queued for builder node-1"))
+                })
+        },
+    )
+    .await;
+    c.stop().await;
+}

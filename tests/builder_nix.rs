@@ -820,6 +820,7 @@ async fn the_builder_agent_reads_its_key_from_a_secret_builds_and_serves() {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         url: url.clone(),
         cache: Default::default(),
+        push_to: None,
     };
     let rev = flake.head().to_string();
     let installable = flake.installable(&rev, "worker");
@@ -1002,4 +1003,96 @@ fn lines_in(dir: &str, file: &str) -> usize {
     std::fs::read_to_string(Path::new(dir).join(file))
         .map(|s| s.lines().count())
         .unwrap_or(0)
+}
+
+/// Push mode to a cache on shared storage (`--builder-push-to file:///DIR`): the builder writes
+/// each built closure into the directory, signed with the key it holds in memory (the key is not
+/// in any file there); a node whose only substituter is that directory (no builder cache)
+/// fetches the system, signatures required, and evaluates nothing; a node trusting another key
+/// refuses it and stages nothing.
+#[tokio::test]
+async fn the_builder_pushes_signed_closures_to_a_file_cache() {
+    use nixroll::api::{BuildRequest, BuildState};
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, SigningKey};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let bhost = ChrootHost::new(tmp.path().join("builder"));
+    let (sk_file, pk) = keypair(tmp.path(), "cluster-1");
+    let (_, other_pk) = keypair(tmp.path(), "other-1");
+    let secret = std::fs::read_to_string(&sk_file).unwrap();
+    let key = SigningKey::parse(&secret).unwrap();
+    let cache = BinaryCache::new(bhost.host.clone(), key, CacheOptions::default());
+    let shared = tmp.path().join("shared-cache");
+    let mut builder =
+        Builder::new(bhost.host.clone(), bhost.nix.clone(), cache).with_push_to(Some(shared.clone()));
+    let rev = flake.head().to_string();
+    let reports = builder
+        .run(&[BuildRequest {
+            installable: flake.installable(&rev, "worker"),
+            nodes: 1,
+            retry: None,
+        }])
+        .await;
+    assert_eq!(reports[0].state, BuildState::Built, "{reports:?}");
+    let system = reports[0].system.clone().unwrap();
+    assert!(
+        std::fs::read_to_string(shared.join("nix-cache-info"))
+            .unwrap()
+            .contains("StoreDir: /nix/store")
+    );
+    assert!(narinfo(&shared, &system).exists());
+    let secret_b64 = secret.trim().split_once(':').unwrap().1;
+    for e in std::fs::read_dir(&shared).unwrap().flatten() {
+        if e.path().is_file() {
+            let text = String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned();
+            assert!(
+                !text.contains(secret_b64),
+                "the secret key is in {}",
+                e.path().display()
+            );
+        }
+    }
+
+    let target = Target {
+        revision: rev.clone(),
+        installable: flake.installable(&rev, "worker"),
+        system: None,
+        build: Some(TargetBuild {
+            system: system.clone(),
+            builder: Some("builder".into()),
+            cache: None,
+            progress: None,
+        }),
+    };
+    let node_with = |dir: &str, trusted: &str| {
+        let node = ChrootHost::new(tmp.path().join(dir));
+        let agent = NodeAgent::new(
+            node.host.clone(),
+            node.nix.clone(),
+            HostOptions {
+                activation_timeout: Duration::from_secs(30),
+                result_poll: Duration::from_millis(10),
+                substitution: Substitution {
+                    substituters: vec![format!("file://{}", shared.display())],
+                    trusted_public_keys: vec![trusted.to_string()],
+                },
+                ..Default::default()
+            },
+        );
+        (node, agent)
+    };
+    let (node, mut agent) = node_with("node", &pk);
+    let st = agent.reconcile(Some(&target), None).await.unwrap();
+    assert!(st.last_error.is_none(), "{:?}", st.last_error);
+    assert_eq!(st.staged.unwrap().system, system);
+    assert!(node.derivations().is_empty(), "the node evaluated");
+
+    let (other, mut agent) = node_with("other", &other_pk);
+    let st = agent.reconcile(Some(&target), None).await.unwrap();
+    let err = st.last_error.expect("refused");
+    assert!(err.message.contains("refused to fetch"), "{}", err.message);
+    assert!(!other.has(&system), "{system} entered the node's store");
 }

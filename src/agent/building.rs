@@ -25,6 +25,9 @@ pub struct BuilderConfig {
     /// The URL other nodes fetch from (reported as `status.agent.cache`).
     pub url: String,
     pub cache: CacheOptions,
+    /// A `file://` binary cache (shared storage) every built closure is also written to,
+    /// signed (`--builder-push-to`).
+    pub push_to: Option<std::path::PathBuf>,
 }
 
 /// How long to wait before trying again to read the key or to bind the cache's address.
@@ -87,7 +90,7 @@ pub async fn run(
             tokio::time::sleep(RETRY).await;
         }
     });
-    let mut builder = Builder::new(host, nix, cache);
+    let mut builder = Builder::new(host, nix, cache).with_push_to(config.push_to.clone());
     loop {
         let wanted = requests.borrow_and_update().clone();
         reports.send_if_modified(|r| {

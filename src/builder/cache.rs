@@ -28,6 +28,12 @@ use crate::agent::host::Host;
 pub enum CacheError {
     #[error("cannot describe {path} for the cache: {message}")]
     Describe { path: String, message: String },
+    #[error("pushing {path} to file://{dir}: {message}")]
+    Push {
+        path: String,
+        dir: String,
+        message: String,
+    },
 }
 
 /// Tunables of the cache.
@@ -132,6 +138,64 @@ impl BinaryCache {
             index.extend(signed);
         }
         Ok(n)
+    }
+
+    /// Write the published closure `paths` into the binary cache directory `dir` (a `file://`
+    /// cache on shared storage): `nix-cache-info`, each path's signed `.narinfo` and its NAR
+    /// (uncompressed, written from the store's files as for a download, to a temporary file
+    /// then renamed, the narinfo last), so a reader never sees a narinfo without its NAR. Paths
+    /// already there are skipped. The key stays in memory: nothing but signatures is written.
+    pub fn export(&self, paths: &[NarInfo], dir: &Path) -> Result<usize, CacheError> {
+        let err = |path: &str, message: String| CacheError::Push {
+            path: path.to_string(),
+            dir: dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(dir.join("nar")).map_err(|e| err("nar/", e.to_string()))?;
+        let info = dir.join("nix-cache-info");
+        if !info.exists() {
+            std::fs::write(&info, "StoreDir: /nix/store\n")
+                .map_err(|e| err("nix-cache-info", e.to_string()))?;
+        }
+        let mut written = 0;
+        for p in paths {
+            let Some(entry) = self.lookup(p.hash_part()).filter(|e| e.info.path == p.path) else {
+                return Err(err(&p.path, "not published".into()));
+            };
+            let narinfo = dir.join(format!("{}.narinfo", p.hash_part()));
+            if narinfo.exists() {
+                continue;
+            }
+            let nar = dir.join(format!("nar/{}.nar", p.hash_part()));
+            let tmp = dir.join(format!("nar/.{}.nar.tmp", p.hash_part()));
+            let local = self.inner.host.fs_path(Path::new(&p.path));
+            let size = std::fs::File::create(&tmp)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    let mut w = std::io::BufWriter::new(f);
+                    let n = write_nar(&local, &mut w).map_err(|e| e.to_string())?;
+                    std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+                    Ok(n)
+                })
+                .map_err(|m| err(&p.path, m))?;
+            if size != entry.info.nar_size {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(err(
+                    &p.path,
+                    format!(
+                        "its NAR is {size} bytes, not the {} Nix recorded",
+                        entry.info.nar_size
+                    ),
+                ));
+            }
+            std::fs::rename(&tmp, &nar).map_err(|e| err(&p.path, e.to_string()))?;
+            let tmp = dir.join(format!(".{}.narinfo.tmp", p.hash_part()));
+            std::fs::write(&tmp, &entry.narinfo)
+                .and_then(|()| std::fs::rename(&tmp, &narinfo))
+                .map_err(|e| err(&p.path, e.to_string()))?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// Whether `path` is published.

@@ -38,6 +38,8 @@ pub struct Builder {
     started: usize,
     /// How many evaluations (`nix build` calls on installables) it ran.
     evaluations: usize,
+    /// A `file://` binary cache each built closure is also written to (`--builder-push-to`).
+    push_to: Option<std::path::PathBuf>,
 }
 
 impl Builder {
@@ -49,7 +51,14 @@ impl Builder {
             done: HashMap::new(),
             started: 0,
             evaluations: 0,
+            push_to: None,
         }
+    }
+
+    /// Also write each built closure, signed, into the `file://` cache at `dir`.
+    pub fn with_push_to(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.push_to = dir;
+        self
     }
 
     pub fn cache(&self) -> &BinaryCache {
@@ -167,7 +176,16 @@ impl Builder {
                 Ok(closure) => match self.cache.publish(&closure) {
                     Ok(n) => {
                         tracing::info!(%system, paths = n, "built and published");
-                        Ok(system)
+                        match &self.push_to {
+                            Some(dir) => match self.cache.export(&closure, dir) {
+                                Ok(w) => {
+                                    tracing::info!(%system, written = w, dir = %dir.display(), "pushed");
+                                    Ok(system)
+                                }
+                                Err(e) => Err(format!("built, but not pushed: {e}")),
+                            },
+                            None => Ok(system),
+                        }
                     }
                     Err(e) => Err(e.to_string()),
                 },

@@ -142,16 +142,18 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
         });
         let mut p = plan(&infos, wanted);
         let mine = p.remove(name.as_str()).unwrap_or_default();
-        if mine != decision.status.builds {
+        // Its plan changed (e.g. it left or entered its disruption window), or its agent's
+        // reports may have: every staging node of its system looks again.
+        let plan_changed = mine != decision.status.builds;
+        if plan_changed {
             decision.status.builds = mine;
         }
-        // Its agent's reports may have changed: every staging node of its system looks again.
         let reports_changed = obj
             .status
             .as_ref()
             .and_then(|s| s.agent.as_ref())
             .map(|a| &a.builds);
-        if reports_changed.is_some_and(|r| !r.is_empty()) {
+        if plan_changed || reports_changed.is_some_and(|r| !r.is_empty()) {
             let sys = nix_system(obj);
             for o in all.iter() {
                 if o.name_any() != name

@@ -186,7 +186,9 @@ pub async fn run(
     let mut rollout_started = Instant::now();
     let mut secret_rv: Option<String> = None;
     let mut evaluated_before = BTreeMap::new();
-    let mut staged = std::collections::BTreeSet::new();
+    // Everything the builder reported over the rollout (it drops a build from its report once
+    // no node wants it any more).
+    let mut builds_seen: BTreeMap<String, Vec<crate::api::BuildReport>> = BTreeMap::new();
     loop {
         let obj = match view.next(&mut out).await {
             Ok(obj) => obj,
@@ -200,6 +202,19 @@ pub async fn run(
         {
             view.renderer.clear(&mut out)?;
             writeln!(err, "{line}")?;
+        }
+        if let Some(a) = obj.status.as_ref().and_then(|s| s.agent.as_ref())
+            && !a.builds.is_empty()
+        {
+            let seen = builds_seen
+                .entry(obj.metadata.name.clone().unwrap_or_default())
+                .or_default();
+            for r in &a.builds {
+                match seen.iter_mut().find(|x| x.installable == r.installable) {
+                    Some(x) => *x = r.clone(),
+                    None => seen.push(r.clone()),
+                }
+            }
         }
         let progress = &mut view.progress;
         match &target {
@@ -218,17 +233,8 @@ pub async fn run(
                         crate::api::short_revision(&next)
                     )?;
                 }
-                if opts.builder {
-                    // Activating a fetched system on these hosts is not modelled (their chroot
-                    // stores' links point at /nix/store): the demo pauses admissions and ends
-                    // when every node has staged (fetched, or on node-1 built) the revision.
-                    pause_admissions(&world).await?;
-                    writeln!(
-                        err,
-                        "nixroll demo --builder: admissions paused (ConfigMap nixroll-pause); the demo ends when every node has staged {}",
-                        crate::api::short_revision(&next)
-                    )?;
-                }
+                evaluated_before = evaluations(&world);
+                builds_seen.clear();
                 apply_specs(&world, &next, secret_node.as_deref()).await?;
                 if opts.pools {
                     writeln!(
@@ -242,7 +248,6 @@ pub async fn run(
                     // The password manager rotated the key: only the file changes, live.
                     put_demo_secret(&world, node, b"demo-vpn-key-generation-2").await?;
                 }
-                evaluated_before = evaluations(&world);
                 clock.reset();
                 for p in progress.nodes.values_mut() {
                     p.disrupted_for = Duration::ZERO;
@@ -250,26 +255,7 @@ pub async fn run(
                 rollout_started = Instant::now();
                 target = Some(next);
             }
-            Some(t) if !opts.builder && progress.converged(t, n) => break,
-            Some(t) if opts.builder => {
-                if let Some(st) = obj.status.as_ref() {
-                    let name = obj.metadata.name.clone().unwrap_or_default();
-                    let staged_here = st.phase == Some(crate::api::Phase::Waiting)
-                        && st
-                            .agent
-                            .as_ref()
-                            .and_then(|a| a.staged.as_ref())
-                            .is_some_and(|x| &x.revision == t);
-                    if staged_here {
-                        staged.insert(name);
-                    } else {
-                        staged.remove(&name);
-                    }
-                }
-                if staged.len() == n {
-                    break;
-                }
-            }
+            Some(t) if progress.converged(t, n) => break,
             _ => {}
         }
     }
@@ -298,18 +284,19 @@ pub async fn run(
         nix: world.nix_mode,
     };
     // On stderr, so that `--json`'s standard output stays one phase change per line.
+    print_summary(&mut err, &summary, simulated, started.elapsed())?;
     if opts.builder {
-        writeln!(
-            err,
-            "\nnixroll demo --builder: {n} nodes staged the revision in {:.1}s ({:.1}s including set-up)",
-            total.as_secs_f64(),
-            started.elapsed().as_secs_f64()
-        )?;
-        for line in who_built(&world, &evaluated_before).await? {
+        let rev = target.clone().unwrap_or_default();
+        let this_rollout: BTreeMap<String, Vec<crate::api::BuildReport>> = builds_seen
+            .into_iter()
+            .map(|(b, rs)| {
+                let rs = rs.into_iter().filter(|r| r.installable.contains(&rev)).collect();
+                (b, rs)
+            })
+            .collect();
+        for line in who_built(&world, &evaluated_before, &this_rollout).await? {
             writeln!(err, "{line}")?;
         }
-    } else {
-        print_summary(&mut err, &summary, simulated, started.elapsed())?;
     }
     if opts.hold {
         writeln!(
@@ -529,20 +516,19 @@ fn evaluations(world: &World) -> BTreeMap<String, usize> {
 }
 
 /// Who built and who fetched in the rollout of `--builder`: the builder's reports, and for
-/// each node the system it runs, where it came from and how many systems it evaluated.
-async fn who_built(world: &World, before: &BTreeMap<String, usize>) -> Result<Vec<String>, DemoError> {
+/// each node the system it runs, where it came from and (for the others) how many systems it
+/// evaluated during the rollout.
+async fn who_built(
+    world: &World,
+    before: &BTreeMap<String, usize>,
+    builds_seen: &BTreeMap<String, Vec<crate::api::BuildReport>>,
+) -> Result<Vec<String>, DemoError> {
     let api: kube::Api<crate::api::NixOSNode> = kube::Api::all(world.client.clone());
     let objs = crate::sim::world::call("list the NixOSNodes", api.list(&Default::default())).await?;
     let after = evaluations(world);
-    let mut builder_reports = Vec::new();
-    for o in &objs.items {
-        if let Some(a) = o.status.as_ref().and_then(|s| s.agent.as_ref())
-            && !a.builds.is_empty()
-        {
-            builder_reports.push((o.metadata.name.clone().unwrap_or_default(), a.builds.clone()));
-        }
-    }
-    let mut lines = vec!["  who built and who fetched:".to_string()];
+    let builder_reports: Vec<(String, Vec<crate::api::BuildReport>)> =
+        builds_seen.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut lines = vec!["  who built and who fetched (this rollout):".to_string()];
     for (b, reports) in &builder_reports {
         let built = reports
             .iter()
@@ -556,12 +542,7 @@ async fn who_built(world: &World, before: &BTreeMap<String, usize>) -> Result<Ve
     for o in &objs.items {
         let name = o.metadata.name.clone().unwrap_or_default();
         let Some(st) = o.status.as_ref() else { continue };
-        let system = st
-            .agent
-            .as_ref()
-            .and_then(|a| a.staged.as_ref())
-            .map(|x| x.system.clone())
-            .unwrap_or_default();
+        let system = st.system.clone().unwrap_or_default();
         let from = builder_reports.iter().find_map(|(b, rs)| {
             rs.iter()
                 .any(|r| r.system.as_deref() == Some(system.as_str()))
@@ -573,28 +554,14 @@ async fn who_built(world: &World, before: &BTreeMap<String, usize>) -> Result<Ve
             .unwrap_or(0)
             .saturating_sub(before.get(&name).copied().unwrap_or(0));
         let how = match from {
-            Some(b) if b == name => "built it itself (the builder)".to_string(),
-            Some(b) => format!("fetched it from {b}"),
-            None => "built it itself (no builder)".to_string(),
+            Some(b) if b == name => "built it (the builder)".to_string(),
+            Some(b) => format!("fetched it from {b}; systems it evaluated: {evaluated}"),
+            None => format!("built it itself (no builder); systems it evaluated: {evaluated}"),
         };
         lines.push(format!(
-            "  {name:<10} staged {} — {how}; systems it evaluated: {evaluated}",
+            "  {name:<10} runs {} — {how}",
             crate::api::short_system(&system)
         ));
     }
     Ok(lines)
-}
-
-/// The cluster-wide pause switch (`kubectl -n nixroll-system create configmap nixroll-pause`).
-async fn pause_admissions(world: &World) -> Result<(), DemoError> {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    let api: Api<ConfigMap> = Api::namespaced(world.client.clone(), crate::names::NAMESPACE);
-    let mut cm = ConfigMap::default();
-    cm.metadata.name = Some(crate::names::PAUSE_CONFIGMAP.into());
-    crate::sim::world::call(
-        "create the pause ConfigMap",
-        api.create(&kube::api::PostParams::default(), &cm),
-    )
-    .await?;
-    Ok(())
 }

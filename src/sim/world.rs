@@ -478,6 +478,7 @@ impl World {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
             url: format!("http://127.0.0.1:{port}"),
             cache: crate::builder::CacheOptions::default(),
+            push_to: None,
         };
         Ok((config, public))
     }

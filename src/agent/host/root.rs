@@ -109,7 +109,24 @@ impl HostRoot {
     }
 
     fn command(&self, program: &OsString, args: &[OsString]) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new(program);
+        let nix = Path::new(program)
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with("nix"));
+        let mut c = if self.host_view_store && !nix {
+            // A chroot store's files are under DIR/nix/store, but its links (a system's `bin`,
+            // `kernel` …) point at /nix/store as on a real machine: run everything but Nix
+            // itself (which reaches the store through NIX_REMOTE) in a mount namespace of its
+            // own where DIR/nix/store is bind-mounted on /nix/store, so those links resolve.
+            // Private to the command: the machine's /nix/store is untouched.
+            let mut c = tokio::process::Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+                .arg("mount --bind \"$0\" /nix/store && exec \"$@\"")
+                .arg(self.dir.join("nix/store"))
+                .arg(program);
+            c
+        } else {
+            tokio::process::Command::new(program)
+        };
         c.args(args);
         c.env(HOST_ROOT_ENV, &self.dir);
         for (k, v) in &self.env {
