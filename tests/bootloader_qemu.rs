@@ -110,10 +110,7 @@ fn guest_lines(serial: &str) -> Vec<String> {
 /// The `nixroll-guest: KEY …` lines' rest, in order.
 fn said<'a>(lines: &'a [String], key: &str) -> Vec<&'a str> {
     let prefix = format!("nixroll-guest: {key} ");
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .collect()
+    lines.iter().filter_map(|l| l.strip_prefix(&prefix)).collect()
 }
 
 /// What one run of the scenario left: the guest's lines, the agent's reports, the old and
@@ -160,13 +157,26 @@ fn run_scenario(loader: &str) -> Run {
         .arg(SCENARIO_TIMEOUT.as_secs().to_string())
         .arg("qemu-system-x86_64")
         .args(["-machine", "q35", "-accel", "tcg", "-m", "1024", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-nic", "none"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+        ])
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", out.join("vars.fd").display()))
+        .arg(format!(
+            "if=pflash,format=raw,file={}",
+            out.join("vars.fd").display()
+        ))
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", out.join("disk.img").display()))
+        .arg(format!(
+            "file={},format=raw,if=virtio",
+            out.join("disk.img").display()
+        ))
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .output()
@@ -192,12 +202,22 @@ fn run_scenario(loader: &str) -> Run {
         .map(|l| l.split_whitespace().next().unwrap_or_default())
         .map(|s| s.trim_end_matches(':'))
         .collect();
-    assert_eq!(booted, [&old, &bad, &old, &good, &good], "the systems booted, in order");
+    assert_eq!(
+        booted,
+        [&old, &bad, &old, &good, &good],
+        "the systems booted, in order"
+    );
     let panic_at = lines.iter().position(|l| l.contains("Kernel panic")).unwrap();
-    let bad_at = lines.iter().position(|l| l.contains(&format!("booted {bad}"))).unwrap();
+    let bad_at = lines
+        .iter()
+        .position(|l| l.contains(&format!("booted {bad}")))
+        .unwrap();
     assert!(panic_at > bad_at, "the new system's boot panicked");
     assert_eq!(said(&lines, "step"), ["0", "1", "2", "3"]);
-    assert!(lines.iter().any(|l| l == "nixroll-guest: done"), "the scenario ran to its end");
+    assert!(
+        lines.iter().any(|l| l == "nixroll-guest: done"),
+        "the scenario ran to its end"
+    );
 
     // The agent's reports: one per step before its grant (a Boot grant ends in the reboot,
     // so it prints none), and the bless's: step 0 | step 1 (after the panic) | step 2 (the
@@ -209,7 +229,10 @@ fn run_scenario(loader: &str) -> Run {
     assert_eq!(reports.len(), 5, "{reports:?}");
     let after_panic = &reports[1];
     let act = after_panic.activation.as_ref().unwrap();
-    assert_eq!((act.id.as_str(), act.state), ("boot-bad", ActivationState::Rebooted));
+    assert_eq!(
+        (act.id.as_str(), act.state),
+        ("boot-bad", ActivationState::Rebooted)
+    );
     assert!(act.boot_once.is_some(), "the new system was booted once");
     assert_eq!(
         after_panic.booted_system.as_deref(),
@@ -221,7 +244,10 @@ fn run_scenario(loader: &str) -> Run {
 
     let once = &reports[2];
     let act = once.activation.as_ref().unwrap();
-    assert_eq!((act.id.as_str(), act.state), ("boot-good", ActivationState::Rebooted));
+    assert_eq!(
+        (act.id.as_str(), act.state),
+        ("boot-good", ActivationState::Rebooted)
+    );
     assert!(act.boot_once.is_some());
     assert_eq!(once.booted_system.as_deref(), Some(good.as_str()));
     assert_eq!(
@@ -232,7 +258,10 @@ fn run_scenario(loader: &str) -> Run {
 
     let blessed = &reports[3];
     let act = blessed.activation.as_ref().unwrap();
-    assert_eq!((act.id.as_str(), act.state), ("bless-good", ActivationState::Blessed));
+    assert_eq!(
+        (act.id.as_str(), act.state),
+        ("bless-good", ActivationState::Blessed)
+    );
     assert_eq!(blessed.default_system.as_deref(), Some(good.as_str()));
 
     let last = &reports[4];
@@ -277,11 +306,25 @@ fn systemd_boot_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default()
         .filter(|l| l.contains("the new system boots once"))
         .collect();
     assert_eq!(oneshot.len(), 2, "{oneshot:?}");
-    assert!(oneshot[0].contains("entry=systemd-boot nixos-generation-2.conf"), "{}", oneshot[0]);
-    assert!(oneshot[1].contains("entry=systemd-boot nixos-generation-3.conf"), "{}", oneshot[1]);
+    assert!(
+        oneshot[0].contains("entry=systemd-boot nixos-generation-2.conf"),
+        "{}",
+        oneshot[0]
+    );
+    assert!(
+        oneshot[1].contains("entry=systemd-boot nixos-generation-3.conf"),
+        "{}",
+        oneshot[1]
+    );
     let boot_once = |i: usize| run.reports[i].activation.as_ref().unwrap().boot_once.clone();
-    assert_eq!(boot_once(1).as_deref(), Some("systemd-boot nixos-generation-2.conf"));
-    assert_eq!(boot_once(2).as_deref(), Some("systemd-boot nixos-generation-3.conf"));
+    assert_eq!(
+        boot_once(1).as_deref(),
+        Some("systemd-boot nixos-generation-2.conf")
+    );
+    assert_eq!(
+        boot_once(2).as_deref(),
+        Some("systemd-boot nixos-generation-3.conf")
+    );
 }
 
 #[test]
@@ -308,7 +351,15 @@ fn grub_boots_a_new_entry_once_and_the_bless_step_makes_it_the_default() {
         ]
     );
     // grub-reboot got the entry whose `linux` line boots the system, as SUBMENU>ENTRY.
-    let boot_once = |i: usize| run.reports[i].activation.as_ref().unwrap().boot_once.clone().unwrap();
+    let boot_once = |i: usize| {
+        run.reports[i]
+            .activation
+            .as_ref()
+            .unwrap()
+            .boot_once
+            .clone()
+            .unwrap()
+    };
     for (i, generation) in [(1, 2), (2, 3)] {
         let want = format!("GRUB NixOS - All configurations>NixOS - Configuration {generation} (");
         assert!(boot_once(i).starts_with(&want), "{}", boot_once(i));

@@ -189,7 +189,11 @@ pub fn systemd_boot_entry(json: &str, system: &str) -> Result<String, Bootloader
         match value.map_err(|e| BootloaderError::Parse(e.to_string()))? {
             serde_json::Value::Array(a) => entries.extend(a),
             v @ serde_json::Value::Object(_) => entries.push(v),
-            _ => return Err(BootloaderError::Parse("neither a JSON array nor JSON objects".into())),
+            _ => {
+                return Err(BootloaderError::Parse(
+                    "neither a JSON array nor JSON objects".into(),
+                ));
+            }
         }
     }
     let options = |e: &serde_json::Value| -> String {

@@ -337,6 +337,24 @@ impl Host for RealHost {
         })
     }
 
+    /// Not in a transient unit: systemd starts a unit's process itself, so it would not
+    /// inherit `stdin` (the in-memory key file of a push). `nsenter` into the host's mount,
+    /// UTS, IPC and network namespaces, a direct child of the agent, in the pod's cgroup,
+    /// killed on the timeout.
+    fn run_with_stdin(
+        &self,
+        cmd: HostCommand,
+        stdin: std::fs::File,
+    ) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        Box::pin(async move {
+            let display = cmd.display();
+            let env = self.environment();
+            let program = cmd.program.to_string_lossy().into_owned();
+            let command = self.direct(&program, &cmd.args, &env);
+            super::run_child_with_stdin(command, display, cmd.timeout, stdin.into()).await
+        })
+    }
+
     fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>> {
         Box::pin(async move {
             let env = self.environment();
