@@ -227,6 +227,7 @@ fn fetch_target(flake: &TestFlake, rev: &str, host: &str, system: &str, cache: &
             builder: Some("builder".into()),
             cache: Some(cache.to_string()),
             progress: None,
+            built_at: None,
         }),
     }
 }
@@ -1065,6 +1066,7 @@ async fn the_builder_pushes_signed_closures_to_a_file_cache() {
             builder: Some("builder".into()),
             cache: None,
             progress: None,
+            built_at: None,
         }),
     };
     let node_with = |dir: &str, trusted: &str| {
@@ -1329,6 +1331,7 @@ async fn the_builder_pushes_with_nix_copy_to_file_and_http_caches_the_key_in_mem
             builder: Some("builder".into()),
             cache: None,
             progress: None,
+            built_at: None,
         }),
     };
     let node_with = |dir: &str, substituter: String, trusted: &str| {
