@@ -238,7 +238,7 @@ fn new_revision_starts_staging_with_installable() {
 /// when the build was reported built, i.e. it bounds the fetch.
 #[test]
 fn staging_timeout_counts_from_the_build_not_while_the_builder_builds() {
-    let timeout = Policy::default().timeouts.staging.as_secs() as i64;
+    let timeout = Policy::default().timeouts.staging.as_secs();
     let mut n = mk_node("n1");
     n.step(false, None, at(0));
     assert_eq!(n.phase(), Phase::Staging);
