@@ -534,6 +534,30 @@ exec "$@"
         }
     }
 
+    /// A command given a file (the push's in-memory key) runs as a direct child through
+    /// `nsenter`, not in a transient unit (which would not inherit it), and reads the file as
+    /// `/proc/self/fd/0`; the file's content is on no command line.
+    #[tokio::test]
+    async fn a_command_with_a_file_runs_directly_and_reads_it_as_fd_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = fake(dir.path());
+        let secret = crate::builder::SigningKey::generate_secret("k-1").unwrap();
+        let key = crate::builder::SigningKey::parse(&secret).unwrap();
+        let file = crate::builder::key_memfd(&key).unwrap();
+        let out = host
+            .run_with_stdin(
+                HostCommand::new("cat", Duration::from_secs(10)).arg("/proc/self/fd/0"),
+                file,
+            )
+            .await
+            .unwrap();
+        assert!(out.success(), "{out:?}");
+        assert_eq!(out.stdout, secret);
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(calls.trim(), "-t 1 -m -u -i -n -- cat /proc/self/fd/0");
+        assert!(!calls.contains(secret.split_once(':').unwrap().1));
+    }
+
     #[tokio::test]
     async fn an_existing_activation_unit_counts_as_launched() {
         let dir = tempfile::tempdir().unwrap();
