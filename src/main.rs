@@ -498,11 +498,11 @@ struct AgentArgs {
     /// With --builder: the URL other nodes fetch from (e.g. http://NODE_IP:5080).
     #[arg(long, env = "NIXROLL_CACHE_URL", value_name = "URL")]
     cache_url: Option<String>,
-    /// With --builder: also write every built closure, signed, into this binary cache on
-    /// shared storage (`file:///DIR`; the key stays in memory, so s3:// and http(s):// are not
-    /// supported: docs/builder.md).
-    #[arg(long, env = "NIXROLL_BUILDER_PUSH_TO", value_name = "URL", requires = "builder", value_parser = parse_file_url)]
-    builder_push_to: Option<std::path::PathBuf>,
+    /// With --builder: also push every built closure, signed, to this binary cache
+    /// (`file:///DIR` written by nixroll; `http(s)://…`, `s3://…` with `nix copy`, the key in
+    /// an in-memory file: docs/builder.md).
+    #[arg(long, env = "NIXROLL_BUILDER_PUSH_TO", value_name = "URL", requires = "builder", value_parser = nixroll::builder::PushTo::parse)]
+    builder_push_to: Option<nixroll::builder::PushTo>,
     /// Staged systems kept pinned (GC roots), the current target included: reverting to one
     /// of them needs no evaluation or build. At least 1.
     #[arg(long, env = "NIXROLL_KEEP_STAGED", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
@@ -661,16 +661,6 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `file:///DIR` → `/DIR`; other schemes are refused with the reason.
-fn parse_file_url(s: &str) -> Result<std::path::PathBuf, String> {
-    match s.strip_prefix("file://") {
-        Some(p) if p.starts_with('/') => Ok(std::path::PathBuf::from(p)),
-        _ => Err(format!(
-            "only file:///DIR is supported (the builder writes the signed cache itself; pushing to s3:// or http(s):// needs `nix copy` with the key in a file, which nixroll avoids): {s:?}"
-        )),
-    }
 }
 
 fn parse_max_unavailable(s: &str) -> Result<nixroll::rollout::MaxUnavailable, String> {

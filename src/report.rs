@@ -545,6 +545,7 @@ mod tests {
                     build: progress.map(|p| TargetBuild {
                         builder: Some("node-1".into()),
                         progress: Some(p),
+                        built_at: None,
                         ..Default::default()
                     }),
                     ..Default::default()

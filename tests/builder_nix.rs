@@ -227,6 +227,7 @@ fn fetch_target(flake: &TestFlake, rev: &str, host: &str, system: &str, cache: &
             builder: Some("builder".into()),
             cache: Some(cache.to_string()),
             progress: None,
+            built_at: None,
         }),
     }
 }
@@ -1013,7 +1014,7 @@ fn lines_in(dir: &str, file: &str) -> usize {
 #[tokio::test]
 async fn the_builder_pushes_signed_closures_to_a_file_cache() {
     use nixroll::api::{BuildRequest, BuildState};
-    use nixroll::builder::{BinaryCache, Builder, CacheOptions, SigningKey};
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, PushTo, SigningKey};
     if !common::require_nix() {
         return;
     }
@@ -1026,8 +1027,8 @@ async fn the_builder_pushes_signed_closures_to_a_file_cache() {
     let key = SigningKey::parse(&secret).unwrap();
     let cache = BinaryCache::new(bhost.host.clone(), key, CacheOptions::default());
     let shared = tmp.path().join("shared-cache");
-    let mut builder =
-        Builder::new(bhost.host.clone(), bhost.nix.clone(), cache).with_push_to(Some(shared.clone()));
+    let mut builder = Builder::new(bhost.host.clone(), bhost.nix.clone(), cache)
+        .with_push_to(Some(PushTo::Dir(shared.clone())));
     let rev = flake.head().to_string();
     let reports = builder
         .run(&[BuildRequest {
@@ -1065,6 +1066,7 @@ async fn the_builder_pushes_signed_closures_to_a_file_cache() {
             builder: Some("builder".into()),
             cache: None,
             progress: None,
+            built_at: None,
         }),
     };
     let node_with = |dir: &str, trusted: &str| {
@@ -1091,6 +1093,275 @@ async fn the_builder_pushes_signed_closures_to_a_file_cache() {
     assert!(node.derivations().is_empty(), "the node evaluated");
 
     let (other, mut agent) = node_with("other", &other_pk);
+    let st = agent.reconcile(Some(&target), None).await.unwrap();
+    let err = st.last_error.expect("refused");
+    assert!(err.message.contains("refused to fetch"), "{}", err.message);
+    assert!(!other.has(&system), "{system} entered the node's store");
+}
+
+/// Records the command lines of [`Host::run_with_stdin`] (the `nix copy` of a push) and passes
+/// everything on.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn Host>,
+    argv: std::sync::Mutex<Vec<String>>,
+}
+
+impl Host for Recording {
+    fn fs_path(&self, p: &Path) -> PathBuf {
+        self.inner.fs_path(p)
+    }
+    fn cmd_path(&self, p: &Path) -> PathBuf {
+        self.inner.cmd_path(p)
+    }
+    fn host_path(&self, p: &Path) -> Option<PathBuf> {
+        self.inner.host_path(p)
+    }
+    fn display_path(&self, p: &Path) -> PathBuf {
+        self.inner.display_path(p)
+    }
+    fn run(
+        &self,
+        cmd: nixroll::agent::host::HostCommand,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<nixroll::agent::host::CommandOutput, nixroll::agent::host::HostError>,
+    > {
+        self.inner.run(cmd)
+    }
+    fn run_with_stdin(
+        &self,
+        cmd: nixroll::agent::host::HostCommand,
+        stdin: std::fs::File,
+    ) -> futures::future::BoxFuture<
+        '_,
+        Result<nixroll::agent::host::CommandOutput, nixroll::agent::host::HostError>,
+    > {
+        let mut line = vec![cmd.program.to_string_lossy().into_owned()];
+        line.extend(cmd.args.iter().map(|a| a.to_string_lossy().into_owned()));
+        self.argv.lock().unwrap().push(line.join(" "));
+        self.inner.run_with_stdin(cmd, stdin)
+    }
+    fn spawn_detached(
+        &self,
+        job: nixroll::agent::host::DetachedJob,
+    ) -> futures::future::BoxFuture<'_, Result<(), nixroll::agent::host::HostError>> {
+        self.inner.spawn_detached(job)
+    }
+    fn reboot(&self) -> futures::future::BoxFuture<'_, Result<(), nixroll::agent::host::HostError>> {
+        self.inner.reboot()
+    }
+}
+
+/// A tiny HTTP binary cache on 127.0.0.1 that Nix can upload to: `PUT` stores a file (Nix's
+/// http binary cache store uploads `nix-cache-info`, `*.narinfo` and `nar/*` with PUT), `GET`
+/// and `HEAD` serve it. Files are kept in memory.
+async fn serve_upload_cache() -> (
+    String,
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+) {
+    use axum::http::{Method, StatusCode, Uri};
+    let files: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let store = files.clone();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: axum::body::Bytes| {
+        let store = store.clone();
+        async move {
+            let key = uri.path().trim_start_matches('/').to_string();
+            let mut files = store.lock().unwrap();
+            if method == Method::PUT {
+                files.insert(key, body.to_vec());
+                return Ok(Vec::new());
+            }
+            match files.get(&key) {
+                Some(_) if method == Method::HEAD => Ok(Vec::new()),
+                Some(b) => Ok(b.clone()),
+                None => Err(StatusCode::NOT_FOUND),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), files)
+}
+
+/// Every file under `dir` (recursively, symlinks not followed).
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            files_under(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+/// Push mode with `nix copy --to` (`--builder-push-to http://…`, and `file:///DIR?…`): the key
+/// reaches Nix as a sealed in-memory file (`secret-key=/proc/self/fd/0`), never in a file nor on
+/// a command line; Nix signs every narinfo it uploads; a node whose only substituter is that
+/// cache fetches the system with signatures required and evaluates nothing; a node trusting
+/// another key refuses it.
+#[tokio::test]
+async fn the_builder_pushes_with_nix_copy_to_file_and_http_caches_the_key_in_memory_only() {
+    use nixroll::api::{BuildRequest, BuildState};
+    use nixroll::builder::{BinaryCache, Builder, CacheOptions, PushTo, SigningKey};
+    if !common::require_nix() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let flake = TestFlake::create(tmp.path().join("flake"), &["worker"]).unwrap();
+    let bhost = ChrootHost::new(tmp.path().join("builder"));
+    // The key is made in memory: no file of this test ever holds it.
+    let secret = SigningKey::generate_secret("cluster-push-1").unwrap();
+    let secret_b64 = secret.split_once(':').unwrap().1.to_string();
+    let other_pk = SigningKey::parse(&SigningKey::generate_secret("other-1").unwrap())
+        .unwrap()
+        .public_key();
+    let (http_url, uploaded) = serve_upload_cache().await;
+    let file_cache = tmp.path().join("file-cache");
+    let rev = flake.head().to_string();
+
+    // Watch every process's command line while the pushes run.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let needle = secret_b64.clone();
+        std::thread::spawn(move || {
+            let mut seen: Vec<String> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(b) = std::fs::read(e.path().join("cmdline")) {
+                        let line = String::from_utf8_lossy(&b).replace('\0', " ");
+                        if line.contains("copy") || line.contains(&needle) {
+                            seen.push(line);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            seen
+        })
+    };
+    let mut argvs = Vec::new();
+    let mut systems = Vec::new();
+    for to in [
+        PushTo::NixCopy(format!("file://{}?compression=none", file_cache.display())),
+        PushTo::NixCopy(http_url.clone()),
+    ] {
+        let rec = Arc::new(Recording {
+            inner: bhost.host.clone(),
+            argv: Default::default(),
+        });
+        let key = SigningKey::parse(&secret).unwrap();
+        let cache = BinaryCache::new(rec.clone(), key, CacheOptions::default());
+        let mut builder = Builder::new(rec.clone(), bhost.nix.clone(), cache).with_push_to(Some(to.clone()));
+        let reports = builder
+            .run(&[BuildRequest {
+                installable: flake.installable(&rev, "worker"),
+                nodes: 1,
+                retry: None,
+            }])
+            .await;
+        assert_eq!(reports[0].state, BuildState::Built, "{to:?}: {reports:?}");
+        systems.push(reports[0].system.clone().unwrap());
+        let argv = rec.argv.lock().unwrap().clone();
+        assert_eq!(argv.len(), 1, "one nix copy: {argv:?}");
+        assert!(argv[0].contains(" copy --to "), "{argv:?}");
+        assert!(argv[0].contains("secret-key=/proc/self/fd/0"), "{argv:?}");
+        argvs.extend(argv);
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    let system = systems[0].clone();
+    assert_eq!(systems[1], system);
+    for line in argvs.iter().chain(&seen) {
+        assert!(
+            !line.contains(&secret_b64),
+            "the secret key on a command line: {line}"
+        );
+    }
+
+    // Nix signed what it wrote, with the builder's key; the key is in no file.
+    let base = Path::new(&system)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let narinfo_name = format!("{}.narinfo", &base[..32]);
+    let file_narinfo = std::fs::read_to_string(file_cache.join(&narinfo_name)).unwrap();
+    assert!(file_narinfo.contains("Sig: cluster-push-1:"), "{file_narinfo}");
+    {
+        let files = uploaded.lock().unwrap();
+        let http_narinfo =
+            String::from_utf8_lossy(files.get(&narinfo_name).expect("narinfo uploaded")).into_owned();
+        assert!(http_narinfo.contains("Sig: cluster-push-1:"), "{http_narinfo}");
+        assert!(files.keys().any(|k| k.starts_with("nar/")), "{:?}", files.keys());
+        for (name, body) in files.iter() {
+            assert!(
+                !String::from_utf8_lossy(body).contains(&secret_b64),
+                "the secret key was uploaded in {name}"
+            );
+        }
+    }
+    let mut all = Vec::new();
+    files_under(tmp.path(), &mut all);
+    assert!(all.len() > 10, "{all:?}");
+    for f in &all {
+        let bytes = std::fs::read(f).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&secret_b64),
+            "the secret key is in {}",
+            f.display()
+        );
+    }
+
+    let pk = SigningKey::parse(&secret).unwrap().public_key();
+    let target = Target {
+        revision: rev.clone(),
+        installable: flake.installable(&rev, "worker"),
+        system: None,
+        build: Some(TargetBuild {
+            system: system.clone(),
+            builder: Some("builder".into()),
+            cache: None,
+            progress: None,
+            built_at: None,
+        }),
+    };
+    let node_with = |dir: &str, substituter: String, trusted: &str| {
+        let node = ChrootHost::new(tmp.path().join(dir));
+        let agent = NodeAgent::new(
+            node.host.clone(),
+            node.nix.clone(),
+            HostOptions {
+                activation_timeout: Duration::from_secs(30),
+                result_poll: Duration::from_millis(10),
+                substitution: Substitution {
+                    substituters: vec![substituter],
+                    trusted_public_keys: vec![trusted.to_string()],
+                },
+                ..Default::default()
+            },
+        );
+        (node, agent)
+    };
+    for (dir, url) in [
+        ("node-file", format!("file://{}", file_cache.display())),
+        ("node-http", http_url.clone()),
+    ] {
+        let (node, mut agent) = node_with(dir, url.clone(), &pk);
+        let st = agent.reconcile(Some(&target), None).await.unwrap();
+        assert!(st.last_error.is_none(), "{url}: {:?}", st.last_error);
+        assert_eq!(st.staged.unwrap().system, system);
+        assert!(node.derivations().is_empty(), "the node evaluated");
+    }
+    let (other, mut agent) = node_with("other", http_url.clone(), &other_pk);
     let st = agent.reconcile(Some(&target), None).await.unwrap();
     let err = st.last_error.expect("refused");
     assert!(err.message.contains("refused to fetch"), "{}", err.message);

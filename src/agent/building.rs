@@ -25,9 +25,9 @@ pub struct BuilderConfig {
     /// The URL other nodes fetch from (reported as `status.agent.cache`).
     pub url: String,
     pub cache: CacheOptions,
-    /// A `file://` binary cache (shared storage) every built closure is also written to,
-    /// signed (`--builder-push-to`).
-    pub push_to: Option<std::path::PathBuf>,
+    /// A binary cache every built closure is also pushed to, signed (`--builder-push-to`:
+    /// `file:///DIR` written by nixroll, other URLs with `nix copy`).
+    pub push_to: Option<crate::builder::PushTo>,
 }
 
 /// How long to wait before trying again to read the key or to bind the cache's address.

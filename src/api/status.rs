@@ -176,6 +176,10 @@ pub struct TargetBuild {
     /// `Staged`, or `Failed` (on the builder). The `Build` column of `kubectl get nixosnodes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<BuildProgress>,
+    /// When the builder reported it built: the node's staging timeout counts from here (or
+    /// from the phase start, if later), not while it waits for the build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_at: Option<Time>,
 }
 
 /// Where a node's system is on its way from the builder (`status.target.build.progress`).

@@ -113,6 +113,11 @@ impl BinaryCache {
         self.inner.key.public_key()
     }
 
+    /// The signing key (for `nix copy` pushes: `push.rs`).
+    pub(crate) fn key(&self) -> &SigningKey {
+        &self.inner.key
+    }
+
     pub fn stats(&self) -> &CacheStats {
         &self.inner.stats
     }

@@ -17,6 +17,9 @@ pub enum KeyError {
 pub struct SigningKey {
     name: String,
     pair: Ed25519KeyPair,
+    /// The seed, kept (zeroed on drop) only to hand the key to `nix copy` through an
+    /// in-memory file ([`SigningKey::nix_secret`], `push.rs`).
+    seed: zeroize::Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -44,10 +47,23 @@ impl SigningKey {
                 name: name.to_string(),
             }
         })?;
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&bytes[..32]);
+        let bytes = zeroize::Zeroizing::new(bytes);
+        drop(bytes);
         Ok(SigningKey {
             name: name.to_string(),
             pair,
+            seed,
         })
+    }
+
+    /// The key again in Nix's secret-key text (`name:base64(seed ‖ public key)`), for the
+    /// in-memory file `nix copy` reads it from; zeroed when dropped. Never log it.
+    pub fn nix_secret(&self) -> zeroize::Zeroizing<String> {
+        let mut bytes = zeroize::Zeroizing::new(self.seed.to_vec());
+        bytes.extend_from_slice(self.pair.public_key().as_ref());
+        zeroize::Zeroizing::new(format!("{}:{}", self.name, STANDARD.encode(bytes.as_slice())))
     }
 
     /// A new key pair named `name`, as Nix's secret-key text (`name:base64(seed ‖ public
@@ -102,6 +118,7 @@ mod tests {
         let secret = format!("cache-1:{}", STANDARD.encode(&bytes));
         let key = SigningKey::parse(&secret).unwrap();
         assert_eq!(key.name(), "cache-1");
+        assert_eq!(key.nix_secret().as_str(), secret);
         assert!(!format!("{key:?}").contains(&STANDARD.encode(&bytes)));
         let sig = key.sign("1;/nix/store/x;sha256:0;1;");
         let (name, b64) = sig.split_once(':').unwrap();

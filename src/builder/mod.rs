@@ -8,17 +8,21 @@
 //!   streamed in bounded chunks (no process, no temporary file).
 //! * `cache.rs`: the HTTP binary cache (`nix-cache-info`, `<hash>.narinfo`, `nar/<hash>.nar`)
 //!   serving only the closures the builder published, with bounded concurrency.
+//! * `push.rs`: `--builder-push-to`: a `file:///DIR` written by nixroll, any other cache by
+//!   `nix copy` with the key in a sealed in-memory file (never on disk or a command line).
 
 mod cache;
 mod key;
 mod nar;
 mod narinfo;
+mod push;
 mod role;
 
 pub use cache::{BinaryCache, CacheError, CacheOptions, CacheStats};
 pub use key::{KeyError, SigningKey};
 pub use nar::{NarError, write_nar};
 pub use narinfo::{NarInfo, nix_base32, sri_to_nix32};
+pub use push::{PUSH_TIMEOUT, PushError, PushTo, key_memfd, nix_copy, url_with_key_fd};
 pub use role::{BUILDS_DIR, Builder, root_name};
 
 /// The Nix system of the machine the agent runs on (`x86_64-linux`, `aarch64-linux`): the agent

@@ -19,6 +19,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::BinaryCache;
+use super::push::{PushTo, nix_copy};
 use crate::agent::host::Host;
 use crate::api::{BuildReport, BuildRequest, BuildState};
 use crate::nix::Nix;
@@ -38,8 +39,8 @@ pub struct Builder {
     started: usize,
     /// How many evaluations (`nix build` calls on installables) it ran.
     evaluations: usize,
-    /// A `file://` binary cache each built closure is also written to (`--builder-push-to`).
-    push_to: Option<std::path::PathBuf>,
+    /// A binary cache each built closure is also pushed to (`--builder-push-to`).
+    push_to: Option<PushTo>,
 }
 
 impl Builder {
@@ -55,9 +56,9 @@ impl Builder {
         }
     }
 
-    /// Also write each built closure, signed, into the `file://` cache at `dir`.
-    pub fn with_push_to(mut self, dir: Option<std::path::PathBuf>) -> Self {
-        self.push_to = dir;
+    /// Also push each built closure, signed, to `to` (`push.rs`).
+    pub fn with_push_to(mut self, to: Option<PushTo>) -> Self {
+        self.push_to = to;
         self
     }
 
@@ -177,13 +178,29 @@ impl Builder {
                     Ok(n) => {
                         tracing::info!(%system, paths = n, "built and published");
                         match &self.push_to {
-                            Some(dir) => match self.cache.export(&closure, dir) {
+                            Some(PushTo::Dir(dir)) => match self.cache.export(&closure, dir) {
                                 Ok(w) => {
                                     tracing::info!(%system, written = w, dir = %dir.display(), "pushed");
                                     Ok(system)
                                 }
                                 Err(e) => Err(format!("built, but not pushed: {e}")),
                             },
+                            Some(to @ PushTo::NixCopy(url)) => {
+                                match nix_copy(
+                                    self.host.as_ref(),
+                                    url,
+                                    std::slice::from_ref(&system),
+                                    self.cache.key(),
+                                )
+                                .await
+                                {
+                                    Ok(()) => {
+                                        tracing::info!(%system, to = %to.display(), "pushed with nix copy");
+                                        Ok(system)
+                                    }
+                                    Err(e) => Err(format!("built, but not pushed: {e}")),
+                                }
+                            }
                             None => Ok(system),
                         }
                     }

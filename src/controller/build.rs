@@ -229,6 +229,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                 builder: Some(builder),
                 cache: None,
                 progress: at,
+                built_at: None,
             });
             decision.status.message = Some(message);
         }
@@ -238,6 +239,7 @@ pub(super) fn with_builds(ctx: &Context, obj: &NixOSNode, mut decision: Decision
                 builder: Some(builder),
                 cache: None,
                 progress: at,
+                built_at: None,
             });
             decision.status.message = Some(message);
         }

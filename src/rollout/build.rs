@@ -163,6 +163,7 @@ pub fn fetch_for(w: &Wanted<'_>, builders: &[BuilderInfo<'_>]) -> Fetch {
                 builder: Some(b.name.to_string()),
                 cache: b.cache.map(str::to_string),
                 progress: None,
+                built_at: Some(r.at.clone()),
             }),
             None => Fetch::Waiting {
                 builder: b.name.to_string(),

@@ -40,6 +40,7 @@ rows! {
     AlreadyRunning => "Staging: the staged system already runs, no slot -> UpToDate",
     AlreadyRunningHoldsSlot => "Staging: the staged system already runs, holds a slot -> Verifying",
     StageFailed => "Staging: stage error for the target -> Degraded (StageFailed)",
+    StagingWaitBuilder => "Staging: waiting for the builder to build the target -> Staging",
     StagingTimeout => "Staging: staging timeout -> Degraded (StagingTimeout)",
     StagingWait => "Staging: waiting for the agent -> Staging",
     /// Also taken from `Staging` without a target (a node first seen while its Node was missing).

@@ -233,6 +233,49 @@ fn new_revision_starts_staging_with_installable() {
     assert_eq!(d.requeue_after, Some(PhaseTimeouts::default().staging));
 }
 
+/// With a builder, the staging deadline does not run while the builder builds (a build longer
+/// than the staging timeout used to fail every waiting node `StagingTimeout`); it counts from
+/// when the build was reported built, i.e. it bounds the fetch.
+#[test]
+fn staging_timeout_counts_from_the_build_not_while_the_builder_builds() {
+    let timeout = Policy::default().timeouts.staging.as_secs();
+    let mut n = mk_node("n1");
+    n.step(false, None, at(0));
+    assert_eq!(n.phase(), Phase::Staging);
+    // The controller names the builder; the system is not built yet.
+    n.status.target.as_mut().unwrap().build = Some(crate::api::TargetBuild {
+        builder: Some("builder-1".into()),
+        progress: Some(crate::api::BuildProgress::Building),
+        ..Default::default()
+    });
+    let d = n.step(false, None, at(timeout + 100));
+    assert_eq!(n.phase(), Phase::Staging, "{:?}", n.status.message);
+    assert_eq!(d.rows, vec![Row::StagingWaitBuilder]);
+    assert!(n.status.failed.is_none());
+    // Built long after the phase started: the node has the whole timeout to fetch it.
+    let built = 2 * timeout;
+    n.status.target.as_mut().unwrap().build = Some(crate::api::TargetBuild {
+        system: SYS2.into(),
+        builder: Some("builder-1".into()),
+        progress: Some(crate::api::BuildProgress::Fetching),
+        built_at: Some(Time(at(built))),
+        ..Default::default()
+    });
+    let d = n.step(false, None, at(built + 10));
+    assert_eq!(n.phase(), Phase::Staging, "{:?}", n.status.message);
+    assert_eq!(d.rows, vec![Row::StagingWait]);
+    assert_eq!(d.requeue_after, Some(SignedDuration::from_secs(timeout - 10)));
+    let d = n.step(false, None, at(built + timeout));
+    assert_eq!(d.rows, vec![Row::StagingTimeout]);
+    assert_eq!(n.phase(), Phase::Degraded);
+    assert_eq!(n.status.failed.as_ref().unwrap().reason, reason::STAGING_TIMEOUT);
+    // Without a builder the deadline still counts from the phase start.
+    let mut n = mk_node("n2");
+    n.step(false, None, at(0));
+    let d = n.step(false, None, at(timeout));
+    assert_eq!(d.rows, vec![Row::StagingTimeout]);
+}
+
 #[test]
 fn configuration_override_is_used_in_installable() {
     let mut n = mk_node("n1");

@@ -138,6 +138,23 @@ pub trait Host: Send + Sync + fmt::Debug {
     fn display_path(&self, host_path: &Path) -> PathBuf;
     /// Run a command to completion (bounded by its timeout).
     fn run(&self, cmd: HostCommand) -> BoxFuture<'_, Result<CommandOutput, HostError>>;
+    /// Run a command as a direct child of the agent (never in a transient unit, which would
+    /// not inherit it) with `stdin` as its standard input, bounded by its timeout: how a
+    /// secret reaches a program as an in-memory file (`/proc/self/fd/0`) rather than a path
+    /// on disk or an argument. Backends that cannot refuse.
+    fn run_with_stdin(
+        &self,
+        cmd: HostCommand,
+        stdin: std::fs::File,
+    ) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        let _ = stdin;
+        Box::pin(async move {
+            Err(HostError::Spawn {
+                command: cmd.display(),
+                source: std::io::Error::other("this host backend cannot pass a file to a command"),
+            })
+        })
+    }
     /// Start a job that outlives the agent; returns once it is launched.
     fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>>;
     /// Reboot the machine (on a real host this does not return in practice).
@@ -236,12 +253,22 @@ pub(crate) async fn run_reboot(
 
 /// Run a prepared `tokio` command with a timeout, capturing its output.
 pub(crate) async fn run_child(
-    mut command: tokio::process::Command,
+    command: tokio::process::Command,
     display: String,
     timeout: Duration,
 ) -> Result<CommandOutput, HostError> {
+    run_child_with_stdin(command, display, timeout, std::process::Stdio::null()).await
+}
+
+/// [`run_child`] with `stdin` as the child's standard input.
+pub(crate) async fn run_child_with_stdin(
+    mut command: tokio::process::Command,
+    display: String,
+    timeout: Duration,
+    stdin: std::process::Stdio,
+) -> Result<CommandOutput, HostError> {
     command
-        .stdin(std::process::Stdio::null())
+        .stdin(stdin)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);

@@ -337,6 +337,24 @@ impl Host for RealHost {
         })
     }
 
+    /// Not in a transient unit: systemd starts a unit's process itself, so it would not
+    /// inherit `stdin` (the in-memory key file of a push). `nsenter` into the host's mount,
+    /// UTS, IPC and network namespaces, a direct child of the agent, in the pod's cgroup,
+    /// killed on the timeout.
+    fn run_with_stdin(
+        &self,
+        cmd: HostCommand,
+        stdin: std::fs::File,
+    ) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        Box::pin(async move {
+            let display = cmd.display();
+            let env = self.environment();
+            let program = cmd.program.to_string_lossy().into_owned();
+            let command = self.direct(&program, &cmd.args, &env);
+            super::run_child_with_stdin(command, display, cmd.timeout, stdin.into()).await
+        })
+    }
+
     fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>> {
         Box::pin(async move {
             let env = self.environment();
@@ -514,6 +532,30 @@ exec "$@"
                 .collect();
             assert_eq!(keys, vec!["HOME", "NIX_SSL_CERT_FILE", "PATH", "https_proxy"]);
         }
+    }
+
+    /// A command given a file (the push's in-memory key) runs as a direct child through
+    /// `nsenter`, not in a transient unit (which would not inherit it), and reads the file as
+    /// `/proc/self/fd/0`; the file's content is on no command line.
+    #[tokio::test]
+    async fn a_command_with_a_file_runs_directly_and_reads_it_as_fd_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = fake(dir.path());
+        let secret = crate::builder::SigningKey::generate_secret("k-1").unwrap();
+        let key = crate::builder::SigningKey::parse(&secret).unwrap();
+        let file = crate::builder::key_memfd(&key).unwrap();
+        let out = host
+            .run_with_stdin(
+                HostCommand::new("cat", Duration::from_secs(10)).arg("/proc/self/fd/0"),
+                file,
+            )
+            .await
+            .unwrap();
+        assert!(out.success(), "{out:?}");
+        assert_eq!(out.stdout, secret);
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(calls.trim(), "-t 1 -m -u -i -n -- cat /proc/self/fd/0");
+        assert!(!calls.contains(secret.split_once(':').unwrap().1));
     }
 
     #[tokio::test]

@@ -173,6 +173,18 @@ impl Host for HostRoot {
         })
     }
 
+    fn run_with_stdin(
+        &self,
+        cmd: HostCommand,
+        stdin: std::fs::File,
+    ) -> BoxFuture<'_, Result<CommandOutput, HostError>> {
+        Box::pin(async move {
+            let display = cmd.display();
+            let command = self.command(&cmd.program, &cmd.args);
+            super::run_child_with_stdin(command, display, cmd.timeout, stdin.into()).await
+        })
+    }
+
     fn spawn_detached(&self, job: DetachedJob) -> BoxFuture<'_, Result<(), HostError>> {
         Box::pin(async move {
             let Some((program, args)) = job.argv.split_first() else {

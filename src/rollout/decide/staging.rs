@@ -111,7 +111,22 @@ impl Ctx<'_, '_> {
             self.fail(reason::STAGE_FAILED, format!("staging failed: {m}"));
             return false;
         }
-        let deadline = add(since, self.policy.timeouts.staging);
+        // Waiting for a builder that has not built the system yet: no staging deadline (the
+        // builder's own build timeout bounds the build, and a failed build fails the node once,
+        // `StageFailed`, above). Once built, the deadline counts from the builder's report (or
+        // from `since`, if later): fetching is what the staging timeout bounds.
+        let build = self.st.target.as_ref().and_then(|t| t.build.as_ref());
+        if let Some(b) = build
+            && b.system.is_empty()
+        {
+            self.took(Row::StagingWaitBuilder);
+            return false;
+        }
+        let start = match build.and_then(|b| b.built_at.as_ref()) {
+            Some(t) if t.0 > since => t.0,
+            _ => since,
+        };
+        let deadline = add(start, self.policy.timeouts.staging);
         if self.now >= deadline {
             self.took(Row::StagingTimeout);
             self.fail(
