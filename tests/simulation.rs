@@ -49,7 +49,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nixroll::api::{
     ActivationAction, ActivationReport, ActivationState, AgentStatus, DrainPolicy, DrainTimeoutAction,
     HostError, HostOperation, MaintenanceWindow, NixOSNodeSpec, NixOSNodeStatus, NixOSPoolSpec, Phase,
-    PoolSelector, RebootPolicy, StagedSystem, Weekday,
+    PoolSelector, RebootPolicy, StagedSystem, TargetBuild, Weekday,
 };
 use nixroll::rollout::{
     Action, ClusterState, Decision, DrainProgress, GateObservation, GateVerdict, K3S_GATE, MaxUnavailable,
@@ -257,6 +257,11 @@ struct Sim {
     etcd: bool,
     /// Draws of the gates, DaemonSet pods and etcd (kept apart so the seeds' other draws stay).
     grng: fastrand::Rng,
+    /// A builder (issue 21) in this seed: new targets wait for their build (`target.build`
+    /// without a system) until it is done at the time drawn from `brng` per distinct target.
+    builder: bool,
+    brng: fastrand::Rng,
+    build_done: HashMap<(String, String), Timestamp>,
 }
 
 macro_rules! check {
@@ -506,6 +511,9 @@ impl Sim {
             next_gate_eval: now,
             etcd,
             grng,
+            builder: fastrand::Rng::with_seed(seed ^ 0xb01d_e4).u32(0..100) < 30,
+            brng: fastrand::Rng::with_seed(seed ^ 0xb01d_e5),
+            build_done: HashMap::new(),
             rng,
         }
     }
@@ -1332,6 +1340,56 @@ impl Sim {
     }
 
     /// The agent on node `i`: report the host, start staging / activation when asked.
+    /// The controller's side of a builder (src/controller/build.rs) in the seeds that have one:
+    /// a new target waits for its build (`target.build` with no system) until the builder
+    /// reports it built (`builtAt`); that report wakes the node (the builder's status is watched).
+    fn model_builder(&mut self, i: usize) {
+        let st = &self.nodes[i].status;
+        let Some(t) = st.target.as_ref() else {
+            return;
+        };
+        match &t.build {
+            Some(b) if !b.system.is_empty() => return,
+            None if st.phase != Some(Phase::Staging) => return,
+            _ => {}
+        }
+        let key = (t.revision.clone(), t.installable.clone());
+        let now = self.now;
+        let done = match self.build_done.get(&key) {
+            Some(d) => *d,
+            None => {
+                // Mostly minutes; some builds (a kernel) outlast the staging timeout.
+                let secs = if self.brng.u32(0..100) < 15 {
+                    self.brng.i64(3000..7000)
+                } else {
+                    self.brng.i64(5..900)
+                };
+                let d = add(now, secs);
+                self.build_done.insert(key.clone(), d);
+                *self.events.entry("(built by the builder)".into()).or_default() += 1;
+                d
+            }
+        };
+        let built = done <= now;
+        let system = if built {
+            self.system_for(&key.0, &config_of(&key.1))
+        } else {
+            String::new()
+        };
+        if let Some(t) = self.nodes[i].status.target.as_mut() {
+            t.build = Some(TargetBuild {
+                system,
+                builder: Some("builder-0".into()),
+                cache: None,
+                progress: None,
+                built_at: built.then_some(Time(done)),
+            });
+        }
+        if !built {
+            self.wake[i] = Some(self.wake[i].map_or(done, |w| w.min(done)));
+        }
+    }
+
     fn agent(&mut self, i: usize) -> Result<(), String> {
         if !self.nodes[i].host.up {
             return Ok(());
@@ -1388,7 +1446,9 @@ impl Sim {
                     && e.revision.as_deref() == Some(t.revision.as_str())
                     && ltt.is_none_or(|l| e.at.0 >= l)
             });
-            if !staged && !err_blocks && self.nodes[i].host.staging.is_none() {
+            // Nothing to fetch yet while the builder builds (the agent evaluates nothing).
+            let building = t.build.as_ref().is_some_and(|b| b.system.is_empty());
+            if !staged && !err_blocks && !building && self.nodes[i].host.staging.is_none() {
                 let fail = self.faults && self.rng.u32(0..100) < 8;
                 if self.faults && self.rng.u32(0..1000) < 15 {
                     // A build that hangs (a stuck substituter): past the staging timeout, and
@@ -1684,6 +1744,9 @@ impl Sim {
             if self.nodes[i].status.phase != Some(Phase::Draining) {
                 self.drain_mem.remove(&i);
             }
+            if self.builder {
+                self.model_builder(i);
+            }
             let mut o = self.obs(i);
             if needs_post_gates(&self.nodes[i].status) {
                 o.post_gates = self.post_gates_of(i);
@@ -1713,6 +1776,23 @@ impl Sim {
                 "decide reported no row of the state table"
             );
             self.transition_checks(i, &d, is_admitted, degraded)?;
+            if d.rows.contains(&Row::StagingTimeout)
+                && let Some(b) = self.nodes[i]
+                    .status
+                    .target
+                    .as_ref()
+                    .and_then(|t| t.build.as_ref())
+            {
+                let staging = self.policy.timeouts.staging;
+                check!(
+                    self,
+                    b.built_at
+                        .as_ref()
+                        .is_some_and(|t| t.0.checked_add(staging).is_ok_and(|end| self.now >= end)),
+                    "StagingTimeout less than the staging timeout after the builder built ({:?})",
+                    b.built_at
+                );
+            }
             let Decision {
                 status,
                 actions,
@@ -1820,6 +1900,9 @@ impl Sim {
                 self.act(i, a)?;
             }
             self.wake[i] = requeue_after.map(|r| self.now.checked_add(r).unwrap());
+            if self.builder {
+                self.model_builder(i);
+            }
             // The controller's own writes and Node changes trigger the next reconcile at
             // once (watch events); only then can the world (an admin) act again.
             let node_changed = actions

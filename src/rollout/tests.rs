@@ -276,6 +276,29 @@ fn staging_timeout_counts_from_the_build_not_while_the_builder_builds() {
     assert_eq!(d.rows, vec![Row::StagingTimeout]);
 }
 
+/// A revision pushed while the node still stages the previous one gets the whole staging
+/// timeout: the clock restarts with the new target (it used to count from the first target's
+/// start, so a long build followed by a push timed out at once; found by the simulation's
+/// builder seeds).
+#[test]
+fn a_new_target_while_staging_gets_the_whole_staging_timeout() {
+    let timeout = Policy::default().timeouts.staging.as_secs();
+    let mut n = mk_node("n1");
+    n.step(false, None, at(0));
+    assert_eq!(n.phase(), Phase::Staging);
+    let rev3 = "3333333333333333333333333333333333333333";
+    n.spec.revision = rev3.into();
+    let d = n.step(false, None, at(timeout - 60));
+    assert_eq!(n.phase(), Phase::Staging, "{:?}", n.status.message);
+    assert!(d.rows.contains(&Row::TargetChanged), "{:?}", d.rows);
+    assert_eq!(n.status.target.as_ref().unwrap().revision, rev3);
+    let d = n.step(false, None, at(timeout + 60));
+    assert_eq!(n.phase(), Phase::Staging, "{:?}", n.status.message);
+    assert_eq!(d.rows, vec![Row::StagingWait]);
+    let d = n.step(false, None, at(2 * timeout - 60));
+    assert_eq!(d.rows, vec![Row::StagingTimeout]);
+}
+
 #[test]
 fn configuration_override_is_used_in_installable() {
     let mut n = mk_node("n1");

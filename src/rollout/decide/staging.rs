@@ -21,6 +21,10 @@ impl Ctx<'_, '_> {
         self.st.backoff = None;
         let msg = format!("staging {} ({installable})", self.rev8());
         self.enter(Phase::Staging, reason::STAGING, msg);
+        // A new target is a new staging: its timeout counts from now, also when the node was
+        // already staging another one (else a revision pushed while a long build ran would
+        // time out at once).
+        self.st.last_transition_time = Some(Time(self.now));
     }
 
     pub(super) fn up_to_date(&mut self) -> bool {
