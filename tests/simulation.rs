@@ -511,8 +511,8 @@ impl Sim {
             next_gate_eval: now,
             etcd,
             grng,
-            builder: fastrand::Rng::with_seed(seed ^ 0xb01d_e4).u32(0..100) < 30,
-            brng: fastrand::Rng::with_seed(seed ^ 0xb01d_e5),
+            builder: fastrand::Rng::with_seed(seed ^ 0x00b0_1de4).u32(0..100) < 30,
+            brng: fastrand::Rng::with_seed(seed ^ 0x00b0_1de5),
             build_done: HashMap::new(),
             rng,
         }
