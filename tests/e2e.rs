@@ -55,26 +55,6 @@ fn with_metrics(
     (c, bound)
 }
 
-/// The value of the metric sample `name` the controller serves.
-async fn metric(bound: &std::sync::OnceLock<std::net::SocketAddr>, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = nixroll::sim::demo::wait_for_bound(bound)
-        .await
-        .expect("metrics bound");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut text))
-        .await
-        .unwrap()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Wait (watch-driven, bounded) until `pred` holds for the NixOSNodes.
 async fn wait_for(
     world: &World,
@@ -405,7 +385,7 @@ async fn a_node_that_fails_to_stage_is_degraded_and_nothing_is_disrupted() {
 async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_halts_the_rollout() {
     let (config, bound) = with_metrics(1);
     let (mut world, c) = adopted_with(fast(), config).await;
-    assert_eq!(metric(&bound, "nixroll_halted").await, Some(0.0));
+    assert_eq!(common::world::metric(&bound, "nixroll_halted").await, Some(0.0));
     let monitor = Monitor::start(world.client.clone(), 1, &[]);
     // Workers go first (node-2 … node-5); make the first one's bootloader fall back.
     let (_, m) = kernel_bump_until_degraded(&mut world).await;
@@ -445,7 +425,7 @@ async fn a_node_that_boots_the_old_generation_is_degraded_stays_cordoned_and_hal
     let total: usize = world.nodes.iter().map(|n| n.host.reboot_count()).sum();
     assert_eq!(total, 1, "no other node was admitted after the failure");
     assert_eq!(
-        metric(&bound, "nixroll_halted").await,
+        common::world::metric(&bound, "nixroll_halted").await,
         Some(1.0),
         "halted shows in the metrics"
     );
@@ -756,7 +736,7 @@ async fn nothing_starts_outside_the_maintenance_window() {
 async fn cluster_wide_pause_and_resume() {
     let (config, bound) = with_metrics(1);
     let (mut world, c) = adopted_with(fast(), config).await;
-    assert_eq!(metric(&bound, "nixroll_paused").await, Some(0.0));
+    assert_eq!(common::world::metric(&bound, "nixroll_paused").await, Some(0.0));
     let cms: Api<ConfigMap> = Api::namespaced(world.client.clone(), nixroll::names::NAMESPACE);
     let pause: ConfigMap = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -774,7 +754,7 @@ async fn cluster_wide_pause_and_resume() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(world.nodes.iter().all(|n| n.host.reboot_count() == 0));
     assert_eq!(
-        metric(&bound, "nixroll_paused").await,
+        common::world::metric(&bound, "nixroll_paused").await,
         Some(1.0),
         "paused shows in the metrics"
     );
@@ -791,7 +771,7 @@ async fn cluster_wide_pause_and_resume() {
     );
     assert_monitor_saw_the_rollout(&world, &monitor);
     assert_eq!(monitor.violations(), Vec::<String>::new());
-    assert_eq!(metric(&bound, "nixroll_paused").await, Some(0.0));
+    assert_eq!(common::world::metric(&bound, "nixroll_paused").await, Some(0.0));
     c.stop().await;
 }
 

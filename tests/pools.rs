@@ -494,26 +494,6 @@ async fn post_gates_hold_the_slot_until_they_pass_and_a_timeout_degrades_and_hal
     c.stop().await;
 }
 
-/// The value of the metric sample `name` the controller serves at `bound`.
-async fn metric(bound: &std::sync::OnceLock<std::net::SocketAddr>, name: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = nixroll::sim::demo::wait_for_bound(bound)
-        .await
-        .expect("metrics bound");
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut text))
-        .await
-        .unwrap()
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Cluster-default gates (ConfigMap `nixroll-gates` in nixroll-system, no NixOSPool at all):
 /// they gate the implicit default pool before admission, and as post-gates; the time they
 /// block is counted per gate (`nixroll_gate_blocked_seconds_total`).
@@ -571,7 +551,7 @@ async fn cluster_default_gates_gate_the_default_pool() {
             st.message
         );
     }
-    let blocked = metric(
+    let blocked = common::world::metric(
         &bound,
         "nixroll_gate_blocked_seconds_total{pool=\"(default)\",gate=\"storage\"}",
     )
@@ -579,7 +559,7 @@ async fn cluster_default_gates_gate_the_default_pool() {
     .unwrap_or_default();
     assert!(blocked >= 1.0, "blocked {blocked} s");
     assert_eq!(
-        metric(
+        common::world::metric(
             &bound,
             "nixroll_gate_passing{pool=\"(default)\",gate=\"storage\"}"
         )

@@ -70,3 +70,23 @@ pub async fn watch_nodes(
     }
     seen
 }
+
+/// The value of the metric sample `name` the controller serves at `bound` (its /metrics).
+pub async fn metric(bound: &std::sync::OnceLock<std::net::SocketAddr>, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = nixroll::sim::demo::wait_for_bound(bound)
+        .await
+        .expect("metrics bound");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+}
